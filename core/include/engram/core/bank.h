@@ -1,0 +1,117 @@
+// A Bank: one named set of K stored patterns of dimension N, kept contiguous
+// in memory (row-major K x N floats) with their ids and payloads.
+//
+//   BankSpec spec{.name = "digits", .dim = 784, .kind = StateKind::kBipolar};
+//   ENGRAM_RETURN_IF_ERROR(ValidateBankSpec(spec));
+//   Bank bank(spec);
+//   ENGRAM_RETURN_IF_ERROR(bank.ValidateNewPatterns(data, ids, payloads));
+//   bank.Append(data, ids, payloads);
+//   EnergyFunction energy(spec.energy, bank.view());
+//
+// Thread-safety: a Bank is not synchronised. Concurrent const calls are
+// safe; anything that mutates needs exclusive access (BankRegistry holds a
+// reader/writer lock per bank).
+#ifndef ENGRAM_CORE_BANK_H_
+#define ENGRAM_CORE_BANK_H_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/types/span.h"
+#include "engram/core/energy.h"
+
+namespace engram::core {
+
+enum class Precision { kF32, kBf16, kBitPacked };
+
+// Largest accepted dimension and payload.
+inline constexpr int kMaxDim = 1 << 20;
+inline constexpr size_t kMaxPayloadBytes = 64 * 1024;
+
+struct BankSpec {
+  std::string name;
+  int dim = 0;
+  StateKind kind = StateKind::kContinuous;
+  EnergyConfig energy;
+  Precision precision = Precision::kF32;
+};
+
+// OK if `name` matches [a-z0-9][a-z0-9_.-]{0,63}; INVALID_ARGUMENT otherwise.
+absl::Status ValidateBankName(std::string_view name);
+
+// OK if the name, dimension, energy and precision are usable; otherwise
+// INVALID_ARGUMENT, FAILED_PRECONDITION (energy not defined on the kind) or
+// UNIMPLEMENTED (precision not available).
+absl::Status ValidateBankSpec(const BankSpec& spec);
+
+// The nearest stored memory to a state, by Euclidean distance.
+struct NearestMemory {
+  int64_t row = -1;  // -1 for an empty bank
+  uint64_t id = 0;
+  double distance = 0.0;
+  double similarity = 0.0;  // dot product
+};
+
+class Bank {
+ public:
+  explicit Bank(BankSpec spec, uint64_t next_id = 1);
+
+  const BankSpec& spec() const { return spec_; }
+  int dim() const { return spec_.dim; }
+  int64_t size() const { return static_cast<int64_t>(ids_.size()); }
+  // Bytes held for pattern data, norms, ids and payloads.
+  uint64_t bytes() const;
+  // The id the next server-assigned pattern receives.
+  uint64_t next_id() const { return next_id_; }
+
+  PatternView view() const;
+  const float* pattern(int64_t row) const { return data_.data() + row * dim(); }
+  uint64_t id(int64_t row) const { return ids_[row]; }
+  const std::string& payload(int64_t row) const { return payloads_[row]; }
+  // Row of `id`, or nullopt.
+  std::optional<int64_t> RowOf(uint64_t id) const;
+
+  // Checks a batch before it is stored: `data` is K * dim() finite floats
+  // (exactly +-1 for a bipolar bank), `ids` is empty or K distinct ids not
+  // in the bank, `payloads` is empty or K entries of at most
+  // kMaxPayloadBytes. Returns INVALID_ARGUMENT or ALREADY_EXISTS.
+  absl::Status ValidateNewPatterns(absl::Span<const float> data,
+                                   absl::Span<const uint64_t> ids,
+                                   absl::Span<const std::string> payloads) const;
+
+  // Ids to give a batch of `count` patterns that came without ids.
+  std::vector<uint64_t> AssignIds(int64_t count) const;
+
+  // Appends a validated batch (ids must be given, one per pattern).
+  void Append(absl::Span<const float> data, absl::Span<const uint64_t> ids,
+              absl::Span<const std::string> payloads);
+
+  // Returns NOT_FOUND (and changes nothing) if any id is absent,
+  // INVALID_ARGUMENT on a repeated id.
+  absl::Status ValidateRemoval(absl::Span<const uint64_t> ids) const;
+  // Removes validated ids, keeping the remaining patterns in order.
+  void Remove(absl::Span<const uint64_t> ids);
+
+  // Nearest stored memory to x (dim() floats) by Euclidean distance.
+  NearestMemory Nearest(const float* x) const;
+
+ private:
+  void RebuildIndex();
+
+  BankSpec spec_;
+  uint64_t next_id_;
+  std::vector<float> data_;      // size() x dim(), row-major
+  std::vector<float> sq_norms_;  // |xi_mu|^2
+  std::vector<uint64_t> ids_;
+  std::vector<std::string> payloads_;
+  absl::flat_hash_map<uint64_t, int64_t> row_of_;
+};
+
+}  // namespace engram::core
+
+#endif  // ENGRAM_CORE_BANK_H_

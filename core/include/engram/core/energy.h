@@ -1,0 +1,117 @@
+// Dense Associative Memory energies: value, gradient and the fixed-point
+// update target, for every family of SPEC section 2.
+//
+// General form (slides, "General Dense Associative Memory"):
+//   E(x) = -Q( sum_mu F( S(xi_mu, x) ) ) + R(x)
+//
+//   EnergyConfig cfg{.family = EnergyFamily::kLse, .beta = 8.0};
+//   EnergyFunction energy(cfg, bank.view());
+//   std::vector<float> grad(energy.dim());
+//   double e = energy.ValueAndGradient(x.data(), grad.data());
+//
+// Numerics: similarities are computed in float (Eigen matrix-vector
+// products over the contiguous pattern matrix), everything downstream of the
+// similarities (separation, log-sum-exp, weights) in double with a running
+// max, so beta * s >> 100 neither overflows nor loses the winner. The
+// EXPONENTIAL family's value -sum exp(beta s) is returned as -exp(lse) in
+// double and is -inf when beta * max s exceeds ~709; its update target and
+// the ASYNC rule never form that number.
+#ifndef ENGRAM_CORE_ENERGY_H_
+#define ENGRAM_CORE_ENERGY_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/types/span.h"
+
+namespace engram::core {
+
+enum class StateKind { kContinuous, kBipolar };
+
+enum class EnergyFamily {
+  kClassical,    // -1/2 sum (xi.x)^2
+  kPolynomial,   // -sum F_n(xi.x), F_n = s^n or max(s,0)^n
+  kExponential,  // -sum exp(beta xi.x)
+  kLse,          // -1/beta log sum exp(beta xi.x) + |x|^2/2
+  kGaussian,     // -1/beta log sum exp(-beta |x-xi|^2/2)
+  kGeneral,      // Universal Hopfield Network: similarity x separation
+};
+
+enum class SimilarityKind { kDot, kNegHalfSqL2, kNegL1 };
+enum class SeparationKind { kIdentity, kPolynomial, kSoftmax, kMax };
+
+struct EnergyConfig {
+  EnergyFamily family = EnergyFamily::kLse;
+  int degree = 3;          // polynomial degree n
+  bool rectified = false;  // polynomial: max(s,0)^n
+  double beta = 1.0;       // inverse temperature
+  SimilarityKind similarity = SimilarityKind::kDot;   // kGeneral only
+  SeparationKind separation = SeparationKind::kSoftmax;  // kGeneral only
+};
+
+std::string EnergyFamilyName(EnergyFamily family);
+
+// Returns OK when `config` is usable on a bank of `kind`; INVALID_ARGUMENT
+// with a message naming the field otherwise.
+absl::Status ValidateEnergyConfig(const EnergyConfig& config, StateKind kind);
+
+// The similarity actually used by a config (kGeneral: its own; kGaussian:
+// kNegHalfSqL2; the rest: kDot).
+SimilarityKind EffectiveSimilarity(const EnergyConfig& config);
+
+// Numerically stable log(sum_i exp(v_i)); -inf for an empty span.
+double LogSumExp(absl::Span<const double> v);
+
+// Read-only view of a bank's patterns: `rows` x `dim` floats, row-major and
+// contiguous; `sq_norms` holds |xi_mu|^2 per row. The view does not own
+// memory and is valid while the bank is not modified.
+struct PatternView {
+  const float* data = nullptr;
+  const float* sq_norms = nullptr;
+  int64_t rows = 0;
+  int dim = 0;
+  const float* row(int64_t mu) const { return data + mu * dim; }
+};
+
+// Energy of one configuration over one pattern set.
+// Thread-safety: const methods may be called concurrently (no shared
+// scratch state).
+class EnergyFunction {
+ public:
+  // `config` must have passed ValidateEnergyConfig.
+  EnergyFunction(const EnergyConfig& config, PatternView patterns);
+
+  int dim() const { return patterns_.dim; }
+  const EnergyConfig& config() const { return config_; }
+  const PatternView& patterns() const { return patterns_; }
+
+  // Similarities s_mu = S(xi_mu, x) for every pattern; `s` has rows() slots.
+  void Similarities(const float* x, double* s) const;
+
+  // E(x) given the similarities of x and |x|^2. When `weights` is non-null
+  // it receives w_mu = -dE/dS_mu (before any normalisation).
+  double EnergyFromSimilarities(const double* s, double sq_norm_x,
+                                double* weights) const;
+
+  // E(x).
+  double Value(const float* x) const;
+
+  // E(x); writes grad E(x) (dim() floats) into `grad`.
+  double ValueAndGradient(const float* x, float* grad) const;
+
+  // The fixed-point ("sync", UHN) update target sum_mu w~_mu xi_mu, where
+  // w~ are the separation weights, rescaled by a positive constant for the
+  // sign-invariant bipolar families so they cannot overflow. Writes dim()
+  // floats into `target`; returns E(x).
+  double UpdateTarget(const float* x, float* target) const;
+
+ private:
+  EnergyConfig config_;
+  PatternView patterns_;
+};
+
+}  // namespace engram::core
+
+#endif  // ENGRAM_CORE_ENERGY_H_

@@ -1,0 +1,118 @@
+// BankRegistry: the named banks of one Engram instance, kept in memory for
+// compute and in a BankStorage for durability.
+//
+//   ENGRAM_ASSIGN_OR_RETURN(auto storage, OpenSqliteStorage(path));
+//   ENGRAM_ASSIGN_OR_RETURN(auto registry,
+//                           BankRegistry::Open(std::move(storage), {}));
+//   ENGRAM_RETURN_IF_ERROR(registry->CreateBank(spec).status());
+//   ENGRAM_ASSIGN_OR_RETURN(StoreResult r, registry->Store("digits", data, {}, {}));
+//   registry->WithBank("digits", [&](const Bank& bank) { ...; return absl::OkStatus(); });
+//
+// Every mutation is durable in storage before it becomes visible in memory
+// and before the call returns; a failed mutation changes nothing. A reader
+// (WithBank) never sees half of a batch.
+//
+// Thread-safety: all methods are safe to call concurrently. Mutations of one
+// bank are serialised; readers of a bank share a lock.
+#ifndef ENGRAM_CORE_REGISTRY_H_
+#define ENGRAM_CORE_REGISTRY_H_
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "engram/core/bank.h"
+#include "engram/core/capacity.h"
+#include "engram/core/storage.h"
+
+namespace engram::core {
+
+struct RegistryOptions {
+  // Upper bound on the bytes of all banks; 0 means unlimited. A Store that
+  // would exceed it fails with RESOURCE_EXHAUSTED before allocating.
+  uint64_t memory_budget_bytes = 0;
+};
+
+struct BankSummary {
+  BankSpec spec;
+  int64_t patterns = 0;
+  uint64_t bytes = 0;
+  double load = 0.0;  // K / N
+  CapacityEstimate capacity;
+  bool over_capacity = false;
+};
+
+struct StoreResult {
+  std::vector<uint64_t> ids;
+  int64_t bank_patterns = 0;
+};
+
+struct DeleteResult {
+  int64_t deleted = 0;
+  int64_t bank_patterns = 0;
+};
+
+class BankRegistry {
+ public:
+  // Loads every bank from `storage`. Returns the storage's error, or
+  // DATA_LOSS when stored data is inconsistent.
+  static absl::StatusOr<std::unique_ptr<BankRegistry>> Open(
+      std::unique_ptr<BankStorage> storage, RegistryOptions options);
+
+  // INVALID_ARGUMENT / FAILED_PRECONDITION / UNIMPLEMENTED from
+  // ValidateBankSpec, ALREADY_EXISTS, or a storage error.
+  absl::StatusOr<BankSummary> CreateBank(const BankSpec& spec);
+  // NOT_FOUND or a storage error.
+  absl::Status DeleteBank(const std::string& name);
+  // NOT_FOUND.
+  absl::StatusOr<BankSummary> GetBank(const std::string& name) const;
+  // Every bank, ordered by name.
+  std::vector<BankSummary> ListBanks() const;
+
+  // Stores a batch atomically (see Bank::ValidateNewPatterns for the input
+  // rules). NOT_FOUND, INVALID_ARGUMENT, ALREADY_EXISTS, RESOURCE_EXHAUSTED
+  // (memory budget) or a storage error.
+  absl::StatusOr<StoreResult> Store(const std::string& name,
+                                    absl::Span<const float> data,
+                                    absl::Span<const uint64_t> ids,
+                                    absl::Span<const std::string> payloads);
+  // Deletes ids atomically: NOT_FOUND (nothing deleted) if any is absent.
+  absl::StatusOr<DeleteResult> DeletePatterns(const std::string& name,
+                                              absl::Span<const uint64_t> ids);
+
+  // Runs `fn` with shared access to the bank; returns NOT_FOUND or fn's
+  // status.
+  absl::Status WithBank(const std::string& name,
+                        const std::function<absl::Status(const Bank&)>& fn) const;
+
+  uint64_t total_bytes() const { return total_bytes_.load(); }
+
+ private:
+  struct Entry {
+    explicit Entry(Bank b) : bank(std::move(b)) {}
+    mutable absl::Mutex mu;
+    Bank bank ABSL_GUARDED_BY(mu);
+    bool deleted ABSL_GUARDED_BY(mu) = false;
+  };
+
+  BankRegistry(std::unique_ptr<BankStorage> storage, RegistryOptions options);
+  std::shared_ptr<Entry> Find(const std::string& name) const;
+  static BankSummary Summarize(const Bank& bank);
+
+  std::unique_ptr<BankStorage> storage_;
+  RegistryOptions options_;
+  mutable absl::Mutex mu_;
+  std::map<std::string, std::shared_ptr<Entry>> banks_ ABSL_GUARDED_BY(mu_);
+  std::atomic<uint64_t> total_bytes_{0};
+};
+
+}  // namespace engram::core
+
+#endif  // ENGRAM_CORE_REGISTRY_H_

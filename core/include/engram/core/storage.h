@@ -1,0 +1,61 @@
+// Durable storage of banks behind a small interface. The SQLite
+// implementation (WAL, synchronous=FULL) makes every call durable before it
+// returns, and every call is one transaction: all of it or none.
+//
+//   ENGRAM_ASSIGN_OR_RETURN(auto storage, OpenSqliteStorage("data/engram.db"));
+//   ENGRAM_RETURN_IF_ERROR(storage->CreateBank(spec));
+//   ENGRAM_RETURN_IF_ERROR(storage->AppendPatterns("digits", ids, data, {}));
+//
+// Thread-safety: implementations are safe for concurrent use.
+#ifndef ENGRAM_CORE_STORAGE_H_
+#define ENGRAM_CORE_STORAGE_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "engram/core/bank.h"
+
+namespace engram::core {
+
+class BankStorage {
+ public:
+  virtual ~BankStorage() = default;
+
+  // Each returns OK once the change is durable; INTERNAL (with the storage
+  // engine's message) or RESOURCE_EXHAUSTED (disk full) otherwise, in which
+  // case nothing changed.
+  virtual absl::Status CreateBank(const BankSpec& spec) = 0;
+  virtual absl::Status DeleteBank(std::string_view name) = 0;
+  // `data` holds ids.size() rows of the bank's dimension; `payloads` is empty
+  // or one per id.
+  virtual absl::Status AppendPatterns(std::string_view bank,
+                                      absl::Span<const uint64_t> ids,
+                                      absl::Span<const float> data,
+                                      absl::Span<const std::string> payloads) = 0;
+  virtual absl::Status DeletePatterns(std::string_view bank,
+                                      absl::Span<const uint64_t> ids) = 0;
+
+  // Calls `on_bank` for every bank (ordered by name) followed by `on_pattern`
+  // for each of its patterns in storage order.
+  using BankVisitor = std::function<absl::Status(const BankSpec&)>;
+  using PatternVisitor = std::function<absl::Status(
+      std::string_view bank, uint64_t id, absl::Span<const float> data,
+      std::string_view payload)>;
+  virtual absl::Status LoadAll(const BankVisitor& on_bank,
+                               const PatternVisitor& on_pattern) = 0;
+};
+
+// Opens (creating if needed) a SQLite database at `path`; ":memory:" gives a
+// private in-memory database for tests.
+absl::StatusOr<std::unique_ptr<BankStorage>> OpenSqliteStorage(
+    const std::string& path);
+
+}  // namespace engram::core
+
+#endif  // ENGRAM_CORE_STORAGE_H_

@@ -1,0 +1,226 @@
+#include "engram/core/bank.h"
+
+#include <cmath>
+#include <limits>
+
+#include <Eigen/Core>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_cat.h"
+
+namespace engram::core {
+namespace {
+
+bool NameChar(char c, bool first) {
+  if ((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9')) return true;
+  return !first && (c == '_' || c == '.' || c == '-');
+}
+
+}  // namespace
+
+absl::Status ValidateBankName(std::string_view name) {
+  if (name.empty() || name.size() > 64) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "bank name must be 1 to 64 characters matching "
+        "[a-z0-9][a-z0-9_.-]{0,63}, got ", name.size(), " characters"));
+  }
+  for (size_t i = 0; i < name.size(); ++i) {
+    if (!NameChar(name[i], i == 0)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "bank name must match [a-z0-9][a-z0-9_.-]{0,63}; bad character at "
+          "position ", i));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateBankSpec(const BankSpec& spec) {
+  if (auto s = ValidateBankName(spec.name); !s.ok()) return s;
+  if (spec.dim < 1 || spec.dim > kMaxDim) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "dim must be in [1, ", kMaxDim, "], got ", spec.dim));
+  }
+  if (spec.precision != Precision::kF32) {
+    return absl::UnimplementedError(
+        "only f32 precision is available for banks in this version");
+  }
+  return ValidateEnergyConfig(spec.energy, spec.kind);
+}
+
+Bank::Bank(BankSpec spec, uint64_t next_id)
+    : spec_(std::move(spec)), next_id_(next_id == 0 ? 1 : next_id) {}
+
+uint64_t Bank::bytes() const {
+  uint64_t b = data_.size() * sizeof(float) + sq_norms_.size() * sizeof(float) +
+               ids_.size() * sizeof(uint64_t);
+  for (const auto& p : payloads_) b += p.size();
+  return b;
+}
+
+PatternView Bank::view() const {
+  return PatternView{data_.data(), sq_norms_.data(), size(), dim()};
+}
+
+std::optional<int64_t> Bank::RowOf(uint64_t id) const {
+  auto it = row_of_.find(id);
+  if (it == row_of_.end()) return std::nullopt;
+  return it->second;
+}
+
+absl::Status Bank::ValidateNewPatterns(
+    absl::Span<const float> data, absl::Span<const uint64_t> ids,
+    absl::Span<const std::string> payloads) const {
+  const int n = dim();
+  if (data.empty()) {
+    return absl::InvalidArgumentError("patterns must not be empty");
+  }
+  if (data.size() % n != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "patterns has ", data.size(), " floats, not a multiple of the bank's "
+        "dimension ", n));
+  }
+  const size_t k = data.size() / n;
+  if (!ids.empty() && ids.size() != k) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ids has ", ids.size(), " entries for ", k, " patterns"));
+  }
+  if (!payloads.empty() && payloads.size() != k) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "payloads has ", payloads.size(), " entries for ", k, " patterns"));
+  }
+  for (size_t i = 0; i < data.size(); ++i) {
+    const float v = data[i];
+    if (!std::isfinite(v)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "pattern ", i / n, " coordinate ", i % n, " is not finite"));
+    }
+    if (spec_.kind == StateKind::kBipolar && v != 1.0f && v != -1.0f) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "bank is bipolar but pattern ", i / n, " coordinate ", i % n,
+          " is ", v, " (expected +1 or -1)"));
+    }
+  }
+  for (size_t i = 0; i < payloads.size(); ++i) {
+    if (payloads[i].size() > kMaxPayloadBytes) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "payload ", i, " has ", payloads[i].size(), " bytes; the limit is ",
+          kMaxPayloadBytes));
+    }
+  }
+  absl::flat_hash_set<uint64_t> seen;
+  for (uint64_t id : ids) {
+    if (!seen.insert(id).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("id ", id, " appears twice in the request"));
+    }
+    if (row_of_.contains(id)) {
+      return absl::AlreadyExistsError(absl::StrCat(
+          "id ", id, " already exists in bank '", spec_.name, "'"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+std::vector<uint64_t> Bank::AssignIds(int64_t count) const {
+  std::vector<uint64_t> out;
+  out.reserve(count);
+  uint64_t next = next_id_;
+  while (static_cast<int64_t>(out.size()) < count) {
+    if (!row_of_.contains(next)) out.push_back(next);
+    ++next;
+  }
+  return out;
+}
+
+void Bank::Append(absl::Span<const float> data, absl::Span<const uint64_t> ids,
+                  absl::Span<const std::string> payloads) {
+  const int n = dim();
+  const size_t k = ids.size();
+  data_.insert(data_.end(), data.begin(), data.end());
+  for (size_t r = 0; r < k; ++r) {
+    Eigen::Map<const Eigen::VectorXf> row(data.data() + r * n, n);
+    sq_norms_.push_back(static_cast<float>(row.cast<double>().squaredNorm()));
+    row_of_[ids[r]] = static_cast<int64_t>(ids_.size());
+    ids_.push_back(ids[r]);
+    payloads_.push_back(payloads.empty() ? std::string() : payloads[r]);
+    if (ids[r] >= next_id_ && ids[r] != std::numeric_limits<uint64_t>::max()) {
+      next_id_ = ids[r] + 1;
+    }
+  }
+}
+
+absl::Status Bank::ValidateRemoval(absl::Span<const uint64_t> ids) const {
+  if (ids.empty()) return absl::InvalidArgumentError("ids must not be empty");
+  absl::flat_hash_set<uint64_t> seen;
+  for (uint64_t id : ids) {
+    if (!seen.insert(id).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("id ", id, " appears twice in the request"));
+    }
+    if (!row_of_.contains(id)) {
+      return absl::NotFoundError(absl::StrCat(
+          "id ", id, " is not in bank '", spec_.name, "'"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+void Bank::Remove(absl::Span<const uint64_t> ids) {
+  absl::flat_hash_set<uint64_t> drop(ids.begin(), ids.end());
+  const int n = dim();
+  int64_t out = 0;
+  for (int64_t r = 0; r < size(); ++r) {
+    if (drop.contains(ids_[r])) continue;
+    if (out != r) {
+      std::copy(data_.begin() + r * n, data_.begin() + (r + 1) * n,
+                data_.begin() + out * n);
+      sq_norms_[out] = sq_norms_[r];
+      ids_[out] = ids_[r];
+      payloads_[out] = std::move(payloads_[r]);
+    }
+    ++out;
+  }
+  data_.resize(out * n);
+  sq_norms_.resize(out);
+  ids_.resize(out);
+  payloads_.resize(out);
+  RebuildIndex();
+}
+
+void Bank::RebuildIndex() {
+  row_of_.clear();
+  for (int64_t r = 0; r < size(); ++r) row_of_[ids_[r]] = r;
+}
+
+NearestMemory Bank::Nearest(const float* x) const {
+  NearestMemory best;
+  if (size() == 0) return best;
+  const int n = dim();
+  using RowMajor =
+      Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  Eigen::Map<const RowMajor> xi(data_.data(), size(), n);
+  Eigen::Map<const Eigen::VectorXf> xv(x, n);
+  Eigen::VectorXf dots = xi * xv;
+  double best_key = std::numeric_limits<double>::infinity();
+  for (int64_t r = 0; r < size(); ++r) {
+    const double key = double{sq_norms_[r]} - 2.0 * dots[r];
+    if (key < best_key) {
+      best_key = key;
+      best.row = r;
+    }
+  }
+  // Exact distance of the winner, in double.
+  const float* p = pattern(best.row);
+  double d2 = 0.0, dot = 0.0;
+  for (int i = 0; i < n; ++i) {
+    const double d = double{p[i]} - x[i];
+    d2 += d * d;
+    dot += double{p[i]} * x[i];
+  }
+  best.id = ids_[best.row];
+  best.distance = std::sqrt(d2);
+  best.similarity = dot;
+  return best;
+}
+
+}  // namespace engram::core

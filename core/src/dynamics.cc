@@ -1,0 +1,474 @@
+#include "engram/core/dynamics.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <random>
+
+#include <Eigen/Core>
+
+#include "absl/strings/str_cat.h"
+
+namespace engram::core {
+namespace {
+
+using RowMajorMatrix =
+    Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+bool Clamped(absl::Span<const bool> clamp, int i) {
+  return !clamp.empty() && clamp[i];
+}
+
+// Records the energy after a step, counting Lyapunov violations when the
+// dynamics guarantee descent.
+class EnergyRecorder {
+ public:
+  EnergyRecorder(Trajectory* t, bool record_trace, bool guaranteed)
+      : t_(t), record_trace_(record_trace), guaranteed_(guaranteed) {}
+  void Start(double e) {
+    t_->energy_start = e;
+    t_->energy_end = e;
+    if (record_trace_) t_->energy_trace.push_back(e);
+  }
+  void Step(double e) {
+    if (guaranteed_ && e - t_->energy_end > EnergyTolerance(t_->energy_end, e)) {
+      ++t_->lyapunov_violations;
+    }
+    t_->energy_end = e;
+    if (record_trace_) t_->energy_trace.push_back(e);
+  }
+
+ private:
+  Trajectory* t_;
+  bool record_trace_;
+  bool guaranteed_;
+};
+
+bool StopRequested(const RetrieveOptions& o) {
+  return o.should_stop && o.should_stop();
+}
+
+bool BipolarDrive(const EnergyFunction& energy, const float* x, float* drive);
+
+// x <- sep-weighted sum of patterns (sign for bipolar), clamped coordinates
+// held.
+void RunSync(const EnergyFunction& energy, StateKind kind,
+             absl::Span<const float> query, absl::Span<const bool> clamp,
+             const RetrieveOptions& o, Trajectory* t) {
+  const int n = energy.dim();
+  EnergyRecorder rec(t, o.record_trace,
+                     GuaranteesDescent(Dynamics::kSync, energy.config()));
+  std::vector<float> x(query.begin(), query.end()), target(n);
+  rec.Start(energy.UpdateTarget(x.data(), target.data()));
+  const bool krotov_hopfield = kind == StateKind::kBipolar &&
+                               BipolarDrive(energy, x.data(), target.data());
+  while (true) {
+    if (t->steps >= o.max_steps) { t->stop_reason = StopReason::kMaxSteps; break; }
+    if (StopRequested(o)) { t->stop_reason = StopReason::kDeadline; break; }
+    if (krotov_hopfield && t->steps > 0) BipolarDrive(energy, x.data(), target.data());
+    double delta = 0.0;
+    for (int i = 0; i < n; ++i) {
+      float v;
+      if (Clamped(clamp, i)) {
+        v = query[i];
+      } else if (kind == StateKind::kBipolar) {
+        v = target[i] > 0.f ? 1.f : (target[i] < 0.f ? -1.f : x[i]);
+      } else {
+        v = target[i];
+      }
+      delta = std::max(delta, static_cast<double>(std::fabs(v - x[i])));
+      x[i] = v;
+    }
+    ++t->steps;
+    if (delta < o.tol) {
+      rec.Step(energy.Value(x.data()));
+      t->stop_reason = StopReason::kConverged;
+      break;
+    }
+    rec.Step(energy.UpdateTarget(x.data(), target.data()));
+  }
+  t->state = std::move(x);
+}
+
+// Krotov-Hopfield (2016) parallel update for bipolar banks with a dot-product
+// energy: every neuron takes the sign that gives the lower energy with all
+// other neurons fixed, sigma_i <- sign(sum_mu F(r_mu + xi_mui) - F(r_mu -
+// xi_mui)), r_mu = d_mu - xi_mui sigma_i. Unlike sign(Xi^T F'(Xi x)) it has
+// no self-interaction term (W_ii = 0 for the classical energy), which is what
+// the capacity results of SPEC section 5 assume. With a_mu = F(d) - F(d-2)
+// and b_mu = F(d+2) - F(d) the drive is Xi^T (a+b)/2 + sigma_i sum (a-b)/2.
+// Returns false when the energy has no such form (caller falls back).
+bool BipolarDrive(const EnergyFunction& energy, const float* x, float* drive) {
+  const EnergyConfig& cfg = energy.config();
+  const PatternView& p = energy.patterns();
+  const int64_t k = p.rows;
+  const int n = p.dim;
+  if (EffectiveSimilarity(cfg) == SimilarityKind::kNegL1 ||
+      cfg.family == EnergyFamily::kGeneral) {
+    return false;
+  }
+  std::vector<double> d(k);
+  {
+    EnergyConfig dot_cfg = cfg;
+    dot_cfg.family = EnergyFamily::kLse;  // dot similarity
+    EnergyFunction dot(dot_cfg, p);
+    dot.Similarities(x, d.data());
+  }
+  std::vector<double> c(k), h(k);  // (a+b)/2 and (a-b)/2
+  auto poly = [&](double s) {
+    if (cfg.family == EnergyFamily::kClassical) return 0.5 * s * s;
+    if (cfg.rectified && s <= 0) return 0.0;
+    return std::pow(s, cfg.degree);
+  };
+  if (cfg.family == EnergyFamily::kClassical ||
+      cfg.family == EnergyFamily::kPolynomial) {
+    double m = 0.0;
+    for (int64_t mu = 0; mu < k; ++mu) {
+      const double a = poly(d[mu]) - poly(d[mu] - 2);
+      const double b = poly(d[mu] + 2) - poly(d[mu]);
+      c[mu] = 0.5 * (a + b);
+      h[mu] = 0.5 * (a - b);
+      m = std::max({m, std::fabs(a), std::fabs(b)});
+    }
+    if (m > 0) {
+      for (int64_t mu = 0; mu < k; ++mu) { c[mu] /= m; h[mu] /= m; }
+    }
+  } else {
+    // exp(beta s) separation (exponential, lse, gaussian: for +-1 patterns
+    // the gaussian similarity is the dot product minus a constant).
+    const double beta = cfg.beta;
+    double dm = -INFINITY;
+    for (double v : d) dm = std::max(dm, v);
+    const double e2 = std::exp(-2.0 * beta);
+    for (int64_t mu = 0; mu < k; ++mu) {
+      const double w = std::exp(beta * (d[mu] - dm));
+      c[mu] = 0.5 * w * (1.0 + e2);
+      h[mu] = 0.5 * w * (e2 - 1.0);
+    }
+  }
+  double hsum = 0.0;
+  for (double v : h) hsum += v;
+  Eigen::Map<const RowMajorMatrix> xi(p.data, k, n);
+  Eigen::VectorXf cf = Eigen::Map<Eigen::VectorXd>(c.data(), k).cast<float>();
+  Eigen::Map<Eigen::VectorXf> out(drive, n);
+  out.noalias() = xi.transpose() * cf;
+  for (int i = 0; i < n; ++i) out[i] += static_cast<float>(hsum) * x[i];
+  return true;
+}
+
+void RunGradient(const EnergyFunction& energy, absl::Span<const float> query,
+                 absl::Span<const bool> clamp, const RetrieveOptions& o,
+                 Trajectory* t) {
+  const int n = energy.dim();
+  EnergyRecorder rec(t, o.record_trace,
+                     GuaranteesDescent(Dynamics::kGradient, energy.config()));
+  std::vector<float> x(query.begin(), query.end()), grad(n);
+  rec.Start(energy.ValueAndGradient(x.data(), grad.data()));
+  const float alpha = static_cast<float>(o.alpha);
+  while (true) {
+    if (t->steps >= o.max_steps) { t->stop_reason = StopReason::kMaxSteps; break; }
+    if (StopRequested(o)) { t->stop_reason = StopReason::kDeadline; break; }
+    double delta = 0.0;
+    for (int i = 0; i < n; ++i) {
+      if (Clamped(clamp, i)) continue;
+      const float step = alpha * grad[i];
+      x[i] -= step;
+      delta = std::max(delta, static_cast<double>(std::fabs(step)));
+    }
+    ++t->steps;
+    rec.Step(energy.ValueAndGradient(x.data(), grad.data()));
+    if (delta < o.tol) { t->stop_reason = StopReason::kConverged; break; }
+  }
+  t->state = std::move(x);
+}
+
+// Exact energy-difference rule (Krotov-Hopfield 2016): visit unclamped
+// neurons in a seeded random order, flip when the flip strictly lowers E.
+// Overlaps d_mu = xi_mu . sigma are integers kept exactly in double.
+void RunAsync(const EnergyFunction& energy, absl::Span<const float> query,
+              absl::Span<const bool> clamp, const RetrieveOptions& o,
+              Trajectory* t) {
+  const PatternView& p = energy.patterns();
+  const int n = p.dim;
+  const int64_t k = p.rows;
+  const EnergyConfig& cfg = energy.config();
+  const SimilarityKind sim = EffectiveSimilarity(cfg);
+  const bool exponential = cfg.family == EnergyFamily::kExponential;
+  EnergyRecorder rec(t, o.record_trace, true);
+
+  std::vector<float> x(query.begin(), query.end());
+  std::vector<double> d(k, 0.0), s(k), d_flip(k);
+  for (int64_t mu = 0; mu < k; ++mu) {
+    const float* r = p.row(mu);
+    double acc = 0.0;
+    for (int i = 0; i < n; ++i) acc += double{r[i]} * x[i];
+    d[mu] = acc;
+  }
+  // Similarity from the exact overlap (patterns and state are +-1).
+  auto to_similarity = [&](const std::vector<double>& dd) {
+    for (int64_t mu = 0; mu < k; ++mu) {
+      switch (sim) {
+        case SimilarityKind::kDot: s[mu] = dd[mu]; break;
+        case SimilarityKind::kNegHalfSqL2:
+          s[mu] = dd[mu] - 0.5 * p.sq_norms[mu] - 0.5 * n; break;
+        case SimilarityKind::kNegL1: s[mu] = -(n - dd[mu]); break;
+      }
+    }
+  };
+  // Energy and a strictly monotone key of it that never overflows.
+  auto evaluate = [&](const std::vector<double>& dd, double* e) {
+    to_similarity(dd);
+    *e = energy.EnergyFromSimilarities(s.data(), n, nullptr);
+    if (!exponential) return *e;
+    for (int64_t mu = 0; mu < k; ++mu) s[mu] *= cfg.beta;
+    return -LogSumExp(s);
+  };
+
+  double e = 0.0;
+  double key = evaluate(d, &e);
+  rec.Start(e);
+  std::vector<int> order;
+  for (int i = 0; i < n; ++i) {
+    if (!Clamped(clamp, i)) order.push_back(i);
+  }
+  std::mt19937_64 rng(o.seed);
+  while (true) {
+    if (t->steps >= o.max_steps) { t->stop_reason = StopReason::kMaxSteps; break; }
+    if (StopRequested(o)) { t->stop_reason = StopReason::kDeadline; break; }
+    std::shuffle(order.begin(), order.end(), rng);
+    int flips = 0;
+    for (int i : order) {
+      const double two_sigma = 2.0 * x[i];
+      for (int64_t mu = 0; mu < k; ++mu) {
+        d_flip[mu] = d[mu] - two_sigma * p.row(mu)[i];
+      }
+      double e_flip = 0.0;
+      const double key_flip = evaluate(d_flip, &e_flip);
+      if (key_flip < key) {
+        x[i] = -x[i];
+        d.swap(d_flip);
+        key = key_flip;
+        e = e_flip;
+        ++flips;
+      }
+    }
+    ++t->steps;
+    rec.Step(e);
+    if (flips == 0) { t->stop_reason = StopReason::kConverged; break; }
+  }
+  t->state = std::move(x);
+}
+
+// TinyBrain (survey Eq. 12-16): visible v (Lagrangian |v|^2/2, or
+// sum log cosh v for bipolar banks), memory h with a convex Lagrangian
+// chosen by the energy family, synapse W = Xi.
+class TinyBrain {
+ public:
+  TinyBrain(const EnergyFunction& energy, StateKind kind)
+      : p_(energy.patterns()), cfg_(energy.config()), kind_(kind),
+        xi_(p_.data, p_.rows, p_.dim) {}
+
+  void VisibleActivation(const Eigen::VectorXf& v, Eigen::VectorXf* vh) const {
+    if (kind_ == StateKind::kBipolar) {
+      *vh = v.array().tanh();
+    } else {
+      *vh = v;
+    }
+  }
+  // Writes h_hat; returns the memory layer energy h_hat.h - L_h(h).
+  double MemoryActivation(const Eigen::VectorXf& h, Eigen::VectorXf* hh) const {
+    const int64_t k = h.size();
+    hh->resize(k);
+    switch (cfg_.family) {
+      case EnergyFamily::kClassical:
+        *hh = h;
+        return 0.5 * h.cast<double>().squaredNorm();
+      case EnergyFamily::kPolynomial: {
+        const int n = cfg_.degree;
+        double layer = 0.0;
+        for (int64_t mu = 0; mu < k; ++mu) {
+          const double r = std::max(0.0, double{h[mu]});
+          (*hh)[mu] = static_cast<float>(std::pow(r, n - 1));
+          layer += (1.0 - 1.0 / n) * std::pow(r, n);
+        }
+        return layer;
+      }
+      default: {
+        std::vector<double> bh(k), w(k);
+        for (int64_t mu = 0; mu < k; ++mu) bh[mu] = cfg_.beta * h[mu];
+        const double lse = LogSumExp(bh);
+        double dot = 0.0;
+        for (int64_t mu = 0; mu < k; ++mu) {
+          w[mu] = std::exp(bh[mu] - lse);
+          (*hh)[mu] = static_cast<float>(w[mu]);
+          dot += w[mu] * h[mu];
+        }
+        return dot - lse / cfg_.beta;
+      }
+    }
+  }
+  double VisibleLayerEnergy(const Eigen::VectorXf& v) const {
+    if (kind_ == StateKind::kBipolar) {
+      double e = 0.0;
+      for (int i = 0; i < v.size(); ++i) {
+        const double a = v[i];
+        // v tanh v - log cosh v, with a stable log cosh.
+        const double logcosh = std::fabs(a) + std::log1p(std::exp(-2 * std::fabs(a))) - std::log(2.0);
+        e += a * std::tanh(a) - logcosh;
+      }
+      return e;
+    }
+    return 0.5 * v.cast<double>().squaredNorm();
+  }
+  // Eq. 14 system energy; also returns activations.
+  double Energy(const Eigen::VectorXf& v, const Eigen::VectorXf& h,
+                Eigen::VectorXf* vh, Eigen::VectorXf* hh) const {
+    VisibleActivation(v, vh);
+    const double em = MemoryActivation(h, hh);
+    const double synapse = -double{hh->dot(xi_ * *vh)};
+    return VisibleLayerEnergy(v) + em + synapse;
+  }
+
+  const Eigen::Map<const RowMajorMatrix>& xi() const { return xi_; }
+
+ private:
+  PatternView p_;
+  EnergyConfig cfg_;
+  StateKind kind_;
+  Eigen::Map<const RowMajorMatrix> xi_;
+};
+
+void RunTinyBrain(const EnergyFunction& energy, StateKind kind,
+                  absl::Span<const float> query, absl::Span<const bool> clamp,
+                  const RetrieveOptions& o, Trajectory* t) {
+  const int n = energy.dim();
+  TinyBrain brain(energy, kind);
+  EnergyRecorder rec(t, o.record_trace,
+                     GuaranteesDescent(Dynamics::kTinyBrain, energy.config()));
+  Eigen::VectorXf v = Eigen::Map<const Eigen::VectorXf>(query.data(), n);
+  Eigen::VectorXf vh, hh;
+  brain.VisibleActivation(v, &vh);
+  Eigen::VectorXf h = brain.xi() * vh;  // memory starts at equilibrium with v
+  rec.Start(brain.Energy(v, h, &vh, &hh));
+  const float rv = static_cast<float>(o.dt / o.tau_v);
+  const float rh = static_cast<float>(o.dt / o.tau_h);
+  while (true) {
+    if (t->steps >= o.max_steps) { t->stop_reason = StopReason::kMaxSteps; break; }
+    if (StopRequested(o)) { t->stop_reason = StopReason::kDeadline; break; }
+    Eigen::VectorXf dv = rv * (brain.xi().transpose() * hh - v);
+    Eigen::VectorXf dh = rh * (brain.xi() * vh - h);
+    for (int i = 0; i < n; ++i) {
+      if (Clamped(clamp, i)) dv[i] = 0.f;
+    }
+    v += dv;
+    h += dh;
+    ++t->steps;
+    rec.Step(brain.Energy(v, h, &vh, &hh));
+    const double delta = std::max(dv.size() ? dv.cwiseAbs().maxCoeff() : 0.f,
+                                  dh.size() ? dh.cwiseAbs().maxCoeff() : 0.f);
+    if (delta < o.tol) { t->stop_reason = StopReason::kConverged; break; }
+  }
+  t->state.resize(n);
+  for (int i = 0; i < n; ++i) {
+    if (kind == StateKind::kBipolar) {
+      t->state[i] = v[i] > 0 ? 1.f : (v[i] < 0 ? -1.f : query[i]);
+    } else {
+      t->state[i] = v[i];
+    }
+  }
+}
+
+}  // namespace
+
+std::string DynamicsName(Dynamics d) {
+  switch (d) {
+    case Dynamics::kSync: return "sync";
+    case Dynamics::kAsync: return "async";
+    case Dynamics::kGradient: return "gradient";
+    case Dynamics::kTinyBrain: return "tinybrain";
+  }
+  return "unknown";
+}
+
+std::string StopReasonName(StopReason r) {
+  switch (r) {
+    case StopReason::kConverged: return "converged";
+    case StopReason::kMaxSteps: return "max_steps";
+    case StopReason::kDeadline: return "deadline";
+  }
+  return "unknown";
+}
+
+double EnergyTolerance(double e_before, double e_after) {
+  return 1e-5 * std::max({1.0, std::fabs(e_before), std::fabs(e_after)});
+}
+
+bool GuaranteesDescent(Dynamics dynamics, const EnergyConfig& config) {
+  switch (dynamics) {
+    case Dynamics::kAsync: return true;
+    case Dynamics::kSync:
+      return config.family == EnergyFamily::kLse ||
+             config.family == EnergyFamily::kGaussian;
+    default: return false;
+  }
+}
+
+absl::Status ValidateRetrieveOptions(const RetrieveOptions& o, StateKind kind) {
+  if (o.max_steps < 1 || o.max_steps > kMaxSteps) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_steps must be in [1, ", kMaxSteps, "], got ", o.max_steps));
+  }
+  auto positive = [](double v, const char* name) -> absl::Status {
+    if (!std::isfinite(v) || v <= 0.0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, " must be finite and > 0, got ", v));
+    }
+    return absl::OkStatus();
+  };
+  for (auto [v, name] : {std::pair{o.tol, "tol"}, {o.alpha, "alpha"},
+                         {o.dt, "dt"}, {o.tau_v, "tau_v"}, {o.tau_h, "tau_h"}}) {
+    if (auto s = positive(v, name); !s.ok()) return s;
+  }
+  if (o.dynamics == Dynamics::kAsync && kind != StateKind::kBipolar) {
+    return absl::FailedPreconditionError(
+        "async dynamics flip +-1 neurons and need a bipolar bank; use sync, "
+        "gradient or tinybrain on a continuous bank");
+  }
+  if (o.dynamics == Dynamics::kGradient && kind != StateKind::kContinuous) {
+    return absl::FailedPreconditionError(
+        "gradient dynamics move continuous states; use sync, async or "
+        "tinybrain on a bipolar bank");
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Trajectory> RunDynamics(const EnergyFunction& energy,
+                                       StateKind kind,
+                                       absl::Span<const float> query,
+                                       absl::Span<const bool> clamp,
+                                       const RetrieveOptions& options) {
+  if (auto s = ValidateRetrieveOptions(options, kind); !s.ok()) return s;
+  if (static_cast<int>(query.size()) != energy.dim()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "query has ", query.size(), " values; the bank's dimension is ",
+        energy.dim()));
+  }
+  if (!clamp.empty() && static_cast<int>(clamp.size()) != energy.dim()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "clamp mask has ", clamp.size(), " values; expected 0 or ",
+        energy.dim()));
+  }
+  Trajectory t;
+  switch (options.dynamics) {
+    case Dynamics::kSync: RunSync(energy, kind, query, clamp, options, &t); break;
+    case Dynamics::kAsync: RunAsync(energy, query, clamp, options, &t); break;
+    case Dynamics::kGradient: RunGradient(energy, query, clamp, options, &t); break;
+    case Dynamics::kTinyBrain:
+      RunTinyBrain(energy, kind, query, clamp, options, &t);
+      break;
+  }
+  return t;
+}
+
+}  // namespace engram::core

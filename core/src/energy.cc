@@ -1,0 +1,320 @@
+#include "engram/core/energy.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include <Eigen/Core>
+
+#include "absl/strings/str_cat.h"
+
+namespace engram::core {
+namespace {
+
+using RowMajorMatrix =
+    Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using ConstMatrixMap = Eigen::Map<const RowMajorMatrix>;
+using ConstVectorMap = Eigen::Map<const Eigen::VectorXf>;
+using VectorMap = Eigen::Map<Eigen::VectorXf>;
+
+double IntPow(double s, int n) {
+  double r = 1.0;
+  for (int i = 0; i < n; ++i) r *= s;
+  return r;
+}
+
+// F_n(s) and F_n'(s) for the polynomial separation.
+double PolyF(double s, int n, bool rectified) {
+  if (rectified && s <= 0.0) return 0.0;
+  return IntPow(s, n);
+}
+double PolyDF(double s, int n, bool rectified) {
+  if (rectified && s <= 0.0) return 0.0;
+  return n * IntPow(s, n - 1);
+}
+
+// Writes softmax(beta * s) into w; returns lse(beta * s).
+double Softmax(const double* s, int64_t k, double beta, double* w) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < k; ++i) m = std::max(m, beta * s[i]);
+  if (!std::isfinite(m)) {
+    if (w != nullptr) std::fill(w, w + k, k > 0 ? 1.0 / k : 0.0);
+    return m;
+  }
+  double sum = 0.0;
+  for (int64_t i = 0; i < k; ++i) {
+    const double e = std::exp(beta * s[i] - m);
+    if (w != nullptr) w[i] = e;
+    sum += e;
+  }
+  if (w != nullptr) {
+    const double inv = 1.0 / sum;
+    for (int64_t i = 0; i < k; ++i) w[i] *= inv;
+  }
+  return m + std::log(sum);
+}
+
+}  // namespace
+
+std::string EnergyFamilyName(EnergyFamily family) {
+  switch (family) {
+    case EnergyFamily::kClassical: return "classical";
+    case EnergyFamily::kPolynomial: return "polynomial";
+    case EnergyFamily::kExponential: return "exponential";
+    case EnergyFamily::kLse: return "lse";
+    case EnergyFamily::kGaussian: return "gaussian";
+    case EnergyFamily::kGeneral: return "general";
+  }
+  return "unknown";
+}
+
+absl::Status ValidateEnergyConfig(const EnergyConfig& config, StateKind kind) {
+  if (!std::isfinite(config.beta) || config.beta <= 0.0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("energy.beta must be finite and > 0, got ", config.beta));
+  }
+  if (config.beta > 1e6) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("energy.beta must be <= 1e6, got ", config.beta));
+  }
+  const bool uses_degree =
+      config.family == EnergyFamily::kPolynomial ||
+      (config.family == EnergyFamily::kGeneral &&
+       config.separation == SeparationKind::kPolynomial);
+  if (uses_degree && (config.degree < 1 || config.degree > 12)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "energy.degree must be in [1, 12], got ", config.degree));
+  }
+  const bool bipolar_only = config.family == EnergyFamily::kClassical ||
+                            config.family == EnergyFamily::kPolynomial ||
+                            config.family == EnergyFamily::kExponential;
+  if (bipolar_only && kind != StateKind::kBipolar) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "energy family ", EnergyFamilyName(config.family),
+        " is defined on bipolar states; this bank is continuous"));
+  }
+  return absl::OkStatus();
+}
+
+SimilarityKind EffectiveSimilarity(const EnergyConfig& config) {
+  switch (config.family) {
+    case EnergyFamily::kGaussian: return SimilarityKind::kNegHalfSqL2;
+    case EnergyFamily::kGeneral: return config.similarity;
+    default: return SimilarityKind::kDot;
+  }
+}
+
+double LogSumExp(absl::Span<const double> v) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (double x : v) m = std::max(m, x);
+  if (!std::isfinite(m)) return m;
+  double sum = 0.0;
+  for (double x : v) sum += std::exp(x - m);
+  return m + std::log(sum);
+}
+
+EnergyFunction::EnergyFunction(const EnergyConfig& config,
+                               PatternView patterns)
+    : config_(config), patterns_(patterns) {}
+
+void EnergyFunction::Similarities(const float* x, double* s) const {
+  const int64_t k = patterns_.rows;
+  const int n = patterns_.dim;
+  if (k == 0) return;
+  ConstMatrixMap xi(patterns_.data, k, n);
+  ConstVectorMap xv(x, n);
+  switch (EffectiveSimilarity(config_)) {
+    case SimilarityKind::kDot: {
+      Eigen::VectorXf dots = xi * xv;
+      for (int64_t mu = 0; mu < k; ++mu) s[mu] = dots[mu];
+      break;
+    }
+    case SimilarityKind::kNegHalfSqL2: {
+      Eigen::VectorXf dots = xi * xv;
+      const double sq_x = xv.cast<double>().squaredNorm();
+      for (int64_t mu = 0; mu < k; ++mu) {
+        s[mu] = double{dots[mu]} - 0.5 * patterns_.sq_norms[mu] - 0.5 * sq_x;
+      }
+      break;
+    }
+    case SimilarityKind::kNegL1: {
+      for (int64_t mu = 0; mu < k; ++mu) {
+        const float* r = patterns_.row(mu);
+        double acc = 0.0;
+        for (int i = 0; i < n; ++i) acc += std::fabs(double{r[i]} - x[i]);
+        s[mu] = -acc;
+      }
+      break;
+    }
+  }
+}
+
+double EnergyFunction::EnergyFromSimilarities(const double* s,
+                                              double sq_norm_x,
+                                              double* w) const {
+  const int64_t k = patterns_.rows;
+  const double beta = config_.beta;
+  switch (config_.family) {
+    case EnergyFamily::kClassical: {
+      double e = 0.0;
+      for (int64_t mu = 0; mu < k; ++mu) {
+        e -= 0.5 * s[mu] * s[mu];
+        if (w != nullptr) w[mu] = s[mu];
+      }
+      return e;
+    }
+    case EnergyFamily::kPolynomial: {
+      double e = 0.0;
+      for (int64_t mu = 0; mu < k; ++mu) {
+        e -= PolyF(s[mu], config_.degree, config_.rectified);
+        if (w != nullptr) w[mu] = PolyDF(s[mu], config_.degree, config_.rectified);
+      }
+      return e;
+    }
+    case EnergyFamily::kExponential: {
+      const double lse = Softmax(s, k, beta, w);
+      if (w != nullptr) {
+        // w_mu = beta exp(beta s_mu) = beta exp(lse) softmax_mu.
+        const double scale = beta * std::exp(lse);
+        for (int64_t mu = 0; mu < k; ++mu) w[mu] *= scale;
+      }
+      return k == 0 ? 0.0 : -std::exp(lse);
+    }
+    case EnergyFamily::kLse: {
+      if (k == 0) return 0.5 * sq_norm_x;
+      const double lse = Softmax(s, k, beta, w);
+      return -lse / beta + 0.5 * sq_norm_x;
+    }
+    case EnergyFamily::kGaussian: {
+      if (k == 0) return 0.0;
+      return -Softmax(s, k, beta, w) / beta;
+    }
+    case EnergyFamily::kGeneral: {
+      if (k == 0) return 0.0;
+      switch (config_.separation) {
+        case SeparationKind::kIdentity: {
+          double e = 0.0;
+          for (int64_t mu = 0; mu < k; ++mu) {
+            e -= s[mu];
+            if (w != nullptr) w[mu] = 1.0;
+          }
+          return e;
+        }
+        case SeparationKind::kPolynomial: {
+          double e = 0.0;
+          for (int64_t mu = 0; mu < k; ++mu) {
+            e -= PolyF(s[mu], config_.degree, config_.rectified);
+            if (w != nullptr) {
+              w[mu] = PolyDF(s[mu], config_.degree, config_.rectified);
+            }
+          }
+          return e;
+        }
+        case SeparationKind::kSoftmax:
+          return -Softmax(s, k, beta, w) / beta;
+        case SeparationKind::kMax: {
+          int64_t best = 0;
+          for (int64_t mu = 1; mu < k; ++mu) {
+            if (s[mu] > s[best]) best = mu;
+          }
+          if (w != nullptr) {
+            std::fill(w, w + k, 0.0);
+            w[best] = 1.0;
+          }
+          return -s[best];
+        }
+      }
+    }
+  }
+  return 0.0;
+}
+
+double EnergyFunction::Value(const float* x) const {
+  std::vector<double> s(patterns_.rows);
+  Similarities(x, s.data());
+  ConstVectorMap xv(x, patterns_.dim);
+  return EnergyFromSimilarities(s.data(), xv.cast<double>().squaredNorm(),
+                                nullptr);
+}
+
+double EnergyFunction::ValueAndGradient(const float* x, float* grad) const {
+  const int64_t k = patterns_.rows;
+  const int n = patterns_.dim;
+  std::vector<double> s(k), w(k);
+  Similarities(x, s.data());
+  ConstVectorMap xv(x, n);
+  const double e =
+      EnergyFromSimilarities(s.data(), xv.cast<double>().squaredNorm(), w.data());
+  VectorMap g(grad, n);
+  g.setZero();
+  if (k > 0) {
+    ConstMatrixMap xi(patterns_.data, k, n);
+    switch (EffectiveSimilarity(config_)) {
+      case SimilarityKind::kDot: {
+        // grad = -Xi^T w
+        Eigen::VectorXf wf = Eigen::Map<Eigen::VectorXd>(w.data(), k).cast<float>();
+        g.noalias() = -(xi.transpose() * wf);
+        break;
+      }
+      case SimilarityKind::kNegHalfSqL2: {
+        // dS/dx = xi - x  =>  grad = -Xi^T w + (sum w) x
+        Eigen::VectorXf wf = Eigen::Map<Eigen::VectorXd>(w.data(), k).cast<float>();
+        double wsum = 0.0;
+        for (double v : w) wsum += v;
+        g.noalias() = -(xi.transpose() * wf);
+        g += static_cast<float>(wsum) * xv;
+        break;
+      }
+      case SimilarityKind::kNegL1: {
+        // dS/dx_i = sign(xi_i - x_i)
+        std::vector<double> acc(n, 0.0);
+        for (int64_t mu = 0; mu < k; ++mu) {
+          if (w[mu] == 0.0) continue;
+          const float* r = patterns_.row(mu);
+          for (int i = 0; i < n; ++i) {
+            const double d = double{r[i]} - x[i];
+            acc[i] -= w[mu] * ((d > 0) - (d < 0));
+          }
+        }
+        for (int i = 0; i < n; ++i) g[i] = static_cast<float>(acc[i]);
+        break;
+      }
+    }
+  }
+  if (config_.family == EnergyFamily::kLse) g += xv;  // R(x) = |x|^2 / 2
+  return e;
+}
+
+double EnergyFunction::UpdateTarget(const float* x, float* target) const {
+  const int64_t k = patterns_.rows;
+  const int n = patterns_.dim;
+  std::vector<double> s(k), w(k);
+  Similarities(x, s.data());
+  ConstVectorMap xv(x, n);
+  const double e =
+      EnergyFromSimilarities(s.data(), xv.cast<double>().squaredNorm(), w.data());
+  VectorMap t(target, n);
+  if (k == 0) {
+    t = xv;
+    return e;
+  }
+  const bool sign_invariant = config_.family == EnergyFamily::kClassical ||
+                              config_.family == EnergyFamily::kPolynomial ||
+                              config_.family == EnergyFamily::kExponential;
+  if (sign_invariant) {
+    double m = 0.0;
+    for (double v : w) m = std::max(m, std::fabs(v));
+    if (config_.family == EnergyFamily::kExponential || !std::isfinite(m)) {
+      // Recompute as softmax: a positive rescaling of exp(beta s).
+      Softmax(s.data(), k, config_.beta, w.data());
+    } else if (m > 0.0) {
+      for (double& v : w) v /= m;
+    }
+  }
+  ConstMatrixMap xi(patterns_.data, k, n);
+  Eigen::VectorXf wf = Eigen::Map<Eigen::VectorXd>(w.data(), k).cast<float>();
+  t.noalias() = xi.transpose() * wf;
+  return e;
+}
+
+}  // namespace engram::core

@@ -1,0 +1,261 @@
+// SQLite-backed BankStorage: one database file, WAL journal,
+// synchronous=FULL, one transaction per call.
+#include <sqlite3.h>
+
+#include <cstring>
+#include <mutex>
+
+#include "absl/strings/str_cat.h"
+#include "engram/core/status_macros.h"
+#include "engram/core/storage.h"
+
+namespace engram::core {
+namespace {
+
+constexpr char kSchema[] = R"sql(
+CREATE TABLE IF NOT EXISTS banks (
+  name TEXT PRIMARY KEY,
+  dim INTEGER NOT NULL,
+  kind INTEGER NOT NULL,
+  precision INTEGER NOT NULL,
+  family INTEGER NOT NULL,
+  degree INTEGER NOT NULL,
+  rectified INTEGER NOT NULL,
+  beta REAL NOT NULL,
+  similarity INTEGER NOT NULL,
+  separation INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS patterns (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  bank TEXT NOT NULL REFERENCES banks(name) ON DELETE CASCADE,
+  id INTEGER NOT NULL,
+  vec BLOB NOT NULL,
+  payload BLOB NOT NULL,
+  UNIQUE (bank, id)
+);
+)sql";
+
+class Statement {
+ public:
+  Statement(sqlite3* db, const char* sql) {
+    rc_ = sqlite3_prepare_v2(db, sql, -1, &stmt_, nullptr);
+  }
+  ~Statement() { sqlite3_finalize(stmt_); }
+  Statement(const Statement&) = delete;
+  Statement& operator=(const Statement&) = delete;
+  bool ok() const { return rc_ == SQLITE_OK; }
+  sqlite3_stmt* get() { return stmt_; }
+
+ private:
+  sqlite3_stmt* stmt_ = nullptr;
+  int rc_;
+};
+
+class SqliteStorage final : public BankStorage {
+ public:
+  explicit SqliteStorage(sqlite3* db) : db_(db) {}
+  ~SqliteStorage() override { sqlite3_close_v2(db_); }
+
+  absl::Status Init() {
+    ENGRAM_RETURN_IF_ERROR(Exec("PRAGMA journal_mode=WAL;"));
+    ENGRAM_RETURN_IF_ERROR(Exec("PRAGMA synchronous=FULL;"));
+    ENGRAM_RETURN_IF_ERROR(Exec("PRAGMA foreign_keys=ON;"));
+    return Exec(kSchema);
+  }
+
+  absl::Status CreateBank(const BankSpec& spec) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Statement st(db_,
+                 "INSERT INTO banks (name, dim, kind, precision, family, degree,"
+                 " rectified, beta, similarity, separation)"
+                 " VALUES (?,?,?,?,?,?,?,?,?,?)");
+    if (!st.ok()) return Error("prepare insert bank");
+    sqlite3_bind_text(st.get(), 1, spec.name.data(), spec.name.size(),
+                      SQLITE_TRANSIENT);
+    sqlite3_bind_int(st.get(), 2, spec.dim);
+    sqlite3_bind_int(st.get(), 3, static_cast<int>(spec.kind));
+    sqlite3_bind_int(st.get(), 4, static_cast<int>(spec.precision));
+    sqlite3_bind_int(st.get(), 5, static_cast<int>(spec.energy.family));
+    sqlite3_bind_int(st.get(), 6, spec.energy.degree);
+    sqlite3_bind_int(st.get(), 7, spec.energy.rectified ? 1 : 0);
+    sqlite3_bind_double(st.get(), 8, spec.energy.beta);
+    sqlite3_bind_int(st.get(), 9, static_cast<int>(spec.energy.similarity));
+    sqlite3_bind_int(st.get(), 10, static_cast<int>(spec.energy.separation));
+    if (sqlite3_step(st.get()) != SQLITE_DONE) return Error("insert bank");
+    return absl::OkStatus();
+  }
+
+  absl::Status DeleteBank(std::string_view name) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    ENGRAM_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE;"));
+    absl::Status s = [&]() -> absl::Status {
+      for (const char* sql : {"DELETE FROM patterns WHERE bank = ?",
+                              "DELETE FROM banks WHERE name = ?"}) {
+        Statement st(db_, sql);
+        if (!st.ok()) return Error("prepare delete bank");
+        sqlite3_bind_text(st.get(), 1, name.data(), name.size(), SQLITE_TRANSIENT);
+        if (sqlite3_step(st.get()) != SQLITE_DONE) return Error("delete bank");
+      }
+      return absl::OkStatus();
+    }();
+    return Finish(s);
+  }
+
+  absl::Status AppendPatterns(std::string_view bank,
+                              absl::Span<const uint64_t> ids,
+                              absl::Span<const float> data,
+                              absl::Span<const std::string> payloads) override {
+    if (ids.empty()) return absl::OkStatus();
+    const size_t dim = data.size() / ids.size();
+    std::lock_guard<std::mutex> lock(mu_);
+    ENGRAM_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE;"));
+    absl::Status s = [&]() -> absl::Status {
+      Statement st(db_,
+                   "INSERT INTO patterns (bank, id, vec, payload) VALUES (?,?,?,?)");
+      if (!st.ok()) return Error("prepare insert pattern");
+      for (size_t r = 0; r < ids.size(); ++r) {
+        sqlite3_reset(st.get());
+        sqlite3_bind_text(st.get(), 1, bank.data(), bank.size(), SQLITE_STATIC);
+        sqlite3_bind_int64(st.get(), 2, static_cast<sqlite3_int64>(ids[r]));
+        sqlite3_bind_blob(st.get(), 3, data.data() + r * dim,
+                          static_cast<int>(dim * sizeof(float)), SQLITE_STATIC);
+        if (payloads.empty()) {
+          sqlite3_bind_zeroblob(st.get(), 4, 0);
+        } else {
+          sqlite3_bind_blob(st.get(), 4, payloads[r].data(),
+                            static_cast<int>(payloads[r].size()), SQLITE_STATIC);
+        }
+        if (sqlite3_step(st.get()) != SQLITE_DONE) return Error("insert pattern");
+      }
+      return absl::OkStatus();
+    }();
+    return Finish(s);
+  }
+
+  absl::Status DeletePatterns(std::string_view bank,
+                              absl::Span<const uint64_t> ids) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    ENGRAM_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE;"));
+    absl::Status s = [&]() -> absl::Status {
+      Statement st(db_, "DELETE FROM patterns WHERE bank = ? AND id = ?");
+      if (!st.ok()) return Error("prepare delete pattern");
+      for (uint64_t id : ids) {
+        sqlite3_reset(st.get());
+        sqlite3_bind_text(st.get(), 1, bank.data(), bank.size(), SQLITE_STATIC);
+        sqlite3_bind_int64(st.get(), 2, static_cast<sqlite3_int64>(id));
+        if (sqlite3_step(st.get()) != SQLITE_DONE) return Error("delete pattern");
+      }
+      return absl::OkStatus();
+    }();
+    return Finish(s);
+  }
+
+  absl::Status LoadAll(const BankVisitor& on_bank,
+                       const PatternVisitor& on_pattern) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Statement banks(db_,
+                    "SELECT name, dim, kind, precision, family, degree, rectified,"
+                    " beta, similarity, separation FROM banks ORDER BY name");
+    if (!banks.ok()) return Error("prepare load banks");
+    int rc;
+    while ((rc = sqlite3_step(banks.get())) == SQLITE_ROW) {
+      BankSpec spec;
+      sqlite3_stmt* b = banks.get();
+      spec.name = reinterpret_cast<const char*>(sqlite3_column_text(b, 0));
+      spec.dim = sqlite3_column_int(b, 1);
+      spec.kind = static_cast<StateKind>(sqlite3_column_int(b, 2));
+      spec.precision = static_cast<Precision>(sqlite3_column_int(b, 3));
+      spec.energy.family = static_cast<EnergyFamily>(sqlite3_column_int(b, 4));
+      spec.energy.degree = sqlite3_column_int(b, 5);
+      spec.energy.rectified = sqlite3_column_int(b, 6) != 0;
+      spec.energy.beta = sqlite3_column_double(b, 7);
+      spec.energy.similarity = static_cast<SimilarityKind>(sqlite3_column_int(b, 8));
+      spec.energy.separation = static_cast<SeparationKind>(sqlite3_column_int(b, 9));
+      if (auto s = on_bank(spec); !s.ok()) return s;
+      Statement pats(db_,
+                     "SELECT id, vec, payload FROM patterns WHERE bank = ?"
+                     " ORDER BY seq");
+      if (!pats.ok()) return Error("prepare load patterns");
+      sqlite3_bind_text(pats.get(), 1, spec.name.data(), spec.name.size(),
+                        SQLITE_STATIC);
+      std::vector<float> row(spec.dim);
+      int prc;
+      while ((prc = sqlite3_step(pats.get())) == SQLITE_ROW) {
+        sqlite3_stmt* p = pats.get();
+        const uint64_t id = static_cast<uint64_t>(sqlite3_column_int64(p, 0));
+        const int bytes = sqlite3_column_bytes(p, 1);
+        if (bytes != static_cast<int>(spec.dim * sizeof(float))) {
+          return absl::DataLossError(absl::StrCat(
+              "bank '", spec.name, "' pattern ", id, " has ", bytes,
+              " bytes; expected ", spec.dim * sizeof(float)));
+        }
+        std::memcpy(row.data(), sqlite3_column_blob(p, 1), bytes);
+        const char* payload = static_cast<const char*>(sqlite3_column_blob(p, 2));
+        const int payload_bytes = sqlite3_column_bytes(p, 2);
+        if (auto s = on_pattern(spec.name, id, row,
+                                std::string_view(payload ? payload : "", payload_bytes));
+            !s.ok()) {
+          return s;
+        }
+      }
+      if (prc != SQLITE_DONE) return Error("load patterns");
+    }
+    if (rc != SQLITE_DONE) return Error("load banks");
+    return absl::OkStatus();
+  }
+
+ private:
+
+  absl::Status Exec(const char* sql) {
+    char* err = nullptr;
+    if (sqlite3_exec(db_, sql, nullptr, nullptr, &err) != SQLITE_OK) {
+      absl::Status s = Error(err ? err : sql);
+      sqlite3_free(err);
+      return s;
+    }
+    return absl::OkStatus();
+  }
+
+  // Commits on success, rolls back on failure.
+  absl::Status Finish(absl::Status s) {
+    if (s.ok()) {
+      absl::Status c = Exec("COMMIT;");
+      if (c.ok()) return c;
+      s = c;
+    }
+    sqlite3_exec(db_, "ROLLBACK;", nullptr, nullptr, nullptr);
+    return s;
+  }
+
+  absl::Status Error(std::string_view what) {
+    const int code = sqlite3_errcode(db_);
+    std::string msg = absl::StrCat("storage: ", std::string(what), ": ", sqlite3_errmsg(db_));
+    if (code == SQLITE_FULL) return absl::ResourceExhaustedError(msg);
+    if (code == SQLITE_CONSTRAINT) return absl::AlreadyExistsError(msg);
+    return absl::InternalError(msg);
+  }
+
+  std::mutex mu_;
+  sqlite3* db_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<BankStorage>> OpenSqliteStorage(
+    const std::string& path) {
+  sqlite3* db = nullptr;
+  const int flags =
+      SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX;
+  if (sqlite3_open_v2(path.c_str(), &db, flags, nullptr) != SQLITE_OK) {
+    std::string msg = db ? sqlite3_errmsg(db) : "out of memory";
+    sqlite3_close_v2(db);
+    return absl::UnavailableError(
+        absl::StrCat("cannot open database '", path, "': ", msg));
+  }
+  sqlite3_busy_timeout(db, 5000);
+  auto storage = std::make_unique<SqliteStorage>(db);
+  if (auto s = storage->Init(); !s.ok()) return s;
+  return std::unique_ptr<BankStorage>(std::move(storage));
+}
+
+}  // namespace engram::core

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs every Debian package Engram needs to build, test and run.
+# Used by README.md, .ci/run and the Dockerfile, so they cannot drift apart.
+#
+#   scripts/setup.sh            # build + test dependencies
+#   scripts/setup.sh --runtime  # only what engramd needs at run time
+set -euo pipefail
+
+BUILD_PKGS=(
+  build-essential cmake ninja-build ccache pkg-config git
+  libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
+  libabsl-dev libeigen3-dev prometheus-cpp-dev libsqlite3-dev zlib1g-dev libpng-dev
+  libgtest-dev libgmock-dev libbenchmark-dev
+  python3 python3-grpcio python3-grpc-tools python3-numpy python3-protobuf
+)
+RUNTIME_PKGS=(
+  libgrpc++1.51 libprotobuf32 libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0
+  libsqlite3-0 zlib1g libpng16-16 ca-certificates
+)
+
+want=("${BUILD_PKGS[@]}")
+if [[ "${1:-}" == "--runtime" ]]; then
+  want=("${RUNTIME_PKGS[@]}")
+fi
+
+missing=()
+for p in "${want[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+if ((${#missing[@]} == 0)); then
+  echo "setup: all ${#want[@]} packages present"
+  exit 0
+fi
+
+SUDO=""
+if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
+echo "setup: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -1,0 +1,131 @@
+#include "engram/core/bank.h"
+
+#include <cmath>
+#include <random>
+
+#include <gtest/gtest.h>
+
+#include "testing/random_banks.h"
+#include "testing/status_matchers.h"
+
+namespace engram::core {
+namespace {
+
+using engram::testing::RandomGaussian;
+using engram::testing::StatusIs;
+
+Bank Continuous(int dim) {
+  return Bank(BankSpec{"b", dim, StateKind::kContinuous, {}, Precision::kF32});
+}
+
+TEST(BankName, AcceptsTheSpecGrammar) {
+  EXPECT_OK(ValidateBankName("a"));
+  EXPECT_OK(ValidateBankName("fashion-mnist_v1.2"));
+  EXPECT_OK(ValidateBankName(std::string(64, 'z')));
+}
+
+TEST(BankName, RejectsEverythingElse) {
+  const std::vector<std::string> bads = {"",  "-a",  "_a",     ".a",
+                                        "A", "a/b", "../etc", "a b",
+                                        std::string(65, 'a'),
+                                        std::string("a\0b", 3)};
+  for (const std::string& bad : bads) {
+    EXPECT_THAT(ValidateBankName(bad), StatusIs(absl::StatusCode::kInvalidArgument))
+        << bad;
+  }
+}
+
+TEST(BankSpec, RejectsBadDimAndPrecision) {
+  BankSpec spec{"ok", 0, StateKind::kContinuous, {}, Precision::kF32};
+  EXPECT_THAT(ValidateBankSpec(spec), StatusIs(absl::StatusCode::kInvalidArgument));
+  spec.dim = 4;
+  spec.precision = Precision::kBf16;
+  EXPECT_THAT(ValidateBankSpec(spec), StatusIs(absl::StatusCode::kUnimplemented));
+}
+
+TEST(BankValidate, RejectsBadBatches) {
+  Bank bank = Continuous(3);
+  const std::vector<float> two = {1, 2, 3, 4, 5, 6};
+  EXPECT_OK(bank.ValidateNewPatterns(two, {}, {}));
+  EXPECT_THAT(bank.ValidateNewPatterns({}, {}, {}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(bank.ValidateNewPatterns({1, 2, 3, 4}, {}, {}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(bank.ValidateNewPatterns({1, NAN, 3}, {}, {}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(bank.ValidateNewPatterns({1, INFINITY, 3}, {}, {}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  const std::vector<uint64_t> dup = {5, 5};
+  EXPECT_THAT(bank.ValidateNewPatterns(two, dup, {}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  const std::vector<uint64_t> one = {5};
+  EXPECT_THAT(bank.ValidateNewPatterns(two, one, {}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  const std::vector<std::string> big = {std::string(kMaxPayloadBytes + 1, 'x'), ""};
+  EXPECT_THAT(bank.ValidateNewPatterns(two, {}, big),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  const std::vector<uint64_t> ids = {7, 9};
+  bank.Append(two, ids, {});
+  const std::vector<uint64_t> again = {9};
+  EXPECT_THAT(bank.ValidateNewPatterns({0, 0, 0}, again, {}),
+              StatusIs(absl::StatusCode::kAlreadyExists));
+}
+
+TEST(BankValidate, BipolarAcceptsOnlyPlusMinusOne) {
+  Bank bank(BankSpec{"b", 2, StateKind::kBipolar,
+                     {.family = EnergyFamily::kClassical}, Precision::kF32});
+  EXPECT_OK(bank.ValidateNewPatterns({1, -1}, {}, {}));
+  EXPECT_THAT(bank.ValidateNewPatterns({1, 0}, {}, {}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(bank.ValidateNewPatterns({1, 0.5f}, {}, {}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+TEST(Bank, AssignsFreshIdsAndRemovesInOrder) {
+  Bank bank = Continuous(2);
+  const std::vector<uint64_t> given = {3};
+  bank.Append({1, 1}, given, {});
+  auto ids = bank.AssignIds(3);
+  EXPECT_EQ(ids, (std::vector<uint64_t>{4, 5, 6}));
+  const std::vector<std::string> payloads = {"a", "b", "c"};
+  bank.Append({2, 2, 3, 3, 4, 4}, ids, payloads);
+  ASSERT_EQ(bank.size(), 4);
+  const std::vector<uint64_t> drop = {4};
+  EXPECT_THAT(bank.ValidateRemoval(std::vector<uint64_t>{4, 99}),
+              StatusIs(absl::StatusCode::kNotFound));
+  ASSERT_OK(bank.ValidateRemoval(drop));
+  bank.Remove(drop);
+  ASSERT_EQ(bank.size(), 3);
+  EXPECT_EQ(bank.id(0), 3u);
+  EXPECT_EQ(bank.id(1), 5u);
+  EXPECT_EQ(bank.payload(1), "b");
+  EXPECT_EQ(bank.pattern(2)[0], 4.f);
+  EXPECT_EQ(*bank.RowOf(6), 2);
+  EXPECT_FALSE(bank.RowOf(4).has_value());
+  // Removed ids are not handed out again while higher ids exist.
+  EXPECT_EQ(bank.AssignIds(1), (std::vector<uint64_t>{7}));
+}
+
+TEST(Bank, NearestMatchesBruteForce) {
+  std::mt19937_64 rng(31);
+  const int n = 17, k = 300;
+  auto data = RandomGaussian(k * n, rng);
+  Bank bank = Continuous(n);
+  bank.Append(data, bank.AssignIds(k), {});
+  for (int q = 0; q < 50; ++q) {
+    auto x = RandomGaussian(n, rng);
+    int best = -1;
+    double best_d = INFINITY;
+    for (int mu = 0; mu < k; ++mu) {
+      double d = 0;
+      for (int i = 0; i < n; ++i) d += std::pow(double{data[mu * n + i]} - x[i], 2);
+      if (d < best_d) { best_d = d; best = mu; }
+    }
+    NearestMemory m = bank.Nearest(x.data());
+    EXPECT_EQ(m.row, best);
+    EXPECT_NEAR(m.distance, std::sqrt(best_d), 1e-9);
+  }
+}
+
+}  // namespace
+}  // namespace engram::core
