@@ -1,0 +1,157 @@
+#include "server/convert.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace engram::server {
+
+absl::StatusOr<core::StateKind> KindFromProto(int kind) {
+  switch (kind) {
+    case v1::STATE_KIND_CONTINUOUS: return core::StateKind::kContinuous;
+    case v1::STATE_KIND_BIPOLAR: return core::StateKind::kBipolar;
+    case v1::STATE_KIND_UNSPECIFIED:
+      return absl::InvalidArgumentError(
+          "kind must be STATE_KIND_CONTINUOUS or STATE_KIND_BIPOLAR");
+    default:
+      return absl::InvalidArgumentError(absl::StrCat("unknown kind ", kind));
+  }
+}
+
+v1::StateKind KindToProto(core::StateKind kind) {
+  return kind == core::StateKind::kBipolar ? v1::STATE_KIND_BIPOLAR
+                                           : v1::STATE_KIND_CONTINUOUS;
+}
+
+absl::StatusOr<core::Precision> PrecisionFromProto(int precision) {
+  switch (precision) {
+    case v1::PRECISION_UNSPECIFIED:
+    case v1::PRECISION_F32: return core::Precision::kF32;
+    case v1::PRECISION_BF16: return core::Precision::kBf16;
+    case v1::PRECISION_BIT_PACKED: return core::Precision::kBitPacked;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat("unknown precision ", precision));
+  }
+}
+
+absl::StatusOr<core::EnergyConfig> EnergyFromProto(const v1::EnergyConfig& p,
+                                                   core::StateKind kind) {
+  core::EnergyConfig c;
+  switch (p.family()) {
+    case v1::ENERGY_FAMILY_UNSPECIFIED:
+      c.family = kind == core::StateKind::kBipolar ? core::EnergyFamily::kClassical
+                                                   : core::EnergyFamily::kLse;
+      break;
+    case v1::ENERGY_FAMILY_CLASSICAL: c.family = core::EnergyFamily::kClassical; break;
+    case v1::ENERGY_FAMILY_POLYNOMIAL: c.family = core::EnergyFamily::kPolynomial; break;
+    case v1::ENERGY_FAMILY_EXPONENTIAL: c.family = core::EnergyFamily::kExponential; break;
+    case v1::ENERGY_FAMILY_LSE: c.family = core::EnergyFamily::kLse; break;
+    case v1::ENERGY_FAMILY_GAUSSIAN: c.family = core::EnergyFamily::kGaussian; break;
+    case v1::ENERGY_FAMILY_GENERAL: c.family = core::EnergyFamily::kGeneral; break;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown energy.family ", p.family()));
+  }
+  c.degree = p.degree() == 0 ? 3 : static_cast<int>(std::min<uint32_t>(p.degree(), 1000));
+  c.rectified = p.rectified();
+  c.beta = p.beta() == 0.0 ? 1.0 : p.beta();
+  switch (p.similarity()) {
+    case v1::SIMILARITY_UNSPECIFIED:
+    case v1::SIMILARITY_DOT: c.similarity = core::SimilarityKind::kDot; break;
+    case v1::SIMILARITY_NEG_HALF_SQ_L2: c.similarity = core::SimilarityKind::kNegHalfSqL2; break;
+    case v1::SIMILARITY_NEG_L1: c.similarity = core::SimilarityKind::kNegL1; break;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown energy.similarity ", p.similarity()));
+  }
+  switch (p.separation()) {
+    case v1::SEPARATION_UNSPECIFIED:
+    case v1::SEPARATION_SOFTMAX: c.separation = core::SeparationKind::kSoftmax; break;
+    case v1::SEPARATION_IDENTITY: c.separation = core::SeparationKind::kIdentity; break;
+    case v1::SEPARATION_POLYNOMIAL: c.separation = core::SeparationKind::kPolynomial; break;
+    case v1::SEPARATION_MAX: c.separation = core::SeparationKind::kMax; break;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown energy.separation ", p.separation()));
+  }
+  return c;
+}
+
+v1::EnergyConfig EnergyToProto(const core::EnergyConfig& c) {
+  v1::EnergyConfig p;
+  switch (c.family) {
+    case core::EnergyFamily::kClassical: p.set_family(v1::ENERGY_FAMILY_CLASSICAL); break;
+    case core::EnergyFamily::kPolynomial: p.set_family(v1::ENERGY_FAMILY_POLYNOMIAL); break;
+    case core::EnergyFamily::kExponential: p.set_family(v1::ENERGY_FAMILY_EXPONENTIAL); break;
+    case core::EnergyFamily::kLse: p.set_family(v1::ENERGY_FAMILY_LSE); break;
+    case core::EnergyFamily::kGaussian: p.set_family(v1::ENERGY_FAMILY_GAUSSIAN); break;
+    case core::EnergyFamily::kGeneral: p.set_family(v1::ENERGY_FAMILY_GENERAL); break;
+  }
+  p.set_degree(c.degree);
+  p.set_rectified(c.rectified);
+  p.set_beta(c.beta);
+  switch (c.similarity) {
+    case core::SimilarityKind::kDot: p.set_similarity(v1::SIMILARITY_DOT); break;
+    case core::SimilarityKind::kNegHalfSqL2: p.set_similarity(v1::SIMILARITY_NEG_HALF_SQ_L2); break;
+    case core::SimilarityKind::kNegL1: p.set_similarity(v1::SIMILARITY_NEG_L1); break;
+  }
+  switch (c.separation) {
+    case core::SeparationKind::kIdentity: p.set_separation(v1::SEPARATION_IDENTITY); break;
+    case core::SeparationKind::kPolynomial: p.set_separation(v1::SEPARATION_POLYNOMIAL); break;
+    case core::SeparationKind::kSoftmax: p.set_separation(v1::SEPARATION_SOFTMAX); break;
+    case core::SeparationKind::kMax: p.set_separation(v1::SEPARATION_MAX); break;
+  }
+  return p;
+}
+
+absl::StatusOr<core::RetrieveOptions> OptionsFromProto(const v1::RetrieveOptions& p) {
+  core::RetrieveOptions o;
+  switch (p.dynamics()) {
+    case v1::DYNAMICS_UNSPECIFIED:
+    case v1::DYNAMICS_SYNC: o.dynamics = core::Dynamics::kSync; break;
+    case v1::DYNAMICS_ASYNC: o.dynamics = core::Dynamics::kAsync; break;
+    case v1::DYNAMICS_GRADIENT: o.dynamics = core::Dynamics::kGradient; break;
+    case v1::DYNAMICS_TINYBRAIN: o.dynamics = core::Dynamics::kTinyBrain; break;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown options.dynamics ", p.dynamics()));
+  }
+  if (p.max_steps() > static_cast<uint32_t>(core::kMaxSteps)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "options.max_steps must be <= ", core::kMaxSteps, ", got ", p.max_steps()));
+  }
+  o.max_steps = p.max_steps() == 0 ? 100 : static_cast<int>(p.max_steps());
+  o.tol = p.tol() == 0.0 ? 1e-6 : p.tol();
+  o.alpha = p.alpha() == 0.0 ? 0.1 : p.alpha();
+  o.dt = p.dt() == 0.0 ? 0.1 : p.dt();
+  o.tau_v = p.tau_v() == 0.0 ? 1.0 : p.tau_v();
+  o.tau_h = p.tau_h() == 0.0 ? 1.0 : p.tau_h();
+  o.seed = p.seed();
+  o.record_trace = p.return_trace();
+  return o;
+}
+
+v1::StopReason StopReasonToProto(core::StopReason r) {
+  switch (r) {
+    case core::StopReason::kConverged: return v1::STOP_REASON_CONVERGED;
+    case core::StopReason::kMaxSteps: return v1::STOP_REASON_MAX_STEPS;
+    case core::StopReason::kDeadline: return v1::STOP_REASON_DEADLINE;
+  }
+  return v1::STOP_REASON_UNSPECIFIED;
+}
+
+void SummaryToProto(const core::BankSummary& s, v1::BankInfo* out) {
+  out->set_name(s.spec.name);
+  out->set_dim(s.spec.dim);
+  out->set_kind(KindToProto(s.spec.kind));
+  *out->mutable_energy() = EnergyToProto(s.spec.energy);
+  out->set_precision(v1::PRECISION_F32);
+  out->set_patterns(s.patterns);
+  out->set_bytes(s.bytes);
+  out->set_load(s.load);
+  auto* cap = out->mutable_capacity();
+  cap->set_patterns(s.capacity.patterns);
+  cap->set_exact_patterns(s.capacity.exact_patterns);
+  cap->set_formula(s.capacity.formula);
+  cap->set_over_capacity(s.over_capacity);
+}
+
+}  // namespace engram::server

@@ -1,0 +1,39 @@
+// Conversions between engram.v1 protos and core types, with the request
+// validation that belongs to the wire format (enum ranges, packed sizes).
+//
+//   absl::StatusOr<core::EnergyConfig> cfg = EnergyFromProto(req.energy(), kind);
+//
+// Thread-safety: pure functions.
+#ifndef ENGRAM_SERVER_CONVERT_H_
+#define ENGRAM_SERVER_CONVERT_H_
+
+#include "absl/status/statusor.h"
+#include "engram/core/dynamics.h"
+#include "engram/core/registry.h"
+#include "engram/v1/engram.pb.h"
+
+namespace engram::server {
+
+// INVALID_ARGUMENT for an UNSPECIFIED or unknown kind.
+absl::StatusOr<core::StateKind> KindFromProto(int kind);
+v1::StateKind KindToProto(core::StateKind kind);
+
+// INVALID_ARGUMENT for an unknown precision; UNSPECIFIED is F32.
+absl::StatusOr<core::Precision> PrecisionFromProto(int precision);
+
+// Fills defaults (family by kind, degree 3, beta 1) and range-checks enums.
+// Does not check the config against the bank kind (core does).
+absl::StatusOr<core::EnergyConfig> EnergyFromProto(const v1::EnergyConfig& p,
+                                                   core::StateKind kind);
+v1::EnergyConfig EnergyToProto(const core::EnergyConfig& c);
+
+// Fills option defaults and range-checks the dynamics enum.
+absl::StatusOr<core::RetrieveOptions> OptionsFromProto(const v1::RetrieveOptions& p);
+
+v1::StopReason StopReasonToProto(core::StopReason r);
+
+void SummaryToProto(const core::BankSummary& s, v1::BankInfo* out);
+
+}  // namespace engram::server
+
+#endif  // ENGRAM_SERVER_CONVERT_H_

@@ -1,0 +1,92 @@
+// engramd: the Engram server.
+//
+//   engramd --listen=127.0.0.1:50051 --data_dir=./data --metrics_listen=127.0.0.1:9464
+//
+// Every flag can also be set by an environment variable (ENGRAM_LISTEN,
+// ENGRAM_DATA_DIR, ENGRAM_METRICS_LISTEN, ENGRAM_MEMORY_BUDGET_BYTES,
+// ENGRAM_MAX_MESSAGE_BYTES, ENGRAM_MAX_BATCH); a flag on the command line
+// wins over the environment. SIGTERM / SIGINT shut down gracefully.
+#include <csignal>
+#include <cstdlib>
+#include <iostream>
+#include <thread>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
+#include "server/server.h"
+
+namespace {
+
+std::string EnvOr(const char* name, const std::string& fallback) {
+  const char* v = std::getenv(name);
+  return (v != nullptr && *v != '\0') ? std::string(v) : fallback;
+}
+
+int64_t EnvOrInt(const char* name, int64_t fallback) {
+  int64_t v;
+  const std::string s = EnvOr(name, "");
+  return (!s.empty() && absl::SimpleAtoi(s, &v)) ? v : fallback;
+}
+
+}  // namespace
+
+ABSL_FLAG(std::string, listen, EnvOr("ENGRAM_LISTEN", "127.0.0.1:50051"),
+          "gRPC listen address host:port (env ENGRAM_LISTEN)");
+ABSL_FLAG(std::string, data_dir, EnvOr("ENGRAM_DATA_DIR", "data"),
+          "directory of the bank database (env ENGRAM_DATA_DIR)");
+ABSL_FLAG(std::string, metrics_listen, EnvOr("ENGRAM_METRICS_LISTEN", "127.0.0.1:9464"),
+          "Prometheus endpoint host:port, empty to disable (env ENGRAM_METRICS_LISTEN)");
+ABSL_FLAG(int64_t, memory_budget_bytes, EnvOrInt("ENGRAM_MEMORY_BUDGET_BYTES", 0),
+          "upper bound on bank memory, 0 = unlimited (env ENGRAM_MEMORY_BUDGET_BYTES)");
+ABSL_FLAG(int32_t, max_message_bytes,
+          static_cast<int32_t>(EnvOrInt("ENGRAM_MAX_MESSAGE_BYTES", 64 << 20)),
+          "largest request or response (env ENGRAM_MAX_MESSAGE_BYTES)");
+ABSL_FLAG(int64_t, max_batch, EnvOrInt("ENGRAM_MAX_BATCH", 65536),
+          "largest batch of patterns / queries per call (env ENGRAM_MAX_BATCH)");
+ABSL_FLAG(int32_t, shutdown_grace_seconds, 10,
+          "seconds running calls get to finish on SIGTERM");
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("Engram: Dense Associative Memory banks over gRPC");
+  absl::ParseCommandLine(argc, argv);
+
+  // Block the shutdown signals before any thread starts, so that only the
+  // waiter below receives them.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  engram::server::ServerConfig config;
+  config.listen = absl::GetFlag(FLAGS_listen);
+  config.data_dir = absl::GetFlag(FLAGS_data_dir);
+  config.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  config.memory_budget_bytes = static_cast<uint64_t>(absl::GetFlag(FLAGS_memory_budget_bytes));
+  config.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+  config.max_batch = absl::GetFlag(FLAGS_max_batch);
+
+  auto server = engram::server::EngramServer::Start(config);
+  if (!server.ok()) {
+    std::cerr << "engramd: " << server.status().ToString() << std::endl;
+    return 1;
+  }
+  size_t banks = (*server)->registry()->ListBanks().size();
+  std::cout << "engramd: serving on " << config.listen << " (port " << (*server)->port()
+            << "), data " << config.data_dir << " (" << banks << " banks), metrics "
+            << (config.metrics_listen.empty() ? "off" : "http://" + config.metrics_listen + "/metrics")
+            << std::endl;
+
+  std::thread waiter([&] {
+    int sig = 0;
+    sigwait(&signals, &sig);
+    std::cout << "engramd: signal " << sig << ", shutting down" << std::endl;
+    (*server)->Shutdown(absl::Seconds(absl::GetFlag(FLAGS_shutdown_grace_seconds)));
+  });
+  (*server)->Wait();
+  waiter.join();
+  std::cout << "engramd: stopped" << std::endl;
+  return 0;
+}

@@ -1,0 +1,232 @@
+#include "server/metrics.h"
+
+#include <chrono>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+
+namespace engram::server {
+namespace {
+
+// 10 us ... 10 s, roughly x2.5 per bucket (gRFC A66 spirit, finer at the
+// microsecond end where Engram works).
+prometheus::Histogram::BucketBoundaries LatencyBuckets() {
+  return {1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
+          1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0};
+}
+
+const char* CodeName(int code) {
+  static const char* kNames[] = {
+      "OK", "Canceled", "Unknown", "InvalidArgument", "DeadlineExceeded",
+      "NotFound", "AlreadyExists", "PermissionDenied", "ResourceExhausted",
+      "FailedPrecondition", "Aborted", "OutOfRange", "Unimplemented",
+      "Internal", "Unavailable", "DataLoss", "Unauthenticated"};
+  return (code >= 0 && code <= 16) ? kNames[code] : "Unknown";
+}
+
+std::pair<std::string, std::string> SplitMethod(const std::string& full) {
+  // "/engram.v1.MemoryService/Retrieve"
+  std::vector<std::string> parts = absl::StrSplit(full, '/', absl::SkipEmpty());
+  if (parts.size() != 2) return {"unknown", full};
+  return {parts[0], parts[1]};
+}
+
+class MetricsInterceptor : public grpc::experimental::Interceptor {
+ public:
+  MetricsInterceptor(grpc::experimental::ServerRpcInfo* info,
+                     std::shared_ptr<Metrics> metrics)
+      : metrics_(std::move(metrics)), method_(info->method()) {
+    switch (info->type()) {
+      case grpc::experimental::ServerRpcInfo::Type::UNARY: type_ = "unary"; break;
+      case grpc::experimental::ServerRpcInfo::Type::CLIENT_STREAMING:
+        type_ = "client_stream"; break;
+      case grpc::experimental::ServerRpcInfo::Type::SERVER_STREAMING:
+        type_ = "server_stream"; break;
+      case grpc::experimental::ServerRpcInfo::Type::BIDI_STREAMING:
+        type_ = "bidi_stream"; break;
+    }
+  }
+
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    using HP = grpc::experimental::InterceptionHookPoints;
+    if (methods->QueryInterceptionHookPoint(HP::POST_RECV_INITIAL_METADATA)) {
+      start_ = std::chrono::steady_clock::now();
+      metrics_->RpcStarted(method_, type_);
+    }
+    if (methods->QueryInterceptionHookPoint(HP::PRE_SEND_STATUS)) {
+      const double seconds = std::chrono::duration<double>(
+                                 std::chrono::steady_clock::now() - start_)
+                                 .count();
+      metrics_->RpcHandled(method_, type_, methods->GetSendStatus().error_code(),
+                           seconds);
+    }
+    methods->Proceed();
+  }
+
+ private:
+  std::shared_ptr<Metrics> metrics_;
+  std::string method_;
+  std::string type_ = "unary";
+  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
+};
+
+class MetricsInterceptorFactory
+    : public grpc::experimental::ServerInterceptorFactoryInterface {
+ public:
+  explicit MetricsInterceptorFactory(std::shared_ptr<Metrics> m) : m_(std::move(m)) {}
+  grpc::experimental::Interceptor* CreateServerInterceptor(
+      grpc::experimental::ServerRpcInfo* info) override {
+    return new MetricsInterceptor(info, m_);
+  }
+
+ private:
+  std::shared_ptr<Metrics> m_;
+};
+
+}  // namespace
+
+Metrics::Metrics()
+    : registry_(std::make_shared<prometheus::Registry>()),
+      started_(prometheus::BuildCounter()
+                   .Name("grpc_server_started_total")
+                   .Help("RPCs started on the server.")
+                   .Register(*registry_)),
+      handled_(prometheus::BuildCounter()
+                   .Name("grpc_server_handled_total")
+                   .Help("RPCs completed on the server, by status code.")
+                   .Register(*registry_)),
+      handling_seconds_(prometheus::BuildHistogram()
+                            .Name("grpc_server_handling_seconds")
+                            .Help("Latency of RPCs handled by the server.")
+                            .Register(*registry_)),
+      steps_(prometheus::BuildHistogram()
+                 .Name("engram_retrieve_steps")
+                 .Help("Steps taken by one retrieval until it stopped.")
+                 .Register(*registry_)),
+      stops_(prometheus::BuildCounter()
+                 .Name("engram_retrieve_stops_total")
+                 .Help("Retrievals by stop reason (converged, max_steps, deadline).")
+                 .Register(*registry_)),
+      energy_drop_(prometheus::BuildHistogram()
+                       .Name("engram_retrieve_energy_drop")
+                       .Help("Energy at start minus energy at end of a retrieval.")
+                       .Register(*registry_)),
+      lyapunov_(prometheus::BuildCounter()
+                    .Name("engram_lyapunov_violations_total")
+                    .Help("Energy rises under dynamics that guarantee descent. Must stay 0.")
+                    .Register(*registry_)),
+      bank_patterns_(prometheus::BuildGauge()
+                         .Name("engram_bank_patterns")
+                         .Help("Patterns stored in a bank.")
+                         .Register(*registry_)),
+      bank_bytes_(prometheus::BuildGauge()
+                      .Name("engram_bank_bytes")
+                      .Help("Bytes held in memory by a bank.")
+                      .Register(*registry_)) {}
+
+std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>>
+Metrics::InterceptorFactories() {
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> v;
+  v.push_back(std::make_unique<MetricsInterceptorFactory>(shared_from_this()));
+  return v;
+}
+
+template <typename T>
+T& Metrics::Handle(prometheus::Family<T>& family, const prometheus::Labels& labels,
+                   absl::flat_hash_map<std::string, T*>& cache,
+                   const std::string& key) {
+  absl::MutexLock lock(&mu_);
+  auto it = cache.find(key);
+  if (it != cache.end()) return *it->second;
+  T* h = &family.Add(labels);
+  cache.emplace(key, h);
+  return *h;
+}
+
+void Metrics::RpcStarted(const std::string& full_method, const std::string& type) {
+  auto [service, method] = SplitMethod(full_method);
+  Handle(started_,
+         {{"grpc_type", type}, {"grpc_service", service}, {"grpc_method", method}},
+         counters_, absl::StrCat("s|", full_method))
+      .Increment();
+}
+
+void Metrics::RpcHandled(const std::string& full_method, const std::string& type,
+                         int code, double seconds) {
+  auto [service, method] = SplitMethod(full_method);
+  const char* code_name = CodeName(code);
+  Handle(handled_,
+         {{"grpc_type", type}, {"grpc_service", service}, {"grpc_method", method},
+          {"grpc_code", code_name}},
+         counters_, absl::StrCat("h|", full_method, "|", code_name))
+      .Increment();
+  prometheus::Histogram* hist;
+  {
+    absl::MutexLock lock(&mu_);
+    const std::string key = absl::StrCat("l|", full_method);
+    auto it = histograms_.find(key);
+    if (it == histograms_.end()) {
+      hist = &handling_seconds_.Add(
+          {{"grpc_type", type}, {"grpc_service", service}, {"grpc_method", method}},
+          LatencyBuckets());
+      histograms_.emplace(key, hist);
+    } else {
+      hist = it->second;
+    }
+  }
+  hist->Observe(seconds);
+}
+
+void Metrics::RecordRetrieval(const std::string& bank, core::Dynamics dynamics,
+                              const core::Trajectory& t) {
+  const std::string dyn = core::DynamicsName(dynamics);
+  const std::string reason = core::StopReasonName(t.stop_reason);
+  prometheus::Histogram* steps;
+  prometheus::Histogram* drop;
+  {
+    absl::MutexLock lock(&mu_);
+    const std::string key = absl::StrCat("steps|", bank, "|", dyn);
+    auto it = histograms_.find(key);
+    if (it == histograms_.end()) {
+      steps = &steps_.Add({{"bank", bank}, {"dynamics", dyn}},
+                          prometheus::Histogram::BucketBoundaries{
+                              1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 10000});
+      drop = &energy_drop_.Add({{"bank", bank}, {"dynamics", dyn}},
+                               prometheus::Histogram::BucketBoundaries{
+                                   0, 1e-3, 1e-2, 0.1, 1, 10, 100, 1e3, 1e4, 1e5, 1e6});
+      histograms_.emplace(key, steps);
+      histograms_.emplace(absl::StrCat("drop|", bank, "|", dyn), drop);
+    } else {
+      steps = it->second;
+      drop = histograms_.at(absl::StrCat("drop|", bank, "|", dyn));
+    }
+  }
+  steps->Observe(t.steps);
+  drop->Observe(t.energy_start - t.energy_end);
+  Handle(stops_, {{"bank", bank}, {"dynamics", dyn}, {"reason", reason}}, counters_,
+         absl::StrCat("stop|", bank, "|", dyn, "|", reason))
+      .Increment();
+  auto& lyap = Handle(lyapunov_, {{"bank", bank}, {"dynamics", dyn}}, counters_,
+                      absl::StrCat("lyap|", bank, "|", dyn));
+  if (t.lyapunov_violations > 0) lyap.Increment(t.lyapunov_violations);
+}
+
+void Metrics::SetBankSize(const std::string& bank, int64_t patterns, uint64_t bytes) {
+  Handle(bank_patterns_, {{"bank", bank}}, gauges_, absl::StrCat("p|", bank))
+      .Set(static_cast<double>(patterns));
+  Handle(bank_bytes_, {{"bank", bank}}, gauges_, absl::StrCat("b|", bank))
+      .Set(static_cast<double>(bytes));
+}
+
+void Metrics::RemoveBank(const std::string& bank) {
+  absl::MutexLock lock(&mu_);
+  for (auto [family, prefix] : {std::pair{&bank_patterns_, "p|"}, {&bank_bytes_, "b|"}}) {
+    auto it = gauges_.find(absl::StrCat(prefix, bank));
+    if (it != gauges_.end()) {
+      family->Remove(it->second);
+      gauges_.erase(it);
+    }
+  }
+}
+
+}  // namespace engram::server

@@ -1,0 +1,81 @@
+// Prometheus metrics of engramd: RPC metrics under the conventional
+// grpc_server_* names (recorded by one server interceptor), convergence
+// metrics per bank and dynamics, and bank sizes. Only this file and
+// metrics.cc know Prometheus; core reports plain structs.
+//
+//   auto metrics = std::make_shared<Metrics>();
+//   builder.experimental().SetInterceptorCreators(metrics->InterceptorFactories());
+//   metrics->RecordRetrieval("digits", "sync", trajectory);
+//   prometheus::Exposer exposer("127.0.0.1:9464");
+//   exposer.RegisterCollectable(metrics->registry());
+//
+// Label cardinality is bounded: banks and methods are labels, ids never are.
+// Thread-safety: every method is safe to call concurrently; label handles
+// are cached so the hot path never calls Family::Add after the first use.
+#ifndef ENGRAM_SERVER_METRICS_H_
+#define ENGRAM_SERVER_METRICS_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <grpcpp/support/server_interceptor.h>
+#include <prometheus/counter.h>
+#include <prometheus/family.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/synchronization/mutex.h"
+#include "engram/core/dynamics.h"
+
+namespace engram::server {
+
+class Metrics : public std::enable_shared_from_this<Metrics> {
+ public:
+  Metrics();
+
+  std::shared_ptr<prometheus::Registry> registry() const { return registry_; }
+
+  // Server interceptor factories that record grpc_server_started_total,
+  // grpc_server_handled_total and grpc_server_handling_seconds.
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>>
+  InterceptorFactories();
+
+  void RpcStarted(const std::string& full_method, const std::string& type);
+  void RpcHandled(const std::string& full_method, const std::string& type,
+                  int code, double seconds);
+
+  // Convergence of one retrieval.
+  void RecordRetrieval(const std::string& bank, core::Dynamics dynamics,
+                       const core::Trajectory& t);
+  // Current size of a bank; RemoveBank drops its series.
+  void SetBankSize(const std::string& bank, int64_t patterns, uint64_t bytes);
+  void RemoveBank(const std::string& bank);
+
+ private:
+  template <typename T>
+  T& Handle(prometheus::Family<T>& family, const prometheus::Labels& labels,
+            absl::flat_hash_map<std::string, T*>& cache, const std::string& key);
+
+  std::shared_ptr<prometheus::Registry> registry_;
+  prometheus::Family<prometheus::Counter>& started_;
+  prometheus::Family<prometheus::Counter>& handled_;
+  prometheus::Family<prometheus::Histogram>& handling_seconds_;
+  prometheus::Family<prometheus::Histogram>& steps_;
+  prometheus::Family<prometheus::Counter>& stops_;
+  prometheus::Family<prometheus::Histogram>& energy_drop_;
+  prometheus::Family<prometheus::Counter>& lyapunov_;
+  prometheus::Family<prometheus::Gauge>& bank_patterns_;
+  prometheus::Family<prometheus::Gauge>& bank_bytes_;
+
+  absl::Mutex mu_;
+  absl::flat_hash_map<std::string, prometheus::Counter*> counters_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, prometheus::Histogram*> histograms_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, prometheus::Gauge*> gauges_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace engram::server
+
+#endif  // ENGRAM_SERVER_METRICS_H_

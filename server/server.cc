@@ -1,0 +1,81 @@
+#include "server/server.h"
+
+#include <filesystem>
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include "absl/strings/str_cat.h"
+#include "engram/core/status_macros.h"
+#include "engram/core/storage.h"
+
+namespace engram::server {
+
+absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
+    const ServerConfig& config) {
+  std::unique_ptr<EngramServer> s(new EngramServer());
+  std::error_code ec;
+  std::filesystem::create_directories(config.data_dir, ec);
+  if (ec) {
+    return absl::UnavailableError(absl::StrCat(
+        "cannot create data directory '", config.data_dir, "': ", ec.message()));
+  }
+  const std::string db = (std::filesystem::path(config.data_dir) / "engram.db").string();
+  ENGRAM_ASSIGN_OR_RETURN(auto storage, core::OpenSqliteStorage(db));
+  core::RegistryOptions ropts;
+  ropts.memory_budget_bytes = config.memory_budget_bytes;
+  ENGRAM_ASSIGN_OR_RETURN(s->registry_,
+                          core::BankRegistry::Open(std::move(storage), ropts));
+
+  s->metrics_ = std::make_shared<Metrics>();
+  ServiceLimits limits;
+  limits.max_batch = config.max_batch;
+  s->service_ = std::make_unique<MemoryServiceImpl>(s->registry_.get(), s->metrics_, limits);
+
+  if (!config.metrics_listen.empty()) {
+    try {
+      s->exposer_ = std::make_unique<prometheus::Exposer>(config.metrics_listen);
+    } catch (const std::exception& e) {
+      return absl::UnavailableError(absl::StrCat(
+          "cannot serve metrics on ", config.metrics_listen, ": ", e.what()));
+    }
+    s->exposer_->RegisterCollectable(s->metrics_->registry());
+  }
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(config.listen, grpc::InsecureServerCredentials(), &s->port_);
+  builder.SetMaxReceiveMessageSize(config.max_message_bytes);
+  builder.SetMaxSendMessageSize(config.max_message_bytes);
+  builder.RegisterService(s->service_.get());
+  builder.experimental().SetInterceptorCreators(s->metrics_->InterceptorFactories());
+  s->server_ = builder.BuildAndStart();
+  if (s->server_ == nullptr || s->port_ == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", config.listen));
+  }
+  s->server_->GetHealthCheckService()->SetServingStatus(true);
+  return s;
+}
+
+EngramServer::~EngramServer() {
+  if (server_ != nullptr) {
+    server_->Shutdown(std::chrono::system_clock::now());
+    server_->Wait();
+  }
+}
+
+std::shared_ptr<grpc::Channel> EngramServer::InProcessChannel() {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(-1);
+  return server_->InProcessChannel(args);
+}
+
+void EngramServer::Shutdown(absl::Duration grace) {
+  server_->GetHealthCheckService()->SetServingStatus(false);
+  server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
+}
+
+void EngramServer::Wait() { server_->Wait(); }
+
+}  // namespace engram::server

@@ -1,0 +1,71 @@
+// EngramServer: opens the data directory, loads the banks and serves
+// MemoryService with health checking, reflection and a Prometheus endpoint.
+// engramd's main() and the service tests both use it.
+//
+//   ServerConfig config;
+//   config.listen = "127.0.0.1:0";          // any free port
+//   config.data_dir = "/tmp/engram";
+//   ENGRAM_ASSIGN_OR_RETURN(auto server, EngramServer::Start(config));
+//   auto stub = v1::MemoryService::NewStub(server->InProcessChannel());
+//   ...
+//   server->Shutdown(absl::Seconds(5));
+//
+// Thread-safety: Shutdown may be called from any thread, once.
+#ifndef ENGRAM_SERVER_SERVER_H_
+#define ENGRAM_SERVER_SERVER_H_
+
+#include <memory>
+#include <string>
+
+#include <grpcpp/grpcpp.h>
+#include <prometheus/exposer.h>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "engram/core/registry.h"
+#include "server/metrics.h"
+#include "server/service_impl.h"
+
+namespace engram::server {
+
+struct ServerConfig {
+  std::string listen = "127.0.0.1:50051";
+  std::string data_dir = "data";
+  // host:port of the Prometheus endpoint (/metrics); empty disables it.
+  std::string metrics_listen = "127.0.0.1:9464";
+  uint64_t memory_budget_bytes = 0;
+  int max_message_bytes = 64 << 20;
+  int64_t max_batch = 65536;
+};
+
+class EngramServer {
+ public:
+  // UNAVAILABLE if the port or data directory cannot be used; storage errors
+  // while loading.
+  static absl::StatusOr<std::unique_ptr<EngramServer>> Start(const ServerConfig& config);
+  ~EngramServer();
+
+  int port() const { return port_; }
+  std::shared_ptr<grpc::Channel> InProcessChannel();
+  core::BankRegistry* registry() { return registry_.get(); }
+  const std::shared_ptr<Metrics>& metrics() const { return metrics_; }
+
+  // Stops accepting calls, lets running calls finish within `grace`, then
+  // cancels the rest.
+  void Shutdown(absl::Duration grace);
+  void Wait();
+
+ private:
+  EngramServer() = default;
+
+  std::unique_ptr<core::BankRegistry> registry_;
+  std::shared_ptr<Metrics> metrics_;
+  std::unique_ptr<MemoryServiceImpl> service_;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+};
+
+}  // namespace engram::server
+
+#endif  // ENGRAM_SERVER_SERVER_H_

@@ -1,0 +1,294 @@
+#include "server/service_impl.h"
+
+#include <chrono>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "engram/core/energy.h"
+#include "engram/core/status_macros.h"
+#include "server/convert.h"
+#include "server/status_mapping.h"
+
+namespace engram::server {
+namespace {
+
+// Checks a packed batch of vectors against dimension `dim`; returns B.
+absl::StatusOr<int64_t> CheckBatch(const google::protobuf::RepeatedField<float>& v,
+                                   int dim, const char* field, int64_t max_batch,
+                                   core::StateKind kind) {
+  if (v.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(field, " must not be empty"));
+  }
+  if (v.size() % dim != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, " has ", v.size(), " floats, not a multiple of the bank's dimension ",
+        dim));
+  }
+  const int64_t b = v.size() / dim;
+  if (b > max_batch) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, " holds ", b, " vectors; the limit per call is ", max_batch));
+  }
+  for (int i = 0; i < v.size(); ++i) {
+    if (!std::isfinite(v[i])) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, " vector ", i / dim, " coordinate ", i % dim, " is not finite"));
+    }
+    if (kind == core::StateKind::kBipolar && v[i] != 1.f && v[i] != -1.f) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "bank is bipolar but ", field, " vector ", i / dim, " coordinate ",
+          i % dim, " is ", v[i], " (expected +1 or -1)"));
+    }
+  }
+  return b;
+}
+
+// The request's energy override, or the bank's default, validated for the
+// bank's kind.
+absl::StatusOr<core::EnergyConfig> ResolveEnergy(bool has_override,
+                                                 const v1::EnergyConfig& p,
+                                                 const core::Bank& bank) {
+  core::EnergyConfig cfg = bank.spec().energy;
+  if (has_override && p.family() != v1::ENERGY_FAMILY_UNSPECIFIED) {
+    ENGRAM_ASSIGN_OR_RETURN(cfg, EnergyFromProto(p, bank.spec().kind));
+  } else if (has_override && (p.similarity() != 0 || p.separation() != 0 ||
+                              p.degree() != 0 || p.beta() != 0 || p.rectified())) {
+    return absl::InvalidArgumentError(
+        "energy override sets parameters but no family; set energy.family");
+  }
+  ENGRAM_RETURN_IF_ERROR(core::ValidateEnergyConfig(cfg, bank.spec().kind));
+  return cfg;
+}
+
+bool DeadlinePassed(grpc::ServerContext* ctx) {
+  if (ctx == nullptr) return false;
+  return ctx->IsCancelled() ||
+         std::chrono::system_clock::now() > ctx->deadline();
+}
+
+}  // namespace
+
+MemoryServiceImpl::MemoryServiceImpl(core::BankRegistry* registry,
+                                     std::shared_ptr<Metrics> metrics,
+                                     ServiceLimits limits)
+    : registry_(registry), metrics_(std::move(metrics)), limits_(limits) {
+  for (const auto& s : registry_->ListBanks()) {
+    metrics_->SetBankSize(s.spec.name, s.patterns, s.bytes);
+  }
+}
+
+void MemoryServiceImpl::UpdateBankGauges(const std::string& name) {
+  auto s = registry_->GetBank(name);
+  if (s.ok()) metrics_->SetBankSize(name, s->patterns, s->bytes);
+}
+
+grpc::Status MemoryServiceImpl::CreateBank(grpc::ServerContext*,
+                                           const v1::CreateBankRequest* req,
+                                           v1::BankInfo* resp) {
+  absl::Status s = [&]() -> absl::Status {
+    ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->name()));
+    if (req->dim() < 1 || req->dim() > static_cast<uint32_t>(core::kMaxDim)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "dim must be in [1, ", core::kMaxDim, "], got ", req->dim()));
+    }
+    core::BankSpec spec;
+    spec.name = req->name();
+    spec.dim = static_cast<int>(req->dim());
+    ENGRAM_ASSIGN_OR_RETURN(spec.kind, KindFromProto(req->kind()));
+    ENGRAM_ASSIGN_OR_RETURN(spec.energy, EnergyFromProto(req->energy(), spec.kind));
+    ENGRAM_ASSIGN_OR_RETURN(spec.precision, PrecisionFromProto(req->precision()));
+    ENGRAM_ASSIGN_OR_RETURN(core::BankSummary summary, registry_->CreateBank(spec));
+    SummaryToProto(summary, resp);
+    metrics_->SetBankSize(spec.name, 0, summary.bytes);
+    return absl::OkStatus();
+  }();
+  return ToGrpcStatus(s);
+}
+
+grpc::Status MemoryServiceImpl::GetBank(grpc::ServerContext*,
+                                        const v1::GetBankRequest* req,
+                                        v1::BankInfo* resp) {
+  absl::Status s = [&]() -> absl::Status {
+    ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->name()));
+    ENGRAM_ASSIGN_OR_RETURN(core::BankSummary summary, registry_->GetBank(req->name()));
+    SummaryToProto(summary, resp);
+    return absl::OkStatus();
+  }();
+  return ToGrpcStatus(s);
+}
+
+grpc::Status MemoryServiceImpl::ListBanks(grpc::ServerContext*,
+                                          const v1::ListBanksRequest*,
+                                          v1::ListBanksResponse* resp) {
+  for (const auto& summary : registry_->ListBanks()) {
+    SummaryToProto(summary, resp->add_banks());
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status MemoryServiceImpl::DeleteBank(grpc::ServerContext*,
+                                           const v1::DeleteBankRequest* req,
+                                           v1::DeleteBankResponse*) {
+  absl::Status s = [&]() -> absl::Status {
+    ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->name()));
+    ENGRAM_RETURN_IF_ERROR(registry_->DeleteBank(req->name()));
+    metrics_->RemoveBank(req->name());
+    return absl::OkStatus();
+  }();
+  return ToGrpcStatus(s);
+}
+
+grpc::Status MemoryServiceImpl::Store(grpc::ServerContext*,
+                                      const v1::StoreRequest* req,
+                                      v1::StoreResponse* resp) {
+  absl::Status s = [&]() -> absl::Status {
+    ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->bank()));
+    ENGRAM_ASSIGN_OR_RETURN(core::BankSummary info, registry_->GetBank(req->bank()));
+    ENGRAM_RETURN_IF_ERROR(CheckBatch(req->patterns(), info.spec.dim, "patterns",
+                                      limits_.max_batch, info.spec.kind)
+                               .status());
+    std::vector<std::string> payloads(req->payloads().begin(), req->payloads().end());
+    ENGRAM_ASSIGN_OR_RETURN(
+        core::StoreResult r,
+        registry_->Store(req->bank(),
+                         absl::MakeConstSpan(req->patterns().data(), req->patterns().size()),
+                         absl::MakeConstSpan(req->ids().data(), req->ids().size()),
+                         payloads));
+    resp->mutable_ids()->Add(r.ids.begin(), r.ids.end());
+    resp->set_bank_patterns(r.bank_patterns);
+    UpdateBankGauges(req->bank());
+    return absl::OkStatus();
+  }();
+  return ToGrpcStatus(s);
+}
+
+grpc::Status MemoryServiceImpl::DeletePatterns(grpc::ServerContext*,
+                                               const v1::DeletePatternsRequest* req,
+                                               v1::DeletePatternsResponse* resp) {
+  absl::Status s = [&]() -> absl::Status {
+    ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->bank()));
+    if (req->ids_size() > limits_.max_batch) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "ids holds ", req->ids_size(), " entries; the limit per call is ",
+          limits_.max_batch));
+    }
+    ENGRAM_ASSIGN_OR_RETURN(
+        core::DeleteResult r,
+        registry_->DeletePatterns(req->bank(),
+                                  absl::MakeConstSpan(req->ids().data(), req->ids().size())));
+    resp->set_deleted(r.deleted);
+    resp->set_bank_patterns(r.bank_patterns);
+    UpdateBankGauges(req->bank());
+    return absl::OkStatus();
+  }();
+  return ToGrpcStatus(s);
+}
+
+grpc::Status MemoryServiceImpl::Retrieve(grpc::ServerContext* ctx,
+                                         const v1::RetrieveRequest* req,
+                                         v1::RetrieveResponse* resp) {
+  absl::Status s = [&]() -> absl::Status {
+    ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->bank()));
+    ENGRAM_ASSIGN_OR_RETURN(core::RetrieveOptions opts, OptionsFromProto(req->options()));
+    opts.should_stop = [ctx] { return DeadlinePassed(ctx); };
+    std::vector<core::Trajectory> results;
+    core::Dynamics dynamics = opts.dynamics;
+    ENGRAM_RETURN_IF_ERROR(registry_->WithBank(req->bank(), [&](const core::Bank& bank)
+                                                                -> absl::Status {
+      const int n = bank.dim();
+      ENGRAM_ASSIGN_OR_RETURN(int64_t b, CheckBatch(req->queries(), n, "queries",
+                                                    limits_.max_batch, bank.spec().kind));
+      const int64_t mask = req->clamp_size();
+      if (mask != 0 && mask != n && mask != b * n) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "clamp has ", mask, " entries; expected 0, ", n, " (one mask for all "
+            "queries) or ", b * n, " (one per query)"));
+      }
+      ENGRAM_ASSIGN_OR_RETURN(core::EnergyConfig cfg,
+                              ResolveEnergy(req->has_energy(), req->energy(), bank));
+      ENGRAM_RETURN_IF_ERROR(core::ValidateRetrieveOptions(opts, bank.spec().kind));
+      if (bank.size() == 0) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "bank '", bank.spec().name, "' is empty; store patterns first"));
+      }
+      core::EnergyFunction energy(cfg, bank.view());
+      std::unique_ptr<bool[]> clamp(new bool[mask]);
+      for (int64_t i = 0; i < mask; ++i) clamp[i] = req->clamp(i);
+      for (int64_t q = 0; q < b; ++q) {
+        absl::Span<const bool> c;
+        if (mask == n) c = absl::MakeConstSpan(clamp.get(), n);
+        if (mask == b * n && mask != 0) c = absl::MakeConstSpan(clamp.get() + q * n, n);
+        ENGRAM_ASSIGN_OR_RETURN(
+            core::Trajectory t,
+            core::RunDynamics(energy, bank.spec().kind,
+                              absl::MakeConstSpan(req->queries().data() + q * n, n), c,
+                              opts));
+        metrics_->RecordRetrieval(req->bank(), dynamics, t);
+        auto* out = resp->add_results();
+        out->mutable_state()->Add(t.state.begin(), t.state.end());
+        const core::NearestMemory m = bank.Nearest(t.state.data());
+        if (m.row >= 0) {
+          auto* mem = out->mutable_nearest();
+          mem->set_id(m.id);
+          mem->set_payload(bank.payload(m.row));
+          mem->set_distance(m.distance);
+          mem->set_similarity(m.similarity);
+        }
+        out->set_energy_start(t.energy_start);
+        out->set_energy_end(t.energy_end);
+        out->mutable_energy_trace()->Add(t.energy_trace.begin(), t.energy_trace.end());
+        out->set_steps(t.steps);
+        out->set_converged(t.converged());
+        out->set_stop_reason(StopReasonToProto(t.stop_reason));
+        out->set_lyapunov_violations(t.lyapunov_violations);
+        if (t.stop_reason == core::StopReason::kDeadline &&
+            !req->options().partial_on_deadline()) {
+          return absl::DeadlineExceededError(absl::StrCat(
+              "deadline passed after ", t.steps, " steps of query ", q, " of ", b,
+              "; set options.partial_on_deadline to receive partial states"));
+        }
+        if (t.stop_reason == core::StopReason::kDeadline) {
+          // Remaining queries are not started once the deadline has passed.
+          break;
+        }
+      }
+      return absl::OkStatus();
+    }));
+    return absl::OkStatus();
+  }();
+  if (!s.ok()) resp->Clear();
+  return ToGrpcStatus(s);
+}
+
+grpc::Status MemoryServiceImpl::Energy(grpc::ServerContext*,
+                                       const v1::EnergyRequest* req,
+                                       v1::EnergyResponse* resp) {
+  absl::Status s = [&]() -> absl::Status {
+    ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->bank()));
+    return registry_->WithBank(req->bank(), [&](const core::Bank& bank) -> absl::Status {
+      const int n = bank.dim();
+      // States for Energy may be any finite vector, also on bipolar banks.
+      ENGRAM_ASSIGN_OR_RETURN(int64_t b, CheckBatch(req->states(), n, "states",
+                                                    limits_.max_batch,
+                                                    core::StateKind::kContinuous));
+      ENGRAM_ASSIGN_OR_RETURN(core::EnergyConfig cfg,
+                              ResolveEnergy(req->has_energy(), req->energy(), bank));
+      core::EnergyFunction energy(cfg, bank.view());
+      std::vector<float> grad(n);
+      for (int64_t q = 0; q < b; ++q) {
+        const float* x = req->states().data() + q * n;
+        if (req->return_gradient()) {
+          resp->add_energies(energy.ValueAndGradient(x, grad.data()));
+          resp->mutable_gradients()->Add(grad.begin(), grad.end());
+        } else {
+          resp->add_energies(energy.Value(x));
+        }
+      }
+      return absl::OkStatus();
+    });
+  }();
+  if (!s.ok()) resp->Clear();
+  return ToGrpcStatus(s);
+}
+
+}  // namespace engram::server

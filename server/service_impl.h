@@ -1,0 +1,59 @@
+// MemoryServiceImpl: the gRPC adapter over core. Each handler decodes,
+// validates, calls core, converts and maps the status; metrics of RPCs are
+// recorded by the interceptor, convergence and bank sizes here.
+//
+//   auto impl = std::make_unique<MemoryServiceImpl>(registry.get(), metrics, limits);
+//   builder.RegisterService(impl.get());
+//
+// Thread-safety: handlers run concurrently on gRPC's threads; all shared
+// state lives in the (thread-safe) BankRegistry and Metrics.
+#ifndef ENGRAM_SERVER_SERVICE_IMPL_H_
+#define ENGRAM_SERVER_SERVICE_IMPL_H_
+
+#include <memory>
+
+#include "engram/core/registry.h"
+#include "engram/v1/engram.grpc.pb.h"
+#include "server/metrics.h"
+
+namespace engram::server {
+
+struct ServiceLimits {
+  // Largest batch (patterns per Store, queries per Retrieve/Energy).
+  int64_t max_batch = 65536;
+};
+
+class MemoryServiceImpl final : public v1::MemoryService::Service {
+ public:
+  MemoryServiceImpl(core::BankRegistry* registry, std::shared_ptr<Metrics> metrics,
+                    ServiceLimits limits = {});
+
+  grpc::Status CreateBank(grpc::ServerContext* ctx, const v1::CreateBankRequest* req,
+                          v1::BankInfo* resp) override;
+  grpc::Status GetBank(grpc::ServerContext* ctx, const v1::GetBankRequest* req,
+                       v1::BankInfo* resp) override;
+  grpc::Status ListBanks(grpc::ServerContext* ctx, const v1::ListBanksRequest* req,
+                         v1::ListBanksResponse* resp) override;
+  grpc::Status DeleteBank(grpc::ServerContext* ctx, const v1::DeleteBankRequest* req,
+                          v1::DeleteBankResponse* resp) override;
+  grpc::Status Store(grpc::ServerContext* ctx, const v1::StoreRequest* req,
+                     v1::StoreResponse* resp) override;
+  grpc::Status DeletePatterns(grpc::ServerContext* ctx,
+                              const v1::DeletePatternsRequest* req,
+                              v1::DeletePatternsResponse* resp) override;
+  grpc::Status Retrieve(grpc::ServerContext* ctx, const v1::RetrieveRequest* req,
+                        v1::RetrieveResponse* resp) override;
+  grpc::Status Energy(grpc::ServerContext* ctx, const v1::EnergyRequest* req,
+                      v1::EnergyResponse* resp) override;
+
+ private:
+  void UpdateBankGauges(const std::string& name);
+
+  core::BankRegistry* registry_;
+  std::shared_ptr<Metrics> metrics_;
+  ServiceLimits limits_;
+};
+
+}  // namespace engram::server
+
+#endif  // ENGRAM_SERVER_SERVICE_IMPL_H_
