@@ -1,0 +1,390 @@
+// MemoryService through a real grpc::Server (in-process channel): results,
+// every bad-input class of SPEC section 6 with its code, state unchanged
+// after each rejection, and the RPC metrics.
+#include <filesystem>
+#include <random>
+
+#include <gmock/gmock.h>
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+#include <prometheus/text_serializer.h>
+
+#include "engram/v1/engram.grpc.pb.h"
+#include "server/server.h"
+#include "testing/random_banks.h"
+
+namespace engram::server {
+namespace {
+
+using ::testing::HasSubstr;
+
+class ServiceTest : public ::testing::Test {
+ public:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("engram_service_test_" + std::to_string(::getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    std::filesystem::remove_all(dir_);
+    ServerConfig config;
+    config.listen = "127.0.0.1:0";
+    config.data_dir = dir_.string();
+    config.metrics_listen = "";
+    config.memory_budget_bytes = 8 << 20;
+    config.max_message_bytes = 4 << 20;
+    config.max_batch = 1000;
+    auto s = EngramServer::Start(config);
+    ASSERT_TRUE(s.ok()) << s.status();
+    server_ = std::move(*s);
+    stub_ = v1::MemoryService::NewStub(server_->InProcessChannel());
+  }
+  void TearDown() override {
+    server_.reset();
+    std::filesystem::remove_all(dir_);
+  }
+
+  grpc::Status Create(const std::string& name, int dim, v1::StateKind kind,
+                      v1::EnergyFamily family = v1::ENERGY_FAMILY_UNSPECIFIED,
+                      double beta = 0) {
+    grpc::ClientContext ctx;
+    v1::CreateBankRequest req;
+    req.set_name(name);
+    req.set_dim(dim);
+    req.set_kind(kind);
+    req.mutable_energy()->set_family(family);
+    req.mutable_energy()->set_beta(beta);
+    v1::BankInfo info;
+    return stub_->CreateBank(&ctx, req, &info);
+  }
+
+  grpc::Status Store(const std::string& bank, const std::vector<float>& data,
+                     std::vector<uint64_t> ids = {}, std::vector<std::string> payloads = {},
+                     v1::StoreResponse* out = nullptr) {
+    grpc::ClientContext ctx;
+    v1::StoreRequest req;
+    req.set_bank(bank);
+    req.mutable_patterns()->Add(data.begin(), data.end());
+    req.mutable_ids()->Add(ids.begin(), ids.end());
+    for (auto& p : payloads) req.add_payloads(p);
+    v1::StoreResponse resp;
+    auto s = stub_->Store(&ctx, req, &resp);
+    if (out) *out = resp;
+    return s;
+  }
+
+  v1::BankInfo Info(const std::string& name) {
+    grpc::ClientContext ctx;
+    v1::GetBankRequest req;
+    req.set_name(name);
+    v1::BankInfo info;
+    EXPECT_TRUE(stub_->GetBank(&ctx, req, &info).ok());
+    return info;
+  }
+
+  // A fingerprint of the bank's content: K and the energy at a fixed probe.
+  std::pair<uint64_t, double> Fingerprint(const std::string& name, int dim) {
+    grpc::ClientContext ctx;
+    v1::EnergyRequest req;
+    req.set_bank(name);
+    for (int i = 0; i < dim; ++i) req.add_states(0.1f * ((i % 7) - 3));
+    v1::EnergyResponse resp;
+    EXPECT_TRUE(stub_->Energy(&ctx, req, &resp).ok());
+    return {Info(name).patterns(), resp.energies(0)};
+  }
+
+  std::filesystem::path dir_;
+  std::unique_ptr<EngramServer> server_;
+  std::unique_ptr<v1::MemoryService::Stub> stub_;
+};
+
+TEST_F(ServiceTest, StoreThenRetrieveRecallsIdAndPayload) {
+  const int n = 128, k = 6;
+  std::mt19937_64 rng(3);
+  auto xi = engram::testing::RandomBipolar(n * k, rng);
+  ASSERT_TRUE(Create("bits", n, v1::STATE_KIND_BIPOLAR).ok());
+  std::vector<std::string> payloads;
+  for (int i = 0; i < k; ++i) payloads.push_back("memory-" + std::to_string(i));
+  v1::StoreResponse stored;
+  ASSERT_TRUE(Store("bits", xi, {}, payloads, &stored).ok());
+  ASSERT_EQ(stored.ids_size(), k);
+  EXPECT_EQ(stored.bank_patterns(), static_cast<uint64_t>(k));
+
+  v1::RetrieveRequest req;
+  req.set_bank("bits");
+  for (int mu = 0; mu < k; ++mu) {
+    auto q = engram::testing::FlipBits(xi.data() + mu * n, n, n / 8, rng);
+    req.mutable_queries()->Add(q.begin(), q.end());
+  }
+  req.mutable_options()->set_dynamics(v1::DYNAMICS_ASYNC);
+  req.mutable_options()->set_return_trace(true);
+  grpc::ClientContext ctx;
+  v1::RetrieveResponse resp;
+  ASSERT_TRUE(stub_->Retrieve(&ctx, req, &resp).ok());
+  ASSERT_EQ(resp.results_size(), k);
+  for (int mu = 0; mu < k; ++mu) {
+    const auto& r = resp.results(mu);
+    EXPECT_EQ(r.nearest().id(), stored.ids(mu));
+    EXPECT_EQ(r.nearest().payload(), payloads[mu]);
+    EXPECT_EQ(r.nearest().distance(), 0.0);
+    EXPECT_TRUE(r.converged());
+    EXPECT_EQ(r.stop_reason(), v1::STOP_REASON_CONVERGED);
+    EXPECT_LT(r.energy_end(), r.energy_start());
+    EXPECT_EQ(r.energy_trace_size(), static_cast<int>(r.steps()) + 1);
+    EXPECT_EQ(r.lyapunov_violations(), 0u);
+  }
+  auto info = Info("bits");
+  EXPECT_EQ(info.patterns(), static_cast<uint64_t>(k));
+  EXPECT_NEAR(info.load(), double(k) / n, 1e-12);
+  EXPECT_NEAR(info.capacity().patterns(), 0.138 * n, 1e-9);
+  EXPECT_FALSE(info.capacity().over_capacity());
+}
+
+TEST_F(ServiceTest, EnergyAndGradientMatchLseClosedForm) {
+  // One stored pattern xi: E = -1/beta log exp(beta xi.x) + |x|^2/2
+  // = -xi.x + |x|^2/2, grad = x - xi.
+  ASSERT_TRUE(Create("one", 3, v1::STATE_KIND_CONTINUOUS, v1::ENERGY_FAMILY_LSE, 2.0).ok());
+  ASSERT_TRUE(Store("one", {1, 2, 3}).ok());
+  grpc::ClientContext ctx;
+  v1::EnergyRequest req;
+  req.set_bank("one");
+  for (float v : {0.5f, -1.f, 2.f}) req.add_states(v);
+  req.set_return_gradient(true);
+  v1::EnergyResponse resp;
+  ASSERT_TRUE(stub_->Energy(&ctx, req, &resp).ok());
+  const double dot = 0.5 - 2 + 6, sq = 0.25 + 1 + 4;
+  EXPECT_NEAR(resp.energies(0), -dot + sq / 2, 1e-5);
+  EXPECT_NEAR(resp.gradients(0), 0.5 - 1, 1e-5);
+  EXPECT_NEAR(resp.gradients(1), -1 - 2, 1e-5);
+  EXPECT_NEAR(resp.gradients(2), 2 - 3, 1e-5);
+}
+
+struct BadCase {
+  std::string what;
+  grpc::StatusCode code;
+  std::function<grpc::Status(ServiceTest*, v1::MemoryService::Stub*)> call;
+};
+
+TEST_F(ServiceTest, EveryBadInputGetsItsCodeAndChangesNothing) {
+  const int n = 8;
+  ASSERT_TRUE(Create("cont", n, v1::STATE_KIND_CONTINUOUS).ok());
+  ASSERT_TRUE(Create("bip", n, v1::STATE_KIND_BIPOLAR).ok());
+  std::mt19937_64 rng(5);
+  auto data = engram::testing::RandomGaussian(4 * n, rng);
+  ASSERT_TRUE(Store("cont", data, {1, 2, 3, 4}).ok());
+  ASSERT_TRUE(Store("bip", engram::testing::RandomBipolar(3 * n, rng)).ok());
+  const auto before_cont = Fingerprint("cont", n);
+  const auto before_bip = Fingerprint("bip", n);
+
+  using S = v1::MemoryService::Stub;
+  auto store = [](std::string bank, std::vector<float> v, std::vector<uint64_t> ids = {}) {
+    return [=](ServiceTest* t, S*) { return t->Store(bank, v, ids); };
+  };
+  auto retrieve = [](std::function<void(v1::RetrieveRequest*)> edit) {
+    return [=](ServiceTest*, S* stub) {
+      v1::RetrieveRequest req;
+      req.set_bank("cont");
+      for (int i = 0; i < 8; ++i) req.add_queries(0.5f);
+      edit(&req);
+      grpc::ClientContext ctx;
+      v1::RetrieveResponse resp;
+      return stub->Retrieve(&ctx, req, &resp);
+    };
+  };
+  auto create = [](std::function<void(v1::CreateBankRequest*)> edit) {
+    return [=](ServiceTest*, S* stub) {
+      v1::CreateBankRequest req;
+      req.set_name("fresh");
+      req.set_dim(4);
+      req.set_kind(v1::STATE_KIND_CONTINUOUS);
+      edit(&req);
+      grpc::ClientContext ctx;
+      v1::BankInfo info;
+      return stub->CreateBank(&ctx, req, &info);
+    };
+  };
+  const float nan = std::nanf("");
+  std::vector<float> with_nan(n, 0.f);
+  with_nan[3] = nan;
+  std::vector<float> with_inf(n, 0.f);
+  with_inf[0] = INFINITY;
+  std::vector<BadCase> cases = {
+      {"store dimension mismatch", grpc::INVALID_ARGUMENT, store("cont", std::vector<float>(n + 1, 0.f))},
+      {"store NaN", grpc::INVALID_ARGUMENT, store("cont", with_nan)},
+      {"store Inf", grpc::INVALID_ARGUMENT, store("cont", with_inf)},
+      {"store empty", grpc::INVALID_ARGUMENT, store("cont", {})},
+      {"store non-bipolar into bipolar", grpc::INVALID_ARGUMENT, store("bip", std::vector<float>(n, 0.5f))},
+      {"store bad name", grpc::INVALID_ARGUMENT, store("../etc/passwd", std::vector<float>(n, 0.f))},
+      {"store unknown bank", grpc::NOT_FOUND, store("nope", std::vector<float>(n, 0.f))},
+      {"store existing id", grpc::ALREADY_EXISTS, store("cont", std::vector<float>(2 * n, 0.f), {9, 2})},
+      {"store ids count mismatch", grpc::INVALID_ARGUMENT, store("cont", std::vector<float>(2 * n, 0.f), {9})},
+      {"store over batch limit", grpc::INVALID_ARGUMENT, store("cont", std::vector<float>(1001 * n, 0.f))},
+      {"store over message size", grpc::RESOURCE_EXHAUSTED,
+       store("cont", std::vector<float>(n * 200000, 0.f))},
+      {"retrieve dimension mismatch", grpc::INVALID_ARGUMENT,
+       retrieve([](auto* r) { r->add_queries(1.f); })},
+      {"retrieve NaN", grpc::INVALID_ARGUMENT,
+       retrieve([nan](auto* r) { r->set_queries(2, nan); })},
+      {"retrieve empty", grpc::INVALID_ARGUMENT, retrieve([](auto* r) { r->clear_queries(); })},
+      {"retrieve unknown bank", grpc::NOT_FOUND, retrieve([](auto* r) { r->set_bank("nope"); })},
+      {"retrieve bad name", grpc::INVALID_ARGUMENT, retrieve([](auto* r) { r->set_bank("Bad Name"); })},
+      {"retrieve unknown dynamics", grpc::INVALID_ARGUMENT,
+       retrieve([](auto* r) { r->mutable_options()->set_dynamics(static_cast<v1::Dynamics>(42)); })},
+      {"retrieve unknown family", grpc::INVALID_ARGUMENT,
+       retrieve([](auto* r) { r->mutable_energy()->set_family(static_cast<v1::EnergyFamily>(77)); })},
+      {"retrieve mask out of range", grpc::INVALID_ARGUMENT,
+       retrieve([](auto* r) { for (int i = 0; i < 5; ++i) r->add_clamp(true); })},
+      {"retrieve negative beta", grpc::INVALID_ARGUMENT,
+       retrieve([](auto* r) {
+         r->mutable_energy()->set_family(v1::ENERGY_FAMILY_LSE);
+         r->mutable_energy()->set_beta(-1);
+       })},
+      {"retrieve max_steps too large", grpc::INVALID_ARGUMENT,
+       retrieve([](auto* r) { r->mutable_options()->set_max_steps(1000000); })},
+      {"retrieve async on continuous", grpc::FAILED_PRECONDITION,
+       retrieve([](auto* r) { r->mutable_options()->set_dynamics(v1::DYNAMICS_ASYNC); })},
+      {"retrieve classical on continuous", grpc::FAILED_PRECONDITION,
+       retrieve([](auto* r) { r->mutable_energy()->set_family(v1::ENERGY_FAMILY_CLASSICAL); })},
+      {"create duplicate", grpc::ALREADY_EXISTS, create([](auto* r) { r->set_name("cont"); })},
+      {"create bad name", grpc::INVALID_ARGUMENT, create([](auto* r) { r->set_name("UPPER"); })},
+      {"create zero dim", grpc::INVALID_ARGUMENT, create([](auto* r) { r->set_dim(0); })},
+      {"create unspecified kind", grpc::INVALID_ARGUMENT,
+       create([](auto* r) { r->set_kind(v1::STATE_KIND_UNSPECIFIED); })},
+      {"create unknown kind", grpc::INVALID_ARGUMENT,
+       create([](auto* r) { r->set_kind(static_cast<v1::StateKind>(9)); })},
+      {"create unknown precision", grpc::INVALID_ARGUMENT,
+       create([](auto* r) { r->set_precision(static_cast<v1::Precision>(9)); })},
+      {"create polynomial degree 0 of 13", grpc::INVALID_ARGUMENT,
+       create([](auto* r) {
+         r->set_kind(v1::STATE_KIND_BIPOLAR);
+         r->mutable_energy()->set_family(v1::ENERGY_FAMILY_POLYNOMIAL);
+         r->mutable_energy()->set_degree(13);
+       })},
+      {"delete unknown id", grpc::NOT_FOUND,
+       [](ServiceTest*, S* stub) {
+         v1::DeletePatternsRequest req;
+         req.set_bank("cont");
+         req.add_ids(1);
+         req.add_ids(999);  // absent: nothing is deleted, not even id 1
+         grpc::ClientContext ctx;
+         v1::DeletePatternsResponse resp;
+         return stub->DeletePatterns(&ctx, req, &resp);
+       }},
+      {"delete unknown bank", grpc::NOT_FOUND,
+       [](ServiceTest*, S* stub) {
+         v1::DeleteBankRequest req;
+         req.set_name("nope");
+         grpc::ClientContext ctx;
+         v1::DeleteBankResponse resp;
+         return stub->DeleteBank(&ctx, req, &resp);
+       }},
+      {"energy dimension mismatch", grpc::INVALID_ARGUMENT,
+       [](ServiceTest*, S* stub) {
+         v1::EnergyRequest req;
+         req.set_bank("cont");
+         req.add_states(1.f);
+         grpc::ClientContext ctx;
+         v1::EnergyResponse resp;
+         return stub->Energy(&ctx, req, &resp);
+       }},
+  };
+  for (const auto& c : cases) {
+    grpc::Status s = c.call(this, stub_.get());
+    EXPECT_EQ(s.error_code(), c.code) << c.what << ": " << s.error_message();
+    EXPECT_FALSE(s.error_message().empty()) << c.what;
+    EXPECT_EQ(Fingerprint("cont", n), before_cont) << c.what;
+    EXPECT_EQ(Fingerprint("bip", n), before_bip) << c.what;
+  }
+  // No bank appeared.
+  grpc::ClientContext ctx;
+  v1::ListBanksResponse list;
+  ASSERT_TRUE(stub_->ListBanks(&ctx, v1::ListBanksRequest(), &list).ok());
+  EXPECT_EQ(list.banks_size(), 2);
+}
+
+TEST_F(ServiceTest, MemoryBudgetIsResourceExhaustedAndChangesNothing) {
+  const int n = 100000;  // 400 kB per pattern; the budget is 8 MiB
+  ASSERT_TRUE(Create("wide", n, v1::STATE_KIND_CONTINUOUS).ok());
+  std::vector<float> batch(8 * n, 0.25f);
+  ASSERT_TRUE(Store("wide", batch).ok());
+  ASSERT_TRUE(Store("wide", batch).ok());
+  const auto before = Fingerprint("wide", n);
+  auto s = Store("wide", batch);
+  EXPECT_EQ(s.error_code(), grpc::RESOURCE_EXHAUSTED) << s.error_message();
+  EXPECT_THAT(s.error_message(), HasSubstr("memory budget"));
+  EXPECT_EQ(Fingerprint("wide", n), before);
+}
+
+TEST_F(ServiceTest, DeadlineStopsAHugeRetrievalBetweenSteps) {
+  const int n = 512, k = 4000;
+  ASSERT_TRUE(Create("big", n, v1::STATE_KIND_CONTINUOUS, v1::ENERGY_FAMILY_LSE, 0.01).ok());
+  std::mt19937_64 rng(9);
+  for (int chunk = 0; chunk < 4; ++chunk) {
+    ASSERT_TRUE(Store("big", engram::testing::RandomGaussian(n * (k / 4), rng)).ok());
+  }
+  v1::RetrieveRequest req;
+  req.set_bank("big");
+  auto q = engram::testing::RandomGaussian(n * 50, rng);
+  req.mutable_queries()->Add(q.begin(), q.end());
+  req.mutable_options()->set_dynamics(v1::DYNAMICS_GRADIENT);
+  req.mutable_options()->set_alpha(1e-6);
+  req.mutable_options()->set_max_steps(100000);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(50));
+  v1::RetrieveResponse resp;
+  auto s = stub_->Retrieve(&ctx, req, &resp);
+  EXPECT_EQ(s.error_code(), grpc::DEADLINE_EXCEEDED) << s.error_message();
+}
+
+TEST_F(ServiceTest, PartialOnDeadlineReturnsPartialStates) {
+  const int n = 256, k = 2000;
+  ASSERT_TRUE(Create("big", n, v1::STATE_KIND_CONTINUOUS, v1::ENERGY_FAMILY_LSE, 0.01).ok());
+  std::mt19937_64 rng(10);
+  ASSERT_TRUE(Store("big", engram::testing::RandomGaussian(n * k / 2, rng)).ok());
+  ASSERT_TRUE(Store("big", engram::testing::RandomGaussian(n * k / 2, rng)).ok());
+  v1::RetrieveRequest req;
+  req.set_bank("big");
+  auto q = engram::testing::RandomGaussian(n, rng);
+  req.mutable_queries()->Add(q.begin(), q.end());
+  req.mutable_options()->set_dynamics(v1::DYNAMICS_GRADIENT);
+  req.mutable_options()->set_alpha(1e-6);
+  req.mutable_options()->set_max_steps(100000);
+  req.mutable_options()->set_partial_on_deadline(true);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(300));
+  v1::RetrieveResponse resp;
+  auto s = stub_->Retrieve(&ctx, req, &resp);
+  // The server answers just before the deadline; the client may still see
+  // DEADLINE_EXCEEDED if the reply arrives after it.
+  if (s.ok()) {
+    ASSERT_EQ(resp.results_size(), 1);
+    EXPECT_EQ(resp.results(0).stop_reason(), v1::STOP_REASON_DEADLINE);
+    EXPECT_GT(resp.results(0).steps(), 0u);
+    EXPECT_LT(resp.results(0).steps(), 100000u);
+  } else {
+    EXPECT_EQ(s.error_code(), grpc::DEADLINE_EXCEEDED);
+  }
+}
+
+TEST_F(ServiceTest, MetricsCountCallsByMethodAndCode) {
+  ASSERT_TRUE(Create("m", 2, v1::STATE_KIND_CONTINUOUS).ok());
+  EXPECT_EQ(Create("m", 2, v1::STATE_KIND_CONTINUOUS).error_code(), grpc::ALREADY_EXISTS);
+  EXPECT_EQ(Create("m", 2, v1::STATE_KIND_CONTINUOUS).error_code(), grpc::ALREADY_EXISTS);
+  ASSERT_TRUE(Store("m", {1, 2, 3, 4}).ok());
+  prometheus::TextSerializer ser;
+  const std::string text = ser.Serialize(server_->metrics()->registry()->Collect());
+  EXPECT_THAT(text, HasSubstr(
+      "grpc_server_handled_total{grpc_code=\"AlreadyExists\",grpc_method=\"CreateBank\","
+      "grpc_service=\"engram.v1.MemoryService\",grpc_type=\"unary\"} 2"));
+  EXPECT_THAT(text, HasSubstr(
+      "grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"CreateBank\","
+      "grpc_service=\"engram.v1.MemoryService\",grpc_type=\"unary\"} 1"));
+  EXPECT_THAT(text, HasSubstr(
+      "grpc_server_started_total{grpc_method=\"CreateBank\","
+      "grpc_service=\"engram.v1.MemoryService\",grpc_type=\"unary\"} 3"));
+  EXPECT_THAT(text, HasSubstr(
+      "grpc_server_handling_seconds_count{grpc_method=\"Store\","
+      "grpc_service=\"engram.v1.MemoryService\",grpc_type=\"unary\"} 1"));
+  EXPECT_THAT(text, HasSubstr("engram_bank_patterns{bank=\"m\"} 2"));
+}
+
+}  // namespace
+}  // namespace engram::server
