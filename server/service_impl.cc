@@ -184,6 +184,47 @@ grpc::Status MemoryServiceImpl::DeletePatterns(grpc::ServerContext*,
   return ToGrpcStatus(s);
 }
 
+grpc::Status MemoryServiceImpl::GetPatterns(grpc::ServerContext*,
+                                            const v1::GetPatternsRequest* req,
+                                            v1::GetPatternsResponse* resp) {
+  absl::Status s = [&]() -> absl::Status {
+    ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->bank()));
+    if (req->ids_size() > limits_.max_batch || req->page_size() > limits_.max_batch) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "at most ", limits_.max_batch, " patterns per GetPatterns call"));
+    }
+    return registry_->WithBank(req->bank(), [&](const core::Bank& bank) -> absl::Status {
+      const int n = bank.dim();
+      resp->set_dim(n);
+      auto add_row = [&](int64_t row) {
+        resp->add_ids(bank.id(row));
+        resp->mutable_patterns()->Add(bank.pattern(row), bank.pattern(row) + n);
+        resp->add_payloads(bank.payload(row));
+      };
+      if (req->ids_size() > 0) {
+        for (uint64_t id : req->ids()) {
+          std::optional<int64_t> row = bank.RowOf(id);
+          if (!row.has_value()) {
+            return absl::NotFoundError(absl::StrCat(
+                "id ", id, " is not in bank '", req->bank(), "'"));
+          }
+          add_row(*row);
+        }
+        resp->set_next_page_start(bank.size());
+        return absl::OkStatus();
+      }
+      const int64_t size = req->page_size() == 0 ? 1000 : req->page_size();
+      const int64_t start = std::min<int64_t>(req->page_start(), bank.size());
+      const int64_t end = std::min<int64_t>(bank.size(), start + size);
+      for (int64_t row = start; row < end; ++row) add_row(row);
+      resp->set_next_page_start(end);
+      return absl::OkStatus();
+    });
+  }();
+  if (!s.ok()) resp->Clear();
+  return ToGrpcStatus(s);
+}
+
 grpc::Status MemoryServiceImpl::Retrieve(grpc::ServerContext* ctx,
                                          const v1::RetrieveRequest* req,
                                          v1::RetrieveResponse* resp) {

@@ -41,6 +41,8 @@ class MemoryServiceImpl final : public v1::MemoryService::Service {
   grpc::Status DeletePatterns(grpc::ServerContext* ctx,
                               const v1::DeletePatternsRequest* req,
                               v1::DeletePatternsResponse* resp) override;
+  grpc::Status GetPatterns(grpc::ServerContext* ctx, const v1::GetPatternsRequest* req,
+                           v1::GetPatternsResponse* resp) override;
   grpc::Status Retrieve(grpc::ServerContext* ctx, const v1::RetrieveRequest* req,
                         v1::RetrieveResponse* resp) override;
   grpc::Status Energy(grpc::ServerContext* ctx, const v1::EnergyRequest* req,

@@ -1,0 +1,85 @@
+// engram bank create|get|list|delete
+#include <cstdio>
+#include <iostream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "client/cli/commands.h"
+#include "engram/core/status_macros.h"
+
+namespace engram::cli {
+namespace {
+
+void PrintBank(const v1::BankInfo& b) {
+  const std::string kind = b.kind() == v1::STATE_KIND_BIPOLAR ? "bipolar" : "continuous";
+  std::cout << absl::StrFormat(
+      "%s: N=%d %s, energy %s, K=%d patterns, %d bytes, load K/N=%.4f\n"
+      "  capacity %s = %.6g patterns%s\n",
+      b.name(), b.dim(), kind, EnergyName(b.energy()), b.patterns(), b.bytes(), b.load(),
+      b.capacity().formula(), b.capacity().patterns(),
+      b.capacity().over_capacity() ? "  ** OVER CAPACITY **" : "");
+}
+
+}  // namespace
+
+absl::Status RunBank(const Args& args, Context& ctx) {
+  const auto& pos = args.positional();
+  if (pos.size() < 2) {
+    return absl::InvalidArgumentError("usage: engram bank create|get|list|delete [NAME]");
+  }
+  const std::string& verb = pos[1];
+  if (verb == "list") {
+    ENGRAM_RETURN_IF_ERROR(args.CheckKnown(kGlobalOptions));
+    ENGRAM_ASSIGN_OR_RETURN(v1::ListBanksResponse list, ctx.client->ListBanks());
+    if (ctx.json) {
+      std::cout << ToJson(list) << "\n";
+    } else if (list.banks().empty()) {
+      std::cout << "no banks\n";
+    } else {
+      for (const auto& b : list.banks()) PrintBank(b);
+    }
+    return absl::OkStatus();
+  }
+  if (pos.size() != 3) {
+    return absl::InvalidArgumentError(absl::StrCat("usage: engram bank ", verb, " NAME"));
+  }
+  const std::string& name = pos[2];
+  if (verb == "create") {
+    std::set<std::string> allowed = kGlobalOptions;
+    allowed.insert(kEnergyOptions.begin(), kEnergyOptions.end());
+    allowed.insert({"dim", "kind"});
+    ENGRAM_RETURN_IF_ERROR(args.CheckKnown(allowed));
+    v1::CreateBankRequest req;
+    req.set_name(name);
+    ENGRAM_ASSIGN_OR_RETURN(int64_t dim, args.GetInt("dim", 0));
+    if (dim <= 0 || dim > (1 << 20)) {
+      return absl::InvalidArgumentError("--dim must be given, in [1, 1048576]");
+    }
+    req.set_dim(static_cast<uint32_t>(dim));
+    ENGRAM_ASSIGN_OR_RETURN(v1::StateKind kind, ParseKind(args.Get("kind", "continuous")));
+    req.set_kind(kind);
+    bool set = false;
+    ENGRAM_RETURN_IF_ERROR(ParseEnergy(args, req.mutable_energy(), &set));
+    ENGRAM_ASSIGN_OR_RETURN(v1::BankInfo info, ctx.client->CreateBank(req));
+    if (ctx.json) std::cout << ToJson(info) << "\n";
+    else { std::cout << "created "; PrintBank(info); }
+    return absl::OkStatus();
+  }
+  ENGRAM_RETURN_IF_ERROR(args.CheckKnown(kGlobalOptions));
+  if (verb == "get") {
+    ENGRAM_ASSIGN_OR_RETURN(v1::BankInfo info, ctx.client->GetBank(name));
+    if (ctx.json) std::cout << ToJson(info) << "\n";
+    else PrintBank(info);
+    return absl::OkStatus();
+  }
+  if (verb == "delete") {
+    ENGRAM_RETURN_IF_ERROR(ctx.client->DeleteBank(name));
+    if (ctx.json) std::cout << "{\"deleted\":\"" << name << "\"}\n";
+    else std::cout << "deleted bank " << name << "\n";
+    return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown bank command '", verb, "' (create, get, list, delete)"));
+}
+
+}  // namespace engram::cli

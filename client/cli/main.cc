@@ -1,0 +1,97 @@
+// engram: command-line client of an Engram server.
+//
+//   engram bank create digits --dim 784 --kind bipolar --energy polynomial --degree 3
+//   engram store digits /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz \
+//       --labels .../train-labels-idx1-ubyte.gz --limit 100 --binarize
+//   engram retrieve digits ...images.gz --limit 10 --binarize --flip 0.15
+//   engram --json bank list
+//
+// The server address comes from --target or ENGRAM_TARGET (default
+// 127.0.0.1:50051). Exit status: 0 on success, 1 on a server or input error
+// (printed with its gRPC code), 2 on a usage error.
+#include <cstdlib>
+#include <iostream>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "client/cli/commands.h"
+
+namespace {
+
+constexpr char kUsage[] = R"(usage: engram [--target HOST:PORT] [--timeout SECONDS] [--json] COMMAND ...
+
+commands:
+  bank create NAME --dim N --kind bipolar|continuous [--energy FAMILY] [--beta B]
+                   [--degree n] [--rectified] [--similarity dot|l2|l1]
+                   [--separation identity|polynomial|softmax|max]
+  bank get NAME | bank list | bank delete NAME
+  store BANK FILE      patterns from .npy, .csv or IDX(.gz); [--labels FILE] [--payloads FILE]
+                       [--ids-start ID] [--offset R] [--limit N] [--batch N]
+                       [--binarize] [--normalize] [--standardize] [--scale X]
+  get BANK [ID...]     read stored patterns back (all when no id); [--out patterns.npy]
+  delete BANK ID...    delete patterns by id
+  retrieve BANK FILE   recall from queries; [--flip F] [--noise SIGMA] [--mask-fraction F]
+                       [--clamp FILE] [--seed S] [--dynamics sync|async|gradient|tinybrain]
+                       [--max-steps N] [--tol T] [--alpha A] [--dt DT] [--tau-v T] [--tau-h T]
+                       [--energy FAMILY ...] [--trace] [--out states.npy] [--partial]
+                       plus the same row/preprocessing options as store
+  energy BANK FILE     energy of states; [--gradient] [--energy FAMILY ...]
+
+energy families: classical polynomial exponential lse gaussian general
+)";
+
+const std::set<std::string> kBoolFlags = {"json", "help", "rectified", "binarize", "normalize",
+                                          "standardize", "trace", "gradient", "partial"};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> argv_vec(argv + 1, argv + argc);
+  auto args = engram::cli::Args::Parse(argv_vec, kBoolFlags);
+  if (!args.ok()) {
+    std::cerr << "engram: " << args.status().message() << "\n" << kUsage;
+    return 2;
+  }
+  if (args->Has("help") || args->positional().empty()) {
+    std::cout << kUsage;
+    return args->Has("help") ? 0 : 2;
+  }
+  const std::string& cmd = args->positional()[0];
+  using Runner = absl::Status (*)(const engram::cli::Args&, engram::cli::Context&);
+  Runner run = nullptr;
+  if (cmd == "bank") run = engram::cli::RunBank;
+  else if (cmd == "store") run = engram::cli::RunStore;
+  else if (cmd == "delete") run = engram::cli::RunDelete;
+  else if (cmd == "get") run = engram::cli::RunGet;
+  else if (cmd == "retrieve") run = engram::cli::RunRetrieve;
+  else if (cmd == "energy") run = engram::cli::RunEnergy;
+  if (run == nullptr) {
+    std::cerr << "engram: unknown command '" << cmd << "'\n" << kUsage;
+    return 2;
+  }
+  const char* env_target = std::getenv("ENGRAM_TARGET");
+  const std::string target =
+      args->Get("target", env_target != nullptr && *env_target ? env_target : "127.0.0.1:50051");
+  engram::client::ClientOptions opts;
+  auto timeout = args->GetDouble("timeout", 60);
+  if (!timeout.ok()) {
+    std::cerr << "engram: " << timeout.status().message() << "\n";
+    return 2;
+  }
+  opts.timeout = absl::Seconds(*timeout);
+  auto client = engram::client::EngramClient::Connect(target, opts);
+  if (!client.ok()) {
+    std::cerr << "engram: " << client.status().message() << "\n";
+    return 1;
+  }
+  engram::cli::Context ctx{client->get(), args->Has("json")};
+  absl::Status s = run(*args, ctx);
+  if (!s.ok()) {
+    std::cerr << "engram: " << absl::StatusCodeToString(s.code()) << ": " << s.message() << "\n";
+    return s.code() == absl::StatusCode::kInvalidArgument &&
+                   absl::StartsWith(s.message(), "usage:")
+               ? 2
+               : 1;
+  }
+  return 0;
+}

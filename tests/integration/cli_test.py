@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""The `engram` CLI end to end against a real engramd: every file format,
+corruption options, JSON output checked against numpy, exit codes, and a
+graceful SIGTERM.
+"""
+import argparse
+import gzip
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import engram_harness  # noqa: E402
+
+ARGS = None
+
+
+def write_idx_gz(path, array_u8):
+    """IDX: magic 0x00 0x00 type ndim, big-endian dims, then the data."""
+    dims = array_u8.shape
+    with gzip.open(path, "wb") as f:
+        f.write(bytes([0, 0, 0x08, len(dims)]))
+        for d in dims:
+            f.write(struct.pack(">I", d))
+        f.write(array_u8.astype(np.uint8).tobytes())
+
+
+class CliTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp(prefix="engram_cli_")
+        cls.server = engram_harness.Engramd(ARGS.engramd, os.path.join(cls.dir, "data")).start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.kill()
+        shutil.rmtree(cls.dir, ignore_errors=True)
+
+    def engram(self, *args, expect=0):
+        p = subprocess.run([ARGS.engram, "--target", self.server.target] + list(args),
+                           capture_output=True, text=True, timeout=120)
+        self.assertEqual(p.returncode, expect, "engram %s\nstdout: %s\nstderr: %s"
+                         % (" ".join(args), p.stdout, p.stderr))
+        return p
+
+    def json(self, *args):
+        return json.loads(self.engram("--json", *args).stdout)
+
+    def test_bipolar_bank_from_every_format(self):
+        rng = np.random.default_rng(11)
+        n, k = 256, 12
+        xi = rng.choice([-1.0, 1.0], size=(k, n)).astype(np.float32)
+        npy = os.path.join(self.dir, "xi.npy")
+        np.save(npy, xi)
+        csv = os.path.join(self.dir, "xi.csv")
+        np.savetxt(csv, xi, delimiter=",", fmt="%g")
+        # IDX of 0/255 pixels; --binarize maps them back to the same +-1.
+        idx = os.path.join(self.dir, "xi-idx3-ubyte.gz")
+        write_idx_gz(idx, ((xi > 0) * 255).reshape(k, 16, 16))
+        labels = os.path.join(self.dir, "labels-idx1-ubyte.gz")
+        write_idx_gz(labels, np.arange(k, dtype=np.uint8) % 10)
+
+        for name, path, extra in (("fnpy", npy, []), ("fcsv", csv, []),
+                                  ("fidx", idx, ["--binarize", "--labels", labels])):
+            info = self.json("bank", "create", name, "--dim", str(n), "--kind", "bipolar",
+                             "--energy", "polynomial", "--degree", "3")
+            self.assertEqual(info["dim"], n)
+            self.assertEqual(info["kind"], "STATE_KIND_BIPOLAR")
+            stored = self.json("store", name, path, *extra)
+            self.assertEqual(stored["stored"], k)
+            out = os.path.join(self.dir, name + "_back.npy")
+            self.engram("get", name, "--out", out)
+            back = np.load(out)
+            self.assertEqual(back.dtype, np.float32)
+            self.assertEqual(back.tobytes(), xi.tobytes(), name)
+
+            r = self.json("retrieve", name, path, *[e for e in extra if e != "--labels" and e != labels],
+                          "--flip", "0.15", "--seed", "4")
+            self.assertEqual(r["queries"], k)
+            self.assertEqual(r["recovered"], k, name)
+            r = self.json("retrieve", name, path, *[e for e in extra if e != "--labels" and e != labels],
+                          "--mask-fraction", "0.5", "--dynamics", "async", "--seed", "5")
+            self.assertEqual(r["recovered"], k, name)
+        got = self.json("get", "fidx", "3")
+        self.assertEqual(got["ids"], [3])
+        text = self.engram("get", "fidx", "3").stdout
+        self.assertIn('payload="2"', text)  # label of row 2 (ids start at 1)
+
+    def test_energy_json_matches_numpy(self):
+        rng = np.random.default_rng(2)
+        n, k, beta = 16, 40, 3.0
+        xi = rng.standard_normal((k, n)).astype(np.float32)
+        np.save(os.path.join(self.dir, "g.npy"), xi)
+        self.json("bank", "create", "gauss", "--dim", str(n), "--kind", "continuous",
+                  "--energy", "gaussian", "--beta", str(beta))
+        self.json("store", "gauss", os.path.join(self.dir, "g.npy"))
+        x = rng.standard_normal((5, n)).astype(np.float32)
+        np.save(os.path.join(self.dir, "x.npy"), x)
+        e = self.json("energy", "gauss", os.path.join(self.dir, "x.npy"))
+        d2 = ((x[:, None, :].astype(np.float64) - xi[None, :, :]) ** 2).sum(-1)
+        a = -beta * d2 / 2
+        m = a.max(axis=1, keepdims=True)
+        want = -(m[:, 0] + np.log(np.exp(a - m).sum(axis=1))) / beta
+        np.testing.assert_allclose(np.array(e["energies"]), want, rtol=1e-5, atol=1e-5)
+
+    def test_bank_lifecycle_and_exit_codes(self):
+        self.json("bank", "create", "life", "--dim", "3", "--kind", "continuous")
+        names = [b["name"] for b in self.json("bank", "list")["banks"]]
+        self.assertIn("life", names)
+        p = self.engram("bank", "create", "life", "--dim", "3", "--kind", "continuous", expect=1)
+        self.assertIn("ALREADY_EXISTS", p.stderr)
+        p = self.engram("bank", "get", "missing", expect=1)
+        self.assertIn("NOT_FOUND", p.stderr)
+        self.engram("bank", "create", "x", "--dim", "3", "--bogus", "1", expect=1)
+        self.engram("frobnicate", expect=2)
+        self.engram("bank", "delete", "life")
+        self.engram("bank", "get", "life", expect=1)
+
+
+class ShutdownTest(unittest.TestCase):
+    def test_sigterm_exits_cleanly(self):
+        d = tempfile.mkdtemp(prefix="engram_term_")
+        try:
+            s = engram_harness.Engramd(ARGS.engramd, os.path.join(d, "data")).start()
+            self.assertEqual(s.terminate(), 0)
+            self.assertIn("stopped", open(s.log_path).read())
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--engramd", required=True)
+    parser.add_argument("--engram", required=True)
+    parser.add_argument("--proto-dir", required=True)
+    ARGS, rest = parser.parse_known_args()
+    unittest.main(argv=[sys.argv[0]] + rest, verbosity=2)
