@@ -1,0 +1,483 @@
+#include "engram/core/sampler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <random>
+
+#include <Eigen/Core>
+
+#include "absl/strings/str_cat.h"
+
+namespace engram::core {
+namespace {
+
+using VectorMap = Eigen::Map<Eigen::VectorXf>;
+using ConstVectorMap = Eigen::Map<const Eigen::VectorXf>;
+
+bool HasBeta(const EnergyConfig& c) {
+  return c.family == EnergyFamily::kExponential || c.family == EnergyFamily::kLse ||
+         c.family == EnergyFamily::kGaussian ||
+         (c.family == EnergyFamily::kGeneral && c.separation == SeparationKind::kSoftmax);
+}
+
+EnergyConfig AtSigma(EnergyConfig c, double sigma) {
+  if (HasBeta(c)) c.beta = 1.0 / (sigma * sigma);
+  return c;
+}
+
+// Den(x; sigma) = x + sigma^2 score = x - grad E_beta(x), beta = 1/sigma^2.
+void Denoise(const PatternView& p, const EnergyConfig& energy, const float* x,
+             double sigma, float* out) {
+  const EnergyConfig c = AtSigma(energy, sigma);
+  if (c.family == EnergyFamily::kGaussian || c.family == EnergyFamily::kLse) {
+    // Both reduce to a softmax-weighted sum of patterns (x - grad E).
+    EnergyFunction f(c, p);
+    f.UpdateTarget(x, out);
+    return;
+  }
+  EnergyFunction f(c, p);
+  f.ValueAndGradient(x, out);
+  for (int i = 0; i < p.dim; ++i) out[i] = x[i] - out[i];
+}
+
+double Norm(const float* x, int n) {
+  double s = 0;
+  for (int i = 0; i < n; ++i) s += double{x[i]} * x[i];
+  return std::sqrt(s);
+}
+
+double Distance(const float* a, const float* b, int n) {
+  double s = 0;
+  for (int i = 0; i < n; ++i) {
+    const double d = double{a[i]} - b[i];
+    s += d * d;
+  }
+  return std::sqrt(s);
+}
+
+uint64_t SplitMix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+// Exact energy differences of single flips on a bipolar bank (as in the
+// async dynamics): keeps overlaps d_mu = xi_mu . sigma in double.
+class BipolarFlipper {
+ public:
+  BipolarFlipper(const PatternView& p, const EnergyConfig& c, const std::vector<float>& x)
+      : p_(p), c_(c), energy_(c, p), d_(p.rows), d_flip_(p.rows), s_(p.rows) {
+    for (int64_t mu = 0; mu < p.rows; ++mu) {
+      double acc = 0;
+      for (int i = 0; i < p.dim; ++i) acc += double{p.row(mu)[i]} * x[i];
+      d_[mu] = acc;
+    }
+    key_ = Key(d_);
+  }
+  // Key of the energy (E itself, or -log(-E) for the exponential family).
+  double Key(const std::vector<double>& d) {
+    const int n = p_.dim;
+    const SimilarityKind sim = EffectiveSimilarity(c_);
+    for (int64_t mu = 0; mu < p_.rows; ++mu) {
+      switch (sim) {
+        case SimilarityKind::kDot: s_[mu] = d[mu]; break;
+        case SimilarityKind::kNegHalfSqL2: s_[mu] = d[mu] - 0.5 * p_.sq_norms[mu] - 0.5 * n; break;
+        case SimilarityKind::kNegL1: s_[mu] = -(n - d[mu]); break;
+      }
+    }
+    if (c_.family == EnergyFamily::kExponential) {
+      for (auto& v : s_) v *= c_.beta;
+      return -LogSumExp(s_);
+    }
+    return energy_.EnergyFromSimilarities(s_.data(), n, nullptr);
+  }
+  // Key change if neuron i flips (computes the flipped overlaps).
+  double FlipDelta(const std::vector<float>& x, int i) {
+    const double two = 2.0 * x[i];
+    for (int64_t mu = 0; mu < p_.rows; ++mu) d_flip_[mu] = d_[mu] - two * p_.row(mu)[i];
+    key_flip_ = Key(d_flip_);
+    return key_flip_ - key_;
+  }
+  void AcceptFlip(std::vector<float>& x, int i) {
+    x[i] = -x[i];
+    d_.swap(d_flip_);
+    key_ = key_flip_;
+  }
+
+ private:
+  PatternView p_;
+  EnergyConfig c_;
+  EnergyFunction energy_;
+  std::vector<double> d_, d_flip_, s_;
+  double key_ = 0, key_flip_ = 0;
+};
+
+}  // namespace
+
+std::string SamplerName(SamplerKind kind) {
+  switch (kind) {
+    case SamplerKind::kEuler: return "euler";
+    case SamplerKind::kHeun: return "heun";
+    case SamplerKind::kStochastic: return "stochastic";
+    case SamplerKind::kLangevin: return "langevin";
+    case SamplerKind::kAnnealedAm: return "annealed_am";
+  }
+  return "unknown";
+}
+
+std::string SampleClassName(SampleClass c) {
+  switch (c) {
+    case SampleClass::kMemorized: return "memorized";
+    case SampleClass::kSpurious: return "spurious";
+    case SampleClass::kNovel: return "novel";
+  }
+  return "unknown";
+}
+
+bool EvenEnergy(const EnergyConfig& c) {
+  return c.family == EnergyFamily::kClassical ||
+         (c.family == EnergyFamily::kPolynomial && !c.rectified && c.degree % 2 == 0);
+}
+
+void IdealDenoiser(const PatternView& patterns, const float* x, double sigma, float* out) {
+  EnergyConfig c{.family = EnergyFamily::kGaussian, .beta = 1.0 / (sigma * sigma)};
+  EnergyFunction(c, patterns).UpdateTarget(x, out);
+}
+
+void Score(const PatternView& patterns, const EnergyConfig& energy, const float* x,
+           double sigma, float* out) {
+  Denoise(patterns, energy, x, sigma, out);
+  const double inv = 1.0 / (sigma * sigma);
+  for (int i = 0; i < patterns.dim; ++i) {
+    out[i] = static_cast<float>((double{out[i]} - x[i]) * inv);
+  }
+}
+
+absl::Status ValidateSampleOptions(const SampleOptions& o, StateKind kind) {
+  auto nonneg = [](double v, const char* name) -> absl::Status {
+    if (!std::isfinite(v) || v < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(name, " must be finite and >= 0, got ", v));
+    }
+    return absl::OkStatus();
+  };
+  for (auto [v, name] :
+       {std::pair{o.sigma_start, "sigma_start"}, {o.churn, "churn"}, {o.s_tmin, "s_tmin"},
+        {o.s_noise, "s_noise"}, {o.langevin_eta, "langevin_eta"},
+        {o.delta_memorized, "delta_memorized"}, {o.delta_spurious, "delta_spurious"},
+        {o.fixed_point_tol, "fixed_point_tol"}}) {
+    if (auto s = nonneg(v, name); !s.ok()) return s;
+  }
+  if (std::isnan(o.s_tmax) || o.s_tmax < 0) {
+    return absl::InvalidArgumentError("s_tmax must be >= 0");
+  }
+  if (o.langevin_steps < 1 || o.langevin_steps > 1000) {
+    return absl::InvalidArgumentError("langevin_steps must be in [1, 1000]");
+  }
+  if (o.am_iterations < 1 || o.am_iterations > 1000) {
+    return absl::InvalidArgumentError("am_iterations must be in [1, 1000]");
+  }
+  if (o.trajectory_every < 0) {
+    return absl::InvalidArgumentError("trajectory_every must be >= 0");
+  }
+  if (kind == StateKind::kBipolar && o.sampler != SamplerKind::kAnnealedAm) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "sampler ", SamplerName(o.sampler),
+        " integrates continuous states; bipolar banks sample with annealed_am"));
+  }
+  return MakeSchedule(o.schedule).status();
+}
+
+absl::StatusOr<SampleBatch> Sample(const Bank& bank, const EnergyConfig& energy, int count,
+                                   absl::Span<const float> query,
+                                   absl::Span<const bool> clamp, const SampleOptions& o) {
+  const StateKind kind = bank.spec().kind;
+  if (auto s = ValidateSampleOptions(o, kind); !s.ok()) return s;
+  if (auto s = ValidateEnergyConfig(energy, kind); !s.ok()) return s;
+  const int n = bank.dim();
+  if (count < 1) return absl::InvalidArgumentError("count must be >= 1");
+  if (bank.size() == 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "bank '", bank.spec().name, "' is empty; store patterns first"));
+  }
+  const size_t qn = query.size();
+  if (qn != 0 && qn != static_cast<size_t>(n) && qn != static_cast<size_t>(count) * n) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "query has ", qn, " values; expected 0, ", n, " or ", int64_t{count} * n));
+  }
+  const size_t cn = clamp.size();
+  if (cn != 0 && cn != static_cast<size_t>(n) && cn != static_cast<size_t>(count) * n) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "clamp has ", cn, " values; expected 0, ", n, " or ", int64_t{count} * n));
+  }
+  if (cn != 0 && qn == 0) {
+    return absl::InvalidArgumentError("a clamp mask needs a query holding the known values");
+  }
+  for (float v : query) {
+    if (!std::isfinite(v)) return absl::InvalidArgumentError("query is not finite");
+    if (kind == StateKind::kBipolar && v != 1.f && v != -1.f) {
+      return absl::InvalidArgumentError("bank is bipolar but the query is not +-1");
+    }
+  }
+
+  ScheduleConfig sched = o.schedule;
+  if (qn != 0 && o.sigma_start > 0) {
+    sched.sigma_max = o.sigma_start;
+    sched.sigma_min = std::min(sched.sigma_min, o.sigma_start);
+  }
+  auto sigmas_or = MakeSchedule(sched);
+  if (!sigmas_or.ok()) return sigmas_or.status();
+  SampleBatch batch;
+  batch.sigmas = *std::move(sigmas_or);
+  const std::vector<double>& sig = batch.sigmas;
+  const PatternView p = bank.view();
+
+  auto q_of = [&](int b) -> const float* {
+    return qn == 0 ? nullptr : query.data() + (qn == static_cast<size_t>(n) ? 0 : int64_t{b} * n);
+  };
+  auto c_of = [&](int b) -> const bool* {
+    return cn == 0 ? nullptr : clamp.data() + (cn == static_cast<size_t>(n) ? 0 : int64_t{b} * n);
+  };
+  auto apply_clamp = [&](int b, float* x) {
+    const bool* c = c_of(b);
+    if (c == nullptr) return;
+    const float* q = q_of(b);
+    for (int i = 0; i < n; ++i) {
+      if (c[i]) x[i] = q[i];
+    }
+  };
+
+  // Initial states and per-sample generators.
+  std::vector<std::mt19937_64> rngs;
+  std::vector<std::vector<float>> xs(count, std::vector<float>(n));
+  std::normal_distribution<float> gauss(0.f, 1.f);
+  for (int b = 0; b < count; ++b) {
+    rngs.emplace_back(SplitMix(o.seed * 0x100000001b3ULL + static_cast<uint64_t>(b)));
+    auto& rng = rngs.back();
+    const float* q = q_of(b);
+    for (int i = 0; i < n; ++i) {
+      if (kind == StateKind::kBipolar) {
+        xs[b][i] = q != nullptr ? q[i] : ((rng() & 1) ? 1.f : -1.f);
+      } else {
+        const float z = gauss(rng);
+        xs[b][i] = (q != nullptr ? q[i] : 0.f) + static_cast<float>(sig[0]) * z;
+      }
+    }
+    apply_clamp(b, xs[b].data());
+  }
+  batch.samples.resize(count);
+  auto record = [&](int step, double sigma, bool force) {
+    if (o.trajectory_every <= 0) return;
+    if (!force && step % o.trajectory_every != 0) return;
+    for (int b = 0; b < count; ++b) {
+      batch.samples[b].trajectory.push_back(xs[b]);
+      batch.samples[b].trajectory_sigmas.push_back(sigma);
+    }
+  };
+  record(0, sig[0], true);
+
+  std::vector<float> d(n), d2(n), xp(n), den(n);
+  const int levels = static_cast<int>(sig.size()) - 1;  // transitions i -> i+1
+  const int positive_levels = sig.back() == 0.0 ? levels : levels + 1;
+  double sigma_last = sig[positive_levels - 1];
+  int step = 0;
+  for (int i = 0; i < std::max(levels, 1) && !batch.deadline; ++i) {
+    if (o.should_stop && o.should_stop()) {
+      batch.deadline = true;
+      break;
+    }
+    const double s_cur = sig[i];
+    const double s_next = levels == 0 ? s_cur : sig[i + 1];
+    for (int b = 0; b < count; ++b) {
+      float* x = xs[b].data();
+      auto& rng = rngs[b];
+      switch (o.sampler) {
+        case SamplerKind::kEuler:
+        case SamplerKind::kHeun: {
+          if (levels == 0) break;
+          Denoise(p, energy, x, s_cur, den.data());
+          for (int k = 0; k < n; ++k) d[k] = static_cast<float>((x[k] - double{den[k]}) / s_cur);
+          const float h = static_cast<float>(s_next - s_cur);
+          for (int k = 0; k < n; ++k) xp[k] = x[k] + h * d[k];
+          if (o.sampler == SamplerKind::kHeun && s_next > 0) {
+            apply_clamp(b, xp.data());
+            Denoise(p, energy, xp.data(), s_next, den.data());
+            for (int k = 0; k < n; ++k) {
+              d2[k] = static_cast<float>((xp[k] - double{den[k]}) / s_next);
+              xp[k] = x[k] + h * 0.5f * (d[k] + d2[k]);
+            }
+          }
+          std::copy(xp.begin(), xp.end(), x);
+          break;
+        }
+        case SamplerKind::kStochastic: {
+          if (levels == 0) break;
+          const double gamma = (s_cur >= o.s_tmin && s_cur <= o.s_tmax)
+                                   ? std::min(o.churn / std::max(levels, 1), std::sqrt(2.0) - 1)
+                                   : 0.0;
+          const double s_hat = s_cur * (1 + gamma);
+          const float add = static_cast<float>(std::sqrt(s_hat * s_hat - s_cur * s_cur) * o.s_noise);
+          for (int k = 0; k < n; ++k) x[k] += add * gauss(rng);
+          apply_clamp(b, x);
+          Denoise(p, energy, x, s_hat, den.data());
+          for (int k = 0; k < n; ++k) d[k] = static_cast<float>((x[k] - double{den[k]}) / s_hat);
+          const float h = static_cast<float>(s_next - s_hat);
+          for (int k = 0; k < n; ++k) xp[k] = x[k] + h * d[k];
+          if (s_next > 0) {
+            apply_clamp(b, xp.data());
+            Denoise(p, energy, xp.data(), s_next, den.data());
+            for (int k = 0; k < n; ++k) {
+              d2[k] = static_cast<float>((xp[k] - double{den[k]}) / s_next);
+              xp[k] = x[k] + h * 0.5f * (d[k] + d2[k]);
+            }
+          }
+          std::copy(xp.begin(), xp.end(), x);
+          break;
+        }
+        case SamplerKind::kLangevin: {
+          // Annealed Langevin at sigma_i: x += (eps/2) score + sqrt(eps) z,
+          // eps = eta sigma_i^2, i.e. x += eta/2 (Den - x) + sqrt(eta) sigma_i z.
+          // The last transition to sigma = 0 is one denoising step.
+          if (s_next == 0.0 || levels == 0) {
+            Denoise(p, energy, x, s_cur, den.data());
+            std::copy(den.begin(), den.end(), x);
+            break;
+          }
+          const float half = static_cast<float>(0.5 * o.langevin_eta);
+          const float noise = static_cast<float>(std::sqrt(o.langevin_eta) * s_cur);
+          for (int l = 0; l < o.langevin_steps; ++l) {
+            Denoise(p, energy, x, s_cur, den.data());
+            for (int k = 0; k < n; ++k) x[k] += half * (den[k] - x[k]) + noise * gauss(rng);
+            apply_clamp(b, x);
+          }
+          break;
+        }
+        case SamplerKind::kAnnealedAm: {
+          if (kind == StateKind::kContinuous) {
+            for (int it = 0; it < o.am_iterations; ++it) {
+              Denoise(p, energy, x, s_cur, den.data());
+              std::copy(den.begin(), den.end(), x);
+              apply_clamp(b, x);
+            }
+          } else {
+            // Glauber dynamics at beta_i = 1/sigma_i^2 on the exact energy
+            // differences: a neuron flips with probability
+            // 1 / (1 + exp(beta dE)).
+            std::vector<float> xv(x, x + n);
+            BipolarFlipper flipper(p, energy, xv);
+            const double beta = 1.0 / (s_cur * s_cur);
+            std::vector<int> order;
+            const bool* c = c_of(b);
+            for (int k = 0; k < n; ++k) {
+              if (c == nullptr || !c[k]) order.push_back(k);
+            }
+            std::uniform_real_distribution<double> u(0.0, 1.0);
+            for (int it = 0; it < o.am_iterations; ++it) {
+              std::shuffle(order.begin(), order.end(), rng);
+              for (int k : order) {
+                const double de = flipper.FlipDelta(xv, k);
+                const double a = beta * de;
+                const double prob = a > 700 ? 0.0 : 1.0 / (1.0 + std::exp(a));
+                if (u(rng) < prob) flipper.AcceptFlip(xv, k);
+              }
+            }
+            std::copy(xv.begin(), xv.end(), x);
+          }
+          break;
+        }
+      }
+      apply_clamp(b, x);
+    }
+    ++step;
+    const double s_after = (o.sampler == SamplerKind::kAnnealedAm) ? s_cur : s_next;
+    record(step, s_after, false);
+    if (o.on_step) o.on_step(step, s_after, xs);
+  }
+  // Bipolar annealing ends at zero temperature: descend to a fixed point.
+  if (kind == StateKind::kBipolar && !batch.deadline) {
+    for (int b = 0; b < count; ++b) {
+      std::vector<float>& xv = xs[b];
+      BipolarFlipper flipper(p, energy, xv);
+      const bool* c = c_of(b);
+      for (int sweep = 0; sweep < 1000; ++sweep) {
+        int flips = 0;
+        for (int k = 0; k < n; ++k) {
+          if (c != nullptr && c[k]) continue;
+          if (flipper.FlipDelta(xv, k) < 0) {
+            flipper.AcceptFlip(xv, k);
+            ++flips;
+          }
+        }
+        if (flips == 0) break;
+      }
+    }
+  }
+  batch.steps = step;
+  if (step > 0 && step % std::max(o.trajectory_every, 1) != 0) {
+    record(step, o.sampler == SamplerKind::kAnnealedAm ? sig[step - 1] : sig[step], true);
+  }
+
+  // Describe every sample.
+  const EnergyConfig final_cfg = AtSigma(energy, sigma_last);
+  EnergyFunction final_energy(final_cfg, p);
+  for (int b = 0; b < count; ++b) {
+    SampleResult& r = batch.samples[b];
+    r.state = xs[b];
+    r.nearest = bank.Nearest(r.state.data());
+    if (EvenEnergy(energy)) {
+      std::vector<float> neg(r.state);
+      for (float& v : neg) v = -v;
+      NearestMemory m = bank.Nearest(neg.data());
+      if (m.distance < r.nearest.distance) {
+        r.nearest = m;
+        r.nearest.similarity = -m.similarity;
+        r.mirrored = true;
+      }
+    }
+    const double mem_norm = Norm(bank.pattern(r.nearest.row), n);
+    r.relative_distance = mem_norm > 0 ? r.nearest.distance / mem_norm : r.nearest.distance;
+    r.energy = final_energy.Value(r.state.data());
+    if (kind == StateKind::kBipolar) {
+      std::vector<float> xv = r.state;
+      BipolarFlipper flipper(p, energy, xv);
+      bool stable = true;
+      for (int k = 0; k < n && stable; ++k) {
+        const bool* c = c_of(b);
+        if (c != nullptr && c[k]) continue;
+        if (flipper.FlipDelta(xv, k) < 0) stable = false;
+      }
+      r.fixed_point = stable;
+    } else {
+      Denoise(p, energy, r.state.data(), sigma_last, den.data());
+      const bool* c = c_of(b);
+      double moved = 0;
+      for (int k = 0; k < n; ++k) {
+        if (c != nullptr && c[k]) continue;
+        const double dd = double{den[k]} - r.state[k];
+        moved += dd * dd;
+      }
+      r.fixed_point = std::sqrt(moved) <= o.fixed_point_tol * std::max(Norm(r.state.data(), n), 1e-12);
+    }
+  }
+  for (int b = 0; b < count; ++b) {
+    SampleResult& r = batch.samples[b];
+    if (r.relative_distance <= o.delta_memorized) {
+      r.sample_class = SampleClass::kMemorized;
+      continue;
+    }
+    r.spurious_fixed_point = r.fixed_point;
+    bool shared = false;
+    for (int j = 0; j < count && !shared; ++j) {
+      if (j == b) continue;
+      const double dn = Norm(xs[j].data(), n);
+      const double dist = Distance(xs[b].data(), xs[j].data(), n);
+      shared = dist <= o.delta_spurious * std::max(dn, 1e-12);
+    }
+    r.sample_class = shared ? SampleClass::kSpurious : SampleClass::kNovel;
+  }
+  return batch;
+}
+
+}  // namespace engram::core
