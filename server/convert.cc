@@ -138,6 +138,86 @@ v1::StopReason StopReasonToProto(core::StopReason r) {
   return v1::STOP_REASON_UNSPECIFIED;
 }
 
+absl::StatusOr<core::SampleOptions> SampleOptionsFromProto(const v1::SampleRequest& p,
+                                                           core::StateKind kind) {
+  core::SampleOptions o;
+  switch (p.sampler()) {
+    case v1::SAMPLER_UNSPECIFIED:
+      o.sampler = kind == core::StateKind::kBipolar ? core::SamplerKind::kAnnealedAm
+                                                    : core::SamplerKind::kHeun;
+      break;
+    case v1::SAMPLER_EULER: o.sampler = core::SamplerKind::kEuler; break;
+    case v1::SAMPLER_HEUN: o.sampler = core::SamplerKind::kHeun; break;
+    case v1::SAMPLER_STOCHASTIC: o.sampler = core::SamplerKind::kStochastic; break;
+    case v1::SAMPLER_LANGEVIN: o.sampler = core::SamplerKind::kLangevin; break;
+    case v1::SAMPLER_ANNEALED_AM: o.sampler = core::SamplerKind::kAnnealedAm; break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat("unknown sampler ", p.sampler()));
+  }
+  const v1::Schedule& s = p.schedule();
+  switch (s.kind()) {
+    case v1::SCHEDULE_KIND_UNSPECIFIED:
+    case v1::SCHEDULE_KIND_KARRAS: o.schedule.kind = core::ScheduleKind::kKarras; break;
+    case v1::SCHEDULE_KIND_GEOMETRIC: o.schedule.kind = core::ScheduleKind::kGeometric; break;
+    case v1::SCHEDULE_KIND_LINEAR: o.schedule.kind = core::ScheduleKind::kLinear; break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat("unknown schedule.kind ", s.kind()));
+  }
+  if (s.sigma_max() != 0) o.schedule.sigma_max = s.sigma_max();
+  if (s.sigma_min() != 0) o.schedule.sigma_min = s.sigma_min();
+  if (s.rho() != 0) o.schedule.rho = s.rho();
+  if (s.steps() > static_cast<uint32_t>(core::kMaxSampleSteps)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "schedule.steps must be <= ", core::kMaxSampleSteps, ", got ", s.steps()));
+  }
+  if (s.steps() != 0) o.schedule.steps = static_cast<int>(s.steps());
+  o.schedule.stop_at_sigma_min = s.stop_at_sigma_min();
+  o.seed = p.seed();
+  o.sigma_start = p.sigma_start();
+  if (p.has_churn()) o.churn = p.churn();
+  o.s_tmin = p.s_tmin();
+  if (p.has_s_tmax()) o.s_tmax = p.s_tmax();
+  if (p.has_s_noise()) o.s_noise = p.s_noise();
+  if (p.langevin_steps() > 1000 || p.am_iterations() > 1000) {
+    return absl::InvalidArgumentError("langevin_steps and am_iterations must be <= 1000");
+  }
+  if (p.langevin_steps() != 0) o.langevin_steps = static_cast<int>(p.langevin_steps());
+  if (p.has_langevin_eta()) o.langevin_eta = p.langevin_eta();
+  if (p.am_iterations() != 0) o.am_iterations = static_cast<int>(p.am_iterations());
+  if (p.has_delta_memorized()) o.delta_memorized = p.delta_memorized();
+  if (p.has_delta_spurious()) o.delta_spurious = p.delta_spurious();
+  if (p.trajectory_every() > static_cast<uint32_t>(core::kMaxSampleSteps)) {
+    return absl::InvalidArgumentError("trajectory_every is larger than any schedule");
+  }
+  o.trajectory_every = static_cast<int>(p.trajectory_every());
+  return o;
+}
+
+void SampleBatchToProto(const core::SampleBatch& b, v1::SampleResponse* out) {
+  out->mutable_sigmas()->Add(b.sigmas.begin(), b.sigmas.end());
+  out->set_steps(b.steps);
+  for (const auto& r : b.samples) {
+    auto* s = out->add_samples();
+    s->mutable_state()->Add(r.state.begin(), r.state.end());
+    s->set_mirrored(r.mirrored);
+    s->set_relative_distance(r.relative_distance);
+    switch (r.sample_class) {
+      case core::SampleClass::kMemorized: s->set_sample_class(v1::SAMPLE_CLASS_MEMORIZED); break;
+      case core::SampleClass::kSpurious: s->set_sample_class(v1::SAMPLE_CLASS_SPURIOUS); break;
+      case core::SampleClass::kNovel: s->set_sample_class(v1::SAMPLE_CLASS_NOVEL); break;
+    }
+    s->set_fixed_point(r.fixed_point);
+    s->set_spurious_fixed_point(r.spurious_fixed_point);
+    s->set_energy(r.energy);
+    for (size_t t = 0; t < r.trajectory.size(); ++t) {
+      auto* tp = s->add_trajectory();
+      tp->set_step(static_cast<uint32_t>(t));
+      tp->set_sigma(r.trajectory_sigmas[t]);
+      tp->mutable_state()->Add(r.trajectory[t].begin(), r.trajectory[t].end());
+    }
+  }
+}
+
 void SummaryToProto(const core::BankSummary& s, v1::BankInfo* out) {
   out->set_name(s.spec.name);
   out->set_dim(s.spec.dim);

@@ -10,6 +10,7 @@
 #include "absl/status/statusor.h"
 #include "engram/core/dynamics.h"
 #include "engram/core/registry.h"
+#include "engram/core/sampler.h"
 #include "engram/v1/engram.pb.h"
 
 namespace engram::server {
@@ -31,6 +32,12 @@ v1::EnergyConfig EnergyToProto(const core::EnergyConfig& c);
 absl::StatusOr<core::RetrieveOptions> OptionsFromProto(const v1::RetrieveOptions& p);
 
 v1::StopReason StopReasonToProto(core::StopReason r);
+
+// Sample options with defaults filled; INVALID_ARGUMENT on unknown enums.
+// `kind` picks the default sampler.
+absl::StatusOr<core::SampleOptions> SampleOptionsFromProto(const v1::SampleRequest& p,
+                                                           core::StateKind kind);
+void SampleBatchToProto(const core::SampleBatch& b, v1::SampleResponse* out);
 
 void SummaryToProto(const core::BankSummary& s, v1::BankInfo* out);
 

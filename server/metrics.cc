@@ -115,6 +115,18 @@ Metrics::Metrics()
                     .Name("engram_lyapunov_violations_total")
                     .Help("Energy rises under dynamics that guarantee descent. Must stay 0.")
                     .Register(*registry_)),
+      samples_(prometheus::BuildCounter()
+                   .Name("engram_samples_total")
+                   .Help("Samples drawn, by class (memorized, spurious, novel).")
+                   .Register(*registry_)),
+      sample_steps_(prometheus::BuildHistogram()
+                        .Name("engram_sample_steps")
+                        .Help("Schedule steps of one Sample call.")
+                        .Register(*registry_)),
+      sample_seconds_(prometheus::BuildHistogram()
+                          .Name("engram_sample_seconds")
+                          .Help("Wall time of one Sample call inside the server.")
+                          .Register(*registry_)),
       bank_patterns_(prometheus::BuildGauge()
                          .Name("engram_bank_patterns")
                          .Help("Patterns stored in a bank.")
@@ -209,6 +221,36 @@ void Metrics::RecordRetrieval(const std::string& bank, core::Dynamics dynamics,
   auto& lyap = Handle(lyapunov_, {{"bank", bank}, {"dynamics", dyn}}, counters_,
                       absl::StrCat("lyap|", bank, "|", dyn));
   if (t.lyapunov_violations > 0) lyap.Increment(t.lyapunov_violations);
+}
+
+void Metrics::RecordSample(const std::string& bank, const std::string& sampler,
+                           const std::vector<std::string>& classes, int steps,
+                           double seconds) {
+  prometheus::Histogram* st;
+  prometheus::Histogram* sec;
+  {
+    absl::MutexLock lock(&mu_);
+    const std::string key = absl::StrCat("sst|", bank, "|", sampler);
+    auto it = histograms_.find(key);
+    if (it == histograms_.end()) {
+      st = &sample_steps_.Add({{"bank", bank}, {"sampler", sampler}},
+                              prometheus::Histogram::BucketBoundaries{
+                                  1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096});
+      sec = &sample_seconds_.Add({{"bank", bank}, {"sampler", sampler}}, LatencyBuckets());
+      histograms_.emplace(key, st);
+      histograms_.emplace(absl::StrCat("ssec|", bank, "|", sampler), sec);
+    } else {
+      st = it->second;
+      sec = histograms_.at(absl::StrCat("ssec|", bank, "|", sampler));
+    }
+  }
+  st->Observe(steps);
+  sec->Observe(seconds);
+  for (const auto& c : classes) {
+    Handle(samples_, {{"bank", bank}, {"sampler", sampler}, {"class", c}}, counters_,
+           absl::StrCat("smp|", bank, "|", sampler, "|", c))
+        .Increment();
+  }
 }
 
 void Metrics::SetBankSize(const std::string& bank, int64_t patterns, uint64_t bytes) {

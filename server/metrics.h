@@ -50,6 +50,9 @@ class Metrics : public std::enable_shared_from_this<Metrics> {
   // Convergence of one retrieval.
   void RecordRetrieval(const std::string& bank, core::Dynamics dynamics,
                        const core::Trajectory& t);
+  // One Sample call: classes, steps and latency.
+  void RecordSample(const std::string& bank, const std::string& sampler,
+                    const std::vector<std::string>& classes, int steps, double seconds);
   // Current size of a bank; RemoveBank drops its series.
   void SetBankSize(const std::string& bank, int64_t patterns, uint64_t bytes);
   void RemoveBank(const std::string& bank);
@@ -67,6 +70,9 @@ class Metrics : public std::enable_shared_from_this<Metrics> {
   prometheus::Family<prometheus::Counter>& stops_;
   prometheus::Family<prometheus::Histogram>& energy_drop_;
   prometheus::Family<prometheus::Counter>& lyapunov_;
+  prometheus::Family<prometheus::Counter>& samples_;
+  prometheus::Family<prometheus::Histogram>& sample_steps_;
+  prometheus::Family<prometheus::Histogram>& sample_seconds_;
   prometheus::Family<prometheus::Gauge>& bank_patterns_;
   prometheus::Family<prometheus::Gauge>& bank_bytes_;
 

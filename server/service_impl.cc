@@ -301,6 +301,95 @@ grpc::Status MemoryServiceImpl::Retrieve(grpc::ServerContext* ctx,
   return ToGrpcStatus(s);
 }
 
+absl::Status MemoryServiceImpl::RunSample(grpc::ServerContext* ctx,
+                                          const v1::SampleRequest* req,
+                                          v1::SampleResponse* resp,
+                                          grpc::ServerWriter<v1::SampleFrame>* writer) {
+  ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->bank()));
+  const auto start = std::chrono::steady_clock::now();
+  const int64_t count = req->count() == 0 ? 1 : req->count();
+  if (count > limits_.max_batch) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "count is ", count, "; the limit per call is ", limits_.max_batch));
+  }
+  std::string sampler_name;
+  std::vector<std::string> classes;
+  int steps = 0;
+  ENGRAM_RETURN_IF_ERROR(registry_->WithBank(req->bank(), [&](const core::Bank& bank)
+                                                              -> absl::Status {
+    const int n = bank.dim();
+    ENGRAM_ASSIGN_OR_RETURN(core::SampleOptions o,
+                            SampleOptionsFromProto(*req, bank.spec().kind));
+    sampler_name = core::SamplerName(o.sampler);
+    if (!req->query().empty()) {
+      ENGRAM_RETURN_IF_ERROR(CheckBatch(req->query(), n, "query", count, bank.spec().kind)
+                                 .status());
+    }
+    ENGRAM_ASSIGN_OR_RETURN(core::EnergyConfig cfg,
+                            ResolveEnergy(req->has_energy(), req->energy(), bank));
+    o.should_stop = [ctx] { return DeadlinePassed(ctx); };
+    const int every = std::max(1, o.trajectory_every);
+    if (writer != nullptr) {
+      o.on_step = [&](int step, double sigma, const std::vector<std::vector<float>>& xs) {
+        if (step % every != 0) return;
+        v1::SampleFrame frame;
+        frame.set_step(step);
+        frame.set_sigma(sigma);
+        for (const auto& x : xs) frame.mutable_states()->Add(x.begin(), x.end());
+        writer->Write(frame);
+      };
+    }
+    std::unique_ptr<bool[]> clamp(new bool[req->clamp_size()]);
+    for (int i = 0; i < req->clamp_size(); ++i) clamp[i] = req->clamp(i);
+    ENGRAM_ASSIGN_OR_RETURN(
+        core::SampleBatch batch,
+        core::Sample(bank, cfg, static_cast<int>(count),
+                     absl::MakeConstSpan(req->query().data(), req->query_size()),
+                     absl::MakeConstSpan(clamp.get(), req->clamp_size()), o));
+    if (batch.deadline) {
+      return absl::DeadlineExceededError(absl::StrCat(
+          "deadline passed after ", batch.steps, " of ", batch.sigmas.size() - 1,
+          " sampling steps"));
+    }
+    SampleBatchToProto(batch, resp);
+    for (int i = 0; i < resp->samples_size(); ++i) {
+      const core::SampleResult& r = batch.samples[i];
+      auto* mem = resp->mutable_samples(i)->mutable_nearest();
+      mem->set_id(r.nearest.id);
+      mem->set_payload(bank.payload(r.nearest.row));
+      mem->set_distance(r.nearest.distance);
+      mem->set_similarity(r.nearest.similarity);
+      classes.push_back(core::SampleClassName(r.sample_class));
+    }
+    steps = batch.steps;
+    return absl::OkStatus();
+  }));
+  metrics_->RecordSample(
+      req->bank(), sampler_name, classes, steps,
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  return absl::OkStatus();
+}
+
+grpc::Status MemoryServiceImpl::Sample(grpc::ServerContext* ctx, const v1::SampleRequest* req,
+                                       v1::SampleResponse* resp) {
+  absl::Status s = RunSample(ctx, req, resp, nullptr);
+  if (!s.ok()) resp->Clear();
+  return ToGrpcStatus(s);
+}
+
+grpc::Status MemoryServiceImpl::SampleStream(grpc::ServerContext* ctx,
+                                             const v1::SampleRequest* req,
+                                             grpc::ServerWriter<v1::SampleFrame>* writer) {
+  v1::SampleFrame last;
+  absl::Status s = RunSample(ctx, req, last.mutable_result(), writer);
+  if (!s.ok()) return ToGrpcStatus(s);
+  last.set_step(last.result().steps());
+  const auto& sig = last.result().sigmas();
+  if (!sig.empty()) last.set_sigma(sig[std::min<int>(last.result().steps(), sig.size() - 1)]);
+  writer->Write(last);
+  return grpc::Status::OK;
+}
+
 grpc::Status MemoryServiceImpl::Energy(grpc::ServerContext*,
                                        const v1::EnergyRequest* req,
                                        v1::EnergyResponse* resp) {

@@ -45,11 +45,18 @@ class MemoryServiceImpl final : public v1::MemoryService::Service {
                            v1::GetPatternsResponse* resp) override;
   grpc::Status Retrieve(grpc::ServerContext* ctx, const v1::RetrieveRequest* req,
                         v1::RetrieveResponse* resp) override;
+  grpc::Status Sample(grpc::ServerContext* ctx, const v1::SampleRequest* req,
+                      v1::SampleResponse* resp) override;
+  grpc::Status SampleStream(grpc::ServerContext* ctx, const v1::SampleRequest* req,
+                            grpc::ServerWriter<v1::SampleFrame>* writer) override;
   grpc::Status Energy(grpc::ServerContext* ctx, const v1::EnergyRequest* req,
                       v1::EnergyResponse* resp) override;
 
  private:
   void UpdateBankGauges(const std::string& name);
+  // Shared by Sample and SampleStream; `writer` may be null.
+  absl::Status RunSample(grpc::ServerContext* ctx, const v1::SampleRequest* req,
+                         v1::SampleResponse* resp, grpc::ServerWriter<v1::SampleFrame>* writer);
 
   core::BankRegistry* registry_;
   std::shared_ptr<Metrics> metrics_;

@@ -364,6 +364,105 @@ TEST_F(ServiceTest, PartialOnDeadlineReturnsPartialStates) {
   }
 }
 
+TEST_F(ServiceTest, SampleReturnsMemoriesWithPayloadsAndCountsClasses) {
+  const int n = 8;
+  ASSERT_TRUE(Create("mem", n, v1::STATE_KIND_CONTINUOUS, v1::ENERGY_FAMILY_GAUSSIAN).ok());
+  std::vector<float> xi(3 * n, 0.f);
+  xi[0] = 5;
+  xi[n + 1] = 5;
+  xi[2 * n + 2] = -5;
+  ASSERT_TRUE(Store("mem", xi, {10, 11, 12}, {"a", "b", "c"}).ok());
+  v1::SampleRequest req;
+  req.set_bank("mem");
+  req.set_count(12);
+  req.set_seed(4);
+  req.mutable_schedule()->set_sigma_max(30);
+  req.mutable_schedule()->set_steps(48);
+  grpc::ClientContext ctx;
+  v1::SampleResponse resp;
+  auto s = stub_->Sample(&ctx, req, &resp);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  ASSERT_EQ(resp.samples_size(), 12);
+  EXPECT_EQ(resp.sigmas_size(), 49);  // 48 levels and the final 0
+  for (const auto& r : resp.samples()) {
+    EXPECT_EQ(r.sample_class(), v1::SAMPLE_CLASS_MEMORIZED);
+    const std::string want = r.nearest().id() == 10 ? "a" : r.nearest().id() == 11 ? "b" : "c";
+    EXPECT_EQ(r.nearest().payload(), want);
+    EXPECT_LT(r.nearest().distance(), 1e-3);
+  }
+  // Same request, same bytes.
+  grpc::ClientContext ctx2;
+  v1::SampleResponse again;
+  ASSERT_TRUE(stub_->Sample(&ctx2, req, &again).ok());
+  EXPECT_EQ(again.SerializeAsString(), resp.SerializeAsString());
+
+  prometheus::TextSerializer ser;
+  const std::string text = ser.Serialize(server_->metrics()->registry()->Collect());
+  EXPECT_THAT(text, HasSubstr(
+      "engram_samples_total{bank=\"mem\",class=\"memorized\",sampler=\"heun\"} 24"));
+}
+
+TEST_F(ServiceTest, SampleStreamYieldsFramesThenTheResult) {
+  const int n = 4;
+  ASSERT_TRUE(Create("st", n, v1::STATE_KIND_CONTINUOUS, v1::ENERGY_FAMILY_GAUSSIAN).ok());
+  ASSERT_TRUE(Store("st", {3, 0, 0, 0, 0, 3, 0, 0}).ok());
+  v1::SampleRequest req;
+  req.set_bank("st");
+  req.set_count(2);
+  req.set_sampler(v1::SAMPLER_EULER);
+  req.mutable_schedule()->set_steps(10);
+  req.mutable_schedule()->set_sigma_max(10);
+  req.set_trajectory_every(2);
+  grpc::ClientContext ctx;
+  auto reader = stub_->SampleStream(&ctx, req);
+  v1::SampleFrame frame;
+  std::vector<v1::SampleFrame> frames;
+  while (reader->Read(&frame)) frames.push_back(frame);
+  ASSERT_TRUE(reader->Finish().ok());
+  ASSERT_EQ(frames.size(), 6u);  // steps 2, 4, 6, 8, 10 and the result
+  for (size_t i = 0; i + 1 < frames.size(); ++i) {
+    EXPECT_EQ(frames[i].step(), 2 * (i + 1));
+    EXPECT_EQ(frames[i].states_size(), 2 * n);
+    EXPECT_FALSE(frames[i].has_result());
+  }
+  ASSERT_TRUE(frames.back().has_result());
+  EXPECT_EQ(frames.back().result().samples_size(), 2);
+  // The last streamed states are the final samples.
+  for (int i = 0; i < n; ++i) {
+    EXPECT_EQ(frames[4].states(i), frames.back().result().samples(0).state(i));
+  }
+  // Trajectory: start plus every 2nd step.
+  EXPECT_EQ(frames.back().result().samples(0).trajectory_size(), 6);
+}
+
+TEST_F(ServiceTest, SampleRejectsBadInput) {
+  ASSERT_TRUE(Create("sb", 4, v1::STATE_KIND_BIPOLAR).ok());
+  ASSERT_TRUE(Store("sb", {1, -1, 1, -1}).ok());
+  auto call = [&](std::function<void(v1::SampleRequest*)> edit) {
+    v1::SampleRequest req;
+    req.set_bank("sb");
+    edit(&req);
+    grpc::ClientContext ctx;
+    v1::SampleResponse resp;
+    return stub_->Sample(&ctx, req, &resp).error_code();
+  };
+  EXPECT_EQ(call([](auto*) {}), grpc::OK);  // annealed_am by default on bipolar
+  EXPECT_EQ(call([](auto* r) { r->set_sampler(v1::SAMPLER_HEUN); }), grpc::FAILED_PRECONDITION);
+  EXPECT_EQ(call([](auto* r) { r->set_sampler(static_cast<v1::Sampler>(99)); }),
+            grpc::INVALID_ARGUMENT);
+  EXPECT_EQ(call([](auto* r) { r->mutable_schedule()->set_kind(static_cast<v1::ScheduleKind>(9)); }),
+            grpc::INVALID_ARGUMENT);
+  EXPECT_EQ(call([](auto* r) {
+              r->mutable_schedule()->set_sigma_min(5);
+              r->mutable_schedule()->set_sigma_max(1);
+            }),
+            grpc::INVALID_ARGUMENT);
+  EXPECT_EQ(call([](auto* r) { r->set_count(5000); }), grpc::INVALID_ARGUMENT);
+  EXPECT_EQ(call([](auto* r) { r->add_query(0.5f); }), grpc::INVALID_ARGUMENT);
+  EXPECT_EQ(call([](auto* r) { r->add_clamp(true); }), grpc::INVALID_ARGUMENT);
+  EXPECT_EQ(call([](auto* r) { r->set_bank("none"); }), grpc::NOT_FOUND);
+}
+
 TEST_F(ServiceTest, MetricsCountCallsByMethodAndCode) {
   ASSERT_TRUE(Create("m", 2, v1::STATE_KIND_CONTINUOUS).ok());
   EXPECT_EQ(Create("m", 2, v1::STATE_KIND_CONTINUOUS).error_code(), grpc::ALREADY_EXISTS);
