@@ -85,6 +85,10 @@ absl::StatusOr<v1::RetrieveResponse> EngramClient::Retrieve(const v1::RetrieveRe
   ENGRAM_CLIENT_CALL(Retrieve, v1::RetrieveRequest, v1::RetrieveResponse, req);
 }
 
+absl::StatusOr<v1::SampleResponse> EngramClient::Sample(const v1::SampleRequest& req) {
+  ENGRAM_CLIENT_CALL(Sample, v1::SampleRequest, v1::SampleResponse, req);
+}
+
 absl::StatusOr<v1::EnergyResponse> EngramClient::Energy(const v1::EnergyRequest& req) {
   ENGRAM_CLIENT_CALL(Energy, v1::EnergyRequest, v1::EnergyResponse, req);
 }

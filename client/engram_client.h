@@ -50,6 +50,7 @@ class EngramClient {
       const v1::DeletePatternsRequest& req);
   absl::StatusOr<v1::GetPatternsResponse> GetPatterns(const v1::GetPatternsRequest& req);
   absl::StatusOr<v1::RetrieveResponse> Retrieve(const v1::RetrieveRequest& req);
+  absl::StatusOr<v1::SampleResponse> Sample(const v1::SampleRequest& req);
   absl::StatusOr<v1::EnergyResponse> Energy(const v1::EnergyRequest& req);
 
   v1::MemoryService::Stub* stub() { return stub_.get(); }

@@ -24,6 +24,7 @@ absl::Status RunDelete(const Args& args, Context& ctx);
 absl::Status RunGet(const Args& args, Context& ctx);
 absl::Status RunRetrieve(const Args& args, Context& ctx);
 absl::Status RunEnergy(const Args& args, Context& ctx);
+absl::Status RunSample(const Args& args, Context& ctx);
 
 // Options shared by several commands.
 extern const std::set<std::string> kGlobalOptions;

@@ -36,12 +36,22 @@ commands:
                        [--energy FAMILY ...] [--trace] [--out states.npy] [--partial]
                        plus the same row/preprocessing options as store
   energy BANK FILE     energy of states; [--gradient] [--energy FAMILY ...]
+  sample BANK          diffusion-style sampling; [--count N] [--sampler heun|euler|stochastic|
+                       langevin|annealed_am] [--schedule karras|geometric|linear] [--sigma-max S]
+                       [--sigma-min S] [--rho R] [--steps S] [--stop-at-sigma-min] [--seed S]
+                       [--query FILE [--sigma-start S] [--mask-fraction F | --clamp FILE]]
+                       [--churn C] [--s-tmin T] [--s-tmax T] [--s-noise X] [--langevin-steps L]
+                       [--langevin-eta E] [--am-iterations K] [--delta-memorized D]
+                       [--delta-spurious D] [--trajectory-every K] [--energy FAMILY ...]
+                       [--png grid.png] [--png-trajectory strip.png] [--image-shape HxW]
+                       [--columns C] [--out samples.npy] [--stream]
 
 energy families: classical polynomial exponential lse gaussian general
 )";
 
 const std::set<std::string> kBoolFlags = {"json", "help", "rectified", "binarize", "normalize",
-                                          "standardize", "trace", "gradient", "partial"};
+                                          "standardize", "trace", "gradient", "partial",
+                                          "stop-at-sigma-min", "stream"};
 
 }  // namespace
 
@@ -65,6 +75,7 @@ int main(int argc, char** argv) {
   else if (cmd == "get") run = engram::cli::RunGet;
   else if (cmd == "retrieve") run = engram::cli::RunRetrieve;
   else if (cmd == "energy") run = engram::cli::RunEnergy;
+  else if (cmd == "sample") run = engram::cli::RunSample;
   if (run == nullptr) {
     std::cerr << "engram: unknown command '" << cmd << "'\n" << kUsage;
     return 2;

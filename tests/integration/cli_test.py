@@ -110,6 +110,36 @@ class CliTest(unittest.TestCase):
         want = -(m[:, 0] + np.log(np.exp(a - m).sum(axis=1))) / beta
         np.testing.assert_allclose(np.array(e["energies"]), want, rtol=1e-5, atol=1e-5)
 
+    def test_sample_memorizes_and_writes_pngs(self):
+        n, k = 64, 4
+        xi = np.zeros((k, n), dtype=np.float32)
+        for mu in range(k):
+            xi[mu, mu * 16:(mu + 1) * 16] = 3.0  # well separated 8x8 "images"
+        np.save(os.path.join(self.dir, "img.npy"), xi)
+        self.json("bank", "create", "imgs", "--dim", str(n), "--kind", "continuous",
+                  "--energy", "gaussian")
+        self.json("store", "imgs", os.path.join(self.dir, "img.npy"))
+        grid = os.path.join(self.dir, "grid.png")
+        strip = os.path.join(self.dir, "strip.png")
+        out = self.json("sample", "imgs", "--count", "12", "--sigma-max", "20", "--steps", "32",
+                        "--seed", "9", "--png", grid, "--png-trajectory", strip,
+                        "--trajectory-every", "8", "--stream")
+        self.assertEqual(out["memorized"], 12)
+        samples = out["response"]["samples"]
+        for smp in samples:
+            state = np.array(smp["state"], dtype=np.float32)
+            mu = int(smp["nearest"]["id"]) - 1
+            np.testing.assert_allclose(state, xi[mu], atol=1e-3)
+        for path in (grid, strip):
+            with open(path, "rb") as f:
+                self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+        # Same seed, same samples; another seed, other trajectories.
+        again = self.json("sample", "imgs", "--count", "12", "--sigma-max", "20", "--steps", "32",
+                          "--seed", "9")
+        self.assertEqual([s_["state"] for s_ in again["response"]["samples"]],
+                         [s_["state"] for s_ in samples])
+        self.engram("sample", "imgs", "--sampler", "nope", expect=1)
+
     def test_bank_lifecycle_and_exit_codes(self):
         self.json("bank", "create", "life", "--dim", "3", "--kind", "continuous")
         names = [b["name"] for b in self.json("bank", "list")["banks"]]
