@@ -1,0 +1,156 @@
+// Google Benchmark microbenchmarks of the core kernels and of one Retrieve /
+// Sample through gRPC (in-process channel and TCP loopback).
+//
+//   build/bench/engram_bench --benchmark_repetitions=5 \
+//       --benchmark_report_aggregates_only=true
+#include <filesystem>
+#include <random>
+
+#include <benchmark/benchmark.h>
+#include <grpcpp/grpcpp.h>
+
+#include "engram/core/dynamics.h"
+#include "engram/core/sampler.h"
+#include "engram/v1/engram.grpc.pb.h"
+#include "server/server.h"
+
+namespace {
+
+using namespace engram;
+
+core::Bank RandomBank(int n, int k, core::StateKind kind, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<float> data(static_cast<size_t>(n) * k);
+  std::normal_distribution<float> g;
+  for (auto& v : data) v = kind == core::StateKind::kBipolar ? ((rng() & 1) ? 1.f : -1.f) : g(rng);
+  core::Bank bank(core::BankSpec{"bench", n, kind, {}, core::Precision::kF32});
+  bank.Append(data, bank.AssignIds(k), {});
+  return bank;
+}
+
+// One sync step of the lse energy (scores, softmax, weighted sum), one query.
+void BM_LseSyncStep(benchmark::State& state) {
+  const int n = state.range(0), k = state.range(1);
+  core::Bank bank = RandomBank(n, k, core::StateKind::kContinuous, 1);
+  core::EnergyConfig cfg{.family = core::EnergyFamily::kLse, .beta = 0.05};
+  core::EnergyFunction energy(cfg, bank.view());
+  std::vector<float> x(bank.pattern(3), bank.pattern(3) + n), out(n);
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(energy.UpdateTarget(x.data(), out.data()));
+  }
+  state.SetBytesProcessed(state.iterations() * int64_t{n} * k * 4);
+}
+BENCHMARK(BM_LseSyncStep)->Args({784, 10000})->Args({784, 1000})->Args({4096, 10000})
+    ->Unit(benchmark::kMicrosecond);
+
+// A whole Retrieve: lse sync from a noisy pattern to convergence + nearest.
+void BM_RetrieveInProcess(benchmark::State& state) {
+  const int n = 784, k = 10000;
+  core::Bank bank = RandomBank(n, k, core::StateKind::kContinuous, 2);
+  core::EnergyConfig cfg{.family = core::EnergyFamily::kLse, .beta = 0.1};
+  core::EnergyFunction energy(cfg, bank.view());
+  std::mt19937_64 rng(3);
+  std::normal_distribution<float> g(0.f, 0.3f);
+  std::vector<float> q(bank.pattern(5), bank.pattern(5) + n);
+  for (auto& v : q) v += g(rng);
+  core::RetrieveOptions o;
+  int steps = 0;
+  for (auto _ : state) {
+    auto t = core::RunDynamics(energy, core::StateKind::kContinuous, q, {}, o);
+    benchmark::DoNotOptimize(bank.Nearest(t->state.data()));
+    steps = t->steps;
+  }
+  state.counters["steps"] = steps;
+}
+BENCHMARK(BM_RetrieveInProcess)->Unit(benchmark::kMicrosecond);
+
+void BM_AsyncSweepBipolar(benchmark::State& state) {
+  const int n = state.range(0), k = state.range(1);
+  core::Bank bank = RandomBank(n, k, core::StateKind::kBipolar, 4);
+  core::EnergyConfig cfg{.family = core::EnergyFamily::kClassical};
+  core::EnergyFunction energy(cfg, bank.view());
+  std::vector<float> q(bank.pattern(0), bank.pattern(0) + n);
+  core::RetrieveOptions o;
+  o.dynamics = core::Dynamics::kAsync;
+  o.max_steps = 1;
+  for (auto _ : state) benchmark::DoNotOptimize(core::RunDynamics(energy, core::StateKind::kBipolar, q, {}, o));
+}
+BENCHMARK(BM_AsyncSweepBipolar)->Args({784, 100})->Unit(benchmark::kMicrosecond);
+
+// A 64-step Heun sample (gaussian energy), one sample.
+void BM_SampleHeun64(benchmark::State& state) {
+  const int n = 784, k = state.range(0);
+  core::Bank bank = RandomBank(n, k, core::StateKind::kContinuous, 5);
+  core::SampleOptions o;
+  o.sampler = core::SamplerKind::kHeun;
+  o.schedule = {.sigma_max = 80, .sigma_min = 0.002, .steps = 64};
+  for (auto _ : state) {
+    auto b = core::Sample(bank, {.family = core::EnergyFamily::kGaussian}, 1, {}, {}, o);
+    benchmark::DoNotOptimize(b);
+  }
+}
+BENCHMARK(BM_SampleHeun64)->Arg(10000)->Unit(benchmark::kMillisecond);
+
+// One Retrieve through gRPC: range(0) = 0 in-process channel, 1 TCP loopback;
+// range(1) = K (N = 784).
+void BM_GrpcRetrieve(benchmark::State& state) {
+  const bool tcp = state.range(0) == 1;
+  const int n = 784, k = state.range(1);
+  const auto dir = std::filesystem::temp_directory_path() / "engram_bench_grpc";
+  std::filesystem::remove_all(dir);
+  server::ServerConfig cfg;
+  cfg.listen = "127.0.0.1:0";
+  cfg.data_dir = dir.string();
+  cfg.metrics_listen = "";
+  auto srv = server::EngramServer::Start(cfg);
+  if (!srv.ok()) {
+    state.SkipWithError(std::string(srv.status().message()).c_str());
+    return;
+  }
+  std::shared_ptr<grpc::Channel> ch =
+      tcp ? grpc::CreateChannel("127.0.0.1:" + std::to_string((*srv)->port()),
+                                grpc::InsecureChannelCredentials())
+          : (*srv)->InProcessChannel();
+  auto stub = v1::MemoryService::NewStub(ch);
+  {
+    grpc::ClientContext c;
+    v1::CreateBankRequest req;
+    req.set_name("b");
+    req.set_dim(n);
+    req.set_kind(v1::STATE_KIND_CONTINUOUS);
+    req.mutable_energy()->set_family(v1::ENERGY_FAMILY_LSE);
+    req.mutable_energy()->set_beta(0.1);
+    v1::BankInfo info;
+    stub->CreateBank(&c, req, &info);
+    core::Bank bank = RandomBank(n, k, core::StateKind::kContinuous, 6);
+    for (int start = 0; start < k; start += 2000) {
+      grpc::ClientContext sc;
+      v1::StoreRequest sr;
+      sr.set_bank("b");
+      const int end = std::min(k, start + 2000);
+      sr.mutable_patterns()->Add(bank.pattern(start), bank.pattern(start) + int64_t{end - start} * n);
+      v1::StoreResponse resp;
+      stub->Store(&sc, sr, &resp);
+    }
+  }
+  core::Bank q = RandomBank(n, 1, core::StateKind::kContinuous, 7);
+  v1::RetrieveRequest req;
+  req.set_bank("b");
+  req.mutable_queries()->Add(q.pattern(0), q.pattern(0) + n);
+  req.mutable_options()->set_max_steps(1);
+  for (auto _ : state) {
+    grpc::ClientContext c;
+    v1::RetrieveResponse resp;
+    auto s = stub->Retrieve(&c, req, &resp);
+    if (!s.ok()) state.SkipWithError(s.error_message().c_str());
+  }
+  srv->reset();
+  std::filesystem::remove_all(dir);
+}
+BENCHMARK(BM_GrpcRetrieve)
+    ->Args({0, 16})->Args({1, 16})->Args({0, 10000})->Args({1, 10000})
+    ->Unit(benchmark::kMicrosecond)->UseRealTime();
+
+}  // namespace
+
+BENCHMARK_MAIN();
