@@ -14,7 +14,13 @@ absl::StatusOr<std::unique_ptr<EngramClient>> EngramClient::Connect(
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(options.max_message_bytes);
   args.SetMaxSendMessageSize(options.max_message_bytes);
-  auto channel = grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+  std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
+  if (!options.tls_root_pem.empty()) {
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = options.tls_root_pem;
+    creds = grpc::SslCredentials(ssl);
+  }
+  auto channel = grpc::CreateCustomChannel(target, creds, args);
   if (!channel->WaitForConnected(absl::ToChronoTime(absl::Now() + options.connect_timeout))) {
     return absl::UnavailableError(absl::StrCat(
         "no Engram server answered at ", target, " within ",
@@ -33,6 +39,7 @@ void EngramClient::Prepare(grpc::ClientContext* ctx) const {
   if (options_.timeout > absl::ZeroDuration()) {
     ctx->set_deadline(absl::ToChronoTime(absl::Now() + options_.timeout));
   }
+  if (!options_.token.empty()) ctx->AddMetadata("authorization", "Bearer " + options_.token);
 }
 
 #define ENGRAM_CLIENT_CALL(Method, Req, Resp, req)      \

@@ -28,6 +28,10 @@ struct ClientOptions {
   // How long Connect waits for the channel to become ready.
   absl::Duration connect_timeout = absl::Seconds(5);
   int max_message_bytes = 256 << 20;
+  // Sent as "authorization: Bearer <token>" when non-empty.
+  std::string token;
+  // PEM root certificates; non-empty connects with TLS.
+  std::string tls_root_pem;
 };
 
 // absl::Status with the gRPC code and message.
@@ -54,9 +58,11 @@ class EngramClient {
   absl::StatusOr<v1::EnergyResponse> Energy(const v1::EnergyRequest& req);
 
   v1::MemoryService::Stub* stub() { return stub_.get(); }
+  // Applies the deadline and credentials of the options to a context (for
+  // calls made directly on stub()).
+  void Prepare(grpc::ClientContext* ctx) const;
 
  private:
-  void Prepare(grpc::ClientContext* ctx) const;
 
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::MemoryService::Stub> stub_;

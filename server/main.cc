@@ -6,7 +6,9 @@
 // ENGRAM_DATA_DIR, ENGRAM_METRICS_LISTEN, ENGRAM_MEMORY_BUDGET_BYTES,
 // ENGRAM_MAX_MESSAGE_BYTES, ENGRAM_MAX_BATCH); a flag on the command line
 // wins over the environment. SIGTERM / SIGINT shut down gracefully.
+#include <cctype>
 #include <csignal>
+#include <fstream>
 #include <cstdlib>
 #include <iostream>
 #include <thread>
@@ -45,6 +47,13 @@ ABSL_FLAG(int32_t, max_message_bytes,
           "largest request or response (env ENGRAM_MAX_MESSAGE_BYTES)");
 ABSL_FLAG(int64_t, max_batch, EnvOrInt("ENGRAM_MAX_BATCH", 65536),
           "largest batch of patterns / queries per call (env ENGRAM_MAX_BATCH)");
+ABSL_FLAG(std::string, auth_token_file, EnvOr("ENGRAM_AUTH_TOKEN_FILE", ""),
+          "file holding the bearer token every call must present (env ENGRAM_AUTH_TOKEN_FILE; "
+          "or the token itself in ENGRAM_AUTH_TOKEN)");
+ABSL_FLAG(std::string, tls_cert, EnvOr("ENGRAM_TLS_CERT", ""),
+          "PEM certificate chain; with --tls_key enables TLS (env ENGRAM_TLS_CERT)");
+ABSL_FLAG(std::string, tls_key, EnvOr("ENGRAM_TLS_KEY", ""),
+          "PEM private key (env ENGRAM_TLS_KEY)");
 ABSL_FLAG(int32_t, shutdown_grace_seconds, 10,
           "seconds running calls get to finish on SIGTERM");
 
@@ -68,6 +77,25 @@ int main(int argc, char** argv) {
   config.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   config.max_batch = absl::GetFlag(FLAGS_max_batch);
 
+  config.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
+  config.tls_key_file = absl::GetFlag(FLAGS_tls_key);
+  config.auth_token = EnvOr("ENGRAM_AUTH_TOKEN", "");
+  if (const std::string path = absl::GetFlag(FLAGS_auth_token_file); !path.empty()) {
+    std::ifstream in(path);
+    if (!in) {
+      std::cerr << "engramd: cannot read --auth_token_file " << path << std::endl;
+      return 1;
+    }
+    std::getline(in, config.auth_token);
+    while (!config.auth_token.empty() && std::isspace(static_cast<unsigned char>(config.auth_token.back()))) {
+      config.auth_token.pop_back();
+    }
+    if (config.auth_token.empty()) {
+      std::cerr << "engramd: --auth_token_file " << path << " is empty" << std::endl;
+      return 1;
+    }
+  }
+
   auto server = engram::server::EngramServer::Start(config);
   if (!server.ok()) {
     std::cerr << "engramd: " << server.status().ToString() << std::endl;
@@ -77,7 +105,8 @@ int main(int argc, char** argv) {
   std::cout << "engramd: serving on " << config.listen << " (port " << (*server)->port()
             << "), data " << config.data_dir << " (" << banks << " banks), metrics "
             << (config.metrics_listen.empty() ? "off" : "http://" + config.metrics_listen + "/metrics")
-            << std::endl;
+            << (config.tls_cert_file.empty() ? "" : ", TLS")
+            << (config.auth_token.empty() ? "" : ", bearer-token authentication") << std::endl;
 
   std::thread waiter([&] {
     int sig = 0;

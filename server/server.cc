@@ -1,6 +1,7 @@
 #include "server/server.h"
 
 #include <filesystem>
+#include <fstream>
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
@@ -20,17 +21,11 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
     return absl::UnavailableError(absl::StrCat(
         "cannot create data directory '", config.data_dir, "': ", ec.message()));
   }
-  const std::string db = (std::filesystem::path(config.data_dir) / "engram.db").string();
-  ENGRAM_ASSIGN_OR_RETURN(auto storage, core::OpenSqliteStorage(db));
-  core::RegistryOptions ropts;
-  ropts.memory_budget_bytes = config.memory_budget_bytes;
-  ENGRAM_ASSIGN_OR_RETURN(s->registry_,
-                          core::BankRegistry::Open(std::move(storage), ropts));
-
   s->metrics_ = std::make_shared<Metrics>();
   ServiceLimits limits;
   limits.max_batch = config.max_batch;
-  s->service_ = std::make_unique<MemoryServiceImpl>(s->registry_.get(), s->metrics_, limits);
+  limits.auth_token = config.auth_token;
+  s->service_ = std::make_unique<MemoryServiceImpl>(nullptr, s->metrics_, limits);
 
   if (!config.metrics_listen.empty()) {
     try {
@@ -45,7 +40,23 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(config.listen, grpc::InsecureServerCredentials(), &s->port_);
+  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+  if (!config.tls_cert_file.empty() || !config.tls_key_file.empty()) {
+    auto read = [](const std::string& path) -> absl::StatusOr<std::string> {
+      std::ifstream in(path, std::ios::binary);
+      if (!in) return absl::UnavailableError(absl::StrCat("cannot read '", path, "'"));
+      return std::string(std::istreambuf_iterator<char>(in), {});
+    };
+    if (config.tls_cert_file.empty() || config.tls_key_file.empty()) {
+      return absl::InvalidArgumentError("TLS needs both a certificate and a key file");
+    }
+    ENGRAM_ASSIGN_OR_RETURN(std::string cert, read(config.tls_cert_file));
+    ENGRAM_ASSIGN_OR_RETURN(std::string key, read(config.tls_key_file));
+    grpc::SslServerCredentialsOptions ssl;
+    ssl.pem_key_cert_pairs.push_back({key, cert});
+    creds = grpc::SslServerCredentials(ssl);
+  }
+  builder.AddListeningPort(config.listen, creds, &s->port_);
   builder.SetMaxReceiveMessageSize(config.max_message_bytes);
   builder.SetMaxSendMessageSize(config.max_message_bytes);
   builder.RegisterService(s->service_.get());
@@ -54,6 +65,16 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
   if (s->server_ == nullptr || s->port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", config.listen));
   }
+  // NOT_SERVING (and MemoryService UNAVAILABLE) until every bank is loaded.
+  s->server_->GetHealthCheckService()->SetServingStatus(false);
+  const std::string db = (std::filesystem::path(config.data_dir) / "engram.db").string();
+  ENGRAM_ASSIGN_OR_RETURN(auto storage, core::OpenSqliteStorage(db));
+  core::RegistryOptions ropts;
+  ropts.memory_budget_bytes = config.memory_budget_bytes;
+  ENGRAM_ASSIGN_OR_RETURN(s->registry_,
+                          core::BankRegistry::Open(std::move(storage), ropts));
+
+  s->service_->SetRegistry(s->registry_.get());
   s->server_->GetHealthCheckService()->SetServingStatus(true);
   return s;
 }

@@ -36,6 +36,13 @@ struct ServerConfig {
   uint64_t memory_budget_bytes = 0;
   int max_message_bytes = 64 << 20;
   int64_t max_batch = 65536;
+  // When non-empty, every MemoryService call must carry
+  // "authorization: Bearer <token>" (UNAUTHENTICATED otherwise). Health,
+  // reflection and the metrics endpoint stay open for probes.
+  std::string auth_token;
+  // PEM files; both set enables TLS on the gRPC port.
+  std::string tls_cert_file;
+  std::string tls_key_file;
 };
 
 class EngramServer {

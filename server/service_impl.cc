@@ -71,21 +71,60 @@ bool DeadlinePassed(grpc::ServerContext* ctx) {
 MemoryServiceImpl::MemoryServiceImpl(core::BankRegistry* registry,
                                      std::shared_ptr<Metrics> metrics,
                                      ServiceLimits limits)
-    : registry_(registry), metrics_(std::move(metrics)), limits_(limits) {
-  for (const auto& s : registry_->ListBanks()) {
+    : registry_(nullptr), metrics_(std::move(metrics)), limits_(limits) {
+  if (registry != nullptr) SetRegistry(registry);
+}
+
+void MemoryServiceImpl::SetRegistry(core::BankRegistry* registry) {
+  for (const auto& s : registry->ListBanks()) {
     metrics_->SetBankSize(s.spec.name, s.patterns, s.bytes);
   }
+  registry_.store(registry);
+}
+
+absl::Status MemoryServiceImpl::Ready() const {
+  if (registry_.load() == nullptr) {
+    return absl::UnavailableError("engramd is still loading its banks; retry shortly");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status MemoryServiceImpl::Authorize(grpc::ServerContext* ctx) const {
+  if (limits_.auth_token.empty()) return absl::OkStatus();
+  const std::string& want = limits_.auth_token;
+  std::string_view got;
+  if (ctx != nullptr) {
+    auto range = ctx->client_metadata().equal_range("authorization");
+    if (range.first != range.second) {
+      got = std::string_view(range.first->second.data(), range.first->second.size());
+    }
+  }
+  constexpr std::string_view kBearer = "Bearer ";
+  bool ok = got.size() == kBearer.size() + want.size() && got.substr(0, kBearer.size()) == kBearer;
+  // Constant-time comparison of the token (its length is not secret).
+  unsigned char diff = ok ? 0 : 1;
+  const std::string_view token = ok ? got.substr(kBearer.size()) : std::string_view(want);
+  for (size_t i = 0; i < want.size(); ++i) {
+    diff |= static_cast<unsigned char>(token[i] ^ want[i]);
+  }
+  if (diff != 0) {
+    return absl::UnauthenticatedError(
+        "this server requires 'authorization: Bearer <token>' metadata");
+  }
+  return absl::OkStatus();
 }
 
 void MemoryServiceImpl::UpdateBankGauges(const std::string& name) {
-  auto s = registry_->GetBank(name);
+  auto s = registry_.load()->GetBank(name);
   if (s.ok()) metrics_->SetBankSize(name, s->patterns, s->bytes);
 }
 
-grpc::Status MemoryServiceImpl::CreateBank(grpc::ServerContext*,
+grpc::Status MemoryServiceImpl::CreateBank(grpc::ServerContext* ctx,
                                            const v1::CreateBankRequest* req,
                                            v1::BankInfo* resp) {
   absl::Status s = [&]() -> absl::Status {
+    ENGRAM_RETURN_IF_ERROR(Authorize(ctx));
+    ENGRAM_RETURN_IF_ERROR(Ready());
     ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->name()));
     if (req->dim() < 1 || req->dim() > static_cast<uint32_t>(core::kMaxDim)) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -97,7 +136,7 @@ grpc::Status MemoryServiceImpl::CreateBank(grpc::ServerContext*,
     ENGRAM_ASSIGN_OR_RETURN(spec.kind, KindFromProto(req->kind()));
     ENGRAM_ASSIGN_OR_RETURN(spec.energy, EnergyFromProto(req->energy(), spec.kind));
     ENGRAM_ASSIGN_OR_RETURN(spec.precision, PrecisionFromProto(req->precision()));
-    ENGRAM_ASSIGN_OR_RETURN(core::BankSummary summary, registry_->CreateBank(spec));
+    ENGRAM_ASSIGN_OR_RETURN(core::BankSummary summary, registry_.load()->CreateBank(spec));
     SummaryToProto(summary, resp);
     metrics_->SetBankSize(spec.name, 0, summary.bytes);
     return absl::OkStatus();
@@ -105,52 +144,60 @@ grpc::Status MemoryServiceImpl::CreateBank(grpc::ServerContext*,
   return ToGrpcStatus(s);
 }
 
-grpc::Status MemoryServiceImpl::GetBank(grpc::ServerContext*,
+grpc::Status MemoryServiceImpl::GetBank(grpc::ServerContext* ctx,
                                         const v1::GetBankRequest* req,
                                         v1::BankInfo* resp) {
   absl::Status s = [&]() -> absl::Status {
+    ENGRAM_RETURN_IF_ERROR(Authorize(ctx));
+    ENGRAM_RETURN_IF_ERROR(Ready());
     ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->name()));
-    ENGRAM_ASSIGN_OR_RETURN(core::BankSummary summary, registry_->GetBank(req->name()));
+    ENGRAM_ASSIGN_OR_RETURN(core::BankSummary summary, registry_.load()->GetBank(req->name()));
     SummaryToProto(summary, resp);
     return absl::OkStatus();
   }();
   return ToGrpcStatus(s);
 }
 
-grpc::Status MemoryServiceImpl::ListBanks(grpc::ServerContext*,
+grpc::Status MemoryServiceImpl::ListBanks(grpc::ServerContext* ctx,
                                           const v1::ListBanksRequest*,
                                           v1::ListBanksResponse* resp) {
-  for (const auto& summary : registry_->ListBanks()) {
+  if (absl::Status a = Authorize(ctx); !a.ok()) return ToGrpcStatus(a);
+  if (absl::Status a = Ready(); !a.ok()) return ToGrpcStatus(a);
+  for (const auto& summary : registry_.load()->ListBanks()) {
     SummaryToProto(summary, resp->add_banks());
   }
   return grpc::Status::OK;
 }
 
-grpc::Status MemoryServiceImpl::DeleteBank(grpc::ServerContext*,
+grpc::Status MemoryServiceImpl::DeleteBank(grpc::ServerContext* ctx,
                                            const v1::DeleteBankRequest* req,
                                            v1::DeleteBankResponse*) {
   absl::Status s = [&]() -> absl::Status {
+    ENGRAM_RETURN_IF_ERROR(Authorize(ctx));
+    ENGRAM_RETURN_IF_ERROR(Ready());
     ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->name()));
-    ENGRAM_RETURN_IF_ERROR(registry_->DeleteBank(req->name()));
+    ENGRAM_RETURN_IF_ERROR(registry_.load()->DeleteBank(req->name()));
     metrics_->RemoveBank(req->name());
     return absl::OkStatus();
   }();
   return ToGrpcStatus(s);
 }
 
-grpc::Status MemoryServiceImpl::Store(grpc::ServerContext*,
+grpc::Status MemoryServiceImpl::Store(grpc::ServerContext* ctx,
                                       const v1::StoreRequest* req,
                                       v1::StoreResponse* resp) {
   absl::Status s = [&]() -> absl::Status {
+    ENGRAM_RETURN_IF_ERROR(Authorize(ctx));
+    ENGRAM_RETURN_IF_ERROR(Ready());
     ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->bank()));
-    ENGRAM_ASSIGN_OR_RETURN(core::BankSummary info, registry_->GetBank(req->bank()));
+    ENGRAM_ASSIGN_OR_RETURN(core::BankSummary info, registry_.load()->GetBank(req->bank()));
     ENGRAM_RETURN_IF_ERROR(CheckBatch(req->patterns(), info.spec.dim, "patterns",
                                       limits_.max_batch, info.spec.kind)
                                .status());
     std::vector<std::string> payloads(req->payloads().begin(), req->payloads().end());
     ENGRAM_ASSIGN_OR_RETURN(
         core::StoreResult r,
-        registry_->Store(req->bank(),
+        registry_.load()->Store(req->bank(),
                          absl::MakeConstSpan(req->patterns().data(), req->patterns().size()),
                          absl::MakeConstSpan(req->ids().data(), req->ids().size()),
                          payloads));
@@ -162,10 +209,12 @@ grpc::Status MemoryServiceImpl::Store(grpc::ServerContext*,
   return ToGrpcStatus(s);
 }
 
-grpc::Status MemoryServiceImpl::DeletePatterns(grpc::ServerContext*,
+grpc::Status MemoryServiceImpl::DeletePatterns(grpc::ServerContext* ctx,
                                                const v1::DeletePatternsRequest* req,
                                                v1::DeletePatternsResponse* resp) {
   absl::Status s = [&]() -> absl::Status {
+    ENGRAM_RETURN_IF_ERROR(Authorize(ctx));
+    ENGRAM_RETURN_IF_ERROR(Ready());
     ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->bank()));
     if (req->ids_size() > limits_.max_batch) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -174,7 +223,7 @@ grpc::Status MemoryServiceImpl::DeletePatterns(grpc::ServerContext*,
     }
     ENGRAM_ASSIGN_OR_RETURN(
         core::DeleteResult r,
-        registry_->DeletePatterns(req->bank(),
+        registry_.load()->DeletePatterns(req->bank(),
                                   absl::MakeConstSpan(req->ids().data(), req->ids().size())));
     resp->set_deleted(r.deleted);
     resp->set_bank_patterns(r.bank_patterns);
@@ -184,16 +233,18 @@ grpc::Status MemoryServiceImpl::DeletePatterns(grpc::ServerContext*,
   return ToGrpcStatus(s);
 }
 
-grpc::Status MemoryServiceImpl::GetPatterns(grpc::ServerContext*,
+grpc::Status MemoryServiceImpl::GetPatterns(grpc::ServerContext* ctx,
                                             const v1::GetPatternsRequest* req,
                                             v1::GetPatternsResponse* resp) {
   absl::Status s = [&]() -> absl::Status {
+    ENGRAM_RETURN_IF_ERROR(Authorize(ctx));
+    ENGRAM_RETURN_IF_ERROR(Ready());
     ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->bank()));
     if (req->ids_size() > limits_.max_batch || req->page_size() > limits_.max_batch) {
       return absl::InvalidArgumentError(absl::StrCat(
           "at most ", limits_.max_batch, " patterns per GetPatterns call"));
     }
-    return registry_->WithBank(req->bank(), [&](const core::Bank& bank) -> absl::Status {
+    return registry_.load()->WithBank(req->bank(), [&](const core::Bank& bank) -> absl::Status {
       const int n = bank.dim();
       resp->set_dim(n);
       auto add_row = [&](int64_t row) {
@@ -229,12 +280,14 @@ grpc::Status MemoryServiceImpl::Retrieve(grpc::ServerContext* ctx,
                                          const v1::RetrieveRequest* req,
                                          v1::RetrieveResponse* resp) {
   absl::Status s = [&]() -> absl::Status {
+    ENGRAM_RETURN_IF_ERROR(Authorize(ctx));
+    ENGRAM_RETURN_IF_ERROR(Ready());
     ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->bank()));
     ENGRAM_ASSIGN_OR_RETURN(core::RetrieveOptions opts, OptionsFromProto(req->options()));
     opts.should_stop = [ctx] { return DeadlinePassed(ctx); };
     std::vector<core::Trajectory> results;
     core::Dynamics dynamics = opts.dynamics;
-    ENGRAM_RETURN_IF_ERROR(registry_->WithBank(req->bank(), [&](const core::Bank& bank)
+    ENGRAM_RETURN_IF_ERROR(registry_.load()->WithBank(req->bank(), [&](const core::Bank& bank)
                                                                 -> absl::Status {
       const int n = bank.dim();
       ENGRAM_ASSIGN_OR_RETURN(int64_t b, CheckBatch(req->queries(), n, "queries",
@@ -305,6 +358,8 @@ absl::Status MemoryServiceImpl::RunSample(grpc::ServerContext* ctx,
                                           const v1::SampleRequest* req,
                                           v1::SampleResponse* resp,
                                           grpc::ServerWriter<v1::SampleFrame>* writer) {
+  ENGRAM_RETURN_IF_ERROR(Authorize(ctx));
+  ENGRAM_RETURN_IF_ERROR(Ready());
   ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->bank()));
   const auto start = std::chrono::steady_clock::now();
   const int64_t count = req->count() == 0 ? 1 : req->count();
@@ -315,7 +370,7 @@ absl::Status MemoryServiceImpl::RunSample(grpc::ServerContext* ctx,
   std::string sampler_name;
   std::vector<std::string> classes;
   int steps = 0;
-  ENGRAM_RETURN_IF_ERROR(registry_->WithBank(req->bank(), [&](const core::Bank& bank)
+  ENGRAM_RETURN_IF_ERROR(registry_.load()->WithBank(req->bank(), [&](const core::Bank& bank)
                                                               -> absl::Status {
     const int n = bank.dim();
     ENGRAM_ASSIGN_OR_RETURN(core::SampleOptions o,
@@ -390,12 +445,14 @@ grpc::Status MemoryServiceImpl::SampleStream(grpc::ServerContext* ctx,
   return grpc::Status::OK;
 }
 
-grpc::Status MemoryServiceImpl::Energy(grpc::ServerContext*,
+grpc::Status MemoryServiceImpl::Energy(grpc::ServerContext* ctx,
                                        const v1::EnergyRequest* req,
                                        v1::EnergyResponse* resp) {
   absl::Status s = [&]() -> absl::Status {
+    ENGRAM_RETURN_IF_ERROR(Authorize(ctx));
+    ENGRAM_RETURN_IF_ERROR(Ready());
     ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->bank()));
-    return registry_->WithBank(req->bank(), [&](const core::Bank& bank) -> absl::Status {
+    return registry_.load()->WithBank(req->bank(), [&](const core::Bank& bank) -> absl::Status {
       const int n = bank.dim();
       // States for Energy may be any finite vector, also on bipolar banks.
       ENGRAM_ASSIGN_OR_RETURN(int64_t b, CheckBatch(req->states(), n, "states",

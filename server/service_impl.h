@@ -10,6 +10,7 @@
 #ifndef ENGRAM_SERVER_SERVICE_IMPL_H_
 #define ENGRAM_SERVER_SERVICE_IMPL_H_
 
+#include <atomic>
 #include <memory>
 
 #include "engram/core/registry.h"
@@ -21,12 +22,17 @@ namespace engram::server {
 struct ServiceLimits {
   // Largest batch (patterns per Store, queries per Retrieve/Energy).
   int64_t max_batch = 65536;
+  // Bearer token required on every call; empty disables authentication.
+  std::string auth_token;
 };
 
 class MemoryServiceImpl final : public v1::MemoryService::Service {
  public:
+  // `registry` may be null while banks are loading: calls then fail with
+  // UNAVAILABLE until SetRegistry.
   MemoryServiceImpl(core::BankRegistry* registry, std::shared_ptr<Metrics> metrics,
                     ServiceLimits limits = {});
+  void SetRegistry(core::BankRegistry* registry);
 
   grpc::Status CreateBank(grpc::ServerContext* ctx, const v1::CreateBankRequest* req,
                           v1::BankInfo* resp) override;
@@ -54,11 +60,16 @@ class MemoryServiceImpl final : public v1::MemoryService::Service {
 
  private:
   void UpdateBankGauges(const std::string& name);
+  // OK, or UNAUTHENTICATED when a token is configured and the call lacks it.
+  absl::Status Authorize(grpc::ServerContext* ctx) const;
   // Shared by Sample and SampleStream; `writer` may be null.
   absl::Status RunSample(grpc::ServerContext* ctx, const v1::SampleRequest* req,
                          v1::SampleResponse* resp, grpc::ServerWriter<v1::SampleFrame>* writer);
 
-  core::BankRegistry* registry_;
+  // UNAVAILABLE while loading.
+  absl::Status Ready() const;
+
+  std::atomic<core::BankRegistry*> registry_;
   std::shared_ptr<Metrics> metrics_;
   ServiceLimits limits_;
 };

@@ -7,9 +7,10 @@
 //   engram --json bank list
 //
 // The server address comes from --target or ENGRAM_TARGET (default
-// 127.0.0.1:50051). Exit status: 0 on success, 1 on a server or input error
+// 127.0.0.1:50051); a bearer token from --token or ENGRAM_TOKEN. Exit status: 0 on success, 1 on a server or input error
 // (printed with its gRPC code), 2 on a usage error.
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
 
 #include "absl/strings/match.h"
@@ -90,6 +91,16 @@ int main(int argc, char** argv) {
     return 2;
   }
   opts.timeout = absl::Seconds(*timeout);
+  const char* env_token = std::getenv("ENGRAM_TOKEN");
+  opts.token = args->Get("token", env_token != nullptr ? env_token : "");
+  if (args->Has("tls-ca")) {
+    std::ifstream in(args->Get("tls-ca"), std::ios::binary);
+    if (!in) {
+      std::cerr << "engram: cannot read --tls-ca " << args->Get("tls-ca") << "\n";
+      return 2;
+    }
+    opts.tls_root_pem.assign(std::istreambuf_iterator<char>(in), {});
+  }
   auto client = engram::client::EngramClient::Connect(target, opts);
   if (!client.ok()) {
     std::cerr << "engram: " << client.status().message() << "\n";

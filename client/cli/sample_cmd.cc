@@ -144,6 +144,7 @@ absl::Status RunSample(const Args& args, Context& ctx) {
   v1::SampleResponse resp;
   if (args.Has("stream")) {
     grpc::ClientContext cctx;
+    ctx.client->Prepare(&cctx);
     auto reader = ctx.client->stub()->SampleStream(&cctx, req);
     v1::SampleFrame frame;
     while (reader->Read(&frame)) {

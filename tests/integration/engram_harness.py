@@ -85,12 +85,14 @@ def free_port():
 class Engramd:
     """One engramd process with its own data directory and ports."""
 
-    def __init__(self, binary, data_dir, extra_args=()):
+    def __init__(self, binary, data_dir, extra_args=(), root_pem=None, env=None):
         self.binary = binary
         self.data_dir = data_dir
         self.port = free_port()
         self.metrics_port = free_port()
         self.extra_args = list(extra_args)
+        self.root_pem = root_pem
+        self.env = env
         self.proc = None
         self.log_path = os.path.join(data_dir, "engramd.log")
 
@@ -104,8 +106,9 @@ class Engramd:
         self.proc = subprocess.Popen(
             [self.binary, "--listen", self.target, "--data_dir", self.data_dir,
              "--metrics_listen", "127.0.0.1:%d" % self.metrics_port] + self.extra_args,
-            stdout=self.log, stderr=subprocess.STDOUT)
-        channel = grpc.insecure_channel(self.target)
+            stdout=self.log, stderr=subprocess.STDOUT,
+            env=None if self.env is None else dict(os.environ, **self.env))
+        channel = self.channel()
         try:
             grpc.channel_ready_future(channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
@@ -135,9 +138,12 @@ class Engramd:
         return code
 
     def channel(self):
-        return grpc.insecure_channel(
-            self.target, options=[("grpc.max_receive_message_length", 256 << 20),
-                                  ("grpc.max_send_message_length", 256 << 20)])
+        options = [("grpc.max_receive_message_length", 256 << 20),
+                   ("grpc.max_send_message_length", 256 << 20)]
+        if self.root_pem is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=self.root_pem)
+            return grpc.secure_channel(self.target, creds, options=options)
+        return grpc.insecure_channel(self.target, options=options)
 
 
 def make_tempdir(prefix):

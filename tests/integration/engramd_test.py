@@ -259,6 +259,57 @@ class DurabilityTest(ServerTest):
             start = page.next_page_start
 
 
+class SecurityTest(unittest.TestCase):
+    """TLS from PEM files and a bearer token from a file; health stays open."""
+
+    def test_tls_and_token(self):
+        d = tempfile.mkdtemp(prefix="engram_sec_")
+        try:
+            cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+            subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                 "-out", cert, "-days", "1", "-subj", "/CN=localhost",
+                 "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                check=True, capture_output=True)
+            token_file = os.path.join(d, "token")
+            with open(token_file, "w") as f:
+                f.write("tok-%d\n" % os.getpid())
+            server = engram_harness.Engramd(
+                ARGS.engramd, os.path.join(d, "data"),
+                extra_args=["--tls_cert", cert, "--tls_key", key, "--auth_token_file", token_file],
+                root_pem=open(cert, "rb").read()).start()
+            try:
+                ch = server.channel()
+                pb = M["pb"]
+                stub = M["rpc"].MemoryServiceStub(ch)
+                health = M["health_rpc"].HealthStub(ch)
+                self.assertEqual(health.Check(M["health_pb"].HealthCheckRequest(), timeout=5).status,
+                                 M["health_pb"].HealthCheckResponse.SERVING)
+                req = pb.CreateBankRequest(name="s", dim=2, kind=pb.STATE_KIND_CONTINUOUS)
+                for md in ([], [("authorization", "Bearer nope")]):
+                    with self.assertRaises(grpc.RpcError) as ctx:
+                        stub.CreateBank(req, metadata=md, timeout=5)
+                    self.assertEqual(ctx.exception.code(), grpc.StatusCode.UNAUTHENTICATED)
+                good = [("authorization", "Bearer tok-%d" % os.getpid())]
+                stub.CreateBank(req, metadata=good, timeout=5)
+                self.assertEqual(len(stub.ListBanks(pb.ListBanksRequest(), metadata=good,
+                                                    timeout=5).banks), 1)
+                # The token never reaches the log.
+                self.assertNotIn("tok-%d" % os.getpid(), open(server.log_path).read())
+                # The CLI with --tls-ca and ENGRAM_TOKEN.
+                p = subprocess.run([ARGS.engram, "--target", "localhost:%d" % server.port,
+                                    "--tls-ca", cert, "--json", "bank", "list"],
+                                   env=dict(os.environ, ENGRAM_TOKEN="tok-%d" % os.getpid()),
+                                   capture_output=True, text=True, timeout=30)
+                self.assertEqual(p.returncode, 0, p.stderr)
+                self.assertIn('"name":"s"', p.stdout)
+                ch.close()
+            finally:
+                server.kill()
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--engramd", required=True)

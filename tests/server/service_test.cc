@@ -463,6 +463,51 @@ TEST_F(ServiceTest, SampleRejectsBadInput) {
   EXPECT_EQ(call([](auto* r) { r->set_bank("none"); }), grpc::NOT_FOUND);
 }
 
+TEST(ServiceAuth, TokenRequiredOnEveryCallAndNothingChangesWithout) {
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("engram_auth_test_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  ServerConfig config;
+  config.listen = "127.0.0.1:0";
+  config.data_dir = dir.string();
+  config.metrics_listen = "";
+  config.auth_token = "s3cret-token";
+  auto server = EngramServer::Start(config);
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = v1::MemoryService::NewStub((*server)->InProcessChannel());
+  auto create = [&](const std::string& header) {
+    grpc::ClientContext ctx;
+    if (!header.empty()) ctx.AddMetadata("authorization", header);
+    v1::CreateBankRequest req;
+    req.set_name("a");
+    req.set_dim(2);
+    req.set_kind(v1::STATE_KIND_CONTINUOUS);
+    v1::BankInfo info;
+    return stub->CreateBank(&ctx, req, &info);
+  };
+  EXPECT_EQ(create("").error_code(), grpc::UNAUTHENTICATED);
+  EXPECT_EQ(create("Bearer wrong-token!").error_code(), grpc::UNAUTHENTICATED);
+  EXPECT_EQ(create("Bearer s3cret-tokem").error_code(), grpc::UNAUTHENTICATED);
+  EXPECT_EQ(create("s3cret-token").error_code(), grpc::UNAUTHENTICATED);
+  EXPECT_EQ((*server)->registry()->ListBanks().size(), 0u);
+  {
+    grpc::ClientContext ctx;
+    v1::ListBanksResponse list;
+    EXPECT_EQ(stub->ListBanks(&ctx, v1::ListBanksRequest(), &list).error_code(),
+              grpc::UNAUTHENTICATED);
+    grpc::ClientContext sctx;
+    v1::SampleRequest sreq;
+    sreq.set_bank("a");
+    v1::SampleResponse sresp;
+    EXPECT_EQ(stub->Sample(&sctx, sreq, &sresp).error_code(), grpc::UNAUTHENTICATED);
+  }
+  auto ok = create("Bearer s3cret-token");
+  EXPECT_TRUE(ok.ok()) << ok.error_message();
+  EXPECT_EQ((*server)->registry()->ListBanks().size(), 1u);
+  server->reset();
+  std::filesystem::remove_all(dir);
+}
+
 TEST_F(ServiceTest, MetricsCountCallsByMethodAndCode) {
   ASSERT_TRUE(Create("m", 2, v1::STATE_KIND_CONTINUOUS).ok());
   EXPECT_EQ(Create("m", 2, v1::STATE_KIND_CONTINUOUS).error_code(), grpc::ALREADY_EXISTS);
