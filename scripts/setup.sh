@@ -12,7 +12,7 @@ BUILD_PKGS=(
   libabsl-dev libeigen3-dev prometheus-cpp-dev libsqlite3-dev zlib1g-dev libpng-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-grpcio python3-grpc-tools python3-numpy python3-protobuf
-  dataset-fashion-mnist curl openssl
+  python3-matplotlib dataset-fashion-mnist curl openssl
 )
 RUNTIME_PKGS=(
   libgrpc++1.51 libprotobuf32 libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0

@@ -1,0 +1,300 @@
+#!/usr/bin/env python3
+"""Reproduces claims of the seeds through Engram's own API: every experiment
+talks to a real engramd with the Python client (stubs generated from proto/).
+
+  /usr/bin/python3 bench/science/engram_science.py capacity [--quick]
+  /usr/bin/python3 bench/science/engram_science.py lyapunov [--quick]
+  /usr/bin/python3 bench/science/engram_science.py eq17 [--quick]
+  /usr/bin/python3 bench/science/engram_science.py all [--quick]
+
+Without --target an engramd is started from build/server/engramd on a free
+loopback port with a temporary data directory. Outputs (markdown tables and
+PNGs) go to docs/science/ (or --out). Exit status 1 when a measurement falls
+outside the band the theory gives (see `check_*`).
+"""
+import argparse
+import gzip
+import math
+import os
+import shutil
+import struct
+import sys
+import tempfile
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "tests", "integration"))
+import engram_harness  # noqa: E402
+
+FASHION = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+
+
+def load_idx_images(path, limit):
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    _, _, _, ndim = data[:4]
+    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    n = int(np.prod(dims[1:]))
+    x = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim, count=limit * n)
+    return x.reshape(limit, n).astype(np.float32)
+
+
+class Lab:
+    """A running engramd plus generated stubs."""
+
+    def __init__(self, args):
+        self.tmp = tempfile.mkdtemp(prefix="engram_science_")
+        self.M = engram_harness.generate_stubs(os.path.join(ROOT, "proto"),
+                                               os.path.join(self.tmp, "stubs"))
+        self.pb = self.M["pb"]
+        self.server = None
+        if args.target:
+            target = args.target
+            import grpc
+            self.channel = grpc.insecure_channel(target, options=[
+                ("grpc.max_receive_message_length", 256 << 20),
+                ("grpc.max_send_message_length", 256 << 20)])
+        else:
+            self.server = engram_harness.Engramd(args.engramd, os.path.join(self.tmp, "data")).start()
+            self.channel = self.server.channel()
+        self.stub = self.M["rpc"].MemoryServiceStub(self.channel)
+        self.bank_no = 0
+
+    def close(self):
+        self.channel.close()
+        if self.server:
+            self.server.kill()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def bank(self, dim, kind, family, beta=0.0, degree=0, patterns=None):
+        pb = self.pb
+        self.bank_no += 1
+        name = "exp%d" % self.bank_no
+        self.stub.CreateBank(pb.CreateBankRequest(
+            name=name, dim=dim, kind=kind,
+            energy=pb.EnergyConfig(family=family, beta=beta, degree=degree)), timeout=30)
+        if patterns is not None:
+            for start in range(0, len(patterns), 2000):
+                chunk = np.asarray(patterns[start:start + 2000], dtype=np.float32)
+                self.stub.Store(pb.StoreRequest(bank=name, patterns=chunk.ravel().tolist()),
+                                timeout=120)
+        return name
+
+    def retrieve(self, bank, queries, **options):
+        pb = self.pb
+        energy = options.pop("energy", None)
+        req = pb.RetrieveRequest(bank=bank, queries=np.asarray(queries, np.float32).ravel().tolist(),
+                                 options=pb.RetrieveOptions(**options))
+        if energy is not None:
+            req.energy.CopyFrom(energy)
+        return self.stub.Retrieve(req, timeout=600).results
+
+    def energy(self, bank, states):
+        pb = self.pb
+        return np.array(self.stub.Energy(pb.EnergyRequest(
+            bank=bank, states=np.asarray(states, np.float32).ravel().tolist()), timeout=120).energies)
+
+
+def p_err(n, k):
+    return 0.5 * math.erfc(math.sqrt(n / (2.0 * k)))
+
+
+# ---------------------------------------------------------------- capacity
+def capacity(lab, args, out):
+    """Experiment 1: classical capacity, random bipolar patterns."""
+    pb = lab.pb
+    rng = np.random.default_rng(1)
+    dims = [256] if args.quick else [256, 784, 1024]
+    loads = [0.05, 0.1, 0.2] if args.quick else [0.02, 0.05, 0.08, 0.1, 0.12, 0.138, 0.16, 0.2, 0.3]
+    rows, failures = [], []
+    for n in dims:
+        for load in loads:
+            k = max(2, int(round(load * n)))
+            xi = rng.choice([-1.0, 1.0], size=(k, n)).astype(np.float32)
+            bank = lab.bank(n, pb.STATE_KIND_BIPOLAR, pb.ENERGY_FAMILY_CLASSICAL, patterns=xi)
+            probe = xi[: min(k, 200 if not args.quick else 60)]
+            one = lab.retrieve(bank, probe, dynamics=pb.DYNAMICS_SYNC, max_steps=1)
+            states = np.array([r.state for r in one], dtype=np.float32)
+            bits = states.size
+            errors = int((states != probe).sum())
+            measured = errors / bits
+            fixed = float(np.mean([(s == p).all() for s, p in zip(states, probe)]))
+            # Retrieval from 10 % flipped bits, to convergence.
+            q = probe.copy()
+            flips = int(round(0.1 * n))
+            for row in q:
+                row[rng.choice(n, size=flips, replace=False)] *= -1
+            rec = lab.retrieve(bank, q, dynamics=pb.DYNAMICS_ASYNC, max_steps=50, seed=7)
+            recovered = float(np.mean([
+                (np.array(r.state, dtype=np.float32) == p).all() for r, p in zip(rec, probe)]))
+            overlap = float(np.mean([
+                np.dot(np.array(r.state, dtype=np.float32), p) / n for r, p in zip(rec, probe)]))
+            theory = p_err(n, k)
+            sd = math.sqrt(max(theory * (1 - theory), 1e-12) / bits)
+            ok = abs(measured - theory) <= 4 * sd + 0.15 * theory + 2.0 / bits
+            if not ok:
+                failures.append((n, k, measured, theory))
+            rows.append((n, k, k / n, measured, theory, fixed, recovered, overlap, ok))
+            print("N=%4d K=%4d load=%.3f  P_err measured %.5f theory %.5f  fixed points %.2f  "
+                  "recall(10%% flips) %.2f overlap %.3f %s" %
+                  (n, k, k / n, measured, theory, fixed, recovered, overlap, "" if ok else "OUTSIDE BAND"))
+    with open(os.path.join(out, "capacity.md"), "w") as f:
+        f.write("| N | K | K/N | one-step bit error (measured) | ½erfc(√(N/2K)) | exact fixed points |"
+                " exact recall from 10 % flips | mean overlap after recall |\n")
+        f.write("|---|---|---|---|---|---|---|---|\n")
+        for n, k, load, m, t, fx, rc, ov, ok in rows:
+            f.write("| %d | %d | %.3f | %.5f | %.5f | %.2f | %.2f | %.3f |\n" % (n, k, load, m, t, fx, rc, ov))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for n in dims:
+            r = [x for x in rows if x[0] == n]
+            loads_n = [x[2] for x in r]
+            axes[0].plot(loads_n, [x[3] for x in r], "o", label="measured N=%d" % n)
+            grid = np.linspace(min(loads_n), max(loads_n), 100)
+            axes[0].plot(grid, [p_err(n, g * n) for g in grid], "-", alpha=0.6, label="theory N=%d" % n)
+            axes[1].plot(loads_n, [x[6] for x in r], "o-", label="recall N=%d" % n)
+            axes[1].plot(loads_n, [x[5] for x in r], "x--", label="fixed points N=%d" % n)
+        axes[0].set_yscale("log")
+        axes[0].set_xlabel("load K/N")
+        axes[0].set_ylabel("one-step bit error")
+        axes[0].legend(fontsize=7)
+        for ax in axes:
+            ax.axvline(0.138, color="gray", ls=":")
+        axes[1].set_xlabel("load K/N")
+        axes[1].set_ylabel("fraction of patterns")
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "capacity.png"), dpi=90)
+    except ImportError:
+        print("matplotlib missing: no plot")
+    return failures
+
+
+# ---------------------------------------------------------------- lyapunov
+def lyapunov(lab, args, out):
+    """Experiment 4: energy traces on Fashion-MNIST for every dynamics."""
+    pb = lab.pb
+    rng = np.random.default_rng(2)
+    k = 50 if args.quick else 200
+    raw = load_idx_images(FASHION, k + 8)
+    bip = np.where(raw >= raw.mean(axis=1, keepdims=True), 1.0, -1.0).astype(np.float32)
+    cont = (raw - raw.mean(axis=1, keepdims=True)) / (raw.std(axis=1, keepdims=True) + 1e-6)
+    cont /= math.sqrt(cont.shape[1])  # unit norm rows
+    n = raw.shape[1]
+    b_bank = lab.bank(n, pb.STATE_KIND_BIPOLAR, pb.ENERGY_FAMILY_CLASSICAL, patterns=bip[:k])
+    c_bank = lab.bank(n, pb.STATE_KIND_CONTINUOUS, pb.ENERGY_FAMILY_LSE, beta=20.0, patterns=cont[:k])
+    qb = bip[:4].copy()
+    for row in qb:
+        row[rng.choice(n, size=n // 5, replace=False)] *= -1
+    qc = cont[:4] + rng.normal(0, 0.02, size=(4, n)).astype(np.float32)
+    runs = [
+        ("sync / lse (CCCP)", c_bank, qc, dict(dynamics=pb.DYNAMICS_SYNC, max_steps=30), True),
+        ("async / classical", b_bank, qb, dict(dynamics=pb.DYNAMICS_ASYNC, max_steps=30), True),
+        ("gradient / lse, alpha=0.02", c_bank, qc, dict(dynamics=pb.DYNAMICS_GRADIENT, alpha=0.02, max_steps=200), True),
+        ("gradient / lse, alpha=2.5 (too large)", c_bank, qc, dict(dynamics=pb.DYNAMICS_GRADIENT, alpha=2.5, max_steps=200), False),
+        ("tinybrain / lse, dt=0.05", c_bank, qc, dict(dynamics=pb.DYNAMICS_TINYBRAIN, dt=0.05, max_steps=300), True),
+        ("tinybrain / lse, dt=2.5 (too large)", c_bank, qc, dict(dynamics=pb.DYNAMICS_TINYBRAIN, dt=2.5, max_steps=300), False),
+    ]
+    rows, failures, traces = [], [], {}
+    for name, bank, q, opts, must_descend in runs:
+        res = lab.retrieve(bank, q, return_trace=True, **opts)
+        rises = 0
+        for r in res:
+            t = np.array(r.energy_trace)
+            tol = 1e-5 * np.maximum(1.0, np.maximum(np.abs(t[:-1]), np.abs(t[1:])))
+            rises += int((np.diff(t) > tol).sum())
+        traces[name] = np.array(res[0].energy_trace)
+        rows.append((name, rises, sum(r.steps for r in res) / len(res)))
+        if must_descend and rises:
+            failures.append((name, rises))
+        print("%-40s rises %4d   mean steps %.1f" % (name, rises, rows[-1][2]))
+    with open(os.path.join(out, "lyapunov.md"), "w") as f:
+        f.write("| dynamics | energy rises (4 queries) | mean steps |\n|---|---|---|\n")
+        for name, rises, steps in rows:
+            f.write("| %s | %d | %.1f |\n" % (name, rises, steps))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+        for ax, (name, t) in zip(axes.ravel(), traces.items()):
+            ax.plot(t, ".-")
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel("step")
+            ax.set_ylabel("energy")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "lyapunov.png"), dpi=80)
+    except ImportError:
+        pass
+    return failures
+
+
+# ---------------------------------------------------------------- eq17
+def eq17(lab, args, out):
+    """Survey Eq. 17 through the Energy RPC: gaussian = lse + c/2 for
+    patterns of equal norm |y|^2 = c, at several sigma."""
+    pb = lab.pb
+    rng = np.random.default_rng(3)
+    n, k = 784, (200 if args.quick else 2000)
+    raw = load_idx_images(FASHION, k).astype(np.float64)
+    y = raw - raw.mean(axis=1, keepdims=True)
+    y = (y / np.linalg.norm(y, axis=1, keepdims=True) * 3.0).astype(np.float32)
+    c = float(np.mean(np.sum(y.astype(np.float64) ** 2, axis=1)))
+    x = (y[:8] + rng.normal(0, 0.3, size=(8, n))).astype(np.float32)
+    rows, failures = [], []
+    for sigma in [0.5, 1.0, 2.0, 5.0]:
+        beta = 1.0 / sigma ** 2
+        g = lab.bank(n, pb.STATE_KIND_CONTINUOUS, pb.ENERGY_FAMILY_GAUSSIAN, beta=beta, patterns=y)
+        m = lab.bank(n, pb.STATE_KIND_CONTINUOUS, pb.ENERGY_FAMILY_LSE, beta=beta, patterns=y)
+        eg, em = lab.energy(g, x), lab.energy(m, x)
+        err = float(np.max(np.abs((eg - em - c / 2) / np.maximum(1.0, np.abs(eg)))))
+        rows.append((sigma, float(eg[0]), float(em[0]), c / 2, err))
+        if err > 1e-5:
+            failures.append((sigma, err))
+        print("sigma %.1f  E_gauss %.6f  E_MHN %.6f  c/2 %.6f  max rel. error %.2e" % rows[-1])
+    with open(os.path.join(out, "eq17.md"), "w") as f:
+        f.write("| σ | E_gaussian(x₀) | E_MHN(x₀) | c/2 | max relative error over 8 states |\n"
+                "|---|---|---|---|---|\n")
+        for r in rows:
+            f.write("| %.1f | %.6f | %.6f | %.6f | %.1e |\n" % r)
+    return failures
+
+
+EXPERIMENTS = {"capacity": capacity, "lyapunov": lyapunov, "eq17": eq17}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("experiment", choices=sorted(EXPERIMENTS) + ["all"])
+    ap.add_argument("--quick", action="store_true", help="small sizes, for CI")
+    ap.add_argument("--target", help="an engramd to use instead of starting one")
+    ap.add_argument("--engramd", default=os.path.join(ROOT, "build", "server", "engramd"))
+    ap.add_argument("--out", default=None, help="output folder (default docs/science, "
+                                                 "or a temp folder with --quick)")
+    args = ap.parse_args()
+    out = args.out or (tempfile.mkdtemp(prefix="engram_science_out_") if args.quick
+                       else os.path.join(ROOT, "docs", "science"))
+    os.makedirs(out, exist_ok=True)
+    lab = Lab(args)
+    failures = {}
+    try:
+        for name in (sorted(EXPERIMENTS) if args.experiment == "all" else [args.experiment]):
+            print("== %s" % name)
+            f = EXPERIMENTS[name](lab, args, out)
+            if f:
+                failures[name] = f
+    finally:
+        lab.close()
+    print("outputs in", out)
+    if failures:
+        print("DISAGREES WITH THEORY:", failures)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
