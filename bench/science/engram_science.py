@@ -264,7 +264,84 @@ def eq17(lab, args, out):
     return failures
 
 
-EXPERIMENTS = {"capacity": capacity, "lyapunov": lyapunov, "eq17": eq17}
+# ---------------------------------------------------------------- diffusion
+def diffusion(lab, args, out):
+    """Experiment 5: sampling is retrieval, and its phases. Heun sampling of
+    the Gaussian energy (the ideal denoiser of the stored set) stopped at a
+    finite sigma_min (a finite inverse temperature), for K Fashion-MNIST images
+    of unit norm; and annealed_am on random classical bipolar banks by load."""
+    pb = lab.pb
+    n = 784
+    ks = [2, 20, 200] if args.quick else [2, 10, 50, 200, 1000, 5000]
+    count = 16 if args.quick else 64
+    raw = load_idx_images(FASHION, max(ks)).astype(np.float64)
+    y = raw - raw.mean(axis=1, keepdims=True)
+    y = (y / np.linalg.norm(y, axis=1, keepdims=True)).astype(np.float32)
+    rows, grids = [], {}
+    # The last Heun step goes from sigma_min to 0, so the output is the ideal
+    # denoiser D(x; sigma_min): a memory when sigma_min is small, a blend of
+    # memories (a new image) when sigma_min is large against their spacing.
+    sigmas = [0.1] if args.quick else [0.05, 0.1, 0.2]
+    for sigma_min in sigmas:
+        for k in ks:
+            bank = lab.bank(n, pb.STATE_KIND_CONTINUOUS, pb.ENERGY_FAMILY_GAUSSIAN, patterns=y[:k])
+            req = pb.SampleRequest(bank=bank, count=count, seed=11, sampler=pb.SAMPLER_HEUN,
+                                   schedule=pb.Schedule(sigma_max=1.0, sigma_min=sigma_min, steps=48))
+            resp = lab.stub.Sample(req, timeout=3600)
+            cls = [s.sample_class for s in resp.samples]
+            frac = [cls.count(c) / len(cls) for c in (pb.SAMPLE_CLASS_MEMORIZED,
+                                                       pb.SAMPLE_CLASS_SPURIOUS, pb.SAMPLE_CLASS_NOVEL)]
+            dist = float(np.median([s.relative_distance for s in resp.samples]))
+            rows.append(("gaussian σ_min=%.2f" % sigma_min, k, k / n, *frac, dist))
+            print("gaussian sigma_min=%.2f K=%5d  memorized %.2f spurious %.2f novel %.2f  median rel. dist %.3f"
+                  % (sigma_min, k, *frac, dist))
+            if sigma_min == 0.1:
+                grids[k] = [np.array(s.state, dtype=np.float32) for s in resp.samples[:16]]
+    rng = np.random.default_rng(5)
+    nb = 100
+    for load in ([0.03, 0.4] if args.quick else [0.03, 0.08, 0.14, 0.2, 0.4]):
+        k = max(2, int(round(load * nb)))
+        xi = rng.choice([-1.0, 1.0], size=(k, nb)).astype(np.float32)
+        bank = lab.bank(nb, pb.STATE_KIND_BIPOLAR, pb.ENERGY_FAMILY_CLASSICAL, patterns=xi)
+        req = pb.SampleRequest(bank=bank, count=count, seed=12, sampler=pb.SAMPLER_ANNEALED_AM,
+                               schedule=pb.Schedule(kind=pb.SCHEDULE_KIND_GEOMETRIC, sigma_max=30,
+                                                    sigma_min=1, steps=40))
+        resp = lab.stub.Sample(req, timeout=600)
+        cls = [s.sample_class for s in resp.samples]
+        frac = [cls.count(c) / len(cls) for c in (pb.SAMPLE_CLASS_MEMORIZED,
+                                                   pb.SAMPLE_CLASS_SPURIOUS, pb.SAMPLE_CLASS_NOVEL)]
+        sfp = float(np.mean([s.spurious_fixed_point for s in resp.samples]))
+        rows.append(("classical N=100 (annealed_am)", k, k / nb, *frac, sfp))
+        print("classical load %.2f K=%3d  memorized %.2f spurious %.2f novel %.2f  fixed points near no memory %.2f"
+              % (load, k, *frac, sfp))
+    with open(os.path.join(out, "diffusion.md"), "w") as f:
+        f.write("| bank | K | K/N | memorized | spurious | novel | median rel. distance (gaussian) / "
+                "fixed points near no memory (classical) |\n|---|---|---|---|---|---|---|\n")
+        for r in rows:
+            f.write("| %s | %d | %.3f | %.2f | %.2f | %.2f | %.3f |\n" % r)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        sel = [k for k in ks if k in grids][:1] + [k for k in ks if k in grids][len(grids) // 2:][:1] + \
+              [k for k in ks if k in grids][-1:]
+        fig, axes = plt.subplots(len(sel), 8, figsize=(8, 1.1 * len(sel) + 0.3))
+        for r, k in enumerate(sel):
+            for c in range(8):
+                ax = axes[r][c]
+                ax.imshow(grids[k][c].reshape(28, 28), cmap="gray")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c == 0:
+                    ax.set_ylabel("K=%d" % k, fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "diffusion_samples.png"), dpi=80)
+    except ImportError:
+        pass
+    return []
+
+
+EXPERIMENTS = {"capacity": capacity, "lyapunov": lyapunov, "eq17": eq17, "diffusion": diffusion}
 
 
 def main():
