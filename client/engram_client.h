@@ -58,6 +58,7 @@ class EngramClient {
   absl::StatusOr<v1::EnergyResponse> Energy(const v1::EnergyRequest& req);
 
   v1::MemoryService::Stub* stub() { return stub_.get(); }
+  const ClientOptions& options() const { return options_; }
   // Applies the deadline and credentials of the options to a context (for
   // calls made directly on stub()).
   void Prepare(grpc::ClientContext* ctx) const;

@@ -46,13 +46,18 @@ commands:
                        [--delta-spurious D] [--trajectory-every K] [--energy FAMILY ...]
                        [--png grid.png] [--png-trajectory strip.png] [--image-shape HxW]
                        [--columns C] [--out samples.npy] [--stream]
+  load BANK            load test; [--concurrency C] [--connections M] [--rate RPS]
+                       [--duration S | --total N] [--warmup S] [--include-errors]
+                       [--mix retrieve=8,sample=1,energy=1,store=0] [--data FILE] [--batch B]
+                       [--seed S] [--sample-steps S] [--max-steps N] [--dynamics D]
+                       [--format text|json|csv]
 
 energy families: classical polynomial exponential lse gaussian general
 )";
 
 const std::set<std::string> kBoolFlags = {"json", "help", "rectified", "binarize", "normalize",
                                           "standardize", "trace", "gradient", "partial",
-                                          "stop-at-sigma-min", "stream"};
+                                          "stop-at-sigma-min", "stream", "include-errors"};
 
 }  // namespace
 
@@ -77,6 +82,7 @@ int main(int argc, char** argv) {
   else if (cmd == "retrieve") run = engram::cli::RunRetrieve;
   else if (cmd == "energy") run = engram::cli::RunEnergy;
   else if (cmd == "sample") run = engram::cli::RunSample;
+  else if (cmd == "load") run = engram::cli::RunLoad;
   if (run == nullptr) {
     std::cerr << "engram: unknown command '" << cmd << "'\n" << kUsage;
     return 2;

@@ -140,6 +140,40 @@ class CliTest(unittest.TestCase):
                          [s_["state"] for s_ in samples])
         self.engram("sample", "imgs", "--sampler", "nope", expect=1)
 
+    def scrape(self):
+        import re
+        import urllib.request
+        text = urllib.request.urlopen(
+            "http://127.0.0.1:%d/metrics" % self.server.metrics_port, timeout=10).read().decode()
+        counts = {}
+        for m in re.finditer(r'grpc_server_handled_total\{([^}]*)\} (\S+)', text):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+            key = (labels["grpc_method"], labels["grpc_code"])
+            counts[key] = counts.get(key, 0) + float(m.group(2))
+        return counts, text
+
+    def test_load_report_matches_server_metrics(self):
+        rng = np.random.default_rng(4)
+        n = 32
+        np.save(os.path.join(self.dir, "load.npy"), rng.standard_normal((50, n)).astype(np.float32))
+        self.json("bank", "create", "loadb", "--dim", str(n), "--kind", "continuous")
+        self.json("store", "loadb", os.path.join(self.dir, "load.npy"))
+        before, _ = self.scrape()
+        report = self.json("load", "loadb", "--total", "150", "--concurrency", "3",
+                           "--mix", "retrieve=3,energy=1", "--format", "json", "--seed", "2")
+        after, text = self.scrape()
+        self.assertEqual(report["calls"], 150)
+        self.assertEqual(report["errors"], 0)
+        self.assertEqual(report["codes"], {"OK": 150})
+        for rpc, method in (("retrieve", "Retrieve"), ("energy", "Energy")):
+            delta = after.get((method, "OK"), 0) - before.get((method, "OK"), 0)
+            self.assertEqual(delta, report["calls_by_rpc"][rpc], method)
+        self.assertEqual(report["calls_by_rpc"]["retrieve"] + report["calls_by_rpc"]["energy"], 150)
+        lat = report["latency_seconds"]
+        self.assertTrue(0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p99_9"] <= lat["max"])
+        self.assertEqual(sum(b["count"] for b in report["histogram"]), 150)
+        self.assertIn("engram_retrieve_steps_bucket", text)
+
     def test_bank_lifecycle_and_exit_codes(self):
         self.json("bank", "create", "life", "--dim", "3", "--kind", "continuous")
         names = [b["name"] for b in self.json("bank", "list")["banks"]]
