@@ -59,6 +59,7 @@ class EngramClient {
 
   v1::MemoryService::Stub* stub() { return stub_.get(); }
   const ClientOptions& options() const { return options_; }
+  const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
   // Applies the deadline and credentials of the options to a context (for
   // calls made directly on stub()).
   void Prepare(grpc::ClientContext* ctx) const;

@@ -134,6 +134,7 @@ v1::StopReason StopReasonToProto(core::StopReason r) {
     case core::StopReason::kConverged: return v1::STOP_REASON_CONVERGED;
     case core::StopReason::kMaxSteps: return v1::STOP_REASON_MAX_STEPS;
     case core::StopReason::kDeadline: return v1::STOP_REASON_DEADLINE;
+    case core::StopReason::kDiverged: return v1::STOP_REASON_DIVERGED;
   }
   return v1::STOP_REASON_UNSPECIFIED;
 }

@@ -66,6 +66,8 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
     return absl::UnavailableError(absl::StrCat("cannot listen on ", config.listen));
   }
   // NOT_SERVING (and MemoryService UNAVAILABLE) until every bank is loaded.
+  s->server_->GetHealthCheckService()->SetServingStatus(v1::MemoryService::service_full_name(),
+                                                        false);
   s->server_->GetHealthCheckService()->SetServingStatus(false);
   const std::string db = (std::filesystem::path(config.data_dir) / "engram.db").string();
   ENGRAM_ASSIGN_OR_RETURN(auto storage, core::OpenSqliteStorage(db));

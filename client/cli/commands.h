@@ -26,6 +26,7 @@ absl::Status RunRetrieve(const Args& args, Context& ctx);
 absl::Status RunEnergy(const Args& args, Context& ctx);
 absl::Status RunSample(const Args& args, Context& ctx);
 absl::Status RunLoad(const Args& args, Context& ctx);
+absl::Status RunHealth(const Args& args, Context& ctx);
 
 // Options shared by several commands.
 extern const std::set<std::string> kGlobalOptions;

@@ -46,6 +46,7 @@ commands:
                        [--delta-spurious D] [--trajectory-every K] [--energy FAMILY ...]
                        [--png grid.png] [--png-trajectory strip.png] [--image-shape HxW]
                        [--columns C] [--out samples.npy] [--stream]
+  health               grpc.health.v1 check (exit 0 when SERVING); [--service NAME]
   load BANK            load test; [--concurrency C] [--connections M] [--rate RPS]
                        [--duration S | --total N] [--warmup S] [--include-errors]
                        [--mix retrieve=8,sample=1,energy=1,store=0] [--data FILE] [--batch B]
@@ -83,6 +84,7 @@ int main(int argc, char** argv) {
   else if (cmd == "energy") run = engram::cli::RunEnergy;
   else if (cmd == "sample") run = engram::cli::RunSample;
   else if (cmd == "load") run = engram::cli::RunLoad;
+  else if (cmd == "health") run = engram::cli::RunHealth;
   if (run == nullptr) {
     std::cerr << "engram: unknown command '" << cmd << "'\n" << kUsage;
     return 2;

@@ -209,6 +209,8 @@ NearestMemory Bank::Nearest(const float* x) const {
       best.row = r;
     }
   }
+  // A non-finite state has no nearest memory.
+  if (best.row < 0) return best;
   // Exact distance of the winner, in double.
   const float* p = pattern(best.row);
   double d2 = 0.0, dot = 0.0;

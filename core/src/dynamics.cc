@@ -45,6 +45,14 @@ class EnergyRecorder {
   bool guaranteed_;
 };
 
+template <typename V>
+bool AllFinite(const V& v) {
+  for (auto x : v) {
+    if (!std::isfinite(x)) return false;
+  }
+  return true;
+}
+
 bool StopRequested(const RetrieveOptions& o) {
   return o.should_stop && o.should_stop();
 }
@@ -67,6 +75,7 @@ void RunSync(const EnergyFunction& energy, StateKind kind,
     if (t->steps >= o.max_steps) { t->stop_reason = StopReason::kMaxSteps; break; }
     if (StopRequested(o)) { t->stop_reason = StopReason::kDeadline; break; }
     if (krotov_hopfield && t->steps > 0) BipolarDrive(energy, x.data(), target.data());
+    if (!AllFinite(target)) { t->stop_reason = StopReason::kDiverged; break; }
     double delta = 0.0;
     for (int i = 0; i < n; ++i) {
       float v;
@@ -170,14 +179,23 @@ void RunGradient(const EnergyFunction& energy, absl::Span<const float> query,
     if (t->steps >= o.max_steps) { t->stop_reason = StopReason::kMaxSteps; break; }
     if (StopRequested(o)) { t->stop_reason = StopReason::kDeadline; break; }
     double delta = 0.0;
+    std::vector<float> next = x;
     for (int i = 0; i < n; ++i) {
       if (Clamped(clamp, i)) continue;
       const float step = alpha * grad[i];
-      x[i] -= step;
+      next[i] -= step;
       delta = std::max(delta, static_cast<double>(std::fabs(step)));
     }
+    std::vector<float> next_grad(n);
+    const double e_next = energy.ValueAndGradient(next.data(), next_grad.data());
+    if (!AllFinite(next) || !AllFinite(next_grad) || !std::isfinite(e_next)) {
+      t->stop_reason = StopReason::kDiverged;
+      break;
+    }
+    x.swap(next);
+    grad.swap(next_grad);
     ++t->steps;
-    rec.Step(energy.ValueAndGradient(x.data(), grad.data()));
+    rec.Step(e_next);
     if (delta < o.tol) { t->stop_reason = StopReason::kConverged; break; }
   }
   t->state = std::move(x);
@@ -361,10 +379,19 @@ void RunTinyBrain(const EnergyFunction& energy, StateKind kind,
     for (int i = 0; i < n; ++i) {
       if (Clamped(clamp, i)) dv[i] = 0.f;
     }
-    v += dv;
-    h += dh;
+    Eigen::VectorXf v_next = v + dv, h_next = h + dh;
+    Eigen::VectorXf vh_next, hh_next;
+    const double e_next = brain.Energy(v_next, h_next, &vh_next, &hh_next);
+    if (!v_next.allFinite() || !h_next.allFinite() || !std::isfinite(e_next)) {
+      t->stop_reason = StopReason::kDiverged;
+      break;
+    }
+    v.swap(v_next);
+    h.swap(h_next);
+    vh.swap(vh_next);
+    hh.swap(hh_next);
     ++t->steps;
-    rec.Step(brain.Energy(v, h, &vh, &hh));
+    rec.Step(e_next);
     const double delta = std::max(dv.size() ? dv.cwiseAbs().maxCoeff() : 0.f,
                                   dh.size() ? dh.cwiseAbs().maxCoeff() : 0.f);
     if (delta < o.tol) { t->stop_reason = StopReason::kConverged; break; }
@@ -396,6 +423,7 @@ std::string StopReasonName(StopReason r) {
     case StopReason::kConverged: return "converged";
     case StopReason::kMaxSteps: return "max_steps";
     case StopReason::kDeadline: return "deadline";
+    case StopReason::kDiverged: return "diverged";
   }
   return "unknown";
 }

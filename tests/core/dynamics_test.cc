@@ -276,6 +276,31 @@ TEST(Stopping, MaxStepsReported) {
   EXPECT_EQ(t->stop_reason, StopReason::kMaxSteps);
 }
 
+// Regression: gradient descent with a huge alpha overflowed to inf/NaN and the
+// nearest-memory lookup then read out of bounds.
+TEST(Divergence, HugeStepStopsWithDivergedAndAFiniteState) {
+  std::mt19937_64 rng(29);
+  const int n = 16, k = 6;
+  auto xi = RandomGaussian(k * n, rng);
+  Bank bank = MakeBank(n, StateKind::kContinuous, xi);
+  for (Dynamics d : {Dynamics::kGradient, Dynamics::kTinyBrain}) {
+    EnergyConfig cfg{.family = EnergyFamily::kLse, .beta = 5.0};
+    EnergyFunction energy(cfg, bank.view());
+    RetrieveOptions o;
+    o.dynamics = d;
+    o.alpha = 1e30;
+    o.dt = 1e30;
+    o.max_steps = 1000;
+    auto t = RunDynamics(energy, StateKind::kContinuous, RandomGaussian(n, rng), {}, o);
+    ASSERT_OK(t);
+    EXPECT_EQ(t->stop_reason, StopReason::kDiverged) << DynamicsName(d);
+    for (float v : t->state) ASSERT_TRUE(std::isfinite(v)) << DynamicsName(d);
+    EXPECT_GE(bank.Nearest(t->state.data()).row, 0);
+  }
+  std::vector<float> bad(n, NAN);
+  EXPECT_EQ(bank.Nearest(bad.data()).row, -1);
+}
+
 TEST(Validation, AsyncOnContinuousIsFailedPrecondition) {
   RetrieveOptions o;
   o.dynamics = Dynamics::kAsync;

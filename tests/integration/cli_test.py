@@ -174,6 +174,12 @@ class CliTest(unittest.TestCase):
         self.assertEqual(sum(b["count"] for b in report["histogram"]), 150)
         self.assertIn("engram_retrieve_steps_bucket", text)
 
+    def test_health(self):
+        self.assertEqual(self.engram("health").stdout.strip(), "SERVING")
+        self.assertEqual(self.json("health", "--service", "engram.v1.MemoryService")["status"], "SERVING")
+        p = self.engram("health", "--service", "no.such.Service", expect=1)
+        self.assertIn("NOT_FOUND", p.stderr)
+
     def test_bank_lifecycle_and_exit_codes(self):
         self.json("bank", "create", "life", "--dim", "3", "--kind", "continuous")
         names = [b["name"] for b in self.json("bank", "list")["banks"]]

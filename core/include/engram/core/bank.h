@@ -97,7 +97,8 @@ class Bank {
   // Removes validated ids, keeping the remaining patterns in order.
   void Remove(absl::Span<const uint64_t> ids);
 
-  // Nearest stored memory to x (dim() floats) by Euclidean distance.
+  // Nearest stored memory to x (dim() floats) by Euclidean distance; row -1
+  // for an empty bank or a non-finite x.
   NearestMemory Nearest(const float* x) const;
 
  private:

@@ -31,7 +31,9 @@
 namespace engram::core {
 
 enum class Dynamics { kSync, kAsync, kGradient, kTinyBrain };
-enum class StopReason { kConverged, kMaxSteps, kDeadline };
+// kDiverged: a step produced a non-finite state (e.g. gradient descent with
+// alpha above 2/L); the last finite state is returned.
+enum class StopReason { kConverged, kMaxSteps, kDeadline, kDiverged };
 
 std::string DynamicsName(Dynamics d);
 std::string StopReasonName(StopReason r);
