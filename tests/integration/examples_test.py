@@ -36,6 +36,21 @@ class ExamplesTest(unittest.TestCase):
         self.assertGreaterEqual(p.stdout.count("sample: SAMPLE_CLASS_MEMORIZED"), 3, p.stdout)
 
 
+    def test_node_example(self):
+        node_dir = os.path.join(ROOT, "client", "node")
+        node, npm = shutil.which("node"), shutil.which("npm")
+        self.assertIsNotNone(node, "node is needed for the Node.js example")
+        if not os.path.isdir(os.path.join(node_dir, "node_modules", "@grpc", "grpc-js")):
+            subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=node_dir, check=True,
+                           capture_output=True, timeout=300)
+        p = subprocess.run([node, os.path.join(node_dir, "engram_example.js"),
+                            "--target", self.server.target],
+                           capture_output=True, text=True, timeout=120)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertIn("recalled memory-3", p.stdout)
+        self.assertEqual(p.stdout.count("sample: SAMPLE_CLASS_MEMORIZED"), 3, p.stdout)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--engramd", required=True)
