@@ -54,6 +54,8 @@ ABSL_FLAG(std::string, tls_cert, EnvOr("ENGRAM_TLS_CERT", ""),
           "PEM certificate chain; with --tls_key enables TLS (env ENGRAM_TLS_CERT)");
 ABSL_FLAG(std::string, tls_key, EnvOr("ENGRAM_TLS_KEY", ""),
           "PEM private key (env ENGRAM_TLS_KEY)");
+ABSL_FLAG(std::string, restore_from, "",
+          "start from this Backup snapshot (the data directory must hold no database)");
 ABSL_FLAG(int32_t, shutdown_grace_seconds, 10,
           "seconds running calls get to finish on SIGTERM");
 
@@ -77,6 +79,7 @@ int main(int argc, char** argv) {
   config.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   config.max_batch = absl::GetFlag(FLAGS_max_batch);
 
+  config.restore_from = absl::GetFlag(FLAGS_restore_from);
   config.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
   config.tls_key_file = absl::GetFlag(FLAGS_tls_key);
   config.auth_token = EnvOr("ENGRAM_AUTH_TOKEN", "");

@@ -25,6 +25,7 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
   ServiceLimits limits;
   limits.max_batch = config.max_batch;
   limits.auth_token = config.auth_token;
+  limits.backup_dir = (std::filesystem::path(config.data_dir) / "backups").string();
   s->service_ = std::make_unique<MemoryServiceImpl>(nullptr, s->metrics_, limits);
 
   if (!config.metrics_listen.empty()) {
@@ -70,6 +71,17 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
                                                         false);
   s->server_->GetHealthCheckService()->SetServingStatus(false);
   const std::string db = (std::filesystem::path(config.data_dir) / "engram.db").string();
+  if (!config.restore_from.empty()) {
+    if (std::filesystem::exists(db)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "--restore_from needs an empty data directory; '", db, "' exists"));
+    }
+    std::filesystem::copy_file(config.restore_from, db, ec);
+    if (ec) {
+      return absl::UnavailableError(absl::StrCat(
+          "cannot restore from '", config.restore_from, "': ", ec.message()));
+    }
+  }
   ENGRAM_ASSIGN_OR_RETURN(auto storage, core::OpenSqliteStorage(db));
   core::RegistryOptions ropts;
   ropts.memory_budget_bytes = config.memory_budget_bytes;

@@ -43,6 +43,9 @@ struct ServerConfig {
   // PEM files; both set enables TLS on the gRPC port.
   std::string tls_cert_file;
   std::string tls_key_file;
+  // A Backup snapshot to start from: copied to <data_dir>/engram.db when
+  // the data directory holds no database yet (FAILED_PRECONDITION if it does).
+  std::string restore_from;
 };
 
 class EngramServer {

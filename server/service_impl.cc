@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <filesystem>
 
 #include "absl/strings/str_cat.h"
 #include "engram/core/energy.h"
@@ -348,6 +349,32 @@ grpc::Status MemoryServiceImpl::Retrieve(grpc::ServerContext* ctx,
       }
       return absl::OkStatus();
     }));
+    return absl::OkStatus();
+  }();
+  if (!s.ok()) resp->Clear();
+  return ToGrpcStatus(s);
+}
+
+grpc::Status MemoryServiceImpl::Backup(grpc::ServerContext* ctx, const v1::BackupRequest* req,
+                                       v1::BackupResponse* resp) {
+  absl::Status s = [&]() -> absl::Status {
+    ENGRAM_RETURN_IF_ERROR(Authorize(ctx));
+    ENGRAM_RETURN_IF_ERROR(Ready());
+    // The bank-name grammar: no '/', no leading '.', so never outside backup_dir.
+    if (auto v = core::ValidateBankName(req->file()); !v.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "backup file name must match [a-z0-9][a-z0-9_.-]{0,63}, got '", req->file(), "'"));
+    }
+    if (limits_.backup_dir.empty()) return absl::FailedPreconditionError("backups are disabled");
+    std::error_code ec;
+    std::filesystem::create_directories(limits_.backup_dir, ec);
+    if (ec) return absl::UnavailableError(absl::StrCat("backup directory: ", ec.message()));
+    const std::string path = (std::filesystem::path(limits_.backup_dir) / req->file()).string();
+    const size_t banks = registry_.load()->ListBanks().size();
+    ENGRAM_RETURN_IF_ERROR(registry_.load()->Backup(path));
+    resp->set_path(path);
+    resp->set_bytes(std::filesystem::file_size(path, ec));
+    resp->set_banks(static_cast<uint32_t>(banks));
     return absl::OkStatus();
   }();
   if (!s.ok()) resp->Clear();

@@ -24,6 +24,8 @@ struct ServiceLimits {
   int64_t max_batch = 65536;
   // Bearer token required on every call; empty disables authentication.
   std::string auth_token;
+  // Where Backup writes (<data_dir>/backups).
+  std::string backup_dir;
 };
 
 class MemoryServiceImpl final : public v1::MemoryService::Service {
@@ -51,6 +53,8 @@ class MemoryServiceImpl final : public v1::MemoryService::Service {
                            v1::GetPatternsResponse* resp) override;
   grpc::Status Retrieve(grpc::ServerContext* ctx, const v1::RetrieveRequest* req,
                         v1::RetrieveResponse* resp) override;
+  grpc::Status Backup(grpc::ServerContext* ctx, const v1::BackupRequest* req,
+                      v1::BackupResponse* resp) override;
   grpc::Status Sample(grpc::ServerContext* ctx, const v1::SampleRequest* req,
                       v1::SampleResponse* resp) override;
   grpc::Status SampleStream(grpc::ServerContext* ctx, const v1::SampleRequest* req,

@@ -22,6 +22,7 @@ absl::Status RunBank(const Args& args, Context& ctx);
 absl::Status RunStore(const Args& args, Context& ctx);
 absl::Status RunDelete(const Args& args, Context& ctx);
 absl::Status RunGet(const Args& args, Context& ctx);
+absl::Status RunBackup(const Args& args, Context& ctx);
 absl::Status RunRetrieve(const Args& args, Context& ctx);
 absl::Status RunEnergy(const Args& args, Context& ctx);
 absl::Status RunSample(const Args& args, Context& ctx);

@@ -31,6 +31,7 @@ commands:
                        [--binarize] [--normalize] [--standardize] [--scale X]
   get BANK [ID...]     read stored patterns back (all when no id); [--out patterns.npy]
   delete BANK ID...    delete patterns by id
+  backup FILE          consistent snapshot of every bank to <data_dir>/backups/FILE on the server
   retrieve BANK FILE   recall from queries; [--flip F] [--noise SIGMA] [--mask-fraction F]
                        [--clamp FILE] [--seed S] [--dynamics sync|async|gradient|tinybrain]
                        [--max-steps N] [--tol T] [--alpha A] [--dt DT] [--tau-v T] [--tau-h T]
@@ -80,6 +81,7 @@ int main(int argc, char** argv) {
   else if (cmd == "store") run = engram::cli::RunStore;
   else if (cmd == "delete") run = engram::cli::RunDelete;
   else if (cmd == "get") run = engram::cli::RunGet;
+  else if (cmd == "backup") run = engram::cli::RunBackup;
   else if (cmd == "retrieve") run = engram::cli::RunRetrieve;
   else if (cmd == "energy") run = engram::cli::RunEnergy;
   else if (cmd == "sample") run = engram::cli::RunSample;

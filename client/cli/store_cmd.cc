@@ -147,6 +147,22 @@ absl::Status RunGet(const Args& args, Context& ctx) {
   return absl::OkStatus();
 }
 
+absl::Status RunBackup(const Args& args, Context& ctx) {
+  ENGRAM_RETURN_IF_ERROR(args.CheckKnown(kGlobalOptions));
+  const auto& pos = args.positional();
+  if (pos.size() != 2) return absl::InvalidArgumentError("usage: engram backup FILE");
+  v1::BackupRequest req;
+  req.set_file(pos[1]);
+  grpc::ClientContext cctx;
+  ctx.client->Prepare(&cctx);
+  v1::BackupResponse resp;
+  ENGRAM_RETURN_IF_ERROR(client::FromGrpc(ctx.client->stub()->Backup(&cctx, req, &resp)));
+  if (ctx.json) std::cout << ToJson(resp) << "\n";
+  else std::cout << "snapshot of " << resp.banks() << " banks (" << resp.bytes() << " bytes) written to "
+                 << resp.path() << " on the server; restore with engramd --restore_from\n";
+  return absl::OkStatus();
+}
+
 absl::Status RunDelete(const Args& args, Context& ctx) {
   ENGRAM_RETURN_IF_ERROR(args.CheckKnown(kGlobalOptions));
   const auto& pos = args.positional();

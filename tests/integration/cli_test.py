@@ -174,6 +174,12 @@ class CliTest(unittest.TestCase):
         self.assertEqual(sum(b["count"] for b in report["histogram"]), 150)
         self.assertIn("engram_retrieve_steps_bucket", text)
 
+    def test_backup(self):
+        out = self.json("backup", "cli-snap")
+        self.assertTrue(out["path"].endswith("backups/cli-snap"))
+        self.assertTrue(os.path.exists(out["path"]))
+        self.engram("backup", "cli-snap", expect=1)
+
     def test_health(self):
         self.assertEqual(self.engram("health").stdout.strip(), "SERVING")
         self.assertEqual(self.json("health", "--service", "engram.v1.MemoryService")["status"], "SERVING")

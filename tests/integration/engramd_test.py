@@ -259,6 +259,83 @@ class DurabilityTest(ServerTest):
             start = page.next_page_start
 
 
+class BackupTest(ServerTest):
+    fetch_all = DurabilityTest.fetch_all
+
+    def test_snapshot_under_write_load_restores_the_acknowledged_state(self):
+        pb = self.pb
+        n = 24
+        self.create("snap", n, pb.STATE_KIND_CONTINUOUS)
+        acked, attempted = {}, {}
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def writer(seed):
+            r = np.random.default_rng(seed)
+            stub = M["rpc"].MemoryServiceStub(self.server.channel())
+            b = 0
+            while not stop.is_set():
+                ids = [seed * 1_000_000 + b * 10 + i for i in range(5)]
+                x = r.standard_normal((5, n)).astype(np.float32)
+                with lock:
+                    for i, pid in enumerate(ids):
+                        attempted[pid] = (tuple(ids), x[i])
+                stub.Store(pb.StoreRequest(bank="snap", patterns=x.ravel().tolist(), ids=ids),
+                           timeout=10)
+                with lock:
+                    for i, pid in enumerate(ids):
+                        acked[pid] = x[i]
+                b += 1
+
+        threads = [threading.Thread(target=writer, args=(s,)) for s in (1, 2, 3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        with lock:
+            acked_before = set(acked)
+        resp = self.stub.Backup(pb.BackupRequest(file="snap1.db"), timeout=60)
+        time.sleep(0.3)
+        stop.set()
+        for t in threads:
+            t.join()
+        self.assertTrue(resp.path.endswith(os.path.join("backups", "snap1.db")), resp.path)
+        self.assertEqual(resp.banks, 1)
+        self.assertGreater(resp.bytes, 0)
+        total_after = len(self.fetch_all("snap", n))
+        # Bad names and reuse.
+        for name, code in (("../x", grpc.StatusCode.INVALID_ARGUMENT),
+                           ("Upper", grpc.StatusCode.INVALID_ARGUMENT),
+                           ("snap1.db", grpc.StatusCode.ALREADY_EXISTS)):
+            with self.assertRaises(grpc.RpcError) as ctx:
+                self.stub.Backup(pb.BackupRequest(file=name), timeout=10)
+            self.assertEqual(ctx.exception.code(), code, name)
+        # Restore into a fresh data directory.
+        restored = engram_harness.Engramd(ARGS.engramd, os.path.join(self.dir, "restored"),
+                                          extra_args=["--restore_from", resp.path]).start()
+        try:
+            ch = restored.channel()
+            self.stub_restored = M["rpc"].MemoryServiceStub(ch)
+            stub, self.stub = self.stub, self.stub_restored
+            got = self.fetch_all("snap", n)
+            self.stub = stub
+            ch.close()
+        finally:
+            restored.kill()
+        self.assertTrue(acked_before <= set(got), "an acknowledged write is missing")
+        self.assertLess(len(got), total_after, "the snapshot should predate later writes")
+        for pid, x in got.items():
+            self.assertIn(pid, acked, "snapshot holds a write never acknowledged")
+            self.assertEqual(x.tobytes(), acked[pid].tobytes())
+            batch_ids, _ = attempted[pid]
+            self.assertTrue(all(b in got for b in batch_ids), "half a batch in the snapshot")
+        # Restoring over an existing database is refused.
+        p = subprocess.run([ARGS.engramd, "--data_dir", self.server.data_dir, "--listen",
+                            "127.0.0.1:%d" % engram_harness.free_port(), "--metrics_listen", "",
+                            "--restore_from", resp.path], capture_output=True, text=True, timeout=30)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("restore_from", p.stdout + p.stderr)
+
+
 class SecurityTest(unittest.TestCase):
     """TLS from PEM files and a bearer token from a file; health stays open."""
 

@@ -92,6 +92,10 @@ class BankRegistry {
   absl::Status WithBank(const std::string& name,
                         const std::function<absl::Status(const Bank&)>& fn) const;
 
+  // A consistent snapshot of every bank to `dest_path` (see
+  // BankStorage::Backup).
+  absl::Status Backup(const std::string& dest_path) { return storage_->Backup(dest_path); }
+
   uint64_t total_bytes() const { return total_bytes_.load(); }
 
  private:

@@ -49,6 +49,11 @@ class BankStorage {
       std::string_view payload)>;
   virtual absl::Status LoadAll(const BankVisitor& on_bank,
                                const PatternVisitor& on_pattern) = 0;
+
+  // Writes a consistent snapshot of every bank to a new database file at
+  // `dest_path` (SQLite online backup: concurrent writes wait, nothing is
+  // torn). ALREADY_EXISTS if the file exists; a storage error otherwise.
+  virtual absl::Status Backup(const std::string& dest_path) = 0;
 };
 
 // Opens (creating if needed) a SQLite database at `path`; ":memory:" gives a
