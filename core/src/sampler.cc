@@ -279,6 +279,23 @@ absl::StatusOr<SampleBatch> Sample(const Bank& bank, const EnergyConfig& energy,
   record(0, sig[0], true);
 
   std::vector<float> d(n), d2(n), xp(n), den(n);
+  // One step of the probability-flow ODE dx/dsigma = (x - D)/sigma from s_from
+  // to s_to: Euler, plus Heun's correction unless s_to is 0.
+  auto ode_step = [&](int b, float* x, double s_from, double s_to, bool heun) {
+    Denoise(p, energy, x, s_from, den.data());
+    for (int k = 0; k < n; ++k) d[k] = static_cast<float>((x[k] - double{den[k]}) / s_from);
+    const float h = static_cast<float>(s_to - s_from);
+    for (int k = 0; k < n; ++k) xp[k] = x[k] + h * d[k];
+    if (heun && s_to > 0) {
+      apply_clamp(b, xp.data());
+      Denoise(p, energy, xp.data(), s_to, den.data());
+      for (int k = 0; k < n; ++k) {
+        d2[k] = static_cast<float>((xp[k] - double{den[k]}) / s_to);
+        xp[k] = x[k] + h * 0.5f * (d[k] + d2[k]);
+      }
+    }
+    std::copy(xp.begin(), xp.end(), x);
+  };
   const int levels = static_cast<int>(sig.size()) - 1;  // transitions i -> i+1
   const int positive_levels = sig.back() == 0.0 ? levels : levels + 1;
   double sigma_last = sig[positive_levels - 1];
@@ -297,19 +314,7 @@ absl::StatusOr<SampleBatch> Sample(const Bank& bank, const EnergyConfig& energy,
         case SamplerKind::kEuler:
         case SamplerKind::kHeun: {
           if (levels == 0) break;
-          Denoise(p, energy, x, s_cur, den.data());
-          for (int k = 0; k < n; ++k) d[k] = static_cast<float>((x[k] - double{den[k]}) / s_cur);
-          const float h = static_cast<float>(s_next - s_cur);
-          for (int k = 0; k < n; ++k) xp[k] = x[k] + h * d[k];
-          if (o.sampler == SamplerKind::kHeun && s_next > 0) {
-            apply_clamp(b, xp.data());
-            Denoise(p, energy, xp.data(), s_next, den.data());
-            for (int k = 0; k < n; ++k) {
-              d2[k] = static_cast<float>((xp[k] - double{den[k]}) / s_next);
-              xp[k] = x[k] + h * 0.5f * (d[k] + d2[k]);
-            }
-          }
-          std::copy(xp.begin(), xp.end(), x);
+          ode_step(b, x, s_cur, s_next, o.sampler == SamplerKind::kHeun);
           break;
         }
         case SamplerKind::kStochastic: {
@@ -321,19 +326,7 @@ absl::StatusOr<SampleBatch> Sample(const Bank& bank, const EnergyConfig& energy,
           const float add = static_cast<float>(std::sqrt(s_hat * s_hat - s_cur * s_cur) * o.s_noise);
           for (int k = 0; k < n; ++k) x[k] += add * gauss(rng);
           apply_clamp(b, x);
-          Denoise(p, energy, x, s_hat, den.data());
-          for (int k = 0; k < n; ++k) d[k] = static_cast<float>((x[k] - double{den[k]}) / s_hat);
-          const float h = static_cast<float>(s_next - s_hat);
-          for (int k = 0; k < n; ++k) xp[k] = x[k] + h * d[k];
-          if (s_next > 0) {
-            apply_clamp(b, xp.data());
-            Denoise(p, energy, xp.data(), s_next, den.data());
-            for (int k = 0; k < n; ++k) {
-              d2[k] = static_cast<float>((xp[k] - double{den[k]}) / s_next);
-              xp[k] = x[k] + h * 0.5f * (d[k] + d2[k]);
-            }
-          }
-          std::copy(xp.begin(), xp.end(), x);
+          ode_step(b, x, s_hat, s_next, true);
           break;
         }
         case SamplerKind::kLangevin: {
