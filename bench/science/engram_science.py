@@ -174,6 +174,89 @@ def capacity(lab, args, out):
     return failures
 
 
+# ---------------------------------------------------------------- dense capacity
+def dfact(n):
+    r = 1
+    for k in range(2 * n - 3, 1, -2):
+        r *= k
+    return r
+
+
+def dense_capacity(lab, args, out):
+    """Experiment 2: the largest K at which >= 99 % of stored random patterns
+    come back exactly from 10 % flips, for polynomial energies n = 2, 3, 4
+    (and rectified n = 3), against N^(n-1) / (2 (2n-3)!! ln N)."""
+    pb = lab.pb
+    rng = np.random.default_rng(9)
+    dims = [32, 64] if args.quick else [32, 64, 128]
+    degrees = [(2, False), (3, False)] if args.quick else [(2, False), (3, False), (3, True), (4, False)]
+    rows = []
+    for n in dims:
+        for deg, rect in degrees:
+            theory = n ** (deg - 1) / (2 * dfact(deg) * math.log(n))
+            best = 0
+            k = max(2, int(theory / 20))
+            while k <= 40 * theory and k <= 20000:
+                xi = rng.choice([-1.0, 1.0], size=(k, n)).astype(np.float32)
+                name = lab.bank(n, pb.STATE_KIND_BIPOLAR, pb.ENERGY_FAMILY_POLYNOMIAL, degree=deg,
+                                patterns=xi)
+                if rect:
+                    energy = pb.EnergyConfig(family=pb.ENERGY_FAMILY_POLYNOMIAL, degree=deg,
+                                             rectified=True)
+                else:
+                    energy = None
+                probe = xi[: min(k, 100)]
+                q = probe.copy()
+                for row in q:
+                    row[rng.choice(n, size=max(1, n // 10), replace=False)] *= -1
+                res = lab.retrieve(name, q, dynamics=pb.DYNAMICS_ASYNC, max_steps=30, seed=1,
+                                   energy=energy)
+                exact = float(np.mean([(np.array(r.state, dtype=np.float32) == p).all()
+                                       for r, p in zip(res, probe)]))
+                lab.stub.DeleteBank(pb.DeleteBankRequest(name=name), timeout=60)
+                if exact < 0.99:
+                    break
+                best = k
+                k = int(k * 1.5) + 1
+            rows.append((n, deg, rect, best, theory))
+            print("N=%4d n=%d%s  largest K with >=99%% exact recall %6d   theory %.1f  ratio %.2f"
+                  % (n, deg, " rectified" if rect else "", best, theory, best / theory))
+    with open(os.path.join(out, "dense_capacity.md"), "w") as f:
+        f.write("| N | n | largest K, ≥ 99 % exact recall from 10 % flips | N^(n−1)/(2(2n−3)!! ln N) | ratio |\n"
+                "|---|---|---|---|---|\n")
+        for n, deg, rect, best, theory in rows:
+            f.write("| %d | %d%s | %d | %.1f | %.2f |\n" % (n, deg, " (rectified)" if rect else "", best,
+                                                          theory, best / theory))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for deg, rect in degrees:
+            r = [x for x in rows if x[1] == deg and x[2] == rect]
+            label = "n=%d%s" % (deg, " rect" if rect else "")
+            ax.plot([x[0] for x in r], [max(x[3], 1) for x in r], "o", label="measured " + label)
+            grid = np.linspace(min(dims), max(dims), 50)
+            ax.plot(grid, [g ** (deg - 1) / (2 * dfact(deg) * math.log(g)) for g in grid], "-",
+                    alpha=0.5, label="theory " + label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("N")
+        ax.set_ylabel("K")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "dense_capacity.png"), dpi=90)
+    except ImportError:
+        pass
+    failures = []
+    for n, deg, rect, best, theory in rows:
+        # The formula is the error-free threshold up to constants: the measured
+        # K must be within a factor 10 of it and grow with n.
+        if not (theory / 10 <= best <= theory * 40):
+            failures.append((n, deg, best, theory))
+    return failures
+
+
 # ---------------------------------------------------------------- correlated
 def correlated(lab, args, out):
     """Experiment 3: real images are correlated. Fashion-MNIST binarised
@@ -406,7 +489,7 @@ def diffusion(lab, args, out):
 
 
 EXPERIMENTS = {"capacity": capacity, "lyapunov": lyapunov, "eq17": eq17, "diffusion": diffusion,
-               "correlated": correlated}
+               "correlated": correlated, "dense_capacity": dense_capacity}
 
 
 def main():
