@@ -1,8 +1,8 @@
 // engram: command-line client of an Engram server.
 //
 //   engram bank create digits --dim 784 --kind bipolar --energy polynomial --degree 3
-//   engram store digits /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz \
-//       --labels .../train-labels-idx1-ubyte.gz --limit 100 --binarize
+//   engram store digits /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+//       --labels .../train-labels-idx1-ubyte.gz --limit 100 --binarize   (one line)
 //   engram retrieve digits ...images.gz --limit 10 --binarize --flip 0.15
 //   engram --json bank list
 //
