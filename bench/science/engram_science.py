@@ -174,6 +174,60 @@ def capacity(lab, args, out):
     return failures
 
 
+# ---------------------------------------------------------------- basins
+def basins(lab, args, out):
+    """Experiment 6: for stored images, the largest noise sigma (per pixel,
+    unit-norm images) from which Retrieve (lse, beta = 1/sigma_ref^2 fixed) and
+    Sample started at sigma (heun from sigma_start = sigma to 0) still return
+    the same image in >= 90 % of trials, versus K."""
+    pb = lab.pb
+    rng = np.random.default_rng(6)
+    n = 784
+    ks = [10, 200] if args.quick else [10, 100, 1000, 5000]
+    sigmas = [0.1, 0.2, 0.4] if args.quick else [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.6]
+    targets, trials = (3, 4) if args.quick else (5, 8)
+    raw = load_idx_images(FASHION, max(ks)).astype(np.float64)
+    y = raw - raw.mean(axis=1, keepdims=True)
+    y = (y / np.linalg.norm(y, axis=1, keepdims=True)).astype(np.float32)
+    rows = []
+    for k in ks:
+        bank = lab.bank(n, pb.STATE_KIND_CONTINUOUS, pb.ENERGY_FAMILY_GAUSSIAN, beta=2000.0, patterns=y[:k])
+        ids = lab.stub.GetPatterns(pb.GetPatternsRequest(bank=bank, page_size=targets), timeout=60).ids
+        basin_r, basin_s = 0.0, 0.0
+        curve = []
+        for sigma in sigmas:
+            q = np.repeat(y[:targets], trials, axis=0)
+            q = q + rng.normal(0, sigma, size=q.shape).astype(np.float32)
+            want = np.repeat(np.array(ids[:targets]), trials)
+            res = lab.retrieve(bank, q, dynamics=pb.DYNAMICS_SYNC, max_steps=50)
+            fr = float(np.mean([r.nearest.id == w and r.nearest.distance < 1e-2 for r, w in zip(res, want)]))
+            got = []
+            for i in range(len(q)):
+                smp = lab.stub.Sample(pb.SampleRequest(
+                    bank=bank, count=1, seed=i, query=q[i].tolist(), sigma_start=sigma,
+                    schedule=pb.Schedule(sigma_min=0.002, steps=24)), timeout=600).samples[0]
+                got.append(smp.nearest.id == want[i] and smp.sample_class == pb.SAMPLE_CLASS_MEMORIZED)
+            fs = float(np.mean(got))
+            curve.append((sigma, fr, fs))
+            if fr >= 0.9:
+                basin_r = max(basin_r, sigma)
+            if fs >= 0.9:
+                basin_s = max(basin_s, sigma)
+        rows.append((k, basin_r, basin_s, curve))
+        print("K=%5d  basin: Retrieve sigma <= %.3f   Sample(started at sigma) sigma <= %.3f   %s"
+              % (k, basin_r, basin_s, " ".join("%.3f:%.2f/%.2f" % c for c in curve)))
+    with open(os.path.join(out, "basins.md"), "w") as f:
+        f.write("| K | largest σ, Retrieve ≥ 90 % | largest σ, Sample from σ ≥ 90 % | recall by σ (Retrieve / Sample) |\n"
+                "|---|---|---|---|\n")
+        for k, br, bs, curve in rows:
+            f.write("| %d | %.3f | %.3f | %s |\n" % (k, br, bs, ", ".join(
+                "%.3f: %.2f / %.2f" % c for c in curve)))
+    failures = []
+    if rows[-1][1] > rows[0][1] or rows[-1][2] > rows[0][2]:
+        failures.append(("basins should not grow with K", [(r[0], r[1], r[2]) for r in rows]))
+    return failures
+
+
 # ---------------------------------------------------------------- dense capacity
 def dfact(n):
     r = 1
@@ -526,7 +580,7 @@ def diffusion(lab, args, out):
 
 
 EXPERIMENTS = {"capacity": capacity, "lyapunov": lyapunov, "eq17": eq17, "diffusion": diffusion,
-               "correlated": correlated, "dense_capacity": dense_capacity}
+               "correlated": correlated, "dense_capacity": dense_capacity, "basins": basins}
 
 
 def main():
