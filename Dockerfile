@@ -9,7 +9,7 @@ ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE} AS build
 WORKDIR /src
 COPY scripts/setup.sh scripts/setup.sh
-RUN bash scripts/setup.sh && rm -rf /var/lib/apt/lists/*
+RUN bash scripts/setup.sh --build && rm -rf /var/lib/apt/lists/*
 COPY . .
 RUN rm -rf build && bash scripts/build.sh -DENGRAM_BUILD_TESTS=OFF \
     && strip build/server/engramd build/client/engram

@@ -2,8 +2,9 @@
 # Installs every Debian package Engram needs to build, test and run.
 # Used by README.md, .ci/run and the Dockerfile, so they cannot drift apart.
 #
-#   scripts/setup.sh            # build + test dependencies
-#   scripts/setup.sh --runtime  # only what engramd needs at run time
+#   scripts/setup.sh            # build + test dependencies (README, CI)
+#   scripts/setup.sh --build    # only what compiling needs (the image's build stage)
+#   scripts/setup.sh --runtime  # only what engramd needs at run time (the image)
 set -euo pipefail
 
 BUILD_PKGS=(
@@ -11,18 +12,25 @@ BUILD_PKGS=(
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   libabsl-dev libeigen3-dev prometheus-cpp-dev libsqlite3-dev zlib1g-dev libpng-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  python3 python3-grpcio python3-grpc-tools python3-numpy python3-protobuf
-  python3-matplotlib dataset-fashion-mnist curl openssl
+)
+# Tests, benchmarks, fuzzing, the science suite and the container tests.
+TEST_PKGS=(
+  python3 python3-grpcio python3-grpc-tools python3-numpy python3-protobuf python3-yaml
+  python3-matplotlib python3-faiss dataset-fashion-mnist curl openssl
+  clang libclang-rt-14-dev llvm
+  docker.io docker-compose debootstrap
 )
 RUNTIME_PKGS=(
   libgrpc++1.51 libprotobuf32 libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0
   libsqlite3-0 zlib1g libpng16-16 ca-certificates
 )
 
-want=("${BUILD_PKGS[@]}")
-if [[ "${1:-}" == "--runtime" ]]; then
-  want=("${RUNTIME_PKGS[@]}")
-fi
+case "${1:-}" in
+  "")        want=("${BUILD_PKGS[@]}" "${TEST_PKGS[@]}") ;;
+  --build)   want=("${BUILD_PKGS[@]}") ;;
+  --runtime) want=("${RUNTIME_PKGS[@]}") ;;
+  *) echo "usage: $0 [--build|--runtime]" >&2; exit 2 ;;
+esac
 
 missing=()
 for p in "${want[@]}"; do
