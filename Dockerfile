@@ -26,6 +26,8 @@ ENV ENGRAM_LISTEN=0.0.0.0:50051 \
     ENGRAM_DATA_DIR=/data \
     ENGRAM_METRICS_LISTEN=0.0.0.0:9464
 EXPOSE 50051 9464
+# The check follows ENGRAM_LISTEN's port, so a server moved to another port
+# (docker run -e ENGRAM_LISTEN=0.0.0.0:7000) still reports healthy.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["engram", "--target", "127.0.0.1:50051", "--timeout", "4", "health"]
+    CMD engram --target "127.0.0.1:${ENGRAM_LISTEN##*:}" --timeout 4 health
 ENTRYPOINT ["engramd"]

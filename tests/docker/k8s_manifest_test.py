@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Static checks of the Kubernetes manifests in deploy/k8s/ (no cluster here):
+a StatefulSet with a volume claim template mounted at the data directory, a
+headless Service governing it and a client Service for gRPC and metrics,
+readiness / liveness / startup probes through gRPC health, resource requests
+and limits, configuration through a ConfigMap whose keys engramd reads, and a
+user that matches the image's.
+
+  /usr/bin/python3 tests/docker/k8s_manifest_test.py --repo .
+"""
+import argparse
+import glob
+import os
+import re
+import sys
+import unittest
+
+import yaml
+
+ARGS = None
+
+_UNITS = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "m": 1e-3}
+
+
+def quantity(q):
+    """A Kubernetes resource quantity ("500m", "2Gi", 3) as a float."""
+    m = re.fullmatch(r"([0-9.]+)([a-zA-Z]*)", str(q))
+    if not m or m.group(2) not in _UNITS:
+        raise ValueError("not a quantity: %r" % (q,))
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def port_of(address):
+    return int(address.rsplit(":", 1)[1])
+
+
+class K8sManifestTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.docs = []
+        files = sorted(glob.glob(os.path.join(ARGS.repo, "deploy", "k8s", "*.yaml")))
+        assert files, "no manifests under deploy/k8s"
+        for path in files:
+            with open(path) as f:
+                cls.docs += [d for d in yaml.safe_load_all(f) if d]
+        cls.by_kind = {}
+        for d in cls.docs:
+            cls.by_kind.setdefault(d["kind"], []).append(d)
+        cls.sts = cls.by_kind["StatefulSet"][0]
+        cls.pod = cls.sts["spec"]["template"]["spec"]
+        cls.container = next(c for c in cls.pod["containers"] if c["name"] == "engramd")
+        cls.ports = {p["name"]: p["containerPort"] for p in cls.container["ports"]}
+        cls.config = {}
+        for src in cls.container.get("envFrom", []):
+            name = src["configMapRef"]["name"]
+            cm = next(d for d in cls.by_kind["ConfigMap"] if d["metadata"]["name"] == name)
+            cls.config.update(cm["data"])
+        for e in cls.container.get("env", []):
+            cls.config[e["name"]] = e.get("value")
+
+    def test_every_document_has_api_version_kind_and_name(self):
+        for d in self.docs:
+            self.assertIn("apiVersion", d)
+            self.assertIn("kind", d)
+            self.assertTrue(d["metadata"]["name"], d)
+
+    def test_statefulset_selects_its_pods(self):
+        self.assertEqual(self.sts["apiVersion"], "apps/v1")
+        labels = self.sts["spec"]["template"]["metadata"]["labels"]
+        for k, v in self.sts["spec"]["selector"]["matchLabels"].items():
+            self.assertEqual(labels.get(k), v)
+        self.assertGreaterEqual(self.sts["spec"]["replicas"], 1)
+
+    def test_statefulset_is_governed_by_a_headless_service(self):
+        name = self.sts["spec"]["serviceName"]
+        svc = [s for s in self.by_kind["Service"] if s["metadata"]["name"] == name]
+        self.assertEqual(len(svc), 1, "serviceName %s names no Service" % name)
+        self.assertEqual(svc[0]["spec"].get("clusterIP"), "None",
+                         "the governing Service of a StatefulSet is headless")
+
+    def test_data_lives_on_a_volume_claim_template_mounted_at_the_data_dir(self):
+        claims = {c["metadata"]["name"]: c for c in self.sts["spec"]["volumeClaimTemplates"]}
+        mounts = {m["name"]: m["mountPath"] for m in self.container["volumeMounts"]}
+        data_dir = self.config["ENGRAM_DATA_DIR"]
+        names = [n for n, path in mounts.items() if path == data_dir]
+        self.assertEqual(len(names), 1, "nothing mounted at ENGRAM_DATA_DIR=%s" % data_dir)
+        claim = claims.get(names[0])
+        self.assertIsNotNone(claim, "the data mount is not a volumeClaimTemplate")
+        self.assertIn("ReadWriteOnce", claim["spec"]["accessModes"])
+        self.assertGreater(quantity(claim["spec"]["resources"]["requests"]["storage"]), 0)
+
+    def test_services_expose_grpc_and_metrics(self):
+        pod_labels = self.sts["spec"]["template"]["metadata"]["labels"]
+        clients = [s for s in self.by_kind["Service"] if s["spec"].get("clusterIP") != "None"]
+        self.assertTrue(clients, "no client Service")
+        for svc in self.by_kind["Service"]:
+            for k, v in svc["spec"]["selector"].items():
+                self.assertEqual(pod_labels.get(k), v, svc["metadata"]["name"])
+            for p in svc["spec"]["ports"]:
+                target = p.get("targetPort", p["port"])
+                if isinstance(target, str):
+                    self.assertIn(target, self.ports, "targetPort %s is no container port" % target)
+        ports = {p["name"]: p for p in clients[0]["spec"]["ports"]}
+        self.assertEqual(ports["grpc"]["port"], 50051)
+        self.assertEqual(ports["metrics"]["port"], 9464)
+
+    def test_probes_use_grpc_health_on_the_grpc_port(self):
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            p = self.container.get(probe)
+            self.assertIsNotNone(p, probe)
+            self.assertIn("grpc", p, "%s is not a gRPC health probe" % probe)
+            self.assertEqual(p["grpc"]["port"], self.ports["grpc"], probe)
+        # Ready means the engram service itself is SERVING.
+        self.assertEqual(self.container["readinessProbe"]["grpc"].get("service"),
+                         "engram.v1.MemoryService")
+
+    def test_resources_have_requests_within_limits(self):
+        res = self.container["resources"]
+        for r in ("cpu", "memory"):
+            self.assertLessEqual(quantity(res["requests"][r]), quantity(res["limits"][r]), r)
+        budget = float(self.config.get("ENGRAM_MEMORY_BUDGET_BYTES", 0))
+        self.assertGreater(budget, 0, "set a memory budget under the memory limit")
+        self.assertLess(budget, quantity(res["limits"]["memory"]),
+                        "the bank memory budget must leave room under the memory limit")
+
+    def test_config_is_env_that_engramd_reads_and_matches_the_ports(self):
+        main_cc = open(os.path.join(ARGS.repo, "server", "main.cc")).read()
+        for key in self.config:
+            self.assertIn('"%s"' % key, main_cc, "engramd reads no %s" % key)
+        self.assertEqual(port_of(self.config["ENGRAM_LISTEN"]), self.ports["grpc"])
+        self.assertEqual(port_of(self.config["ENGRAM_METRICS_LISTEN"]), self.ports["metrics"])
+        self.assertTrue(self.config["ENGRAM_LISTEN"].startswith("0.0.0.0:"),
+                        "listen on every pod address, or probes and the Service cannot reach it")
+
+    def test_runs_as_the_images_non_root_user(self):
+        dockerfile = open(os.path.join(ARGS.repo, "Dockerfile")).read()
+        uid = int(re.search(r"useradd[^\n]*--uid (\d+)", dockerfile).group(1))
+        sc = self.pod["securityContext"]
+        self.assertTrue(sc["runAsNonRoot"])
+        self.assertEqual(sc["runAsUser"], uid)
+        self.assertEqual(sc["fsGroup"], uid, "the data volume must be writable by that user")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repo", required=True)
+    ARGS, rest = parser.parse_known_args()
+    ARGS.repo = os.path.abspath(ARGS.repo)
+    unittest.main(argv=[sys.argv[0]] + rest, verbosity=2)
