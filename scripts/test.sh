@@ -20,5 +20,5 @@ if [[ "${ENGRAM_SKIP_SANITIZERS:-0}" != "1" ]]; then
   export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1"
   export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
   export LSAN_OPTIONS="suppressions=$PWD/tests/sanitizers/lsan.supp"
-  (cd build-asan && ctest --output-on-failure --timeout 1800 -j2 "$@")
+  (cd build-asan && ctest --output-on-failure --timeout 1800 -j2 -LE docker "$@")
 fi
