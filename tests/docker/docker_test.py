@@ -4,8 +4,9 @@ Docker engine.
 
 No image registry is reachable, so the test brings its own:
   1. starts Debian's dockerd as root on a private socket, data root and exec
-     root under a temporary directory (--bridge=none --iptables=false: every
-     container uses the host network);
+     root under a temporary directory (--bridge=none --iptables=false: no
+     default bridge and no NAT; builds and single containers use the host
+     network, compose its own network with published ports);
   2. makes the base image with debootstrap --variant=minbase bookworm from the
      Debian mirror this machine's apt uses (read from the apt sources), cached
      as a tarball in --cache-dir, imported with docker import; the host's apt
@@ -16,15 +17,14 @@ No image registry is reachable, so the test brings its own:
      waits for the HEALTHCHECK to report healthy, stops it, starts a new
      container on the same named volume and finds the bank and its patterns;
   4. docker-compose up with deploy/docker-compose.yml plus
-     tests/docker/compose.test.yml (host network, Prometheus from Debian's
+     tests/docker/compose.test.yml (free host ports, Prometheus from Debian's
      package built locally, Grafana left out), checks through Prometheus'
-     HTTP API that the engram target is up and engram_ series are stored,
-     then docker-compose down -v.
+     HTTP API that it scrapes engramd:9464 as deploy/prometheus.yml says, the
+     target is up and engram_ series are stored, then docker-compose down -v.
 Every wait is bounded; containers, volumes, images, the daemon (stopped by its
 pid) and the temporary directory are removed at the end, also on failure.
 
-Needs root, docker.io, docker-compose, debootstrap, python3-yaml and
-python3-numpy (scripts/setup.sh installs them); run with /usr/bin/python3:
+Needs root, docker.io, docker-compose, debootstrap and python3-numpy (scripts/setup.sh installs them); run with /usr/bin/python3:
 
   /usr/bin/python3 tests/docker/docker_test.py --engram build/client/engram \\
       --repo . --cache-dir build/docker-cache
@@ -44,7 +44,6 @@ import urllib.parse
 import urllib.request
 
 import numpy as np
-import yaml
 
 RELEASE = "bookworm"
 IMAGE_PREFIX = "engram-test"
@@ -497,27 +496,14 @@ def image_test(daemon, args, image, work_dir):
 def compose_test(daemon, args, image, base_image, work_dir):
     """docker-compose up with Prometheus; Prometheus scrapes engramd."""
     grpc_port, metrics_port, prom_port = free_port(), free_port(), free_port()
-    with open(os.path.join(args.repo, "deploy", "prometheus.yml")) as f:
-        prom = yaml.safe_load(f)
-    # Host network: the engramd service is at 127.0.0.1:metrics_port.
-    for job in prom["scrape_configs"]:
-        for sc in job.get("static_configs", []):
-            sc["targets"] = ["127.0.0.1:%d" % metrics_port if t.startswith("engramd:") else t
-                             for t in sc["targets"]]
-    prom_config = os.path.join(work_dir, "prometheus.yml")
-    with open(prom_config, "w") as f:
-        yaml.safe_dump(prom, f)
-    os.chmod(prom_config, 0o644)
-
     env = dict(daemon.env,
                COMPOSE_PROJECT_NAME="engramtest",
                ENGRAM_TEST_IMAGE=image,
                ENGRAM_TEST_BASE_IMAGE=base_image,
                ENGRAM_TEST_PROMETHEUS_IMAGE=IMAGE_PREFIX + "/prometheus:latest",
-               ENGRAM_TEST_GRPC_PORT=str(grpc_port),
-               ENGRAM_TEST_METRICS_PORT=str(metrics_port),
-               ENGRAM_TEST_PROMETHEUS_PORT=str(prom_port),
-               ENGRAM_TEST_PROMETHEUS_CONFIG=prom_config)
+               ENGRAM_GRPC_PORT=str(grpc_port),
+               ENGRAM_METRICS_PORT=str(metrics_port),
+               PROMETHEUS_PORT=str(prom_port))
     compose = [args.compose,
                "-f", os.path.join(args.repo, "deploy", "docker-compose.yml"),
                "-f", os.path.join(args.repo, "tests", "docker", "compose.test.yml")]
@@ -525,7 +511,7 @@ def compose_test(daemon, args, image, base_image, work_dir):
     run_cmd(compose + ["config", "-q"], env, timeout=60, out=out)
     log("compose: build the Prometheus image (Debian's prometheus package)")
     run_cmd(compose + ["build", "prometheus"], env, timeout=900, out=out)
-    log("compose: up (engramd 127.0.0.1:%d, metrics %d, Prometheus %d)"
+    log("compose: up (host ports: gRPC %d, metrics %d, Prometheus %d)"
         % (grpc_port, metrics_port, prom_port))
     try:
         run_cmd(compose + ["up", "-d", "--no-build"], env, timeout=180, out=out)
@@ -534,7 +520,8 @@ def compose_test(daemon, args, image, base_image, work_dir):
         check(sorted(services) == ["engramd", "prometheus"],
               "running services: %s (Grafana should be left out)" % services)
         client = Client(args.engram, grpc_port)
-        wait_for("engramd (compose) to serve", client.serving, 60)
+        wait_for("engramd (compose) to serve on published port %d" % grpc_port,
+                 client.serving, 60)
         client.json("bank", "create", "compose", "--dim", "16", "--kind", "continuous")
         api = "http://127.0.0.1:%d/api/v1/" % prom_port
 
@@ -543,6 +530,8 @@ def compose_test(daemon, args, image, base_image, work_dir):
             ours = [t for t in targets if t["labels"].get("job") == "engram"]
             return ours and ours[0]["health"] == "up" and ours[0]
         target = wait_for("Prometheus to report the engram target up", target_up, 120, 2)
+        check(target["scrapeUrl"] == "http://engramd:9464/metrics",
+              "Prometheus scrapes %s, not deploy/prometheus.yml's target" % target["scrapeUrl"])
         log("compose: Prometheus target %s is %s" % (target["scrapeUrl"], target["health"]))
 
         def engram_series():
@@ -555,6 +544,10 @@ def compose_test(daemon, args, image, base_image, work_dir):
         q = urllib.parse.quote('grpc_server_handled_total{job="engram",grpc_method="CreateBank"}')
         wait_for("the CreateBank call in Prometheus",
                  lambda: json.loads(http_get(api + "query?query=" + q))["data"]["result"], 60, 2)
+        engramd = run_cmd(compose + ["ps", "-q", "engramd"], env, timeout=60).stdout.strip()
+        wait_for("the HEALTHCHECK of the compose engramd to report healthy",
+                 lambda: container_state(daemon, engramd)["Health"]["Status"] == "healthy",
+                 90, interval=2)
     except TestFailure:
         run_cmd(compose + ["logs", "--no-color"], env, check=False, timeout=60, out=out)
         print(tail(out, 80))
