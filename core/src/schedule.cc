@@ -1,5 +1,6 @@
 #include "engram/core/schedule.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
@@ -54,6 +55,15 @@ absl::StatusOr<std::vector<double>> MakeSchedule(const ScheduleConfig& c) {
   // Exact end points, whatever the rounding of pow.
   s[0] = c.sigma_max;
   if (last > 0) s[last] = c.sigma_min;
+  // An extreme rho overflows smax^(1/rho) (rho = 1e-172 gives inf - inf
+  // inside the bracket, then NaN levels and NaN samples).
+  for (int i = 0; i < c.steps; ++i) {
+    if (!std::isfinite(s[i])) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "rho=", c.rho, " makes noise level ", i, " non-finite; use a moderate rho (7 is usual)"));
+    }
+    s[i] = std::clamp(s[i], c.sigma_min, c.sigma_max);
+  }
   if (!c.stop_at_sigma_min) s.push_back(0.0);
   return s;
 }

@@ -52,6 +52,22 @@ TEST(Schedule, GeometricAndLinear) {
   EXPECT_THAT(MakeSchedule({.steps = 0}), StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
+// Found by service_fuzz: rho = 1.3e-172 overflowed smax^(1/rho) to inf, the
+// Karras levels became NaN and Sample read the "nearest memory" at row -1.
+TEST(Schedule, ExtremeRhoIsRejectedInsteadOfGivingNonFiniteLevels) {
+  EXPECT_THAT(MakeSchedule({.sigma_max = 10, .sigma_min = 0.01, .rho = 1.306450796487053e-172,
+                            .steps = 8}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  for (double rho : {1e-3, 0.5, 7.0, 1e3, 1e300}) {
+    auto s = MakeSchedule({.sigma_max = 10, .sigma_min = 0.01, .rho = rho, .steps = 8});
+    if (!s.ok()) continue;  // rejected is fine; accepted must be finite and in range
+    for (size_t i = 0; i + 1 < s->size(); ++i) {
+      EXPECT_GE((*s)[i], 0.01) << "rho=" << rho << " level " << i;
+      EXPECT_LE((*s)[i], 10.0) << "rho=" << rho << " level " << i;
+    }
+  }
+}
+
 // Survey Eq. 17: for patterns of equal norm |y|^2 = c,
 //   E_DM(x) = -sigma^2 log(1/K sum exp(-|x-y|^2 / 2 sigma^2))
 //           = E_MHN(x) + c/2 + sigma^2 log K,   beta = 1/sigma^2,

@@ -37,7 +37,8 @@ inline constexpr int kMaxSampleSteps = 100000;
 // linear: sigma_i = smax + i/(S-1) (smin - smax)
 // Returns S values, plus a final 0 unless stop_at_sigma_min. S = 1 gives
 // {sigma_max}. INVALID_ARGUMENT unless 0 < sigma_min <= sigma_max (finite),
-// rho > 0 and 1 <= steps <= kMaxSampleSteps.
+// rho > 0 and 1 <= steps <= kMaxSampleSteps, and when an extreme rho makes a
+// level non-finite (pow overflow). Levels lie in [sigma_min, sigma_max].
 absl::StatusOr<std::vector<double>> MakeSchedule(const ScheduleConfig& config);
 
 }  // namespace engram::core
