@@ -7,6 +7,8 @@
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "fused.h"
+#include "kernels/kernels.h"
 
 namespace engram::core {
 namespace {
@@ -40,9 +42,9 @@ absl::Status ValidateBankSpec(const BankSpec& spec) {
     return absl::InvalidArgumentError(absl::StrCat(
         "dim must be in [1, ", kMaxDim, "], got ", spec.dim));
   }
-  if (spec.precision != Precision::kF32) {
-    return absl::UnimplementedError(
-        "only f32 precision is available for banks in this version");
+  if (spec.precision == Precision::kBitPacked && spec.kind != StateKind::kBipolar) {
+    return absl::FailedPreconditionError(
+        "precision bit_packed stores +-1 patterns; it needs a bipolar bank");
   }
   return ValidateEnergyConfig(spec.energy, spec.kind);
 }
@@ -52,13 +54,17 @@ Bank::Bank(BankSpec spec, uint64_t next_id)
 
 uint64_t Bank::bytes() const {
   uint64_t b = data_.size() * sizeof(float) + sq_norms_.size() * sizeof(float) +
-               ids_.size() * sizeof(uint64_t);
+               ids_.size() * sizeof(uint64_t) + bf16_.size() * sizeof(uint16_t) +
+               bits_.size() * sizeof(uint64_t);
   for (const auto& p : payloads_) b += p.size();
   return b;
 }
 
 PatternView Bank::view() const {
-  return PatternView{data_.data(), sq_norms_.data(), size(), dim()};
+  PatternView v{data_.data(), sq_norms_.data(), size(), dim()};
+  if (spec_.precision == Precision::kBf16) v.bf16 = bf16_.data();
+  if (spec_.precision == Precision::kBitPacked) v.bits = bits_.data();
+  return v;
 }
 
 std::optional<int64_t> Bank::RowOf(uint64_t id) const {
@@ -137,6 +143,7 @@ void Bank::Append(absl::Span<const float> data, absl::Span<const uint64_t> ids,
   const int n = dim();
   const size_t k = ids.size();
   data_.insert(data_.end(), data.begin(), data.end());
+  PackRows(data);
   for (size_t r = 0; r < k; ++r) {
     Eigen::Map<const Eigen::VectorXf> row(data.data() + r * n, n);
     sq_norms_.push_back(static_cast<float>(row.cast<double>().squaredNorm()));
@@ -184,7 +191,28 @@ void Bank::Remove(absl::Span<const uint64_t> ids) {
   sq_norms_.resize(out);
   ids_.resize(out);
   payloads_.resize(out);
+  bf16_.clear();
+  bits_.clear();
+  PackRows(data_);
   RebuildIndex();
+}
+
+void Bank::PackRows(absl::Span<const float> data) {
+  const int n = dim();
+  if (spec_.precision == Precision::kBf16) {
+    bf16_.reserve(bf16_.size() + data.size());
+    for (float v : data) bf16_.push_back(kernels::FloatToBf16(v));
+  } else if (spec_.precision == Precision::kBitPacked) {
+    const int words = kernels::BitWords(n);
+    const size_t k = data.size() / n;
+    size_t at = bits_.size();
+    bits_.resize(at + k * words, 0);
+    for (size_t r = 0; r < k; ++r, at += words) {
+      for (int i = 0; i < n; ++i) {
+        if (data[r * n + i] > 0.f) bits_[at + (i >> 6)] |= uint64_t{1} << (i & 63);
+      }
+    }
+  }
 }
 
 void Bank::RebuildIndex() {
@@ -196,16 +224,13 @@ NearestMemory Bank::Nearest(const float* x) const {
   NearestMemory best;
   if (size() == 0) return best;
   const int n = dim();
-  using RowMajor =
-      Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  Eigen::Map<const RowMajor> xi(data_.data(), size(), n);
-  Eigen::Map<const Eigen::VectorXf> xv(x, n);
-  Eigen::VectorXf dots = xi * xv;
-  double best_key = std::numeric_limits<double>::infinity();
+  // argmax of x.xi - |xi|^2/2 is the argmin of |x - xi|.
+  std::vector<double> score(size());
+  internal::FastSimilarities(view(), SimilarityKind::kNegHalfSqL2, x, score.data());
+  double best_key = -std::numeric_limits<double>::infinity();
   for (int64_t r = 0; r < size(); ++r) {
-    const double key = double{sq_norms_[r]} - 2.0 * dots[r];
-    if (key < best_key) {
-      best_key = key;
+    if (score[r] > best_key) {
+      best_key = score[r];
       best.row = r;
     }
   }

@@ -9,6 +9,7 @@
 #include <Eigen/Core>
 
 #include "absl/strings/str_cat.h"
+#include "fused.h"
 
 namespace engram::core {
 namespace {
@@ -108,61 +109,59 @@ void RunSync(const EnergyFunction& energy, StateKind kind,
 // the capacity results of SPEC section 5 assume. With a_mu = F(d) - F(d-2)
 // and b_mu = F(d+2) - F(d) the drive is Xi^T (a+b)/2 + sigma_i sum (a-b)/2.
 // Returns false when the energy has no such form (caller falls back).
+// Krotov-Hopfield weights of a polynomial or classical energy:
+// c = (a + b) / 2 and h = (a - b) / 2 from the overlap d.
+class KrotovHopfieldWeights : public internal::RowWeights {
+ public:
+  explicit KrotovHopfieldWeights(const EnergyConfig& cfg) : cfg_(cfg) {}
+  internal::WeightDomain domain() const override { return internal::WeightDomain::kLinear; }
+  double Block(const double* d, int64_t count, double* w, double* h) const override {
+    for (int64_t mu = 0; mu < count; ++mu) {
+      const double a = F(d[mu]) - F(d[mu] - 2);
+      const double b = F(d[mu] + 2) - F(d[mu]);
+      w[mu] = 0.5 * (a + b);
+      h[mu] = 0.5 * (a - b);
+    }
+    return 0.0;
+  }
+
+ private:
+  double F(double s) const {
+    if (cfg_.family == EnergyFamily::kClassical) return 0.5 * s * s;
+    if (cfg_.rectified && s <= 0) return 0.0;
+    double r = 1.0;
+    for (int i = 0; i < cfg_.degree; ++i) r *= s;
+    return r;
+  }
+  EnergyConfig cfg_;
+};
+
 bool BipolarDrive(const EnergyFunction& energy, const float* x, float* drive) {
   const EnergyConfig& cfg = energy.config();
   const PatternView& p = energy.patterns();
-  const int64_t k = p.rows;
   const int n = p.dim;
   if (EffectiveSimilarity(cfg) == SimilarityKind::kNegL1 ||
-      cfg.family == EnergyFamily::kGeneral) {
+      cfg.family == EnergyFamily::kGeneral || p.rows == 0) {
     return false;
   }
-  std::vector<double> d(k);
-  {
-    EnergyConfig dot_cfg = cfg;
-    dot_cfg.family = EnergyFamily::kLse;  // dot similarity
-    EnergyFunction dot(dot_cfg, p);
-    dot.Similarities(x, d.data());
-  }
-  std::vector<double> c(k), h(k);  // (a+b)/2 and (a-b)/2
-  auto poly = [&](double s) {
-    if (cfg.family == EnergyFamily::kClassical) return 0.5 * s * s;
-    if (cfg.rectified && s <= 0) return 0.0;
-    return std::pow(s, cfg.degree);
-  };
   if (cfg.family == EnergyFamily::kClassical ||
       cfg.family == EnergyFamily::kPolynomial) {
-    double m = 0.0;
-    for (int64_t mu = 0; mu < k; ++mu) {
-      const double a = poly(d[mu]) - poly(d[mu] - 2);
-      const double b = poly(d[mu] + 2) - poly(d[mu]);
-      c[mu] = 0.5 * (a + b);
-      h[mu] = 0.5 * (a - b);
-      m = std::max({m, std::fabs(a), std::fabs(b)});
-    }
-    if (m > 0) {
-      for (int64_t mu = 0; mu < k; ++mu) { c[mu] /= m; h[mu] /= m; }
-    }
-  } else {
-    // exp(beta s) separation (exponential, lse, gaussian: for +-1 patterns
-    // the gaussian similarity is the dot product minus a constant).
-    const double beta = cfg.beta;
-    double dm = -INFINITY;
-    for (double v : d) dm = std::max(dm, v);
-    const double e2 = std::exp(-2.0 * beta);
-    for (int64_t mu = 0; mu < k; ++mu) {
-      const double w = std::exp(beta * (d[mu] - dm));
-      c[mu] = 0.5 * w * (1.0 + e2);
-      h[mu] = 0.5 * w * (e2 - 1.0);
-    }
+    KrotovHopfieldWeights rule(cfg);
+    const internal::FusedSums sums =
+        internal::FusedPass(p, SimilarityKind::kDot, x, rule, drive);
+    const float hs = static_cast<float>(sums.hsum);
+    for (int i = 0; i < n; ++i) drive[i] += hs * x[i];
+    return true;
   }
-  double hsum = 0.0;
-  for (double v : h) hsum += v;
-  Eigen::Map<const RowMajorMatrix> xi(p.data, k, n);
-  Eigen::VectorXf cf = Eigen::Map<Eigen::VectorXd>(c.data(), k).cast<float>();
-  Eigen::Map<Eigen::VectorXf> out(drive, n);
-  out.noalias() = xi.transpose() * cf;
-  for (int i = 0; i < n; ++i) out[i] += static_cast<float>(hsum) * x[i];
+  // exp(beta s) separation (exponential, lse, gaussian: for +-1 patterns the
+  // gaussian similarity is the dot product minus a constant): with
+  // w = exp(beta d), c = w (1 + e^{-2 beta}) / 2 and h = w (e^{-2 beta} - 1) / 2,
+  // so the drive is proportional to sum w xi + sigma (e2 - 1)/(e2 + 1) sum w.
+  internal::LogSoftmaxWeights rule(cfg.beta);
+  const internal::FusedSums sums = internal::FusedPass(p, SimilarityKind::kDot, x, rule, drive);
+  const double e2 = std::exp(-2.0 * cfg.beta);
+  const float hs = static_cast<float>(sums.wsum * (e2 - 1.0) / (e2 + 1.0));
+  for (int i = 0; i < n; ++i) drive[i] += hs * x[i];
   return true;
 }
 

@@ -7,6 +7,7 @@
 #include <Eigen/Core>
 
 #include "absl/strings/str_cat.h"
+#include "fused.h"
 
 namespace engram::core {
 namespace {
@@ -229,7 +230,7 @@ double EnergyFunction::EnergyFromSimilarities(const double* s,
   return 0.0;
 }
 
-double EnergyFunction::Value(const float* x) const {
+double EnergyFunction::ReferenceValue(const float* x) const {
   std::vector<double> s(patterns_.rows);
   Similarities(x, s.data());
   ConstVectorMap xv(x, patterns_.dim);
@@ -237,7 +238,7 @@ double EnergyFunction::Value(const float* x) const {
                                 nullptr);
 }
 
-double EnergyFunction::ValueAndGradient(const float* x, float* grad) const {
+double EnergyFunction::ReferenceValueAndGradient(const float* x, float* grad) const {
   const int64_t k = patterns_.rows;
   const int n = patterns_.dim;
   std::vector<double> s(k), w(k);
@@ -285,7 +286,7 @@ double EnergyFunction::ValueAndGradient(const float* x, float* grad) const {
   return e;
 }
 
-double EnergyFunction::UpdateTarget(const float* x, float* target) const {
+double EnergyFunction::ReferenceUpdateTarget(const float* x, float* target) const {
   const int64_t k = patterns_.rows;
   const int n = patterns_.dim;
   std::vector<double> s(k), w(k);
@@ -315,6 +316,83 @@ double EnergyFunction::UpdateTarget(const float* x, float* target) const {
   Eigen::VectorXf wf = Eigen::Map<Eigen::VectorXd>(w.data(), k).cast<float>();
   t.noalias() = xi.transpose() * wf;
   return e;
+}
+
+bool EnergyFunction::FusedEvaluate(const float* x, float* target, float* grad,
+                                   double* energy) const {
+  const int64_t k = patterns_.rows;
+  const int n = patterns_.dim;
+  if (k == 0) return false;
+  const SimilarityKind sim = EffectiveSimilarity(config_);
+  std::unique_ptr<internal::RowWeights> rule = internal::MakeRowWeights(config_);
+  if (rule == nullptr || sim == SimilarityKind::kNegL1) return false;
+  float* acc = target != nullptr ? target : grad;
+  const internal::FusedSums sums = internal::FusedPass(patterns_, sim, x, *rule, acc);
+  double sq_x = 0.0;
+  for (int i = 0; i < n; ++i) sq_x += double{x[i]} * x[i];
+  const double beta = config_.beta;
+  const bool log_domain = rule->domain() == internal::WeightDomain::kLog;
+  // lse(beta s) for the softmax families.
+  const double lse = log_domain ? sums.log_scale + std::log(sums.wsum) : 0.0;
+  switch (config_.family) {
+    case EnergyFamily::kExponential: *energy = -std::exp(lse); break;
+    case EnergyFamily::kLse: *energy = -lse / beta + 0.5 * sq_x; break;
+    default: *energy = log_domain ? -lse / beta : sums.energy_terms; break;
+  }
+  if (acc == nullptr) return true;
+  const bool sign_invariant = config_.family == EnergyFamily::kClassical ||
+                              config_.family == EnergyFamily::kPolynomial ||
+                              config_.family == EnergyFamily::kExponential;
+  // acc = sum_mu w_mu xi_mu / scale with w = -dE/dS before normalisation
+  // (softmax families: exp(beta s); others: F'(s)).
+  double to_exact;  // multiplies acc into sum_mu w_mu xi_mu with w = -dE/dS
+  double wsum_exact;
+  if (log_domain) {
+    // -dE/dS is softmax(beta s) (lse, gaussian, UHN softmax) or
+    // beta exp(beta s) = beta exp(lse) softmax (exponential).
+    const double norm = config_.family == EnergyFamily::kExponential ? beta * std::exp(lse) : 1.0;
+    to_exact = norm / sums.wsum;
+    wsum_exact = norm;
+  } else {
+    to_exact = std::exp(sums.log_scale);
+    wsum_exact = sums.wsum * to_exact;
+  }
+  if (target != nullptr) {
+    // Sign-invariant bipolar families may return any positive multiple; the
+    // softmax families return the normalised weighted sum.
+    double f = to_exact;
+    if (sign_invariant) f = log_domain ? 1.0 / sums.wsum : 1.0;
+    if (f != 1.0) {
+      const float ff = static_cast<float>(f);
+      for (int i = 0; i < n; ++i) target[i] *= ff;
+    }
+    return true;
+  }
+  // grad = -sum w xi (+ (sum w) x for the L2 similarity) (+ x for lse).
+  const float g = static_cast<float>(-to_exact);
+  double x_coeff = sim == SimilarityKind::kNegHalfSqL2 ? wsum_exact : 0.0;
+  if (config_.family == EnergyFamily::kLse) x_coeff += 1.0;
+  const float xc = static_cast<float>(x_coeff);
+  for (int i = 0; i < n; ++i) grad[i] = g * grad[i] + xc * x[i];
+  return true;
+}
+
+double EnergyFunction::Value(const float* x) const {
+  double e;
+  if (FusedEvaluate(x, nullptr, nullptr, &e)) return e;
+  return ReferenceValue(x);
+}
+
+double EnergyFunction::ValueAndGradient(const float* x, float* grad) const {
+  double e;
+  if (FusedEvaluate(x, nullptr, grad, &e)) return e;
+  return ReferenceValueAndGradient(x, grad);
+}
+
+double EnergyFunction::UpdateTarget(const float* x, float* target) const {
+  double e;
+  if (FusedEvaluate(x, target, nullptr, &e)) return e;
+  return ReferenceUpdateTarget(x, target);
 }
 
 }  // namespace engram::core

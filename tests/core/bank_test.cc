@@ -40,7 +40,13 @@ TEST(BankSpec, RejectsBadDimAndPrecision) {
   EXPECT_THAT(ValidateBankSpec(spec), StatusIs(absl::StatusCode::kInvalidArgument));
   spec.dim = 4;
   spec.precision = Precision::kBf16;
-  EXPECT_THAT(ValidateBankSpec(spec), StatusIs(absl::StatusCode::kUnimplemented));
+  EXPECT_OK(ValidateBankSpec(spec));
+  // Bit packing stores +-1 values only.
+  spec.precision = Precision::kBitPacked;
+  EXPECT_THAT(ValidateBankSpec(spec), StatusIs(absl::StatusCode::kFailedPrecondition));
+  spec.kind = StateKind::kBipolar;
+  spec.energy.family = EnergyFamily::kClassical;
+  EXPECT_OK(ValidateBankSpec(spec));
 }
 
 TEST(BankValidate, RejectsBadBatches) {

@@ -27,6 +27,11 @@
 
 namespace engram::core {
 
+// Storage precision of the fast kernels. The f32 values are always kept
+// (exact read-back, storage, reference paths); kBf16 adds a bf16 copy that
+// the scores and weighted sums read (half the memory traffic, values rounded
+// to 8 significant bits), kBitPacked (bipolar banks only) a 1-bit copy read
+// with XOR + popcount whenever the state is +-1 (exact).
 enum class Precision { kF32, kBf16, kBitPacked };
 
 // Largest accepted dimension and payload.
@@ -103,11 +108,16 @@ class Bank {
 
  private:
   void RebuildIndex();
+  // Appends the reduced-precision copy of `data` (whole rows) for bf16 and
+  // bit-packed banks.
+  void PackRows(absl::Span<const float> data);
 
   BankSpec spec_;
   uint64_t next_id_;
   std::vector<float> data_;      // size() x dim(), row-major
   std::vector<float> sq_norms_;  // |xi_mu|^2
+  std::vector<uint16_t> bf16_;   // kBf16: data_ rounded to bf16
+  std::vector<uint64_t> bits_;   // kBitPacked: one bit per value (+1 set)
   std::vector<uint64_t> ids_;
   std::vector<std::string> payloads_;
   absl::flat_hash_map<uint64_t, int64_t> row_of_;

@@ -65,13 +65,18 @@ SimilarityKind EffectiveSimilarity(const EnergyConfig& config);
 double LogSumExp(absl::Span<const double> v);
 
 // Read-only view of a bank's patterns: `rows` x `dim` floats, row-major and
-// contiguous; `sq_norms` holds |xi_mu|^2 per row. The view does not own
-// memory and is valid while the bank is not modified.
+// contiguous; `sq_norms` holds |xi_mu|^2 per row. A bank stored at reduced
+// precision also exposes the same rows as `bf16` (upper halves of the f32
+// values, rounded) or `bits` (bipolar rows, ceil(dim/64) words each, bit set
+// for +1); the fast paths read those instead of `data`. The view does not
+// own memory and is valid while the bank is not modified.
 struct PatternView {
   const float* data = nullptr;
   const float* sq_norms = nullptr;
   int64_t rows = 0;
   int dim = 0;
+  const uint16_t* bf16 = nullptr;
+  const uint64_t* bits = nullptr;
   const float* row(int64_t mu) const { return data + mu * dim; }
 };
 
@@ -107,7 +112,18 @@ class EnergyFunction {
   // floats into `target`; returns E(x).
   double UpdateTarget(const float* x, float* target) const;
 
+  // The plain reference implementations of Value, ValueAndGradient and
+  // UpdateTarget (Eigen over the f32 patterns, two passes, one thread). The
+  // methods above use the fused single-pass kernels where the energy has a
+  // fused form and agree with these to float tolerance; tests compare them.
+  double ReferenceValue(const float* x) const;
+  double ReferenceValueAndGradient(const float* x, float* grad) const;
+  double ReferenceUpdateTarget(const float* x, float* target) const;
+
  private:
+  // Fused single-pass evaluation; false when the config has no fused form.
+  bool FusedEvaluate(const float* x, float* target, float* grad, double* energy) const;
+
   EnergyConfig config_;
   PatternView patterns_;
 };

@@ -1,0 +1,316 @@
+#include "fused.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#define EIGEN_USE_THREADS
+#include <unsupported/Eigen/CXX11/ThreadPool>
+
+#include "kernels/kernels.h"
+
+namespace engram::core::internal {
+namespace {
+
+// Work below this many bytes of patterns runs on the caller's thread.
+constexpr int64_t kParallelBytes = int64_t{4} << 20;
+// Block size target: the block is re-read from L2 by the weighted sum.
+constexpr int64_t kBlockBytes = int64_t{128} << 10;
+
+Eigen::ThreadPool& Pool() {
+  static Eigen::ThreadPool* pool = new Eigen::ThreadPool(std::max(1, ComputeThreads() - 1));
+  return *pool;
+}
+
+// Shared between the caller and the pool tasks of one ParallelRows call.
+struct Job {
+  std::function<void(int, int64_t, int64_t)> fn;
+  int64_t rows = 0;
+  int chunks = 0;
+  std::atomic<int> next{0};
+  std::mutex mu;
+  std::condition_variable cv;
+  int done = 0;  // guarded by mu
+
+  // Claims and runs chunks until none are left.
+  void Drain() {
+    while (true) {
+      const int c = next.fetch_add(1, std::memory_order_relaxed);
+      if (c >= chunks) return;
+      const int64_t begin = rows * c / chunks, end = rows * (c + 1) / chunks;
+      fn(c, begin, end);
+      std::lock_guard<std::mutex> lock(mu);
+      if (++done == chunks) cv.notify_all();
+    }
+  }
+};
+
+bool IsBipolar(const float* x, int n) {
+  for (int i = 0; i < n; ++i) {
+    if (x[i] != 1.f && x[i] != -1.f) return false;
+  }
+  return true;
+}
+
+struct Partial {
+  double log_scale = -INFINITY;
+  double wsum = 0.0;
+  double hsum = 0.0;
+  double energy = 0.0;
+  std::vector<float> acc;
+};
+
+void ScaleInPlace(float* v, int n, double f) {
+  const float ff = static_cast<float>(f);
+  for (int i = 0; i < n; ++i) v[i] *= ff;
+}
+
+}  // namespace
+
+int ComputeThreads() {
+  static const int threads = [] {
+    if (const char* env = std::getenv("ENGRAM_THREADS")) {
+      const int t = std::atoi(env);
+      if (t >= 1) return std::min(t, 256);
+    }
+    return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  }();
+  return threads;
+}
+
+void ParallelRows(int64_t rows, int64_t cost_per_row,
+                  const std::function<void(int, int64_t, int64_t)>& fn, int* used_ranges) {
+  const int threads = ComputeThreads();
+  if (threads <= 1 || rows * cost_per_row < kParallelBytes || rows < 2 * threads) {
+    *used_ranges = 1;
+    fn(0, 0, rows);
+    return;
+  }
+  auto job = std::make_shared<Job>();
+  job->fn = fn;
+  job->rows = rows;
+  job->chunks = static_cast<int>(std::min<int64_t>(4 * threads, rows));
+  *used_ranges = job->chunks;
+  for (int t = 1; t < threads; ++t) Pool().Schedule([job] { job->Drain(); });
+  job->Drain();
+  std::unique_lock<std::mutex> lock(job->mu);
+  job->cv.wait(lock, [&] { return job->done == job->chunks; });
+}
+
+FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const float* x,
+                    const RowWeights& rule, float* acc) {
+  const kernels::KernelTable& k = kernels::Kernels();
+  const int n = view.dim;
+  const int64_t rows = view.rows;
+  const bool log_domain = rule.domain() == WeightDomain::kLog;
+  FusedSums out;
+
+  std::vector<uint64_t> xbits;
+  out.x_bipolar = view.bits != nullptr && IsBipolar(x, n);
+  if (out.x_bipolar) {
+    xbits.assign(kernels::BitWords(n), 0);
+    for (int i = 0; i < n; ++i) {
+      if (x[i] > 0) xbits[i >> 6] |= uint64_t{1} << (i & 63);
+    }
+  }
+  const bool use_bf16 = !out.x_bipolar && view.bf16 != nullptr;
+  const int64_t row_bytes = out.x_bipolar ? kernels::BitWords(n) * 8
+                            : use_bf16    ? int64_t{n} * 2
+                                          : int64_t{n} * 4;
+  double sqx = 0.0;
+  if (similarity == SimilarityKind::kNegHalfSqL2) {
+    for (int i = 0; i < n; ++i) sqx += double{x[i]} * x[i];
+  }
+  const int64_t block = std::clamp<int64_t>(kBlockBytes / std::max<int64_t>(row_bytes, 1), 8, 1024);
+
+  std::vector<Partial> partials(std::min<int64_t>(4 * ComputeThreads(), std::max<int64_t>(rows, 1)));
+  auto run = [&](int part, int64_t begin, int64_t end) {
+    Partial& p = partials[part];
+    if (acc != nullptr) p.acc.assign(n, 0.f);
+    std::vector<float> sc(block), wf(block);
+    std::vector<double> s(block), w(block), h(block);
+    double scale = 0.0;  // linear domain: running max |w|, |h|
+    for (int64_t b = begin; b < end; b += block) {
+      const int64_t count = std::min(block, end - b);
+      if (out.x_bipolar) {
+        k.dot_rows_bits(view.bits + b * kernels::BitWords(n), count, n, xbits.data(), sc.data());
+      } else if (use_bf16) {
+        k.dot_rows_bf16(view.bf16 + b * n, count, n, x, sc.data());
+      } else {
+        k.dot_rows(view.data + b * n, count, n, x, sc.data());
+      }
+      if (similarity == SimilarityKind::kNegHalfSqL2) {
+        for (int64_t i = 0; i < count; ++i) {
+          s[i] = double{sc[i]} - 0.5 * view.sq_norms[b + i] - 0.5 * sqx;
+        }
+      } else {
+        for (int64_t i = 0; i < count; ++i) s[i] = sc[i];
+      }
+      p.energy += rule.Block(s.data(), count, w.data(), h.data());
+      if (log_domain) {
+        double bm = -INFINITY;
+        for (int64_t i = 0; i < count; ++i) bm = std::max(bm, w[i]);
+        if (bm > p.log_scale) {
+          if (std::isfinite(p.log_scale)) {
+            const double f = std::exp(p.log_scale - bm);
+            p.wsum *= f;
+            if (acc != nullptr) ScaleInPlace(p.acc.data(), n, f);
+          }
+          p.log_scale = bm;
+        }
+        if (!std::isfinite(p.log_scale)) continue;
+        for (int64_t i = 0; i < count; ++i) {
+          const double e = std::exp(w[i] - p.log_scale);
+          wf[i] = static_cast<float>(e);
+          p.wsum += e;
+        }
+      } else {
+        double bm = 0.0;
+        for (int64_t i = 0; i < count; ++i) {
+          bm = std::max({bm, std::fabs(w[i]), std::fabs(h[i])});
+        }
+        if (bm > scale) {
+          if (scale > 0.0) {
+            const double f = scale / bm;
+            p.wsum *= f;
+            p.hsum *= f;
+            if (acc != nullptr) ScaleInPlace(p.acc.data(), n, f);
+          }
+          scale = bm;
+        }
+        if (scale == 0.0) continue;
+        const double inv = 1.0 / scale;
+        for (int64_t i = 0; i < count; ++i) {
+          wf[i] = static_cast<float>(w[i] * inv);
+          p.wsum += w[i] * inv;
+          p.hsum += h[i] * inv;
+        }
+      }
+      if (acc == nullptr) continue;
+      if (out.x_bipolar) {
+        k.axpy_rows_bits(view.bits + b * kernels::BitWords(n), count, n, wf.data(), p.acc.data());
+      } else if (use_bf16) {
+        k.axpy_rows_bf16(view.bf16 + b * n, count, n, wf.data(), p.acc.data());
+      } else {
+        k.axpy_rows(view.data + b * n, count, n, wf.data(), p.acc.data());
+      }
+    }
+    if (!log_domain) p.log_scale = scale > 0.0 ? std::log(scale) : -INFINITY;
+  };
+  int used = 1;
+  ParallelRows(rows, row_bytes, run, &used);
+
+  // Exact merge: rescale every partial to the largest scale.
+  double top = -INFINITY;
+  for (int i = 0; i < used; ++i) top = std::max(top, partials[i].log_scale);
+  out.log_scale = top;
+  if (acc != nullptr) std::fill(acc, acc + n, 0.f);
+  for (int i = 0; i < used; ++i) {
+    const Partial& p = partials[i];
+    out.energy_terms += p.energy;
+    if (!std::isfinite(p.log_scale)) continue;
+    const double f = std::exp(p.log_scale - top);
+    out.wsum += f * p.wsum;
+    out.hsum += f * p.hsum;
+    if (acc != nullptr) {
+      const float ff = static_cast<float>(f);
+      for (int j = 0; j < n; ++j) acc[j] += ff * p.acc[j];
+    }
+  }
+  if (acc != nullptr && out.x_bipolar) {
+    // The bit kernel summed w * [xi = +1]; xi = 2 [xi = +1] - 1.
+    const float ws = static_cast<float>(out.wsum);
+    for (int j = 0; j < n; ++j) acc[j] = 2.f * acc[j] - ws;
+  }
+  return out;
+}
+
+void FastSimilarities(const PatternView& view, SimilarityKind similarity, const float* x,
+                      double* s) {
+  const kernels::KernelTable& k = kernels::Kernels();
+  const int n = view.dim;
+  double sqx = 0.0;
+  if (similarity == SimilarityKind::kNegHalfSqL2) {
+    for (int i = 0; i < n; ++i) sqx += double{x[i]} * x[i];
+  }
+  int used = 1;
+  ParallelRows(view.rows, int64_t{n} * 4, [&](int, int64_t begin, int64_t end) {
+    constexpr int64_t kChunk = 256;
+    float sc[kChunk];
+    for (int64_t b = begin; b < end; b += kChunk) {
+      const int64_t count = std::min(kChunk, end - b);
+      k.dot_rows(view.data + b * n, count, n, x, sc);
+      for (int64_t i = 0; i < count; ++i) {
+        s[b + i] = similarity == SimilarityKind::kNegHalfSqL2
+                       ? double{sc[i]} - 0.5 * view.sq_norms[b + i] - 0.5 * sqx
+                       : double{sc[i]};
+      }
+    }
+  }, &used);
+}
+
+double LogSoftmaxWeights::Block(const double* s, int64_t count, double* w, double*) const {
+  for (int64_t i = 0; i < count; ++i) w[i] = beta_ * s[i];
+  return 0.0;
+}
+
+double PolynomialWeights::Block(const double* s, int64_t count, double* w, double* h) const {
+  double e = 0.0;
+  for (int64_t i = 0; i < count; ++i) {
+    const double v = s[i];
+    h[i] = 0.0;
+    if (degree_ == 0) {  // identity
+      w[i] = 1.0;
+      e -= v;
+      continue;
+    }
+    if (rectified_ && v <= 0.0) {
+      w[i] = 0.0;
+      continue;
+    }
+    double p = 1.0;  // v^(degree-1)
+    for (int j = 1; j < degree_; ++j) p *= v;
+    if (half_) {
+      w[i] = 0.5 * degree_ * p;
+      e -= 0.5 * p * v;
+    } else {
+      w[i] = degree_ * p;
+      e -= p * v;
+    }
+  }
+  return e;
+}
+
+std::unique_ptr<RowWeights> MakeRowWeights(const EnergyConfig& config) {
+  switch (config.family) {
+    case EnergyFamily::kClassical:
+      return std::make_unique<PolynomialWeights>(2, false, true);
+    case EnergyFamily::kPolynomial:
+      return std::make_unique<PolynomialWeights>(config.degree, config.rectified, false);
+    case EnergyFamily::kExponential:
+    case EnergyFamily::kLse:
+    case EnergyFamily::kGaussian:
+      return std::make_unique<LogSoftmaxWeights>(config.beta);
+    case EnergyFamily::kGeneral:
+      if (config.similarity == SimilarityKind::kNegL1) return nullptr;
+      switch (config.separation) {
+        case SeparationKind::kIdentity:
+          return std::make_unique<PolynomialWeights>(0, false, false);
+        case SeparationKind::kPolynomial:
+          return std::make_unique<PolynomialWeights>(config.degree, config.rectified, false);
+        case SeparationKind::kSoftmax:
+          return std::make_unique<LogSoftmaxWeights>(config.beta);
+        case SeparationKind::kMax:
+          return nullptr;
+      }
+  }
+  return nullptr;
+}
+
+}  // namespace engram::core::internal

@@ -1,0 +1,112 @@
+// Single-pass evaluation of a Dense Associative Memory step over a bank:
+// similarities, separation weights and the weighted sum of patterns in one
+// read of the pattern matrix per call, split over threads.
+//
+//   internal::LogSoftmaxWeights rule(beta);
+//   std::vector<float> acc(n);
+//   internal::FusedSums s = internal::FusedPass(view, SimilarityKind::kDot,
+//                                               x, rule, acc.data());
+//   // sum_mu softmax(beta s)_mu xi_mu == acc / s.wsum
+//
+// Rows are taken in cache-sized blocks: the block's scores come from one
+// streaming pass (dot_rows), its weights are computed in double, and the
+// weighted sum (axpy_rows) re-reads the block while it is still in L2. The
+// weights are kept relative to a running scale so nothing overflows: in the
+// log domain (softmax) the scale is the running max of the log-weights (the
+// online log-sum-exp), in the linear domain it is the running max |w|. Each
+// thread takes a contiguous range of rows; the partial (scale, sums, acc)
+// are merged exactly by rescaling to the largest scale.
+//
+// Thread-safety: FusedPass is reentrant; the view must not change during the
+// call. It uses the shared ComputePool().
+#ifndef ENGRAM_CORE_SRC_FUSED_H_
+#define ENGRAM_CORE_SRC_FUSED_H_
+
+#include <cstdint>
+#include <functional>
+
+#include "engram/core/energy.h"
+
+namespace engram::core::internal {
+
+enum class WeightDomain { kLog, kLinear };
+
+// The separation function of one energy, evaluated on a block of
+// similarities. Implementations must be thread-safe (const, no state).
+class RowWeights {
+ public:
+  virtual ~RowWeights() = default;
+  virtual WeightDomain domain() const = 0;
+  // kLog: w[i] = log-weight of s[i] (h unused), returns 0.
+  // kLinear: w[i] = weight, h[i] = a second per-row quantity summed with the
+  // same scale (0 when unused), returns the block's sum of energy terms.
+  virtual double Block(const double* s, int64_t count, double* w, double* h) const = 0;
+};
+
+// sum_mu w_mu xi_mu = exp(log_scale) * acc (acc as written by FusedPass).
+struct FusedSums {
+  double log_scale = -INFINITY;  // log of the common scale of acc and the sums
+  double wsum = 0.0;             // sum_mu w_mu / exp(log_scale)
+  double hsum = 0.0;             // sum_mu h_mu / exp(log_scale) (kLinear)
+  double energy_terms = 0.0;     // sum of Block() returns (kLinear)
+  bool x_bipolar = false;        // the bit-packed kernels were usable
+};
+
+// Runs one fused pass over `view` for state x (view.dim floats). When `acc`
+// is non-null it receives sum_mu (w_mu / exp(log_scale)) xi_mu (view.dim
+// floats, overwritten); when null only the sums are formed (scores only).
+// `similarity` must be kDot or kNegHalfSqL2.
+FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const float* x,
+                    const RowWeights& rule, float* acc);
+
+// s_mu = S(xi_mu, x) for every row (kDot or kNegHalfSqL2), with the fast
+// kernels; `s` has view.rows slots.
+void FastSimilarities(const PatternView& view, SimilarityKind similarity, const float* x,
+                      double* s);
+
+// Runs fn(begin, end) over [0, rows) split into at most ComputeThreads()
+// contiguous ranges (one on the caller's thread) when rows * cost_per_row is
+// large enough to pay for the hand-off; otherwise fn(0, rows) inline.
+void ParallelRows(int64_t rows, int64_t cost_per_row,
+                  const std::function<void(int, int64_t, int64_t)>& fn, int* used_ranges);
+
+// Threads used for one pass (ENGRAM_THREADS, default: hardware threads).
+int ComputeThreads();
+
+// ---- Separation rules -----------------------------------------------------
+
+// log-weights beta * s (softmax / exponential separation).
+class LogSoftmaxWeights : public RowWeights {
+ public:
+  explicit LogSoftmaxWeights(double beta) : beta_(beta) {}
+  WeightDomain domain() const override { return WeightDomain::kLog; }
+  double Block(const double* s, int64_t count, double* w, double* h) const override;
+
+ private:
+  double beta_;
+};
+
+// Weights -dE/dS and energy terms of the classical, polynomial and UHN
+// identity/polynomial separations.
+class PolynomialWeights : public RowWeights {
+ public:
+  // degree 2 with half = true is the classical F(s) = s^2 / 2; degree 0 is
+  // the identity separation F(s) = s.
+  PolynomialWeights(int degree, bool rectified, bool half)
+      : degree_(degree), rectified_(rectified), half_(half) {}
+  WeightDomain domain() const override { return WeightDomain::kLinear; }
+  double Block(const double* s, int64_t count, double* w, double* h) const override;
+
+ private:
+  int degree_;
+  bool rectified_;
+  bool half_;
+};
+
+// The rule for an energy config, or nullptr when the config has no fused
+// form (kMax separation, L1 similarity).
+std::unique_ptr<RowWeights> MakeRowWeights(const EnergyConfig& config);
+
+}  // namespace engram::core::internal
+
+#endif  // ENGRAM_CORE_SRC_FUSED_H_

@@ -1,0 +1,75 @@
+#include <cstdlib>
+#include <cstring>
+
+#include "kernels/kernels.h"
+
+namespace engram::core::kernels {
+
+std::string SimdLevelName(SimdLevel level) {
+  switch (level) {
+    case SimdLevel::kScalar: return "scalar";
+    case SimdLevel::kAvx2: return "avx2";
+    case SimdLevel::kAvx512: return "avx512";
+  }
+  return "unknown";
+}
+
+SimdLevel DetectedSimdLevel() {
+  static const SimdLevel level = [] {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vpopcntdq")) {
+      return SimdLevel::kAvx512;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("popcnt")) {
+      return SimdLevel::kAvx2;
+    }
+#endif
+    return SimdLevel::kScalar;
+  }();
+  return level;
+}
+
+const KernelTable* KernelsFor(SimdLevel level) {
+  if (static_cast<int>(level) > static_cast<int>(DetectedSimdLevel())) return nullptr;
+  switch (level) {
+    case SimdLevel::kScalar: return &ScalarKernels();
+    case SimdLevel::kAvx2: return &Avx2Kernels();
+    case SimdLevel::kAvx512: return &Avx512Kernels();
+  }
+  return nullptr;
+}
+
+const KernelTable& Kernels() {
+  static const KernelTable* table = [] {
+    SimdLevel level = DetectedSimdLevel();
+    if (const char* cap = std::getenv("ENGRAM_SIMD")) {
+      SimdLevel want = level;
+      if (std::strcmp(cap, "scalar") == 0) want = SimdLevel::kScalar;
+      if (std::strcmp(cap, "avx2") == 0) want = SimdLevel::kAvx2;
+      if (static_cast<int>(want) < static_cast<int>(level)) level = want;
+    }
+    return KernelsFor(level);
+  }();
+  return *table;
+}
+
+uint16_t FloatToBf16(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+float Bf16ToFloat(uint16_t v) {
+  const uint32_t u = uint32_t{v} << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+}  // namespace engram::core::kernels

@@ -1,0 +1,77 @@
+// Inner loops over a bank's pattern matrix, one implementation per x86-64
+// ISA level, chosen once at run time (never Eigen here: each .cc is built
+// with its own -m flags, and inline template code from a shared header would
+// be merged across levels by the linker).
+//
+//   const KernelTable& k = Kernels();
+//   k.dot_rows(xi, rows, n, x, scores);      // scores[r] = <xi_r, x>
+//   k.axpy_rows(xi, rows, n, weights, acc);  // acc += sum_r w_r xi_r
+//
+// Layouts: `rows` patterns of `n` values, row-major and contiguous. f32 rows
+// are float; bf16 rows are the upper 16 bits of the f32 value (round to
+// nearest even); bit rows are `BitWords(n)` uint64 words per row, bit i of
+// word i/64 set when the value is +1 (padding bits are 0).
+// Tolerance: float accumulation in several independent lanes, so results
+// differ from a sequential double sum by O(n * eps_f32 * sum |a_i b_i|); the
+// bit kernels are exact.
+//
+// Thread-safety: all functions are pure (they write only their outputs).
+#ifndef ENGRAM_CORE_SRC_KERNELS_KERNELS_H_
+#define ENGRAM_CORE_SRC_KERNELS_KERNELS_H_
+
+#include <cstdint>
+#include <string>
+
+namespace engram::core::kernels {
+
+enum class SimdLevel { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+std::string SimdLevelName(SimdLevel level);
+
+inline int BitWords(int n) { return (n + 63) / 64; }
+
+struct KernelTable {
+  SimdLevel level;
+  // out[r] = sum_i rows[r*n + i] * x[i], r < count.
+  void (*dot_rows)(const float* rows, int64_t count, int n, const float* x,
+                   float* out);
+  // acc[i] += sum_r w[r] * rows[r*n + i], i < n.
+  void (*axpy_rows)(const float* rows, int64_t count, int n, const float* w,
+                    float* acc);
+  // As dot_rows / axpy_rows over bf16 rows (x, w, acc stay f32).
+  void (*dot_rows_bf16)(const uint16_t* rows, int64_t count, int n,
+                        const float* x, float* out);
+  void (*axpy_rows_bf16)(const uint16_t* rows, int64_t count, int n,
+                         const float* w, float* acc);
+  // Bipolar rows as bits against a bipolar x as bits:
+  // out[r] = n - 2 * popcount(row_r XOR x) (exact).
+  void (*dot_rows_bits)(const uint64_t* rows, int64_t count, int n,
+                        const uint64_t* x, float* out);
+  // acc[i] += sum_r w[r] * bit_i(row_r), i < n (the 0/1 indicator; the
+  // caller turns it into +-1 as 2 * acc - sum w).
+  void (*axpy_rows_bits)(const uint64_t* rows, int64_t count, int n,
+                         const float* w, float* acc);
+};
+
+// The table for the widest level this CPU supports, capped by the
+// environment variable ENGRAM_SIMD=scalar|avx2|avx512 when set.
+const KernelTable& Kernels();
+
+// The table of one level, or nullptr when this CPU cannot run it.
+const KernelTable* KernelsFor(SimdLevel level);
+
+// The widest level this CPU supports (ignores ENGRAM_SIMD).
+SimdLevel DetectedSimdLevel();
+
+// Per-level tables (defined in kernels_<level>.cc).
+const KernelTable& ScalarKernels();
+const KernelTable& Avx2Kernels();
+const KernelTable& Avx512Kernels();
+
+// f32 <-> bf16 (round to nearest even; NaN stays NaN).
+uint16_t FloatToBf16(float v);
+float Bf16ToFloat(uint16_t v);
+
+}  // namespace engram::core::kernels
+
+#endif  // ENGRAM_CORE_SRC_KERNELS_KERNELS_H_

@@ -1,0 +1,91 @@
+// Portable kernels (the reference for the wider levels; plain C++ that the
+// compiler may vectorise with the baseline x86-64 SSE2).
+#include <cstring>
+
+#include "kernels/kernels.h"
+
+namespace engram::core::kernels {
+namespace {
+
+void DotRows(const float* rows, int64_t count, int n, const float* x, float* out) {
+  for (int64_t r = 0; r < count; ++r) {
+    const float* p = rows + r * n;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+      for (int j = 0; j < 4; ++j) acc[j] += p[i + j] * x[i + j];
+    }
+    for (; i < n; ++i) acc[0] += p[i] * x[i];
+    out[r] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  }
+}
+
+void AxpyRows(const float* rows, int64_t count, int n, const float* w, float* acc) {
+  for (int64_t r = 0; r < count; ++r) {
+    const float c = w[r];
+    if (c == 0.f) continue;
+    const float* p = rows + r * n;
+    for (int i = 0; i < n; ++i) acc[i] += c * p[i];
+  }
+}
+
+inline float Widen(uint16_t v) {
+  const uint32_t u = uint32_t{v} << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+void DotRowsBf16(const uint16_t* rows, int64_t count, int n, const float* x, float* out) {
+  for (int64_t r = 0; r < count; ++r) {
+    const uint16_t* p = rows + r * n;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+      for (int j = 0; j < 4; ++j) acc[j] += Widen(p[i + j]) * x[i + j];
+    }
+    for (; i < n; ++i) acc[0] += Widen(p[i]) * x[i];
+    out[r] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  }
+}
+
+void AxpyRowsBf16(const uint16_t* rows, int64_t count, int n, const float* w, float* acc) {
+  for (int64_t r = 0; r < count; ++r) {
+    const float c = w[r];
+    if (c == 0.f) continue;
+    const uint16_t* p = rows + r * n;
+    for (int i = 0; i < n; ++i) acc[i] += c * Widen(p[i]);
+  }
+}
+
+void DotRowsBits(const uint64_t* rows, int64_t count, int n, const uint64_t* x, float* out) {
+  const int words = BitWords(n);
+  for (int64_t r = 0; r < count; ++r) {
+    const uint64_t* p = rows + r * words;
+    int64_t differ = 0;
+    for (int w = 0; w < words; ++w) differ += __builtin_popcountll(p[w] ^ x[w]);
+    out[r] = static_cast<float>(n - 2 * differ);
+  }
+}
+
+void AxpyRowsBits(const uint64_t* rows, int64_t count, int n, const float* w, float* acc) {
+  const int words = BitWords(n);
+  for (int64_t r = 0; r < count; ++r) {
+    const float c = w[r];
+    if (c == 0.f) continue;
+    const uint64_t* p = rows + r * words;
+    for (int i = 0; i < n; ++i) {
+      if ((p[i >> 6] >> (i & 63)) & 1u) acc[i] += c;
+    }
+  }
+}
+
+}  // namespace
+
+const KernelTable& ScalarKernels() {
+  static const KernelTable t{SimdLevel::kScalar, DotRows,     AxpyRows,     DotRowsBf16,
+                             AxpyRowsBf16,       DotRowsBits, AxpyRowsBits};
+  return t;
+}
+
+}  // namespace engram::core::kernels
