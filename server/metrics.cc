@@ -147,7 +147,7 @@ template <typename T>
 T& Metrics::Handle(prometheus::Family<T>& family, const prometheus::Labels& labels,
                    absl::flat_hash_map<std::string, T*>& cache,
                    const std::string& key) {
-  absl::MutexLock lock(&mu_);
+  core::MutexLock lock(&mu_);
   auto it = cache.find(key);
   if (it != cache.end()) return *it->second;
   T* h = &family.Add(labels);
@@ -174,7 +174,7 @@ void Metrics::RpcHandled(const std::string& full_method, const std::string& type
       .Increment();
   prometheus::Histogram* hist;
   {
-    absl::MutexLock lock(&mu_);
+    core::MutexLock lock(&mu_);
     const std::string key = absl::StrCat("l|", full_method);
     auto it = histograms_.find(key);
     if (it == histograms_.end()) {
@@ -196,7 +196,7 @@ void Metrics::RecordRetrieval(const std::string& bank, core::Dynamics dynamics,
   prometheus::Histogram* steps;
   prometheus::Histogram* drop;
   {
-    absl::MutexLock lock(&mu_);
+    core::MutexLock lock(&mu_);
     const std::string key = absl::StrCat("steps|", bank, "|", dyn);
     auto it = histograms_.find(key);
     if (it == histograms_.end()) {
@@ -229,7 +229,7 @@ void Metrics::RecordSample(const std::string& bank, const std::string& sampler,
   prometheus::Histogram* st;
   prometheus::Histogram* sec;
   {
-    absl::MutexLock lock(&mu_);
+    core::MutexLock lock(&mu_);
     const std::string key = absl::StrCat("sst|", bank, "|", sampler);
     auto it = histograms_.find(key);
     if (it == histograms_.end()) {
@@ -261,7 +261,7 @@ void Metrics::SetBankSize(const std::string& bank, int64_t patterns, uint64_t by
 }
 
 void Metrics::RemoveBank(const std::string& bank) {
-  absl::MutexLock lock(&mu_);
+  core::MutexLock lock(&mu_);
   for (auto [family, prefix] : {std::pair{&bank_patterns_, "p|"}, {&bank_bytes_, "b|"}}) {
     auto it = gauges_.find(absl::StrCat(prefix, bank));
     if (it != gauges_.end()) {

@@ -26,9 +26,10 @@
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
-#include "absl/synchronization/mutex.h"
 #include "engram/core/dynamics.h"
+#include "engram/core/mutex.h"
 
 namespace engram::server {
 
@@ -76,7 +77,7 @@ class Metrics : public std::enable_shared_from_this<Metrics> {
   prometheus::Family<prometheus::Gauge>& bank_patterns_;
   prometheus::Family<prometheus::Gauge>& bank_bytes_;
 
-  absl::Mutex mu_;
+  core::SharedMutex mu_;
   absl::flat_hash_map<std::string, prometheus::Counter*> counters_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, prometheus::Histogram*> histograms_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, prometheus::Gauge*> gauges_ ABSL_GUARDED_BY(mu_);

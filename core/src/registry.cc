@@ -12,7 +12,7 @@ BankRegistry::BankRegistry(std::unique_ptr<BankStorage> storage,
 absl::StatusOr<std::unique_ptr<BankRegistry>> BankRegistry::Open(
     std::unique_ptr<BankStorage> storage, RegistryOptions options) {
   std::unique_ptr<BankRegistry> r(new BankRegistry(std::move(storage), options));
-  absl::MutexLock lock(&r->mu_);
+  MutexLock lock(&r->mu_);
   ENGRAM_RETURN_IF_ERROR(r->storage_->LoadAll(
       [&](const BankSpec& spec) -> absl::Status {
         if (auto s = ValidateBankSpec(spec); !s.ok()) {
@@ -29,7 +29,7 @@ absl::StatusOr<std::unique_ptr<BankRegistry>> BankRegistry::Open(
           return absl::DataLossError(absl::StrCat("pattern of unknown bank ", std::string(bank)));
         }
         Entry& e = *it->second;
-        absl::MutexLock entry_lock(&e.mu);
+        MutexLock entry_lock(&e.mu);
         std::string p(payload);
         const uint64_t ids[1] = {id};
         e.bank.Append(data, ids, absl::MakeConstSpan(&p, 1));
@@ -37,7 +37,7 @@ absl::StatusOr<std::unique_ptr<BankRegistry>> BankRegistry::Open(
       }));
   uint64_t total = 0;
   for (auto& [name, e] : r->banks_) {
-    absl::MutexLock entry_lock(&e->mu);
+    MutexLock entry_lock(&e->mu);
     total += e->bank.bytes();
   }
   r->total_bytes_ = total;
@@ -57,14 +57,14 @@ BankSummary BankRegistry::Summarize(const Bank& bank) {
 
 std::shared_ptr<BankRegistry::Entry> BankRegistry::Find(
     const std::string& name) const {
-  absl::ReaderMutexLock lock(&mu_);
+  ReaderMutexLock lock(&mu_);
   auto it = banks_.find(name);
   return it == banks_.end() ? nullptr : it->second;
 }
 
 absl::StatusOr<BankSummary> BankRegistry::CreateBank(const BankSpec& spec) {
   ENGRAM_RETURN_IF_ERROR(ValidateBankSpec(spec));
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   if (banks_.contains(spec.name)) {
     return absl::AlreadyExistsError(
         absl::StrCat("bank '", spec.name, "' already exists"));
@@ -72,18 +72,18 @@ absl::StatusOr<BankSummary> BankRegistry::CreateBank(const BankSpec& spec) {
   ENGRAM_RETURN_IF_ERROR(storage_->CreateBank(spec));
   auto entry = std::make_shared<Entry>(Bank(spec));
   banks_[spec.name] = entry;
-  absl::ReaderMutexLock entry_lock(&entry->mu);
+  ReaderMutexLock entry_lock(&entry->mu);
   return Summarize(entry->bank);
 }
 
 absl::Status BankRegistry::DeleteBank(const std::string& name) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   auto it = banks_.find(name);
   if (it == banks_.end()) {
     return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
   }
   std::shared_ptr<Entry> entry = it->second;
-  absl::MutexLock entry_lock(&entry->mu);
+  MutexLock entry_lock(&entry->mu);
   ENGRAM_RETURN_IF_ERROR(storage_->DeleteBank(name));
   entry->deleted = true;
   total_bytes_ -= entry->bank.bytes();
@@ -94,7 +94,7 @@ absl::Status BankRegistry::DeleteBank(const std::string& name) {
 absl::StatusOr<BankSummary> BankRegistry::GetBank(const std::string& name) const {
   std::shared_ptr<Entry> e = Find(name);
   if (e != nullptr) {
-    absl::ReaderMutexLock lock(&e->mu);
+    ReaderMutexLock lock(&e->mu);
     if (!e->deleted) return Summarize(e->bank);
   }
   return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
@@ -103,12 +103,12 @@ absl::StatusOr<BankSummary> BankRegistry::GetBank(const std::string& name) const
 std::vector<BankSummary> BankRegistry::ListBanks() const {
   std::vector<std::shared_ptr<Entry>> entries;
   {
-    absl::ReaderMutexLock lock(&mu_);
+    ReaderMutexLock lock(&mu_);
     for (const auto& [name, e] : banks_) entries.push_back(e);
   }
   std::vector<BankSummary> out;
   for (const auto& e : entries) {
-    absl::ReaderMutexLock lock(&e->mu);
+    ReaderMutexLock lock(&e->mu);
     if (!e->deleted) out.push_back(Summarize(e->bank));
   }
   return out;
@@ -121,7 +121,7 @@ absl::StatusOr<StoreResult> BankRegistry::Store(
   if (e == nullptr) {
     return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
   }
-  absl::MutexLock lock(&e->mu);
+  MutexLock lock(&e->mu);
   if (e->deleted) {
     return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
   }
@@ -156,7 +156,7 @@ absl::StatusOr<DeleteResult> BankRegistry::DeletePatterns(
   if (e == nullptr) {
     return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
   }
-  absl::MutexLock lock(&e->mu);
+  MutexLock lock(&e->mu);
   if (e->deleted) {
     return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
   }
@@ -175,7 +175,7 @@ absl::Status BankRegistry::WithBank(
   if (e == nullptr) {
     return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
   }
-  absl::ReaderMutexLock lock(&e->mu);
+  ReaderMutexLock lock(&e->mu);
   if (e->deleted) {
     return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
   }

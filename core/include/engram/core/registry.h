@@ -27,9 +27,9 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "engram/core/bank.h"
 #include "engram/core/capacity.h"
+#include "engram/core/mutex.h"
 #include "engram/core/storage.h"
 
 namespace engram::core {
@@ -101,7 +101,7 @@ class BankRegistry {
  private:
   struct Entry {
     explicit Entry(Bank b) : bank(std::move(b)) {}
-    mutable absl::Mutex mu;
+    mutable SharedMutex mu;
     Bank bank ABSL_GUARDED_BY(mu);
     bool deleted ABSL_GUARDED_BY(mu) = false;
   };
@@ -112,7 +112,7 @@ class BankRegistry {
 
   std::unique_ptr<BankStorage> storage_;
   RegistryOptions options_;
-  mutable absl::Mutex mu_;
+  mutable SharedMutex mu_;
   std::map<std::string, std::shared_ptr<Entry>> banks_ ABSL_GUARDED_BY(mu_);
   std::atomic<uint64_t> total_bytes_{0};
 };
