@@ -5,7 +5,12 @@
 # Stage 1: the release build, every ctest label (unit, stress, integration).
 # Stage 2: the same tests built with AddressSanitizer + UBSan in build-asan
 #          (skip with ENGRAM_SKIP_SANITIZERS=1).
-# Extra arguments go to both ctest runs (e.g. -L unit).
+# Stage 3: the concurrency stress test (label stress) under ThreadSanitizer in
+#          build-tsan (skipped with the sanitizers).
+# Stage 4: libFuzzer over MemoryService, built with clang in build-fuzz: the
+#          corpus and regression inputs replayed, then ENGRAM_FUZZ_SECONDS
+#          (default 60) of fuzzing; any crash fails (ENGRAM_SKIP_FUZZ=1 skips).
+# Extra arguments go to the release and ASan ctest runs (e.g. -L unit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -21,4 +26,22 @@ if [[ "${ENGRAM_SKIP_SANITIZERS:-0}" != "1" ]]; then
   export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
   export LSAN_OPTIONS="suppressions=$PWD/tests/sanitizers/lsan.supp"
   (cd build-asan && ctest --output-on-failure --timeout 1800 -j2 -LE docker "$@")
+fi
+
+if [[ "${ENGRAM_SKIP_SANITIZERS:-0}" != "1" ]]; then
+  echo "== ThreadSanitizer: concurrency stress test"
+  cmake -S . -B build-tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+        -DENGRAM_SANITIZER=thread >/dev/null
+  cmake --build build-tsan --target concurrency_test
+  export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$PWD/tests/sanitizers/tsan.supp"
+  (cd build-tsan && ctest --output-on-failure --timeout 900 -L stress)
+fi
+
+if [[ "${ENGRAM_SKIP_FUZZ:-0}" != "1" ]]; then
+  echo "== libFuzzer: MemoryService requests (clang, ASan + UBSan)"
+  CC=clang CXX=clang++ cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+        -DENGRAM_FUZZ=ON >/dev/null
+  cmake --build build-fuzz --target service_fuzz
+  (cd build-fuzz && ctest --output-on-failure --timeout 300 -L fuzz)
+  bash tests/fuzz/run_fuzz.sh build-fuzz "${ENGRAM_FUZZ_SECONDS:-60}"
 fi
