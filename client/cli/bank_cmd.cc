@@ -1,4 +1,4 @@
-// engram bank create|get|list|delete
+// engram bank create|get|list|delete (export and import: export_cmd.cc)
 #include <cstdio>
 #include <iostream>
 
@@ -25,9 +25,12 @@ void PrintBank(const v1::BankInfo& b) {
 absl::Status RunBank(const Args& args, Context& ctx) {
   const auto& pos = args.positional();
   if (pos.size() < 2) {
-    return absl::InvalidArgumentError("usage: engram bank create|get|list|delete [NAME]");
+    return absl::InvalidArgumentError(
+        "usage: engram bank create|get|list|delete|export|import [NAME]");
   }
   const std::string& verb = pos[1];
+  if (verb == "export") return RunBankExport(args, ctx);
+  if (verb == "import") return RunBankImport(args, ctx);
   if (verb == "list") {
     ENGRAM_RETURN_IF_ERROR(args.CheckKnown(kGlobalOptions));
     ENGRAM_ASSIGN_OR_RETURN(v1::ListBanksResponse list, ctx.client->ListBanks());
@@ -79,7 +82,7 @@ absl::Status RunBank(const Args& args, Context& ctx) {
     return absl::OkStatus();
   }
   return absl::InvalidArgumentError(absl::StrCat(
-      "unknown bank command '", verb, "' (create, get, list, delete)"));
+      "unknown bank command '", verb, "' (create, get, list, delete, export, import)"));
 }
 
 }  // namespace engram::cli

@@ -19,6 +19,9 @@ struct Context {
 };
 
 absl::Status RunBank(const Args& args, Context& ctx);
+// `bank export NAME FILE` and `bank import FILE [--name NEW]`.
+absl::Status RunBankExport(const Args& args, Context& ctx);
+absl::Status RunBankImport(const Args& args, Context& ctx);
 absl::Status RunStore(const Args& args, Context& ctx);
 absl::Status RunDelete(const Args& args, Context& ctx);
 absl::Status RunGet(const Args& args, Context& ctx);

@@ -26,6 +26,8 @@ commands:
                    [--degree n] [--rectified] [--similarity dot|l2|l1]
                    [--separation identity|polynomial|softmax|max]
   bank get NAME | bank list | bank delete NAME
+  bank export NAME FILE                 config, ids, patterns and payloads to a file
+  bank import FILE [--name NEW]         recreate an exported bank (ids preserved)
   store BANK FILE      patterns from .npy, .csv or IDX(.gz); [--labels FILE] [--payloads FILE]
                        [--ids-start ID] [--offset R] [--limit N] [--batch N]
                        [--binarize] [--normalize] [--standardize] [--scale X]
