@@ -426,6 +426,11 @@ def http_get(url, timeout=5):
         return r.read().decode()
 
 
+def container_logs(daemon, name):
+    p = daemon.run("logs", name, check=False)
+    return (p.stdout or "") + (p.stderr or "")
+
+
 def container_state(daemon, name):
     return json.loads(daemon.run("inspect", "-f", "{{json .State}}", name).stdout)
 
@@ -448,13 +453,14 @@ def image_test(daemon, args, image, work_dir):
         try:
             wait_for("engramd in %s to serve on port %d" % (name, grpc_port), client.serving, 60)
         except TestFailure as e:
-            raise TestFailure("%s\n%s" % (e, daemon.run("logs", name, check=False).stderr))
+            raise TestFailure("%s\n%s" % (e, container_logs(daemon, name)))
 
     def stop(name):
         daemon.run("stop", "-t", "20", name, timeout=60)
         state = container_state(daemon, name)
-        check(state["ExitCode"] == 0, "%s exited with %s after SIGTERM: %s\n%s" % (
-            name, state["ExitCode"], state, daemon.run("logs", name, check=False).stderr))
+        check(state["ExitCode"] == 0, "%s exited with %s after SIGTERM (graceful shutdown "
+              "exits 0): %s\nlogs:\n%s" % (name, state["ExitCode"], state,
+                                           container_logs(daemon, name)))
         daemon.run("rm", name)
 
     log("image: run (gRPC 127.0.0.1:%d, metrics %d, volume %s)" % (grpc_port, metrics_port,
