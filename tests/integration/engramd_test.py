@@ -185,66 +185,166 @@ class BadInputTest(ServerTest):
 
 
 class DurabilityTest(ServerTest):
+    """kill -9 at random moments under concurrent Store, DeletePatterns,
+    CreateBank and DeleteBank traffic; after every restart the server holds
+    exactly the acknowledged state, give or take each client's one call that
+    was in flight (which must have happened wholly or not at all)."""
+
+    SHARED_DIM = 32
+    OWN_DIM = 16
+    KILL_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                  grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
+
     def test_acknowledged_writes_survive_kill9(self):
         pb = self.pb
-        n = 64
-        self.create("dur", n, pb.STATE_KIND_CONTINUOUS)
-        rng = np.random.default_rng(7)
-        acked = {}  # id -> pattern
-        attempted = {}
-        stop = threading.Event()
+        self.create("shared", self.SHARED_DIM, pb.STATE_KIND_CONTINUOUS)
+        # The acknowledged state: bank -> {id: (pattern bytes, payload)}.
+        model = {"shared": {}}
+        dims = {"shared": self.SHARED_DIM}
+        counts = dict(stores=0, patterns=0, deletes=0, deleted=0, creates=0, bank_deletes=0)
         errors = []
+        lock = threading.Lock()
+        stop = threading.Event()
+        clients = 4
 
-        def writer(seed):
-            r = np.random.default_rng(seed)
+        def client(no, cycle, pending):
+            """One client's sequential traffic; `pending` receives the call in
+            flight when the server died."""
+            r = np.random.default_rng(cycle * 100 + no)
             stub = M["rpc"].MemoryServiceStub(self.server.channel())
-            batch_no = 0
+            own_prefix = "e%d-" % no
+            serial = cycle * 1_000_000
             while not stop.is_set():
-                k = int(r.integers(1, 20))
-                ids = [seed * 10_000_000 + batch_no * 100 + i for i in range(k)]
-                x = r.standard_normal((k, n)).astype(np.float32)
-                x[0, 0] = -0.0
-                for i, pid in enumerate(ids):
-                    attempted[pid] = (tuple(ids), x[i])
+                with lock:
+                    own = sorted(b for b in model if b.startswith(own_prefix))
+                    mine = {b: [i for i in model[b] if i // 10**12 == no + 1]
+                            for b in ["shared"] + own}
+                roll = r.random()
+                serial += 1
+                if roll < 0.12 and len(own) < 3:
+                    op = ("create", "%s%d" % (own_prefix, serial))
+                    call = lambda: stub.CreateBank(pb.CreateBankRequest(
+                        name=op[1], dim=self.OWN_DIM, kind=pb.STATE_KIND_CONTINUOUS), timeout=5)
+                elif roll < 0.22 and own:
+                    op = ("drop", own[int(r.integers(len(own)))])
+                    call = lambda: stub.DeleteBank(pb.DeleteBankRequest(name=op[1]), timeout=5)
+                elif roll < 0.40 and any(mine.values()):
+                    bank = str(r.choice([b for b in mine if mine[b]]))
+                    ids = [int(i) for i in r.choice(mine[bank], size=min(len(mine[bank]),
+                                                    int(r.integers(1, 6))), replace=False)]
+                    op = ("delete", bank, ids)
+                    call = lambda: stub.DeletePatterns(pb.DeletePatternsRequest(
+                        bank=op[1], ids=op[2]), timeout=5)
+                else:
+                    bank = "shared" if not own or r.random() < 0.6 else own[int(r.integers(len(own)))]
+                    n = dims.get(bank, self.OWN_DIM)
+                    k = int(r.integers(1, 20))
+                    ids = [(no + 1) * 10**12 + serial * 100 + i for i in range(k)]
+                    x = r.standard_normal((k, n)).astype(np.float32)
+                    x[0, 0] = -0.0
+                    x[-1, -1] = np.float32(1e-40)  # subnormal: bits must survive too
+                    payloads = [r.bytes(int(r.integers(0, 12))) for _ in range(k)]
+                    op = ("store", bank, {pid: (x[i].tobytes(), payloads[i])
+                                          for i, pid in enumerate(ids)})
+                    call = lambda: stub.Store(pb.StoreRequest(
+                        bank=op[1], patterns=x.ravel().tolist(), ids=ids, payloads=payloads),
+                        timeout=5)
+                pending[no] = op
                 try:
-                    stub.Store(pb.StoreRequest(bank="dur", patterns=x.ravel().tolist(), ids=ids),
-                               timeout=5)
+                    call()
                 except grpc.RpcError as e:
-                    if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                        grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN):
-                        errors.append(e)
+                    if e.code() not in self.KILL_CODES:
+                        errors.append("%s: %s %s" % (op[0], e.code(), e.details()))
                     return
-                for i, pid in enumerate(ids):
-                    acked[pid] = x[i]
-                batch_no += 1
+                with lock:
+                    self.apply(model, dims, op, counts)
+                pending[no] = None
 
         cycles = ARGS.kill_cycles
         for cycle in range(cycles):
             stop.clear()
-            threads = [threading.Thread(target=writer, args=(cycle * 4 + t + 1,)) for t in range(3)]
+            pending = [None] * clients
+            threads = [threading.Thread(target=client, args=(c, cycle, pending))
+                       for c in range(clients)]
             for t in threads:
                 t.start()
-            time.sleep(random.Random(cycle).uniform(0.3, 1.0))
+            time.sleep(random.Random(cycle).uniform(0.3, 1.2))
             self.server.kill()
             stop.set()
             for t in threads:
                 t.join(timeout=30)
             self.assertEqual(errors, [])
-            self.restart()
-            got = self.fetch_all("dur", n)
-            lost = [pid for pid in acked if pid not in got]
-            self.assertEqual(lost, [], "acknowledged patterns lost after kill -9")
-            for pid, x in acked.items():
-                self.assertEqual(got[pid].tobytes(), x.tobytes(), "pattern %d not bit for bit" % pid)
-            # Batches are atomic: a batch is either wholly present or absent.
-            for pid in got:
-                batch_ids, _ = attempted[pid]
-                self.assertTrue(all(b in got for b in batch_ids), "half a batch present")
-        self.assertGreater(len(acked), 0)
-        print("\nkill -9 cycles=%d acknowledged=%d lost=0" % (cycles, len(acked)), file=sys.stderr)
+            self.restart()  # fails the test if the server does not come back
+            health = M["health_rpc"].HealthStub(self.channel)
+            self.assertEqual(health.Check(M["health_pb"].HealthCheckRequest(), timeout=5).status,
+                             M["health_pb"].HealthCheckResponse.SERVING)
+            got = self.fetch_everything()
+            # Each client's in-flight call happened wholly or not at all.
+            for op in pending:
+                if op is None:
+                    continue
+                kind, name = op[0], op[1]
+                if kind == "store":
+                    present = [pid in got.get(name, {}) for pid in op[2]]
+                    self.assertTrue(all(present) or not any(present),
+                                    "half of an unacknowledged Store batch is present")
+                    if all(present):
+                        self.apply(model, dims, op, counts)
+                elif kind == "delete":
+                    present = [pid in got.get(name, {}) for pid in op[2]]
+                    self.assertTrue(all(present) or not any(present),
+                                    "half of an unacknowledged DeletePatterns happened")
+                    if not any(present):
+                        self.apply(model, dims, op, counts)
+                elif kind == "create" and name in got:
+                    self.apply(model, dims, op, counts)
+                elif kind == "drop" and name not in got:
+                    self.apply(model, dims, op, counts)
+            lost = sum(1 for b in model for pid in model[b] if pid not in got.get(b, {}))
+            self.assertEqual(lost, 0, "acknowledged patterns lost after kill -9")
+            self.assertEqual(sorted(got), sorted(model), "bank set differs from the acknowledged one")
+            for b in model:
+                self.assertEqual(sorted(got[b]), sorted(model[b]),
+                                 "bank %s: ids differ (deleted ids back, or extra ids)" % b)
+                for pid, (bits, payload) in model[b].items():
+                    self.assertEqual(got[b][pid], (bits, payload),
+                                     "bank %s id %d not bit for bit" % (b, pid))
+        self.assertGreater(counts["patterns"], 0)
+        print("\nkill -9 cycles=%d clients=%d acknowledged: stores=%d (patterns=%d) "
+              "deletes=%d (patterns=%d) creates=%d bank_deletes=%d; lost=0 torn=0 resurrected=0"
+              % (cycles, clients, counts["stores"], counts["patterns"], counts["deletes"],
+                 counts["deleted"], counts["creates"], counts["bank_deletes"]), file=sys.stderr)
 
-    def fetch_all(self, bank, n):
-        """Every stored pattern, id -> float32 vector, paging through the bank."""
+    @staticmethod
+    def apply(model, dims, op, counts):
+        kind, name = op[0], op[1]
+        if kind == "store":
+            model[name].update(op[2])
+            counts["stores"] += 1
+            counts["patterns"] += len(op[2])
+        elif kind == "delete":
+            for pid in op[2]:
+                del model[name][pid]
+            counts["deletes"] += 1
+            counts["deleted"] += len(op[2])
+        elif kind == "create":
+            model[name] = {}
+            dims[name] = DurabilityTest.OWN_DIM
+            counts["creates"] += 1
+        elif kind == "drop":
+            del model[name]
+            counts["bank_deletes"] += 1
+
+    def fetch_everything(self):
+        """bank -> {id: (pattern bytes, payload)} for every bank."""
+        out = {}
+        for info in self.stub.ListBanks(self.pb.ListBanksRequest(), timeout=10).banks:
+            out[info.name] = self.fetch_all(info.name, info.dim, with_payloads=True)
+        return out
+
+    def fetch_all(self, bank, n, with_payloads=False):
+        """Every stored pattern, id -> float32 vector (or (bytes, payload)),
+        paging through the bank."""
         pb = self.pb
         out = {}
         start = 0
@@ -253,7 +353,7 @@ class DurabilityTest(ServerTest):
                 bank=bank, page_start=start, page_size=5000), timeout=30)
             x = np.array(page.patterns, dtype=np.float32).reshape(-1, n)
             for i, pid in enumerate(page.ids):
-                out[pid] = x[i]
+                out[pid] = (x[i].tobytes(), page.payloads[i]) if with_payloads else x[i]
             if page.next_page_start == start or len(page.ids) == 0:
                 return out
             start = page.next_page_start
