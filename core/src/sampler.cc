@@ -412,6 +412,19 @@ absl::StatusOr<SampleBatch> Sample(const Bank& bank, const EnergyConfig& energy,
     record(step, o.sampler == SamplerKind::kAnnealedAm ? sig[step - 1] : sig[step], true);
   }
 
+  // A schedule ending at a tiny sigma (1/sigma^2 beyond float range) can
+  // overflow the denoiser; say so rather than describe a non-finite state.
+  for (int b = 0; b < count; ++b) {
+    for (float v : xs[b]) {
+      if (!std::isfinite(v)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "sampling overflowed to a non-finite state (sample ", b, " after ", step,
+            " steps, sigma_min ", sig[std::min<size_t>(step, sig.size() - 1)],
+            "); raise sigma_min or lower beta"));
+      }
+    }
+  }
+
   // Describe every sample.
   const EnergyConfig final_cfg = AtSigma(energy, sigma_last);
   EnergyFunction final_energy(final_cfg, p);

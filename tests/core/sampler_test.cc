@@ -346,6 +346,29 @@ TEST(Inpainting, ClampedCoordinatesHoldAndTheRestIsCompleted) {
   }
 }
 
+// Found by service_fuzz: a geometric schedule down to sigma_min = 3.2e-147
+// overflowed the Euler step to NaN, and describing the sample read the
+// "nearest memory" at row -1.
+TEST(Validation, OverflowToNonFiniteStatesIsAnErrorNotAReadOutOfBounds) {
+  std::mt19937_64 rng(3);
+  const int n = 8, k = 6;
+  Bank bank = MakeBank(n, StateKind::kContinuous, RandomGaussian(k * n, rng));
+  SampleOptions o;
+  o.sampler = SamplerKind::kEuler;
+  o.schedule = {.kind = ScheduleKind::kGeometric, .sigma_max = 10,
+                .sigma_min = 3.2033329522929615e-147, .steps = 8, .stop_at_sigma_min = true};
+  o.seed = 2;
+  auto b = Sample(bank, {.family = EnergyFamily::kLse}, 2, {}, {}, o);
+  if (b.ok()) {
+    for (const auto& r : b->samples) {
+      for (float v : r.state) EXPECT_TRUE(std::isfinite(v));
+      EXPECT_GE(r.nearest.row, 0);
+    }
+  } else {
+    EXPECT_THAT(b, StatusIs(absl::StatusCode::kInvalidArgument));
+  }
+}
+
 TEST(Validation, ContinuousSamplersNeedContinuousBanks) {
   SampleOptions o;
   o.sampler = SamplerKind::kHeun;
