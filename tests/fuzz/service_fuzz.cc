@@ -37,6 +37,7 @@
 #include <google/protobuf/stubs/logging.h>
 #include <grpcpp/grpcpp.h>
 
+#include "absl/status/status.h"
 #include "engram/core/bank.h"
 #include "engram/core/dynamics.h"
 #include "engram/core/registry.h"
@@ -72,8 +73,34 @@ enum Rpc : uint8_t {
   kRpcCount
 };
 
+constexpr const char* kRpcNames[kRpcCount] = {
+    "CreateBank", "GetBank",  "ListBanks", "DeleteBank", "Store", "DeletePatterns",
+    "GetPatterns", "Retrieve", "Energy",   "Sample",     "Backup"};
+
+// Calls per RPC and status code; printed at exit when ENGRAM_FUZZ_STATS is
+// set (e.g. while replaying a corpus with -runs=0).
+uint64_t code_counts[kRpcCount][17];
+uint64_t unparsed[kRpcCount];
+
+void PrintCodeCounts() {
+  std::fprintf(stderr, "calls by RPC and code:\n");
+  for (int r = 0; r < kRpcCount; ++r) {
+    std::fprintf(stderr, "  %-15s unparsable=%llu", kRpcNames[r],
+                 static_cast<unsigned long long>(unparsed[r]));
+    for (int c = 0; c < 17; ++c) {
+      if (code_counts[r][c] > 0) {
+        std::fprintf(stderr, " %s=%llu", absl::StatusCodeToString(static_cast<absl::StatusCode>(c)).c_str(),
+                     static_cast<unsigned long long>(code_counts[r][c]));
+      }
+    }
+    std::fprintf(stderr, "\n");
+  }
+}
+
 // Codes a hostile request may get; anything else is a server bug.
 void CheckStatus(const grpc::Status& s, int rpc) {
+  const int code = static_cast<int>(s.error_code());
+  if (code >= 0 && code < 17) ++code_counts[rpc][code];
   switch (s.error_code()) {
     case grpc::StatusCode::UNKNOWN:
     case grpc::StatusCode::INTERNAL:
@@ -117,6 +144,7 @@ class Fixture {
     // Parse failures are expected here; protobuf's log lines would drown
     // libFuzzer's output.
     google::protobuf::SetLogHandler(nullptr);
+    if (std::getenv("ENGRAM_FUZZ_STATS") != nullptr) std::atexit(PrintCodeCounts);
     backup_dir_ = std::filesystem::temp_directory_path() /
                   ("engram_fuzz_backups_" + std::to_string(::getpid()));
     std::filesystem::create_directories(backup_dir_);
@@ -193,13 +221,15 @@ class Fixture {
     }
   }
 
+  static void Unparsed(int rpc) { ++unparsed[rpc]; }
+
   void Call(MemoryServiceImpl& service, int rpc, const uint8_t* data, size_t len) {
     grpc::Status s;
     switch (rpc) {
       case kCreateBank: {
         v1::CreateBankRequest req;
         v1::BankInfo resp;
-        if (!Parse(&req, data, len)) return;
+        if (!Parse(&req, data, len)) return Unparsed(rpc);
         CapCost(&req);
         s = service.CreateBank(nullptr, &req, &resp);
         break;
@@ -207,28 +237,28 @@ class Fixture {
       case kGetBank: {
         v1::GetBankRequest req;
         v1::BankInfo resp;
-        if (!Parse(&req, data, len)) return;
+        if (!Parse(&req, data, len)) return Unparsed(rpc);
         s = service.GetBank(nullptr, &req, &resp);
         break;
       }
       case kListBanks: {
         v1::ListBanksRequest req;
         v1::ListBanksResponse resp;
-        if (!Parse(&req, data, len)) return;
+        if (!Parse(&req, data, len)) return Unparsed(rpc);
         s = service.ListBanks(nullptr, &req, &resp);
         break;
       }
       case kDeleteBank: {
         v1::DeleteBankRequest req;
         v1::DeleteBankResponse resp;
-        if (!Parse(&req, data, len)) return;
+        if (!Parse(&req, data, len)) return Unparsed(rpc);
         s = service.DeleteBank(nullptr, &req, &resp);
         break;
       }
       case kStore: {
         v1::StoreRequest req;
         v1::StoreResponse resp;
-        if (!Parse(&req, data, len)) return;
+        if (!Parse(&req, data, len)) return Unparsed(rpc);
         s = service.Store(nullptr, &req, &resp);
         if (s.ok()) CheckStoredBack(service, req, resp);
         break;
@@ -236,21 +266,21 @@ class Fixture {
       case kDeletePatterns: {
         v1::DeletePatternsRequest req;
         v1::DeletePatternsResponse resp;
-        if (!Parse(&req, data, len)) return;
+        if (!Parse(&req, data, len)) return Unparsed(rpc);
         s = service.DeletePatterns(nullptr, &req, &resp);
         break;
       }
       case kGetPatterns: {
         v1::GetPatternsRequest req;
         v1::GetPatternsResponse resp;
-        if (!Parse(&req, data, len)) return;
+        if (!Parse(&req, data, len)) return Unparsed(rpc);
         s = service.GetPatterns(nullptr, &req, &resp);
         break;
       }
       case kRetrieve: {
         v1::RetrieveRequest req;
         v1::RetrieveResponse resp;
-        if (!Parse(&req, data, len)) return;
+        if (!Parse(&req, data, len)) return Unparsed(rpc);
         CapCost(&req);
         s = service.Retrieve(nullptr, &req, &resp);
         break;
@@ -258,14 +288,14 @@ class Fixture {
       case kEnergy: {
         v1::EnergyRequest req;
         v1::EnergyResponse resp;
-        if (!Parse(&req, data, len)) return;
+        if (!Parse(&req, data, len)) return Unparsed(rpc);
         s = service.Energy(nullptr, &req, &resp);
         break;
       }
       case kSample: {
         v1::SampleRequest req;
         v1::SampleResponse resp;
-        if (!Parse(&req, data, len)) return;
+        if (!Parse(&req, data, len)) return Unparsed(rpc);
         CapCost(&req);
         s = service.Sample(nullptr, &req, &resp);
         break;
@@ -273,7 +303,7 @@ class Fixture {
       case kBackup: {
         v1::BackupRequest req;
         v1::BackupResponse resp;
-        if (!Parse(&req, data, len)) return;
+        if (!Parse(&req, data, len)) return Unparsed(rpc);
         s = service.Backup(nullptr, &req, &resp);
         break;
       }
