@@ -184,6 +184,30 @@ class BadInputTest(ServerTest):
                 self.assertEqual(snapshot(), before)
 
 
+    def test_undecodable_requests_get_internal_from_grpc_and_change_nothing(self):
+        """Bytes that are not the request message never reach Engram: gRPC's
+        deserializer answers INTERNAL; an unknown method is UNIMPLEMENTED."""
+        pb = self.pb
+        self.create("raw", 4, pb.STATE_KIND_CONTINUOUS)
+        cases = [
+            ("Store", b"\x12\xff\xff\xff\xff\x0f"),    # packed floats longer than the message
+            ("CreateBank", b"\x0a\x02\xc3\x28"),         # name that is not UTF-8
+            ("Retrieve", b"\xff\xff"),                      # invalid tag
+            ("DeletePatterns", b"\x0a\x03raw\x12\x01"),   # truncated packed ids
+        ]
+        for method, body in cases:
+            call = self.channel.unary_unary("/engram.v1.MemoryService/" + method)
+            with self.subTest(method):
+                with self.assertRaises(grpc.RpcError) as ctx:
+                    call(body, timeout=5)
+                self.assertEqual(ctx.exception.code(), grpc.StatusCode.INTERNAL)
+        with self.assertRaises(grpc.RpcError) as ctx:
+            self.channel.unary_unary("/engram.v1.MemoryService/Frobnicate")(b"", timeout=5)
+        self.assertEqual(ctx.exception.code(), grpc.StatusCode.UNIMPLEMENTED)
+        banks = self.stub.ListBanks(pb.ListBanksRequest(), timeout=5).banks
+        self.assertEqual([(b.name, b.patterns) for b in banks], [("raw", 0)])
+
+
 class DurabilityTest(ServerTest):
     """kill -9 at random moments under concurrent Store, DeletePatterns,
     CreateBank and DeleteBank traffic; after every restart the server holds
