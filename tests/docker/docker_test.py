@@ -588,6 +588,9 @@ def main():
     daemon = DockerDaemon(args.dockerd, args.docker, work_dir)
     ok = False
     try:
+        for tool, package in ((args.compose, "docker-compose"), ("debootstrap", "debootstrap")):
+            if shutil.which(tool) is None:
+                raise TestFailure("%s is missing: install %s (scripts/setup.sh)" % (tool, package))
         entries = apt_sources()
         mirror = debian_mirror(entries)
         log("daemon: dockerd -H unix://%s (work dir %s)" % (daemon.sock, work_dir))
