@@ -196,7 +196,7 @@ def _field_type(f, nested_maps):
     return _SCALARS[f.type]
 
 
-def _render_message(m, scope, indent):
+def _render_message(m, scope, indent, proto2=False):
     pad = "  " * indent
     full = scope + "." + m.name
     nested_maps = {full + "." + n.name: (n.field[0], n.field[1])
@@ -208,7 +208,9 @@ def _render_message(m, scope, indent):
         ftype = _field_type(f, nested_maps)
         if f.label == f.LABEL_REPEATED and not ftype.startswith("map<"):
             ftype = "repeated " + ftype
-        elif f.proto3_optional or (f.label == f.LABEL_OPTIONAL and _is_proto2(m)):
+        elif f.label == f.LABEL_REQUIRED:
+            ftype = "required " + ftype
+        elif f.proto3_optional or (proto2 and not f.HasField("oneof_index")):
             ftype = "optional " + ftype
         text = "%s %s" % (ftype, line)
         if f.HasField("oneof_index") and not f.proto3_optional:
@@ -227,15 +229,11 @@ def _render_message(m, scope, indent):
             out.append(line)
     for n in m.nested_type:
         if not n.options.map_entry:
-            out += _render_message(n, full, indent + 1)
+            out += _render_message(n, full, indent + 1, proto2)
     for e in m.enum_type:
         out += _render_enum(e, indent + 1)
     out.append(pad + "}")
     return out
-
-
-def _is_proto2(_m):
-    return False  # the descriptors rendered here are proto3
 
 
 def _render_enum(e, indent):
@@ -265,7 +263,8 @@ def describe(kind, desc):
         proto = descriptor_pb2.DescriptorProto()
         desc.CopyToProto(proto)
         scope = desc.full_name.rpartition(".")[0]
-        body = _render_message(proto, "." + scope if scope else "", 0)
+        body = _render_message(proto, "." + scope if scope else "", 0,
+                               desc.file.syntax == "proto2")
     else:
         proto = descriptor_pb2.EnumDescriptorProto()
         desc.CopyToProto(proto)
