@@ -11,7 +11,7 @@ BUILD_PKGS=(
   build-essential cmake ninja-build ccache pkg-config git
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   libabsl-dev libeigen3-dev prometheus-cpp-dev libsqlite3-dev zlib1g-dev libpng-dev
-  libgtest-dev libgmock-dev libbenchmark-dev
+  libgtest-dev libgmock-dev libbenchmark-dev libopenblas-dev
 )
 # Tests, benchmarks, fuzzing, the science suite and the container tests.
 TEST_PKGS=(
@@ -22,7 +22,7 @@ TEST_PKGS=(
 )
 RUNTIME_PKGS=(
   libgrpc++1.51 libprotobuf32 libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0
-  libsqlite3-0 zlib1g libpng16-16 ca-certificates
+  libsqlite3-0 zlib1g libpng16-16 libopenblas0-pthread ca-certificates
 )
 
 case "${1:-}" in

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <random>
 
@@ -162,6 +163,39 @@ bool BipolarDrive(const EnergyFunction& energy, const float* x, float* drive) {
   const double e2 = std::exp(-2.0 * cfg.beta);
   const float hs = static_cast<float>(sums.wsum * (e2 - 1.0) / (e2 + 1.0));
   for (int i = 0; i < n; ++i) drive[i] += hs * x[i];
+  return true;
+}
+
+// BipolarDrive for b states at once (x and drive are b x dim): the
+// overlaps and the weighted sums are matrix-matrix products.
+bool BipolarDriveBatch(const EnergyFunction& energy, const float* x, int64_t b, float* drive) {
+  const EnergyConfig& cfg = energy.config();
+  const PatternView& p = energy.patterns();
+  const int n = p.dim;
+  if (EffectiveSimilarity(cfg) == SimilarityKind::kNegL1 ||
+      cfg.family == EnergyFamily::kGeneral || p.rows == 0) {
+    return false;
+  }
+  if (p.bf16 != nullptr) {  // bf16 rows: per state, as unbatched (see UpdateTargetBatch)
+    for (int64_t q = 0; q < b; ++q) BipolarDrive(energy, x + q * n, drive + q * n);
+    return true;
+  }
+  std::vector<internal::FusedSums> sums(b);
+  const bool polynomial = cfg.family == EnergyFamily::kClassical ||
+                          cfg.family == EnergyFamily::kPolynomial;
+  if (polynomial) {
+    KrotovHopfieldWeights rule(cfg);
+    internal::FusedPassBatch(p, SimilarityKind::kDot, x, b, rule, drive, sums.data());
+  } else {
+    internal::LogSoftmaxWeights rule(cfg.beta);
+    internal::FusedPassBatch(p, SimilarityKind::kDot, x, b, rule, drive, sums.data());
+  }
+  const double e2 = std::exp(-2.0 * cfg.beta);
+  for (int64_t q = 0; q < b; ++q) {
+    const float hs = static_cast<float>(
+        polynomial ? sums[q].hsum : sums[q].wsum * (e2 - 1.0) / (e2 + 1.0));
+    for (int i = 0; i < n; ++i) drive[q * n + i] += hs * x[q * n + i];
+  }
   return true;
 }
 
@@ -496,6 +530,126 @@ absl::StatusOr<Trajectory> RunDynamics(const EnergyFunction& energy,
       break;
   }
   return t;
+}
+
+std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(const EnergyFunction& energy,
+                                                     StateKind kind,
+                                                     absl::Span<const BatchQuery> queries) {
+  const int n = energy.dim();
+  std::vector<absl::StatusOr<Trajectory>> out(queries.size());
+  // Per query: its trajectory, state, recorder.
+  struct Live {
+    size_t slot;
+    Trajectory t;
+    std::vector<float> x;
+    std::unique_ptr<EnergyRecorder> rec;
+  };
+  std::vector<Live> live;
+  for (size_t i = 0; i < queries.size(); ++i) {
+    const BatchQuery& q = queries[i];
+    absl::Status s = ValidateRetrieveOptions(*q.options, kind);
+    if (s.ok() && q.options->dynamics != Dynamics::kSync) {
+      s = absl::InvalidArgumentError("RunSyncBatch runs the sync dynamics only");
+    }
+    if (s.ok() && static_cast<int>(q.query.size()) != n) {
+      s = absl::InvalidArgumentError(absl::StrCat(
+          "query has ", q.query.size(), " values; the bank's dimension is ", n));
+    }
+    if (s.ok() && !q.clamp.empty() && static_cast<int>(q.clamp.size()) != n) {
+      s = absl::InvalidArgumentError(absl::StrCat(
+          "clamp mask has ", q.clamp.size(), " values; expected 0 or ", n));
+    }
+    if (!s.ok()) {
+      out[i] = s;
+      continue;
+    }
+    Live l;
+    l.slot = i;
+    l.x.assign(q.query.begin(), q.query.end());
+    live.push_back(std::move(l));
+  }
+  for (Live& l : live) {
+    l.rec = std::make_unique<EnergyRecorder>(
+        &l.t, queries[l.slot].options->record_trace,
+        GuaranteesDescent(Dynamics::kSync, energy.config()));
+  }
+  // Gathers the states of `ids` into X, computes energies and targets.
+  std::vector<float> xs, targets;
+  std::vector<double> energies;
+  bool krotov_hopfield = kind == StateKind::kBipolar;
+  auto evaluate = [&](const std::vector<size_t>& ids, bool with_targets) {
+    const int64_t b = static_cast<int64_t>(ids.size());
+    xs.resize(b * n);
+    for (int64_t j = 0; j < b; ++j) std::copy(live[ids[j]].x.begin(), live[ids[j]].x.end(), xs.begin() + j * n);
+    energies.resize(b);
+    targets.resize(b * n);
+    const bool need_update_target = with_targets && !krotov_hopfield;
+    energy.UpdateTargetBatch(xs.data(), b, need_update_target ? targets.data() : nullptr,
+                             energies.data());
+    if (with_targets && krotov_hopfield) {
+      krotov_hopfield = BipolarDriveBatch(energy, xs.data(), b, targets.data());
+      if (!krotov_hopfield) energy.UpdateTargetBatch(xs.data(), b, targets.data(), energies.data());
+    }
+  };
+  std::vector<size_t> active(live.size());
+  std::iota(active.begin(), active.end(), 0);
+  if (!active.empty()) {
+    evaluate(active, true);
+    for (size_t j = 0; j < active.size(); ++j) live[active[j]].rec->Start(energies[j]);
+  }
+  while (!active.empty()) {
+    std::vector<size_t> stepping, converged;
+    std::vector<float> stepping_targets;
+    for (size_t j = 0; j < active.size(); ++j) {
+      Live& l = live[active[j]];
+      const RetrieveOptions& o = *queries[l.slot].options;
+      const absl::Span<const float> query = queries[l.slot].query;
+      const absl::Span<const bool> clamp = queries[l.slot].clamp;
+      if (l.t.steps >= o.max_steps) { l.t.stop_reason = StopReason::kMaxSteps; continue; }
+      if (StopRequested(o)) { l.t.stop_reason = StopReason::kDeadline; continue; }
+      const float* target = targets.data() + j * n;
+      bool finite = true;
+      for (int i = 0; i < n && finite; ++i) finite = std::isfinite(target[i]);
+      if (!finite) { l.t.stop_reason = StopReason::kDiverged; continue; }
+      double delta = 0.0;
+      for (int i = 0; i < n; ++i) {
+        float v;
+        if (Clamped(clamp, i)) {
+          v = query[i];
+        } else if (kind == StateKind::kBipolar) {
+          v = target[i] > 0.f ? 1.f : (target[i] < 0.f ? -1.f : l.x[i]);
+        } else {
+          v = target[i];
+        }
+        delta = std::max(delta, static_cast<double>(std::fabs(v - l.x[i])));
+        l.x[i] = v;
+      }
+      ++l.t.steps;
+      if (delta < o.tol) {
+        converged.push_back(active[j]);
+      } else {
+        stepping.push_back(active[j]);
+      }
+    }
+    if (!converged.empty()) {
+      evaluate(converged, false);
+      for (size_t j = 0; j < converged.size(); ++j) {
+        Live& l = live[converged[j]];
+        l.rec->Step(energies[j]);
+        l.t.stop_reason = StopReason::kConverged;
+      }
+    }
+    if (!stepping.empty()) {
+      evaluate(stepping, true);
+      for (size_t j = 0; j < stepping.size(); ++j) live[stepping[j]].rec->Step(energies[j]);
+    }
+    active = std::move(stepping);
+  }
+  for (Live& l : live) {
+    l.t.state = std::move(l.x);
+    out[l.slot] = std::move(l.t);
+  }
+  return out;
 }
 
 }  // namespace engram::core

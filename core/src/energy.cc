@@ -320,18 +320,24 @@ double EnergyFunction::ReferenceUpdateTarget(const float* x, float* target) cons
 
 bool EnergyFunction::FusedEvaluate(const float* x, float* target, float* grad,
                                    double* energy) const {
-  const int64_t k = patterns_.rows;
-  const int n = patterns_.dim;
-  if (k == 0) return false;
+  if (patterns_.rows == 0) return false;
   const SimilarityKind sim = EffectiveSimilarity(config_);
   std::unique_ptr<internal::RowWeights> rule = internal::MakeRowWeights(config_);
   if (rule == nullptr || sim == SimilarityKind::kNegL1) return false;
-  float* acc = target != nullptr ? target : grad;
-  const internal::FusedSums sums = internal::FusedPass(patterns_, sim, x, *rule, acc);
+  const internal::FusedSums sums =
+      internal::FusedPass(patterns_, sim, x, *rule, target != nullptr ? target : grad);
+  FinishFused(sums, rule->domain() == internal::WeightDomain::kLog, x, target, grad, energy);
+  return true;
+}
+
+void EnergyFunction::FinishFused(const internal::FusedSums& sums, bool log_domain,
+                                 const float* x, float* target, float* grad,
+                                 double* energy) const {
+  const int n = patterns_.dim;
+  const SimilarityKind sim = EffectiveSimilarity(config_);
   double sq_x = 0.0;
   for (int i = 0; i < n; ++i) sq_x += double{x[i]} * x[i];
   const double beta = config_.beta;
-  const bool log_domain = rule->domain() == internal::WeightDomain::kLog;
   // lse(beta s) for the softmax families.
   const double lse = log_domain ? sums.log_scale + std::log(sums.wsum) : 0.0;
   switch (config_.family) {
@@ -339,12 +345,12 @@ bool EnergyFunction::FusedEvaluate(const float* x, float* target, float* grad,
     case EnergyFamily::kLse: *energy = -lse / beta + 0.5 * sq_x; break;
     default: *energy = log_domain ? -lse / beta : sums.energy_terms; break;
   }
-  if (acc == nullptr) return true;
+  if (target == nullptr && grad == nullptr) return;
   const bool sign_invariant = config_.family == EnergyFamily::kClassical ||
                               config_.family == EnergyFamily::kPolynomial ||
                               config_.family == EnergyFamily::kExponential;
-  // acc = sum_mu w_mu xi_mu / scale with w = -dE/dS before normalisation
-  // (softmax families: exp(beta s); others: F'(s)).
+  // The pass left acc = sum_mu w_mu xi_mu / scale, with w = exp(beta s)
+  // (softmax families) or F'(s) (the others).
   double to_exact;  // multiplies acc into sum_mu w_mu xi_mu with w = -dE/dS
   double wsum_exact;
   if (log_domain) {
@@ -366,7 +372,7 @@ bool EnergyFunction::FusedEvaluate(const float* x, float* target, float* grad,
       const float ff = static_cast<float>(f);
       for (int i = 0; i < n; ++i) target[i] *= ff;
     }
-    return true;
+    return;
   }
   // grad = -sum w xi (+ (sum w) x for the L2 similarity) (+ x for lse).
   const float g = static_cast<float>(-to_exact);
@@ -374,7 +380,31 @@ bool EnergyFunction::FusedEvaluate(const float* x, float* target, float* grad,
   if (config_.family == EnergyFamily::kLse) x_coeff += 1.0;
   const float xc = static_cast<float>(x_coeff);
   for (int i = 0; i < n; ++i) grad[i] = g * grad[i] + xc * x[i];
-  return true;
+}
+
+void EnergyFunction::UpdateTargetBatch(const float* x, int64_t b, float* targets,
+                                       double* energies) const {
+  const int n = patterns_.dim;
+  const SimilarityKind sim = EffectiveSimilarity(config_);
+  std::unique_ptr<internal::RowWeights> rule = internal::MakeRowWeights(config_);
+  // A bf16 bank is evaluated one state at a time over its bf16 rows, so a
+  // query's answer does not depend on whether it was batched.
+  if (patterns_.rows == 0 || rule == nullptr || sim == SimilarityKind::kNegL1 || b == 1 ||
+      patterns_.bf16 != nullptr) {
+    for (int64_t q = 0; q < b; ++q) {
+      const double e = targets != nullptr ? UpdateTarget(x + q * n, targets + q * n)
+                                          : Value(x + q * n);
+      energies[q] = e;
+    }
+    return;
+  }
+  std::vector<internal::FusedSums> sums(b);
+  internal::FusedPassBatch(patterns_, sim, x, b, *rule, targets, sums.data());
+  const bool log_domain = rule->domain() == internal::WeightDomain::kLog;
+  for (int64_t q = 0; q < b; ++q) {
+    FinishFused(sums[q], log_domain, x + q * n, targets != nullptr ? targets + q * n : nullptr,
+                nullptr, &energies[q]);
+  }
 }
 
 double EnergyFunction::Value(const float* x) const {

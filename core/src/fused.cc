@@ -15,6 +15,10 @@
 
 #include "kernels/kernels.h"
 
+extern "C" {
+#include <cblas.h>
+}
+
 namespace engram::core::internal {
 namespace {
 
@@ -229,6 +233,89 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
     for (int j = 0; j < n; ++j) acc[j] = 2.f * acc[j] - ws;
   }
   return out;
+}
+
+void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const float* x,
+                    int64_t b, const RowWeights& rule, float* acc, FusedSums* sums) {
+  const int n = view.dim;
+  const int64_t rows = view.rows;
+  const bool log_domain = rule.domain() == WeightDomain::kLog;
+  // Rows per tile: S and W tiles of b x tile floats stay near 16 MB.
+  const int64_t tile = std::clamp<int64_t>((int64_t{4} << 20) / std::max<int64_t>(b, 1), 256, 65536);
+  std::vector<float> st(b * std::min(tile, std::max<int64_t>(rows, 1)));
+  std::vector<double> s(tile), w(tile), h(tile);
+  std::vector<double> sqx(b, 0.0), scale(b, 0.0);
+  for (int64_t q = 0; q < b; ++q) {
+    sums[q] = FusedSums{};
+    if (similarity == SimilarityKind::kNegHalfSqL2) {
+      for (int i = 0; i < n; ++i) sqx[q] += double{x[q * n + i]} * x[q * n + i];
+    }
+  }
+  if (acc != nullptr) std::fill(acc, acc + b * n, 0.f);
+  for (int64_t t0 = 0; t0 < rows; t0 += tile) {
+    const int64_t count = std::min(tile, rows - t0);
+    const float* xi = view.data + t0 * n;
+    // S (b x count) = X (b x n) * Xi_tile^T
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(b),
+                static_cast<int>(count), n, 1.f, x, n, xi, n, 0.f, st.data(),
+                static_cast<int>(count));
+    for (int64_t q = 0; q < b; ++q) {
+      float* srow = st.data() + q * count;  // becomes the weight row in place
+      FusedSums& p = sums[q];
+      float* a = acc != nullptr ? acc + q * n : nullptr;
+      for (int64_t i = 0; i < count; ++i) {
+        s[i] = similarity == SimilarityKind::kNegHalfSqL2
+                   ? double{srow[i]} - 0.5 * view.sq_norms[t0 + i] - 0.5 * sqx[q]
+                   : double{srow[i]};
+      }
+      p.energy_terms += rule.Block(s.data(), count, w.data(), h.data());
+      if (log_domain) {
+        double bm = -INFINITY;
+        for (int64_t i = 0; i < count; ++i) bm = std::max(bm, w[i]);
+        if (bm > p.log_scale) {
+          if (std::isfinite(p.log_scale)) {
+            const double f = std::exp(p.log_scale - bm);
+            p.wsum *= f;
+            if (a != nullptr) ScaleInPlace(a, n, f);
+          }
+          p.log_scale = bm;
+        }
+        for (int64_t i = 0; i < count; ++i) {
+          const double e = std::isfinite(p.log_scale) ? std::exp(w[i] - p.log_scale) : 0.0;
+          srow[i] = static_cast<float>(e);
+          p.wsum += e;
+        }
+      } else {
+        double bm = 0.0;
+        for (int64_t i = 0; i < count; ++i) bm = std::max({bm, std::fabs(w[i]), std::fabs(h[i])});
+        if (bm > scale[q]) {
+          if (scale[q] > 0.0) {
+            const double f = scale[q] / bm;
+            p.wsum *= f;
+            p.hsum *= f;
+            if (a != nullptr) ScaleInPlace(a, n, f);
+          }
+          scale[q] = bm;
+        }
+        const double inv = scale[q] > 0.0 ? 1.0 / scale[q] : 0.0;
+        for (int64_t i = 0; i < count; ++i) {
+          srow[i] = static_cast<float>(w[i] * inv);
+          p.wsum += w[i] * inv;
+          p.hsum += h[i] * inv;
+        }
+      }
+    }
+    if (acc == nullptr) continue;
+    // Acc (b x n) += W (b x count) * Xi_tile (count x n)
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(b), n,
+                static_cast<int>(count), 1.f, st.data(), static_cast<int>(count), xi, n, 1.f,
+                acc, n);
+  }
+  if (!log_domain) {
+    for (int64_t q = 0; q < b; ++q) {
+      sums[q].log_scale = scale[q] > 0.0 ? std::log(scale[q]) : -INFINITY;
+    }
+  }
 }
 
 void FastSimilarities(const PatternView& view, SimilarityKind similarity, const float* x,

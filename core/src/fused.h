@@ -59,6 +59,14 @@ struct FusedSums {
 FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const float* x,
                     const RowWeights& rule, float* acc);
 
+// The batched form for `b` states x (b x view.dim floats, row-major): one
+// sgemm forms the scores of all states against a tile of rows (S = X Xi^T),
+// the weights are computed per state as in FusedPass, and a second sgemm
+// adds W Xi to the accumulators. Tiles keep S within a few MB. `acc` is
+// b x view.dim (or null); `sums` has b entries. Always reads the f32 rows.
+void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const float* x,
+                    int64_t b, const RowWeights& rule, float* acc, FusedSums* sums);
+
 // s_mu = S(xi_mu, x) for every row (kDot or kNegHalfSqL2), with the fast
 // kernels; `s` has view.rows slots.
 void FastSimilarities(const PatternView& view, SimilarityKind similarity, const float* x,

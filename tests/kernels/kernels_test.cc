@@ -352,3 +352,87 @@ TEST(FusedPass, BitPackedRetrievalEqualsF32Retrieval) {
 
 }  // namespace
 }  // namespace engram::core
+
+namespace engram::core {
+namespace {
+
+// Batched sync retrieval (sgemm) equals one-at-a-time retrieval: same final
+// states, steps, stop reasons and energies to float tolerance, with
+// per-query options.
+TEST(SyncBatch, EqualsSequentialRetrievalForEveryFamily) {
+  std::mt19937_64 rng(21);
+  for (const FusedCase& c : FusedCases()) {
+    // UHN dot-product separations without normalisation grow |x| without
+    // bound under sync; float differences then grow with it.
+    if (c.name == "uhn_dot_poly" || c.name == "uhn_dot_identity") continue;
+    const bool bipolar = c.kind == StateKind::kBipolar;
+    const int n = bipolar ? 129 : 65, k = bipolar ? 9 : 300;
+    auto xi = bipolar ? RandomBipolar(int64_t{k} * n, rng)
+                      : RandomGaussian(int64_t{k} * n, rng, 1.f / std::sqrt(float(n)));
+    Bank bank(BankSpec{"b", n, c.kind, c.config, c.precision});
+    bank.Append(xi, bank.AssignIds(k), {});
+    EnergyFunction energy(c.config, bank.view());
+    const int b = 7;
+    std::vector<std::vector<float>> qs;
+    std::vector<RetrieveOptions> opts(b);
+    std::vector<std::vector<bool>> clamps(b);
+    std::unique_ptr<bool[]> clamp_mem(new bool[n]);
+    for (int i = 0; i < n; ++i) clamp_mem[i] = i < n / 4;
+    for (int q = 0; q < b; ++q) {
+      std::vector<float> x(xi.begin() + int64_t{q % k} * n, xi.begin() + int64_t{q % k + 1} * n);
+      if (bipolar) {
+        x = testing::FlipBits(x.data(), n, n / 8, rng);
+      } else {
+        auto noise = RandomGaussian(n, rng, 0.5f / std::sqrt(float(n)));
+        for (int i = 0; i < n; ++i) x[i] += noise[i];
+      }
+      qs.push_back(x);
+      opts[q].max_steps = q == 3 ? 1 : 50;  // one query stops early
+      opts[q].record_trace = true;
+    }
+    std::vector<BatchQuery> batch;
+    for (int q = 0; q < b; ++q) {
+      absl::Span<const bool> cl;
+      if (q == 2) cl = absl::MakeConstSpan(clamp_mem.get(), n);
+      batch.push_back({qs[q], cl, &opts[q]});
+    }
+    auto got = RunSyncBatch(energy, c.kind, batch);
+    ASSERT_EQ(got.size(), static_cast<size_t>(b));
+    for (int q = 0; q < b; ++q) {
+      auto want = RunDynamics(energy, c.kind, qs[q], batch[q].clamp, opts[q]);
+      ASSERT_TRUE(want.ok() && got[q].ok()) << c.name;
+      EXPECT_EQ(got[q]->stop_reason, want->stop_reason) << c.name << " q=" << q;
+      EXPECT_EQ(got[q]->steps, want->steps) << c.name << " q=" << q;
+      EXPECT_LT(RelInf(got[q]->state, want->state), 1e-4) << c.name << " q=" << q;
+      EXPECT_NEAR(got[q]->energy_end, want->energy_end,
+                  2e-5 * std::max(1.0, std::fabs(want->energy_end))) << c.name;
+      EXPECT_EQ(got[q]->energy_trace.size(), want->energy_trace.size()) << c.name;
+      EXPECT_EQ(got[q]->lyapunov_violations, 0) << c.name;
+      if (q == 2) {
+        for (int i = 0; i < n / 4; ++i) EXPECT_EQ(got[q]->state[i], qs[q][i]);
+      }
+    }
+  }
+}
+
+TEST(SyncBatch, ReportsBadQueriesInTheirSlotAndRunsTheRest) {
+  std::mt19937_64 rng(5);
+  const int n = 16, k = 4;
+  auto xi = RandomGaussian(int64_t{k} * n, rng);
+  Bank bank(BankSpec{"b", n, StateKind::kContinuous, {}, Precision::kF32});
+  bank.Append(xi, bank.AssignIds(k), {});
+  EnergyFunction energy(EnergyConfig{.family = EnergyFamily::kLse, .beta = 4.0}, bank.view());
+  RetrieveOptions good, gradient;
+  gradient.dynamics = Dynamics::kGradient;
+  std::vector<float> short_query(n - 1, 0.f);
+  std::vector<BatchQuery> batch = {{absl::MakeConstSpan(xi.data(), n), {}, &good},
+                                   {short_query, {}, &good},
+                                   {absl::MakeConstSpan(xi.data(), n), {}, &gradient}};
+  auto got = RunSyncBatch(energy, StateKind::kContinuous, batch);
+  EXPECT_TRUE(got[0].ok());
+  EXPECT_EQ(got[1].status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(got[2].status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace engram::core

@@ -84,6 +84,25 @@ absl::StatusOr<Trajectory> RunDynamics(const EnergyFunction& energy,
                                        absl::Span<const bool> clamp,
                                        const RetrieveOptions& options);
 
+// One query of a batch: its state, clamp mask (empty or dim flags) and
+// options (not owned; must outlive the call).
+struct BatchQuery {
+  absl::Span<const float> query;
+  absl::Span<const bool> clamp;
+  const RetrieveOptions* options = nullptr;
+};
+
+// Runs the sync dynamics for many queries at once, each with its own
+// options, clamp, stopping rule and deadline. Every step evaluates all
+// queries still running with two matrix-matrix products per tile of
+// patterns instead of one pass over the bank per query; the trajectories
+// equal RunDynamics' to float tolerance. Returns one result per query, in
+// order: the trajectory, or the query's validation error (INVALID_ARGUMENT;
+// options.dynamics must be kSync).
+std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(const EnergyFunction& energy,
+                                                     StateKind kind,
+                                                     absl::Span<const BatchQuery> queries);
+
 // Relative float tolerance used for the Lyapunov check.
 double EnergyTolerance(double e_before, double e_after);
 

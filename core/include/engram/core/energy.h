@@ -27,6 +27,9 @@
 #include "absl/types/span.h"
 
 namespace engram::core {
+namespace internal {
+struct FusedSums;
+}  // namespace internal
 
 enum class StateKind { kContinuous, kBipolar };
 
@@ -112,6 +115,12 @@ class EnergyFunction {
   // floats into `target`; returns E(x).
   double UpdateTarget(const float* x, float* target) const;
 
+  // UpdateTarget for `b` states at once (x and targets are b x dim(),
+  // row-major; energies has b slots): the scores and weighted sums of all
+  // states are two matrix-matrix products per tile of patterns. With
+  // targets == nullptr only the energies are computed.
+  void UpdateTargetBatch(const float* x, int64_t b, float* targets, double* energies) const;
+
   // The plain reference implementations of Value, ValueAndGradient and
   // UpdateTarget (Eigen over the f32 patterns, two passes, one thread). The
   // methods above use the fused single-pass kernels where the energy has a
@@ -123,6 +132,10 @@ class EnergyFunction {
  private:
   // Fused single-pass evaluation; false when the config has no fused form.
   bool FusedEvaluate(const float* x, float* target, float* grad, double* energy) const;
+  // Energy, target or gradient from the sums of a fused pass whose
+  // accumulator is already in `target` or `grad`.
+  void FinishFused(const internal::FusedSums& sums, bool log_domain, const float* x,
+                   float* target, float* grad, double* energy) const;
 
   EnergyConfig config_;
   PatternView patterns_;
