@@ -88,7 +88,8 @@ class BankRegistry {
                                               absl::Span<const uint64_t> ids);
 
   // Runs `fn` with shared access to the bank; returns NOT_FOUND or fn's
-  // status.
+  // status. `fn` must not call back into the registry: the lock is not
+  // recursive, and a waiting writer blocks a second reader.
   absl::Status WithBank(const std::string& name,
                         const std::function<absl::Status(const Bank&)>& fn) const;
 
