@@ -6,7 +6,10 @@
 // ENGRAM_DATA_DIR, ENGRAM_METRICS_LISTEN, ENGRAM_MEMORY_BUDGET_BYTES,
 // ENGRAM_MAX_MESSAGE_BYTES, ENGRAM_MAX_BATCH); a flag on the command line
 // wins over the environment. SIGTERM / SIGINT shut down gracefully.
+#include <unistd.h>
+
 #include <cctype>
+#include <cerrno>
 #include <csignal>
 #include <fstream>
 #include <cstdlib>
@@ -32,6 +35,15 @@ int64_t EnvOrInt(const char* name, int64_t fallback) {
   return (!s.empty() && absl::SimpleAtoi(s, &v)) ? v : fallback;
 }
 
+int g_signal_pipe[2] = {-1, -1};
+
+void OnShutdownSignal(int sig) {
+  const unsigned char b = static_cast<unsigned char>(sig);
+  const int saved = errno;
+  (void)!write(g_signal_pipe[1], &b, 1);
+  errno = saved;
+}
+
 }  // namespace
 
 ABSL_FLAG(std::string, listen, EnvOr("ENGRAM_LISTEN", "127.0.0.1:50051"),
@@ -47,6 +59,14 @@ ABSL_FLAG(int32_t, max_message_bytes,
           "largest request or response (env ENGRAM_MAX_MESSAGE_BYTES)");
 ABSL_FLAG(int64_t, max_batch, EnvOrInt("ENGRAM_MAX_BATCH", 65536),
           "largest batch of patterns / queries per call (env ENGRAM_MAX_BATCH)");
+ABSL_FLAG(bool, batching, EnvOrInt("ENGRAM_BATCHING", 1) != 0,
+          "merge concurrent sync Retrieve calls on the same bank and energy into one batched "
+          "kernel call (env ENGRAM_BATCHING=0|1)");
+ABSL_FLAG(int64_t, max_batch_queries, EnvOrInt("ENGRAM_MAX_BATCH_QUERIES", 256),
+          "most queries the dynamic batcher merges into one batch (env ENGRAM_MAX_BATCH_QUERIES)");
+ABSL_FLAG(int64_t, max_batch_delay_us, EnvOrInt("ENGRAM_MAX_BATCH_DELAY_US", 0),
+          "microseconds a batch waits for more calls before it runs; 0 batches only calls "
+          "that queued while the previous batch ran (env ENGRAM_MAX_BATCH_DELAY_US)");
 ABSL_FLAG(std::string, auth_token_file, EnvOr("ENGRAM_AUTH_TOKEN_FILE", ""),
           "file holding the bearer token every call must present (env ENGRAM_AUTH_TOKEN_FILE; "
           "or the token itself in ENGRAM_AUTH_TOKEN)");
@@ -63,13 +83,18 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("Engram: Dense Associative Memory banks over gRPC");
   absl::ParseCommandLine(argc, argv);
 
-  // Block the shutdown signals before any thread starts, so that only the
-  // waiter below receives them.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // SIGTERM / SIGINT write their number to a pipe that the waiter below
+  // reads (a handler, not sigwait: threads started before main, such as
+  // OpenBLAS's, do not have the signals blocked and may receive them).
+  if (pipe(g_signal_pipe) != 0) {
+    std::cerr << "engramd: cannot create the signal pipe" << std::endl;
+    return 1;
+  }
+  struct sigaction action {};
+  action.sa_handler = OnShutdownSignal;
+  sigemptyset(&action.sa_mask);
+  sigaction(SIGTERM, &action, nullptr);
+  sigaction(SIGINT, &action, nullptr);
 
   engram::server::ServerConfig config;
   config.listen = absl::GetFlag(FLAGS_listen);
@@ -78,6 +103,14 @@ int main(int argc, char** argv) {
   config.memory_budget_bytes = static_cast<uint64_t>(absl::GetFlag(FLAGS_memory_budget_bytes));
   config.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   config.max_batch = absl::GetFlag(FLAGS_max_batch);
+  config.batching = absl::GetFlag(FLAGS_batching);
+  config.max_batch_queries = absl::GetFlag(FLAGS_max_batch_queries);
+  config.max_batch_delay = absl::Microseconds(absl::GetFlag(FLAGS_max_batch_delay_us));
+  if (config.max_batch_queries < 1 || config.max_batch_delay < absl::ZeroDuration()) {
+    std::cerr << "engramd: --max_batch_queries must be >= 1 and --max_batch_delay_us >= 0"
+              << std::endl;
+    return 1;
+  }
 
   config.restore_from = absl::GetFlag(FLAGS_restore_from);
   config.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
@@ -112,9 +145,10 @@ int main(int argc, char** argv) {
             << (config.auth_token.empty() ? "" : ", bearer-token authentication") << std::endl;
 
   std::thread waiter([&] {
-    int sig = 0;
-    sigwait(&signals, &sig);
-    std::cout << "engramd: signal " << sig << ", shutting down" << std::endl;
+    unsigned char sig = 0;
+    while (read(g_signal_pipe[0], &sig, 1) < 0 && errno == EINTR) {
+    }
+    std::cout << "engramd: signal " << int{sig} << ", shutting down" << std::endl;
     (*server)->Shutdown(absl::Seconds(absl::GetFlag(FLAGS_shutdown_grace_seconds)));
   });
   (*server)->Wait();

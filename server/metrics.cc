@@ -1,8 +1,14 @@
 #include "server/metrics.h"
 
+#include <unistd.h>
+
+#include <cstdio>
+
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "engram/core/compute.h"
 #include "absl/strings/str_split.h"
 
 namespace engram::server {
@@ -134,7 +140,52 @@ Metrics::Metrics()
       bank_bytes_(prometheus::BuildGauge()
                       .Name("engram_bank_bytes")
                       .Help("Bytes held in memory by a bank.")
-                      .Register(*registry_)) {}
+                      .Register(*registry_)),
+      batch_queries_(prometheus::BuildHistogram()
+                         .Name("engram_batch_queries")
+                         .Help("Queries per batch executed by the dynamic Retrieve batcher.")
+                         .Register(*registry_)
+                         .Add({}, prometheus::Histogram::BucketBoundaries{
+                                      1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024})),
+      batch_calls_(prometheus::BuildHistogram()
+                       .Name("engram_batch_calls")
+                       .Help("Retrieve calls merged into one batch by the dynamic batcher.")
+                       .Register(*registry_)
+                       .Add({}, prometheus::Histogram::BucketBoundaries{
+                                    1, 2, 4, 8, 16, 32, 64, 128, 256})),
+      resident_bytes_(prometheus::BuildGauge()
+                          .Name("engram_process_resident_bytes")
+                          .Help("Resident memory of the engramd process (from /proc/self/statm, "
+                                "refreshed at most once a second on RPC completion).")
+                          .Register(*registry_)
+                          .Add({})),
+      compute_info_(prometheus::BuildGauge()
+                        .Name("engram_compute_info")
+                        .Help("Always 1; labels name the SIMD kernel level and compute threads.")
+                        .Register(*registry_)
+                        .Add({{"simd", core::SimdLevelInUse()},
+                              {"threads", std::to_string(core::ComputeThreadsInUse())}})) {
+  compute_info_.Set(1);
+  RefreshProcessMemory();
+}
+
+void Metrics::RecordBatch(int64_t queries, int64_t calls) {
+  batch_queries_.Observe(static_cast<double>(queries));
+  batch_calls_.Observe(static_cast<double>(calls));
+}
+
+void Metrics::RefreshProcessMemory() {
+  const int64_t now = absl::ToUnixSeconds(absl::Now());
+  int64_t last = last_memory_refresh_.load(std::memory_order_relaxed);
+  if (now == last || !last_memory_refresh_.compare_exchange_strong(last, now)) return;
+  std::FILE* f = std::fopen("/proc/self/statm", "r");
+  if (f == nullptr) return;
+  long size = 0, resident = 0;
+  if (std::fscanf(f, "%ld %ld", &size, &resident) == 2) {
+    resident_bytes_.Set(static_cast<double>(resident) * sysconf(_SC_PAGESIZE));
+  }
+  std::fclose(f);
+}
 
 std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>>
 Metrics::InterceptorFactories() {
@@ -165,6 +216,7 @@ void Metrics::RpcStarted(const std::string& full_method, const std::string& type
 
 void Metrics::RpcHandled(const std::string& full_method, const std::string& type,
                          int code, double seconds) {
+  RefreshProcessMemory();
   auto [service, method] = SplitMethod(full_method);
   const char* code_name = CodeName(code);
   Handle(handled_,

@@ -15,6 +15,7 @@
 #ifndef ENGRAM_SERVER_METRICS_H_
 #define ENGRAM_SERVER_METRICS_H_
 
+#include <atomic>
 #include <memory>
 #include <string>
 #include <vector>
@@ -57,6 +58,10 @@ class Metrics : public std::enable_shared_from_this<Metrics> {
   // Current size of a bank; RemoveBank drops its series.
   void SetBankSize(const std::string& bank, int64_t patterns, uint64_t bytes);
   void RemoveBank(const std::string& bank);
+  // One batch run by the dynamic batcher: its queries and merged calls.
+  void RecordBatch(int64_t queries, int64_t calls);
+  // Re-reads the process's resident memory (at most once a second).
+  void RefreshProcessMemory();
 
  private:
   template <typename T>
@@ -76,6 +81,11 @@ class Metrics : public std::enable_shared_from_this<Metrics> {
   prometheus::Family<prometheus::Histogram>& sample_seconds_;
   prometheus::Family<prometheus::Gauge>& bank_patterns_;
   prometheus::Family<prometheus::Gauge>& bank_bytes_;
+  prometheus::Histogram& batch_queries_;
+  prometheus::Histogram& batch_calls_;
+  prometheus::Gauge& resident_bytes_;
+  prometheus::Gauge& compute_info_;
+  std::atomic<int64_t> last_memory_refresh_{0};
 
   core::SharedMutex mu_;
   absl::flat_hash_map<std::string, prometheus::Counter*> counters_ ABSL_GUARDED_BY(mu_);

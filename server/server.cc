@@ -24,6 +24,9 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
   s->metrics_ = std::make_shared<Metrics>();
   ServiceLimits limits;
   limits.max_batch = config.max_batch;
+  limits.batching = config.batching;
+  limits.max_batch_queries = config.max_batch_queries;
+  limits.max_batch_delay = config.max_batch_delay;
   limits.auth_token = config.auth_token;
   limits.backup_dir = (std::filesystem::path(config.data_dir) / "backups").string();
   s->service_ = std::make_unique<MemoryServiceImpl>(nullptr, s->metrics_, limits);

@@ -36,6 +36,10 @@ struct ServerConfig {
   uint64_t memory_budget_bytes = 0;
   int max_message_bytes = 64 << 20;
   int64_t max_batch = 65536;
+  // Dynamic batching of concurrent sync Retrieve calls (see ServiceLimits).
+  bool batching = true;
+  int64_t max_batch_queries = 256;
+  absl::Duration max_batch_delay = absl::ZeroDuration();
   // When non-empty, every MemoryService call must carry
   // "authorization: Bearer <token>" (UNAUTHENTICATED otherwise). Health,
   // reflection and the metrics endpoint stay open for probes.

@@ -5,6 +5,7 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "engram/core/energy.h"
 #include "engram/core/status_macros.h"
 #include "server/convert.h"
@@ -73,6 +74,11 @@ MemoryServiceImpl::MemoryServiceImpl(core::BankRegistry* registry,
                                      std::shared_ptr<Metrics> metrics,
                                      ServiceLimits limits)
     : registry_(nullptr), metrics_(std::move(metrics)), limits_(limits) {
+  if (limits_.batching) {
+    batcher_ = std::make_unique<RetrieveBatcher>(
+        RetrieveBatcher::Options{limits_.max_batch_queries, limits_.max_batch_delay},
+        [m = metrics_](int64_t queries, int64_t calls) { m->RecordBatch(queries, calls); });
+  }
   if (registry != nullptr) SetRegistry(registry);
 }
 
@@ -277,6 +283,69 @@ grpc::Status MemoryServiceImpl::GetPatterns(grpc::ServerContext* ctx,
   return ToGrpcStatus(s);
 }
 
+namespace {
+
+// One Retrieve call's queries inside a dynamic batch, and what it gets back.
+struct RetrieveWork {
+  const v1::RetrieveRequest* req = nullptr;
+  core::RetrieveOptions opts;
+  std::unique_ptr<bool[]> clamp;
+  int64_t mask = 0;
+  int64_t count = 0;
+  std::vector<core::Trajectory> results;
+  std::vector<core::NearestMemory> nearest;
+  std::vector<std::string> payloads;
+};
+
+std::string EnergyKey(const core::EnergyConfig& c) {
+  return absl::StrCat(static_cast<int>(c.family), ",", c.degree, ",", c.rectified, ",",
+                      absl::StrFormat("%a", c.beta), ",", static_cast<int>(c.similarity), ",",
+                      static_cast<int>(c.separation));
+}
+
+// Runs the queries of `works` on `bank`: the sync dynamics of every query
+// of every call in one RunSyncBatch, other dynamics one query at a time.
+absl::Status RunRetrieveWorks(const core::Bank& bank, const core::EnergyConfig& cfg,
+                              absl::Span<RetrieveWork* const> works) {
+  const int n = bank.dim();
+  core::EnergyFunction energy(cfg, bank.view());
+  std::vector<core::BatchQuery> batch;
+  for (RetrieveWork* w : works) {
+    for (int64_t q = 0; q < w->count; ++q) {
+      absl::Span<const bool> c;
+      if (w->mask == n) c = absl::MakeConstSpan(w->clamp.get(), n);
+      if (w->mask == w->count * n && w->mask != 0) {
+        c = absl::MakeConstSpan(w->clamp.get() + q * n, n);
+      }
+      batch.push_back({absl::MakeConstSpan(w->req->queries().data() + q * n, n), c, &w->opts});
+    }
+  }
+  std::vector<absl::StatusOr<core::Trajectory>> results;
+  if (works.front()->opts.dynamics == core::Dynamics::kSync) {
+    results = core::RunSyncBatch(energy, bank.spec().kind, batch);
+  } else {
+    for (const core::BatchQuery& q : batch) {
+      results.push_back(core::RunDynamics(energy, bank.spec().kind, q.query, q.clamp, *q.options));
+      // Remaining queries are not started once the deadline has passed.
+      if (results.back().ok() && results.back()->stop_reason == core::StopReason::kDeadline) break;
+    }
+  }
+  size_t at = 0;
+  for (RetrieveWork* w : works) {
+    for (int64_t q = 0; q < w->count && at < results.size(); ++q, ++at) {
+      ENGRAM_RETURN_IF_ERROR(results[at].status());
+      core::Trajectory t = std::move(*results[at]);
+      const core::NearestMemory m = bank.Nearest(t.state.data());
+      w->payloads.push_back(m.row >= 0 ? bank.payload(m.row) : std::string());
+      w->nearest.push_back(m);
+      w->results.push_back(std::move(t));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 grpc::Status MemoryServiceImpl::Retrieve(grpc::ServerContext* ctx,
                                          const v1::RetrieveRequest* req,
                                          v1::RetrieveResponse* resp) {
@@ -284,71 +353,94 @@ grpc::Status MemoryServiceImpl::Retrieve(grpc::ServerContext* ctx,
     ENGRAM_RETURN_IF_ERROR(Authorize(ctx));
     ENGRAM_RETURN_IF_ERROR(Ready());
     ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->bank()));
-    ENGRAM_ASSIGN_OR_RETURN(core::RetrieveOptions opts, OptionsFromProto(req->options()));
-    opts.should_stop = [ctx] { return DeadlinePassed(ctx); };
-    std::vector<core::Trajectory> results;
-    core::Dynamics dynamics = opts.dynamics;
-    ENGRAM_RETURN_IF_ERROR(registry_.load()->WithBank(req->bank(), [&](const core::Bank& bank)
-                                                                -> absl::Status {
+    RetrieveWork work;
+    work.req = req;
+    ENGRAM_ASSIGN_OR_RETURN(work.opts, OptionsFromProto(req->options()));
+    work.opts.should_stop = [ctx] { return DeadlinePassed(ctx); };
+    core::EnergyConfig cfg;
+    int dim = 0;
+    core::StateKind kind = core::StateKind::kContinuous;
+    core::BankRegistry* registry = registry_.load();
+    // Validation against the bank as it is now; a batch re-checks the
+    // dimension when it runs.
+    auto validate = [&](const core::Bank& bank) -> absl::Status {
       const int n = bank.dim();
-      ENGRAM_ASSIGN_OR_RETURN(int64_t b, CheckBatch(req->queries(), n, "queries",
-                                                    limits_.max_batch, bank.spec().kind));
-      const int64_t mask = req->clamp_size();
-      if (mask != 0 && mask != n && mask != b * n) {
+      ENGRAM_ASSIGN_OR_RETURN(work.count, CheckBatch(req->queries(), n, "queries",
+                                                     limits_.max_batch, bank.spec().kind));
+      work.mask = req->clamp_size();
+      if (work.mask != 0 && work.mask != n && work.mask != work.count * n) {
         return absl::InvalidArgumentError(absl::StrCat(
-            "clamp has ", mask, " entries; expected 0, ", n, " (one mask for all "
-            "queries) or ", b * n, " (one per query)"));
+            "clamp has ", work.mask, " entries; expected 0, ", n, " (one mask for all "
+            "queries) or ", work.count * n, " (one per query)"));
       }
-      ENGRAM_ASSIGN_OR_RETURN(core::EnergyConfig cfg,
-                              ResolveEnergy(req->has_energy(), req->energy(), bank));
-      ENGRAM_RETURN_IF_ERROR(core::ValidateRetrieveOptions(opts, bank.spec().kind));
+      ENGRAM_ASSIGN_OR_RETURN(cfg, ResolveEnergy(req->has_energy(), req->energy(), bank));
+      ENGRAM_RETURN_IF_ERROR(core::ValidateRetrieveOptions(work.opts, bank.spec().kind));
       if (bank.size() == 0) {
         return absl::FailedPreconditionError(absl::StrCat(
             "bank '", bank.spec().name, "' is empty; store patterns first"));
       }
-      core::EnergyFunction energy(cfg, bank.view());
-      std::unique_ptr<bool[]> clamp(new bool[mask]);
-      for (int64_t i = 0; i < mask; ++i) clamp[i] = req->clamp(i);
-      for (int64_t q = 0; q < b; ++q) {
-        absl::Span<const bool> c;
-        if (mask == n) c = absl::MakeConstSpan(clamp.get(), n);
-        if (mask == b * n && mask != 0) c = absl::MakeConstSpan(clamp.get() + q * n, n);
-        ENGRAM_ASSIGN_OR_RETURN(
-            core::Trajectory t,
-            core::RunDynamics(energy, bank.spec().kind,
-                              absl::MakeConstSpan(req->queries().data() + q * n, n), c,
-                              opts));
-        metrics_->RecordRetrieval(req->bank(), dynamics, t);
-        auto* out = resp->add_results();
-        out->mutable_state()->Add(t.state.begin(), t.state.end());
-        const core::NearestMemory m = bank.Nearest(t.state.data());
-        if (m.row >= 0) {
-          auto* mem = out->mutable_nearest();
-          mem->set_id(m.id);
-          mem->set_payload(bank.payload(m.row));
-          mem->set_distance(m.distance);
-          mem->set_similarity(m.similarity);
-        }
-        out->set_energy_start(t.energy_start);
-        out->set_energy_end(t.energy_end);
-        out->mutable_energy_trace()->Add(t.energy_trace.begin(), t.energy_trace.end());
-        out->set_steps(t.steps);
-        out->set_converged(t.converged());
-        out->set_stop_reason(StopReasonToProto(t.stop_reason));
-        out->set_lyapunov_violations(t.lyapunov_violations);
-        if (t.stop_reason == core::StopReason::kDeadline &&
-            !req->options().partial_on_deadline()) {
-          return absl::DeadlineExceededError(absl::StrCat(
-              "deadline passed after ", t.steps, " steps of query ", q, " of ", b,
-              "; set options.partial_on_deadline to receive partial states"));
-        }
-        if (t.stop_reason == core::StopReason::kDeadline) {
-          // Remaining queries are not started once the deadline has passed.
-          break;
-        }
-      }
+      dim = n;
+      kind = bank.spec().kind;
       return absl::OkStatus();
-    }));
+    };
+    const bool batched = batcher_ != nullptr && work.opts.dynamics == core::Dynamics::kSync;
+    if (!batched) {
+      ENGRAM_RETURN_IF_ERROR(registry->WithBank(req->bank(), [&](const core::Bank& bank) {
+        ENGRAM_RETURN_IF_ERROR(validate(bank));
+        work.clamp.reset(new bool[work.mask]);
+        for (int64_t i = 0; i < work.mask; ++i) work.clamp[i] = req->clamp(i);
+        RetrieveWork* one = &work;
+        return RunRetrieveWorks(bank, cfg, absl::MakeConstSpan(&one, 1));
+      }));
+    } else {
+      ENGRAM_RETURN_IF_ERROR(registry->WithBank(req->bank(), validate));
+      work.clamp.reset(new bool[work.mask]);
+      for (int64_t i = 0; i < work.mask; ++i) work.clamp[i] = req->clamp(i);
+      RetrieveBatcher::Call call;
+      call.queries = work.count;
+      call.payload = &work;
+      const std::string key = absl::StrCat(req->bank(), "|", EnergyKey(cfg));
+      ENGRAM_RETURN_IF_ERROR(batcher_->Run(key, &call, [&](absl::Span<RetrieveBatcher::Call* const> calls) {
+        std::vector<RetrieveWork*> works;
+        for (RetrieveBatcher::Call* c : calls) works.push_back(static_cast<RetrieveWork*>(c->payload));
+        const absl::Status st = registry->WithBank(req->bank(), [&](const core::Bank& bank) {
+          if (bank.dim() != dim || bank.spec().kind != kind) {
+            return absl::AbortedError(absl::StrCat(
+                "bank '", req->bank(), "' was replaced while the call waited; retry"));
+          }
+          return RunRetrieveWorks(bank, cfg, works);
+        });
+        for (RetrieveBatcher::Call* c : calls) c->status = st;
+      }));
+    }
+    core::Dynamics dynamics = work.opts.dynamics;
+    for (size_t q = 0; q < work.results.size(); ++q) {
+      const core::Trajectory& t = work.results[q];
+      metrics_->RecordRetrieval(req->bank(), dynamics, t);
+      auto* out = resp->add_results();
+      out->mutable_state()->Add(t.state.begin(), t.state.end());
+      const core::NearestMemory& m = work.nearest[q];
+      if (m.row >= 0) {
+        auto* mem = out->mutable_nearest();
+        mem->set_id(m.id);
+        mem->set_payload(work.payloads[q]);
+        mem->set_distance(m.distance);
+        mem->set_similarity(m.similarity);
+      }
+      out->set_energy_start(t.energy_start);
+      out->set_energy_end(t.energy_end);
+      out->mutable_energy_trace()->Add(t.energy_trace.begin(), t.energy_trace.end());
+      out->set_steps(t.steps);
+      out->set_converged(t.converged());
+      out->set_stop_reason(StopReasonToProto(t.stop_reason));
+      out->set_lyapunov_violations(t.lyapunov_violations);
+      if (t.stop_reason == core::StopReason::kDeadline &&
+          !req->options().partial_on_deadline()) {
+        return absl::DeadlineExceededError(absl::StrCat(
+            "deadline passed after ", t.steps, " steps of query ", q, " of ", work.count,
+            "; set options.partial_on_deadline to receive partial states"));
+      }
+    }
     return absl::OkStatus();
   }();
   if (!s.ok()) resp->Clear();

@@ -15,6 +15,7 @@
 
 #include "engram/core/registry.h"
 #include "engram/v1/engram.grpc.pb.h"
+#include "server/batcher.h"
 #include "server/metrics.h"
 
 namespace engram::server {
@@ -26,6 +27,13 @@ struct ServiceLimits {
   std::string auth_token;
   // Where Backup writes (<data_dir>/backups).
   std::string backup_dir;
+  // Dynamic batching of concurrent sync Retrieve calls on the same bank and
+  // energy: at most max_batch_queries queries per batch; a batch leader
+  // waits up to max_batch_delay for company (0: batches form only from
+  // calls that queue while another batch runs).
+  bool batching = true;
+  int64_t max_batch_queries = 256;
+  absl::Duration max_batch_delay = absl::ZeroDuration();
 };
 
 class MemoryServiceImpl final : public v1::MemoryService::Service {
@@ -76,6 +84,7 @@ class MemoryServiceImpl final : public v1::MemoryService::Service {
   std::atomic<core::BankRegistry*> registry_;
   std::shared_ptr<Metrics> metrics_;
   ServiceLimits limits_;
+  std::unique_ptr<RetrieveBatcher> batcher_;  // null when batching is off
 };
 
 }  // namespace engram::server

@@ -13,6 +13,7 @@
 #define EIGEN_USE_THREADS
 #include <unsupported/Eigen/CXX11/ThreadPool>
 
+#include "engram/core/compute.h"
 #include "kernels/kernels.h"
 
 extern "C" {
@@ -401,3 +402,11 @@ std::unique_ptr<RowWeights> MakeRowWeights(const EnergyConfig& config) {
 }
 
 }  // namespace engram::core::internal
+
+namespace engram::core {
+
+std::string SimdLevelInUse() { return kernels::SimdLevelName(kernels::Kernels().level); }
+
+int ComputeThreadsInUse() { return internal::ComputeThreads(); }
+
+}  // namespace engram::core

@@ -1,0 +1,23 @@
+// What the fast kernels run on: the SIMD level chosen for this CPU and the
+// threads one pass over a bank may use.
+//
+//   LOG(INFO) << "kernels: " << engram::core::SimdLevelInUse();
+//
+// Thread-safety: thread-safe (values fixed at first use).
+#ifndef ENGRAM_CORE_COMPUTE_H_
+#define ENGRAM_CORE_COMPUTE_H_
+
+#include <string>
+
+namespace engram::core {
+
+// "scalar", "avx2" or "avx512": the widest level the CPU supports, capped
+// by the environment variable ENGRAM_SIMD.
+std::string SimdLevelInUse();
+
+// Threads per pass: ENGRAM_THREADS, default the hardware threads.
+int ComputeThreadsInUse();
+
+}  // namespace engram::core
+
+#endif  // ENGRAM_CORE_COMPUTE_H_

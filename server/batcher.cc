@@ -1,0 +1,66 @@
+#include "server/batcher.h"
+
+#include <vector>
+
+namespace engram::server {
+
+absl::Status RetrieveBatcher::Run(const std::string& key, Call* call, const Executor& execute) {
+  std::vector<Call*> batch;
+  {
+    absl::MutexLock lock(&mu_);
+    Queue& q = queues_[key];
+    q.pending.push_back(call);
+    if (!q.leader_active) {
+      q.leader_active = true;
+      call->lead = true;
+    }
+    // Wait to be run by someone else's batch, or to lead one.
+    mu_.Await(absl::Condition(
+        +[](Call* c) { return c->done || c->lead; }, call));
+    if (call->done) return call->status;
+    // Leader: give concurrent calls max_delay to join, unless the queue is
+    // already full.
+    if (options_.max_delay > absl::ZeroDuration()) {
+      struct Full {
+        const Queue* q;
+        int64_t max;
+        bool operator()() const {
+          int64_t n = 0;
+          for (const Call* c : q->pending) n += c->queries;
+          return n >= max;
+        }
+      } full{&queues_[key], options_.max_batch};
+      mu_.AwaitWithTimeout(absl::Condition(&full, &Full::operator()), options_.max_delay);
+    }
+    // Take the oldest calls, up to max_batch queries (at least our own).
+    Queue& qq = queues_[key];
+    int64_t queries = 0;
+    for (auto it = qq.pending.begin(); it != qq.pending.end();) {
+      Call* c = *it;
+      if (c != call && queries + c->queries > options_.max_batch) {
+        ++it;
+        continue;
+      }
+      queries += c->queries;
+      batch.push_back(c);
+      it = qq.pending.erase(it);
+    }
+  }
+  execute(batch);
+  if (observer_) {
+    int64_t queries = 0;
+    for (const Call* c : batch) queries += c->queries;
+    observer_(queries, static_cast<int64_t>(batch.size()));
+  }
+  absl::MutexLock lock(&mu_);
+  for (Call* c : batch) c->done = true;
+  Queue& q = queues_[key];
+  if (q.pending.empty()) {
+    queues_.erase(key);  // no state kept for idle keys
+  } else {
+    q.pending.front()->lead = true;  // hand over to the oldest waiting call
+  }
+  return call->status;
+}
+
+}  // namespace engram::server

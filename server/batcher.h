@@ -1,0 +1,79 @@
+// Dynamic batching of Retrieve calls, in the manner of Triton's dynamic
+// batcher: concurrent calls that run the sync dynamics on the same bank with
+// the same energy are merged into one batched kernel call (matrix-matrix
+// products instead of one pass over the bank per query).
+//
+//   RetrieveBatcher batcher({.max_batch = 256, .max_delay = absl::Microseconds(200)});
+//   RetrieveBatcher::Call call{...queries...};
+//   absl::Status s = batcher.Run(key, &call, [&](absl::Span<Call* const> calls) {
+//     ... run every call's queries together, fill call->results ...
+//   });
+//
+// The first call for a key becomes the leader: it waits up to max_delay (or
+// until max_batch queries are queued), takes the queued calls, runs them
+// through the executor on its own thread and wakes their callers. Calls that
+// arrive while a batch runs queue up and the next leader (the oldest of them)
+// takes them together: under load, batches form without any added delay.
+// A call larger than max_batch runs alone.
+//
+// Thread-safety: thread-safe.
+#ifndef ENGRAM_SERVER_BATCHER_H_
+#define ENGRAM_SERVER_BATCHER_H_
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <string>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+
+namespace engram::server {
+
+class RetrieveBatcher {
+ public:
+  struct Options {
+    int64_t max_batch = 256;                     // queries per batch
+    absl::Duration max_delay = absl::ZeroDuration();  // leader's wait for company
+  };
+  // One caller's share of a batch. `queries` is what the caller brings; the
+  // executor writes the rest.
+  struct Call {
+    int64_t queries = 0;
+    void* payload = nullptr;  // the executor's per-call data
+    absl::Status status;      // set by the executor
+    // Internal.
+    bool done = false;
+    bool lead = false;
+  };
+  using Executor = std::function<void(absl::Span<Call* const> calls)>;
+  // Observes the size (queries) of every executed batch.
+  using BatchObserver = std::function<void(int64_t queries, int64_t calls)>;
+
+  explicit RetrieveBatcher(Options options, BatchObserver observer = nullptr)
+      : options_(options), observer_(std::move(observer)) {}
+
+  // Queues `call` under `key` and returns once an executor (on this or
+  // another caller's thread) has run it; returns call->status.
+  absl::Status Run(const std::string& key, Call* call, const Executor& execute);
+
+  const Options& options() const { return options_; }
+
+ private:
+  struct Queue {
+    std::deque<Call*> pending;
+    bool leader_active = false;
+  };
+
+  Options options_;
+  BatchObserver observer_;
+  absl::Mutex mu_;
+  absl::flat_hash_map<std::string, Queue> queues_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace engram::server
+
+#endif  // ENGRAM_SERVER_BATCHER_H_
