@@ -70,9 +70,12 @@ void RunSync(const EnergyFunction& energy, StateKind kind,
   EnergyRecorder rec(t, o.record_trace,
                      GuaranteesDescent(Dynamics::kSync, energy.config()));
   std::vector<float> x(query.begin(), query.end()), target(n);
-  rec.Start(energy.UpdateTarget(x.data(), target.data()));
+  // Bipolar banks step on the Krotov-Hopfield drive; they need only the
+  // energy (scores, no weighted sum) from the energy function.
   const bool krotov_hopfield = kind == StateKind::kBipolar &&
                                BipolarDrive(energy, x.data(), target.data());
+  rec.Start(krotov_hopfield ? energy.Value(x.data())
+                            : energy.UpdateTarget(x.data(), target.data()));
   while (true) {
     if (t->steps >= o.max_steps) { t->stop_reason = StopReason::kMaxSteps; break; }
     if (StopRequested(o)) { t->stop_reason = StopReason::kDeadline; break; }
@@ -97,7 +100,8 @@ void RunSync(const EnergyFunction& energy, StateKind kind,
       t->stop_reason = StopReason::kConverged;
       break;
     }
-    rec.Step(energy.UpdateTarget(x.data(), target.data()));
+    rec.Step(krotov_hopfield ? energy.Value(x.data())
+                             : energy.UpdateTarget(x.data(), target.data()));
   }
   t->state = std::move(x);
 }

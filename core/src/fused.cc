@@ -244,7 +244,6 @@ void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const fl
   // Rows per tile: S and W tiles of b x tile floats stay near 16 MB.
   const int64_t tile = std::clamp<int64_t>((int64_t{4} << 20) / std::max<int64_t>(b, 1), 256, 65536);
   std::vector<float> st(b * std::min(tile, std::max<int64_t>(rows, 1)));
-  std::vector<double> s(tile), w(tile), h(tile);
   std::vector<double> sqx(b, 0.0), scale(b, 0.0);
   for (int64_t q = 0; q < b; ++q) {
     sums[q] = FusedSums{};
@@ -260,7 +259,11 @@ void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const fl
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(b),
                 static_cast<int>(count), n, 1.f, x, n, xi, n, 0.f, st.data(),
                 static_cast<int>(count));
-    for (int64_t q = 0; q < b; ++q) {
+    // Per state: weights in place of the scores (states split over threads).
+    int used = 1;
+    ParallelRows(b, count * 64, [&](int, int64_t q_begin, int64_t q_end) {
+    std::vector<double> s(count), w(count), h(count);
+    for (int64_t q = q_begin; q < q_end; ++q) {
       float* srow = st.data() + q * count;  // becomes the weight row in place
       FusedSums& p = sums[q];
       float* a = acc != nullptr ? acc + q * n : nullptr;
@@ -306,6 +309,7 @@ void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const fl
         }
       }
     }
+    }, &used);
     if (acc == nullptr) continue;
     // Acc (b x n) += W (b x count) * Xi_tile (count x n)
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(b), n,

@@ -1,0 +1,207 @@
+#!/usr/bin/python3
+"""Engram core side by side with numpy/OpenBLAS and FAISS, in one run.
+
+For each size it builds one bank (K random unit-norm patterns of dimension
+N) and queries (stored patterns plus noise), writes them for the Engram
+side (build/bench/engram_compare), times the same maths in numpy (Debian's
+python3-numpy on OpenBLAS) and FAISS (python3-faiss, exact flat indexes),
+and measures the two roofline figures of this machine in the same run: the
+read bandwidth (a STREAM-like sum over 1 GiB) and the OpenBLAS sgemm rate
+(numpy matmul of the batch's shapes). Prints a Markdown table of medians
+and ratios.
+
+    /usr/bin/python3 bench/compare.py            # full sizes (~10 min)
+    /usr/bin/python3 bench/compare.py --quick    # one small size
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BETA = 40.0  # sharp enough that retrieval converges on K = 10^6 random patterns
+
+
+def median_time(fn, repeats):
+    fn()
+    t = []
+    for _ in range(repeats):
+        a = time.perf_counter()
+        fn()
+        t.append(time.perf_counter() - a)
+    return float(np.median(t))
+
+
+def np_step(xi, x, beta):
+    s = xi @ x
+    w = np.exp(beta * (s - s.max()))
+    return (w @ xi) / w.sum()
+
+
+def np_step_batch(xi, q, beta):
+    s = q @ xi.T
+    s -= s.max(axis=1, keepdims=True)
+    w = np.exp(beta * s)
+    return (w @ xi) / w.sum(axis=1, keepdims=True)
+
+
+def np_retrieve(xi, x, beta, tol=1e-6, max_steps=100):
+    for step in range(1, max_steps + 1):
+        nxt = np_step(xi, x, beta)
+        done = np.abs(nxt - x).max() < tol
+        x = nxt
+        if done:
+            break
+    return x, step
+
+
+def np_retrieve_batch(xi, q, beta, tol=1e-6, max_steps=100):
+    x = q.copy()
+    active = np.arange(len(q))
+    for _ in range(max_steps):
+        nxt = np_step_batch(xi, x[active], beta)
+        done = np.abs(nxt - x[active]).max(axis=1) < tol
+        x[active] = nxt
+        active = active[~done]
+        if len(active) == 0:
+            break
+    return x
+
+
+def engram(tool, args):
+    out = subprocess.run([tool] + [str(a) for a in args], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def machine_line(tool):
+    cpu = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    bw = engram(tool, ["--bandwidth", "1", "--repeats", "5"])
+    return cpu, bw
+
+
+def fmt_ms(s):
+    return f"{s * 1e3:.3g}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tool", default=os.path.join(ROOT, "build", "bench", "engram_compare"))
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args()
+    import faiss  # python3-faiss
+
+    faiss.omp_set_num_threads(os.cpu_count())
+    if args.quick:
+        sizes = [(784, 10_000, 64)]
+        bipolar_sizes = [(784, 10_000)]
+        args.repeats = 3
+    else:
+        sizes = [(784, 1_000, 256), (784, 10_000, 256), (784, 100_000, 256), (784, 1_000_000, 0),
+                 (4096, 1_000, 256), (4096, 10_000, 256), (4096, 100_000, 0)]
+        bipolar_sizes = [(784, 10_000), (784, 100_000), (4096, 100_000)]
+    rng = np.random.default_rng(7)
+    cpu, bw = machine_line(args.tool)
+    read_bw = bw["read_bytes_per_s"]
+    print(f"machine: {cpu}, {os.cpu_count()} threads; Engram kernels {bw['simd']}, "
+          f"{bw['threads']} compute threads; numpy {np.__version__}, faiss {faiss.__version__}; "
+          f"read bandwidth {read_bw / 1e9:.1f} GB/s; {time.strftime('%Y-%m-%d')}")
+    rows, batch_rows, bip_rows = [], [], []
+    tmp = tempfile.mkdtemp(prefix="engram_compare_")
+    try:
+        for n, k, b in sizes:
+            xi = rng.standard_normal((k, n), dtype=np.float32)
+            xi /= np.linalg.norm(xi, axis=1, keepdims=True)
+            nq = max(b, 1)
+            q = xi[rng.integers(0, k, nq)] + rng.standard_normal((nq, n), dtype=np.float32) * (0.3 / np.sqrt(n))
+            q = q.astype(np.float32)
+            pf, qf = os.path.join(tmp, "xi.f32"), os.path.join(tmp, "q.f32")
+            xi.tofile(pf)
+            q.tofile(qf)
+            e = engram(args.tool, ["--patterns", pf, "--queries", qf, "--dim", n, "--batch", max(b, 1),
+                                   "--beta", BETA, "--repeats", args.repeats])
+            x = q[0]
+            t_np_step = median_time(lambda: np_step(xi, x, BETA), args.repeats)
+            t_np_ret = median_time(lambda: np_retrieve(xi, x, BETA), max(3, args.repeats // 2))
+            _, np_steps = np_retrieve(xi, x, BETA)
+            ip = faiss.IndexFlatIP(n)
+            ip.add(xi)
+            l2 = faiss.IndexFlatL2(n)
+            l2.add(xi)
+            t_ip = median_time(lambda: ip.search(x[None, :], 1), args.repeats)
+            t_l2 = median_time(lambda: l2.search(x[None, :], 1), args.repeats)
+            bytes_ = k * n * 4
+            rows.append((n, k, e["step_b1"], t_np_step, bytes_ / e["step_b1"] / read_bw,
+                         e["nearest_b1"], t_ip, t_l2, e["retrieve_b1"], t_np_ret,
+                         int(e["retrieve_b1_steps"]), np_steps, e["step_b1_bf16"]))
+            if b > 1:
+                qb = q[:b]
+                t_gemm = median_time(lambda: qb @ xi.T, args.repeats)
+                sgemm_rate = 2.0 * b * k * n / t_gemm
+                t_np_b = median_time(lambda: np_step_batch(xi, qb, BETA), args.repeats)
+                t_np_rb = median_time(lambda: np_retrieve_batch(xi, qb, BETA), 3)
+                flops = 4.0 * b * k * n
+                batch_rows.append((n, k, b, e["step_batch"], t_np_b, flops / e["step_batch"] / 1e9,
+                                   sgemm_rate / 1e9, flops / e["step_batch"] / sgemm_rate,
+                                   e["retrieve_batch"], t_np_rb))
+            del xi, q, ip, l2
+        for n, k in bipolar_sizes:
+            xi = np.where(rng.random((k, n)) < 0.5, -1.0, 1.0).astype(np.float32)
+            q = xi[:1].copy()
+            flip = rng.choice(n, n // 10, replace=False)
+            q[0, flip] *= -1
+            pf, qf = os.path.join(tmp, "xi.f32"), os.path.join(tmp, "q.f32")
+            xi.tofile(pf)
+            q.tofile(qf)
+            e = engram(args.tool, ["--patterns", pf, "--queries", qf, "--dim", n, "--bipolar", 1,
+                                   "--repeats", args.repeats])
+            bip_rows.append((n, k, e["bipolar_step_f32"], e["bipolar_step_bits"]))
+            del xi
+    finally:
+        for f in os.listdir(tmp):
+            os.remove(os.path.join(tmp, f))
+        os.rmdir(tmp)
+
+    print()
+    print("Single query (B = 1), lse, beta = 40; times are medians in ms; ratio > 1 means Engram is faster.")
+    print()
+    print("| N | K | Engram step | numpy step | ratio | % of read bw | Engram top-1 | FAISS IP top-1 | FAISS L2 top-1 | ratio vs IP | Engram retrieve | numpy retrieve | ratio | steps (E/np) | bf16 step | bf16 speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for (n, k, es, ns, frac, en, fip, fl2, er, nr, est, nst, e16) in rows:
+        print(f"| {n} | {k:,} | {fmt_ms(es)} | {fmt_ms(ns)} | {ns / es:.2f} | {100 * frac:.0f} % | "
+              f"{fmt_ms(en)} | {fmt_ms(fip)} | {fmt_ms(fl2)} | {fip / en:.2f} | {fmt_ms(er)} | {fmt_ms(nr)} | "
+              f"{nr / er:.2f} | {est}/{nst} | {fmt_ms(e16)} | {es / e16:.2f} |")
+    if batch_rows:
+        print()
+        print("Batched queries: one step for B queries (4·B·K·N flops) and retrieval of all B to convergence.")
+        print()
+        print("| N | K | B | Engram step | numpy step | ratio | Engram GFLOP/s | sgemm GFLOP/s | % of sgemm | Engram retrieve | numpy retrieve | ratio |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for (n, k, b, es, ns, gf, sg, frac, er, nr) in batch_rows:
+            print(f"| {n} | {k:,} | {b} | {fmt_ms(es)} | {fmt_ms(ns)} | {ns / es:.2f} | {gf:.0f} | {sg:.0f} | "
+                  f"{100 * frac:.0f} % | {fmt_ms(er)} | {fmt_ms(nr)} | {nr / er:.2f} |")
+    print()
+    print("Bipolar bank, one sync step (classical energy, Krotov-Hopfield drive), f32 against bit-packed.")
+    print()
+    print("| N | K | f32 step | bit-packed step | speed-up |")
+    print("|---|---|---|---|---|")
+    for (n, k, f, bts) in bip_rows:
+        print(f"| {n} | {k:,} | {fmt_ms(f)} | {fmt_ms(bts)} | {f / bts:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+// The Engram side of bench/compare.py: loads a bank and queries written by
+// the script (raw little-endian float32), times the core operations and
+// prints one JSON object of median seconds. Also measures the machine's
+// read bandwidth (a STREAM-like sum over an array far larger than L3).
+//
+//   engram_compare --patterns xi.f32 --queries q.f32 --dim 784 --batch 256 \
+//       --beta 0.05 --repeats 7
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "engram/core/bank.h"
+#include "engram/core/compute.h"
+#include "engram/core/dynamics.h"
+#include "engram/core/energy.h"
+
+namespace {
+
+using namespace engram;
+
+std::vector<float> ReadFloats(const std::string& path) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) {
+    std::fprintf(stderr, "cannot read %s\n", path.c_str());
+    std::exit(2);
+  }
+  const std::streamsize bytes = in.tellg();
+  in.seekg(0);
+  std::vector<float> v(bytes / 4);
+  in.read(reinterpret_cast<char*>(v.data()), bytes);
+  return v;
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+double TimeMedian(int repeats, const std::function<void()>& fn) {
+  fn();  // warm-up
+  std::vector<double> t;
+  for (int r = 0; r < repeats; ++r) {
+    const auto a = std::chrono::steady_clock::now();
+    fn();
+    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count());
+  }
+  return Median(t);
+}
+
+// Read bandwidth in bytes/s: every thread sums its share of a 1 GiB array.
+double ReadBandwidth(int repeats) {
+  const size_t n = size_t{1} << 28;  // 1 GiB of floats
+  std::vector<float> a(n, 1.0f);
+  const int threads = core::ComputeThreadsInUse();
+  std::vector<double> sums(threads);
+  auto pass = [&] {
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t) {
+      pool.emplace_back([&, t] {
+        const size_t b = n * t / threads, e = n * (t + 1) / threads;
+        float acc[16] = {};
+        for (size_t i = b; i + 16 <= e; i += 16) {
+          for (int j = 0; j < 16; ++j) acc[j] += a[i + j];
+        }
+        double s = 0;
+        for (float x : acc) s += x;
+        sums[t] = s;
+      });
+    }
+    for (auto& th : pool) th.join();
+  };
+  const double sec = TimeMedian(repeats, pass);
+  return n * 4.0 / sec;
+}
+
+std::string Arg(int argc, char** argv, const char* name, const char* fallback) {
+  for (int i = 1; i + 1 < argc; ++i) {
+    if (std::strcmp(argv[i], name) == 0) return argv[i + 1];
+  }
+  return fallback;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int repeats = std::atoi(Arg(argc, argv, "--repeats", "7").c_str());
+  if (Arg(argc, argv, "--bandwidth", "0") == "1") {
+    std::printf("{\"read_bytes_per_s\": %.6g, \"simd\": \"%s\", \"threads\": %d}\n",
+                ReadBandwidth(repeats), core::SimdLevelInUse().c_str(),
+                core::ComputeThreadsInUse());
+    return 0;
+  }
+  const int n = std::atoi(Arg(argc, argv, "--dim", "0").c_str());
+  const int b = std::atoi(Arg(argc, argv, "--batch", "1").c_str());
+  const double beta = std::atof(Arg(argc, argv, "--beta", "0.05").c_str());
+  const bool bipolar = Arg(argc, argv, "--bipolar", "0") == "1";
+  const std::vector<float> xi = ReadFloats(Arg(argc, argv, "--patterns", ""));
+  const std::vector<float> q = ReadFloats(Arg(argc, argv, "--queries", ""));
+  const int64_t k = static_cast<int64_t>(xi.size()) / n;
+  std::printf("{");
+  auto emit = [first = true](const char* name, double v) mutable {
+    std::printf("%s\"%s\": %.6g", first ? "" : ", ", name, v);
+    std::fflush(stdout);
+    first = false;
+  };
+  std::vector<float> out(int64_t{b} * n);
+  std::vector<double> energies(b);
+  if (bipolar) {
+    // One sync step on a bipolar bank (Krotov-Hopfield drive of the
+    // classical energy) at f32 and bit-packed precision.
+    core::EnergyConfig cfg{.family = core::EnergyFamily::kClassical};
+    for (auto precision : {core::Precision::kF32, core::Precision::kBitPacked}) {
+      core::Bank bank(core::BankSpec{"b", n, core::StateKind::kBipolar, cfg, precision});
+      bank.Append(xi, bank.AssignIds(k), {});
+      core::EnergyFunction energy(cfg, bank.view());
+      core::RetrieveOptions o;
+      o.max_steps = 1;
+      const double t = TimeMedian(repeats, [&] {
+        auto r = core::RunDynamics(energy, core::StateKind::kBipolar,
+                                   absl::MakeConstSpan(q.data(), n), {}, o);
+        if (!r.ok()) std::abort();
+      });
+      emit(precision == core::Precision::kF32 ? "bipolar_step_f32" : "bipolar_step_bits", t);
+    }
+    std::printf("}\n");
+    return 0;
+  }
+  core::EnergyConfig cfg{.family = core::EnergyFamily::kLse, .beta = beta};
+  core::Bank bank(core::BankSpec{"b", n, core::StateKind::kContinuous, cfg, core::Precision::kF32});
+  bank.Append(xi, bank.AssignIds(k), {});
+  core::EnergyFunction energy(cfg, bank.view());
+  emit("step_b1", TimeMedian(repeats, [&] { energy.UpdateTarget(q.data(), out.data()); }));
+  emit("nearest_b1", TimeMedian(repeats, [&] { bank.Nearest(q.data()); }));
+  core::RetrieveOptions o;
+  int steps = 0;
+  emit("retrieve_b1", TimeMedian(repeats, [&] {
+         auto r = core::RunDynamics(energy, core::StateKind::kContinuous,
+                                    absl::MakeConstSpan(q.data(), n), {}, o);
+         steps = r->steps;
+       }));
+  emit("retrieve_b1_steps", steps);
+  if (b > 1) {
+    emit("step_batch", TimeMedian(repeats, [&] {
+           energy.UpdateTargetBatch(q.data(), b, out.data(), energies.data());
+         }));
+    std::vector<core::BatchQuery> batch;
+    for (int i = 0; i < b; ++i) batch.push_back({absl::MakeConstSpan(q.data() + int64_t{i} * n, n), {}, &o});
+    emit("retrieve_batch", TimeMedian(std::max(3, repeats / 2), [&] {
+           auto r = core::RunSyncBatch(energy, core::StateKind::kContinuous, batch);
+           steps = 0;
+           for (auto& t : r) steps = std::max(steps, t->steps);
+         }));
+    emit("retrieve_batch_max_steps", steps);
+  }
+  // bf16 copy of the same bank.
+  {
+    core::Bank half(core::BankSpec{"h", n, core::StateKind::kContinuous, cfg, core::Precision::kBf16});
+    half.Append(xi, half.AssignIds(k), {});
+    core::EnergyFunction e16(cfg, half.view());
+    emit("step_b1_bf16", TimeMedian(repeats, [&] { e16.UpdateTarget(q.data(), out.data()); }));
+  }
+  std::printf("}\n");
+  return 0;
+}
