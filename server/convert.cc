@@ -224,7 +224,11 @@ void SummaryToProto(const core::BankSummary& s, v1::BankInfo* out) {
   out->set_dim(s.spec.dim);
   out->set_kind(KindToProto(s.spec.kind));
   *out->mutable_energy() = EnergyToProto(s.spec.energy);
-  out->set_precision(v1::PRECISION_F32);
+  switch (s.spec.precision) {
+    case core::Precision::kF32: out->set_precision(v1::PRECISION_F32); break;
+    case core::Precision::kBf16: out->set_precision(v1::PRECISION_BF16); break;
+    case core::Precision::kBitPacked: out->set_precision(v1::PRECISION_BIT_PACKED); break;
+  }
   out->set_patterns(s.patterns);
   out->set_bytes(s.bytes);
   out->set_load(s.load);

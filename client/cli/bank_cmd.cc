@@ -13,9 +13,13 @@ namespace {
 void PrintBank(const v1::BankInfo& b) {
   const std::string kind = b.kind() == v1::STATE_KIND_BIPOLAR ? "bipolar" : "continuous";
   std::cout << absl::StrFormat(
-      "%s: N=%d %s, energy %s, K=%d patterns, %d bytes, load K/N=%.4f\n"
+      "%s: N=%d %s%s, energy %s, K=%d patterns, %d bytes, load K/N=%.4f\n"
       "  capacity %s = %.6g patterns%s\n",
-      b.name(), b.dim(), kind, EnergyName(b.energy()), b.patterns(), b.bytes(), b.load(),
+      b.name(), b.dim(), kind,
+      b.precision() == v1::PRECISION_BF16         ? " bf16"
+      : b.precision() == v1::PRECISION_BIT_PACKED ? " bit_packed"
+                                                  : "",
+      EnergyName(b.energy()), b.patterns(), b.bytes(), b.load(),
       b.capacity().formula(), b.capacity().patterns(),
       b.capacity().over_capacity() ? "  ** OVER CAPACITY **" : "");
 }
@@ -50,7 +54,7 @@ absl::Status RunBank(const Args& args, Context& ctx) {
   if (verb == "create") {
     std::set<std::string> allowed = kGlobalOptions;
     allowed.insert(kEnergyOptions.begin(), kEnergyOptions.end());
-    allowed.insert({"dim", "kind"});
+    allowed.insert({"dim", "kind", "precision"});
     ENGRAM_RETURN_IF_ERROR(args.CheckKnown(allowed));
     v1::CreateBankRequest req;
     req.set_name(name);
@@ -61,6 +65,17 @@ absl::Status RunBank(const Args& args, Context& ctx) {
     req.set_dim(static_cast<uint32_t>(dim));
     ENGRAM_ASSIGN_OR_RETURN(v1::StateKind kind, ParseKind(args.Get("kind", "continuous")));
     req.set_kind(kind);
+    const std::string precision = args.Get("precision", "f32");
+    if (precision == "f32") {
+      req.set_precision(v1::PRECISION_F32);
+    } else if (precision == "bf16") {
+      req.set_precision(v1::PRECISION_BF16);
+    } else if (precision == "bit_packed") {
+      req.set_precision(v1::PRECISION_BIT_PACKED);
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--precision must be f32, bf16 or bit_packed, got '", precision, "'"));
+    }
     bool set = false;
     ENGRAM_RETURN_IF_ERROR(ParseEnergy(args, req.mutable_energy(), &set));
     ENGRAM_ASSIGN_OR_RETURN(v1::BankInfo info, ctx.client->CreateBank(req));

@@ -5,6 +5,7 @@
 #include <random>
 #include <regex>
 #include <thread>
+#include <tuple>
 
 #include <gmock/gmock.h>
 #include <grpcpp/grpcpp.h>
@@ -531,6 +532,56 @@ TEST_F(ServiceTest, MetricsCountCallsByMethodAndCode) {
       "grpc_server_handling_seconds_count{grpc_method=\"Store\","
       "grpc_service=\"engram.v1.MemoryService\",grpc_type=\"unary\"} 1"));
   EXPECT_THAT(text, HasSubstr("engram_bank_patterns{bank=\"m\"} 2"));
+}
+
+// Reduced-precision banks through the API: bf16 and bit-packed banks recall
+// the stored pattern; bit packing needs a bipolar bank.
+TEST_F(ServiceTest, Bf16AndBitPackedBanksRecallAndBitPackingNeedsBipolar) {
+  const int n = 64, k = 6;
+  std::mt19937_64 rng(12);
+  for (auto [name, precision, kind] :
+       {std::tuple{"half", v1::PRECISION_BF16, v1::STATE_KIND_CONTINUOUS},
+        std::tuple{"bits", v1::PRECISION_BIT_PACKED, v1::STATE_KIND_BIPOLAR}}) {
+    grpc::ClientContext ctx;
+    v1::CreateBankRequest req;
+    req.set_name(name);
+    req.set_dim(n);
+    req.set_kind(kind);
+    req.set_precision(precision);
+    req.mutable_energy()->set_family(kind == v1::STATE_KIND_BIPOLAR ? v1::ENERGY_FAMILY_POLYNOMIAL
+                                                                    : v1::ENERGY_FAMILY_LSE);
+    req.mutable_energy()->set_beta(20);
+    req.mutable_energy()->set_degree(3);
+    v1::BankInfo info;
+    ASSERT_TRUE(stub_->CreateBank(&ctx, req, &info).ok()) << name;
+    EXPECT_EQ(info.precision(), precision);
+    auto xi = kind == v1::STATE_KIND_BIPOLAR ? testing::RandomBipolar(k * n, rng)
+                                             : testing::RandomGaussian(k * n, rng, 0.125f);
+    ASSERT_TRUE(Store(name, xi).ok());
+    grpc::ClientContext rctx;
+    v1::RetrieveRequest r;
+    r.set_bank(name);
+    std::vector<float> q(xi.begin() + 2 * n, xi.begin() + 3 * n);
+    if (kind == v1::STATE_KIND_BIPOLAR) {
+      for (int i = 0; i < 8; ++i) q[i] = -q[i];
+    } else {
+      for (int i = 0; i < n; ++i) q[i] += 0.02f * ((i % 5) - 2);
+    }
+    r.mutable_queries()->Add(q.begin(), q.end());
+    v1::RetrieveResponse resp;
+    ASSERT_TRUE(stub_->Retrieve(&rctx, r, &resp).ok()) << name;
+    EXPECT_EQ(resp.results(0).nearest().id(), 3u) << name;  // ids start at 1
+  }
+  grpc::ClientContext ctx;
+  v1::CreateBankRequest bad;
+  bad.set_name("bad");
+  bad.set_dim(8);
+  bad.set_kind(v1::STATE_KIND_CONTINUOUS);
+  bad.set_precision(v1::PRECISION_BIT_PACKED);
+  v1::BankInfo info;
+  const grpc::Status st = stub_->CreateBank(&ctx, bad, &info);
+  EXPECT_EQ(st.error_code(), grpc::FAILED_PRECONDITION);
+  EXPECT_THAT(st.error_message(), HasSubstr("bipolar"));
 }
 
 // Concurrent sync Retrieve calls on one bank are merged by the dynamic
