@@ -89,6 +89,11 @@ def seeds(pb):
     s["sample_bipolar_query_clamp"] = [record("Sample", pb.SampleRequest(
         bank="bip", count=1, query=bip, clamp=[i % 2 == 0 for i in range(16)], sigma_start=2.0,
         schedule=pb.Schedule(steps=6)))]
+    # Three full batches of 16 bipolar patterns pass the 3 KiB memory budget.
+    s["store_until_memory_budget"] = [record("Store", pb.StoreRequest(
+        bank="bip", patterns=[1.0 if (i * 7 + j * 3 + b) % 5 < 2 else -1.0
+                              for i in range(16) for j in range(16)],
+        ids=[1000 * (b + 1) + i for i in range(16)])) for b in range(3)]
     s["backup"] = [record("Backup", pb.BackupRequest(file="snap.db")),
                    record("Backup", pb.BackupRequest(file="snap.db"))]
     return s

@@ -11,7 +11,7 @@
 //
 // Every input starts from the same state: an in-memory SQLite registry with
 // two banks ("bip": bipolar, N = 16, polynomial; "cont": continuous, N = 8,
-// LSE), six patterns each with ids 1..6, a 64 KiB memory budget and batches
+// LSE), six patterns each with ids 1..6, a 3 KiB memory budget and batches
 // of at most 16. Parameters whose cost grows without bound (dimension,
 // steps, sweeps) are capped when they lie inside the accepted range, so an
 // input runs in well under a millisecond; values outside the range are kept
@@ -56,7 +56,7 @@ constexpr uint32_t kStepCap = 64;
 constexpr uint32_t kScheduleCap = 24;
 constexpr uint32_t kInnerCap = 6;
 constexpr int64_t kMaxBatch = 16;
-constexpr uint64_t kMemoryBudget = 64 << 10;
+constexpr uint64_t kMemoryBudget = 3 << 10;
 
 enum Rpc : uint8_t {
   kCreateBank,
