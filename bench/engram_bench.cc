@@ -11,6 +11,7 @@
 
 #include "engram/core/dynamics.h"
 #include "engram/core/sampler.h"
+#include "kernels/kernels.h"
 #include "engram/v1/engram.grpc.pb.h"
 #include "server/server.h"
 
@@ -41,7 +42,65 @@ void BM_LseSyncStep(benchmark::State& state) {
   state.SetBytesProcessed(state.iterations() * int64_t{n} * k * 4);
 }
 BENCHMARK(BM_LseSyncStep)->Args({784, 10000})->Args({784, 1000})->Args({4096, 10000})
-    ->Unit(benchmark::kMicrosecond);
+    ->Unit(benchmark::kMicrosecond)->UseRealTime();
+
+// Every kernel at every SIMD level this CPU runs: one pass of `rows` rows of
+// dimension N (arg 0: level, arg 1: N, arg 2: rows). Bytes are those the
+// kernel reads from the rows.
+enum KernelOp { kDot, kAxpy, kDotBf16, kAxpyBf16, kDotBits, kAxpyBits };
+
+template <KernelOp op>
+void BM_Kernel(benchmark::State& state) {
+  const auto level = static_cast<core::kernels::SimdLevel>(state.range(0));
+  const core::kernels::KernelTable* k = core::kernels::KernelsFor(level);
+  if (k == nullptr) {
+    state.SkipWithError("SIMD level not supported by this CPU");
+    return;
+  }
+  const int n = state.range(1);
+  const int64_t rows = state.range(2);
+  std::mt19937_64 rng(1);
+  std::normal_distribution<float> g;
+  std::vector<float> f(rows * n), x(n), w(rows), out(std::max<int64_t>(rows, n));
+  for (auto& v : f) v = g(rng);
+  for (auto& v : x) v = g(rng);
+  for (auto& v : w) v = g(rng);
+  std::vector<uint16_t> h(f.size());
+  for (size_t i = 0; i < f.size(); ++i) h[i] = core::kernels::FloatToBf16(f[i]);
+  const int words = core::kernels::BitWords(n);
+  std::vector<uint64_t> bits(rows * words), xb(words);
+  for (auto& v : bits) v = rng();
+  for (auto& v : xb) v = rng();
+  int64_t bytes = 0;
+  for (auto _ : state) {
+    switch (op) {
+      case kDot: k->dot_rows(f.data(), rows, n, x.data(), out.data()); bytes = rows * n * 4; break;
+      case kAxpy: k->axpy_rows(f.data(), rows, n, w.data(), out.data()); bytes = rows * n * 4; break;
+      case kDotBf16: k->dot_rows_bf16(h.data(), rows, n, x.data(), out.data()); bytes = rows * n * 2; break;
+      case kAxpyBf16: k->axpy_rows_bf16(h.data(), rows, n, w.data(), out.data()); bytes = rows * n * 2; break;
+      case kDotBits: k->dot_rows_bits(bits.data(), rows, n, xb.data(), out.data()); bytes = rows * words * 8; break;
+      case kAxpyBits: k->axpy_rows_bits(bits.data(), rows, n, w.data(), out.data()); bytes = rows * words * 8; break;
+    }
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.SetBytesProcessed(state.iterations() * bytes);
+  state.SetLabel(core::kernels::SimdLevelName(level));
+}
+
+void KernelArgs(benchmark::internal::Benchmark* b) {
+  // 784 x 40 rows: one L2-resident block (what the fused pass hands a kernel);
+  // 784 x 20000: a stream from memory.
+  for (int level = 0; level <= 2; ++level) {
+    b->Args({level, 784, 40});
+    b->Args({level, 784, 20000});
+  }
+}
+BENCHMARK(BM_Kernel<kDot>)->Apply(KernelArgs)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Kernel<kAxpy>)->Apply(KernelArgs)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Kernel<kDotBf16>)->Apply(KernelArgs)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Kernel<kAxpyBf16>)->Apply(KernelArgs)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Kernel<kDotBits>)->Apply(KernelArgs)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Kernel<kAxpyBits>)->Apply(KernelArgs)->Unit(benchmark::kMicrosecond);
 
 // A whole Retrieve: lse sync from a noisy pattern to convergence + nearest.
 void BM_RetrieveInProcess(benchmark::State& state) {

@@ -198,6 +198,15 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
         }
       }
       if (acc == nullptr) continue;
+      // The weighted sum re-reads this block from L2; meanwhile ask for the
+      // next block so the memory system is not idle (one pass at stream rate).
+      if (b + count < end) {
+        const char* next = out.x_bipolar ? reinterpret_cast<const char*>(view.bits + (b + count) * kernels::BitWords(n))
+                           : use_bf16    ? reinterpret_cast<const char*>(view.bf16 + (b + count) * n)
+                                         : reinterpret_cast<const char*>(view.data + (b + count) * n);
+        const int64_t next_bytes = std::min(block, end - b - count) * row_bytes;
+        for (int64_t off = 0; off < next_bytes; off += 64) __builtin_prefetch(next + off, 0, 2);
+      }
       if (out.x_bipolar) {
         k.axpy_rows_bits(view.bits + b * kernels::BitWords(n), count, n, wf.data(), p.acc.data());
       } else if (use_bf16) {
