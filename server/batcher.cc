@@ -7,30 +7,29 @@ namespace engram::server {
 absl::Status RetrieveBatcher::Run(const std::string& key, Call* call, const Executor& execute) {
   std::vector<Call*> batch;
   {
-    absl::MutexLock lock(&mu_);
+    core::MutexLock lock(&mu_);
     Queue& q = queues_[key];
     q.pending.push_back(call);
     if (!q.leader_active) {
       q.leader_active = true;
       call->lead = true;
     }
+    changed_.SignalAll();  // a leader waiting for company counts again
     // Wait to be run by someone else's batch, or to lead one.
-    mu_.Await(absl::Condition(
-        +[](Call* c) { return c->done || c->lead; }, call));
+    while (!call->done && !call->lead) changed_.Wait(&mu_);
     if (call->done) return call->status;
     // Leader: give concurrent calls max_delay to join, unless the queue is
-    // already full.
+    // already full. The queue is looked up again after every wait: other
+    // keys inserted meanwhile can move it (flat_hash_map rehash).
     if (options_.max_delay > absl::ZeroDuration()) {
-      struct Full {
-        const Queue* q;
-        int64_t max;
-        bool operator()() const {
-          int64_t n = 0;
-          for (const Call* c : q->pending) n += c->queries;
-          return n >= max;
-        }
-      } full{&queues_[key], options_.max_batch};
-      mu_.AwaitWithTimeout(absl::Condition(&full, &Full::operator()), options_.max_delay);
+      auto full = [&] {
+        int64_t n = 0;
+        for (const Call* c : queues_[key].pending) n += c->queries;
+        return n >= options_.max_batch;
+      };
+      const absl::Time deadline = absl::Now() + options_.max_delay;
+      while (!full() && changed_.WaitWithDeadline(&mu_, deadline)) {
+      }
     }
     // Take the oldest calls, up to max_batch queries (at least our own).
     Queue& qq = queues_[key];
@@ -52,7 +51,7 @@ absl::Status RetrieveBatcher::Run(const std::string& key, Call* call, const Exec
     for (const Call* c : batch) queries += c->queries;
     observer_(queries, static_cast<int64_t>(batch.size()));
   }
-  absl::MutexLock lock(&mu_);
+  core::MutexLock lock(&mu_);
   for (Call* c : batch) c->done = true;
   Queue& q = queues_[key];
   if (q.pending.empty()) {
@@ -60,6 +59,7 @@ absl::Status RetrieveBatcher::Run(const std::string& key, Call* call, const Exec
   } else {
     q.pending.front()->lead = true;  // hand over to the oldest waiting call
   }
+  changed_.SignalAll();
   return call->status;
 }
 

@@ -27,9 +27,9 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
+#include "engram/core/mutex.h"
 
 namespace engram::server {
 
@@ -70,7 +70,11 @@ class RetrieveBatcher {
 
   Options options_;
   BatchObserver observer_;
-  absl::Mutex mu_;
+  // POSIX lock and condition variable (engram/core/mutex.h), visible to
+  // ThreadSanitizer. changed_ is signalled whenever a call is queued or a
+  // batch finishes; waiters re-check their own condition.
+  core::Mutex mu_;
+  core::CondVar changed_;
   absl::flat_hash_map<std::string, Queue> queues_ ABSL_GUARDED_BY(mu_);
 };
 

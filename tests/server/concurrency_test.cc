@@ -1,6 +1,7 @@
 // Store, Retrieve, Sample, GetPatterns and DeleteBank on the same bank from
 // many threads through a real server: no crash, only the documented codes,
-// and no reader ever sees part of a batch.
+// and no reader ever sees part of a batch. And the Retrieve batcher under
+// many threads and keys.
 #include <atomic>
 #include <filesystem>
 #include <random>
@@ -10,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include "engram/v1/engram.grpc.pb.h"
+#include "server/batcher.h"
 #include "server/server.h"
 
 namespace engram::server {
@@ -136,6 +138,46 @@ TEST(Concurrency, MixedTrafficOnOneBankSeesWholeBatchesOnly) {
   EXPECT_GT(reads.load(), 10);
   server->reset();
   std::filesystem::remove_all(dir);
+}
+
+// Many threads batching on many keys with a leader delay: every call runs
+// exactly once, in a batch of its own key, and gets its own status. Other
+// keys are inserted while a leader waits, which rehashes the queue map (a
+// leader that kept a pointer into it across the wait would read freed
+// memory under ASan).
+TEST(Concurrency, BatcherWithDelayRunsEveryCallOnceAcrossManyKeys) {
+  RetrieveBatcher batcher({.max_batch = 8, .max_delay = absl::Microseconds(300)});
+  constexpr int kThreads = 8, kCalls = 60, kKeys = 40;
+  std::atomic<int> wrong_key{0}, wrong_status{0};
+  std::vector<std::atomic<int>> runs(kThreads * kCalls);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(t);
+      for (int i = 0; i < kCalls; ++i) {
+        const int id = t * kCalls + i;
+        const std::string key = "k" + std::to_string(rng() % kKeys);
+        RetrieveBatcher::Call call;
+        call.queries = 1 + static_cast<int>(rng() % 3);
+        std::pair<int, std::string> mine{id, key};
+        call.payload = &mine;
+        absl::Status s = batcher.Run(key, &call, [&](absl::Span<RetrieveBatcher::Call* const> calls,
+                                                     auto&&...) {
+          for (RetrieveBatcher::Call* c : calls) {
+            auto* p = static_cast<std::pair<int, std::string>*>(c->payload);
+            if (p->second != key) ++wrong_key;
+            ++runs[p->first];
+            c->status = absl::InternalError(std::to_string(p->first));
+          }
+        });
+        if (s.message() != std::to_string(id)) ++wrong_status;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(wrong_key.load(), 0);
+  EXPECT_EQ(wrong_status.load(), 0);
+  for (int id = 0; id < kThreads * kCalls; ++id) EXPECT_EQ(runs[id].load(), 1) << "call " << id;
 }
 
 }  // namespace

@@ -1,13 +1,19 @@
 // SharedMutex: the reader/writer lock of Engram's own shared state (the bank
-// registry, the metrics caches), with Abseil's thread-safety annotations so
-// clang's -Wthread-safety still checks ABSL_GUARDED_BY.
+// registry, the metrics caches); Mutex + CondVar: a plain lock with a
+// condition variable (the Retrieve batcher). All carry Abseil's
+// thread-safety annotations so clang's -Wthread-safety still checks
+// ABSL_GUARDED_BY.
 //
 //   mutable SharedMutex mu_;
 //   int value_ ABSL_GUARDED_BY(mu_);
 //   { MutexLock lock(&mu_); value_ = 1; }          // exclusive
 //   { ReaderMutexLock lock(&mu_); return value_; }  // shared
 //
-// It wraps a POSIX rwlock rather than absl::Mutex so that ThreadSanitizer,
+//   Mutex m_; CondVar cv_;
+//   { MutexLock lock(&m_); while (!ready_) cv_.Wait(&m_); }
+//   { MutexLock lock(&m_); ready_ = true; cv_.SignalAll(); }
+//
+// They wrap POSIX locks rather than absl::Mutex so that ThreadSanitizer,
 // which intercepts pthread calls, sees every lock and unlock even though the
 // system's Abseil is not built with TSan (absl::Mutex there synchronises
 // invisibly and yields false race reports). Writers are preferred: a steady
@@ -22,6 +28,7 @@
 #include <cstdlib>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/time/time.h"
 
 namespace engram::core {
 
@@ -53,16 +60,71 @@ class ABSL_LOCKABLE SharedMutex {
   pthread_rwlock_t rw_;
 };
 
+class CondVar;
+
+class ABSL_LOCKABLE Mutex {
+ public:
+  Mutex() {
+    if (pthread_mutex_init(&mu_, nullptr) != 0) std::abort();
+  }
+  ~Mutex() { pthread_mutex_destroy(&mu_); }
+  Mutex(const Mutex&) = delete;
+  Mutex& operator=(const Mutex&) = delete;
+
+  void Lock() ABSL_EXCLUSIVE_LOCK_FUNCTION() {
+    if (pthread_mutex_lock(&mu_) != 0) std::abort();
+  }
+  void Unlock() ABSL_UNLOCK_FUNCTION() {
+    if (pthread_mutex_unlock(&mu_) != 0) std::abort();
+  }
+
+ private:
+  friend class CondVar;
+  pthread_mutex_t mu_;
+};
+
+class CondVar {
+ public:
+  CondVar() {
+    if (pthread_cond_init(&cv_, nullptr) != 0) std::abort();
+  }
+  ~CondVar() { pthread_cond_destroy(&cv_); }
+  CondVar(const CondVar&) = delete;
+  CondVar& operator=(const CondVar&) = delete;
+
+  // Releases `mu` (held by the caller), waits for a signal, takes `mu` again.
+  // May wake spuriously: wait in a loop on the condition.
+  void Wait(Mutex* mu) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    if (pthread_cond_wait(&cv_, &mu->mu_) != 0) std::abort();
+  }
+  // As Wait, until `deadline` at the latest; false once the deadline passed.
+  bool WaitWithDeadline(Mutex* mu, absl::Time deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    const timespec ts = absl::ToTimespec(deadline);
+    return pthread_cond_timedwait(&cv_, &mu->mu_, &ts) == 0;
+  }
+  void SignalAll() { pthread_cond_broadcast(&cv_); }
+
+ private:
+  pthread_cond_t cv_;
+};
+
 // Exclusive lock for a scope.
 class ABSL_SCOPED_LOCKABLE MutexLock {
  public:
-  explicit MutexLock(SharedMutex* mu) ABSL_EXCLUSIVE_LOCK_FUNCTION(mu) : mu_(mu) { mu_->Lock(); }
-  ~MutexLock() ABSL_UNLOCK_FUNCTION() { mu_->Unlock(); }
+  explicit MutexLock(SharedMutex* mu) ABSL_EXCLUSIVE_LOCK_FUNCTION(mu) : shared_(mu) {
+    shared_->Lock();
+  }
+  explicit MutexLock(Mutex* mu) ABSL_EXCLUSIVE_LOCK_FUNCTION(mu) : plain_(mu) { plain_->Lock(); }
+  ~MutexLock() ABSL_UNLOCK_FUNCTION() {
+    if (shared_ != nullptr) shared_->Unlock();
+    if (plain_ != nullptr) plain_->Unlock();
+  }
   MutexLock(const MutexLock&) = delete;
   MutexLock& operator=(const MutexLock&) = delete;
 
  private:
-  SharedMutex* const mu_;
+  SharedMutex* const shared_ = nullptr;
+  Mutex* const plain_ = nullptr;
 };
 
 // Shared lock for a scope.
