@@ -45,14 +45,29 @@ absl::Status RetrieveBatcher::Run(const std::string& key, Call* call, const Exec
       it = qq.pending.erase(it);
     }
   }
-  execute(batch);
   if (observer_) {
     int64_t queries = 0;
     for (const Call* c : batch) queries += c->queries;
     observer_(queries, static_cast<int64_t>(batch.size()));
   }
+  // Calls answered early leave `open`: their callers may return (and free
+  // the Call) at once, so nothing below touches them again.
+  std::vector<Call*> open = batch;
+  auto complete = [&](Call* c) {
+    core::MutexLock lock(&mu_);
+    for (Call*& o : open) {
+      if (o == c) o = nullptr;
+    }
+    if (c != call) {  // the leader itself returns after the batch
+      c->done = true;
+      changed_.SignalAll();
+    }
+  };
+  execute(batch, complete);
   core::MutexLock lock(&mu_);
-  for (Call* c : batch) c->done = true;
+  for (Call* c : open) {
+    if (c != nullptr) c->done = true;
+  }
   Queue& q = queues_[key];
   if (q.pending.empty()) {
     queues_.erase(key);  // no state kept for idle keys

@@ -49,7 +49,12 @@ class RetrieveBatcher {
     bool done = false;
     bool lead = false;
   };
-  using Executor = std::function<void(absl::Span<Call* const> calls)>;
+  // Runs `calls`; may call complete(c) (after setting c->status) as soon as
+  // call c is answered, which returns c's caller at once. After `complete`
+  // the executor must not touch c again; calls not completed are released
+  // when the executor returns.
+  using Executor = std::function<void(absl::Span<Call* const> calls,
+                                      const std::function<void(Call*)>& complete)>;
   // Observes the size (queries) of every executed batch.
   using BatchObserver = std::function<void(int64_t queries, int64_t calls)>;
 

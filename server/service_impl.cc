@@ -3,7 +3,9 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <functional>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "engram/core/energy.h"
@@ -305,12 +307,21 @@ std::string EnergyKey(const core::EnergyConfig& c) {
 
 // Runs the queries of `works` on `bank`: the sync dynamics of every query
 // of every call in one RunSyncBatch, other dynamics one query at a time.
-absl::Status RunRetrieveWorks(const core::Bank& bank, const core::EnergyConfig& cfg,
-                              absl::Span<RetrieveWork* const> works) {
+// `on_work_done(w, status)`, when set, is called as soon as all of w's
+// queries are final (a batch keeps running for the others); after it the
+// work is not touched again.
+absl::Status RunRetrieveWorks(
+    const core::Bank& bank, const core::EnergyConfig& cfg, absl::Span<RetrieveWork* const> works,
+    const std::function<void(RetrieveWork*, const absl::Status&)>& on_work_done = nullptr) {
   const int n = bank.dim();
   core::EnergyFunction energy(cfg, bank.view());
   std::vector<core::BatchQuery> batch;
-  for (RetrieveWork* w : works) {
+  std::vector<std::pair<RetrieveWork*, int64_t>> owner;  // slot -> (work, query)
+  std::vector<int64_t> remaining;
+  std::vector<absl::Status> status(works.size());
+  for (size_t wi = 0; wi < works.size(); ++wi) {
+    RetrieveWork* w = works[wi];
+    remaining.push_back(w->count);
     for (int64_t q = 0; q < w->count; ++q) {
       absl::Span<const bool> c;
       if (w->mask == n) c = absl::MakeConstSpan(w->clamp.get(), n);
@@ -318,30 +329,59 @@ absl::Status RunRetrieveWorks(const core::Bank& bank, const core::EnergyConfig& 
         c = absl::MakeConstSpan(w->clamp.get() + q * n, n);
       }
       batch.push_back({absl::MakeConstSpan(w->req->queries().data() + q * n, n), c, &w->opts});
+      owner.push_back({w, static_cast<int64_t>(wi)});
     }
+  }
+  if (works.front()->opts.dynamics == core::Dynamics::kSync) {
+    std::vector<int64_t> first(works.size(), 0);  // first slot of each work
+    for (size_t wi = 1; wi < works.size(); ++wi) first[wi] = first[wi - 1] + works[wi - 1]->count;
+    for (RetrieveWork* w : works) {
+      w->results.resize(w->count);
+      w->nearest.resize(w->count);
+      w->payloads.resize(w->count);
+    }
+    core::RunSyncBatch(energy, bank.spec().kind, batch,
+                       [&](size_t slot, absl::StatusOr<core::Trajectory>& r) {
+      const int64_t wi = owner[slot].second;
+      RetrieveWork* w = owner[slot].first;
+      const int64_t q = static_cast<int64_t>(slot) - first[wi];
+      if (!r.ok()) {
+        if (status[wi].ok()) status[wi] = r.status();
+      } else {
+        const core::NearestMemory m = bank.Nearest(r->state.data());
+        w->payloads[q] = m.row >= 0 ? bank.payload(m.row) : std::string();
+        w->nearest[q] = m;
+        w->results[q] = std::move(*r);
+      }
+      if (--remaining[wi] == 0 && on_work_done) on_work_done(w, status[wi]);
+    });
+    if (on_work_done) return absl::OkStatus();
+    for (const absl::Status& st : status) ENGRAM_RETURN_IF_ERROR(st);
+    return absl::OkStatus();
   }
   std::vector<absl::StatusOr<core::Trajectory>> results;
-  if (works.front()->opts.dynamics == core::Dynamics::kSync) {
-    results = core::RunSyncBatch(energy, bank.spec().kind, batch);
-  } else {
-    for (const core::BatchQuery& q : batch) {
-      results.push_back(core::RunDynamics(energy, bank.spec().kind, q.query, q.clamp, *q.options));
-      // Remaining queries are not started once the deadline has passed.
-      if (results.back().ok() && results.back()->stop_reason == core::StopReason::kDeadline) break;
-    }
+  for (const core::BatchQuery& q : batch) {
+    results.push_back(core::RunDynamics(energy, bank.spec().kind, q.query, q.clamp, *q.options));
+    // Remaining queries are not started once the deadline has passed.
+    if (results.back().ok() && results.back()->stop_reason == core::StopReason::kDeadline) break;
   }
   size_t at = 0;
+  absl::Status st;
   for (RetrieveWork* w : works) {
     for (int64_t q = 0; q < w->count && at < results.size(); ++q, ++at) {
-      ENGRAM_RETURN_IF_ERROR(results[at].status());
+      if (!results[at].ok()) {
+        st = results[at].status();
+        break;
+      }
       core::Trajectory t = std::move(*results[at]);
       const core::NearestMemory m = bank.Nearest(t.state.data());
       w->payloads.push_back(m.row >= 0 ? bank.payload(m.row) : std::string());
       w->nearest.push_back(m);
       w->results.push_back(std::move(t));
     }
+    if (on_work_done) on_work_done(w, st);
   }
-  return absl::OkStatus();
+  return st;
 }
 
 }  // namespace
@@ -400,18 +440,32 @@ grpc::Status MemoryServiceImpl::Retrieve(grpc::ServerContext* ctx,
       call.queries = work.count;
       call.payload = &work;
       const std::string key = absl::StrCat(req->bank(), "|", EnergyKey(cfg));
-      ENGRAM_RETURN_IF_ERROR(batcher_->Run(key, &call, [&](absl::Span<RetrieveBatcher::Call* const> calls) {
-        std::vector<RetrieveWork*> works;
-        for (RetrieveBatcher::Call* c : calls) works.push_back(static_cast<RetrieveWork*>(c->payload));
-        const absl::Status st = registry->WithBank(req->bank(), [&](const core::Bank& bank) {
-          if (bank.dim() != dim || bank.spec().kind != kind) {
-            return absl::AbortedError(absl::StrCat(
-                "bank '", req->bank(), "' was replaced while the call waited; retry"));
-          }
-          return RunRetrieveWorks(bank, cfg, works);
-        });
-        for (RetrieveBatcher::Call* c : calls) c->status = st;
-      }));
+      ENGRAM_RETURN_IF_ERROR(batcher_->Run(
+          key, &call,
+          [&](absl::Span<RetrieveBatcher::Call* const> calls,
+              const std::function<void(RetrieveBatcher::Call*)>& complete) {
+            std::vector<RetrieveWork*> works;
+            absl::flat_hash_map<RetrieveWork*, RetrieveBatcher::Call*> call_of;
+            for (RetrieveBatcher::Call* c : calls) {
+              works.push_back(static_cast<RetrieveWork*>(c->payload));
+              call_of[works.back()] = c;
+            }
+            // Each caller is answered as soon as its own queries are done.
+            const absl::Status st = registry->WithBank(req->bank(), [&](const core::Bank& bank) {
+              if (bank.dim() != dim || bank.spec().kind != kind) {
+                return absl::AbortedError(absl::StrCat(
+                    "bank '", req->bank(), "' was replaced while the call waited; retry"));
+              }
+              return RunRetrieveWorks(bank, cfg, works,
+                                      [&](RetrieveWork* w, const absl::Status& ws) {
+                                        RetrieveBatcher::Call* c = call_of[w];
+                                        c->status = ws;
+                                        call_of.erase(w);
+                                        complete(c);
+                                      });
+            });
+            for (auto& [w, c] : call_of) c->status = st.ok() ? absl::InternalError("not run") : st;
+          }));
     }
     core::Dynamics dynamics = work.opts.dynamics;
     for (size_t q = 0; q < work.results.size(); ++q) {

@@ -180,7 +180,7 @@ bool BipolarDriveBatch(const EnergyFunction& energy, const float* x, int64_t b, 
       cfg.family == EnergyFamily::kGeneral || p.rows == 0) {
     return false;
   }
-  if (p.bf16 != nullptr) {  // bf16 rows: per state, as unbatched (see UpdateTargetBatch)
+  if (p.bf16 != nullptr || b < internal::kBatchMinStates) {  // as UpdateTargetBatch
     for (int64_t q = 0; q < b; ++q) BipolarDrive(energy, x + q * n, drive + q * n);
     return true;
   }
@@ -536,9 +536,9 @@ absl::StatusOr<Trajectory> RunDynamics(const EnergyFunction& energy,
   return t;
 }
 
-std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(const EnergyFunction& energy,
-                                                     StateKind kind,
-                                                     absl::Span<const BatchQuery> queries) {
+std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(
+    const EnergyFunction& energy, StateKind kind, absl::Span<const BatchQuery> queries,
+    const std::function<void(size_t, absl::StatusOr<Trajectory>&)>& on_finished) {
   const int n = energy.dim();
   std::vector<absl::StatusOr<Trajectory>> out(queries.size());
   // Per query: its trajectory, state, recorder.
@@ -565,6 +565,7 @@ std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(const EnergyFunction& energ
     }
     if (!s.ok()) {
       out[i] = s;
+      if (on_finished) on_finished(i, out[i]);
       continue;
     }
     Live l;
@@ -595,6 +596,11 @@ std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(const EnergyFunction& energ
       if (!krotov_hopfield) energy.UpdateTargetBatch(xs.data(), b, targets.data(), energies.data());
     }
   };
+  auto finish = [&](Live& l) {
+    l.t.state = std::move(l.x);
+    out[l.slot] = std::move(l.t);
+    if (on_finished) on_finished(l.slot, out[l.slot]);
+  };
   std::vector<size_t> active(live.size());
   std::iota(active.begin(), active.end(), 0);
   if (!active.empty()) {
@@ -609,12 +615,12 @@ std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(const EnergyFunction& energ
       const RetrieveOptions& o = *queries[l.slot].options;
       const absl::Span<const float> query = queries[l.slot].query;
       const absl::Span<const bool> clamp = queries[l.slot].clamp;
-      if (l.t.steps >= o.max_steps) { l.t.stop_reason = StopReason::kMaxSteps; continue; }
-      if (StopRequested(o)) { l.t.stop_reason = StopReason::kDeadline; continue; }
+      if (l.t.steps >= o.max_steps) { l.t.stop_reason = StopReason::kMaxSteps; finish(l); continue; }
+      if (StopRequested(o)) { l.t.stop_reason = StopReason::kDeadline; finish(l); continue; }
       const float* target = targets.data() + j * n;
       bool finite = true;
       for (int i = 0; i < n && finite; ++i) finite = std::isfinite(target[i]);
-      if (!finite) { l.t.stop_reason = StopReason::kDiverged; continue; }
+      if (!finite) { l.t.stop_reason = StopReason::kDiverged; finish(l); continue; }
       double delta = 0.0;
       for (int i = 0; i < n; ++i) {
         float v;
@@ -641,6 +647,7 @@ std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(const EnergyFunction& energ
         Live& l = live[converged[j]];
         l.rec->Step(energies[j]);
         l.t.stop_reason = StopReason::kConverged;
+        finish(l);
       }
     }
     if (!stepping.empty()) {
@@ -648,10 +655,6 @@ std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(const EnergyFunction& energ
       for (size_t j = 0; j < stepping.size(); ++j) live[stepping[j]].rec->Step(energies[j]);
     }
     active = std::move(stepping);
-  }
-  for (Live& l : live) {
-    l.t.state = std::move(l.x);
-    out[l.slot] = std::move(l.t);
   }
   return out;
 }

@@ -389,8 +389,10 @@ void EnergyFunction::UpdateTargetBatch(const float* x, int64_t b, float* targets
   std::unique_ptr<internal::RowWeights> rule = internal::MakeRowWeights(config_);
   // A bf16 bank is evaluated one state at a time over its bf16 rows, so a
   // query's answer does not depend on whether it was batched.
-  if (patterns_.rows == 0 || rule == nullptr || sim == SimilarityKind::kNegL1 || b == 1 ||
-      patterns_.bf16 != nullptr) {
+  // Few states: one streaming pass each beats sgemm, whose packing of the
+  // pattern matrix costs more passes than it saves (kBatchMinStates).
+  if (patterns_.rows == 0 || rule == nullptr || sim == SimilarityKind::kNegL1 ||
+      b < internal::kBatchMinStates || patterns_.bf16 != nullptr) {
     for (int64_t q = 0; q < b; ++q) {
       const double e = targets != nullptr ? UpdateTarget(x + q * n, targets + q * n)
                                           : Value(x + q * n);

@@ -64,6 +64,9 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
 // the weights are computed per state as in FusedPass, and a second sgemm
 // adds W Xi to the accumulators. Tiles keep S within a few MB. `acc` is
 // b x view.dim (or null); `sums` has b entries. Always reads the f32 rows.
+// Batches smaller than this run as one FusedPass per state.
+inline constexpr int64_t kBatchMinStates = 8;
+
 void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const float* x,
                     int64_t b, const RowWeights& rule, float* acc, FusedSums* sums);
 

@@ -372,7 +372,7 @@ TEST(SyncBatch, EqualsSequentialRetrievalForEveryFamily) {
     Bank bank(BankSpec{"b", n, c.kind, c.config, c.precision});
     bank.Append(xi, bank.AssignIds(k), {});
     EnergyFunction energy(c.config, bank.view());
-    const int b = 7;
+    const int b = 12;  // above the sgemm threshold, falling below it as queries converge
     std::vector<std::vector<float>> qs;
     std::vector<RetrieveOptions> opts(b);
     std::vector<std::vector<bool>> clamps(b);

@@ -98,10 +98,12 @@ struct BatchQuery {
 // patterns instead of one pass over the bank per query; the trajectories
 // equal RunDynamics' to float tolerance. Returns one result per query, in
 // order: the trajectory, or the query's validation error (INVALID_ARGUMENT;
-// options.dynamics must be kSync).
-std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(const EnergyFunction& energy,
-                                                     StateKind kind,
-                                                     absl::Span<const BatchQuery> queries);
+// options.dynamics must be kSync). `on_finished`, when set, is called on the
+// calling thread as soon as a query's result is final (index, result), while
+// others may still run; the result may be moved from.
+std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(
+    const EnergyFunction& energy, StateKind kind, absl::Span<const BatchQuery> queries,
+    const std::function<void(size_t, absl::StatusOr<Trajectory>&)>& on_finished = nullptr);
 
 // Relative float tolerance used for the Lyapunov check.
 double EnergyTolerance(double e_before, double e_after);
