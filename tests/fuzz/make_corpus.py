@@ -49,6 +49,19 @@ def seeds(pb):
         record("Retrieve", pb.RetrieveRequest(bank="n", queries=[0.9, 0.1, 0, 0])),
         record("DeleteBank", pb.DeleteBankRequest(name="n")),
         record("ListBanks", pb.ListBanksRequest())]
+    for prec, kind, name in ((2, pb.STATE_KIND_CONTINUOUS, "bf16"),
+                             (3, pb.STATE_KIND_BIPOLAR, "bit_packed")):
+        n = 70  # more than one 64-bit word of bits, odd for SIMD tails
+        x = [1.0 if (i * 5 + 1) % 3 else -1.0 for i in range(3 * n)]
+        s["precision_%s_store_retrieve_energy" % name] = [
+            record("CreateBank", pb.CreateBankRequest(name=name.replace("_", "-"), dim=n, kind=kind,
+                                                      precision=prec)),
+            record("Store", pb.StoreRequest(bank=name.replace("_", "-"), patterns=x)),
+            record("Retrieve", pb.RetrieveRequest(bank=name.replace("_", "-"), queries=x[:n])),
+            record("Energy", pb.EnergyRequest(bank=name.replace("_", "-"), states=x[n:2 * n],
+                                              return_gradient=True)),
+            record("Sample", pb.SampleRequest(bank=name.replace("_", "-"), count=1,
+                                              schedule=pb.Schedule(steps=4)))]
     s["get_bank"] = [record("GetBank", pb.GetBankRequest(name="bip"))]
     s["list_banks"] = [record("ListBanks", pb.ListBanksRequest())]
     s["delete_bank_then_retrieve"] = [
