@@ -141,14 +141,18 @@ class KrotovHopfieldWeights : public internal::RowWeights {
   EnergyConfig cfg_;
 };
 
+// True when the energy has the Krotov-Hopfield form used below (a separation
+// of the dot-product overlap); the UHN and L1 energies fall back.
+bool HasKrotovHopfieldDrive(const EnergyConfig& cfg, const PatternView& p) {
+  return EffectiveSimilarity(cfg) != SimilarityKind::kNegL1 &&
+         cfg.family != EnergyFamily::kGeneral && p.rows > 0;
+}
+
 bool BipolarDrive(const EnergyFunction& energy, const float* x, float* drive) {
   const EnergyConfig& cfg = energy.config();
   const PatternView& p = energy.patterns();
   const int n = p.dim;
-  if (EffectiveSimilarity(cfg) == SimilarityKind::kNegL1 ||
-      cfg.family == EnergyFamily::kGeneral || p.rows == 0) {
-    return false;
-  }
+  if (!HasKrotovHopfieldDrive(cfg, p)) return false;
   if (cfg.family == EnergyFamily::kClassical ||
       cfg.family == EnergyFamily::kPolynomial) {
     KrotovHopfieldWeights rule(cfg);
@@ -176,10 +180,7 @@ bool BipolarDriveBatch(const EnergyFunction& energy, const float* x, int64_t b, 
   const EnergyConfig& cfg = energy.config();
   const PatternView& p = energy.patterns();
   const int n = p.dim;
-  if (EffectiveSimilarity(cfg) == SimilarityKind::kNegL1 ||
-      cfg.family == EnergyFamily::kGeneral || p.rows == 0) {
-    return false;
-  }
+  if (!HasKrotovHopfieldDrive(cfg, p)) return false;
   if (p.bf16 != nullptr || b < internal::kBatchMinStates) {  // as UpdateTargetBatch
     for (int64_t q = 0; q < b; ++q) BipolarDrive(energy, x + q * n, drive + q * n);
     return true;

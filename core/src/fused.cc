@@ -63,18 +63,85 @@ bool IsBipolar(const float* x, int n) {
   return true;
 }
 
-struct Partial {
-  double log_scale = -INFINITY;
-  double wsum = 0.0;
-  double hsum = 0.0;
-  double energy = 0.0;
-  std::vector<float> acc;
-};
-
 void ScaleInPlace(float* v, int n, double f) {
   const float ff = static_cast<float>(f);
   for (int i = 0; i < n; ++i) v[i] *= ff;
 }
+
+// One state's weights so far, relative to a running scale: in the log
+// domain the running max of the log-weights (online log-sum-exp), in the
+// linear domain the running max |w|, |h|.
+struct RunningSums {
+  double log_scale = -INFINITY;  // log domain
+  double scale = 0.0;            // linear domain
+  double wsum = 0.0;             // sum of weights / scale
+  double hsum = 0.0;             // sum of h / scale (linear domain)
+
+  // log of the common scale, as FusedSums::log_scale.
+  double LogScale(bool log_domain) const {
+    if (log_domain) return log_scale;
+    return scale > 0.0 ? std::log(scale) : -INFINITY;
+  }
+};
+
+// Folds a block's weights w (and h) into `r`: when the scale grows, the
+// sums and `acc` (n floats, may be null) are rescaled to it; `wf` receives
+// the block's weights divided by the scale. Returns false (wf all zero)
+// while every weight so far is zero.
+bool FoldBlock(bool log_domain, const double* w, const double* h, int64_t count, RunningSums* r,
+               float* acc, int n, float* wf) {
+  if (log_domain) {
+    double bm = -INFINITY;
+    for (int64_t i = 0; i < count; ++i) bm = std::max(bm, w[i]);
+    if (bm > r->log_scale) {
+      if (std::isfinite(r->log_scale)) {
+        const double f = std::exp(r->log_scale - bm);
+        r->wsum *= f;
+        if (acc != nullptr) ScaleInPlace(acc, n, f);
+      }
+      r->log_scale = bm;
+    }
+    if (!std::isfinite(r->log_scale)) {
+      std::fill(wf, wf + count, 0.f);
+      return false;
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      const double e = std::exp(w[i] - r->log_scale);
+      wf[i] = static_cast<float>(e);
+      r->wsum += e;
+    }
+    return true;
+  }
+  double bm = 0.0;
+  for (int64_t i = 0; i < count; ++i) bm = std::max({bm, std::fabs(w[i]), std::fabs(h[i])});
+  if (bm > r->scale) {
+    if (r->scale > 0.0) {
+      const double f = r->scale / bm;
+      r->wsum *= f;
+      r->hsum *= f;
+      if (acc != nullptr) ScaleInPlace(acc, n, f);
+    }
+    r->scale = bm;
+  }
+  if (r->scale == 0.0) {
+    std::fill(wf, wf + count, 0.f);
+    return false;
+  }
+  const double inv = 1.0 / r->scale;
+  for (int64_t i = 0; i < count; ++i) {
+    wf[i] = static_cast<float>(w[i] * inv);
+    r->wsum += w[i] * inv;
+    r->hsum += h[i] * inv;
+  }
+  return true;
+}
+
+// A thread's share of a FusedPass.
+struct Partial {
+  RunningSums sums;
+  double energy = 0.0;
+  std::vector<float> acc;
+};
 
 }  // namespace
 
@@ -140,7 +207,6 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
     if (acc != nullptr) p.acc.assign(n, 0.f);
     std::vector<float> sc(block), wf(block);
     std::vector<double> s(block), w(block), h(block);
-    double scale = 0.0;  // linear domain: running max |w|, |h|
     for (int64_t b = begin; b < end; b += block) {
       const int64_t count = std::min(block, end - b);
       if (out.x_bipolar) {
@@ -158,44 +224,9 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
         for (int64_t i = 0; i < count; ++i) s[i] = sc[i];
       }
       p.energy += rule.Block(s.data(), count, w.data(), h.data());
-      if (log_domain) {
-        double bm = -INFINITY;
-        for (int64_t i = 0; i < count; ++i) bm = std::max(bm, w[i]);
-        if (bm > p.log_scale) {
-          if (std::isfinite(p.log_scale)) {
-            const double f = std::exp(p.log_scale - bm);
-            p.wsum *= f;
-            if (acc != nullptr) ScaleInPlace(p.acc.data(), n, f);
-          }
-          p.log_scale = bm;
-        }
-        if (!std::isfinite(p.log_scale)) continue;
-        for (int64_t i = 0; i < count; ++i) {
-          const double e = std::exp(w[i] - p.log_scale);
-          wf[i] = static_cast<float>(e);
-          p.wsum += e;
-        }
-      } else {
-        double bm = 0.0;
-        for (int64_t i = 0; i < count; ++i) {
-          bm = std::max({bm, std::fabs(w[i]), std::fabs(h[i])});
-        }
-        if (bm > scale) {
-          if (scale > 0.0) {
-            const double f = scale / bm;
-            p.wsum *= f;
-            p.hsum *= f;
-            if (acc != nullptr) ScaleInPlace(p.acc.data(), n, f);
-          }
-          scale = bm;
-        }
-        if (scale == 0.0) continue;
-        const double inv = 1.0 / scale;
-        for (int64_t i = 0; i < count; ++i) {
-          wf[i] = static_cast<float>(w[i] * inv);
-          p.wsum += w[i] * inv;
-          p.hsum += h[i] * inv;
-        }
+      if (!FoldBlock(log_domain, w.data(), h.data(), count, &p.sums,
+                     acc != nullptr ? p.acc.data() : nullptr, n, wf.data())) {
+        continue;
       }
       if (acc == nullptr) continue;
       // The weighted sum re-reads this block from L2; meanwhile ask for the
@@ -215,23 +246,23 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
         k.axpy_rows(view.data + b * n, count, n, wf.data(), p.acc.data());
       }
     }
-    if (!log_domain) p.log_scale = scale > 0.0 ? std::log(scale) : -INFINITY;
   };
   int used = 1;
   ParallelRows(rows, row_bytes, run, &used);
 
   // Exact merge: rescale every partial to the largest scale.
   double top = -INFINITY;
-  for (int i = 0; i < used; ++i) top = std::max(top, partials[i].log_scale);
+  for (int i = 0; i < used; ++i) top = std::max(top, partials[i].sums.LogScale(log_domain));
   out.log_scale = top;
   if (acc != nullptr) std::fill(acc, acc + n, 0.f);
   for (int i = 0; i < used; ++i) {
     const Partial& p = partials[i];
     out.energy_terms += p.energy;
-    if (!std::isfinite(p.log_scale)) continue;
-    const double f = std::exp(p.log_scale - top);
-    out.wsum += f * p.wsum;
-    out.hsum += f * p.hsum;
+    const double log_scale = p.sums.LogScale(log_domain);
+    if (!std::isfinite(log_scale)) continue;
+    const double f = std::exp(log_scale - top);
+    out.wsum += f * p.sums.wsum;
+    out.hsum += f * p.sums.hsum;
     if (acc != nullptr) {
       const float ff = static_cast<float>(f);
       for (int j = 0; j < n; ++j) acc[j] += ff * p.acc[j];
@@ -253,7 +284,8 @@ void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const fl
   // Rows per tile: S and W tiles of b x tile floats stay near 16 MB.
   const int64_t tile = std::clamp<int64_t>((int64_t{4} << 20) / std::max<int64_t>(b, 1), 256, 65536);
   std::vector<float> st(b * std::min(tile, std::max<int64_t>(rows, 1)));
-  std::vector<double> sqx(b, 0.0), scale(b, 0.0);
+  std::vector<double> sqx(b, 0.0);
+  std::vector<RunningSums> running(b);
   for (int64_t q = 0; q < b; ++q) {
     sums[q] = FusedSums{};
     if (similarity == SimilarityKind::kNegHalfSqL2) {
@@ -271,53 +303,19 @@ void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const fl
     // Per state: weights in place of the scores (states split over threads).
     int used = 1;
     ParallelRows(b, count * 64, [&](int, int64_t q_begin, int64_t q_end) {
-    std::vector<double> s(count), w(count), h(count);
-    for (int64_t q = q_begin; q < q_end; ++q) {
-      float* srow = st.data() + q * count;  // becomes the weight row in place
-      FusedSums& p = sums[q];
-      float* a = acc != nullptr ? acc + q * n : nullptr;
-      for (int64_t i = 0; i < count; ++i) {
-        s[i] = similarity == SimilarityKind::kNegHalfSqL2
-                   ? double{srow[i]} - 0.5 * view.sq_norms[t0 + i] - 0.5 * sqx[q]
-                   : double{srow[i]};
-      }
-      p.energy_terms += rule.Block(s.data(), count, w.data(), h.data());
-      if (log_domain) {
-        double bm = -INFINITY;
-        for (int64_t i = 0; i < count; ++i) bm = std::max(bm, w[i]);
-        if (bm > p.log_scale) {
-          if (std::isfinite(p.log_scale)) {
-            const double f = std::exp(p.log_scale - bm);
-            p.wsum *= f;
-            if (a != nullptr) ScaleInPlace(a, n, f);
-          }
-          p.log_scale = bm;
-        }
+      std::vector<double> s(count), w(count), h(count);
+      for (int64_t q = q_begin; q < q_end; ++q) {
+        float* srow = st.data() + q * count;  // becomes the weight row in place
+        FusedSums& p = sums[q];
+        float* a = acc != nullptr ? acc + q * n : nullptr;
         for (int64_t i = 0; i < count; ++i) {
-          const double e = std::isfinite(p.log_scale) ? std::exp(w[i] - p.log_scale) : 0.0;
-          srow[i] = static_cast<float>(e);
-          p.wsum += e;
+          s[i] = similarity == SimilarityKind::kNegHalfSqL2
+                     ? double{srow[i]} - 0.5 * view.sq_norms[t0 + i] - 0.5 * sqx[q]
+                     : double{srow[i]};
         }
-      } else {
-        double bm = 0.0;
-        for (int64_t i = 0; i < count; ++i) bm = std::max({bm, std::fabs(w[i]), std::fabs(h[i])});
-        if (bm > scale[q]) {
-          if (scale[q] > 0.0) {
-            const double f = scale[q] / bm;
-            p.wsum *= f;
-            p.hsum *= f;
-            if (a != nullptr) ScaleInPlace(a, n, f);
-          }
-          scale[q] = bm;
-        }
-        const double inv = scale[q] > 0.0 ? 1.0 / scale[q] : 0.0;
-        for (int64_t i = 0; i < count; ++i) {
-          srow[i] = static_cast<float>(w[i] * inv);
-          p.wsum += w[i] * inv;
-          p.hsum += h[i] * inv;
-        }
+        p.energy_terms += rule.Block(s.data(), count, w.data(), h.data());
+        FoldBlock(log_domain, w.data(), h.data(), count, &running[q], a, n, srow);
       }
-    }
     }, &used);
     if (acc == nullptr) continue;
     // Acc (b x n) += W (b x count) * Xi_tile (count x n)
@@ -325,10 +323,10 @@ void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const fl
                 static_cast<int>(count), 1.f, st.data(), static_cast<int>(count), xi, n, 1.f,
                 acc, n);
   }
-  if (!log_domain) {
-    for (int64_t q = 0; q < b; ++q) {
-      sums[q].log_scale = scale[q] > 0.0 ? std::log(scale[q]) : -INFINITY;
-    }
+  for (int64_t q = 0; q < b; ++q) {
+    sums[q].log_scale = running[q].LogScale(log_domain);
+    sums[q].wsum = running[q].wsum;
+    sums[q].hsum = running[q].hsum;
   }
 }
 
