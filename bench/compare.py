@@ -168,7 +168,8 @@ def main():
             q.tofile(qf)
             e = engram(args.tool, ["--patterns", pf, "--queries", qf, "--dim", n, "--bipolar", 1,
                                    "--repeats", args.repeats])
-            bip_rows.append((n, k, e["bipolar_step_f32"], e["bipolar_step_bits"]))
+            bip_rows.append((n, k, e["bipolar_step_f32"], e["bipolar_step_bits"],
+                             e["bipolar_exp_step_f32"], e["bipolar_exp_step_bits"]))
             del xi
     finally:
         for f in os.listdir(tmp):
@@ -194,12 +195,15 @@ def main():
             print(f"| {n} | {k:,} | {b} | {fmt_ms(es)} | {fmt_ms(ns)} | {ns / es:.2f} | {gf:.0f} | {sg:.0f} | "
                   f"{100 * frac:.0f} % | {fmt_ms(er)} | {fmt_ms(nr)} | {nr / er:.2f} |")
     print()
-    print("Bipolar bank, one sync step (classical energy, Krotov-Hopfield drive), f32 against bit-packed.")
+    print("Bipolar bank, one sync step (Krotov-Hopfield drive), f32 against bit-packed, for the "
+          "classical energy and the exponential energy (beta = 0.1).")
     print()
-    print("| N | K | f32 step | bit-packed step | speed-up |")
-    print("|---|---|---|---|---|")
-    for (n, k, f, bts) in bip_rows:
-        print(f"| {n} | {k:,} | {fmt_ms(f)} | {fmt_ms(bts)} | {f / bts:.2f} |")
+    print("| N | K | classical f32 | classical bit-packed | speed-up | exponential f32 | "
+          "exponential bit-packed | speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (n, k, f, bts, fe, be) in bip_rows:
+        print(f"| {n} | {k:,} | {fmt_ms(f)} | {fmt_ms(bts)} | {f / bts:.2f} | {fmt_ms(fe)} | "
+              f"{fmt_ms(be)} | {fe / be:.2f} |")
     return 0
 
 

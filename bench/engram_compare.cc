@@ -142,21 +142,27 @@ int main(int argc, char** argv) {
   std::vector<float> out(int64_t{b} * n);
   std::vector<double> energies(b);
   if (bipolar) {
-    // One sync step on a bipolar bank (Krotov-Hopfield drive of the
-    // classical energy) at f32 and bit-packed precision.
-    core::EnergyConfig cfg{.family = core::EnergyFamily::kClassical};
-    for (auto precision : {core::Precision::kF32, core::Precision::kBitPacked}) {
-      core::Bank bank(core::BankSpec{"b", n, core::StateKind::kBipolar, cfg, precision});
-      bank.Append(xi, bank.AssignIds(k), {});
-      core::EnergyFunction energy(cfg, bank.view());
-      core::RetrieveOptions o;
-      o.max_steps = 1;
-      const double t = TimeMedian(repeats, [&] {
-        auto r = core::RunDynamics(energy, core::StateKind::kBipolar,
-                                   absl::MakeConstSpan(q.data(), n), {}, o);
-        if (!r.ok()) std::abort();
-      });
-      emit(precision == core::Precision::kF32 ? "bipolar_step_f32" : "bipolar_step_bits", t);
+    // One sync step on a bipolar bank (Krotov-Hopfield drive) at f32 and
+    // bit-packed precision, for the classical and the exponential energy.
+    for (auto family : {core::EnergyFamily::kClassical, core::EnergyFamily::kExponential}) {
+      core::EnergyConfig cfg{.family = family, .beta = 0.1};
+      for (auto precision : {core::Precision::kF32, core::Precision::kBitPacked}) {
+        core::Bank bank(core::BankSpec{"b", n, core::StateKind::kBipolar, cfg, precision});
+        bank.Append(xi, bank.AssignIds(k), {});
+        core::EnergyFunction energy(cfg, bank.view());
+        core::RetrieveOptions o;
+        o.max_steps = 1;
+        const double t = TimeMedian(repeats, [&] {
+          auto r = core::RunDynamics(energy, core::StateKind::kBipolar,
+                                     absl::MakeConstSpan(q.data(), n), {}, o);
+          if (!r.ok()) std::abort();
+        });
+        const bool exp = family == core::EnergyFamily::kExponential;
+        const bool f32 = precision == core::Precision::kF32;
+        emit(exp ? (f32 ? "bipolar_exp_step_f32" : "bipolar_exp_step_bits")
+                 : (f32 ? "bipolar_step_f32" : "bipolar_step_bits"),
+             t);
+      }
     }
     std::printf("}\n");
     return 0;

@@ -348,7 +348,7 @@ absl::Status RunRetrieveWorks(
       if (!r.ok()) {
         if (status[wi].ok()) status[wi] = r.status();
       } else {
-        const core::NearestMemory m = bank.Nearest(r->state.data());
+        const core::NearestMemory m = bank.NearestAt(r->nearest_row, r->state.data());
         w->payloads[q] = m.row >= 0 ? bank.payload(m.row) : std::string();
         w->nearest[q] = m;
         w->results[q] = std::move(*r);
@@ -374,7 +374,7 @@ absl::Status RunRetrieveWorks(
         break;
       }
       core::Trajectory t = std::move(*results[at]);
-      const core::NearestMemory m = bank.Nearest(t.state.data());
+      const core::NearestMemory m = bank.NearestAt(t.nearest_row, t.state.data());
       w->payloads.push_back(m.row >= 0 ? bank.payload(m.row) : std::string());
       w->nearest.push_back(m);
       w->results.push_back(std::move(t));

@@ -223,7 +223,6 @@ void Bank::RebuildIndex() {
 NearestMemory Bank::Nearest(const float* x) const {
   NearestMemory best;
   if (size() == 0) return best;
-  const int n = dim();
   // argmax of x.xi - |xi|^2/2 is the argmin of |x - xi|.
   std::vector<double> score(size());
   internal::FastSimilarities(view(), SimilarityKind::kNegHalfSqL2, x, score.data());
@@ -236,6 +235,14 @@ NearestMemory Bank::Nearest(const float* x) const {
   }
   // A non-finite state has no nearest memory.
   if (best.row < 0) return best;
+  return NearestAt(best.row, x);
+}
+
+NearestMemory Bank::NearestAt(int64_t row, const float* x) const {
+  if (row < 0 || row >= size()) return Nearest(x);
+  const int n = dim();
+  NearestMemory best;
+  best.row = row;
   // Exact distance of the winner, in double.
   const float* p = pattern(best.row);
   double d2 = 0.0, dot = 0.0;

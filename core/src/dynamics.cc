@@ -59,27 +59,41 @@ bool StopRequested(const RetrieveOptions& o) {
   return o.should_stop && o.should_stop();
 }
 
-bool BipolarDrive(const EnergyFunction& energy, const float* x, float* drive);
+bool BipolarDrive(const EnergyFunction& energy, const float* x, float* drive, double* e,
+                  int64_t* nearest_row);
+bool HasKrotovHopfieldDrive(const EnergyConfig& cfg, const PatternView& p);
 
 // x <- sep-weighted sum of patterns (sign for bipolar), clamped coordinates
-// held.
+// held. Every pass over the bank at a state x gives E(x), the update target
+// and the nearest memory of x; when the update would move x by less than
+// `tol` the dynamics stop at x without taking it, so the energy and nearest
+// memory reported are exactly those of the returned state and no pass is
+// spent on a state that differs from x by less than the tolerance. (Bipolar
+// states converge with no flip, so there the step is the identity anyway.)
 void RunSync(const EnergyFunction& energy, StateKind kind,
              absl::Span<const float> query, absl::Span<const bool> clamp,
              const RetrieveOptions& o, Trajectory* t) {
   const int n = energy.dim();
   EnergyRecorder rec(t, o.record_trace,
                      GuaranteesDescent(Dynamics::kSync, energy.config()));
-  std::vector<float> x(query.begin(), query.end()), target(n);
+  std::vector<float> x(query.begin(), query.end()), target(n), next(n);
   // Bipolar banks step on the Krotov-Hopfield drive; they need only the
   // energy (scores, no weighted sum) from the energy function.
   const bool krotov_hopfield = kind == StateKind::kBipolar &&
-                               BipolarDrive(energy, x.data(), target.data());
-  rec.Start(krotov_hopfield ? energy.Value(x.data())
-                            : energy.UpdateTarget(x.data(), target.data()));
+                               HasKrotovHopfieldDrive(energy.config(), energy.patterns());
+  // E(x), the target of x and x's nearest row.
+  auto evaluate = [&] {
+    if (!krotov_hopfield) return energy.UpdateTarget(x.data(), target.data(), &t->nearest_row);
+    double e;
+    BipolarDrive(energy, x.data(), target.data(), &e, &t->nearest_row);
+    // lse and gaussian energies on a bipolar bank take a pass of their own.
+    if (std::isnan(e)) e = energy.ValueAndNearest(x.data(), &t->nearest_row);
+    return e;
+  };
+  rec.Start(evaluate());
   while (true) {
     if (t->steps >= o.max_steps) { t->stop_reason = StopReason::kMaxSteps; break; }
     if (StopRequested(o)) { t->stop_reason = StopReason::kDeadline; break; }
-    if (krotov_hopfield && t->steps > 0) BipolarDrive(energy, x.data(), target.data());
     if (!AllFinite(target)) { t->stop_reason = StopReason::kDiverged; break; }
     double delta = 0.0;
     for (int i = 0; i < n; ++i) {
@@ -92,16 +106,12 @@ void RunSync(const EnergyFunction& energy, StateKind kind,
         v = target[i];
       }
       delta = std::max(delta, static_cast<double>(std::fabs(v - x[i])));
-      x[i] = v;
+      next[i] = v;
     }
+    if (delta < o.tol) { t->stop_reason = StopReason::kConverged; break; }
+    x.swap(next);
     ++t->steps;
-    if (delta < o.tol) {
-      rec.Step(energy.Value(x.data()));
-      t->stop_reason = StopReason::kConverged;
-      break;
-    }
-    rec.Step(krotov_hopfield ? energy.Value(x.data())
-                             : energy.UpdateTarget(x.data(), target.data()));
+    rec.Step(evaluate());
   }
   t->state = std::move(x);
 }
@@ -120,14 +130,18 @@ class KrotovHopfieldWeights : public internal::RowWeights {
  public:
   explicit KrotovHopfieldWeights(const EnergyConfig& cfg) : cfg_(cfg) {}
   internal::WeightDomain domain() const override { return internal::WeightDomain::kLinear; }
+  // Also returns the block's energy terms -sum F(d), E(x) of these families.
   double Block(const double* d, int64_t count, double* w, double* h) const override {
+    double e = 0.0;
     for (int64_t mu = 0; mu < count; ++mu) {
-      const double a = F(d[mu]) - F(d[mu] - 2);
-      const double b = F(d[mu] + 2) - F(d[mu]);
+      const double f = F(d[mu]);
+      const double a = f - F(d[mu] - 2);
+      const double b = F(d[mu] + 2) - f;
       w[mu] = 0.5 * (a + b);
       h[mu] = 0.5 * (a - b);
+      e -= f;
     }
-    return 0.0;
+    return e;
   }
 
  private:
@@ -148,58 +162,91 @@ bool HasKrotovHopfieldDrive(const EnergyConfig& cfg, const PatternView& p) {
          cfg.family != EnergyFamily::kGeneral && p.rows > 0;
 }
 
-bool BipolarDrive(const EnergyFunction& energy, const float* x, float* drive) {
+// E(x) from a drive pass over the dot-product overlaps d = Xi x, for the
+// families whose energy is a function of d alone (classical, polynomial:
+// -sum F(d); exponential: -exp(lse(beta d))); NaN for the others (lse and
+// gaussian add terms of |x|, so their energy takes its own pass).
+double DriveEnergy(const EnergyConfig& cfg, const internal::FusedSums& sums) {
+  switch (cfg.family) {
+    case EnergyFamily::kClassical:
+    case EnergyFamily::kPolynomial:
+      return sums.energy_terms;
+    case EnergyFamily::kExponential:
+      return -std::exp(sums.log_scale + std::log(sums.wsum));
+    default:
+      return std::numeric_limits<double>::quiet_NaN();
+  }
+}
+
+bool BipolarDrive(const EnergyFunction& energy, const float* x, float* drive, double* e,
+                  int64_t* nearest_row) {
   const EnergyConfig& cfg = energy.config();
   const PatternView& p = energy.patterns();
   const int n = p.dim;
   if (!HasKrotovHopfieldDrive(cfg, p)) return false;
+  const bool want_extras = e != nullptr;
+  internal::FusedSums sums;
+  float hs;
   if (cfg.family == EnergyFamily::kClassical ||
       cfg.family == EnergyFamily::kPolynomial) {
     KrotovHopfieldWeights rule(cfg);
-    const internal::FusedSums sums =
-        internal::FusedPass(p, SimilarityKind::kDot, x, rule, drive);
-    const float hs = static_cast<float>(sums.hsum);
-    for (int i = 0; i < n; ++i) drive[i] += hs * x[i];
-    return true;
+    sums = internal::FusedPass(p, SimilarityKind::kDot, x, rule, drive, want_extras);
+    hs = static_cast<float>(sums.hsum);
+  } else {
+    // exp(beta s) separation (exponential, lse, gaussian: for +-1 patterns
+    // the gaussian similarity is the dot product minus a constant): with
+    // w = exp(beta d), c = w (1 + e^{-2 beta}) / 2 and h = w (e^{-2 beta} - 1) / 2,
+    // so the drive is proportional to sum w xi + sigma (e2 - 1)/(e2 + 1) sum w.
+    internal::LogSoftmaxWeights rule(cfg.beta);
+    sums = internal::FusedPass(p, SimilarityKind::kDot, x, rule, drive, want_extras,
+                               want_extras ? *nearest_row : -1);
+    const double e2 = std::exp(-2.0 * cfg.beta);
+    hs = static_cast<float>(sums.wsum * (e2 - 1.0) / (e2 + 1.0));
   }
-  // exp(beta s) separation (exponential, lse, gaussian: for +-1 patterns the
-  // gaussian similarity is the dot product minus a constant): with
-  // w = exp(beta d), c = w (1 + e^{-2 beta}) / 2 and h = w (e^{-2 beta} - 1) / 2,
-  // so the drive is proportional to sum w xi + sigma (e2 - 1)/(e2 + 1) sum w.
-  internal::LogSoftmaxWeights rule(cfg.beta);
-  const internal::FusedSums sums = internal::FusedPass(p, SimilarityKind::kDot, x, rule, drive);
-  const double e2 = std::exp(-2.0 * cfg.beta);
-  const float hs = static_cast<float>(sums.wsum * (e2 - 1.0) / (e2 + 1.0));
   for (int i = 0; i < n; ++i) drive[i] += hs * x[i];
+  if (want_extras) {
+    *e = DriveEnergy(cfg, sums);
+    *nearest_row = sums.nearest_row;
+  }
   return true;
 }
 
 // BipolarDrive for b states at once (x and drive are b x dim): the
-// overlaps and the weighted sums are matrix-matrix products.
-bool BipolarDriveBatch(const EnergyFunction& energy, const float* x, int64_t b, float* drive) {
+// overlaps and the weighted sums are matrix-matrix products. With `energies`
+// (b slots) also the energies and nearest rows, as BipolarDrive.
+bool BipolarDriveBatch(const EnergyFunction& energy, const float* x, int64_t b, float* drive,
+                       double* energies = nullptr, int64_t* nearest_rows = nullptr) {
   const EnergyConfig& cfg = energy.config();
   const PatternView& p = energy.patterns();
   const int n = p.dim;
   if (!HasKrotovHopfieldDrive(cfg, p)) return false;
   if (p.bf16 != nullptr || b < internal::kBatchMinStates) {  // as UpdateTargetBatch
-    for (int64_t q = 0; q < b; ++q) BipolarDrive(energy, x + q * n, drive + q * n);
+    for (int64_t q = 0; q < b; ++q) {
+      BipolarDrive(energy, x + q * n, drive + q * n, energies ? energies + q : nullptr,
+                   nearest_rows ? nearest_rows + q : nullptr);
+    }
     return true;
   }
   std::vector<internal::FusedSums> sums(b);
   const bool polynomial = cfg.family == EnergyFamily::kClassical ||
                           cfg.family == EnergyFamily::kPolynomial;
+  const bool extras = energies != nullptr;
   if (polynomial) {
     KrotovHopfieldWeights rule(cfg);
-    internal::FusedPassBatch(p, SimilarityKind::kDot, x, b, rule, drive, sums.data());
+    internal::FusedPassBatch(p, SimilarityKind::kDot, x, b, rule, drive, sums.data(), extras);
   } else {
     internal::LogSoftmaxWeights rule(cfg.beta);
-    internal::FusedPassBatch(p, SimilarityKind::kDot, x, b, rule, drive, sums.data());
+    internal::FusedPassBatch(p, SimilarityKind::kDot, x, b, rule, drive, sums.data(), extras);
   }
   const double e2 = std::exp(-2.0 * cfg.beta);
   for (int64_t q = 0; q < b; ++q) {
     const float hs = static_cast<float>(
         polynomial ? sums[q].hsum : sums[q].wsum * (e2 - 1.0) / (e2 + 1.0));
     for (int i = 0; i < n; ++i) drive[q * n + i] += hs * x[q * n + i];
+    if (extras) {
+      energies[q] = DriveEnergy(cfg, sums[q]);
+      nearest_rows[q] = sums[q].nearest_row;
+    }
   }
   return true;
 }
@@ -582,20 +629,28 @@ std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(
   // Gathers the states of `ids` into X, computes energies and targets.
   std::vector<float> xs, targets;
   std::vector<double> energies;
-  bool krotov_hopfield = kind == StateKind::kBipolar;
-  auto evaluate = [&](const std::vector<size_t>& ids, bool with_targets) {
+  std::vector<int64_t> nearest;
+  const bool krotov_hopfield = kind == StateKind::kBipolar &&
+                               HasKrotovHopfieldDrive(energy.config(), energy.patterns());
+  // As RunSync: energies, targets and nearest rows of the states of `ids`.
+  auto evaluate = [&](const std::vector<size_t>& ids) {
     const int64_t b = static_cast<int64_t>(ids.size());
     xs.resize(b * n);
     for (int64_t j = 0; j < b; ++j) std::copy(live[ids[j]].x.begin(), live[ids[j]].x.end(), xs.begin() + j * n);
     energies.resize(b);
     targets.resize(b * n);
-    const bool need_update_target = with_targets && !krotov_hopfield;
-    energy.UpdateTargetBatch(xs.data(), b, need_update_target ? targets.data() : nullptr,
-                             energies.data());
-    if (with_targets && krotov_hopfield) {
-      krotov_hopfield = BipolarDriveBatch(energy, xs.data(), b, targets.data());
-      if (!krotov_hopfield) energy.UpdateTargetBatch(xs.data(), b, targets.data(), energies.data());
+    nearest.resize(b);  // hints: each state's previous nearest row
+    for (int64_t j = 0; j < b; ++j) nearest[j] = live[ids[j]].t.nearest_row;
+    if (krotov_hopfield) {
+      BipolarDriveBatch(energy, xs.data(), b, targets.data(), energies.data(), nearest.data());
+      // lse and gaussian energies on a bipolar bank take a pass of their own.
+      if (std::isnan(energies[0])) {
+        energy.UpdateTargetBatch(xs.data(), b, nullptr, energies.data(), nearest.data());
+      }
+    } else {
+      energy.UpdateTargetBatch(xs.data(), b, targets.data(), energies.data(), nearest.data());
     }
+    for (int64_t j = 0; j < b; ++j) live[ids[j]].t.nearest_row = nearest[j];
   };
   auto finish = [&](Live& l) {
     l.t.state = std::move(l.x);
@@ -605,12 +660,12 @@ std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(
   std::vector<size_t> active(live.size());
   std::iota(active.begin(), active.end(), 0);
   if (!active.empty()) {
-    evaluate(active, true);
+    evaluate(active);
     for (size_t j = 0; j < active.size(); ++j) live[active[j]].rec->Start(energies[j]);
   }
+  std::vector<float> next(n);
   while (!active.empty()) {
-    std::vector<size_t> stepping, converged;
-    std::vector<float> stepping_targets;
+    std::vector<size_t> stepping;
     for (size_t j = 0; j < active.size(); ++j) {
       Live& l = live[active[j]];
       const RetrieveOptions& o = *queries[l.slot].options;
@@ -633,26 +688,16 @@ std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(
           v = target[i];
         }
         delta = std::max(delta, static_cast<double>(std::fabs(v - l.x[i])));
-        l.x[i] = v;
+        next[i] = v;
       }
+      if (delta < o.tol) { l.t.stop_reason = StopReason::kConverged; finish(l); continue; }
+      l.x.swap(next);
+      next.resize(n);
       ++l.t.steps;
-      if (delta < o.tol) {
-        converged.push_back(active[j]);
-      } else {
-        stepping.push_back(active[j]);
-      }
-    }
-    if (!converged.empty()) {
-      evaluate(converged, false);
-      for (size_t j = 0; j < converged.size(); ++j) {
-        Live& l = live[converged[j]];
-        l.rec->Step(energies[j]);
-        l.t.stop_reason = StopReason::kConverged;
-        finish(l);
-      }
+      stepping.push_back(active[j]);
     }
     if (!stepping.empty()) {
-      evaluate(stepping, true);
+      evaluate(stepping);
       for (size_t j = 0; j < stepping.size(); ++j) live[stepping[j]].rec->Step(energies[j]);
     }
     active = std::move(stepping);

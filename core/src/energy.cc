@@ -319,13 +319,15 @@ double EnergyFunction::ReferenceUpdateTarget(const float* x, float* target) cons
 }
 
 bool EnergyFunction::FusedEvaluate(const float* x, float* target, float* grad,
-                                   double* energy) const {
+                                   double* energy, int64_t* nearest_row) const {
   if (patterns_.rows == 0) return false;
   const SimilarityKind sim = EffectiveSimilarity(config_);
   std::unique_ptr<internal::RowWeights> rule = internal::MakeRowWeights(config_);
   if (rule == nullptr || sim == SimilarityKind::kNegL1) return false;
   const internal::FusedSums sums =
-      internal::FusedPass(patterns_, sim, x, *rule, target != nullptr ? target : grad);
+      internal::FusedPass(patterns_, sim, x, *rule, target != nullptr ? target : grad,
+                          nearest_row != nullptr, nearest_row != nullptr ? *nearest_row : -1);
+  if (nearest_row != nullptr) *nearest_row = sums.nearest_row;
   FinishFused(sums, rule->domain() == internal::WeightDomain::kLog, x, target, grad, energy);
   return true;
 }
@@ -383,7 +385,7 @@ void EnergyFunction::FinishFused(const internal::FusedSums& sums, bool log_domai
 }
 
 void EnergyFunction::UpdateTargetBatch(const float* x, int64_t b, float* targets,
-                                       double* energies) const {
+                                       double* energies, int64_t* nearest_rows) const {
   const int n = patterns_.dim;
   const SimilarityKind sim = EffectiveSimilarity(config_);
   std::unique_ptr<internal::RowWeights> rule = internal::MakeRowWeights(config_);
@@ -394,16 +396,24 @@ void EnergyFunction::UpdateTargetBatch(const float* x, int64_t b, float* targets
   if (patterns_.rows == 0 || rule == nullptr || sim == SimilarityKind::kNegL1 ||
       b < internal::kBatchMinStates || patterns_.bf16 != nullptr) {
     for (int64_t q = 0; q < b; ++q) {
-      const double e = targets != nullptr ? UpdateTarget(x + q * n, targets + q * n)
-                                          : Value(x + q * n);
-      energies[q] = e;
+      double e;
+      if (FusedEvaluate(x + q * n, targets != nullptr ? targets + q * n : nullptr, nullptr, &e,
+                        nearest_rows != nullptr ? nearest_rows + q : nullptr)) {
+        energies[q] = e;
+      } else {
+        if (nearest_rows != nullptr) nearest_rows[q] = -1;
+        energies[q] = targets != nullptr ? ReferenceUpdateTarget(x + q * n, targets + q * n)
+                                         : ReferenceValue(x + q * n);
+      }
     }
     return;
   }
   std::vector<internal::FusedSums> sums(b);
-  internal::FusedPassBatch(patterns_, sim, x, b, *rule, targets, sums.data());
+  internal::FusedPassBatch(patterns_, sim, x, b, *rule, targets, sums.data(),
+                           nearest_rows != nullptr);
   const bool log_domain = rule->domain() == internal::WeightDomain::kLog;
   for (int64_t q = 0; q < b; ++q) {
+    if (nearest_rows != nullptr) nearest_rows[q] = sums[q].nearest_row;
     FinishFused(sums[q], log_domain, x + q * n, targets != nullptr ? targets + q * n : nullptr,
                 nullptr, &energies[q]);
   }
@@ -412,6 +422,13 @@ void EnergyFunction::UpdateTargetBatch(const float* x, int64_t b, float* targets
 double EnergyFunction::Value(const float* x) const {
   double e;
   if (FusedEvaluate(x, nullptr, nullptr, &e)) return e;
+  return ReferenceValue(x);
+}
+
+double EnergyFunction::ValueAndNearest(const float* x, int64_t* nearest_row) const {
+  double e;
+  if (FusedEvaluate(x, nullptr, nullptr, &e, nearest_row)) return e;
+  *nearest_row = -1;
   return ReferenceValue(x);
 }
 
@@ -424,6 +441,13 @@ double EnergyFunction::ValueAndGradient(const float* x, float* grad) const {
 double EnergyFunction::UpdateTarget(const float* x, float* target) const {
   double e;
   if (FusedEvaluate(x, target, nullptr, &e)) return e;
+  return ReferenceUpdateTarget(x, target);
+}
+
+double EnergyFunction::UpdateTarget(const float* x, float* target, int64_t* nearest_row) const {
+  double e;
+  if (FusedEvaluate(x, target, nullptr, &e, nearest_row)) return e;
+  *nearest_row = -1;
   return ReferenceUpdateTarget(x, target);
 }
 

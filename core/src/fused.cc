@@ -105,8 +105,15 @@ bool FoldBlock(bool log_domain, const double* w, const double* h, int64_t count,
       std::fill(wf, wf + count, 0.f);
       return false;
     }
+    // Terms below e^-50 of the running scale cannot change wsum (>= 1 at
+    // the end of every block) even summed over 10^9 rows: skip their exp.
     for (int64_t i = 0; i < count; ++i) {
-      const double e = std::exp(w[i] - r->log_scale);
+      const double d = w[i] - r->log_scale;
+      if (d < -50.0) {
+        wf[i] = 0.f;
+        continue;
+      }
+      const double e = std::exp(d);
       wf[i] = static_cast<float>(e);
       r->wsum += e;
     }
@@ -140,6 +147,8 @@ bool FoldBlock(bool log_domain, const double* w, const double* h, int64_t count,
 struct Partial {
   RunningSums sums;
   double energy = 0.0;
+  int64_t nearest_row = -1;
+  double nearest_key = -INFINITY;
   std::vector<float> acc;
 };
 
@@ -176,7 +185,7 @@ void ParallelRows(int64_t rows, int64_t cost_per_row,
 }
 
 FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const float* x,
-                    const RowWeights& rule, float* acc) {
+                    const RowWeights& rule, float* acc, bool track_nearest, int64_t hint_row) {
   const kernels::KernelTable& k = kernels::Kernels();
   const int n = view.dim;
   const int64_t rows = view.rows;
@@ -195,11 +204,47 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
   const int64_t row_bytes = out.x_bipolar ? kernels::BitWords(n) * 8
                             : use_bf16    ? int64_t{n} * 2
                                           : int64_t{n} * 4;
+  // Nearest-pattern keys use exactly Bank::Nearest's expression, so both
+  // pick the same row; bf16 scores are not exact, so not there.
+  const bool nearest = track_nearest && !use_bf16;
   double sqx = 0.0;
-  if (similarity == SimilarityKind::kNegHalfSqL2) {
+  if (similarity == SimilarityKind::kNegHalfSqL2 || nearest) {
     for (int i = 0; i < n; ++i) sqx += double{x[i]} * x[i];
   }
   const int64_t block = std::clamp<int64_t>(kBlockBytes / std::max<int64_t>(row_bytes, 1), 8, 1024);
+  // Weights (relative to the running scale, which only grows) below this
+  // are left out of the weighted sum; see kNegligibleWeightMass.
+  const double negligible_mass = kNegligibleWeightMass / static_cast<double>(std::max<int64_t>(rows, 1));
+  const float negligible = static_cast<float>(negligible_mass);
+  const double log_negligible = std::log(negligible_mass);
+  auto score_rows = [&](int64_t b, int64_t count, float* sc) {
+    if (out.x_bipolar) {
+      k.dot_rows_bits(view.bits + b * kernels::BitWords(n), count, n, xbits.data(), sc);
+    } else if (use_bf16) {
+      k.dot_rows_bf16(view.bf16 + b * n, count, n, x, sc);
+    } else {
+      k.dot_rows(view.data + b * n, count, n, x, sc);
+    }
+  };
+  auto similarity_of = [&](float sc, int64_t row) {
+    return similarity == SimilarityKind::kNegHalfSqL2
+               ? double{sc} - 0.5 * view.sq_norms[row] - 0.5 * sqx
+               : double{sc};
+  };
+  // Log domain: a lower bound on the largest log-weight of the whole pass,
+  // shared by the threads (each raises it to its running max) and seeded
+  // with the hint row's log-weight. Rows more than log(negligible) below
+  // it are negligible against the final scale too, long before a thread's
+  // own running max reaches the winner.
+  std::atomic<double> floor{-INFINITY};
+  if (log_domain && hint_row >= 0 && hint_row < rows) {
+    float sc1;
+    score_rows(hint_row, 1, &sc1);
+    const double s1 = similarity_of(sc1, hint_row);
+    double w1 = -INFINITY, h1 = 0.0;
+    rule.Block(&s1, 1, &w1, &h1);
+    if (!std::isnan(w1)) floor.store(w1, std::memory_order_relaxed);
+  }
 
   std::vector<Partial> partials(std::min<int64_t>(4 * ComputeThreads(), std::max<int64_t>(rows, 1)));
   auto run = [&](int part, int64_t begin, int64_t end) {
@@ -207,21 +252,19 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
     if (acc != nullptr) p.acc.assign(n, 0.f);
     std::vector<float> sc(block), wf(block);
     std::vector<double> s(block), w(block), h(block);
+    std::vector<std::pair<int64_t, int64_t>> runs;  // [first, last) rows to add
     for (int64_t b = begin; b < end; b += block) {
       const int64_t count = std::min(block, end - b);
-      if (out.x_bipolar) {
-        k.dot_rows_bits(view.bits + b * kernels::BitWords(n), count, n, xbits.data(), sc.data());
-      } else if (use_bf16) {
-        k.dot_rows_bf16(view.bf16 + b * n, count, n, x, sc.data());
-      } else {
-        k.dot_rows(view.data + b * n, count, n, x, sc.data());
-      }
-      if (similarity == SimilarityKind::kNegHalfSqL2) {
+      score_rows(b, count, sc.data());
+      for (int64_t i = 0; i < count; ++i) s[i] = similarity_of(sc[i], b + i);
+      if (nearest) {
         for (int64_t i = 0; i < count; ++i) {
-          s[i] = double{sc[i]} - 0.5 * view.sq_norms[b + i] - 0.5 * sqx;
+          const double key = double{sc[i]} - 0.5 * view.sq_norms[b + i] - 0.5 * sqx;
+          if (key > p.nearest_key) {
+            p.nearest_key = key;
+            p.nearest_row = b + i;
+          }
         }
-      } else {
-        for (int64_t i = 0; i < count; ++i) s[i] = sc[i];
       }
       p.energy += rule.Block(s.data(), count, w.data(), h.data());
       if (!FoldBlock(log_domain, w.data(), h.data(), count, &p.sums,
@@ -229,6 +272,29 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
         continue;
       }
       if (acc == nullptr) continue;
+      if (log_domain) {
+        // Publish this thread's running max; cut at the best bound known.
+        double f = floor.load(std::memory_order_relaxed);
+        while (p.sums.log_scale > f &&
+               !floor.compare_exchange_weak(f, p.sums.log_scale, std::memory_order_relaxed)) {
+        }
+        const double cut = std::max(f, p.sums.log_scale) + log_negligible;
+        for (int64_t i = 0; i < count; ++i) {
+          if (w[i] < cut) wf[i] = 0.f;
+        }
+      }
+      runs.clear();
+      for (int64_t i = 0; i < count;) {
+        if (!(std::fabs(wf[i]) >= negligible)) {
+          ++i;
+          continue;
+        }
+        int64_t j = i + 1;
+        while (j < count && std::fabs(wf[j]) >= negligible) ++j;
+        runs.emplace_back(i, j);
+        i = j;
+      }
+      if (runs.empty()) continue;
       // The weighted sum re-reads this block from L2; meanwhile ask for the
       // next block so the memory system is not idle (one pass at stream rate).
       if (b + count < end) {
@@ -238,12 +304,16 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
         const int64_t next_bytes = std::min(block, end - b - count) * row_bytes;
         for (int64_t off = 0; off < next_bytes; off += 64) __builtin_prefetch(next + off, 0, 2);
       }
-      if (out.x_bipolar) {
-        k.axpy_rows_bits(view.bits + b * kernels::BitWords(n), count, n, wf.data(), p.acc.data());
-      } else if (use_bf16) {
-        k.axpy_rows_bf16(view.bf16 + b * n, count, n, wf.data(), p.acc.data());
-      } else {
-        k.axpy_rows(view.data + b * n, count, n, wf.data(), p.acc.data());
+      for (const auto& [first, last] : runs) {
+        const int64_t r = b + first, len = last - first;
+        if (out.x_bipolar) {
+          k.axpy_rows_bits(view.bits + r * kernels::BitWords(n), len, n, wf.data() + first,
+                           p.acc.data());
+        } else if (use_bf16) {
+          k.axpy_rows_bf16(view.bf16 + r * n, len, n, wf.data() + first, p.acc.data());
+        } else {
+          k.axpy_rows(view.data + r * n, len, n, wf.data() + first, p.acc.data());
+        }
       }
     }
   };
@@ -258,6 +328,10 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
   for (int i = 0; i < used; ++i) {
     const Partial& p = partials[i];
     out.energy_terms += p.energy;
+    if (nearest && p.nearest_key > out.nearest_key) {  // ranges are in row order
+      out.nearest_key = p.nearest_key;
+      out.nearest_row = p.nearest_row;
+    }
     const double log_scale = p.sums.LogScale(log_domain);
     if (!std::isfinite(log_scale)) continue;
     const double f = std::exp(log_scale - top);
@@ -277,7 +351,8 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
 }
 
 void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const float* x,
-                    int64_t b, const RowWeights& rule, float* acc, FusedSums* sums) {
+                    int64_t b, const RowWeights& rule, float* acc, FusedSums* sums,
+                    bool track_nearest) {
   const int n = view.dim;
   const int64_t rows = view.rows;
   const bool log_domain = rule.domain() == WeightDomain::kLog;
@@ -288,7 +363,7 @@ void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const fl
   std::vector<RunningSums> running(b);
   for (int64_t q = 0; q < b; ++q) {
     sums[q] = FusedSums{};
-    if (similarity == SimilarityKind::kNegHalfSqL2) {
+    if (similarity == SimilarityKind::kNegHalfSqL2 || track_nearest) {
       for (int i = 0; i < n; ++i) sqx[q] += double{x[q * n + i]} * x[q * n + i];
     }
   }
@@ -312,6 +387,15 @@ void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const fl
           s[i] = similarity == SimilarityKind::kNegHalfSqL2
                      ? double{srow[i]} - 0.5 * view.sq_norms[t0 + i] - 0.5 * sqx[q]
                      : double{srow[i]};
+        }
+        if (track_nearest) {
+          for (int64_t i = 0; i < count; ++i) {
+            const double key = double{srow[i]} - 0.5 * view.sq_norms[t0 + i] - 0.5 * sqx[q];
+            if (key > p.nearest_key) {
+              p.nearest_key = key;
+              p.nearest_row = t0 + i;
+            }
+          }
         }
         p.energy_terms += rule.Block(s.data(), count, w.data(), h.data());
         FoldBlock(log_domain, w.data(), h.data(), count, &running[q], a, n, srow);

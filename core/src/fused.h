@@ -50,14 +50,36 @@ struct FusedSums {
   double hsum = 0.0;             // sum_mu h_mu / exp(log_scale) (kLinear)
   double energy_terms = 0.0;     // sum of Block() returns (kLinear)
   bool x_bipolar = false;        // the bit-packed kernels were usable
+  // With track_nearest: the row maximising x.xi - |xi|^2/2 (the nearest
+  // pattern in L2; first one on ties), -1 when the pass did not track it
+  // exactly (bf16 rows, or rows == 0).
+  int64_t nearest_row = -1;
+  double nearest_key = -INFINITY;
 };
+
+// Rows whose weight is below this fraction of the largest weight, divided
+// by the number of rows, are left out of the weighted sum (never out of the
+// sums of weights): together they move the normalised weighted sum by at most
+// 2^-24 (f32 rounding) times max |xi|. With a sharp softmax almost every row
+// is such a row, and the pass costs little more than its dot products.
+inline constexpr double kNegligibleWeightMass = 0x1p-24;
 
 // Runs one fused pass over `view` for state x (view.dim floats). When `acc`
 // is non-null it receives sum_mu (w_mu / exp(log_scale)) xi_mu (view.dim
 // floats, overwritten); when null only the sums are formed (scores only).
-// `similarity` must be kDot or kNegHalfSqL2.
+// `similarity` must be kDot or kNegHalfSqL2. With `track_nearest` the pass
+// also finds the nearest pattern (FusedSums::nearest_row) from the same
+// scores, as Bank::Nearest would, when it reads the exact rows (f32, or bits
+// for a bipolar state).
+//
+// `hint_row` (log domain, optional) names a row likely to carry one of the
+// largest weights, e.g. the previous state's nearest pattern: its weight
+// bounds the final scale from below from the start, so the negligible rows
+// are left out of the weighted sum from the first block on. Any row is a
+// valid hint; a poor one only costs speed.
 FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const float* x,
-                    const RowWeights& rule, float* acc);
+                    const RowWeights& rule, float* acc, bool track_nearest = false,
+                    int64_t hint_row = -1);
 
 // The batched form for `b` states x (b x view.dim floats, row-major): one
 // sgemm forms the scores of all states against a tile of rows (S = X Xi^T),
@@ -67,8 +89,12 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
 // Batches smaller than this run as one FusedPass per state.
 inline constexpr int64_t kBatchMinStates = 8;
 
+// With `track_nearest`, sums[q].nearest_row is set as in FusedPass (from
+// the sgemm scores, which may round differently from Bank::Nearest's dot
+// products: rows tied to within f32 rounding can come out either way).
 void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const float* x,
-                    int64_t b, const RowWeights& rule, float* acc, FusedSums* sums);
+                    int64_t b, const RowWeights& rule, float* acc, FusedSums* sums,
+                    bool track_nearest = false);
 
 // s_mu = S(xi_mu, x) for every row (kDot or kNegHalfSqL2), with the fast
 // kernels; `s` has view.rows slots.

@@ -1,6 +1,7 @@
 // Every kernel level against a double-precision reference, on shapes that
 // hit the SIMD tails, and the fused single-pass energy evaluations against
 // the two-pass reference implementations.
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -324,6 +325,192 @@ TEST(FusedPass, OnlineLogSumExpSurvivesHugeBetaAcrossThreads) {
   EXPECT_NEAR(lse_got, lse_want, 1e-5 * std::fabs(lse_want));
   for (int i = 0; i < n; ++i) {
     EXPECT_NEAR(acc[i] / sums.wsum, want[i] / l, 1e-3) << i;
+  }
+}
+
+// Rows whose softmax weight is below 2^-24 / K of the largest are left out
+// of the weighted sum, and only those: the result stays within the stated
+// bound 2^-24 max|xi| of a double reference. Coordinate c (1..n-1) holds
+// four rows with relative weight exp(-gap_c), gap_c from 0 to 70, so a row
+// wrongly left out (weight >= 1e-7 for gap <= 16) moves its coordinate by
+// far more than the bound; filler rows (weight e^-500) make K large enough
+// to split into blocks and threads.
+TEST(FusedPass, LeavesOutOnlyNegligibleWeights) {
+  const int n = 40;
+  const int k = 30000;  // 4.8 MB: split over threads, many blocks
+  const int signal_rows = 4 * (n - 1);
+  const double beta = 1.0, top = 100.0;
+  std::vector<float> xi(int64_t{k} * n, 0.f);
+  std::vector<double> s(k);
+  std::vector<int> coord(k);
+  for (int mu = 0; mu < k; ++mu) {
+    if (mu < signal_rows) {
+      const int c = mu % (n - 1);
+      coord[mu] = 1 + c;
+      s[mu] = top - 70.0 * c / (n - 2);
+    } else {
+      coord[mu] = 0;
+      s[mu] = top - 500.0;
+    }
+    // x = ones, so the score of a one-hot row is its (f32) value.
+    s[mu] = static_cast<float>(s[mu]);
+    xi[int64_t{mu} * n + coord[mu]] = static_cast<float>(s[mu]);
+  }
+  // Spread the signal rows over the bank (and over the threads' ranges).
+  std::vector<float> shuffled(xi.size());
+  std::vector<int> order(k);
+  for (int mu = 0; mu < k; ++mu) order[mu] = mu;
+  std::mt19937_64 rng(3);
+  std::shuffle(order.begin(), order.end(), rng);
+  for (int r = 0; r < k; ++r) {
+    std::copy(xi.begin() + int64_t{order[r]} * n, xi.begin() + int64_t{order[r] + 1} * n,
+              shuffled.begin() + int64_t{r} * n);
+  }
+  Bank bank(BankSpec{"b", n, StateKind::kContinuous, {}, Precision::kF32});
+  bank.Append(shuffled, bank.AssignIds(k), {});
+  std::vector<float> x(n, 1.f), acc(n);
+  internal::LogSoftmaxWeights rule(beta);
+  const internal::FusedSums sums =
+      internal::FusedPass(bank.view(), SimilarityKind::kDot, x.data(), rule, acc.data());
+  // Independent double reference of sum_mu softmax(beta s)_mu xi_mu.
+  std::vector<double> want(n, 0.0);
+  double z = 0.0;
+  for (int mu = 0; mu < k; ++mu) z += std::exp(beta * (s[mu] - top));
+  for (int mu = 0; mu < k; ++mu) want[coord[mu]] += std::exp(beta * (s[mu] - top)) / z * s[mu];
+  const double bound = internal::kNegligibleWeightMass * top;  // max |xi| = top
+  for (int i = 0; i < n; ++i) {
+    EXPECT_NEAR(acc[i] / sums.wsum, want[i], 1e-6 * std::fabs(want[i]) + bound) << "coordinate " << i;
+  }
+  // The partition function still counts every row.
+  EXPECT_NEAR(sums.log_scale + std::log(sums.wsum), beta * top + std::log(z), 1e-12 * top);
+}
+
+// ValueAndNearest finds the row Bank::Nearest finds, from the same pass,
+// on shapes that split into blocks and threads; bf16 banks defer to
+// Bank::Nearest.
+TEST(FusedPass, ValueAndNearestAgreesWithBankNearest) {
+  std::mt19937_64 rng(17);
+  const std::pair<int, int> shapes[] = {{3, 2}, {33, 17}, {784, 301}, {257, 4203}};
+  for (auto [n, k] : shapes) {
+    for (Precision precision : {Precision::kF32, Precision::kBf16, Precision::kBitPacked}) {
+      const bool bipolar = precision == Precision::kBitPacked;
+      auto xi = bipolar ? RandomBipolar(int64_t{k} * n, rng)
+                        : RandomGaussian(int64_t{k} * n, rng, 1.f / std::sqrt(float(n)));
+      // Unequal norms so the nearest row by L2 is not the best dot product.
+      if (!bipolar) {
+        for (int mu = 0; mu < k; ++mu) {
+          const float f = 0.5f + 0.01f * static_cast<float>(mu % 97);
+          for (int i = 0; i < n; ++i) xi[int64_t{mu} * n + i] *= f;
+        }
+      }
+      for (auto family : {EnergyFamily::kLse, EnergyFamily::kGaussian, EnergyFamily::kClassical}) {
+        if (bipolar && family == EnergyFamily::kLse) continue;
+        if (!bipolar && family == EnergyFamily::kClassical) continue;
+        EnergyConfig cfg{.family = family, .beta = 2.0};
+        Bank bank(BankSpec{"b", n, bipolar ? StateKind::kBipolar : StateKind::kContinuous, cfg,
+                           precision});
+        bank.Append(xi, bank.AssignIds(k), {});
+        EnergyFunction energy(cfg, bank.view());
+        for (int trial = 0; trial < 4; ++trial) {
+          std::vector<float> x = bipolar ? RandomBipolar(n, rng)
+                                         : RandomGaussian(n, rng, 1.f / std::sqrt(float(n)));
+          int64_t row = -2;
+          const double e = energy.ValueAndNearest(x.data(), &row);
+          if (precision == Precision::kBf16) {  // energy over bf16 rows: FusedTest
+            EXPECT_EQ(row, -1);
+            continue;
+          }
+          EXPECT_NEAR(e, energy.ReferenceValue(x.data()), 2e-5 * std::max(1.0, std::fabs(e)));
+          // Independent double reference of argmin |x - xi|.
+          int64_t want = -1;
+          double best = INFINITY;
+          for (int mu = 0; mu < k; ++mu) {
+            double d2 = 0.0;
+            for (int i = 0; i < n; ++i) {
+              const double d = double{xi[int64_t{mu} * n + i]} - x[i];
+              d2 += d * d;
+            }
+            if (d2 < best) {
+              best = d2;
+              want = mu;
+            }
+          }
+          EXPECT_EQ(row, bank.Nearest(x.data()).row) << "n=" << n << " k=" << k;
+          EXPECT_EQ(row, want) << "n=" << n << " k=" << k;
+        }
+      }
+    }
+  }
+}
+
+// A converged sync retrieval reports the nearest memory of its final state,
+// found in its last pass, one query at a time and batched.
+TEST(FusedPass, ConvergedRetrievalCarriesTheNearestRow) {
+  std::mt19937_64 rng(23);
+  const int n = 96, k = 500;
+  auto xi = RandomGaussian(int64_t{k} * n, rng, 1.f / std::sqrt(float(n)));
+  EnergyConfig cfg{.family = EnergyFamily::kLse, .beta = 30.0};
+  Bank bank(BankSpec{"b", n, StateKind::kContinuous, cfg, Precision::kF32});
+  bank.Append(xi, bank.AssignIds(k), {});
+  EnergyFunction energy(cfg, bank.view());
+  RetrieveOptions o;
+  std::vector<std::vector<float>> qs;
+  std::vector<BatchQuery> batch;
+  for (int q = 0; q < 10; ++q) {
+    std::vector<float> x(xi.begin() + int64_t{q * 7} * n, xi.begin() + int64_t{q * 7 + 1} * n);
+    auto noise = RandomGaussian(n, rng, 0.3f / std::sqrt(float(n)));
+    for (int i = 0; i < n; ++i) x[i] += noise[i];
+    qs.push_back(x);
+  }
+  for (const auto& q : qs) batch.push_back({q, {}, &o});
+  auto batched = RunSyncBatch(energy, StateKind::kContinuous, batch);
+  for (int q = 0; q < 10; ++q) {
+    auto one = RunDynamics(energy, StateKind::kContinuous, qs[q], {}, o);
+    ASSERT_TRUE(one.ok() && batched[q].ok());
+    ASSERT_TRUE(one->converged());
+    EXPECT_EQ(one->nearest_row, bank.Nearest(one->state.data()).row);
+    EXPECT_EQ(one->nearest_row, q * 7);
+    EXPECT_EQ(batched[q]->nearest_row, bank.Nearest(batched[q]->state.data()).row);
+    const NearestMemory m = bank.NearestAt(one->nearest_row, one->state.data());
+    const NearestMemory full = bank.Nearest(one->state.data());
+    EXPECT_EQ(m.id, full.id);
+    EXPECT_DOUBLE_EQ(m.distance, full.distance);
+    EXPECT_DOUBLE_EQ(m.similarity, full.similarity);
+  }
+}
+
+// Sync retrieval on bipolar banks reads each state's energy and nearest
+// memory off the drive pass (one pass per step): both must equal the
+// reference energy of the state and Bank::Nearest, for every bipolar family
+// and precision, one query at a time and batched.
+TEST(FusedPass, BipolarRetrievalEnergiesAndNearestFromTheDrivePass) {
+  std::mt19937_64 rng(29);
+  const int n = 100, k = 8;
+  for (const FusedCase& c : FusedCases()) {
+    if (c.kind != StateKind::kBipolar) continue;
+    auto xi = RandomBipolar(int64_t{k} * n, rng);
+    Bank bank(BankSpec{"b", n, c.kind, c.config, c.precision});
+    bank.Append(xi, bank.AssignIds(k), {});
+    EnergyFunction energy(c.config, bank.view());
+    RetrieveOptions o;
+    o.record_trace = true;
+    std::vector<std::vector<float>> qs;
+    std::vector<BatchQuery> batch;
+    for (int q = 0; q < 9; ++q) qs.push_back(testing::FlipBits(xi.data() + int64_t{q % k} * n, n, 20, rng));
+    for (const auto& q : qs) batch.push_back({q, {}, &o});
+    auto batched = RunSyncBatch(energy, c.kind, batch);
+    for (int q = 0; q < 9; ++q) {
+      auto one = RunDynamics(energy, c.kind, qs[q], {}, o);
+      ASSERT_TRUE(one.ok() && batched[q].ok()) << c.name;
+      for (const auto* t : {&*one, &*batched[q]}) {
+        const double e_end = energy.ReferenceValue(t->state.data());
+        const double e_start = energy.ReferenceValue(qs[q].data());
+        EXPECT_NEAR(t->energy_end, e_end, 1e-9 * std::max(1.0, std::fabs(e_end))) << c.name;
+        EXPECT_NEAR(t->energy_start, e_start, 1e-9 * std::max(1.0, std::fabs(e_start))) << c.name;
+        EXPECT_EQ(t->energy_trace.size(), static_cast<size_t>(t->steps) + 1) << c.name;
+        EXPECT_EQ(t->nearest_row, bank.Nearest(t->state.data()).row) << c.name;
+      }
+    }
   }
 }
 

@@ -80,20 +80,17 @@ void DotRowsT(const typename L::T* rows, int64_t count, int n, const float* x, f
     out[r + 2] = HorizontalSum(a2);
     out[r + 3] = HorizontalSum(a3);
   }
+  // Left-over rows sum in the same order as the rows above, so a row's
+  // score does not depend on where a block boundary falls.
   for (; r < count; ++r) {
     const typename L::T* p = rows + r * n;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 16 <= full; i += 16) {
-      a0 = _mm256_fmadd_ps(L::Load(p + i), _mm256_loadu_ps(x + i), a0);
-      a1 = _mm256_fmadd_ps(L::Load(p + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-    }
-    for (; i < full; i += 8) a0 = _mm256_fmadd_ps(L::Load(p + i), _mm256_loadu_ps(x + i), a0);
+    __m256 a0 = _mm256_setzero_ps();
+    for (int i = 0; i < full; i += 8) a0 = _mm256_fmadd_ps(L::Load(p + i), _mm256_loadu_ps(x + i), a0);
     if (rem) {
-      a1 = _mm256_fmadd_ps(L::LoadTail(p + full, rem),
-                           _mm256_maskload_ps(x + full, TailMask(rem)), a1);
+      a0 = _mm256_fmadd_ps(L::LoadTail(p + full, rem),
+                           _mm256_maskload_ps(x + full, TailMask(rem)), a0);
     }
-    out[r] = HorizontalSum(_mm256_add_ps(a0, a1));
+    out[r] = HorizontalSum(a0);
   }
 }
 

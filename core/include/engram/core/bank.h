@@ -105,6 +105,9 @@ class Bank {
   // Nearest stored memory to x (dim() floats) by Euclidean distance; row -1
   // for an empty bank or a non-finite x.
   NearestMemory Nearest(const float* x) const;
+  // Nearest(x) when the nearest row is already known (e.g.
+  // Trajectory::nearest_row); a negative `row` falls back to Nearest(x).
+  NearestMemory NearestAt(int64_t row, const float* x) const;
 
  private:
   void RebuildIndex();

@@ -71,6 +71,9 @@ struct Trajectory {
   int steps = 0;
   StopReason stop_reason = StopReason::kMaxSteps;
   int lyapunov_violations = 0;
+  // Row of the stored pattern nearest to `state` when the dynamics found it
+  // in their last pass over the bank (sync dynamics on convergence), else -1.
+  int64_t nearest_row = -1;
   bool converged() const { return stop_reason == StopReason::kConverged; }
 };
 

@@ -106,6 +106,15 @@ class EnergyFunction {
   // E(x).
   double Value(const float* x) const;
 
+  // E(x), and from the same pass the row of the stored pattern nearest to x
+  // in L2 (argmax x.xi - |xi|^2/2, the row Bank::Nearest returns), or -1
+  // when this energy's pass cannot give it exactly (bf16 rows, no fused
+  // form, empty bank): then ask Bank::Nearest. On entry *nearest_row is a
+  // hint (a row likely to weigh most, e.g. the previous state's nearest, or
+  // -1) that lets the pass leave out negligible rows sooner; it does not
+  // change the result.
+  double ValueAndNearest(const float* x, int64_t* nearest_row) const;
+
   // E(x); writes grad E(x) (dim() floats) into `grad`.
   double ValueAndGradient(const float* x, float* grad) const;
 
@@ -114,12 +123,18 @@ class EnergyFunction {
   // sign-invariant bipolar families so they cannot overflow. Writes dim()
   // floats into `target`; returns E(x).
   double UpdateTarget(const float* x, float* target) const;
+  // The same, also giving x's nearest row (and taking a hint) as
+  // ValueAndNearest does.
+  double UpdateTarget(const float* x, float* target, int64_t* nearest_row) const;
 
   // UpdateTarget for `b` states at once (x and targets are b x dim(),
   // row-major; energies has b slots): the scores and weighted sums of all
   // states are two matrix-matrix products per tile of patterns. With
-  // targets == nullptr only the energies are computed.
-  void UpdateTargetBatch(const float* x, int64_t b, float* targets, double* energies) const;
+  // targets == nullptr only the energies are computed. When `nearest_rows`
+  // (b slots: hints on entry) is non-null it receives each state's nearest
+  // row as ValueAndNearest does (-1 where not available).
+  void UpdateTargetBatch(const float* x, int64_t b, float* targets, double* energies,
+                         int64_t* nearest_rows = nullptr) const;
 
   // The plain reference implementations of Value, ValueAndGradient and
   // UpdateTarget (Eigen over the f32 patterns, two passes, one thread). The
@@ -131,7 +146,8 @@ class EnergyFunction {
 
  private:
   // Fused single-pass evaluation; false when the config has no fused form.
-  bool FusedEvaluate(const float* x, float* target, float* grad, double* energy) const;
+  bool FusedEvaluate(const float* x, float* target, float* grad, double* energy,
+                     int64_t* nearest_row = nullptr) const;
   // Energy, target or gradient from the sums of a fused pass whose
   // accumulator is already in `target` or `grad`.
   void FinishFused(const internal::FusedSums& sums, bool log_domain, const float* x,
