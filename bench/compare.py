@@ -112,7 +112,7 @@ def main():
     else:
         sizes = [(784, 1_000, 256), (784, 10_000, 256), (784, 100_000, 256), (784, 1_000_000, 0),
                  (4096, 1_000, 256), (4096, 10_000, 256), (4096, 100_000, 0)]
-        bipolar_sizes = [(784, 10_000), (784, 100_000), (4096, 100_000)]
+        bipolar_sizes = [(784, 10_000), (784, 100_000), (784, 1_000_000), (4096, 100_000)]
     rng = np.random.default_rng(7)
     cpu, bw = machine_line(args.tool)
     read_bw = bw["read_bytes_per_s"]
@@ -159,7 +159,7 @@ def main():
                                    e["retrieve_batch"], t_np_rb))
             del xi, q, ip, l2
         for n, k in bipolar_sizes:
-            xi = np.where(rng.random((k, n)) < 0.5, -1.0, 1.0).astype(np.float32)
+            xi = (rng.integers(0, 2, (k, n), dtype=np.int8) * 2 - 1).astype(np.float32)
             q = xi[:1].copy()
             flip = rng.choice(n, n // 10, replace=False)
             q[0, flip] *= -1

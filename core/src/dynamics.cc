@@ -82,7 +82,10 @@ void RunSync(const EnergyFunction& energy, StateKind kind,
   const bool krotov_hopfield = kind == StateKind::kBipolar &&
                                HasKrotovHopfieldDrive(energy.config(), energy.patterns());
   // E(x), the target of x and x's nearest row.
+  // A state the dynamics will not step from (max_steps reached) needs no
+  // target: then the pass computes the scores only.
   auto evaluate = [&] {
+    if (t->steps >= o.max_steps) return energy.ValueAndNearest(x.data(), &t->nearest_row);
     if (!krotov_hopfield) return energy.UpdateTarget(x.data(), target.data(), &t->nearest_row);
     double e;
     BipolarDrive(energy, x.data(), target.data(), &e, &t->nearest_row);
@@ -593,7 +596,8 @@ std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(
   struct Live {
     size_t slot;
     Trajectory t;
-    std::vector<float> x;
+    std::vector<float> x, target;
+    double energy = 0.0;  // E(x)
     std::unique_ptr<EnergyRecorder> rec;
   };
   std::vector<Live> live;
@@ -619,6 +623,7 @@ std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(
     Live l;
     l.slot = i;
     l.x.assign(q.query.begin(), q.query.end());
+    l.target.resize(n);
     live.push_back(std::move(l));
   }
   for (Live& l : live) {
@@ -632,16 +637,20 @@ std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(
   std::vector<int64_t> nearest;
   const bool krotov_hopfield = kind == StateKind::kBipolar &&
                                HasKrotovHopfieldDrive(energy.config(), energy.patterns());
-  // As RunSync: energies, targets and nearest rows of the states of `ids`.
-  auto evaluate = [&](const std::vector<size_t>& ids) {
+  // As RunSync: energies, targets (unless `with_targets` is false: states
+  // at max_steps) and nearest rows of the states of `ids`.
+  auto evaluate = [&](const std::vector<size_t>& ids, bool with_targets) {
     const int64_t b = static_cast<int64_t>(ids.size());
+    if (b == 0) return;
     xs.resize(b * n);
     for (int64_t j = 0; j < b; ++j) std::copy(live[ids[j]].x.begin(), live[ids[j]].x.end(), xs.begin() + j * n);
     energies.resize(b);
     targets.resize(b * n);
     nearest.resize(b);  // hints: each state's previous nearest row
     for (int64_t j = 0; j < b; ++j) nearest[j] = live[ids[j]].t.nearest_row;
-    if (krotov_hopfield) {
+    if (!with_targets) {
+      energy.UpdateTargetBatch(xs.data(), b, nullptr, energies.data(), nearest.data());
+    } else if (krotov_hopfield) {
       BipolarDriveBatch(energy, xs.data(), b, targets.data(), energies.data(), nearest.data());
       // lse and gaussian energies on a bipolar bank take a pass of their own.
       if (std::isnan(energies[0])) {
@@ -650,7 +659,12 @@ std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(
     } else {
       energy.UpdateTargetBatch(xs.data(), b, targets.data(), energies.data(), nearest.data());
     }
-    for (int64_t j = 0; j < b; ++j) live[ids[j]].t.nearest_row = nearest[j];
+    for (int64_t j = 0; j < b; ++j) {
+      Live& l = live[ids[j]];
+      l.t.nearest_row = nearest[j];
+      l.energy = energies[j];
+      if (with_targets) std::copy(targets.begin() + j * n, targets.begin() + (j + 1) * n, l.target.begin());
+    }
   };
   auto finish = [&](Live& l) {
     l.t.state = std::move(l.x);
@@ -659,9 +673,14 @@ std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(
   };
   std::vector<size_t> active(live.size());
   std::iota(active.begin(), active.end(), 0);
-  if (!active.empty()) {
-    evaluate(active);
-    for (size_t j = 0; j < active.size(); ++j) live[active[j]].rec->Start(energies[j]);
+  {
+    std::vector<size_t> going, ending;
+    for (size_t id : active) {
+      (queries[live[id].slot].options->max_steps > 0 ? going : ending).push_back(id);
+    }
+    evaluate(going, true);
+    evaluate(ending, false);
+    for (size_t id : active) live[id].rec->Start(live[id].energy);
   }
   std::vector<float> next(n);
   while (!active.empty()) {
@@ -673,7 +692,7 @@ std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(
       const absl::Span<const bool> clamp = queries[l.slot].clamp;
       if (l.t.steps >= o.max_steps) { l.t.stop_reason = StopReason::kMaxSteps; finish(l); continue; }
       if (StopRequested(o)) { l.t.stop_reason = StopReason::kDeadline; finish(l); continue; }
-      const float* target = targets.data() + j * n;
+      const float* target = l.target.data();
       bool finite = true;
       for (int i = 0; i < n && finite; ++i) finite = std::isfinite(target[i]);
       if (!finite) { l.t.stop_reason = StopReason::kDiverged; finish(l); continue; }
@@ -696,9 +715,14 @@ std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(
       ++l.t.steps;
       stepping.push_back(active[j]);
     }
-    if (!stepping.empty()) {
-      evaluate(stepping);
-      for (size_t j = 0; j < stepping.size(); ++j) live[stepping[j]].rec->Step(energies[j]);
+    {
+      std::vector<size_t> going, ending;
+      for (size_t id : stepping) {
+        (live[id].t.steps < queries[live[id].slot].options->max_steps ? going : ending).push_back(id);
+      }
+      evaluate(going, true);
+      evaluate(ending, false);
+      for (size_t id : stepping) live[id].rec->Step(live[id].energy);
     }
     active = std::move(stepping);
   }
