@@ -250,17 +250,21 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
   // On bits the scores cost ~1/30 of the masked adds of the weighted sum:
   // a scores-only pre-pass finds the exact largest log-weight, so the main
   // pass adds only the rows that matter even before it meets the winner.
+  // The pre-pass keeps the scores (4 bytes a row against the row's ~N/8),
+  // and the main pass reads them instead of scoring again.
+  std::vector<float> prescores;
   if (out.x_bipolar && log_domain && acc != nullptr) {
+    prescores.resize(rows);
     std::vector<double> maxima(std::min<int64_t>(4 * ComputeThreads(), std::max<int64_t>(rows, 1)),
                                -INFINITY);
     int used_ranges = 1;
     ParallelRows(rows, row_bytes, [&](int part, int64_t begin, int64_t end) {
-      std::vector<float> sc(block);
       std::vector<double> s(block), w(block), h(block);
       double m = -INFINITY;
       for (int64_t b = begin; b < end; b += block) {
         const int64_t count = std::min(block, end - b);
-        score_rows(b, count, sc.data());
+        float* sc = prescores.data() + b;
+        score_rows(b, count, sc);
         for (int64_t i = 0; i < count; ++i) s[i] = similarity_of(sc[i], b + i);
         rule.Block(s.data(), count, w.data(), h.data());
         for (int64_t i = 0; i < count; ++i) m = std::max(m, w[i]);
@@ -281,14 +285,32 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
     std::vector<std::pair<int64_t, int64_t>> runs;  // [first, last) rows to add
     for (int64_t b = begin; b < end; b += block) {
       const int64_t count = std::min(block, end - b);
-      score_rows(b, count, sc.data());
+      if (prescores.empty()) {
+        score_rows(b, count, sc.data());
+      } else {
+        std::copy(prescores.begin() + b, prescores.begin() + b + count, sc.begin());
+      }
       for (int64_t i = 0; i < count; ++i) s[i] = similarity_of(sc[i], b + i);
       if (nearest) {
+        // A branch-free f32 screen of the block; only a block that may hold
+        // a better row runs the exact double comparison (the f32 key is off
+        // by at most 2^-22 (|sc| + |xi|^2 / 2) from the exact one).
+        float block_best = -INFINITY, block_mag = 0.f;
         for (int64_t i = 0; i < count; ++i) {
-          const double key = double{sc[i]} - 0.5 * view.sq_norms[b + i] - 0.5 * sqx;
-          if (key > p.nearest_key) {
-            p.nearest_key = key;
-            p.nearest_row = b + i;
+          const float half_sq = 0.5f * view.sq_norms[b + i];
+          const float key = sc[i] - half_sq;
+          block_best = key > block_best ? key : block_best;
+          const float mag = std::fabs(sc[i]) + half_sq;
+          block_mag = mag > block_mag ? mag : block_mag;
+        }
+        if (double{block_best} + 0x1p-20 * double{block_mag} >= p.nearest_key + 0.5 * sqx ||
+            p.nearest_row < 0) {
+          for (int64_t i = 0; i < count; ++i) {
+            const double key = double{sc[i]} - 0.5 * view.sq_norms[b + i] - 0.5 * sqx;
+            if (key > p.nearest_key) {
+              p.nearest_key = key;
+              p.nearest_row = b + i;
+            }
           }
         }
       }

@@ -43,7 +43,9 @@ inline constexpr int kMaxSteps = 100000;
 struct RetrieveOptions {
   Dynamics dynamics = Dynamics::kSync;
   int max_steps = 100;
-  double tol = 1e-6;     // on |x_{t+1} - x_t|_inf
+  // On |x_{t+1} - x_t|_inf. Sync stops at x_t when the update would move it
+  // by less than tol (the update is not applied); the others apply the step.
+  double tol = 1e-6;
   double alpha = 0.1;    // gradient step
   double dt = 0.1;       // TinyBrain Euler step
   double tau_v = 1.0;
