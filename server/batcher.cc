@@ -63,7 +63,25 @@ absl::Status RetrieveBatcher::Run(const std::string& key, Call* call, const Exec
       changed_.SignalAll();
     }
   };
-  execute(batch, complete);
+  auto take_more = [&](int64_t max_queries) {
+    std::vector<Call*> more;
+    int64_t queries = 0;
+    {
+      core::MutexLock lock(&mu_);
+      auto it = queues_.find(key);
+      if (it == queues_.end()) return more;
+      std::deque<Call*>& pending = it->second.pending;
+      while (!pending.empty() && queries + pending.front()->queries <= max_queries) {
+        queries += pending.front()->queries;
+        more.push_back(pending.front());
+        open.push_back(pending.front());
+        pending.pop_front();
+      }
+    }
+    if (observer_ && !more.empty()) observer_(queries, static_cast<int64_t>(more.size()));
+    return more;
+  };
+  execute(batch, complete, take_more);
   core::MutexLock lock(&mu_);
   for (Call* c : open) {
     if (c != nullptr) c->done = true;

@@ -12,9 +12,10 @@
 // The first call for a key becomes the leader: it waits up to max_delay (or
 // until max_batch queries are queued), takes the queued calls, runs them
 // through the executor on its own thread and wakes their callers. Calls that
-// arrive while a batch runs queue up and the next leader (the oldest of them)
-// takes them together: under load, batches form without any added delay.
-// A call larger than max_batch runs alone.
+// arrive while a batch runs queue up; the executor may pull them into the
+// running batch (take_more), and whatever is left when it returns goes to
+// the next leader (the oldest of them): under load, batches form without
+// any added delay. A call larger than max_batch runs alone.
 //
 // Thread-safety: thread-safe.
 #ifndef ENGRAM_SERVER_BATCHER_H_
@@ -24,6 +25,7 @@
 #include <deque>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
@@ -52,9 +54,15 @@ class RetrieveBatcher {
   // Runs `calls`; may call complete(c) (after setting c->status) as soon as
   // call c is answered, which returns c's caller at once. After `complete`
   // the executor must not touch c again; calls not completed are released
-  // when the executor returns.
+  // when the executor returns. take_more(max_queries) hands over calls
+  // queued under the same key since the batch started (oldest first, at
+  // most max_queries queries in all), which the executor then runs as part
+  // of its batch (continuous batching: they join at a step boundary
+  // instead of waiting for the batch to end).
+  using TakeMore = std::function<std::vector<Call*>(int64_t max_queries)>;
   using Executor = std::function<void(absl::Span<Call* const> calls,
-                                      const std::function<void(Call*)>& complete)>;
+                                      const std::function<void(Call*)>& complete,
+                                      const TakeMore& take_more)>;
   // Observes the size (queries) of every executed batch.
   using BatchObserver = std::function<void(int64_t queries, int64_t calls)>;
 

@@ -290,6 +290,7 @@ namespace {
 // One Retrieve call's queries inside a dynamic batch, and what it gets back.
 struct RetrieveWork {
   const v1::RetrieveRequest* req = nullptr;
+  int dim = 0;  // the bank's dimension when the call was validated
   core::RetrieveOptions opts;
   std::unique_ptr<bool[]> clamp;
   int64_t mask = 0;
@@ -309,36 +310,55 @@ std::string EnergyKey(const core::EnergyConfig& c) {
 // of every call in one RunSyncBatch, other dynamics one query at a time.
 // `on_work_done(w, status)`, when set, is called as soon as all of w's
 // queries are final (a batch keeps running for the others); after it the
-// work is not touched again.
+// work is not touched again. `admit_works(running)`, when set (sync only),
+// is asked at every step boundary for works that join the running batch.
 absl::Status RunRetrieveWorks(
     const core::Bank& bank, const core::EnergyConfig& cfg, absl::Span<RetrieveWork* const> works,
-    const std::function<void(RetrieveWork*, const absl::Status&)>& on_work_done = nullptr) {
+    const std::function<void(RetrieveWork*, const absl::Status&)>& on_work_done = nullptr,
+    const std::function<std::vector<RetrieveWork*>(int64_t running)>& admit_works = nullptr) {
   const int n = bank.dim();
   core::EnergyFunction energy(cfg, bank.view());
   std::vector<core::BatchQuery> batch;
-  std::vector<std::pair<RetrieveWork*, int64_t>> owner;  // slot -> (work, query)
-  std::vector<int64_t> remaining;
-  std::vector<absl::Status> status(works.size());
-  for (size_t wi = 0; wi < works.size(); ++wi) {
-    RetrieveWork* w = works[wi];
+  std::vector<std::pair<RetrieveWork*, int64_t>> owner;  // slot -> (work, index)
+  std::vector<int64_t> remaining, first;  // per work: queries left, first slot
+  std::vector<absl::Status> status;
+  // Registers a work; false (and the work answered) when the bank changed
+  // shape since the call was validated.
+  auto enroll = [&](RetrieveWork* w, std::vector<core::BatchQuery>* out) {
+    const int64_t wi = static_cast<int64_t>(status.size());
+    status.emplace_back();
     remaining.push_back(w->count);
+    first.push_back(static_cast<int64_t>(owner.size()));
+    w->results.resize(w->count);
+    w->nearest.resize(w->count);
+    w->payloads.resize(w->count);
+    if (w->dim != n) {
+      status[wi] = absl::AbortedError(absl::StrCat(
+          "bank '", w->req->bank(), "' was replaced while the call waited; retry"));
+      remaining[wi] = 0;
+      if (on_work_done) on_work_done(w, status[wi]);
+      return false;
+    }
     for (int64_t q = 0; q < w->count; ++q) {
       absl::Span<const bool> c;
       if (w->mask == n) c = absl::MakeConstSpan(w->clamp.get(), n);
       if (w->mask == w->count * n && w->mask != 0) {
         c = absl::MakeConstSpan(w->clamp.get() + q * n, n);
       }
-      batch.push_back({absl::MakeConstSpan(w->req->queries().data() + q * n, n), c, &w->opts});
-      owner.push_back({w, static_cast<int64_t>(wi)});
+      out->push_back({absl::MakeConstSpan(w->req->queries().data() + q * n, n), c, &w->opts});
+      owner.push_back({w, wi});
     }
-  }
+    return true;
+  };
+  for (RetrieveWork* w : works) enroll(w, &batch);
   if (works.front()->opts.dynamics == core::Dynamics::kSync) {
-    std::vector<int64_t> first(works.size(), 0);  // first slot of each work
-    for (size_t wi = 1; wi < works.size(); ++wi) first[wi] = first[wi - 1] + works[wi - 1]->count;
-    for (RetrieveWork* w : works) {
-      w->results.resize(w->count);
-      w->nearest.resize(w->count);
-      w->payloads.resize(w->count);
+    std::function<std::vector<core::BatchQuery>(int64_t)> admit;
+    if (admit_works) {
+      admit = [&](int64_t running) {
+        std::vector<core::BatchQuery> joined;
+        for (RetrieveWork* w : admit_works(running)) enroll(w, &joined);
+        return joined;
+      };
     }
     core::RunSyncBatch(energy, bank.spec().kind, batch,
                        [&](size_t slot, absl::StatusOr<core::Trajectory>& r) {
@@ -354,10 +374,17 @@ absl::Status RunRetrieveWorks(
         w->results[q] = std::move(*r);
       }
       if (--remaining[wi] == 0 && on_work_done) on_work_done(w, status[wi]);
-    });
+    }, admit);
     if (on_work_done) return absl::OkStatus();
     for (const absl::Status& st : status) ENGRAM_RETURN_IF_ERROR(st);
     return absl::OkStatus();
+  }
+  // Other dynamics, one query at a time (never batched across calls).
+  for (const absl::Status& st : status) ENGRAM_RETURN_IF_ERROR(st);
+  for (RetrieveWork* w : works) {
+    w->results.clear();
+    w->nearest.clear();
+    w->payloads.clear();
   }
   std::vector<absl::StatusOr<core::Trajectory>> results;
   for (const core::BatchQuery& q : batch) {
@@ -420,6 +447,7 @@ grpc::Status MemoryServiceImpl::Retrieve(grpc::ServerContext* ctx,
             "bank '", bank.spec().name, "' is empty; store patterns first"));
       }
       dim = n;
+      work.dim = n;
       kind = bank.spec().kind;
       return absl::OkStatus();
     };
@@ -443,13 +471,26 @@ grpc::Status MemoryServiceImpl::Retrieve(grpc::ServerContext* ctx,
       ENGRAM_RETURN_IF_ERROR(batcher_->Run(
           key, &call,
           [&](absl::Span<RetrieveBatcher::Call* const> calls,
-              const std::function<void(RetrieveBatcher::Call*)>& complete) {
+              const std::function<void(RetrieveBatcher::Call*)>& complete,
+              const RetrieveBatcher::TakeMore& take_more) {
             std::vector<RetrieveWork*> works;
             absl::flat_hash_map<RetrieveWork*, RetrieveBatcher::Call*> call_of;
             for (RetrieveBatcher::Call* c : calls) {
               works.push_back(static_cast<RetrieveWork*>(c->payload));
               call_of[works.back()] = c;
             }
+            // Continuous batching: calls queued meanwhile join at a step
+            // boundary, up to max_batch queries running.
+            const int64_t max_batch = batcher_->options().max_batch;
+            auto admit = [&](int64_t running) {
+              std::vector<RetrieveWork*> joined;
+              if (running >= max_batch) return joined;
+              for (RetrieveBatcher::Call* c : take_more(max_batch - running)) {
+                joined.push_back(static_cast<RetrieveWork*>(c->payload));
+                call_of[joined.back()] = c;
+              }
+              return joined;
+            };
             // Each caller is answered as soon as its own queries are done.
             const absl::Status st = registry->WithBank(req->bank(), [&](const core::Bank& bank) {
               if (bank.dim() != dim || bank.spec().kind != kind) {
@@ -462,7 +503,8 @@ grpc::Status MemoryServiceImpl::Retrieve(grpc::ServerContext* ctx,
                                         c->status = ws;
                                         call_of.erase(w);
                                         complete(c);
-                                      });
+                                      },
+                                      admit);
             });
             for (auto& [w, c] : call_of) c->status = st.ok() ? absl::InternalError("not run") : st;
           }));

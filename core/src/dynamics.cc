@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <deque>
 #include <limits>
 #include <memory>
 #include <numeric>
@@ -589,20 +590,24 @@ absl::StatusOr<Trajectory> RunDynamics(const EnergyFunction& energy,
 
 std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(
     const EnergyFunction& energy, StateKind kind, absl::Span<const BatchQuery> queries,
-    const std::function<void(size_t, absl::StatusOr<Trajectory>&)>& on_finished) {
+    const std::function<void(size_t, absl::StatusOr<Trajectory>&)>& on_finished,
+    const std::function<std::vector<BatchQuery>(int64_t running)>& admit) {
   const int n = energy.dim();
-  std::vector<absl::StatusOr<Trajectory>> out(queries.size());
-  // Per query: its trajectory, state, recorder.
+  std::vector<absl::StatusOr<Trajectory>> out;
+  // Per query: its request, trajectory, state, recorder.
   struct Live {
     size_t slot;
+    BatchQuery q;
     Trajectory t;
     std::vector<float> x, target;
     double energy = 0.0;  // E(x)
     std::unique_ptr<EnergyRecorder> rec;
   };
-  std::vector<Live> live;
-  for (size_t i = 0; i < queries.size(); ++i) {
-    const BatchQuery& q = queries[i];
+  std::deque<Live> live;  // stable addresses as queries join
+  // Validates a query; returns its live index, or -1 after reporting it.
+  auto add = [&](const BatchQuery& q) -> int64_t {
+    const size_t slot = out.size();
+    out.emplace_back(absl::UnknownError("not run"));
     absl::Status s = ValidateRetrieveOptions(*q.options, kind);
     if (s.ok() && q.options->dynamics != Dynamics::kSync) {
       s = absl::InvalidArgumentError("RunSyncBatch runs the sync dynamics only");
@@ -616,22 +621,19 @@ std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(
           "clamp mask has ", q.clamp.size(), " values; expected 0 or ", n));
     }
     if (!s.ok()) {
-      out[i] = s;
-      if (on_finished) on_finished(i, out[i]);
-      continue;
+      out[slot] = s;
+      if (on_finished) on_finished(slot, out[slot]);
+      return -1;
     }
-    Live l;
-    l.slot = i;
+    Live& l = live.emplace_back();
+    l.slot = slot;
+    l.q = q;
     l.x.assign(q.query.begin(), q.query.end());
     l.target.resize(n);
-    live.push_back(std::move(l));
-  }
-  for (Live& l : live) {
-    l.rec = std::make_unique<EnergyRecorder>(
-        &l.t, queries[l.slot].options->record_trace,
-        GuaranteesDescent(Dynamics::kSync, energy.config()));
-  }
-  // Gathers the states of `ids` into X, computes energies and targets.
+    l.rec = std::make_unique<EnergyRecorder>(&l.t, q.options->record_trace,
+                                             GuaranteesDescent(Dynamics::kSync, energy.config()));
+    return static_cast<int64_t>(live.size()) - 1;
+  };
   std::vector<float> xs, targets;
   std::vector<double> energies;
   std::vector<int64_t> nearest;
@@ -666,30 +668,40 @@ std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(
       if (with_targets) std::copy(targets.begin() + j * n, targets.begin() + (j + 1) * n, l.target.begin());
     }
   };
+  // One batched evaluation of the states that moved and the queries that
+  // joined; the first get a step recorded, the second their start.
+  auto evaluate_all = [&](const std::vector<size_t>& stepped, const std::vector<size_t>& joined) {
+    std::vector<size_t> going, ending;
+    for (const auto* ids : {&stepped, &joined}) {
+      for (size_t id : *ids) {
+        (live[id].t.steps < live[id].q.options->max_steps ? going : ending).push_back(id);
+      }
+    }
+    evaluate(going, true);
+    evaluate(ending, false);
+    for (size_t id : stepped) live[id].rec->Step(live[id].energy);
+    for (size_t id : joined) live[id].rec->Start(live[id].energy);
+  };
   auto finish = [&](Live& l) {
     l.t.state = std::move(l.x);
     out[l.slot] = std::move(l.t);
     if (on_finished) on_finished(l.slot, out[l.slot]);
+    l.q = BatchQuery{};  // the caller may release the query now
   };
-  std::vector<size_t> active(live.size());
-  std::iota(active.begin(), active.end(), 0);
-  {
-    std::vector<size_t> going, ending;
-    for (size_t id : active) {
-      (queries[live[id].slot].options->max_steps > 0 ? going : ending).push_back(id);
-    }
-    evaluate(going, true);
-    evaluate(ending, false);
-    for (size_t id : active) live[id].rec->Start(live[id].energy);
+  std::vector<size_t> active;
+  for (const BatchQuery& q : queries) {
+    const int64_t id = add(q);
+    if (id >= 0) active.push_back(static_cast<size_t>(id));
   }
+  evaluate_all({}, active);
   std::vector<float> next(n);
   while (!active.empty()) {
     std::vector<size_t> stepping;
-    for (size_t j = 0; j < active.size(); ++j) {
-      Live& l = live[active[j]];
-      const RetrieveOptions& o = *queries[l.slot].options;
-      const absl::Span<const float> query = queries[l.slot].query;
-      const absl::Span<const bool> clamp = queries[l.slot].clamp;
+    for (size_t id : active) {
+      Live& l = live[id];
+      const RetrieveOptions& o = *l.q.options;
+      const absl::Span<const float> query = l.q.query;
+      const absl::Span<const bool> clamp = l.q.clamp;
       if (l.t.steps >= o.max_steps) { l.t.stop_reason = StopReason::kMaxSteps; finish(l); continue; }
       if (StopRequested(o)) { l.t.stop_reason = StopReason::kDeadline; finish(l); continue; }
       const float* target = l.target.data();
@@ -713,18 +725,19 @@ std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(
       l.x.swap(next);
       next.resize(n);
       ++l.t.steps;
-      stepping.push_back(active[j]);
+      stepping.push_back(id);
     }
-    {
-      std::vector<size_t> going, ending;
-      for (size_t id : stepping) {
-        (live[id].t.steps < queries[live[id].slot].options->max_steps ? going : ending).push_back(id);
+    // Step boundary: queries waiting outside join the running batch.
+    std::vector<size_t> joined;
+    if (admit) {
+      for (const BatchQuery& q : admit(static_cast<int64_t>(stepping.size()))) {
+        const int64_t id = add(q);
+        if (id >= 0) joined.push_back(static_cast<size_t>(id));
       }
-      evaluate(going, true);
-      evaluate(ending, false);
-      for (size_t id : stepping) live[id].rec->Step(live[id].energy);
     }
+    evaluate_all(stepping, joined);
     active = std::move(stepping);
+    active.insert(active.end(), joined.begin(), joined.end());
   }
   return out;
 }

@@ -602,6 +602,58 @@ TEST(SyncBatch, EqualsSequentialRetrievalForEveryFamily) {
   }
 }
 
+// Continuous batching: queries admitted at step boundaries are numbered
+// after the first ones and end exactly as if run alone; the callback sees
+// how many queries are still running.
+TEST(SyncBatch, QueriesAdmittedAtStepBoundariesEndAsIfRunAlone) {
+  std::mt19937_64 rng(31);
+  const int n = 48, k = 200;
+  auto xi = RandomGaussian(int64_t{k} * n, rng, 1.f / std::sqrt(float(n)));
+  EnergyConfig cfg{.family = EnergyFamily::kLse, .beta = 6.0};
+  Bank bank(BankSpec{"b", n, StateKind::kContinuous, cfg, Precision::kF32});
+  bank.Append(xi, bank.AssignIds(k), {});
+  EnergyFunction energy(cfg, bank.view());
+  RetrieveOptions o;
+  o.record_trace = true;
+  std::vector<std::vector<float>> qs;
+  for (int q = 0; q < 16; ++q) {
+    std::vector<float> x(xi.begin() + int64_t{q * 11} * n, xi.begin() + int64_t{q * 11 + 1} * n);
+    auto noise = RandomGaussian(n, rng, 0.6f / std::sqrt(float(n)));
+    for (int i = 0; i < n; ++i) x[i] += noise[i];
+    qs.push_back(x);
+  }
+  std::vector<BatchQuery> first;
+  for (int q = 0; q < 10; ++q) first.push_back({qs[q], {}, &o});
+  int calls = 0, next = 10;
+  std::vector<int64_t> running_seen;
+  std::vector<size_t> finished;
+  auto got = RunSyncBatch(
+      energy, StateKind::kContinuous, first,
+      [&](size_t slot, absl::StatusOr<Trajectory>&) { finished.push_back(slot); },
+      [&](int64_t running) {
+        running_seen.push_back(running);
+        std::vector<BatchQuery> more;
+        if (++calls <= 2) {
+          for (int j = 0; j < 3; ++j, ++next) more.push_back({qs[next], {}, &o});
+        }
+        return more;
+      });
+  ASSERT_EQ(got.size(), 16u);
+  ASSERT_EQ(finished.size(), 16u);
+  EXPECT_GE(calls, 2);
+  EXPECT_LE(running_seen.front(), 10);
+  for (int q = 0; q < 16; ++q) {
+    auto want = RunDynamics(energy, StateKind::kContinuous, qs[q], {}, o);
+    ASSERT_TRUE(want.ok() && got[q].ok()) << q;
+    EXPECT_EQ(got[q]->steps, want->steps) << q;
+    EXPECT_EQ(got[q]->stop_reason, want->stop_reason) << q;
+    EXPECT_LT(RelInf(got[q]->state, want->state), 1e-4) << q;
+    EXPECT_NEAR(got[q]->energy_start, want->energy_start, 1e-6 * std::max(1.0, std::fabs(want->energy_start))) << q;
+    EXPECT_EQ(got[q]->energy_trace.size(), want->energy_trace.size()) << q;
+    EXPECT_EQ(got[q]->nearest_row, bank.Nearest(got[q]->state.data()).row) << q;
+  }
+}
+
 TEST(SyncBatch, ReportsBadQueriesInTheirSlotAndRunsTheRest) {
   std::mt19937_64 rng(5);
   const int n = 16, k = 4;

@@ -141,7 +141,8 @@ TEST(Concurrency, MixedTrafficOnOneBankSeesWholeBatchesOnly) {
 }
 
 // Many threads batching on many keys with a leader delay: every call runs
-// exactly once, in a batch of its own key, and gets its own status. Other
+// exactly once (whether it was in the first batch or joined a running one),
+// in a batch of its own key, and gets its own status. Other
 // keys are inserted while a leader waits, which rehashes the queue map (a
 // leader that kept a pointer into it across the wait would read freed
 // memory under ASan).
@@ -162,12 +163,21 @@ TEST(Concurrency, BatcherWithDelayRunsEveryCallOnceAcrossManyKeys) {
         std::pair<int, std::string> mine{id, key};
         call.payload = &mine;
         absl::Status s = batcher.Run(key, &call, [&](absl::Span<RetrieveBatcher::Call* const> calls,
-                                                     auto&&...) {
-          for (RetrieveBatcher::Call* c : calls) {
+                                                     const auto& complete, const auto& take_more) {
+          auto run = [&](RetrieveBatcher::Call* c) {
             auto* p = static_cast<std::pair<int, std::string>*>(c->payload);
             if (p->second != key) ++wrong_key;
             ++runs[p->first];
             c->status = absl::InternalError(std::to_string(p->first));
+          };
+          for (RetrieveBatcher::Call* c : calls) run(c);
+          // Continuous batching: calls queued meanwhile join this batch;
+          // some are answered at once, the rest when the batch returns.
+          for (int round = 0; round < 3; ++round) {
+            for (RetrieveBatcher::Call* c : take_more(8)) {
+              run(c);
+              if (round == 1) complete(c);
+            }
           }
         });
         if (s.message() != std::to_string(id)) ++wrong_status;

@@ -105,10 +105,17 @@ struct BatchQuery {
 // order: the trajectory, or the query's validation error (INVALID_ARGUMENT;
 // options.dynamics must be kSync). `on_finished`, when set, is called on the
 // calling thread as soon as a query's result is final (index, result), while
-// others may still run; the result may be moved from.
+// others may still run; the result may be moved from, and the query's
+// memory may be released.
+//
+// Continuous batching: `admit`, when set, is called at every step boundary
+// with the number of queries still running and returns queries that join
+// the batch there (their memory must stay valid until their on_finished);
+// they are numbered after `queries`, in order, and are in the result too.
 std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(
     const EnergyFunction& energy, StateKind kind, absl::Span<const BatchQuery> queries,
-    const std::function<void(size_t, absl::StatusOr<Trajectory>&)>& on_finished = nullptr);
+    const std::function<void(size_t, absl::StatusOr<Trajectory>&)>& on_finished = nullptr,
+    const std::function<std::vector<BatchQuery>(int64_t running)>& admit = nullptr);
 
 // Relative float tolerance used for the Lyapunov check.
 double EnergyTolerance(double e_before, double e_after);
