@@ -4,6 +4,7 @@
 #include <cmath>
 #include <filesystem>
 #include <functional>
+#include <thread>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
@@ -64,7 +65,7 @@ absl::StatusOr<core::EnergyConfig> ResolveEnergy(bool has_override,
   return cfg;
 }
 
-bool DeadlinePassed(grpc::ServerContext* ctx) {
+bool DeadlinePassed(grpc::ServerContextBase* ctx) {
   if (ctx == nullptr) return false;
   return ctx->IsCancelled() ||
          std::chrono::system_clock::now() > ctx->deadline();
@@ -98,7 +99,7 @@ absl::Status MemoryServiceImpl::Ready() const {
   return absl::OkStatus();
 }
 
-absl::Status MemoryServiceImpl::Authorize(grpc::ServerContext* ctx) const {
+absl::Status MemoryServiceImpl::Authorize(grpc::ServerContextBase* ctx) const {
   if (limits_.auth_token.empty()) return absl::OkStatus();
   const std::string& want = limits_.auth_token;
   std::string_view got;
@@ -413,9 +414,38 @@ absl::Status RunRetrieveWorks(
 
 }  // namespace
 
-grpc::Status MemoryServiceImpl::Retrieve(grpc::ServerContext* ctx,
-                                         const v1::RetrieveRequest* req,
-                                         v1::RetrieveResponse* resp) {
+bool MemoryServiceImpl::SmallRetrieve(const v1::RetrieveRequest* req) const {
+  // Work bound: queries x patterns x dimension x steps multiply-adds.
+  constexpr double kSmallWork = 4e6;
+  core::BankRegistry* registry = registry_.load();
+  if (registry == nullptr) return true;  // answered UNAVAILABLE at once
+  const double steps = req->options().max_steps() == 0 ? 100.0 : req->options().max_steps();
+  double work = 0.0;
+  const absl::Status s = registry->WithBank(req->bank(), [&](const core::Bank& bank) {
+    work = static_cast<double>(req->queries_size()) * static_cast<double>(bank.size()) * steps;
+    return absl::OkStatus();
+  });
+  return !s.ok() || work <= kSmallWork;  // errors are answered at once too
+}
+
+grpc::ServerUnaryReactor* MemoryServiceImpl::Retrieve(grpc::CallbackServerContext* ctx,
+                                                      const v1::RetrieveRequest* req,
+                                                      v1::RetrieveResponse* resp) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (SmallRetrieve(req)) {
+    reactor->Finish(RetrieveNow(ctx, req, resp));
+  } else {
+    // Nothing may touch the call after Finish: the thread ends there.
+    std::thread([this, ctx, req, resp, reactor] {
+      reactor->Finish(RetrieveNow(ctx, req, resp));
+    }).detach();
+  }
+  return reactor;
+}
+
+grpc::Status MemoryServiceImpl::RetrieveNow(grpc::ServerContextBase* ctx,
+                                            const v1::RetrieveRequest* req,
+                                            v1::RetrieveResponse* resp) {
   absl::Status s = [&]() -> absl::Status {
     ENGRAM_RETURN_IF_ERROR(Authorize(ctx));
     ENGRAM_RETURN_IF_ERROR(Ready());

@@ -36,7 +36,14 @@ struct ServiceLimits {
   absl::Duration max_batch_delay = absl::ZeroDuration();
 };
 
-class MemoryServiceImpl final : public v1::MemoryService::Service {
+// Retrieve uses gRPC's callback API: a small call (little work: a few
+// million multiply-adds at most) runs on the thread that read it and
+// answers without any thread hand-off, which is most of a small call's
+// latency; larger ones move to a thread of their own, where they may
+// block (dynamic batching) without holding up gRPC's threads. The other
+// methods use the synchronous API.
+class MemoryServiceImpl final
+    : public v1::MemoryService::WithCallbackMethod_Retrieve<v1::MemoryService::Service> {
  public:
   // `registry` may be null while banks are loading: calls then fail with
   // UNAVAILABLE until SetRegistry.
@@ -59,8 +66,13 @@ class MemoryServiceImpl final : public v1::MemoryService::Service {
                               v1::DeletePatternsResponse* resp) override;
   grpc::Status GetPatterns(grpc::ServerContext* ctx, const v1::GetPatternsRequest* req,
                            v1::GetPatternsResponse* resp) override;
-  grpc::Status Retrieve(grpc::ServerContext* ctx, const v1::RetrieveRequest* req,
-                        v1::RetrieveResponse* resp) override;
+  grpc::ServerUnaryReactor* Retrieve(grpc::CallbackServerContext* ctx,
+                                     const v1::RetrieveRequest* req,
+                                     v1::RetrieveResponse* resp) override;
+  // The body of Retrieve on the calling thread; `ctx` may be null (no
+  // deadline, no credentials), as for the other handlers.
+  grpc::Status RetrieveNow(grpc::ServerContextBase* ctx, const v1::RetrieveRequest* req,
+                           v1::RetrieveResponse* resp);
   grpc::Status Backup(grpc::ServerContext* ctx, const v1::BackupRequest* req,
                       v1::BackupResponse* resp) override;
   grpc::Status Sample(grpc::ServerContext* ctx, const v1::SampleRequest* req,
@@ -73,7 +85,9 @@ class MemoryServiceImpl final : public v1::MemoryService::Service {
  private:
   void UpdateBankGauges(const std::string& name);
   // OK, or UNAUTHENTICATED when a token is configured and the call lacks it.
-  absl::Status Authorize(grpc::ServerContext* ctx) const;
+  absl::Status Authorize(grpc::ServerContextBase* ctx) const;
+  // True when `req` is small enough to answer on gRPC's thread.
+  bool SmallRetrieve(const v1::RetrieveRequest* req) const;
   // Shared by Sample and SampleStream; `writer` may be null.
   absl::Status RunSample(grpc::ServerContext* ctx, const v1::SampleRequest* req,
                          v1::SampleResponse* resp, grpc::ServerWriter<v1::SampleFrame>* writer);

@@ -282,7 +282,7 @@ class Fixture {
         v1::RetrieveResponse resp;
         if (!Parse(&req, data, len)) return Unparsed(rpc);
         CapCost(&req);
-        s = service.Retrieve(nullptr, &req, &resp);
+        s = service.RetrieveNow(nullptr, &req, &resp);
         break;
       }
       case kEnergy: {

@@ -186,21 +186,23 @@ class BadInputTest(ServerTest):
 
     def test_undecodable_requests_get_internal_from_grpc_and_change_nothing(self):
         """Bytes that are not the request message never reach Engram: gRPC's
-        deserializer answers INTERNAL; an unknown method is UNIMPLEMENTED."""
+        deserializer answers INTERNAL for the synchronous methods, and gRPC
+        1.51's callback handler (Retrieve) answers UNIMPLEMENTED; an unknown
+        method is UNIMPLEMENTED."""
         pb = self.pb
         self.create("raw", 4, pb.STATE_KIND_CONTINUOUS)
         cases = [
-            ("Store", b"\x12\xff\xff\xff\xff\x0f"),    # packed floats longer than the message
-            ("CreateBank", b"\x0a\x02\xc3\x28"),         # name that is not UTF-8
-            ("Retrieve", b"\xff\xff"),                      # invalid tag
-            ("DeletePatterns", b"\x0a\x03raw\x12\x01"),   # truncated packed ids
+            ("Store", b"\x12\xff\xff\xff\xff\x0f", grpc.StatusCode.INTERNAL),   # packed floats longer than the message
+            ("CreateBank", b"\x0a\x02\xc3\x28", grpc.StatusCode.INTERNAL),        # name that is not UTF-8
+            ("Retrieve", b"\xff\xff", grpc.StatusCode.UNIMPLEMENTED),              # invalid tag
+            ("DeletePatterns", b"\x0a\x03raw\x12\x01", grpc.StatusCode.INTERNAL),  # truncated packed ids
         ]
-        for method, body in cases:
+        for method, body, code in cases:
             call = self.channel.unary_unary("/engram.v1.MemoryService/" + method)
             with self.subTest(method):
                 with self.assertRaises(grpc.RpcError) as ctx:
                     call(body, timeout=5)
-                self.assertEqual(ctx.exception.code(), grpc.StatusCode.INTERNAL)
+                self.assertEqual(ctx.exception.code(), code)
         with self.assertRaises(grpc.RpcError) as ctx:
             self.channel.unary_unary("/engram.v1.MemoryService/Frobnicate")(b"", timeout=5)
         self.assertEqual(ctx.exception.code(), grpc.StatusCode.UNIMPLEMENTED)
