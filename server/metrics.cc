@@ -143,13 +143,15 @@ Metrics::Metrics()
                       .Register(*registry_)),
       batch_queries_(prometheus::BuildHistogram()
                          .Name("engram_batch_queries")
-                         .Help("Queries per batch executed by the dynamic Retrieve batcher.")
+                         .Help("Queries per batch started by the dynamic Retrieve batcher, or per group of "
+                               "calls joining a running batch at a step boundary.")
                          .Register(*registry_)
                          .Add({}, prometheus::Histogram::BucketBoundaries{
                                       1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024})),
       batch_calls_(prometheus::BuildHistogram()
                        .Name("engram_batch_calls")
-                       .Help("Retrieve calls merged into one batch by the dynamic batcher.")
+                       .Help("Retrieve calls per batch started by the dynamic batcher, or per group of "
+                             "calls joining a running batch.")
                        .Register(*registry_)
                        .Add({}, prometheus::Histogram::BucketBoundaries{
                                     1, 2, 4, 8, 16, 32, 64, 128, 256})),
