@@ -4,6 +4,7 @@
 #include <cmath>
 #include <filesystem>
 #include <functional>
+#include <system_error>
 #include <thread>
 
 #include "absl/container/flat_hash_map.h"
@@ -432,14 +433,18 @@ grpc::ServerUnaryReactor* MemoryServiceImpl::Retrieve(grpc::CallbackServerContex
                                                       const v1::RetrieveRequest* req,
                                                       v1::RetrieveResponse* resp) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  if (SmallRetrieve(req)) {
-    reactor->Finish(RetrieveNow(ctx, req, resp));
-  } else {
-    // Nothing may touch the call after Finish: the thread ends there.
-    std::thread([this, ctx, req, resp, reactor] {
-      reactor->Finish(RetrieveNow(ctx, req, resp));
-    }).detach();
+  if (!SmallRetrieve(req)) {
+    try {
+      // Nothing may touch the call after Finish: the thread ends there.
+      std::thread([this, ctx, req, resp, reactor] {
+        reactor->Finish(RetrieveNow(ctx, req, resp));
+      }).detach();
+      return reactor;
+    } catch (const std::system_error&) {
+      // No thread to be had: answer on this one.
+    }
   }
+  reactor->Finish(RetrieveNow(ctx, req, resp));
   return reactor;
 }
 

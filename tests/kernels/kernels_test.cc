@@ -443,6 +443,21 @@ TEST(FusedPass, ValueAndNearestAgreesWithBankNearest) {
   }
 }
 
+// Queries near stored patterns: pattern (q * stride) of `xi` plus gaussian
+// noise of norm ~`noise`, for q < count.
+std::vector<std::vector<float>> NoisyPatterns(const std::vector<float>& xi, int n, int count,
+                                              int stride, float noise, std::mt19937_64& rng) {
+  std::vector<std::vector<float>> qs;
+  for (int q = 0; q < count; ++q) {
+    std::vector<float> x(xi.begin() + int64_t{q} * stride * n,
+                         xi.begin() + (int64_t{q} * stride + 1) * n);
+    auto e = RandomGaussian(n, rng, noise / std::sqrt(float(n)));
+    for (int i = 0; i < n; ++i) x[i] += e[i];
+    qs.push_back(x);
+  }
+  return qs;
+}
+
 // A converged sync retrieval reports the nearest memory of its final state,
 // found in its last pass, one query at a time and batched.
 TEST(FusedPass, ConvergedRetrievalCarriesTheNearestRow) {
@@ -454,14 +469,8 @@ TEST(FusedPass, ConvergedRetrievalCarriesTheNearestRow) {
   bank.Append(xi, bank.AssignIds(k), {});
   EnergyFunction energy(cfg, bank.view());
   RetrieveOptions o;
-  std::vector<std::vector<float>> qs;
+  const std::vector<std::vector<float>> qs = NoisyPatterns(xi, n, 10, 7, 0.3f, rng);
   std::vector<BatchQuery> batch;
-  for (int q = 0; q < 10; ++q) {
-    std::vector<float> x(xi.begin() + int64_t{q * 7} * n, xi.begin() + int64_t{q * 7 + 1} * n);
-    auto noise = RandomGaussian(n, rng, 0.3f / std::sqrt(float(n)));
-    for (int i = 0; i < n; ++i) x[i] += noise[i];
-    qs.push_back(x);
-  }
   for (const auto& q : qs) batch.push_back({q, {}, &o});
   auto batched = RunSyncBatch(energy, StateKind::kContinuous, batch);
   for (int q = 0; q < 10; ++q) {
@@ -615,13 +624,7 @@ TEST(SyncBatch, QueriesAdmittedAtStepBoundariesEndAsIfRunAlone) {
   EnergyFunction energy(cfg, bank.view());
   RetrieveOptions o;
   o.record_trace = true;
-  std::vector<std::vector<float>> qs;
-  for (int q = 0; q < 16; ++q) {
-    std::vector<float> x(xi.begin() + int64_t{q * 11} * n, xi.begin() + int64_t{q * 11 + 1} * n);
-    auto noise = RandomGaussian(n, rng, 0.6f / std::sqrt(float(n)));
-    for (int i = 0; i < n; ++i) x[i] += noise[i];
-    qs.push_back(x);
-  }
+  const std::vector<std::vector<float>> qs = NoisyPatterns(xi, n, 16, 11, 0.6f, rng);
   std::vector<BatchQuery> first;
   for (int q = 0; q < 10; ++q) first.push_back({qs[q], {}, &o});
   int calls = 0, next = 10;
