@@ -60,6 +60,26 @@ bool StopRequested(const RetrieveOptions& o) {
   return o.should_stop && o.should_stop();
 }
 
+// The sync move from x to its update target (sign for bipolar states,
+// clamped coordinates held at the query) into `next`; returns |next - x|_inf.
+double SyncMove(StateKind kind, absl::Span<const float> query, absl::Span<const bool> clamp,
+                const float* x, const float* target, float* next) {
+  double delta = 0.0;
+  for (size_t i = 0; i < query.size(); ++i) {
+    float v;
+    if (Clamped(clamp, static_cast<int>(i))) {
+      v = query[i];
+    } else if (kind == StateKind::kBipolar) {
+      v = target[i] > 0.f ? 1.f : (target[i] < 0.f ? -1.f : x[i]);
+    } else {
+      v = target[i];
+    }
+    delta = std::max(delta, static_cast<double>(std::fabs(v - x[i])));
+    next[i] = v;
+  }
+  return delta;
+}
+
 bool BipolarDrive(const EnergyFunction& energy, const float* x, float* drive, double* e,
                   int64_t* nearest_row);
 bool HasKrotovHopfieldDrive(const EnergyConfig& cfg, const PatternView& p);
@@ -99,19 +119,7 @@ void RunSync(const EnergyFunction& energy, StateKind kind,
     if (t->steps >= o.max_steps) { t->stop_reason = StopReason::kMaxSteps; break; }
     if (StopRequested(o)) { t->stop_reason = StopReason::kDeadline; break; }
     if (!AllFinite(target)) { t->stop_reason = StopReason::kDiverged; break; }
-    double delta = 0.0;
-    for (int i = 0; i < n; ++i) {
-      float v;
-      if (Clamped(clamp, i)) {
-        v = query[i];
-      } else if (kind == StateKind::kBipolar) {
-        v = target[i] > 0.f ? 1.f : (target[i] < 0.f ? -1.f : x[i]);
-      } else {
-        v = target[i];
-      }
-      delta = std::max(delta, static_cast<double>(std::fabs(v - x[i])));
-      next[i] = v;
-    }
+    const double delta = SyncMove(kind, query, clamp, x.data(), target.data(), next.data());
     if (delta < o.tol) { t->stop_reason = StopReason::kConverged; break; }
     x.swap(next);
     ++t->steps;
@@ -704,23 +712,8 @@ std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(
       const absl::Span<const bool> clamp = l.q.clamp;
       if (l.t.steps >= o.max_steps) { l.t.stop_reason = StopReason::kMaxSteps; finish(l); continue; }
       if (StopRequested(o)) { l.t.stop_reason = StopReason::kDeadline; finish(l); continue; }
-      const float* target = l.target.data();
-      bool finite = true;
-      for (int i = 0; i < n && finite; ++i) finite = std::isfinite(target[i]);
-      if (!finite) { l.t.stop_reason = StopReason::kDiverged; finish(l); continue; }
-      double delta = 0.0;
-      for (int i = 0; i < n; ++i) {
-        float v;
-        if (Clamped(clamp, i)) {
-          v = query[i];
-        } else if (kind == StateKind::kBipolar) {
-          v = target[i] > 0.f ? 1.f : (target[i] < 0.f ? -1.f : l.x[i]);
-        } else {
-          v = target[i];
-        }
-        delta = std::max(delta, static_cast<double>(std::fabs(v - l.x[i])));
-        next[i] = v;
-      }
+      if (!AllFinite(l.target)) { l.t.stop_reason = StopReason::kDiverged; finish(l); continue; }
+      const double delta = SyncMove(kind, query, clamp, l.x.data(), l.target.data(), next.data());
       if (delta < o.tol) { l.t.stop_reason = StopReason::kConverged; finish(l); continue; }
       l.x.swap(next);
       next.resize(n);
