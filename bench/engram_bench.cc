@@ -3,6 +3,7 @@
 //
 //   build/bench/engram_bench --benchmark_repetitions=5 \
 //       --benchmark_report_aggregates_only=true
+#include <cmath>
 #include <filesystem>
 #include <random>
 
@@ -43,6 +44,35 @@ void BM_LseSyncStep(benchmark::State& state) {
 }
 BENCHMARK(BM_LseSyncStep)->Args({784, 10000})->Args({784, 1000})->Args({4096, 10000})
     ->Unit(benchmark::kMicrosecond)->UseRealTime();
+
+// One batched sync step of the lse energy for B states (arg 2) on unit-norm
+// patterns at beta = 20, where every weight counts (no row is negligible):
+// two sgemms per tile and B * K exps between them.
+void BM_LseSyncStepBatch(benchmark::State& state) {
+  const int n = state.range(0), k = state.range(1), b = state.range(2);
+  std::mt19937_64 rng(2);
+  std::normal_distribution<float> g;
+  std::vector<float> data(static_cast<size_t>(n) * k);
+  for (int64_t r = 0; r < k; ++r) {
+    double sq = 0.0;
+    for (int i = 0; i < n; ++i) sq += std::pow(data[r * n + i] = g(rng), 2);
+    for (int i = 0; i < n; ++i) data[r * n + i] /= std::sqrt(sq);
+  }
+  core::Bank bank(core::BankSpec{"bench", n, core::StateKind::kContinuous, {},
+                                 core::Precision::kF32});
+  bank.Append(data, bank.AssignIds(k), {});
+  core::EnergyConfig cfg{.family = core::EnergyFamily::kLse, .beta = 20};
+  core::EnergyFunction energy(cfg, bank.view());
+  std::vector<float> x(data.begin(), data.begin() + int64_t{b} * n), out(x.size());
+  std::vector<double> e(b);
+  for (auto _ : state) {
+    energy.UpdateTargetBatch(x.data(), b, out.data(), e.data());
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.SetItemsProcessed(state.iterations() * int64_t{4} * b * k * n);  // flops
+}
+BENCHMARK(BM_LseSyncStepBatch)->Args({784, 10000, 32})->Args({784, 10000, 256})
+    ->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // Every kernel at every SIMD level this CPU runs: one pass of `rows` rows of
 // dimension N (arg 0: level, arg 1: N, arg 2: rows). Bytes are those the

@@ -391,10 +391,9 @@ void EnergyFunction::UpdateTargetBatch(const float* x, int64_t b, float* targets
   std::unique_ptr<internal::RowWeights> rule = internal::MakeRowWeights(config_);
   // A bf16 bank is evaluated one state at a time over its bf16 rows, so a
   // query's answer does not depend on whether it was batched.
-  // Few states: one streaming pass each beats sgemm, whose packing of the
-  // pattern matrix costs more passes than it saves (kBatchMinStates).
+  // Few states: one streaming pass each is faster (BatchMinStates).
   if (patterns_.rows == 0 || rule == nullptr || sim == SimilarityKind::kNegL1 ||
-      b < internal::kBatchMinStates || patterns_.bf16 != nullptr) {
+      b < internal::BatchMinStates(patterns_) || patterns_.bf16 != nullptr) {
     for (int64_t q = 0; q < b; ++q) {
       double e;
       if (FusedEvaluate(x + q * n, targets != nullptr ? targets + q * n : nullptr, nullptr, &e,

@@ -109,16 +109,7 @@ bool FoldBlock(bool log_domain, const double* w, const double* h, int64_t count,
     // bound on the final scale), cannot change wsum (>= 1 at the end of
     // every block) even summed over 10^9 rows: skip their exp.
     const double cut = std::max(r->log_scale, log_floor) - 50.0;
-    for (int64_t i = 0; i < count; ++i) {
-      const double d = w[i] - r->log_scale;
-      if (w[i] < cut) {
-        wf[i] = 0.f;
-        continue;
-      }
-      const double e = std::exp(d);
-      wf[i] = static_cast<float>(e);
-      r->wsum += e;
-    }
+    r->wsum += kernels::Kernels().exp_weights(w, count, r->log_scale, cut, wf);
     return true;
   }
   double bm = 0.0;
@@ -399,7 +390,7 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
   return out;
 }
 
-void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const float* x,
+static void FusedPassBatchSgemm(const PatternView& view, SimilarityKind similarity, const float* x,
                     int64_t b, const RowWeights& rule, float* acc, FusedSums* sums,
                     bool track_nearest) {
   const int n = view.dim;
@@ -460,6 +451,128 @@ void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const fl
     sums[q].log_scale = running[q].LogScale(log_domain);
     sums[q].wsum = running[q].wsum;
     sums[q].hsum = running[q].hsum;
+  }
+}
+
+void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const float* x,
+                    int64_t b, const RowWeights& rule, float* acc, FusedSums* sums,
+                    bool track_nearest) {
+  if (b > kBatchMultiMaxStates) {
+    FusedPassBatchSgemm(view, similarity, x, b, rule, acc, sums, track_nearest);
+    return;
+  }
+  const kernels::KernelTable& k = kernels::Kernels();
+  const int n = view.dim;
+  const int64_t rows = view.rows;
+  const bool log_domain = rule.domain() == WeightDomain::kLog;
+  // Rows per tile: the tile stays in L2 between its scores and its weighted sum.
+  const int64_t tile = std::clamp<int64_t>((int64_t{256} << 10) / (int64_t{n} * 4), 16, 1024);
+  const float negligible =
+      static_cast<float>(kNegligibleWeightMass / static_cast<double>(std::max<int64_t>(rows, 1)));
+  constexpr int64_t kStateChunk = 32;
+  std::vector<double> sqx(b, 0.0);
+  for (int64_t q = 0; q < b; ++q) {
+    sums[q] = FusedSums{};
+    if (similarity == SimilarityKind::kNegHalfSqL2 || track_nearest) {
+      for (int i = 0; i < n; ++i) sqx[q] += double{x[q * n + i]} * x[q * n + i];
+    }
+  }
+  // A thread's share: per state, its running sums, energy, nearest row and
+  // accumulator (b x n).
+  struct BatchPartial {
+    std::vector<RunningSums> sums;
+    std::vector<double> energy;
+    std::vector<int64_t> nearest_row;
+    std::vector<double> nearest_key;
+    std::vector<float> acc;
+  };
+  std::vector<BatchPartial> partials(
+      std::min<int64_t>(4 * ComputeThreads(), std::max<int64_t>(rows, 1)));
+  auto run = [&](int part, int64_t begin, int64_t end) {
+    BatchPartial& p = partials[part];
+    p.sums.assign(b, RunningSums{});
+    p.energy.assign(b, 0.0);
+    p.nearest_row.assign(b, -1);
+    p.nearest_key.assign(b, -INFINITY);
+    if (acc != nullptr) p.acc.assign(b * n, 0.f);
+    std::vector<float> st(b * tile);
+    std::vector<double> s(tile), w(tile), h(tile);
+    for (int64_t t0 = begin; t0 < end; t0 += tile) {
+      const int64_t count = std::min(tile, end - t0);
+      const float* xi = view.data + t0 * n;
+      // st is b x count; states in chunks whose x stays in L2 with the tile.
+      for (int64_t q0 = 0; q0 < b; q0 += kStateChunk) {
+        k.dot_rows_multi(xi, count, n, x + q0 * n, std::min(kStateChunk, b - q0),
+                         st.data() + q0 * count);
+      }
+      if (t0 + count < end) {
+        // Ask for the next tile while this one's weights and weighted sum
+        // are computed from cache (a batched step is compute-bound; the
+        // memory system would otherwise idle).
+        const char* next = reinterpret_cast<const char*>(xi + count * n);
+        const int64_t next_bytes = std::min(tile, end - t0 - count) * n * 4;
+        for (int64_t off = 0; off < next_bytes; off += 64) __builtin_prefetch(next + off, 0, 2);
+      }
+      for (int64_t q = 0; q < b; ++q) {
+        float* srow = st.data() + q * count;  // becomes the weight row in place
+        for (int64_t i = 0; i < count; ++i) {
+          s[i] = similarity == SimilarityKind::kNegHalfSqL2
+                     ? double{srow[i]} - 0.5 * view.sq_norms[t0 + i] - 0.5 * sqx[q]
+                     : double{srow[i]};
+        }
+        if (track_nearest) {
+          for (int64_t i = 0; i < count; ++i) {
+            const double key = double{srow[i]} - 0.5 * view.sq_norms[t0 + i] - 0.5 * sqx[q];
+            if (key > p.nearest_key[q]) {
+              p.nearest_key[q] = key;
+              p.nearest_row[q] = t0 + i;
+            }
+          }
+        }
+        p.energy[q] += rule.Block(s.data(), count, w.data(), h.data());
+        FoldBlock(log_domain, w.data(), h.data(), count, &p.sums[q],
+                  acc != nullptr ? p.acc.data() + q * n : nullptr, n, srow);
+        // Relative to a scale that only grows, so negligible at the end too.
+        for (int64_t i = 0; i < count; ++i) {
+          if (!(std::fabs(srow[i]) >= negligible)) srow[i] = 0.f;
+        }
+      }
+      if (acc == nullptr) continue;
+      for (int64_t q0 = 0; q0 < b; q0 += kStateChunk) {
+        k.axpy_rows_multi(xi, count, n, st.data() + q0 * count, std::min(kStateChunk, b - q0),
+                          p.acc.data() + q0 * n);
+      }
+    }
+  };
+  int used = 1;
+  ParallelRows(rows, int64_t{n} * 4 * std::max<int64_t>(b / 4, 1), run, &used);
+
+  // Exact merge per state: rescale every partial to the largest scale.
+  if (acc != nullptr) std::fill(acc, acc + b * n, 0.f);
+  for (int64_t q = 0; q < b; ++q) {
+    FusedSums& out = sums[q];
+    double top = -INFINITY;
+    for (int i = 0; i < used; ++i) top = std::max(top, partials[i].sums[q].LogScale(log_domain));
+    out.log_scale = top;
+    for (int i = 0; i < used; ++i) {
+      const BatchPartial& p = partials[i];
+      out.energy_terms += p.energy[q];
+      if (track_nearest && p.nearest_key[q] > out.nearest_key) {  // ranges are in row order
+        out.nearest_key = p.nearest_key[q];
+        out.nearest_row = p.nearest_row[q];
+      }
+      const double log_scale = p.sums[q].LogScale(log_domain);
+      if (!std::isfinite(log_scale)) continue;
+      const double f = std::exp(log_scale - top);
+      out.wsum += f * p.sums[q].wsum;
+      out.hsum += f * p.sums[q].hsum;
+      if (acc != nullptr) {
+        const float ff = static_cast<float>(f);
+        const float* pa = p.acc.data() + q * n;
+        float* a = acc + q * n;
+        for (int j = 0; j < n; ++j) a[j] += ff * pa[j];
+      }
+    }
   }
 }
 

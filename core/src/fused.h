@@ -81,13 +81,23 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
                     const RowWeights& rule, float* acc, bool track_nearest = false,
                     int64_t hint_row = -1);
 
-// The batched form for `b` states x (b x view.dim floats, row-major): one
-// sgemm forms the scores of all states against a tile of rows (S = X Xi^T),
-// the weights are computed per state as in FusedPass, and a second sgemm
-// adds W Xi to the accumulators. Tiles keep S within a few MB. `acc` is
-// b x view.dim (or null); `sums` has b entries. Always reads the f32 rows.
-// Batches smaller than this run as one FusedPass per state.
-inline constexpr int64_t kBatchMinStates = 8;
+// The batched form for `b` states x (b x view.dim floats, row-major), one
+// read of the f32 rows per call. Up to kBatchMultiMaxStates states, the rows
+// are taken in L2-sized tiles: the multi-state kernels score every state
+// against the tile (dot_rows_multi), the weights are computed per state as
+// in FusedPass (weights negligible against the running scale are left out,
+// as there), and axpy_rows_multi adds the tile to every state's accumulator
+// while it is still in cache; threads take contiguous ranges of rows and
+// their partial sums are merged exactly. Larger batches run as two sgemms
+// per tile (S = X Xi^T, then Acc += W Xi), where OpenBLAS's packed kernels
+// are faster. `acc` is b x view.dim (or null); `sums` has b entries.
+inline constexpr int64_t kBatchMultiMaxStates = 32;
+
+// Batches smaller than this run as one FusedPass per state: on f32 rows a
+// pass per state streams at memory speed, which the multi-state kernels beat
+// from 4 states on; on bit-packed rows (a bipolar bank) the per-state passes
+// read 1/32 of the bytes, so batching starts at 8.
+inline int64_t BatchMinStates(const PatternView& view) { return view.bits != nullptr ? 8 : 4; }
 
 // With `track_nearest`, sums[q].nearest_row is set as in FusedPass (from
 // the sgemm scores, which may round differently from Bank::Nearest's dot

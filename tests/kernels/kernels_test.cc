@@ -106,6 +106,87 @@ TEST(Kernels, DotAndAxpyMatchDoubleReferenceAtEveryLevel) {
   }
 }
 
+// The multi-state kernels against per-state double references, with a
+// group of four states whose weights are all zero (skipped: left exactly as
+// they were) and a row no state weights.
+TEST(Kernels, MultiStateKernelsMatchDoubleReferenceAtEveryLevel) {
+  std::mt19937_64 rng(12);
+  for (const KernelTable* k : Levels()) {
+    for (int n : kDims) {
+      for (int count : kCounts) {
+        for (int b : {1, 3, 4, 5, 9}) {
+          auto rows = RandomGaussian(int64_t{count} * n, rng);
+          auto x = RandomGaussian(int64_t{b} * n, rng);
+          auto w = RandomGaussian(int64_t{b} * count, rng);
+          if (b >= 8) std::fill(w.begin(), w.begin() + 4 * count, 0.f);  // states 0-3
+          if (count > 2) {
+            for (int q = 0; q < b; ++q) w[q * count + 1] = 0.f;  // row 1
+          }
+          std::vector<float> got(int64_t{b} * count + 1, 123.f);
+          k->dot_rows_multi(rows.data(), count, n, x.data(), b, got.data());
+          for (int q = 0; q < b; ++q) {
+            const std::vector<float> xq(x.begin() + int64_t{q} * n, x.begin() + int64_t{q + 1} * n);
+            const auto want = RefDots(rows, count, n, xq);
+            for (int r = 0; r < count; ++r) {
+              EXPECT_NEAR(got[q * count + r], want[r], Tolerance(n) * std::sqrt(double(n)))
+                  << kernels::SimdLevelName(k->level) << " n=" << n << " b=" << b << " q=" << q;
+            }
+          }
+          EXPECT_EQ(got[int64_t{b} * count], 123.f) << "wrote past the output";
+          std::vector<float> acc(int64_t{b} * n + 1, 0.5f);
+          acc[int64_t{b} * n] = 77.f;
+          k->axpy_rows_multi(rows.data(), count, n, w.data(), b, acc.data());
+          for (int q = 0; q < b; ++q) {
+            for (int i = 0; i < n; ++i) {
+              double s = 0.5;
+              for (int r = 0; r < count; ++r) s += double{w[q * count + r]} * rows[r * n + i];
+              if (b >= 8 && q < 4) {
+                EXPECT_EQ(acc[q * n + i], 0.5f) << "a state with zero weights changed";
+              } else {
+                EXPECT_NEAR(acc[q * n + i], s, Tolerance(count) * 4)
+                    << kernels::SimdLevelName(k->level) << " n=" << n << " b=" << b << " q=" << q;
+              }
+            }
+          }
+          EXPECT_EQ(acc[int64_t{b} * n], 77.f) << "wrote past the accumulator";
+        }
+      }
+    }
+  }
+}
+
+// exp_weights against std::exp on lengths that hit the vector tails: each
+// output is the f32 rounding of exp (to one f32 ulp), rows below the cut get
+// exactly 0, and the returned sum is the double sum of the exps (1e-14).
+TEST(Kernels, ExpWeightsMatchExpWithinStatedError) {
+  std::mt19937_64 rng(13);
+  std::uniform_real_distribution<double> u(-60.0, 0.0);
+  for (const KernelTable* k : Levels()) {
+    for (int count : {1, 7, 8, 9, 33, 1000}) {
+      const double shift = 37.25, cut = shift - 40.0;
+      std::vector<double> w(count);
+      for (auto& v : w) v = shift + u(rng);
+      w[0] = shift;  // the largest weight, exp(0) = 1
+      std::vector<float> out(count + 1, 5.f);
+      const double sum = k->exp_weights(w.data(), count, shift, cut, out.data());
+      double want_sum = 0.0;
+      for (int i = 0; i < count; ++i) {
+        const double d = w[i] - shift;
+        if (w[i] < cut) {
+          EXPECT_EQ(out[i], 0.f) << kernels::SimdLevelName(k->level) << " d=" << d;
+        } else {
+          const double e = std::exp(d);
+          EXPECT_NEAR(out[i], e, 0x1p-23 * e) << kernels::SimdLevelName(k->level) << " d=" << d;
+          want_sum += e;
+        }
+      }
+      EXPECT_EQ(out[0], 1.f) << kernels::SimdLevelName(k->level);
+      EXPECT_NEAR(sum, want_sum, 1e-14 * want_sum) << kernels::SimdLevelName(k->level);
+      EXPECT_EQ(out[count], 5.f) << "wrote past the output";
+    }
+  }
+}
+
 TEST(Kernels, Bf16KernelsMatchReferenceOnRoundedRows) {
   std::mt19937_64 rng(2);
   for (const KernelTable* k : Levels()) {
@@ -283,6 +364,63 @@ TEST_P(FusedTest, MatchesReferenceOnShapesThatSplitIntoBlocksAndThreads) {
         ref.ReferenceValueAndGradient(x.data(), g_ref.data());
         EXPECT_NEAR(eg, e_ref, tol) << c.name;
         EXPECT_LT(RelInf(g_fast, g_ref), 1e-4) << c.name << " n=" << n << " k=" << k;
+      }
+    }
+  }
+}
+
+// The batched step (UpdateTargetBatch) against the reference of each state,
+// at batch sizes on both sides of every switch: per-state passes, the
+// multi-state kernels, sgemm; on a shape split over threads. The nearest
+// rows equal Bank::Nearest's where the pass reports them.
+TEST_P(FusedTest, BatchedStepMatchesReferenceAtEveryBatchSize) {
+  const FusedCase& c = GetParam();
+  std::mt19937_64 rng(19);
+  const bool bipolar = c.kind == StateKind::kBipolar;
+  const int n = 257, k = 4200;
+  auto xi = bipolar ? RandomBipolar(int64_t{k} * n, rng)
+                    : RandomGaussian(int64_t{k} * n, rng, 1.f / std::sqrt(float(n)));
+  Bank bank(BankSpec{"f", n, c.kind, c.config, c.precision});
+  bank.Append(xi, bank.AssignIds(k), {});
+  Bank ref_bank(BankSpec{"r", n, c.kind, c.config, Precision::kF32});
+  std::vector<float> ref_xi = xi;
+  if (c.precision == Precision::kBf16) {
+    for (auto& v : ref_xi) v = kernels::Bf16ToFloat(kernels::FloatToBf16(v));
+  }
+  ref_bank.Append(ref_xi, ref_bank.AssignIds(k), {});
+  EnergyFunction fast(c.config, bank.view());
+  EnergyFunction ref(c.config, ref_bank.view());
+  for (int b : {3, 4, 13, 32, 45}) {
+    std::vector<float> x;
+    for (int q = 0; q < b; ++q) {
+      const int64_t row = (int64_t{q} * 97) % k;
+      std::vector<float> xq(xi.begin() + row * n, xi.begin() + (row + 1) * n);
+      if (bipolar) {
+        xq = testing::FlipBits(xq.data(), n, n / 10, rng);
+      } else {
+        auto noise = RandomGaussian(n, rng, 0.3f / std::sqrt(float(n)));
+        for (int i = 0; i < n; ++i) xq[i] += noise[i];
+      }
+      x.insert(x.end(), xq.begin(), xq.end());
+    }
+    std::vector<float> targets(x.size());
+    std::vector<double> energies(b);
+    std::vector<int64_t> nearest(b, -1);
+    fast.UpdateTargetBatch(x.data(), b, targets.data(), energies.data(), nearest.data());
+    for (int q = 0; q < b; ++q) {
+      const float* xq = x.data() + int64_t{q} * n;
+      std::vector<float> want(n);
+      const double e_ref = ref.ReferenceUpdateTarget(xq, want.data());
+      const std::vector<float> got(targets.begin() + int64_t{q} * n,
+                                   targets.begin() + int64_t{q + 1} * n);
+      EXPECT_NEAR(energies[q], e_ref, 2e-5 * std::max(1.0, std::fabs(e_ref)))
+          << c.name << " b=" << b << " q=" << q;
+      // Per-state passes over bits (b < 8) form sum w xi as 2 sum w [xi = +1]
+      // - sum w in f32: that cancellation costs a few more digits.
+      const double tol = c.precision == Precision::kBitPacked ? 1e-3 : 1e-4;
+      EXPECT_LT(RelInf(got, want), tol) << c.name << " b=" << b << " q=" << q;
+      if (nearest[q] >= 0) {
+        EXPECT_EQ(nearest[q], bank.Nearest(xq).row) << c.name << " b=" << b << " q=" << q;
       }
     }
   }

@@ -51,6 +51,21 @@ struct KernelTable {
   // caller turns it into +-1 as 2 * acc - sum w).
   void (*axpy_rows_bits)(const uint64_t* rows, int64_t count, int n,
                          const float* w, float* acc);
+  // Many states against the same f32 rows (a batched step without packing
+  // the rows: each row is read once per call, from cache for every state
+  // after the first). out[q*count + r] = sum_i rows[r*n + i] * x[q*n + i],
+  // for states q < b and rows r < count.
+  void (*dot_rows_multi)(const float* rows, int64_t count, int n, const float* x,
+                         int64_t b, float* out);
+  // acc[q*n + i] += sum_r w[q*count + r] * rows[r*n + i], q < b, i < n.
+  // Rows whose weights are zero for a group of states are not read for it.
+  void (*axpy_rows_multi)(const float* rows, int64_t count, int n, const float* w,
+                          int64_t b, float* acc);
+  // Softmax weights of a block relative to a scale (w[i] <= shift):
+  // out[i] = exp(w[i] - shift) rounded to f32 when w[i] >= cut, else 0;
+  // returns the sum of those exp values in double (before rounding). exp is
+  // evaluated in double (the vector levels to within 2^-50 relative).
+  double (*exp_weights)(const double* w, int64_t count, double shift, double cut, float* out);
 };
 
 // The table for the widest level this CPU supports, capped by the
@@ -67,6 +82,13 @@ SimdLevel DetectedSimdLevel();
 const KernelTable& ScalarKernels();
 const KernelTable& Avx2Kernels();
 const KernelTable& Avx512Kernels();
+
+// The AVX2 multi-state and exp kernels, shared by the AVX-512 table.
+double Avx2ExpWeights(const double* w, int64_t count, double shift, double cut, float* out);
+void Avx2DotRowsMulti(const float* rows, int64_t count, int n, const float* x, int64_t b,
+                      float* out);
+void Avx2AxpyRowsMulti(const float* rows, int64_t count, int n, const float* w, int64_t b,
+                       float* acc);
 
 // f32 <-> bf16 (round to nearest even; NaN stays NaN).
 uint16_t FloatToBf16(float v);

@@ -4,8 +4,10 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <memory>
+#include <vector>
 
 #include "kernels/kernels.h"
 
@@ -282,11 +284,225 @@ void AxpyRowsBits(const uint64_t* rows, int64_t count, int n, const float* w, fl
   }
 }
 
+// ---- Many states against the same rows ------------------------------------
+// Register tiles: R rows x Q states of dot products (R + Q + R*Q <= 16 ymm
+// registers), or Q states x C vectors of 8 columns of accumulators. Each
+// tile streams its operands once from L1/L2 and does R*Q (or Q*C) FMAs per
+// R + Q (or C + Q) loads, so the FMA units, not the loads, set the pace.
+
+template <int R, int Q>
+inline void DotTile(const float* rows, int n, const float* x, float* out, int64_t ld) {
+  const int full = n & ~7;
+  const int rem = n - full;
+  __m256 a[R][Q];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q) a[r][q] = _mm256_setzero_ps();
+  }
+  for (int i = 0; i < full; i += 8) {
+    __m256 v[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) v[r] = _mm256_loadu_ps(rows + r * n + i);
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q) {
+      const __m256 xv = _mm256_loadu_ps(x + q * n + i);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) a[r][q] = _mm256_fmadd_ps(v[r], xv, a[r][q]);
+    }
+  }
+  if (rem) {
+    const __m256i mask = TailMask(rem);
+    __m256 v[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) v[r] = _mm256_maskload_ps(rows + r * n + full, mask);
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q) {
+      const __m256 xv = _mm256_maskload_ps(x + q * n + full, mask);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) a[r][q] = _mm256_fmadd_ps(v[r], xv, a[r][q]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q) out[q * ld + r] = HorizontalSum(a[r][q]);
+  }
+}
+
+template <int R>
+inline void DotRowsOfTile(const float* rows, int n, const float* x, int64_t b, float* out,
+                          int64_t ld) {
+  int64_t q = 0;
+  for (; q + 4 <= b; q += 4) DotTile<R, 4>(rows, n, x + q * n, out + q * ld, ld);
+  for (; q < b; ++q) DotTile<R, 1>(rows, n, x + q * n, out + q * ld, ld);
+}
+
+template <int C, int Q, bool kMasked>
+inline void AxpyTile(const float* rows, const int32_t* active, int64_t nactive, int n,
+                     const float* w, int64_t ld, float* acc, __m256i mask) {
+  __m256 a[Q][C];
+#pragma GCC unroll 4
+  for (int q = 0; q < Q; ++q) {
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      a[q][c] = kMasked ? _mm256_maskload_ps(acc + q * n + 8 * c, mask)
+                        : _mm256_loadu_ps(acc + q * n + 8 * c);
+    }
+  }
+  for (int64_t k = 0; k < nactive; ++k) {
+    const int64_t r = active[k];
+    const float* p = rows + r * n;
+    __m256 v[C];
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      v[c] = kMasked ? _mm256_maskload_ps(p + 8 * c, mask) : _mm256_loadu_ps(p + 8 * c);
+    }
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q) {
+      const __m256 wv = _mm256_broadcast_ss(w + q * ld + r);
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) a[q][c] = _mm256_fmadd_ps(v[c], wv, a[q][c]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int q = 0; q < Q; ++q) {
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      if (kMasked) {
+        _mm256_maskstore_ps(acc + q * n + 8 * c, mask, a[q][c]);
+      } else {
+        _mm256_storeu_ps(acc + q * n + 8 * c, a[q][c]);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void Avx2DotRowsMulti(const float* rows, int64_t count, int n, const float* x, int64_t b,
+                      float* out) {
+  auto states = [&](int64_t q, auto tile3, auto tile1) {
+    int64_t r = 0;
+    for (; r + 3 <= count; r += 3) tile3(rows + r * n, n, x + q * n, out + q * count + r, count);
+    for (; r < count; ++r) tile1(rows + r * n, n, x + q * n, out + q * count + r, count);
+  };
+  int64_t q = 0;
+  for (; q + 4 <= b; q += 4) states(q, DotTile<3, 4>, DotTile<1, 4>);
+  for (; q < b; ++q) states(q, DotTile<3, 1>, DotTile<1, 1>);
+}
+
+void Avx2AxpyRowsMulti(const float* rows, int64_t count, int n, const float* w, int64_t b,
+                       float* acc) {
+  // Active rows of every group of states, then column blocks outer so a
+  // block's slab of rows stays in L1 for all groups.
+  const int64_t groups = (b + 3) / 4;
+  std::unique_ptr<int32_t[]> lists(new int32_t[groups * std::max<int64_t>(count, 1)]);
+  std::vector<int64_t> sizes(groups);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t q = 4 * g, states = std::min<int64_t>(4, b - q);
+    int32_t* list = lists.get() + g * count;
+    int64_t m = 0;
+    for (int64_t r = 0; r < count; ++r) {
+      bool any = false;
+      for (int64_t s = 0; s < states; ++s) any |= w[(q + s) * count + r] != 0.f;
+      if (any) list[m++] = static_cast<int32_t>(r);
+    }
+    sizes[g] = m;
+  }
+  const __m256i none = _mm256_setzero_si256();
+  auto block = [&](int j, auto tile4, auto tile1, __m256i mask) {
+    for (int64_t g = 0; g < groups; ++g) {
+      if (sizes[g] == 0) continue;
+      const int64_t q = 4 * g;
+      const int32_t* list = lists.get() + g * count;
+      if (q + 4 <= b) {
+        tile4(rows + j, list, sizes[g], n, w + q * count, count, acc + q * n + j, mask);
+      } else {
+        for (int64_t s = q; s < b; ++s) {
+          tile1(rows + j, list, sizes[g], n, w + s * count, count, acc + s * n + j, mask);
+        }
+      }
+    }
+  };
+  int j = 0;
+  for (; j + 24 <= n; j += 24) block(j, AxpyTile<3, 4, false>, AxpyTile<3, 1, false>, none);
+  for (; j + 8 <= n; j += 8) block(j, AxpyTile<1, 4, false>, AxpyTile<1, 1, false>, none);
+  if (j < n) block(j, AxpyTile<1, 4, true>, AxpyTile<1, 1, true>, TailMask(n - j));
+}
+
+namespace {
+
+// exp(d) for 4 lanes of d in [-700, 0], to ~1 ulp: d = k ln2 + r with
+// |r| <= ln2 / 2 (ln2 split in two so k ln2 is exact), e^r by its Taylor
+// series to degree 12 (truncation below 2^-52), times 2^k built in the
+// exponent bits.
+inline __m256d Exp4(__m256d d) {
+  d = _mm256_max_pd(d, _mm256_set1_pd(-700.0));
+  const __m256d k = _mm256_round_pd(_mm256_mul_pd(d, _mm256_set1_pd(1.4426950408889634)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256d r = _mm256_fnmadd_pd(k, _mm256_set1_pd(0.693145751953125), d);
+  r = _mm256_fnmadd_pd(k, _mm256_set1_pd(1.42860682030941723212e-6), r);
+  // 1/12!, 1/11!, ..., 1/1!, 1/0!
+  static constexpr double kInvFact[13] = {
+      1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0,
+      1.0 / 5040.0,      1.0 / 720.0,      1.0 / 120.0,     1.0 / 24.0,     1.0 / 6.0,
+      1.0 / 2.0,         1.0,              1.0};
+  __m256d p = _mm256_set1_pd(kInvFact[0]);
+#pragma GCC unroll 12
+  for (int i = 1; i < 13; ++i) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(kInvFact[i]));
+  const __m256i e = _mm256_slli_epi64(
+      _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(k)), _mm256_set1_epi64x(1023)),
+      52);
+  return _mm256_mul_pd(p, _mm256_castsi256_pd(e));
+}
+
+}  // namespace
+
+double Avx2ExpWeights(const double* w, int64_t count, double shift, double cut, float* out) {
+  const __m256d vshift = _mm256_set1_pd(shift), vcut = _mm256_set1_pd(cut);
+  __m256d sum = _mm256_setzero_pd();
+  int64_t i = 0;
+  for (; i + 4 <= count; i += 4) {
+    const __m256d wv = _mm256_loadu_pd(w + i);
+    const __m256d keep = _mm256_cmp_pd(wv, vcut, _CMP_GE_OQ);
+    const __m256d e = _mm256_and_pd(Exp4(_mm256_sub_pd(wv, vshift)), keep);
+    const __m128 f = _mm256_cvtpd_ps(e);
+    _mm_storeu_ps(out + i, f);
+    sum = _mm256_add_pd(sum, e);
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, sum);
+  double total = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  for (; i < count; ++i) {
+    if (w[i] < cut) {
+      out[i] = 0.f;
+      continue;
+    }
+    const double e = std::exp(w[i] - shift);
+    out[i] = static_cast<float>(e);
+    total += e;
+  }
+  return total;
+}
+
+namespace {
+
+void DotRowsMulti(const float* rows, int64_t count, int n, const float* x, int64_t b,
+                  float* out) {
+  Avx2DotRowsMulti(rows, count, n, x, b, out);
+}
+void AxpyRowsMulti(const float* rows, int64_t count, int n, const float* w, int64_t b,
+                   float* acc) {
+  Avx2AxpyRowsMulti(rows, count, n, w, b, acc);
+}
+
 }  // namespace
 
 const KernelTable& Avx2Kernels() {
-  static const KernelTable t{SimdLevel::kAvx2, DotRows,     AxpyRows,     DotRowsBf16,
-                             AxpyRowsBf16,     DotRowsBits, AxpyRowsBits};
+  static const KernelTable t{SimdLevel::kAvx2, DotRows,      AxpyRows,     DotRowsBf16,
+                             AxpyRowsBf16,     DotRowsBits,  AxpyRowsBits, DotRowsMulti,
+                             AxpyRowsMulti, Avx2ExpWeights};
   return t;
 }
 

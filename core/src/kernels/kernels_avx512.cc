@@ -174,8 +174,10 @@ void AxpyRowsBits(const uint64_t* rows, int64_t count, int n, const float* w, fl
 }  // namespace
 
 const KernelTable& Avx512Kernels() {
-  static const KernelTable t{SimdLevel::kAvx512, DotRows,     AxpyRows,     DotRowsBf16,
-                             AxpyRowsBf16,       DotRowsBits, AxpyRowsBits};
+  static const KernelTable t{SimdLevel::kAvx512, DotRows,         AxpyRows,
+                             DotRowsBf16,        AxpyRowsBf16,    DotRowsBits,
+                             AxpyRowsBits,       Avx2DotRowsMulti, Avx2AxpyRowsMulti,
+                             Avx2ExpWeights};
   return t;
 }
 

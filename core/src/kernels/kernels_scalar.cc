@@ -1,5 +1,6 @@
 // Portable kernels (the reference for the wider levels; plain C++ that the
 // compiler may vectorise with the baseline x86-64 SSE2).
+#include <cmath>
 #include <cstring>
 
 #include "kernels/kernels.h"
@@ -80,11 +81,36 @@ void AxpyRowsBits(const uint64_t* rows, int64_t count, int n, const float* w, fl
   }
 }
 
+void DotRowsMulti(const float* rows, int64_t count, int n, const float* x, int64_t b,
+                  float* out) {
+  for (int64_t q = 0; q < b; ++q) DotRows(rows, count, n, x + q * n, out + q * count);
+}
+
+void AxpyRowsMulti(const float* rows, int64_t count, int n, const float* w, int64_t b,
+                   float* acc) {
+  for (int64_t q = 0; q < b; ++q) AxpyRows(rows, count, n, w + q * count, acc + q * n);
+}
+
+double ExpWeights(const double* w, int64_t count, double shift, double cut, float* out) {
+  double sum = 0.0;
+  for (int64_t i = 0; i < count; ++i) {
+    if (w[i] < cut) {
+      out[i] = 0.f;
+      continue;
+    }
+    const double e = std::exp(w[i] - shift);
+    out[i] = static_cast<float>(e);
+    sum += e;
+  }
+  return sum;
+}
+
 }  // namespace
 
 const KernelTable& ScalarKernels() {
-  static const KernelTable t{SimdLevel::kScalar, DotRows,     AxpyRows,     DotRowsBf16,
-                             AxpyRowsBf16,       DotRowsBits, AxpyRowsBits};
+  static const KernelTable t{SimdLevel::kScalar, DotRows,      AxpyRows,     DotRowsBf16,
+                             AxpyRowsBf16,       DotRowsBits,  AxpyRowsBits, DotRowsMulti,
+                             AxpyRowsMulti, ExpWeights};
   return t;
 }
 
