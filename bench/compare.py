@@ -119,7 +119,7 @@ def main():
     print(f"machine: {cpu}, {os.cpu_count()} threads; Engram kernels {bw['simd']}, "
           f"{bw['threads']} compute threads; numpy {np.__version__}, faiss {faiss.__version__}; "
           f"read bandwidth {read_bw / 1e9:.1f} GB/s; {time.strftime('%Y-%m-%d')}")
-    rows, batch_rows, bip_rows = [], [], []
+    rows, batch_rows, bip_rows, screen_rows = [], [], [], []
     tmp = tempfile.mkdtemp(prefix="engram_compare_")
     try:
         for n, k, b in sizes:
@@ -147,6 +147,8 @@ def main():
             rows.append((n, k, e["step_b1"], t_np_step, bytes_ / e["step_b1"] / read_bw,
                          e["nearest_b1"], t_ip, t_l2, e["retrieve_b1"], t_np_ret,
                          int(e["retrieve_b1_steps"]), np_steps, e["step_b1_bf16"]))
+            screen_rows.append((n, k, e["step_b1"], e["step_b1_screened"], e["retrieve_b1_screened"],
+                                t_np_ret, int(e["retrieve_b1_screened_steps"]), np_steps))
             if b > 1:
                 qb = q[:b]
                 t_gemm = median_time(lambda: qb @ xi.T, args.repeats)
@@ -185,6 +187,15 @@ def main():
         print(f"| {n} | {k:,} | {fmt_ms(es)} | {fmt_ms(ns)} | {ns / es:.2f} | {100 * frac:.0f} % | "
               f"{fmt_ms(en)} | {fmt_ms(fip)} | {fmt_ms(fl2)} | {fip / en:.2f} | {fmt_ms(er)} | {fmt_ms(nr)} | "
               f"{nr / er:.2f} | {est}/{nst} | {fmt_ms(e16)} | {es / e16:.2f} |")
+    print()
+    print("The same banks with precision f32_screened (f32 results; a bf16 screen with per-row error "
+          "bounds decides which f32 rows a pass reads).")
+    print()
+    print("| N | K | f32 step | screened step | speed-up | screened retrieve | numpy retrieve | ratio | steps (E/np) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (n, k, es, ss, sr, nr, sst, nst) in screen_rows:
+        print(f"| {n} | {k:,} | {fmt_ms(es)} | {fmt_ms(ss)} | {es / ss:.2f} | {fmt_ms(sr)} | {fmt_ms(nr)} | "
+              f"{nr / sr:.2f} | {sst}/{nst} |")
     if batch_rows:
         print()
         print("Batched queries: one step for B queries (4·B·K·N flops) and retrieval of all B to convergence.")

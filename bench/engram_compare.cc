@@ -201,6 +201,20 @@ int main(int argc, char** argv) {
     core::EnergyFunction e16(cfg, half.view());
     emit("step_b1_bf16", TimeMedian(repeats, [&] { e16.UpdateTarget(q.data(), out.data()); }));
   }
+  // The same f32 bank with a bf16 screen.
+  {
+    core::Bank screened(
+        core::BankSpec{"s", n, core::StateKind::kContinuous, cfg, core::Precision::kF32Screened});
+    screened.Append(xi, screened.AssignIds(k), {});
+    core::EnergyFunction es(cfg, screened.view());
+    emit("step_b1_screened", TimeMedian(repeats, [&] { es.UpdateTarget(q.data(), out.data()); }));
+    emit("retrieve_b1_screened", TimeMedian(repeats, [&] {
+           auto r = core::RunDynamics(es, core::StateKind::kContinuous,
+                                      absl::MakeConstSpan(q.data(), n), {}, o);
+           steps = r->steps;
+         }));
+    emit("retrieve_b1_screened_steps", steps);
+  }
   std::printf("}\n");
   return 0;
 }

@@ -27,6 +27,7 @@ absl::StatusOr<core::Precision> PrecisionFromProto(int precision) {
     case v1::PRECISION_F32: return core::Precision::kF32;
     case v1::PRECISION_BF16: return core::Precision::kBf16;
     case v1::PRECISION_BIT_PACKED: return core::Precision::kBitPacked;
+    case v1::PRECISION_F32_SCREENED: return core::Precision::kF32Screened;
     default:
       return absl::InvalidArgumentError(absl::StrCat("unknown precision ", precision));
   }
@@ -228,6 +229,7 @@ void SummaryToProto(const core::BankSummary& s, v1::BankInfo* out) {
     case core::Precision::kF32: out->set_precision(v1::PRECISION_F32); break;
     case core::Precision::kBf16: out->set_precision(v1::PRECISION_BF16); break;
     case core::Precision::kBitPacked: out->set_precision(v1::PRECISION_BIT_PACKED); break;
+    case core::Precision::kF32Screened: out->set_precision(v1::PRECISION_F32_SCREENED); break;
   }
   out->set_patterns(s.patterns);
   out->set_bytes(s.bytes);

@@ -18,6 +18,7 @@ void PrintBank(const v1::BankInfo& b) {
       b.name(), b.dim(), kind,
       b.precision() == v1::PRECISION_BF16         ? " bf16"
       : b.precision() == v1::PRECISION_BIT_PACKED ? " bit_packed"
+      : b.precision() == v1::PRECISION_F32_SCREENED ? " f32_screened"
                                                   : "",
       EnergyName(b.energy()), b.patterns(), b.bytes(), b.load(),
       b.capacity().formula(), b.capacity().patterns(),
@@ -72,9 +73,11 @@ absl::Status RunBank(const Args& args, Context& ctx) {
       req.set_precision(v1::PRECISION_BF16);
     } else if (precision == "bit_packed") {
       req.set_precision(v1::PRECISION_BIT_PACKED);
+    } else if (precision == "f32_screened") {
+      req.set_precision(v1::PRECISION_F32_SCREENED);
     } else {
       return absl::InvalidArgumentError(absl::StrCat(
-          "--precision must be f32, bf16 or bit_packed, got '", precision, "'"));
+          "--precision must be f32, bf16, bit_packed or f32_screened, got '", precision, "'"));
     }
     bool set = false;
     ENGRAM_RETURN_IF_ERROR(ParseEnergy(args, req.mutable_energy(), &set));

@@ -24,7 +24,7 @@ constexpr char kUsage[] = R"(usage: engram [--target HOST:PORT] [--timeout SECON
 commands:
   bank create NAME --dim N --kind bipolar|continuous [--energy FAMILY] [--beta B]
                    [--degree n] [--rectified] [--similarity dot|l2|l1]
-                   [--precision f32|bf16|bit_packed]
+                   [--precision f32|bf16|bit_packed|f32_screened]
                    [--separation identity|polynomial|softmax|max]
   bank get NAME | bank list | bank delete NAME
   bank export NAME FILE                 config, ids, patterns and payloads to a file

@@ -55,7 +55,7 @@ Bank::Bank(BankSpec spec, uint64_t next_id)
 uint64_t Bank::bytes() const {
   uint64_t b = data_.size() * sizeof(float) + sq_norms_.size() * sizeof(float) +
                ids_.size() * sizeof(uint64_t) + bf16_.size() * sizeof(uint16_t) +
-               bits_.size() * sizeof(uint64_t);
+               screen_err_.size() * sizeof(float) + bits_.size() * sizeof(uint64_t);
   for (const auto& p : payloads_) b += p.size();
   return b;
 }
@@ -64,6 +64,10 @@ PatternView Bank::view() const {
   PatternView v{data_.data(), sq_norms_.data(), size(), dim()};
   if (spec_.precision == Precision::kBf16) v.bf16 = bf16_.data();
   if (spec_.precision == Precision::kBitPacked) v.bits = bits_.data();
+  if (spec_.precision == Precision::kF32Screened) {
+    v.screen = bf16_.data();
+    v.screen_err = screen_err_.data();
+  }
   return v;
 }
 
@@ -192,6 +196,7 @@ void Bank::Remove(absl::Span<const uint64_t> ids) {
   ids_.resize(out);
   payloads_.resize(out);
   bf16_.clear();
+  screen_err_.clear();
   bits_.clear();
   PackRows(data_);
   RebuildIndex();
@@ -202,6 +207,29 @@ void Bank::PackRows(absl::Span<const float> data) {
   if (spec_.precision == Precision::kBf16) {
     bf16_.reserve(bf16_.size() + data.size());
     for (float v : data) bf16_.push_back(kernels::FloatToBf16(v));
+  } else if (spec_.precision == Precision::kF32Screened) {
+    // The bf16 dot kernels sum in f32 with at most n/4 + 8 sequential
+    // roundings per lane and reduction (4 lanes at the scalar level, 8 or 16
+    // wider), so their error is below (n/4 + 8) 2^-24 sum |a_i b_i|, at most
+    // that times |xi~| |x|; the rounding of the row adds |xi - xi~| |x|.
+    // Both bounded per row, rounded up.
+    const size_t k = data.size() / n;
+    const double acc_rel = (n / 4.0 + 8.0) * 0x1p-24;
+    bf16_.reserve(bf16_.size() + data.size());
+    screen_err_.reserve(screen_err_.size() + k);
+    for (size_t r = 0; r < k; ++r) {
+      double d2 = 0.0, q2 = 0.0;
+      for (int i = 0; i < n; ++i) {
+        const float v = data[r * n + i];
+        const uint16_t h = kernels::FloatToBf16(v);
+        bf16_.push_back(h);
+        const double q = kernels::Bf16ToFloat(h);
+        d2 += (double{v} - q) * (double{v} - q);
+        q2 += q * q;
+      }
+      const double bound = std::sqrt(d2) + acc_rel * std::sqrt(q2);
+      screen_err_.push_back(static_cast<float>(bound * (1.0 + 0x1p-20)));
+    }
   } else if (spec_.precision == Precision::kBitPacked) {
     const int words = kernels::BitWords(n);
     const size_t k = data.size() / n;

@@ -177,6 +177,125 @@ void ParallelRows(int64_t rows, int64_t cost_per_row,
   job->cv.wait(lock, [&] { return job->done == job->chunks; });
 }
 
+namespace {
+
+// The screened softmax pass (see FusedPass): false when too many rows can be
+// significant for the screen to save reads.
+bool ScreenedPass(const PatternView& view, SimilarityKind similarity, const float* x,
+                  double beta, float* acc, bool track_nearest, FusedSums* out) {
+  const kernels::KernelTable& k = kernels::Kernels();
+  const int n = view.dim;
+  const int64_t rows = view.rows;
+  double sqx = 0.0;
+  for (int i = 0; i < n; ++i) sqx += double{x[i]} * x[i];
+  const double xnorm = std::sqrt(sqx) * (1.0 + 0x1p-40);
+  const bool l2 = similarity == SimilarityKind::kNegHalfSqL2;
+  // Similarity from a dot product (exact expression of FusedPass).
+  auto sim = [&](double dot, int64_t r) {
+    return l2 ? dot - 0.5 * view.sq_norms[r] - 0.5 * sqx : dot;
+  };
+  std::vector<float> sc(rows);
+  // Phase 1: screened dots, and per range the largest lower bound of a
+  // log-weight and of a nearest key (x.xi - |xi|^2 / 2).
+  const int parts = static_cast<int>(std::min<int64_t>(4 * ComputeThreads(), std::max<int64_t>(rows, 1)));
+  std::vector<double> w_lo(parts, -INFINITY), key_lo(parts, -INFINITY);
+  constexpr int64_t kChunk = 1024;
+  int used = 1;
+  ParallelRows(rows, int64_t{n} * 2, [&](int part, int64_t begin, int64_t end) {
+    double wl = -INFINITY, kl = -INFINITY;
+    for (int64_t b = begin; b < end; b += kChunk) {
+      const int64_t count = std::min(kChunk, end - b);
+      k.dot_rows_bf16(view.screen + b * n, count, n, x, sc.data() + b);
+      for (int64_t r = b; r < b + count; ++r) {
+        const double lo = double{sc[r]} - double{view.screen_err[r]} * xnorm;
+        wl = std::max(wl, beta * sim(lo, r));
+        kl = std::max(kl, lo - 0.5 * view.sq_norms[r]);
+      }
+    }
+    w_lo[part] = wl;
+    key_lo[part] = kl;
+  }, &used);
+  double wl = -INFINITY, kl = -INFINITY;
+  for (int i = 0; i < used; ++i) {
+    wl = std::max(wl, w_lo[i]);
+    kl = std::max(kl, key_lo[i]);
+  }
+  if (!std::isfinite(wl)) return false;
+  // Phase 2: the rows that can matter (log-weight upper bound within
+  // log(negligible) of the largest lower bound, or a nearest key upper bound
+  // at or above the best lower bound); the others' screened weights relative
+  // to wl go into the sum of weights.
+  const double log_negligible =
+      std::log(kNegligibleWeightMass / static_cast<double>(std::max<int64_t>(rows, 1)));
+  const int64_t max_candidates = std::max<int64_t>(1024, rows / 16);
+  std::vector<std::vector<int64_t>> found(parts);
+  std::vector<double> rest(parts, 0.0);
+  std::atomic<int64_t> total{0};
+  ParallelRows(rows, 64, [&](int part, int64_t begin, int64_t end) {
+    std::vector<int64_t>& mine = found[part];
+    double sum = 0.0;
+    for (int64_t r = begin; r < end; ++r) {
+      const double e = double{view.screen_err[r]} * xnorm;
+      const double hi = double{sc[r]} + e;
+      const double w_hi = beta * sim(hi, r);
+      if (w_hi >= wl + log_negligible ||
+          (track_nearest && hi - 0.5 * view.sq_norms[r] >= kl)) {
+        mine.push_back(r);
+        if (total.fetch_add(1, std::memory_order_relaxed) >= max_candidates) return;
+        continue;
+      }
+      const double w = beta * sim(double{sc[r]}, r) - wl;
+      if (w >= -50.0) sum += std::exp(w);
+    }
+    rest[part] = sum;
+  }, &used);
+  if (total.load() > max_candidates) return false;
+  // Phase 3: the candidates' exact f32 scores, as the f32 pass computes them.
+  std::vector<int64_t> cand;
+  double rest_sum = 0.0;
+  for (int i = 0; i < used; ++i) {
+    cand.insert(cand.end(), found[i].begin(), found[i].end());
+    rest_sum += rest[i];
+  }
+  std::vector<double> w(cand.size());
+  double top = -INFINITY;
+  out->nearest_row = -1;
+  out->nearest_key = -INFINITY;
+  for (size_t c = 0; c < cand.size(); ++c) {
+    const int64_t r = cand[c];
+    float dot;
+    k.dot_rows(view.data + r * n, 1, n, x, &dot);
+    w[c] = beta * sim(double{dot}, r);
+    top = std::max(top, w[c]);
+    if (track_nearest) {
+      const double key = double{dot} - 0.5 * view.sq_norms[r] - 0.5 * sqx;
+      if (key > out->nearest_key) {  // candidates are in row order
+        out->nearest_key = key;
+        out->nearest_row = r;
+      }
+    }
+  }
+  if (!std::isfinite(top)) return false;
+  const float negligible =
+      static_cast<float>(kNegligibleWeightMass / static_cast<double>(std::max<int64_t>(rows, 1)));
+  if (acc != nullptr) std::fill(acc, acc + n, 0.f);
+  double wsum = rest_sum * std::exp(wl - top);
+  for (size_t c = 0; c < cand.size(); ++c) {
+    const double e = std::exp(w[c] - top);
+    wsum += e;
+    const float ef = static_cast<float>(e);
+    if (acc != nullptr && ef >= negligible) k.axpy_rows(view.data + cand[c] * n, 1, n, &ef, acc);
+  }
+  out->log_scale = top;
+  out->wsum = wsum;
+  out->hsum = 0.0;
+  out->energy_terms = 0.0;
+  out->x_bipolar = false;
+  return true;
+}
+
+}  // namespace
+
 FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const float* x,
                     const RowWeights& rule, float* acc, bool track_nearest, int64_t hint_row) {
   const kernels::KernelTable& k = kernels::Kernels();
@@ -184,6 +303,13 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
   const int64_t rows = view.rows;
   const bool log_domain = rule.domain() == WeightDomain::kLog;
   FusedSums out;
+  if (log_domain && view.screen != nullptr && view.bf16 == nullptr &&
+      rule.log_weight_slope() > 0.0 &&
+      (similarity == SimilarityKind::kDot || similarity == SimilarityKind::kNegHalfSqL2) &&
+      !(view.bits != nullptr && IsBipolar(x, n)) &&
+      ScreenedPass(view, similarity, x, rule.log_weight_slope(), acc, track_nearest, &out)) {
+    return out;
+  }
 
   std::vector<uint64_t> xbits;
   out.x_bipolar = view.bits != nullptr && IsBipolar(x, n);

@@ -41,6 +41,10 @@ class RowWeights {
   // kLinear: w[i] = weight, h[i] = a second per-row quantity summed with the
   // same scale (0 when unused), returns the block's sum of energy terms.
   virtual double Block(const double* s, int64_t count, double* w, double* h) const = 0;
+  // For kLog rules whose log-weight is slope * s (softmax): the slope
+  // (beta), which lets a screened pass bound log-weights from bounds on s;
+  // 0 for any other rule.
+  virtual double log_weight_slope() const { return 0.0; }
 };
 
 // sum_mu w_mu xi_mu = exp(log_scale) * acc (acc as written by FusedPass).
@@ -71,6 +75,16 @@ inline constexpr double kNegligibleWeightMass = 0x1p-24;
 // also finds the nearest pattern (FusedSums::nearest_row) from the same
 // scores, as Bank::Nearest would, when it reads the exact rows (f32, or bits
 // for a bipolar state).
+//
+// On a screened view (PatternView::screen) a softmax pass first scores every
+// row on the bf16 screen, bounds each row's log-weight from the screen's
+// error bound, and reads the f32 rows of only the rows that can reach
+// kNegligibleWeightMass / K of the largest weight or be the nearest pattern:
+// their scores, weights, weighted sum and nearest row are exactly those of
+// the f32 pass. The other rows enter the sum of weights with their screened
+// scores (they hold less than 2^-24 of it, so log-sum-exp moves by less than
+// 2^-24 (e^(beta e_mu |x|) - 1)). When more than 1/16 of the rows (and more
+// than 1024) can be significant, the pass runs on the f32 rows as usual.
 //
 // `hint_row` (log domain, optional) names a row likely to carry one of the
 // largest weights, e.g. the previous state's nearest pattern: its weight
@@ -128,6 +142,7 @@ class LogSoftmaxWeights : public RowWeights {
   explicit LogSoftmaxWeights(double beta) : beta_(beta) {}
   WeightDomain domain() const override { return WeightDomain::kLog; }
   double Block(const double* s, int64_t count, double* w, double* h) const override;
+  double log_weight_slope() const override { return beta_; }
 
  private:
   double beta_;

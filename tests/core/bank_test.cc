@@ -1,6 +1,7 @@
 #include "engram/core/bank.h"
 
 #include <cmath>
+#include <cstring>
 #include <random>
 
 #include <gtest/gtest.h>
@@ -110,6 +111,41 @@ TEST(Bank, AssignsFreshIdsAndRemovesInOrder) {
   EXPECT_FALSE(bank.RowOf(4).has_value());
   // Removed ids are not handed out again while higher ids exist.
   EXPECT_EQ(bank.AssignIds(1), (std::vector<uint64_t>{7}));
+}
+
+// A screened bank keeps a bf16 copy and per-row error bounds that stay in
+// step with its rows through removals; its bytes count them.
+TEST(Bank, ScreenedBankKeepsItsScreenInStepWithTheRows) {
+  const int n = 5;
+  Bank plain = Continuous(n);
+  Bank screened(BankSpec{"s", n, StateKind::kContinuous, {}, Precision::kF32Screened});
+  std::mt19937_64 rng(4);
+  const auto data = RandomGaussian(4 * n, rng);
+  for (Bank* b : {&plain, &screened}) b->Append(data, b->AssignIds(4), {});
+  EXPECT_EQ(screened.bytes(), plain.bytes() + 4 * n * 2 + 4 * 4);
+  EXPECT_EQ(plain.view().screen, nullptr);
+  const std::vector<uint64_t> drop = {2};
+  screened.Remove(drop);
+  const PatternView v = screened.view();
+  ASSERT_NE(v.screen, nullptr);
+  ASSERT_NE(v.screen_err, nullptr);
+  EXPECT_EQ(v.bf16, nullptr);  // results come from the f32 rows
+  ASSERT_EQ(v.rows, 3);
+  for (int64_t r = 0; r < v.rows; ++r) {
+    double d2 = 0.0;
+    for (int i = 0; i < n; ++i) {
+      const float f = v.data[r * n + i];
+      // bf16: the upper 16 bits of the f32 value rounded to nearest even.
+      uint32_t bits;
+      std::memcpy(&bits, &f, 4);
+      const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+      EXPECT_EQ(uint32_t{v.screen[r * n + i]} << 16, rounded);
+      float h;
+      std::memcpy(&h, &rounded, 4);
+      d2 += (double{f} - h) * (double{f} - h);
+    }
+    EXPECT_GE(v.screen_err[r], std::sqrt(d2)) << r;
+  }
 }
 
 TEST(Bank, NearestMatchesBruteForce) {

@@ -50,7 +50,8 @@ def seeds(pb):
         record("DeleteBank", pb.DeleteBankRequest(name="n")),
         record("ListBanks", pb.ListBanksRequest())]
     for prec, kind, name in ((2, pb.STATE_KIND_CONTINUOUS, "bf16"),
-                             (3, pb.STATE_KIND_BIPOLAR, "bit_packed")):
+                             (3, pb.STATE_KIND_BIPOLAR, "bit_packed"),
+                             (4, pb.STATE_KIND_CONTINUOUS, "f32_screened")):
         n = 70  # more than one 64-bit word of bits, odd for SIMD tails
         x = [1.0 if (i * 5 + 1) % 3 else -1.0 for i in range(3 * n)]
         s["precision_%s_store_retrieve_energy" % name] = [

@@ -183,6 +183,10 @@ TEST(Kernels, ExpWeightsMatchExpWithinStatedError) {
       EXPECT_EQ(out[0], 1.f) << kernels::SimdLevelName(k->level);
       EXPECT_NEAR(sum, want_sum, 1e-14 * want_sum) << kernels::SimdLevelName(k->level);
       EXPECT_EQ(out[count], 5.f) << "wrote past the output";
+      // NaN propagates (a NaN state must not look like a zero weight).
+      w[count - 1] = NAN;
+      EXPECT_TRUE(std::isnan(k->exp_weights(w.data(), count, shift, cut, out.data())));
+      EXPECT_TRUE(std::isnan(out[count - 1])) << kernels::SimdLevelName(k->level);
     }
   }
 }
@@ -504,23 +508,28 @@ TEST(FusedPass, LeavesOutOnlyNegligibleWeights) {
     std::copy(xi.begin() + int64_t{order[r]} * n, xi.begin() + int64_t{order[r] + 1} * n,
               shuffled.begin() + int64_t{r} * n);
   }
-  Bank bank(BankSpec{"b", n, StateKind::kContinuous, {}, Precision::kF32});
-  bank.Append(shuffled, bank.AssignIds(k), {});
-  std::vector<float> x(n, 1.f), acc(n);
-  internal::LogSoftmaxWeights rule(beta);
-  const internal::FusedSums sums =
-      internal::FusedPass(bank.view(), SimilarityKind::kDot, x.data(), rule, acc.data());
-  // Independent double reference of sum_mu softmax(beta s)_mu xi_mu.
-  std::vector<double> want(n, 0.0);
-  double z = 0.0;
-  for (int mu = 0; mu < k; ++mu) z += std::exp(beta * (s[mu] - top));
-  for (int mu = 0; mu < k; ++mu) want[coord[mu]] += std::exp(beta * (s[mu] - top)) / z * s[mu];
-  const double bound = internal::kNegligibleWeightMass * top;  // max |xi| = top
-  for (int i = 0; i < n; ++i) {
-    EXPECT_NEAR(acc[i] / sums.wsum, want[i], 1e-6 * std::fabs(want[i]) + bound) << "coordinate " << i;
+  // Also on a screened bank, whose pass reads only the rows the screen
+  // cannot rule out.
+  for (Precision precision : {Precision::kF32, Precision::kF32Screened}) {
+    Bank bank(BankSpec{"b", n, StateKind::kContinuous, {}, precision});
+    bank.Append(shuffled, bank.AssignIds(k), {});
+    std::vector<float> x(n, 1.f), acc(n);
+    internal::LogSoftmaxWeights rule(beta);
+    const internal::FusedSums sums =
+        internal::FusedPass(bank.view(), SimilarityKind::kDot, x.data(), rule, acc.data());
+    // Independent double reference of sum_mu softmax(beta s)_mu xi_mu.
+    std::vector<double> want(n, 0.0);
+    double z = 0.0;
+    for (int mu = 0; mu < k; ++mu) z += std::exp(beta * (s[mu] - top));
+    for (int mu = 0; mu < k; ++mu) want[coord[mu]] += std::exp(beta * (s[mu] - top)) / z * s[mu];
+    const double bound = internal::kNegligibleWeightMass * top;  // max |xi| = top
+    for (int i = 0; i < n; ++i) {
+      EXPECT_NEAR(acc[i] / sums.wsum, want[i], 1e-6 * std::fabs(want[i]) + bound) << "coordinate " << i
+            << (precision == Precision::kF32 ? " f32" : " screened");
+    }
+    // The partition function still counts every row.
+    EXPECT_NEAR(sums.log_scale + std::log(sums.wsum), beta * top + std::log(z), 1e-12 * top);
   }
-  // The partition function still counts every row.
-  EXPECT_NEAR(sums.log_scale + std::log(sums.wsum), beta * top + std::log(z), 1e-12 * top);
 }
 
 // ValueAndNearest finds the row Bank::Nearest finds, from the same pass,
@@ -689,6 +698,147 @@ TEST(FusedPass, BitPackedRetrievalEqualsF32Retrieval) {
 
 namespace engram::core {
 namespace {
+
+// ---- Screened f32 banks ------------------------------------------------------
+
+// Unit-norm rows (so a sharp beta separates the winner from the rest).
+std::vector<float> UnitRows(int k, int n, std::mt19937_64& rng) {
+  auto xi = RandomGaussian(int64_t{k} * n, rng);
+  for (int mu = 0; mu < k; ++mu) {
+    double sq = 0.0;
+    for (int i = 0; i < n; ++i) sq += double{xi[int64_t{mu} * n + i]} * xi[int64_t{mu} * n + i];
+    for (int i = 0; i < n; ++i) xi[int64_t{mu} * n + i] /= static_cast<float>(std::sqrt(sq));
+  }
+  return xi;
+}
+
+// The screen's per-row bound holds for the bf16 dot kernel of every level,
+// on rows of very different scales.
+TEST(Screen, ErrorBoundHoldsForTheBf16DotAtEveryLevel) {
+  std::mt19937_64 rng(41);
+  for (int n : kDims) {
+    const int k = 17;
+    auto xi = RandomGaussian(int64_t{k} * n, rng);
+    for (int mu = 0; mu < k; ++mu) {
+      const float f = std::pow(10.f, static_cast<float>(mu % 7) - 3.f);
+      for (int i = 0; i < n; ++i) xi[int64_t{mu} * n + i] *= f;
+    }
+    Bank bank(BankSpec{"s", n, StateKind::kContinuous, {}, Precision::kF32Screened});
+    bank.Append(xi, bank.AssignIds(k), {});
+    const PatternView v = bank.view();
+    auto x = RandomGaussian(n, rng, 3.f);
+    double xn = 0.0;
+    for (float c : x) xn += double{c} * c;
+    xn = std::sqrt(xn);
+    const auto exact = RefDots(xi, k, n, x);
+    for (const KernelTable* t : Levels()) {
+      std::vector<float> got(k);
+      t->dot_rows_bf16(v.screen, k, n, x.data(), got.data());
+      for (int r = 0; r < k; ++r) {
+        EXPECT_LE(std::fabs(got[r] - exact[r]), double{v.screen_err[r]} * xn)
+            << kernels::SimdLevelName(t->level) << " n=" << n << " r=" << r;
+      }
+    }
+  }
+}
+
+// A sharp softmax on a screened bank reads the f32 rows of only the rows
+// that can matter: here every other row of the f32 matrix is NaN, and the
+// results still equal the f32 bank's (energy, update target, nearest row),
+// for dot and L2 similarities, on a bank split over threads.
+TEST(Screen, SharpSoftmaxReadsOnlyTheRowsThatMatter) {
+  std::mt19937_64 rng(43);
+  const int n = 256, k = 8000;  // 8 MB: several threads
+  const auto xi = UnitRows(k, n, rng);
+  Bank plain(BankSpec{"p", n, StateKind::kContinuous, {}, Precision::kF32});
+  Bank screened(BankSpec{"s", n, StateKind::kContinuous, {}, Precision::kF32Screened});
+  for (Bank* b : {&plain, &screened}) b->Append(xi, b->AssignIds(k), {});
+  for (const EnergyConfig& cfg : {EnergyConfig{.family = EnergyFamily::kLse, .beta = 80.0},
+                                  EnergyConfig{.family = EnergyFamily::kGaussian, .beta = 80.0}}) {
+    EnergyFunction f32(cfg, plain.view());
+    for (const auto& x : NoisyPatterns(xi, n, 4, 1777, 0.3f, rng)) {
+      // Rows whose log-weight is 60 below the largest are poisoned.
+      std::vector<double> s(k);
+      double top = -INFINITY;
+      double sqx = 0.0;
+      for (float c : x) sqx += double{c} * c;
+      for (int mu = 0; mu < k; ++mu) {
+        double d = 0.0, sq = 0.0;
+        for (int i = 0; i < n; ++i) {
+          d += double{xi[int64_t{mu} * n + i]} * x[i];
+          sq += double{xi[int64_t{mu} * n + i]} * xi[int64_t{mu} * n + i];
+        }
+        s[mu] = cfg.beta * (cfg.family == EnergyFamily::kGaussian ? d - 0.5 * sq - 0.5 * sqx : d);
+        top = std::max(top, s[mu]);
+      }
+      std::vector<float> poisoned = xi;
+      int count = 0;
+      for (int mu = 0; mu < k; ++mu) {
+        if (s[mu] < top - 60.0) {
+          std::fill(poisoned.begin() + int64_t{mu} * n, poisoned.begin() + int64_t{mu + 1} * n, NAN);
+          ++count;
+        }
+      }
+      ASSERT_GT(count, k * 9 / 10);
+      PatternView v = screened.view();
+      v.data = poisoned.data();
+      EnergyFunction fast(cfg, v);
+      std::vector<float> want(n), got(n);
+      int64_t want_row = -1, got_row = -1;
+      const double e_want = f32.UpdateTarget(x.data(), want.data(), &want_row);
+      const double e_got = fast.UpdateTarget(x.data(), got.data(), &got_row);
+      EXPECT_NEAR(e_got, e_want, 1e-9 * std::max(1.0, std::fabs(e_want)));
+      EXPECT_LT(RelInf(got, want), 1e-5);
+      EXPECT_EQ(got_row, want_row);
+      EXPECT_EQ(got_row, plain.Nearest(x.data()).row);
+      int64_t row = -1;
+      EXPECT_NEAR(fast.ValueAndNearest(x.data(), &row), e_want,
+                  1e-9 * std::max(1.0, std::fabs(e_want)));
+      EXPECT_EQ(row, want_row);
+    }
+  }
+}
+
+// With a flat softmax the screen cannot narrow the rows: the pass runs on
+// the f32 rows and gives exactly the f32 bank's results.
+TEST(Screen, FlatSoftmaxFallsBackToTheF32Pass) {
+  std::mt19937_64 rng(47);
+  const int n = 64, k = 3000;
+  const auto xi = UnitRows(k, n, rng);
+  Bank plain(BankSpec{"p", n, StateKind::kContinuous, {}, Precision::kF32});
+  Bank screened(BankSpec{"s", n, StateKind::kContinuous, {}, Precision::kF32Screened});
+  for (Bank* b : {&plain, &screened}) b->Append(xi, b->AssignIds(k), {});
+  const EnergyConfig cfg{.family = EnergyFamily::kLse, .beta = 0.5};
+  EnergyFunction f32(cfg, plain.view()), fast(cfg, screened.view());
+  const auto x = RandomGaussian(n, rng, 0.2f);
+  std::vector<float> want(n), got(n);
+  EXPECT_EQ(fast.UpdateTarget(x.data(), got.data()), f32.UpdateTarget(x.data(), want.data()));
+  EXPECT_EQ(got, want);
+}
+
+// Retrieval to convergence on a screened bank ends where it ends on the f32
+// bank: same steps, stop reason and nearest memory.
+TEST(Screen, RetrievalEqualsF32Retrieval) {
+  std::mt19937_64 rng(53);
+  const int n = 128, k = 5000;
+  const auto xi = UnitRows(k, n, rng);
+  const EnergyConfig cfg{.family = EnergyFamily::kLse, .beta = 60.0};
+  Bank plain(BankSpec{"p", n, StateKind::kContinuous, cfg, Precision::kF32});
+  Bank screened(BankSpec{"s", n, StateKind::kContinuous, cfg, Precision::kF32Screened});
+  for (Bank* b : {&plain, &screened}) b->Append(xi, b->AssignIds(k), {});
+  EnergyFunction f32(cfg, plain.view()), fast(cfg, screened.view());
+  RetrieveOptions o;
+  for (const auto& q : NoisyPatterns(xi, n, 6, 811, 0.4f, rng)) {
+    auto want = RunDynamics(f32, StateKind::kContinuous, q, {}, o);
+    auto got = RunDynamics(fast, StateKind::kContinuous, q, {}, o);
+    ASSERT_TRUE(want.ok() && got.ok());
+    EXPECT_EQ(got->steps, want->steps);
+    EXPECT_EQ(got->stop_reason, want->stop_reason);
+    EXPECT_EQ(got->nearest_row, want->nearest_row);
+    EXPECT_LT(RelInf(got->state, want->state), 1e-5);
+    EXPECT_NEAR(got->energy_end, want->energy_end, 1e-9 * std::max(1.0, std::fabs(want->energy_end)));
+  }
+}
 
 // Batched sync retrieval (sgemm) equals one-at-a-time retrieval: same final
 // states, steps, stop reasons and energies to float tolerance, with

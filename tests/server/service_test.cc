@@ -534,14 +534,16 @@ TEST_F(ServiceTest, MetricsCountCallsByMethodAndCode) {
   EXPECT_THAT(text, HasSubstr("engram_bank_patterns{bank=\"m\"} 2"));
 }
 
-// Reduced-precision banks through the API: bf16 and bit-packed banks recall
-// the stored pattern; bit packing needs a bipolar bank.
+// Reduced-precision and screened banks through the API: bf16, bit-packed and
+// f32-screened banks recall the stored pattern; bit packing needs a bipolar
+// bank.
 TEST_F(ServiceTest, Bf16AndBitPackedBanksRecallAndBitPackingNeedsBipolar) {
   const int n = 64, k = 6;
   std::mt19937_64 rng(12);
   for (auto [name, precision, kind] :
        {std::tuple{"half", v1::PRECISION_BF16, v1::STATE_KIND_CONTINUOUS},
-        std::tuple{"bits", v1::PRECISION_BIT_PACKED, v1::STATE_KIND_BIPOLAR}}) {
+        std::tuple{"bits", v1::PRECISION_BIT_PACKED, v1::STATE_KIND_BIPOLAR},
+        std::tuple{"screened", v1::PRECISION_F32_SCREENED, v1::STATE_KIND_CONTINUOUS}}) {
     grpc::ClientContext ctx;
     v1::CreateBankRequest req;
     req.set_name(name);

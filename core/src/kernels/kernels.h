@@ -64,7 +64,8 @@ struct KernelTable {
   // Softmax weights of a block relative to a scale (w[i] <= shift):
   // out[i] = exp(w[i] - shift) rounded to f32 when w[i] >= cut, else 0;
   // returns the sum of those exp values in double (before rounding). exp is
-  // evaluated in double (the vector levels to within 2^-50 relative).
+  // evaluated in double (the vector levels to within 2^-50 relative); a NaN
+  // w[i] gives NaN, as std::exp does.
   double (*exp_weights)(const double* w, int64_t count, double shift, double cut, float* out);
 };
 

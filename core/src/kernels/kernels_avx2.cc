@@ -438,7 +438,7 @@ namespace {
 // series to degree 12 (truncation below 2^-52), times 2^k built in the
 // exponent bits.
 inline __m256d Exp4(__m256d d) {
-  d = _mm256_max_pd(d, _mm256_set1_pd(-700.0));
+  d = _mm256_max_pd(_mm256_set1_pd(-700.0), d);  // NaN stays NaN
   const __m256d k = _mm256_round_pd(_mm256_mul_pd(d, _mm256_set1_pd(1.4426950408889634)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256d r = _mm256_fnmadd_pd(k, _mm256_set1_pd(0.693145751953125), d);
@@ -465,7 +465,7 @@ double Avx2ExpWeights(const double* w, int64_t count, double shift, double cut, 
   int64_t i = 0;
   for (; i + 4 <= count; i += 4) {
     const __m256d wv = _mm256_loadu_pd(w + i);
-    const __m256d keep = _mm256_cmp_pd(wv, vcut, _CMP_GE_OQ);
+    const __m256d keep = _mm256_cmp_pd(wv, vcut, _CMP_NLT_UQ);  // NaN kept: exp gives NaN
     const __m256d e = _mm256_and_pd(Exp4(_mm256_sub_pd(wv, vshift)), keep);
     const __m128 f = _mm256_cvtpd_ps(e);
     _mm_storeu_ps(out + i, f);

@@ -31,8 +31,13 @@ namespace engram::core {
 // (exact read-back, storage, reference paths); kBf16 adds a bf16 copy that
 // the scores and weighted sums read (half the memory traffic, values rounded
 // to 8 significant bits), kBitPacked (bipolar banks only) a 1-bit copy read
-// with XOR + popcount whenever the state is +-1 (exact).
-enum class Precision { kF32, kBf16, kBitPacked };
+// with XOR + popcount whenever the state is +-1 (exact). kF32Screened
+// computes with the f32 values like kF32 but also keeps a bf16 copy as a
+// screen: a softmax pass scores every row on the screen (half the traffic)
+// with a per-row bound on the screen's error, and reads the f32 rows of only
+// the rows whose weight can be significant (the few near the winner when the
+// softmax is sharp); +50 % memory.
+enum class Precision { kF32, kBf16, kBitPacked, kF32Screened };
 
 // Largest accepted dimension and payload.
 inline constexpr int kMaxDim = 1 << 20;
@@ -111,15 +116,16 @@ class Bank {
 
  private:
   void RebuildIndex();
-  // Appends the reduced-precision copy of `data` (whole rows) for bf16 and
-  // bit-packed banks.
+  // Appends the reduced-precision copy of `data` (whole rows) for bf16,
+  // screened and bit-packed banks.
   void PackRows(absl::Span<const float> data);
 
   BankSpec spec_;
   uint64_t next_id_;
   std::vector<float> data_;      // size() x dim(), row-major
   std::vector<float> sq_norms_;  // |xi_mu|^2
-  std::vector<uint16_t> bf16_;   // kBf16: data_ rounded to bf16
+  std::vector<uint16_t> bf16_;   // kBf16, kF32Screened: data_ rounded to bf16
+  std::vector<float> screen_err_;  // kF32Screened: PatternView::screen_err
   std::vector<uint64_t> bits_;   // kBitPacked: one bit per value (+1 set)
   std::vector<uint64_t> ids_;
   std::vector<std::string> payloads_;

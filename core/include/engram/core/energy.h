@@ -80,6 +80,11 @@ struct PatternView {
   int dim = 0;
   const uint16_t* bf16 = nullptr;
   const uint64_t* bits = nullptr;
+  // A screen of f32 rows (Precision::kF32Screened): the rows rounded to bf16,
+  // and per row a bound e_mu such that |<xi_mu, x> - screened dot| <= e_mu |x|
+  // for the bf16 dot kernels (rounding of the row plus f32 accumulation).
+  const uint16_t* screen = nullptr;
+  const float* screen_err = nullptr;
   const float* row(int64_t mu) const { return data + mu * dim; }
 };
 
