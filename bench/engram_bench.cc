@@ -240,6 +240,42 @@ BENCHMARK(BM_GrpcRetrieve)
     ->Args({0, 16})->Args({1, 16})->Args({0, 10000})->Args({1, 10000})
     ->Unit(benchmark::kMicrosecond)->UseRealTime();
 
+// The round trip alone: Retrieve on a bank that does not exist (answered
+// NOT_FOUND by the handler after a map lookup), over the same channels: what
+// gRPC itself costs per call on this machine, the floor under
+// BM_GrpcRetrieve.
+void BM_GrpcRoundTrip(benchmark::State& state) {
+  const bool tcp = state.range(0) == 1;
+  const auto dir = std::filesystem::temp_directory_path() / "engram_bench_grpc_rt";
+  std::filesystem::remove_all(dir);
+  server::ServerConfig cfg;
+  cfg.listen = "127.0.0.1:0";
+  cfg.data_dir = dir.string();
+  cfg.metrics_listen = "";
+  auto srv = server::EngramServer::Start(cfg);
+  if (!srv.ok()) {
+    state.SkipWithError(std::string(srv.status().message()).c_str());
+    return;
+  }
+  std::shared_ptr<grpc::Channel> ch =
+      tcp ? grpc::CreateChannel("127.0.0.1:" + std::to_string((*srv)->port()),
+                                grpc::InsecureChannelCredentials())
+          : (*srv)->InProcessChannel();
+  auto stub = v1::MemoryService::NewStub(ch);
+  v1::RetrieveRequest req;
+  req.set_bank("absent");
+  req.mutable_queries()->Add(1.f);
+  for (auto _ : state) {
+    grpc::ClientContext c;
+    v1::RetrieveResponse resp;
+    auto s = stub->Retrieve(&c, req, &resp);
+    if (s.error_code() != grpc::StatusCode::NOT_FOUND) state.SkipWithError("expected NOT_FOUND");
+  }
+  srv->reset();
+  std::filesystem::remove_all(dir);
+}
+BENCHMARK(BM_GrpcRoundTrip)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond)->UseRealTime();
+
 }  // namespace
 
 BENCHMARK_MAIN();
