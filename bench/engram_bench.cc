@@ -182,25 +182,46 @@ BENCHMARK(BM_SampleHeun64)->Arg(10000)->Unit(benchmark::kMillisecond);
 
 // One Retrieve through gRPC: range(0) = 0 in-process channel, 1 TCP loopback;
 // range(1) = K (N = 784).
-void BM_GrpcRetrieve(benchmark::State& state) {
-  const bool tcp = state.range(0) == 1;
-  const int n = 784, k = state.range(1);
-  const auto dir = std::filesystem::temp_directory_path() / "engram_bench_grpc";
-  std::filesystem::remove_all(dir);
-  server::ServerConfig cfg;
-  cfg.listen = "127.0.0.1:0";
-  cfg.data_dir = dir.string();
-  cfg.metrics_listen = "";
-  auto srv = server::EngramServer::Start(cfg);
-  if (!srv.ok()) {
-    state.SkipWithError(std::string(srv.status().message()).c_str());
-    return;
+// An Engram server on a fresh data directory under the temp dir, and a stub
+// over an in-process channel (state.range(0) == 0) or TCP loopback (1).
+struct BenchServer {
+  std::filesystem::path dir;
+  std::unique_ptr<server::EngramServer> srv;
+  std::unique_ptr<v1::MemoryService::Stub> stub;
+
+  static std::unique_ptr<BenchServer> Start(benchmark::State& state, const std::string& name) {
+    auto b = std::make_unique<BenchServer>();
+    b->dir = std::filesystem::temp_directory_path() / name;
+    std::filesystem::remove_all(b->dir);
+    server::ServerConfig cfg;
+    cfg.listen = "127.0.0.1:0";
+    cfg.data_dir = b->dir.string();
+    cfg.metrics_listen = "";
+    auto srv = server::EngramServer::Start(cfg);
+    if (!srv.ok()) {
+      state.SkipWithError(std::string(srv.status().message()).c_str());
+      return nullptr;
+    }
+    b->srv = std::move(*srv);
+    std::shared_ptr<grpc::Channel> ch =
+        state.range(0) == 1 ? grpc::CreateChannel("127.0.0.1:" + std::to_string(b->srv->port()),
+                                                  grpc::InsecureChannelCredentials())
+                            : b->srv->InProcessChannel();
+    b->stub = v1::MemoryService::NewStub(ch);
+    return b;
   }
-  std::shared_ptr<grpc::Channel> ch =
-      tcp ? grpc::CreateChannel("127.0.0.1:" + std::to_string((*srv)->port()),
-                                grpc::InsecureChannelCredentials())
-          : (*srv)->InProcessChannel();
-  auto stub = v1::MemoryService::NewStub(ch);
+  ~BenchServer() {
+    stub.reset();
+    srv.reset();
+    std::filesystem::remove_all(dir);
+  }
+};
+
+void BM_GrpcRetrieve(benchmark::State& state) {
+  const int n = 784, k = state.range(1);
+  auto bench = BenchServer::Start(state, "engram_bench_grpc");
+  if (bench == nullptr) return;
+  v1::MemoryService::Stub* stub = bench->stub.get();
   {
     grpc::ClientContext c;
     v1::CreateBankRequest req;
@@ -233,8 +254,6 @@ void BM_GrpcRetrieve(benchmark::State& state) {
     auto s = stub->Retrieve(&c, req, &resp);
     if (!s.ok()) state.SkipWithError(s.error_message().c_str());
   }
-  srv->reset();
-  std::filesystem::remove_all(dir);
 }
 BENCHMARK(BM_GrpcRetrieve)
     ->Args({0, 16})->Args({1, 16})->Args({0, 10000})->Args({1, 10000})
@@ -245,34 +264,17 @@ BENCHMARK(BM_GrpcRetrieve)
 // gRPC itself costs per call on this machine, the floor under
 // BM_GrpcRetrieve.
 void BM_GrpcRoundTrip(benchmark::State& state) {
-  const bool tcp = state.range(0) == 1;
-  const auto dir = std::filesystem::temp_directory_path() / "engram_bench_grpc_rt";
-  std::filesystem::remove_all(dir);
-  server::ServerConfig cfg;
-  cfg.listen = "127.0.0.1:0";
-  cfg.data_dir = dir.string();
-  cfg.metrics_listen = "";
-  auto srv = server::EngramServer::Start(cfg);
-  if (!srv.ok()) {
-    state.SkipWithError(std::string(srv.status().message()).c_str());
-    return;
-  }
-  std::shared_ptr<grpc::Channel> ch =
-      tcp ? grpc::CreateChannel("127.0.0.1:" + std::to_string((*srv)->port()),
-                                grpc::InsecureChannelCredentials())
-          : (*srv)->InProcessChannel();
-  auto stub = v1::MemoryService::NewStub(ch);
+  auto bench = BenchServer::Start(state, "engram_bench_grpc_rt");
+  if (bench == nullptr) return;
   v1::RetrieveRequest req;
   req.set_bank("absent");
   req.mutable_queries()->Add(1.f);
   for (auto _ : state) {
     grpc::ClientContext c;
     v1::RetrieveResponse resp;
-    auto s = stub->Retrieve(&c, req, &resp);
+    auto s = bench->stub->Retrieve(&c, req, &resp);
     if (s.error_code() != grpc::StatusCode::NOT_FOUND) state.SkipWithError("expected NOT_FOUND");
   }
-  srv->reset();
-  std::filesystem::remove_all(dir);
 }
 BENCHMARK(BM_GrpcRoundTrip)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond)->UseRealTime();
 

@@ -516,6 +516,36 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
   return out;
 }
 
+namespace {
+
+// One state's share of a batched tile: `srow` holds its scores against rows
+// [t0, t0 + count) and receives its weights relative to the running scale
+// (FoldBlock); the energy terms and nearest row are accumulated. s, w and h
+// are scratch of `count` doubles.
+void FoldStateTile(const PatternView& view, SimilarityKind similarity, const RowWeights& rule,
+                   bool track_nearest, double sqx, int64_t t0, int64_t count, float* srow,
+                   double* s, double* w, double* h, RunningSums* running, float* acc,
+                   double* energy, double* nearest_key, int64_t* nearest_row) {
+  for (int64_t i = 0; i < count; ++i) {
+    s[i] = similarity == SimilarityKind::kNegHalfSqL2
+               ? double{srow[i]} - 0.5 * view.sq_norms[t0 + i] - 0.5 * sqx
+               : double{srow[i]};
+  }
+  if (track_nearest) {
+    for (int64_t i = 0; i < count; ++i) {
+      const double key = double{srow[i]} - 0.5 * view.sq_norms[t0 + i] - 0.5 * sqx;
+      if (key > *nearest_key) {
+        *nearest_key = key;
+        *nearest_row = t0 + i;
+      }
+    }
+  }
+  *energy += rule.Block(s, count, w, h);
+  FoldBlock(rule.domain() == WeightDomain::kLog, w, h, count, running, acc, view.dim, srow);
+}
+
+}  // namespace
+
 static void FusedPassBatchSgemm(const PatternView& view, SimilarityKind similarity, const float* x,
                     int64_t b, const RowWeights& rule, float* acc, FusedSums* sums,
                     bool track_nearest) {
@@ -546,25 +576,11 @@ static void FusedPassBatchSgemm(const PatternView& view, SimilarityKind similari
     ParallelRows(b, count * 64, [&](int, int64_t q_begin, int64_t q_end) {
       std::vector<double> s(count), w(count), h(count);
       for (int64_t q = q_begin; q < q_end; ++q) {
-        float* srow = st.data() + q * count;  // becomes the weight row in place
         FusedSums& p = sums[q];
-        float* a = acc != nullptr ? acc + q * n : nullptr;
-        for (int64_t i = 0; i < count; ++i) {
-          s[i] = similarity == SimilarityKind::kNegHalfSqL2
-                     ? double{srow[i]} - 0.5 * view.sq_norms[t0 + i] - 0.5 * sqx[q]
-                     : double{srow[i]};
-        }
-        if (track_nearest) {
-          for (int64_t i = 0; i < count; ++i) {
-            const double key = double{srow[i]} - 0.5 * view.sq_norms[t0 + i] - 0.5 * sqx[q];
-            if (key > p.nearest_key) {
-              p.nearest_key = key;
-              p.nearest_row = t0 + i;
-            }
-          }
-        }
-        p.energy_terms += rule.Block(s.data(), count, w.data(), h.data());
-        FoldBlock(log_domain, w.data(), h.data(), count, &running[q], a, n, srow);
+        FoldStateTile(view, similarity, rule, track_nearest, sqx[q], t0, count,
+                      st.data() + q * count, s.data(), w.data(), h.data(), &running[q],
+                      acc != nullptr ? acc + q * n : nullptr, &p.energy_terms, &p.nearest_key,
+                      &p.nearest_row);
       }
     }, &used);
     if (acc == nullptr) continue;
@@ -641,23 +657,10 @@ void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const fl
       }
       for (int64_t q = 0; q < b; ++q) {
         float* srow = st.data() + q * count;  // becomes the weight row in place
-        for (int64_t i = 0; i < count; ++i) {
-          s[i] = similarity == SimilarityKind::kNegHalfSqL2
-                     ? double{srow[i]} - 0.5 * view.sq_norms[t0 + i] - 0.5 * sqx[q]
-                     : double{srow[i]};
-        }
-        if (track_nearest) {
-          for (int64_t i = 0; i < count; ++i) {
-            const double key = double{srow[i]} - 0.5 * view.sq_norms[t0 + i] - 0.5 * sqx[q];
-            if (key > p.nearest_key[q]) {
-              p.nearest_key[q] = key;
-              p.nearest_row[q] = t0 + i;
-            }
-          }
-        }
-        p.energy[q] += rule.Block(s.data(), count, w.data(), h.data());
-        FoldBlock(log_domain, w.data(), h.data(), count, &p.sums[q],
-                  acc != nullptr ? p.acc.data() + q * n : nullptr, n, srow);
+        FoldStateTile(view, similarity, rule, track_nearest, sqx[q], t0, count, srow, s.data(),
+                      w.data(), h.data(), &p.sums[q],
+                      acc != nullptr ? p.acc.data() + q * n : nullptr, &p.energy[q],
+                      &p.nearest_key[q], &p.nearest_row[q]);
         // Relative to a scale that only grows, so negligible at the end too.
         for (int64_t i = 0; i < count; ++i) {
           if (!(std::fabs(srow[i]) >= negligible)) srow[i] = 0.f;

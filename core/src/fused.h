@@ -85,6 +85,7 @@ inline constexpr double kNegligibleWeightMass = 0x1p-24;
 // scores (they hold less than 2^-24 of it, so log-sum-exp moves by less than
 // 2^-24 (e^(beta e_mu |x|) - 1)). When more than 1/16 of the rows (and more
 // than 1024) can be significant, the pass runs on the f32 rows as usual.
+// (FusedPassBatch does not screen: batched steps read the f32 rows.)
 //
 // `hint_row` (log domain, optional) names a row likely to carry one of the
 // largest weights, e.g. the previous state's nearest pattern: its weight

@@ -309,6 +309,21 @@ std::vector<FusedCase> FusedCases() {
 
 class FusedTest : public ::testing::TestWithParam<FusedCase> {};
 
+// The case's bank over rows xi (k x n), and an f32 reference bank over the
+// values its kernels read (xi rounded to bf16 for a bf16 bank).
+std::pair<Bank, Bank> CaseAndReferenceBanks(const FusedCase& c, const std::vector<float>& xi,
+                                            int n, int k) {
+  Bank bank(BankSpec{"f", n, c.kind, c.config, c.precision});
+  bank.Append(xi, bank.AssignIds(k), {});
+  Bank ref_bank(BankSpec{"r", n, c.kind, c.config, Precision::kF32});
+  std::vector<float> ref_xi = xi;
+  if (c.precision == Precision::kBf16) {
+    for (auto& v : ref_xi) v = kernels::Bf16ToFloat(kernels::FloatToBf16(v));
+  }
+  ref_bank.Append(ref_xi, ref_bank.AssignIds(k), {});
+  return {std::move(bank), std::move(ref_bank)};
+}
+
 // Relative distance |a - b|_inf / max(|b|_inf, tiny).
 double RelInf(const std::vector<float>& a, const std::vector<float>& b) {
   double d = 0, m = 1e-30;
@@ -330,16 +345,8 @@ TEST_P(FusedTest, MatchesReferenceOnShapesThatSplitIntoBlocksAndThreads) {
     // Continuous patterns scaled so that beta * s stays moderate.
     auto xi = bipolar ? RandomBipolar(int64_t{k} * n, rng)
                       : RandomGaussian(int64_t{k} * n, rng, 1.f / std::sqrt(float(n)));
-    BankSpec spec{"f", n, c.kind, c.config, c.precision};
-    ASSERT_TRUE(ValidateBankSpec(spec).ok()) << c.name;
-    Bank bank(spec);
-    bank.Append(xi, bank.AssignIds(k), {});
-    Bank ref_bank(BankSpec{"r", n, c.kind, c.config, Precision::kF32});
-    std::vector<float> ref_xi = xi;
-    if (c.precision == Precision::kBf16) {
-      for (auto& v : ref_xi) v = kernels::Bf16ToFloat(kernels::FloatToBf16(v));
-    }
-    ref_bank.Append(ref_xi, ref_bank.AssignIds(k), {});
+    ASSERT_TRUE(ValidateBankSpec(BankSpec{"f", n, c.kind, c.config, c.precision}).ok()) << c.name;
+    const auto [bank, ref_bank] = CaseAndReferenceBanks(c, xi, n, k);
     EnergyFunction fast(c.config, bank.view());
     EnergyFunction ref(c.config, ref_bank.view());
     for (int trial = 0; trial < 3; ++trial) {
@@ -384,14 +391,7 @@ TEST_P(FusedTest, BatchedStepMatchesReferenceAtEveryBatchSize) {
   const int n = 257, k = 4200;
   auto xi = bipolar ? RandomBipolar(int64_t{k} * n, rng)
                     : RandomGaussian(int64_t{k} * n, rng, 1.f / std::sqrt(float(n)));
-  Bank bank(BankSpec{"f", n, c.kind, c.config, c.precision});
-  bank.Append(xi, bank.AssignIds(k), {});
-  Bank ref_bank(BankSpec{"r", n, c.kind, c.config, Precision::kF32});
-  std::vector<float> ref_xi = xi;
-  if (c.precision == Precision::kBf16) {
-    for (auto& v : ref_xi) v = kernels::Bf16ToFloat(kernels::FloatToBf16(v));
-  }
-  ref_bank.Append(ref_xi, ref_bank.AssignIds(k), {});
+  const auto [bank, ref_bank] = CaseAndReferenceBanks(c, xi, n, k);
   EnergyFunction fast(c.config, bank.view());
   EnergyFunction ref(c.config, ref_bank.view());
   for (int b : {3, 4, 13, 32, 45}) {
