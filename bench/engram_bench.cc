@@ -77,7 +77,10 @@ BENCHMARK(BM_LseSyncStepBatch)->Args({784, 10000, 32})->Args({784, 10000, 256})
 // Every kernel at every SIMD level this CPU runs: one pass of `rows` rows of
 // dimension N (arg 0: level, arg 1: N, arg 2: rows). Bytes are those the
 // kernel reads from the rows.
-enum KernelOp { kDot, kAxpy, kDotBf16, kAxpyBf16, kDotBits, kAxpyBits };
+// kDotMulti / kAxpyMulti: 32 states against the same rows (a batched step's
+// tile).
+enum KernelOp { kDot, kAxpy, kDotBf16, kAxpyBf16, kDotBits, kAxpyBits, kDotMulti, kAxpyMulti };
+constexpr int64_t kMultiStates = 32;
 
 template <KernelOp op>
 void BM_Kernel(benchmark::State& state) {
@@ -91,7 +94,8 @@ void BM_Kernel(benchmark::State& state) {
   const int64_t rows = state.range(2);
   std::mt19937_64 rng(1);
   std::normal_distribution<float> g;
-  std::vector<float> f(rows * n), x(n), w(rows), out(std::max<int64_t>(rows, n));
+  std::vector<float> f(rows * n), x(kMultiStates * n), w(kMultiStates * rows),
+      out(kMultiStates * std::max<int64_t>(rows, n));
   for (auto& v : f) v = g(rng);
   for (auto& v : x) v = g(rng);
   for (auto& v : w) v = g(rng);
@@ -110,6 +114,14 @@ void BM_Kernel(benchmark::State& state) {
       case kAxpyBf16: k->axpy_rows_bf16(h.data(), rows, n, w.data(), out.data()); bytes = rows * n * 2; break;
       case kDotBits: k->dot_rows_bits(bits.data(), rows, n, xb.data(), out.data()); bytes = rows * words * 8; break;
       case kAxpyBits: k->axpy_rows_bits(bits.data(), rows, n, w.data(), out.data()); bytes = rows * words * 8; break;
+      case kDotMulti:
+        k->dot_rows_multi(f.data(), rows, n, x.data(), kMultiStates, out.data());
+        bytes = rows * n * 4;
+        break;
+      case kAxpyMulti:
+        k->axpy_rows_multi(f.data(), rows, n, w.data(), kMultiStates, out.data());
+        bytes = rows * n * 4;
+        break;
     }
     benchmark::DoNotOptimize(out.data());
   }
@@ -120,7 +132,7 @@ void BM_Kernel(benchmark::State& state) {
 void KernelArgs(benchmark::internal::Benchmark* b) {
   // 784 x 40 rows: one L2-resident block (what the fused pass hands a kernel);
   // 784 x 20000: a stream from memory.
-  for (int level = 0; level <= 2; ++level) {
+  for (int level = 0; level <= 3; ++level) {
     b->Args({level, 784, 40});
     b->Args({level, 784, 20000});
   }
@@ -131,6 +143,9 @@ BENCHMARK(BM_Kernel<kDotBf16>)->Apply(KernelArgs)->Unit(benchmark::kMicrosecond)
 BENCHMARK(BM_Kernel<kAxpyBf16>)->Apply(KernelArgs)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Kernel<kDotBits>)->Apply(KernelArgs)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Kernel<kAxpyBits>)->Apply(KernelArgs)->Unit(benchmark::kMicrosecond);
+// 32 states x 784 x 40 rows: 2.5 MFLOP per call (GFLOP/s = 2 * 32 * 784 * 40 / time).
+BENCHMARK(BM_Kernel<kDotMulti>)->Args({1, 784, 40})->Args({2, 784, 40})->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Kernel<kAxpyMulti>)->Args({1, 784, 40})->Args({2, 784, 40})->Unit(benchmark::kMicrosecond);
 
 // A whole Retrieve: lse sync from a noisy pattern to convergence + nearest.
 void BM_RetrieveInProcess(benchmark::State& state) {

@@ -211,10 +211,13 @@ void Bank::PackRows(absl::Span<const float> data) {
     // The bf16 dot kernels sum in f32 with at most n/4 + 8 sequential
     // roundings per lane and reduction (4 lanes at the scalar level, 8 or 16
     // wider), so their error is below (n/4 + 8) 2^-24 sum |a_i b_i|, at most
-    // that times |xi~| |x|; the rounding of the row adds |xi - xi~| |x|.
-    // Both bounded per row, rounded up.
+    // that times |xi~| |x|; the VDPBF16PS kernel's split of the state into
+    // two bf16 parts adds 2^-16 |xi~| |x| and its flush of subnormal inputs
+    // less than 2^-100 (1 + |xi~|) |x| (kernels_avx512_bf16.cc); the
+    // rounding of the row adds |xi - xi~| |x|. All bounded per row, rounded
+    // up.
     const size_t k = data.size() / n;
-    const double acc_rel = (n / 4.0 + 8.0) * 0x1p-24;
+    const double acc_rel = (n / 4.0 + 8.0) * 0x1p-24 + 0x1p-16 + 0x1p-100;
     bf16_.reserve(bf16_.size() + data.size());
     screen_err_.reserve(screen_err_.size() + k);
     for (size_t r = 0; r < k; ++r) {
@@ -227,7 +230,7 @@ void Bank::PackRows(absl::Span<const float> data) {
         d2 += (double{v} - q) * (double{v} - q);
         q2 += q * q;
       }
-      const double bound = std::sqrt(d2) + acc_rel * std::sqrt(q2);
+      const double bound = std::sqrt(d2) + acc_rel * std::sqrt(q2) + 0x1p-100;
       screen_err_.push_back(static_cast<float>(bound * (1.0 + 0x1p-20)));
     }
   } else if (spec_.precision == Precision::kBitPacked) {

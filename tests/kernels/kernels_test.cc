@@ -29,7 +29,8 @@ const int kCounts[] = {1, 3, 4, 5, 17};
 
 std::vector<const KernelTable*> Levels() {
   std::vector<const KernelTable*> out;
-  for (SimdLevel l : {SimdLevel::kScalar, SimdLevel::kAvx2, SimdLevel::kAvx512}) {
+  for (SimdLevel l : {SimdLevel::kScalar, SimdLevel::kAvx2, SimdLevel::kAvx512,
+                      SimdLevel::kAvx512Bf16}) {
     if (const KernelTable* t = kernels::KernelsFor(l)) out.push_back(t);
   }
   return out;
@@ -220,6 +221,57 @@ TEST(Kernels, Bf16KernelsMatchReferenceOnRoundedRows) {
         }
       }
     }
+  }
+}
+
+// The bf16 dot product's stated bound (kernels.h, kernels_avx512_bf16.cc):
+// against the exact dot product of the stored bf16 row with the f32 state,
+// at most 2^-16 sum |row_i x_i| for the state's split into two bf16 parts
+// plus n 2^-24 sum |row_i x_i| for the f32 accumulation, at every level; on
+// states whose entries span many binades (where a single bf16 rounding of
+// the state would be off by up to 2^-9).
+TEST(Kernels, Bf16DotWithinStatedBoundOfExactRowDot) {
+  std::mt19937_64 rng(21);
+  for (const KernelTable* k : Levels()) {
+    for (int n : {31, 32, 33, 784, 4096, 4100}) {
+      const int count = 9;
+      auto rows = RandomGaussian(int64_t{count} * n, rng);
+      std::vector<uint16_t> half(rows.size());
+      for (size_t i = 0; i < rows.size(); ++i) {
+        half[i] = kernels::FloatToBf16(rows[i]);
+        rows[i] = kernels::Bf16ToFloat(half[i]);
+      }
+      auto x = RandomGaussian(n, rng);
+      std::uniform_int_distribution<int> binade(-20, 20);
+      for (float& v : x) v = std::ldexp(v, binade(rng));
+      std::vector<float> got(count);
+      k->dot_rows_bf16(half.data(), count, n, x.data(), got.data());
+      for (int r = 0; r < count; ++r) {
+        double exact = 0, mag = 0;
+        for (int i = 0; i < n; ++i) {
+          exact += double{rows[int64_t{r} * n + i]} * x[i];
+          mag += std::fabs(double{rows[int64_t{r} * n + i]} * x[i]);
+        }
+        EXPECT_LE(std::fabs(got[r] - exact), (0x1p-16 + n * 0x1p-24) * mag)
+            << kernels::SimdLevelName(k->level) << " n=" << n << " r=" << r;
+      }
+    }
+  }
+}
+
+// A state entry that is not finite gives what the f32 kernel gives.
+TEST(Kernels, Bf16DotPropagatesInfAndNaNOfTheState) {
+  for (const KernelTable* k : Levels()) {
+    const int n = 40;
+    std::vector<uint16_t> row(n, kernels::FloatToBf16(1.f));
+    std::vector<float> x(n, 0.5f);
+    x[35] = INFINITY;
+    float out = 0.f;
+    k->dot_rows_bf16(row.data(), 1, n, x.data(), &out);
+    EXPECT_EQ(out, INFINITY) << kernels::SimdLevelName(k->level);
+    x[3] = NAN;
+    k->dot_rows_bf16(row.data(), 1, n, x.data(), &out);
+    EXPECT_TRUE(std::isnan(out)) << kernels::SimdLevelName(k->level);
   }
 }
 

@@ -10,6 +10,7 @@ std::string SimdLevelName(SimdLevel level) {
     case SimdLevel::kScalar: return "scalar";
     case SimdLevel::kAvx2: return "avx2";
     case SimdLevel::kAvx512: return "avx512";
+    case SimdLevel::kAvx512Bf16: return "avx512_bf16";
   }
   return "unknown";
 }
@@ -21,7 +22,7 @@ SimdLevel DetectedSimdLevel() {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512vpopcntdq")) {
-      return SimdLevel::kAvx512;
+      return __builtin_cpu_supports("avx512bf16") ? SimdLevel::kAvx512Bf16 : SimdLevel::kAvx512;
     }
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
         __builtin_cpu_supports("popcnt")) {
@@ -39,6 +40,7 @@ const KernelTable* KernelsFor(SimdLevel level) {
     case SimdLevel::kScalar: return &ScalarKernels();
     case SimdLevel::kAvx2: return &Avx2Kernels();
     case SimdLevel::kAvx512: return &Avx512Kernels();
+    case SimdLevel::kAvx512Bf16: return &Avx512Bf16Kernels();
   }
   return nullptr;
 }
@@ -50,6 +52,7 @@ const KernelTable& Kernels() {
       SimdLevel want = level;
       if (std::strcmp(cap, "scalar") == 0) want = SimdLevel::kScalar;
       if (std::strcmp(cap, "avx2") == 0) want = SimdLevel::kAvx2;
+      if (std::strcmp(cap, "avx512") == 0) want = SimdLevel::kAvx512;
       if (static_cast<int>(want) < static_cast<int>(level)) level = want;
     }
     return KernelsFor(level);

@@ -24,7 +24,9 @@
 
 namespace engram::core::kernels {
 
-enum class SimdLevel { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+// kAvx512Bf16 is kAvx512 with the BF16 extension (VDPBF16PS dot products
+// over bf16 rows).
+enum class SimdLevel { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
 std::string SimdLevelName(SimdLevel level);
 
@@ -70,7 +72,7 @@ struct KernelTable {
 };
 
 // The table for the widest level this CPU supports, capped by the
-// environment variable ENGRAM_SIMD=scalar|avx2|avx512 when set.
+// environment variable ENGRAM_SIMD=scalar|avx2|avx512|avx512_bf16 when set.
 const KernelTable& Kernels();
 
 // The table of one level, or nullptr when this CPU cannot run it.
@@ -83,6 +85,7 @@ SimdLevel DetectedSimdLevel();
 const KernelTable& ScalarKernels();
 const KernelTable& Avx2Kernels();
 const KernelTable& Avx512Kernels();
+const KernelTable& Avx512Bf16Kernels();
 
 // The AVX2 multi-state and exp kernels, shared by the AVX-512 table.
 double Avx2ExpWeights(const double* w, int64_t count, double shift, double cut, float* out);

@@ -2,6 +2,10 @@
 // called only when the CPU reports them). Tails use lane masks.
 #include <immintrin.h>
 
+#include <algorithm>
+#include <memory>
+#include <vector>
+
 #include "kernels/kernels.h"
 
 namespace engram::core::kernels {
@@ -136,6 +140,10 @@ void DotRowsBits(const uint64_t* rows, int64_t count, int n, const uint64_t* x, 
   const __mmask8 tail = static_cast<__mmask8>((1u << (words - full)) - 1u);
   for (int64_t r = 0; r < count; ++r) {
     const uint64_t* p = rows + r * words;
+    // Rows of a few words are consumed faster than the hardware prefetcher
+    // ramps up: ask for the row 64 ahead (as the AVX2 kernel).
+    const char* ahead = reinterpret_cast<const char*>(p + 64 * words);
+    for (int off = 0; off < words * 8; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
     __m512i d = _mm512_setzero_si512();
     for (int w = 0; w < full; w += 8) {
       const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(p + w), _mm512_loadu_si512(x + w));
@@ -150,33 +158,197 @@ void DotRowsBits(const uint64_t* rows, int64_t count, int n, const uint64_t* x, 
   }
 }
 
-void AxpyRowsBits(const uint64_t* rows, int64_t count, int n, const float* w, float* acc) {
-  const int words = BitWords(n);
-  const int full = n & ~15;
-  const int rem = n - full;
+// Columns [16 h, 16 (h + C)) of acc held in C registers while every row with
+// a nonzero weight adds it to the columns whose bit is set (one masked add
+// per 16 columns, the mask read straight from the row's bits); the column
+// block is the outer loop, so its slice of the rows' bits stays in L1. The
+// last block may be partial: `last` masks its final vector.
+template <int C>
+inline void AxpyBitsBlock(const uint16_t* halves, int64_t stride, int64_t count, int h,
+                          const float* w, float* acc, __mmask16 last) {
+  __m512 a[C];
+#pragma GCC unroll 16
+  for (int c = 0; c < C; ++c) {
+    const __mmask16 lanes = c == C - 1 ? last : static_cast<__mmask16>(0xFFFF);
+    a[c] = _mm512_maskz_loadu_ps(lanes, acc + 16 * (h + c));
+  }
   for (int64_t r = 0; r < count; ++r) {
     if (w[r] == 0.f) continue;
-    const uint16_t* halves = reinterpret_cast<const uint16_t*>(rows + r * words);
+    const uint16_t* m = halves + r * stride + h;
     const __m512 wv = _mm512_set1_ps(w[r]);
-    for (int i = 0; i < full; i += 16) {
-      const __mmask16 m = halves[i >> 4];
-      _mm512_storeu_ps(acc + i, _mm512_mask_add_ps(_mm512_loadu_ps(acc + i), m,
-                                                  _mm512_loadu_ps(acc + i), wv));
-    }
-    if (rem) {
-      const __mmask16 m = static_cast<__mmask16>(halves[full >> 4] & Tail(rem));
-      const __m512 a = _mm512_maskz_loadu_ps(Tail(rem), acc + full);
-      _mm512_mask_storeu_ps(acc + full, Tail(rem), _mm512_mask_add_ps(a, m, a, wv));
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) {
+      const __mmask16 bits = c == C - 1 ? static_cast<__mmask16>(m[c] & last) : m[c];
+      a[c] = _mm512_mask_add_ps(a[c], bits, a[c], wv);
     }
   }
+#pragma GCC unroll 16
+  for (int c = 0; c < C; ++c) {
+    const __mmask16 lanes = c == C - 1 ? last : static_cast<__mmask16>(0xFFFF);
+    _mm512_mask_storeu_ps(acc + 16 * (h + c), lanes, a[c]);
+  }
+}
+
+void AxpyRowsBits(const uint64_t* rows, int64_t count, int n, const float* w, float* acc) {
+  const int64_t stride = int64_t{BitWords(n)} * 4;  // 16-bit halves per row
+  const uint16_t* halves = reinterpret_cast<const uint16_t*>(rows);
+  const int vectors = (n + 15) / 16;
+  const int rem = n & 15;
+  int h = 0;
+  // Blocks of 16 vectors (256 columns), then one block of what is left.
+  for (; h + 16 < vectors || (h + 16 == vectors && rem == 0); h += 16) {
+    AxpyBitsBlock<16>(halves, stride, count, h, w, acc, 0xFFFF);
+  }
+  const int left = vectors - h;
+  if (left == 0) return;
+  const __mmask16 last = rem ? Tail(rem) : static_cast<__mmask16>(0xFFFF);
+  switch (left) {
+#define ENGRAM_BITS_BLOCK(C) \
+  case C: AxpyBitsBlock<C>(halves, stride, count, h, w, acc, last); break;
+    ENGRAM_BITS_BLOCK(1) ENGRAM_BITS_BLOCK(2) ENGRAM_BITS_BLOCK(3) ENGRAM_BITS_BLOCK(4)
+    ENGRAM_BITS_BLOCK(5) ENGRAM_BITS_BLOCK(6) ENGRAM_BITS_BLOCK(7) ENGRAM_BITS_BLOCK(8)
+    ENGRAM_BITS_BLOCK(9) ENGRAM_BITS_BLOCK(10) ENGRAM_BITS_BLOCK(11) ENGRAM_BITS_BLOCK(12)
+    ENGRAM_BITS_BLOCK(13) ENGRAM_BITS_BLOCK(14) ENGRAM_BITS_BLOCK(15) ENGRAM_BITS_BLOCK(16)
+#undef ENGRAM_BITS_BLOCK
+  }
+}
+
+// ---- Many states against the same rows ------------------------------------
+// Register tiles of R rows x Q states of dot products (R * Q + R + 1 <= 32
+// zmm registers), or Q states x C vectors of 16 columns of accumulators: each
+// tile streams its operands once from L1/L2 and does R*Q (Q*C) FMAs per
+// R + Q (C + Q) loads. Tails use lane masks. Every accumulator sums in the
+// same order whatever tile it is in, so a row's score does not depend on R.
+
+template <int R, int Q>
+inline void DotTile(const float* rows, int n, const float* x, float* out, int64_t ld) {
+  const int full = n & ~15;
+  const int rem = n - full;
+  __m512 a[R][Q];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int q = 0; q < Q; ++q) a[r][q] = _mm512_setzero_ps();
+  }
+  for (int i = 0; i < full; i += 16) {
+    __m512 v[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) v[r] = _mm512_loadu_ps(rows + r * n + i);
+#pragma GCC unroll 8
+    for (int q = 0; q < Q; ++q) {
+      const __m512 xv = _mm512_loadu_ps(x + q * n + i);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) a[r][q] = _mm512_fmadd_ps(v[r], xv, a[r][q]);
+    }
+  }
+  if (rem) {
+    const __mmask16 mask = Tail(rem);
+    __m512 v[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) v[r] = _mm512_maskz_loadu_ps(mask, rows + r * n + full);
+#pragma GCC unroll 8
+    for (int q = 0; q < Q; ++q) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + q * n + full);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) a[r][q] = _mm512_fmadd_ps(v[r], xv, a[r][q]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int q = 0; q < Q; ++q) out[q * ld + r] = _mm512_reduce_add_ps(a[r][q]);
+  }
+}
+
+template <int C, int Q>
+inline void AxpyTile(const float* rows, const int32_t* active, int64_t nactive, int n,
+                     const float* w, int64_t ld, float* acc, __mmask16 last) {
+  __m512 a[Q][C];
+#pragma GCC unroll 8
+  for (int q = 0; q < Q; ++q) {
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      a[q][c] = _mm512_maskz_loadu_ps(c == C - 1 ? last : 0xFFFF, acc + q * n + 16 * c);
+    }
+  }
+  for (int64_t k = 0; k < nactive; ++k) {
+    const int64_t r = active[k];
+    const float* p = rows + r * n;
+    __m512 v[C];
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) v[c] = _mm512_maskz_loadu_ps(c == C - 1 ? last : 0xFFFF, p + 16 * c);
+#pragma GCC unroll 8
+    for (int q = 0; q < Q; ++q) {
+      const __m512 wv = _mm512_set1_ps(w[q * ld + r]);
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) a[q][c] = _mm512_fmadd_ps(v[c], wv, a[q][c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int q = 0; q < Q; ++q) {
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      _mm512_mask_storeu_ps(acc + q * n + 16 * c, c == C - 1 ? last : 0xFFFF, a[q][c]);
+    }
+  }
+}
+
+void DotRowsMulti(const float* rows, int64_t count, int n, const float* x, int64_t b,
+                  float* out) {
+  auto states = [&](int64_t q, auto tile6, auto tile1) {
+    int64_t r = 0;
+    for (; r + 6 <= count; r += 6) tile6(rows + r * n, n, x + q * n, out + q * count + r, count);
+    for (; r < count; ++r) tile1(rows + r * n, n, x + q * n, out + q * count + r, count);
+  };
+  int64_t q = 0;
+  for (; q + 4 <= b; q += 4) states(q, DotTile<6, 4>, DotTile<1, 4>);
+  for (; q < b; ++q) states(q, DotTile<6, 1>, DotTile<1, 1>);
+}
+
+void AxpyRowsMulti(const float* rows, int64_t count, int n, const float* w, int64_t b,
+                   float* acc) {
+  // The active rows of every group of four states, then column blocks outer
+  // so a block's slab of rows stays in L1 for every group.
+  const int64_t groups = (b + 3) / 4;
+  std::unique_ptr<int32_t[]> lists(new int32_t[groups * std::max<int64_t>(count, 1)]);
+  std::vector<int64_t> sizes(groups);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t q = 4 * g, states = std::min<int64_t>(4, b - q);
+    int32_t* list = lists.get() + g * count;
+    int64_t m = 0;
+    for (int64_t r = 0; r < count; ++r) {
+      bool any = false;
+      for (int64_t s = 0; s < states; ++s) any |= w[(q + s) * count + r] != 0.f;
+      if (any) list[m++] = static_cast<int32_t>(r);
+    }
+    sizes[g] = m;
+  }
+  auto block = [&](int j, auto tile4, auto tile1, __mmask16 last) {
+    for (int64_t g = 0; g < groups; ++g) {
+      if (sizes[g] == 0) continue;
+      const int64_t q = 4 * g;
+      const int32_t* list = lists.get() + g * count;
+      if (q + 4 <= b) {
+        tile4(rows + j, list, sizes[g], n, w + q * count, count, acc + q * n + j, last);
+      } else {
+        for (int64_t s = q; s < b; ++s) {
+          tile1(rows + j, list, sizes[g], n, w + s * count, count, acc + s * n + j, last);
+        }
+      }
+    }
+  };
+  int j = 0;
+  for (; j + 96 <= n; j += 96) block(j, AxpyTile<6, 4>, AxpyTile<6, 1>, 0xFFFF);
+  for (; j + 16 <= n; j += 16) block(j, AxpyTile<1, 4>, AxpyTile<1, 1>, 0xFFFF);
+  if (j < n) block(j, AxpyTile<1, 4>, AxpyTile<1, 1>, Tail(n - j));
 }
 
 }  // namespace
 
 const KernelTable& Avx512Kernels() {
-  static const KernelTable t{SimdLevel::kAvx512, DotRows,         AxpyRows,
-                             DotRowsBf16,        AxpyRowsBf16,    DotRowsBits,
-                             AxpyRowsBits,       Avx2DotRowsMulti, Avx2AxpyRowsMulti,
+  static const KernelTable t{SimdLevel::kAvx512, DotRows,       AxpyRows,
+                             DotRowsBf16,        AxpyRowsBf16,  DotRowsBits,
+                             AxpyRowsBits,       DotRowsMulti,  AxpyRowsMulti,
                              Avx2ExpWeights};
   return t;
 }
