@@ -45,6 +45,36 @@ void BM_LseSyncStep(benchmark::State& state) {
 BENCHMARK(BM_LseSyncStep)->Args({784, 10000})->Args({784, 1000})->Args({4096, 10000})
     ->Unit(benchmark::kMicrosecond)->UseRealTime();
 
+// One sync step on a bipolar bank (the Krotov-Hopfield drive, then the
+// scores-only pass at max_steps), as bench/compare.py times it: arg 0 the
+// energy (0 classical, 1 exponential at beta = 0.1), arg 1 the precision
+// (0 f32, 1 bit-packed), N = 784, arg 2 = K; the query is a stored pattern
+// with 10 % of its signs flipped.
+void BM_BipolarSyncStep(benchmark::State& state) {
+  const int n = 784, k = state.range(2);
+  const auto family = state.range(0) == 0 ? core::EnergyFamily::kClassical
+                                          : core::EnergyFamily::kExponential;
+  const auto precision = state.range(1) == 0 ? core::Precision::kF32 : core::Precision::kBitPacked;
+  std::mt19937_64 rng(3);
+  std::vector<float> data(static_cast<size_t>(n) * k);
+  for (auto& v : data) v = (rng() & 1) ? 1.f : -1.f;
+  core::EnergyConfig cfg{.family = family, .beta = 0.1};
+  core::Bank bank(core::BankSpec{"bench", n, core::StateKind::kBipolar, cfg, precision});
+  bank.Append(data, bank.AssignIds(k), {});
+  core::EnergyFunction energy(cfg, bank.view());
+  std::vector<float> q(data.begin(), data.begin() + n);
+  for (int i = 0; i < n; i += 10) q[i] = -q[i];
+  core::RetrieveOptions o;
+  o.max_steps = 1;
+  for (auto _ : state) {
+    auto r = core::RunDynamics(energy, core::StateKind::kBipolar, absl::MakeConstSpan(q), {}, o);
+    benchmark::DoNotOptimize(r);
+  }
+}
+BENCHMARK(BM_BipolarSyncStep)
+    ->ArgsProduct({{0, 1}, {0, 1}, {10000, 100000}})
+    ->Unit(benchmark::kMicrosecond)->UseRealTime();
+
 // One batched sync step of the lse energy for B states (arg 2) on unit-norm
 // patterns at beta = 20, where every weight counts (no row is negligible):
 // two sgemms per tile and B * K exps between them.

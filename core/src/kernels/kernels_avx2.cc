@@ -466,6 +466,10 @@ double Avx2ExpWeights(const double* w, int64_t count, double shift, double cut, 
   for (; i + 4 <= count; i += 4) {
     const __m256d wv = _mm256_loadu_pd(w + i);
     const __m256d keep = _mm256_cmp_pd(wv, vcut, _CMP_NLT_UQ);  // NaN kept: exp gives NaN
+    if (_mm256_movemask_pd(keep) == 0) {  // a sharp softmax: most groups are all below the cut
+      _mm_storeu_ps(out + i, _mm_setzero_ps());
+      continue;
+    }
     const __m256d e = _mm256_and_pd(Exp4(_mm256_sub_pd(wv, vshift)), keep);
     const __m128 f = _mm256_cvtpd_ps(e);
     _mm_storeu_ps(out + i, f);
