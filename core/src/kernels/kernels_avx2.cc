@@ -3,16 +3,30 @@
 // loads and stores, so no read or write leaves the row.
 #include <immintrin.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <memory>
-#include <vector>
 
 #include "kernels/kernels.h"
 
 namespace engram::core::kernels {
 namespace {
+
+// Per-call scratch memory. Internal linkage on purpose: a per-ISA file must
+// not define inline code that the linker could share with baseline callers
+// (std::vector members, say); tests/kernels checks the object for it.
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) : p_(new T[n > 0 ? n : 1]) {}
+  ~Scratch() { delete[] p_; }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* get() const { return p_; }
+
+ private:
+  T* p_;
+};
+
 
 // Lanes [0, rem) set, rem in [0, 8].
 inline __m256i TailMask(int rem) {
@@ -171,12 +185,8 @@ void DotRowsBf16(const uint16_t* rows, int64_t count, int n, const float* x, flo
   const int rem = n - full;
   constexpr int kStack = 4096;
   alignas(32) float stack_buf[kStack];
-  std::unique_ptr<float[]> heap;
-  float* xs = stack_buf;
-  if (full > kStack) {
-    heap.reset(new float[full]);
-    xs = heap.get();
-  }
+  Scratch<float> heap(full > kStack ? full : 0);
+  float* xs = full > kStack ? heap.get() : stack_buf;
   for (int g = 0; g < full; g += 16) SplitEvenOdd16(x + g, xs + g);
   const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   auto group = [&](const uint16_t* p, int g, __m256 a) {
@@ -397,10 +407,11 @@ void Avx2AxpyRowsMulti(const float* rows, int64_t count, int n, const float* w, 
   // Active rows of every group of states, then column blocks outer so a
   // block's slab of rows stays in L1 for all groups.
   const int64_t groups = (b + 3) / 4;
-  std::unique_ptr<int32_t[]> lists(new int32_t[groups * std::max<int64_t>(count, 1)]);
-  std::vector<int64_t> sizes(groups);
+  Scratch<int32_t> lists(groups * (count > 1 ? count : 1));
+  Scratch<int64_t> sizes_buf(groups);
+  int64_t* sizes = sizes_buf.get();
   for (int64_t g = 0; g < groups; ++g) {
-    const int64_t q = 4 * g, states = std::min<int64_t>(4, b - q);
+    const int64_t q = 4 * g, states = b - q < 4 ? b - q : 4;
     int32_t* list = lists.get() + g * count;
     int64_t m = 0;
     for (int64_t r = 0; r < count; ++r) {

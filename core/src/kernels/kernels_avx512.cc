@@ -2,14 +2,27 @@
 // called only when the CPU reports them). Tails use lane masks.
 #include <immintrin.h>
 
-#include <algorithm>
-#include <memory>
-#include <vector>
-
 #include "kernels/kernels.h"
 
 namespace engram::core::kernels {
 namespace {
+
+// Per-call scratch memory. Internal linkage on purpose: a per-ISA file must
+// not define inline code that the linker could share with baseline callers
+// (std::vector members, say); tests/kernels checks the object for it.
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) : p_(new T[n > 0 ? n : 1]) {}
+  ~Scratch() { delete[] p_; }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* get() const { return p_; }
+
+ private:
+  T* p_;
+};
+
 
 inline __mmask16 Tail(int rem) { return static_cast<__mmask16>((1u << rem) - 1u); }
 
@@ -310,10 +323,11 @@ void AxpyRowsMulti(const float* rows, int64_t count, int n, const float* w, int6
   // The active rows of every group of four states, then column blocks outer
   // so a block's slab of rows stays in L1 for every group.
   const int64_t groups = (b + 3) / 4;
-  std::unique_ptr<int32_t[]> lists(new int32_t[groups * std::max<int64_t>(count, 1)]);
-  std::vector<int64_t> sizes(groups);
+  Scratch<int32_t> lists(groups * (count > 1 ? count : 1));
+  Scratch<int64_t> sizes_buf(groups);
+  int64_t* sizes = sizes_buf.get();
   for (int64_t g = 0; g < groups; ++g) {
-    const int64_t q = 4 * g, states = std::min<int64_t>(4, b - q);
+    const int64_t q = 4 * g, states = b - q < 4 ? b - q : 4;
     int32_t* list = lists.get() + g * count;
     int64_t m = 0;
     for (int64_t r = 0; r < count; ++r) {

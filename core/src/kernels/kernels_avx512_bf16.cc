@@ -17,14 +17,29 @@
 // |row| |x|).
 #include <immintrin.h>
 
-#include <algorithm>
 #include <cmath>
-#include <memory>
 
 #include "kernels/kernels.h"
 
 namespace engram::core::kernels {
 namespace {
+
+// Per-call scratch memory. Internal linkage on purpose: a per-ISA file must
+// not define inline code that the linker could share with baseline callers
+// (std::vector members, say); tests/kernels checks the object for it.
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) : p_(new T[n > 0 ? n : 1]) {}
+  ~Scratch() { delete[] p_; }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* get() const { return p_; }
+
+ private:
+  T* p_;
+};
+
 
 inline __m512bh AsBh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
 
@@ -46,19 +61,19 @@ double SplitState(const float* x, int n, int padded, uint16_t* hi, uint16_t* lo)
   }
   const float m = _mm512_reduce_max_ps(mv);
   int e = 0;
-  if (m > 0.f) std::frexp(m, &e);
+  if (m > 0.f) __builtin_frexpf(m, &e);
   if (e < -125) {  // 2^-e is not a normal float: scale in two exact steps
     for (int i = 0; i < n; ++i) {
-      const float v = std::ldexp(x[i], -e);
+      const float v = __builtin_ldexpf(x[i], -e);
       const uint16_t h = FloatToBf16(v);
       const float hf = Bf16ToFloat(h);
       hi[i] = h;
-      lo[i] = std::isfinite(hf) ? FloatToBf16(v - hf) : 0;
+      lo[i] = __builtin_isfinite(hf) ? FloatToBf16(v - hf) : 0;
     }
     for (int i = n; i < padded; ++i) hi[i] = lo[i] = 0;
-    return std::ldexp(1.0, e);
+    return __builtin_ldexp(1.0, e);
   }
-  const __m512 scale = _mm512_set1_ps(std::ldexp(1.f, -e));
+  const __m512 scale = _mm512_set1_ps(__builtin_ldexpf(1.f, -e));
   for (int i = 0; i < padded; i += 16) {
     const __mmask16 lanes = n - i >= 16 ? 0xFFFF : n > i ? Tail16(n - i) : 0;
     const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, x + i), scale);
@@ -69,7 +84,7 @@ double SplitState(const float* x, int n, int padded, uint16_t* hi, uint16_t* lo)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + i), reinterpret_cast<const __m256i&>(h));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + i), reinterpret_cast<const __m256i&>(l));
   }
-  return std::ldexp(1.0, e);
+  return __builtin_ldexp(1.0, e);
 }
 
 void DotRowsBf16(const uint16_t* rows, int64_t count, int n, const float* x, float* out) {
@@ -79,12 +94,8 @@ void DotRowsBf16(const uint16_t* rows, int64_t count, int n, const float* x, flo
   const __mmask32 tail = static_cast<__mmask32>((uint64_t{1} << rem) - 1u);
   constexpr int kStack = 4096;
   alignas(64) uint16_t stack_buf[2 * kStack];
-  std::unique_ptr<uint16_t[]> heap;
-  uint16_t* xh = stack_buf;
-  if (padded > kStack) {
-    heap.reset(new uint16_t[2 * static_cast<size_t>(padded)]);
-    xh = heap.get();
-  }
+  Scratch<uint16_t> heap(padded > kStack ? 2 * int64_t{padded} : 0);
+  uint16_t* xh = padded > kStack ? heap.get() : stack_buf;
   uint16_t* xl = xh + padded;
   const double unscale = SplitState(x, n, padded, xh, xl);
   auto result = [&](__m512 h, __m512 l) {
