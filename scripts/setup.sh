@@ -13,12 +13,13 @@ BUILD_PKGS=(
   libabsl-dev libeigen3-dev prometheus-cpp-dev libsqlite3-dev zlib1g-dev libpng-dev
   libgtest-dev libgmock-dev libbenchmark-dev libopenblas-dev
 )
-# Tests, benchmarks, fuzzing, the science suite and the container tests.
+# Tests, benchmarks, fuzzing, the science suite, the container tests and the
+# kernel test on emulated older CPUs (qemu-user).
 TEST_PKGS=(
   python3 python3-grpcio python3-grpc-tools python3-numpy python3-protobuf python3-yaml
   python3-matplotlib python3-faiss dataset-fashion-mnist curl openssl
   clang libclang-rt-14-dev llvm
-  docker.io docker-compose debootstrap
+  docker.io docker-compose debootstrap qemu-user
 )
 RUNTIME_PKGS=(
   libgrpc++1.51 libprotobuf32 libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0
