@@ -60,6 +60,21 @@ const KernelTable& Kernels() {
   return *table;
 }
 
+void ActiveRowsOfStateGroups(const float* w, int64_t count, int64_t b, int32_t* lists,
+                             int64_t* sizes) {
+  for (int64_t g = 0; 4 * g < b; ++g) {
+    const int64_t q = 4 * g, states = b - q < 4 ? b - q : 4;
+    int32_t* list = lists + g * count;
+    int64_t m = 0;
+    for (int64_t r = 0; r < count; ++r) {
+      bool any = false;
+      for (int64_t s = 0; s < states; ++s) any |= w[(q + s) * count + r] != 0.f;
+      if (any) list[m++] = static_cast<int32_t>(r);
+    }
+    sizes[g] = m;
+  }
+}
+
 uint16_t FloatToBf16(float v) {
   uint32_t u;
   std::memcpy(&u, &v, 4);

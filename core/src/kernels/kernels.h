@@ -94,6 +94,14 @@ void Avx2DotRowsMulti(const float* rows, int64_t count, int n, const float* x, i
 void Avx2AxpyRowsMulti(const float* rows, int64_t count, int n, const float* w, int64_t b,
                        float* acc);
 
+// For the multi-state weighted sums: the rows any state of each group of
+// four (states 4g .. 4g + 3 of b) weights with a nonzero w[q * count + r],
+// in row order, in lists[g * count ..] (sizes[g] of them; lists has
+// ceil(b / 4) * count slots, sizes ceil(b / 4)). Scalar code, built with the
+// baseline flags and called by every level.
+void ActiveRowsOfStateGroups(const float* w, int64_t count, int64_t b, int32_t* lists,
+                             int64_t* sizes);
+
 // f32 <-> bf16 (round to nearest even; NaN stays NaN).
 uint16_t FloatToBf16(float v);
 float Bf16ToFloat(uint16_t v);

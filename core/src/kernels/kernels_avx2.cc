@@ -7,25 +7,10 @@
 #include <cstring>
 
 #include "kernels/kernels.h"
+#include "kernels/scratch.h"
 
 namespace engram::core::kernels {
 namespace {
-
-// Per-call scratch memory. Internal linkage on purpose: a per-ISA file must
-// not define inline code that the linker could share with baseline callers
-// (std::vector members, say); tests/kernels checks the object for it.
-template <typename T>
-class Scratch {
- public:
-  explicit Scratch(int64_t n) : p_(new T[n > 0 ? n : 1]) {}
-  ~Scratch() { delete[] p_; }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  T* get() const { return p_; }
-
- private:
-  T* p_;
-};
 
 
 // Lanes [0, rem) set, rem in [0, 8].
@@ -410,17 +395,7 @@ void Avx2AxpyRowsMulti(const float* rows, int64_t count, int n, const float* w, 
   Scratch<int32_t> lists(groups * (count > 1 ? count : 1));
   Scratch<int64_t> sizes_buf(groups);
   int64_t* sizes = sizes_buf.get();
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t q = 4 * g, states = b - q < 4 ? b - q : 4;
-    int32_t* list = lists.get() + g * count;
-    int64_t m = 0;
-    for (int64_t r = 0; r < count; ++r) {
-      bool any = false;
-      for (int64_t s = 0; s < states; ++s) any |= w[(q + s) * count + r] != 0.f;
-      if (any) list[m++] = static_cast<int32_t>(r);
-    }
-    sizes[g] = m;
-  }
+  ActiveRowsOfStateGroups(w, count, b, lists.get(), sizes);
   const __m256i none = _mm256_setzero_si256();
   auto block = [&](int j, auto tile4, auto tile1, __m256i mask) {
     for (int64_t g = 0; g < groups; ++g) {

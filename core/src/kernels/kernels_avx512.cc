@@ -3,25 +3,10 @@
 #include <immintrin.h>
 
 #include "kernels/kernels.h"
+#include "kernels/scratch.h"
 
 namespace engram::core::kernels {
 namespace {
-
-// Per-call scratch memory. Internal linkage on purpose: a per-ISA file must
-// not define inline code that the linker could share with baseline callers
-// (std::vector members, say); tests/kernels checks the object for it.
-template <typename T>
-class Scratch {
- public:
-  explicit Scratch(int64_t n) : p_(new T[n > 0 ? n : 1]) {}
-  ~Scratch() { delete[] p_; }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  T* get() const { return p_; }
-
- private:
-  T* p_;
-};
 
 
 inline __mmask16 Tail(int rem) { return static_cast<__mmask16>((1u << rem) - 1u); }
@@ -326,17 +311,7 @@ void AxpyRowsMulti(const float* rows, int64_t count, int n, const float* w, int6
   Scratch<int32_t> lists(groups * (count > 1 ? count : 1));
   Scratch<int64_t> sizes_buf(groups);
   int64_t* sizes = sizes_buf.get();
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t q = 4 * g, states = b - q < 4 ? b - q : 4;
-    int32_t* list = lists.get() + g * count;
-    int64_t m = 0;
-    for (int64_t r = 0; r < count; ++r) {
-      bool any = false;
-      for (int64_t s = 0; s < states; ++s) any |= w[(q + s) * count + r] != 0.f;
-      if (any) list[m++] = static_cast<int32_t>(r);
-    }
-    sizes[g] = m;
-  }
+  ActiveRowsOfStateGroups(w, count, b, lists.get(), sizes);
   auto block = [&](int j, auto tile4, auto tile1, __mmask16 last) {
     for (int64_t g = 0; g < groups; ++g) {
       if (sizes[g] == 0) continue;

@@ -20,25 +20,10 @@
 #include <cmath>
 
 #include "kernels/kernels.h"
+#include "kernels/scratch.h"
 
 namespace engram::core::kernels {
 namespace {
-
-// Per-call scratch memory. Internal linkage on purpose: a per-ISA file must
-// not define inline code that the linker could share with baseline callers
-// (std::vector members, say); tests/kernels checks the object for it.
-template <typename T>
-class Scratch {
- public:
-  explicit Scratch(int64_t n) : p_(new T[n > 0 ? n : 1]) {}
-  ~Scratch() { delete[] p_; }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  T* get() const { return p_; }
-
- private:
-  T* p_;
-};
 
 
 inline __m512bh AsBh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
