@@ -429,16 +429,34 @@ bool MemoryServiceImpl::SmallRetrieve(const v1::RetrieveRequest* req) const {
   return !s.ok() || work <= kSmallWork;  // errors are answered at once too
 }
 
+MemoryServiceImpl::~MemoryServiceImpl() {
+  core::MutexLock lock(&threads_mu_);
+  while (threads_running_ > 0) threads_done_.Wait(&threads_mu_);
+}
+
 grpc::ServerUnaryReactor* MemoryServiceImpl::Retrieve(grpc::CallbackServerContext* ctx,
                                                       const v1::RetrieveRequest* req,
                                                       v1::RetrieveResponse* resp) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   if (!SmallRetrieve(req)) {
     try {
-      // Nothing may touch the call after Finish: the thread ends there.
-      std::thread([this, ctx, req, resp, reactor] {
-        reactor->Finish(RetrieveNow(ctx, req, resp));
-      }).detach();
+      {
+        core::MutexLock lock(&threads_mu_);
+        ++threads_running_;
+      }
+      // Nothing may touch the call after Finish: the thread ends there,
+      // leaving only its count, which the destructor waits on.
+      try {
+        std::thread([this, ctx, req, resp, reactor] {
+          reactor->Finish(RetrieveNow(ctx, req, resp));
+          core::MutexLock lock(&threads_mu_);
+          if (--threads_running_ == 0) threads_done_.SignalAll();
+        }).detach();
+      } catch (...) {
+        core::MutexLock lock(&threads_mu_);
+        --threads_running_;
+        throw;
+      }
       return reactor;
     } catch (const std::system_error&) {
       // No thread to be had: answer on this one.

@@ -13,6 +13,7 @@
 #include <atomic>
 #include <memory>
 
+#include "engram/core/mutex.h"
 #include "engram/core/registry.h"
 #include "engram/v1/engram.grpc.pb.h"
 #include "server/batcher.h"
@@ -49,6 +50,9 @@ class MemoryServiceImpl final
   // UNAVAILABLE until SetRegistry.
   MemoryServiceImpl(core::BankRegistry* registry, std::shared_ptr<Metrics> metrics,
                     ServiceLimits limits = {});
+  // Waits for the Retrieve threads still running (each ends right after its
+  // Finish, but may not have returned yet when the server's Wait does).
+  ~MemoryServiceImpl() override;
   void SetRegistry(core::BankRegistry* registry);
 
   grpc::Status CreateBank(grpc::ServerContext* ctx, const v1::CreateBankRequest* req,
@@ -99,6 +103,11 @@ class MemoryServiceImpl final
   std::shared_ptr<Metrics> metrics_;
   ServiceLimits limits_;
   std::unique_ptr<RetrieveBatcher> batcher_;  // null when batching is off
+
+  // Retrieve calls answered on a thread of their own, still running.
+  core::Mutex threads_mu_;
+  core::CondVar threads_done_;
+  int threads_running_ ABSL_GUARDED_BY(threads_mu_) = 0;
 };
 
 }  // namespace engram::server
