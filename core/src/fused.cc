@@ -136,6 +136,51 @@ bool FoldBlock(bool log_domain, const double* w, const double* h, int64_t count,
   return true;
 }
 
+// The weighted sum of a block of bit rows in exact integers, when the
+// block's weights are integers (the Krotov-Hopfield weights of the classical
+// and polynomial energies are, for the integer overlaps of bipolar states):
+// divided by the largest power of two g dividing them all, rows are taken
+// in groups whose |w / g| sum to at most 32767 through the 16-bit kernel, and acc receives (g / scale) times
+// the exact sum. Returns false, adding nothing, when a weight is not an
+// integer or a single |w / g| exceeds 32767.
+bool AddIntegerBitRows(const kernels::KernelTable& k, const uint64_t* bits, int64_t count, int n,
+                       const double* w, double scale, std::vector<int16_t>* wi,
+                       std::vector<int32_t>* iacc, float* acc) {
+  uint64_t bits_or = 0;
+  for (int64_t r = 0; r < count; ++r) {
+    const double a = std::fabs(w[r]);
+    if (!(a < 0x1p52) || a != std::floor(a)) return false;
+    bits_or |= static_cast<uint64_t>(a);
+  }
+  if (bits_or == 0) return true;  // every weight is zero
+  // The largest power of two dividing every weight (2d for the classical
+  // energy, d of N's parity: 4 for even N) stands for the gcd.
+  const uint64_t g = bits_or & (~bits_or + 1);
+  wi->resize(count);
+  for (int64_t r = 0; r < count; ++r) {
+    const double q = w[r] / static_cast<double>(g);  // exact: g divides w_r
+    if (std::fabs(q) > 32767.0) return false;
+    (*wi)[r] = static_cast<int16_t>(q);
+  }
+  iacc->assign(n, 0);
+  const int words = kernels::BitWords(n);
+  int64_t first = 0, budget = 0;
+  for (int64_t r = 0; r <= count; ++r) {
+    const int64_t m = r < count ? std::abs(int64_t{(*wi)[r]}) : 0;
+    if (r == count || budget + m > 32767) {
+      if (r > first) {
+        k.axpy_rows_bits_i16(bits + first * words, r - first, n, wi->data() + first, iacc->data());
+      }
+      first = r;
+      budget = 0;
+    }
+    budget += m;
+  }
+  const double f = static_cast<double>(g) / scale;
+  for (int i = 0; i < n; ++i) acc[i] += static_cast<float>((*iacc)[i] * f);
+  return true;
+}
+
 // A thread's share of a FusedPass.
 struct Partial {
   RunningSums sums;
@@ -400,6 +445,8 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
     std::vector<float> sc(block), wf(block);
     std::vector<double> s(block), w(block), h(block);
     std::vector<std::pair<int64_t, int64_t>> runs;  // [first, last) rows to add
+    std::vector<int16_t> wi;                          // AddIntegerBitRows scratch
+    std::vector<int32_t> iacc;
     for (int64_t b = begin; b < end; b += block) {
       const int64_t count = std::min(block, end - b);
       if (prescores.empty()) {
@@ -449,18 +496,26 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
           if (w[i] < cut) wf[i] = 0.f;
         }
       }
-      runs.clear();
-      for (int64_t i = 0; i < count;) {
-        if (!(std::fabs(wf[i]) >= negligible)) {
-          ++i;
-          continue;
+      // Integer weights on bits (classical, polynomial) take one exact
+      // integer pass over the block, with no negligible runs to find.
+      const bool integer_bits = out.x_bipolar && !log_domain && k.axpy_rows_bits_i16 != nullptr;
+      auto find_runs = [&] {
+        runs.clear();
+        for (int64_t i = 0; i < count;) {
+          if (!(std::fabs(wf[i]) >= negligible)) {
+            ++i;
+            continue;
+          }
+          int64_t j = i + 1;
+          while (j < count && std::fabs(wf[j]) >= negligible) ++j;
+          runs.emplace_back(i, j);
+          i = j;
         }
-        int64_t j = i + 1;
-        while (j < count && std::fabs(wf[j]) >= negligible) ++j;
-        runs.emplace_back(i, j);
-        i = j;
+      };
+      if (!integer_bits) {
+        find_runs();
+        if (runs.empty()) continue;
       }
-      if (runs.empty()) continue;
       // The weighted sum re-reads this block from L2; meanwhile ask for the
       // next block so the memory system is not idle (one pass at stream rate).
       if (b + count < end) {
@@ -469,6 +524,13 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
                                          : reinterpret_cast<const char*>(view.data + (b + count) * n);
         const int64_t next_bytes = std::min(block, end - b - count) * row_bytes;
         for (int64_t off = 0; off < next_bytes; off += 64) __builtin_prefetch(next + off, 0, 2);
+      }
+      if (integer_bits) {
+        if (AddIntegerBitRows(k, view.bits + b * kernels::BitWords(n), count, n, w.data(),
+                              p.sums.scale, &wi, &iacc, p.acc.data())) {
+          continue;
+        }
+        find_runs();  // weights that are not integers: the float kernel
       }
       for (const auto& [first, last] : runs) {
         const int64_t r = b + first, len = last - first;

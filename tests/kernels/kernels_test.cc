@@ -283,6 +283,51 @@ std::vector<uint64_t> Pack(const float* v, int n) {
   return b;
 }
 
+// The integer bit weighted sum at every level that has one: exact against
+// an int64 reference, up to the stated limit sum |w| <= 32767 (weights of
+// alternating sign that reach it), adding into a non-zero accumulator and
+// writing nothing past it.
+TEST(Kernels, IntegerBitWeightedSumIsExactUpToItsLimit) {
+  std::mt19937_64 rng(31);
+  int levels = 0;
+  for (const KernelTable* k : Levels()) {
+    if (k->axpy_rows_bits_i16 == nullptr) continue;
+    ++levels;
+    for (int n : {1, 7, 31, 32, 33, 63, 64, 65, 100, 511, 512, 513, 784, 1000, 4096}) {
+      for (int count : {1, 3, 17, 40}) {
+        auto rows = RandomBipolar(int64_t{count} * n, rng);
+        std::vector<uint64_t> bits;
+        for (int r = 0; r < count; ++r) {
+          auto b = Pack(rows.data() + int64_t{r} * n, n);
+          bits.insert(bits.end(), b.begin(), b.end());
+        }
+        for (bool at_limit : {false, true}) {
+          std::vector<int16_t> w(count);
+          int64_t budget = 32767;
+          for (int r = 0; r < count; ++r) {
+            const int64_t share = budget / (count - r);
+            const int64_t mag = at_limit ? share : static_cast<int64_t>(rng() % (share + 1));
+            w[r] = static_cast<int16_t>((r % 2 == 0 ? 1 : -1) * mag);
+            budget -= mag;
+          }
+          if (count > 2) w[1] = 0;
+          std::vector<int32_t> acc(n + 1, -5);
+          acc[n] = 99;
+          k->axpy_rows_bits_i16(bits.data(), count, n, w.data(), acc.data());
+          for (int i = 0; i < n; ++i) {
+            int64_t want = -5;
+            for (int r = 0; r < count; ++r) want += rows[int64_t{r} * n + i] > 0 ? w[r] : 0;
+            ASSERT_EQ(acc[i], want) << kernels::SimdLevelName(k->level) << " n=" << n
+                                    << " count=" << count << " i=" << i;
+          }
+          EXPECT_EQ(acc[n], 99) << "wrote past the accumulator";
+        }
+      }
+    }
+  }
+  EXPECT_GE(levels, 1);  // the scalar level always has it
+}
+
 TEST(Kernels, BitKernelsAreExact) {
   std::mt19937_64 rng(3);
   for (const KernelTable* k : Levels()) {

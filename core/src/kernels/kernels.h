@@ -69,6 +69,12 @@ struct KernelTable {
   // evaluated in double (the vector levels to within 2^-50 relative); a NaN
   // w[i] gives NaN, as std::exp does.
   double (*exp_weights)(const double* w, int64_t count, double shift, double cut, float* out);
+  // acc[i] += sum_r w[r] * bit_i(row_r), i < n, in integers: exact whenever
+  // sum_r |w[r]| <= 32767 (the kernel sums in 16-bit lanes, whose partial
+  // sums that bounds, then widens once into acc). Null at levels where the
+  // float axpy_rows_bits is as fast (AVX2).
+  void (*axpy_rows_bits_i16)(const uint64_t* rows, int64_t count, int n, const int16_t* w,
+                             int32_t* acc);
 };
 
 // The table for the widest level this CPU supports, capped by the

@@ -211,6 +211,70 @@ void AxpyRowsBits(const uint64_t* rows, int64_t count, int n, const float* w, fl
   }
 }
 
+// The integer form: columns [32 h, 32 (h + C)) in C registers of 16-bit
+// lanes, one masked add per 32 columns per row (the mask is 32 bits of the
+// row), widened into the int32 acc once at the end. The caller keeps
+// sum |w| <= 32767, so every lane ends within range.
+template <int C>
+inline void AxpyBitsI16Block(const uint32_t* words32, int64_t stride, int64_t count, int h,
+                             const int16_t* w, int32_t* acc, int last_cols) {
+  __m512i a[C];
+#pragma GCC unroll 16
+  for (int c = 0; c < C; ++c) a[c] = _mm512_setzero_si512();
+  const __mmask32 last = last_cols == 32 ? static_cast<__mmask32>(0xFFFFFFFFu)
+                                         : static_cast<__mmask32>((1u << last_cols) - 1u);
+  for (int64_t r = 0; r < count; ++r) {
+    if (w[r] == 0) continue;
+    const uint32_t* m = words32 + r * stride + h;
+    const __m512i wv = _mm512_set1_epi16(w[r]);
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) {
+      const __mmask32 bits = c == C - 1 ? static_cast<__mmask32>(m[c] & last) : m[c];
+      a[c] = _mm512_mask_add_epi16(a[c], bits, a[c], wv);
+    }
+  }
+#pragma GCC unroll 16
+  for (int c = 0; c < C; ++c) {
+    int32_t* dst = acc + 32 * (h + c);
+    const int cols = c == C - 1 ? last_cols : 32;
+    const __mmask16 lo_lanes = cols >= 16 ? static_cast<__mmask16>(0xFFFF) : Tail(cols);
+    const __mmask16 hi_lanes = cols >= 32 ? static_cast<__mmask16>(0xFFFF)
+                               : cols > 16 ? Tail(cols - 16) : static_cast<__mmask16>(0);
+    const __m512i lo = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(a[c]));
+    const __m512i hi = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(a[c], 1));
+    _mm512_mask_storeu_epi32(dst, lo_lanes,
+                             _mm512_add_epi32(_mm512_maskz_loadu_epi32(lo_lanes, dst), lo));
+    _mm512_mask_storeu_epi32(dst + 16, hi_lanes,
+                             _mm512_add_epi32(_mm512_maskz_loadu_epi32(hi_lanes, dst + 16), hi));
+  }
+}
+
+void AxpyRowsBitsI16(const uint64_t* rows, int64_t count, int n, const int16_t* w,
+                     int32_t* acc) {
+  const int64_t stride = int64_t{BitWords(n)} * 2;  // 32-bit words per row
+  const uint32_t* words32 = reinterpret_cast<const uint32_t*>(rows);
+  const int vectors = (n + 31) / 32;
+  const int rem = n & 31;
+  int h = 0;
+  for (; h + 16 < vectors || (h + 16 == vectors && rem == 0); h += 16) {
+    AxpyBitsI16Block<16>(words32, stride, count, h, w, acc, 32);
+  }
+  const int left = vectors - h;
+  if (left == 0) return;
+  const int last_cols = rem ? rem : 32;
+  switch (left) {
+#define ENGRAM_BITS_I16_BLOCK(C) \
+  case C: AxpyBitsI16Block<C>(words32, stride, count, h, w, acc, last_cols); break;
+    ENGRAM_BITS_I16_BLOCK(1) ENGRAM_BITS_I16_BLOCK(2) ENGRAM_BITS_I16_BLOCK(3)
+    ENGRAM_BITS_I16_BLOCK(4) ENGRAM_BITS_I16_BLOCK(5) ENGRAM_BITS_I16_BLOCK(6)
+    ENGRAM_BITS_I16_BLOCK(7) ENGRAM_BITS_I16_BLOCK(8) ENGRAM_BITS_I16_BLOCK(9)
+    ENGRAM_BITS_I16_BLOCK(10) ENGRAM_BITS_I16_BLOCK(11) ENGRAM_BITS_I16_BLOCK(12)
+    ENGRAM_BITS_I16_BLOCK(13) ENGRAM_BITS_I16_BLOCK(14) ENGRAM_BITS_I16_BLOCK(15)
+    ENGRAM_BITS_I16_BLOCK(16)
+#undef ENGRAM_BITS_I16_BLOCK
+  }
+}
+
 // ---- Many states against the same rows ------------------------------------
 // Register tiles of R rows x Q states of dot products (R * Q + R + 1 <= 32
 // zmm registers), or Q states x C vectors of 16 columns of accumulators: each
@@ -338,7 +402,7 @@ const KernelTable& Avx512Kernels() {
   static const KernelTable t{SimdLevel::kAvx512, DotRows,       AxpyRows,
                              DotRowsBf16,        AxpyRowsBf16,  DotRowsBits,
                              AxpyRowsBits,       DotRowsMulti,  AxpyRowsMulti,
-                             Avx2ExpWeights};
+                             Avx2ExpWeights,     AxpyRowsBitsI16};
   return t;
 }
 

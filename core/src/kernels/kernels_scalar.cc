@@ -69,6 +69,19 @@ void DotRowsBits(const uint64_t* rows, int64_t count, int n, const uint64_t* x, 
   }
 }
 
+void AxpyRowsBitsI16(const uint64_t* rows, int64_t count, int n, const int16_t* w,
+                     int32_t* acc) {
+  const int words = BitWords(n);
+  for (int64_t r = 0; r < count; ++r) {
+    const int32_t c = w[r];
+    if (c == 0) continue;
+    const uint64_t* p = rows + r * words;
+    for (int i = 0; i < n; ++i) {
+      if ((p[i >> 6] >> (i & 63)) & 1u) acc[i] += c;
+    }
+  }
+}
+
 void AxpyRowsBits(const uint64_t* rows, int64_t count, int n, const float* w, float* acc) {
   const int words = BitWords(n);
   for (int64_t r = 0; r < count; ++r) {
@@ -110,7 +123,7 @@ double ExpWeights(const double* w, int64_t count, double shift, double cut, floa
 const KernelTable& ScalarKernels() {
   static const KernelTable t{SimdLevel::kScalar, DotRows,      AxpyRows,     DotRowsBf16,
                              AxpyRowsBf16,       DotRowsBits,  AxpyRowsBits, DotRowsMulti,
-                             AxpyRowsMulti, ExpWeights};
+                             AxpyRowsMulti, ExpWeights,  AxpyRowsBitsI16};
   return t;
 }
 
