@@ -375,7 +375,11 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
   if (similarity == SimilarityKind::kNegHalfSqL2 || nearest) {
     for (int i = 0; i < n; ++i) sqx += double{x[i]} * x[i];
   }
-  const int64_t block = std::clamp<int64_t>(kBlockBytes / std::max<int64_t>(row_bytes, 1), 8, 1024);
+  // bf16 blocks are 4x larger: the bf16 dot kernel splits the state once
+  // per call (4096 values at N = 4096 against 16 rows of a 128 KB block),
+  // and the block is still re-read from L2 by the weighted sum.
+  const int64_t block_bytes = use_bf16 ? 4 * kBlockBytes : kBlockBytes;
+  const int64_t block = std::clamp<int64_t>(block_bytes / std::max<int64_t>(row_bytes, 1), 8, 1024);
   // Weights (relative to the running scale, which only grows) below this
   // are left out of the weighted sum; see kNegligibleWeightMass.
   const double negligible_mass = kNegligibleWeightMass / static_cast<double>(std::max<int64_t>(rows, 1));
@@ -413,9 +417,15 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
   // a scores-only pre-pass finds the exact largest log-weight, so the main
   // pass adds only the rows that matter even before it meets the winner.
   // The pre-pass keeps the scores (4 bytes a row against the row's ~N/8),
-  // and the main pass reads them instead of scoring again.
+  // and the main pass reads them instead of scoring again. On bf16 rows the
+  // same holds for the widening weighted sum (without it, a sharp softmax
+  // adds every row before the winner, half the bank on average): the main
+  // pass then reads only the significant rows again, so a bf16 pass reads
+  // the bank once, plus those rows. (Without a hint row only: a hint already
+  // bounds the scale from the first block on.)
   std::vector<float> prescores;
-  if (out.x_bipolar && log_domain && acc != nullptr) {
+  if (log_domain && acc != nullptr &&
+      (out.x_bipolar || (use_bf16 && !(hint_row >= 0 && hint_row < rows)))) {
     prescores.resize(rows);
     std::vector<double> maxima(std::min<int64_t>(4 * ComputeThreads(), std::max<int64_t>(rows, 1)),
                                -INFINITY);
