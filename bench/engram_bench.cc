@@ -109,7 +109,11 @@ BENCHMARK(BM_LseSyncStepBatch)->Args({784, 10000, 32})->Args({784, 10000, 256})
 // kernel reads from the rows.
 // kDotMulti / kAxpyMulti: 32 states against the same rows (a batched step's
 // tile).
-enum KernelOp { kDot, kAxpy, kDotBf16, kAxpyBf16, kDotBits, kAxpyBits, kDotMulti, kAxpyMulti };
+// kAxpyBitsI16: the integer weighted sum (weights in [-8, 8], so 40 rows stay
+// within its 16-bit limit; 20 000 rows are taken 40 at a time).
+enum KernelOp {
+  kDot, kAxpy, kDotBf16, kAxpyBf16, kDotBits, kAxpyBits, kDotMulti, kAxpyMulti, kAxpyBitsI16
+};
 constexpr int64_t kMultiStates = 32;
 
 template <KernelOp op>
@@ -135,6 +139,9 @@ void BM_Kernel(benchmark::State& state) {
   std::vector<uint64_t> bits(rows * words), xb(words);
   for (auto& v : bits) v = rng();
   for (auto& v : xb) v = rng();
+  std::vector<int16_t> wi(rows);
+  for (auto& v : wi) v = static_cast<int16_t>(static_cast<int>(rng() % 17) - 8);
+  std::vector<int32_t> iacc(n);
   int64_t bytes = 0;
   for (auto _ : state) {
     switch (op) {
@@ -144,6 +151,17 @@ void BM_Kernel(benchmark::State& state) {
       case kAxpyBf16: k->axpy_rows_bf16(h.data(), rows, n, w.data(), out.data()); bytes = rows * n * 2; break;
       case kDotBits: k->dot_rows_bits(bits.data(), rows, n, xb.data(), out.data()); bytes = rows * words * 8; break;
       case kAxpyBits: k->axpy_rows_bits(bits.data(), rows, n, w.data(), out.data()); bytes = rows * words * 8; break;
+      case kAxpyBitsI16:
+        if (k->axpy_rows_bits_i16 == nullptr) {
+          state.SkipWithError("no integer kernel at this level");
+          return;
+        }
+        for (int64_t r = 0; r < rows; r += 40) {
+          k->axpy_rows_bits_i16(bits.data() + r * words, std::min<int64_t>(40, rows - r), n,
+                                wi.data() + r, iacc.data());
+        }
+        bytes = rows * words * 8;
+        break;
       case kDotMulti:
         k->dot_rows_multi(f.data(), rows, n, x.data(), kMultiStates, out.data());
         bytes = rows * n * 4;
@@ -173,6 +191,8 @@ BENCHMARK(BM_Kernel<kDotBf16>)->Apply(KernelArgs)->Unit(benchmark::kMicrosecond)
 BENCHMARK(BM_Kernel<kAxpyBf16>)->Apply(KernelArgs)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Kernel<kDotBits>)->Apply(KernelArgs)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Kernel<kAxpyBits>)->Apply(KernelArgs)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Kernel<kAxpyBitsI16>)->Args({0, 784, 40})->Args({0, 784, 20000})
+    ->Args({2, 784, 40})->Args({2, 784, 20000})->Unit(benchmark::kMicrosecond);
 // 32 states x 784 x 40 rows: 2.5 MFLOP per call (GFLOP/s = 2 * 32 * 784 * 40 / time).
 BENCHMARK(BM_Kernel<kDotMulti>)->Args({1, 784, 40})->Args({2, 784, 40})->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Kernel<kAxpyMulti>)->Args({1, 784, 40})->Args({2, 784, 40})->Unit(benchmark::kMicrosecond);
