@@ -489,6 +489,19 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
         }
       }
       p.energy += rule.Block(s.data(), count, w.data(), h.data());
+      if (!prescores.empty()) {
+        // The pre-pass made the floor the exact largest log-weight: a block
+        // whose every log-weight is more than 50 below it adds nothing to
+        // the sums (FoldBlock would cut each of its terms) nor to acc. A NaN
+        // weight is never skipped: it must reach the sums.
+        double bm = -INFINITY;
+        bool nan = false;
+        for (int64_t i = 0; i < count; ++i) {
+          bm = w[i] > bm ? w[i] : bm;
+          nan |= std::isnan(w[i]);
+        }
+        if (!nan && bm < floor.load(std::memory_order_relaxed) - 50.0) continue;
+      }
       if (!FoldBlock(log_domain, w.data(), h.data(), count, &p.sums,
                      acc != nullptr ? p.acc.data() : nullptr, n, wf.data(),
                      floor.load(std::memory_order_relaxed))) {

@@ -132,14 +132,32 @@ void AxpyRowsBf16(const uint16_t* rows, int64_t count, int n, const float* w, fl
   AxpyRowsT<Bf16>(rows, count, n, w, acc);
 }
 
+// Eight rows' popcount vectors (8 lanes each) to their eight sums, in row
+// order: a transposing add tree (3 levels of unpack / lane shuffles and
+// adds) in place of eight horizontal reductions.
+inline __m512i SumEightRows(const __m512i d[8]) {
+  __m512i p[4];
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    p[j] = _mm512_add_epi64(_mm512_unpacklo_epi64(d[2 * j], d[2 * j + 1]),
+                            _mm512_unpackhi_epi64(d[2 * j], d[2 * j + 1]));
+  }
+  const __m512i ab = _mm512_add_epi64(_mm512_shuffle_i64x2(p[0], p[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                      _mm512_shuffle_i64x2(p[0], p[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i ce = _mm512_add_epi64(_mm512_shuffle_i64x2(p[2], p[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                      _mm512_shuffle_i64x2(p[2], p[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_epi64(_mm512_shuffle_i64x2(ab, ce, _MM_SHUFFLE(2, 0, 2, 0)),
+                          _mm512_shuffle_i64x2(ab, ce, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 void DotRowsBits(const uint64_t* rows, int64_t count, int n, const uint64_t* x, float* out) {
   const int words = BitWords(n);
   const int full = words & ~7;
   const __mmask8 tail = static_cast<__mmask8>((1u << (words - full)) - 1u);
-  for (int64_t r = 0; r < count; ++r) {
-    const uint64_t* p = rows + r * words;
-    // Rows of a few words are consumed faster than the hardware prefetcher
-    // ramps up: ask for the row 64 ahead (as the AVX2 kernel).
+  // The popcount of row p XOR x, in 8 lanes. Rows of a few words are
+  // consumed faster than the hardware prefetcher ramps up: ask for the row
+  // 64 ahead (as the AVX2 kernel).
+  auto row = [&](const uint64_t* p) {
     const char* ahead = reinterpret_cast<const char*>(p + 64 * words);
     for (int off = 0; off < words * 8; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
     __m512i d = _mm512_setzero_si512();
@@ -152,7 +170,20 @@ void DotRowsBits(const uint64_t* rows, int64_t count, int n, const uint64_t* x, 
                                          _mm512_maskz_loadu_epi64(tail, x + full));
       d = _mm512_add_epi64(d, _mm512_popcnt_epi64(v));
     }
-    out[r] = static_cast<float>(n - 2 * _mm512_reduce_add_epi64(d));
+    return d;
+  };
+  const __m512i vn = _mm512_set1_epi64(n);
+  int64_t r = 0;
+  for (; r + 8 <= count; r += 8) {
+    __m512i d[8];
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) d[j] = row(rows + (r + j) * words);
+    const __m512i dist = SumEightRows(d);
+    const __m512i dot = _mm512_sub_epi64(vn, _mm512_add_epi64(dist, dist));  // exact integers
+    _mm256_storeu_ps(out + r, _mm512_cvtepi64_ps(dot));
+  }
+  for (; r < count; ++r) {
+    out[r] = static_cast<float>(n - 2 * _mm512_reduce_add_epi64(row(rows + r * words)));
   }
 }
 
