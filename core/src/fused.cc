@@ -424,6 +424,10 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
   // the bank once, plus those rows. (Without a hint row only: a hint already
   // bounds the scale from the first block on.)
   std::vector<float> prescores;
+  // Log-weights increasing in the raw score (slope * dot product): a
+  // block's largest one comes from its largest score alone.
+  const bool monotone = log_domain && rule.log_weight_slope() > 0.0 &&
+                        similarity == SimilarityKind::kDot;
   if (log_domain && acc != nullptr &&
       (out.x_bipolar || (use_bf16 && !(hint_row >= 0 && hint_row < rows)))) {
     prescores.resize(rows);
@@ -437,6 +441,15 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
         const int64_t count = std::min(block, end - b);
         float* sc = prescores.data() + b;
         score_rows(b, count, sc);
+        if (monotone) {  // the largest log-weight is slope times the largest score
+          float fm = -INFINITY;
+          for (int64_t i = 0; i < count; ++i) fm = sc[i] > fm ? sc[i] : fm;
+          const double s1 = fm;
+          double w1 = -INFINITY, h1 = 0.0;
+          rule.Block(&s1, 1, &w1, &h1);
+          m = std::max(m, w1);
+          continue;
+        }
         for (int64_t i = 0; i < count; ++i) s[i] = similarity_of(sc[i], b + i);
         rule.Block(s.data(), count, w.data(), h.data());
         for (int64_t i = 0; i < count; ++i) m = std::max(m, w[i]);
@@ -452,19 +465,15 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
   auto run = [&](int part, int64_t begin, int64_t end) {
     Partial& p = partials[part];
     if (acc != nullptr) p.acc.assign(n, 0.f);
-    std::vector<float> sc(block), wf(block);
+    std::vector<float> sc_buf(block), wf(block);
     std::vector<double> s(block), w(block), h(block);
     std::vector<std::pair<int64_t, int64_t>> runs;  // [first, last) rows to add
     std::vector<int16_t> wi;                          // AddIntegerBitRows scratch
     std::vector<int32_t> iacc;
     for (int64_t b = begin; b < end; b += block) {
       const int64_t count = std::min(block, end - b);
-      if (prescores.empty()) {
-        score_rows(b, count, sc.data());
-      } else {
-        std::copy(prescores.begin() + b, prescores.begin() + b + count, sc.begin());
-      }
-      for (int64_t i = 0; i < count; ++i) s[i] = similarity_of(sc[i], b + i);
+      const float* sc = prescores.empty() ? sc_buf.data() : prescores.data() + b;
+      if (prescores.empty()) score_rows(b, count, sc_buf.data());
       if (nearest) {
         // A branch-free f32 screen of the block; only a block that may hold
         // a better row runs the exact double comparison (the f32 key is off
@@ -488,6 +497,20 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
           }
         }
       }
+      if (!prescores.empty() && monotone) {
+        // As below, from the block's largest score, before any per-row work.
+        float fm = -INFINITY;
+        bool nan = false;
+        for (int64_t i = 0; i < count; ++i) {
+          fm = sc[i] > fm ? sc[i] : fm;
+          nan |= std::isnan(sc[i]);
+        }
+        const double s1 = fm;
+        double w1 = -INFINITY, h1 = 0.0;
+        rule.Block(&s1, 1, &w1, &h1);
+        if (!nan && w1 < floor.load(std::memory_order_relaxed) - 50.0) continue;
+      }
+      for (int64_t i = 0; i < count; ++i) s[i] = similarity_of(sc[i], b + i);
       p.energy += rule.Block(s.data(), count, w.data(), h.data());
       if (!prescores.empty()) {
         // The pre-pass made the floor the exact largest log-weight: a block
