@@ -145,6 +145,17 @@ class KrotovHopfieldWeights : public internal::RowWeights {
   // Also returns the block's energy terms -sum F(d), E(x) of these families.
   double Block(const double* d, int64_t count, double* w, double* h) const override {
     double e = 0.0;
+    if (cfg_.family == EnergyFamily::kClassical) {
+      // F(s) = s^2 / 2: a = 2d - 2, b = 2d + 2, so c = 2d and h = -2, exactly
+      // what the general form below computes for the integer overlaps of
+      // bipolar states (every step is exact in double for |d| < 2^25).
+      for (int64_t mu = 0; mu < count; ++mu) {
+        w[mu] = 2.0 * d[mu];
+        h[mu] = -2.0;
+        e -= 0.5 * d[mu] * d[mu];
+      }
+      return e;
+    }
     for (int64_t mu = 0; mu < count; ++mu) {
       const double f = F(d[mu]);
       const double a = f - F(d[mu] - 2);

@@ -113,7 +113,11 @@ bool FoldBlock(bool log_domain, const double* w, const double* h, int64_t count,
     return true;
   }
   double bm = 0.0;
-  for (int64_t i = 0; i < count; ++i) bm = std::max({bm, std::fabs(w[i]), std::fabs(h[i])});
+  for (int64_t i = 0; i < count; ++i) {
+    const double aw = std::fabs(w[i]), ah = std::fabs(h[i]);
+    bm = aw > bm ? aw : bm;
+    bm = ah > bm ? ah : bm;
+  }
   if (bm > r->scale) {
     if (r->scale > 0.0) {
       const double f = r->scale / bm;
@@ -128,11 +132,26 @@ bool FoldBlock(bool log_domain, const double* w, const double* h, int64_t count,
     return false;
   }
   const double inv = 1.0 / r->scale;
-  for (int64_t i = 0; i < count; ++i) {
-    wf[i] = static_cast<float>(w[i] * inv);
-    r->wsum += w[i] * inv;
-    r->hsum += h[i] * inv;
+  // Four partial sums each (the block's terms in a fixed order), so the
+  // adds do not wait on one another.
+  double ws[4] = {0.0, 0.0, 0.0, 0.0}, hs[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t i = 0;
+  for (; i + 4 <= count; i += 4) {
+    for (int j = 0; j < 4; ++j) {
+      const double v = w[i + j] * inv;
+      wf[i + j] = static_cast<float>(v);
+      ws[j] += v;
+      hs[j] += h[i + j] * inv;
+    }
   }
+  for (; i < count; ++i) {
+    const double v = w[i] * inv;
+    wf[i] = static_cast<float>(v);
+    ws[0] += v;
+    hs[0] += h[i] * inv;
+  }
+  r->wsum += (ws[0] + ws[1]) + (ws[2] + ws[3]);
+  r->hsum += (hs[0] + hs[1]) + (hs[2] + hs[3]);
   return true;
 }
 
