@@ -159,26 +159,33 @@ bool FoldBlock(bool log_domain, const double* w, const double* h, int64_t count,
 // block's weights are integers (the Krotov-Hopfield weights of the classical
 // and polynomial energies are, for the integer overlaps of bipolar states):
 // divided by the largest power of two g dividing them all, rows are taken
-// in groups whose |w / g| sum to at most 32767 through the 16-bit kernel, and acc receives (g / scale) times
-// the exact sum. Returns false, adding nothing, when a weight is not an
-// integer or a single |w / g| exceeds 32767.
+// in groups whose |w / g| sum to at most 32767 through the 16-bit kernel,
+// and acc receives (g / scale) times the exact sum. Returns false, adding
+// nothing, when a weight is not an integer or a single |w / g| exceeds 32767.
 bool AddIntegerBitRows(const kernels::KernelTable& k, const uint64_t* bits, int64_t count, int n,
-                       const double* w, double scale, std::vector<int16_t>* wi,
-                       std::vector<int32_t>* iacc, float* acc) {
+                       const double* w, double scale, std::vector<int64_t>* wide,
+                       std::vector<int16_t>* wi, std::vector<int32_t>* iacc, float* acc) {
+  wide->resize(count);
   uint64_t bits_or = 0;
+  bool integers = true;
   for (int64_t r = 0; r < count; ++r) {
-    const double a = std::fabs(w[r]);
-    if (!(a < 0x1p52) || a != std::floor(a)) return false;
-    bits_or |= static_cast<uint64_t>(a);
+    const double v = w[r];
+    const bool in_range = std::fabs(v) < 0x1p52;  // false for NaN
+    const int64_t q = in_range ? static_cast<int64_t>(v) : 0;
+    integers &= in_range && static_cast<double>(q) == v;
+    (*wide)[r] = q;
+    bits_or |= static_cast<uint64_t>(q < 0 ? -q : q);
   }
+  if (!integers) return false;
   if (bits_or == 0) return true;  // every weight is zero
   // The largest power of two dividing every weight (2d for the classical
   // energy, d of N's parity: 4 for even N) stands for the gcd.
   const uint64_t g = bits_or & (~bits_or + 1);
+  const int shift = __builtin_ctzll(bits_or);
   wi->resize(count);
   for (int64_t r = 0; r < count; ++r) {
-    const double q = w[r] / static_cast<double>(g);  // exact: g divides w_r
-    if (std::fabs(q) > 32767.0) return false;
+    const int64_t q = (*wide)[r] >> shift;  // exact: 2^shift divides w_r
+    if (q > 32767 || q < -32767) return false;
     (*wi)[r] = static_cast<int16_t>(q);
   }
   iacc->assign(n, 0);
@@ -487,7 +494,8 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
     std::vector<float> sc_buf(block), wf(block);
     std::vector<double> s(block), w(block), h(block);
     std::vector<std::pair<int64_t, int64_t>> runs;  // [first, last) rows to add
-    std::vector<int16_t> wi;                          // AddIntegerBitRows scratch
+    std::vector<int64_t> wide;                        // AddIntegerBitRows scratch
+    std::vector<int16_t> wi;
     std::vector<int32_t> iacc;
     for (int64_t b = begin; b < end; b += block) {
       const int64_t count = std::min(block, end - b);
@@ -592,7 +600,7 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
       }
       if (integer_bits) {
         if (AddIntegerBitRows(k, view.bits + b * kernels::BitWords(n), count, n, w.data(),
-                              p.sums.scale, &wi, &iacc, p.acc.data())) {
+                              p.sums.scale, &wide, &wi, &iacc, p.acc.data())) {
           continue;
         }
         find_runs();  // weights that are not integers: the float kernel
