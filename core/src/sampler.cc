@@ -300,6 +300,7 @@ absl::StatusOr<SampleBatch> Sample(const Bank& bank, const EnergyConfig& energy,
   const int positive_levels = sig.back() == 0.0 ? levels : levels + 1;
   double sigma_last = sig[positive_levels - 1];
   int step = 0;
+  double sigma_of_step = sig[0];  // the sigma recorded for the last step taken
   for (int i = 0; i < std::max(levels, 1) && !batch.deadline; ++i) {
     if (o.should_stop && o.should_stop()) {
       batch.deadline = true;
@@ -385,6 +386,7 @@ absl::StatusOr<SampleBatch> Sample(const Bank& bank, const EnergyConfig& energy,
     }
     ++step;
     const double s_after = (o.sampler == SamplerKind::kAnnealedAm) ? s_cur : s_next;
+    sigma_of_step = s_after;
     record(step, s_after, false);
     if (o.on_step) o.on_step(step, s_after, xs);
   }
@@ -409,7 +411,7 @@ absl::StatusOr<SampleBatch> Sample(const Bank& bank, const EnergyConfig& energy,
   }
   batch.steps = step;
   if (step > 0 && step % std::max(o.trajectory_every, 1) != 0) {
-    record(step, o.sampler == SamplerKind::kAnnealedAm ? sig[step - 1] : sig[step], true);
+    record(step, sigma_of_step, true);
   }
 
   // A schedule ending at a tiny sigma (1/sigma^2 beyond float range) can

@@ -185,6 +185,34 @@ TEST(ProbabilityFlow, SinglePatternClosedForm) {
   }
 }
 
+// A one-level schedule (steps = 1, stopping at sigma_min) takes one step
+// that stays at that sigma; with a trajectory stride above 1 the final
+// state is recorded after the loop, with the sigma of that step. (Found by
+// the fuzzer: it read the schedule one past its end.)
+TEST(Sample, OneLevelScheduleRecordsItsFinalStateAtThatSigma) {
+  std::mt19937_64 rng(83);
+  const int n = 12;
+  Bank bank = MakeBank(n, StateKind::kContinuous, RandomGaussian(2 * n, rng));
+  for (SamplerKind s : {SamplerKind::kEuler, SamplerKind::kHeun, SamplerKind::kStochastic,
+                        SamplerKind::kLangevin}) {
+    SampleOptions o;
+    o.sampler = s;
+    o.schedule = {.kind = ScheduleKind::kKarras, .sigma_max = 0.7, .sigma_min = 0.7, .steps = 1,
+                  .stop_at_sigma_min = true};
+    o.seed = 3;
+    o.trajectory_every = 2;
+    auto b = Sample(bank, {.family = EnergyFamily::kGaussian}, 2, {}, {}, o);
+    ASSERT_OK(b);
+    EXPECT_EQ(b->steps, 1) << SamplerName(s);
+    for (const auto& r : b->samples) {
+      ASSERT_EQ(r.trajectory_sigmas.size(), 2u) << SamplerName(s);
+      EXPECT_EQ(r.trajectory_sigmas.front(), 0.7) << SamplerName(s);
+      EXPECT_EQ(r.trajectory_sigmas.back(), 0.7) << SamplerName(s);
+      EXPECT_EQ(r.trajectory.back(), r.state) << SamplerName(s);
+    }
+  }
+}
+
 // Error at sigma_min against a fine reference, for a smooth mixture.
 double FinalError(const Bank& bank, SamplerKind s, int intervals,
                   const std::vector<float>& reference) {
