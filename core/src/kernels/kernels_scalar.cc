@@ -69,12 +69,14 @@ void DotRowsBits(const uint64_t* rows, int64_t count, int n, const uint64_t* x, 
   }
 }
 
-void AxpyRowsBitsI16(const uint64_t* rows, int64_t count, int n, const int16_t* w,
-                     int32_t* acc) {
+// acc[i] += sum_r w[r] * bit_i(row_r), for float or integer weights (the
+// integer form accumulates in int32, exactly).
+template <typename W, typename A>
+void AxpyRowsBitsT(const uint64_t* rows, int64_t count, int n, const W* w, A* acc) {
   const int words = BitWords(n);
   for (int64_t r = 0; r < count; ++r) {
-    const int32_t c = w[r];
-    if (c == 0) continue;
+    const A c = static_cast<A>(w[r]);
+    if (c == A{0}) continue;
     const uint64_t* p = rows + r * words;
     for (int i = 0; i < n; ++i) {
       if ((p[i >> 6] >> (i & 63)) & 1u) acc[i] += c;
@@ -82,16 +84,13 @@ void AxpyRowsBitsI16(const uint64_t* rows, int64_t count, int n, const int16_t* 
   }
 }
 
+void AxpyRowsBitsI16(const uint64_t* rows, int64_t count, int n, const int16_t* w,
+                     int32_t* acc) {
+  AxpyRowsBitsT(rows, count, n, w, acc);
+}
+
 void AxpyRowsBits(const uint64_t* rows, int64_t count, int n, const float* w, float* acc) {
-  const int words = BitWords(n);
-  for (int64_t r = 0; r < count; ++r) {
-    const float c = w[r];
-    if (c == 0.f) continue;
-    const uint64_t* p = rows + r * words;
-    for (int i = 0; i < n; ++i) {
-      if ((p[i >> 6] >> (i & 63)) & 1u) acc[i] += c;
-    }
-  }
+  AxpyRowsBitsT(rows, count, n, w, acc);
 }
 
 void DotRowsMulti(const float* rows, int64_t count, int n, const float* x, int64_t b,
