@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <deque>
 #include <limits>
 #include <memory>
@@ -165,6 +166,14 @@ class KrotovHopfieldWeights : public internal::RowWeights {
       e -= f;
     }
     return e;
+  }
+
+  // The classical weights in integers: w = 2d, h = -2, energy terms
+  // -d^2 / 2. (Polynomial weights are powers of d: no affine form.)
+  bool affine_integer_form(internal::AffineIntegerForm* form) const override {
+    if (cfg_.family != EnergyFamily::kClassical) return false;
+    *form = {.a = 2, .b = 0, .c = -2, .e2 = -0.5, .e1 = 0.0};
+    return true;
   }
 
  private:

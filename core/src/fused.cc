@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
+#include <cstdint>
 #include <cstdlib>
 #include <memory>
 #include <mutex>
@@ -158,9 +159,8 @@ bool FoldBlock(bool log_domain, const double* w, const double* h, int64_t count,
 // The weighted sum of a block of bit rows in exact integers, when the
 // block's weights are integers (the Krotov-Hopfield weights of the classical
 // and polynomial energies are, for the integer overlaps of bipolar states):
-// divided by the largest power of two g dividing them all, rows are taken
-// in groups whose |w / g| sum to at most 32767 through the 16-bit kernel,
-// and acc receives (g / scale) times the exact sum. Returns false, adding
+// divided by the largest power of two g dividing them all, rows go through
+// the 16-bit kernel, and acc receives (g / scale) times the exact sum. Returns false, adding
 // nothing, when a weight is not an integer or a single |w / g| exceeds 32767.
 bool AddIntegerBitRows(const kernels::KernelTable& k, const uint64_t* bits, int64_t count, int n,
                        const double* w, double scale, std::vector<int64_t>* wide,
@@ -189,19 +189,7 @@ bool AddIntegerBitRows(const kernels::KernelTable& k, const uint64_t* bits, int6
     (*wi)[r] = static_cast<int16_t>(q);
   }
   iacc->assign(n, 0);
-  const int words = kernels::BitWords(n);
-  int64_t first = 0, budget = 0;
-  for (int64_t r = 0; r <= count; ++r) {
-    const int64_t m = r < count ? std::abs(int64_t{(*wi)[r]}) : 0;
-    if (r == count || budget + m > 32767) {
-      if (r > first) {
-        k.axpy_rows_bits_i16(bits + first * words, r - first, n, wi->data() + first, iacc->data());
-      }
-      first = r;
-      budget = 0;
-    }
-    budget += m;
-  }
+  k.axpy_rows_bits_i16(bits, count, n, wi->data(), iacc->data());
   const double f = static_cast<double>(g) / scale;
   for (int i = 0; i < n; ++i) acc[i] += static_cast<float>((*iacc)[i] * f);
   return true;
@@ -214,7 +202,35 @@ struct Partial {
   int64_t nearest_row = -1;
   double nearest_key = -INFINITY;
   std::vector<float> acc;
+  // The blocks summed in integers (an affine integer rule on bits),
+  // unscaled: folded into sums and acc at the end of the range.
+  bool integer = false;
+  int64_t iwsum = 0, ihsum = 0, imax = 0;  // sums of w, h; max |w|, |h|
+  std::vector<int64_t> iacc;                // sum of w * bit_i (with acc)
 };
+
+// Folds a range's integer sums into its running sums (and acc, n floats,
+// when `with_acc`), as FoldBlock folds a block of those weights.
+void FoldIntegerSums(Partial* p, bool with_acc, int n) {
+  RunningSums& r = p->sums;
+  const double bm = static_cast<double>(p->imax);
+  if (bm > r.scale) {
+    if (r.scale > 0.0) {
+      const double f = r.scale / bm;
+      r.wsum *= f;
+      r.hsum *= f;
+      if (with_acc) ScaleInPlace(p->acc.data(), n, f);
+    }
+    r.scale = bm;
+  }
+  if (r.scale == 0.0) return;  // every weight so far is zero
+  const double inv = 1.0 / r.scale;
+  r.wsum += static_cast<double>(p->iwsum) * inv;
+  r.hsum += static_cast<double>(p->ihsum) * inv;
+  if (with_acc) {
+    for (int j = 0; j < n; ++j) p->acc[j] += static_cast<float>(static_cast<double>(p->iacc[j]) * inv);
+  }
+}
 
 }  // namespace
 
@@ -487,6 +503,65 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
     floor.store(m, std::memory_order_relaxed);
   }
 
+  // The weighted sum re-reads a block from L2; meanwhile ask for the next
+  // one, rows [next, min(next + block, end)), so the memory system is not
+  // idle (one pass at stream rate).
+  auto prefetch_next = [&](int64_t next, int64_t end) {
+    if (next >= end) return;
+    const char* p = out.x_bipolar ? reinterpret_cast<const char*>(view.bits + next * kernels::BitWords(n))
+                    : use_bf16    ? reinterpret_cast<const char*>(view.bf16 + next * n)
+                                  : reinterpret_cast<const char*>(view.data + next * n);
+    const int64_t bytes = std::min(block, end - next) * row_bytes;
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
+  };
+  // Bit-packed rows with an affine integer rule (classical, quadratic,
+  // identity: every weight significant): a block's weights, sums, nearest
+  // row and weighted sum come exactly from the integer overlaps d in the
+  // kernels' vector code, with no per-row work in double. The weights
+  // a d + b share the power of two 2^shift (d has n's parity, so a d + b =
+  // (a n + b) - 2 a p for integer p); over it they take the 16-bit kernel
+  // when (|a| n + |b|) / 2^shift <= 32767.
+  AffineIntegerForm form;
+  int shift = 0;
+  bool integer_rule = out.x_bipolar && !log_domain && similarity == SimilarityKind::kDot &&
+                      rule.affine_integer_form(&form) &&
+                      std::abs(int64_t{form.a}) * n + std::abs(int64_t{form.b}) <= INT32_MAX;
+  if (integer_rule && acc != nullptr) {
+    const uint32_t lead = static_cast<uint32_t>(std::abs(form.a * n + form.b));
+    const uint32_t step = static_cast<uint32_t>(std::abs(2 * form.a));
+    const uint32_t both = lead | step;
+    shift = both == 0 ? 0 : __builtin_ctz(both);
+    integer_rule = k.axpy_rows_bits_i16 != nullptr &&
+                   ((std::abs(int64_t{form.a}) * n + std::abs(int64_t{form.b})) >> shift) <= 32767;
+  }
+  auto add_integer_block = [&](int64_t b, int64_t count, int64_t end, const float* sc,
+                               std::vector<int16_t>* w16, std::vector<int32_t>* iacc, Partial* p) {
+    kernels::OverlapStats st;
+    k.overlap_weights(sc, count, form.a, form.b, shift, acc != nullptr ? w16->data() : nullptr, &st);
+    p->integer = true;
+    p->energy += form.e2 * st.sum_sq + form.e1 * static_cast<double>(st.sum);
+    p->iwsum += int64_t{form.a} * st.sum + int64_t{form.b} * count;
+    p->ihsum += int64_t{form.c} * count;
+    const int64_t wmax = std::max(std::abs(int64_t{form.a} * static_cast<int64_t>(st.max) + form.b),
+                                  std::abs(int64_t{form.a} * static_cast<int64_t>(st.min) + form.b));
+    p->imax = std::max({p->imax, wmax, std::abs(int64_t{form.c})});
+    if (nearest) {
+      // Bit rows are +-1 patterns (|xi|^2 = n for each): the nearest row of
+      // the block is its first row of largest overlap.
+      const int64_t r = b + st.argmax;
+      const double key = double{sc[st.argmax]} - 0.5 * view.sq_norms[r] - 0.5 * sqx;
+      if (key > p->nearest_key) {
+        p->nearest_key = key;
+        p->nearest_row = r;
+      }
+    }
+    if (acc == nullptr || wmax == 0) return;
+    std::fill(iacc->begin(), iacc->end(), 0);
+    prefetch_next(b + count, end);
+    k.axpy_rows_bits_i16(view.bits + b * kernels::BitWords(n), count, n, w16->data(), iacc->data());
+    const int64_t g = int64_t{1} << shift;
+    for (int j = 0; j < n; ++j) p->iacc[j] += (*iacc)[j] * g;
+  };
   std::vector<Partial> partials(std::min<int64_t>(4 * ComputeThreads(), std::max<int64_t>(rows, 1)));
   auto run = [&](int part, int64_t begin, int64_t end) {
     Partial& p = partials[part];
@@ -497,10 +572,19 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
     std::vector<int64_t> wide;                        // AddIntegerBitRows scratch
     std::vector<int16_t> wi;
     std::vector<int32_t> iacc;
+    if (integer_rule && acc != nullptr) {
+      p.iacc.assign(n, 0);
+      iacc.assign(n, 0);
+      wi.resize(block);
+    }
     for (int64_t b = begin; b < end; b += block) {
       const int64_t count = std::min(block, end - b);
       const float* sc = prescores.empty() ? sc_buf.data() : prescores.data() + b;
       if (prescores.empty()) score_rows(b, count, sc_buf.data());
+      if (integer_rule) {
+        add_integer_block(b, count, end, sc, &wi, &iacc, &p);
+        continue;
+      }
       if (nearest) {
         // A branch-free f32 screen of the block; only a block that may hold
         // a better row runs the exact double comparison (the f32 key is off
@@ -589,15 +673,7 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
         find_runs();
         if (runs.empty()) continue;
       }
-      // The weighted sum re-reads this block from L2; meanwhile ask for the
-      // next block so the memory system is not idle (one pass at stream rate).
-      if (b + count < end) {
-        const char* next = out.x_bipolar ? reinterpret_cast<const char*>(view.bits + (b + count) * kernels::BitWords(n))
-                           : use_bf16    ? reinterpret_cast<const char*>(view.bf16 + (b + count) * n)
-                                         : reinterpret_cast<const char*>(view.data + (b + count) * n);
-        const int64_t next_bytes = std::min(block, end - b - count) * row_bytes;
-        for (int64_t off = 0; off < next_bytes; off += 64) __builtin_prefetch(next + off, 0, 2);
-      }
+      prefetch_next(b + count, end);
       if (integer_bits) {
         if (AddIntegerBitRows(k, view.bits + b * kernels::BitWords(n), count, n, w.data(),
                               p.sums.scale, &wide, &wi, &iacc, p.acc.data())) {
@@ -617,6 +693,7 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
         }
       }
     }
+    if (p.integer) FoldIntegerSums(&p, acc != nullptr, n);
   };
   int used = 1;
   // A bit-packed pass whose weights are all significant (the linear domain:
@@ -901,6 +978,18 @@ double PolynomialWeights::Block(const double* s, int64_t count, double* w, doubl
     }
   }
   return e;
+}
+
+bool PolynomialWeights::affine_integer_form(AffineIntegerForm* form) const {
+  if (degree_ == 0 || (degree_ == 1 && !half_ && !rectified_)) {  // F(s) = s: w = 1
+    *form = {.a = 0, .b = 1, .c = 0, .e2 = 0.0, .e1 = -1.0};
+    return true;
+  }
+  if (degree_ == 2 && !rectified_) {  // F(s) = s^2 (/ 2): w = 2 s (s)
+    *form = {.a = half_ ? 1 : 2, .b = 0, .c = 0, .e2 = half_ ? -0.5 : -1.0, .e1 = 0.0};
+    return true;
+  }
+  return false;
 }
 
 std::unique_ptr<RowWeights> MakeRowWeights(const EnergyConfig& config) {

@@ -33,6 +33,14 @@ enum class WeightDomain { kLog, kLinear };
 
 // The separation function of one energy, evaluated on a block of
 // similarities. Implementations must be thread-safe (const, no state).
+// An integer form of a kLinear rule over integer similarities d (the
+// overlaps of bit-packed rows with a bipolar state): weight w = a d + b,
+// second quantity h = c, energy term e2 d^2 + e1 d.
+struct AffineIntegerForm {
+  int32_t a = 0, b = 0, c = 0;
+  double e2 = 0.0, e1 = 0.0;
+};
+
 class RowWeights {
  public:
   virtual ~RowWeights() = default;
@@ -45,6 +53,11 @@ class RowWeights {
   // (beta), which lets a screened pass bound log-weights from bounds on s;
   // 0 for any other rule.
   virtual double log_weight_slope() const { return 0.0; }
+  // For kLinear rules whose weights are affine in the similarity with
+  // integer coefficients (classical, quadratic, identity): that form, which
+  // lets a pass over bit-packed rows sum them exactly in integers. False for
+  // any other rule.
+  virtual bool affine_integer_form(AffineIntegerForm* form) const { return false; }
 };
 
 // sum_mu w_mu xi_mu = exp(log_scale) * acc (acc as written by FusedPass).
@@ -159,6 +172,7 @@ class PolynomialWeights : public RowWeights {
       : degree_(degree), rectified_(rectified), half_(half) {}
   WeightDomain domain() const override { return WeightDomain::kLinear; }
   double Block(const double* s, int64_t count, double* w, double* h) const override;
+  bool affine_integer_form(AffineIntegerForm* form) const override;
 
  private:
   int degree_;

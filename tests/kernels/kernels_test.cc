@@ -283,32 +283,80 @@ std::vector<uint64_t> Pack(const float* v, int n) {
   return b;
 }
 
+// The overlap statistics and integer weights at every level against an
+// exact integer reference: overlaps of n's parity in [-n, n] (as
+// dot_rows_bits writes them), ties at the max (the first row wins), counts
+// off the vector width, and affine weights with their power of two.
+TEST(Kernels, OverlapWeightsAreExact) {
+  std::mt19937_64 rng(37);
+  struct Form { int32_t a, b; int shift; };
+  for (const KernelTable* k : Levels()) {
+    for (int n : {1, 64, 784, 4097}) {
+      for (int count : {1, 5, 16, 17, 250, 1024}) {
+        std::vector<float> d(count);
+        for (auto& v : d) v = static_cast<float>(n - 2 * static_cast<int>(rng() % (n + 1)));
+        if (count > 3) d[count - 1] = d[2] = static_cast<float>(n);  // a tie at the max
+        for (Form f : {Form{2, 0, 2}, Form{1, 0, 1}, Form{0, 1, 0}, Form{-3, 7, 0}}) {
+          if (n % 2 == 1 && f.shift > 0) f.shift = f.a == 2 ? 1 : 0;  // odd overlaps
+          std::vector<int16_t> w(count + 1, 123);
+          kernels::OverlapStats st;
+          k->overlap_weights(d.data(), count, f.a, f.b, f.shift, w.data(), &st);
+          int64_t sum = 0, sq = 0, first = 0;
+          float mx = d[0], mn = d[0];
+          for (int i = 0; i < count; ++i) {
+            const int64_t v = static_cast<int64_t>(d[i]);
+            sum += v;
+            sq += v * v;
+            if (d[i] > mx) { mx = d[i]; first = i; }
+            mn = std::min(mn, d[i]);
+            const int64_t want = (f.a * v + f.b) / (int64_t{1} << f.shift);
+            ASSERT_EQ(f.a * v + f.b, want * (int64_t{1} << f.shift)) << "test forms must divide";
+            ASSERT_EQ(w[i], want) << kernels::SimdLevelName(k->level) << " n=" << n << " i=" << i;
+          }
+          EXPECT_EQ(w[count], 123) << "wrote past the weights";
+          EXPECT_EQ(st.sum, sum) << kernels::SimdLevelName(k->level);
+          EXPECT_EQ(st.sum_sq, static_cast<double>(sq)) << kernels::SimdLevelName(k->level);
+          EXPECT_EQ(st.max, mx);
+          EXPECT_EQ(st.min, mn);
+          EXPECT_EQ(st.argmax, first) << kernels::SimdLevelName(k->level) << " count=" << count;
+          // Without weights: the same statistics, nothing written.
+          std::vector<int16_t> untouched(count + 1, 123);
+          kernels::OverlapStats st2;
+          k->overlap_weights(d.data(), count, f.a, f.b, f.shift, nullptr, &st2);
+          EXPECT_EQ(st2.sum, sum);
+          EXPECT_EQ(st2.argmax, first);
+        }
+      }
+    }
+  }
+}
+
 // The integer bit weighted sum at every level that has one: exact against
-// an int64 reference, up to the stated limit sum |w| <= 32767 (weights of
-// alternating sign that reach it), adding into a non-zero accumulator and
+// an int64 reference for weights anywhere in [-32767, 32767], whose sums pass
+// the 16-bit range many times over (the kernel's own grouping), small
+// weights with zeros among them, adding into a non-zero accumulator and
 // writing nothing past it.
-TEST(Kernels, IntegerBitWeightedSumIsExactUpToItsLimit) {
+TEST(Kernels, IntegerBitWeightedSumIsExactOverTheInt16Range) {
   std::mt19937_64 rng(31);
   int levels = 0;
   for (const KernelTable* k : Levels()) {
     if (k->axpy_rows_bits_i16 == nullptr) continue;
     ++levels;
     for (int n : {1, 7, 31, 32, 33, 63, 64, 65, 100, 511, 512, 513, 784, 1000, 4096}) {
-      for (int count : {1, 3, 17, 40}) {
+      for (int count : {1, 3, 17, 40, 301}) {
         auto rows = RandomBipolar(int64_t{count} * n, rng);
         std::vector<uint64_t> bits;
         for (int r = 0; r < count; ++r) {
           auto b = Pack(rows.data() + int64_t{r} * n, n);
           bits.insert(bits.end(), b.begin(), b.end());
         }
-        for (bool at_limit : {false, true}) {
+        for (int kind = 0; kind < 3; ++kind) {
           std::vector<int16_t> w(count);
-          int64_t budget = 32767;
           for (int r = 0; r < count; ++r) {
-            const int64_t share = budget / (count - r);
-            const int64_t mag = at_limit ? share : static_cast<int64_t>(rng() % (share + 1));
+            const int64_t mag = kind == 0   ? 32767                            // every row its own group
+                                : kind == 1 ? static_cast<int64_t>(rng() % 32768)  // groups of a few rows
+                                            : static_cast<int64_t>(rng() % 9);     // long groups
             w[r] = static_cast<int16_t>((r % 2 == 0 ? 1 : -1) * mag);
-            budget -= mag;
           }
           if (count > 2) w[1] = 0;
           std::vector<int32_t> acc(n + 1, -5);
@@ -318,7 +366,7 @@ TEST(Kernels, IntegerBitWeightedSumIsExactUpToItsLimit) {
             int64_t want = -5;
             for (int r = 0; r < count; ++r) want += rows[int64_t{r} * n + i] > 0 ? w[r] : 0;
             ASSERT_EQ(acc[i], want) << kernels::SimdLevelName(k->level) << " n=" << n
-                                    << " count=" << count << " i=" << i;
+                                    << " count=" << count << " kind=" << kind << " i=" << i;
           }
           EXPECT_EQ(acc[n], 99) << "wrote past the accumulator";
         }
@@ -767,26 +815,85 @@ TEST(FusedPass, BipolarRetrievalEnergiesAndNearestFromTheDrivePass) {
   }
 }
 
-// Retrieval on a bit-packed bank takes the same path as on the f32 bank.
-TEST(FusedPass, BitPackedRetrievalEqualsF32Retrieval) {
+// One sync step on a bit-packed bank against the Krotov-Hopfield update
+// computed directly in the test (long double): sigma_i <- sign(sum_mu
+// F(r_mu + xi_mui) - F(r_mu - xi_mui)), r_mu = sum_{j != i} xi_muj sigma_j,
+// the state kept where that sum is 0. Coordinates whose sum is within
+// 1e-5 of the largest |sum| may round either way (f32 sums); every other
+// coordinate must match on bits and on the f32 bank alike, and the energy
+// and nearest memory reported for the new state must be its own. Classical
+// (exact integer sums on bits), cubic and exponential energies; banks small
+// enough for one thread and large enough to split over threads and blocks,
+// N odd and even.
+TEST(FusedPass, BitPackedStepIsTheKrotovHopfieldUpdate) {
   std::mt19937_64 rng(9);
-  const int n = 200, k = 12;
-  auto xi = RandomBipolar(int64_t{k} * n, rng);
-  EnergyConfig cfg{.family = EnergyFamily::kPolynomial, .degree = 3};
-  Bank f32(BankSpec{"a", n, StateKind::kBipolar, cfg, Precision::kF32});
-  Bank bits(BankSpec{"b", n, StateKind::kBipolar, cfg, Precision::kBitPacked});
-  f32.Append(xi, f32.AssignIds(k), {});
-  bits.Append(xi, bits.AssignIds(k), {});
-  EXPECT_LT(bits.bytes(), f32.bytes() * 1.05);
-  for (int q = 0; q < k; ++q) {
-    auto query = testing::FlipBits(xi.data() + int64_t{q} * n, n, 30, rng);
-    RetrieveOptions o;
-    auto a = RunDynamics(EnergyFunction(cfg, f32.view()), StateKind::kBipolar, query, {}, o);
-    auto b = RunDynamics(EnergyFunction(cfg, bits.view()), StateKind::kBipolar, query, {}, o);
-    ASSERT_TRUE(a.ok() && b.ok());
-    EXPECT_EQ(a->state, b->state) << q;
-    EXPECT_EQ(a->steps, b->steps);
-    EXPECT_EQ(f32.Nearest(a->state.data()).id, bits.Nearest(b->state.data()).id);
+  const EnergyConfig configs[] = {{.family = EnergyFamily::kClassical},
+                                  {.family = EnergyFamily::kPolynomial, .degree = 3},
+                                  {.family = EnergyFamily::kExponential, .beta = 0.05}};
+  const std::pair<int, int> shapes[] = {{200, 12}, {784, 6000}, {333, 20000}};
+  for (const EnergyConfig& cfg : configs) {
+    auto F = [&](long double s) -> long double {
+      switch (cfg.family) {
+        case EnergyFamily::kClassical: return 0.5L * s * s;
+        case EnergyFamily::kPolynomial: return s * s * s;
+        default: return std::exp(static_cast<long double>(cfg.beta) * s);
+      }
+    };
+    for (auto [n, k] : shapes) {
+      auto xi = RandomBipolar(int64_t{k} * n, rng);
+      Bank f32(BankSpec{"a", n, StateKind::kBipolar, cfg, Precision::kF32});
+      Bank bits(BankSpec{"b", n, StateKind::kBipolar, cfg, Precision::kBitPacked});
+      f32.Append(xi, f32.AssignIds(k), {});
+      bits.Append(xi, bits.AssignIds(k), {});
+      EXPECT_LT(bits.bytes(), f32.bytes() * 1.05);
+      for (int q = 0; q < 2; ++q) {
+        auto x = testing::FlipBits(xi.data() + int64_t{q} * n, n, n / 7, rng);
+        std::vector<long double> d(k, 0.0L);
+        for (int mu = 0; mu < k; ++mu) {
+          for (int i = 0; i < n; ++i) d[mu] += xi[int64_t{mu} * n + i] * x[i];
+        }
+        std::vector<long double> drive(n, 0.0L);
+        long double top = 0.0L;
+        for (int i = 0; i < n; ++i) {
+          for (int mu = 0; mu < k; ++mu) {
+            const long double e = xi[int64_t{mu} * n + i];
+            const long double r = d[mu] - e * x[i];
+            drive[i] += F(r + e) - F(r - e);
+          }
+          top = std::max(top, std::fabs(drive[i]));
+        }
+        RetrieveOptions o;
+        o.max_steps = 1;
+        auto a = RunDynamics(EnergyFunction(cfg, f32.view()), StateKind::kBipolar, x, {}, o);
+        auto b = RunDynamics(EnergyFunction(cfg, bits.view()), StateKind::kBipolar, x, {}, o);
+        ASSERT_TRUE(a.ok() && b.ok());
+        int decided = 0;
+        for (int i = 0; i < n; ++i) {
+          if (std::fabs(drive[i]) <= 1e-5L * top) continue;
+          ++decided;
+          const float want = drive[i] > 0 ? 1.f : -1.f;
+          ASSERT_EQ(b->state[i], want) << "bits n=" << n << " k=" << k << " i=" << i;
+          ASSERT_EQ(a->state[i], want) << "f32 n=" << n << " k=" << k << " i=" << i;
+        }
+        EXPECT_GT(decided, n / 2);
+        // The energy and nearest memory of the state reached, from the pass at it.
+        long double e_ref = 0.0L;
+        int64_t best = 0;
+        long double best_d = -1e30L;
+        for (int mu = 0; mu < k; ++mu) {
+          long double dm = 0.0L;
+          for (int i = 0; i < n; ++i) dm += xi[int64_t{mu} * n + i] * b->state[i];
+          e_ref -= F(dm);
+          if (dm > best_d) {
+            best_d = dm;
+            best = mu;
+          }
+        }
+        EXPECT_NEAR(b->energy_end, static_cast<double>(e_ref), 1e-9 * std::fabs(static_cast<double>(e_ref)))
+            << "n=" << n << " k=" << k;
+        EXPECT_EQ(b->nearest_row, best) << "n=" << n << " k=" << k;
+      }
+    }
   }
 }
 

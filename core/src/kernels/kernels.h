@@ -19,6 +19,7 @@
 #ifndef ENGRAM_CORE_SRC_KERNELS_KERNELS_H_
 #define ENGRAM_CORE_SRC_KERNELS_KERNELS_H_
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -31,6 +32,15 @@ enum class SimdLevel { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 std::string SimdLevelName(SimdLevel level);
 
 inline int BitWords(int n) { return (n + 63) / 64; }
+
+// Statistics of a block of integer overlaps d (see overlap_weights).
+struct OverlapStats {
+  int64_t sum = 0;          // sum d
+  double sum_sq = 0.0;      // sum d^2 (exact while below 2^53)
+  float max = -INFINITY;    // max d
+  float min = INFINITY;     // min d
+  int64_t argmax = -1;      // the first row with d = max
+};
 
 struct KernelTable {
   SimdLevel level;
@@ -69,12 +79,19 @@ struct KernelTable {
   // evaluated in double (the vector levels to within 2^-50 relative); a NaN
   // w[i] gives NaN, as std::exp does.
   double (*exp_weights)(const double* w, int64_t count, double shift, double cut, float* out);
-  // acc[i] += sum_r w[r] * bit_i(row_r), i < n, in integers: exact whenever
-  // sum_r |w[r]| <= 32767 (the kernel sums in 16-bit lanes, whose partial
-  // sums that bounds, then widens once into acc). Null at levels where the
-  // float axpy_rows_bits is as fast (AVX2).
+  // acc[i] += sum_r w[r] * bit_i(row_r), i < n, in integers, for weights
+  // |w[r]| <= 32767: exact whenever every acc[i] stays in int32 (the kernel
+  // sums groups of rows whose |w| add up to at most 32767 in 16-bit lanes,
+  // widening each group into acc once). Null at levels where the float
+  // axpy_rows_bits is as fast (AVX2).
   void (*axpy_rows_bits_i16)(const uint64_t* rows, int64_t count, int n, const int16_t* w,
                              int32_t* acc);
+  // The statistics of count > 0 overlaps d (dot_rows_bits's output: exact
+  // integers of magnitude <= 2^20), and with w16 non-null the integer
+  // weights w16[r] = (a * d[r] + b) >> shift, which the caller guarantees
+  // are exact (2^shift divides a * d + b) and fit int16 (and a * d + b int32).
+  void (*overlap_weights)(const float* d, int64_t count, int32_t a, int32_t b, int shift,
+                          int16_t* w16, OverlapStats* stats);
 };
 
 // The table for the widest level this CPU supports, capped by the
@@ -92,6 +109,10 @@ const KernelTable& ScalarKernels();
 const KernelTable& Avx2Kernels();
 const KernelTable& Avx512Kernels();
 const KernelTable& Avx512Bf16Kernels();
+
+// The scalar overlap statistics, shared by the AVX2 table.
+void ScalarOverlapWeights(const float* d, int64_t count, int32_t a, int32_t b, int shift,
+                          int16_t* w16, OverlapStats* stats);
 
 // The AVX2 multi-state and exp kernels, shared by the AVX-512 table.
 double Avx2ExpWeights(const double* w, int64_t count, double shift, double cut, float* out);

@@ -492,7 +492,8 @@ void AxpyRowsMulti(const float* rows, int64_t count, int n, const float* w, int6
 const KernelTable& Avx2Kernels() {
   static const KernelTable t{SimdLevel::kAvx2, DotRows,      AxpyRows,     DotRowsBf16,
                              AxpyRowsBf16,     DotRowsBits,  AxpyRowsBits, DotRowsMulti,
-                             AxpyRowsMulti, Avx2ExpWeights, /*axpy_rows_bits_i16=*/nullptr};
+                             AxpyRowsMulti, Avx2ExpWeights, /*axpy_rows_bits_i16=*/nullptr,
+                             ScalarOverlapWeights};
   return t;
 }
 

@@ -280,10 +280,10 @@ inline void AxpyBitsI16Block(const uint32_t* words32, int64_t stride, int64_t co
   }
 }
 
-void AxpyRowsBitsI16(const uint64_t* rows, int64_t count, int n, const int16_t* w,
-                     int32_t* acc) {
-  const int64_t stride = int64_t{BitWords(n)} * 2;  // 32-bit words per row
-  const uint32_t* words32 = reinterpret_cast<const uint32_t*>(rows);
+// One group of rows whose |w| sum to at most 32767, so no 16-bit lane
+// leaves range.
+void AxpyRowsBitsI16Group(const uint32_t* words32, int64_t stride, int64_t count, int n,
+                          const int16_t* w, int32_t* acc) {
   const int vectors = (n + 31) / 32;
   const int rem = n & 31;
   int h = 0;
@@ -304,6 +304,72 @@ void AxpyRowsBitsI16(const uint64_t* rows, int64_t count, int n, const int16_t* 
     ENGRAM_BITS_I16_BLOCK(16)
 #undef ENGRAM_BITS_I16_BLOCK
   }
+}
+
+void AxpyRowsBitsI16(const uint64_t* rows, int64_t count, int n, const int16_t* w,
+                     int32_t* acc) {
+  const int64_t stride = int64_t{BitWords(n)} * 2;  // 32-bit words per row
+  const uint32_t* words32 = reinterpret_cast<const uint32_t*>(rows);
+  // Groups of consecutive rows whose |w| sum to at most 32767 (every
+  // |w| <= 32767, so each group takes at least one row).
+  int64_t first = 0;
+  while (first < count) {
+    int64_t r = first, budget = 0;
+    while (r < count) {
+      const int32_t m = w[r] < 0 ? -int32_t{w[r]} : int32_t{w[r]};
+      if (budget + m > 32767) break;
+      budget += m;
+      ++r;
+    }
+    if (r == first) ++r;  // |w| = 32768 (-32768): outside the contract
+    AxpyRowsBitsI16Group(words32 + first * stride, stride, r - first, n, w + first, acc);
+    first = r;
+  }
+}
+
+// Overlap statistics, 16 rows a step: sums in double lanes (exact: every
+// partial sum is an integer below 2^53), max / min in float lanes (the
+// overlaps are exact integers), the first row at the max from a second
+// compare-only scan, and the weights as (a d + b) >> shift narrowed to int16.
+void OverlapWeights(const float* d, int64_t count, int32_t a, int32_t b, int shift, int16_t* w16,
+                    OverlapStats* stats) {
+  __m512d s_lo = _mm512_setzero_pd(), s_hi = _mm512_setzero_pd();
+  __m512d q_lo = _mm512_setzero_pd(), q_hi = _mm512_setzero_pd();
+  __m512 mx = _mm512_set1_ps(-INFINITY), mn = _mm512_set1_ps(INFINITY);
+  const __m512i av = _mm512_set1_epi32(a), bv = _mm512_set1_epi32(b);
+  const __m128i sh = _mm_cvtsi32_si128(shift);
+  for (int64_t i = 0; i < count; i += 16) {
+    const __mmask16 m = count - i >= 16 ? static_cast<__mmask16>(0xFFFF) : Tail(static_cast<int>(count - i));
+    const __m512 v = _mm512_maskz_loadu_ps(m, d + i);
+    mx = _mm512_mask_max_ps(mx, m, mx, v);
+    mn = _mm512_mask_min_ps(mn, m, mn, v);
+    const __m512i vi = _mm512_cvttps_epi32(v);  // masked-off lanes are 0
+    const __m512d lo = _mm512_cvtepi32_pd(_mm512_castsi512_si256(vi));
+    const __m512d hi = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(vi, 1));
+    s_lo = _mm512_add_pd(s_lo, lo);
+    s_hi = _mm512_add_pd(s_hi, hi);
+    q_lo = _mm512_fmadd_pd(lo, lo, q_lo);
+    q_hi = _mm512_fmadd_pd(hi, hi, q_hi);
+    if (w16 != nullptr) {
+      const __m512i w = _mm512_sra_epi32(_mm512_add_epi32(_mm512_mullo_epi32(av, vi), bv), sh);
+      _mm256_mask_storeu_epi16(w16 + i, m, _mm512_cvtepi32_epi16(w));
+    }
+  }
+  OverlapStats st;
+  st.sum = static_cast<int64_t>(_mm512_reduce_add_pd(_mm512_add_pd(s_lo, s_hi)));
+  st.sum_sq = _mm512_reduce_add_pd(_mm512_add_pd(q_lo, q_hi));
+  st.max = _mm512_reduce_max_ps(mx);
+  st.min = _mm512_reduce_min_ps(mn);
+  const __m512 target = _mm512_set1_ps(st.max);
+  for (int64_t i = 0; i < count; i += 16) {
+    const __mmask16 m = count - i >= 16 ? static_cast<__mmask16>(0xFFFF) : Tail(static_cast<int>(count - i));
+    const __mmask16 hit = _mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, d + i), target, _CMP_EQ_OQ);
+    if (hit != 0) {
+      st.argmax = i + __builtin_ctz(hit);
+      break;
+    }
+  }
+  *stats = st;
 }
 
 // ---- Many states against the same rows ------------------------------------
@@ -433,7 +499,8 @@ const KernelTable& Avx512Kernels() {
   static const KernelTable t{SimdLevel::kAvx512, DotRows,       AxpyRows,
                              DotRowsBf16,        AxpyRowsBf16,  DotRowsBits,
                              AxpyRowsBits,       DotRowsMulti,  AxpyRowsMulti,
-                             Avx2ExpWeights,     AxpyRowsBitsI16};
+                             Avx2ExpWeights,     AxpyRowsBitsI16,
+                             OverlapWeights};
   return t;
 }
 

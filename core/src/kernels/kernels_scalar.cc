@@ -119,10 +119,27 @@ double ExpWeights(const double* w, int64_t count, double shift, double cut, floa
 
 }  // namespace
 
+void ScalarOverlapWeights(const float* d, int64_t count, int32_t a, int32_t b, int shift,
+                          int16_t* w16, OverlapStats* stats) {
+  OverlapStats st;
+  for (int64_t i = 0; i < count; ++i) {
+    const int32_t v = static_cast<int32_t>(d[i]);
+    st.sum += v;
+    st.sum_sq += static_cast<double>(v) * v;
+    if (d[i] > st.max) {
+      st.max = d[i];
+      st.argmax = i;
+    }
+    st.min = d[i] < st.min ? d[i] : st.min;
+    if (w16 != nullptr) w16[i] = static_cast<int16_t>((a * v + b) >> shift);
+  }
+  *stats = st;
+}
+
 const KernelTable& ScalarKernels() {
   static const KernelTable t{SimdLevel::kScalar, DotRows,      AxpyRows,     DotRowsBf16,
                              AxpyRowsBf16,       DotRowsBits,  AxpyRowsBits, DotRowsMulti,
-                             AxpyRowsMulti, ExpWeights,  AxpyRowsBitsI16};
+                             AxpyRowsMulti, ExpWeights,  AxpyRowsBitsI16, ScalarOverlapWeights};
   return t;
 }
 
