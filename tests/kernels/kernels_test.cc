@@ -350,12 +350,15 @@ TEST(Kernels, IntegerBitWeightedSumIsExactOverTheInt16Range) {
           auto b = Pack(rows.data() + int64_t{r} * n, n);
           bits.insert(bits.end(), b.begin(), b.end());
         }
-        for (int kind = 0; kind < 3; ++kind) {
+        for (int kind = 0; kind < 4; ++kind) {
           std::vector<int16_t> w(count);
           for (int r = 0; r < count; ++r) {
-            const int64_t mag = kind == 0   ? 32767                            // every row its own group
-                                : kind == 1 ? static_cast<int64_t>(rng() % 32768)  // groups of a few rows
-                                            : static_cast<int64_t>(rng() % 9);     // long groups
+            const int64_t mag =
+                kind == 0   ? 32767                                       // every row its own group
+                : kind == 1 ? static_cast<int64_t>(rng() % 32768)         // groups of a few rows
+                : kind == 2 ? static_cast<int64_t>(rng() % 9)             // long groups
+                : r % 11 == 5 ? 128 + static_cast<int64_t>(rng() % 900)   // a few above 8 bits
+                              : static_cast<int64_t>(rng() % 61);          // among small ones
             w[r] = static_cast<int16_t>((r % 2 == 0 ? 1 : -1) * mag);
           }
           if (count > 2) w[1] = 0;

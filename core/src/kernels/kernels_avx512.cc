@@ -280,36 +280,118 @@ inline void AxpyBitsI16Block(const uint32_t* words32, int64_t stride, int64_t co
   }
 }
 
+// The integer form in two tiers, for columns [64 h, 64 (h + C)): rows add
+// their weight into 8-bit lanes (one masked add per 64 columns, the mask
+// read straight from the row's bits), which are widened into 16-bit lanes
+// whenever the |w| added since reach 127; a row with |w| > 127 adds into
+// the 16-bit lanes itself. The 16-bit lanes are widened into the int32 acc
+// once at the end: the caller keeps the group's sum |w| <= 32767, so no
+// lane leaves its range.
+template <int C>
+inline void AxpyBitsI8Block(const uint64_t* words, int64_t stride, int64_t count, int h,
+                            const int16_t* w, int32_t* acc, int last_cols) {
+  __m512i a8[C], a16[2 * C];
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) {
+    a8[c] = _mm512_setzero_si512();
+    a16[2 * c] = _mm512_setzero_si512();
+    a16[2 * c + 1] = _mm512_setzero_si512();
+  }
+  const uint64_t last = last_cols == 64 ? ~uint64_t{0} : (uint64_t{1} << last_cols) - 1;
+  auto widen = [&] {
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      a16[2 * c] = _mm512_add_epi16(a16[2 * c], _mm512_cvtepi8_epi16(_mm512_castsi512_si256(a8[c])));
+      a16[2 * c + 1] =
+          _mm512_add_epi16(a16[2 * c + 1], _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(a8[c], 1)));
+      a8[c] = _mm512_setzero_si512();
+    }
+  };
+  // Rows with |w| <= 127 first, in segments whose |w| sum to at most 127
+  // (then widened), and the (few) larger ones after: loops without a branch
+  // to another path keep every accumulator in its register.
+  bool large = false;
+  for (int64_t r = 0; r < count;) {
+    int64_t e = r;
+    for (int budget = 0; e < count; ++e) {
+      const int m = w[e] < 0 ? -w[e] : w[e];
+      if (m > 127) {
+        large = true;
+        continue;
+      }
+      if (budget + m > 127) break;
+      budget += m;
+    }
+    for (; r < e; ++r) {
+      const int wr = w[r];
+      if (wr == 0 || wr > 127 || wr < -127) continue;
+      const uint64_t* bits = words + r * stride + h;
+      const __m512i wv = _mm512_set1_epi8(static_cast<char>(wr));
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) {
+        const uint64_t k = c == C - 1 ? bits[c] & last : bits[c];
+        a8[c] = _mm512_mask_add_epi8(a8[c], static_cast<__mmask64>(k), a8[c], wv);
+      }
+    }
+    widen();
+  }
+  for (int64_t r = 0; large && r < count; ++r) {
+    const int wr = w[r];
+    if (wr >= -127 && wr <= 127) continue;
+    const uint64_t* bits = words + r * stride + h;
+    const __m512i wv = _mm512_set1_epi16(static_cast<int16_t>(wr));
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      const uint64_t k = c == C - 1 ? bits[c] & last : bits[c];
+      a16[2 * c] = _mm512_mask_add_epi16(a16[2 * c], static_cast<__mmask32>(k), a16[2 * c], wv);
+      a16[2 * c + 1] =
+          _mm512_mask_add_epi16(a16[2 * c + 1], static_cast<__mmask32>(k >> 32), a16[2 * c + 1], wv);
+    }
+  }
+#pragma GCC unroll 16
+  for (int v = 0; v < 2 * C; ++v) {
+    int32_t* dst = acc + 64 * h + 32 * v;
+    const int cols = v < 2 * C - 2 ? 32 : std::min(32, std::max(0, last_cols - 32 * (v - (2 * C - 2))));
+    if (cols == 0) continue;
+    const __mmask16 lo_lanes = cols >= 16 ? static_cast<__mmask16>(0xFFFF) : Tail(cols);
+    const __mmask16 hi_lanes = cols >= 32 ? static_cast<__mmask16>(0xFFFF)
+                               : cols > 16 ? Tail(cols - 16) : static_cast<__mmask16>(0);
+    const __m512i lo = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(a16[v]));
+    const __m512i hi = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(a16[v], 1));
+    _mm512_mask_storeu_epi32(dst, lo_lanes,
+                             _mm512_add_epi32(_mm512_maskz_loadu_epi32(lo_lanes, dst), lo));
+    _mm512_mask_storeu_epi32(dst + 16, hi_lanes,
+                             _mm512_add_epi32(_mm512_maskz_loadu_epi32(hi_lanes, dst + 16), hi));
+  }
+}
+
 // One group of rows whose |w| sum to at most 32767, so no 16-bit lane
-// leaves range.
-void AxpyRowsBitsI16Group(const uint32_t* words32, int64_t stride, int64_t count, int n,
+// leaves range: column blocks of 512 outer, so a block's slice of the rows
+// stays in L1.
+void AxpyRowsBitsI16Group(const uint64_t* rows, int64_t stride, int64_t count, int n,
                           const int16_t* w, int32_t* acc) {
-  const int vectors = (n + 31) / 32;
-  const int rem = n & 31;
+  const int vectors = (n + 63) / 64;
+  const int rem = n & 63;
   int h = 0;
-  for (; h + 16 < vectors || (h + 16 == vectors && rem == 0); h += 16) {
-    AxpyBitsI16Block<16>(words32, stride, count, h, w, acc, 32);
+  for (; h + 8 < vectors || (h + 8 == vectors && rem == 0); h += 8) {
+    AxpyBitsI8Block<8>(rows, stride, count, h, w, acc, 64);
   }
   const int left = vectors - h;
   if (left == 0) return;
-  const int last_cols = rem ? rem : 32;
+  const int last_cols = rem ? rem : 64;
   switch (left) {
-#define ENGRAM_BITS_I16_BLOCK(C) \
-  case C: AxpyBitsI16Block<C>(words32, stride, count, h, w, acc, last_cols); break;
-    ENGRAM_BITS_I16_BLOCK(1) ENGRAM_BITS_I16_BLOCK(2) ENGRAM_BITS_I16_BLOCK(3)
-    ENGRAM_BITS_I16_BLOCK(4) ENGRAM_BITS_I16_BLOCK(5) ENGRAM_BITS_I16_BLOCK(6)
-    ENGRAM_BITS_I16_BLOCK(7) ENGRAM_BITS_I16_BLOCK(8) ENGRAM_BITS_I16_BLOCK(9)
-    ENGRAM_BITS_I16_BLOCK(10) ENGRAM_BITS_I16_BLOCK(11) ENGRAM_BITS_I16_BLOCK(12)
-    ENGRAM_BITS_I16_BLOCK(13) ENGRAM_BITS_I16_BLOCK(14) ENGRAM_BITS_I16_BLOCK(15)
-    ENGRAM_BITS_I16_BLOCK(16)
-#undef ENGRAM_BITS_I16_BLOCK
+#define ENGRAM_BITS_I8_BLOCK(C) \
+  case C: AxpyBitsI8Block<C>(rows, stride, count, h, w, acc, last_cols); break;
+    ENGRAM_BITS_I8_BLOCK(1) ENGRAM_BITS_I8_BLOCK(2) ENGRAM_BITS_I8_BLOCK(3)
+    ENGRAM_BITS_I8_BLOCK(4) ENGRAM_BITS_I8_BLOCK(5) ENGRAM_BITS_I8_BLOCK(6)
+    ENGRAM_BITS_I8_BLOCK(7) ENGRAM_BITS_I8_BLOCK(8)
+#undef ENGRAM_BITS_I8_BLOCK
   }
 }
 
 void AxpyRowsBitsI16(const uint64_t* rows, int64_t count, int n, const int16_t* w,
                      int32_t* acc) {
-  const int64_t stride = int64_t{BitWords(n)} * 2;  // 32-bit words per row
-  const uint32_t* words32 = reinterpret_cast<const uint32_t*>(rows);
+  const int64_t stride = BitWords(n);
   // Groups of consecutive rows whose |w| sum to at most 32767 (every
   // |w| <= 32767, so each group takes at least one row).
   int64_t first = 0;
@@ -322,7 +404,7 @@ void AxpyRowsBitsI16(const uint64_t* rows, int64_t count, int n, const int16_t* 
       ++r;
     }
     if (r == first) ++r;  // |w| = 32768 (-32768): outside the contract
-    AxpyRowsBitsI16Group(words32 + first * stride, stride, r - first, n, w + first, acc);
+    AxpyRowsBitsI16Group(rows + first * stride, stride, r - first, n, w + first, acc);
     first = r;
   }
 }
