@@ -48,10 +48,10 @@ BENCHMARK(BM_LseSyncStep)->Args({784, 10000})->Args({784, 1000})->Args({4096, 10
 // One sync step on a bipolar bank (the Krotov-Hopfield drive, then the
 // scores-only pass at max_steps), as bench/compare.py times it: arg 0 the
 // energy (0 classical, 1 exponential at beta = 0.1), arg 1 the precision
-// (0 f32, 1 bit-packed), N = 784, arg 2 = K; the query is a stored pattern
+// (0 f32, 1 bit-packed), arg 2 = K, arg 3 = N; the query is a stored pattern
 // with 10 % of its signs flipped.
 void BM_BipolarSyncStep(benchmark::State& state) {
-  const int n = 784, k = state.range(2);
+  const int n = state.range(3), k = state.range(2);
   const auto family = state.range(0) == 0 ? core::EnergyFamily::kClassical
                                           : core::EnergyFamily::kExponential;
   const auto precision = state.range(1) == 0 ? core::Precision::kF32 : core::Precision::kBitPacked;
@@ -72,7 +72,8 @@ void BM_BipolarSyncStep(benchmark::State& state) {
   }
 }
 BENCHMARK(BM_BipolarSyncStep)
-    ->ArgsProduct({{0, 1}, {0, 1}, {10000, 100000}})
+    ->ArgsProduct({{0, 1}, {0, 1}, {10000, 100000}, {784}})
+    ->ArgsProduct({{0, 1}, {1}, {100000}, {4096}})
     ->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 // One batched sync step of the lse energy for B states (arg 2) on unit-norm
@@ -109,8 +110,9 @@ BENCHMARK(BM_LseSyncStepBatch)->Args({784, 10000, 32})->Args({784, 10000, 256})
 // kernel reads from the rows.
 // kDotMulti / kAxpyMulti: 32 states against the same rows (a batched step's
 // tile).
-// kAxpyBitsI16: the integer weighted sum (weights in [-8, 8], so 40 rows stay
-// within its 16-bit limit; 20 000 rows are taken 40 at a time).
+// kAxpyBitsI16: the integer weighted sum with the classical energy's
+// weights over their power of two (d / 2 for the overlap d of a random row
+// with a random state), all rows in one call.
 enum KernelOp {
   kDot, kAxpy, kDotBf16, kAxpyBf16, kDotBits, kAxpyBits, kDotMulti, kAxpyMulti, kAxpyBitsI16
 };
@@ -140,7 +142,11 @@ void BM_Kernel(benchmark::State& state) {
   for (auto& v : bits) v = rng();
   for (auto& v : xb) v = rng();
   std::vector<int16_t> wi(rows);
-  for (auto& v : wi) v = static_cast<int16_t>(static_cast<int>(rng() % 17) - 8);
+  for (auto& v : wi) {
+    int ones = 0;
+    for (int i = 0; i < n; ++i) ones += static_cast<int>(rng() & 1);
+    v = static_cast<int16_t>((n - 2 * ones) / 2);
+  }
   std::vector<int32_t> iacc(n);
   int64_t bytes = 0;
   for (auto _ : state) {
@@ -156,10 +162,7 @@ void BM_Kernel(benchmark::State& state) {
           state.SkipWithError("no integer kernel at this level");
           return;
         }
-        for (int64_t r = 0; r < rows; r += 40) {
-          k->axpy_rows_bits_i16(bits.data() + r * words, std::min<int64_t>(40, rows - r), n,
-                                wi.data() + r, iacc.data());
-        }
+        k->axpy_rows_bits_i16(bits.data(), rows, n, wi.data(), iacc.data());
         bytes = rows * words * 8;
         break;
       case kDotMulti:
@@ -191,8 +194,10 @@ BENCHMARK(BM_Kernel<kDotBf16>)->Apply(KernelArgs)->Unit(benchmark::kMicrosecond)
 BENCHMARK(BM_Kernel<kAxpyBf16>)->Apply(KernelArgs)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Kernel<kDotBits>)->Apply(KernelArgs)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Kernel<kAxpyBits>)->Apply(KernelArgs)->Unit(benchmark::kMicrosecond);
+// Also the fused pass's block at N = 784 (1024 rows) and 4096 (256 rows).
 BENCHMARK(BM_Kernel<kAxpyBitsI16>)->Args({0, 784, 40})->Args({0, 784, 20000})
-    ->Args({2, 784, 40})->Args({2, 784, 20000})->Unit(benchmark::kMicrosecond);
+    ->Args({2, 784, 40})->Args({2, 784, 1024})->Args({2, 784, 20000})->Args({2, 4096, 256})
+    ->Args({2, 4096, 20000})->Unit(benchmark::kMicrosecond);
 // 32 states x 784 x 40 rows: 2.5 MFLOP per call (GFLOP/s = 2 * 32 * 784 * 40 / time).
 BENCHMARK(BM_Kernel<kDotMulti>)->Args({1, 784, 40})->Args({2, 784, 40})->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Kernel<kAxpyMulti>)->Args({1, 784, 40})->Args({2, 784, 40})->Unit(benchmark::kMicrosecond);

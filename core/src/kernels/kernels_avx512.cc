@@ -150,8 +150,47 @@ inline __m512i SumEightRows(const __m512i d[8]) {
                           _mm512_shuffle_i64x2(ab, ce, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+// Rows of at most 16 words (n <= 1024, e.g. 13 at n = 784): x in two
+// registers, each row one or two masked loads, and the prefetch 64 rows
+// ahead issued once per 8 rows, a line at a time.
+template <bool kTwo>
+void DotRowsBitsShort(const uint64_t* rows, int64_t count, int n, const uint64_t* x, float* out) {
+  const int words = BitWords(n);
+  const __mmask8 m0 = kTwo || words == 8 ? static_cast<__mmask8>(0xFF)
+                                         : static_cast<__mmask8>((1u << words) - 1u);
+  const __mmask8 m1 = kTwo ? static_cast<__mmask8>((1u << (words - 8)) - 1u) : 0;
+  const __m512i x0 = _mm512_maskz_loadu_epi64(m0, x);
+  const __m512i x1 = kTwo ? _mm512_maskz_loadu_epi64(m1, x + 8) : _mm512_setzero_si512();
+  auto row = [&](const uint64_t* p) {
+    __m512i d = _mm512_popcnt_epi64(_mm512_xor_si512(_mm512_maskz_loadu_epi64(m0, p), x0));
+    if (kTwo) {
+      d = _mm512_add_epi64(
+          d, _mm512_popcnt_epi64(_mm512_xor_si512(_mm512_maskz_loadu_epi64(m1, p + 8), x1)));
+    }
+    return d;
+  };
+  const __m512i vn = _mm512_set1_epi64(n);
+  const int group_bytes = 8 * words * 8;
+  int64_t r = 0;
+  for (; r + 8 <= count; r += 8) {
+    const char* ahead = reinterpret_cast<const char*>(rows + (r + 64) * words);
+    for (int off = 0; off < group_bytes; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+    __m512i d[8];
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) d[j] = row(rows + (r + j) * words);
+    const __m512i dist = SumEightRows(d);
+    const __m512i dot = _mm512_sub_epi64(vn, _mm512_add_epi64(dist, dist));  // exact integers
+    _mm256_storeu_ps(out + r, _mm512_cvtepi64_ps(dot));
+  }
+  for (; r < count; ++r) {
+    out[r] = static_cast<float>(n - 2 * _mm512_reduce_add_epi64(row(rows + r * words)));
+  }
+}
+
 void DotRowsBits(const uint64_t* rows, int64_t count, int n, const uint64_t* x, float* out) {
   const int words = BitWords(n);
+  if (words <= 8) return DotRowsBitsShort<false>(rows, count, n, x, out);
+  if (words <= 16) return DotRowsBitsShort<true>(rows, count, n, x, out);
   const int full = words & ~7;
   const __mmask8 tail = static_cast<__mmask8>((1u << (words - full)) - 1u);
   // The popcount of row p XOR x, in 8 lanes. Rows of a few words are
