@@ -207,11 +207,25 @@ struct Partial {
   bool integer = false;
   int64_t iwsum = 0, ihsum = 0, imax = 0;  // sums of w, h; max |w|, |h|
   std::vector<int64_t> iacc;                // sum of w * bit_i (with acc)
+  // The blocks since the last flush into iacc, in units of the pass's
+  // power of two, and a bound on their magnitude (kept below 2^31).
+  std::vector<int32_t> iacc32;
+  int64_t ibound = 0;
+
+  void FlushInt32(int shift) {
+    const int64_t g = int64_t{1} << shift;
+    for (size_t j = 0; j < iacc32.size(); ++j) {
+      iacc[j] += iacc32[j] * g;
+      iacc32[j] = 0;
+    }
+    ibound = 0;
+  }
 };
 
 // Folds a range's integer sums into its running sums (and acc, n floats,
 // when `with_acc`), as FoldBlock folds a block of those weights.
-void FoldIntegerSums(Partial* p, bool with_acc, int n) {
+void FoldIntegerSums(Partial* p, bool with_acc, int n, int shift) {
+  if (with_acc) p->FlushInt32(shift);
   RunningSums& r = p->sums;
   const double bm = static_cast<double>(p->imax);
   if (bm > r.scale) {
@@ -535,7 +549,7 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
                    ((std::abs(int64_t{form.a}) * n + std::abs(int64_t{form.b})) >> shift) <= 32767;
   }
   auto add_integer_block = [&](int64_t b, int64_t count, int64_t end, const float* sc,
-                               std::vector<int16_t>* w16, std::vector<int32_t>* iacc, Partial* p) {
+                               std::vector<int16_t>* w16, Partial* p) {
     kernels::OverlapStats st;
     k.overlap_weights(sc, count, form.a, form.b, shift, acc != nullptr ? w16->data() : nullptr, &st);
     p->integer = true;
@@ -556,11 +570,14 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
       }
     }
     if (acc == nullptr || wmax == 0) return;
-    std::fill(iacc->begin(), iacc->end(), 0);
+    // The weighted sum adds into 32-bit sums across blocks while they
+    // cannot overflow (a bound of count * max |w| / 2^shift per block).
+    const int64_t bound = count * (wmax >> shift);
+    if (p->ibound + bound > INT32_MAX) p->FlushInt32(shift);
+    p->ibound += bound;
     prefetch_next(b + count, end);
-    k.axpy_rows_bits_i16(view.bits + b * kernels::BitWords(n), count, n, w16->data(), iacc->data());
-    const int64_t g = int64_t{1} << shift;
-    for (int j = 0; j < n; ++j) p->iacc[j] += (*iacc)[j] * g;
+    k.axpy_rows_bits_i16(view.bits + b * kernels::BitWords(n), count, n, w16->data(),
+                         p->iacc32.data());
   };
   std::vector<Partial> partials(std::min<int64_t>(4 * ComputeThreads(), std::max<int64_t>(rows, 1)));
   auto run = [&](int part, int64_t begin, int64_t end) {
@@ -574,7 +591,7 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
     std::vector<int32_t> iacc;
     if (integer_rule && acc != nullptr) {
       p.iacc.assign(n, 0);
-      iacc.assign(n, 0);
+      p.iacc32.assign(n, 0);
       wi.resize(block);
     }
     for (int64_t b = begin; b < end; b += block) {
@@ -582,7 +599,7 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
       const float* sc = prescores.empty() ? sc_buf.data() : prescores.data() + b;
       if (prescores.empty()) score_rows(b, count, sc_buf.data());
       if (integer_rule) {
-        add_integer_block(b, count, end, sc, &wi, &iacc, &p);
+        add_integer_block(b, count, end, sc, &wi, &p);
         continue;
       }
       if (nearest) {
@@ -693,7 +710,7 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
         }
       }
     }
-    if (p.integer) FoldIntegerSums(&p, acc != nullptr, n);
+    if (p.integer) FoldIntegerSums(&p, acc != nullptr, n, shift);
   };
   int used = 1;
   // A bit-packed pass whose weights are all significant (the linear domain:
