@@ -538,15 +538,15 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
   AffineIntegerForm form;
   int shift = 0;
   bool integer_rule = out.x_bipolar && !log_domain && similarity == SimilarityKind::kDot &&
-                      rule.affine_integer_form(&form) &&
-                      std::abs(int64_t{form.a}) * n + std::abs(int64_t{form.b}) <= INT32_MAX;
+                      rule.affine_integer_form(&form);
+  const int64_t w_bound = std::abs(int64_t{form.a}) * n + std::abs(int64_t{form.b});  // >= |w|
+  integer_rule = integer_rule && w_bound <= INT32_MAX;
   if (integer_rule && acc != nullptr) {
     const uint32_t lead = static_cast<uint32_t>(std::abs(form.a * n + form.b));
     const uint32_t step = static_cast<uint32_t>(std::abs(2 * form.a));
     const uint32_t both = lead | step;
     shift = both == 0 ? 0 : __builtin_ctz(both);
-    integer_rule = k.axpy_rows_bits_i16 != nullptr &&
-                   ((std::abs(int64_t{form.a}) * n + std::abs(int64_t{form.b})) >> shift) <= 32767;
+    integer_rule = k.axpy_rows_bits_i16 != nullptr && (w_bound >> shift) <= 32767;
   }
   auto add_integer_block = [&](int64_t b, int64_t count, int64_t end, const float* sc,
                                std::vector<int16_t>* w16, Partial* p) {

@@ -150,25 +150,14 @@ inline __m512i SumEightRows(const __m512i d[8]) {
                           _mm512_shuffle_i64x2(ab, ce, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// Rows of at most 16 words (n <= 1024, e.g. 13 at n = 784): x in two
-// registers, each row one or two masked loads, and the prefetch 64 rows
-// ahead issued once per 8 rows, a line at a time.
-template <bool kTwo>
-void DotRowsBitsShort(const uint64_t* rows, int64_t count, int n, const uint64_t* x, float* out) {
-  const int words = BitWords(n);
-  const __mmask8 m0 = kTwo || words == 8 ? static_cast<__mmask8>(0xFF)
-                                         : static_cast<__mmask8>((1u << words) - 1u);
-  const __mmask8 m1 = kTwo ? static_cast<__mmask8>((1u << (words - 8)) - 1u) : 0;
-  const __m512i x0 = _mm512_maskz_loadu_epi64(m0, x);
-  const __m512i x1 = kTwo ? _mm512_maskz_loadu_epi64(m1, x + 8) : _mm512_setzero_si512();
-  auto row = [&](const uint64_t* p) {
-    __m512i d = _mm512_popcnt_epi64(_mm512_xor_si512(_mm512_maskz_loadu_epi64(m0, p), x0));
-    if (kTwo) {
-      d = _mm512_add_epi64(
-          d, _mm512_popcnt_epi64(_mm512_xor_si512(_mm512_maskz_loadu_epi64(m1, p + 8), x1)));
-    }
-    return d;
-  };
+// The popcount scores of `count` rows of `words` words from row(p), the 8
+// popcount lanes of row p XOR x: eight rows at a time through the
+// transposing add tree. Rows of a few words are consumed faster than the
+// hardware prefetcher ramps up: the rows 64 ahead are asked for once per 8
+// rows, a line at a time (as the AVX2 kernel).
+template <typename Row>
+inline void ScoreRowsBits(const uint64_t* rows, int64_t count, int n, int words, Row row,
+                          float* out) {
   const __m512i vn = _mm512_set1_epi64(n);
   const int group_bytes = 8 * words * 8;
   int64_t r = 0;
@@ -187,18 +176,33 @@ void DotRowsBitsShort(const uint64_t* rows, int64_t count, int n, const uint64_t
   }
 }
 
+// Rows of at most 16 words (n <= 1024, e.g. 13 at n = 784): x in two
+// registers, each row one or two masked loads.
+template <bool kTwo>
+void DotRowsBitsShort(const uint64_t* rows, int64_t count, int n, const uint64_t* x, float* out) {
+  const int words = BitWords(n);
+  const __mmask8 m0 = kTwo || words == 8 ? static_cast<__mmask8>(0xFF)
+                                         : static_cast<__mmask8>((1u << words) - 1u);
+  const __mmask8 m1 = kTwo ? static_cast<__mmask8>((1u << (words - 8)) - 1u) : 0;
+  const __m512i x0 = _mm512_maskz_loadu_epi64(m0, x);
+  const __m512i x1 = kTwo ? _mm512_maskz_loadu_epi64(m1, x + 8) : _mm512_setzero_si512();
+  ScoreRowsBits(rows, count, n, words, [&](const uint64_t* p) {
+    __m512i d = _mm512_popcnt_epi64(_mm512_xor_si512(_mm512_maskz_loadu_epi64(m0, p), x0));
+    if (kTwo) {
+      d = _mm512_add_epi64(
+          d, _mm512_popcnt_epi64(_mm512_xor_si512(_mm512_maskz_loadu_epi64(m1, p + 8), x1)));
+    }
+    return d;
+  }, out);
+}
+
 void DotRowsBits(const uint64_t* rows, int64_t count, int n, const uint64_t* x, float* out) {
   const int words = BitWords(n);
   if (words <= 8) return DotRowsBitsShort<false>(rows, count, n, x, out);
   if (words <= 16) return DotRowsBitsShort<true>(rows, count, n, x, out);
   const int full = words & ~7;
   const __mmask8 tail = static_cast<__mmask8>((1u << (words - full)) - 1u);
-  // The popcount of row p XOR x, in 8 lanes. Rows of a few words are
-  // consumed faster than the hardware prefetcher ramps up: ask for the row
-  // 64 ahead (as the AVX2 kernel).
-  auto row = [&](const uint64_t* p) {
-    const char* ahead = reinterpret_cast<const char*>(p + 64 * words);
-    for (int off = 0; off < words * 8; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+  ScoreRowsBits(rows, count, n, words, [&](const uint64_t* p) {
     __m512i d = _mm512_setzero_si512();
     for (int w = 0; w < full; w += 8) {
       const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(p + w), _mm512_loadu_si512(x + w));
@@ -210,20 +214,7 @@ void DotRowsBits(const uint64_t* rows, int64_t count, int n, const uint64_t* x, 
       d = _mm512_add_epi64(d, _mm512_popcnt_epi64(v));
     }
     return d;
-  };
-  const __m512i vn = _mm512_set1_epi64(n);
-  int64_t r = 0;
-  for (; r + 8 <= count; r += 8) {
-    __m512i d[8];
-#pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) d[j] = row(rows + (r + j) * words);
-    const __m512i dist = SumEightRows(d);
-    const __m512i dot = _mm512_sub_epi64(vn, _mm512_add_epi64(dist, dist));  // exact integers
-    _mm256_storeu_ps(out + r, _mm512_cvtepi64_ps(dot));
-  }
-  for (; r < count; ++r) {
-    out[r] = static_cast<float>(n - 2 * _mm512_reduce_add_epi64(row(rows + r * words)));
-  }
+  }, out);
 }
 
 // Columns [16 h, 16 (h + C)) of acc held in C registers while every row with
@@ -281,42 +272,16 @@ void AxpyRowsBits(const uint64_t* rows, int64_t count, int n, const float* w, fl
   }
 }
 
-// The integer form: columns [32 h, 32 (h + C)) in C registers of 16-bit
-// lanes, one masked add per 32 columns per row (the mask is 32 bits of the
-// row), widened into the int32 acc once at the end. The caller keeps
-// sum |w| <= 32767, so every lane ends within range.
-template <int C>
-inline void AxpyBitsI16Block(const uint32_t* words32, int64_t stride, int64_t count, int h,
-                             const int16_t* w, int32_t* acc, int last_cols) {
-  __m512i a[C];
-#pragma GCC unroll 16
-  for (int c = 0; c < C; ++c) a[c] = _mm512_setzero_si512();
-  const __mmask32 last = last_cols == 32 ? static_cast<__mmask32>(0xFFFFFFFFu)
-                                         : static_cast<__mmask32>((1u << last_cols) - 1u);
-  for (int64_t r = 0; r < count; ++r) {
-    if (w[r] == 0) continue;
-    const uint32_t* m = words32 + r * stride + h;
-    const __m512i wv = _mm512_set1_epi16(w[r]);
-#pragma GCC unroll 16
-    for (int c = 0; c < C; ++c) {
-      const __mmask32 bits = c == C - 1 ? static_cast<__mmask32>(m[c] & last) : m[c];
-      a[c] = _mm512_mask_add_epi16(a[c], bits, a[c], wv);
-    }
-  }
-#pragma GCC unroll 16
-  for (int c = 0; c < C; ++c) {
-    int32_t* dst = acc + 32 * (h + c);
-    const int cols = c == C - 1 ? last_cols : 32;
-    const __mmask16 lo_lanes = cols >= 16 ? static_cast<__mmask16>(0xFFFF) : Tail(cols);
-    const __mmask16 hi_lanes = cols >= 32 ? static_cast<__mmask16>(0xFFFF)
-                               : cols > 16 ? Tail(cols - 16) : static_cast<__mmask16>(0);
-    const __m512i lo = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(a[c]));
-    const __m512i hi = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(a[c], 1));
-    _mm512_mask_storeu_epi32(dst, lo_lanes,
-                             _mm512_add_epi32(_mm512_maskz_loadu_epi32(lo_lanes, dst), lo));
-    _mm512_mask_storeu_epi32(dst + 16, hi_lanes,
-                             _mm512_add_epi32(_mm512_maskz_loadu_epi32(hi_lanes, dst + 16), hi));
-  }
+// dst[0, cols) += the first cols (<= 32) 16-bit lanes of a, widened.
+inline void AddI16LanesToInt32(__m512i a, int32_t* dst, int cols) {
+  const __mmask16 lo_lanes = cols >= 16 ? static_cast<__mmask16>(0xFFFF) : Tail(cols);
+  const __mmask16 hi_lanes = cols >= 32 ? static_cast<__mmask16>(0xFFFF)
+                             : cols > 16 ? Tail(cols - 16) : static_cast<__mmask16>(0);
+  const __m512i lo = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(a));
+  const __m512i hi = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(a, 1));
+  _mm512_mask_storeu_epi32(dst, lo_lanes, _mm512_add_epi32(_mm512_maskz_loadu_epi32(lo_lanes, dst), lo));
+  _mm512_mask_storeu_epi32(dst + 16, hi_lanes,
+                           _mm512_add_epi32(_mm512_maskz_loadu_epi32(hi_lanes, dst + 16), hi));
 }
 
 // The integer form in two tiers, for columns [64 h, 64 (h + C)): rows add
@@ -391,16 +356,7 @@ inline void AxpyBitsI8Block(const uint64_t* words, int64_t stride, int64_t count
   for (int v = 0; v < 2 * C; ++v) {
     int32_t* dst = acc + 64 * h + 32 * v;
     const int cols = v < 2 * C - 2 ? 32 : std::min(32, std::max(0, last_cols - 32 * (v - (2 * C - 2))));
-    if (cols == 0) continue;
-    const __mmask16 lo_lanes = cols >= 16 ? static_cast<__mmask16>(0xFFFF) : Tail(cols);
-    const __mmask16 hi_lanes = cols >= 32 ? static_cast<__mmask16>(0xFFFF)
-                               : cols > 16 ? Tail(cols - 16) : static_cast<__mmask16>(0);
-    const __m512i lo = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(a16[v]));
-    const __m512i hi = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(a16[v], 1));
-    _mm512_mask_storeu_epi32(dst, lo_lanes,
-                             _mm512_add_epi32(_mm512_maskz_loadu_epi32(lo_lanes, dst), lo));
-    _mm512_mask_storeu_epi32(dst + 16, hi_lanes,
-                             _mm512_add_epi32(_mm512_maskz_loadu_epi32(hi_lanes, dst + 16), hi));
+    if (cols > 0) AddI16LanesToInt32(a16[v], dst, cols);
   }
 }
 
