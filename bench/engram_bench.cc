@@ -57,7 +57,12 @@ void BM_BipolarSyncStep(benchmark::State& state) {
   const auto precision = state.range(1) == 0 ? core::Precision::kF32 : core::Precision::kBitPacked;
   std::mt19937_64 rng(3);
   std::vector<float> data(static_cast<size_t>(n) * k);
-  for (auto& v : data) v = (rng() & 1) ? 1.f : -1.f;
+  for (size_t i = 0; i < data.size(); i += 64) {  // 64 signs a draw
+    const uint64_t r = rng();
+    for (size_t j = i; j < std::min(data.size(), i + 64); ++j) {
+      data[j] = (r >> (j - i)) & 1 ? 1.f : -1.f;
+    }
+  }
   core::EnergyConfig cfg{.family = family, .beta = 0.1};
   core::Bank bank(core::BankSpec{"bench", n, core::StateKind::kBipolar, cfg, precision});
   bank.Append(data, bank.AssignIds(k), {});
@@ -74,6 +79,7 @@ void BM_BipolarSyncStep(benchmark::State& state) {
 BENCHMARK(BM_BipolarSyncStep)
     ->ArgsProduct({{0, 1}, {0, 1}, {10000, 100000}, {784}})
     ->ArgsProduct({{0, 1}, {1}, {100000}, {4096}})
+    ->ArgsProduct({{0, 1}, {1}, {1000000}, {784}})
     ->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 // One batched sync step of the lse energy for B states (arg 2) on unit-norm
@@ -162,7 +168,7 @@ void BM_Kernel(benchmark::State& state) {
           state.SkipWithError("no integer kernel at this level");
           return;
         }
-        k->axpy_rows_bits_i16(bits.data(), rows, n, wi.data(), iacc.data());
+        k->axpy_rows_bits_i16(bits.data(), rows, n, wi.data(), iacc.data(), nullptr, 0);
         bytes = rows * words * 8;
         break;
       case kDotMulti:

@@ -83,9 +83,12 @@ struct KernelTable {
   // |w[r]| <= 32767: exact whenever every acc[i] stays in int32 (the kernel
   // sums groups of rows whose |w| add up to at most 32767 in 16-bit lanes,
   // widening each group into acc once). Null at levels where the float
-  // axpy_rows_bits is as fast (AVX2).
+  // axpy_rows_bits is as fast (AVX2). The AVX-512 kernel, while it adds
+  // row r, asks the memory system for row r of `next` (r < next_count; next
+  // may be null): the caller's next rows arrive while this compute-bound sum
+  // runs (a burst of prefetches before the call mostly waits for them).
   void (*axpy_rows_bits_i16)(const uint64_t* rows, int64_t count, int n, const int16_t* w,
-                             int32_t* acc);
+                             int32_t* acc, const uint64_t* next, int64_t next_count);
   // The statistics of count > 0 overlaps d (dot_rows_bits's output: exact
   // integers of magnitude <= 2^20), and with w16 non-null the integer
   // weights w16[r] = (a * d[r] + b) >> shift, which the caller guarantees

@@ -291,9 +291,20 @@ inline void AddI16LanesToInt32(__m512i a, int32_t* dst, int cols) {
 // the 16-bit lanes itself. The 16-bit lanes are widened into the int32 acc
 // once at the end: the caller keeps the group's sum |w| <= 32767, so no
 // lane leaves its range.
+// Row r of next (r < next_count) is prefetched while row r is added.
+// Always inlined: GCC deems a function whose only effect is a prefetch
+// const, and drops the calls it does not inline.
+[[gnu::always_inline]] inline void PrefetchRow(const uint64_t* next, int64_t next_count, int64_t stride, int64_t r) {
+  if (r >= next_count) return;
+  const char* p = reinterpret_cast<const char*>(next + r * stride);
+  for (int64_t off = 0; off < stride * 8; off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
+  _mm_prefetch(p + stride * 8 - 1, _MM_HINT_T1);
+}
+
 template <int C>
 inline void AxpyBitsI8Block(const uint64_t* words, int64_t stride, int64_t count, int h,
-                            const int16_t* w, int32_t* acc, int last_cols) {
+                            const int16_t* w, int32_t* acc, int last_cols,
+                            const uint64_t* next, int64_t next_count) {
   __m512i a8[C], a16[2 * C];
 #pragma GCC unroll 8
   for (int c = 0; c < C; ++c) {
@@ -327,6 +338,7 @@ inline void AxpyBitsI8Block(const uint64_t* words, int64_t stride, int64_t count
       budget += m;
     }
     for (; r < e; ++r) {
+      PrefetchRow(next, next_count, stride, r);
       const int wr = w[r];
       if (wr == 0 || wr > 127 || wr < -127) continue;
       const uint64_t* bits = words + r * stride + h;
@@ -362,21 +374,24 @@ inline void AxpyBitsI8Block(const uint64_t* words, int64_t stride, int64_t count
 
 // One group of rows whose |w| sum to at most 32767, so no 16-bit lane
 // leaves range: column blocks of 512 outer, so a block's slice of the rows
-// stays in L1.
+// stays in L1. The first column block prefetches the next rows.
 void AxpyRowsBitsI16Group(const uint64_t* rows, int64_t stride, int64_t count, int n,
-                          const int16_t* w, int32_t* acc) {
+                          const int16_t* w, int32_t* acc, const uint64_t* next,
+                          int64_t next_count) {
   const int vectors = (n + 63) / 64;
   const int rem = n & 63;
   int h = 0;
   for (; h + 8 < vectors || (h + 8 == vectors && rem == 0); h += 8) {
-    AxpyBitsI8Block<8>(rows, stride, count, h, w, acc, 64);
+    AxpyBitsI8Block<8>(rows, stride, count, h, w, acc, 64, next, h == 0 ? next_count : 0);
   }
   const int left = vectors - h;
   if (left == 0) return;
   const int last_cols = rem ? rem : 64;
   switch (left) {
 #define ENGRAM_BITS_I8_BLOCK(C) \
-  case C: AxpyBitsI8Block<C>(rows, stride, count, h, w, acc, last_cols); break;
+  case C:                          \
+    AxpyBitsI8Block<C>(rows, stride, count, h, w, acc, last_cols, next, h == 0 ? next_count : 0); \
+    break;
     ENGRAM_BITS_I8_BLOCK(1) ENGRAM_BITS_I8_BLOCK(2) ENGRAM_BITS_I8_BLOCK(3)
     ENGRAM_BITS_I8_BLOCK(4) ENGRAM_BITS_I8_BLOCK(5) ENGRAM_BITS_I8_BLOCK(6)
     ENGRAM_BITS_I8_BLOCK(7) ENGRAM_BITS_I8_BLOCK(8)
@@ -385,7 +400,7 @@ void AxpyRowsBitsI16Group(const uint64_t* rows, int64_t stride, int64_t count, i
 }
 
 void AxpyRowsBitsI16(const uint64_t* rows, int64_t count, int n, const int16_t* w,
-                     int32_t* acc) {
+                     int32_t* acc, const uint64_t* next, int64_t next_count) {
   const int64_t stride = BitWords(n);
   // Groups of consecutive rows whose |w| sum to at most 32767 (every
   // |w| <= 32767, so each group takes at least one row).
@@ -399,7 +414,8 @@ void AxpyRowsBitsI16(const uint64_t* rows, int64_t count, int n, const int16_t* 
       ++r;
     }
     if (r == first) ++r;  // |w| = 32768 (-32768): outside the contract
-    AxpyRowsBitsI16Group(rows + first * stride, stride, r - first, n, w + first, acc);
+    AxpyRowsBitsI16Group(rows + first * stride, stride, r - first, n, w + first, acc,
+                         next != nullptr ? next + first * stride : nullptr, next_count - first);
     first = r;
   }
 }

@@ -85,7 +85,7 @@ void AxpyRowsBitsT(const uint64_t* rows, int64_t count, int n, const W* w, A* ac
 }
 
 void AxpyRowsBitsI16(const uint64_t* rows, int64_t count, int n, const int16_t* w,
-                     int32_t* acc) {
+                     int32_t* acc, const uint64_t* /*next*/, int64_t /*next_count*/) {
   AxpyRowsBitsT(rows, count, n, w, acc);
 }
 
