@@ -345,21 +345,28 @@ TEST(Kernels, IntegerBitWeightedSumIsExactOverTheInt16Range) {
     for (int n : {1, 7, 31, 32, 33, 63, 64, 65, 100, 511, 512, 513, 784, 1000, 4096}) {
       for (int count : {1, 3, 17, 40, 301}) {
         auto rows = RandomBipolar(int64_t{count} * n, rng);
+        for (int r = 0; r < count; ++r) rows[int64_t{r} * n] = rows[int64_t{r} * n + n - 1] = 1.f;
         std::vector<uint64_t> bits;
         for (int r = 0; r < count; ++r) {
           auto b = Pack(rows.data() + int64_t{r} * n, n);
           bits.insert(bits.end(), b.begin(), b.end());
         }
-        for (int kind = 0; kind < 4; ++kind) {
+        for (int kind = 0; kind < 7; ++kind) {
           std::vector<int16_t> w(count);
           for (int r = 0; r < count; ++r) {
             const int64_t mag =
                 kind == 0   ? 32767                                       // every row its own group
                 : kind == 1 ? static_cast<int64_t>(rng() % 32768)         // groups of a few rows
                 : kind == 2 ? static_cast<int64_t>(rng() % 9)             // long groups
-                : r % 11 == 5 ? 128 + static_cast<int64_t>(rng() % 900)   // a few above 8 bits
-                              : static_cast<int64_t>(rng() % 61);          // among small ones
-            w[r] = static_cast<int16_t>((r % 2 == 0 ? 1 : -1) * mag);
+                : kind == 3 ? (r % 11 == 5 ? 128 + static_cast<int64_t>(rng() % 900)  // a few
+                                           : static_cast<int64_t>(rng() % 61))  // above 8 bits
+                : kind == 4 ? 16000 + static_cast<int64_t>(rng() % 16768)  // 16-bit, and
+                            : static_cast<int64_t>(rng() % 128);           // 8-bit limits
+            // Alternating signs; kinds 4 and 5 all positive, kind 6 all
+            // negative, where the first and last columns (set in every row)
+            // sum whole groups and segments: a lane at its range's limit.
+            const int sign = kind == 6 ? -1 : kind >= 4 ? 1 : (r % 2 == 0 ? 1 : -1);
+            w[r] = static_cast<int16_t>(sign * mag);
           }
           if (count > 2) w[1] = 0;
           std::vector<int32_t> acc(n + 1, -5);

@@ -284,6 +284,17 @@ inline void AddI16LanesToInt32(__m512i a, int32_t* dst, int cols) {
                            _mm512_add_epi32(_mm512_maskz_loadu_epi32(hi_lanes, dst + 16), hi));
 }
 
+// Row r of next (r < next_count) is prefetched while row r is added.
+// Always inlined: GCC deems a function whose only effect is a prefetch
+// const, and drops the calls it does not inline.
+[[gnu::always_inline]] inline void PrefetchRow(const uint64_t* next, int64_t next_count,
+                                               int64_t stride, int64_t r) {
+  if (r >= next_count) return;
+  const char* p = reinterpret_cast<const char*>(next + r * stride);
+  for (int64_t off = 0; off < stride * 8; off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
+  _mm_prefetch(p + stride * 8 - 1, _MM_HINT_T1);
+}
+
 // The integer form in two tiers, for columns [64 h, 64 (h + C)): rows add
 // their weight into 8-bit lanes (one masked add per 64 columns, the mask
 // read straight from the row's bits), which are widened into 16-bit lanes
@@ -291,16 +302,6 @@ inline void AddI16LanesToInt32(__m512i a, int32_t* dst, int cols) {
 // the 16-bit lanes itself. The 16-bit lanes are widened into the int32 acc
 // once at the end: the caller keeps the group's sum |w| <= 32767, so no
 // lane leaves its range.
-// Row r of next (r < next_count) is prefetched while row r is added.
-// Always inlined: GCC deems a function whose only effect is a prefetch
-// const, and drops the calls it does not inline.
-[[gnu::always_inline]] inline void PrefetchRow(const uint64_t* next, int64_t next_count, int64_t stride, int64_t r) {
-  if (r >= next_count) return;
-  const char* p = reinterpret_cast<const char*>(next + r * stride);
-  for (int64_t off = 0; off < stride * 8; off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
-  _mm_prefetch(p + stride * 8 - 1, _MM_HINT_T1);
-}
-
 template <int C>
 inline void AxpyBitsI8Block(const uint64_t* words, int64_t stride, int64_t count, int h,
                             const int16_t* w, int32_t* acc, int last_cols,
