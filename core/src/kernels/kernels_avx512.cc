@@ -279,7 +279,8 @@ inline void AddI16LanesToInt32(__m512i a, int32_t* dst, int cols) {
                              : cols > 16 ? Tail(cols - 16) : static_cast<__mmask16>(0);
   const __m512i lo = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(a));
   const __m512i hi = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(a, 1));
-  _mm512_mask_storeu_epi32(dst, lo_lanes, _mm512_add_epi32(_mm512_maskz_loadu_epi32(lo_lanes, dst), lo));
+  _mm512_mask_storeu_epi32(dst, lo_lanes,
+                           _mm512_add_epi32(_mm512_maskz_loadu_epi32(lo_lanes, dst), lo));
   _mm512_mask_storeu_epi32(dst + 16, hi_lanes,
                            _mm512_add_epi32(_mm512_maskz_loadu_epi32(hi_lanes, dst + 16), hi));
 }
