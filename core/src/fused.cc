@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <memory>
 #include <mutex>
+#include <numeric>
 #include <thread>
 #include <vector>
 
@@ -775,6 +776,11 @@ void FoldStateTile(const PatternView& view, SimilarityKind similarity, const Row
 
 }  // namespace
 
+// A batched tile's weighted sum skips the sgemm when at most 1/8 of its
+// (state, row) weights are left: the multi-state kernel costs about what the
+// sgemm costs per weight it adds.
+constexpr int64_t kSparseTileFraction = 8;
+
 static void FusedPassBatchSgemm(const PatternView& view, SimilarityKind similarity, const float* x,
                     int64_t b, const RowWeights& rule, float* acc, FusedSums* sums,
                     bool track_nearest) {
@@ -792,6 +798,9 @@ static void FusedPassBatchSgemm(const PatternView& view, SimilarityKind similari
       for (int i = 0; i < n; ++i) sqx[q] += double{x[q * n + i]} * x[q * n + i];
     }
   }
+  const float negligible =
+      static_cast<float>(kNegligibleWeightMass / static_cast<double>(std::max<int64_t>(rows, 1)));
+  std::vector<int64_t> left(b);
   if (acc != nullptr) std::fill(acc, acc + b * n, 0.f);
   for (int64_t t0 = 0; t0 < rows; t0 += tile) {
     const int64_t count = std::min(tile, rows - t0);
@@ -800,19 +809,37 @@ static void FusedPassBatchSgemm(const PatternView& view, SimilarityKind similari
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(b),
                 static_cast<int>(count), n, 1.f, x, n, xi, n, 0.f, st.data(),
                 static_cast<int>(count));
-    // Per state: weights in place of the scores (states split over threads).
+    // Per state: weights in place of the scores (states split over threads),
+    // negligible ones zeroed as in FusedPass, and the weights left counted.
     int used = 1;
     ParallelRows(b, count * 64, [&](int, int64_t q_begin, int64_t q_end) {
       std::vector<double> s(count), w(count), h(count);
       for (int64_t q = q_begin; q < q_end; ++q) {
         FusedSums& p = sums[q];
-        FoldStateTile(view, similarity, rule, track_nearest, sqx[q], t0, count,
-                      st.data() + q * count, s.data(), w.data(), h.data(), &running[q],
-                      acc != nullptr ? acc + q * n : nullptr, &p.energy_terms, &p.nearest_key,
-                      &p.nearest_row);
+        float* srow = st.data() + q * count;
+        FoldStateTile(view, similarity, rule, track_nearest, sqx[q], t0, count, srow, s.data(),
+                      w.data(), h.data(), &running[q], acc != nullptr ? acc + q * n : nullptr,
+                      &p.energy_terms, &p.nearest_key, &p.nearest_row);
+        int64_t l = 0;
+        for (int64_t i = 0; i < count; ++i) {
+          if (!(std::fabs(srow[i]) >= negligible)) srow[i] = 0.f;
+          l += srow[i] != 0.f;
+        }
+        left[q] = l;
       }
     }, &used);
     if (acc == nullptr) continue;
+    const int64_t pairs = std::accumulate(left.begin(), left.end(), int64_t{0});
+    if (pairs * kSparseTileFraction <= b * count) {
+      // A sharp softmax leaves a few rows per state: add just those (the
+      // multi-state kernel skips zero weights), four states to a group.
+      const kernels::KernelTable& k = kernels::Kernels();
+      ParallelRows((b + 3) / 4, 4 * (pairs / b + 1) * n, [&](int, int64_t g_begin, int64_t g_end) {
+        const int64_t q0 = 4 * g_begin, q1 = std::min(b, 4 * g_end);
+        k.axpy_rows_multi(xi, count, n, st.data() + q0 * count, q1 - q0, acc + q0 * n);
+      }, &used);
+      continue;
+    }
     // Acc (b x n) += W (b x count) * Xi_tile (count x n)
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(b), n,
                 static_cast<int>(count), 1.f, st.data(), static_cast<int>(count), xi, n, 1.f,

@@ -587,6 +587,51 @@ TEST_P(FusedTest, BatchedStepMatchesReferenceAtEveryBatchSize) {
   }
 }
 
+// A batch above the multi-state kernels' size on a sharp softmax: most
+// states keep one row, so the tile's weighted sum adds the rows left instead
+// of running the second sgemm. A few diffuse states (random directions, many
+// rows of weight) share the tiles, and the tile size leaves a partial last
+// tile. Every state against its reference in double.
+TEST(FusedPassBatch, SharpSoftmaxBatchAddsOnlyTheRowsLeft) {
+  std::mt19937_64 rng(23);
+  const int n = 301, k = 3001;
+  auto xi = RandomGaussian(int64_t{k} * n, rng, 1.f / std::sqrt(float(n)));
+  Bank bank(BankSpec{"b", n, StateKind::kContinuous, {}, Precision::kF32});
+  bank.Append(xi, bank.AssignIds(k), {});
+  const EnergyConfig config{.family = EnergyFamily::kLse, .beta = 60.0};
+  EnergyFunction energy(config, bank.view());
+  for (int b : {33, 100, 1500}) {  // 1500 states: tiles of 2796 rows, so two
+    std::vector<float> x;
+    for (int q = 0; q < b; ++q) {
+      std::vector<float> xq;
+      if (q % 48 == 3) {
+        xq = RandomGaussian(n, rng, 1.f / std::sqrt(float(n)));
+      } else {
+        const int64_t row = (int64_t{q} * 389) % k;
+        xq.assign(xi.begin() + row * n, xi.begin() + (row + 1) * n);
+        auto noise = RandomGaussian(n, rng, 0.3f / std::sqrt(float(n)));
+        for (int i = 0; i < n; ++i) xq[i] += noise[i];
+      }
+      x.insert(x.end(), xq.begin(), xq.end());
+    }
+    std::vector<float> targets(x.size());
+    std::vector<double> energies(b);
+    std::vector<int64_t> nearest(b, -1);
+    energy.UpdateTargetBatch(x.data(), b, targets.data(), energies.data(), nearest.data());
+    for (int q = 0; q < b; q += b > 100 ? 3 : 1) {  // every diffuse state is checked
+      const float* xq = x.data() + int64_t{q} * n;
+      std::vector<float> want(n);
+      const double e_ref = energy.ReferenceUpdateTarget(xq, want.data());
+      const std::vector<float> got(targets.begin() + int64_t{q} * n,
+                                   targets.begin() + int64_t{q + 1} * n);
+      EXPECT_NEAR(energies[q], e_ref, 2e-5 * std::max(1.0, std::fabs(e_ref)))
+          << "b=" << b << " q=" << q;
+      EXPECT_LT(RelInf(got, want), 1e-4) << "b=" << b << " q=" << q;
+      EXPECT_EQ(nearest[q], bank.Nearest(xq).row) << "b=" << b << " q=" << q;
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Families, FusedTest, ::testing::ValuesIn(FusedCases()),
                          [](const auto& info) { return info.param.name; });
 
