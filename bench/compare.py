@@ -92,6 +92,21 @@ def machine_line(tool):
     return cpu, bw
 
 
+def numpy_blas_kernel():
+    """The OpenBLAS kernel family numpy's matmul runs on, from the library it loaded."""
+    import ctypes
+    with open("/proc/self/maps") as maps:
+        libs = {line.split()[-1] for line in maps if "blas" in line and ".so" in line}
+    for lib in sorted(libs):
+        try:
+            fn = ctypes.CDLL(lib).openblas_get_corename
+        except (OSError, AttributeError):
+            continue
+        fn.restype = ctypes.c_char_p
+        return fn().decode()
+    return "not OpenBLAS"
+
+
 def fmt_ms(s):
     return f"{s * 1e3:.3g}"
 
@@ -116,8 +131,10 @@ def main():
     rng = np.random.default_rng(7)
     cpu, bw = machine_line(args.tool)
     read_bw = bw["read_bytes_per_s"]
+    np.ones((64, 64), dtype=np.float32) @ np.ones((64, 64), dtype=np.float32)  # loads BLAS
     print(f"machine: {cpu}, {os.cpu_count()} threads; Engram kernels {bw['simd']}, "
-          f"{bw['threads']} compute threads; numpy {np.__version__}, faiss {faiss.__version__}; "
+          f"{bw['threads']} compute threads, OpenBLAS {bw['blas']}; numpy {np.__version__} "
+          f"(OpenBLAS {numpy_blas_kernel()}), faiss {faiss.__version__}; "
           f"read bandwidth {read_bw / 1e9:.1f} GB/s; {time.strftime('%Y-%m-%d')}")
     rows, batch_rows, bip_rows, screen_rows = [], [], [], []
     tmp = tempfile.mkdtemp(prefix="engram_compare_")

@@ -121,9 +121,10 @@ std::string Arg(int argc, char** argv, const char* name, const char* fallback) {
 int main(int argc, char** argv) {
   const int repeats = std::atoi(Arg(argc, argv, "--repeats", "7").c_str());
   if (Arg(argc, argv, "--bandwidth", "0") == "1") {
-    std::printf("{\"read_bytes_per_s\": %.6g, \"simd\": \"%s\", \"threads\": %d}\n",
+    std::printf("{\"read_bytes_per_s\": %.6g, \"simd\": \"%s\", \"threads\": %d, "
+                "\"blas\": \"%s\"}\n",
                 ReadBandwidth(repeats), core::SimdLevelInUse().c_str(),
-                core::ComputeThreadsInUse());
+                core::ComputeThreadsInUse(), core::BlasKernelInUse().c_str());
     return 0;
   }
   const int n = std::atoi(Arg(argc, argv, "--dim", "0").c_str());

@@ -409,7 +409,7 @@ void EnergyFunction::UpdateTargetBatch(const float* x, int64_t b, float* targets
   }
   std::vector<internal::FusedSums> sums(b);
   internal::FusedPassBatch(patterns_, sim, x, b, *rule, targets, sums.data(),
-                           nearest_rows != nullptr);
+                           nearest_rows != nullptr, nearest_rows);
   const bool log_domain = rule->domain() == internal::WeightDomain::kLog;
   for (int64_t q = 0; q < b; ++q) {
     if (nearest_rows != nullptr) nearest_rows[q] = sums[q].nearest_row;

@@ -86,6 +86,18 @@ struct RunningSums {
   }
 };
 
+// Log domain: raises r's scale to `bm` when that is larger, rescaling the
+// sum of weights and `acc` (n floats, may be null) to it.
+void RaiseLogScale(double bm, RunningSums* r, float* acc, int n) {
+  if (!(bm > r->log_scale)) return;
+  if (std::isfinite(r->log_scale)) {
+    const double f = std::exp(r->log_scale - bm);
+    r->wsum *= f;
+    if (acc != nullptr) ScaleInPlace(acc, n, f);
+  }
+  r->log_scale = bm;
+}
+
 // Folds a block's weights w (and h) into `r`: when the scale grows, the
 // sums and `acc` (n floats, may be null) are rescaled to it; `wf` receives
 // the block's weights divided by the scale. Returns false (wf all zero)
@@ -95,14 +107,7 @@ bool FoldBlock(bool log_domain, const double* w, const double* h, int64_t count,
   if (log_domain) {
     double bm = -INFINITY;
     for (int64_t i = 0; i < count; ++i) bm = std::max(bm, w[i]);
-    if (bm > r->log_scale) {
-      if (std::isfinite(r->log_scale)) {
-        const double f = std::exp(r->log_scale - bm);
-        r->wsum *= f;
-        if (acc != nullptr) ScaleInPlace(acc, n, f);
-      }
-      r->log_scale = bm;
-    }
+    RaiseLogScale(bm, r, acc, n);
     if (!std::isfinite(r->log_scale)) {
       std::fill(wf, wf + count, 0.f);
       return false;
@@ -748,30 +753,102 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
 
 namespace {
 
+// The weight below which a state's tile weights (relative to its running
+// scale) are negligible: `negligible` of the larger of that scale and the
+// lower bound `log_floor` on the final one.
+float NegligibleAgainst(float negligible, const RunningSums& r, double log_floor) {
+  if (!(log_floor > r.log_scale)) return negligible;
+  return static_cast<float>(negligible * std::exp(log_floor - r.log_scale));
+}
+
+// The sharp-softmax shortcut of FoldStateTile, for log-weights beta * s
+// (beta > 0) of dot products: the tile's largest log-weight is beta * max s,
+// and a score needs an exp only when its log-weight reaches 50 below the
+// running scale or `log_floor` (FoldBlock's cut), which a compare finds.
+// False, with srow untouched, when a score is NaN or more than 1/4 of them
+// pass the compare (the general path's vector exp is then faster).
+bool FoldSharpSoftmaxTile(double beta, int64_t count, float* srow, int32_t* idx, float negligible,
+                          double log_floor, RunningSums* running, float* acc, int n,
+                          int64_t* left) {
+  const kernels::KernelTable& k = kernels::Kernels();
+  const double bm = beta * double{k.max_value(srow, count)};
+  if (!std::isfinite(bm)) return false;  // NaN scores included
+  const double scale = std::max(running->log_scale, bm);
+  const double cut = std::max(scale, log_floor) - 50.0;
+  // Every score whose log-weight reaches the cut, and (float rounding) a
+  // few just below it, which the exact test then leaves out.
+  const float t = std::nextafter(std::nextafter(static_cast<float>(cut / beta), -INFINITY),
+                                 -INFINITY);
+  const int64_t candidates = k.indices_at_least(srow, count, t, idx);
+  if (candidates * 4 > count) return false;
+  int64_t passed = 0;
+  for (int64_t j = 0; j < candidates; ++j) {
+    idx[passed] = idx[j];
+    passed += beta * double{srow[idx[j]]} >= cut;
+  }
+  RaiseLogScale(bm, running, acc, n);
+  const float keep = NegligibleAgainst(negligible, *running, log_floor);
+  double wsum = 0.0;
+  int64_t kept = 0;
+  for (int64_t j = 0; j < passed; ++j) {
+    const double e = std::exp(beta * double{srow[idx[j]]} - scale);
+    wsum += e;
+    const float f = static_cast<float>(e);
+    idx[kept] = idx[j];  // the rows kept, in place (kept <= j)
+    kept += f >= keep;
+    srow[idx[j]] = f;  // only scores already read are overwritten
+  }
+  running->wsum += wsum;
+  for (int64_t j = 0, next = 0; j < count; ++j) {
+    if (next < kept && idx[next] == j) {
+      ++next;
+    } else {
+      srow[j] = 0.f;
+    }
+  }
+  *left = kept;
+  return true;
+}
+
 // One state's share of a batched tile: `srow` holds its scores against rows
 // [t0, t0 + count) and receives its weights relative to the running scale
-// (FoldBlock); the energy terms and nearest row are accumulated. s, w and h
-// are scratch of `count` doubles.
-void FoldStateTile(const PatternView& view, SimilarityKind similarity, const RowWeights& rule,
-                   bool track_nearest, double sqx, int64_t t0, int64_t count, float* srow,
-                   double* s, double* w, double* h, RunningSums* running, float* acc,
-                   double* energy, double* nearest_key, int64_t* nearest_row) {
+// (as FoldBlock computes them), those negligible against the final scale
+// set to zero (NegligibleAgainst: the scale only grows, and `log_floor`
+// bounds it from below); returns how many are left. The energy terms and
+// nearest row are accumulated (the nearest key without FusedSums' constant
+// -|x|^2 / 2, which the caller subtracts at the end). s, w and h are scratch
+// of `count` doubles, idx of `count` ints.
+int64_t FoldStateTile(const PatternView& view, SimilarityKind similarity, const RowWeights& rule,
+                      bool track_nearest, double sqx, int64_t t0, int64_t count, float* srow,
+                      double* s, double* w, double* h, int32_t* idx, float negligible,
+                      double log_floor, RunningSums* running, float* acc, double* energy,
+                      double* nearest_key, int64_t* nearest_row) {
+  if (track_nearest) {  // keys x.xi - |xi|^2 / 2, without FusedSums' -|x|^2 / 2
+    int64_t row = -1;
+    kernels::Kernels().max_nearest_key(srow, view.sq_norms + t0, count, nearest_key, &row);
+    if (row >= 0) *nearest_row = t0 + row;
+  }
+  int64_t left = 0;
+  const double beta = rule.log_weight_slope();
+  if (beta > 0.0 && similarity == SimilarityKind::kDot &&
+      FoldSharpSoftmaxTile(beta, count, srow, idx, negligible, log_floor, running, acc, view.dim,
+                           &left)) {
+    return left;  // a softmax has no energy terms
+  }
   for (int64_t i = 0; i < count; ++i) {
     s[i] = similarity == SimilarityKind::kNegHalfSqL2
                ? double{srow[i]} - 0.5 * view.sq_norms[t0 + i] - 0.5 * sqx
                : double{srow[i]};
   }
-  if (track_nearest) {
-    for (int64_t i = 0; i < count; ++i) {
-      const double key = double{srow[i]} - 0.5 * view.sq_norms[t0 + i] - 0.5 * sqx;
-      if (key > *nearest_key) {
-        *nearest_key = key;
-        *nearest_row = t0 + i;
-      }
-    }
-  }
   *energy += rule.Block(s, count, w, h);
-  FoldBlock(rule.domain() == WeightDomain::kLog, w, h, count, running, acc, view.dim, srow);
+  const bool log_domain = rule.domain() == WeightDomain::kLog;
+  FoldBlock(log_domain, w, h, count, running, acc, view.dim, srow, log_floor);
+  const float keep = log_domain ? NegligibleAgainst(negligible, *running, log_floor) : negligible;
+  for (int64_t i = 0; i < count; ++i) {
+    if (!(std::fabs(srow[i]) >= keep)) srow[i] = 0.f;
+    left += srow[i] != 0.f;
+  }
+  return left;
 }
 
 }  // namespace
@@ -781,23 +858,18 @@ void FoldStateTile(const PatternView& view, SimilarityKind similarity, const Row
 // sgemm costs per weight it adds.
 constexpr int64_t kSparseTileFraction = 8;
 
+// FusedPassBatch above kBatchMultiMaxStates states; sqx and floors as there.
 static void FusedPassBatchSgemm(const PatternView& view, SimilarityKind similarity, const float* x,
-                    int64_t b, const RowWeights& rule, float* acc, FusedSums* sums,
-                    bool track_nearest) {
+                                int64_t b, const RowWeights& rule, float* acc, FusedSums* sums,
+                                bool track_nearest, const std::vector<double>& sqx,
+                                const std::vector<double>& floors) {
   const int n = view.dim;
   const int64_t rows = view.rows;
   const bool log_domain = rule.domain() == WeightDomain::kLog;
   // Rows per tile: S and W tiles of b x tile floats stay near 16 MB.
   const int64_t tile = std::clamp<int64_t>((int64_t{4} << 20) / std::max<int64_t>(b, 1), 256, 65536);
   std::vector<float> st(b * std::min(tile, std::max<int64_t>(rows, 1)));
-  std::vector<double> sqx(b, 0.0);
   std::vector<RunningSums> running(b);
-  for (int64_t q = 0; q < b; ++q) {
-    sums[q] = FusedSums{};
-    if (similarity == SimilarityKind::kNegHalfSqL2 || track_nearest) {
-      for (int i = 0; i < n; ++i) sqx[q] += double{x[q * n + i]} * x[q * n + i];
-    }
-  }
   const float negligible =
       static_cast<float>(kNegligibleWeightMass / static_cast<double>(std::max<int64_t>(rows, 1)));
   std::vector<int64_t> left(b);
@@ -814,18 +886,14 @@ static void FusedPassBatchSgemm(const PatternView& view, SimilarityKind similari
     int used = 1;
     ParallelRows(b, count * 64, [&](int, int64_t q_begin, int64_t q_end) {
       std::vector<double> s(count), w(count), h(count);
+      std::vector<int32_t> idx(count);
       for (int64_t q = q_begin; q < q_end; ++q) {
         FusedSums& p = sums[q];
-        float* srow = st.data() + q * count;
-        FoldStateTile(view, similarity, rule, track_nearest, sqx[q], t0, count, srow, s.data(),
-                      w.data(), h.data(), &running[q], acc != nullptr ? acc + q * n : nullptr,
-                      &p.energy_terms, &p.nearest_key, &p.nearest_row);
-        int64_t l = 0;
-        for (int64_t i = 0; i < count; ++i) {
-          if (!(std::fabs(srow[i]) >= negligible)) srow[i] = 0.f;
-          l += srow[i] != 0.f;
-        }
-        left[q] = l;
+        left[q] = FoldStateTile(view, similarity, rule, track_nearest, sqx[q], t0, count,
+                                st.data() + q * count, s.data(), w.data(), h.data(), idx.data(),
+                                negligible, floors[q], &running[q],
+                                acc != nullptr ? acc + q * n : nullptr, &p.energy_terms,
+                                &p.nearest_key, &p.nearest_row);
       }
     }, &used);
     if (acc == nullptr) continue;
@@ -849,32 +917,47 @@ static void FusedPassBatchSgemm(const PatternView& view, SimilarityKind similari
     sums[q].log_scale = running[q].LogScale(log_domain);
     sums[q].wsum = running[q].wsum;
     sums[q].hsum = running[q].hsum;
+    sums[q].nearest_key -= 0.5 * sqx[q];
   }
 }
 
 void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const float* x,
                     int64_t b, const RowWeights& rule, float* acc, FusedSums* sums,
-                    bool track_nearest) {
-  if (b > kBatchMultiMaxStates) {
-    FusedPassBatchSgemm(view, similarity, x, b, rule, acc, sums, track_nearest);
-    return;
-  }
+                    bool track_nearest, const int64_t* hint_rows) {
   const kernels::KernelTable& k = kernels::Kernels();
   const int n = view.dim;
   const int64_t rows = view.rows;
   const bool log_domain = rule.domain() == WeightDomain::kLog;
+  // Per state: |x|^2 (L2 similarity, nearest keys), and in the log domain a
+  // lower bound on its largest log-weight, the hint row's (as in FusedPass).
+  std::vector<double> sqx(b, 0.0), floors(b, -INFINITY);
+  for (int64_t q = 0; q < b; ++q) {
+    sums[q] = FusedSums{};
+    const float* xq = x + q * n;
+    if (similarity == SimilarityKind::kNegHalfSqL2 || track_nearest) {
+      for (int i = 0; i < n; ++i) sqx[q] += double{xq[i]} * xq[i];
+    }
+    const int64_t hint = hint_rows != nullptr ? hint_rows[q] : -1;
+    if (log_domain && hint >= 0 && hint < rows) {
+      float dot;
+      k.dot_rows(view.data + hint * n, 1, n, xq, &dot);
+      const double s1 = similarity == SimilarityKind::kNegHalfSqL2
+                            ? double{dot} - 0.5 * view.sq_norms[hint] - 0.5 * sqx[q]
+                            : double{dot};
+      double w1 = -INFINITY, h1 = 0.0;
+      rule.Block(&s1, 1, &w1, &h1);
+      if (!std::isnan(w1)) floors[q] = w1;
+    }
+  }
+  if (b > kBatchMultiMaxStates) {
+    FusedPassBatchSgemm(view, similarity, x, b, rule, acc, sums, track_nearest, sqx, floors);
+    return;
+  }
   // Rows per tile: the tile stays in L2 between its scores and its weighted sum.
   const int64_t tile = std::clamp<int64_t>((int64_t{256} << 10) / (int64_t{n} * 4), 16, 1024);
   const float negligible =
       static_cast<float>(kNegligibleWeightMass / static_cast<double>(std::max<int64_t>(rows, 1)));
   constexpr int64_t kStateChunk = 32;
-  std::vector<double> sqx(b, 0.0);
-  for (int64_t q = 0; q < b; ++q) {
-    sums[q] = FusedSums{};
-    if (similarity == SimilarityKind::kNegHalfSqL2 || track_nearest) {
-      for (int i = 0; i < n; ++i) sqx[q] += double{x[q * n + i]} * x[q * n + i];
-    }
-  }
   // A thread's share: per state, its running sums, energy, nearest row and
   // accumulator (b x n).
   struct BatchPartial {
@@ -895,6 +978,7 @@ void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const fl
     if (acc != nullptr) p.acc.assign(b * n, 0.f);
     std::vector<float> st(b * tile);
     std::vector<double> s(tile), w(tile), h(tile);
+    std::vector<int32_t> idx(tile);
     for (int64_t t0 = begin; t0 < end; t0 += tile) {
       const int64_t count = std::min(tile, end - t0);
       const float* xi = view.data + t0 * n;
@@ -911,16 +995,11 @@ void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const fl
         const int64_t next_bytes = std::min(tile, end - t0 - count) * n * 4;
         for (int64_t off = 0; off < next_bytes; off += 64) __builtin_prefetch(next + off, 0, 2);
       }
-      for (int64_t q = 0; q < b; ++q) {
-        float* srow = st.data() + q * count;  // becomes the weight row in place
-        FoldStateTile(view, similarity, rule, track_nearest, sqx[q], t0, count, srow, s.data(),
-                      w.data(), h.data(), &p.sums[q],
-                      acc != nullptr ? p.acc.data() + q * n : nullptr, &p.energy[q],
-                      &p.nearest_key[q], &p.nearest_row[q]);
-        // Relative to a scale that only grows, so negligible at the end too.
-        for (int64_t i = 0; i < count; ++i) {
-          if (!(std::fabs(srow[i]) >= negligible)) srow[i] = 0.f;
-        }
+      for (int64_t q = 0; q < b; ++q) {  // each score row becomes its weight row
+        FoldStateTile(view, similarity, rule, track_nearest, sqx[q], t0, count,
+                      st.data() + q * count, s.data(), w.data(), h.data(), idx.data(), negligible,
+                      floors[q], &p.sums[q], acc != nullptr ? p.acc.data() + q * n : nullptr,
+                      &p.energy[q], &p.nearest_key[q], &p.nearest_row[q]);
       }
       if (acc == nullptr) continue;
       for (int64_t q0 = 0; q0 < b; q0 += kStateChunk) {
@@ -958,6 +1037,7 @@ void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const fl
         for (int j = 0; j < n; ++j) a[j] += ff * pa[j];
       }
     }
+    out.nearest_key -= 0.5 * sqx[q];
   }
 }
 
@@ -1062,5 +1142,7 @@ namespace engram::core {
 std::string SimdLevelInUse() { return kernels::SimdLevelName(kernels::Kernels().level); }
 
 int ComputeThreadsInUse() { return internal::ComputeThreads(); }
+
+std::string BlasKernelInUse() { return openblas_get_corename(); }
 
 }  // namespace engram::core

@@ -133,9 +133,11 @@ inline int64_t BatchMinStates(const PatternView& view) { return view.bits != nul
 // With `track_nearest`, sums[q].nearest_row is set as in FusedPass (from
 // the sgemm scores, which may round differently from Bank::Nearest's dot
 // products: rows tied to within f32 rounding can come out either way).
+// `hint_rows` (b entries, -1 for none; optional) are hint rows per state,
+// as FusedPass's `hint_row`.
 void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const float* x,
                     int64_t b, const RowWeights& rule, float* acc, FusedSums* sums,
-                    bool track_nearest = false);
+                    bool track_nearest = false, const int64_t* hint_rows = nullptr);
 
 // s_mu = S(xi_mu, x) for every row (kDot or kNegHalfSqL2), with the fast
 // kernels; `s` has view.rows slots.

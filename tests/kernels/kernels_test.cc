@@ -287,6 +287,61 @@ std::vector<uint64_t> Pack(const float* v, int n) {
 // exact integer reference: overlaps of n's parity in [-n, n] (as
 // dot_rows_bits writes them), ties at the max (the first row wins), counts
 // off the vector width, and affine weights with their power of two.
+// The scans of a batched tile's scores against loops written out here, on
+// lengths around the vector widths, with ties at the largest value and key
+// (the first index must win), a NaN anywhere, and a threshold that selects
+// a handful of entries or none.
+TEST(Kernels, ScoreScansMatchPlainLoopsAtEveryLevel) {
+  std::mt19937_64 rng(41);
+  std::normal_distribution<float> g;
+  for (const KernelTable* k : Levels()) {
+    for (int count : {1, 7, 8, 15, 16, 17, 33, 1000, 1023}) {
+      std::vector<float> v(count), sq(count);
+      for (auto& e : v) e = g(rng);
+      for (auto& e : sq) e = 1.f + 0.1f * g(rng);
+      if (count > 20) {  // ties at the max and at the largest key, 8 apart and far apart
+        for (int i : {3, 11, count - 2}) {
+          v[i] = 5.f;
+          sq[i] = 1.f;
+        }
+      }
+      float want_max = v[0];
+      double want_key = -INFINITY;
+      int64_t want_row = -1;
+      for (int i = 0; i < count; ++i) {
+        want_max = std::max(want_max, v[i]);
+        const double key = double{v[i]} - 0.5 * double{sq[i]};
+        if (key > want_key) {
+          want_key = key;
+          want_row = i;
+        }
+      }
+      EXPECT_EQ(k->max_value(v.data(), count), want_max) << SimdLevelName(k->level) << " " << count;
+      double key = -INFINITY;
+      int64_t row = -1;
+      k->max_nearest_key(v.data(), sq.data(), count, &key, &row);
+      EXPECT_EQ(row, want_row) << SimdLevelName(k->level) << " " << count;
+      EXPECT_EQ(key, want_key) << SimdLevelName(k->level) << " " << count;
+      // A running key already above every key here is kept.
+      double high = want_key + 1.0;
+      row = 7;
+      k->max_nearest_key(v.data(), sq.data(), count, &high, &row);
+      EXPECT_EQ(row, 7);
+      EXPECT_EQ(high, want_key + 1.0);
+      for (float t : {want_max, 1.5f, -INFINITY, want_max + 1.f}) {
+        std::vector<int32_t> want, got(count, -1);
+        for (int i = 0; i < count; ++i) {
+          if (v[i] >= t) want.push_back(i);
+        }
+        got.resize(k->indices_at_least(v.data(), count, t, got.data()));
+        EXPECT_EQ(got, want) << SimdLevelName(k->level) << " " << count << " t=" << t;
+      }
+      v[count / 2] = std::nanf("");
+      EXPECT_TRUE(std::isnan(k->max_value(v.data(), count))) << SimdLevelName(k->level);
+    }
+  }
+}
+
 TEST(Kernels, OverlapWeightsAreExact) {
   std::mt19937_64 rng(37);
   struct Form { int32_t a, b; int shift; };

@@ -95,6 +95,15 @@ struct KernelTable {
   // are exact (2^shift divides a * d + b) and fit int16 (and a * d + b int32).
   void (*overlap_weights)(const float* d, int64_t count, int32_t a, int32_t b, int shift,
                           int16_t* w16, OverlapStats* stats);
+  // Scans of a batched tile's scores (one state's row of count > 0 floats):
+  // the largest v[i], or NaN when any v[i] is NaN.
+  float (*max_value)(const float* v, int64_t count);
+  // Writes the i with v[i] >= t to idx in increasing order; returns how many.
+  int64_t (*indices_at_least)(const float* v, int64_t count, float t, int32_t* idx);
+  // The nearest-pattern key k_i = double(v[i]) - 0.5 * double(sq_norms[i]):
+  // when some k_i > *key, sets *key to the largest and *row to its first i.
+  void (*max_nearest_key)(const float* v, const float* sq_norms, int64_t count, double* key,
+                          int64_t* row);
 };
 
 // The table for the widest level this CPU supports, capped by the
@@ -113,9 +122,13 @@ const KernelTable& Avx2Kernels();
 const KernelTable& Avx512Kernels();
 const KernelTable& Avx512Bf16Kernels();
 
-// The scalar overlap statistics, shared by the AVX2 table.
+// The scalar overlap statistics and score scans, shared by the AVX2 table.
 void ScalarOverlapWeights(const float* d, int64_t count, int32_t a, int32_t b, int shift,
                           int16_t* w16, OverlapStats* stats);
+float ScalarMaxValue(const float* v, int64_t count);
+int64_t ScalarIndicesAtLeast(const float* v, int64_t count, float t, int32_t* idx);
+void ScalarMaxNearestKey(const float* v, const float* sq_norms, int64_t count, double* key,
+                         int64_t* row);
 
 // The AVX2 multi-state and exp kernels, shared by the AVX-512 table.
 double Avx2ExpWeights(const double* w, int64_t count, double shift, double cut, float* out);

@@ -493,7 +493,8 @@ const KernelTable& Avx2Kernels() {
   static const KernelTable t{SimdLevel::kAvx2, DotRows,      AxpyRows,     DotRowsBf16,
                              AxpyRowsBf16,     DotRowsBits,  AxpyRowsBits, DotRowsMulti,
                              AxpyRowsMulti, Avx2ExpWeights, /*axpy_rows_bits_i16=*/nullptr,
-                             ScalarOverlapWeights};
+                             ScalarOverlapWeights, ScalarMaxValue, ScalarIndicesAtLeast,
+                             ScalarMaxNearestKey};
   return t;
 }
 

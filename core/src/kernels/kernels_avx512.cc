@@ -2,6 +2,8 @@
 // called only when the CPU reports them). Tails use lane masks.
 #include <immintrin.h>
 
+#include <limits>
+
 #include "kernels/kernels.h"
 #include "kernels/scratch.h"
 
@@ -588,6 +590,87 @@ void AxpyRowsMulti(const float* rows, int64_t count, int n, const float* w, int6
   if (j < n) block(j, AxpyTile<1, 4>, AxpyTile<1, 1>, Tail(n - j));
 }
 
+float MaxValue(const float* v, int64_t count) {
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  __mmask16 nan = 0;
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    const __m512 x = _mm512_loadu_ps(v + i);
+    nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    m = _mm512_max_ps(m, x);
+  }
+  if (i < count) {
+    const __mmask16 t = static_cast<__mmask16>((1u << (count - i)) - 1);
+    const __m512 x = _mm512_maskz_loadu_ps(t, v + i);
+    nan |= _mm512_mask_cmp_ps_mask(t, x, x, _CMP_UNORD_Q);
+    m = _mm512_mask_max_ps(m, t, m, x);
+  }
+  return nan != 0 ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(m);
+}
+
+int64_t IndicesAtLeast(const float* v, int64_t count, float t, int32_t* idx) {
+  const __m512 tv = _mm512_set1_ps(t);
+  __m512i iv = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i step = _mm512_set1_epi32(16);
+  int64_t found = 0, i = 0;
+  for (; i + 16 <= count; i += 16) {
+    const __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + i), tv, _CMP_GE_OQ);
+    if (m != 0) {
+      _mm512_mask_compressstoreu_epi32(idx + found, m, iv);
+      found += __builtin_popcount(m);
+    }
+    iv = _mm512_add_epi32(iv, step);
+  }
+  for (; i < count; ++i) {
+    idx[found] = static_cast<int32_t>(i);
+    found += v[i] >= t;
+  }
+  return found;
+}
+
+void MaxNearestKey(const float* v, const float* sq_norms, int64_t count, double* key,
+                   int64_t* row) {
+  // Per lane the largest key and its first index; ties between lanes go to
+  // the smaller index.
+  const __m512d half = _mm512_set1_pd(0.5);
+  __m512d best = _mm512_set1_pd(-INFINITY);
+  __m512i best_i = _mm512_set1_epi64(-1);
+  __m512i iv = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m512i step = _mm512_set1_epi64(8);
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    const __m512d k = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(v + i)),
+                                    _mm512_mul_pd(half, _mm512_cvtps_pd(_mm256_loadu_ps(sq_norms + i))));
+    const __mmask8 up = _mm512_cmp_pd_mask(k, best, _CMP_GT_OQ);
+    best = _mm512_mask_mov_pd(best, up, k);
+    best_i = _mm512_mask_mov_epi64(best_i, up, iv);
+    iv = _mm512_add_epi64(iv, step);
+  }
+  alignas(64) double lane_key[8];
+  alignas(64) int64_t lane_row[8];
+  _mm512_store_pd(lane_key, best);
+  _mm512_store_si512(lane_row, best_i);
+  double k0 = *key;
+  int64_t r0 = -1;
+  for (int l = 0; l < 8; ++l) {
+    if (lane_row[l] >= 0 && (lane_key[l] > k0 || (lane_key[l] == k0 && r0 >= 0 && lane_row[l] < r0))) {
+      k0 = lane_key[l];
+      r0 = lane_row[l];
+    }
+  }
+  for (; i < count; ++i) {
+    const double k = double{v[i]} - 0.5 * double{sq_norms[i]};
+    if (k > k0) {
+      k0 = k;
+      r0 = i;
+    }
+  }
+  if (r0 >= 0) {
+    *key = k0;
+    *row = r0;
+  }
+}
+
 }  // namespace
 
 const KernelTable& Avx512Kernels() {
@@ -595,7 +678,8 @@ const KernelTable& Avx512Kernels() {
                              DotRowsBf16,        AxpyRowsBf16,  DotRowsBits,
                              AxpyRowsBits,       DotRowsMulti,  AxpyRowsMulti,
                              Avx2ExpWeights,     AxpyRowsBitsI16,
-                             OverlapWeights};
+                             OverlapWeights,     MaxValue,      IndicesAtLeast,
+                             MaxNearestKey};
   return t;
 }
 

@@ -136,10 +136,40 @@ void ScalarOverlapWeights(const float* d, int64_t count, int32_t a, int32_t b, i
   *stats = st;
 }
 
+float ScalarMaxValue(const float* v, int64_t count) {
+  float m = v[0];
+  for (int64_t i = 0; i < count; ++i) {
+    if (std::isnan(v[i])) return v[i];
+    m = v[i] > m ? v[i] : m;
+  }
+  return m;
+}
+
+int64_t ScalarIndicesAtLeast(const float* v, int64_t count, float t, int32_t* idx) {
+  int64_t found = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    idx[found] = static_cast<int32_t>(i);
+    found += v[i] >= t;
+  }
+  return found;
+}
+
+void ScalarMaxNearestKey(const float* v, const float* sq_norms, int64_t count, double* key,
+                         int64_t* row) {
+  for (int64_t i = 0; i < count; ++i) {
+    const double k = double{v[i]} - 0.5 * double{sq_norms[i]};
+    if (k > *key) {
+      *key = k;
+      *row = i;
+    }
+  }
+}
+
 const KernelTable& ScalarKernels() {
   static const KernelTable t{SimdLevel::kScalar, DotRows,      AxpyRows,     DotRowsBf16,
                              AxpyRowsBf16,       DotRowsBits,  AxpyRowsBits, DotRowsMulti,
-                             AxpyRowsMulti, ExpWeights,  AxpyRowsBitsI16, ScalarOverlapWeights};
+                             AxpyRowsMulti, ExpWeights,  AxpyRowsBitsI16, ScalarOverlapWeights,
+                             ScalarMaxValue, ScalarIndicesAtLeast, ScalarMaxNearestKey};
   return t;
 }
 

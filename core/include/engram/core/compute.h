@@ -18,6 +18,10 @@ std::string SimdLevelInUse();
 // Threads per pass: ENGRAM_THREADS, default the hardware threads.
 int ComputeThreadsInUse();
 
+// The OpenBLAS kernel family batched steps run on (e.g. "Cooperlake"): the
+// library's choice for this CPU, or OPENBLAS_CORETYPE when that is set.
+std::string BlasKernelInUse();
+
 }  // namespace engram::core
 
 #endif  // ENGRAM_CORE_COMPUTE_H_
