@@ -8,7 +8,6 @@
 #include <cstdlib>
 #include <memory>
 #include <mutex>
-#include <numeric>
 #include <thread>
 #include <vector>
 
@@ -761,37 +760,44 @@ float NegligibleAgainst(float negligible, const RunningSums& r, double log_floor
   return static_cast<float>(negligible * std::exp(log_floor - r.log_scale));
 }
 
-// The sharp-softmax shortcut of FoldStateTile, for log-weights beta * s
-// (beta > 0) of dot products: the tile's largest log-weight is beta * max s,
-// and a score needs an exp only when its log-weight reaches 50 below the
-// running scale or `log_floor` (FoldBlock's cut), which a compare finds.
-// False, with srow untouched, when a score is NaN or more than 1/4 of them
-// pass the compare (the general path's vector exp is then faster).
-bool FoldSharpSoftmaxTile(double beta, int64_t count, float* srow, int32_t* idx, float negligible,
-                          double log_floor, RunningSums* running, float* acc, int n,
-                          int64_t* left) {
+// FoldStateTile for log-weights beta * s (beta > 0) of dot products: the
+// tile's largest log-weight is beta * max s, and a score needs an exp only
+// when its log-weight reaches 50 below the running scale or `log_floor`
+// (FoldBlock's cut). When a compare leaves at most 1/4 of the scores (a
+// sharp softmax) only those get an exp; otherwise all go through the vector
+// exp_weights, as in FoldBlock. False, with srow untouched, when a score is
+// NaN (the general path propagates it). w is scratch of `count` doubles.
+bool FoldSoftmaxTile(double beta, int64_t count, float* srow, double* w, int32_t* idx,
+                     float negligible, double log_floor, RunningSums* running, float* acc, int n,
+                     int64_t* left) {
   const kernels::KernelTable& k = kernels::Kernels();
   const double bm = beta * double{k.max_value(srow, count)};
   if (!std::isfinite(bm)) return false;  // NaN scores included
-  const double scale = std::max(running->log_scale, bm);
+  RaiseLogScale(bm, running, acc, n);
+  const double scale = running->log_scale;
   const double cut = std::max(scale, log_floor) - 50.0;
+  const float keep = NegligibleAgainst(negligible, *running, log_floor);
   // Every score whose log-weight reaches the cut, and (float rounding) a
   // few just below it, which the exact test then leaves out.
   const float t = std::nextafter(std::nextafter(static_cast<float>(cut / beta), -INFINITY),
                                  -INFINITY);
   const int64_t candidates = k.indices_at_least(srow, count, t, idx);
-  if (candidates * 4 > count) return false;
-  int64_t passed = 0;
-  for (int64_t j = 0; j < candidates; ++j) {
-    idx[passed] = idx[j];
-    passed += beta * double{srow[idx[j]]} >= cut;
-  }
-  RaiseLogScale(bm, running, acc, n);
-  const float keep = NegligibleAgainst(negligible, *running, log_floor);
-  double wsum = 0.0;
   int64_t kept = 0;
-  for (int64_t j = 0; j < passed; ++j) {
-    const double e = std::exp(beta * double{srow[idx[j]]} - scale);
+  if (candidates * 4 > count) {
+    for (int64_t i = 0; i < count; ++i) w[i] = beta * double{srow[i]};
+    running->wsum += k.exp_weights(w, count, scale, cut, srow);
+    for (int64_t i = 0; i < count; ++i) {
+      if (!(srow[i] >= keep)) srow[i] = 0.f;
+      kept += srow[i] != 0.f;
+    }
+    *left = kept;
+    return true;
+  }
+  double wsum = 0.0;
+  for (int64_t j = 0; j < candidates; ++j) {
+    const double lw = beta * double{srow[idx[j]]};
+    if (!(lw >= cut)) continue;
+    const double e = std::exp(lw - scale);
     wsum += e;
     const float f = static_cast<float>(e);
     idx[kept] = idx[j];  // the rows kept, in place (kept <= j)
@@ -831,8 +837,8 @@ int64_t FoldStateTile(const PatternView& view, SimilarityKind similarity, const 
   int64_t left = 0;
   const double beta = rule.log_weight_slope();
   if (beta > 0.0 && similarity == SimilarityKind::kDot &&
-      FoldSharpSoftmaxTile(beta, count, srow, idx, negligible, log_floor, running, acc, view.dim,
-                           &left)) {
+      FoldSoftmaxTile(beta, count, srow, w, idx, negligible, log_floor, running, acc, view.dim,
+                      &left)) {
     return left;  // a softmax has no energy terms
   }
   for (int64_t i = 0; i < count; ++i) {
@@ -853,65 +859,133 @@ int64_t FoldStateTile(const PatternView& view, SimilarityKind similarity, const 
 
 }  // namespace
 
-// A batched tile's weighted sum skips the sgemm when at most 1/8 of its
-// (state, row) weights are left: the multi-state kernel costs about what the
-// sgemm costs per weight it adds.
+// In a batched tile, a state whose weights left (not negligible) are at
+// most 1/8 of the tile's adds just those rows with the multi-state kernel,
+// which costs about what the sgemm costs per weight it adds; the other
+// states' weights go through one sgemm.
 constexpr int64_t kSparseTileFraction = 8;
 
+// Scores-first chunks of a batched softmax pass: b x rows floats of scores
+// at most.
+constexpr int64_t kScoresFirstBytes = int64_t{128} << 20;
+
 // FusedPassBatch above kBatchMultiMaxStates states; sqx and floors as there.
+//
+// A softmax over dot products scores a chunk of tiles (up to
+// kScoresFirstBytes of scores) before it folds any of them: each state's
+// largest score in the chunk bounds its scale from below, as a hint row
+// does, so before a state's winner only the chunks ahead of it carry
+// weights that are not negligible. Without that, a sharp softmax leaves
+// every weight of the tiles before the winner, which takes the second sgemm.
 static void FusedPassBatchSgemm(const PatternView& view, SimilarityKind similarity, const float* x,
                                 int64_t b, const RowWeights& rule, float* acc, FusedSums* sums,
                                 bool track_nearest, const std::vector<double>& sqx,
-                                const std::vector<double>& floors) {
+                                std::vector<double> floors) {
+  const kernels::KernelTable& k = kernels::Kernels();
   const int n = view.dim;
   const int64_t rows = view.rows;
   const bool log_domain = rule.domain() == WeightDomain::kLog;
+  const double beta = rule.log_weight_slope();
+  const bool scores_first = beta > 0.0 && similarity == SimilarityKind::kDot;
   // Rows per tile: S and W tiles of b x tile floats stay near 16 MB.
   const int64_t tile = std::clamp<int64_t>((int64_t{4} << 20) / std::max<int64_t>(b, 1), 256, 65536);
-  std::vector<float> st(b * std::min(tile, std::max<int64_t>(rows, 1)));
+  const int64_t chunk =
+      scores_first ? std::max<int64_t>(1, kScoresFirstBytes / (4 * b * tile)) * tile : tile;
+  // Written by the sgemms before it is read: no need to clear it.
+  const std::unique_ptr<float[]> st_buf(new float[b * std::min(chunk, std::max<int64_t>(rows, 1))]);
+  float* const st = st_buf.get();
+  std::vector<float> dense_w, dense_acc;  // the states that take the sgemm
   std::vector<RunningSums> running(b);
   const float negligible =
       static_cast<float>(kNegligibleWeightMass / static_cast<double>(std::max<int64_t>(rows, 1)));
   std::vector<int64_t> left(b);
   if (acc != nullptr) std::fill(acc, acc + b * n, 0.f);
-  for (int64_t t0 = 0; t0 < rows; t0 += tile) {
-    const int64_t count = std::min(tile, rows - t0);
-    const float* xi = view.data + t0 * n;
-    // S (b x count) = X (b x n) * Xi_tile^T
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(b),
-                static_cast<int>(count), n, 1.f, x, n, xi, n, 0.f, st.data(),
-                static_cast<int>(count));
-    // Per state: weights in place of the scores (states split over threads),
-    // negligible ones zeroed as in FusedPass, and the weights left counted.
+  for (int64_t c0 = 0; c0 < rows; c0 += chunk) {
+    const int64_t c1 = std::min(rows, c0 + chunk);
+    // S (b x count) = X (b x n) * Xi_tile^T for every tile of the chunk;
+    // tile t0's scores at st + (t0 - c0) * b.
+    for (int64_t t0 = c0; t0 < c1; t0 += tile) {
+      const int64_t count = std::min(tile, c1 - t0);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(b),
+                  static_cast<int>(count), n, 1.f, x, n, view.data + t0 * n, n, 0.f,
+                  st + (t0 - c0) * b, static_cast<int>(count));
+    }
     int used = 1;
-    ParallelRows(b, count * 64, [&](int, int64_t q_begin, int64_t q_end) {
-      std::vector<double> s(count), w(count), h(count);
-      std::vector<int32_t> idx(count);
-      for (int64_t q = q_begin; q < q_end; ++q) {
-        FusedSums& p = sums[q];
-        left[q] = FoldStateTile(view, similarity, rule, track_nearest, sqx[q], t0, count,
-                                st.data() + q * count, s.data(), w.data(), h.data(), idx.data(),
-                                negligible, floors[q], &running[q],
-                                acc != nullptr ? acc + q * n : nullptr, &p.energy_terms,
-                                &p.nearest_key, &p.nearest_row);
+    if (scores_first && c1 - c0 > tile) {
+      ParallelRows(b, (c1 - c0) * 4, [&](int, int64_t q_begin, int64_t q_end) {
+        for (int64_t q = q_begin; q < q_end; ++q) {
+          for (int64_t t0 = c0; t0 < c1; t0 += tile) {
+            const int64_t count = std::min(tile, c1 - t0);
+            const float m = k.max_value(st + (t0 - c0) * b + q * count, count);
+            floors[q] = std::max(floors[q], beta * double{m});  // NaN: no bound
+          }
+        }
+      }, &used);
+    }
+    for (int64_t t0 = c0; t0 < c1; t0 += tile) {
+      const int64_t count = std::min(tile, c1 - t0);
+      const float* xi = view.data + t0 * n;
+      float* stt = st + (t0 - c0) * b;
+      // Per state: weights in place of the scores (states split over
+      // threads), negligible ones zeroed, and the weights left counted.
+      ParallelRows(b, count * 64, [&](int, int64_t q_begin, int64_t q_end) {
+        std::vector<double> s(count), w(count), h(count);
+        std::vector<int32_t> idx(count);
+        for (int64_t q = q_begin; q < q_end; ++q) {
+          FusedSums& p = sums[q];
+          left[q] = FoldStateTile(view, similarity, rule, track_nearest, sqx[q], t0, count,
+                                  stt + q * count, s.data(), w.data(), h.data(), idx.data(),
+                                  negligible, floors[q], &running[q],
+                                  acc != nullptr ? acc + q * n : nullptr, &p.energy_terms,
+                                  &p.nearest_key, &p.nearest_row);
+        }
+      }, &used);
+      if (acc == nullptr) continue;
+      std::vector<int64_t> dense;
+      int64_t sparse_pairs = 0;
+      for (int64_t q = 0; q < b; ++q) {
+        if (left[q] * kSparseTileFraction > count) {
+          dense.push_back(q);
+        } else {
+          sparse_pairs += left[q];
+        }
       }
-    }, &used);
-    if (acc == nullptr) continue;
-    const int64_t pairs = std::accumulate(left.begin(), left.end(), int64_t{0});
-    if (pairs * kSparseTileFraction <= b * count) {
+      const int64_t m = static_cast<int64_t>(dense.size());
+      if (m == b) {
+        // Acc (b x n) += W (b x count) * Xi_tile (count x n)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(b), n,
+                    static_cast<int>(count), 1.f, stt, static_cast<int>(count), xi, n, 1.f, acc,
+                    n);
+        continue;
+      }
+      if (m > 0) {
+        // The dense states' rows of W, gathered (and cleared for the sparse
+        // kernel below), times the tile, added back to their accumulators.
+        dense_w.resize(m * count);
+        dense_acc.assign(m * n, 0.f);
+        for (int64_t j = 0; j < m; ++j) {
+          float* wq = stt + dense[j] * count;
+          std::copy(wq, wq + count, dense_w.begin() + j * count);
+          std::fill(wq, wq + count, 0.f);
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(m), n,
+                    static_cast<int>(count), 1.f, dense_w.data(), static_cast<int>(count), xi, n,
+                    0.f, dense_acc.data(), n);
+        for (int64_t j = 0; j < m; ++j) {
+          float* a = acc + dense[j] * n;
+          const float* d = dense_acc.data() + j * n;
+          for (int i = 0; i < n; ++i) a[i] += d[i];
+        }
+      }
+      if (sparse_pairs == 0) continue;
       // A sharp softmax leaves a few rows per state: add just those (the
       // multi-state kernel skips zero weights), four states to a group.
-      const kernels::KernelTable& k = kernels::Kernels();
-      ParallelRows((b + 3) / 4, 4 * (pairs / b + 1) * n, [&](int, int64_t g_begin, int64_t g_end) {
+      ParallelRows((b + 3) / 4, 4 * (sparse_pairs / b + 1) * n,
+                   [&](int, int64_t g_begin, int64_t g_end) {
         const int64_t q0 = 4 * g_begin, q1 = std::min(b, 4 * g_end);
-        k.axpy_rows_multi(xi, count, n, st.data() + q0 * count, q1 - q0, acc + q0 * n);
+        k.axpy_rows_multi(xi, count, n, stt + q0 * count, q1 - q0, acc + q0 * n);
       }, &used);
-      continue;
     }
-    // Acc (b x n) += W (b x count) * Xi_tile (count x n)
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(b), n,
-                static_cast<int>(count), 1.f, st.data(), static_cast<int>(count), xi, n, 1.f,
-                acc, n);
   }
   for (int64_t q = 0; q < b; ++q) {
     sums[q].log_scale = running[q].LogScale(log_domain);

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <random>
+#include <string>
 #include <vector>
 
 #include <gmock/gmock.h>
@@ -592,6 +593,38 @@ TEST_P(FusedTest, MatchesReferenceOnShapesThatSplitIntoBlocksAndThreads) {
   }
 }
 
+// One batched step of `fast` at b states x (hint rows in `nearest`, -1 for
+// none) against `ref`'s double reference of each `stride`-th state: energy,
+// target (to `tol`) and nearest row (Bank::Nearest's, where the pass reports
+// one; with `nearest_always` it must).
+struct BatchCheck {
+  double tol = 1e-4;
+  int stride = 1;
+  bool nearest_always = true;
+  std::string label;
+};
+void ExpectBatchedStepMatchesReference(const EnergyFunction& fast, const EnergyFunction& ref,
+                                       const Bank& bank, const std::vector<float>& x, int b,
+                                       std::vector<int64_t> nearest, const BatchCheck& check) {
+  const int n = bank.dim();
+  std::vector<float> targets(x.size());
+  std::vector<double> energies(b);
+  fast.UpdateTargetBatch(x.data(), b, targets.data(), energies.data(), nearest.data());
+  for (int q = 0; q < b; q += check.stride) {
+    const float* xq = x.data() + int64_t{q} * n;
+    std::vector<float> want(n);
+    const double e_ref = ref.ReferenceUpdateTarget(xq, want.data());
+    const std::vector<float> got(targets.begin() + int64_t{q} * n,
+                                 targets.begin() + int64_t{q + 1} * n);
+    EXPECT_NEAR(energies[q], e_ref, 2e-5 * std::max(1.0, std::fabs(e_ref)))
+        << check.label << " b=" << b << " q=" << q;
+    EXPECT_LT(RelInf(got, want), check.tol) << check.label << " b=" << b << " q=" << q;
+    if (check.nearest_always || nearest[q] >= 0) {
+      EXPECT_EQ(nearest[q], bank.Nearest(xq).row) << check.label << " b=" << b << " q=" << q;
+    }
+  }
+}
+
 // The batched step (UpdateTargetBatch) against the reference of each state,
 // at batch sizes on both sides of every switch: per-state passes, the
 // multi-state kernels, sgemm; on a shape split over threads. The nearest
@@ -619,26 +652,13 @@ TEST_P(FusedTest, BatchedStepMatchesReferenceAtEveryBatchSize) {
       }
       x.insert(x.end(), xq.begin(), xq.end());
     }
-    std::vector<float> targets(x.size());
-    std::vector<double> energies(b);
-    std::vector<int64_t> nearest(b, -1);
-    fast.UpdateTargetBatch(x.data(), b, targets.data(), energies.data(), nearest.data());
-    for (int q = 0; q < b; ++q) {
-      const float* xq = x.data() + int64_t{q} * n;
-      std::vector<float> want(n);
-      const double e_ref = ref.ReferenceUpdateTarget(xq, want.data());
-      const std::vector<float> got(targets.begin() + int64_t{q} * n,
-                                   targets.begin() + int64_t{q + 1} * n);
-      EXPECT_NEAR(energies[q], e_ref, 2e-5 * std::max(1.0, std::fabs(e_ref)))
-          << c.name << " b=" << b << " q=" << q;
-      // Per-state passes over bits (b < 8) form sum w xi as 2 sum w [xi = +1]
-      // - sum w in f32: that cancellation costs a few more digits.
-      const double tol = c.precision == Precision::kBitPacked ? 1e-3 : 1e-4;
-      EXPECT_LT(RelInf(got, want), tol) << c.name << " b=" << b << " q=" << q;
-      if (nearest[q] >= 0) {
-        EXPECT_EQ(nearest[q], bank.Nearest(xq).row) << c.name << " b=" << b << " q=" << q;
-      }
-    }
+    // Per-state passes over bits (b < 8) form sum w xi as 2 sum w [xi = +1]
+    // - sum w in f32: that cancellation costs a few more digits. bf16 and
+    // bit passes may not report the nearest row.
+    ExpectBatchedStepMatchesReference(
+        fast, ref, bank, x, b, std::vector<int64_t>(b, -1),
+        {.tol = c.precision == Precision::kBitPacked ? 1e-3 : 1e-4, .nearest_always = false,
+         .label = c.name});
   }
 }
 
@@ -669,22 +689,37 @@ TEST(FusedPassBatch, SharpSoftmaxBatchAddsOnlyTheRowsLeft) {
       }
       x.insert(x.end(), xq.begin(), xq.end());
     }
-    std::vector<float> targets(x.size());
-    std::vector<double> energies(b);
-    std::vector<int64_t> nearest(b, -1);
-    energy.UpdateTargetBatch(x.data(), b, targets.data(), energies.data(), nearest.data());
-    for (int q = 0; q < b; q += b > 100 ? 3 : 1) {  // every diffuse state is checked
-      const float* xq = x.data() + int64_t{q} * n;
-      std::vector<float> want(n);
-      const double e_ref = energy.ReferenceUpdateTarget(xq, want.data());
-      const std::vector<float> got(targets.begin() + int64_t{q} * n,
-                                   targets.begin() + int64_t{q + 1} * n);
-      EXPECT_NEAR(energies[q], e_ref, 2e-5 * std::max(1.0, std::fabs(e_ref)))
-          << "b=" << b << " q=" << q;
-      EXPECT_LT(RelInf(got, want), 1e-4) << "b=" << b << " q=" << q;
-      EXPECT_EQ(nearest[q], bank.Nearest(xq).row) << "b=" << b << " q=" << q;
-    }
+    // Every diffuse state is among those checked.
+    ExpectBatchedStepMatchesReference(energy, energy, bank, x, b, std::vector<int64_t>(b, -1),
+                                      {.stride = b > 100 ? 3 : 1});
   }
+}
+
+// A batch whose scores outgrow one scores-first chunk (34 states x 1.1M
+// rows: 983 040 rows to a chunk, then the rest): states whose winner is in
+// the second chunk carry weights in the first one (the multi-state kernel
+// for a few of them, the sgemm for the states gathered), and the hint rows
+// bound half of the states from the start. Every state against its
+// reference in double.
+TEST(FusedPassBatch, ScoresFirstChunksAndHintsMatchTheReference) {
+  std::mt19937_64 rng(29);
+  const int n = 12, k = 1'100'000, b = 34;
+  auto xi = RandomGaussian(int64_t{k} * n, rng, 1.f / std::sqrt(float(n)));
+  Bank bank(BankSpec{"b", n, StateKind::kContinuous, {}, Precision::kF32});
+  bank.Append(xi, bank.AssignIds(k), {});
+  const EnergyConfig config{.family = EnergyFamily::kLse, .beta = 60.0};
+  EnergyFunction energy(config, bank.view());
+  std::vector<float> x;
+  std::vector<int64_t> nearest(b, -1);
+  for (int q = 0; q < b; ++q) {
+    const int64_t row = q % 2 == 0 ? 1'000'000 + 997 * q : 13 + 28'001 * q;
+    std::vector<float> xq(xi.begin() + row * n, xi.begin() + (row + 1) * n);
+    auto noise = RandomGaussian(n, rng, 0.05f);
+    for (int i = 0; i < n; ++i) xq[i] += noise[i];
+    x.insert(x.end(), xq.begin(), xq.end());
+    if (q % 4 < 2) nearest[q] = bank.Nearest(xq.data()).row;  // a hint for half the states
+  }
+  ExpectBatchedStepMatchesReference(energy, energy, bank, x, b, nearest, {});
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, FusedTest, ::testing::ValuesIn(FusedCases()),
