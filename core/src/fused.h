@@ -116,12 +116,14 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
 // in FusedPass (weights negligible against the running scale are left out,
 // as there), and axpy_rows_multi adds the tile to every state's accumulator
 // while it is still in cache; threads take contiguous ranges of rows and
-// their partial sums are merged exactly. Larger batches run as sgemms per
-// tile (S = X Xi^T, then Acc += W Xi), where OpenBLAS's packed kernels are
-// faster; when the negligible weights (zeroed, as above) leave at most 1/8
-// of a tile's W, as with a sharp softmax, the multi-state kernel adds the
-// rows left in place of the second sgemm. `acc` is b x view.dim (or null);
-// `sums` has b entries.
+// their partial sums are merged exactly. Larger batches score with sgemms
+// (S = X Xi^T per tile), where OpenBLAS's packed kernels are faster; a
+// softmax over dot products scores a chunk of tiles (up to 128 MB of S)
+// before it folds them, so each state's largest score bounds its scale from
+// the start. The weighted sum then takes a second sgemm (Acc += W Xi) only
+// for the states whose weights left (negligible ones zeroed, as above) fill
+// more than 1/8 of the tile; the multi-state kernel adds the few rows the
+// others keep. `acc` is b x view.dim (or null); `sums` has b entries.
 inline constexpr int64_t kBatchMultiMaxStates = 32;
 
 // Batches smaller than this run as one FusedPass per state: on f32 rows a
