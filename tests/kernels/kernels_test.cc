@@ -115,7 +115,7 @@ TEST(Kernels, MultiStateKernelsMatchDoubleReferenceAtEveryLevel) {
   std::mt19937_64 rng(12);
   for (const KernelTable* k : Levels()) {
     for (int n : kDims) {
-      for (int count : kCounts) {
+      for (int count : {1, 3, 4, 5, 17, 40}) {
         for (int b : {1, 3, 4, 5, 9}) {
           auto rows = RandomGaussian(int64_t{count} * n, rng);
           auto x = RandomGaussian(int64_t{b} * n, rng);
@@ -123,6 +123,10 @@ TEST(Kernels, MultiStateKernelsMatchDoubleReferenceAtEveryLevel) {
           if (b >= 8) std::fill(w.begin(), w.begin() + 4 * count, 0.f);  // states 0-3
           if (count > 2) {
             for (int q = 0; q < b; ++q) w[q * count + 1] = 0.f;  // row 1
+          }
+          if (count > 34) {  // rows 18-33 zero but for row 25 of the last state
+            for (int q = 0; q < b; ++q) std::fill(&w[q * count + 18], &w[q * count + 34], 0.f);
+            w[(b - 1) * count + 25] = 0.75f;
           }
           std::vector<float> got(int64_t{b} * count + 1, 123.f);
           k->dot_rows_multi(rows.data(), count, n, x.data(), b, got.data());

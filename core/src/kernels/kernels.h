@@ -130,8 +130,7 @@ int64_t ScalarIndicesAtLeast(const float* v, int64_t count, float t, int32_t* id
 void ScalarMaxNearestKey(const float* v, const float* sq_norms, int64_t count, double* key,
                          int64_t* row);
 
-// The AVX2 multi-state and exp kernels, shared by the AVX-512 table.
-double Avx2ExpWeights(const double* w, int64_t count, double shift, double cut, float* out);
+// The AVX2 multi-state kernels, shared by the AVX-512 table.
 void Avx2DotRowsMulti(const float* rows, int64_t count, int n, const float* x, int64_t b,
                       float* out);
 void Avx2AxpyRowsMulti(const float* rows, int64_t count, int n, const float* w, int64_t b,

@@ -425,27 +425,20 @@ namespace {
 // exponent bits.
 inline __m256d Exp4(__m256d d) {
   d = _mm256_max_pd(_mm256_set1_pd(-700.0), d);  // NaN stays NaN
-  const __m256d k = _mm256_round_pd(_mm256_mul_pd(d, _mm256_set1_pd(1.4426950408889634)),
+  const __m256d k = _mm256_round_pd(_mm256_mul_pd(d, _mm256_set1_pd(kLog2E)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256d r = _mm256_fnmadd_pd(k, _mm256_set1_pd(0.693145751953125), d);
-  r = _mm256_fnmadd_pd(k, _mm256_set1_pd(1.42860682030941723212e-6), r);
-  // 1/12!, 1/11!, ..., 1/1!, 1/0!
-  static constexpr double kInvFact[13] = {
-      1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0,
-      1.0 / 5040.0,      1.0 / 720.0,      1.0 / 120.0,     1.0 / 24.0,     1.0 / 6.0,
-      1.0 / 2.0,         1.0,              1.0};
-  __m256d p = _mm256_set1_pd(kInvFact[0]);
+  __m256d r = _mm256_fnmadd_pd(k, _mm256_set1_pd(kLn2Hi), d);
+  r = _mm256_fnmadd_pd(k, _mm256_set1_pd(kLn2Lo), r);
+  __m256d p = _mm256_set1_pd(kExpTaylor[0]);
 #pragma GCC unroll 12
-  for (int i = 1; i < 13; ++i) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(kInvFact[i]));
+  for (int i = 1; i < 13; ++i) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(kExpTaylor[i]));
   const __m256i e = _mm256_slli_epi64(
       _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(k)), _mm256_set1_epi64x(1023)),
       52);
   return _mm256_mul_pd(p, _mm256_castsi256_pd(e));
 }
 
-}  // namespace
-
-double Avx2ExpWeights(const double* w, int64_t count, double shift, double cut, float* out) {
+double ExpWeights(const double* w, int64_t count, double shift, double cut, float* out) {
   const __m256d vshift = _mm256_set1_pd(shift), vcut = _mm256_set1_pd(cut);
   __m256d sum = _mm256_setzero_pd();
   int64_t i = 0;
@@ -464,19 +457,8 @@ double Avx2ExpWeights(const double* w, int64_t count, double shift, double cut, 
   alignas(32) double lanes[4];
   _mm256_store_pd(lanes, sum);
   double total = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
-  for (; i < count; ++i) {
-    if (w[i] < cut) {
-      out[i] = 0.f;
-      continue;
-    }
-    const double e = std::exp(w[i] - shift);
-    out[i] = static_cast<float>(e);
-    total += e;
-  }
-  return total;
+  return total + ExpWeightsTail(w, i, count, shift, cut, out);
 }
-
-namespace {
 
 void DotRowsMulti(const float* rows, int64_t count, int n, const float* x, int64_t b,
                   float* out) {
@@ -492,7 +474,7 @@ void AxpyRowsMulti(const float* rows, int64_t count, int n, const float* w, int6
 const KernelTable& Avx2Kernels() {
   static const KernelTable t{SimdLevel::kAvx2, DotRows,      AxpyRows,     DotRowsBf16,
                              AxpyRowsBf16,     DotRowsBits,  AxpyRowsBits, DotRowsMulti,
-                             AxpyRowsMulti, Avx2ExpWeights, /*axpy_rows_bits_i16=*/nullptr,
+                             AxpyRowsMulti, ExpWeights,   /*axpy_rows_bits_i16=*/nullptr,
                              ScalarOverlapWeights, ScalarMaxValue, ScalarIndicesAtLeast,
                              ScalarMaxNearestKey};
   return t;

@@ -2,6 +2,7 @@
 // called only when the CPU reports them). Tails use lane masks.
 #include <immintrin.h>
 
+#include <cmath>
 #include <limits>
 
 #include "kernels/kernels.h"
@@ -561,6 +562,38 @@ void DotRowsMulti(const float* rows, int64_t count, int n, const float* x, int64
   for (; q < b; ++q) states(q, DotTile<6, 1>, DotTile<1, 1>);
 }
 
+// ActiveRowsOfStateGroups, 16 rows at a time: per group of four states,
+// the rows any of them weights with a nonzero (or NaN) w, compressed into
+// the group's list.
+void ActiveRowsOfGroups(const float* w, int64_t count, int64_t b, int32_t* lists,
+                        int64_t* sizes) {
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512i step = _mm512_set1_epi32(16);
+  for (int64_t g = 0; 4 * g < b; ++g) {
+    const int64_t q = 4 * g, states = b - q < 4 ? b - q : 4;
+    int32_t* list = lists + g * count;
+    int64_t m = 0, r = 0;
+    __m512i iv = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (; r + 16 <= count; r += 16) {
+      __mmask16 any = 0;
+      for (int64_t s = 0; s < states; ++s) {
+        any |= _mm512_cmp_ps_mask(_mm512_loadu_ps(w + (q + s) * count + r), zero, _CMP_NEQ_UQ);
+      }
+      if (any != 0) {
+        _mm512_mask_compressstoreu_epi32(list + m, any, iv);
+        m += __builtin_popcount(any);
+      }
+      iv = _mm512_add_epi32(iv, step);
+    }
+    for (; r < count; ++r) {
+      bool active = false;
+      for (int64_t s = 0; s < states; ++s) active |= w[(q + s) * count + r] != 0.f;
+      if (active) list[m++] = static_cast<int32_t>(r);
+    }
+    sizes[g] = m;
+  }
+}
+
 void AxpyRowsMulti(const float* rows, int64_t count, int n, const float* w, int64_t b,
                    float* acc) {
   // The active rows of every group of four states, then column blocks outer
@@ -569,7 +602,7 @@ void AxpyRowsMulti(const float* rows, int64_t count, int n, const float* w, int6
   Scratch<int32_t> lists(groups * (count > 1 ? count : 1));
   Scratch<int64_t> sizes_buf(groups);
   int64_t* sizes = sizes_buf.get();
-  ActiveRowsOfStateGroups(w, count, b, lists.get(), sizes);
+  ActiveRowsOfGroups(w, count, b, lists.get(), sizes);
   auto block = [&](int j, auto tile4, auto tile1, __mmask16 last) {
     for (int64_t g = 0; g < groups; ++g) {
       if (sizes[g] == 0) continue;
@@ -588,6 +621,41 @@ void AxpyRowsMulti(const float* rows, int64_t count, int n, const float* w, int6
   for (; j + 96 <= n; j += 96) block(j, AxpyTile<6, 4>, AxpyTile<6, 1>, 0xFFFF);
   for (; j + 16 <= n; j += 16) block(j, AxpyTile<1, 4>, AxpyTile<1, 1>, 0xFFFF);
   if (j < n) block(j, AxpyTile<1, 4>, AxpyTile<1, 1>, Tail(n - j));
+}
+
+// exp(d) for d <= 0 (or NaN) as the AVX2 Exp4: d = k ln 2 + r with |r| <=
+// ln 2 / 2 (ln 2 in two parts), the Taylor series to degree 12, then
+// p * 2^k by VSCALEFPD.
+inline __m512d Exp8(__m512d d) {
+  d = _mm512_max_pd(_mm512_set1_pd(-700.0), d);  // NaN stays NaN
+  const __m512d k = _mm512_roundscale_pd(_mm512_mul_pd(d, _mm512_set1_pd(kLog2E)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512d r = _mm512_fnmadd_pd(k, _mm512_set1_pd(kLn2Hi), d);
+  r = _mm512_fnmadd_pd(k, _mm512_set1_pd(kLn2Lo), r);
+  __m512d p = _mm512_set1_pd(kExpTaylor[0]);
+#pragma GCC unroll 12
+  for (int i = 1; i < 13; ++i) p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(kExpTaylor[i]));
+  return _mm512_scalef_pd(p, k);
+}
+
+// exp_weights, eight lanes at a time (the AVX2 kernel's maths).
+double ExpWeights(const double* w, int64_t count, double shift, double cut, float* out) {
+  const __m512d vshift = _mm512_set1_pd(shift), vcut = _mm512_set1_pd(cut);
+  __m512d sum = _mm512_setzero_pd();
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    const __m512d wv = _mm512_loadu_pd(w + i);
+    const __mmask8 keep = _mm512_cmp_pd_mask(wv, vcut, _CMP_NLT_UQ);  // NaN kept: exp gives NaN
+    if (keep == 0) {  // a sharp softmax: most groups are all below the cut
+      _mm256_storeu_ps(out + i, _mm256_setzero_ps());
+      continue;
+    }
+    const __m512d e = _mm512_maskz_mov_pd(keep, Exp8(_mm512_sub_pd(wv, vshift)));
+    _mm256_storeu_ps(out + i, _mm512_cvtpd_ps(e));
+    sum = _mm512_add_pd(sum, e);
+  }
+  double total = _mm512_reduce_add_pd(sum);
+  return total + ExpWeightsTail(w, i, count, shift, cut, out);
 }
 
 float MaxValue(const float* v, int64_t count) {
@@ -677,7 +745,7 @@ const KernelTable& Avx512Kernels() {
   static const KernelTable t{SimdLevel::kAvx512, DotRows,       AxpyRows,
                              DotRowsBf16,        AxpyRowsBf16,  DotRowsBits,
                              AxpyRowsBits,       DotRowsMulti,  AxpyRowsMulti,
-                             Avx2ExpWeights,     AxpyRowsBitsI16,
+                             ExpWeights,         AxpyRowsBitsI16,
                              OverlapWeights,     MaxValue,      IndicesAtLeast,
                              MaxNearestKey};
   return t;

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "kernels/kernels.h"
+#include "kernels/scratch.h"
 
 namespace engram::core::kernels {
 namespace {
@@ -104,17 +105,7 @@ void AxpyRowsMulti(const float* rows, int64_t count, int n, const float* w, int6
 }
 
 double ExpWeights(const double* w, int64_t count, double shift, double cut, float* out) {
-  double sum = 0.0;
-  for (int64_t i = 0; i < count; ++i) {
-    if (w[i] < cut) {
-      out[i] = 0.f;
-      continue;
-    }
-    const double e = std::exp(w[i] - shift);
-    out[i] = static_cast<float>(e);
-    sum += e;
-  }
-  return sum;
+  return ExpWeightsTail(w, 0, count, shift, cut, out);
 }
 
 }  // namespace
