@@ -98,7 +98,8 @@ struct KernelTable {
   // Scans of a batched tile's scores (one state's row of count > 0 floats):
   // the largest v[i], or NaN when any v[i] is NaN.
   float (*max_value)(const float* v, int64_t count);
-  // Writes the i with v[i] >= t to idx in increasing order; returns how many.
+  // Writes the i with v[i] >= t to idx (count slots, any of which may be
+  // written) in increasing order; returns how many.
   int64_t (*indices_at_least)(const float* v, int64_t count, float t, int32_t* idx);
   // The nearest-pattern key k_i = double(v[i]) - 0.5 * double(sq_norms[i]):
   // when some k_i > *key, sets *key to the largest and *row to its first i.

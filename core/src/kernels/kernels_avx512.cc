@@ -579,8 +579,8 @@ void ActiveRowsOfGroups(const float* w, int64_t count, int64_t b, int32_t* lists
       for (int64_t s = 0; s < states; ++s) {
         any |= _mm512_cmp_ps_mask(_mm512_loadu_ps(w + (q + s) * count + r), zero, _CMP_NEQ_UQ);
       }
-      if (any != 0) {
-        _mm512_mask_compressstoreu_epi32(list + m, any, iv);
+      if (any != 0) {  // a full store: m <= r, so list + m + 16 stays in the group's list
+        _mm512_storeu_si512(list + m, _mm512_maskz_compress_epi32(any, iv));
         m += __builtin_popcount(any);
       }
       iv = _mm512_add_epi32(iv, step);
@@ -683,8 +683,8 @@ int64_t IndicesAtLeast(const float* v, int64_t count, float t, int32_t* idx) {
   int64_t found = 0, i = 0;
   for (; i + 16 <= count; i += 16) {
     const __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + i), tv, _CMP_GE_OQ);
-    if (m != 0) {
-      _mm512_mask_compressstoreu_epi32(idx + found, m, iv);
+    if (m != 0) {  // a full store (VPCOMPRESSD to memory is slow on Zen 4): found <= i
+      _mm512_storeu_si512(idx + found, _mm512_maskz_compress_epi32(m, iv));
       found += __builtin_popcount(m);
     }
     iv = _mm512_add_epi32(iv, step);
