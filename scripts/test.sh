@@ -6,7 +6,7 @@
 #          docker, emulation: the kernel test on emulated older CPUs).
 # Stage 2: the same tests built with AddressSanitizer + UBSan in build-asan
 #          (skip with ENGRAM_SKIP_SANITIZERS=1).
-# Stage 3: the concurrency stress test (label stress) under ThreadSanitizer in
+# Stage 3: the concurrency stress tests (label stress) under ThreadSanitizer in
 #          build-tsan (skipped with the sanitizers).
 # Stage 4: libFuzzer over MemoryService, built with clang in build-fuzz: the
 #          corpus and regression inputs replayed, then ENGRAM_FUZZ_SECONDS
@@ -30,10 +30,10 @@ if [[ "${ENGRAM_SKIP_SANITIZERS:-0}" != "1" ]]; then
 fi
 
 if [[ "${ENGRAM_SKIP_SANITIZERS:-0}" != "1" ]]; then
-  echo "== ThreadSanitizer: concurrency stress test"
+  echo "== ThreadSanitizer: concurrency stress tests"
   cmake -S . -B build-tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
         -DENGRAM_SANITIZER=thread >/dev/null
-  cmake --build build-tsan --target concurrency_test
+  cmake --build build-tsan --target concurrency_test parallel_test
   export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$PWD/tests/sanitizers/tsan.supp"
   (cd build-tsan && ctest --output-on-failure --timeout 900 -L stress)
 fi

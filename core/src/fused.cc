@@ -2,17 +2,16 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
-
-#define EIGEN_USE_THREADS
-#include <unsupported/Eigen/CXX11/ThreadPool>
 
 #include "engram/core/compute.h"
 #include "kernels/kernels.h"
@@ -24,25 +23,54 @@ extern "C" {
 namespace engram::core::internal {
 namespace {
 
-// Work below this many bytes of patterns runs on the caller's thread.
-constexpr int64_t kParallelBytes = int64_t{4} << 20;
+// Work below this many bytes of patterns runs on the caller's thread (a
+// pass over 512 KB takes ~5 us; handing chunks to a spinning worker, ~1).
+constexpr int64_t kParallelBytes = int64_t{512} << 10;
 // Block size target: the block is re-read from L2 by the weighted sum.
 constexpr int64_t kBlockBytes = int64_t{128} << 10;
 
-Eigen::ThreadPool& Pool() {
-  static Eigen::ThreadPool* pool = new Eigen::ThreadPool(std::max(1, ComputeThreads() - 1));
-  return *pool;
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
 }
 
-// Shared between the caller and the pool tasks of one ParallelRows call.
+// Spins (with pause) until `ready()` or `micros` have passed; returns
+// ready(). Waking a sleeping thread through the kernel costs tens of
+// microseconds, as long as a pass over a bank of a few MB, so the threads
+// of a pass wait for each other this long before they sleep.
+template <typename Ready>
+bool SpinFor(int micros, const Ready& ready) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(micros);
+  while (!ready()) {
+    for (int i = 0; i < 64; ++i) {
+      if (ready()) return true;
+      CpuRelax();
+    }
+    if (std::chrono::steady_clock::now() > until) return ready();
+  }
+  return true;
+}
+
+// How long a caller spins for the other threads' last chunks, and how long
+// an idle worker spins for the next pass before it sleeps. A retrieval's
+// passes follow each other within this time, so its workers stay awake.
+constexpr int kCallerSpinMicros = 50;
+constexpr int kWorkerSpinMicros = 200;
+
+// Shared between the caller and the workers of one ParallelRows call.
 struct Job {
   std::function<void(int, int64_t, int64_t)> fn;
   int64_t rows = 0;
   int chunks = 0;
   std::atomic<int> next{0};
+  std::atomic<int> done{0};
+  // The last chunk's notification, for a caller that stopped spinning.
   std::mutex mu;
   std::condition_variable cv;
-  int done = 0;  // guarded by mu
+
+  bool Claimed() const { return next.load(std::memory_order_relaxed) >= chunks; }
+  bool Finished() const { return done.load(std::memory_order_acquire) == chunks; }
 
   // Claims and runs chunks until none are left.
   void Drain() {
@@ -51,11 +79,88 @@ struct Job {
       if (c >= chunks) return;
       const int64_t begin = rows * c / chunks, end = rows * (c + 1) / chunks;
       fn(c, begin, end);
-      std::lock_guard<std::mutex> lock(mu);
-      if (++done == chunks) cv.notify_all();
+      if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == chunks) {
+        std::lock_guard<std::mutex> lock(mu);
+        cv.notify_all();
+      }
     }
   }
+
+  // Drains, then waits until every chunk (some run by other threads) is done.
+  void RunAndWait() {
+    Drain();
+    if (SpinFor(kCallerSpinMicros, [this] { return Finished(); })) return;
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [this] { return Finished(); });
+  }
 };
+
+// The compute threads besides the callers': each takes the oldest posted
+// job that still has chunks to claim. Callers drain their own jobs too, so
+// a job never waits for a worker (concurrent callers share the workers).
+class Team {
+ public:
+  explicit Team(int workers) {
+    for (int i = 0; i < workers; ++i) std::thread([this] { Work(); }).detach();
+  }
+
+  void Post(const std::shared_ptr<Job>& job) {
+    bool wake;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      jobs_.push_back(job);
+      posted_.fetch_add(1, std::memory_order_release);
+      wake = sleeping_ > 0;
+    }
+    if (wake) cv_.notify_all();
+  }
+
+  // Drops `job` (fully claimed) from the queue if no worker has yet.
+  void Retire(const Job* job) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = jobs_.begin(); it != jobs_.end(); ++it) {
+      if (it->get() == job) {
+        jobs_.erase(it);
+        return;
+      }
+    }
+  }
+
+ private:
+  void Work() {
+    while (true) {
+      std::shared_ptr<Job> job;
+      uint64_t seen;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        while (!jobs_.empty() && jobs_.front()->Claimed()) jobs_.pop_front();
+        if (!jobs_.empty()) job = jobs_.front();
+        seen = posted_.load(std::memory_order_relaxed);
+      }
+      if (job != nullptr) {
+        job->Drain();
+        continue;
+      }
+      auto posted = [&] { return posted_.load(std::memory_order_acquire) != seen; };
+      if (SpinFor(kWorkerSpinMicros, posted)) continue;
+      std::unique_lock<std::mutex> lock(mu_);
+      ++sleeping_;
+      cv_.wait(lock, posted);
+      --sleeping_;
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::shared_ptr<Job>> jobs_;  // guarded by mu_
+  std::atomic<uint64_t> posted_{0};        // written under mu_
+  int sleeping_ = 0;                       // guarded by mu_
+};
+
+Team& Workers() {
+  static Team* team = new Team(std::max(1, ComputeThreads() - 1));
+  return *team;
+}
 
 bool IsBipolar(const float* x, int n) {
   for (int i = 0; i < n; ++i) {
@@ -277,10 +382,9 @@ void ParallelRows(int64_t rows, int64_t cost_per_row,
   job->rows = rows;
   job->chunks = static_cast<int>(std::min<int64_t>(4 * threads, rows));
   *used_ranges = job->chunks;
-  for (int t = 1; t < threads; ++t) Pool().Schedule([job] { job->Drain(); });
-  job->Drain();
-  std::unique_lock<std::mutex> lock(job->mu);
-  job->cv.wait(lock, [&] { return job->done == job->chunks; });
+  Workers().Post(job);
+  job->RunAndWait();
+  Workers().Retire(job.get());
 }
 
 namespace {

@@ -18,7 +18,7 @@
 // are merged exactly by rescaling to the largest scale.
 //
 // Thread-safety: FusedPass is reentrant; the view must not change during the
-// call. It uses the shared ComputePool().
+// call. It uses the shared compute threads (ComputeThreads()).
 #ifndef ENGRAM_CORE_SRC_FUSED_H_
 #define ENGRAM_CORE_SRC_FUSED_H_
 
