@@ -35,19 +35,25 @@ inline void CpuRelax() {
 #endif
 }
 
-// Spins (with pause) until `ready()` or `micros` have passed; returns
+// Waits until `ready()` or `micros` have passed, without sleeping; returns
 // ready(). Waking a sleeping thread through the kernel costs tens of
 // microseconds, as long as a pass over a bank of a few MB, so the threads
-// of a pass wait for each other this long before they sleep.
+// of a pass wait for each other this long before they sleep. After the
+// first microseconds the wait yields the core at every check, so a thread
+// that has work there (OpenBLAS's, another pass's) runs instead.
 template <typename Ready>
 bool SpinFor(int micros, const Ready& ready) {
-  const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(micros);
+  const auto start = std::chrono::steady_clock::now();
+  const auto polite = start + std::chrono::microseconds(std::min(micros, 5));
+  const auto until = start + std::chrono::microseconds(micros);
   while (!ready()) {
-    for (int i = 0; i < 64; ++i) {
-      if (ready()) return true;
-      CpuRelax();
+    const auto now = std::chrono::steady_clock::now();
+    if (now > until) return ready();
+    if (now < polite) {
+      for (int i = 0; i < 64 && !ready(); ++i) CpuRelax();
+    } else {
+      std::this_thread::yield();
     }
-    if (std::chrono::steady_clock::now() > until) return ready();
   }
   return true;
 }
