@@ -229,6 +229,43 @@ void BM_RetrieveInProcess(benchmark::State& state) {
 }
 BENCHMARK(BM_RetrieveInProcess)->Unit(benchmark::kMicrosecond);
 
+// B queries retrieved together to convergence (RunSyncBatch), lse at
+// beta = 40 on unit-norm patterns, each query a pattern plus noise of norm
+// ~0.3 (as bench/compare.py): arg 0 = N, arg 1 = K, arg 2 = B.
+void BM_LseRetrieveBatch(benchmark::State& state) {
+  const int n = state.range(0), k = state.range(1), b = state.range(2);
+  std::mt19937_64 rng(4);
+  std::normal_distribution<float> g;
+  std::vector<float> data(static_cast<size_t>(n) * k);
+  for (int64_t r = 0; r < k; ++r) {
+    double sq = 0.0;
+    for (int i = 0; i < n; ++i) sq += std::pow(data[r * n + i] = g(rng), 2);
+    for (int i = 0; i < n; ++i) data[r * n + i] /= std::sqrt(sq);
+  }
+  core::Bank bank(core::BankSpec{"bench", n, core::StateKind::kContinuous, {},
+                                 core::Precision::kF32});
+  bank.Append(data, bank.AssignIds(k), {});
+  core::EnergyConfig cfg{.family = core::EnergyFamily::kLse, .beta = 40};
+  core::EnergyFunction energy(cfg, bank.view());
+  std::vector<float> q(static_cast<size_t>(b) * n);
+  for (int i = 0; i < b; ++i) {
+    const float* p = bank.pattern((i * 7919) % k);
+    for (int j = 0; j < n; ++j) q[int64_t{i} * n + j] = p[j] + g(rng) * 0.3f / std::sqrt(n);
+  }
+  core::RetrieveOptions o;
+  std::vector<core::BatchQuery> batch;
+  for (int i = 0; i < b; ++i) batch.push_back({absl::MakeConstSpan(q.data() + int64_t{i} * n, n), {}, &o});
+  int steps = 0;
+  for (auto _ : state) {
+    auto r = core::RunSyncBatch(energy, core::StateKind::kContinuous, batch);
+    steps = 0;
+    for (auto& t : r) steps = std::max(steps, t->steps);
+  }
+  state.counters["steps"] = steps;
+}
+BENCHMARK(BM_LseRetrieveBatch)->Args({4096, 1000, 256})->Args({784, 10000, 256})
+    ->Unit(benchmark::kMillisecond)->UseRealTime();
+
 void BM_AsyncSweepBipolar(benchmark::State& state) {
   const int n = state.range(0), k = state.range(1);
   core::Bank bank = RandomBank(n, k, core::StateKind::kBipolar, 4);

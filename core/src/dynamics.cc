@@ -57,6 +57,10 @@ bool AllFinite(const V& v) {
   return true;
 }
 
+bool AllFinite(const std::vector<float>& v) {
+  return internal::AllFinite(v.data(), static_cast<int64_t>(v.size()));
+}
+
 bool StopRequested(const RetrieveOptions& o) {
   return o.should_stop && o.should_stop();
 }
@@ -65,6 +69,10 @@ bool StopRequested(const RetrieveOptions& o) {
 // clamped coordinates held at the query) into `next`; returns |next - x|_inf.
 double SyncMove(StateKind kind, absl::Span<const float> query, absl::Span<const bool> clamp,
                 const float* x, const float* target, float* next) {
+  if (clamp.empty() && kind == StateKind::kContinuous) {  // next = target
+    std::copy(target, target + query.size(), next);
+    return internal::MaxAbsDiff(target, x, static_cast<int64_t>(query.size()));
+  }
   double delta = 0.0;
   for (size_t i = 0; i < query.size(); ++i) {
     float v;

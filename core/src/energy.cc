@@ -337,8 +337,7 @@ void EnergyFunction::FinishFused(const internal::FusedSums& sums, bool log_domai
                                  double* energy) const {
   const int n = patterns_.dim;
   const SimilarityKind sim = EffectiveSimilarity(config_);
-  double sq_x = 0.0;
-  for (int i = 0; i < n; ++i) sq_x += double{x[i]} * x[i];
+  const double sq_x = internal::SquaredNorm(x, n);
   const double beta = config_.beta;
   // lse(beta s) for the softmax families.
   const double lse = log_domain ? sums.log_scale + std::log(sums.wsum) : 0.0;

@@ -7,6 +7,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -375,6 +376,52 @@ int ComputeThreads() {
   return threads;
 }
 
+// Eight independent lanes in each: a chain of dependent double adds would
+// take 4 cycles a value.
+constexpr int kLoopLanes = 8;
+
+double SquaredNorm(const float* x, int64_t n) {
+  double s[kLoopLanes] = {};
+  int64_t i = 0;
+  for (; i + kLoopLanes <= n; i += kLoopLanes) {
+    for (int j = 0; j < kLoopLanes; ++j) s[j] += double{x[i + j]} * x[i + j];
+  }
+  for (; i < n; ++i) s[0] += double{x[i]} * x[i];
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+float MaxAbsDiff(const float* a, const float* b, int64_t n) {
+  float m[kLoopLanes] = {};
+  auto step = [&](int j, int64_t at) {
+    const float d = std::fabs(a[at] - b[at]);
+    m[j] = d > m[j] ? d : m[j];
+  };
+  int64_t i = 0;
+  for (; i + kLoopLanes <= n; i += kLoopLanes) {
+    for (int j = 0; j < kLoopLanes; ++j) step(j, i + j);
+  }
+  for (; i < n; ++i) step(0, i);
+  return *std::max_element(m, m + kLoopLanes);
+}
+
+bool AllFinite(const float* v, int64_t n) {
+  // An exponent field of all ones carries into bit 31 when 2^23 is added.
+  uint32_t carry[kLoopLanes] = {};
+  auto step = [&](int j, int64_t at) {
+    uint32_t bits;
+    std::memcpy(&bits, v + at, sizeof bits);
+    carry[j] |= (bits & 0x7f800000u) + 0x00800000u;
+  };
+  int64_t i = 0;
+  for (; i + kLoopLanes <= n; i += kLoopLanes) {
+    for (int j = 0; j < kLoopLanes; ++j) step(j, i + j);
+  }
+  for (; i < n; ++i) step(0, i);
+  uint32_t all = 0;
+  for (uint32_t c : carry) all |= c;
+  return (all & 0x80000000u) == 0;
+}
+
 void ParallelRows(int64_t rows, int64_t cost_per_row,
                   const std::function<void(int, int64_t, int64_t)>& fn, int* used_ranges) {
   const int threads = ComputeThreads();
@@ -402,8 +449,7 @@ bool ScreenedPass(const PatternView& view, SimilarityKind similarity, const floa
   const kernels::KernelTable& k = kernels::Kernels();
   const int n = view.dim;
   const int64_t rows = view.rows;
-  double sqx = 0.0;
-  for (int i = 0; i < n; ++i) sqx += double{x[i]} * x[i];
+  const double sqx = SquaredNorm(x, n);
   const double xnorm = std::sqrt(sqx) * (1.0 + 0x1p-40);
   const bool l2 = similarity == SimilarityKind::kNegHalfSqL2;
   // Similarity from a dot product (exact expression of FusedPass).
@@ -542,10 +588,8 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
   // Nearest-pattern keys use exactly Bank::Nearest's expression, so both
   // pick the same row; bf16 scores are not exact, so not there.
   const bool nearest = track_nearest && !use_bf16;
-  double sqx = 0.0;
-  if (similarity == SimilarityKind::kNegHalfSqL2 || nearest) {
-    for (int i = 0; i < n; ++i) sqx += double{x[i]} * x[i];
-  }
+  const double sqx =
+      similarity == SimilarityKind::kNegHalfSqL2 || nearest ? SquaredNorm(x, n) : 0.0;
   // bf16 blocks are 4x larger: the bf16 dot kernel splits the state once
   // per call (4096 values at N = 4096 against 16 rows of a 128 KB block),
   // and the block is still re-read from L2 by the weighted sum.
@@ -1229,10 +1273,7 @@ void FastSimilarities(const PatternView& view, SimilarityKind similarity, const 
                       double* s) {
   const kernels::KernelTable& k = kernels::Kernels();
   const int n = view.dim;
-  double sqx = 0.0;
-  if (similarity == SimilarityKind::kNegHalfSqL2) {
-    for (int i = 0; i < n; ++i) sqx += double{x[i]} * x[i];
-  }
+  const double sqx = similarity == SimilarityKind::kNegHalfSqL2 ? SquaredNorm(x, n) : 0.0;
   int used = 1;
   ParallelRows(view.rows, int64_t{n} * 4, [&](int, int64_t begin, int64_t end) {
     constexpr int64_t kChunk = 256;

@@ -155,6 +155,16 @@ void ParallelRows(int64_t rows, int64_t cost_per_row,
 // Threads used for one pass (ENGRAM_THREADS, default: hardware threads).
 int ComputeThreads();
 
+// Loops over a state's values without a branch or a chain of dependent
+// adds per value (a batch runs them over 256 states of 4 096 values):
+// |x|^2 accumulated in double;
+double SquaredNorm(const float* x, int64_t n);
+// max_i |a_i - b_i|, a NaN difference leaving the max as it was (as
+// std::max(m, NaN) = m), 0 when n = 0;
+float MaxAbsDiff(const float* a, const float* b, int64_t n);
+// whether every value is finite.
+bool AllFinite(const float* v, int64_t n);
+
 // ---- Separation rules -----------------------------------------------------
 
 // log-weights beta * s (softmax / exponential separation).

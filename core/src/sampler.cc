@@ -43,9 +43,7 @@ void Denoise(const PatternView& p, const EnergyConfig& energy, const float* x,
 }
 
 double Norm(const float* x, int n) {
-  double s = 0;
-  for (int i = 0; i < n; ++i) s += double{x[i]} * x[i];
-  return std::sqrt(s);
+  return Eigen::Map<const Eigen::VectorXf>(x, n).cast<double>().norm();
 }
 
 double Distance(const float* a, const float* b, int n) {

@@ -3,6 +3,8 @@
 // the two-pass reference implementations.
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
@@ -731,6 +733,44 @@ INSTANTIATE_TEST_SUITE_P(Families, FusedTest, ::testing::ValuesIn(FusedCases()),
 
 // The fused online log-sum-exp against a direct two-pass one, with scores so
 // spread that exp overflows without the running max.
+// The state loops without a branch per value against plain loops: every
+// length up to 40 and 4 096, specials placed at every position.
+TEST(StateLoops, MatchPlainLoopsWithSpecialsAnywhere) {
+  std::mt19937_64 rng(41);
+  const float specials[] = {NAN, INFINITY, -INFINITY, std::numeric_limits<float>::max(),
+                            -std::numeric_limits<float>::max(), 1e-40f, -0.f};
+  std::vector<int> lengths(41);
+  std::iota(lengths.begin(), lengths.end(), 0);
+  lengths.push_back(4096);
+  for (int n : lengths) {
+    std::vector<float> a = RandomGaussian(n, rng), b = RandomGaussian(n, rng);
+    long double sq = 0.0L;
+    for (float v : a) sq += static_cast<long double>(v) * v;
+    EXPECT_NEAR(internal::SquaredNorm(a.data(), n), static_cast<double>(sq), 1e-14 * (sq + 1))
+        << n;
+    auto plain_max = [&] {
+      double m = 0.0;
+      for (int i = 0; i < n; ++i) m = std::max(m, static_cast<double>(std::fabs(a[i] - b[i])));
+      return m;
+    };
+    EXPECT_EQ(internal::MaxAbsDiff(a.data(), b.data(), n), plain_max()) << n;
+    EXPECT_TRUE(internal::AllFinite(a.data(), n)) << n;
+    const int stride = n > 64 ? 509 : 1;
+    for (int at = 0; at < n; at += stride) {
+      for (float sp : specials) {
+        const float keep = a[at];
+        a[at] = sp;
+        const bool finite = std::all_of(a.begin(), a.end(), [](float v) { return std::isfinite(v); });
+        EXPECT_EQ(internal::AllFinite(a.data(), n), finite) << n << " at " << at << " " << sp;
+        const float got = internal::MaxAbsDiff(a.data(), b.data(), n);
+        const double want = plain_max();
+        EXPECT_TRUE(got == want || (std::isnan(got) && std::isnan(want))) << n << " " << sp;
+        a[at] = keep;
+      }
+    }
+  }
+}
+
 TEST(FusedPass, OnlineLogSumExpSurvivesHugeBetaAcrossThreads) {
   std::mt19937_64 rng(4);
   const int n = 64, k = 20000;  // 5 MB: split over threads
