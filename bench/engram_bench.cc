@@ -30,6 +30,22 @@ core::Bank RandomBank(int n, int k, core::StateKind kind, uint64_t seed) {
   return bank;
 }
 
+// K gaussian rows of dimension N scaled to unit norm, in an f32 continuous bank.
+core::Bank UnitNormBank(int n, int k, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> g;
+  std::vector<float> data(static_cast<size_t>(n) * k);
+  for (int64_t r = 0; r < k; ++r) {
+    double sq = 0.0;
+    for (int i = 0; i < n; ++i) sq += std::pow(data[r * n + i] = g(rng), 2);
+    for (int i = 0; i < n; ++i) data[r * n + i] /= std::sqrt(sq);
+  }
+  core::Bank bank(core::BankSpec{"bench", n, core::StateKind::kContinuous, {},
+                                 core::Precision::kF32});
+  bank.Append(data, bank.AssignIds(k), {});
+  return bank;
+}
+
 // One sync step of the lse energy (scores, softmax, weighted sum), one query.
 void BM_LseSyncStep(benchmark::State& state) {
   const int n = state.range(0), k = state.range(1);
@@ -87,20 +103,10 @@ BENCHMARK(BM_BipolarSyncStep)
 // two sgemms per tile and B * K exps between them.
 void BM_LseSyncStepBatch(benchmark::State& state) {
   const int n = state.range(0), k = state.range(1), b = state.range(2);
-  std::mt19937_64 rng(2);
-  std::normal_distribution<float> g;
-  std::vector<float> data(static_cast<size_t>(n) * k);
-  for (int64_t r = 0; r < k; ++r) {
-    double sq = 0.0;
-    for (int i = 0; i < n; ++i) sq += std::pow(data[r * n + i] = g(rng), 2);
-    for (int i = 0; i < n; ++i) data[r * n + i] /= std::sqrt(sq);
-  }
-  core::Bank bank(core::BankSpec{"bench", n, core::StateKind::kContinuous, {},
-                                 core::Precision::kF32});
-  bank.Append(data, bank.AssignIds(k), {});
+  core::Bank bank = UnitNormBank(n, k, 2);
   core::EnergyConfig cfg{.family = core::EnergyFamily::kLse, .beta = 20};
   core::EnergyFunction energy(cfg, bank.view());
-  std::vector<float> x(data.begin(), data.begin() + int64_t{b} * n), out(x.size());
+  std::vector<float> x(bank.pattern(0), bank.pattern(0) + int64_t{b} * n), out(x.size());
   std::vector<double> e(b);
   for (auto _ : state) {
     energy.UpdateTargetBatch(x.data(), b, out.data(), e.data());
@@ -234,17 +240,9 @@ BENCHMARK(BM_RetrieveInProcess)->Unit(benchmark::kMicrosecond);
 // ~0.3 (as bench/compare.py): arg 0 = N, arg 1 = K, arg 2 = B.
 void BM_LseRetrieveBatch(benchmark::State& state) {
   const int n = state.range(0), k = state.range(1), b = state.range(2);
-  std::mt19937_64 rng(4);
+  core::Bank bank = UnitNormBank(n, k, 4);
+  std::mt19937_64 rng(5);
   std::normal_distribution<float> g;
-  std::vector<float> data(static_cast<size_t>(n) * k);
-  for (int64_t r = 0; r < k; ++r) {
-    double sq = 0.0;
-    for (int i = 0; i < n; ++i) sq += std::pow(data[r * n + i] = g(rng), 2);
-    for (int i = 0; i < n; ++i) data[r * n + i] /= std::sqrt(sq);
-  }
-  core::Bank bank(core::BankSpec{"bench", n, core::StateKind::kContinuous, {},
-                                 core::Precision::kF32});
-  bank.Append(data, bank.AssignIds(k), {});
   core::EnergyConfig cfg{.family = core::EnergyFamily::kLse, .beta = 40};
   core::EnergyFunction energy(cfg, bank.view());
   std::vector<float> q(static_cast<size_t>(b) * n);
