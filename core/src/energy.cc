@@ -410,11 +410,16 @@ void EnergyFunction::UpdateTargetBatch(const float* x, int64_t b, float* targets
   internal::FusedPassBatch(patterns_, sim, x, b, *rule, targets, sums.data(),
                            nearest_rows != nullptr, nearest_rows);
   const bool log_domain = rule->domain() == internal::WeightDomain::kLog;
-  for (int64_t q = 0; q < b; ++q) {
-    if (nearest_rows != nullptr) nearest_rows[q] = sums[q].nearest_row;
-    FinishFused(sums[q], log_domain, x + q * n, targets != nullptr ? targets + q * n : nullptr,
-                nullptr, &energies[q]);
-  }
+  // Per state a few passes over its n values; both cores take states (the
+  // pass's threads are idle here).
+  int used = 1;
+  internal::ParallelRows(b, int64_t{n} * 12, [&](int, int64_t q_begin, int64_t q_end) {
+    for (int64_t q = q_begin; q < q_end; ++q) {
+      if (nearest_rows != nullptr) nearest_rows[q] = sums[q].nearest_row;
+      FinishFused(sums[q], log_domain, x + q * n, targets != nullptr ? targets + q * n : nullptr,
+                  nullptr, &energies[q]);
+    }
+  }, &used);
 }
 
 double EnergyFunction::Value(const float* x) const {
