@@ -25,7 +25,8 @@ namespace engram::core::internal {
 namespace {
 
 // Work below this many bytes of patterns runs on the caller's thread (a
-// pass over 512 KB takes ~5 us; handing chunks to a spinning worker, ~1).
+// pass over 512 KB takes ~5 us; a pass of no-op chunks shared with a
+// spinning worker, 0.2-0.6 us).
 constexpr int64_t kParallelBytes = int64_t{512} << 10;
 // Block size target: the block is re-read from L2 by the weighted sum.
 constexpr int64_t kBlockBytes = int64_t{128} << 10;
