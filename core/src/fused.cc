@@ -11,6 +11,8 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <sched.h>
+#include <unistd.h>
 #include <thread>
 #include <vector>
 
@@ -71,6 +73,7 @@ struct Job {
   std::function<void(int, int64_t, int64_t)> fn;
   int64_t rows = 0;
   int chunks = 0;
+  int caller_cpu = -1;  // the CPU the caller posted from
   std::atomic<int> next{0};
   std::atomic<int> done{0};
   // The last chunk's notification, for a caller that stopped spinning.
@@ -146,6 +149,7 @@ class Team {
         seen = posted_.load(std::memory_order_relaxed);
       }
       if (job != nullptr) {
+        LeaveCallersCpu(job->caller_cpu);
         job->Drain();
         continue;
       }
@@ -156,6 +160,20 @@ class Team {
       cv_.wait(lock, posted);
       --sleeping_;
     }
+  }
+
+  // A worker on the caller's CPU only takes turns with it while another CPU
+  // idles, and the scheduler can leave them so for 100 ms (a new process's
+  // caller and its first worker often start so). Such a worker moves
+  // itself: it may then run on any CPU the process may (the main thread's
+  // set) but the caller's.
+  static void LeaveCallersCpu(int caller_cpu) {
+    if (caller_cpu < 0 || sched_getcpu() != caller_cpu) return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(getpid(), sizeof(set), &set) != 0) return;
+    CPU_CLR(caller_cpu, &set);
+    if (CPU_COUNT(&set) > 0) sched_setaffinity(0, sizeof(set), &set);
   }
 
   std::mutex mu_;
@@ -371,6 +389,10 @@ int ComputeThreads() {
       const int t = std::atoi(env);
       if (t >= 1) return std::min(t, 256);
     }
+    // The CPUs this process may use (a container's cpuset), not the machine's.
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
     return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
   }();
   return threads;
@@ -435,6 +457,7 @@ void ParallelRows(int64_t rows, int64_t cost_per_row,
   job->rows = rows;
   job->chunks = static_cast<int>(std::min<int64_t>(4 * threads, rows));
   *used_ranges = job->chunks;
+  job->caller_cpu = sched_getcpu();
   Workers().Post(job);
   job->RunAndWait();
   Workers().Retire(job.get());

@@ -5,9 +5,13 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <filesystem>
 #include <mutex>
+#include <sched.h>
 #include <set>
+#include <string>
 #include <thread>
+#include <unistd.h>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -84,6 +88,51 @@ TEST_F(ParallelRowsTest, ConcurrentCallersEachGetEveryRowOnce) {
   }
   for (std::thread& t : callers) t.join();
   EXPECT_EQ(finished.load(), kCallers);
+}
+
+// Sets the CPUs every thread of this process but the main one may run on.
+void SetOtherThreadsAffinity(const cpu_set_t& set) {
+  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/task")) {
+    const pid_t tid = std::stoi(entry.path().filename().string());
+    if (tid != getpid()) sched_setaffinity(tid, sizeof(set), &set);
+  }
+}
+
+TEST_F(ParallelRowsTest, WorkersLeaveTheCallersCpu) {
+  cpu_set_t all;
+  CPU_ZERO(&all);
+  ASSERT_EQ(sched_getaffinity(0, sizeof(all), &all), 0);
+  if (CPU_COUNT(&all) < 2) GTEST_SKIP() << "one CPU: nowhere else to go";
+  int first = 0;
+  while (!CPU_ISSET(first, &all)) ++first;
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(first, &one);
+  RunJob(64);  // the workers exist
+  // The workers start on the caller's CPU, which the caller keeps: the
+  // chunks they take run elsewhere.
+  SetOtherThreadsAffinity(one);
+  int by_workers = 0, on_callers_cpu = 0;
+  std::thread caller([&] {
+    ASSERT_EQ(sched_setaffinity(0, sizeof(one), &one), 0);
+    const std::thread::id me = std::this_thread::get_id();
+    std::mutex mu;
+    for (int j = 0; j < 20; ++j) {
+      int used = 0;
+      ParallelRows(64, int64_t{1} << 20, [&](int, int64_t, int64_t) {
+        std::this_thread::sleep_for(std::chrono::microseconds(300));
+        const int cpu = sched_getcpu();
+        std::lock_guard<std::mutex> lock(mu);
+        if (std::this_thread::get_id() == me) return;
+        ++by_workers;
+        on_callers_cpu += cpu == first;
+      }, &used);
+    }
+  });
+  caller.join();
+  SetOtherThreadsAffinity(all);
+  EXPECT_GT(by_workers, 0);
+  EXPECT_EQ(on_callers_cpu, 0) << "of " << by_workers << " chunks run by workers";
 }
 
 }  // namespace
