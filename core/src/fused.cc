@@ -579,13 +579,9 @@ bool ScreenedPass(const PatternView& view, SimilarityKind similarity, const floa
   return true;
 }
 
-}  // namespace
-
-namespace {
-
-// A pass's per-block buffers, one set per thread, kept between passes (a
-// chunk that allocated and zeroed its own, ~55 KB on bits, spent ~7 % of a
-// 784 x 10^4 bit-packed step there). Every use writes a block's entries
+// A pass's per-block buffers, one set per thread, kept between passes:
+// allocating and zeroing them per chunk (~55 KB on bits) was ~8 % of a
+// 784 x 10^4 bit-packed step's samples. Every use writes a block's entries
 // before it reads them. A thread runs one chunk at a time, and no chunk
 // starts a pass of its own.
 struct BlockScratch {
