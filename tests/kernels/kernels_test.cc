@@ -7,6 +7,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <set>
 #include <vector>
 
 #include <gmock/gmock.h>
@@ -1357,6 +1358,52 @@ TEST(SyncBatch, ReportsBadQueriesInTheirSlotAndRunsTheRest) {
   EXPECT_TRUE(got[0].ok());
   EXPECT_EQ(got[1].status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(got[2].status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// A batch large enough that its per-state work (|x|^2 and hint rows before
+// the pass, the finite check and the move after it) is split over threads:
+// every query ends as it does alone, including one clamped, one stopped at
+// max_steps and one that diverges (NaN).
+TEST(SyncBatch, LargeBatchEndsAsEachQueryAlone) {
+  std::mt19937_64 rng(41);
+  const int n = 1024, k = 40, b = 72;
+  auto xi = RandomGaussian(int64_t{k} * n, rng, 1.f / std::sqrt(float(n)));
+  EnergyConfig cfg{.family = EnergyFamily::kLse, .beta = 20.0};
+  Bank bank(BankSpec{"b", n, StateKind::kContinuous, cfg, Precision::kF32});
+  bank.Append(xi, bank.AssignIds(k), {});
+  EnergyFunction energy(cfg, bank.view());
+  std::vector<std::vector<float>> qs = NoisyPatterns(xi, n, k, 1, 0.4f, rng);
+  for (int q = k; q < b; ++q) qs.push_back(RandomGaussian(n, rng, 1.f / std::sqrt(float(n))));
+  qs[7][100] = std::nanf("");
+  std::vector<RetrieveOptions> opts(b);
+  opts[3].max_steps = 1;
+  std::unique_ptr<bool[]> clamp_mem(new bool[n]);
+  for (int i = 0; i < n; ++i) clamp_mem[i] = i % 3 == 0;
+  std::vector<BatchQuery> batch;
+  for (int q = 0; q < b; ++q) {
+    absl::Span<const bool> cl;
+    if (q == 5) cl = absl::MakeConstSpan(clamp_mem.get(), n);
+    batch.push_back({qs[q], cl, &opts[q]});
+  }
+  auto got = RunSyncBatch(energy, StateKind::kContinuous, batch);
+  ASSERT_EQ(got.size(), static_cast<size_t>(b));
+  std::set<StopReason> reasons;
+  for (int q = 0; q < b; ++q) {
+    auto want = RunDynamics(energy, StateKind::kContinuous, qs[q], batch[q].clamp, opts[q]);
+    ASSERT_TRUE(want.ok() && got[q].ok()) << q;
+    reasons.insert(want->stop_reason);
+    EXPECT_EQ(got[q]->stop_reason, want->stop_reason) << q;
+    EXPECT_EQ(got[q]->steps, want->steps) << q;
+    if (want->stop_reason == StopReason::kDiverged) continue;
+    EXPECT_LT(RelInf(got[q]->state, want->state), 1e-4) << q;
+    EXPECT_NEAR(got[q]->energy_end, want->energy_end,
+                2e-5 * std::max(1.0, std::fabs(want->energy_end))) << q;
+    EXPECT_EQ(got[q]->nearest_row, want->nearest_row) << q;
+  }
+  EXPECT_EQ(got[7]->stop_reason, StopReason::kDiverged);
+  EXPECT_EQ(got[3]->stop_reason, StopReason::kMaxSteps);
+  EXPECT_TRUE(reasons.count(StopReason::kConverged));
+  for (int i = 0; i < n; i += 3) ASSERT_EQ(got[5]->state[i], qs[5][i]);
 }
 
 }  // namespace
