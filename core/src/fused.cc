@@ -399,13 +399,16 @@ int ComputeThreads() {
 }
 
 // Eight independent lanes in each: a chain of dependent double adds would
-// take 4 cycles a value.
+// take 4 cycles a value. The lane loops are unrolled so the lanes stay in
+// registers (rolled, GCC kept them on the stack: a store and a reload per
+// add, ~1.5 cycles a value).
 constexpr int kLoopLanes = 8;
 
 double SquaredNorm(const float* x, int64_t n) {
   double s[kLoopLanes] = {};
   int64_t i = 0;
   for (; i + kLoopLanes <= n; i += kLoopLanes) {
+#pragma GCC unroll 8
     for (int j = 0; j < kLoopLanes; ++j) s[j] += double{x[i + j]} * x[i + j];
   }
   for (; i < n; ++i) s[0] += double{x[i]} * x[i];
@@ -420,6 +423,7 @@ float MaxAbsDiff(const float* a, const float* b, int64_t n) {
   };
   int64_t i = 0;
   for (; i + kLoopLanes <= n; i += kLoopLanes) {
+#pragma GCC unroll 8
     for (int j = 0; j < kLoopLanes; ++j) step(j, i + j);
   }
   for (; i < n; ++i) step(0, i);
@@ -436,6 +440,7 @@ bool AllFinite(const float* v, int64_t n) {
   };
   int64_t i = 0;
   for (; i + kLoopLanes <= n; i += kLoopLanes) {
+#pragma GCC unroll 8
     for (int j = 0; j < kLoopLanes; ++j) step(j, i + j);
   }
   for (; i < n; ++i) step(0, i);
