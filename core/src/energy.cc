@@ -337,7 +337,8 @@ void EnergyFunction::FinishFused(const internal::FusedSums& sums, bool log_domai
                                  double* energy) const {
   const int n = patterns_.dim;
   const SimilarityKind sim = EffectiveSimilarity(config_);
-  const double sq_x = internal::SquaredNorm(x, n);
+  // The pass's |x|^2 when it computed one (the same function, so the same value).
+  const double sq_x = std::isnan(sums.sq_x) ? internal::SquaredNorm(x, n) : sums.sq_x;
   const double beta = config_.beta;
   // lse(beta s) for the softmax families.
   const double lse = log_domain ? sums.log_scale + std::log(sums.wsum) : 0.0;

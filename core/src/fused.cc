@@ -581,6 +581,7 @@ bool ScreenedPass(const PatternView& view, SimilarityKind similarity, const floa
   out->hsum = 0.0;
   out->energy_terms = 0.0;
   out->x_bipolar = false;
+  out->sq_x = sqx;
   return true;
 }
 
@@ -644,6 +645,7 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
   const bool nearest = track_nearest && !use_bf16;
   const double sqx =
       similarity == SimilarityKind::kNegHalfSqL2 || nearest ? SquaredNorm(x, n) : 0.0;
+  if (similarity == SimilarityKind::kNegHalfSqL2 || nearest) out.sq_x = sqx;
   // bf16 blocks are 4x larger: the bf16 dot kernel splits the state once
   // per call (4096 values at N = 4096 against 16 rows of a 128 KB block),
   // and the block is still re-read from L2 by the weighted sum.
@@ -1224,7 +1226,10 @@ void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const fl
     for (int64_t q = q_begin; q < q_end; ++q) {
       sums[q] = FusedSums{};
       const float* xq = x + q * n;
-      if (similarity == SimilarityKind::kNegHalfSqL2 || track_nearest) sqx[q] = SquaredNorm(xq, n);
+      if (similarity == SimilarityKind::kNegHalfSqL2 || track_nearest) {
+        sqx[q] = SquaredNorm(xq, n);
+        sums[q].sq_x = sqx[q];
+      }
       const int64_t hint = hint_rows != nullptr ? hint_rows[q] : -1;
       if (log_domain && hint >= 0 && hint < rows) {
         float dot;

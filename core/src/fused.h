@@ -22,6 +22,7 @@
 #ifndef ENGRAM_CORE_SRC_FUSED_H_
 #define ENGRAM_CORE_SRC_FUSED_H_
 
+#include <cmath>
 #include <cstdint>
 #include <functional>
 
@@ -72,6 +73,8 @@ struct FusedSums {
   // exactly (bf16 rows, or rows == 0).
   int64_t nearest_row = -1;
   double nearest_key = -INFINITY;
+  // |x|^2 (SquaredNorm) when the pass computed it, NaN otherwise.
+  double sq_x = NAN;
 };
 
 // Rows whose weight is below this fraction of the largest weight, divided
@@ -152,7 +155,8 @@ void FastSimilarities(const PatternView& view, SimilarityKind similarity, const 
 void ParallelRows(int64_t rows, int64_t cost_per_row,
                   const std::function<void(int, int64_t, int64_t)>& fn, int* used_ranges);
 
-// Threads used for one pass (ENGRAM_THREADS, default: hardware threads).
+// Threads used for one pass (ENGRAM_THREADS, default: the CPUs this process
+// may run on).
 int ComputeThreads();
 
 // Loops over a state's values without a branch or a chain of dependent
