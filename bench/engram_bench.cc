@@ -30,8 +30,9 @@ core::Bank RandomBank(int n, int k, core::StateKind kind, uint64_t seed) {
   return bank;
 }
 
-// K gaussian rows of dimension N scaled to unit norm, in an f32 continuous bank.
-core::Bank UnitNormBank(int n, int k, uint64_t seed) {
+// K gaussian rows of dimension N scaled to unit norm, in a continuous bank.
+core::Bank UnitNormBank(int n, int k, uint64_t seed,
+                        core::Precision precision = core::Precision::kF32) {
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> g;
   std::vector<float> data(static_cast<size_t>(n) * k);
@@ -40,8 +41,7 @@ core::Bank UnitNormBank(int n, int k, uint64_t seed) {
     for (int i = 0; i < n; ++i) sq += std::pow(data[r * n + i] = g(rng), 2);
     for (int i = 0; i < n; ++i) data[r * n + i] /= std::sqrt(sq);
   }
-  core::Bank bank(core::BankSpec{"bench", n, core::StateKind::kContinuous, {},
-                                 core::Precision::kF32});
+  core::Bank bank(core::BankSpec{"bench", n, core::StateKind::kContinuous, {}, precision});
   bank.Append(data, bank.AssignIds(k), {});
   return bank;
 }
@@ -59,6 +59,30 @@ void BM_LseSyncStep(benchmark::State& state) {
   state.SetBytesProcessed(state.iterations() * int64_t{n} * k * 4);
 }
 BENCHMARK(BM_LseSyncStep)->Args({784, 10000})->Args({784, 1000})->Args({4096, 10000})
+    ->Unit(benchmark::kMicrosecond)->UseRealTime();
+
+// One sharp lse step (beta = 40) from a pattern plus noise of norm ~0.3 on
+// unit-norm rows, on an f32 bank (arg 2 = 0) and a screened one (1): the
+// screened pass reads the int8 screen and the f32 rows of the few winners.
+void BM_SharpLseStep(benchmark::State& state) {
+  const int n = state.range(0), k = state.range(1);
+  const bool screened = state.range(2) != 0;
+  core::Bank bank = UnitNormBank(n, k, 6, screened ? core::Precision::kF32Screened
+                                                  : core::Precision::kF32);
+  std::mt19937_64 rng(7);
+  std::normal_distribution<float> g;
+  core::EnergyConfig cfg{.family = core::EnergyFamily::kLse, .beta = 40};
+  core::EnergyFunction energy(cfg, bank.view());
+  std::vector<float> x(bank.pattern(k / 2), bank.pattern(k / 2) + n), out(n);
+  for (auto& v : x) v += g(rng) * 0.3f / std::sqrt(n);
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(energy.UpdateTarget(x.data(), out.data()));
+  }
+  state.SetBytesProcessed(state.iterations() * int64_t{n} * k * 4);
+  state.SetLabel(screened ? "f32_screened" : "f32");
+}
+BENCHMARK(BM_SharpLseStep)->ArgsProduct({{784}, {10000, 100000}, {0, 1}})
+    ->Args({4096, 1000, 0})->Args({4096, 1000, 1})
     ->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 // One sync step on a bipolar bank (the Krotov-Hopfield drive, then the
@@ -126,7 +150,8 @@ BENCHMARK(BM_LseSyncStepBatch)->Args({784, 10000, 32})->Args({784, 10000, 256})
 // weights over their power of two (d / 2 for the overlap d of a random row
 // with a random state), all rows in one call.
 enum KernelOp {
-  kDot, kAxpy, kDotBf16, kAxpyBf16, kDotBits, kAxpyBits, kDotMulti, kAxpyMulti, kAxpyBitsI16
+  kDot, kAxpy, kDotBf16, kAxpyBf16, kDotI8, kDotBits, kAxpyBits, kDotMulti, kAxpyMulti,
+  kAxpyBitsI16
 };
 constexpr int64_t kMultiStates = 32;
 
@@ -160,6 +185,13 @@ void BM_Kernel(benchmark::State& state) {
     v = static_cast<int16_t>((n - 2 * ones) / 2);
   }
   std::vector<int32_t> iacc(n);
+  std::vector<int8_t> q(f.size()), xq(n);
+  std::vector<int32_t> qsums(rows, 0), qout(rows);
+  core::kernels::QuantizeToInt8(x.data(), n, xq.data());
+  for (int64_t r = 0; r < rows; ++r) {
+    core::kernels::QuantizeToInt8(f.data() + r * n, n, q.data() + r * n);
+    for (int i = 0; i < n; ++i) qsums[r] += q[r * n + i];
+  }
   int64_t bytes = 0;
   for (auto _ : state) {
     switch (op) {
@@ -167,6 +199,10 @@ void BM_Kernel(benchmark::State& state) {
       case kAxpy: k->axpy_rows(f.data(), rows, n, w.data(), out.data()); bytes = rows * n * 4; break;
       case kDotBf16: k->dot_rows_bf16(h.data(), rows, n, x.data(), out.data()); bytes = rows * n * 2; break;
       case kAxpyBf16: k->axpy_rows_bf16(h.data(), rows, n, w.data(), out.data()); bytes = rows * n * 2; break;
+      case kDotI8:
+        k->dot_rows_i8(q.data(), rows, n, xq.data(), qsums.data(), qout.data());
+        bytes = rows * n;
+        break;
       case kDotBits: k->dot_rows_bits(bits.data(), rows, n, xb.data(), out.data()); bytes = rows * words * 8; break;
       case kAxpyBits: k->axpy_rows_bits(bits.data(), rows, n, w.data(), out.data()); bytes = rows * words * 8; break;
       case kAxpyBitsI16:
@@ -187,6 +223,7 @@ void BM_Kernel(benchmark::State& state) {
         break;
     }
     benchmark::DoNotOptimize(out.data());
+    benchmark::DoNotOptimize(qout.data());
   }
   state.SetBytesProcessed(state.iterations() * bytes);
   state.SetLabel(core::kernels::SimdLevelName(level));
@@ -204,6 +241,7 @@ BENCHMARK(BM_Kernel<kDot>)->Apply(KernelArgs)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Kernel<kAxpy>)->Apply(KernelArgs)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Kernel<kDotBf16>)->Apply(KernelArgs)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Kernel<kAxpyBf16>)->Apply(KernelArgs)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Kernel<kDotI8>)->Apply(KernelArgs)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Kernel<kDotBits>)->Apply(KernelArgs)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Kernel<kAxpyBits>)->Apply(KernelArgs)->Unit(benchmark::kMicrosecond);
 // Also the fused pass's block at N = 784 (1024 rows) and 4096 (256 rows).

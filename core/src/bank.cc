@@ -55,7 +55,9 @@ Bank::Bank(BankSpec spec, uint64_t next_id)
 uint64_t Bank::bytes() const {
   uint64_t b = data_.size() * sizeof(float) + sq_norms_.size() * sizeof(float) +
                ids_.size() * sizeof(uint64_t) + bf16_.size() * sizeof(uint16_t) +
-               screen_err_.size() * sizeof(float) + bits_.size() * sizeof(uint64_t);
+               screen_.size() + screen_rows_.size() * sizeof(ScreenRow) +
+               screen_sums_.size() * sizeof(int32_t) +
+               bits_.size() * sizeof(uint64_t);
   for (const auto& p : payloads_) b += p.size();
   return b;
 }
@@ -64,9 +66,10 @@ PatternView Bank::view() const {
   PatternView v{data_.data(), sq_norms_.data(), size(), dim()};
   if (spec_.precision == Precision::kBf16) v.bf16 = bf16_.data();
   if (spec_.precision == Precision::kBitPacked) v.bits = bits_.data();
-  if (spec_.precision == Precision::kF32Screened) {
-    v.screen = bf16_.data();
-    v.screen_err = screen_err_.data();
+  if (spec_.precision == Precision::kF32Screened && dim() <= kMaxScreenDim) {
+    v.screen = screen_.data();
+    v.screen_rows = screen_rows_.data();
+    v.screen_sums = screen_sums_.data();
   }
   return v;
 }
@@ -196,7 +199,9 @@ void Bank::Remove(absl::Span<const uint64_t> ids) {
   ids_.resize(out);
   payloads_.resize(out);
   bf16_.clear();
-  screen_err_.clear();
+  screen_.clear();
+  screen_rows_.clear();
+  screen_sums_.clear();
   bits_.clear();
   PackRows(data_);
   RebuildIndex();
@@ -207,31 +212,36 @@ void Bank::PackRows(absl::Span<const float> data) {
   if (spec_.precision == Precision::kBf16) {
     bf16_.reserve(bf16_.size() + data.size());
     for (float v : data) bf16_.push_back(kernels::FloatToBf16(v));
-  } else if (spec_.precision == Precision::kF32Screened) {
-    // The bf16 dot kernels sum in f32 with at most n/4 + 8 sequential
-    // roundings per lane and reduction (4 lanes at the scalar level, 8 or 16
-    // wider), so their error is below (n/4 + 8) 2^-24 sum |a_i b_i|, at most
-    // that times |xi~| |x|; the VDPBF16PS kernel's split of the state into
-    // two bf16 parts adds 2^-16 |xi~| |x| and its flush of subnormal inputs
-    // less than 2^-100 (1 + |xi~|) |x| (kernels_avx512_bf16.cc); the
-    // rounding of the row adds |xi - xi~| |x|. All bounded per row, rounded
-    // up.
+  } else if (spec_.precision == Precision::kF32Screened && n <= kMaxScreenDim) {
+    // The f32 dot kernels sum with at most n/4 + 8 sequential roundings per
+    // lane and reduction, so they are within (n/4 + 8) 2^-24 |xi| |x| of the
+    // exact dot product; the screen adds |xi - xi~| |x| + |xi~| |x - x~|
+    // (ScreenRow). The bounds are computed in double and rounded up.
     const size_t k = data.size() / n;
-    const double acc_rel = (n / 4.0 + 8.0) * 0x1p-24 + 0x1p-16 + 0x1p-100;
-    bf16_.reserve(bf16_.size() + data.size());
-    screen_err_.reserve(screen_err_.size() + k);
-    for (size_t r = 0; r < k; ++r) {
-      double d2 = 0.0, q2 = 0.0;
+    const double acc_rel = (n / 4.0 + 8.0) * 0x1p-24;
+    size_t at = screen_.size();
+    screen_.resize(at + data.size());
+    screen_rows_.reserve(screen_rows_.size() + k);
+    screen_sums_.reserve(screen_sums_.size() + k);
+    for (size_t r = 0; r < k; ++r, at += n) {
+      const float* v = data.data() + r * n;
+      int8_t* q = screen_.data() + at;
+      ScreenRow row;
+      row.scale = kernels::QuantizeToInt8(v, n, q);
+      int32_t sum = 0;
+      double d2 = 0.0, q2 = 0.0, v2 = 0.0;
       for (int i = 0; i < n; ++i) {
-        const float v = data[r * n + i];
-        const uint16_t h = kernels::FloatToBf16(v);
-        bf16_.push_back(h);
-        const double q = kernels::Bf16ToFloat(h);
-        d2 += (double{v} - q) * (double{v} - q);
-        q2 += q * q;
+        const double t = double{row.scale} * q[i];
+        d2 += (double{v[i]} - t) * (double{v[i]} - t);
+        q2 += t * t;
+        v2 += double{v[i]} * v[i];
+        sum += q[i];
       }
-      const double bound = std::sqrt(d2) + acc_rel * std::sqrt(q2) + 0x1p-100;
-      screen_err_.push_back(static_cast<float>(bound * (1.0 + 0x1p-20)));
+      const double up = 1.0 + 0x1p-20;
+      row.err = static_cast<float>((std::sqrt(d2) + acc_rel * std::sqrt(v2)) * up + 0x1p-100);
+      row.norm = static_cast<float>(std::sqrt(q2) * up + 0x1p-100);
+      screen_rows_.push_back(row);
+      screen_sums_.push_back(sum);
     }
   } else if (spec_.precision == Precision::kBitPacked) {
     const int words = kernels::BitWords(n);

@@ -478,28 +478,59 @@ bool ScreenedPass(const PatternView& view, SimilarityKind similarity, const floa
   const int n = view.dim;
   const int64_t rows = view.rows;
   const double sqx = SquaredNorm(x, n);
-  const double xnorm = std::sqrt(sqx) * (1.0 + 0x1p-40);
+  if (!std::isfinite(sqx)) return false;
+  // The state as int8 (x~ = t u) and the two norms of the screen's bound
+  // (ScreenRow), rounded up.
+  std::vector<int8_t> xq(n);
+  const double t = kernels::QuantizeToInt8(x, n, xq.data());
+  double dx2_lanes[kLoopLanes] = {};
+  int i = 0;
+  for (; i + kLoopLanes <= n; i += kLoopLanes) {
+#pragma GCC unroll 8
+    for (int j = 0; j < kLoopLanes; ++j) {
+      const double d = double{x[i + j]} - t * xq[i + j];
+      dx2_lanes[j] += d * d;
+    }
+  }
+  for (; i < n; ++i) dx2_lanes[0] += (double{x[i]} - t * xq[i]) * (double{x[i]} - t * xq[i]);
+  double dx2 = 0.0;
+  for (double d : dx2_lanes) dx2 += d;
+  const double up = 1.0 + 0x1p-30;  // covers the double sums' rounding (n <= 2^17)
+  const double xnorm = std::sqrt(sqx) * up;
+  // The product scale t D (exact D, two floats) rounds by at most
+  // 2^-52 |xi~| |x~| <= 2^-40 norm (|x| + |x - x~|).
+  const double dxnorm = (std::sqrt(dx2) * up) * (1.0 + 0x1p-40) + 0x1p-40 * xnorm;
   const bool l2 = similarity == SimilarityKind::kNegHalfSqL2;
   // Similarity from a dot product (exact expression of FusedPass).
   auto sim = [&](double dot, int64_t r) {
     return l2 ? dot - 0.5 * view.sq_norms[r] - 0.5 * sqx : dot;
   };
-  std::vector<float> sc(rows);
+  // Row r's screened dot product from its int8 dot D, and the bound on its
+  // distance to the f32 pass's dot product.
+  auto screened = [&](int64_t r, int32_t d) {
+    const ScreenRow& sr = view.screen_rows[r];
+    return std::pair{double{sr.scale} * t * d, double{sr.err} * xnorm + double{sr.norm} * dxnorm};
+  };
+  // The int8 dots, in a buffer of the calling thread kept between passes
+  // (a fresh one per pass was ~2 % of a step in page faults).
+  thread_local std::vector<int32_t> dot_buffer;
+  if (dot_buffer.size() < static_cast<size_t>(rows)) dot_buffer.resize(rows);
+  int32_t* const dots = dot_buffer.data();
   // Phase 1: screened dots, and per range the largest lower bound of a
   // log-weight and of a nearest key (x.xi - |xi|^2 / 2).
   const int parts = static_cast<int>(std::min<int64_t>(4 * ComputeThreads(), std::max<int64_t>(rows, 1)));
   std::vector<double> w_lo(parts, -INFINITY), key_lo(parts, -INFINITY);
   constexpr int64_t kChunk = 1024;
   int used = 1;
-  ParallelRows(rows, int64_t{n} * 2, [&](int part, int64_t begin, int64_t end) {
+  ParallelRows(rows, int64_t{n}, [&](int part, int64_t begin, int64_t end) {
     double wl = -INFINITY, kl = -INFINITY;
     for (int64_t b = begin; b < end; b += kChunk) {
       const int64_t count = std::min(kChunk, end - b);
-      k.dot_rows_bf16(view.screen + b * n, count, n, x, sc.data() + b);
+      k.dot_rows_i8(view.screen + b * n, count, n, xq.data(), view.screen_sums + b, &dots[b]);
       for (int64_t r = b; r < b + count; ++r) {
-        const double lo = double{sc[r]} - double{view.screen_err[r]} * xnorm;
-        wl = std::max(wl, beta * sim(lo, r));
-        kl = std::max(kl, lo - 0.5 * view.sq_norms[r]);
+        const auto [s, e] = screened(r, dots[r]);
+        wl = std::max(wl, beta * sim(s - e, r));
+        kl = std::max(kl, s - e - 0.5 * view.sq_norms[r]);
       }
     }
     w_lo[part] = wl;
@@ -524,18 +555,24 @@ bool ScreenedPass(const PatternView& view, SimilarityKind similarity, const floa
   ParallelRows(rows, 64, [&](int part, int64_t begin, int64_t end) {
     std::vector<int64_t>& mine = found[part];
     double sum = 0.0;
-    for (int64_t r = begin; r < end; ++r) {
-      const double e = double{view.screen_err[r]} * xnorm;
-      const double hi = double{sc[r]} + e;
-      const double w_hi = beta * sim(hi, r);
-      if (w_hi >= wl + log_negligible ||
-          (track_nearest && hi - 0.5 * view.sq_norms[r] >= kl)) {
-        mine.push_back(r);
-        if (total.fetch_add(1, std::memory_order_relaxed) >= max_candidates) return;
-        continue;
+    double w[kChunk];
+    float unused[kChunk];
+    for (int64_t b = begin; b < end; b += kChunk) {
+      const int64_t count = std::min(kChunk, end - b);
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t r = b + i;
+        const auto [sr, e] = screened(r, dots[r]);
+        const double hi = sr + e;
+        if (beta * sim(hi, r) >= wl + log_negligible ||
+            (track_nearest && hi - 0.5 * view.sq_norms[r] >= kl)) {
+          mine.push_back(r);
+          if (total.fetch_add(1, std::memory_order_relaxed) >= max_candidates) return;
+          w[i] = -INFINITY;  // a candidate: weighed from its f32 row
+          continue;
+        }
+        w[i] = beta * sim(sr, r) - wl;
       }
-      const double w = beta * sim(double{sc[r]}, r) - wl;
-      if (w >= -50.0) sum += std::exp(w);
+      sum += k.exp_weights(w, count, 0.0, -50.0, unused);
     }
     rest[part] = sum;
   }, &used);

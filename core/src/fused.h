@@ -93,7 +93,7 @@ inline constexpr double kNegligibleWeightMass = 0x1p-24;
 // for a bipolar state).
 //
 // On a screened view (PatternView::screen) a softmax pass first scores every
-// row on the bf16 screen, bounds each row's log-weight from the screen's
+// row on the int8 screen, bounds each row's log-weight from the screen's
 // error bound, and reads the f32 rows of only the rows that can reach
 // kNegligibleWeightMass / K of the largest weight or be the nearest pattern:
 // their scores, weights, weighted sum and nearest row are exactly those of

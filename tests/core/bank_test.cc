@@ -1,5 +1,6 @@
 #include "engram/core/bank.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -113,8 +114,8 @@ TEST(Bank, AssignsFreshIdsAndRemovesInOrder) {
   EXPECT_EQ(bank.AssignIds(1), (std::vector<uint64_t>{7}));
 }
 
-// A screened bank keeps a bf16 copy and per-row error bounds that stay in
-// step with its rows through removals; its bytes count them.
+// A screened bank keeps an int8 copy and per-row scales, bounds and sums
+// that stay in step with its rows through removals; its bytes count them.
 TEST(Bank, ScreenedBankKeepsItsScreenInStepWithTheRows) {
   const int n = 5;
   Bank plain = Continuous(n);
@@ -122,29 +123,38 @@ TEST(Bank, ScreenedBankKeepsItsScreenInStepWithTheRows) {
   std::mt19937_64 rng(4);
   const auto data = RandomGaussian(4 * n, rng);
   for (Bank* b : {&plain, &screened}) b->Append(data, b->AssignIds(4), {});
-  EXPECT_EQ(screened.bytes(), plain.bytes() + 4 * n * 2 + 4 * 4);
+  EXPECT_EQ(screened.bytes(), plain.bytes() + 4 * n + 4 * (3 * 4 + 4));
   EXPECT_EQ(plain.view().screen, nullptr);
   const std::vector<uint64_t> drop = {2};
   screened.Remove(drop);
   const PatternView v = screened.view();
   ASSERT_NE(v.screen, nullptr);
-  ASSERT_NE(v.screen_err, nullptr);
+  ASSERT_NE(v.screen_rows, nullptr);
+  ASSERT_NE(v.screen_sums, nullptr);
   EXPECT_EQ(v.bf16, nullptr);  // results come from the f32 rows
   ASSERT_EQ(v.rows, 3);
   for (int64_t r = 0; r < v.rows; ++r) {
-    double d2 = 0.0;
+    double m = 0.0, sq = 0.0;
     for (int i = 0; i < n; ++i) {
-      const float f = v.data[r * n + i];
-      // bf16: the upper 16 bits of the f32 value rounded to nearest even.
-      uint32_t bits;
-      std::memcpy(&bits, &f, 4);
-      const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
-      EXPECT_EQ(uint32_t{v.screen[r * n + i]} << 16, rounded);
-      float h;
-      std::memcpy(&h, &rounded, 4);
-      d2 += (double{f} - h) * (double{f} - h);
+      m = std::max(m, std::fabs(double{v.data[r * n + i]}));
+      sq += double{v.data[r * n + i]} * v.data[r * n + i];
     }
-    EXPECT_GE(v.screen_err[r], std::sqrt(d2)) << r;
+    const ScreenRow& sr = v.screen_rows[r];
+    EXPECT_NEAR(sr.scale, m / 127.0, 1e-6 * m) << r;
+    double d2 = 0.0, q2 = 0.0;
+    int32_t sum = 0;
+    for (int i = 0; i < n; ++i) {
+      const int q = v.screen[r * n + i];
+      EXPECT_EQ(q, static_cast<int>(std::nearbyint(v.data[r * n + i] / sr.scale))) << r << " " << i;
+      const double t = double{sr.scale} * q;
+      d2 += (v.data[r * n + i] - t) * (v.data[r * n + i] - t);
+      q2 += t * t;
+      sum += q;
+    }
+    EXPECT_EQ(v.screen_sums[r], sum) << r;
+    EXPECT_GE(sr.err, std::sqrt(d2) + (n / 4.0 + 8.0) * 0x1p-24 * std::sqrt(sq)) << r;
+    EXPECT_LE(sr.err, 2.0 * std::sqrt(d2) + 1e-6) << r;
+    EXPECT_GE(sr.norm, std::sqrt(q2)) << r;
   }
 }
 

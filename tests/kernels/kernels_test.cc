@@ -451,6 +451,75 @@ TEST(Kernels, IntegerBitWeightedSumIsExactOverTheInt16Range) {
   EXPECT_GE(levels, 1);  // the scalar level always has it
 }
 
+// The int8 dot products are exact integers at every level: random values,
+// rows and states at the extremes (+-127, where the VNNI form's unsigned
+// bytes reach 255), and a dimension at the int32 limit of kMaxScreenDim.
+TEST(Kernels, Int8DotsAreExact) {
+  std::mt19937_64 rng(5);
+  auto check = [&](const std::vector<int8_t>& rows, int count, int n, const std::vector<int8_t>& x) {
+    std::vector<int32_t> sums(count, 0);
+    std::vector<int64_t> want(count, 0);
+    for (int r = 0; r < count; ++r) {
+      for (int i = 0; i < n; ++i) {
+        sums[r] += rows[int64_t{r} * n + i];
+        want[r] += int64_t{rows[int64_t{r} * n + i]} * x[i];
+      }
+    }
+    for (const KernelTable* k : Levels()) {
+      std::vector<int32_t> got(count + 1, 12345);
+      k->dot_rows_i8(rows.data(), count, n, x.data(), sums.data(), got.data());
+      for (int r = 0; r < count; ++r) {
+        ASSERT_EQ(got[r], want[r]) << kernels::SimdLevelName(k->level) << " n=" << n << " r=" << r;
+      }
+      EXPECT_EQ(got[count], 12345);  // nothing past the last row
+    }
+  };
+  auto random_i8 = [&](int64_t m) {
+    std::vector<int8_t> v(m);
+    for (auto& c : v) c = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
+    return v;
+  };
+  for (int n : {1, 7, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 127, 128, 129, 784, 1000, 4096}) {
+    for (int count : kCounts) {
+      check(random_i8(int64_t{count} * n), count, n, random_i8(n));
+      // Extremes: +-127 everywhere, signs mixed and aligned.
+      std::vector<int8_t> rows(int64_t{count} * n), x(n);
+      for (int64_t i = 0; i < int64_t{count} * n; ++i) rows[i] = (i % 3 == 0) ? -127 : 127;
+      for (int i = 0; i < n; ++i) x[i] = (i % 2 == 0) ? -127 : 127;
+      check(rows, count, n, x);
+    }
+  }
+  const int n = kMaxScreenDim;
+  std::vector<int8_t> rows(int64_t{5} * n, 127), x(n, 127);
+  for (int i = 0; i < n; ++i) rows[int64_t{1} * n + i] = -127;  // row 1: the most negative
+  for (int64_t i = 2 * int64_t{n}; i < 5 * int64_t{n}; ++i) rows[i] = (i & 1) ? 127 : -127;
+  check(rows, 5, n, x);
+}
+
+// QuantizeToInt8: q = round(v / s), s = max |v| / 127, against a direct
+// computation; the largest |v| maps to +-127; zero maps to zero.
+TEST(Kernels, QuantizeToInt8RoundsToTheScale) {
+  std::mt19937_64 rng(6);
+  for (int n : {1, 5, 64, 785}) {
+    auto v = RandomGaussian(n, rng, 2.f);
+    std::vector<int8_t> q(n);
+    const float s = kernels::QuantizeToInt8(v.data(), n, q.data());
+    double m = 0.0;
+    for (float c : v) m = std::max(m, std::fabs(double{c}));
+    EXPECT_NEAR(s, m / 127.0, 1e-6 * m);
+    bool extreme = false;
+    for (int i = 0; i < n; ++i) {
+      EXPECT_LE(std::fabs(double{v[i]} - double{s} * q[i]), 0.5 * s * (1 + 1e-5)) << i;
+      extreme |= std::abs(q[i]) == 127;
+    }
+    EXPECT_TRUE(extreme);
+  }
+  std::vector<float> zero(9, 0.f);
+  std::vector<int8_t> q(9, 1);
+  EXPECT_EQ(kernels::QuantizeToInt8(zero.data(), 9, q.data()), 0.f);
+  for (int8_t c : q) EXPECT_EQ(c, 0);
+}
+
 TEST(Kernels, BitKernelsAreExact) {
   std::mt19937_64 rng(3);
   for (const KernelTable* k : Levels()) {
@@ -1108,9 +1177,12 @@ std::vector<float> UnitRows(int k, int n, std::mt19937_64& rng) {
   return xi;
 }
 
-// The screen's per-row bound holds for the bf16 dot kernel of every level,
-// on rows of very different scales.
-TEST(Screen, ErrorBoundHoldsForTheBf16DotAtEveryLevel) {
+// The screen's per-row bound holds: the f32 dot kernel of every level is
+// within err |x| + norm |x - x~| of the screened dot (row scale * state scale
+// * the exact int8 dot, computed here from the stored int8 values), on rows
+// of very different scales, one with a single large value, and states of
+// different spreads.
+TEST(Screen, ErrorBoundCoversTheF32DotAtEveryLevel) {
   std::mt19937_64 rng(41);
   for (int n : kDims) {
     const int k = 17;
@@ -1119,20 +1191,35 @@ TEST(Screen, ErrorBoundHoldsForTheBf16DotAtEveryLevel) {
       const float f = std::pow(10.f, static_cast<float>(mu % 7) - 3.f);
       for (int i = 0; i < n; ++i) xi[int64_t{mu} * n + i] *= f;
     }
+    xi[int64_t{16} * n] = 1e3f;  // row 16: one value far above the rest
     Bank bank(BankSpec{"s", n, StateKind::kContinuous, {}, Precision::kF32Screened});
     bank.Append(xi, bank.AssignIds(k), {});
     const PatternView v = bank.view();
-    auto x = RandomGaussian(n, rng, 3.f);
-    double xn = 0.0;
-    for (float c : x) xn += double{c} * c;
-    xn = std::sqrt(xn);
-    const auto exact = RefDots(xi, k, n, x);
-    for (const KernelTable* t : Levels()) {
-      std::vector<float> got(k);
-      t->dot_rows_bf16(v.screen, k, n, x.data(), got.data());
-      for (int r = 0; r < k; ++r) {
-        EXPECT_LE(std::fabs(got[r] - exact[r]), double{v.screen_err[r]} * xn)
-            << kernels::SimdLevelName(t->level) << " n=" << n << " r=" << r;
+    ASSERT_NE(v.screen, nullptr);
+    for (float spread : {3.f, 1e-3f}) {
+      auto x = RandomGaussian(n, rng, spread);
+      x[0] *= 50.f;
+      // The state's int8 form, as the pass makes it.
+      std::vector<int8_t> u(n);
+      const double t = kernels::QuantizeToInt8(x.data(), n, u.data());
+      double xn = 0.0, dx = 0.0;
+      for (int i = 0; i < n; ++i) {
+        xn += double{x[i]} * x[i];
+        dx += (x[i] - t * u[i]) * (x[i] - t * u[i]);
+      }
+      xn = std::sqrt(xn);
+      dx = std::sqrt(dx);
+      for (const KernelTable* lvl : Levels()) {
+        std::vector<float> f32(k);
+        lvl->dot_rows(xi.data(), k, n, x.data(), f32.data());
+        for (int r = 0; r < k; ++r) {
+          int64_t d = 0;
+          for (int i = 0; i < n; ++i) d += int64_t{v.screen[int64_t{r} * n + i]} * u[i];
+          const double screened = double{v.screen_rows[r].scale} * t * d;
+          EXPECT_LE(std::fabs(f32[r] - screened),
+                    double{v.screen_rows[r].err} * xn + double{v.screen_rows[r].norm} * dx)
+              << kernels::SimdLevelName(lvl->level) << " n=" << n << " r=" << r;
+        }
       }
     }
   }

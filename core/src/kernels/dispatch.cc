@@ -1,3 +1,5 @@
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 
@@ -22,7 +24,9 @@ SimdLevel DetectedSimdLevel() {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512vpopcntdq")) {
-      return __builtin_cpu_supports("avx512bf16") ? SimdLevel::kAvx512Bf16 : SimdLevel::kAvx512;
+      return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni")
+                 ? SimdLevel::kAvx512Bf16
+                 : SimdLevel::kAvx512;
     }
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
         __builtin_cpu_supports("popcnt")) {
@@ -73,6 +77,36 @@ void ActiveRowsOfStateGroups(const float* w, int64_t count, int64_t b, int32_t* 
     }
     sizes[g] = m;
   }
+}
+
+float QuantizeToInt8(const float* v, int n, int8_t* q) {
+  // Eight independent maxima, and rounding by adding and subtracting 1.5 2^23
+  // (round to nearest even, as nearbyint in the default mode, for |t| < 2^22):
+  // no libm call or dependency chain per value.
+  constexpr int kLanes = 8;
+  float lane[kLanes] = {};
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma GCC unroll 8
+    for (int j = 0; j < kLanes; ++j) {
+      const float a = std::fabs(v[i + j]);
+      lane[j] = a > lane[j] ? a : lane[j];
+    }
+  }
+  for (; i < n; ++i) lane[0] = std::max(lane[0], std::fabs(v[i]));
+  float m = 0.f;
+  for (float a : lane) m = std::max(m, a);
+  if (!(m > 0.f)) {
+    std::fill(q, q + n, int8_t{0});
+    return 0.f;
+  }
+  const float scale = m / 127.f;
+  constexpr float kRound = 0x1.8p23f;
+  for (int k = 0; k < n; ++k) {
+    const float t = (v[k] / scale + kRound) - kRound;
+    q[k] = static_cast<int8_t>(t > 127.f ? 127.f : t < -127.f ? -127.f : t);
+  }
+  return scale;
 }
 
 uint16_t FloatToBf16(float v) {

@@ -25,8 +25,8 @@
 
 namespace engram::core::kernels {
 
-// kAvx512Bf16 is kAvx512 with the BF16 extension (VDPBF16PS dot products
-// over bf16 rows).
+// kAvx512Bf16 is kAvx512 with the BF16 and VNNI extensions (VDPBF16PS dot
+// products over bf16 rows, VPDPBUSD over int8 rows).
 enum class SimdLevel { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
 std::string SimdLevelName(SimdLevel level);
@@ -55,6 +55,12 @@ struct KernelTable {
                         const float* x, float* out);
   void (*axpy_rows_bf16)(const uint16_t* rows, int64_t count, int n,
                          const float* w, float* acc);
+  // Int8 rows against an int8 x, exactly: out[r] = sum_i x[i] * rows[r*n + i]
+  // for values in [-127, 127] and n <= 2^16. row_sums[r] must be
+  // sum_i rows[r*n + i] (the VNNI kernel multiplies x + 128 as unsigned
+  // bytes and subtracts 128 row_sums[r]).
+  void (*dot_rows_i8)(const int8_t* rows, int64_t count, int n, const int8_t* x,
+                      const int32_t* row_sums, int32_t* out);
   // Bipolar rows as bits against a bipolar x as bits:
   // out[r] = n - 2 * popcount(row_r XOR x) (exact).
   void (*dot_rows_bits)(const uint64_t* rows, int64_t count, int n,
@@ -144,6 +150,11 @@ void Avx2AxpyRowsMulti(const float* rows, int64_t count, int n, const float* w, 
 // baseline flags and called by every level.
 void ActiveRowsOfStateGroups(const float* w, int64_t count, int64_t b, int32_t* lists,
                              int64_t* sizes);
+
+// A finite vector v of n floats as int8: writes q[i] = round(v[i] / s)
+// (in [-127, 127]) and returns the scale s = max |v[i]| / 127 (0 when v is
+// zero, and then every q[i] is 0).
+float QuantizeToInt8(const float* v, int n, int8_t* q);
 
 // f32 <-> bf16 (round to nearest even; NaN stays NaN).
 uint16_t FloatToBf16(float v);

@@ -135,6 +135,59 @@ void AxpyRowsBf16(const uint16_t* rows, int64_t count, int n, const float* w, fl
   AxpyRowsT<Bf16>(rows, count, n, w, acc);
 }
 
+// int8 rows without VNNI: 32 values of a row and of x sign-extended to 16
+// bits, one VPMADDWD into 16 int32 lanes (exact); four rows share each group
+// of x, and the last n mod 32 values are a masked load.
+void DotRowsI8(const int8_t* rows, int64_t count, int n, const int8_t* x, const int32_t*,
+               int32_t* out) {
+  const int full = n & ~31;
+  const int rem = n - full;
+  const __mmask32 tail = static_cast<__mmask32>((uint64_t{1} << rem) - 1u);
+  auto wide = [](const int8_t* p) {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  };
+  auto wide_tail = [&](const int8_t* p) {
+    return _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(tail, p + full));
+  };
+  const __m512i xt = rem ? wide_tail(x) : _mm512_setzero_si512();
+  int64_t r = 0;
+  for (; r + 4 <= count; r += 4) {
+    const int8_t* p0 = rows + r * n;
+    const int8_t* p1 = p0 + n;
+    const int8_t* p2 = p1 + n;
+    const int8_t* p3 = p2 + n;
+    __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+    __m512i a2 = _mm512_setzero_si512(), a3 = _mm512_setzero_si512();
+    const char* next = reinterpret_cast<const char*>(p3 + n);
+    for (int g = 0; g < full; g += 32) {
+      _mm_prefetch(next + 4 * g, _MM_HINT_T0);  // the next four rows, 128 bytes a group
+      _mm_prefetch(next + 4 * g + 64, _MM_HINT_T0);
+      const __m512i xv = wide(x + g);
+      a0 = _mm512_add_epi32(a0, _mm512_madd_epi16(wide(p0 + g), xv));
+      a1 = _mm512_add_epi32(a1, _mm512_madd_epi16(wide(p1 + g), xv));
+      a2 = _mm512_add_epi32(a2, _mm512_madd_epi16(wide(p2 + g), xv));
+      a3 = _mm512_add_epi32(a3, _mm512_madd_epi16(wide(p3 + g), xv));
+    }
+    if (rem) {
+      a0 = _mm512_add_epi32(a0, _mm512_madd_epi16(wide_tail(p0), xt));
+      a1 = _mm512_add_epi32(a1, _mm512_madd_epi16(wide_tail(p1), xt));
+      a2 = _mm512_add_epi32(a2, _mm512_madd_epi16(wide_tail(p2), xt));
+      a3 = _mm512_add_epi32(a3, _mm512_madd_epi16(wide_tail(p3), xt));
+    }
+    out[r] = _mm512_reduce_add_epi32(a0);
+    out[r + 1] = _mm512_reduce_add_epi32(a1);
+    out[r + 2] = _mm512_reduce_add_epi32(a2);
+    out[r + 3] = _mm512_reduce_add_epi32(a3);
+  }
+  for (; r < count; ++r) {
+    const int8_t* p = rows + r * n;
+    __m512i a = _mm512_setzero_si512();
+    for (int g = 0; g < full; g += 32) a = _mm512_add_epi32(a, _mm512_madd_epi16(wide(p + g), wide(x + g)));
+    if (rem) a = _mm512_add_epi32(a, _mm512_madd_epi16(wide_tail(p), xt));
+    out[r] = _mm512_reduce_add_epi32(a);
+  }
+}
+
 // Eight rows' popcount vectors (8 lanes each) to their eight sums, in row
 // order: a transposing add tree (3 levels of unpack / lane shuffles and
 // adds) in place of eight horizontal reductions.
@@ -743,7 +796,8 @@ void MaxNearestKey(const float* v, const float* sq_norms, int64_t count, double*
 
 const KernelTable& Avx512Kernels() {
   static const KernelTable t{SimdLevel::kAvx512, DotRows,       AxpyRows,
-                             DotRowsBf16,        AxpyRowsBf16,  DotRowsBits,
+                             DotRowsBf16,        AxpyRowsBf16,  DotRowsI8,
+                             DotRowsBits,
                              AxpyRowsBits,       DotRowsMulti,  AxpyRowsMulti,
                              ExpWeights,         AxpyRowsBitsI16,
                              OverlapWeights,     MaxValue,      IndicesAtLeast,

@@ -60,6 +60,16 @@ void AxpyRowsBf16(const uint16_t* rows, int64_t count, int n, const float* w, fl
   }
 }
 
+void DotRowsI8(const int8_t* rows, int64_t count, int n, const int8_t* x, const int32_t*,
+               int32_t* out) {
+  for (int64_t r = 0; r < count; ++r) {
+    const int8_t* p = rows + r * n;
+    int32_t acc = 0;
+    for (int i = 0; i < n; ++i) acc += int32_t{p[i]} * x[i];
+    out[r] = acc;
+  }
+}
+
 void DotRowsBits(const uint64_t* rows, int64_t count, int n, const uint64_t* x, float* out) {
   const int words = BitWords(n);
   for (int64_t r = 0; r < count; ++r) {
@@ -158,7 +168,7 @@ void ScalarMaxNearestKey(const float* v, const float* sq_norms, int64_t count, d
 
 const KernelTable& ScalarKernels() {
   static const KernelTable t{SimdLevel::kScalar, DotRows,      AxpyRows,     DotRowsBf16,
-                             AxpyRowsBf16,       DotRowsBits,  AxpyRowsBits, DotRowsMulti,
+                             AxpyRowsBf16,       DotRowsI8,    DotRowsBits,  AxpyRowsBits, DotRowsMulti,
                              AxpyRowsMulti, ExpWeights,  AxpyRowsBitsI16, ScalarOverlapWeights,
                              ScalarMaxValue, ScalarIndicesAtLeast, ScalarMaxNearestKey};
   return t;

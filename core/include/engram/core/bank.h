@@ -32,11 +32,12 @@ namespace engram::core {
 // the scores and weighted sums read (half the memory traffic, values rounded
 // to 8 significant bits), kBitPacked (bipolar banks only) a 1-bit copy read
 // with XOR + popcount whenever the state is +-1 (exact). kF32Screened
-// computes with the f32 values like kF32 but also keeps a bf16 copy as a
-// screen: a softmax pass scores every row on the screen (half the traffic)
-// with a per-row bound on the screen's error, and reads the f32 rows of only
-// the rows whose weight can be significant (the few near the winner when the
-// softmax is sharp); +50 % memory.
+// computes with the f32 values like kF32 but also keeps an int8 copy as a
+// screen: a softmax pass scores every row on the screen (a quarter of the
+// traffic) with a per-row bound on the screen's error, and reads the f32
+// rows of only the rows whose weight can be significant (the few near the
+// winner when the softmax is sharp); +25 % memory (dims up to kMaxScreenDim;
+// larger ones are not screened).
 enum class Precision { kF32, kBf16, kBitPacked, kF32Screened };
 
 // Largest accepted dimension and payload.
@@ -124,8 +125,10 @@ class Bank {
   uint64_t next_id_;
   std::vector<float> data_;      // size() x dim(), row-major
   std::vector<float> sq_norms_;  // |xi_mu|^2
-  std::vector<uint16_t> bf16_;   // kBf16, kF32Screened: data_ rounded to bf16
-  std::vector<float> screen_err_;  // kF32Screened: PatternView::screen_err
+  std::vector<uint16_t> bf16_;   // kBf16: data_ rounded to bf16
+  std::vector<int8_t> screen_;   // kF32Screened: PatternView::screen
+  std::vector<ScreenRow> screen_rows_;
+  std::vector<int32_t> screen_sums_;
   std::vector<uint64_t> bits_;   // kBitPacked: one bit per value (+1 set)
   std::vector<uint64_t> ids_;
   std::vector<std::string> payloads_;

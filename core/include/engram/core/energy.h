@@ -67,6 +67,21 @@ SimilarityKind EffectiveSimilarity(const EnergyConfig& config);
 // Numerically stable log(sum_i exp(v_i)); -inf for an empty span.
 double LogSumExp(absl::Span<const double> v);
 
+// One row of an int8 screen: the row xi is stored as q (int8, |q_i| <= 127)
+// with xi~ = scale q. For a state x stored the same way (x~ = t u), and
+// D = sum_i q_i u_i (exact in int32 for dims up to kMaxScreenDim),
+//   |f32 dot(xi, x) - scale t D| <= err |x| + norm |x - x~|,
+// where err >= |xi - xi~| + (n/4 + 8) 2^-24 |xi| also covers the f32 dot
+// kernels' accumulation error, and norm >= |xi~|.
+struct ScreenRow {
+  float scale = 0.f;
+  float err = 0.f;
+  float norm = 0.f;
+};
+
+// Largest dimension a bank screens (int8 dot products stay in int32).
+inline constexpr int kMaxScreenDim = 1 << 17;
+
 // Read-only view of a bank's patterns: `rows` x `dim` floats, row-major and
 // contiguous; `sq_norms` holds |xi_mu|^2 per row. A bank stored at reduced
 // precision also exposes the same rows as `bf16` (upper halves of the f32
@@ -80,11 +95,12 @@ struct PatternView {
   int dim = 0;
   const uint16_t* bf16 = nullptr;
   const uint64_t* bits = nullptr;
-  // A screen of f32 rows (Precision::kF32Screened): the rows rounded to bf16,
-  // and per row a bound e_mu such that |<xi_mu, x> - screened dot| <= e_mu |x|
-  // for the bf16 dot kernels (rounding of the row plus f32 accumulation).
-  const uint16_t* screen = nullptr;
-  const float* screen_err = nullptr;
+  // A screen of f32 rows (Precision::kF32Screened): each row as int8
+  // (`dim` bytes a row, see ScreenRow), which bounds every row's f32 dot
+  // product from a single int8 dot product; screen_sums[r] = sum_i q_i.
+  const int8_t* screen = nullptr;
+  const ScreenRow* screen_rows = nullptr;
+  const int32_t* screen_sums = nullptr;
   const float* row(int64_t mu) const { return data + mu * dim; }
 };
 
