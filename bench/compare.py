@@ -205,7 +205,7 @@ def main():
               f"{fmt_ms(en)} | {fmt_ms(fip)} | {fmt_ms(fl2)} | {fip / en:.2f} | {fmt_ms(er)} | {fmt_ms(nr)} | "
               f"{nr / er:.2f} | {est}/{nst} | {fmt_ms(e16)} | {es / e16:.2f} |")
     print()
-    print("The same banks with precision f32_screened (f32 results; a bf16 screen with per-row error "
+    print("The same banks with precision f32_screened (f32 results; an int8 screen with per-row error "
           "bounds decides which f32 rows a pass reads).")
     print()
     print("| N | K | f32 step | screened step | speed-up | screened retrieve | numpy retrieve | ratio | steps (E/np) |")

@@ -99,7 +99,7 @@ inline constexpr double kNegligibleWeightMass = 0x1p-24;
 // their scores, weights, weighted sum and nearest row are exactly those of
 // the f32 pass. The other rows enter the sum of weights with their screened
 // scores (they hold less than 2^-24 of it, so log-sum-exp moves by less than
-// 2^-24 (e^(beta e_mu |x|) - 1)). When more than 1/16 of the rows (and more
+// 2^-24 (e^(beta e_mu) - 1), e_mu the row's bound). When more than 1/16 of the rows (and more
 // than 1024) can be significant, the pass runs on the f32 rows as usual.
 // (FusedPassBatch does not screen: batched steps read the f32 rows.)
 //
