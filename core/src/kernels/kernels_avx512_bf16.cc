@@ -164,8 +164,16 @@ void DotRowsI8(const int8_t* rows, int64_t count, int n, const int8_t* x, const 
   auto last = [&](__m512i a, const int8_t* p) {
     return _mm512_dpbusd_epi32(a, xt, _mm512_maskz_loadu_epi8(tail, p + full));
   };
+  // The lanes' sum of (x + 128) row wraps modulo 2^32 when it passes 2^31
+  // (vector adds, no signed overflow in C++); the difference, which fits
+  // int32, comes out right in unsigned arithmetic.
   auto result = [&](__m512i a, int64_t row) {
-    return _mm512_reduce_add_epi32(a) - 128 * row_sums[row];
+    __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1));
+    __m128i q = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+    q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0x4E));
+    q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0xB1));
+    return static_cast<int32_t>(static_cast<uint32_t>(_mm_cvtsi128_si32(q)) -
+                                static_cast<uint32_t>(128 * row_sums[row]));
   };
   int64_t r = 0;
   for (; r + 4 <= count; r += 4) {
