@@ -514,10 +514,14 @@ TEST(Kernels, QuantizeToInt8RoundsToTheScale) {
     }
     EXPECT_TRUE(extreme);
   }
-  std::vector<float> zero(9, 0.f);
-  std::vector<int8_t> q(9, 1);
-  EXPECT_EQ(kernels::QuantizeToInt8(zero.data(), 9, q.data()), 0.f);
-  for (int8_t c : q) EXPECT_EQ(c, 0);
+  // Zero, and values so small that max / 127 underflows to 0, give zeros.
+  for (float tiny : {0.f, 5e-44f}) {
+    std::vector<float> v(9, 0.f);
+    v[4] = tiny;
+    std::vector<int8_t> q(9, 1);
+    EXPECT_EQ(kernels::QuantizeToInt8(v.data(), 9, q.data()), 0.f);
+    for (int8_t c : q) EXPECT_EQ(c, 0);
+  }
 }
 
 TEST(Kernels, BitKernelsAreExact) {

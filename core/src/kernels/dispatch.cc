@@ -96,11 +96,11 @@ float QuantizeToInt8(const float* v, int n, int8_t* q) {
   for (; i < n; ++i) lane[0] = std::max(lane[0], std::fabs(v[i]));
   float m = 0.f;
   for (float a : lane) m = std::max(m, a);
-  if (!(m > 0.f)) {
+  const float scale = m / 127.f;
+  if (!(scale > 0.f)) {  // zero, or so small that m / 127 underflows
     std::fill(q, q + n, int8_t{0});
     return 0.f;
   }
-  const float scale = m / 127.f;
   constexpr float kRound = 0x1.8p23f;
   for (int k = 0; k < n; ++k) {
     const float t = (v[k] / scale + kRound) - kRound;

@@ -152,8 +152,8 @@ void ActiveRowsOfStateGroups(const float* w, int64_t count, int64_t b, int32_t* 
                              int64_t* sizes);
 
 // A finite vector v of n floats as int8: writes q[i] = round(v[i] / s)
-// (in [-127, 127]) and returns the scale s = max |v[i]| / 127 (0 when v is
-// zero, and then every q[i] is 0).
+// (in [-127, 127]) and returns the scale s = max |v[i]| / 127 (0 when that
+// is 0 in float, and then every q[i] is 0).
 float QuantizeToInt8(const float* v, int n, int8_t* q);
 
 // f32 <-> bf16 (round to nearest even; NaN stays NaN).
