@@ -7,6 +7,7 @@
 #include <limits>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <random>
 
 #include <Eigen/Core>
@@ -125,11 +126,16 @@ void RunSync(const EnergyFunction& energy, StateKind kind,
   };
   rec.Start(evaluate());
   while (true) {
-    if (t->steps >= o.max_steps) { t->stop_reason = StopReason::kMaxSteps; break; }
-    if (StopRequested(o)) { t->stop_reason = StopReason::kDeadline; break; }
-    if (!AllFinite(target)) { t->stop_reason = StopReason::kDiverged; break; }
-    const double delta = SyncMove(kind, query, clamp, x.data(), target.data(), next.data());
-    if (delta < o.tol) { t->stop_reason = StopReason::kConverged; break; }
+    bool finite = false;
+    double delta = 0.0;
+    if (t->steps < o.max_steps) {
+      finite = AllFinite(target);
+      if (finite) delta = SyncMove(kind, query, clamp, x.data(), target.data(), next.data());
+    }
+    if (std::optional<StopReason> stop = SyncStopRule(t->steps, o, finite, delta)) {
+      t->stop_reason = *stop;
+      break;
+    }
     x.swap(next);
     ++t->steps;
     rec.Step(evaluate());
@@ -624,170 +630,181 @@ absl::StatusOr<Trajectory> RunDynamics(const EnergyFunction& energy,
   return t;
 }
 
-std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(
-    const EnergyFunction& energy, StateKind kind, absl::Span<const BatchQuery> queries,
-    const std::function<void(size_t, absl::StatusOr<Trajectory>&)>& on_finished,
-    const std::function<std::vector<BatchQuery>(int64_t running)>& admit) {
-  const int n = energy.dim();
-  std::vector<absl::StatusOr<Trajectory>> out;
-  // Per query: its request, trajectory, state, recorder.
-  struct Live {
-    size_t slot;
-    BatchQuery q;
-    Trajectory t;
-    std::vector<float> x, target, next;
-    double energy = 0.0;  // E(x)
-    std::unique_ptr<EnergyRecorder> rec;
-  };
-  std::deque<Live> live;  // stable addresses as queries join
-  // Validates a query; returns its live index, or -1 after reporting it.
-  auto add = [&](const BatchQuery& q) -> int64_t {
-    const size_t slot = out.size();
-    out.emplace_back(absl::UnknownError("not run"));
-    absl::Status s = ValidateRetrieveOptions(*q.options, kind);
-    if (s.ok() && q.options->dynamics != Dynamics::kSync) {
-      s = absl::InvalidArgumentError("RunSyncBatch runs the sync dynamics only");
+std::optional<StopReason> SyncStopRule(int steps, const RetrieveOptions& o, bool finite,
+                                       double delta) {
+  if (steps >= o.max_steps) return StopReason::kMaxSteps;
+  if (StopRequested(o)) return StopReason::kDeadline;
+  if (!finite) return StopReason::kDiverged;
+  if (delta < o.tol) return StopReason::kConverged;
+  return std::nullopt;
+}
+
+// One query of a SyncBatch: its request, trajectory, state and recorder.
+struct SyncBatch::Live {
+  uint64_t tag = 0;
+  BatchQuery q;
+  Trajectory t;
+  std::vector<float> x, target, next;
+  double energy = 0.0;  // E(x)
+  std::unique_ptr<EnergyRecorder> rec;
+  // Set by the parallel part of Step, read by its decisions.
+  bool finite = false;
+  double delta = 0.0;
+};
+
+SyncBatch::SyncBatch(const EnergyFunction& energy, StateKind kind, OnFinished on_finished)
+    : energy_(energy),
+      kind_(kind),
+      on_finished_(std::move(on_finished)),
+      krotov_hopfield_(kind == StateKind::kBipolar &&
+                       HasKrotovHopfieldDrive(energy.config(), energy.patterns())) {}
+
+SyncBatch::~SyncBatch() = default;
+
+int64_t SyncBatch::size() const {
+  return static_cast<int64_t>(running_.size() + joining_.size());
+}
+
+void SyncBatch::Admit(uint64_t tag, const BatchQuery& q) {
+  const int n = energy_.dim();
+  absl::Status s = ValidateRetrieveOptions(*q.options, kind_);
+  if (s.ok() && q.options->dynamics != Dynamics::kSync) {
+    s = absl::InvalidArgumentError("a SyncBatch runs the sync dynamics only");
+  }
+  if (s.ok() && static_cast<int>(q.query.size()) != n) {
+    s = absl::InvalidArgumentError(absl::StrCat(
+        "query has ", q.query.size(), " values; the bank's dimension is ", n));
+  }
+  if (s.ok() && !q.clamp.empty() && static_cast<int>(q.clamp.size()) != n) {
+    s = absl::InvalidArgumentError(absl::StrCat(
+        "clamp mask has ", q.clamp.size(), " values; expected 0 or ", n));
+  }
+  if (!s.ok()) {
+    on_finished_(tag, s);
+    return;
+  }
+  auto l = std::make_unique<Live>();
+  l->tag = tag;
+  l->q = q;
+  l->x.assign(q.query.begin(), q.query.end());
+  l->target.resize(n);
+  l->next.resize(n);
+  l->rec = std::make_unique<EnergyRecorder>(&l->t, q.options->record_trace,
+                                            GuaranteesDescent(Dynamics::kSync, energy_.config()));
+  joining_.push_back(std::move(l));
+}
+
+// As RunSync: energies, targets (unless `with_targets` is false: states at
+// max_steps) and nearest rows of `states`, in one batched evaluation.
+void SyncBatch::Evaluate(const std::vector<Live*>& states, bool with_targets) {
+  const int n = energy_.dim();
+  const int64_t b = static_cast<int64_t>(states.size());
+  if (b == 0) return;
+  xs_.resize(b * n);
+  // The copies in and out of the batch run on every compute thread.
+  int used = 1;
+  internal::ParallelRows(b, int64_t{n} * 8, [&](int, int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      std::copy(states[j]->x.begin(), states[j]->x.end(), xs_.begin() + j * n);
     }
-    if (s.ok() && static_cast<int>(q.query.size()) != n) {
-      s = absl::InvalidArgumentError(absl::StrCat(
-          "query has ", q.query.size(), " values; the bank's dimension is ", n));
+  }, &used);
+  energies_.resize(b);
+  targets_.resize(b * n);
+  nearest_.resize(b);  // hints: each state's previous nearest row
+  for (int64_t j = 0; j < b; ++j) nearest_[j] = states[j]->t.nearest_row;
+  if (!with_targets) {
+    energy_.UpdateTargetBatch(xs_.data(), b, nullptr, energies_.data(), nearest_.data());
+  } else if (krotov_hopfield_) {
+    BipolarDriveBatch(energy_, xs_.data(), b, targets_.data(), energies_.data(),
+                      nearest_.data());
+    // lse and gaussian energies on a bipolar bank take a pass of their own.
+    if (std::isnan(energies_[0])) {
+      energy_.UpdateTargetBatch(xs_.data(), b, nullptr, energies_.data(), nearest_.data());
     }
-    if (s.ok() && !q.clamp.empty() && static_cast<int>(q.clamp.size()) != n) {
-      s = absl::InvalidArgumentError(absl::StrCat(
-          "clamp mask has ", q.clamp.size(), " values; expected 0 or ", n));
-    }
-    if (!s.ok()) {
-      out[slot] = s;
-      if (on_finished) on_finished(slot, out[slot]);
-      return -1;
-    }
-    Live& l = live.emplace_back();
-    l.slot = slot;
-    l.q = q;
-    l.x.assign(q.query.begin(), q.query.end());
-    l.target.resize(n);
-    l.next.resize(n);
-    l.rec = std::make_unique<EnergyRecorder>(&l.t, q.options->record_trace,
-                                             GuaranteesDescent(Dynamics::kSync, energy.config()));
-    return static_cast<int64_t>(live.size()) - 1;
-  };
-  std::vector<float> xs, targets;
-  std::vector<double> energies;
-  std::vector<int64_t> nearest;
-  const bool krotov_hopfield = kind == StateKind::kBipolar &&
-                               HasKrotovHopfieldDrive(energy.config(), energy.patterns());
-  // As RunSync: energies, targets (unless `with_targets` is false: states
-  // at max_steps) and nearest rows of the states of `ids`.
-  auto evaluate = [&](const std::vector<size_t>& ids, bool with_targets) {
-    const int64_t b = static_cast<int64_t>(ids.size());
-    if (b == 0) return;
-    xs.resize(b * n);
-    // The copies in and out of the batch run on both cores (256 states of
-    // 16 KB each way at N = 4096).
-    int used = 1;
-    internal::ParallelRows(b, int64_t{n} * 8, [&](int, int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) {
-        std::copy(live[ids[j]].x.begin(), live[ids[j]].x.end(), xs.begin() + j * n);
+  } else {
+    energy_.UpdateTargetBatch(xs_.data(), b, targets_.data(), energies_.data(), nearest_.data());
+  }
+  internal::ParallelRows(b, int64_t{n} * 8, [&](int, int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      Live& l = *states[j];
+      l.t.nearest_row = nearest_[j];
+      l.energy = energies_[j];
+      if (with_targets) {
+        std::copy(targets_.begin() + j * n, targets_.begin() + (j + 1) * n, l.target.begin());
       }
-    }, &used);
-    energies.resize(b);
-    targets.resize(b * n);
-    nearest.resize(b);  // hints: each state's previous nearest row
-    for (int64_t j = 0; j < b; ++j) nearest[j] = live[ids[j]].t.nearest_row;
-    if (!with_targets) {
-      energy.UpdateTargetBatch(xs.data(), b, nullptr, energies.data(), nearest.data());
-    } else if (krotov_hopfield) {
-      BipolarDriveBatch(energy, xs.data(), b, targets.data(), energies.data(), nearest.data());
-      // lse and gaussian energies on a bipolar bank take a pass of their own.
-      if (std::isnan(energies[0])) {
-        energy.UpdateTargetBatch(xs.data(), b, nullptr, energies.data(), nearest.data());
-      }
-    } else {
-      energy.UpdateTargetBatch(xs.data(), b, targets.data(), energies.data(), nearest.data());
     }
-    internal::ParallelRows(b, int64_t{n} * 8, [&](int, int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) {
-        Live& l = live[ids[j]];
-        l.t.nearest_row = nearest[j];
-        l.energy = energies[j];
-        if (with_targets) {
-          std::copy(targets.begin() + j * n, targets.begin() + (j + 1) * n, l.target.begin());
-        }
+  }, &used);
+}
+
+void SyncBatch::Finish(std::unique_ptr<Live> l, StopReason reason) {
+  l->t.stop_reason = reason;
+  l->t.state = std::move(l->x);
+  on_finished_(l->tag, std::move(l->t));
+}
+
+void SyncBatch::Step() {
+  const int n = energy_.dim();
+  // Every state's finite check and move (into its `next`), split over
+  // states; the decisions below are taken in order on this thread.
+  const int64_t b = static_cast<int64_t>(running_.size());
+  int used = 1;
+  internal::ParallelRows(b, int64_t{n} * 12, [&](int, int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      Live& l = *running_[j];
+      l.finite = false;
+      l.delta = 0.0;
+      if (l.t.steps >= l.q.options->max_steps) continue;
+      l.finite = AllFinite(l.target);
+      if (l.finite) {
+        l.delta = SyncMove(kind_, l.q.query, l.q.clamp, l.x.data(), l.target.data(),
+                           l.next.data());
       }
-    }, &used);
-  };
+    }
+  }, &used);
+  std::vector<std::unique_ptr<Live>> stepped;
+  stepped.reserve(running_.size());
+  for (std::unique_ptr<Live>& l : running_) {
+    if (std::optional<StopReason> stop =
+            SyncStopRule(l->t.steps, *l->q.options, l->finite, l->delta)) {
+      Finish(std::move(l), *stop);
+      continue;
+    }
+    l->x.swap(l->next);
+    ++l->t.steps;
+    stepped.push_back(std::move(l));
+  }
   // One batched evaluation of the states that moved and the queries that
-  // joined; the first get a step recorded, the second their start.
-  auto evaluate_all = [&](const std::vector<size_t>& stepped, const std::vector<size_t>& joined) {
-    std::vector<size_t> going, ending;
-    for (const auto* ids : {&stepped, &joined}) {
-      for (size_t id : *ids) {
-        (live[id].t.steps < live[id].q.options->max_steps ? going : ending).push_back(id);
-      }
+  // joined; the first get a step recorded, the second their start. States
+  // that reached max_steps need no target.
+  std::vector<Live*> going, ending;
+  for (const auto* group : {&stepped, &joining_}) {
+    for (const auto& l : *group) {
+      (l->t.steps < l->q.options->max_steps ? going : ending).push_back(l.get());
     }
-    evaluate(going, true);
-    evaluate(ending, false);
-    for (size_t id : stepped) live[id].rec->Step(live[id].energy);
-    for (size_t id : joined) live[id].rec->Start(live[id].energy);
-  };
-  auto finish = [&](Live& l) {
-    l.t.state = std::move(l.x);
-    out[l.slot] = std::move(l.t);
-    if (on_finished) on_finished(l.slot, out[l.slot]);
-    l.q = BatchQuery{};  // the caller may release the query now
-  };
-  std::vector<size_t> active;
-  for (const BatchQuery& q : queries) {
-    const int64_t id = add(q);
-    if (id >= 0) active.push_back(static_cast<size_t>(id));
   }
-  evaluate_all({}, active);
-  std::vector<char> finite;
-  std::vector<double> delta;
-  while (!active.empty()) {
-    // Every state's finite check and move (into its `next`), split over
-    // states: at 256 states of 4 096 values they took ~4 % of a batched
-    // retrieval on one core while the other idled. The decisions below
-    // are taken in order on this thread, as RunSync takes them.
-    const int64_t b = static_cast<int64_t>(active.size());
-    finite.assign(b, 0);
-    delta.assign(b, 0.0);
-    int used = 1;
-    internal::ParallelRows(b, int64_t{n} * 12, [&](int, int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) {
-        Live& l = live[active[j]];
-        if (l.t.steps >= l.q.options->max_steps) continue;
-        finite[j] = AllFinite(l.target);
-        if (finite[j]) {
-          delta[j] = SyncMove(kind, l.q.query, l.q.clamp, l.x.data(), l.target.data(),
-                              l.next.data());
-        }
-      }
-    }, &used);
-    std::vector<size_t> stepping;
-    for (int64_t j = 0; j < b; ++j) {
-      Live& l = live[active[j]];
-      const RetrieveOptions& o = *l.q.options;
-      if (l.t.steps >= o.max_steps) { l.t.stop_reason = StopReason::kMaxSteps; finish(l); continue; }
-      if (StopRequested(o)) { l.t.stop_reason = StopReason::kDeadline; finish(l); continue; }
-      if (!finite[j]) { l.t.stop_reason = StopReason::kDiverged; finish(l); continue; }
-      if (delta[j] < o.tol) { l.t.stop_reason = StopReason::kConverged; finish(l); continue; }
-      l.x.swap(l.next);
-      ++l.t.steps;
-      stepping.push_back(active[j]);
-    }
-    // Step boundary: queries waiting outside join the running batch.
-    std::vector<size_t> joined;
-    if (admit) {
-      for (const BatchQuery& q : admit(static_cast<int64_t>(stepping.size()))) {
-        const int64_t id = add(q);
-        if (id >= 0) joined.push_back(static_cast<size_t>(id));
-      }
-    }
-    evaluate_all(stepping, joined);
-    active = std::move(stepping);
-    active.insert(active.end(), joined.begin(), joined.end());
+  Evaluate(going, true);
+  Evaluate(ending, false);
+  for (auto& l : stepped) l->rec->Step(l->energy);
+  for (auto& l : joining_) l->rec->Start(l->energy);
+  running_ = std::move(stepped);
+  for (auto& l : joining_) running_.push_back(std::move(l));
+  joining_.clear();
+  // Scratch sized for a batch that has since shrunk is given back.
+  if (xs_.capacity() > 2 * running_.size() * n + n) {
+    xs_ = {};
+    targets_ = {};
   }
+}
+
+std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(const EnergyFunction& energy,
+                                                     StateKind kind,
+                                                     absl::Span<const BatchQuery> queries) {
+  std::vector<absl::StatusOr<Trajectory>> out(queries.size(), absl::UnknownError("not run"));
+  SyncBatch batch(energy, kind, [&](uint64_t tag, absl::StatusOr<Trajectory> r) {
+    out[tag] = std::move(r);
+  });
+  for (size_t q = 0; q < queries.size(); ++q) batch.Admit(q, queries[q]);
+  while (!batch.empty()) batch.Step();
   return out;
 }
 

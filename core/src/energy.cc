@@ -309,7 +309,12 @@ double EnergyFunction::ReferenceUpdateTarget(const float* x, float* target) cons
       // Recompute as softmax: a positive rescaling of exp(beta s).
       Softmax(s.data(), k, config_.beta, w.data());
     } else if (m > 0.0) {
-      for (double& v : w) v /= m;
+      // The multiple the fused passes return: w over the least power of two
+      // >= max |w| (an exact division, see fused.cc).
+      int ex = 0;
+      const double mant = std::frexp(m, &ex);
+      const double p2 = mant == 0.5 ? m : std::ldexp(1.0, ex);
+      for (double& v : w) v /= p2;
     }
   }
   ConstMatrixMap xi(patterns_.data, k, n);

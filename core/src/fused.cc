@@ -215,6 +215,25 @@ struct RunningSums {
   }
 };
 
+// The least power of two >= v (v > 0). Linear-domain scales are powers of
+// two, so dividing integer weights by them, rescaling sums when the scale
+// grows and merging partials are all exact: the Krotov-Hopfield drive of a
+// bipolar state is then exactly 0 at a tie (a flip that leaves the energy
+// unchanged) on every path, while its integer sums stay below 2^24.
+double PowerOfTwoCeil(double v) {
+  int e = 0;
+  const double m = std::frexp(v, &e);  // v = m 2^e, m in [0.5, 1)
+  return m == 0.5 ? v : std::ldexp(1.0, e);
+}
+
+// The factor that brings a partial with `sums` to the merged scale: `top`
+// (the largest LogScale) in the log domain, `top_scale` (the largest scale,
+// a power of two, so the ratio is exact) in the linear domain.
+double MergeFactor(const RunningSums& sums, bool log_domain, double top, double top_scale) {
+  if (!log_domain) return sums.scale / top_scale;
+  return std::exp(sums.log_scale - top);
+}
+
 // Log domain: raises r's scale to `bm` when that is larger, rescaling the
 // sum of weights and `acc` (n floats, may be null) to it.
 void RaiseLogScale(double bm, RunningSums* r, float* acc, int n) {
@@ -255,13 +274,14 @@ bool FoldBlock(bool log_domain, const double* w, const double* h, int64_t count,
     bm = ah > bm ? ah : bm;
   }
   if (bm > r->scale) {
+    const double scale = PowerOfTwoCeil(bm);
     if (r->scale > 0.0) {
-      const double f = r->scale / bm;
+      const double f = r->scale / scale;
       r->wsum *= f;
       r->hsum *= f;
       if (acc != nullptr) ScaleInPlace(acc, n, f);
     }
-    r->scale = bm;
+    r->scale = scale;
   }
   if (r->scale == 0.0) {
     std::fill(wf, wf + count, 0.f);
@@ -364,13 +384,14 @@ void FoldIntegerSums(Partial* p, bool with_acc, int n, int shift) {
   RunningSums& r = p->sums;
   const double bm = static_cast<double>(p->imax);
   if (bm > r.scale) {
+    const double scale = PowerOfTwoCeil(bm);
     if (r.scale > 0.0) {
-      const double f = r.scale / bm;
+      const double f = r.scale / scale;
       r.wsum *= f;
       r.hsum *= f;
       if (with_acc) ScaleInPlace(p->acc.data(), n, f);
     }
-    r.scale = bm;
+    r.scale = scale;
   }
   if (r.scale == 0.0) return;  // every weight so far is zero
   const double inv = 1.0 / r.scale;
@@ -973,8 +994,11 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
   ParallelRows(rows, cost_per_row, run, &used);
 
   // Exact merge: rescale every partial to the largest scale.
-  double top = -INFINITY;
-  for (int i = 0; i < used; ++i) top = std::max(top, partials[i].sums.LogScale(log_domain));
+  double top = -INFINITY, top_scale = 0.0;
+  for (int i = 0; i < used; ++i) {
+    top = std::max(top, partials[i].sums.LogScale(log_domain));
+    top_scale = std::max(top_scale, partials[i].sums.scale);
+  }
   out.log_scale = top;
   if (acc != nullptr) std::fill(acc, acc + n, 0.f);
   for (int i = 0; i < used; ++i) {
@@ -984,9 +1008,8 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
       out.nearest_key = p.nearest_key;
       out.nearest_row = p.nearest_row;
     }
-    const double log_scale = p.sums.LogScale(log_domain);
-    if (!std::isfinite(log_scale)) continue;
-    const double f = std::exp(log_scale - top);
+    if (!std::isfinite(p.sums.LogScale(log_domain))) continue;
+    const double f = MergeFactor(p.sums, log_domain, top, top_scale);
     out.wsum += f * p.sums.wsum;
     out.hsum += f * p.sums.hsum;
     if (acc != nullptr) {
@@ -1347,8 +1370,11 @@ void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const fl
   if (acc != nullptr) std::fill(acc, acc + b * n, 0.f);
   for (int64_t q = 0; q < b; ++q) {
     FusedSums& out = sums[q];
-    double top = -INFINITY;
-    for (int i = 0; i < used; ++i) top = std::max(top, partials[i].sums[q].LogScale(log_domain));
+    double top = -INFINITY, top_scale = 0.0;
+    for (int i = 0; i < used; ++i) {
+      top = std::max(top, partials[i].sums[q].LogScale(log_domain));
+      top_scale = std::max(top_scale, partials[i].sums[q].scale);
+    }
     out.log_scale = top;
     for (int i = 0; i < used; ++i) {
       const BatchPartial& p = partials[i];
@@ -1357,9 +1383,8 @@ void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const fl
         out.nearest_key = p.nearest_key[q];
         out.nearest_row = p.nearest_row[q];
       }
-      const double log_scale = p.sums[q].LogScale(log_domain);
-      if (!std::isfinite(log_scale)) continue;
-      const double f = std::exp(log_scale - top);
+      if (!std::isfinite(p.sums[q].LogScale(log_domain))) continue;
+      const double f = MergeFactor(p.sums[q], log_domain, top, top_scale);
       out.wsum += f * p.sums[q].wsum;
       out.hsum += f * p.sums[q].hsum;
       if (acc != nullptr) {

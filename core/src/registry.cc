@@ -12,33 +12,33 @@ BankRegistry::BankRegistry(std::unique_ptr<BankStorage> storage,
 absl::StatusOr<std::unique_ptr<BankRegistry>> BankRegistry::Open(
     std::unique_ptr<BankStorage> storage, RegistryOptions options) {
   std::unique_ptr<BankRegistry> r(new BankRegistry(std::move(storage), options));
-  MutexLock lock(&r->mu_);
+  // Nothing else sees the registry while it loads: banks are built directly.
+  std::map<std::string, Bank> loaded;
   ENGRAM_RETURN_IF_ERROR(r->storage_->LoadAll(
       [&](const BankSpec& spec) -> absl::Status {
         if (auto s = ValidateBankSpec(spec); !s.ok()) {
           return absl::DataLossError(absl::StrCat(
               "stored bank '", spec.name, "' is invalid: ", s.message()));
         }
-        r->banks_[spec.name] = std::make_shared<Entry>(Bank(spec));
+        loaded.insert_or_assign(spec.name, Bank(spec));
         return absl::OkStatus();
       },
       [&](std::string_view bank, uint64_t id, absl::Span<const float> data,
           std::string_view payload) -> absl::Status {
-        auto it = r->banks_.find(std::string(bank));
-        if (it == r->banks_.end()) {
+        auto it = loaded.find(std::string(bank));
+        if (it == loaded.end()) {
           return absl::DataLossError(absl::StrCat("pattern of unknown bank ", std::string(bank)));
         }
-        Entry& e = *it->second;
-        MutexLock entry_lock(&e.mu);
         std::string p(payload);
         const uint64_t ids[1] = {id};
-        e.bank.Append(data, ids, absl::MakeConstSpan(&p, 1));
+        it->second.Append(data, ids, absl::MakeConstSpan(&p, 1));
         return absl::OkStatus();
       }));
   uint64_t total = 0;
-  for (auto& [name, e] : r->banks_) {
-    MutexLock entry_lock(&e->mu);
-    total += e->bank.bytes();
+  MutexLock lock(&r->mu_);
+  for (auto& [name, bank] : loaded) {
+    total += bank.bytes();
+    r->banks_[name] = std::make_shared<Entry>(std::move(bank));
   }
   r->total_bytes_ = total;
   return r;
@@ -62,6 +62,42 @@ std::shared_ptr<BankRegistry::Entry> BankRegistry::Find(
   return it == banks_.end() ? nullptr : it->second;
 }
 
+absl::StatusOr<BankSnapshot> BankRegistry::Pin(const std::string& name, const Entry& e) {
+  std::shared_ptr<Version> v;
+  {
+    MutexLock lock(&e.mu);
+    if (e.deleted) return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
+    v = e.current;
+    // Pins are taken only under e.mu, so a writer holding it that reads 0
+    // knows none can appear until it lets go.
+    v->pins.fetch_add(1, std::memory_order_relaxed);
+  }
+  const Bank* bank = &v->bank;
+  // The release pairs with the writer's acquire load: every read of the
+  // version happens before a writer may change it in place.
+  return BankSnapshot(bank, [v = std::move(v)](const Bank*) {
+    v->pins.fetch_sub(1, std::memory_order_release);
+  });
+}
+
+void BankRegistry::Mutate(Entry& e, const std::function<void(Bank&)>& mutate) {
+  const Version* shared = nullptr;
+  {
+    MutexLock lock(&e.mu);
+    if (e.current->pins.load(std::memory_order_acquire) == 0) {
+      mutate(e.current->bank);
+      return;
+    }
+    shared = e.current.get();
+  }
+  // Only the holder of write_mu replaces or changes `current`, so `shared`
+  // stays current (and, being pinned or not, unchanged) while it is copied.
+  auto next = std::make_shared<Version>(shared->bank);
+  mutate(next->bank);
+  MutexLock lock(&e.mu);
+  e.current = std::move(next);
+}
+
 absl::StatusOr<BankSummary> BankRegistry::CreateBank(const BankSpec& spec) {
   ENGRAM_RETURN_IF_ERROR(ValidateBankSpec(spec));
   MutexLock lock(&mu_);
@@ -70,10 +106,10 @@ absl::StatusOr<BankSummary> BankRegistry::CreateBank(const BankSpec& spec) {
         absl::StrCat("bank '", spec.name, "' already exists"));
   }
   ENGRAM_RETURN_IF_ERROR(storage_->CreateBank(spec));
-  auto entry = std::make_shared<Entry>(Bank(spec));
-  banks_[spec.name] = entry;
-  ReaderMutexLock entry_lock(&entry->mu);
-  return Summarize(entry->bank);
+  Bank bank(spec);
+  BankSummary summary = Summarize(bank);
+  banks_[spec.name] = std::make_shared<Entry>(std::move(bank));
+  return summary;
 }
 
 absl::Status BankRegistry::DeleteBank(const std::string& name) {
@@ -83,33 +119,38 @@ absl::Status BankRegistry::DeleteBank(const std::string& name) {
     return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
   }
   std::shared_ptr<Entry> entry = it->second;
-  MutexLock entry_lock(&entry->mu);
+  MutexLock write_lock(&entry->write_mu);
   ENGRAM_RETURN_IF_ERROR(storage_->DeleteBank(name));
-  entry->deleted = true;
-  total_bytes_ -= entry->bank.bytes();
+  {
+    MutexLock entry_lock(&entry->mu);
+    entry->deleted = true;
+    total_bytes_ -= entry->current->bank.bytes();
+  }
   banks_.erase(it);
   return absl::OkStatus();
 }
 
-absl::StatusOr<BankSummary> BankRegistry::GetBank(const std::string& name) const {
+absl::StatusOr<BankSnapshot> BankRegistry::Snapshot(const std::string& name) const {
   std::shared_ptr<Entry> e = Find(name);
-  if (e != nullptr) {
-    ReaderMutexLock lock(&e->mu);
-    if (!e->deleted) return Summarize(e->bank);
-  }
-  return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
+  if (e == nullptr) return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
+  return Pin(name, *e);
+}
+
+absl::StatusOr<BankSummary> BankRegistry::GetBank(const std::string& name) const {
+  ENGRAM_ASSIGN_OR_RETURN(BankSnapshot bank, Snapshot(name));
+  return Summarize(*bank);
 }
 
 std::vector<BankSummary> BankRegistry::ListBanks() const {
-  std::vector<std::shared_ptr<Entry>> entries;
+  std::vector<std::pair<std::string, std::shared_ptr<Entry>>> entries;
   {
     ReaderMutexLock lock(&mu_);
-    for (const auto& [name, e] : banks_) entries.push_back(e);
+    for (const auto& [name, e] : banks_) entries.emplace_back(name, e);
   }
   std::vector<BankSummary> out;
-  for (const auto& e : entries) {
-    ReaderMutexLock lock(&e->mu);
-    if (!e->deleted) out.push_back(Summarize(e->bank));
+  for (const auto& [name, e] : entries) {
+    absl::StatusOr<BankSnapshot> bank = Pin(name, *e);
+    if (bank.ok()) out.push_back(Summarize(**bank));
   }
   return out;
 }
@@ -121,11 +162,10 @@ absl::StatusOr<StoreResult> BankRegistry::Store(
   if (e == nullptr) {
     return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
   }
-  MutexLock lock(&e->mu);
-  if (e->deleted) {
-    return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
-  }
-  Bank& bank = e->bank;
+  MutexLock write_lock(&e->write_mu);
+  // The writer's view: only write_mu's holder changes the current version.
+  ENGRAM_ASSIGN_OR_RETURN(BankSnapshot current, Pin(name, *e));
+  const Bank& bank = *current;
   ENGRAM_RETURN_IF_ERROR(bank.ValidateNewPatterns(data, ids, payloads));
   const int64_t k = static_cast<int64_t>(data.size()) / bank.dim();
   uint64_t add = data.size() * sizeof(float) + k * (sizeof(float) + sizeof(uint64_t));
@@ -144,9 +184,12 @@ absl::StatusOr<StoreResult> BankRegistry::Store(
                            : std::vector<uint64_t>(ids.begin(), ids.end());
   ENGRAM_RETURN_IF_ERROR(storage_->AppendPatterns(name, result.ids, data, payloads));
   const uint64_t before = bank.bytes();
-  bank.Append(data, result.ids, payloads);
-  total_bytes_ += bank.bytes() - before;
-  result.bank_patterns = bank.size();
+  current.reset();  // unpinned, so an unshared version grows in place
+  Mutate(*e, [&](Bank& b) {
+    b.Append(data, result.ids, payloads);
+    total_bytes_ += b.bytes() - before;
+    result.bank_patterns = b.size();
+  });
   return result;
 }
 
@@ -156,30 +199,26 @@ absl::StatusOr<DeleteResult> BankRegistry::DeletePatterns(
   if (e == nullptr) {
     return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
   }
-  MutexLock lock(&e->mu);
-  if (e->deleted) {
-    return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
-  }
-  ENGRAM_RETURN_IF_ERROR(e->bank.ValidateRemoval(ids));
+  MutexLock write_lock(&e->write_mu);
+  ENGRAM_ASSIGN_OR_RETURN(BankSnapshot current, Pin(name, *e));
+  ENGRAM_RETURN_IF_ERROR(current->ValidateRemoval(ids));
   ENGRAM_RETURN_IF_ERROR(storage_->DeletePatterns(name, ids));
-  const uint64_t before = e->bank.bytes();
-  e->bank.Remove(ids);
-  total_bytes_ -= before - e->bank.bytes();
-  return DeleteResult{static_cast<int64_t>(ids.size()), e->bank.size()};
+  const uint64_t before = current->bytes();
+  current.reset();
+  DeleteResult result{static_cast<int64_t>(ids.size()), 0};
+  Mutate(*e, [&](Bank& b) {
+    b.Remove(ids);
+    total_bytes_ -= before - b.bytes();
+    result.bank_patterns = b.size();
+  });
+  return result;
 }
 
 absl::Status BankRegistry::WithBank(
     const std::string& name,
     const std::function<absl::Status(const Bank&)>& fn) const {
-  std::shared_ptr<Entry> e = Find(name);
-  if (e == nullptr) {
-    return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
-  }
-  ReaderMutexLock lock(&e->mu);
-  if (e->deleted) {
-    return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
-  }
-  return fn(e->bank);
+  ENGRAM_ASSIGN_OR_RETURN(BankSnapshot bank, Snapshot(name));
+  return fn(*bank);
 }
 
 }  // namespace engram::core

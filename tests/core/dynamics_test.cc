@@ -301,6 +301,67 @@ TEST(Divergence, HugeStepStopsWithDivergedAndAFiniteState) {
   EXPECT_EQ(bank.Nearest(bad.data()).row, -1);
 }
 
+// The tie rule of the bipolar sync step: a neuron whose flip leaves the
+// energy unchanged (drive exactly 0, common for an even number of patterns)
+// keeps its value, on the one-query path and on the batched path alike.
+// Reference: the exact drive in integers, sum_mu (F(d_mu + 2 xi) - F(d_mu -
+// 2 xi)) / 2 over r = d - xi x_i, which is what the energy difference of
+// flipping neuron i is.
+TEST(TieRule, ZeroEnergyChangeKeepsTheBitOnBothPaths) {
+  std::mt19937_64 rng(77);
+  const int n = 33, k = 6, states = 24;
+  struct Family {
+    const char* name;
+    EnergyConfig cfg;
+    int degree;  // 2 for classical (F = s^2 / 2 up to the factor)
+  };
+  for (const Family& f : {Family{"classical", {.family = EnergyFamily::kClassical}, 2},
+                          Family{"polynomial2", {.family = EnergyFamily::kPolynomial, .degree = 2}, 2},
+                          Family{"polynomial4", {.family = EnergyFamily::kPolynomial, .degree = 4}, 4}}) {
+    auto xi = RandomBipolar(int64_t{k} * n, rng);
+    for (Precision precision : {Precision::kF32, Precision::kBitPacked}) {
+      Bank bank(BankSpec{"t", n, StateKind::kBipolar, f.cfg, precision});
+      bank.Append(xi, bank.AssignIds(k), {});
+      EnergyFunction energy(f.cfg, bank.view());
+      RetrieveOptions o;
+      o.max_steps = 1;
+      std::vector<std::vector<float>> qs;
+      for (int q = 0; q < states; ++q) qs.push_back(RandomBipolar(n, rng));
+      std::vector<BatchQuery> batch;
+      for (const auto& q : qs) batch.push_back({q, {}, &o});
+      auto batched = RunSyncBatch(energy, StateKind::kBipolar, batch);
+      int ties = 0;
+      for (int q = 0; q < states; ++q) {
+        const std::vector<float>& x = qs[q];
+        auto F = [&](int64_t s) -> int64_t {
+          int64_t r = 1;
+          for (int i = 0; i < f.degree; ++i) r *= s;
+          return r;
+        };
+        std::vector<float> want(n);
+        for (int i = 0; i < n; ++i) {
+          int64_t diff = 0;  // E(x_i = -1) - E(x_i = +1), times a positive constant
+          for (int mu = 0; mu < k; ++mu) {
+            int64_t d = 0;
+            for (int j = 0; j < n; ++j) {
+              if (j != i) d += static_cast<int64_t>(xi[mu * n + j] * x[j]);
+            }
+            const int64_t e = static_cast<int64_t>(xi[mu * n + i]);
+            diff += F(d + e) - F(d - e);
+          }
+          want[i] = diff > 0 ? 1.f : (diff < 0 ? -1.f : x[i]);
+          ties += diff == 0;
+        }
+        auto one = RunDynamics(energy, StateKind::kBipolar, x, {}, o);
+        ASSERT_TRUE(one.ok() && batched[q].ok());
+        EXPECT_EQ(one->state, want) << f.name << " state " << q << " (one query)";
+        EXPECT_EQ(batched[q]->state, want) << f.name << " state " << q << " (batched)";
+      }
+      EXPECT_GT(ties, 0) << f.name << ": the case must hold ties";
+    }
+  }
+}
+
 TEST(Validation, AsyncOnContinuousIsFailedPrecondition) {
   RetrieveOptions o;
   o.dynamics = Dynamics::kAsync;

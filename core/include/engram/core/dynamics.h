@@ -22,6 +22,8 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
+#include <optional>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -97,25 +99,76 @@ struct BatchQuery {
   const RetrieveOptions* options = nullptr;
 };
 
-// Runs the sync dynamics for many queries at once, each with its own
-// options, clamp, stopping rule and deadline. Every step evaluates all
-// queries still running with two matrix-matrix products per tile of
-// patterns instead of one pass over the bank per query; the trajectories
-// equal RunDynamics' to float tolerance. Returns one result per query, in
-// order: the trajectory, or the query's validation error (INVALID_ARGUMENT;
-// options.dynamics must be kSync). `on_finished`, when set, is called on the
-// calling thread as soon as a query's result is final (index, result), while
-// others may still run; the result may be moved from, and the query's
-// memory may be released.
+// The sync dynamics' stopping rule, the same for one query and for a batch:
+// checked at state x after `steps` steps, with `finite` telling whether x's
+// update target is finite and `delta` = |move|_inf. Returns why to stop at x,
+// or nullopt to take the move. In order: max_steps, the deadline
+// (options.should_stop), a non-finite target (diverged), delta < tol
+// (converged).
+std::optional<StopReason> SyncStopRule(int steps, const RetrieveOptions& options, bool finite,
+                                       double delta);
+
+// Continuous batching of the sync dynamics. Queries join (Admit) between
+// steps; every Step evaluates all running queries with two matrix-matrix
+// products per tile of patterns instead of one pass over the bank per
+// query, and a query that stops leaves at once: its trajectory goes to
+// `on_finished` and its slot is freed, so the memory held is that of the
+// running queries, never of the queries seen. Each trajectory equals
+// RunDynamics' for the same query up to float reassociation (the batched
+// products sum in another order), whatever else is in the batch.
 //
-// Continuous batching: `admit`, when set, is called at every step boundary
-// with the number of queries still running and returns queries that join
-// the batch there (their memory must stay valid until their on_finished);
-// they are numbered after `queries`, in order, and are in the result too.
-std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(
-    const EnergyFunction& energy, StateKind kind, absl::Span<const BatchQuery> queries,
-    const std::function<void(size_t, absl::StatusOr<Trajectory>&)>& on_finished = nullptr,
-    const std::function<std::vector<BatchQuery>(int64_t running)>& admit = nullptr);
+//   SyncBatch batch(energy, kind, [&](uint64_t tag, absl::StatusOr<Trajectory> t) {...});
+//   batch.Admit(1, {query, clamp, &options});
+//   while (!batch.empty()) { /* admit more */ batch.Step(); }
+//
+// Thread-safety: not thread-safe; on_finished runs on the caller's thread.
+class SyncBatch {
+ public:
+  // Receives each query's result (its trajectory, or INVALID_ARGUMENT for a
+  // query whose options, dimension or clamp are wrong), exactly once; after
+  // it the query's memory may be released.
+  using OnFinished = std::function<void(uint64_t tag, absl::StatusOr<Trajectory> result)>;
+
+  SyncBatch(const EnergyFunction& energy, StateKind kind, OnFinished on_finished);
+  ~SyncBatch();
+  SyncBatch(const SyncBatch&) = delete;
+  SyncBatch& operator=(const SyncBatch&) = delete;
+
+  // Adds a query (its memory must stay valid until its on_finished); it is
+  // evaluated by the next Step. An invalid query is finished at once.
+  void Admit(uint64_t tag, const BatchQuery& query);
+  // Takes the stopping decision for every running query (finishing those
+  // that stop), moves the others one step, and evaluates them together with
+  // the queries admitted since the last Step.
+  void Step();
+  // Queries admitted and not yet finished.
+  int64_t size() const;
+  bool empty() const { return size() == 0; }
+
+ private:
+  struct Live;
+  void Evaluate(const std::vector<Live*>& states, bool with_targets);
+  void Finish(std::unique_ptr<Live> live, StopReason reason);
+
+  const EnergyFunction& energy_;
+  StateKind kind_;
+  OnFinished on_finished_;
+  bool krotov_hopfield_;
+  std::vector<std::unique_ptr<Live>> running_;  // evaluated, deciding next Step
+  std::vector<std::unique_ptr<Live>> joining_;  // admitted, evaluated next Step
+  // Scratch of the batched evaluation, sized by the running queries.
+  std::vector<float> xs_, targets_;
+  std::vector<double> energies_;
+  std::vector<int64_t> nearest_;
+};
+
+// Runs the sync dynamics for many queries at once (a SyncBatch run to the
+// end), each with its own options, clamp, stopping rule and deadline.
+// Returns one result per query, in order: the trajectory, or the query's
+// validation error (INVALID_ARGUMENT; options.dynamics must be kSync).
+std::vector<absl::StatusOr<Trajectory>> RunSyncBatch(const EnergyFunction& energy,
+                                                     StateKind kind,
+                                                     absl::Span<const BatchQuery> queries);
 
 // Relative float tolerance used for the Lyapunov check.
 double EnergyTolerance(double e_before, double e_after);

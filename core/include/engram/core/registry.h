@@ -6,14 +6,24 @@
 //                           BankRegistry::Open(std::move(storage), {}));
 //   ENGRAM_RETURN_IF_ERROR(registry->CreateBank(spec).status());
 //   ENGRAM_ASSIGN_OR_RETURN(StoreResult r, registry->Store("digits", data, {}, {}));
-//   registry->WithBank("digits", [&](const Bank& bank) { ...; return absl::OkStatus(); });
+//   ENGRAM_ASSIGN_OR_RETURN(BankSnapshot bank, registry->Snapshot("digits"));
+//   ... read *bank for as long as needed; no lock is held ...
 //
 // Every mutation is durable in storage before it becomes visible in memory
-// and before the call returns; a failed mutation changes nothing. A reader
-// (WithBank) never sees half of a batch.
+// and before the call returns; a failed mutation changes nothing.
+//
+// Readers pin versions. A bank is a sequence of immutable versions; a
+// reader pins the current one (Snapshot) and reads it without any lock for
+// as long as it likes, never seeing half of a batch. A mutation of a bank
+// that no reader pins is applied in place; a mutation of a pinned version
+// copies it (copy-on-write) and publishes the copy, so a Store or Delete
+// never waits for a reader, and a reader waits for a writer only for the
+// instant of swapping (or appending to) an unpinned version. The kernels
+// keep reading one contiguous array per precision, which append-only
+// segments would have split.
 //
 // Thread-safety: all methods are safe to call concurrently. Mutations of one
-// bank are serialised; readers of a bank share a lock.
+// bank are serialised.
 #ifndef ENGRAM_CORE_REGISTRY_H_
 #define ENGRAM_CORE_REGISTRY_H_
 
@@ -54,6 +64,10 @@ struct StoreResult {
   int64_t bank_patterns = 0;
 };
 
+// A pinned, immutable version of one bank; copies share the pin, which is
+// released when the last copy goes.
+using BankSnapshot = std::shared_ptr<const Bank>;
+
 struct DeleteResult {
   int64_t deleted = 0;
   int64_t bank_patterns = 0;
@@ -87,9 +101,11 @@ class BankRegistry {
   absl::StatusOr<DeleteResult> DeletePatterns(const std::string& name,
                                               absl::Span<const uint64_t> ids);
 
-  // Runs `fn` with shared access to the bank; returns NOT_FOUND or fn's
-  // status. `fn` must not call back into the registry: the lock is not
-  // recursive, and a waiting writer blocks a second reader.
+  // The bank's current version, pinned; NOT_FOUND.
+  absl::StatusOr<BankSnapshot> Snapshot(const std::string& name) const;
+
+  // Runs `fn` on a pinned snapshot of the bank (no lock held); returns
+  // NOT_FOUND or fn's status.
   absl::Status WithBank(const std::string& name,
                         const std::function<absl::Status(const Bank&)>& fn) const;
 
@@ -100,16 +116,31 @@ class BankRegistry {
   uint64_t total_bytes() const { return total_bytes_.load(); }
 
  private:
+  // One version of a bank and the number of snapshots pinning it.
+  struct Version {
+    explicit Version(Bank b) : bank(std::move(b)) {}
+    Bank bank;
+    std::atomic<int64_t> pins{0};
+  };
   struct Entry {
-    explicit Entry(Bank b) : bank(std::move(b)) {}
-    mutable SharedMutex mu;
-    Bank bank ABSL_GUARDED_BY(mu);
+    explicit Entry(Bank b) : current(std::make_shared<Version>(std::move(b))) {}
+    // Serialises the mutations of this bank (held across the storage write).
+    Mutex write_mu;
+    // Guards `current` and `deleted`: held to pin, to swap in a new version,
+    // or to mutate an unpinned version in place.
+    mutable Mutex mu;
+    std::shared_ptr<Version> current ABSL_GUARDED_BY(mu);
     bool deleted ABSL_GUARDED_BY(mu) = false;
   };
 
   BankRegistry(std::unique_ptr<BankStorage> storage, RegistryOptions options);
   std::shared_ptr<Entry> Find(const std::string& name) const;
   static BankSummary Summarize(const Bank& bank);
+  // Pins e's current version; NOT_FOUND once the bank is deleted.
+  static absl::StatusOr<BankSnapshot> Pin(const std::string& name, const Entry& e);
+  // Applies `mutate` to e's current version, in place when no snapshot pins
+  // it, else to a copy that then becomes current. Needs e.write_mu.
+  static void Mutate(Entry& e, const std::function<void(Bank&)>& mutate);
 
   std::unique_ptr<BankStorage> storage_;
   RegistryOptions options_;
