@@ -59,6 +59,11 @@ engram_scheduler_queue_wait_seconds, engram_scheduler_rejected_total) when
   - the server alive at the end and exiting 0 on SIGTERM.
 Latencies and throughput are reported, never asserted: a slow machine only
 makes the figures worse.
+
+To find which calls a growth comes from, narrow the load: --mix sets the
+weights of the normal clients' kinds (e.g. --mix Store=0,Sample=0),
+--tiny-clients and --slow-readers the number of clients in those roles.
+The JSON report holds the per-second timeline of threads and RSS.
 """
 import argparse
 import collections
@@ -67,6 +72,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -168,15 +174,17 @@ def timed(rec, kind, fn, expect_cancel=False):
 
 
 def proc_status(pid):
-    """(threads, VmRSS in KiB) of a process, or None once it is gone."""
+    """(threads, VmRSS, RssAnon in KiB) of a process, or None once it is gone."""
     try:
         with open("/proc/%d/status" % pid) as f:
             text = f.read()
     except OSError:
         return None
-    threads = int(re.search(r"^Threads:\s+(\d+)", text, re.M).group(1))
-    m = re.search(r"^VmRSS:\s+(\d+)\s+kB", text, re.M)
-    return threads, int(m.group(1)) if m else 0
+
+    def field(name):
+        m = re.search(r"^%s:\s+(\d+)" % name, text, re.M)
+        return int(m.group(1)) if m else 0
+    return field("Threads"), field("VmRSS"), field("RssAnon")
 
 
 def scrape(port, timeout=2.0):
@@ -249,7 +257,7 @@ class Sampler(threading.Thread):
         self.pid = pid
         self.metrics_port = metrics_port
         self.t0 = time.monotonic()
-        self.samples = []   # (t, threads, rss_kib, queue_depth or None)
+        self.samples = []   # (t, threads, rss_kib, queue_depth or None, rss_anon_kib)
         self.stop_event = threading.Event()
         self.gone = False
         self.lock = threading.Lock()
@@ -260,7 +268,7 @@ class Sampler(threading.Thread):
             self.gone = True
             return None
         depth = metric_sum(scrape(self.metrics_port, 0.5), "engram_scheduler_queue_depth")
-        s = (time.monotonic() - self.t0, st[0], st[1], depth)
+        s = (time.monotonic() - self.t0, st[0], st[1], depth, st[2])
         with self.lock:
             self.samples.append(s)
         return s
@@ -286,8 +294,9 @@ class Sampler(threading.Thread):
             if not near and self.samples:
                 near = [min(self.samples, key=lambda s: abs(s[0] - t))]
         if not near:
-            return None, None
-        return (int(np.median([s[1] for s in near])), int(np.median([s[2] for s in near])))
+            return None, None, None
+        return (int(np.median([s[1] for s in near])), int(np.median([s[2] for s in near])),
+                int(np.median([s[4] for s in near])))
 
 
 def sanitizer_build(binary, pid):
@@ -320,6 +329,7 @@ class Workload:
         self.end_time = end_time
         self.patterns = None      # the initial LSE patterns (for near queries)
         self.bipolar = None
+        self.mix = tuple((k, args.mix.get(k, w)) for k, w in self.MIX)
         self.qt_fields = {
             name: "queue_timeout_ms" in getattr(self.pb, name).DESCRIPTOR.fields_by_name
             for name in ("RetrieveRequest", "EnergyRequest", "SampleRequest")}
@@ -495,8 +505,8 @@ class Workload:
     def normal_client(self, index):
         rng = np.random.default_rng(1000 + index)
         stub = self.stubs[index % len(self.stubs)]
-        kinds = [k for k, _ in self.MIX]
-        w = np.array([w for _, w in self.MIX], dtype=np.float64)
+        kinds = [k for k, _ in self.mix]
+        w = np.array([w for _, w in self.mix], dtype=np.float64)
         w /= w.sum()
         client = {"held": collections.deque(), "next_id": (index + 1) << 32}
         while time.monotonic() < self.end_time:
@@ -510,8 +520,11 @@ class Workload:
     def tiny_client(self, index):
         rng = np.random.default_rng(2000 + index)
         stub = self.stubs[index % len(self.stubs)]
+        tiny_kinds = [k for k in self.TINY_KINDS if dict(self.mix).get(k, 0) > 0]
+        if not tiny_kinds:
+            return
         while time.monotonic() < self.end_time:
-            kind = self.TINY_KINDS[rng.integers(0, len(self.TINY_KINDS))]
+            kind = tiny_kinds[rng.integers(0, len(tiny_kinds))]
             timed(self.rec, kind + "@1ms", self.run_call(kind, stub, rng, TINY_DEADLINE, False))
             self.think(rng)
 
@@ -529,8 +542,11 @@ class Workload:
 
     def roles(self):
         n = self.args.clients
-        slow = min(2, n)
-        tiny = min(max(1, n // 8), max(0, n - slow - 1)) if n > 2 else 0
+        slow = min(self.args.slow_readers, n)
+        tiny = self.args.tiny_clients
+        if tiny is None:
+            tiny = max(1, n // 8) if n > 2 else 0
+        tiny = min(tiny, n - slow)
         roles = ["slow"] * slow + ["tiny"] * tiny
         return roles + ["normal"] * (n - len(roles))
 
@@ -561,11 +577,11 @@ def soak(args, M, server, sampler, channels):
     metrics_after = scrape(server.metrics_port)
 
     T = args.seconds
-    warm_t, mid_t, end_t = t_start + 0.1 * T, t_start + 0.5 * T, t_start + T
-    thr_warm, rss_warm = sampler.at(warm_t)
-    thr_mid, rss_mid = sampler.at(mid_t)
+    warm_t, mid_t, end_t = t_start + args.warm_fraction * T, t_start + 0.5 * T, t_start + T
+    thr_warm, rss_warm, anon_warm = sampler.at(warm_t)
+    thr_mid, rss_mid, anon_mid = sampler.at(mid_t)
     # End: the last samples while the load still ran.
-    thr_end, rss_end = sampler.at(end_t - 1.5)
+    thr_end, rss_end, anon_end = sampler.at(end_t - 1.5)
     post = sampler.window(warm_t, end_t)
     pre = sampler.window(0, t_start)
     return {
@@ -589,6 +605,9 @@ def soak(args, M, server, sampler, channels):
             "peak": max((s[2] for s in sampler.window(t_start, t_end)), default=None),
             "growth_pct": (100.0 * (rss_end - rss_warm) / rss_warm) if rss_warm else None,
         },
+        "rss_anon_kib": {"warm": anon_warm, "mid": anon_mid, "end": anon_end},
+        "timeline": [{"t": round(x[0], 2), "threads": x[1], "rss_kib": x[2], "rss_anon_kib": x[4],
+                      "queue_depth": x[3]} for x in sampler.window(0, t_end)],
         "queue_depth_peak": max((s[3] for s in sampler.window(t_start, t_end)
                                  if s[3] is not None), default=None),
         "metrics": metric_report(metrics_before, metrics_after),
@@ -603,6 +622,14 @@ def metric_report(before, after):
     rej_a = metric_sum(after, "engram_scheduler_rejected_total")
     if rej_a is not None:
         out["rejected"] = rej_a - (metric_sum(before, "engram_scheduler_rejected_total") or 0.0)
+        reasons = collections.Counter()
+        for sign, m in ((1, after), (-1, before)):
+            for labels, v in m.get("engram_scheduler_rejected_total", []):
+                reasons[labels.get("reason", "?")] += sign * v
+        out["rejected_by_reason"] = {k: int(v) for k, v in sorted(reasons.items()) if v}
+    execs = metric_sum(after, "engram_scheduler_executor_threads")
+    if execs is not None:
+        out["executor_threads"] = int(execs)
     wait = hist_delta(histogram(after, "engram_scheduler_queue_wait_seconds"),
                       histogram(before, "engram_scheduler_queue_wait_seconds"))
     if wait is not None:
@@ -656,6 +683,9 @@ def cb_phase(args, M, server, sampler, channels, patterns):
             with lock:
                 if state["issued"] >= args.cb_queries:
                     return
+                if time.monotonic() > stop_at:
+                    state["capped"] = True
+                    return
                 state["issued"] += 1
             req = pool[n % len(pool)]
             n += 7
@@ -670,10 +700,11 @@ def cb_phase(args, M, server, sampler, channels, patterns):
     before = sampler.sample_now()
     m_before = scrape(server.metrics_port)
     t0 = time.monotonic()
+    # Bounded in time too: no call starts after max(60 s, --seconds).
+    stop_at = t0 + max(60.0, args.seconds)
     ts = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(args.cb_threads)]
     for t in ts:
         t.start()
-    # Bounded: at most cb_queries calls of at most --deadline each per thread.
     for t in ts:
         t.join()
     elapsed = time.monotonic() - t0
@@ -687,6 +718,7 @@ def cb_phase(args, M, server, sampler, channels, patterns):
     rss_a = after[2] if after else None
     return {
         "queries": args.cb_queries, "threads": args.cb_threads,
+        "time_capped": state.get("capped", False),
         "answered": s["ok"], "seconds": elapsed,
         "qps": s["ok"] / elapsed if elapsed > 0 else None,
         "p50_ms": s.get("p50_ms"), "p99_ms": s.get("p99_ms"),
@@ -743,12 +775,18 @@ def print_report(rep):
     print("server RSS MiB: idle %s, warm %s, mid %s, end %s; peak %s; growth end vs warm %s %%" % (
         mib(m["idle"]), mib(m["warm"]), mib(m["mid"]), mib(m["end"]), mib(m["peak"]),
         fmt(m["growth_pct"], "%+.1f")))
+    a = s["rss_anon_kib"]
+    print("  of which anonymous: warm %s, mid %s, end %s" % (mib(a["warm"]), mib(a["mid"]),
+                                                          mib(a["end"])))
     mt = s["metrics"]
     if mt.get("scheduler_present"):
         w = mt.get("queue_wait") or {}
-        print("scheduler: queue depth peak %s, rejected %s, queue wait n=%s mean %s ms "
-              "p50 <= %s ms p99 <= %s ms" % (
+        rej = ", ".join("%s %d" % kv for kv in mt.get("rejected_by_reason", {}).items())
+        print("scheduler: %s executors, queue depth peak %s, rejected %s%s, queue wait n=%s "
+              "mean %s ms p50 <= %s ms p99 <= %s ms" % (
+                  fmt(mt.get("executor_threads"), "%d"),
                   fmt(s["queue_depth_peak"], "%g"), fmt(mt.get("rejected"), "%d"),
+                  " (%s)" % rej if rej else "",
                   fmt(w.get("count"), "%d"), fmt(w.get("mean_ms"), "%.2f"),
                   fmt(w.get("p50_le_ms"), "%g"), fmt(w.get("p99_le_ms"), "%g")))
     else:
@@ -772,6 +810,8 @@ def print_report(rep):
                   cb["queries"], cb["threads"], cb["answered"], cb["seconds"],
                   fmt(cb["qps"], "%.0f"), fmt(cb["p50_ms"], "%.2f"), fmt(cb["p99_ms"], "%.2f"),
                   fmt(cb["mean_batch_queries"], "%.1f")))
+        if cb["time_capped"]:
+            print("  stopped at the time cap of max(60 s, --seconds)")
         print("  other codes: %s; threads %s -> peak %s -> %s; RSS MiB %s -> %s (%s %%)" % (
             ", ".join("%s %d" % kv for kv in cb["codes"].items()) or "-",
             fmt(cb["threads_before"], "%d"), fmt(cb["threads_peak"], "%d"),
@@ -838,6 +878,49 @@ def checks(args, rep):
     return out
 
 
+def _die_with_parent():
+    """In the child before exec: SIGKILL when this script dies (e.g. killed
+    by a test timeout), so no engramd is left behind."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 -- best effort
+        pass
+
+
+def start_server(args, data_dir, timeout=30.0):
+    """engram_harness.Engramd.start, with the engramd tied to this process."""
+    server = engram_harness.Engramd(args.engramd, data_dir, extra_args=args.server_arg)
+    os.makedirs(data_dir, exist_ok=True)
+    server.log = open(server.log_path, "ab")
+    server.proc = subprocess.Popen(
+        [server.binary, "--listen", server.target, "--data_dir", data_dir,
+         "--metrics_listen", "127.0.0.1:%d" % server.metrics_port] + server.extra_args,
+        stdout=server.log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+    channel = server.channel()
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        server.kill()
+        raise RuntimeError("engramd did not start: " + open(server.log_path).read())
+    finally:
+        channel.close()
+    return server
+
+
+def parse_mix(text):
+    known = dict(Workload.MIX)
+    out = {}
+    for item in filter(None, text.split(",")):
+        k, _, w = item.partition("=")
+        if k not in known:
+            raise argparse.ArgumentTypeError("unknown kind %r (known: %s)" % (k, ", ".join(known)))
+        out[k] = float(w)
+    if not any(out.get(k, w) > 0 for k, w in known.items()):
+        raise argparse.ArgumentTypeError("every weight is 0")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -858,6 +941,16 @@ def main():
                     help="deadline of every normal call, seconds")
     ap.add_argument("--think-ms", type=float, default=10.0,
                     help="mean pause of a client between calls (uniform 0..2x)")
+    ap.add_argument("--slow-readers", type=int, default=2,
+                    help="clients that read SampleStream slowly")
+    ap.add_argument("--tiny-clients", type=int, default=None,
+                    help="clients whose calls have a 1 ms deadline (default: --clients / 8)")
+    ap.add_argument("--mix", type=parse_mix, default={},
+                    help="weights of the normal clients' mix, e.g. Retrieve=3,Store=0 (defaults: "
+                         + ",".join("%s=%g" % kw for kw in Workload.MIX) + "); a kind at 0 is "
+                         "also left out of the 1 ms calls")
+    ap.add_argument("--warm-fraction", type=float, default=0.1,
+                    help="the warm-up point, as a fraction of --seconds")
     ap.add_argument("--rss-growth-max", type=float, default=10.0,
                     help="--check: largest RSS growth in percent (negative: not asserted)")
     ap.add_argument("--thread-slack", type=int, default=4,
@@ -873,9 +966,7 @@ def main():
 
     work = tempfile.mkdtemp(prefix="engram_soak_")
     M = engram_harness.generate_stubs(args.proto_dir, os.path.join(work, "stubs"))
-    server = engram_harness.Engramd(args.engramd, os.path.join(work, "data"),
-                                    extra_args=args.server_arg)
-    server.start()
+    server = start_server(args, os.path.join(work, "data"))
     pid = server.proc.pid
     sanitizer = sanitizer_build(args.engramd, pid)
     options = [("grpc.max_receive_message_length", 64 << 20),

@@ -1,5 +1,7 @@
 #include "server/convert.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 
 namespace engram::server {
@@ -239,6 +241,46 @@ void SummaryToProto(const core::BankSummary& s, v1::BankInfo* out) {
   cap->set_exact_patterns(s.capacity.exact_patterns);
   cap->set_formula(s.capacity.formula);
   cap->set_over_capacity(s.over_capacity);
+}
+
+void MemoryToProto(const core::NearestMemory& m, const std::string& payload, v1::Memory* out) {
+  out->set_id(m.id);
+  out->set_payload(payload);
+  out->set_distance(m.distance);
+  out->set_similarity(m.similarity);
+}
+
+void RetrievalToProto(const core::Trajectory& t, const core::NearestMemory& m,
+                      const std::string& payload, v1::RetrieveResult* out) {
+  out->mutable_state()->Add(t.state.begin(), t.state.end());
+  if (m.row >= 0) MemoryToProto(m, payload, out->mutable_nearest());
+  out->set_energy_start(t.energy_start);
+  out->set_energy_end(t.energy_end);
+  out->mutable_energy_trace()->Add(t.energy_trace.begin(), t.energy_trace.end());
+  out->set_steps(t.steps);
+  out->set_converged(t.converged());
+  out->set_stop_reason(StopReasonToProto(t.stop_reason));
+  out->set_lyapunov_violations(t.lyapunov_violations);
+}
+
+v1::SampleFrame SampleFrameToProto(int step, double sigma,
+                                   const std::vector<std::vector<float>>& states) {
+  v1::SampleFrame frame;
+  frame.set_step(step);
+  frame.set_sigma(sigma);
+  for (const auto& x : states) frame.mutable_states()->Add(x.begin(), x.end());
+  return frame;
+}
+
+v1::SampleFrame LastSampleFrame(v1::SampleResponse result) {
+  v1::SampleFrame last;
+  *last.mutable_result() = std::move(result);
+  last.set_step(last.result().steps());
+  const auto& sig = last.result().sigmas();
+  if (!sig.empty()) {
+    last.set_sigma(sig[std::min<int>(static_cast<int>(last.result().steps()), sig.size() - 1)]);
+  }
+  return last;
 }
 
 }  // namespace engram::server

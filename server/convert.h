@@ -41,6 +41,17 @@ void SampleBatchToProto(const core::SampleBatch& b, v1::SampleResponse* out);
 
 void SummaryToProto(const core::BankSummary& s, v1::BankInfo* out);
 
+// The nearest stored memory with its payload (row -1: left unset).
+void MemoryToProto(const core::NearestMemory& m, const std::string& payload, v1::Memory* out);
+// One query's retrieval: final state, nearest memory, energies, steps.
+void RetrievalToProto(const core::Trajectory& t, const core::NearestMemory& m,
+                      const std::string& payload, v1::RetrieveResult* out);
+// A SampleStream frame of the states at one step.
+v1::SampleFrame SampleFrameToProto(int step, double sigma,
+                                   const std::vector<std::vector<float>>& states);
+// The last frame of a SampleStream: the whole response.
+v1::SampleFrame LastSampleFrame(v1::SampleResponse result);
+
 }  // namespace engram::server
 
 #endif  // ENGRAM_SERVER_CONVERT_H_

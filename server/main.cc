@@ -67,6 +67,24 @@ ABSL_FLAG(int64_t, max_batch_queries, EnvOrInt("ENGRAM_MAX_BATCH_QUERIES", 256),
 ABSL_FLAG(int64_t, max_batch_delay_us, EnvOrInt("ENGRAM_MAX_BATCH_DELAY_US", 0),
           "microseconds a batch waits for more calls before it runs; 0 batches only calls "
           "that queued while the previous batch ran (env ENGRAM_MAX_BATCH_DELAY_US)");
+ABSL_FLAG(int32_t, executor_threads, static_cast<int32_t>(EnvOrInt("ENGRAM_EXECUTOR_THREADS", 0)),
+          "threads that compute Retrieve, Energy and Sample calls; 0 = one per CPU "
+          "(env ENGRAM_EXECUTOR_THREADS)");
+ABSL_FLAG(int64_t, max_queue, EnvOrInt("ENGRAM_MAX_QUEUE", 1024),
+          "compute calls that may wait for an executor; more are answered RESOURCE_EXHAUSTED "
+          "(env ENGRAM_MAX_QUEUE)");
+ABSL_FLAG(int64_t, queue_timeout_ms, EnvOrInt("ENGRAM_QUEUE_TIMEOUT_MS", 0),
+          "longest wait in the compute queue for calls that set no queue_timeout_ms; 0 = only "
+          "the call's deadline (env ENGRAM_QUEUE_TIMEOUT_MS)");
+ABSL_FLAG(int64_t, inline_work, EnvOrInt("ENGRAM_INLINE_WORK", 1 << 20),
+          "compute calls of at most this many multiply-adds per pass over the bank are answered "
+          "on the thread that read them; 0 = queue every call (env ENGRAM_INLINE_WORK)");
+ABSL_FLAG(int64_t, stream_buffer_bytes, EnvOrInt("ENGRAM_STREAM_BUFFER_BYTES", 64 << 20),
+          "SampleStream frames held for a slow reader before the call ends RESOURCE_EXHAUSTED "
+          "(env ENGRAM_STREAM_BUFFER_BYTES)");
+ABSL_FLAG(int32_t, max_sync_threads, static_cast<int32_t>(EnvOrInt("ENGRAM_MAX_SYNC_THREADS", 64)),
+          "upper bound on the threads serving bank and pattern calls "
+          "(env ENGRAM_MAX_SYNC_THREADS)");
 ABSL_FLAG(std::string, auth_token_file, EnvOr("ENGRAM_AUTH_TOKEN_FILE", ""),
           "file holding the bearer token every call must present (env ENGRAM_AUTH_TOKEN_FILE; "
           "or the token itself in ENGRAM_AUTH_TOKEN)");
@@ -108,6 +126,20 @@ int main(int argc, char** argv) {
   config.max_batch_delay = absl::Microseconds(absl::GetFlag(FLAGS_max_batch_delay_us));
   if (config.max_batch_queries < 1 || config.max_batch_delay < absl::ZeroDuration()) {
     std::cerr << "engramd: --max_batch_queries must be >= 1 and --max_batch_delay_us >= 0"
+              << std::endl;
+    return 1;
+  }
+  config.executor_threads = absl::GetFlag(FLAGS_executor_threads);
+  config.max_queue = absl::GetFlag(FLAGS_max_queue);
+  config.queue_timeout = absl::Milliseconds(absl::GetFlag(FLAGS_queue_timeout_ms));
+  config.inline_work = static_cast<double>(absl::GetFlag(FLAGS_inline_work));
+  config.stream_buffer_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_stream_buffer_bytes));
+  config.max_sync_threads = absl::GetFlag(FLAGS_max_sync_threads);
+  if (config.executor_threads < 0 || config.max_queue < 0 || absl::GetFlag(FLAGS_queue_timeout_ms) < 0 ||
+      absl::GetFlag(FLAGS_inline_work) < 0 || absl::GetFlag(FLAGS_stream_buffer_bytes) < 1 ||
+      config.max_sync_threads < 0) {
+    std::cerr << "engramd: --executor_threads, --max_queue, --queue_timeout_ms, --inline_work and "
+                 "--max_sync_threads must be >= 0, --stream_buffer_bytes >= 1"
               << std::endl;
     return 1;
   }

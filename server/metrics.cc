@@ -155,6 +155,29 @@ Metrics::Metrics()
                        .Register(*registry_)
                        .Add({}, prometheus::Histogram::BucketBoundaries{
                                     1, 2, 4, 8, 16, 32, 64, 128, 256})),
+      queue_depth_(prometheus::BuildGauge()
+                       .Name("engram_scheduler_queue_depth")
+                       .Help("Compute calls (Retrieve, Energy, Sample, SampleStream) waiting in the "
+                             "admission queue.")
+                       .Register(*registry_)
+                       .Add({})),
+      queue_wait_(prometheus::BuildHistogram()
+                      .Name("engram_scheduler_queue_wait_seconds")
+                      .Help("Time a compute call waited in the admission queue before an executor "
+                            "took it.")
+                      .Register(*registry_)
+                      .Add({}, LatencyBuckets())),
+      rejected_(prometheus::BuildCounter()
+                    .Name("engram_scheduler_rejected_total")
+                    .Help("Compute calls answered without running, by reason: queue_full "
+                          "(RESOURCE_EXHAUSTED), deadline (DEADLINE_EXCEEDED while queued), "
+                          "cancelled, shutdown.")
+                    .Register(*registry_)),
+      executor_threads_(prometheus::BuildGauge()
+                            .Name("engram_scheduler_executor_threads")
+                            .Help("Executor threads of the compute scheduler (fixed at start).")
+                            .Register(*registry_)
+                            .Add({})),
       resident_bytes_(prometheus::BuildGauge()
                           .Name("engram_process_resident_bytes")
                           .Help("Resident memory of the engramd process (from /proc/self/statm, "
@@ -169,6 +192,23 @@ Metrics::Metrics()
                               {"threads", std::to_string(core::ComputeThreadsInUse())}})) {
   compute_info_.Set(1);
   RefreshProcessMemory();
+}
+
+SchedulerHooks Metrics::SchedulerHooks(int threads) {
+  executor_threads_.Set(threads);
+  server::SchedulerHooks hooks;
+  hooks.queue_depth = [this](int64_t depth) { queue_depth_.Set(static_cast<double>(depth)); };
+  hooks.queue_wait = [this](double seconds) { queue_wait_.Observe(seconds); };
+  prometheus::Counter* by_reason[4];
+  const char* reasons[4] = {"queue_full", "deadline", "cancelled", "shutdown"};
+  for (int i = 0; i < 4; ++i) by_reason[i] = &rejected_.Add({{"reason", reasons[i]}});
+  hooks.rejected = [by_reason, reasons](const char* reason) {
+    for (int i = 0; i < 4; ++i) {
+      if (std::string_view(reason) == reasons[i]) by_reason[i]->Increment();
+    }
+  };
+  hooks.batch = [this](int64_t queries, int64_t calls) { RecordBatch(queries, calls); };
+  return hooks;
 }
 
 void Metrics::RecordBatch(int64_t queries, int64_t calls) {

@@ -31,6 +31,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "engram/core/dynamics.h"
 #include "engram/core/mutex.h"
+#include "server/scheduler.h"
 
 namespace engram::server {
 
@@ -60,6 +61,9 @@ class Metrics : public std::enable_shared_from_this<Metrics> {
   void RemoveBank(const std::string& bank);
   // One batch run by the dynamic batcher: its queries and merged calls.
   void RecordBatch(int64_t queries, int64_t calls);
+  // Hooks that record the scheduler's queue depth, queue wait, rejected
+  // calls (by reason) and batches; `threads` is its executor count.
+  server::SchedulerHooks SchedulerHooks(int threads);
   // Re-reads the process's resident memory (at most once a second).
   void RefreshProcessMemory();
 
@@ -83,6 +87,10 @@ class Metrics : public std::enable_shared_from_this<Metrics> {
   prometheus::Family<prometheus::Gauge>& bank_bytes_;
   prometheus::Histogram& batch_queries_;
   prometheus::Histogram& batch_calls_;
+  prometheus::Gauge& queue_depth_;
+  prometheus::Histogram& queue_wait_;
+  prometheus::Family<prometheus::Counter>& rejected_;
+  prometheus::Gauge& executor_threads_;
   prometheus::Gauge& resident_bytes_;
   prometheus::Gauge& compute_info_;
   std::atomic<int64_t> last_memory_refresh_{0};

@@ -25,8 +25,13 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
   ServiceLimits limits;
   limits.max_batch = config.max_batch;
   limits.batching = config.batching;
-  limits.max_batch_queries = config.max_batch_queries;
-  limits.max_batch_delay = config.max_batch_delay;
+  limits.scheduler.threads = config.executor_threads;
+  limits.scheduler.max_queue = config.max_queue;
+  limits.scheduler.max_batch_queries = config.max_batch_queries;
+  limits.scheduler.max_batch_delay = config.max_batch_delay;
+  limits.queue_timeout = config.queue_timeout;
+  limits.inline_work = config.inline_work;
+  limits.stream_buffer_bytes = config.stream_buffer_bytes;
   limits.auth_token = config.auth_token;
   limits.backup_dir = (std::filesystem::path(config.data_dir) / "backups").string();
   s->service_ = std::make_unique<MemoryServiceImpl>(nullptr, s->metrics_, limits);
@@ -63,6 +68,11 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
   builder.AddListeningPort(config.listen, creds, &s->port_);
   builder.SetMaxReceiveMessageSize(config.max_message_bytes);
   builder.SetMaxSendMessageSize(config.max_message_bytes);
+  if (config.max_sync_threads > 0) {
+    grpc::ResourceQuota quota("engramd");
+    quota.SetMaxThreads(config.max_sync_threads);
+    builder.SetResourceQuota(quota);
+  }
   builder.RegisterService(s->service_.get());
   builder.experimental().SetInterceptorCreators(s->metrics_->InterceptorFactories());
   s->server_ = builder.BuildAndStart();
@@ -99,6 +109,7 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
 EngramServer::~EngramServer() {
   if (server_ != nullptr) {
     server_->Shutdown(std::chrono::system_clock::now());
+    service_->Shutdown();  // queued compute calls: UNAVAILABLE
     server_->Wait();
   }
 }
@@ -112,6 +123,7 @@ std::shared_ptr<grpc::Channel> EngramServer::InProcessChannel() {
 void EngramServer::Shutdown(absl::Duration grace) {
   server_->GetHealthCheckService()->SetServingStatus(false);
   server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
+  service_->Shutdown();
 }
 
 void EngramServer::Wait() { server_->Wait(); }

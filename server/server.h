@@ -40,6 +40,17 @@ struct ServerConfig {
   bool batching = true;
   int64_t max_batch_queries = 256;
   absl::Duration max_batch_delay = absl::ZeroDuration();
+  // The compute scheduler (see SchedulerOptions, ServiceLimits): executor
+  // threads (0: one per CPU), admission queue bound, default queue timeout,
+  // the inline bound and SampleStream's frame buffer.
+  int executor_threads = 0;
+  int64_t max_queue = 1024;
+  absl::Duration queue_timeout = absl::ZeroDuration();
+  double inline_work = 1 << 20;
+  size_t stream_buffer_bytes = 64 << 20;
+  // Upper bound on the threads of gRPC's synchronous handlers (the bank and
+  // pattern methods); calls beyond it wait for a thread.
+  int max_sync_threads = 64;
   // When non-empty, every MemoryService call must carry
   // "authorization: Bearer <token>" (UNAUTHENTICATED otherwise). Health,
   // reflection and the metrics endpoint stay open for probes.

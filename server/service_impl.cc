@@ -2,21 +2,49 @@
 
 #include <chrono>
 #include <cmath>
+#include <deque>
 #include <filesystem>
-#include <functional>
+#include <limits>
+#include <new>
 #include <system_error>
-#include <thread>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "engram/core/energy.h"
+#include "engram/core/mutex.h"
 #include "engram/core/status_macros.h"
 #include "server/convert.h"
 #include "server/status_mapping.h"
 
 namespace engram::server {
 namespace {
+
+// Error messages quote at most this much of a user's string.
+constexpr size_t kQuoteBytes = 64;
+
+std::string Quote(std::string_view s) {
+  if (s.size() <= kQuoteBytes) return std::string(s);
+  return absl::StrCat(std::string(s.substr(0, kQuoteBytes)), "... (", s.size(), " bytes)");
+}
+
+// Runs a handler body; an exception becomes a status (RESOURCE_EXHAUSTED
+// for memory, INTERNAL otherwise), a failed call leaves `resp` empty.
+template <typename F>
+grpc::Status Guarded(google::protobuf::Message* resp, F&& body) {
+  absl::Status s;
+  try {
+    s = body();
+  } catch (const std::bad_alloc&) {
+    s = absl::ResourceExhaustedError("engramd has no memory left for this call; send less");
+  } catch (const std::exception& e) {
+    s = absl::InternalError(absl::StrCat("unexpected error in engramd: ", e.what()));
+  } catch (...) {
+    s = absl::InternalError("unexpected error in engramd");
+  }
+  if (!s.ok() && resp != nullptr) resp->Clear();
+  return ToGrpcStatus(s);
+}
 
 // Checks a packed batch of vectors against dimension `dim`; returns B.
 absl::StatusOr<int64_t> CheckBatch(const google::protobuf::RepeatedField<float>& v,
@@ -68,53 +96,30 @@ absl::StatusOr<core::EnergyConfig> ResolveEnergy(bool has_override,
 
 bool DeadlinePassed(grpc::ServerContextBase* ctx) {
   if (ctx == nullptr) return false;
-  return ctx->IsCancelled() ||
-         std::chrono::system_clock::now() > ctx->deadline();
+  return ctx->IsCancelled() || std::chrono::system_clock::now() > ctx->deadline();
+}
+
+std::string EnergyKey(const core::EnergyConfig& c) {
+  return absl::StrCat(static_cast<int>(c.family), ",", c.degree, ",", c.rectified, ",",
+                      absl::StrFormat("%a", c.beta), ",", static_cast<int>(c.similarity), ",",
+                      static_cast<int>(c.separation));
+}
+
+absl::Status BankReplaced(const std::string& bank) {
+  return absl::AbortedError(
+      absl::StrCat("bank '", bank, "' was replaced while the call waited; retry"));
 }
 
 }  // namespace
 
-MemoryServiceImpl::MemoryServiceImpl(core::BankRegistry* registry,
-                                     std::shared_ptr<Metrics> metrics,
-                                     ServiceLimits limits)
-    : registry_(nullptr), metrics_(std::move(metrics)), limits_(limits) {
-  if (limits_.batching) {
-    batcher_ = std::make_unique<RetrieveBatcher>(
-        RetrieveBatcher::Options{limits_.max_batch_queries, limits_.max_batch_delay},
-        [m = metrics_](int64_t queries, int64_t calls) { m->RecordBatch(queries, calls); });
-  }
-  if (registry != nullptr) SetRegistry(registry);
-}
-
-void MemoryServiceImpl::SetRegistry(core::BankRegistry* registry) {
-  for (const auto& s : registry->ListBanks()) {
-    metrics_->SetBankSize(s.spec.name, s.patterns, s.bytes);
-  }
-  registry_.store(registry);
-}
-
-absl::Status MemoryServiceImpl::Ready() const {
-  if (registry_.load() == nullptr) {
-    return absl::UnavailableError("engramd is still loading its banks; retry shortly");
-  }
-  return absl::OkStatus();
-}
-
-absl::Status MemoryServiceImpl::Authorize(grpc::ServerContextBase* ctx) const {
-  if (limits_.auth_token.empty()) return absl::OkStatus();
-  const std::string& want = limits_.auth_token;
-  std::string_view got;
-  if (ctx != nullptr) {
-    auto range = ctx->client_metadata().equal_range("authorization");
-    if (range.first != range.second) {
-      got = std::string_view(range.first->second.data(), range.first->second.size());
-    }
-  }
+absl::Status AuthorizeBearer(std::string_view want, std::string_view got) {
+  if (want.empty()) return absl::OkStatus();
   constexpr std::string_view kBearer = "Bearer ";
-  bool ok = got.size() == kBearer.size() + want.size() && got.substr(0, kBearer.size()) == kBearer;
+  const bool ok = got.size() == kBearer.size() + want.size() &&
+                  got.substr(0, kBearer.size()) == kBearer;
   // Constant-time comparison of the token (its length is not secret).
   unsigned char diff = ok ? 0 : 1;
-  const std::string_view token = ok ? got.substr(kBearer.size()) : std::string_view(want);
+  const std::string_view token = ok ? got.substr(kBearer.size()) : want;
   for (size_t i = 0; i < want.size(); ++i) {
     diff |= static_cast<unsigned char>(token[i] ^ want[i]);
   }
@@ -125,18 +130,287 @@ absl::Status MemoryServiceImpl::Authorize(grpc::ServerContextBase* ctx) const {
   return absl::OkStatus();
 }
 
-void MemoryServiceImpl::UpdateBankGauges(const std::string& name) {
-  auto s = registry_.load()->GetBank(name);
+// One Retrieve call's validated queries, and what they get back.
+struct MemoryServiceImpl::RetrieveWork {
+  const v1::RetrieveRequest* req = nullptr;
+  grpc::ServerContextBase* ctx = nullptr;
+  int dim = 0;  // the bank's shape when the call was validated
+  core::StateKind kind = core::StateKind::kContinuous;
+  core::EnergyConfig cfg;
+  core::RetrieveOptions opts;
+  std::vector<char> clamp;  // 0, dim or count * dim flags
+  int64_t count = 0;
+  // Per query, filled as queries finish; `ran` queries have run.
+  std::vector<core::Trajectory> results;
+  std::vector<core::NearestMemory> nearest;
+  std::vector<std::string> payloads;
+  int64_t ran = 0;
+  int64_t remaining = 0;  // queries of a batch not finished yet
+  absl::Status status;
+
+  absl::Span<const float> Query(int64_t q) const {
+    return absl::MakeConstSpan(req->queries().data() + q * dim, dim);
+  }
+  absl::Span<const bool> Clamp(int64_t q) const {
+    const bool* c = reinterpret_cast<const bool*>(clamp.data());
+    if (static_cast<int64_t>(clamp.size()) == dim) return absl::MakeConstSpan(c, dim);
+    if (!clamp.empty()) return absl::MakeConstSpan(c + q * dim, dim);
+    return {};
+  }
+  void Reset() {
+    results.assign(count, {});
+    nearest.assign(count, {});
+    payloads.assign(count, {});
+    ran = 0;
+    remaining = count;
+    status = absl::OkStatus();
+  }
+  // Records query q's result, read on `bank`.
+  void Record(const core::Bank& bank, int64_t q, absl::StatusOr<core::Trajectory> r) {
+    if (!r.ok()) {
+      if (status.ok()) status = r.status();
+      return;
+    }
+    nearest[q] = bank.NearestAt(r->nearest_row, r->state.data());
+    payloads[q] = nearest[q].row >= 0 ? bank.payload(nearest[q].row) : std::string();
+    results[q] = *std::move(r);
+    ran = std::max(ran, q + 1);
+  }
+};
+
+// A queued unary compute call: runs `body` and finishes the reactor.
+class MemoryServiceImpl::UnaryTask : public Scheduler::Task {
+ public:
+  UnaryTask(grpc::CallbackServerContext* ctx, grpc::ServerUnaryReactor* reactor,
+            google::protobuf::Message* resp, std::function<absl::Status()> body)
+      : ctx_(ctx), reactor_(reactor), resp_(resp), body_(std::move(body)) {}
+  bool Cancelled() const override { return ctx_->IsCancelled(); }
+  void Run(Scheduler::Batch&) override { reactor_->Finish(Guarded(resp_, body_)); }
+  void Reject(const absl::Status& s) override {
+    resp_->Clear();
+    reactor_->Finish(ToGrpcStatus(s));
+  }
+
+ private:
+  grpc::CallbackServerContext* ctx_;
+  grpc::ServerUnaryReactor* reactor_;
+  google::protobuf::Message* resp_;
+  std::function<absl::Status()> body_;
+};
+
+// A queued Retrieve call. Sync calls carry a batch key (bank and energy)
+// and run through RunRetrieveBatch; the others run alone.
+class MemoryServiceImpl::RetrieveTask : public Scheduler::Task {
+ public:
+  RetrieveTask(MemoryServiceImpl* service, grpc::CallbackServerContext* ctx,
+               grpc::ServerUnaryReactor* reactor, v1::RetrieveResponse* resp,
+               std::unique_ptr<RetrieveWork> work, std::string key)
+      : service_(service), ctx_(ctx), reactor_(reactor), resp_(resp),
+        work_(std::move(work)), key_(std::move(key)) {}
+  std::string batch_key() const override { return key_; }
+  int64_t queries() const override { return work_->count; }
+  bool Cancelled() const override { return ctx_->IsCancelled(); }
+  void Run(Scheduler::Batch& batch) override {
+    if (!key_.empty()) return service_->RunRetrieveBatch(batch);
+    Answer([&]() -> absl::Status {
+      ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot bank,
+                              service_->registry_.load()->Snapshot(work_->req->bank()));
+      return service_->RunRetrieve(*bank, work_.get());
+    });
+  }
+  void Reject(const absl::Status& s) override {
+    resp_->Clear();
+    reactor_->Finish(ToGrpcStatus(s));
+  }
+  RetrieveWork& work() { return *work_; }
+  // Encodes the answer (or `run`'s error) and finishes the call; nothing
+  // may touch the task's call afterwards.
+  template <typename F>
+  void Answer(F&& run) {
+    reactor_->Finish(Guarded(resp_, [&]() -> absl::Status {
+      ENGRAM_RETURN_IF_ERROR(run());
+      return service_->FinishRetrieve(*work_, resp_);
+    }));
+  }
+
+ private:
+  MemoryServiceImpl* service_;
+  grpc::CallbackServerContext* ctx_;
+  grpc::ServerUnaryReactor* reactor_;
+  v1::RetrieveResponse* resp_;
+  std::unique_ptr<RetrieveWork> work_;
+  std::string key_;
+};
+
+// SampleStream's writer: the executor pushes frames, gRPC writes them one
+// at a time as the client takes them. No lock is held while writing, so a
+// client that stops reading holds only its buffered frames (at most
+// `max_bytes`), never a thread or a bank.
+class MemoryServiceImpl::StreamReactor : public grpc::ServerWriteReactor<v1::SampleFrame> {
+ public:
+  explicit StreamReactor(size_t max_bytes) : max_bytes_(max_bytes) {}
+
+  // Queues a frame; false when the client is gone or reads too slowly (the
+  // buffer is over its bound).
+  bool Push(v1::SampleFrame frame) {
+    bool start = false;
+    {
+      core::MutexLock lock(&mu_);
+      if (gone_) return false;
+      const size_t bytes = frame.ByteSizeLong();
+      if (buffered_ + bytes > max_bytes_ && !outbox_.empty()) {
+        overflow_ = true;
+        return false;
+      }
+      buffered_ += bytes;
+      outbox_.push_back(std::move(frame));
+      start = !writing_;
+      writing_ = writing_ || start;
+    }
+    if (start) StartWrite(&outbox_.front());
+    return true;
+  }
+  bool gone() const {
+    core::MutexLock lock(&mu_);
+    return gone_;
+  }
+  bool overflow() const {
+    core::MutexLock lock(&mu_);
+    return overflow_;
+  }
+  // Ends the stream with `status` once the queued frames are written (at
+  // once if the client is gone). Called once.
+  void Close(grpc::Status status) {
+    bool finish = false;
+    {
+      core::MutexLock lock(&mu_);
+      closed_ = true;
+      final_ = std::move(status);
+      if (gone_ || !final_.ok()) {
+        // Frames not yet handed to gRPC are dropped; one in flight finishes.
+        while (outbox_.size() > (writing_ ? 1u : 0u)) outbox_.pop_back();
+      }
+      finish = !writing_ && !finished_;
+      finished_ = finished_ || finish;
+    }
+    if (finish) Finish(final_);
+  }
+
+  void OnWriteDone(bool ok) override {
+    bool next = false, finish = false;
+    {
+      core::MutexLock lock(&mu_);
+      buffered_ -= outbox_.front().ByteSizeLong();
+      outbox_.pop_front();
+      if (!ok) {
+        gone_ = true;
+        outbox_.clear();
+        buffered_ = 0;
+      }
+      next = !outbox_.empty();
+      writing_ = next;
+      finish = !next && closed_ && !finished_;
+      finished_ = finished_ || finish;
+    }
+    if (next) StartWrite(&outbox_.front());
+    if (finish) Finish(final_);
+  }
+  void OnCancel() override {
+    core::MutexLock lock(&mu_);
+    gone_ = true;
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  const size_t max_bytes_;
+  mutable core::Mutex mu_;
+  // Frames not yet written; the front one is being written while writing_.
+  std::deque<v1::SampleFrame> outbox_ ABSL_GUARDED_BY(mu_);
+  size_t buffered_ ABSL_GUARDED_BY(mu_) = 0;
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool gone_ ABSL_GUARDED_BY(mu_) = false;
+  bool overflow_ ABSL_GUARDED_BY(mu_) = false;
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status final_ ABSL_GUARDED_BY(mu_);
+};
+
+class MemoryServiceImpl::StreamTask : public Scheduler::Task {
+ public:
+  StreamTask(MemoryServiceImpl* service, grpc::CallbackServerContext* ctx,
+             const v1::SampleRequest* req, StreamReactor* reactor)
+      : service_(service), ctx_(ctx), req_(req), reactor_(reactor) {}
+  bool Cancelled() const override { return ctx_->IsCancelled(); }
+  void Run(Scheduler::Batch&) override {
+    v1::SampleResponse result;
+    grpc::Status s = service_->SampleNow(
+        ctx_, req_, &result, [this](v1::SampleFrame f) { return reactor_->Push(std::move(f)); });
+    if (s.ok() && !reactor_->Push(LastSampleFrame(std::move(result)))) {
+      s = ToGrpcStatus(absl::ResourceExhaustedError(
+          "the client reads the stream too slowly; the server's frame buffer is full"));
+    }
+    reactor_->Close(std::move(s));
+  }
+  void Reject(const absl::Status& s) override { reactor_->Close(ToGrpcStatus(s)); }
+
+ private:
+  MemoryServiceImpl* service_;
+  grpc::CallbackServerContext* ctx_;
+  const v1::SampleRequest* req_;
+  StreamReactor* reactor_;
+};
+
+MemoryServiceImpl::MemoryServiceImpl(core::BankRegistry* registry,
+                                     std::shared_ptr<Metrics> metrics,
+                                     ServiceLimits limits)
+    : registry_(nullptr), metrics_(std::move(metrics)), limits_(limits) {
+  SchedulerOptions so = limits_.scheduler;
+  if (so.threads <= 0) so.threads = AvailableCpus();
+  scheduler_ = std::make_unique<Scheduler>(so, metrics_->SchedulerHooks(so.threads));
+  if (registry != nullptr) SetRegistry(registry);
+}
+
+MemoryServiceImpl::~MemoryServiceImpl() { Shutdown(); }
+
+void MemoryServiceImpl::Shutdown() { scheduler_->Shutdown(); }
+
+void MemoryServiceImpl::SetRegistry(core::BankRegistry* registry) {
+  for (const auto& s : registry->ListBanks()) {
+    metrics_->SetBankSize(s.spec.name, s.patterns, s.bytes);
+  }
+  registry_.store(registry);
+}
+
+absl::StatusOr<core::BankRegistry*> MemoryServiceImpl::Begin(grpc::ServerContextBase* ctx,
+                                                             const std::string* bank) const {
+  std::string_view header;
+  if (ctx != nullptr) {
+    auto range = ctx->client_metadata().equal_range("authorization");
+    if (range.first != range.second) {
+      header = std::string_view(range.first->second.data(), range.first->second.size());
+    }
+  }
+  ENGRAM_RETURN_IF_ERROR(AuthorizeBearer(limits_.auth_token, header));
+  core::BankRegistry* registry = registry_.load();
+  if (registry == nullptr) {
+    return absl::UnavailableError("engramd is still loading its banks; retry shortly");
+  }
+  if (bank != nullptr) ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(*bank));
+  return registry;
+}
+
+void MemoryServiceImpl::UpdateBankGauges(core::BankRegistry* registry, const std::string& name) {
+  auto s = registry->GetBank(name);
   if (s.ok()) metrics_->SetBankSize(name, s->patterns, s->bytes);
 }
+
+// --- Banks and patterns (synchronous API) ----------------------------------
 
 grpc::Status MemoryServiceImpl::CreateBank(grpc::ServerContext* ctx,
                                            const v1::CreateBankRequest* req,
                                            v1::BankInfo* resp) {
-  absl::Status s = [&]() -> absl::Status {
-    ENGRAM_RETURN_IF_ERROR(Authorize(ctx));
-    ENGRAM_RETURN_IF_ERROR(Ready());
-    ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->name()));
+  return Guarded(resp, [&]() -> absl::Status {
+    ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->name()));
     if (req->dim() < 1 || req->dim() > static_cast<uint32_t>(core::kMaxDim)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "dim must be in [1, ", core::kMaxDim, "], got ", req->dim()));
@@ -147,603 +421,484 @@ grpc::Status MemoryServiceImpl::CreateBank(grpc::ServerContext* ctx,
     ENGRAM_ASSIGN_OR_RETURN(spec.kind, KindFromProto(req->kind()));
     ENGRAM_ASSIGN_OR_RETURN(spec.energy, EnergyFromProto(req->energy(), spec.kind));
     ENGRAM_ASSIGN_OR_RETURN(spec.precision, PrecisionFromProto(req->precision()));
-    ENGRAM_ASSIGN_OR_RETURN(core::BankSummary summary, registry_.load()->CreateBank(spec));
+    ENGRAM_ASSIGN_OR_RETURN(core::BankSummary summary, registry->CreateBank(spec));
     SummaryToProto(summary, resp);
     metrics_->SetBankSize(spec.name, 0, summary.bytes);
     return absl::OkStatus();
-  }();
-  return ToGrpcStatus(s);
+  });
 }
 
 grpc::Status MemoryServiceImpl::GetBank(grpc::ServerContext* ctx,
-                                        const v1::GetBankRequest* req,
-                                        v1::BankInfo* resp) {
-  absl::Status s = [&]() -> absl::Status {
-    ENGRAM_RETURN_IF_ERROR(Authorize(ctx));
-    ENGRAM_RETURN_IF_ERROR(Ready());
-    ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->name()));
-    ENGRAM_ASSIGN_OR_RETURN(core::BankSummary summary, registry_.load()->GetBank(req->name()));
+                                        const v1::GetBankRequest* req, v1::BankInfo* resp) {
+  return Guarded(resp, [&]() -> absl::Status {
+    ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->name()));
+    ENGRAM_ASSIGN_OR_RETURN(core::BankSummary summary, registry->GetBank(req->name()));
     SummaryToProto(summary, resp);
     return absl::OkStatus();
-  }();
-  return ToGrpcStatus(s);
+  });
 }
 
-grpc::Status MemoryServiceImpl::ListBanks(grpc::ServerContext* ctx,
-                                          const v1::ListBanksRequest*,
+grpc::Status MemoryServiceImpl::ListBanks(grpc::ServerContext* ctx, const v1::ListBanksRequest*,
                                           v1::ListBanksResponse* resp) {
-  if (absl::Status a = Authorize(ctx); !a.ok()) return ToGrpcStatus(a);
-  if (absl::Status a = Ready(); !a.ok()) return ToGrpcStatus(a);
-  for (const auto& summary : registry_.load()->ListBanks()) {
-    SummaryToProto(summary, resp->add_banks());
-  }
-  return grpc::Status::OK;
+  return Guarded(resp, [&]() -> absl::Status {
+    ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, nullptr));
+    for (const auto& summary : registry->ListBanks()) SummaryToProto(summary, resp->add_banks());
+    return absl::OkStatus();
+  });
 }
 
 grpc::Status MemoryServiceImpl::DeleteBank(grpc::ServerContext* ctx,
                                            const v1::DeleteBankRequest* req,
-                                           v1::DeleteBankResponse*) {
-  absl::Status s = [&]() -> absl::Status {
-    ENGRAM_RETURN_IF_ERROR(Authorize(ctx));
-    ENGRAM_RETURN_IF_ERROR(Ready());
-    ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->name()));
-    ENGRAM_RETURN_IF_ERROR(registry_.load()->DeleteBank(req->name()));
+                                           v1::DeleteBankResponse* resp) {
+  return Guarded(resp, [&]() -> absl::Status {
+    ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->name()));
+    ENGRAM_RETURN_IF_ERROR(registry->DeleteBank(req->name()));
     metrics_->RemoveBank(req->name());
     return absl::OkStatus();
-  }();
-  return ToGrpcStatus(s);
+  });
 }
 
-grpc::Status MemoryServiceImpl::Store(grpc::ServerContext* ctx,
-                                      const v1::StoreRequest* req,
+grpc::Status MemoryServiceImpl::Store(grpc::ServerContext* ctx, const v1::StoreRequest* req,
                                       v1::StoreResponse* resp) {
-  absl::Status s = [&]() -> absl::Status {
-    ENGRAM_RETURN_IF_ERROR(Authorize(ctx));
-    ENGRAM_RETURN_IF_ERROR(Ready());
-    ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->bank()));
-    ENGRAM_ASSIGN_OR_RETURN(core::BankSummary info, registry_.load()->GetBank(req->bank()));
+  return Guarded(resp, [&]() -> absl::Status {
+    ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->bank()));
+    ENGRAM_ASSIGN_OR_RETURN(core::BankSummary info, registry->GetBank(req->bank()));
     ENGRAM_RETURN_IF_ERROR(CheckBatch(req->patterns(), info.spec.dim, "patterns",
                                       limits_.max_batch, info.spec.kind)
                                .status());
     std::vector<std::string> payloads(req->payloads().begin(), req->payloads().end());
     ENGRAM_ASSIGN_OR_RETURN(
         core::StoreResult r,
-        registry_.load()->Store(req->bank(),
-                         absl::MakeConstSpan(req->patterns().data(), req->patterns().size()),
-                         absl::MakeConstSpan(req->ids().data(), req->ids().size()),
-                         payloads));
+        registry->Store(req->bank(),
+                        absl::MakeConstSpan(req->patterns().data(), req->patterns().size()),
+                        absl::MakeConstSpan(req->ids().data(), req->ids().size()), payloads));
     resp->mutable_ids()->Add(r.ids.begin(), r.ids.end());
     resp->set_bank_patterns(r.bank_patterns);
-    UpdateBankGauges(req->bank());
+    UpdateBankGauges(registry, req->bank());
     return absl::OkStatus();
-  }();
-  return ToGrpcStatus(s);
+  });
 }
 
 grpc::Status MemoryServiceImpl::DeletePatterns(grpc::ServerContext* ctx,
                                                const v1::DeletePatternsRequest* req,
                                                v1::DeletePatternsResponse* resp) {
-  absl::Status s = [&]() -> absl::Status {
-    ENGRAM_RETURN_IF_ERROR(Authorize(ctx));
-    ENGRAM_RETURN_IF_ERROR(Ready());
-    ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->bank()));
+  return Guarded(resp, [&]() -> absl::Status {
+    ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->bank()));
     if (req->ids_size() > limits_.max_batch) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "ids holds ", req->ids_size(), " entries; the limit per call is ",
-          limits_.max_batch));
+          "ids holds ", req->ids_size(), " entries; the limit per call is ", limits_.max_batch));
     }
     ENGRAM_ASSIGN_OR_RETURN(
         core::DeleteResult r,
-        registry_.load()->DeletePatterns(req->bank(),
-                                  absl::MakeConstSpan(req->ids().data(), req->ids().size())));
+        registry->DeletePatterns(req->bank(),
+                                 absl::MakeConstSpan(req->ids().data(), req->ids().size())));
     resp->set_deleted(r.deleted);
     resp->set_bank_patterns(r.bank_patterns);
-    UpdateBankGauges(req->bank());
+    UpdateBankGauges(registry, req->bank());
     return absl::OkStatus();
-  }();
-  return ToGrpcStatus(s);
+  });
 }
 
 grpc::Status MemoryServiceImpl::GetPatterns(grpc::ServerContext* ctx,
                                             const v1::GetPatternsRequest* req,
                                             v1::GetPatternsResponse* resp) {
-  absl::Status s = [&]() -> absl::Status {
-    ENGRAM_RETURN_IF_ERROR(Authorize(ctx));
-    ENGRAM_RETURN_IF_ERROR(Ready());
-    ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->bank()));
-    if (req->ids_size() > limits_.max_batch || req->page_size() > limits_.max_batch) {
+  return Guarded(resp, [&]() -> absl::Status {
+    ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->bank()));
+    if (req->ids_size() > limits_.max_batch ||
+        req->page_size() > static_cast<uint64_t>(limits_.max_batch)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "at most ", limits_.max_batch, " patterns per GetPatterns call"));
     }
-    return registry_.load()->WithBank(req->bank(), [&](const core::Bank& bank) -> absl::Status {
-      const int n = bank.dim();
-      resp->set_dim(n);
-      auto add_row = [&](int64_t row) {
-        resp->add_ids(bank.id(row));
-        resp->mutable_patterns()->Add(bank.pattern(row), bank.pattern(row) + n);
-        resp->add_payloads(bank.payload(row));
-      };
-      if (req->ids_size() > 0) {
-        for (uint64_t id : req->ids()) {
-          std::optional<int64_t> row = bank.RowOf(id);
-          if (!row.has_value()) {
-            return absl::NotFoundError(absl::StrCat(
-                "id ", id, " is not in bank '", req->bank(), "'"));
-          }
-          add_row(*row);
+    ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot bank, registry->Snapshot(req->bank()));
+    const int n = bank->dim();
+    resp->set_dim(n);
+    auto add_row = [&](int64_t row) {
+      resp->add_ids(bank->id(row));
+      resp->mutable_patterns()->Add(bank->pattern(row), bank->pattern(row) + n);
+      resp->add_payloads(bank->payload(row));
+    };
+    const uint64_t size = static_cast<uint64_t>(bank->size());
+    if (req->ids_size() > 0) {
+      for (uint64_t id : req->ids()) {
+        std::optional<int64_t> row = bank->RowOf(id);
+        if (!row.has_value()) {
+          return absl::NotFoundError(absl::StrCat("id ", id, " is not in bank '", req->bank(), "'"));
         }
-        resp->set_next_page_start(bank.size());
-        return absl::OkStatus();
+        add_row(*row);
       }
-      const int64_t size = req->page_size() == 0 ? 1000 : req->page_size();
-      const int64_t start = std::min<int64_t>(req->page_start(), bank.size());
-      const int64_t end = std::min<int64_t>(bank.size(), start + size);
-      for (int64_t row = start; row < end; ++row) add_row(row);
-      resp->set_next_page_start(end);
+      resp->set_next_page_start(size);
       return absl::OkStatus();
-    });
-  }();
-  if (!s.ok()) resp->Clear();
-  return ToGrpcStatus(s);
-}
-
-namespace {
-
-// One Retrieve call's queries inside a dynamic batch, and what it gets back.
-struct RetrieveWork {
-  const v1::RetrieveRequest* req = nullptr;
-  int dim = 0;  // the bank's dimension when the call was validated
-  core::RetrieveOptions opts;
-  std::unique_ptr<bool[]> clamp;
-  int64_t mask = 0;
-  int64_t count = 0;
-  std::vector<core::Trajectory> results;
-  std::vector<core::NearestMemory> nearest;
-  std::vector<std::string> payloads;
-};
-
-std::string EnergyKey(const core::EnergyConfig& c) {
-  return absl::StrCat(static_cast<int>(c.family), ",", c.degree, ",", c.rectified, ",",
-                      absl::StrFormat("%a", c.beta), ",", static_cast<int>(c.similarity), ",",
-                      static_cast<int>(c.separation));
-}
-
-// Runs the queries of `works` on `bank`: the sync dynamics of every query
-// of every call in one RunSyncBatch, other dynamics one query at a time.
-// `on_work_done(w, status)`, when set, is called as soon as all of w's
-// queries are final (a batch keeps running for the others); after it the
-// work is not touched again. `admit_works(running)`, when set (sync only),
-// is asked at every step boundary for works that join the running batch.
-absl::Status RunRetrieveWorks(
-    const core::Bank& bank, const core::EnergyConfig& cfg, absl::Span<RetrieveWork* const> works,
-    const std::function<void(RetrieveWork*, const absl::Status&)>& on_work_done = nullptr,
-    const std::function<std::vector<RetrieveWork*>(int64_t running)>& admit_works = nullptr) {
-  const int n = bank.dim();
-  core::EnergyFunction energy(cfg, bank.view());
-  std::vector<core::BatchQuery> batch;
-  std::vector<std::pair<RetrieveWork*, int64_t>> owner;  // slot -> (work, index)
-  std::vector<int64_t> remaining, first;  // per work: queries left, first slot
-  std::vector<absl::Status> status;
-  // Registers a work; false (and the work answered) when the bank changed
-  // shape since the call was validated.
-  auto enroll = [&](RetrieveWork* w, std::vector<core::BatchQuery>* out) {
-    const int64_t wi = static_cast<int64_t>(status.size());
-    status.emplace_back();
-    remaining.push_back(w->count);
-    first.push_back(static_cast<int64_t>(owner.size()));
-    w->results.resize(w->count);
-    w->nearest.resize(w->count);
-    w->payloads.resize(w->count);
-    if (w->dim != n) {
-      status[wi] = absl::AbortedError(absl::StrCat(
-          "bank '", w->req->bank(), "' was replaced while the call waited; retry"));
-      remaining[wi] = 0;
-      if (on_work_done) on_work_done(w, status[wi]);
-      return false;
     }
-    for (int64_t q = 0; q < w->count; ++q) {
-      absl::Span<const bool> c;
-      if (w->mask == n) c = absl::MakeConstSpan(w->clamp.get(), n);
-      if (w->mask == w->count * n && w->mask != 0) {
-        c = absl::MakeConstSpan(w->clamp.get() + q * n, n);
-      }
-      out->push_back({absl::MakeConstSpan(w->req->queries().data() + q * n, n), c, &w->opts});
-      owner.push_back({w, wi});
-    }
-    return true;
-  };
-  for (RetrieveWork* w : works) enroll(w, &batch);
-  if (works.front()->opts.dynamics == core::Dynamics::kSync) {
-    std::function<std::vector<core::BatchQuery>(int64_t)> admit;
-    if (admit_works) {
-      admit = [&](int64_t running) {
-        std::vector<core::BatchQuery> joined;
-        for (RetrieveWork* w : admit_works(running)) enroll(w, &joined);
-        return joined;
-      };
-    }
-    core::RunSyncBatch(energy, bank.spec().kind, batch,
-                       [&](size_t slot, absl::StatusOr<core::Trajectory>& r) {
-      const int64_t wi = owner[slot].second;
-      RetrieveWork* w = owner[slot].first;
-      const int64_t q = static_cast<int64_t>(slot) - first[wi];
-      if (!r.ok()) {
-        if (status[wi].ok()) status[wi] = r.status();
-      } else {
-        const core::NearestMemory m = bank.NearestAt(r->nearest_row, r->state.data());
-        w->payloads[q] = m.row >= 0 ? bank.payload(m.row) : std::string();
-        w->nearest[q] = m;
-        w->results[q] = std::move(*r);
-      }
-      if (--remaining[wi] == 0 && on_work_done) on_work_done(w, status[wi]);
-    }, admit);
-    if (on_work_done) return absl::OkStatus();
-    for (const absl::Status& st : status) ENGRAM_RETURN_IF_ERROR(st);
-    return absl::OkStatus();
-  }
-  // Other dynamics, one query at a time (never batched across calls).
-  for (const absl::Status& st : status) ENGRAM_RETURN_IF_ERROR(st);
-  for (RetrieveWork* w : works) {
-    w->results.clear();
-    w->nearest.clear();
-    w->payloads.clear();
-  }
-  std::vector<absl::StatusOr<core::Trajectory>> results;
-  for (const core::BatchQuery& q : batch) {
-    results.push_back(core::RunDynamics(energy, bank.spec().kind, q.query, q.clamp, *q.options));
-    // Remaining queries are not started once the deadline has passed.
-    if (results.back().ok() && results.back()->stop_reason == core::StopReason::kDeadline) break;
-  }
-  size_t at = 0;
-  absl::Status st;
-  for (RetrieveWork* w : works) {
-    for (int64_t q = 0; q < w->count && at < results.size(); ++q, ++at) {
-      if (!results[at].ok()) {
-        st = results[at].status();
-        break;
-      }
-      core::Trajectory t = std::move(*results[at]);
-      const core::NearestMemory m = bank.NearestAt(t.nearest_row, t.state.data());
-      w->payloads.push_back(m.row >= 0 ? bank.payload(m.row) : std::string());
-      w->nearest.push_back(m);
-      w->results.push_back(std::move(t));
-    }
-    if (on_work_done) on_work_done(w, st);
-  }
-  return st;
-}
-
-}  // namespace
-
-bool MemoryServiceImpl::SmallRetrieve(const v1::RetrieveRequest* req) const {
-  // Work bound: queries x patterns x dimension x steps multiply-adds.
-  constexpr double kSmallWork = 4e6;
-  core::BankRegistry* registry = registry_.load();
-  if (registry == nullptr) return true;  // answered UNAVAILABLE at once
-  const double steps = req->options().max_steps() == 0 ? 100.0 : req->options().max_steps();
-  double work = 0.0;
-  const absl::Status s = registry->WithBank(req->bank(), [&](const core::Bank& bank) {
-    work = static_cast<double>(req->queries_size()) * static_cast<double>(bank.size()) * steps;
+    // Unsigned and clamped: a start past the end (up to 2^64 - 1) gives an
+    // empty page at the end.
+    const uint64_t page = req->page_size() == 0 ? 1000 : req->page_size();
+    const uint64_t start = std::min<uint64_t>(req->page_start(), size);
+    const uint64_t end = start + std::min<uint64_t>(page, size - start);
+    for (uint64_t row = start; row < end; ++row) add_row(static_cast<int64_t>(row));
+    resp->set_next_page_start(end);
     return absl::OkStatus();
   });
-  return !s.ok() || work <= kSmallWork;  // errors are answered at once too
-}
-
-MemoryServiceImpl::~MemoryServiceImpl() {
-  core::MutexLock lock(&threads_mu_);
-  while (threads_running_ > 0) threads_done_.Wait(&threads_mu_);
-}
-
-grpc::ServerUnaryReactor* MemoryServiceImpl::Retrieve(grpc::CallbackServerContext* ctx,
-                                                      const v1::RetrieveRequest* req,
-                                                      v1::RetrieveResponse* resp) {
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  if (!SmallRetrieve(req)) {
-    try {
-      {
-        core::MutexLock lock(&threads_mu_);
-        ++threads_running_;
-      }
-      // Nothing may touch the call after Finish: the thread ends there,
-      // leaving only its count, which the destructor waits on.
-      try {
-        std::thread([this, ctx, req, resp, reactor] {
-          reactor->Finish(RetrieveNow(ctx, req, resp));
-          core::MutexLock lock(&threads_mu_);
-          if (--threads_running_ == 0) threads_done_.SignalAll();
-        }).detach();
-      } catch (...) {
-        core::MutexLock lock(&threads_mu_);
-        --threads_running_;
-        throw;
-      }
-      return reactor;
-    } catch (const std::system_error&) {
-      // No thread to be had: answer on this one.
-    }
-  }
-  reactor->Finish(RetrieveNow(ctx, req, resp));
-  return reactor;
-}
-
-grpc::Status MemoryServiceImpl::RetrieveNow(grpc::ServerContextBase* ctx,
-                                            const v1::RetrieveRequest* req,
-                                            v1::RetrieveResponse* resp) {
-  absl::Status s = [&]() -> absl::Status {
-    ENGRAM_RETURN_IF_ERROR(Authorize(ctx));
-    ENGRAM_RETURN_IF_ERROR(Ready());
-    ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->bank()));
-    RetrieveWork work;
-    work.req = req;
-    ENGRAM_ASSIGN_OR_RETURN(work.opts, OptionsFromProto(req->options()));
-    work.opts.should_stop = [ctx] { return DeadlinePassed(ctx); };
-    core::EnergyConfig cfg;
-    int dim = 0;
-    core::StateKind kind = core::StateKind::kContinuous;
-    core::BankRegistry* registry = registry_.load();
-    // Validation against the bank as it is now; a batch re-checks the
-    // dimension when it runs.
-    auto validate = [&](const core::Bank& bank) -> absl::Status {
-      const int n = bank.dim();
-      ENGRAM_ASSIGN_OR_RETURN(work.count, CheckBatch(req->queries(), n, "queries",
-                                                     limits_.max_batch, bank.spec().kind));
-      work.mask = req->clamp_size();
-      if (work.mask != 0 && work.mask != n && work.mask != work.count * n) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "clamp has ", work.mask, " entries; expected 0, ", n, " (one mask for all "
-            "queries) or ", work.count * n, " (one per query)"));
-      }
-      ENGRAM_ASSIGN_OR_RETURN(cfg, ResolveEnergy(req->has_energy(), req->energy(), bank));
-      ENGRAM_RETURN_IF_ERROR(core::ValidateRetrieveOptions(work.opts, bank.spec().kind));
-      if (bank.size() == 0) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "bank '", bank.spec().name, "' is empty; store patterns first"));
-      }
-      dim = n;
-      work.dim = n;
-      kind = bank.spec().kind;
-      return absl::OkStatus();
-    };
-    const bool batched = batcher_ != nullptr && work.opts.dynamics == core::Dynamics::kSync;
-    if (!batched) {
-      ENGRAM_RETURN_IF_ERROR(registry->WithBank(req->bank(), [&](const core::Bank& bank) {
-        ENGRAM_RETURN_IF_ERROR(validate(bank));
-        work.clamp.reset(new bool[work.mask]);
-        for (int64_t i = 0; i < work.mask; ++i) work.clamp[i] = req->clamp(i);
-        RetrieveWork* one = &work;
-        return RunRetrieveWorks(bank, cfg, absl::MakeConstSpan(&one, 1));
-      }));
-    } else {
-      ENGRAM_RETURN_IF_ERROR(registry->WithBank(req->bank(), validate));
-      work.clamp.reset(new bool[work.mask]);
-      for (int64_t i = 0; i < work.mask; ++i) work.clamp[i] = req->clamp(i);
-      RetrieveBatcher::Call call;
-      call.queries = work.count;
-      call.payload = &work;
-      const std::string key = absl::StrCat(req->bank(), "|", EnergyKey(cfg));
-      ENGRAM_RETURN_IF_ERROR(batcher_->Run(
-          key, &call,
-          [&](absl::Span<RetrieveBatcher::Call* const> calls,
-              const std::function<void(RetrieveBatcher::Call*)>& complete,
-              const RetrieveBatcher::TakeMore& take_more) {
-            std::vector<RetrieveWork*> works;
-            absl::flat_hash_map<RetrieveWork*, RetrieveBatcher::Call*> call_of;
-            for (RetrieveBatcher::Call* c : calls) {
-              works.push_back(static_cast<RetrieveWork*>(c->payload));
-              call_of[works.back()] = c;
-            }
-            // Continuous batching: calls queued meanwhile join at a step
-            // boundary, up to max_batch queries running.
-            const int64_t max_batch = batcher_->options().max_batch;
-            auto admit = [&](int64_t running) {
-              std::vector<RetrieveWork*> joined;
-              if (running >= max_batch) return joined;
-              for (RetrieveBatcher::Call* c : take_more(max_batch - running)) {
-                joined.push_back(static_cast<RetrieveWork*>(c->payload));
-                call_of[joined.back()] = c;
-              }
-              return joined;
-            };
-            // Each caller is answered as soon as its own queries are done.
-            const absl::Status st = registry->WithBank(req->bank(), [&](const core::Bank& bank) {
-              if (bank.dim() != dim || bank.spec().kind != kind) {
-                return absl::AbortedError(absl::StrCat(
-                    "bank '", req->bank(), "' was replaced while the call waited; retry"));
-              }
-              return RunRetrieveWorks(bank, cfg, works,
-                                      [&](RetrieveWork* w, const absl::Status& ws) {
-                                        RetrieveBatcher::Call* c = call_of[w];
-                                        c->status = ws;
-                                        call_of.erase(w);
-                                        complete(c);
-                                      },
-                                      admit);
-            });
-            for (auto& [w, c] : call_of) c->status = st.ok() ? absl::InternalError("not run") : st;
-          }));
-    }
-    core::Dynamics dynamics = work.opts.dynamics;
-    for (size_t q = 0; q < work.results.size(); ++q) {
-      const core::Trajectory& t = work.results[q];
-      metrics_->RecordRetrieval(req->bank(), dynamics, t);
-      auto* out = resp->add_results();
-      out->mutable_state()->Add(t.state.begin(), t.state.end());
-      const core::NearestMemory& m = work.nearest[q];
-      if (m.row >= 0) {
-        auto* mem = out->mutable_nearest();
-        mem->set_id(m.id);
-        mem->set_payload(work.payloads[q]);
-        mem->set_distance(m.distance);
-        mem->set_similarity(m.similarity);
-      }
-      out->set_energy_start(t.energy_start);
-      out->set_energy_end(t.energy_end);
-      out->mutable_energy_trace()->Add(t.energy_trace.begin(), t.energy_trace.end());
-      out->set_steps(t.steps);
-      out->set_converged(t.converged());
-      out->set_stop_reason(StopReasonToProto(t.stop_reason));
-      out->set_lyapunov_violations(t.lyapunov_violations);
-      if (t.stop_reason == core::StopReason::kDeadline &&
-          !req->options().partial_on_deadline()) {
-        return absl::DeadlineExceededError(absl::StrCat(
-            "deadline passed after ", t.steps, " steps of query ", q, " of ", work.count,
-            "; set options.partial_on_deadline to receive partial states"));
-      }
-    }
-    return absl::OkStatus();
-  }();
-  if (!s.ok()) resp->Clear();
-  return ToGrpcStatus(s);
 }
 
 grpc::Status MemoryServiceImpl::Backup(grpc::ServerContext* ctx, const v1::BackupRequest* req,
                                        v1::BackupResponse* resp) {
-  absl::Status s = [&]() -> absl::Status {
-    ENGRAM_RETURN_IF_ERROR(Authorize(ctx));
-    ENGRAM_RETURN_IF_ERROR(Ready());
+  return Guarded(resp, [&]() -> absl::Status {
+    ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, nullptr));
     // The bank-name grammar: no '/', no leading '.', so never outside backup_dir.
     if (auto v = core::ValidateBankName(req->file()); !v.ok()) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "backup file name must match [a-z0-9][a-z0-9_.-]{0,63}, got '", req->file(), "'"));
+          "backup file name must match [a-z0-9][a-z0-9_.-]{0,63}, got '", Quote(req->file()),
+          "'"));
     }
     if (limits_.backup_dir.empty()) return absl::FailedPreconditionError("backups are disabled");
     std::error_code ec;
     std::filesystem::create_directories(limits_.backup_dir, ec);
     if (ec) return absl::UnavailableError(absl::StrCat("backup directory: ", ec.message()));
     const std::string path = (std::filesystem::path(limits_.backup_dir) / req->file()).string();
-    const size_t banks = registry_.load()->ListBanks().size();
-    ENGRAM_RETURN_IF_ERROR(registry_.load()->Backup(path));
+    const size_t banks = registry->ListBanks().size();
+    ENGRAM_RETURN_IF_ERROR(registry->Backup(path));
     resp->set_path(path);
     resp->set_bytes(std::filesystem::file_size(path, ec));
     resp->set_banks(static_cast<uint32_t>(banks));
     return absl::OkStatus();
-  }();
-  if (!s.ok()) resp->Clear();
-  return ToGrpcStatus(s);
+  });
 }
 
-absl::Status MemoryServiceImpl::RunSample(grpc::ServerContext* ctx,
-                                          const v1::SampleRequest* req,
-                                          v1::SampleResponse* resp,
-                                          grpc::ServerWriter<v1::SampleFrame>* writer) {
-  ENGRAM_RETURN_IF_ERROR(Authorize(ctx));
-  ENGRAM_RETURN_IF_ERROR(Ready());
-  ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->bank()));
+// --- Compute (callback API, scheduler) --------------------------------------
+
+bool MemoryServiceImpl::Inline(core::BankRegistry* registry, const std::string& bank,
+                               const std::function<double(int dim)>& vectors) const {
+  if (limits_.inline_work <= 0) return false;
+  absl::StatusOr<core::BankSnapshot> b = registry->Snapshot(bank);
+  if (!b.ok()) return true;  // answered at once
+  const int dim = (*b)->dim();
+  return vectors(dim) * static_cast<double>((*b)->size()) * dim <= limits_.inline_work;
+}
+
+absl::Time MemoryServiceImpl::QueueDeadline(const grpc::CallbackServerContext* ctx,
+                                            uint32_t timeout_ms) const {
+  absl::Time deadline = absl::InfiniteFuture();
+  if (ctx->deadline() != std::chrono::system_clock::time_point::max()) {
+    deadline = absl::FromChrono(ctx->deadline());
+  }
+  const absl::Duration timeout =
+      timeout_ms > 0 ? absl::Milliseconds(timeout_ms) : limits_.queue_timeout;
+  if (timeout > absl::ZeroDuration()) deadline = std::min(deadline, absl::Now() + timeout);
+  return deadline;
+}
+
+absl::StatusOr<std::unique_ptr<MemoryServiceImpl::RetrieveWork>>
+MemoryServiceImpl::PrepareRetrieve(grpc::ServerContextBase* ctx, const v1::RetrieveRequest* req) {
+  ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->bank()));
+  auto work = std::make_unique<RetrieveWork>();
+  work->req = req;
+  work->ctx = ctx;
+  ENGRAM_ASSIGN_OR_RETURN(work->opts, OptionsFromProto(req->options()));
+  work->opts.should_stop = [ctx] { return DeadlinePassed(ctx); };
+  ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot bank, registry->Snapshot(req->bank()));
+  const int n = bank->dim();
+  ENGRAM_ASSIGN_OR_RETURN(work->count, CheckBatch(req->queries(), n, "queries",
+                                                  limits_.max_batch, bank->spec().kind));
+  const int64_t mask = req->clamp_size();
+  if (mask != 0 && mask != n && mask != work->count * n) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "clamp has ", mask, " entries; expected 0, ", n, " (one mask for all queries) or ",
+        work->count * n, " (one per query)"));
+  }
+  ENGRAM_ASSIGN_OR_RETURN(work->cfg, ResolveEnergy(req->has_energy(), req->energy(), *bank));
+  ENGRAM_RETURN_IF_ERROR(core::ValidateRetrieveOptions(work->opts, bank->spec().kind));
+  if (bank->size() == 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("bank '", bank->spec().name, "' is empty; store patterns first"));
+  }
+  work->dim = n;
+  work->kind = bank->spec().kind;
+  work->clamp.assign(req->clamp().begin(), req->clamp().end());
+  return work;
+}
+
+absl::Status MemoryServiceImpl::RunRetrieve(const core::Bank& bank, RetrieveWork* w) {
+  if (bank.dim() != w->dim || bank.spec().kind != w->kind) return BankReplaced(w->req->bank());
+  if (bank.size() == 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("bank '", bank.spec().name, "' is empty; store patterns first"));
+  }
+  w->Reset();
+  core::EnergyFunction energy(w->cfg, bank.view());
+  if (w->opts.dynamics == core::Dynamics::kSync) {
+    core::SyncBatch batch(energy, w->kind, [&](uint64_t q, absl::StatusOr<core::Trajectory> r) {
+      w->Record(bank, static_cast<int64_t>(q), std::move(r));
+    });
+    for (int64_t q = 0; q < w->count; ++q) batch.Admit(q, {w->Query(q), w->Clamp(q), &w->opts});
+    while (!batch.empty()) batch.Step();
+    return absl::OkStatus();
+  }
+  for (int64_t q = 0; q < w->count; ++q) {
+    absl::StatusOr<core::Trajectory> r =
+        core::RunDynamics(energy, w->kind, w->Query(q), w->Clamp(q), w->opts);
+    const bool deadline = r.ok() && r->stop_reason == core::StopReason::kDeadline;
+    w->Record(bank, q, std::move(r));
+    // Remaining queries are not started once the deadline has passed.
+    if (deadline || !w->status.ok()) break;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status MemoryServiceImpl::FinishRetrieve(RetrieveWork& w, v1::RetrieveResponse* resp) {
+  ENGRAM_RETURN_IF_ERROR(w.status);
+  const std::string& bank = w.req->bank();
+  for (int64_t q = 0; q < w.ran; ++q) {
+    const core::Trajectory& t = w.results[q];
+    metrics_->RecordRetrieval(bank, w.opts.dynamics, t);
+    RetrievalToProto(t, w.nearest[q], w.payloads[q], resp->add_results());
+    if (t.stop_reason == core::StopReason::kDeadline && !w.req->options().partial_on_deadline()) {
+      return absl::DeadlineExceededError(absl::StrCat(
+          "deadline passed after ", t.steps, " steps of query ", q, " of ", w.count,
+          "; set options.partial_on_deadline to receive partial states"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+void MemoryServiceImpl::RunRetrieveBatch(Scheduler::Batch& batch) {
+  auto* lead = static_cast<RetrieveTask*>(batch.tasks().front());
+  const std::string bank_name = lead->work().req->bank();
+  core::BankRegistry* registry = registry_.load();
+  auto fail_all = [&](const absl::Status& s) {
+    for (Scheduler::Task* t : std::vector<Scheduler::Task*>(batch.tasks())) {
+      static_cast<RetrieveTask*>(t)->Answer([&] { return s; });
+      batch.Release(t);
+    }
+  };
+  absl::StatusOr<core::BankSnapshot> pinned = registry->Snapshot(bank_name);
+  if (!pinned.ok()) return fail_all(pinned.status());
+  const core::Bank& bank = **pinned;
+  // Copied: the lead task is released (freed) when its queries finish.
+  const core::EnergyConfig cfg = lead->work().cfg;
+  const core::StateKind kind = lead->work().kind;
+  if (bank.size() == 0) {
+    return fail_all(absl::FailedPreconditionError(
+        absl::StrCat("bank '", bank_name, "' is empty; store patterns first")));
+  }
+  core::EnergyFunction energy(cfg, bank.view());
+  // Slot tag -> (task, query); entries leave as queries finish.
+  absl::flat_hash_map<uint64_t, std::pair<RetrieveTask*, int64_t>> owner;
+  uint64_t next_tag = 0;
+  core::SyncBatch sync(energy, kind, [&](uint64_t tag, absl::StatusOr<core::Trajectory> r) {
+    auto it = owner.find(tag);
+    auto [task, q] = it->second;
+    owner.erase(it);
+    RetrieveWork& w = task->work();
+    w.Record(bank, q, std::move(r));
+    if (--w.remaining == 0) {
+      task->Answer([] { return absl::OkStatus(); });
+      batch.Release(task);
+    }
+  });
+  auto admit = [&](Scheduler::Task* t) {
+    auto* task = static_cast<RetrieveTask*>(t);
+    RetrieveWork& w = task->work();
+    if (bank.dim() != w.dim || bank.spec().kind != w.kind) {
+      task->Answer([&] { return BankReplaced(bank_name); });
+      batch.Release(task);
+      return;
+    }
+    w.Reset();
+    for (int64_t q = 0; q < w.count; ++q) {
+      owner[next_tag] = {task, q};
+      sync.Admit(next_tag++, {w.Query(q), w.Clamp(q), &w.opts});
+    }
+  };
+  for (Scheduler::Task* t : std::vector<Scheduler::Task*>(batch.tasks())) admit(t);
+  const int64_t max_queries = scheduler_->options().max_batch_queries;
+  while (!sync.empty()) {
+    // Calls queued meanwhile join at the step boundary while the pinned
+    // version is still current (later ones wait for a batch that sees the
+    // newer version: a call never reads a bank older than when it came).
+    if (sync.size() < max_queries && registry->IsCurrent(bank_name, *pinned)) {
+      for (Scheduler::Task* t : batch.TakeMore(max_queries - sync.size())) admit(t);
+    }
+    sync.Step();
+  }
+}
+
+grpc::ServerUnaryReactor* MemoryServiceImpl::Retrieve(grpc::CallbackServerContext* ctx,
+                                                      const v1::RetrieveRequest* req,
+                                                      v1::RetrieveResponse* resp) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  std::unique_ptr<RetrieveWork> work;
+  grpc::Status prepared = Guarded(resp, [&]() -> absl::Status {
+    ENGRAM_ASSIGN_OR_RETURN(work, PrepareRetrieve(ctx, req));
+    return absl::OkStatus();
+  });
+  if (!prepared.ok()) {
+    reactor->Finish(prepared);
+    return reactor;
+  }
+  const bool sync = work->opts.dynamics == core::Dynamics::kSync;
+  if (Inline(registry_.load(), req->bank(), [&](int) { return double(work->count); })) {
+    RetrieveTask task(this, ctx, reactor, resp, std::move(work), {});
+    task.Answer([&]() -> absl::Status {
+      ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot bank, registry_.load()->Snapshot(req->bank()));
+      return RunRetrieve(*bank, &task.work());
+    });
+    return reactor;
+  }
+  std::string key;
+  if (sync && limits_.batching) key = absl::StrCat("retrieve|", req->bank(), "|", EnergyKey(work->cfg));
+  auto task = std::make_unique<RetrieveTask>(this, ctx, reactor, resp, std::move(work), key);
+  task->queue_deadline = QueueDeadline(ctx, req->queue_timeout_ms());
+  scheduler_->Submit(std::move(task));
+  return reactor;
+}
+
+grpc::Status MemoryServiceImpl::RetrieveNow(grpc::ServerContextBase* ctx,
+                                            const v1::RetrieveRequest* req,
+                                            v1::RetrieveResponse* resp) {
+  return Guarded(resp, [&]() -> absl::Status {
+    ENGRAM_ASSIGN_OR_RETURN(std::unique_ptr<RetrieveWork> work, PrepareRetrieve(ctx, req));
+    ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot bank, registry_.load()->Snapshot(req->bank()));
+    ENGRAM_RETURN_IF_ERROR(RunRetrieve(*bank, work.get()));
+    return FinishRetrieve(*work, resp);
+  });
+}
+
+absl::Status MemoryServiceImpl::RunEnergy(grpc::ServerContextBase* ctx,
+                                          const v1::EnergyRequest* req,
+                                          v1::EnergyResponse* resp) {
+  ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->bank()));
+  ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot bank, registry->Snapshot(req->bank()));
+  const int n = bank->dim();
+  // States for Energy may be any finite vector, also on bipolar banks.
+  ENGRAM_ASSIGN_OR_RETURN(int64_t b, CheckBatch(req->states(), n, "states", limits_.max_batch,
+                                                core::StateKind::kContinuous));
+  ENGRAM_ASSIGN_OR_RETURN(core::EnergyConfig cfg,
+                          ResolveEnergy(req->has_energy(), req->energy(), *bank));
+  core::EnergyFunction energy(cfg, bank->view());
+  std::vector<float> grad(n);
+  for (int64_t q = 0; q < b; ++q) {
+    if (q % 64 == 63 && DeadlinePassed(ctx)) {
+      return absl::DeadlineExceededError(
+          absl::StrCat("deadline passed after ", q, " of ", b, " states"));
+    }
+    const float* x = req->states().data() + q * n;
+    if (req->return_gradient()) {
+      resp->add_energies(energy.ValueAndGradient(x, grad.data()));
+      resp->mutable_gradients()->Add(grad.begin(), grad.end());
+    } else {
+      resp->add_energies(energy.Value(x));
+    }
+  }
+  return absl::OkStatus();
+}
+
+grpc::Status MemoryServiceImpl::EnergyNow(grpc::ServerContextBase* ctx,
+                                          const v1::EnergyRequest* req,
+                                          v1::EnergyResponse* resp) {
+  return Guarded(resp, [&] { return RunEnergy(ctx, req, resp); });
+}
+
+grpc::ServerUnaryReactor* MemoryServiceImpl::Energy(grpc::CallbackServerContext* ctx,
+                                                    const v1::EnergyRequest* req,
+                                                    v1::EnergyResponse* resp) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  core::BankRegistry* registry = registry_.load();
+  if (registry == nullptr || Inline(registry, req->bank(), [&](int dim) {
+        return static_cast<double>(req->states_size()) / dim;
+      })) {
+    reactor->Finish(EnergyNow(ctx, req, resp));  // small, or failing at once
+    return reactor;
+  }
+  auto task = std::make_unique<UnaryTask>(
+      ctx, reactor, resp, [this, ctx, req, resp] { return RunEnergy(ctx, req, resp); });
+  task->queue_deadline = QueueDeadline(ctx, req->queue_timeout_ms());
+  scheduler_->Submit(std::move(task));
+  return reactor;
+}
+
+absl::Status MemoryServiceImpl::RunSample(grpc::ServerContextBase* ctx,
+                                          const v1::SampleRequest* req, v1::SampleResponse* resp,
+                                          const FrameSink& on_frame) {
+  ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->bank()));
   const auto start = std::chrono::steady_clock::now();
   const int64_t count = req->count() == 0 ? 1 : req->count();
   if (count > limits_.max_batch) {
     return absl::InvalidArgumentError(absl::StrCat(
         "count is ", count, "; the limit per call is ", limits_.max_batch));
   }
-  std::string sampler_name;
+  ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot bank, registry->Snapshot(req->bank()));
+  const int n = bank->dim();
+  ENGRAM_ASSIGN_OR_RETURN(core::SampleOptions o, SampleOptionsFromProto(*req, bank->spec().kind));
+  const std::string sampler_name = core::SamplerName(o.sampler);
+  if (!req->query().empty()) {
+    ENGRAM_RETURN_IF_ERROR(
+        CheckBatch(req->query(), n, "query", count, bank->spec().kind).status());
+  }
+  ENGRAM_ASSIGN_OR_RETURN(core::EnergyConfig cfg,
+                          ResolveEnergy(req->has_energy(), req->energy(), *bank));
+  bool sink_full = false;
+  o.should_stop = [ctx, &sink_full] { return sink_full || DeadlinePassed(ctx); };
+  const int every = std::max(1, o.trajectory_every);
+  if (on_frame) {
+    o.on_step = [&](int step, double sigma, const std::vector<std::vector<float>>& xs) {
+      if (step % every != 0 || sink_full) return;
+      sink_full = !on_frame(SampleFrameToProto(step, sigma, xs));
+    };
+  }
+  std::vector<char> clamp(req->clamp().begin(), req->clamp().end());
+  ENGRAM_ASSIGN_OR_RETURN(
+      core::SampleBatch batch,
+      core::Sample(*bank, cfg, static_cast<int>(count),
+                   absl::MakeConstSpan(req->query().data(), req->query_size()),
+                   absl::MakeConstSpan(reinterpret_cast<const bool*>(clamp.data()), clamp.size()),
+                   o));
+  if (sink_full) {
+    return absl::ResourceExhaustedError(
+        "the client reads the stream too slowly; the server's frame buffer is full");
+  }
+  if (batch.deadline) {
+    return absl::DeadlineExceededError(absl::StrCat(
+        "deadline passed after ", batch.steps, " of ", batch.sigmas.size() - 1,
+        " sampling steps"));
+  }
+  SampleBatchToProto(batch, resp);
   std::vector<std::string> classes;
-  int steps = 0;
-  ENGRAM_RETURN_IF_ERROR(registry_.load()->WithBank(req->bank(), [&](const core::Bank& bank)
-                                                              -> absl::Status {
-    const int n = bank.dim();
-    ENGRAM_ASSIGN_OR_RETURN(core::SampleOptions o,
-                            SampleOptionsFromProto(*req, bank.spec().kind));
-    sampler_name = core::SamplerName(o.sampler);
-    if (!req->query().empty()) {
-      ENGRAM_RETURN_IF_ERROR(CheckBatch(req->query(), n, "query", count, bank.spec().kind)
-                                 .status());
-    }
-    ENGRAM_ASSIGN_OR_RETURN(core::EnergyConfig cfg,
-                            ResolveEnergy(req->has_energy(), req->energy(), bank));
-    o.should_stop = [ctx] { return DeadlinePassed(ctx); };
-    const int every = std::max(1, o.trajectory_every);
-    if (writer != nullptr) {
-      o.on_step = [&](int step, double sigma, const std::vector<std::vector<float>>& xs) {
-        if (step % every != 0) return;
-        v1::SampleFrame frame;
-        frame.set_step(step);
-        frame.set_sigma(sigma);
-        for (const auto& x : xs) frame.mutable_states()->Add(x.begin(), x.end());
-        writer->Write(frame);
-      };
-    }
-    std::unique_ptr<bool[]> clamp(new bool[req->clamp_size()]);
-    for (int i = 0; i < req->clamp_size(); ++i) clamp[i] = req->clamp(i);
-    ENGRAM_ASSIGN_OR_RETURN(
-        core::SampleBatch batch,
-        core::Sample(bank, cfg, static_cast<int>(count),
-                     absl::MakeConstSpan(req->query().data(), req->query_size()),
-                     absl::MakeConstSpan(clamp.get(), req->clamp_size()), o));
-    if (batch.deadline) {
-      return absl::DeadlineExceededError(absl::StrCat(
-          "deadline passed after ", batch.steps, " of ", batch.sigmas.size() - 1,
-          " sampling steps"));
-    }
-    SampleBatchToProto(batch, resp);
-    for (int i = 0; i < resp->samples_size(); ++i) {
-      const core::SampleResult& r = batch.samples[i];
-      auto* mem = resp->mutable_samples(i)->mutable_nearest();
-      mem->set_id(r.nearest.id);
-      mem->set_payload(bank.payload(r.nearest.row));
-      mem->set_distance(r.nearest.distance);
-      mem->set_similarity(r.nearest.similarity);
-      classes.push_back(core::SampleClassName(r.sample_class));
-    }
-    steps = batch.steps;
-    return absl::OkStatus();
-  }));
+  for (int i = 0; i < resp->samples_size(); ++i) {
+    const core::SampleResult& r = batch.samples[i];
+    MemoryToProto(r.nearest, bank->payload(r.nearest.row),
+                  resp->mutable_samples(i)->mutable_nearest());
+    classes.push_back(core::SampleClassName(r.sample_class));
+  }
   metrics_->RecordSample(
-      req->bank(), sampler_name, classes, steps,
+      req->bank(), sampler_name, classes, batch.steps,
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   return absl::OkStatus();
 }
 
-grpc::Status MemoryServiceImpl::Sample(grpc::ServerContext* ctx, const v1::SampleRequest* req,
-                                       v1::SampleResponse* resp) {
-  absl::Status s = RunSample(ctx, req, resp, nullptr);
-  if (!s.ok()) resp->Clear();
-  return ToGrpcStatus(s);
+grpc::Status MemoryServiceImpl::SampleNow(grpc::ServerContextBase* ctx,
+                                          const v1::SampleRequest* req,
+                                          v1::SampleResponse* resp, const FrameSink& on_frame) {
+  return Guarded(resp, [&] { return RunSample(ctx, req, resp, on_frame); });
 }
 
-grpc::Status MemoryServiceImpl::SampleStream(grpc::ServerContext* ctx,
-                                             const v1::SampleRequest* req,
-                                             grpc::ServerWriter<v1::SampleFrame>* writer) {
-  v1::SampleFrame last;
-  absl::Status s = RunSample(ctx, req, last.mutable_result(), writer);
-  if (!s.ok()) return ToGrpcStatus(s);
-  last.set_step(last.result().steps());
-  const auto& sig = last.result().sigmas();
-  if (!sig.empty()) last.set_sigma(sig[std::min<int>(last.result().steps(), sig.size() - 1)]);
-  writer->Write(last);
-  return grpc::Status::OK;
+grpc::ServerUnaryReactor* MemoryServiceImpl::Sample(grpc::CallbackServerContext* ctx,
+                                                    const v1::SampleRequest* req,
+                                                    v1::SampleResponse* resp) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  auto task = std::make_unique<UnaryTask>(
+      ctx, reactor, resp, [this, ctx, req, resp] { return RunSample(ctx, req, resp, nullptr); });
+  task->queue_deadline = QueueDeadline(ctx, req->queue_timeout_ms());
+  scheduler_->Submit(std::move(task));
+  return reactor;
 }
 
-grpc::Status MemoryServiceImpl::Energy(grpc::ServerContext* ctx,
-                                       const v1::EnergyRequest* req,
-                                       v1::EnergyResponse* resp) {
-  absl::Status s = [&]() -> absl::Status {
-    ENGRAM_RETURN_IF_ERROR(Authorize(ctx));
-    ENGRAM_RETURN_IF_ERROR(Ready());
-    ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req->bank()));
-    return registry_.load()->WithBank(req->bank(), [&](const core::Bank& bank) -> absl::Status {
-      const int n = bank.dim();
-      // States for Energy may be any finite vector, also on bipolar banks.
-      ENGRAM_ASSIGN_OR_RETURN(int64_t b, CheckBatch(req->states(), n, "states",
-                                                    limits_.max_batch,
-                                                    core::StateKind::kContinuous));
-      ENGRAM_ASSIGN_OR_RETURN(core::EnergyConfig cfg,
-                              ResolveEnergy(req->has_energy(), req->energy(), bank));
-      core::EnergyFunction energy(cfg, bank.view());
-      std::vector<float> grad(n);
-      for (int64_t q = 0; q < b; ++q) {
-        const float* x = req->states().data() + q * n;
-        if (req->return_gradient()) {
-          resp->add_energies(energy.ValueAndGradient(x, grad.data()));
-          resp->mutable_gradients()->Add(grad.begin(), grad.end());
-        } else {
-          resp->add_energies(energy.Value(x));
-        }
-      }
-      return absl::OkStatus();
-    });
-  }();
-  if (!s.ok()) resp->Clear();
-  return ToGrpcStatus(s);
+grpc::ServerWriteReactor<v1::SampleFrame>* MemoryServiceImpl::SampleStream(
+    grpc::CallbackServerContext* ctx, const v1::SampleRequest* req) {
+  auto* reactor = new StreamReactor(limits_.stream_buffer_bytes);
+  auto task = std::make_unique<StreamTask>(this, ctx, req, reactor);
+  task->queue_deadline = QueueDeadline(ctx, req->queue_timeout_ms());
+  scheduler_->Submit(std::move(task));
+  return reactor;
 }
 
 }  // namespace engram::server

@@ -1,23 +1,34 @@
-// MemoryServiceImpl: the gRPC adapter over core. Each handler decodes,
-// validates, calls core, converts and maps the status; metrics of RPCs are
-// recorded by the interceptor, convergence and bank sizes here.
+// MemoryServiceImpl: the gRPC adapter over core. Each handler runs the
+// common prelude (credentials, readiness, bank name), decodes and validates,
+// calls core on a pinned snapshot of the bank, and encodes (convert.h); RPC
+// metrics are recorded by the interceptor, convergence and bank sizes here.
 //
 //   auto impl = std::make_unique<MemoryServiceImpl>(registry.get(), metrics, limits);
 //   builder.RegisterService(impl.get());
 //
-// Thread-safety: handlers run concurrently on gRPC's threads; all shared
-// state lives in the (thread-safe) BankRegistry and Metrics.
+// Threads: the bank and metadata methods (CreateBank ... GetPatterns,
+// Backup) use gRPC's synchronous API. The compute methods (Retrieve,
+// Energy, Sample, SampleStream) use the callback API: their handlers
+// validate, answer small work at once and queue the rest on the Scheduler,
+// whose executors compute and Finish; a handler never blocks. Sync Retrieve
+// calls on the same bank and energy are batched there (continuous batching,
+// core::SyncBatch). No handler lets an exception escape: every error is a
+// chosen status code.
+//
+// Thread-safety: handlers run concurrently; all shared state lives in the
+// (thread-safe) BankRegistry, Scheduler and Metrics.
 #ifndef ENGRAM_SERVER_SERVICE_IMPL_H_
 #define ENGRAM_SERVER_SERVICE_IMPL_H_
 
 #include <atomic>
+#include <functional>
 #include <memory>
+#include <string_view>
 
-#include "engram/core/mutex.h"
 #include "engram/core/registry.h"
 #include "engram/v1/engram.grpc.pb.h"
-#include "server/batcher.h"
 #include "server/metrics.h"
+#include "server/scheduler.h"
 
 namespace engram::server {
 
@@ -28,32 +39,45 @@ struct ServiceLimits {
   std::string auth_token;
   // Where Backup writes (<data_dir>/backups).
   std::string backup_dir;
-  // Dynamic batching of concurrent sync Retrieve calls on the same bank and
-  // energy: at most max_batch_queries queries per batch; a batch leader
-  // waits up to max_batch_delay for company (0: batches form only from
-  // calls that queue while another batch runs).
+  // Merge concurrent sync Retrieve calls on the same bank and energy into
+  // batched kernel calls (scheduler.max_batch_queries, max_batch_delay).
   bool batching = true;
-  int64_t max_batch_queries = 256;
-  absl::Duration max_batch_delay = absl::ZeroDuration();
+  // Executor pool, admission queue and batch sizes.
+  SchedulerOptions scheduler;
+  // Queue timeout of calls that do not set queue_timeout_ms; zero: none
+  // (the call's own deadline still applies).
+  absl::Duration queue_timeout = absl::ZeroDuration();
+  // Compute calls whose work is at most this many multiply-adds per pass
+  // over the bank (queries x patterns x dimension) are answered on the
+  // thread that read them, without the hop to an executor; 0 queues all.
+  double inline_work = 1 << 20;
+  // Frames a SampleStream may hold unsent for a client that reads slowly;
+  // beyond it the call ends RESOURCE_EXHAUSTED.
+  size_t stream_buffer_bytes = 64 << 20;
 };
 
-// Retrieve uses gRPC's callback API: a small call (little work: a few
-// million multiply-adds at most) runs on the thread that read it and
-// answers without any thread hand-off, which is most of a small call's
-// latency; larger ones move to a thread of their own, where they may
-// block (dynamic batching) without holding up gRPC's threads. The other
-// methods use the synchronous API.
-class MemoryServiceImpl final
-    : public v1::MemoryService::WithCallbackMethod_Retrieve<v1::MemoryService::Service> {
+// OK when `header` (the call's "authorization" metadata, empty if absent)
+// is "Bearer <token>"; UNAUTHENTICATED otherwise; OK for an empty `token`.
+// Constant time in the token's content.
+absl::Status AuthorizeBearer(std::string_view token, std::string_view header);
+
+using MemoryServiceBase = v1::MemoryService::WithCallbackMethod_Retrieve<
+    v1::MemoryService::WithCallbackMethod_Energy<v1::MemoryService::WithCallbackMethod_Sample<
+        v1::MemoryService::WithCallbackMethod_SampleStream<v1::MemoryService::Service>>>>;
+
+class MemoryServiceImpl final : public MemoryServiceBase {
  public:
   // `registry` may be null while banks are loading: calls then fail with
   // UNAVAILABLE until SetRegistry.
   MemoryServiceImpl(core::BankRegistry* registry, std::shared_ptr<Metrics> metrics,
                     ServiceLimits limits = {});
-  // Waits for the Retrieve threads still running (each ends right after its
-  // Finish, but may not have returned yet when the server's Wait does).
+  // Rejects queued calls and waits for the running ones.
   ~MemoryServiceImpl() override;
   void SetRegistry(core::BankRegistry* registry);
+  // Stops taking compute calls (UNAVAILABLE) and ends the executors once
+  // the running calls are answered.
+  void Shutdown();
+  const Scheduler& scheduler() const { return *scheduler_; }
 
   grpc::Status CreateBank(grpc::ServerContext* ctx, const v1::CreateBankRequest* req,
                           v1::BankInfo* resp) override;
@@ -65,49 +89,72 @@ class MemoryServiceImpl final
                           v1::DeleteBankResponse* resp) override;
   grpc::Status Store(grpc::ServerContext* ctx, const v1::StoreRequest* req,
                      v1::StoreResponse* resp) override;
-  grpc::Status DeletePatterns(grpc::ServerContext* ctx,
-                              const v1::DeletePatternsRequest* req,
+  grpc::Status DeletePatterns(grpc::ServerContext* ctx, const v1::DeletePatternsRequest* req,
                               v1::DeletePatternsResponse* resp) override;
   grpc::Status GetPatterns(grpc::ServerContext* ctx, const v1::GetPatternsRequest* req,
                            v1::GetPatternsResponse* resp) override;
+  grpc::Status Backup(grpc::ServerContext* ctx, const v1::BackupRequest* req,
+                      v1::BackupResponse* resp) override;
+
   grpc::ServerUnaryReactor* Retrieve(grpc::CallbackServerContext* ctx,
                                      const v1::RetrieveRequest* req,
                                      v1::RetrieveResponse* resp) override;
-  // The body of Retrieve on the calling thread; `ctx` may be null (no
-  // deadline, no credentials), as for the other handlers.
+  grpc::ServerUnaryReactor* Energy(grpc::CallbackServerContext* ctx,
+                                   const v1::EnergyRequest* req,
+                                   v1::EnergyResponse* resp) override;
+  grpc::ServerUnaryReactor* Sample(grpc::CallbackServerContext* ctx,
+                                   const v1::SampleRequest* req,
+                                   v1::SampleResponse* resp) override;
+  grpc::ServerWriteReactor<v1::SampleFrame>* SampleStream(
+      grpc::CallbackServerContext* ctx, const v1::SampleRequest* req) override;
+
+  // The bodies of the compute methods on the calling thread, unbatched;
+  // `ctx` may be null (no deadline, no credentials). `on_frame`, when set,
+  // receives SampleStream's frames and returns false to stop the sampler
+  // (RESOURCE_EXHAUSTED).
   grpc::Status RetrieveNow(grpc::ServerContextBase* ctx, const v1::RetrieveRequest* req,
                            v1::RetrieveResponse* resp);
-  grpc::Status Backup(grpc::ServerContext* ctx, const v1::BackupRequest* req,
-                      v1::BackupResponse* resp) override;
-  grpc::Status Sample(grpc::ServerContext* ctx, const v1::SampleRequest* req,
-                      v1::SampleResponse* resp) override;
-  grpc::Status SampleStream(grpc::ServerContext* ctx, const v1::SampleRequest* req,
-                            grpc::ServerWriter<v1::SampleFrame>* writer) override;
-  grpc::Status Energy(grpc::ServerContext* ctx, const v1::EnergyRequest* req,
-                      v1::EnergyResponse* resp) override;
+  grpc::Status EnergyNow(grpc::ServerContextBase* ctx, const v1::EnergyRequest* req,
+                         v1::EnergyResponse* resp);
+  using FrameSink = std::function<bool(v1::SampleFrame frame)>;
+  grpc::Status SampleNow(grpc::ServerContextBase* ctx, const v1::SampleRequest* req,
+                         v1::SampleResponse* resp, const FrameSink& on_frame = nullptr);
 
  private:
-  void UpdateBankGauges(const std::string& name);
-  // OK, or UNAUTHENTICATED when a token is configured and the call lacks it.
-  absl::Status Authorize(grpc::ServerContextBase* ctx) const;
-  // True when `req` is small enough to answer on gRPC's thread.
-  bool SmallRetrieve(const v1::RetrieveRequest* req) const;
-  // Shared by Sample and SampleStream; `writer` may be null.
-  absl::Status RunSample(grpc::ServerContext* ctx, const v1::SampleRequest* req,
-                         v1::SampleResponse* resp, grpc::ServerWriter<v1::SampleFrame>* writer);
+  struct RetrieveWork;
+  class RetrieveTask;
+  class UnaryTask;
+  class StreamReactor;
+  class StreamTask;
 
-  // UNAVAILABLE while loading.
-  absl::Status Ready() const;
+  // The prelude of every handler: credentials, readiness and (when `bank`
+  // is set) the bank name. Returns the registry.
+  absl::StatusOr<core::BankRegistry*> Begin(grpc::ServerContextBase* ctx,
+                                            const std::string* bank) const;
+  void UpdateBankGauges(core::BankRegistry* registry, const std::string& name);
+  // Validates a Retrieve call against the bank as it is now.
+  absl::StatusOr<std::unique_ptr<RetrieveWork>> PrepareRetrieve(grpc::ServerContextBase* ctx,
+                                                                const v1::RetrieveRequest* req);
+  // Runs one call's queries on `bank`; encodes the answer.
+  absl::Status RunRetrieve(const core::Bank& bank, RetrieveWork* work);
+  absl::Status FinishRetrieve(RetrieveWork& work, v1::RetrieveResponse* resp);
+  // Runs a batch of keyed RetrieveTasks with continuous batching.
+  void RunRetrieveBatch(Scheduler::Batch& batch);
+  absl::Status RunEnergy(grpc::ServerContextBase* ctx, const v1::EnergyRequest* req,
+                         v1::EnergyResponse* resp);
+  absl::Status RunSample(grpc::ServerContextBase* ctx, const v1::SampleRequest* req,
+                         v1::SampleResponse* resp, const FrameSink& on_frame);
+  // True when a call on `bank` with vectors(dim) vectors is small enough to
+  // answer on the handler's thread (limits_.inline_work), or fails at once.
+  bool Inline(core::BankRegistry* registry, const std::string& bank,
+              const std::function<double(int dim)>& vectors) const;
+  // The latest time a compute call may leave the queue.
+  absl::Time QueueDeadline(const grpc::CallbackServerContext* ctx, uint32_t timeout_ms) const;
 
   std::atomic<core::BankRegistry*> registry_;
   std::shared_ptr<Metrics> metrics_;
   ServiceLimits limits_;
-  std::unique_ptr<RetrieveBatcher> batcher_;  // null when batching is off
-
-  // Retrieve calls answered on a thread of their own, still running.
-  core::Mutex threads_mu_;
-  core::CondVar threads_done_;
-  int threads_running_ ABSL_GUARDED_BY(threads_mu_) = 0;
+  std::unique_ptr<Scheduler> scheduler_;
 };
 
 }  // namespace engram::server

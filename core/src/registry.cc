@@ -136,6 +136,13 @@ absl::StatusOr<BankSnapshot> BankRegistry::Snapshot(const std::string& name) con
   return Pin(name, *e);
 }
 
+bool BankRegistry::IsCurrent(const std::string& name, const BankSnapshot& snapshot) const {
+  std::shared_ptr<Entry> e = Find(name);
+  if (e == nullptr) return false;
+  MutexLock lock(&e->mu);
+  return !e->deleted && &e->current->bank == snapshot.get();
+}
+
 absl::StatusOr<BankSummary> BankRegistry::GetBank(const std::string& name) const {
   ENGRAM_ASSIGN_OR_RETURN(BankSnapshot bank, Snapshot(name));
   return Summarize(*bank);

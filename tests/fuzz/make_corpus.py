@@ -20,11 +20,11 @@ import engram_harness  # noqa: E402
 
 # Must match the Rpc enum of service_fuzz.cc.
 RPCS = ["CreateBank", "GetBank", "ListBanks", "DeleteBank", "Store", "DeletePatterns",
-        "GetPatterns", "Retrieve", "Energy", "Sample", "Backup"]
+        "GetPatterns", "Retrieve", "Energy", "Sample", "Backup", "SampleStream", "Auth"]
 
 
 def record(rpc, msg):
-    body = msg.SerializeToString()
+    body = msg if isinstance(msg, bytes) else msg.SerializeToString()
     return bytes([RPCS.index(rpc)]) + struct.pack("<H", len(body)) + body
 
 
@@ -108,6 +108,17 @@ def seeds(pb):
         bank="bip", patterns=[1.0 if (i * 7 + j * 3 + b) % 5 < 2 else -1.0
                               for i in range(16) for j in range(16)],
         ids=[1000 * (b + 1) + i for i in range(16)])) for b in range(3)]
+    # Paging at the top of the 64-bit range: empty pages at the end, never
+    # other memory.
+    s["get_patterns_page_overflow"] = [
+        record("GetPatterns", pb.GetPatternsRequest(bank="bip", page_start=2**64 - 2, page_size=3)),
+        record("GetPatterns", pb.GetPatternsRequest(bank="bip", page_start=2**63 + 5)),
+        record("GetPatterns", pb.GetPatternsRequest(bank="cont", page_start=2**63 - 1,
+                                                    page_size=16))]
+    s["sample_stream_frames"] = [record("SampleStream", pb.SampleRequest(
+        bank="cont", count=2, seed=3, schedule=pb.Schedule(steps=8), trajectory_every=1))]
+    s["auth_headers"] = [record("Auth", b"Bearer fuzz-token"), record("Auth", b"Bearer fuzz-tokeX"),
+                         record("Auth", b"bearer fuzz-token"), record("Auth", b"")]
     s["backup"] = [record("Backup", pb.BackupRequest(file="snap.db")),
                    record("Backup", pb.BackupRequest(file="snap.db"))]
     return s

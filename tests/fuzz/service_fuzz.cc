@@ -70,12 +70,14 @@ enum Rpc : uint8_t {
   kEnergy,
   kSample,
   kBackup,
+  kSampleStream,
+  kAuth,
   kRpcCount
 };
 
 constexpr const char* kRpcNames[kRpcCount] = {
     "CreateBank", "GetBank",  "ListBanks", "DeleteBank", "Store", "DeletePatterns",
-    "GetPatterns", "Retrieve", "Energy",   "Sample",     "Backup"};
+    "GetPatterns", "Retrieve", "Energy",   "Sample",     "Backup", "SampleStream", "Auth"};
 
 // Calls per RPC and status code; printed at exit when ENGRAM_FUZZ_STATS is
 // set (e.g. while replaying a corpus with -runs=0).
@@ -275,6 +277,7 @@ class Fixture {
         v1::GetPatternsResponse resp;
         if (!Parse(&req, data, len)) return Unparsed(rpc);
         s = service.GetPatterns(nullptr, &req, &resp);
+        if (s.ok() && req.ids_size() == 0) CheckPage(service, req, resp);
         break;
       }
       case kRetrieve: {
@@ -289,7 +292,7 @@ class Fixture {
         v1::EnergyRequest req;
         v1::EnergyResponse resp;
         if (!Parse(&req, data, len)) return Unparsed(rpc);
-        s = service.Energy(nullptr, &req, &resp);
+        s = service.EnergyNow(nullptr, &req, &resp);
         break;
       }
       case kSample: {
@@ -297,7 +300,42 @@ class Fixture {
         v1::SampleResponse resp;
         if (!Parse(&req, data, len)) return Unparsed(rpc);
         CapCost(&req);
-        s = service.Sample(nullptr, &req, &resp);
+        s = service.SampleNow(nullptr, &req, &resp);
+        break;
+      }
+      case kSampleStream: {
+        // A reader that takes `seed % 4` frames and then stops: the sampler
+        // must end RESOURCE_EXHAUSTED, never offer a frame after a refusal.
+        v1::SampleRequest req;
+        v1::SampleResponse resp;
+        if (!Parse(&req, data, len)) return Unparsed(rpc);
+        CapCost(&req);
+        const uint64_t room = req.seed() % 4;
+        uint64_t offered = 0;
+        bool refused = false;
+        s = service.SampleNow(nullptr, &req, &resp, [&](v1::SampleFrame frame) {
+          if (refused) {
+            std::fprintf(stderr, "SampleStream offered a frame after a refusal\n");
+            std::abort();
+          }
+          refused = ++offered > room;
+          return !refused;
+        });
+        if (refused && s.error_code() != grpc::StatusCode::RESOURCE_EXHAUSTED) {
+          std::fprintf(stderr, "a refused stream ended with code %d\n", s.error_code());
+          std::abort();
+        }
+        break;
+      }
+      case kAuth: {
+        // The bearer check: OK exactly for the configured token.
+        const std::string_view header(reinterpret_cast<const char*>(data), len);
+        const bool ok = AuthorizeBearer("fuzz-token", header).ok();
+        if (ok != (header == "Bearer fuzz-token")) {
+          std::fprintf(stderr, "bearer check is %d for a header of %zu bytes\n", ok, len);
+          std::abort();
+        }
+        if (!AuthorizeBearer("", header).ok()) std::abort();
         break;
       }
       case kBackup: {
@@ -309,6 +347,27 @@ class Fixture {
       }
     }
     CheckStatus(s, rpc);
+  }
+
+  // A page holds exactly the rows [min(start, K), min(start + size, K)) of
+  // the bank: never rows past the end, whatever page_start is.
+  static void CheckPage(MemoryServiceImpl& service, const v1::GetPatternsRequest& req,
+                        const v1::GetPatternsResponse& resp) {
+    v1::GetBankRequest get;
+    get.set_name(req.bank());
+    v1::BankInfo info;
+    if (!service.GetBank(nullptr, &get, &info).ok()) return;
+    const uint64_t k = info.patterns();
+    const uint64_t size = req.page_size() == 0 ? 1000 : req.page_size();
+    const uint64_t start = std::min<uint64_t>(req.page_start(), k);
+    const uint64_t want = std::min<uint64_t>(size, k - start);
+    if (static_cast<uint64_t>(resp.ids_size()) != want || resp.next_page_start() != start + want ||
+        static_cast<uint64_t>(resp.patterns_size()) != want * resp.dim()) {
+      std::fprintf(stderr, "page at %llu of %llu rows holds %d ids\n",
+                   static_cast<unsigned long long>(req.page_start()),
+                   static_cast<unsigned long long>(k), resp.ids_size());
+      std::abort();
+    }
   }
 
   // An acknowledged Store reads back bit for bit.

@@ -1,7 +1,7 @@
 // Store, Retrieve, Sample, GetPatterns and DeleteBank on the same bank from
 // many threads through a real server: no crash, only the documented codes,
-// and no reader ever sees part of a batch. And the Retrieve batcher under
-// many threads and keys.
+// and no reader ever sees part of a batch. And the compute scheduler: its
+// bounded queue, queue deadlines, fixed threads and keyed batches.
 #include <atomic>
 #include <filesystem>
 #include <random>
@@ -11,7 +11,7 @@
 #include <gtest/gtest.h>
 
 #include "engram/v1/engram.grpc.pb.h"
-#include "server/batcher.h"
+#include "server/scheduler.h"
 #include "server/server.h"
 
 namespace engram::server {
@@ -140,53 +140,172 @@ TEST(Concurrency, MixedTrafficOnOneBankSeesWholeBatchesOnly) {
   std::filesystem::remove_all(dir);
 }
 
-// Many threads batching on many keys with a leader delay: every call runs
-// exactly once (whether it was in the first batch or joined a running one),
-// in a batch of its own key, and gets its own status. Other
-// keys are inserted while a leader waits, which rehashes the queue map (a
-// leader that kept a pointer into it across the wait would read freed
-// memory under ASan).
-TEST(Concurrency, BatcherWithDelayRunsEveryCallOnceAcrossManyKeys) {
-  RetrieveBatcher batcher({.max_batch = 8, .max_delay = absl::Microseconds(300)});
-  constexpr int kThreads = 8, kCalls = 60, kKeys = 40;
-  std::atomic<int> wrong_key{0}, wrong_status{0};
-  std::vector<std::atomic<int>> runs(kThreads * kCalls);
-  std::vector<std::thread> threads;
-  for (int t = 0; t < kThreads; ++t) {
-    threads.emplace_back([&, t] {
-      std::mt19937 rng(t);
-      for (int i = 0; i < kCalls; ++i) {
-        const int id = t * kCalls + i;
-        const std::string key = "k" + std::to_string(rng() % kKeys);
-        RetrieveBatcher::Call call;
-        call.queries = 1 + static_cast<int>(rng() % 3);
-        std::pair<int, std::string> mine{id, key};
-        call.payload = &mine;
-        absl::Status s = batcher.Run(key, &call, [&](absl::Span<RetrieveBatcher::Call* const> calls,
-                                                     const auto& complete, const auto& take_more) {
-          auto run = [&](RetrieveBatcher::Call* c) {
-            auto* p = static_cast<std::pair<int, std::string>*>(c->payload);
-            if (p->second != key) ++wrong_key;
-            ++runs[p->first];
-            c->status = absl::InternalError(std::to_string(p->first));
-          };
-          for (RetrieveBatcher::Call* c : calls) run(c);
-          // Continuous batching: calls queued meanwhile join this batch;
-          // some are answered at once, the rest when the batch returns.
-          for (int round = 0; round < 3; ++round) {
-            for (RetrieveBatcher::Call* c : take_more(8)) {
-              run(c);
-              if (round == 1) complete(c);
-            }
-          }
-        });
-        if (s.message() != std::to_string(id)) ++wrong_status;
-      }
-    });
+// Threads of this process, from /proc/self/task.
+int ProcessThreads() {
+  int n = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator("/proc/self/task")) ++n;
+  return n;
+}
+
+// A task that records how it ended and, when `gate` is set, blocks its
+// executor until the gate opens.
+struct Probe {
+  core::Mutex mu;
+  core::CondVar cv;
+  bool open = false;
+  std::atomic<int> running{0}, ran{0}, rejected{0};
+  std::vector<absl::StatusCode> codes ABSL_GUARDED_BY(mu);
+  void Open() {
+    core::MutexLock lock(&mu);
+    open = true;
+    cv.SignalAll();
   }
-  for (auto& th : threads) th.join();
-  EXPECT_EQ(wrong_key.load(), 0);
-  EXPECT_EQ(wrong_status.load(), 0);
+};
+class ProbeTask : public Scheduler::Task {
+ public:
+  ProbeTask(Probe* p, bool gate) : p_(p), gate_(gate) {}
+  void Run(Scheduler::Batch&) override {
+    ++p_->running;
+    if (gate_) {
+      core::MutexLock lock(&p_->mu);
+      while (!p_->open) p_->cv.Wait(&p_->mu);
+    }
+    ++p_->ran;
+  }
+  void Reject(const absl::Status& s) override {
+    core::MutexLock lock(&p_->mu);
+    p_->codes.push_back(s.code());
+    ++p_->rejected;
+  }
+
+ private:
+  Probe* p_;
+  bool gate_;
+};
+
+// With P executors busy and Q calls queued, every further call is rejected
+// at once with RESOURCE_EXHAUSTED; the rest run; the scheduler's threads are
+// P + 1 (the timer) whatever the load, none per call.
+TEST(Scheduler, FullQueueRejectsTheExcessAtOnceWithFixedThreads) {
+  constexpr int kPool = 3, kQueue = 5, kExcess = 40;
+  const int before = ProcessThreads();
+  Probe probe;
+  {
+    Scheduler scheduler({.threads = kPool, .max_queue = kQueue});
+    EXPECT_EQ(ProcessThreads(), before + kPool + 1);
+    for (int i = 0; i < kPool; ++i) scheduler.Submit(std::make_unique<ProbeTask>(&probe, true));
+    for (int spin = 0; probe.running.load() < kPool && spin < 20000; ++spin) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    ASSERT_EQ(probe.running.load(), kPool);
+    for (int i = 0; i < kQueue; ++i) scheduler.Submit(std::make_unique<ProbeTask>(&probe, true));
+    EXPECT_EQ(scheduler.queued(), kQueue);
+    for (int i = 0; i < kExcess; ++i) scheduler.Submit(std::make_unique<ProbeTask>(&probe, false));
+    // Rejected inside Submit: no waiting needed.
+    EXPECT_EQ(probe.rejected.load(), kExcess);
+    EXPECT_EQ(ProcessThreads(), before + kPool + 1);
+    probe.Open();
+    for (int spin = 0; probe.ran.load() < kPool + kQueue && spin < 20000; ++spin) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    EXPECT_EQ(probe.ran.load(), kPool + kQueue);
+    core::MutexLock lock(&probe.mu);
+    for (absl::StatusCode c : probe.codes) EXPECT_EQ(c, absl::StatusCode::kResourceExhausted);
+  }
+  EXPECT_EQ(ProcessThreads(), before);
+}
+
+// A call whose queue deadline passes while every executor is busy is
+// answered DEADLINE_EXCEEDED by the timer, without running and without
+// waiting for an executor.
+TEST(Scheduler, DeadlinePassedInTheQueueIsAnsweredWithoutRunning) {
+  Probe probe;
+  Scheduler scheduler({.threads = 1, .max_queue = 8});
+  scheduler.Submit(std::make_unique<ProbeTask>(&probe, true));
+  auto late = std::make_unique<ProbeTask>(&probe, false);
+  late->queue_deadline = absl::Now() + absl::Milliseconds(30);
+  scheduler.Submit(std::move(late));
+  for (int spin = 0; probe.rejected.load() < 1 && spin < 20000; ++spin) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_EQ(probe.rejected.load(), 1);
+  EXPECT_EQ(probe.ran.load(), 0);  // the executor is still held by the first
+  {
+    core::MutexLock lock(&probe.mu);
+    ASSERT_EQ(probe.codes.size(), 1u);
+    EXPECT_EQ(probe.codes[0], absl::StatusCode::kDeadlineExceeded);
+  }
+  probe.Open();
+}
+
+// Many threads submitting keyed tasks over many keys, with a batch delay
+// and continuous batching: every task runs exactly once, in a batch of its
+// own key, and batches never exceed max_batch_queries.
+class KeyedTask : public Scheduler::Task {
+ public:
+  KeyedTask(std::string key, int queries, std::vector<std::atomic<int>>* runs, int id,
+            std::atomic<int>* wrong, int64_t max_queries)
+      : key_(std::move(key)), queries_(queries), runs_(runs), id_(id), wrong_(wrong),
+        max_(max_queries) {}
+  std::string batch_key() const override { return key_; }
+  int64_t queries() const override { return queries_; }
+  void Run(Scheduler::Batch& batch) override {
+    int64_t running = 0;
+    auto run = [&](Scheduler::Task* t) {
+      auto* k = static_cast<KeyedTask*>(t);
+      if (k->key_ != key_ || batch.key() != key_) ++*wrong_;
+      ++(*runs_)[k->id_];
+      running += k->queries_;
+    };
+    for (Scheduler::Task* t : batch.tasks()) run(t);
+    if (running > max_) ++*wrong_;
+    for (int round = 0; round < 3; ++round) {
+      // Answer (release) half of what runs, then let queued tasks join.
+      // The lead (this) stays: Run still reads its members.
+      std::vector<Scheduler::Task*> now(batch.tasks());
+      for (size_t i = 1; i < now.size(); i += 2) {
+        running -= static_cast<KeyedTask*>(now[i])->queries_;
+        batch.Release(now[i]);
+      }
+      for (Scheduler::Task* t : batch.TakeMore(max_ - running)) run(t);
+      if (running > max_) ++*wrong_;
+    }
+  }
+  void Reject(const absl::Status&) override { ++*wrong_; }
+
+ private:
+  std::string key_;
+  int queries_;
+  std::vector<std::atomic<int>>* runs_;
+  int id_;
+  std::atomic<int>* wrong_;
+  int64_t max_;
+};
+
+TEST(Scheduler, KeyedTasksRunOnceInBatchesOfTheirKey) {
+  constexpr int kThreads = 8, kCalls = 60, kKeys = 40, kMax = 8;
+  std::vector<std::atomic<int>> runs(kThreads * kCalls);
+  std::atomic<int> wrong{0};
+  {
+    Scheduler scheduler({.threads = 2, .max_queue = kThreads * kCalls, .max_batch_queries = kMax,
+                         .max_batch_delay = absl::Microseconds(300)});
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back([&, t] {
+        std::mt19937 rng(t);
+        for (int i = 0; i < kCalls; ++i) {
+          scheduler.Submit(std::make_unique<KeyedTask>("k" + std::to_string(rng() % kKeys),
+                                                       1 + static_cast<int>(rng() % 3), &runs,
+                                                       t * kCalls + i, &wrong, kMax));
+        }
+      });
+    }
+    for (auto& th : threads) th.join();
+    for (int spin = 0; scheduler.queued() > 0 && spin < 20000; ++spin) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  }  // Shutdown waits for the running batches
+  EXPECT_EQ(wrong.load(), 0);
   for (int id = 0; id < kThreads * kCalls; ++id) EXPECT_EQ(runs[id].load(), 1) << "call " << id;
 }
 

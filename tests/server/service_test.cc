@@ -598,8 +598,10 @@ TEST(DynamicBatching, MergesConcurrentCallsAndAnswersEachExactly) {
   config.data_dir = dir.string();
   config.metrics_listen = "";
   config.max_batch_queries = 64;
-  // A long window so that the callers below always meet in one batch.
+  // A long window so that the callers below always meet in one batch, and
+  // no call small enough to skip the executors.
   config.max_batch_delay = absl::Milliseconds(300);
+  config.inline_work = 0;
   auto server = EngramServer::Start(config);
   ASSERT_TRUE(server.ok()) << server.status();
   auto stub = v1::MemoryService::NewStub((*server)->InProcessChannel());

@@ -104,6 +104,10 @@ class BankRegistry {
   // The bank's current version, pinned; NOT_FOUND.
   absl::StatusOr<BankSnapshot> Snapshot(const std::string& name) const;
 
+  // True while `snapshot` is the bank's current version (no write since it
+  // was pinned).
+  bool IsCurrent(const std::string& name, const BankSnapshot& snapshot) const;
+
   // Runs `fn` on a pinned snapshot of the bank (no lock held); returns
   // NOT_FOUND or fn's status.
   absl::Status WithBank(const std::string& name,
