@@ -936,7 +936,7 @@ def main():
                     help="queries of the continuous-batching phase (0 skips it)")
     ap.add_argument("--cb-threads", type=int, default=32)
     ap.add_argument("--patterns", type=int, default=2000, help="rows of the LSE bank")
-    ap.add_argument("--dim", type=int, default=64, help="dimension of the LSE bank")
+    ap.add_argument("--dim", type=int, default=784, help="dimension of the LSE bank")
     ap.add_argument("--deadline", type=float, default=20.0,
                     help="deadline of every normal call, seconds")
     ap.add_argument("--think-ms", type=float, default=10.0,
