@@ -351,14 +351,18 @@ TEST(Admission, ExcessCallsGetResourceExhaustedAndThreadsStayFixed) {
       ADD_FAILURE() << st.error_code() << " " << st.error_message();
     }
   }
-  EXPECT_EQ(exhausted, kExcess);
-  EXPECT_EQ(ok_calls, kPool + kQueue);
+  // At least the excess is rejected; on a loaded machine the executors may
+  // not yet have taken the first calls when the last ones arrive, so up to
+  // P more can find the queue full.
+  EXPECT_GE(exhausted, kExcess);
+  EXPECT_LE(exhausted, kExcess + kPool);
+  EXPECT_EQ(ok_calls + exhausted, total);
   EXPECT_EQ(other, 0);
   EXPECT_EQ(peak, before) << "threads before " << before << ", peak " << peak;
   prometheus::TextSerializer ser;
   const std::string text = ser.Serialize(s.server().metrics()->registry()->Collect());
   EXPECT_NE(text.find("engram_scheduler_rejected_total{reason=\"queue_full\"} " +
-                      std::to_string(kExcess)),
+                      std::to_string(exhausted)),
             std::string::npos);
 }
 
