@@ -128,6 +128,16 @@ void Scheduler::RejectAll(std::vector<std::unique_ptr<Task>> tasks, const absl::
   }
 }
 
+void Scheduler::RejectDropped(std::vector<std::unique_ptr<Task>> expired,
+                              std::vector<std::unique_ptr<Task>> cancelled) {
+  RejectAll(std::move(expired),
+            absl::DeadlineExceededError(
+                "the call's deadline passed while it waited in engramd's compute queue"),
+            "deadline");
+  RejectAll(std::move(cancelled), absl::CancelledError("the client cancelled the call"),
+            "cancelled");
+}
+
 void Scheduler::Dequeued(const Task& t, absl::Time now) {
   if (hooks_.queue_wait) hooks_.queue_wait(absl::ToDoubleSeconds(now - t.enqueued_));
   if (hooks_.queue_depth) hooks_.queue_depth(static_cast<int64_t>(queue_.size()));
@@ -195,12 +205,7 @@ void Scheduler::ExecutorLoop() {
         }
       }
     }
-    RejectAll(std::move(expired),
-              absl::DeadlineExceededError("the call's deadline passed while it waited in "
-                                          "engramd's compute queue"),
-              "deadline");
-    RejectAll(std::move(cancelled), absl::CancelledError("the client cancelled the call"),
-              "cancelled");
+    RejectDropped(std::move(expired), std::move(cancelled));
     if (first == nullptr) continue;
     Batch batch(this, key);
     int64_t queries = first->queries();
@@ -256,12 +261,7 @@ void Scheduler::TimerLoop() {
       }
       if (hooks_.queue_depth) hooks_.queue_depth(static_cast<int64_t>(queue_.size()));
     }
-    RejectAll(std::move(expired),
-              absl::DeadlineExceededError("the call's deadline passed while it waited in "
-                                          "engramd's compute queue"),
-              "deadline");
-    RejectAll(std::move(cancelled), absl::CancelledError("the client cancelled the call"),
-              "cancelled");
+    RejectDropped(std::move(expired), std::move(cancelled));
   }
 }
 

@@ -140,6 +140,10 @@ class Scheduler {
   void Dequeued(const Task& t, absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RejectAll(std::vector<std::unique_ptr<Task>> tasks, const absl::Status& status,
                  const char* reason);
+  // Answers tasks whose queue deadline passed (DEADLINE_EXCEEDED) and whose
+  // client has gone (CANCELLED).
+  void RejectDropped(std::vector<std::unique_ptr<Task>> expired,
+                     std::vector<std::unique_ptr<Task>> cancelled);
 
   SchedulerOptions options_;
   SchedulerHooks hooks_;
