@@ -83,9 +83,9 @@ ABSL_FLAG(int64_t, inline_work, EnvOrInt("ENGRAM_INLINE_WORK", 1 << 20),
 ABSL_FLAG(int64_t, stream_buffer_bytes, EnvOrInt("ENGRAM_STREAM_BUFFER_BYTES", 64 << 20),
           "SampleStream frames held for a slow reader before the call ends RESOURCE_EXHAUSTED "
           "(env ENGRAM_STREAM_BUFFER_BYTES)");
-ABSL_FLAG(int32_t, max_sync_threads, static_cast<int32_t>(EnvOrInt("ENGRAM_MAX_SYNC_THREADS", 64)),
-          "upper bound on the threads serving bank and pattern calls "
-          "(env ENGRAM_MAX_SYNC_THREADS)");
+ABSL_FLAG(int32_t, writer_threads, static_cast<int32_t>(EnvOrInt("ENGRAM_WRITER_THREADS", 2)),
+          "threads that run CreateBank, DeleteBank, Store, DeletePatterns and Backup; writes "
+          "beyond them queue (up to --max_queue) (env ENGRAM_WRITER_THREADS)");
 ABSL_FLAG(std::string, auth_token_file, EnvOr("ENGRAM_AUTH_TOKEN_FILE", ""),
           "file holding the bearer token every call must present (env ENGRAM_AUTH_TOKEN_FILE; "
           "or the token itself in ENGRAM_AUTH_TOKEN)");
@@ -147,12 +147,12 @@ int main(int argc, char** argv) {
   config.queue_timeout = absl::Milliseconds(absl::GetFlag(FLAGS_queue_timeout_ms));
   config.inline_work = static_cast<double>(absl::GetFlag(FLAGS_inline_work));
   config.stream_buffer_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_stream_buffer_bytes));
-  config.max_sync_threads = absl::GetFlag(FLAGS_max_sync_threads);
+  config.writer_threads = absl::GetFlag(FLAGS_writer_threads);
   if (config.executor_threads < 0 || config.max_queue < 0 || absl::GetFlag(FLAGS_queue_timeout_ms) < 0 ||
       absl::GetFlag(FLAGS_inline_work) < 0 || absl::GetFlag(FLAGS_stream_buffer_bytes) < 1 ||
-      config.max_sync_threads < 0) {
-    std::cerr << "engramd: --executor_threads, --max_queue, --queue_timeout_ms, --inline_work and "
-                 "--max_sync_threads must be >= 0, --stream_buffer_bytes >= 1"
+      config.writer_threads < 1) {
+    std::cerr << "engramd: --executor_threads, --max_queue, --queue_timeout_ms and --inline_work "
+                 "must be >= 0, --writer_threads and --stream_buffer_bytes >= 1"
               << std::endl;
     return 1;
   }

@@ -4,12 +4,15 @@
 
 #include <cstdio>
 
+#include <array>
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "engram/core/compute.h"
 #include "absl/strings/str_split.h"
+#include "google/protobuf/descriptor.h"
+#include <grpcpp/server_context.h>
 
 namespace engram::server {
 namespace {
@@ -37,11 +40,36 @@ std::pair<std::string, std::string> SplitMethod(const std::string& full) {
   return {parts[0], parts[1]};
 }
 
+// The request type of a method of a service in the generated descriptor
+// pool ("/pkg.Service/Method"), or null for a method the server does not
+// know.
+const google::protobuf::Descriptor* RequestType(const std::string& full_method) {
+  auto [service, method] = SplitMethod(full_method);
+  const google::protobuf::MethodDescriptor* m =
+      google::protobuf::DescriptorPool::generated_pool()->FindMethodByName(
+          absl::StrCat(service, ".", method));
+  return m == nullptr ? nullptr : m->input_type();
+}
+
+// Records every call exactly once, with the code it ended with:
+// grpc_server_started_total when its metadata arrives;
+// grpc_server_handled_total and grpc_server_handling_seconds when its status
+// is sent, or when it closes (POST_RECV_CLOSE) or is torn down if no status
+// was counted by then. A call that had ended (its deadline passed or its
+// client left) before its status was sent counts as DEADLINE_EXCEEDED when
+// its deadline had passed and CANCELLED otherwise, whatever the server sent.
+//
+// gRPC 1.51's callback handlers answer UNIMPLEMENTED with an empty message
+// when the request message cannot be read: when its bytes do not parse, or
+// when the call ended before the message arrived. The interceptor replaces
+// that status with INVALID_ARGUMENT naming the request type (a client that
+// left sees nothing of it; the count then says DEADLINE_EXCEEDED or
+// CANCELLED). An unknown method keeps UNIMPLEMENTED.
 class MetricsInterceptor : public grpc::experimental::Interceptor {
  public:
   MetricsInterceptor(grpc::experimental::ServerRpcInfo* info,
                      std::shared_ptr<Metrics> metrics)
-      : metrics_(std::move(metrics)), method_(info->method()) {
+      : metrics_(std::move(metrics)), info_(info), method_(info->method()) {
     switch (info->type()) {
       case grpc::experimental::ServerRpcInfo::Type::UNARY: type_ = "unary"; break;
       case grpc::experimental::ServerRpcInfo::Type::CLIENT_STREAMING:
@@ -53,26 +81,77 @@ class MetricsInterceptor : public grpc::experimental::Interceptor {
     }
   }
 
+  ~MetricsInterceptor() override {
+    if (started_ && !handled_) Handled(sent_ ? sent_code_ : Ended());
+  }
+
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
     using HP = grpc::experimental::InterceptionHookPoints;
     if (methods->QueryInterceptionHookPoint(HP::POST_RECV_INITIAL_METADATA)) {
       start_ = std::chrono::steady_clock::now();
+      if (grpc::ServerContextBase* ctx = info_->server_context(); ctx != nullptr) {
+        deadline_ = ctx->deadline();
+      }
+      started_ = true;
       metrics_->RpcStarted(method_, type_);
     }
     if (methods->QueryInterceptionHookPoint(HP::PRE_SEND_STATUS)) {
-      const double seconds = std::chrono::duration<double>(
-                                 std::chrono::steady_clock::now() - start_)
-                                 .count();
-      metrics_->RpcHandled(method_, type_, methods->GetSendStatus().error_code(),
-                           seconds);
+      grpc::Status status = methods->GetSendStatus();
+      bool unread = false;
+      if (status.error_code() == grpc::StatusCode::UNIMPLEMENTED &&
+          status.error_message().empty()) {
+        if (const google::protobuf::Descriptor* type = RequestType(method_); type != nullptr) {
+          unread = true;
+          status = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                absl::StrCat("the request is not a valid ", type->full_name(),
+                                             " message"));
+          methods->ModifySendStatus(status);
+        }
+      }
+      sent_ = true;
+      sent_code_ = status.error_code();
+      // An unread request is counted when the call closes: only then does
+      // the context know whether the call had ended (no message) or the
+      // message did not parse.
+      if (!unread && started_ && !handled_) Handled(Cancelled() ? Ended() : sent_code_);
+    }
+    if (methods->QueryInterceptionHookPoint(HP::POST_RECV_CLOSE) && started_ && !handled_) {
+      Handled(Cancelled() || !sent_ ? Ended() : sent_code_);
     }
     methods->Proceed();
   }
 
  private:
+  // True once a callback call has ended without its status (a synchronous
+  // context is not asked: its IsCancelled would complete the close and run
+  // this interceptor's POST_RECV_CLOSE hook from inside a hook).
+  bool Cancelled() const {
+    auto* ctx = dynamic_cast<grpc::CallbackServerContext*>(info_->server_context());
+    return ctx != nullptr && ctx->IsCancelled();
+  }
+
+  // The code of a call that ended without delivering its status.
+  grpc::StatusCode Ended() const {
+    return std::chrono::system_clock::now() >= deadline_ ? grpc::StatusCode::DEADLINE_EXCEEDED
+                                                         : grpc::StatusCode::CANCELLED;
+  }
+
+  void Handled(grpc::StatusCode code) {
+    handled_ = true;
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    metrics_->RpcHandled(method_, type_, code, seconds);
+  }
+
   std::shared_ptr<Metrics> metrics_;
+  grpc::experimental::ServerRpcInfo* info_;  // outlives the interceptor's hooks
   std::string method_;
   std::string type_ = "unary";
+  bool started_ = false;
+  bool handled_ = false;
+  bool sent_ = false;
+  grpc::StatusCode sent_code_ = grpc::StatusCode::OK;
+  std::chrono::system_clock::time_point deadline_ = std::chrono::system_clock::time_point::max();
   std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
 };
 
@@ -157,27 +236,25 @@ Metrics::Metrics()
                                     1, 2, 4, 8, 16, 32, 64, 128, 256})),
       queue_depth_(prometheus::BuildGauge()
                        .Name("engram_scheduler_queue_depth")
-                       .Help("Compute calls (Retrieve, Energy, Sample, SampleStream) waiting in the "
-                             "admission queue.")
-                       .Register(*registry_)
-                       .Add({})),
+                       .Help("Calls waiting in a pool's admission queue (pool=compute: Retrieve, "
+                             "Energy, Sample, SampleStream; pool=writer: CreateBank, DeleteBank, "
+                             "Store, DeletePatterns, Backup).")
+                       .Register(*registry_)),
       queue_wait_(prometheus::BuildHistogram()
                       .Name("engram_scheduler_queue_wait_seconds")
-                      .Help("Time a compute call waited in the admission queue before an executor "
+                      .Help("Time a call waited in a pool's admission queue before an executor "
                             "took it.")
-                      .Register(*registry_)
-                      .Add({}, LatencyBuckets())),
+                      .Register(*registry_)),
       rejected_(prometheus::BuildCounter()
                     .Name("engram_scheduler_rejected_total")
-                    .Help("Compute calls answered without running, by reason: queue_full "
+                    .Help("Calls answered without running, by pool and reason: queue_full "
                           "(RESOURCE_EXHAUSTED), deadline (DEADLINE_EXCEEDED while queued), "
                           "cancelled, shutdown.")
                     .Register(*registry_)),
       executor_threads_(prometheus::BuildGauge()
                             .Name("engram_scheduler_executor_threads")
-                            .Help("Executor threads of the compute scheduler (fixed at start).")
-                            .Register(*registry_)
-                            .Add({})),
+                            .Help("Executor threads of a pool (fixed at start).")
+                            .Register(*registry_)),
       resident_bytes_(prometheus::BuildGauge()
                           .Name("engram_process_resident_bytes")
                           .Help("Resident memory of the engramd process (from /proc/self/statm, "
@@ -194,17 +271,23 @@ Metrics::Metrics()
   RefreshProcessMemory();
 }
 
-SchedulerHooks Metrics::SchedulerHooks(int threads) {
-  executor_threads_.Set(threads);
+SchedulerHooks Metrics::SchedulerHooks(const std::string& pool, int threads) {
+  const prometheus::Labels labels = {{"pool", pool}};
+  executor_threads_.Add(labels).Set(threads);
   server::SchedulerHooks hooks;
-  hooks.queue_depth = [this](int64_t depth) { queue_depth_.Set(static_cast<double>(depth)); };
-  hooks.queue_wait = [this](double seconds) { queue_wait_.Observe(seconds); };
-  prometheus::Counter* by_reason[4];
-  const char* reasons[4] = {"queue_full", "deadline", "cancelled", "shutdown"};
-  for (int i = 0; i < 4; ++i) by_reason[i] = &rejected_.Add({{"reason", reasons[i]}});
-  hooks.rejected = [by_reason, reasons](const char* reason) {
-    for (int i = 0; i < 4; ++i) {
-      if (std::string_view(reason) == reasons[i]) by_reason[i]->Increment();
+  prometheus::Gauge* depth = &queue_depth_.Add(labels);
+  prometheus::Histogram* wait = &queue_wait_.Add(labels, LatencyBuckets());
+  hooks.queue_depth = [depth](int64_t d) { depth->Set(static_cast<double>(d)); };
+  hooks.queue_wait = [wait](double seconds) { wait->Observe(seconds); };
+  std::array<prometheus::Counter*, 4> by_reason;
+  static constexpr std::array<std::string_view, 4> kReasons = {"queue_full", "deadline",
+                                                              "cancelled", "shutdown"};
+  for (size_t i = 0; i < kReasons.size(); ++i) {
+    by_reason[i] = &rejected_.Add({{"pool", pool}, {"reason", std::string(kReasons[i])}});
+  }
+  hooks.rejected = [by_reason](const char* reason) {
+    for (size_t i = 0; i < kReasons.size(); ++i) {
+      if (reason == kReasons[i]) by_reason[i]->Increment();
     }
   };
   hooks.batch = [this](int64_t queries, int64_t calls) { RecordBatch(queries, calls); };

@@ -61,9 +61,10 @@ class Metrics : public std::enable_shared_from_this<Metrics> {
   void RemoveBank(const std::string& bank);
   // One batch run by the dynamic batcher: its queries and merged calls.
   void RecordBatch(int64_t queries, int64_t calls);
-  // Hooks that record the scheduler's queue depth, queue wait, rejected
-  // calls (by reason) and batches; `threads` is its executor count.
-  server::SchedulerHooks SchedulerHooks(int threads);
+  // Hooks that record a pool's queue depth, queue wait, rejected calls (by
+  // reason) and batches, labelled pool=`pool`; `threads` is its executor
+  // count.
+  server::SchedulerHooks SchedulerHooks(const std::string& pool, int threads);
   // Re-reads the process's resident memory (at most once a second).
   void RefreshProcessMemory();
 
@@ -87,10 +88,10 @@ class Metrics : public std::enable_shared_from_this<Metrics> {
   prometheus::Family<prometheus::Gauge>& bank_bytes_;
   prometheus::Histogram& batch_queries_;
   prometheus::Histogram& batch_calls_;
-  prometheus::Gauge& queue_depth_;
-  prometheus::Histogram& queue_wait_;
+  prometheus::Family<prometheus::Gauge>& queue_depth_;
+  prometheus::Family<prometheus::Histogram>& queue_wait_;
   prometheus::Family<prometheus::Counter>& rejected_;
-  prometheus::Gauge& executor_threads_;
+  prometheus::Family<prometheus::Gauge>& executor_threads_;
   prometheus::Gauge& resident_bytes_;
   prometheus::Gauge& compute_info_;
   std::atomic<int64_t> last_memory_refresh_{0};

@@ -11,6 +11,9 @@
 #include "engram/core/storage.h"
 
 namespace engram::server {
+namespace {
+constexpr int kMaxSyncThreads = 16;
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
     const ServerConfig& config) {
@@ -32,6 +35,8 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
   limits.queue_timeout = config.queue_timeout;
   limits.inline_work = config.inline_work;
   limits.stream_buffer_bytes = config.stream_buffer_bytes;
+  limits.writer.threads = config.writer_threads;
+  limits.writer.max_queue = config.max_queue;
   limits.auth_token = config.auth_token;
   limits.backup_dir = (std::filesystem::path(config.data_dir) / "backups").string();
   s->service_ = std::make_unique<MemoryServiceImpl>(nullptr, s->metrics_, limits);
@@ -68,11 +73,11 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
   builder.AddListeningPort(config.listen, creds, &s->port_);
   builder.SetMaxReceiveMessageSize(config.max_message_bytes);
   builder.SetMaxSendMessageSize(config.max_message_bytes);
-  if (config.max_sync_threads > 0) {
-    grpc::ResourceQuota quota("engramd");
-    quota.SetMaxThreads(config.max_sync_threads);
-    builder.SetResourceQuota(quota);
-  }
+  // MemoryService runs on the callback API and its own pools; only the
+  // reflection service uses gRPC's synchronous threads, bounded here.
+  grpc::ResourceQuota quota("engramd");
+  quota.SetMaxThreads(kMaxSyncThreads);
+  builder.SetResourceQuota(quota);
   builder.RegisterService(s->service_.get());
   builder.experimental().SetInterceptorCreators(s->metrics_->InterceptorFactories());
   s->server_ = builder.BuildAndStart();

@@ -48,9 +48,9 @@ struct ServerConfig {
   absl::Duration queue_timeout = absl::ZeroDuration();
   double inline_work = 1 << 20;
   size_t stream_buffer_bytes = 64 << 20;
-  // Upper bound on the threads of gRPC's synchronous handlers (the bank and
-  // pattern methods); calls beyond it wait for a thread.
-  int max_sync_threads = 64;
+  // Threads that run the writes (CreateBank, DeleteBank, Store,
+  // DeletePatterns, Backup); their queue is bounded by max_queue too.
+  int writer_threads = 2;
   // When non-empty, every MemoryService call must carry
   // "authorization: Bearer <token>" (UNAUTHENTICATED otherwise). Health,
   // reflection and the metrics endpoint stay open for probes.

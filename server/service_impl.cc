@@ -99,6 +99,18 @@ bool DeadlinePassed(grpc::ServerContextBase* ctx) {
   return ctx->IsCancelled() || std::chrono::system_clock::now() > ctx->deadline();
 }
 
+// A write commits only while its call is live: a deadline that passed (or
+// a client that left) before the commit fails the write and changes
+// nothing, so DEADLINE_EXCEEDED means "not written" unless the deadline
+// passes during the commit itself.
+core::BankRegistry::CommitCheck CommitBefore(grpc::ServerContextBase* ctx, const char* what) {
+  return [ctx, what]() -> absl::Status {
+    if (!DeadlinePassed(ctx)) return absl::OkStatus();
+    return absl::DeadlineExceededError(
+        absl::StrCat("the call's deadline passed before the write committed; ", what));
+  };
+}
+
 std::string EnergyKey(const core::EnergyConfig& c) {
   return absl::StrCat(static_cast<int>(c.family), ",", c.degree, ",", c.rectified, ",",
                       absl::StrFormat("%a", c.beta), ",", static_cast<int>(c.similarity), ",",
@@ -178,14 +190,15 @@ struct MemoryServiceImpl::RetrieveWork {
   }
 };
 
-// A queued unary compute call: runs `body` and finishes the reactor.
+// A queued unary call: `answer` (a guarded handler body) finishes the
+// reactor.
 class MemoryServiceImpl::UnaryTask : public Scheduler::Task {
  public:
   UnaryTask(grpc::CallbackServerContext* ctx, grpc::ServerUnaryReactor* reactor,
-            google::protobuf::Message* resp, std::function<absl::Status()> body)
-      : ctx_(ctx), reactor_(reactor), resp_(resp), body_(std::move(body)) {}
+            google::protobuf::Message* resp, std::function<grpc::Status()> answer)
+      : ctx_(ctx), reactor_(reactor), resp_(resp), answer_(std::move(answer)) {}
   bool Cancelled() const override { return ctx_->IsCancelled(); }
-  void Run(Scheduler::Batch&) override { reactor_->Finish(Guarded(resp_, body_)); }
+  void Run(Scheduler::Batch&) override { reactor_->Finish(answer_()); }
   void Reject(const absl::Status& s) override {
     resp_->Clear();
     reactor_->Finish(ToGrpcStatus(s));
@@ -195,7 +208,7 @@ class MemoryServiceImpl::UnaryTask : public Scheduler::Task {
   grpc::CallbackServerContext* ctx_;
   grpc::ServerUnaryReactor* reactor_;
   google::protobuf::Message* resp_;
-  std::function<absl::Status()> body_;
+  std::function<grpc::Status()> answer_;
 };
 
 // A queued Retrieve call. Sync calls carry a batch key (bank and energy)
@@ -366,13 +379,19 @@ MemoryServiceImpl::MemoryServiceImpl(core::BankRegistry* registry,
     : registry_(nullptr), metrics_(std::move(metrics)), limits_(limits) {
   SchedulerOptions so = limits_.scheduler;
   if (so.threads <= 0) so.threads = AvailableCpus();
-  scheduler_ = std::make_unique<Scheduler>(so, metrics_->SchedulerHooks(so.threads));
+  scheduler_ = std::make_unique<Scheduler>(so, metrics_->SchedulerHooks("compute", so.threads));
+  SchedulerOptions wo = limits_.writer;
+  if (wo.threads <= 0) wo.threads = 1;
+  writer_ = std::make_unique<Scheduler>(wo, metrics_->SchedulerHooks("writer", wo.threads));
   if (registry != nullptr) SetRegistry(registry);
 }
 
 MemoryServiceImpl::~MemoryServiceImpl() { Shutdown(); }
 
-void MemoryServiceImpl::Shutdown() { scheduler_->Shutdown(); }
+void MemoryServiceImpl::Shutdown() {
+  scheduler_->Shutdown();
+  writer_->Shutdown();
+}
 
 void MemoryServiceImpl::SetRegistry(core::BankRegistry* registry) {
   for (const auto& s : registry->ListBanks()) {
@@ -404,9 +423,67 @@ void MemoryServiceImpl::UpdateBankGauges(core::BankRegistry* registry, const std
   if (s.ok()) metrics_->SetBankSize(name, s->patterns, s->bytes);
 }
 
-// --- Banks and patterns (synchronous API) ----------------------------------
+// --- Banks and patterns ----------------------------------------------------
 
-grpc::Status MemoryServiceImpl::CreateBank(grpc::ServerContext* ctx,
+template <typename Req, typename Resp>
+grpc::ServerUnaryReactor* MemoryServiceImpl::Answer(
+    grpc::CallbackServerContext* ctx, const Req* req, Resp* resp,
+    grpc::Status (MemoryServiceImpl::*now)(grpc::ServerContextBase*, const Req*, Resp*),
+    bool writes) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (!writes) {
+    reactor->Finish((this->*now)(ctx, req, resp));
+    return reactor;
+  }
+  auto task = std::make_unique<UnaryTask>(ctx, reactor, resp,
+                                          [=, this] { return (this->*now)(ctx, req, resp); });
+  task->queue_deadline = QueueDeadline(ctx, 0);
+  writer_->Submit(std::move(task));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* MemoryServiceImpl::CreateBank(grpc::CallbackServerContext* ctx,
+                                                        const v1::CreateBankRequest* req,
+                                                        v1::BankInfo* resp) {
+  return Answer(ctx, req, resp, &MemoryServiceImpl::CreateBankNow, /*writes=*/true);
+}
+grpc::ServerUnaryReactor* MemoryServiceImpl::GetBank(grpc::CallbackServerContext* ctx,
+                                                     const v1::GetBankRequest* req,
+                                                     v1::BankInfo* resp) {
+  return Answer(ctx, req, resp, &MemoryServiceImpl::GetBankNow, /*writes=*/false);
+}
+grpc::ServerUnaryReactor* MemoryServiceImpl::ListBanks(grpc::CallbackServerContext* ctx,
+                                                       const v1::ListBanksRequest* req,
+                                                       v1::ListBanksResponse* resp) {
+  return Answer(ctx, req, resp, &MemoryServiceImpl::ListBanksNow, /*writes=*/false);
+}
+grpc::ServerUnaryReactor* MemoryServiceImpl::DeleteBank(grpc::CallbackServerContext* ctx,
+                                                        const v1::DeleteBankRequest* req,
+                                                        v1::DeleteBankResponse* resp) {
+  return Answer(ctx, req, resp, &MemoryServiceImpl::DeleteBankNow, /*writes=*/true);
+}
+grpc::ServerUnaryReactor* MemoryServiceImpl::Store(grpc::CallbackServerContext* ctx,
+                                                   const v1::StoreRequest* req,
+                                                   v1::StoreResponse* resp) {
+  return Answer(ctx, req, resp, &MemoryServiceImpl::StoreNow, /*writes=*/true);
+}
+grpc::ServerUnaryReactor* MemoryServiceImpl::DeletePatterns(grpc::CallbackServerContext* ctx,
+                                                            const v1::DeletePatternsRequest* req,
+                                                            v1::DeletePatternsResponse* resp) {
+  return Answer(ctx, req, resp, &MemoryServiceImpl::DeletePatternsNow, /*writes=*/true);
+}
+grpc::ServerUnaryReactor* MemoryServiceImpl::GetPatterns(grpc::CallbackServerContext* ctx,
+                                                         const v1::GetPatternsRequest* req,
+                                                         v1::GetPatternsResponse* resp) {
+  return Answer(ctx, req, resp, &MemoryServiceImpl::GetPatternsNow, /*writes=*/false);
+}
+grpc::ServerUnaryReactor* MemoryServiceImpl::Backup(grpc::CallbackServerContext* ctx,
+                                                    const v1::BackupRequest* req,
+                                                    v1::BackupResponse* resp) {
+  return Answer(ctx, req, resp, &MemoryServiceImpl::BackupNow, /*writes=*/true);
+}
+
+grpc::Status MemoryServiceImpl::CreateBankNow(grpc::ServerContextBase* ctx,
                                            const v1::CreateBankRequest* req,
                                            v1::BankInfo* resp) {
   return Guarded(resp, [&]() -> absl::Status {
@@ -428,7 +505,7 @@ grpc::Status MemoryServiceImpl::CreateBank(grpc::ServerContext* ctx,
   });
 }
 
-grpc::Status MemoryServiceImpl::GetBank(grpc::ServerContext* ctx,
+grpc::Status MemoryServiceImpl::GetBankNow(grpc::ServerContextBase* ctx,
                                         const v1::GetBankRequest* req, v1::BankInfo* resp) {
   return Guarded(resp, [&]() -> absl::Status {
     ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->name()));
@@ -438,7 +515,7 @@ grpc::Status MemoryServiceImpl::GetBank(grpc::ServerContext* ctx,
   });
 }
 
-grpc::Status MemoryServiceImpl::ListBanks(grpc::ServerContext* ctx, const v1::ListBanksRequest*,
+grpc::Status MemoryServiceImpl::ListBanksNow(grpc::ServerContextBase* ctx, const v1::ListBanksRequest*,
                                           v1::ListBanksResponse* resp) {
   return Guarded(resp, [&]() -> absl::Status {
     ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, nullptr));
@@ -447,7 +524,7 @@ grpc::Status MemoryServiceImpl::ListBanks(grpc::ServerContext* ctx, const v1::Li
   });
 }
 
-grpc::Status MemoryServiceImpl::DeleteBank(grpc::ServerContext* ctx,
+grpc::Status MemoryServiceImpl::DeleteBankNow(grpc::ServerContextBase* ctx,
                                            const v1::DeleteBankRequest* req,
                                            v1::DeleteBankResponse* resp) {
   return Guarded(resp, [&]() -> absl::Status {
@@ -458,7 +535,7 @@ grpc::Status MemoryServiceImpl::DeleteBank(grpc::ServerContext* ctx,
   });
 }
 
-grpc::Status MemoryServiceImpl::Store(grpc::ServerContext* ctx, const v1::StoreRequest* req,
+grpc::Status MemoryServiceImpl::StoreNow(grpc::ServerContextBase* ctx, const v1::StoreRequest* req,
                                       v1::StoreResponse* resp) {
   return Guarded(resp, [&]() -> absl::Status {
     ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->bank()));
@@ -471,7 +548,8 @@ grpc::Status MemoryServiceImpl::Store(grpc::ServerContext* ctx, const v1::StoreR
         core::StoreResult r,
         registry->Store(req->bank(),
                         absl::MakeConstSpan(req->patterns().data(), req->patterns().size()),
-                        absl::MakeConstSpan(req->ids().data(), req->ids().size()), payloads));
+                        absl::MakeConstSpan(req->ids().data(), req->ids().size()), payloads,
+                        CommitBefore(ctx, "nothing was stored")));
     resp->mutable_ids()->Add(r.ids.begin(), r.ids.end());
     resp->set_bank_patterns(r.bank_patterns);
     UpdateBankGauges(registry, req->bank());
@@ -479,7 +557,7 @@ grpc::Status MemoryServiceImpl::Store(grpc::ServerContext* ctx, const v1::StoreR
   });
 }
 
-grpc::Status MemoryServiceImpl::DeletePatterns(grpc::ServerContext* ctx,
+grpc::Status MemoryServiceImpl::DeletePatternsNow(grpc::ServerContextBase* ctx,
                                                const v1::DeletePatternsRequest* req,
                                                v1::DeletePatternsResponse* resp) {
   return Guarded(resp, [&]() -> absl::Status {
@@ -491,7 +569,8 @@ grpc::Status MemoryServiceImpl::DeletePatterns(grpc::ServerContext* ctx,
     ENGRAM_ASSIGN_OR_RETURN(
         core::DeleteResult r,
         registry->DeletePatterns(req->bank(),
-                                 absl::MakeConstSpan(req->ids().data(), req->ids().size())));
+                                 absl::MakeConstSpan(req->ids().data(), req->ids().size()),
+                                 CommitBefore(ctx, "nothing was deleted")));
     resp->set_deleted(r.deleted);
     resp->set_bank_patterns(r.bank_patterns);
     UpdateBankGauges(registry, req->bank());
@@ -499,7 +578,7 @@ grpc::Status MemoryServiceImpl::DeletePatterns(grpc::ServerContext* ctx,
   });
 }
 
-grpc::Status MemoryServiceImpl::GetPatterns(grpc::ServerContext* ctx,
+grpc::Status MemoryServiceImpl::GetPatternsNow(grpc::ServerContextBase* ctx,
                                             const v1::GetPatternsRequest* req,
                                             v1::GetPatternsResponse* resp) {
   return Guarded(resp, [&]() -> absl::Status {
@@ -540,7 +619,7 @@ grpc::Status MemoryServiceImpl::GetPatterns(grpc::ServerContext* ctx,
   });
 }
 
-grpc::Status MemoryServiceImpl::Backup(grpc::ServerContext* ctx, const v1::BackupRequest* req,
+grpc::Status MemoryServiceImpl::BackupNow(grpc::ServerContextBase* ctx, const v1::BackupRequest* req,
                                        v1::BackupResponse* resp) {
   return Guarded(resp, [&]() -> absl::Status {
     ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, nullptr));
@@ -809,8 +888,8 @@ grpc::ServerUnaryReactor* MemoryServiceImpl::Energy(grpc::CallbackServerContext*
     reactor->Finish(EnergyNow(ctx, req, resp));  // small, or failing at once
     return reactor;
   }
-  auto task = std::make_unique<UnaryTask>(
-      ctx, reactor, resp, [this, ctx, req, resp] { return RunEnergy(ctx, req, resp); });
+  auto task = std::make_unique<UnaryTask>(ctx, reactor, resp,
+                                          [this, ctx, req, resp] { return EnergyNow(ctx, req, resp); });
   task->queue_deadline = QueueDeadline(ctx, req->queue_timeout_ms());
   scheduler_->Submit(std::move(task));
   return reactor;
@@ -885,8 +964,8 @@ grpc::ServerUnaryReactor* MemoryServiceImpl::Sample(grpc::CallbackServerContext*
                                                     const v1::SampleRequest* req,
                                                     v1::SampleResponse* resp) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  auto task = std::make_unique<UnaryTask>(
-      ctx, reactor, resp, [this, ctx, req, resp] { return RunSample(ctx, req, resp, nullptr); });
+  auto task = std::make_unique<UnaryTask>(ctx, reactor, resp,
+                                          [this, ctx, req, resp] { return SampleNow(ctx, req, resp); });
   task->queue_deadline = QueueDeadline(ctx, req->queue_timeout_ms());
   scheduler_->Submit(std::move(task));
   return reactor;

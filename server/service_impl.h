@@ -6,14 +6,17 @@
 //   auto impl = std::make_unique<MemoryServiceImpl>(registry.get(), metrics, limits);
 //   builder.RegisterService(impl.get());
 //
-// Threads: the bank and metadata methods (CreateBank ... GetPatterns,
-// Backup) use gRPC's synchronous API. The compute methods (Retrieve,
-// Energy, Sample, SampleStream) use the callback API: their handlers
-// validate, answer small work at once and queue the rest on the Scheduler,
-// whose executors compute and Finish; a handler never blocks. Sync Retrieve
-// calls on the same bank and energy are batched there (continuous batching,
-// core::SyncBatch). No handler lets an exception escape: every error is a
-// chosen status code.
+// Threads: every method uses gRPC's callback API and no handler blocks.
+// Reads of bank metadata and patterns (GetBank, ListBanks, GetPatterns) are
+// answered on the handler's thread from a pinned snapshot. Writes
+// (CreateBank, DeleteBank, Store, DeletePatterns, Backup), which wait for
+// the disk, queue on the writer pool (a Scheduler of `writer_threads`). The
+// compute methods (Retrieve, Energy, Sample, SampleStream) answer small work
+// at once and queue the rest on the compute Scheduler, whose executors
+// compute and Finish. Sync Retrieve calls on the same bank and energy are
+// batched there (continuous batching, core::SyncBatch). The process's
+// threads are therefore fixed: the two pools, their timers and gRPC's own.
+// No handler lets an exception escape: every error is a chosen status code.
 //
 // Thread-safety: handlers run concurrently; all shared state lives in the
 // (thread-safe) BankRegistry, Scheduler and Metrics.
@@ -44,6 +47,8 @@ struct ServiceLimits {
   bool batching = true;
   // Executor pool, admission queue and batch sizes.
   SchedulerOptions scheduler;
+  // The writers' pool and queue (its batching options are unused).
+  SchedulerOptions writer = {.threads = 2, .max_queue = 1024};
   // Queue timeout of calls that do not set queue_timeout_ms; zero: none
   // (the call's own deadline still applies).
   absl::Duration queue_timeout = absl::ZeroDuration();
@@ -61,11 +66,7 @@ struct ServiceLimits {
 // Constant time in the token's content.
 absl::Status AuthorizeBearer(std::string_view token, std::string_view header);
 
-using MemoryServiceBase = v1::MemoryService::WithCallbackMethod_Retrieve<
-    v1::MemoryService::WithCallbackMethod_Energy<v1::MemoryService::WithCallbackMethod_Sample<
-        v1::MemoryService::WithCallbackMethod_SampleStream<v1::MemoryService::Service>>>>;
-
-class MemoryServiceImpl final : public MemoryServiceBase {
+class MemoryServiceImpl final : public v1::MemoryService::CallbackService {
  public:
   // `registry` may be null while banks are loading: calls then fail with
   // UNAVAILABLE until SetRegistry.
@@ -78,23 +79,30 @@ class MemoryServiceImpl final : public MemoryServiceBase {
   // the running calls are answered.
   void Shutdown();
   const Scheduler& scheduler() const { return *scheduler_; }
+  const Scheduler& writer() const { return *writer_; }
 
-  grpc::Status CreateBank(grpc::ServerContext* ctx, const v1::CreateBankRequest* req,
-                          v1::BankInfo* resp) override;
-  grpc::Status GetBank(grpc::ServerContext* ctx, const v1::GetBankRequest* req,
-                       v1::BankInfo* resp) override;
-  grpc::Status ListBanks(grpc::ServerContext* ctx, const v1::ListBanksRequest* req,
-                         v1::ListBanksResponse* resp) override;
-  grpc::Status DeleteBank(grpc::ServerContext* ctx, const v1::DeleteBankRequest* req,
-                          v1::DeleteBankResponse* resp) override;
-  grpc::Status Store(grpc::ServerContext* ctx, const v1::StoreRequest* req,
-                     v1::StoreResponse* resp) override;
-  grpc::Status DeletePatterns(grpc::ServerContext* ctx, const v1::DeletePatternsRequest* req,
-                              v1::DeletePatternsResponse* resp) override;
-  grpc::Status GetPatterns(grpc::ServerContext* ctx, const v1::GetPatternsRequest* req,
-                           v1::GetPatternsResponse* resp) override;
-  grpc::Status Backup(grpc::ServerContext* ctx, const v1::BackupRequest* req,
-                      v1::BackupResponse* resp) override;
+  grpc::ServerUnaryReactor* CreateBank(grpc::CallbackServerContext* ctx,
+                                       const v1::CreateBankRequest* req,
+                                       v1::BankInfo* resp) override;
+  grpc::ServerUnaryReactor* GetBank(grpc::CallbackServerContext* ctx,
+                                    const v1::GetBankRequest* req, v1::BankInfo* resp) override;
+  grpc::ServerUnaryReactor* ListBanks(grpc::CallbackServerContext* ctx,
+                                      const v1::ListBanksRequest* req,
+                                      v1::ListBanksResponse* resp) override;
+  grpc::ServerUnaryReactor* DeleteBank(grpc::CallbackServerContext* ctx,
+                                       const v1::DeleteBankRequest* req,
+                                       v1::DeleteBankResponse* resp) override;
+  grpc::ServerUnaryReactor* Store(grpc::CallbackServerContext* ctx, const v1::StoreRequest* req,
+                                  v1::StoreResponse* resp) override;
+  grpc::ServerUnaryReactor* DeletePatterns(grpc::CallbackServerContext* ctx,
+                                           const v1::DeletePatternsRequest* req,
+                                           v1::DeletePatternsResponse* resp) override;
+  grpc::ServerUnaryReactor* GetPatterns(grpc::CallbackServerContext* ctx,
+                                        const v1::GetPatternsRequest* req,
+                                        v1::GetPatternsResponse* resp) override;
+  grpc::ServerUnaryReactor* Backup(grpc::CallbackServerContext* ctx,
+                                   const v1::BackupRequest* req,
+                                   v1::BackupResponse* resp) override;
 
   grpc::ServerUnaryReactor* Retrieve(grpc::CallbackServerContext* ctx,
                                      const v1::RetrieveRequest* req,
@@ -107,6 +115,25 @@ class MemoryServiceImpl final : public MemoryServiceBase {
                                    v1::SampleResponse* resp) override;
   grpc::ServerWriteReactor<v1::SampleFrame>* SampleStream(
       grpc::CallbackServerContext* ctx, const v1::SampleRequest* req) override;
+
+  // The bodies of the bank and pattern methods on the calling thread; `ctx`
+  // may be null (no deadline, no credentials).
+  grpc::Status CreateBankNow(grpc::ServerContextBase* ctx, const v1::CreateBankRequest* req,
+                          v1::BankInfo* resp);
+  grpc::Status GetBankNow(grpc::ServerContextBase* ctx, const v1::GetBankRequest* req,
+                       v1::BankInfo* resp);
+  grpc::Status ListBanksNow(grpc::ServerContextBase* ctx, const v1::ListBanksRequest* req,
+                         v1::ListBanksResponse* resp);
+  grpc::Status DeleteBankNow(grpc::ServerContextBase* ctx, const v1::DeleteBankRequest* req,
+                          v1::DeleteBankResponse* resp);
+  grpc::Status StoreNow(grpc::ServerContextBase* ctx, const v1::StoreRequest* req,
+                     v1::StoreResponse* resp);
+  grpc::Status DeletePatternsNow(grpc::ServerContextBase* ctx, const v1::DeletePatternsRequest* req,
+                              v1::DeletePatternsResponse* resp);
+  grpc::Status GetPatternsNow(grpc::ServerContextBase* ctx, const v1::GetPatternsRequest* req,
+                           v1::GetPatternsResponse* resp);
+  grpc::Status BackupNow(grpc::ServerContextBase* ctx, const v1::BackupRequest* req,
+                      v1::BackupResponse* resp);
 
   // The bodies of the compute methods on the calling thread, unbatched;
   // `ctx` may be null (no deadline, no credentials). `on_frame`, when set,
@@ -132,6 +159,13 @@ class MemoryServiceImpl final : public MemoryServiceBase {
   absl::StatusOr<core::BankRegistry*> Begin(grpc::ServerContextBase* ctx,
                                             const std::string* bank) const;
   void UpdateBankGauges(core::BankRegistry* registry, const std::string& name);
+  // Answers a bank or pattern call: at once for reads, through the writer
+  // pool for writes (`now` runs there).
+  template <typename Req, typename Resp>
+  grpc::ServerUnaryReactor* Answer(grpc::CallbackServerContext* ctx, const Req* req, Resp* resp,
+                                   grpc::Status (MemoryServiceImpl::*now)(
+                                       grpc::ServerContextBase*, const Req*, Resp*),
+                                   bool writes);
   // Validates a Retrieve call against the bank as it is now.
   absl::StatusOr<std::unique_ptr<RetrieveWork>> PrepareRetrieve(grpc::ServerContextBase* ctx,
                                                                 const v1::RetrieveRequest* req);
@@ -155,6 +189,7 @@ class MemoryServiceImpl final : public MemoryServiceBase {
   std::shared_ptr<Metrics> metrics_;
   ServiceLimits limits_;
   std::unique_ptr<Scheduler> scheduler_;
+  std::unique_ptr<Scheduler> writer_;
 };
 
 }  // namespace engram::server

@@ -164,7 +164,8 @@ std::vector<BankSummary> BankRegistry::ListBanks() const {
 
 absl::StatusOr<StoreResult> BankRegistry::Store(
     const std::string& name, absl::Span<const float> data,
-    absl::Span<const uint64_t> ids, absl::Span<const std::string> payloads) {
+    absl::Span<const uint64_t> ids, absl::Span<const std::string> payloads,
+    const CommitCheck& may_commit) {
   std::shared_ptr<Entry> e = Find(name);
   if (e == nullptr) {
     return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
@@ -189,6 +190,7 @@ absl::StatusOr<StoreResult> BankRegistry::Store(
   StoreResult result;
   result.ids = ids.empty() ? bank.AssignIds(k)
                            : std::vector<uint64_t>(ids.begin(), ids.end());
+  if (may_commit) ENGRAM_RETURN_IF_ERROR(may_commit());
   ENGRAM_RETURN_IF_ERROR(storage_->AppendPatterns(name, result.ids, data, payloads));
   const uint64_t before = bank.bytes();
   current.reset();  // unpinned, so an unshared version grows in place
@@ -201,7 +203,7 @@ absl::StatusOr<StoreResult> BankRegistry::Store(
 }
 
 absl::StatusOr<DeleteResult> BankRegistry::DeletePatterns(
-    const std::string& name, absl::Span<const uint64_t> ids) {
+    const std::string& name, absl::Span<const uint64_t> ids, const CommitCheck& may_commit) {
   std::shared_ptr<Entry> e = Find(name);
   if (e == nullptr) {
     return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
@@ -209,6 +211,7 @@ absl::StatusOr<DeleteResult> BankRegistry::DeletePatterns(
   MutexLock write_lock(&e->write_mu);
   ENGRAM_ASSIGN_OR_RETURN(BankSnapshot current, Pin(name, *e));
   ENGRAM_RETURN_IF_ERROR(current->ValidateRemoval(ids));
+  if (may_commit) ENGRAM_RETURN_IF_ERROR(may_commit());
   ENGRAM_RETURN_IF_ERROR(storage_->DeletePatterns(name, ids));
   const uint64_t before = current->bytes();
   current.reset();

@@ -206,7 +206,7 @@ class Fixture {
       create.set_kind(b.kind);
       create.mutable_energy()->set_family(b.family);
       v1::BankInfo info;
-      if (!service.CreateBank(nullptr, &create, &info).ok()) std::abort();
+      if (!service.CreateBankNow(nullptr, &create, &info).ok()) std::abort();
       v1::StoreRequest store;
       store.set_bank(b.name);
       for (uint32_t k = 0; k < 6; ++k) {
@@ -219,7 +219,7 @@ class Fixture {
         }
       }
       v1::StoreResponse stored;
-      if (!service.Store(nullptr, &store, &stored).ok()) std::abort();
+      if (!service.StoreNow(nullptr, &store, &stored).ok()) std::abort();
     }
   }
 
@@ -233,35 +233,35 @@ class Fixture {
         v1::BankInfo resp;
         if (!Parse(&req, data, len)) return Unparsed(rpc);
         CapCost(&req);
-        s = service.CreateBank(nullptr, &req, &resp);
+        s = service.CreateBankNow(nullptr, &req, &resp);
         break;
       }
       case kGetBank: {
         v1::GetBankRequest req;
         v1::BankInfo resp;
         if (!Parse(&req, data, len)) return Unparsed(rpc);
-        s = service.GetBank(nullptr, &req, &resp);
+        s = service.GetBankNow(nullptr, &req, &resp);
         break;
       }
       case kListBanks: {
         v1::ListBanksRequest req;
         v1::ListBanksResponse resp;
         if (!Parse(&req, data, len)) return Unparsed(rpc);
-        s = service.ListBanks(nullptr, &req, &resp);
+        s = service.ListBanksNow(nullptr, &req, &resp);
         break;
       }
       case kDeleteBank: {
         v1::DeleteBankRequest req;
         v1::DeleteBankResponse resp;
         if (!Parse(&req, data, len)) return Unparsed(rpc);
-        s = service.DeleteBank(nullptr, &req, &resp);
+        s = service.DeleteBankNow(nullptr, &req, &resp);
         break;
       }
       case kStore: {
         v1::StoreRequest req;
         v1::StoreResponse resp;
         if (!Parse(&req, data, len)) return Unparsed(rpc);
-        s = service.Store(nullptr, &req, &resp);
+        s = service.StoreNow(nullptr, &req, &resp);
         if (s.ok()) CheckStoredBack(service, req, resp);
         break;
       }
@@ -269,14 +269,14 @@ class Fixture {
         v1::DeletePatternsRequest req;
         v1::DeletePatternsResponse resp;
         if (!Parse(&req, data, len)) return Unparsed(rpc);
-        s = service.DeletePatterns(nullptr, &req, &resp);
+        s = service.DeletePatternsNow(nullptr, &req, &resp);
         break;
       }
       case kGetPatterns: {
         v1::GetPatternsRequest req;
         v1::GetPatternsResponse resp;
         if (!Parse(&req, data, len)) return Unparsed(rpc);
-        s = service.GetPatterns(nullptr, &req, &resp);
+        s = service.GetPatternsNow(nullptr, &req, &resp);
         if (s.ok() && req.ids_size() == 0) CheckPage(service, req, resp);
         break;
       }
@@ -342,7 +342,7 @@ class Fixture {
         v1::BackupRequest req;
         v1::BackupResponse resp;
         if (!Parse(&req, data, len)) return Unparsed(rpc);
-        s = service.Backup(nullptr, &req, &resp);
+        s = service.BackupNow(nullptr, &req, &resp);
         break;
       }
     }
@@ -356,7 +356,7 @@ class Fixture {
     v1::GetBankRequest get;
     get.set_name(req.bank());
     v1::BankInfo info;
-    if (!service.GetBank(nullptr, &get, &info).ok()) return;
+    if (!service.GetBankNow(nullptr, &get, &info).ok()) return;
     const uint64_t k = info.patterns();
     const uint64_t size = req.page_size() == 0 ? 1000 : req.page_size();
     const uint64_t start = std::min<uint64_t>(req.page_start(), k);
@@ -377,7 +377,7 @@ class Fixture {
     get.set_bank(req.bank());
     get.mutable_ids()->Add(resp.ids().begin(), resp.ids().end());
     v1::GetPatternsResponse got;
-    grpc::Status s = service.GetPatterns(nullptr, &get, &got);
+    grpc::Status s = service.GetPatternsNow(nullptr, &get, &got);
     if (!s.ok() || got.patterns_size() != req.patterns_size()) {
       std::fprintf(stderr, "stored batch does not read back: %s\n", s.error_message().c_str());
       std::abort();

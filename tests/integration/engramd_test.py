@@ -8,11 +8,13 @@ Python client whose stubs are generated from proto/ in the test.
 import argparse
 import json
 import os
+import re
 import random
 import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.request
 import threading
 import time
 import unittest
@@ -57,6 +59,22 @@ class ServerTest(unittest.TestCase):
         return self.stub.CreateBank(pb.CreateBankRequest(
             name=name, dim=dim, kind=kind,
             energy=pb.EnergyConfig(family=family, beta=beta, degree=degree)), timeout=10)
+
+    def handled_by_code(self, started=False):
+        """{(method, code): count} of grpc_server_handled_total on /metrics
+        (with `started`, {method: count} of grpc_server_started_total)."""
+        url = "http://127.0.0.1:%d/metrics" % self.server.metrics_port
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+        out = {}
+        name = "grpc_server_started_total" if started else "grpc_server_handled_total"
+        for m in re.finditer(r'^%s\{([^}]*)\} (\S+)$' % name, text, re.M):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+            key = labels.get("grpc_method")
+            if not started:
+                key = (key, labels.get("grpc_code"))
+            out[key] = float(m.group(2))
+        return out
 
     def store(self, bank, x, ids=None, payloads=None):
         x = np.asarray(x, dtype=np.float32)
@@ -184,30 +202,93 @@ class BadInputTest(ServerTest):
                 self.assertEqual(snapshot(), before)
 
 
-    def test_undecodable_requests_get_internal_from_grpc_and_change_nothing(self):
-        """Bytes that are not the request message never reach Engram: gRPC's
-        deserializer answers INTERNAL for the synchronous methods, and gRPC
-        1.51's callback handler (Retrieve) answers UNIMPLEMENTED; an unknown
-        method is UNIMPLEMENTED."""
+    def test_undecodable_requests_get_invalid_argument_and_change_nothing(self):
+        """Bytes that are not the request message never reach Engram's
+        handlers: every method answers INVALID_ARGUMENT naming the request
+        type (not the UNIMPLEMENTED that gRPC 1.51's callback handlers send),
+        and counts the call under that code; an unknown method is
+        UNIMPLEMENTED."""
         pb = self.pb
         self.create("raw", 4, pb.STATE_KIND_CONTINUOUS)
         cases = [
-            ("Store", b"\x12\xff\xff\xff\xff\x0f", grpc.StatusCode.INTERNAL),   # packed floats longer than the message
-            ("CreateBank", b"\x0a\x02\xc3\x28", grpc.StatusCode.INTERNAL),        # name that is not UTF-8
-            ("Retrieve", b"\xff\xff", grpc.StatusCode.UNIMPLEMENTED),              # invalid tag
-            ("DeletePatterns", b"\x0a\x03raw\x12\x01", grpc.StatusCode.INTERNAL),  # truncated packed ids
+            ("Store", b"\x12\xff\xff\xff\xff\x0f"),   # packed floats longer than the message
+            ("CreateBank", b"\x0a\x02\xc3\x28"),        # name that is not UTF-8
+            ("Retrieve", b"\xff\xff"),                    # invalid tag
+            ("DeletePatterns", b"\x0a\x03raw\x12\x01"),  # truncated packed ids
         ]
-        for method, body, code in cases:
+        before = self.handled_by_code()
+        for method, body in cases:
             call = self.channel.unary_unary("/engram.v1.MemoryService/" + method)
             with self.subTest(method):
                 with self.assertRaises(grpc.RpcError) as ctx:
                     call(body, timeout=5)
-                self.assertEqual(ctx.exception.code(), code)
+                self.assertEqual(ctx.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+                self.assertIn("engram.v1.%sRequest" % method, ctx.exception.details())
+        after = self.handled_by_code()
+        for method, _ in cases:
+            key = (method, "InvalidArgument")
+            self.assertEqual(after.get(key, 0) - before.get(key, 0), 1, key)
         with self.assertRaises(grpc.RpcError) as ctx:
             self.channel.unary_unary("/engram.v1.MemoryService/Frobnicate")(b"", timeout=5)
         self.assertEqual(ctx.exception.code(), grpc.StatusCode.UNIMPLEMENTED)
         banks = self.stub.ListBanks(pb.ListBanksRequest(), timeout=5).banks
         self.assertEqual([(b.name, b.patterns) for b in banks], [("raw", 0)])
+
+    def test_calls_past_their_deadline_are_counted_once_with_their_code(self):
+        """Retrieve and Store calls with deadlines too short to be served:
+        every call the server saw start (grpc_server_started_total) is
+        counted once in grpc_server_handled_total, under the code it ended
+        with there: OK, DEADLINE_EXCEEDED, or CANCELLED when the client's
+        deadline passed (and the client left) before the server's own
+        deadline did; never UNIMPLEMENTED or INVALID_ARGUMENT. A call whose
+        deadline passes in the client before it is sent never reaches the
+        server and is in neither count."""
+        pb = self.pb
+        n, k = 256, 2000
+        rng = np.random.default_rng(5)
+        self.create("slow", n, pb.STATE_KIND_CONTINUOUS, pb.ENERGY_FAMILY_LSE, beta=0.5)
+        self.store("slow", rng.standard_normal((k, n)) / np.sqrt(n))
+        before = self.handled_by_code()
+        started_before = self.handled_by_code(started=True)
+        seen = {}
+        calls = {"Retrieve": 0, "Store": 0}
+        futures = []
+        for i in range(60):
+            timeout = (0.0005, 0.002, 0.1)[i % 3]
+            q = rng.standard_normal(8 * n).astype(np.float32).tolist()
+            futures.append(("Retrieve", self.stub.Retrieve.future(pb.RetrieveRequest(
+                bank="slow", queries=q, options=pb.RetrieveOptions(max_steps=50)), timeout=timeout)))
+            futures.append(("Store", self.stub.Store.future(pb.StoreRequest(
+                bank="slow", patterns=rng.standard_normal(n).astype(np.float32).tolist()),
+                timeout=timeout)))
+        for method, f in futures:
+            calls[method] += 1
+            try:
+                f.result()
+                code = "OK"
+            except grpc.RpcError as e:
+                code = {grpc.StatusCode.DEADLINE_EXCEEDED: "DeadlineExceeded"}.get(e.code(), e.code())
+            seen[(method, code)] = seen.get((method, code), 0) + 1
+        self.assertTrue(set(code for _, code in seen) <= {"OK", "DeadlineExceeded"}, seen)
+        # The server counts a call when it ends there, which may be after
+        # the client gave up on it.
+        stop = time.monotonic() + 20
+        while True:
+            after = self.handled_by_code()
+            started = self.handled_by_code(started=True)
+            delta = {key: after.get(key, 0) - before.get(key, 0) for key in after}
+            totals = {m: sum(v for (mm, _), v in delta.items() if mm == m) for m in calls}
+            starts = {m: started.get(m, 0) - started_before.get(m, 0) for m in calls}
+            if totals == starts or time.monotonic() > stop:
+                break
+            time.sleep(0.2)
+        self.assertEqual(totals, starts, delta)
+        for m in calls:
+            self.assertLessEqual(starts[m], calls[m])
+            self.assertGreater(starts[m], 0, starts)
+        codes = {key: v for key, v in delta.items() if key[0] in calls and v}
+        self.assertEqual(set(c for _, c in codes) - {"OK", "DeadlineExceeded", "Canceled"}, set(),
+                         codes)
 
 
 class DurabilityTest(ServerTest):

@@ -361,7 +361,7 @@ TEST(Admission, ExcessCallsGetResourceExhaustedAndThreadsStayFixed) {
   EXPECT_EQ(peak, before) << "threads before " << before << ", peak " << peak;
   prometheus::TextSerializer ser;
   const std::string text = ser.Serialize(s.server().metrics()->registry()->Collect());
-  EXPECT_NE(text.find("engram_scheduler_rejected_total{reason=\"queue_full\"} " +
+  EXPECT_NE(text.find("engram_scheduler_rejected_total{pool=\"compute\",reason=\"queue_full\"} " +
                       std::to_string(exhausted)),
             std::string::npos);
 }

@@ -90,16 +90,22 @@ class BankRegistry {
   // Every bank, ordered by name.
   std::vector<BankSummary> ListBanks() const;
 
+  // Asked immediately before a write commits, under the bank's write lock:
+  // an error aborts the write (nothing changes) and is returned.
+  using CommitCheck = std::function<absl::Status()>;
+
   // Stores a batch atomically (see Bank::ValidateNewPatterns for the input
   // rules). NOT_FOUND, INVALID_ARGUMENT, ALREADY_EXISTS, RESOURCE_EXHAUSTED
-  // (memory budget) or a storage error.
+  // (memory budget), `may_commit`'s error or a storage error.
   absl::StatusOr<StoreResult> Store(const std::string& name,
                                     absl::Span<const float> data,
                                     absl::Span<const uint64_t> ids,
-                                    absl::Span<const std::string> payloads);
+                                    absl::Span<const std::string> payloads,
+                                    const CommitCheck& may_commit = nullptr);
   // Deletes ids atomically: NOT_FOUND (nothing deleted) if any is absent.
   absl::StatusOr<DeleteResult> DeletePatterns(const std::string& name,
-                                              absl::Span<const uint64_t> ids);
+                                              absl::Span<const uint64_t> ids,
+                                              const CommitCheck& may_commit = nullptr);
 
   // The bank's current version, pinned; NOT_FOUND.
   absl::StatusOr<BankSnapshot> Snapshot(const std::string& name) const;
