@@ -8,6 +8,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "fused.h"
+#include "parallel.h"
+#include "state_loops.h"
 
 namespace engram::core {
 namespace {

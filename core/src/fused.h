@@ -18,7 +18,7 @@
 // are merged exactly by rescaling to the largest scale.
 //
 // Thread-safety: FusedPass is reentrant; the view must not change during the
-// call. It uses the shared compute threads (ComputeThreads()).
+// call. It uses the shared compute threads (parallel.h).
 #ifndef ENGRAM_CORE_SRC_FUSED_H_
 #define ENGRAM_CORE_SRC_FUSED_H_
 
@@ -148,26 +148,6 @@ void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const fl
 // kernels; `s` has view.rows slots.
 void FastSimilarities(const PatternView& view, SimilarityKind similarity, const float* x,
                       double* s);
-
-// Runs fn(begin, end) over [0, rows) split into at most ComputeThreads()
-// contiguous ranges (one on the caller's thread) when rows * cost_per_row is
-// large enough to pay for the hand-off; otherwise fn(0, rows) inline.
-void ParallelRows(int64_t rows, int64_t cost_per_row,
-                  const std::function<void(int, int64_t, int64_t)>& fn, int* used_ranges);
-
-// Threads used for one pass (ENGRAM_THREADS, default: the CPUs this process
-// may run on).
-int ComputeThreads();
-
-// Loops over a state's values without a branch or a chain of dependent
-// adds per value (a batch runs them over 256 states of 4 096 values):
-// |x|^2 accumulated in double;
-double SquaredNorm(const float* x, int64_t n);
-// max_i |a_i - b_i|, a NaN difference leaving the max as it was (as
-// std::max(m, NaN) = m), 0 when n = 0;
-float MaxAbsDiff(const float* a, const float* b, int64_t n);
-// whether every value is finite.
-bool AllFinite(const float* v, int64_t n);
 
 // ---- Separation rules -----------------------------------------------------
 

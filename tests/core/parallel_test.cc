@@ -17,6 +17,7 @@
 #include <gtest/gtest.h>
 
 #include "fused.h"
+#include "parallel.h"
 
 namespace engram::core::internal {
 namespace {

@@ -17,6 +17,7 @@
 #include "engram/core/dynamics.h"
 #include "engram/core/energy.h"
 #include "fused.h"
+#include "state_loops.h"
 #include "kernels/kernels.h"
 #include "testing/random_banks.h"
 
