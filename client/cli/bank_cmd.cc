@@ -29,15 +29,10 @@ void PrintBank(const v1::BankInfo& b) {
 
 absl::Status RunBank(const Args& args, Context& ctx) {
   const auto& pos = args.positional();
-  if (pos.size() < 2) {
-    return absl::InvalidArgumentError(
-        "usage: engram bank create|get|list|delete|export|import [NAME]");
-  }
   const std::string& verb = pos[1];
   if (verb == "export") return RunBankExport(args, ctx);
   if (verb == "import") return RunBankImport(args, ctx);
   if (verb == "list") {
-    ENGRAM_RETURN_IF_ERROR(args.CheckKnown(kGlobalOptions));
     ENGRAM_ASSIGN_OR_RETURN(v1::ListBanksResponse list, ctx.client->ListBanks());
     if (ctx.json) {
       std::cout << ToJson(list) << "\n";
@@ -48,15 +43,8 @@ absl::Status RunBank(const Args& args, Context& ctx) {
     }
     return absl::OkStatus();
   }
-  if (pos.size() != 3) {
-    return absl::InvalidArgumentError(absl::StrCat("usage: engram bank ", verb, " NAME"));
-  }
   const std::string& name = pos[2];
   if (verb == "create") {
-    std::set<std::string> allowed = kGlobalOptions;
-    allowed.insert(kEnergyOptions.begin(), kEnergyOptions.end());
-    allowed.insert({"dim", "kind", "precision"});
-    ENGRAM_RETURN_IF_ERROR(args.CheckKnown(allowed));
     v1::CreateBankRequest req;
     req.set_name(name);
     ENGRAM_ASSIGN_OR_RETURN(int64_t dim, args.GetInt("dim", 0));
@@ -86,7 +74,6 @@ absl::Status RunBank(const Args& args, Context& ctx) {
     else { std::cout << "created "; PrintBank(info); }
     return absl::OkStatus();
   }
-  ENGRAM_RETURN_IF_ERROR(args.CheckKnown(kGlobalOptions));
   if (verb == "get") {
     ENGRAM_ASSIGN_OR_RETURN(v1::BankInfo info, ctx.client->GetBank(name));
     if (ctx.json) std::cout << ToJson(info) << "\n";

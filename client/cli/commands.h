@@ -32,10 +32,8 @@ absl::Status RunSample(const Args& args, Context& ctx);
 absl::Status RunLoad(const Args& args, Context& ctx);
 absl::Status RunHealth(const Args& args, Context& ctx);
 
-// Options shared by several commands.
-extern const std::set<std::string> kGlobalOptions;
+// The options that only make sense with --energy.
 extern const std::set<std::string> kEnergyOptions;
-extern const std::set<std::string> kDataOptions;
 
 // --energy/--beta/--degree/--rectified/--similarity/--separation into `out`.
 // Returns false in *set when no --energy was given.

@@ -7,12 +7,8 @@
 
 namespace engram::cli {
 
-const std::set<std::string> kGlobalOptions = {"target", "timeout", "json", "help", "token",
-                                              "tls-ca"};
 const std::set<std::string> kEnergyOptions = {"energy", "beta", "degree", "rectified",
                                               "similarity", "separation"};
-const std::set<std::string> kDataOptions = {"offset", "limit", "binarize", "normalize",
-                                            "standardize", "scale"};
 
 absl::StatusOr<v1::StateKind> ParseKind(const std::string& s) {
   const std::string k = absl::AsciiStrToLower(s);

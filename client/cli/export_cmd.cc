@@ -37,9 +37,7 @@ int64_t PageRows(uint32_t dim) {
 }  // namespace
 
 absl::Status RunBankExport(const Args& args, Context& ctx) {
-  ENGRAM_RETURN_IF_ERROR(args.CheckKnown(kGlobalOptions));
   const auto& pos = args.positional();
-  if (pos.size() != 4) return absl::InvalidArgumentError("usage: engram bank export NAME FILE");
   const std::string& name = pos[2];
   const std::string& path = pos[3];
   ENGRAM_ASSIGN_OR_RETURN(v1::BankInfo info, ctx.client->GetBank(name));
@@ -89,13 +87,7 @@ absl::Status RunBankExport(const Args& args, Context& ctx) {
 }
 
 absl::Status RunBankImport(const Args& args, Context& ctx) {
-  std::set<std::string> allowed = kGlobalOptions;
-  allowed.insert("name");
-  ENGRAM_RETURN_IF_ERROR(args.CheckKnown(allowed));
   const auto& pos = args.positional();
-  if (pos.size() != 3) {
-    return absl::InvalidArgumentError("usage: engram bank import FILE [--name NEW]");
-  }
   const std::string& path = pos[2];
   std::ifstream in(path, std::ios::binary);
   if (!in) return absl::NotFoundError(absl::StrCat("cannot read '", path, "'"));

@@ -15,9 +15,6 @@
 namespace engram::cli {
 
 absl::Status RunHealth(const Args& args, Context& ctx) {
-  std::set<std::string> allowed = kGlobalOptions;
-  allowed.insert("service");
-  ENGRAM_RETURN_IF_ERROR(args.CheckKnown(allowed));
   const std::string service = args.Get("service", "");
   if (service.size() > 127) return absl::InvalidArgumentError("--service name too long");
   // HealthCheckRequest { string service = 1; }

@@ -70,19 +70,7 @@ double Percentile(std::vector<double>& sorted, double p) {
 }  // namespace
 
 absl::Status RunLoad(const Args& args, Context& ctx) {
-  std::set<std::string> allowed = kGlobalOptions;
-  allowed.insert(kDataOptions.begin(), kDataOptions.end());
-  allowed.insert({"concurrency", "connections", "rate", "duration", "total", "warmup", "mix",
-                  "data", "batch", "seed", "include-errors", "format", "sample-steps",
-                  "max-steps", "dynamics"});
-  ENGRAM_RETURN_IF_ERROR(args.CheckKnown(allowed));
   const auto& pos = args.positional();
-  if (pos.size() != 2) {
-    return absl::InvalidArgumentError(
-        "usage: engram load BANK [--concurrency C] [--connections M] [--rate RPS] "
-        "[--duration S | --total N] [--warmup S] [--mix retrieve=8,sample=1,energy=1,store=0] "
-        "[--data FILE] [--batch B] [--seed S] [--include-errors] [--format text|json|csv]");
-  }
   const std::string bank = pos[1];
   ENGRAM_ASSIGN_OR_RETURN(v1::BankInfo info, ctx.client->GetBank(bank));
   const int n = static_cast<int>(info.dim());

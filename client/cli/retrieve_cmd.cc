@@ -12,19 +12,7 @@
 namespace engram::cli {
 
 absl::Status RunRetrieve(const Args& args, Context& ctx) {
-  std::set<std::string> allowed = kGlobalOptions;
-  allowed.insert(kDataOptions.begin(), kDataOptions.end());
-  allowed.insert(kEnergyOptions.begin(), kEnergyOptions.end());
-  allowed.insert({"flip", "noise", "mask-fraction", "clamp", "seed", "dynamics", "max-steps",
-                  "tol", "alpha", "dt", "tau-v", "tau-h", "trace", "out", "partial"});
-  ENGRAM_RETURN_IF_ERROR(args.CheckKnown(allowed));
   const auto& pos = args.positional();
-  if (pos.size() != 3) {
-    return absl::InvalidArgumentError(
-        "usage: engram retrieve BANK FILE [--flip F] [--noise SIGMA] [--mask-fraction F] "
-        "[--clamp FILE] [--dynamics sync|async|gradient|tinybrain] [--max-steps N] "
-        "[--energy FAMILY ...] [--trace] [--out states.npy]");
-  }
   const std::string& bank = pos[1];
   ENGRAM_ASSIGN_OR_RETURN(v1::BankInfo info, ctx.client->GetBank(bank));
   const bool bipolar = info.kind() == v1::STATE_KIND_BIPOLAR;
@@ -130,15 +118,7 @@ absl::Status RunRetrieve(const Args& args, Context& ctx) {
 }
 
 absl::Status RunEnergy(const Args& args, Context& ctx) {
-  std::set<std::string> allowed = kGlobalOptions;
-  allowed.insert(kDataOptions.begin(), kDataOptions.end());
-  allowed.insert(kEnergyOptions.begin(), kEnergyOptions.end());
-  allowed.insert("gradient");
-  ENGRAM_RETURN_IF_ERROR(args.CheckKnown(allowed));
   const auto& pos = args.positional();
-  if (pos.size() != 3) {
-    return absl::InvalidArgumentError("usage: engram energy BANK FILE [--gradient] [--energy FAMILY ...]");
-  }
   ENGRAM_ASSIGN_OR_RETURN(client::Matrix states, LoadData(pos[2], args));
   v1::EnergyRequest req;
   req.set_bank(pos[1]);

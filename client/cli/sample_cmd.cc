@@ -42,23 +42,7 @@ std::string ClassName(v1::SampleClass c) {
 }  // namespace
 
 absl::Status RunSample(const Args& args, Context& ctx) {
-  std::set<std::string> allowed = kGlobalOptions;
-  allowed.insert(kDataOptions.begin(), kDataOptions.end());
-  allowed.insert(kEnergyOptions.begin(), kEnergyOptions.end());
-  allowed.insert({"count", "sampler", "schedule", "sigma-max", "sigma-min", "rho", "steps",
-                  "stop-at-sigma-min", "seed", "query", "sigma-start", "mask-fraction", "clamp",
-                  "churn", "s-tmin", "s-tmax", "s-noise", "langevin-steps", "langevin-eta",
-                  "am-iterations", "delta-memorized", "delta-spurious", "trajectory-every",
-                  "png", "png-trajectory", "image-shape", "columns", "out", "stream"});
-  ENGRAM_RETURN_IF_ERROR(args.CheckKnown(allowed));
   const auto& pos = args.positional();
-  if (pos.size() != 2) {
-    return absl::InvalidArgumentError(
-        "usage: engram sample BANK [--count N] [--sampler heun|euler|stochastic|langevin|"
-        "annealed_am] [--schedule karras|geometric|linear] [--sigma-max S] [--sigma-min S] "
-        "[--steps S] [--seed S] [--query FILE [--sigma-start S] [--mask-fraction F]] "
-        "[--png grid.png] [--png-trajectory strip.png] [--out samples.npy] [--stream]");
-  }
   const std::string& bank = pos[1];
   ENGRAM_ASSIGN_OR_RETURN(v1::BankInfo info, ctx.client->GetBank(bank));
   const bool bipolar = info.kind() == v1::STATE_KIND_BIPOLAR;

@@ -10,17 +10,7 @@
 namespace engram::cli {
 
 absl::Status RunStore(const Args& args, Context& ctx) {
-  std::set<std::string> allowed = kGlobalOptions;
-  allowed.insert(kDataOptions.begin(), kDataOptions.end());
-  allowed.insert({"labels", "payloads", "ids-start", "batch"});
-  ENGRAM_RETURN_IF_ERROR(args.CheckKnown(allowed));
   const auto& pos = args.positional();
-  if (pos.size() != 3) {
-    return absl::InvalidArgumentError(
-        "usage: engram store BANK FILE(.npy|.csv|IDX[.gz]) [--labels FILE] [--payloads FILE] "
-        "[--ids-start ID] [--offset R] [--limit N] [--binarize|--normalize|--standardize] "
-        "[--batch N]");
-  }
   const std::string& bank = pos[1];
   ENGRAM_ASSIGN_OR_RETURN(client::Matrix m, LoadData(pos[2], args));
   std::vector<std::string> payloads;
@@ -88,13 +78,7 @@ absl::Status RunStore(const Args& args, Context& ctx) {
 }
 
 absl::Status RunGet(const Args& args, Context& ctx) {
-  std::set<std::string> allowed = kGlobalOptions;
-  allowed.insert("out");
-  ENGRAM_RETURN_IF_ERROR(args.CheckKnown(allowed));
   const auto& pos = args.positional();
-  if (pos.size() < 2) {
-    return absl::InvalidArgumentError("usage: engram get BANK [ID...] [--out patterns.npy]");
-  }
   client::Matrix m;
   std::vector<uint64_t> ids;
   std::vector<std::string> payloads;
@@ -148,9 +132,7 @@ absl::Status RunGet(const Args& args, Context& ctx) {
 }
 
 absl::Status RunBackup(const Args& args, Context& ctx) {
-  ENGRAM_RETURN_IF_ERROR(args.CheckKnown(kGlobalOptions));
   const auto& pos = args.positional();
-  if (pos.size() != 2) return absl::InvalidArgumentError("usage: engram backup FILE");
   v1::BackupRequest req;
   req.set_file(pos[1]);
   grpc::ClientContext cctx;
@@ -164,9 +146,7 @@ absl::Status RunBackup(const Args& args, Context& ctx) {
 }
 
 absl::Status RunDelete(const Args& args, Context& ctx) {
-  ENGRAM_RETURN_IF_ERROR(args.CheckKnown(kGlobalOptions));
   const auto& pos = args.positional();
-  if (pos.size() < 3) return absl::InvalidArgumentError("usage: engram delete BANK ID...");
   v1::DeletePatternsRequest req;
   req.set_bank(pos[1]);
   for (size_t i = 2; i < pos.size(); ++i) {

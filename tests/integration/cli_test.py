@@ -272,10 +272,32 @@ class CliTest(unittest.TestCase):
         self.assertIn("ALREADY_EXISTS", p.stderr)
         p = self.engram("bank", "get", "missing", expect=1)
         self.assertIn("NOT_FOUND", p.stderr)
-        self.engram("bank", "create", "x", "--dim", "3", "--bogus", "1", expect=1)
+        p = self.engram("bank", "create", "x", "--dim", "3", "--bogus", "1", expect=2)
+        self.assertIn("unknown option --bogus", p.stderr)
+        self.assertIn("usage: engram bank create NAME", p.stderr)
         self.engram("frobnicate", expect=2)
         self.engram("bank", "delete", "life")
         self.engram("bank", "get", "life", expect=1)
+
+
+    def test_help_and_usage_list_every_option_of_the_command(self):
+        """The help and each usage error come from the one command table:
+        every option a command accepts is listed, and no other is accepted."""
+        top = self.engram("--help").stdout
+        for opt in ("--token TOKEN", "--tls-ca FILE", "--target HOST:PORT", "--json"):
+            self.assertIn(opt, top)
+        for cmd in ("bank create NAME", "bank import FILE", "retrieve BANK FILE", "sample BANK",
+                    "load BANK", "health"):
+            self.assertIn("engram " + cmd, top)
+        p = self.engram("retrieve", "b", expect=2)  # a missing operand
+        usage = " ".join(p.stderr.split())
+        for opt in ("--seed S", "--tol T", "--max-steps N", "--dynamics", "--energy FAMILY",
+                    "--limit N", "--partial"):
+            self.assertIn(opt, usage)
+        self.assertIn("--seed S", self.engram("sample", "--help").stdout)
+        p = self.engram("retrieve", "b", "f.npy", "--stream", expect=2)  # sample's, not retrieve's
+        self.assertIn("unknown option --stream", p.stderr)
+        self.engram("bank", "frob", "x", expect=2)
 
 
 class ShutdownTest(unittest.TestCase):
