@@ -188,12 +188,11 @@ absl::Status ValidateSampleOptions(const SampleOptions& o, StateKind kind) {
   return MakeSchedule(o.schedule).status();
 }
 
-absl::StatusOr<SampleBatch> Sample(const Bank& bank, const EnergyConfig& energy, int count,
-                                   absl::Span<const float> query,
-                                   absl::Span<const bool> clamp, const SampleOptions& o) {
-  const StateKind kind = bank.spec().kind;
-  if (auto s = ValidateSampleOptions(o, kind); !s.ok()) return s;
-  if (auto s = ValidateEnergyConfig(energy, kind); !s.ok()) return s;
+namespace {
+
+// The shape and values of a Sample call's query and clamp mask.
+absl::Status ValidateSampleInputs(const Bank& bank, int count, absl::Span<const float> query,
+                                  absl::Span<const bool> clamp) {
   const int n = bank.dim();
   if (count < 1) return absl::InvalidArgumentError("count must be >= 1");
   if (bank.size() == 0) {
@@ -215,224 +214,229 @@ absl::StatusOr<SampleBatch> Sample(const Bank& bank, const EnergyConfig& energy,
   }
   for (float v : query) {
     if (!std::isfinite(v)) return absl::InvalidArgumentError("query is not finite");
-    if (kind == StateKind::kBipolar && v != 1.f && v != -1.f) {
+    if (bank.spec().kind == StateKind::kBipolar && v != 1.f && v != -1.f) {
       return absl::InvalidArgumentError("bank is bipolar but the query is not +-1");
     }
   }
+  return absl::OkStatus();
+}
 
-  ScheduleConfig sched = o.schedule;
-  if (qn != 0 && o.sigma_start > 0) {
-    sched.sigma_max = o.sigma_start;
-    sched.sigma_min = std::min(sched.sigma_min, o.sigma_start);
+// One Sample call's states and what every sampler's step needs. Samples
+// are stepped one after another in index order and share one normal
+// distribution, so a call's draws (and its answer) depend only on the seed.
+class SampleRun {
+ public:
+  SampleRun(const Bank& bank, const EnergyConfig& energy, int count,
+            absl::Span<const float> query, absl::Span<const bool> clamp, const SampleOptions& o)
+      : p(bank.view()), energy(energy), o(o), n(bank.dim()), kind(bank.spec().kind),
+        count(count), query_(query), clamp_(clamp), d_(n), d2_(n), xp_(n), den(n) {}
+
+  // The sample's known values (its query row), or null.
+  const float* Query(int b) const {
+    const size_t qn = query_.size();
+    return qn == 0 ? nullptr : query_.data() + (qn == static_cast<size_t>(n) ? 0 : int64_t{b} * n);
   }
-  auto sigmas_or = MakeSchedule(sched);
-  if (!sigmas_or.ok()) return sigmas_or.status();
-  SampleBatch batch;
-  batch.sigmas = *std::move(sigmas_or);
-  const std::vector<double>& sig = batch.sigmas;
-  const PatternView p = bank.view();
-
-  auto q_of = [&](int b) -> const float* {
-    return qn == 0 ? nullptr : query.data() + (qn == static_cast<size_t>(n) ? 0 : int64_t{b} * n);
-  };
-  auto c_of = [&](int b) -> const bool* {
-    return cn == 0 ? nullptr : clamp.data() + (cn == static_cast<size_t>(n) ? 0 : int64_t{b} * n);
-  };
-  auto apply_clamp = [&](int b, float* x) {
-    const bool* c = c_of(b);
+  // The sample's clamp mask, or null.
+  const bool* Clamp(int b) const {
+    const size_t cn = clamp_.size();
+    return cn == 0 ? nullptr : clamp_.data() + (cn == static_cast<size_t>(n) ? 0 : int64_t{b} * n);
+  }
+  void ApplyClamp(int b, float* x) const {
+    const bool* c = Clamp(b);
     if (c == nullptr) return;
-    const float* q = q_of(b);
+    const float* q = Query(b);
     for (int i = 0; i < n; ++i) {
       if (c[i]) x[i] = q[i];
     }
-  };
-
-  // Initial states and per-sample generators.
-  std::vector<std::mt19937_64> rngs;
-  std::vector<std::vector<float>> xs(count, std::vector<float>(n));
-  std::normal_distribution<float> gauss(0.f, 1.f);
-  for (int b = 0; b < count; ++b) {
-    rngs.emplace_back(SplitMix(o.seed * 0x100000001b3ULL + static_cast<uint64_t>(b)));
-    auto& rng = rngs.back();
-    const float* q = q_of(b);
-    for (int i = 0; i < n; ++i) {
-      if (kind == StateKind::kBipolar) {
-        xs[b][i] = q != nullptr ? q[i] : ((rng() & 1) ? 1.f : -1.f);
-      } else {
-        const float z = gauss(rng);
-        xs[b][i] = (q != nullptr ? q[i] : 0.f) + static_cast<float>(sig[0]) * z;
-      }
-    }
-    apply_clamp(b, xs[b].data());
   }
-  batch.samples.resize(count);
-  auto record = [&](int step, double sigma, bool force) {
-    if (o.trajectory_every <= 0) return;
-    if (!force && step % o.trajectory_every != 0) return;
-    for (int b = 0; b < count; ++b) {
-      batch.samples[b].trajectory.push_back(xs[b]);
-      batch.samples[b].trajectory_sigmas.push_back(sigma);
-    }
-  };
-  record(0, sig[0], true);
 
-  std::vector<float> d(n), d2(n), xp(n), den(n);
-  // One step of the probability-flow ODE dx/dsigma = (x - D)/sigma from s_from
-  // to s_to: Euler, plus Heun's correction unless s_to is 0.
-  auto ode_step = [&](int b, float* x, double s_from, double s_to, bool heun) {
+  // Noise (or the query plus noise, or random +-1 on a bipolar bank) at the
+  // schedule's first sigma, and one generator per sample.
+  void InitialStates(double sigma0) {
+    xs.assign(count, std::vector<float>(n));
+    for (int b = 0; b < count; ++b) {
+      rngs.emplace_back(SplitMix(o.seed * 0x100000001b3ULL + static_cast<uint64_t>(b)));
+      auto& rng = rngs.back();
+      const float* q = Query(b);
+      for (int i = 0; i < n; ++i) {
+        if (kind == StateKind::kBipolar) {
+          xs[b][i] = q != nullptr ? q[i] : ((rng() & 1) ? 1.f : -1.f);
+        } else {
+          xs[b][i] = (q != nullptr ? q[i] : 0.f) + static_cast<float>(sigma0) * gauss(rng);
+        }
+      }
+      ApplyClamp(b, xs[b].data());
+    }
+  }
+
+  // One step of the probability-flow ODE dx/dsigma = (x - D)/sigma from
+  // s_from to s_to: Euler, plus Heun's correction unless s_to is 0.
+  void OdeStep(int b, float* x, double s_from, double s_to, bool heun) {
     Denoise(p, energy, x, s_from, den.data());
-    for (int k = 0; k < n; ++k) d[k] = static_cast<float>((x[k] - double{den[k]}) / s_from);
+    for (int k = 0; k < n; ++k) d_[k] = static_cast<float>((x[k] - double{den[k]}) / s_from);
     const float h = static_cast<float>(s_to - s_from);
-    for (int k = 0; k < n; ++k) xp[k] = x[k] + h * d[k];
+    for (int k = 0; k < n; ++k) xp_[k] = x[k] + h * d_[k];
     if (heun && s_to > 0) {
-      apply_clamp(b, xp.data());
-      Denoise(p, energy, xp.data(), s_to, den.data());
+      ApplyClamp(b, xp_.data());
+      Denoise(p, energy, xp_.data(), s_to, den.data());
       for (int k = 0; k < n; ++k) {
-        d2[k] = static_cast<float>((xp[k] - double{den[k]}) / s_to);
-        xp[k] = x[k] + h * 0.5f * (d[k] + d2[k]);
+        d2_[k] = static_cast<float>((xp_[k] - double{den[k]}) / s_to);
+        xp_[k] = x[k] + h * 0.5f * (d_[k] + d2_[k]);
       }
     }
-    std::copy(xp.begin(), xp.end(), x);
-  };
-  const int levels = static_cast<int>(sig.size()) - 1;  // transitions i -> i+1
-  const int positive_levels = sig.back() == 0.0 ? levels : levels + 1;
-  double sigma_last = sig[positive_levels - 1];
-  int step = 0;
-  double sigma_of_step = sig[0];  // the sigma recorded for the last step taken
-  for (int i = 0; i < std::max(levels, 1) && !batch.deadline; ++i) {
-    if (o.should_stop && o.should_stop()) {
-      batch.deadline = true;
-      break;
-    }
-    const double s_cur = sig[i];
-    const double s_next = levels == 0 ? s_cur : sig[i + 1];
-    for (int b = 0; b < count; ++b) {
-      float* x = xs[b].data();
-      auto& rng = rngs[b];
-      switch (o.sampler) {
-        case SamplerKind::kEuler:
-        case SamplerKind::kHeun: {
-          if (levels == 0) break;
-          ode_step(b, x, s_cur, s_next, o.sampler == SamplerKind::kHeun);
-          break;
-        }
-        case SamplerKind::kStochastic: {
-          if (levels == 0) break;
-          const double gamma = (s_cur >= o.s_tmin && s_cur <= o.s_tmax)
-                                   ? std::min(o.churn / std::max(levels, 1), std::sqrt(2.0) - 1)
-                                   : 0.0;
-          const double s_hat = s_cur * (1 + gamma);
-          const float add = static_cast<float>(std::sqrt(s_hat * s_hat - s_cur * s_cur) * o.s_noise);
-          for (int k = 0; k < n; ++k) x[k] += add * gauss(rng);
-          apply_clamp(b, x);
-          ode_step(b, x, s_hat, s_next, true);
-          break;
-        }
-        case SamplerKind::kLangevin: {
-          // Annealed Langevin at sigma_i: x += (eps/2) score + sqrt(eps) z,
-          // eps = eta sigma_i^2, i.e. x += eta/2 (Den - x) + sqrt(eta) sigma_i z.
-          // The last transition to sigma = 0 is one denoising step.
-          if (s_next == 0.0 || levels == 0) {
-            Denoise(p, energy, x, s_cur, den.data());
-            std::copy(den.begin(), den.end(), x);
-            break;
-          }
-          const float half = static_cast<float>(0.5 * o.langevin_eta);
-          const float noise = static_cast<float>(std::sqrt(o.langevin_eta) * s_cur);
-          for (int l = 0; l < o.langevin_steps; ++l) {
-            Denoise(p, energy, x, s_cur, den.data());
-            for (int k = 0; k < n; ++k) x[k] += half * (den[k] - x[k]) + noise * gauss(rng);
-            apply_clamp(b, x);
-          }
-          break;
-        }
-        case SamplerKind::kAnnealedAm: {
-          if (kind == StateKind::kContinuous) {
-            for (int it = 0; it < o.am_iterations; ++it) {
-              Denoise(p, energy, x, s_cur, den.data());
-              std::copy(den.begin(), den.end(), x);
-              apply_clamp(b, x);
-            }
-          } else {
-            // Glauber dynamics at beta_i = 1/sigma_i^2 on the exact energy
-            // differences: a neuron flips with probability
-            // 1 / (1 + exp(beta dE)).
-            std::vector<float> xv(x, x + n);
-            BipolarFlipper flipper(p, energy, xv);
-            const double beta = 1.0 / (s_cur * s_cur);
-            std::vector<int> order;
-            const bool* c = c_of(b);
-            for (int k = 0; k < n; ++k) {
-              if (c == nullptr || !c[k]) order.push_back(k);
-            }
-            std::uniform_real_distribution<double> u(0.0, 1.0);
-            for (int it = 0; it < o.am_iterations; ++it) {
-              std::shuffle(order.begin(), order.end(), rng);
-              for (int k : order) {
-                const double de = flipper.FlipDelta(xv, k);
-                const double a = beta * de;
-                const double prob = a > 700 ? 0.0 : 1.0 / (1.0 + std::exp(a));
-                if (u(rng) < prob) flipper.AcceptFlip(xv, k);
-              }
-            }
-            std::copy(xv.begin(), xv.end(), x);
-          }
-          break;
-        }
-      }
-      apply_clamp(b, x);
-    }
-    ++step;
-    const double s_after = (o.sampler == SamplerKind::kAnnealedAm) ? s_cur : s_next;
-    sigma_of_step = s_after;
-    record(step, s_after, false);
-    if (o.on_step) o.on_step(step, s_after, xs);
-  }
-  // Bipolar annealing ends at zero temperature: descend to a fixed point.
-  if (kind == StateKind::kBipolar && !batch.deadline) {
-    for (int b = 0; b < count; ++b) {
-      std::vector<float>& xv = xs[b];
-      BipolarFlipper flipper(p, energy, xv);
-      const bool* c = c_of(b);
-      for (int sweep = 0; sweep < 1000; ++sweep) {
-        int flips = 0;
-        for (int k = 0; k < n; ++k) {
-          if (c != nullptr && c[k]) continue;
-          if (flipper.FlipDelta(xv, k) < 0) {
-            flipper.AcceptFlip(xv, k);
-            ++flips;
-          }
-        }
-        if (flips == 0) break;
-      }
-    }
-  }
-  batch.steps = step;
-  if (step > 0 && step % std::max(o.trajectory_every, 1) != 0) {
-    record(step, sigma_of_step, true);
+    std::copy(xp_.begin(), xp_.end(), x);
   }
 
-  // A schedule ending at a tiny sigma (1/sigma^2 beyond float range) can
-  // overflow the denoiser; say so rather than describe a non-finite state.
-  for (int b = 0; b < count; ++b) {
-    for (float v : xs[b]) {
-      if (!std::isfinite(v)) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "sampling overflowed to a non-finite state (sample ", b, " after ", step,
-            " steps, sigma_min ", sig[std::min<size_t>(step, sig.size() - 1)],
-            "); raise sigma_min or lower beta"));
-      }
+  const PatternView p;
+  const EnergyConfig& energy;
+  const SampleOptions& o;
+  const int n;
+  const StateKind kind;
+  const int count;
+  std::vector<std::vector<float>> xs;
+  std::vector<std::mt19937_64> rngs;
+  std::normal_distribution<float> gauss{0.f, 1.f};
+
+ private:
+  absl::Span<const float> query_;
+  absl::Span<const bool> clamp_;
+  std::vector<float> d_, d2_, xp_;
+
+ public:
+  std::vector<float> den;  // the last denoiser output
+};
+
+// One level of a sampler for sample b: from s_cur towards s_next (levels:
+// the schedule's transitions; 0 when it has a single sigma).
+struct Level {
+  double s_cur, s_next;
+  int levels;
+};
+using StepFn = void (*)(SampleRun& run, int b, const Level& at);
+
+void EulerStep(SampleRun& run, int b, const Level& at) {
+  if (at.levels > 0) run.OdeStep(b, run.xs[b].data(), at.s_cur, at.s_next, /*heun=*/false);
+}
+
+void HeunStep(SampleRun& run, int b, const Level& at) {
+  if (at.levels > 0) run.OdeStep(b, run.xs[b].data(), at.s_cur, at.s_next, /*heun=*/true);
+}
+
+// Karras et al.'s stochastic sampler: raise sigma by churn (noise added),
+// then a Heun step down.
+void StochasticStep(SampleRun& run, int b, const Level& at) {
+  if (at.levels == 0) return;
+  const SampleOptions& o = run.o;
+  float* x = run.xs[b].data();
+  const double gamma = (at.s_cur >= o.s_tmin && at.s_cur <= o.s_tmax)
+                           ? std::min(o.churn / std::max(at.levels, 1), std::sqrt(2.0) - 1)
+                           : 0.0;
+  const double s_hat = at.s_cur * (1 + gamma);
+  const float add = static_cast<float>(std::sqrt(s_hat * s_hat - at.s_cur * at.s_cur) * o.s_noise);
+  for (int k = 0; k < run.n; ++k) x[k] += add * run.gauss(run.rngs[b]);
+  run.ApplyClamp(b, x);
+  run.OdeStep(b, x, s_hat, at.s_next, true);
+}
+
+// Annealed Langevin at sigma_i: x += (eps/2) score + sqrt(eps) z,
+// eps = eta sigma_i^2, i.e. x += eta/2 (Den - x) + sqrt(eta) sigma_i z. The
+// last transition to sigma = 0 is one denoising step.
+void LangevinStep(SampleRun& run, int b, const Level& at) {
+  float* x = run.xs[b].data();
+  if (at.s_next == 0.0 || at.levels == 0) {
+    Denoise(run.p, run.energy, x, at.s_cur, run.den.data());
+    std::copy(run.den.begin(), run.den.end(), x);
+    return;
+  }
+  const float half = static_cast<float>(0.5 * run.o.langevin_eta);
+  const float noise = static_cast<float>(std::sqrt(run.o.langevin_eta) * at.s_cur);
+  for (int l = 0; l < run.o.langevin_steps; ++l) {
+    Denoise(run.p, run.energy, x, at.s_cur, run.den.data());
+    for (int k = 0; k < run.n; ++k) {
+      x[k] += half * (run.den[k] - x[k]) + noise * run.gauss(run.rngs[b]);
+    }
+    run.ApplyClamp(b, x);
+  }
+}
+
+// Annealed associative memory at sigma_i: continuous states take
+// am_iterations denoising (retrieval) steps; bipolar states take
+// am_iterations sweeps of Glauber dynamics at beta_i = 1/sigma_i^2 on the
+// exact energy differences (a neuron flips with probability
+// 1 / (1 + exp(beta dE))), in a random order per sweep.
+void AnnealedAmStep(SampleRun& run, int b, const Level& at) {
+  float* x = run.xs[b].data();
+  const int n = run.n;
+  if (run.kind == StateKind::kContinuous) {
+    for (int it = 0; it < run.o.am_iterations; ++it) {
+      Denoise(run.p, run.energy, x, at.s_cur, run.den.data());
+      std::copy(run.den.begin(), run.den.end(), x);
+      run.ApplyClamp(b, x);
+    }
+    return;
+  }
+  std::vector<float> xv(x, x + n);
+  BipolarFlipper flipper(run.p, run.energy, xv);
+  const double beta = 1.0 / (at.s_cur * at.s_cur);
+  std::vector<int> order;
+  const bool* c = run.Clamp(b);
+  for (int k = 0; k < n; ++k) {
+    if (c == nullptr || !c[k]) order.push_back(k);
+  }
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  auto& rng = run.rngs[b];
+  for (int it = 0; it < run.o.am_iterations; ++it) {
+    std::shuffle(order.begin(), order.end(), rng);
+    for (int k : order) {
+      const double a = beta * flipper.FlipDelta(xv, k);
+      const double prob = a > 700 ? 0.0 : 1.0 / (1.0 + std::exp(a));
+      if (u(rng) < prob) flipper.AcceptFlip(xv, k);
     }
   }
+  std::copy(xv.begin(), xv.end(), x);
+}
 
-  // Describe every sample.
-  const EnergyConfig final_cfg = AtSigma(energy, sigma_last);
-  EnergyFunction final_energy(final_cfg, p);
-  for (int b = 0; b < count; ++b) {
-    SampleResult& r = batch.samples[b];
-    r.state = xs[b];
+// The step of each sampler, indexed by SamplerKind.
+constexpr StepFn kSteps[] = {EulerStep, HeunStep, StochasticStep, LangevinStep, AnnealedAmStep};
+static_assert(static_cast<int>(SamplerKind::kEuler) == 0 &&
+              static_cast<int>(SamplerKind::kHeun) == 1 &&
+              static_cast<int>(SamplerKind::kStochastic) == 2 &&
+              static_cast<int>(SamplerKind::kLangevin) == 3 &&
+              static_cast<int>(SamplerKind::kAnnealedAm) == 4);
+
+// Bipolar annealing ends at zero temperature: every sample descends (exact
+// single flips that lower the energy) to a fixed point.
+void DescendToFixedPoints(SampleRun& run) {
+  for (int b = 0; b < run.count; ++b) {
+    std::vector<float>& xv = run.xs[b];
+    BipolarFlipper flipper(run.p, run.energy, xv);
+    const bool* c = run.Clamp(b);
+    for (int sweep = 0; sweep < 1000; ++sweep) {
+      int flips = 0;
+      for (int k = 0; k < run.n; ++k) {
+        if (c != nullptr && c[k]) continue;
+        if (flipper.FlipDelta(xv, k) < 0) {
+          flipper.AcceptFlip(xv, k);
+          ++flips;
+        }
+      }
+      if (flips == 0) break;
+    }
+  }
+}
+
+// Each sample's nearest memory (or its mirror image for an even energy),
+// relative distance, energy at the last positive sigma and whether it is a
+// fixed point there.
+void DescribeSamples(const Bank& bank, SampleRun& run, double sigma_last, SampleBatch* batch) {
+  const int n = run.n;
+  const EnergyConfig final_cfg = AtSigma(run.energy, sigma_last);
+  EnergyFunction final_energy(final_cfg, run.p);
+  for (int b = 0; b < run.count; ++b) {
+    SampleResult& r = batch->samples[b];
+    r.state = run.xs[b];
     r.nearest = bank.Nearest(r.state.data());
-    if (EvenEnergy(energy)) {
+    if (EvenEnergy(run.energy)) {
       std::vector<float> neg(r.state);
       for (float& v : neg) v = -v;
       NearestMemory m = bank.Nearest(neg.data());
@@ -445,30 +449,38 @@ absl::StatusOr<SampleBatch> Sample(const Bank& bank, const EnergyConfig& energy,
     const double mem_norm = Norm(bank.pattern(r.nearest.row), n);
     r.relative_distance = mem_norm > 0 ? r.nearest.distance / mem_norm : r.nearest.distance;
     r.energy = final_energy.Value(r.state.data());
-    if (kind == StateKind::kBipolar) {
+    const bool* c = run.Clamp(b);
+    if (run.kind == StateKind::kBipolar) {
       std::vector<float> xv = r.state;
-      BipolarFlipper flipper(p, energy, xv);
+      BipolarFlipper flipper(run.p, run.energy, xv);
       bool stable = true;
       for (int k = 0; k < n && stable; ++k) {
-        const bool* c = c_of(b);
         if (c != nullptr && c[k]) continue;
         if (flipper.FlipDelta(xv, k) < 0) stable = false;
       }
       r.fixed_point = stable;
     } else {
-      Denoise(p, energy, r.state.data(), sigma_last, den.data());
-      const bool* c = c_of(b);
+      Denoise(run.p, run.energy, r.state.data(), sigma_last, run.den.data());
       double moved = 0;
       for (int k = 0; k < n; ++k) {
         if (c != nullptr && c[k]) continue;
-        const double dd = double{den[k]} - r.state[k];
+        const double dd = double{run.den[k]} - r.state[k];
         moved += dd * dd;
       }
-      r.fixed_point = std::sqrt(moved) <= o.fixed_point_tol * std::max(Norm(r.state.data(), n), 1e-12);
+      r.fixed_point =
+          std::sqrt(moved) <= run.o.fixed_point_tol * std::max(Norm(r.state.data(), n), 1e-12);
     }
   }
+}
+
+// Memorized: within delta_memorized (relative) of a stored pattern;
+// spurious: otherwise, but within delta_spurious of another sample of the
+// batch (an attractor the batch keeps finding); novel: neither.
+void ClassifySamples(const std::vector<std::vector<float>>& xs, const SampleOptions& o,
+                     std::vector<SampleResult>* samples) {
+  const int count = static_cast<int>(xs.size());
   for (int b = 0; b < count; ++b) {
-    SampleResult& r = batch.samples[b];
+    SampleResult& r = (*samples)[b];
     if (r.relative_distance <= o.delta_memorized) {
       r.sample_class = SampleClass::kMemorized;
       continue;
@@ -477,12 +489,89 @@ absl::StatusOr<SampleBatch> Sample(const Bank& bank, const EnergyConfig& energy,
     bool shared = false;
     for (int j = 0; j < count && !shared; ++j) {
       if (j == b) continue;
+      const int n = static_cast<int>(xs[j].size());
       const double dn = Norm(xs[j].data(), n);
       const double dist = Distance(xs[b].data(), xs[j].data(), n);
       shared = dist <= o.delta_spurious * std::max(dn, 1e-12);
     }
     r.sample_class = shared ? SampleClass::kSpurious : SampleClass::kNovel;
   }
+}
+
+}  // namespace
+
+absl::StatusOr<SampleBatch> Sample(const Bank& bank, const EnergyConfig& energy, int count,
+                                   absl::Span<const float> query,
+                                   absl::Span<const bool> clamp, const SampleOptions& o) {
+  const StateKind kind = bank.spec().kind;
+  if (auto s = ValidateSampleOptions(o, kind); !s.ok()) return s;
+  if (auto s = ValidateEnergyConfig(energy, kind); !s.ok()) return s;
+  if (auto s = ValidateSampleInputs(bank, count, query, clamp); !s.ok()) return s;
+  ScheduleConfig sched = o.schedule;
+  if (!query.empty() && o.sigma_start > 0) {
+    sched.sigma_max = o.sigma_start;
+    sched.sigma_min = std::min(sched.sigma_min, o.sigma_start);
+  }
+  auto sigmas_or = MakeSchedule(sched);
+  if (!sigmas_or.ok()) return sigmas_or.status();
+  SampleBatch batch;
+  batch.sigmas = *std::move(sigmas_or);
+  const std::vector<double>& sig = batch.sigmas;
+  batch.samples.resize(count);
+
+  SampleRun run(bank, energy, count, query, clamp, o);
+  run.InitialStates(sig[0]);
+  auto record = [&](int step, double sigma, bool force) {
+    if (o.trajectory_every <= 0) return;
+    if (!force && step % o.trajectory_every != 0) return;
+    for (int b = 0; b < count; ++b) {
+      batch.samples[b].trajectory.push_back(run.xs[b]);
+      batch.samples[b].trajectory_sigmas.push_back(sigma);
+    }
+  };
+  record(0, sig[0], true);
+
+  const StepFn step_fn = kSteps[static_cast<int>(o.sampler)];
+  const int levels = static_cast<int>(sig.size()) - 1;  // transitions i -> i+1
+  const int positive_levels = sig.back() == 0.0 ? levels : levels + 1;
+  const double sigma_last = sig[positive_levels - 1];
+  int step = 0;
+  double sigma_of_step = sig[0];  // the sigma recorded for the last step taken
+  for (int i = 0; i < std::max(levels, 1); ++i) {
+    if (o.should_stop && o.should_stop()) {
+      batch.deadline = true;
+      break;
+    }
+    const Level at{sig[i], levels == 0 ? sig[i] : sig[i + 1], levels};
+    for (int b = 0; b < count; ++b) {
+      step_fn(run, b, at);
+      run.ApplyClamp(b, run.xs[b].data());
+    }
+    ++step;
+    sigma_of_step = o.sampler == SamplerKind::kAnnealedAm ? at.s_cur : at.s_next;
+    record(step, sigma_of_step, false);
+    if (o.on_step) o.on_step(step, sigma_of_step, run.xs);
+  }
+  if (kind == StateKind::kBipolar && !batch.deadline) DescendToFixedPoints(run);
+  batch.steps = step;
+  if (step > 0 && step % std::max(o.trajectory_every, 1) != 0) {
+    record(step, sigma_of_step, true);
+  }
+
+  // A schedule ending at a tiny sigma (1/sigma^2 beyond float range) can
+  // overflow the denoiser; say so rather than describe a non-finite state.
+  for (int b = 0; b < count; ++b) {
+    for (float v : run.xs[b]) {
+      if (!std::isfinite(v)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "sampling overflowed to a non-finite state (sample ", b, " after ", step,
+            " steps, sigma_min ", sig[std::min<size_t>(step, sig.size() - 1)],
+            "); raise sigma_min or lower beta"));
+      }
+    }
+  }
+  DescribeSamples(bank, run, sigma_last, &batch);
+  ClassifySamples(run.xs, o, &batch.samples);
   return batch;
 }
 
