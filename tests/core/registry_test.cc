@@ -99,6 +99,41 @@ TEST_F(RegistryTest, RejectedBatchChangesNothing) {
   EXPECT_EQ(Open()->GetBank("b")->patterns, 1);
 }
 
+// A write whose commit check fails (the server's: the call's deadline has
+// passed) returns that error and changes nothing, in memory or on disk;
+// the check runs after validation, so an invalid write still gets its own
+// error.
+TEST_F(RegistryTest, FailedCommitCheckChangesNothing) {
+  auto r = Open();
+  ASSERT_OK(r->CreateBank({"b", 2, StateKind::kContinuous, {}, Precision::kF32}));
+  ASSERT_OK(r->Store("b", std::vector<float>{1, 2}, std::vector<uint64_t>{1}, {}));
+  int asked = 0;
+  auto too_late = [&]() -> absl::Status {
+    ++asked;
+    return absl::DeadlineExceededError("deadline passed");
+  };
+  EXPECT_THAT(r->Store("b", std::vector<float>{3, 4}, std::vector<uint64_t>{2}, {}, too_late),
+              StatusIs(absl::StatusCode::kDeadlineExceeded));
+  EXPECT_THAT(r->DeletePatterns("b", std::vector<uint64_t>{1}, too_late),
+              StatusIs(absl::StatusCode::kDeadlineExceeded));
+  EXPECT_EQ(asked, 2);
+  EXPECT_THAT(r->Store("b", std::vector<float>{3, NAN}, {}, {}, too_late),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_EQ(asked, 2);
+  EXPECT_EQ(r->GetBank("b")->patterns, 1);
+  // The same write with a check that passes lands.
+  ASSERT_OK(r->Store("b", std::vector<float>{3, 4}, std::vector<uint64_t>{2}, {},
+                     [] { return absl::OkStatus(); }));
+  r.reset();
+  auto reopened = Open();
+  EXPECT_EQ(reopened->GetBank("b")->patterns, 2);
+  ASSERT_OK(reopened->WithBank("b", [](const Bank& bank) {
+    EXPECT_TRUE(bank.RowOf(1).has_value());
+    EXPECT_TRUE(bank.RowOf(2).has_value());
+    return absl::OkStatus();
+  }));
+}
+
 TEST_F(RegistryTest, DuplicateCreateIsAlreadyExists) {
   auto r = Open();
   ASSERT_OK(r->CreateBank({"b", 2, StateKind::kContinuous, {}, Precision::kF32}));
