@@ -69,47 +69,69 @@ double Percentile(std::vector<double>& sorted, double p) {
 
 }  // namespace
 
-absl::Status RunLoad(const Args& args, Context& ctx) {
-  const auto& pos = args.positional();
-  const std::string bank = pos[1];
-  ENGRAM_ASSIGN_OR_RETURN(v1::BankInfo info, ctx.client->GetBank(bank));
-  const int n = static_cast<int>(info.dim());
-  const bool bipolar = info.kind() == v1::STATE_KIND_BIPOLAR;
-  ENGRAM_ASSIGN_OR_RETURN(int64_t concurrency, args.GetInt("concurrency", 8));
-  ENGRAM_ASSIGN_OR_RETURN(int64_t connections, args.GetInt("connections", 1));
-  ENGRAM_ASSIGN_OR_RETURN(double rate, args.GetDouble("rate", 0));
-  ENGRAM_ASSIGN_OR_RETURN(double duration, args.GetDouble("duration", 0));
-  ENGRAM_ASSIGN_OR_RETURN(int64_t total, args.GetInt("total", 0));
-  ENGRAM_ASSIGN_OR_RETURN(double warmup, args.GetDouble("warmup", 0));
-  ENGRAM_ASSIGN_OR_RETURN(int64_t batch, args.GetInt("batch", 1));
-  ENGRAM_ASSIGN_OR_RETURN(int64_t seed, args.GetInt("seed", 1));
-  ENGRAM_ASSIGN_OR_RETURN(int64_t sample_steps, args.GetInt("sample-steps", 16));
-  ENGRAM_ASSIGN_OR_RETURN(int64_t max_steps, args.GetInt("max-steps", 0));
-  ENGRAM_ASSIGN_OR_RETURN(std::vector<double> mix, ParseMix(args.Get("mix", "retrieve")));
-  ENGRAM_ASSIGN_OR_RETURN(v1::Dynamics dynamics, ParseDynamics(args.Get("dynamics", "sync")));
-  const std::string format = args.Get("format", "text");
-  if (format != "text" && format != "json" && format != "csv") {
+namespace {
+
+// What `engram load` was asked to do.
+struct LoadPlan {
+  std::string bank;
+  int n = 0;
+  bool bipolar = false;
+  int64_t concurrency = 8, connections = 1, total = 0, batch = 1, seed = 1;
+  int64_t sample_steps = 16, max_steps = 0;
+  double rate = 0, duration = 0, warmup = 0;
+  std::vector<double> mix;
+  v1::Dynamics dynamics = v1::DYNAMICS_SYNC;
+  std::string format = "text";
+  bool include_errors = false;
+  client::Matrix data;  // rows to send, or empty (random rows)
+};
+
+absl::StatusOr<LoadPlan> ParsePlan(const Args& args, const v1::BankInfo& info) {
+  LoadPlan p;
+  p.bank = info.name();
+  p.n = static_cast<int>(info.dim());
+  p.bipolar = info.kind() == v1::STATE_KIND_BIPOLAR;
+  ENGRAM_ASSIGN_OR_RETURN(p.concurrency, args.GetInt("concurrency", 8));
+  ENGRAM_ASSIGN_OR_RETURN(p.connections, args.GetInt("connections", 1));
+  ENGRAM_ASSIGN_OR_RETURN(p.rate, args.GetDouble("rate", 0));
+  ENGRAM_ASSIGN_OR_RETURN(p.duration, args.GetDouble("duration", 0));
+  ENGRAM_ASSIGN_OR_RETURN(p.total, args.GetInt("total", 0));
+  ENGRAM_ASSIGN_OR_RETURN(p.warmup, args.GetDouble("warmup", 0));
+  ENGRAM_ASSIGN_OR_RETURN(p.batch, args.GetInt("batch", 1));
+  ENGRAM_ASSIGN_OR_RETURN(p.seed, args.GetInt("seed", 1));
+  ENGRAM_ASSIGN_OR_RETURN(p.sample_steps, args.GetInt("sample-steps", 16));
+  ENGRAM_ASSIGN_OR_RETURN(p.max_steps, args.GetInt("max-steps", 0));
+  ENGRAM_ASSIGN_OR_RETURN(p.mix, ParseMix(args.Get("mix", "retrieve")));
+  ENGRAM_ASSIGN_OR_RETURN(p.dynamics, ParseDynamics(args.Get("dynamics", "sync")));
+  p.format = args.Get("format", "text");
+  p.include_errors = args.Has("include-errors");
+  if (p.format != "text" && p.format != "json" && p.format != "csv") {
     return absl::InvalidArgumentError("--format must be text, json or csv");
   }
-  if (concurrency < 1 || concurrency > 4096 || connections < 1 || connections > 256 ||
-      batch < 1 || rate < 0 || duration < 0 || total < 0 || warmup < 0 || sample_steps < 1) {
+  if (p.concurrency < 1 || p.concurrency > 4096 || p.connections < 1 || p.connections > 256 ||
+      p.batch < 1 || p.rate < 0 || p.duration < 0 || p.total < 0 || p.warmup < 0 ||
+      p.sample_steps < 1) {
     return absl::InvalidArgumentError(
         "need 1 <= --concurrency <= 4096, 1 <= --connections <= 256, --batch >= 1 and "
         "non-negative --rate, --duration, --total, --warmup");
   }
-  if (duration == 0 && total == 0) duration = 10;
-  client::Matrix data;
+  if (p.duration == 0 && p.total == 0) p.duration = 10;
   if (args.Has("data")) {
-    ENGRAM_ASSIGN_OR_RETURN(data, LoadData(args.Get("data"), args));
-    if (data.cols != n) {
+    ENGRAM_ASSIGN_OR_RETURN(p.data, LoadData(args.Get("data"), args));
+    if (p.data.cols != p.n) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "--data rows have ", data.cols, " values; the bank's dimension is ", n));
+          "--data rows have ", p.data.cols, " values; the bank's dimension is ", p.n));
     }
   }
+  return p;
+}
 
-  // Channels: the first is the client's; others are fresh connections.
+// The clients the workers share: the command's own, then connections - 1
+// fresh connections to the same target.
+std::vector<std::unique_ptr<client::EngramClient>> ExtraConnections(const Args& args,
+                                                                    const Context& ctx,
+                                                                    int64_t connections) {
   std::vector<std::unique_ptr<client::EngramClient>> extra;
-  std::vector<client::EngramClient*> clients = {ctx.client};
   for (int64_t c = 1; c < connections; ++c) {
     client::ClientOptions o = ctx.client->options();
     grpc::ChannelArguments a;
@@ -125,192 +147,266 @@ absl::Status RunLoad(const Args& args, Context& ctx) {
         args.Get("target", env_target != nullptr && *env_target ? env_target : "127.0.0.1:50051"),
         creds, a);
     extra.push_back(std::make_unique<client::EngramClient>(ch, o));
-    clients.push_back(extra.back().get());
   }
+  return extra;
+}
 
-  std::atomic<int64_t> issued{0}, done{0}, failed{0};
-  std::atomic<bool> stop{false};
-  std::vector<std::vector<Record>> records(concurrency);
-  const auto start = Clock::now();
-  const double per_worker_interval = rate > 0 ? concurrency / rate : 0.0;
+// One worker: picks an RPC by weight, paces itself to its share of the
+// target rate, and records every call.
+class LoadWorker {
+ public:
+  LoadWorker(const LoadPlan& plan, int w, client::EngramClient* client, Clock::time_point start,
+             std::vector<Record>* records)
+      : plan_(plan), client_(client), start_(start), records_(records),
+        rng_(static_cast<uint64_t>(plan.seed) * 1000003 + w),
+        pick_(plan.mix.begin(), plan.mix.end()), data_row_(w),
+        interval_(plan.rate > 0 ? plan.concurrency / plan.rate : 0.0),
+        next_(start + ToDuration(interval_ * w / plan.concurrency)) {}
 
-  auto worker = [&](int w) {
-    std::mt19937_64 rng(static_cast<uint64_t>(seed) * 1000003 + w);
-    std::normal_distribution<float> g;
-    std::discrete_distribution<int> pick(mix.begin(), mix.end());
-    client::EngramClient* cl = clients[w % clients.size()];
-    auto next = start + std::chrono::duration_cast<Clock::duration>(
-                            std::chrono::duration<double>(per_worker_interval * w / concurrency));
-    int64_t data_row = w;
-    auto fill = [&](google::protobuf::RepeatedField<float>* out, int64_t rows) {
-      for (int64_t r = 0; r < rows; ++r) {
-        if (data.rows > 0) {
-          const float* src = data.row(data_row++ % data.rows);
-          out->Add(src, src + n);
-        } else {
-          for (int i = 0; i < n; ++i) out->Add(bipolar ? ((rng() & 1) ? 1.f : -1.f) : g(rng));
-        }
-      }
-    };
+  // Calls until `stop`, or until `issued` reaches the plan's total.
+  void Run(std::atomic<int64_t>& issued, std::atomic<int64_t>& done,
+           std::atomic<int64_t>& failed, const std::atomic<bool>& stop) {
     while (!stop) {
-      if (total > 0 && issued.fetch_add(1) >= total) break;
-      if (per_worker_interval > 0) {
-        std::this_thread::sleep_until(next);
-        next += std::chrono::duration_cast<Clock::duration>(
-            std::chrono::duration<double>(per_worker_interval));
+      if (plan_.total > 0 && issued.fetch_add(1) >= plan_.total) break;
+      if (interval_ > 0) {
+        std::this_thread::sleep_until(next_);
+        next_ += ToDuration(interval_);
       }
-      const int rpc = pick(rng);
-      grpc::ClientContext cctx;
-      cl->Prepare(&cctx);
-      grpc::Status s;
+      const int rpc = pick_(rng_);
       const auto t0 = Clock::now();
-      switch (rpc) {
-        case kRetrieve: {
-          v1::RetrieveRequest req;
-          req.set_bank(bank);
-          fill(req.mutable_queries(), batch);
-          req.mutable_options()->set_dynamics(dynamics);
-          req.mutable_options()->set_max_steps(static_cast<uint32_t>(max_steps));
-          v1::RetrieveResponse resp;
-          s = cl->stub()->Retrieve(&cctx, req, &resp);
-          break;
-        }
-        case kSample: {
-          v1::SampleRequest req;
-          req.set_bank(bank);
-          req.set_count(static_cast<uint32_t>(batch));
-          req.set_seed(rng());
-          req.mutable_schedule()->set_steps(static_cast<uint32_t>(sample_steps));
-          v1::SampleResponse resp;
-          s = cl->stub()->Sample(&cctx, req, &resp);
-          break;
-        }
-        case kEnergy: {
-          v1::EnergyRequest req;
-          req.set_bank(bank);
-          fill(req.mutable_states(), batch);
-          v1::EnergyResponse resp;
-          s = cl->stub()->Energy(&cctx, req, &resp);
-          break;
-        }
-        case kStore: {
-          v1::StoreRequest req;
-          req.set_bank(bank);
-          fill(req.mutable_patterns(), batch);
-          v1::StoreResponse resp;
-          s = cl->stub()->Store(&cctx, req, &resp);
-          break;
-        }
-      }
+      const grpc::Status s = Call(rpc);
       const auto t1 = Clock::now();
-      records[w].push_back({std::chrono::duration<double>(t0 - start).count(),
-                            std::chrono::duration<double>(t1 - t0).count(), rpc,
-                            static_cast<int>(s.error_code())});
+      records_->push_back({std::chrono::duration<double>(t0 - start_).count(),
+                           std::chrono::duration<double>(t1 - t0).count(), rpc,
+                           static_cast<int>(s.error_code())});
       ++done;
       if (!s.ok()) ++failed;
     }
-  };
+  }
+
+ private:
+  static Clock::duration ToDuration(double seconds) {
+    return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+  }
+
+  // `rows` vectors: the next rows of --data, or random ones.
+  void Fill(google::protobuf::RepeatedField<float>* out, int64_t rows) {
+    const int n = plan_.n;
+    for (int64_t r = 0; r < rows; ++r) {
+      if (plan_.data.rows > 0) {
+        const float* src = plan_.data.row(data_row_++ % plan_.data.rows);
+        out->Add(src, src + n);
+      } else {
+        for (int i = 0; i < n; ++i) {
+          out->Add(plan_.bipolar ? ((rng_() & 1) ? 1.f : -1.f) : gauss_(rng_));
+        }
+      }
+    }
+  }
+
+  grpc::Status Call(int rpc) {
+    grpc::ClientContext cctx;
+    client_->Prepare(&cctx);
+    switch (rpc) {
+      case kRetrieve: {
+        v1::RetrieveRequest req;
+        req.set_bank(plan_.bank);
+        Fill(req.mutable_queries(), plan_.batch);
+        req.mutable_options()->set_dynamics(plan_.dynamics);
+        req.mutable_options()->set_max_steps(static_cast<uint32_t>(plan_.max_steps));
+        v1::RetrieveResponse resp;
+        return client_->stub()->Retrieve(&cctx, req, &resp);
+      }
+      case kSample: {
+        v1::SampleRequest req;
+        req.set_bank(plan_.bank);
+        req.set_count(static_cast<uint32_t>(plan_.batch));
+        req.set_seed(rng_());
+        req.mutable_schedule()->set_steps(static_cast<uint32_t>(plan_.sample_steps));
+        v1::SampleResponse resp;
+        return client_->stub()->Sample(&cctx, req, &resp);
+      }
+      case kEnergy: {
+        v1::EnergyRequest req;
+        req.set_bank(plan_.bank);
+        Fill(req.mutable_states(), plan_.batch);
+        v1::EnergyResponse resp;
+        return client_->stub()->Energy(&cctx, req, &resp);
+      }
+      default: {
+        v1::StoreRequest req;
+        req.set_bank(plan_.bank);
+        Fill(req.mutable_patterns(), plan_.batch);
+        v1::StoreResponse resp;
+        return client_->stub()->Store(&cctx, req, &resp);
+      }
+    }
+  }
+
+  const LoadPlan& plan_;
+  client::EngramClient* client_;
+  Clock::time_point start_;
+  std::vector<Record>* records_;
+  std::mt19937_64 rng_;
+  std::normal_distribution<float> gauss_;
+  std::discrete_distribution<int> pick_;
+  int64_t data_row_;
+  double interval_;
+  Clock::time_point next_;
+};
+
+// What the calls after the warm-up amount to.
+struct LoadSummary {
+  double elapsed = 0, achieved = 0, mean = 0, max = 0;
+  int64_t counted = 0, errors = 0;
+  std::vector<int64_t> per_rpc = std::vector<int64_t>(kNumRpcs, 0);
+  std::map<std::string, int64_t> codes;
+  std::vector<double> percentiles;  // p50, p90, p99, p99.9
+  std::vector<double> bounds;       // histogram: 10 us .. 10 s, 3 buckets a decade
+  std::vector<int64_t> hist;        // bounds.size() + 1 counts
+};
+
+LoadSummary Summarize(const LoadPlan& plan, const std::vector<std::vector<Record>>& records,
+                      double elapsed) {
+  LoadSummary s;
+  s.elapsed = elapsed;
+  std::vector<double> lat;
+  for (const auto& recs : records) {
+    for (const Record& r : recs) {
+      if (r.seconds_since_start < plan.warmup) continue;
+      ++s.counted;
+      ++s.per_rpc[r.rpc];
+      s.codes[absl::StatusCodeToString(static_cast<absl::StatusCode>(r.code))]++;
+      if (r.code != 0) ++s.errors;
+      if (r.code == 0 || plan.include_errors) lat.push_back(r.latency);
+    }
+  }
+  std::sort(lat.begin(), lat.end());
+  const double window = std::max(1e-9, elapsed - std::min(plan.warmup, elapsed));
+  s.achieved = s.counted / window;
+  for (double v : lat) s.mean += v;
+  s.mean = lat.empty() ? 0 : s.mean / lat.size();
+  for (double p : {50.0, 90.0, 99.0, 99.9}) s.percentiles.push_back(Percentile(lat, p));
+  s.max = lat.empty() ? 0 : lat.back();
+  for (double b = 1e-5; b <= 10.0 * 1.0001; b *= std::pow(10.0, 1.0 / 3)) s.bounds.push_back(b);
+  s.hist.assign(s.bounds.size() + 1, 0);
+  for (double v : lat) s.hist[std::lower_bound(s.bounds.begin(), s.bounds.end(), v) - s.bounds.begin()]++;
+  return s;
+}
+
+void PrintJson(const LoadPlan& plan, const LoadSummary& s) {
+  const std::vector<double>& pv = s.percentiles;
+  std::string out = absl::StrCat(
+      "{\"bank\":\"", plan.bank, "\",\"concurrency\":", plan.concurrency,
+      ",\"connections\":", plan.connections, ",\"duration_seconds\":", s.elapsed,
+      ",\"warmup_seconds\":", plan.warmup, ",\"calls\":", s.counted, ",\"errors\":", s.errors,
+      ",\"target_rate\":", plan.rate, ",\"achieved_rate\":", s.achieved, ",\"calls_by_rpc\":{");
+  for (int r = 0; r < kNumRpcs; ++r) {
+    absl::StrAppend(&out, r ? "," : "", "\"", kRpcNames[r], "\":", s.per_rpc[r]);
+  }
+  absl::StrAppend(&out, "},\"codes\":{");
+  bool first = true;
+  for (auto& [c, k] : s.codes) {
+    absl::StrAppend(&out, first ? "" : ",", "\"", c, "\":", k);
+    first = false;
+  }
+  absl::StrAppend(&out, "},\"latency_seconds\":{\"mean\":", s.mean, ",\"p50\":", pv[0],
+                  ",\"p90\":", pv[1], ",\"p99\":", pv[2], ",\"p99_9\":", pv[3],
+                  ",\"max\":", s.max, "},\"histogram\":[");
+  for (size_t b = 0; b < s.hist.size(); ++b) {
+    absl::StrAppend(&out, b ? "," : "", "{\"le\":",
+                    b < s.bounds.size() ? absl::StrCat(s.bounds[b]) : "\"+Inf\"",
+                    ",\"count\":", s.hist[b], "}");
+  }
+  absl::StrAppend(&out, "]}");
+  std::cout << out << "\n";
+}
+
+void PrintCsv(const LoadPlan& plan, const LoadSummary& s) {
+  const std::vector<double>& pv = s.percentiles;
+  std::cout << "calls,errors,duration_s,target_rate,achieved_rate,mean_s,p50_s,p90_s,p99_s,"
+               "p99_9_s,max_s\n"
+            << absl::StrFormat("%d,%d,%.3f,%.1f,%.1f,%.6g,%.6g,%.6g,%.6g,%.6g,%.6g\n", s.counted,
+                               s.errors, s.elapsed, plan.rate, s.achieved, s.mean, pv[0], pv[1],
+                               pv[2], pv[3], s.max);
+}
+
+void PrintText(const LoadPlan& plan, const LoadSummary& s) {
+  const std::vector<double>& pv = s.percentiles;
+  std::cout << absl::StrFormat(
+      "Summary (bank %s, %d workers over %d connection%s)\n"
+      "  calls:      %d in %.2f s (warm-up %.1f s excluded), %d errors\n"
+      "  rate:       %.1f calls/s achieved%s\n",
+      plan.bank, plan.concurrency, plan.connections, plan.connections == 1 ? "" : "s", s.counted,
+      s.elapsed, plan.warmup, s.errors, s.achieved,
+      plan.rate > 0 ? absl::StrFormat(" of %.1f target", plan.rate) : " (unbounded)");
+  std::cout << "  by RPC:    ";
+  for (int r = 0; r < kNumRpcs; ++r) {
+    if (s.per_rpc[r]) std::cout << " " << kRpcNames[r] << "=" << s.per_rpc[r];
+  }
+  std::cout << "\n  by code:   ";
+  for (auto& [c, k] : s.codes) std::cout << " " << c << "=" << k;
+  std::cout << absl::StrFormat(
+      "\n  latency%s: mean %.3f ms  p50 %.3f ms  p90 %.3f ms  p99 %.3f ms  p99.9 %.3f ms  max "
+      "%.3f ms\n",
+      plan.include_errors ? " (errors included)" : "", s.mean * 1e3, pv[0] * 1e3, pv[1] * 1e3,
+      pv[2] * 1e3, pv[3] * 1e3, s.max * 1e3);
+  std::cout << "  histogram:\n";
+  const int64_t peak = std::max<int64_t>(1, *std::max_element(s.hist.begin(), s.hist.end()));
+  for (size_t b = 0; b < s.hist.size(); ++b) {
+    if (s.hist[b] == 0) continue;
+    const std::string label = b < s.bounds.size()
+                                  ? absl::StrFormat("<= %9.3f ms", s.bounds[b] * 1e3)
+                                  : std::string("    > 10 s    ");
+    std::cout << "    " << label << absl::StrFormat(" %8d ", s.hist[b])
+              << std::string(static_cast<size_t>(40.0 * s.hist[b] / peak), '#') << "\n";
+  }
+}
+
+}  // namespace
+
+absl::Status RunLoad(const Args& args, Context& ctx) {
+  ENGRAM_ASSIGN_OR_RETURN(v1::BankInfo info, ctx.client->GetBank(args.positional()[1]));
+  ENGRAM_ASSIGN_OR_RETURN(const LoadPlan plan, ParsePlan(args, info));
+  std::vector<std::unique_ptr<client::EngramClient>> extra =
+      ExtraConnections(args, ctx, plan.connections);
+  std::vector<client::EngramClient*> clients = {ctx.client};
+  for (auto& c : extra) clients.push_back(c.get());
+
+  std::atomic<int64_t> issued{0}, done{0}, failed{0};
+  std::atomic<bool> stop{false};
+  std::vector<std::vector<Record>> records(plan.concurrency);
+  const auto start = Clock::now();
   std::vector<std::thread> threads;
-  for (int w = 0; w < concurrency; ++w) threads.emplace_back(worker, w);
+  for (int w = 0; w < plan.concurrency; ++w) {
+    threads.emplace_back([&, w] {
+      LoadWorker(plan, w, clients[w % clients.size()], start, &records[w])
+          .Run(issued, done, failed, stop);
+    });
+  }
   // Progress line and the duration limit.
-  while (true) {
+  while (!stop) {
     std::this_thread::sleep_for(std::chrono::milliseconds(250));
     const double el = std::chrono::duration<double>(Clock::now() - start).count();
-    if (format == "text") {
+    if (plan.format == "text") {
       std::cerr << absl::StrFormat("\r%6.1fs  %lld calls  %lld errors  %.0f calls/s   ", el,
                                    static_cast<long long>(done.load()),
                                    static_cast<long long>(failed.load()), done.load() / el);
     }
-    if (duration > 0 && el >= duration) stop = true;
-    if (total > 0 && done.load() >= total) stop = true;
-    if (stop) break;
+    if ((plan.duration > 0 && el >= plan.duration) || (plan.total > 0 && done.load() >= plan.total)) {
+      stop = true;
+    }
   }
   for (auto& t : threads) t.join();
-  if (format == "text") std::cerr << "\n";
-  const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
-
-  // Aggregate (after warm-up).
-  std::vector<double> lat;
-  std::map<std::string, int64_t> codes;
-  std::vector<int64_t> per_rpc(kNumRpcs, 0);
-  int64_t counted = 0, errors = 0;
-  for (const auto& recs : records) {
-    for (const Record& r : recs) {
-      if (r.seconds_since_start < warmup) continue;
-      ++counted;
-      ++per_rpc[r.rpc];
-      codes[absl::StatusCodeToString(static_cast<absl::StatusCode>(r.code))]++;
-      if (r.code != 0) ++errors;
-      if (r.code == 0 || args.Has("include-errors")) lat.push_back(r.latency);
-    }
-  }
-  std::sort(lat.begin(), lat.end());
-  const double window = std::max(1e-9, elapsed - std::min(warmup, elapsed));
-  const double achieved = counted / window;
-  double mean = 0;
-  for (double v : lat) mean += v;
-  mean = lat.empty() ? 0 : mean / lat.size();
-  const std::vector<double> ps = {50, 90, 99, 99.9};
-  std::vector<double> pv;
-  for (double p : ps) pv.push_back(Percentile(lat, p));
-  const double maxv = lat.empty() ? 0 : lat.back();
-  // Histogram: 10 us .. 10 s, 3 buckets per decade.
-  std::vector<double> bounds;
-  for (double b = 1e-5; b <= 10.0 * 1.0001; b *= std::pow(10.0, 1.0 / 3)) bounds.push_back(b);
-  std::vector<int64_t> hist(bounds.size() + 1, 0);
-  for (double v : lat) hist[std::lower_bound(bounds.begin(), bounds.end(), v) - bounds.begin()]++;
-
-  if (format == "json") {
-    std::string out = absl::StrCat(
-        "{\"bank\":\"", bank, "\",\"concurrency\":", concurrency, ",\"connections\":", connections,
-        ",\"duration_seconds\":", elapsed, ",\"warmup_seconds\":", warmup,
-        ",\"calls\":", counted, ",\"errors\":", errors, ",\"target_rate\":", rate,
-        ",\"achieved_rate\":", achieved, ",\"calls_by_rpc\":{");
-    for (int r = 0; r < kNumRpcs; ++r) absl::StrAppend(&out, r ? "," : "", "\"", kRpcNames[r], "\":", per_rpc[r]);
-    absl::StrAppend(&out, "},\"codes\":{");
-    bool first = true;
-    for (auto& [c, k] : codes) {
-      absl::StrAppend(&out, first ? "" : ",", "\"", c, "\":", k);
-      first = false;
-    }
-    absl::StrAppend(&out, "},\"latency_seconds\":{\"mean\":", mean, ",\"p50\":", pv[0], ",\"p90\":", pv[1],
-                    ",\"p99\":", pv[2], ",\"p99_9\":", pv[3], ",\"max\":", maxv, "},\"histogram\":[");
-    for (size_t b = 0; b < hist.size(); ++b) {
-      absl::StrAppend(&out, b ? "," : "", "{\"le\":", b < bounds.size() ? absl::StrCat(bounds[b]) : "\"+Inf\"",
-                      ",\"count\":", hist[b], "}");
-    }
-    absl::StrAppend(&out, "]}");
-    std::cout << out << "\n";
-  } else if (format == "csv") {
-    std::cout << "calls,errors,duration_s,target_rate,achieved_rate,mean_s,p50_s,p90_s,p99_s,p99_9_s,max_s\n"
-              << absl::StrFormat("%d,%d,%.3f,%.1f,%.1f,%.6g,%.6g,%.6g,%.6g,%.6g,%.6g\n", counted, errors,
-                                 elapsed, rate, achieved, mean, pv[0], pv[1], pv[2], pv[3], maxv);
+  if (plan.format == "text") std::cerr << "\n";
+  const LoadSummary summary =
+      Summarize(plan, records, std::chrono::duration<double>(Clock::now() - start).count());
+  if (plan.format == "json") {
+    PrintJson(plan, summary);
+  } else if (plan.format == "csv") {
+    PrintCsv(plan, summary);
   } else {
-    std::cout << absl::StrFormat(
-        "Summary (bank %s, %d workers over %d connection%s)\n"
-        "  calls:      %d in %.2f s (warm-up %.1f s excluded), %d errors\n"
-        "  rate:       %.1f calls/s achieved%s\n",
-        bank, concurrency, connections, connections == 1 ? "" : "s", counted, elapsed, warmup, errors,
-        achieved, rate > 0 ? absl::StrFormat(" of %.1f target", rate) : " (unbounded)");
-    std::cout << "  by RPC:    ";
-    for (int r = 0; r < kNumRpcs; ++r) {
-      if (per_rpc[r]) std::cout << " " << kRpcNames[r] << "=" << per_rpc[r];
-    }
-    std::cout << "\n  by code:   ";
-    for (auto& [c, k] : codes) std::cout << " " << c << "=" << k;
-    std::cout << absl::StrFormat(
-        "\n  latency%s: mean %.3f ms  p50 %.3f ms  p90 %.3f ms  p99 %.3f ms  p99.9 %.3f ms  max %.3f ms\n",
-        args.Has("include-errors") ? " (errors included)" : "", mean * 1e3, pv[0] * 1e3, pv[1] * 1e3,
-        pv[2] * 1e3, pv[3] * 1e3, maxv * 1e3);
-    std::cout << "  histogram:\n";
-    const int64_t peak = std::max<int64_t>(1, *std::max_element(hist.begin(), hist.end()));
-    for (size_t b = 0; b < hist.size(); ++b) {
-      if (hist[b] == 0) continue;
-      const std::string label = b < bounds.size() ? absl::StrFormat("<= %9.3f ms", bounds[b] * 1e3)
-                                                  : std::string("    > 10 s    ");
-      std::cout << "    " << label << absl::StrFormat(" %8d ", hist[b])
-                << std::string(static_cast<size_t>(40.0 * hist[b] / peak), '#') << "\n";
-    }
+    PrintText(plan, summary);
   }
   return absl::OkStatus();
 }
