@@ -21,6 +21,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
+#include "server/limits_table.h"
 #include "server/server.h"
 
 namespace {
@@ -97,10 +98,16 @@ ABSL_FLAG(std::string, restore_from, "",
           "start from this Backup snapshot (the data directory must hold no database)");
 ABSL_FLAG(int32_t, shutdown_grace_seconds, 10,
           "seconds running calls get to finish on SIGTERM");
+ABSL_FLAG(bool, print_limits, false,
+          "print the table of limits (defaults) and their status codes as markdown, and exit");
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("Engram: Dense Associative Memory banks over gRPC");
   absl::ParseCommandLine(argc, argv);
+  if (absl::GetFlag(FLAGS_print_limits)) {
+    std::cout << engram::server::LimitsMarkdown(engram::server::ServerConfig{});
+    return 0;
+  }
 
   // SIGTERM / SIGINT write their number to a pipe that the waiter below
   // reads (a handler, not sigwait: threads started before main, such as

@@ -66,6 +66,19 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
     }
     ENGRAM_ASSIGN_OR_RETURN(std::string cert, read(config.tls_cert_file));
     ENGRAM_ASSIGN_OR_RETURN(std::string key, read(config.tls_key_file));
+    // The TLS library's own refusal comes only as a failed listen; the
+    // common mistakes are named here, with the file.
+    if (cert.find("-----BEGIN CERTIFICATE-----") == std::string::npos) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--tls_cert '", config.tls_cert_file, "' holds no PEM certificate "
+          "(-----BEGIN CERTIFICATE-----)"));
+    }
+    if (key.find("-----BEGIN") == std::string::npos ||
+        key.find("PRIVATE KEY-----") == std::string::npos) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--tls_key '", config.tls_key_file, "' holds no PEM private key "
+          "(-----BEGIN ... PRIVATE KEY-----)"));
+    }
     grpc::SslServerCredentialsOptions ssl;
     ssl.pem_key_cert_pairs.push_back({key, cert});
     creds = grpc::SslServerCredentials(ssl);
@@ -82,6 +95,13 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
   builder.experimental().SetInterceptorCreators(s->metrics_->InterceptorFactories());
   s->server_ = builder.BuildAndStart();
   if (s->server_ == nullptr || s->port_ == 0) {
+    if (!config.tls_cert_file.empty()) {
+      return absl::UnavailableError(absl::StrCat(
+          "cannot listen on ", config.listen, " with TLS: the address is taken, or the TLS "
+          "library refused the certificate '", config.tls_cert_file, "' or the key '",
+          config.tls_key_file, "' (a malformed PEM body, or a key that does not match the "
+          "certificate; gRPC's log above names which)"));
+    }
     return absl::UnavailableError(absl::StrCat("cannot listen on ", config.listen));
   }
   // NOT_SERVING (and MemoryService UNAVAILABLE) until every bank is loaded.

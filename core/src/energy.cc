@@ -1,4 +1,5 @@
 #include "engram/core/energy.h"
+#include "engram/core/limits.h"
 
 #include <algorithm>
 #include <cmath>
@@ -72,21 +73,17 @@ std::string EnergyFamilyName(EnergyFamily family) {
 }
 
 absl::Status ValidateEnergyConfig(const EnergyConfig& config, StateKind kind) {
-  if (!std::isfinite(config.beta) || config.beta <= 0.0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("energy.beta must be finite and > 0, got ", config.beta));
-  }
-  if (config.beta > 1e6) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("energy.beta must be <= 1e6, got ", config.beta));
+  if (!std::isfinite(config.beta) || !(config.beta >= kMinBeta) || config.beta > kMaxBeta) {
+    return absl::InvalidArgumentError(absl::StrCat("energy.beta must be in [", kMinBeta, ", ",
+                                                   kMaxBeta, "], got ", config.beta));
   }
   const bool uses_degree =
       config.family == EnergyFamily::kPolynomial ||
       (config.family == EnergyFamily::kGeneral &&
        config.separation == SeparationKind::kPolynomial);
-  if (uses_degree && (config.degree < 1 || config.degree > 12)) {
+  if (uses_degree && (config.degree < kMinDegree || config.degree > kMaxDegree)) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "energy.degree must be in [1, 12], got ", config.degree));
+        "energy.degree must be in [", kMinDegree, ", ", kMaxDegree, "], got ", config.degree));
   }
   const bool bipolar_only = config.family == EnergyFamily::kClassical ||
                             config.family == EnergyFamily::kPolynomial ||

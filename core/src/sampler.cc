@@ -1,4 +1,5 @@
 #include "engram/core/sampler.h"
+#include "engram/core/limits.h"
 
 #include <algorithm>
 #include <cmath>
@@ -171,11 +172,13 @@ absl::Status ValidateSampleOptions(const SampleOptions& o, StateKind kind) {
   if (std::isnan(o.s_tmax) || o.s_tmax < 0) {
     return absl::InvalidArgumentError("s_tmax must be >= 0");
   }
-  if (o.langevin_steps < 1 || o.langevin_steps > 1000) {
-    return absl::InvalidArgumentError("langevin_steps must be in [1, 1000]");
+  if (o.langevin_steps < 1 || o.langevin_steps > kMaxLangevinSteps) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("langevin_steps must be in [1, ", kMaxLangevinSteps, "]"));
   }
-  if (o.am_iterations < 1 || o.am_iterations > 1000) {
-    return absl::InvalidArgumentError("am_iterations must be in [1, 1000]");
+  if (o.am_iterations < 1 || o.am_iterations > kMaxAmIterations) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("am_iterations must be in [1, ", kMaxAmIterations, "]"));
   }
   if (o.trajectory_every < 0) {
     return absl::InvalidArgumentError("trajectory_every must be >= 0");

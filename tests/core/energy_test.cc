@@ -269,5 +269,40 @@ TEST(ValidateEnergyConfig, RejectsBadFields) {
                                    StateKind::kBipolar).ok());
 }
 
+// beta's documented range [1e-12, 1e6]: a subnormal beta (whose 1/beta is
+// infinite) is refused, and at the floor the lse energy of a bank is finite
+// and equals its closed form -(log K)/beta - mean_mu(xi_mu . x) + |x|^2/2
+// to first order in beta.
+TEST(ValidateEnergyConfig, BetaRangeKeepsEnergiesFinite) {
+  for (double beta : {5e-324, 1e-300, 9.9e-13, 1.0000001e6, double{INFINITY}}) {
+    EXPECT_EQ(ValidateEnergyConfig({.family = EnergyFamily::kLse, .beta = beta},
+                                   StateKind::kContinuous).code(),
+              absl::StatusCode::kInvalidArgument) << beta;
+  }
+  EXPECT_TRUE(ValidateEnergyConfig({.family = EnergyFamily::kLse, .beta = 1e-12},
+                                   StateKind::kContinuous).ok());
+  EXPECT_TRUE(ValidateEnergyConfig({.family = EnergyFamily::kLse, .beta = 1e6},
+                                   StateKind::kContinuous).ok());
+  std::mt19937_64 rng(3);
+  const int n = 8, k = 100;
+  const std::vector<float> xi = RandomGaussian(k * n, rng);
+  const std::vector<float> x = RandomGaussian(n, rng);
+  const double beta = 1e-12;
+  const EnergyConfig config{.family = EnergyFamily::kLse, .beta = beta};
+  Bank bank = MakeBank(n, StateKind::kContinuous, xi, config);
+  EnergyFunction f(config, bank.view());
+  double mean = 0, sq = 0;
+  for (int mu = 0; mu < k; ++mu) {
+    double d = 0;
+    for (int i = 0; i < n; ++i) d += double{xi[mu * n + i]} * x[i];
+    mean += d / k;
+  }
+  for (int i = 0; i < n; ++i) sq += double{x[i]} * x[i];
+  const double e = f.Value(x.data());
+  ASSERT_TRUE(std::isfinite(e));
+  const double want = -std::log(double{k}) / beta - mean + 0.5 * sq;
+  EXPECT_NEAR(e, want, 1e-6 * std::abs(want));
+}
+
 }  // namespace
 }  // namespace engram::core

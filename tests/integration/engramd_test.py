@@ -593,6 +593,44 @@ class SecurityTest(unittest.TestCase):
         finally:
             shutil.rmtree(d, ignore_errors=True)
 
+    def test_bad_tls_files_are_named_in_the_error(self):
+        """engramd refuses to start on a file that is not a PEM certificate or
+        key, naming the file; a corrupt PEM body is reported as a TLS refusal
+        naming both files."""
+        d = tempfile.mkdtemp(prefix="engram_badtls_")
+        try:
+            cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+            subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                 "-out", cert, "-days", "1", "-subj", "/CN=localhost"],
+                check=True, capture_output=True)
+            junk = os.path.join(d, "junk.pem")
+            with open(junk, "w") as f:
+                f.write("not a certificate\n")
+            corrupt = os.path.join(d, "corrupt.pem")
+            with open(cert) as f:
+                lines = f.read().splitlines()
+            with open(corrupt, "w") as f:  # PEM armour around a damaged body
+                f.write("\n".join([lines[0], "AAAA" + lines[1][4:]] + lines[2:]) + "\n")
+
+            def run(cert_file, key_file):
+                return subprocess.run(
+                    [ARGS.engramd, "--listen", "127.0.0.1:%d" % engram_harness.free_port(),
+                     "--data_dir", os.path.join(d, "data"), "--metrics_listen", "",
+                     "--tls_cert", cert_file, "--tls_key", key_file],
+                    capture_output=True, text=True, timeout=30)
+            p = run(junk, key)
+            self.assertNotEqual(p.returncode, 0)
+            self.assertIn("--tls_cert '%s' holds no PEM certificate" % junk, p.stderr)
+            p = run(cert, junk)
+            self.assertNotEqual(p.returncode, 0)
+            self.assertIn("--tls_key '%s' holds no PEM private key" % junk, p.stderr)
+            p = run(corrupt, key)
+            self.assertNotEqual(p.returncode, 0)
+            self.assertIn("the TLS library refused the certificate '%s'" % corrupt, p.stderr)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
