@@ -70,6 +70,18 @@ async function main() {
     });
     console.log(`stored ${stored.ids.length} patterns, ids ${stored.ids.join(',')}`);
 
+    // Ids are uint64: with `longs: String` they travel as decimal strings,
+    // exact above 2^53 where a JavaScript number would round.
+    const bigIds = ['9007199254740993', '18446744073709551615'];
+    const extra = [patterns[0].map((v) => -v), patterns[1].map((v) => -v)];
+    const bigStored = await call('Store', { bank, patterns: extra.flat(), ids: bigIds });
+    const back = await call('GetPatterns', { bank, ids: bigIds });
+    const exact = bigStored.ids.join(',') === bigIds.join(',') &&
+                  back.ids.join(',') === bigIds.join(',');
+    console.log(`ids above 2^53 ${exact ? 'round-trip exactly' : 'were changed'}: ${back.ids.join(',')}`);
+    if (!exact) return 1;
+    await call('DeletePatterns', { bank, ids: bigIds });
+
     const query = patterns[3].map((v) => v + (rand() - 0.5));
     const result = (await call('Retrieve', { bank, queries: query, options: { dynamics: 'DYNAMICS_SYNC' } })).results[0];
     console.log(`recalled ${result.nearest.payload.toString()} (id ${result.nearest.id}) ` +

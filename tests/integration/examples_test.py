@@ -48,6 +48,8 @@ class ExamplesTest(unittest.TestCase):
                            capture_output=True, text=True, timeout=120)
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
         self.assertIn("recalled memory-3", p.stdout)
+        self.assertIn("ids above 2^53 round-trip exactly: 9007199254740993,18446744073709551615",
+                      p.stdout)
         self.assertEqual(p.stdout.count("sample: SAMPLE_CLASS_MEMORIZED"), 3, p.stdout)
 
 
