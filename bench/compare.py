@@ -12,6 +12,9 @@ and ratios.
 
     /usr/bin/python3 bench/compare.py            # full sizes (~10 min)
     /usr/bin/python3 bench/compare.py --quick    # one small size
+    /usr/bin/python3 bench/compare.py --baseline OTHER/engram_compare
+        # also an A/B table: every Engram figure of this build (A) against
+        # another build's (B) on the same data, the two run in turn
 """
 import argparse
 import json
@@ -116,6 +119,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tool", default=os.path.join(ROOT, "build", "bench", "engram_compare"))
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--baseline", help="another build's engram_compare: adds an A/B table")
     args = ap.parse_args()
     import faiss  # python3-faiss
 
@@ -137,6 +141,21 @@ def main():
           f"(OpenBLAS {numpy_blas_kernel()}), faiss {faiss.__version__}; "
           f"read bandwidth {read_bw / 1e9:.1f} GB/s; {time.strftime('%Y-%m-%d')}")
     rows, batch_rows, bip_rows, screen_rows = [], [], [], []
+    ab_rows = []  # (size label, figure, A seconds, B seconds)
+
+    def run_engram(label, tool_args):
+        """This build's figures; with --baseline also the baseline's, B then A
+        then B again (the median of B's two runs), so drift hits both."""
+        if not args.baseline:
+            return engram(args.tool, tool_args)
+        b1 = engram(args.baseline, tool_args)
+        a = engram(args.tool, tool_args)
+        b2 = engram(args.baseline, tool_args)
+        for key in sorted(a):
+            if key.endswith("_steps") or not isinstance(a[key], float) or key not in b1:
+                continue
+            ab_rows.append((label, key, a[key], 0.5 * (b1[key] + b2[key])))
+        return a
     tmp = tempfile.mkdtemp(prefix="engram_compare_")
     try:
         for n, k, b in sizes:
@@ -148,8 +167,9 @@ def main():
             pf, qf = os.path.join(tmp, "xi.f32"), os.path.join(tmp, "q.f32")
             xi.tofile(pf)
             q.tofile(qf)
-            e = engram(args.tool, ["--patterns", pf, "--queries", qf, "--dim", n, "--batch", max(b, 1),
-                                   "--beta", BETA, "--repeats", args.repeats])
+            e = run_engram(f"{n} x {k:,}", ["--patterns", pf, "--queries", qf, "--dim", n,
+                                            "--batch", max(b, 1), "--beta", BETA,
+                                            "--repeats", args.repeats])
             x = q[0]
             t_np_step = median_time(lambda: np_step(xi, x, BETA), args.repeats)
             t_np_ret = median_time(lambda: np_retrieve(xi, x, BETA), max(3, args.repeats // 2))
@@ -185,8 +205,8 @@ def main():
             pf, qf = os.path.join(tmp, "xi.f32"), os.path.join(tmp, "q.f32")
             xi.tofile(pf)
             q.tofile(qf)
-            e = engram(args.tool, ["--patterns", pf, "--queries", qf, "--dim", n, "--bipolar", 1,
-                                   "--repeats", args.repeats])
+            e = run_engram(f"{n} x {k:,} bipolar", ["--patterns", pf, "--queries", qf, "--dim", n,
+                                                    "--bipolar", 1, "--repeats", args.repeats])
             bip_rows.append((n, k, e["bipolar_step_f32"], e["bipolar_step_bits"],
                              e["bipolar_exp_step_f32"], e["bipolar_exp_step_bits"]))
             del xi
@@ -232,6 +252,19 @@ def main():
     for (n, k, f, bts, fe, be) in bip_rows:
         print(f"| {n} | {k:,} | {fmt_ms(f)} | {fmt_ms(bts)} | {f / bts:.2f} | {fmt_ms(fe)} | "
               f"{fmt_ms(be)} | {fe / be:.2f} |")
+    if ab_rows:
+        print()
+        print(f"A/B: this build (A, {args.tool}) against the baseline (B, {args.baseline}), same "
+              "data, run B A B; B is the mean of its two runs. Ratio B/A > 1 means A is faster.")
+        print()
+        print("| size | figure | A ms | B ms | B/A |")
+        print("|---|---|---|---|---|")
+        for label, key, a, b in ab_rows:
+            print(f"| {label} | {key} | {fmt_ms(a)} | {fmt_ms(b)} | {b / a:.2f} |")
+        ratios = sorted(b / a for _, _, a, b in ab_rows)
+        print()
+        print(f"median B/A over {len(ratios)} figures: {ratios[len(ratios) // 2]:.3f} "
+              f"(range {ratios[0]:.2f} .. {ratios[-1]:.2f})")
     return 0
 
 

@@ -5,6 +5,7 @@
 #include <cstdio>
 
 #include <array>
+#include <atomic>
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
@@ -82,18 +83,21 @@ class MetricsInterceptor : public grpc::experimental::Interceptor {
   }
 
   ~MetricsInterceptor() override {
-    if (started_ && !handled_) Handled(sent_ ? sent_code_ : Ended());
+    if (started_.load()) Claim(sent_.load() ? Code(sent_code_.load()) : Ended());
   }
 
+  // The hooks of one call may run on different threads (the status is sent
+  // from an executor while gRPC closes the call), so the state they share is
+  // atomic and the count is claimed once (Claim).
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
     using HP = grpc::experimental::InterceptionHookPoints;
     if (methods->QueryInterceptionHookPoint(HP::POST_RECV_INITIAL_METADATA)) {
-      start_ = std::chrono::steady_clock::now();
+      start_ns_.store(std::chrono::steady_clock::now().time_since_epoch().count());
       if (grpc::ServerContextBase* ctx = info_->server_context(); ctx != nullptr) {
-        deadline_ = ctx->deadline();
+        deadline_ns_.store(ctx->deadline().time_since_epoch().count());
       }
-      started_ = true;
       metrics_->RpcStarted(method_, type_);
+      started_.store(true);
     }
     if (methods->QueryInterceptionHookPoint(HP::PRE_SEND_STATUS)) {
       grpc::Status status = methods->GetSendStatus();
@@ -108,20 +112,22 @@ class MetricsInterceptor : public grpc::experimental::Interceptor {
           methods->ModifySendStatus(status);
         }
       }
-      sent_ = true;
-      sent_code_ = status.error_code();
+      sent_code_.store(status.error_code());
+      sent_.store(true);
       // An unread request is counted when the call closes: only then does
       // the context know whether the call had ended (no message) or the
       // message did not parse.
-      if (!unread && started_ && !handled_) Handled(Cancelled() ? Ended() : sent_code_);
+      if (!unread && started_.load()) Claim(Cancelled() ? Ended() : status.error_code());
     }
-    if (methods->QueryInterceptionHookPoint(HP::POST_RECV_CLOSE) && started_ && !handled_) {
-      Handled(Cancelled() || !sent_ ? Ended() : sent_code_);
+    if (methods->QueryInterceptionHookPoint(HP::POST_RECV_CLOSE) && started_.load()) {
+      Claim(Cancelled() || !sent_.load() ? Ended() : Code(sent_code_.load()));
     }
     methods->Proceed();
   }
 
  private:
+  static grpc::StatusCode Code(int code) { return static_cast<grpc::StatusCode>(code); }
+
   // True once a callback call has ended without its status (a synchronous
   // context is not asked: its IsCancelled would complete the close and run
   // this interceptor's POST_RECV_CLOSE hook from inside a hook).
@@ -132,14 +138,18 @@ class MetricsInterceptor : public grpc::experimental::Interceptor {
 
   // The code of a call that ended without delivering its status.
   grpc::StatusCode Ended() const {
-    return std::chrono::system_clock::now() >= deadline_ ? grpc::StatusCode::DEADLINE_EXCEEDED
-                                                         : grpc::StatusCode::CANCELLED;
+    return std::chrono::system_clock::now().time_since_epoch().count() >= deadline_ns_.load()
+               ? grpc::StatusCode::DEADLINE_EXCEEDED
+               : grpc::StatusCode::CANCELLED;
   }
 
-  void Handled(grpc::StatusCode code) {
-    handled_ = true;
-    const double seconds =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  // Counts the call with `code` unless a hook has counted it already.
+  void Claim(grpc::StatusCode code) {
+    if (handled_.exchange(true)) return;
+    const auto now = std::chrono::steady_clock::now().time_since_epoch().count();
+    const double seconds = static_cast<double>(now - start_ns_.load()) *
+                           std::chrono::steady_clock::period::num /
+                           std::chrono::steady_clock::period::den;
     metrics_->RpcHandled(method_, type_, code, seconds);
   }
 
@@ -147,12 +157,13 @@ class MetricsInterceptor : public grpc::experimental::Interceptor {
   grpc::experimental::ServerRpcInfo* info_;  // outlives the interceptor's hooks
   std::string method_;
   std::string type_ = "unary";
-  bool started_ = false;
-  bool handled_ = false;
-  bool sent_ = false;
-  grpc::StatusCode sent_code_ = grpc::StatusCode::OK;
-  std::chrono::system_clock::time_point deadline_ = std::chrono::system_clock::time_point::max();
-  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
+  std::atomic<bool> started_{false};
+  std::atomic<bool> handled_{false};
+  std::atomic<bool> sent_{false};
+  std::atomic<int> sent_code_{grpc::StatusCode::OK};
+  // Clock readings in their clocks' ticks.
+  std::atomic<int64_t> deadline_ns_{std::chrono::system_clock::time_point::max().time_since_epoch().count()};
+  std::atomic<int64_t> start_ns_{std::chrono::steady_clock::now().time_since_epoch().count()};
 };
 
 class MetricsInterceptorFactory
