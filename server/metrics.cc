@@ -6,6 +6,8 @@
 
 #include <array>
 #include <atomic>
+#include <functional>
+#include <type_traits>
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
@@ -96,7 +98,8 @@ class MetricsInterceptor : public grpc::experimental::Interceptor {
       if (grpc::ServerContextBase* ctx = info_->server_context(); ctx != nullptr) {
         deadline_ns_.store(ctx->deadline().time_since_epoch().count());
       }
-      metrics_->RpcStarted(method_, type_);
+      series_ = metrics_->Method(method_, type_);
+      metrics_->RpcStarted(series_);
       started_.store(true);
     }
     if (methods->QueryInterceptionHookPoint(HP::PRE_SEND_STATUS)) {
@@ -150,13 +153,14 @@ class MetricsInterceptor : public grpc::experimental::Interceptor {
     const double seconds = static_cast<double>(now - start_ns_.load()) *
                            std::chrono::steady_clock::period::num /
                            std::chrono::steady_clock::period::den;
-    metrics_->RpcHandled(method_, type_, code, seconds);
+    metrics_->RpcHandled(series_, code, seconds);
   }
 
   std::shared_ptr<Metrics> metrics_;
   grpc::experimental::ServerRpcInfo* info_;  // outlives the interceptor's hooks
   std::string method_;
   std::string type_ = "unary";
+  Metrics::MethodSeries* series_ = nullptr;  // set before started_
   std::atomic<bool> started_{false};
   std::atomic<bool> handled_{false};
   std::atomic<bool> sent_{false};
@@ -330,133 +334,143 @@ Metrics::InterceptorFactories() {
   return v;
 }
 
-template <typename T>
-T& Metrics::Handle(prometheus::Family<T>& family, const prometheus::Labels& labels,
-                   absl::flat_hash_map<std::string, T*>& cache,
-                   const std::string& key) {
+// One method's series: resolved once per method, shared by its calls.
+struct Metrics::MethodSeries {
+  prometheus::Counter* started = nullptr;
+  prometheus::Histogram* seconds = nullptr;
+  std::array<std::atomic<prometheus::Counter*>, 17> handled{};  // by code, on first use
+  prometheus::Labels labels;
+};
+
+// One bank's series, created on first use and removed with the bank: each
+// entry remembers its family so RemoveBank can take it out.
+struct Metrics::BankSeries {
+  template <typename T>
+  struct Entry {
+    prometheus::Family<T>* family;
+    T* metric;
+  };
+  absl::flat_hash_map<std::string, Entry<prometheus::Counter>> counters;
+  absl::flat_hash_map<std::string, Entry<prometheus::Histogram>> histograms;
+  absl::flat_hash_map<std::string, Entry<prometheus::Gauge>> gauges;
+};
+
+Metrics::~Metrics() = default;
+
+Metrics::MethodSeries* Metrics::Method(const std::string& full_method, const std::string& type) {
   core::MutexLock lock(&mu_);
-  auto it = cache.find(key);
-  if (it != cache.end()) return *it->second;
-  T* h = &family.Add(labels);
-  cache.emplace(key, h);
-  return *h;
+  auto& slot = methods_[absl::StrCat(full_method, "|", type)];
+  if (slot == nullptr) {
+    auto [service, method] = SplitMethod(full_method);
+    slot = std::make_unique<MethodSeries>();
+    slot->labels = {{"grpc_type", type}, {"grpc_service", service}, {"grpc_method", method}};
+    slot->started = &started_.Add(slot->labels);
+    slot->seconds = &handling_seconds_.Add(slot->labels, LatencyBuckets());
+  }
+  return slot.get();
 }
 
-void Metrics::RpcStarted(const std::string& full_method, const std::string& type) {
-  auto [service, method] = SplitMethod(full_method);
-  Handle(started_,
-         {{"grpc_type", type}, {"grpc_service", service}, {"grpc_method", method}},
-         counters_, absl::StrCat("s|", full_method))
-      .Increment();
-}
+void Metrics::RpcStarted(MethodSeries* m) { m->started->Increment(); }
 
-void Metrics::RpcHandled(const std::string& full_method, const std::string& type,
-                         int code, double seconds) {
+void Metrics::RpcHandled(MethodSeries* m, int code, double seconds) {
   RefreshProcessMemory();
-  auto [service, method] = SplitMethod(full_method);
-  const char* code_name = CodeName(code);
-  Handle(handled_,
-         {{"grpc_type", type}, {"grpc_service", service}, {"grpc_method", method},
-          {"grpc_code", code_name}},
-         counters_, absl::StrCat("h|", full_method, "|", code_name))
-      .Increment();
-  prometheus::Histogram* hist;
-  {
+  const size_t c = (code >= 0 && code <= 16) ? static_cast<size_t>(code) : 2;  // else Unknown
+  prometheus::Counter* counter = m->handled[c].load(std::memory_order_acquire);
+  if (counter == nullptr) {
     core::MutexLock lock(&mu_);
-    const std::string key = absl::StrCat("l|", full_method);
-    auto it = histograms_.find(key);
-    if (it == histograms_.end()) {
-      hist = &handling_seconds_.Add(
-          {{"grpc_type", type}, {"grpc_service", service}, {"grpc_method", method}},
-          LatencyBuckets());
-      histograms_.emplace(key, hist);
-    } else {
-      hist = it->second;
+    counter = m->handled[c].load(std::memory_order_relaxed);
+    if (counter == nullptr) {
+      prometheus::Labels labels = m->labels;
+      labels.emplace("grpc_code", CodeName(static_cast<int>(c)));
+      counter = &handled_.Add(labels);
+      m->handled[c].store(counter, std::memory_order_release);
     }
   }
-  hist->Observe(seconds);
+  counter->Increment();
+  m->seconds->Observe(seconds);
+}
+
+template <typename T>
+T& Metrics::BankMetric(const std::string& bank, prometheus::Family<T>& family,
+                       const std::string& key, const prometheus::Labels& labels,
+                       const std::function<T&(prometheus::Family<T>&)>& add) {
+  core::MutexLock lock(&mu_);
+  std::unique_ptr<BankSeries>& series = banks_[bank];
+  if (series == nullptr) series = std::make_unique<BankSeries>();
+  auto& map = [&]() -> auto& {
+    if constexpr (std::is_same_v<T, prometheus::Counter>) return series->counters;
+    else if constexpr (std::is_same_v<T, prometheus::Histogram>) return series->histograms;
+    else return series->gauges;
+  }();
+  auto it = map.find(key);
+  if (it != map.end()) return *it->second.metric;
+  T* metric;
+  if constexpr (std::is_same_v<T, prometheus::Histogram>) {
+    metric = &add(family);  // a histogram needs its buckets
+  } else {
+    metric = add ? &add(family) : &family.Add(labels);
+  }
+  map.emplace(key, BankSeries::Entry<T>{&family, metric});
+  return *metric;
 }
 
 void Metrics::RecordRetrieval(const std::string& bank, core::Dynamics dynamics,
                               const core::Trajectory& t) {
   const std::string dyn = core::DynamicsName(dynamics);
   const std::string reason = core::StopReasonName(t.stop_reason);
-  prometheus::Histogram* steps;
-  prometheus::Histogram* drop;
-  {
-    core::MutexLock lock(&mu_);
-    const std::string key = absl::StrCat("steps|", bank, "|", dyn);
-    auto it = histograms_.find(key);
-    if (it == histograms_.end()) {
-      steps = &steps_.Add({{"bank", bank}, {"dynamics", dyn}},
-                          prometheus::Histogram::BucketBoundaries{
-                              1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 10000});
-      drop = &energy_drop_.Add({{"bank", bank}, {"dynamics", dyn}},
-                               prometheus::Histogram::BucketBoundaries{
-                                   0, 1e-3, 1e-2, 0.1, 1, 10, 100, 1e3, 1e4, 1e5, 1e6});
-      histograms_.emplace(key, steps);
-      histograms_.emplace(absl::StrCat("drop|", bank, "|", dyn), drop);
-    } else {
-      steps = it->second;
-      drop = histograms_.at(absl::StrCat("drop|", bank, "|", dyn));
-    }
-  }
-  steps->Observe(t.steps);
-  drop->Observe(t.energy_start - t.energy_end);
-  Handle(stops_, {{"bank", bank}, {"dynamics", dyn}, {"reason", reason}}, counters_,
-         absl::StrCat("stop|", bank, "|", dyn, "|", reason))
+  const prometheus::Labels labels = {{"bank", bank}, {"dynamics", dyn}};
+  BankMetric<prometheus::Histogram>(
+      bank, steps_, "steps|" + dyn, labels, [&](prometheus::Family<prometheus::Histogram>& f) -> auto& {
+        return f.Add(labels, prometheus::Histogram::BucketBoundaries{
+                                 1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 10000});
+      }).Observe(t.steps);
+  BankMetric<prometheus::Histogram>(
+      bank, energy_drop_, "drop|" + dyn, labels, [&](prometheus::Family<prometheus::Histogram>& f) -> auto& {
+        return f.Add(labels, prometheus::Histogram::BucketBoundaries{
+                                 0, 1e-3, 1e-2, 0.1, 1, 10, 100, 1e3, 1e4, 1e5, 1e6});
+      }).Observe(t.energy_start - t.energy_end);
+  BankMetric<prometheus::Counter>(bank, stops_, absl::StrCat("stop|", dyn, "|", reason),
+                                  {{"bank", bank}, {"dynamics", dyn}, {"reason", reason}}, nullptr)
       .Increment();
-  auto& lyap = Handle(lyapunov_, {{"bank", bank}, {"dynamics", dyn}}, counters_,
-                      absl::StrCat("lyap|", bank, "|", dyn));
+  auto& lyap = BankMetric<prometheus::Counter>(bank, lyapunov_, "lyap|" + dyn, labels, nullptr);
   if (t.lyapunov_violations > 0) lyap.Increment(t.lyapunov_violations);
 }
 
 void Metrics::RecordSample(const std::string& bank, const std::string& sampler,
                            const std::vector<std::string>& classes, int steps,
                            double seconds) {
-  prometheus::Histogram* st;
-  prometheus::Histogram* sec;
-  {
-    core::MutexLock lock(&mu_);
-    const std::string key = absl::StrCat("sst|", bank, "|", sampler);
-    auto it = histograms_.find(key);
-    if (it == histograms_.end()) {
-      st = &sample_steps_.Add({{"bank", bank}, {"sampler", sampler}},
-                              prometheus::Histogram::BucketBoundaries{
-                                  1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096});
-      sec = &sample_seconds_.Add({{"bank", bank}, {"sampler", sampler}}, LatencyBuckets());
-      histograms_.emplace(key, st);
-      histograms_.emplace(absl::StrCat("ssec|", bank, "|", sampler), sec);
-    } else {
-      st = it->second;
-      sec = histograms_.at(absl::StrCat("ssec|", bank, "|", sampler));
-    }
-  }
-  st->Observe(steps);
-  sec->Observe(seconds);
+  const prometheus::Labels labels = {{"bank", bank}, {"sampler", sampler}};
+  BankMetric<prometheus::Histogram>(
+      bank, sample_steps_, "sst|" + sampler, labels, [&](prometheus::Family<prometheus::Histogram>& f) -> auto& {
+        return f.Add(labels, prometheus::Histogram::BucketBoundaries{
+                                 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096});
+      }).Observe(steps);
+  BankMetric<prometheus::Histogram>(
+      bank, sample_seconds_, "ssec|" + sampler, labels, [&](prometheus::Family<prometheus::Histogram>& f) -> auto& {
+        return f.Add(labels, LatencyBuckets());
+      }).Observe(seconds);
   for (const auto& c : classes) {
-    Handle(samples_, {{"bank", bank}, {"sampler", sampler}, {"class", c}}, counters_,
-           absl::StrCat("smp|", bank, "|", sampler, "|", c))
+    BankMetric<prometheus::Counter>(bank, samples_, absl::StrCat("smp|", sampler, "|", c),
+                                    {{"bank", bank}, {"sampler", sampler}, {"class", c}}, nullptr)
         .Increment();
   }
 }
 
 void Metrics::SetBankSize(const std::string& bank, int64_t patterns, uint64_t bytes) {
-  Handle(bank_patterns_, {{"bank", bank}}, gauges_, absl::StrCat("p|", bank))
+  BankMetric<prometheus::Gauge>(bank, bank_patterns_, "patterns", {{"bank", bank}}, nullptr)
       .Set(static_cast<double>(patterns));
-  Handle(bank_bytes_, {{"bank", bank}}, gauges_, absl::StrCat("b|", bank))
+  BankMetric<prometheus::Gauge>(bank, bank_bytes_, "bytes", {{"bank", bank}}, nullptr)
       .Set(static_cast<double>(bytes));
 }
 
 void Metrics::RemoveBank(const std::string& bank) {
   core::MutexLock lock(&mu_);
-  for (auto [family, prefix] : {std::pair{&bank_patterns_, "p|"}, {&bank_bytes_, "b|"}}) {
-    auto it = gauges_.find(absl::StrCat(prefix, bank));
-    if (it != gauges_.end()) {
-      family->Remove(it->second);
-      gauges_.erase(it);
-    }
-  }
+  auto it = banks_.find(bank);
+  if (it == banks_.end()) return;
+  for (auto& [key, e] : it->second->counters) e.family->Remove(e.metric);
+  for (auto& [key, e] : it->second->histograms) e.family->Remove(e.metric);
+  for (auto& [key, e] : it->second->gauges) e.family->Remove(e.metric);
+  banks_.erase(it);
 }
 
 }  // namespace engram::server

@@ -16,6 +16,7 @@
 #define ENGRAM_SERVER_METRICS_H_
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -38,6 +39,7 @@ namespace engram::server {
 class Metrics : public std::enable_shared_from_this<Metrics> {
  public:
   Metrics();
+  ~Metrics();
 
   std::shared_ptr<prometheus::Registry> registry() const { return registry_; }
 
@@ -46,9 +48,13 @@ class Metrics : public std::enable_shared_from_this<Metrics> {
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>>
   InterceptorFactories();
 
-  void RpcStarted(const std::string& full_method, const std::string& type);
-  void RpcHandled(const std::string& full_method, const std::string& type,
-                  int code, double seconds);
+  // One method's RPC series ("/pkg.Service/Method", "unary"...), resolved
+  // once per method and kept for the server's life; the interceptor
+  // resolves it when a call starts and records the call on it.
+  struct MethodSeries;
+  MethodSeries* Method(const std::string& full_method, const std::string& type);
+  void RpcStarted(MethodSeries* method);
+  void RpcHandled(MethodSeries* method, int code, double seconds);
 
   // Convergence of one retrieval.
   void RecordRetrieval(const std::string& bank, core::Dynamics dynamics,
@@ -56,7 +62,8 @@ class Metrics : public std::enable_shared_from_this<Metrics> {
   // One Sample call: classes, steps and latency.
   void RecordSample(const std::string& bank, const std::string& sampler,
                     const std::vector<std::string>& classes, int steps, double seconds);
-  // Current size of a bank; RemoveBank drops its series.
+  // Current size of a bank. A bank's series (size, retrieval, sampling)
+  // are created on first use; RemoveBank drops them all.
   void SetBankSize(const std::string& bank, int64_t patterns, uint64_t bytes);
   void RemoveBank(const std::string& bank);
   // One batch run by the dynamic batcher: its queries and merged calls.
@@ -69,9 +76,13 @@ class Metrics : public std::enable_shared_from_this<Metrics> {
   void RefreshProcessMemory();
 
  private:
+  struct BankSeries;
+  // The bank's series `key` of `family`: created with `labels` (or by
+  // `add`, for histograms' buckets) on first use.
   template <typename T>
-  T& Handle(prometheus::Family<T>& family, const prometheus::Labels& labels,
-            absl::flat_hash_map<std::string, T*>& cache, const std::string& key);
+  T& BankMetric(const std::string& bank, prometheus::Family<T>& family, const std::string& key,
+                const prometheus::Labels& labels,
+                const std::function<T&(prometheus::Family<T>&)>& add);
 
   std::shared_ptr<prometheus::Registry> registry_;
   prometheus::Family<prometheus::Counter>& started_;
@@ -97,9 +108,8 @@ class Metrics : public std::enable_shared_from_this<Metrics> {
   std::atomic<int64_t> last_memory_refresh_{0};
 
   core::SharedMutex mu_;
-  absl::flat_hash_map<std::string, prometheus::Counter*> counters_ ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_map<std::string, prometheus::Histogram*> histograms_ ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_map<std::string, prometheus::Gauge*> gauges_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, std::unique_ptr<MethodSeries>> methods_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, std::unique_ptr<BankSeries>> banks_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace engram::server

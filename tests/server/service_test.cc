@@ -21,6 +21,7 @@ namespace engram::server {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 class ServiceTest : public ::testing::Test {
  public:
@@ -532,6 +533,45 @@ TEST_F(ServiceTest, MetricsCountCallsByMethodAndCode) {
       "grpc_server_handling_seconds_count{grpc_method=\"Store\","
       "grpc_service=\"engram.v1.MemoryService\",grpc_type=\"unary\"} 1"));
   EXPECT_THAT(text, HasSubstr("engram_bank_patterns{bank=\"m\"} 2"));
+}
+
+// A bank's series (size, retrieval, sampling) leave /metrics with the bank,
+// and a bank of the same name starts from zero.
+TEST_F(ServiceTest, DeletedBankTakesItsSeriesWithIt) {
+  prometheus::TextSerializer ser;
+  auto text = [&] { return ser.Serialize(server_->metrics()->registry()->Collect()); };
+  ASSERT_TRUE(Create("gone", 2, v1::STATE_KIND_CONTINUOUS).ok());
+  ASSERT_TRUE(Store("gone", {1, 0, 0, 1}).ok());
+  {
+    grpc::ClientContext ctx;
+    v1::RetrieveRequest req;
+    req.set_bank("gone");
+    req.mutable_queries()->Add(0.9f);
+    req.mutable_queries()->Add(0.1f);
+    v1::RetrieveResponse resp;
+    ASSERT_TRUE(stub_->Retrieve(&ctx, req, &resp).ok());
+    grpc::ClientContext sctx;
+    v1::SampleRequest sreq;
+    sreq.set_bank("gone");
+    sreq.mutable_schedule()->set_steps(4);
+    v1::SampleResponse sresp;
+    ASSERT_TRUE(stub_->Sample(&sctx, sreq, &sresp).ok());
+  }
+  for (const char* family : {"engram_bank_patterns", "engram_retrieve_steps_count",
+                             "engram_retrieve_stops_total", "engram_sample_steps_count"}) {
+    EXPECT_THAT(text(), HasSubstr(std::string(family) + "{bank=\"gone\""));
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::DeleteBankRequest req;
+    req.set_name("gone");
+    v1::DeleteBankResponse resp;
+    ASSERT_TRUE(stub_->DeleteBank(&ctx, req, &resp).ok());
+  }
+  EXPECT_THAT(text(), Not(HasSubstr("bank=\"gone\"")));
+  ASSERT_TRUE(Create("gone", 2, v1::STATE_KIND_CONTINUOUS).ok());
+  EXPECT_THAT(text(), HasSubstr("engram_bank_patterns{bank=\"gone\"} 0"));
+  EXPECT_THAT(text(), Not(HasSubstr("engram_retrieve_steps_count{bank=\"gone\"")));
 }
 
 // Reduced-precision and screened banks through the API: bf16, bit-packed and
