@@ -2,6 +2,7 @@
 // every bad-input class of SPEC section 6 with its code, state unchanged
 // after each rejection, and the RPC metrics.
 #include <filesystem>
+#include <limits>
 #include <random>
 #include <regex>
 #include <thread>
@@ -533,6 +534,53 @@ TEST_F(ServiceTest, MetricsCountCallsByMethodAndCode) {
       "grpc_server_handling_seconds_count{grpc_method=\"Store\","
       "grpc_service=\"engram.v1.MemoryService\",grpc_type=\"unary\"} 1"));
   EXPECT_THAT(text, HasSubstr("engram_bank_patterns{bank=\"m\"} 2"));
+}
+
+// Paging past the end, up to the top of the 64-bit range, gives an empty
+// page that ends at the bank's size: never rows of other memory (a start
+// near 2^64 once wrapped the end of the page around and answered with
+// whatever lay past the bank). Error messages quote bounded prefixes of
+// what the client sent.
+TEST_F(ServiceTest, PagingPastTheEndIsEmptyAndMessagesAreBounded) {
+  ASSERT_TRUE(Create("pg", 2, v1::STATE_KIND_CONTINUOUS).ok());
+  ASSERT_TRUE(Store("pg", {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, {}, {"a", "b", "c", "d", "e"}).ok());
+  const uint64_t top = std::numeric_limits<uint64_t>::max();
+  for (uint64_t start : {uint64_t{5}, uint64_t{6}, uint64_t{1} << 63, (uint64_t{1} << 63) + 5,
+                         top - 2, top - 1, top}) {
+    for (uint64_t size : {uint64_t{0}, uint64_t{1}, uint64_t{1000}}) {
+      grpc::ClientContext ctx;
+      v1::GetPatternsRequest req;
+      req.set_bank("pg");
+      req.set_page_start(start);
+      req.set_page_size(size);
+      v1::GetPatternsResponse resp;
+      ASSERT_TRUE(stub_->GetPatterns(&ctx, req, &resp).ok()) << start << " " << size;
+      EXPECT_EQ(resp.ids_size(), 0) << start;
+      EXPECT_EQ(resp.patterns_size(), 0) << start;
+      EXPECT_EQ(resp.payloads_size(), 0) << start;
+      EXPECT_EQ(resp.next_page_start(), 5u) << start;
+    }
+  }
+  {  // the last page holds exactly the rows left
+    grpc::ClientContext ctx;
+    v1::GetPatternsRequest req;
+    req.set_bank("pg");
+    req.set_page_start(3);
+    req.set_page_size(1000);
+    v1::GetPatternsResponse resp;
+    ASSERT_TRUE(stub_->GetPatterns(&ctx, req, &resp).ok());
+    EXPECT_EQ(resp.ids_size(), 2);
+    EXPECT_EQ(resp.payloads(1), "e");
+    EXPECT_EQ(resp.next_page_start(), 5u);
+  }
+  grpc::ClientContext ctx;
+  v1::BackupRequest req;
+  req.set_file(std::string(10000, 'X'));
+  v1::BackupResponse resp;
+  const grpc::Status s = stub_->Backup(&ctx, req, &resp);
+  EXPECT_EQ(s.error_code(), grpc::INVALID_ARGUMENT);
+  EXPECT_LT(s.error_message().size(), 200u) << s.error_message();
+  EXPECT_THAT(s.error_message(), HasSubstr("(10000 bytes)"));
 }
 
 // A bank's series (size, retrieval, sampling) leave /metrics with the bank,
