@@ -239,10 +239,10 @@ inline void FoldIntegerSums(Partial* p, bool with_acc, int n, int shift) {
 }
 
 
-// A pass's per-block buffers, one set per thread, kept between passes:
-// allocating and zeroing them per chunk (~55 KB on bits) was ~8 % of a
-// 784 x 10^4 bit-packed step's samples. Every use writes a block's entries
-// before it reads them. A thread runs one chunk at a time, and no chunk
+// A pass's per-block buffers, one set per thread, kept between passes
+// (allocating and zeroing ~55 KB per chunk on bits costs ~8 % of a
+// 784 x 10^4 bit-packed step). Every use writes a block's entries before it
+// reads them. A thread runs one chunk at a time, and no chunk
 // starts a pass of its own.
 struct BlockScratch {
   std::vector<float> sc, wf;
