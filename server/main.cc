@@ -37,6 +37,10 @@ int64_t EnvOrInt(const char* name, int64_t fallback) {
   return (!s.empty() && absl::SimpleAtoi(s, &v)) ? v : fallback;
 }
 
+// The flags' defaults are ServerConfig's, from which --print_limits also
+// reads them: the documented defaults are the ones engramd runs with.
+const engram::server::ServerConfig kDefaults{};
+
 int g_signal_pipe[2] = {-1, -1};
 
 void OnShutdownSignal(int sig) {
@@ -54,12 +58,12 @@ ABSL_FLAG(std::string, data_dir, EnvOr("ENGRAM_DATA_DIR", "data"),
           "directory of the bank database (env ENGRAM_DATA_DIR)");
 ABSL_FLAG(std::string, metrics_listen, EnvOr("ENGRAM_METRICS_LISTEN", "127.0.0.1:9464"),
           "Prometheus endpoint host:port, empty to disable (env ENGRAM_METRICS_LISTEN)");
-ABSL_FLAG(int64_t, memory_budget_bytes, EnvOrInt("ENGRAM_MEMORY_BUDGET_BYTES", 0),
+ABSL_FLAG(int64_t, memory_budget_bytes, EnvOrInt("ENGRAM_MEMORY_BUDGET_BYTES", static_cast<int64_t>(kDefaults.memory_budget_bytes)),
           "upper bound on bank memory, 0 = unlimited (env ENGRAM_MEMORY_BUDGET_BYTES)");
 ABSL_FLAG(int32_t, max_message_bytes,
-          static_cast<int32_t>(EnvOrInt("ENGRAM_MAX_MESSAGE_BYTES", 64 << 20)),
+          static_cast<int32_t>(EnvOrInt("ENGRAM_MAX_MESSAGE_BYTES", kDefaults.max_message_bytes)),
           "largest request or response (env ENGRAM_MAX_MESSAGE_BYTES)");
-ABSL_FLAG(int64_t, max_batch, EnvOrInt("ENGRAM_MAX_BATCH", 65536),
+ABSL_FLAG(int64_t, max_batch, EnvOrInt("ENGRAM_MAX_BATCH", kDefaults.max_batch),
           "largest batch of patterns / queries per call (env ENGRAM_MAX_BATCH)");
 ABSL_FLAG(bool, batching, EnvOrInt("ENGRAM_BATCHING", 1) != 0,
           "merge concurrent sync Retrieve calls on the same bank and energy into one batched "
@@ -72,7 +76,7 @@ ABSL_FLAG(int64_t, max_batch_delay_us, EnvOrInt("ENGRAM_MAX_BATCH_DELAY_US", 0),
 ABSL_FLAG(int32_t, executor_threads, static_cast<int32_t>(EnvOrInt("ENGRAM_EXECUTOR_THREADS", 0)),
           "threads that compute Retrieve, Energy and Sample calls; 0 = one per CPU "
           "(env ENGRAM_EXECUTOR_THREADS)");
-ABSL_FLAG(int64_t, max_queue, EnvOrInt("ENGRAM_MAX_QUEUE", 1024),
+ABSL_FLAG(int64_t, max_queue, EnvOrInt("ENGRAM_MAX_QUEUE", kDefaults.max_queue),
           "compute calls that may wait for an executor; more are answered RESOURCE_EXHAUSTED "
           "(env ENGRAM_MAX_QUEUE)");
 ABSL_FLAG(int64_t, queue_timeout_ms, EnvOrInt("ENGRAM_QUEUE_TIMEOUT_MS", 0),
@@ -81,10 +85,10 @@ ABSL_FLAG(int64_t, queue_timeout_ms, EnvOrInt("ENGRAM_QUEUE_TIMEOUT_MS", 0),
 ABSL_FLAG(int64_t, inline_work, EnvOrInt("ENGRAM_INLINE_WORK", 1 << 20),
           "compute calls of at most this many multiply-adds per pass over the bank are answered "
           "on the thread that read them; 0 = queue every call (env ENGRAM_INLINE_WORK)");
-ABSL_FLAG(int64_t, stream_buffer_bytes, EnvOrInt("ENGRAM_STREAM_BUFFER_BYTES", 64 << 20),
+ABSL_FLAG(int64_t, stream_buffer_bytes, EnvOrInt("ENGRAM_STREAM_BUFFER_BYTES", static_cast<int64_t>(kDefaults.stream_buffer_bytes)),
           "SampleStream frames held for a slow reader before the call ends RESOURCE_EXHAUSTED "
           "(env ENGRAM_STREAM_BUFFER_BYTES)");
-ABSL_FLAG(int32_t, writer_threads, static_cast<int32_t>(EnvOrInt("ENGRAM_WRITER_THREADS", 2)),
+ABSL_FLAG(int32_t, writer_threads, static_cast<int32_t>(EnvOrInt("ENGRAM_WRITER_THREADS", kDefaults.writer_threads)),
           "threads that run CreateBank, DeleteBank, Store, DeletePatterns and Backup; writes "
           "beyond them queue (up to --max_queue) (env ENGRAM_WRITER_THREADS)");
 ABSL_FLAG(std::string, auth_token_file, EnvOr("ENGRAM_AUTH_TOKEN_FILE", ""),
@@ -105,7 +109,7 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("Engram: Dense Associative Memory banks over gRPC");
   absl::ParseCommandLine(argc, argv);
   if (absl::GetFlag(FLAGS_print_limits)) {
-    std::cout << engram::server::LimitsMarkdown(engram::server::ServerConfig{});
+    std::cout << engram::server::LimitsMarkdown(kDefaults);
     return 0;
   }
 
