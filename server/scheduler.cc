@@ -86,9 +86,9 @@ void Scheduler::Submit(std::unique_ptr<Task> task) {
       reason = "shutdown";
     } else if (static_cast<int64_t>(queue_.size()) >= options_.max_queue) {
       reject = absl::ResourceExhaustedError(absl::StrCat(
-          "engramd's compute queue is full (", queue_.size(), " calls waiting for ",
-          options_.threads, " executor threads); retry with backoff, or raise --max_queue "
-          "or --executor_threads"));
+          "engramd's ", options_.name, " queue is full (", queue_.size(), " calls waiting for ",
+          options_.threads, " ", options_.name, " threads); retry with backoff, or raise "
+          "--max_queue or ", options_.threads_flag));
       reason = "queue_full";
     } else {
       queue_.push_back(std::move(task));
@@ -131,8 +131,9 @@ void Scheduler::RejectAll(std::vector<std::unique_ptr<Task>> tasks, const absl::
 void Scheduler::RejectDropped(std::vector<std::unique_ptr<Task>> expired,
                               std::vector<std::unique_ptr<Task>> cancelled) {
   RejectAll(std::move(expired),
-            absl::DeadlineExceededError(
-                "the call's deadline passed while it waited in engramd's compute queue"),
+            absl::DeadlineExceededError(absl::StrCat(
+                "the call's deadline passed while it waited in engramd's ", options_.name,
+                " queue")),
             "deadline");
   RejectAll(std::move(cancelled), absl::CancelledError("the client cancelled the call"),
             "cancelled");

@@ -41,6 +41,9 @@
 namespace engram::server {
 
 struct SchedulerOptions {
+  // The pool's name and the flag that sizes it, as rejections quote them.
+  std::string name = "compute";
+  std::string threads_flag = "--executor_threads";
   // Executor threads; 0 means one per CPU this process may run on.
   int threads = 0;
   // Calls waiting beyond the ones running; more are rejected.

@@ -48,7 +48,8 @@ struct ServiceLimits {
   // Executor pool, admission queue and batch sizes.
   SchedulerOptions scheduler;
   // The writers' pool and queue (its batching options are unused).
-  SchedulerOptions writer = {.threads = 2, .max_queue = 1024};
+  SchedulerOptions writer = {.name = "writer", .threads_flag = "--writer_threads",
+                             .threads = 2, .max_queue = 1024};
   // Queue timeout of calls that do not set queue_timeout_ms; zero: none
   // (the call's own deadline still applies).
   absl::Duration queue_timeout = absl::ZeroDuration();
