@@ -1,17 +1,15 @@
 #!/usr/bin/env node
-// A small Engram client in Node.js: create a continuous bank with the
-// Gaussian energy, store a few patterns, recall one from a noisy copy, draw
-// samples, then delete the bank. The proto is loaded at run time with
-// @grpc/proto-loader from ../../proto.
+// A small Engram client in Node.js on the engram-client package: create a
+// continuous bank with the Gaussian energy, store a few patterns, recall one
+// from a noisy copy, draw samples, then delete the bank.
 //
 //   npm ci && node engram_example.js --target 127.0.0.1:50051
 //
 // ENGRAM_TOKEN adds the bearer token a protected server requires.
 'use strict';
 
-const path = require('path');
-const grpc = require('@grpc/grpc-js');
-const protoLoader = require('@grpc/proto-loader');
+// Inside this package its own name resolves to ./lib (package "exports").
+const { Client, toProtoEnum } = require('engram-client');
 
 function arg(name, fallback) {
   const i = process.argv.indexOf('--' + name);
@@ -21,26 +19,6 @@ function arg(name, fallback) {
 const target = arg('target', process.env.ENGRAM_TARGET || '127.0.0.1:50051');
 const bank = arg('bank', 'node-example');
 
-const definition = protoLoader.loadSync('engram/v1/engram.proto', {
-  includeDirs: [path.join(__dirname, '..', '..', 'proto')],
-  keepCase: true,     // field names as in the proto
-  longs: String,      // uint64 ids as strings
-  enums: String,      // enums by name
-  defaults: true,
-});
-const v1 = grpc.loadPackageDefinition(definition).engram.v1;
-const client = new v1.MemoryService(target, grpc.credentials.createInsecure());
-
-const metadata = new grpc.Metadata();
-if (process.env.ENGRAM_TOKEN) metadata.set('authorization', 'Bearer ' + process.env.ENGRAM_TOKEN);
-
-function call(method, request) {
-  return new Promise((resolve, reject) => {
-    const deadline = new Date(Date.now() + 30000);
-    client[method](request, metadata, { deadline }, (err, resp) => (err ? reject(err) : resolve(resp)));
-  });
-}
-
 // A seeded generator, so the example prints the same thing every run.
 function rng(seed) {
   let s = seed >>> 0;
@@ -48,6 +26,7 @@ function rng(seed) {
 }
 
 async function main() {
+  const client = new Client(target, { token: process.env.ENGRAM_TOKEN, timeoutMs: 30000 });
   const n = 16;
   const k = 5;
   const rand = rng(7);
@@ -58,44 +37,43 @@ async function main() {
     p[mu * 3 + 1] = -4;
     patterns.push(p);
   }
-  const info = await call('CreateBank', {
-    name: bank, dim: n, kind: 'STATE_KIND_CONTINUOUS',
-    energy: { family: 'ENERGY_FAMILY_GAUSSIAN', beta: 4 },
-  });
-  console.log(`created ${info.name}: N=${info.dim}, energy ${info.energy.family}`);
   try {
-    const stored = await call('Store', {
-      bank, patterns: patterns.flat(),
-      payloads: patterns.map((_, i) => Buffer.from('memory-' + i)),
+    const info = await client.createBank(bank, n, {
+      kind: 'continuous', energy: { family: 'gaussian', beta: 4 },
     });
-    console.log(`stored ${stored.ids.length} patterns, ids ${stored.ids.join(',')}`);
+    console.log(`created ${info.name}: N=${info.dim}, energy ${toProtoEnum('EnergyFamily', info.energy.family)}`);
+    try {
+      const ids = await client.store(bank, patterns, {
+        dim: n, payloads: patterns.map((_, i) => Buffer.from('memory-' + i)),
+      });
+      console.log(`stored ${ids.length} patterns, ids ${ids.join(',')}`);
 
-    // Ids are uint64: with `longs: String` they travel as decimal strings,
-    // exact above 2^53 where a JavaScript number would round.
-    const bigIds = ['9007199254740993', '18446744073709551615'];
-    const extra = [patterns[0].map((v) => -v), patterns[1].map((v) => -v)];
-    const bigStored = await call('Store', { bank, patterns: extra.flat(), ids: bigIds });
-    const back = await call('GetPatterns', { bank, ids: bigIds });
-    const exact = bigStored.ids.join(',') === bigIds.join(',') &&
-                  back.ids.join(',') === bigIds.join(',');
-    console.log(`ids above 2^53 ${exact ? 'round-trip exactly' : 'were changed'}: ${back.ids.join(',')}`);
-    if (!exact) return 1;
-    await call('DeletePatterns', { bank, ids: bigIds });
+      // Ids are uint64 and come back as BigInt: exact above 2^53, where a
+      // JavaScript number would round.
+      const bigIds = [2n ** 53n + 1n, 2n ** 64n - 1n];
+      const extra = [patterns[0].map((v) => -v), patterns[1].map((v) => -v)];
+      const bigStored = await client.store(bank, extra, { ids: bigIds });
+      const back = await client.getPatterns(bank, { ids: bigIds });
+      const exact = bigStored.join(',') === bigIds.join(',') && back.ids.join(',') === bigIds.join(',');
+      console.log(`ids above 2^53 ${exact ? 'round-trip exactly' : 'were changed'}: ${back.ids.join(',')}`);
+      if (!exact) return 1;
+      await client.deletePatterns(bank, bigIds);
 
-    const query = patterns[3].map((v) => v + (rand() - 0.5));
-    const result = (await call('Retrieve', { bank, queries: query, options: { dynamics: 'DYNAMICS_SYNC' } })).results[0];
-    console.log(`recalled ${result.nearest.payload.toString()} (id ${result.nearest.id}) ` +
-                `distance ${result.nearest.distance.toFixed(6)} after ${result.steps} steps, ${result.stop_reason}`);
+      const query = new Float32Array(patterns[3].map((v) => v + (rand() - 0.5)));
+      const [result] = await client.retrieve(bank, query, { dynamics: 'sync' });
+      console.log(`recalled ${result.nearest.payload.toString()} (id ${result.nearest.id}) ` +
+                  `distance ${result.nearest.distance.toFixed(6)} after ${result.steps} steps, ` +
+                  `${toProtoEnum('StopReason', result.stopReason)}`);
 
-    const samples = (await call('Sample', {
-      bank, count: 3, seed: 5, schedule: { sigma_max: 20, steps: 32 },
-    })).samples;
-    for (const s of samples) {
-      console.log(`sample: ${s.sample_class}, nearest ${s.nearest.payload.toString()}`);
+      const { samples } = await client.sample(bank, { count: 3, seed: 5, schedule: { sigmaMax: 20, steps: 32 } });
+      for (const s of samples) {
+        console.log(`sample: ${toProtoEnum('SampleClass', s.sampleClass)}, nearest ${s.nearest.payload.toString()}`);
+      }
+      return result.nearest.payload.toString() === 'memory-3' ? 0 : 1;
+    } finally {
+      await client.deleteBank(bank);
     }
-    return result.nearest.payload.toString() === 'memory-3' ? 0 : 1;
   } finally {
-    await call('DeleteBank', { name: bank });
     client.close();
   }
 }
