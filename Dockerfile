@@ -3,7 +3,7 @@
 # drift from what is tested.
 #
 #   docker build -t engram .
-#   docker run -p 50051:50051 -p 9464:9464 -v engram-data:/data engram
+#   docker run -p 50051:50051 -p 9464:9464 -p 8080:8080 -v engram-data:/data engram
 ARG BASE_IMAGE=debian:bookworm-slim
 
 FROM ${BASE_IMAGE} AS build
@@ -20,12 +20,15 @@ RUN bash /tmp/setup.sh --runtime && rm -rf /var/lib/apt/lists/* /tmp/setup.sh \
     && useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin engram \
     && mkdir -p /data && chown engram /data
 COPY --from=build /src/build/server/engramd /src/build/client/engram /usr/local/bin/
+COPY ui /usr/share/engram/ui
 USER engram
 VOLUME /data
 ENV ENGRAM_LISTEN=0.0.0.0:50051 \
     ENGRAM_DATA_DIR=/data \
-    ENGRAM_METRICS_LISTEN=0.0.0.0:9464
-EXPOSE 50051 9464
+    ENGRAM_METRICS_LISTEN=0.0.0.0:9464 \
+    ENGRAM_HTTP_LISTEN=0.0.0.0:8080 \
+    ENGRAM_HTTP_UI_DIR=/usr/share/engram/ui
+EXPOSE 50051 9464 8080
 # The check follows ENGRAM_LISTEN's port, so a server moved to another port
 # (docker run -e ENGRAM_LISTEN=0.0.0.0:7000) still reports healthy.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \

@@ -12,6 +12,7 @@
 #include <cctype>
 #include <cerrno>
 #include <csignal>
+#include <filesystem>
 #include <fstream>
 #include <cstdlib>
 #include <iostream>
@@ -98,6 +99,14 @@ ABSL_FLAG(std::string, tls_cert, EnvOr("ENGRAM_TLS_CERT", ""),
           "PEM certificate chain; with --tls_key enables TLS (env ENGRAM_TLS_CERT)");
 ABSL_FLAG(std::string, tls_key, EnvOr("ENGRAM_TLS_KEY", ""),
           "PEM private key (env ENGRAM_TLS_KEY)");
+ABSL_FLAG(std::string, http_listen, EnvOr("ENGRAM_HTTP_LISTEN", ""),
+          "host:port of JSON over HTTP (POST /v1/{Method}) and the web page (/ui/); empty: off "
+          "(env ENGRAM_HTTP_LISTEN)");
+ABSL_FLAG(std::string, http_ui_dir, EnvOr("ENGRAM_HTTP_UI_DIR", ""),
+          "directory of the web page served under /ui/; empty: the ui/ directory of the source "
+          "tree engramd was built from, when it exists (env ENGRAM_HTTP_UI_DIR)");
+ABSL_FLAG(int32_t, http_threads, static_cast<int32_t>(EnvOrInt("ENGRAM_HTTP_THREADS", kDefaults.http_threads)),
+          "threads serving HTTP connections (env ENGRAM_HTTP_THREADS)");
 ABSL_FLAG(std::string, restore_from, "",
           "start from this Backup snapshot (the data directory must hold no database)");
 ABSL_FLAG(int32_t, shutdown_grace_seconds, 10,
@@ -168,6 +177,16 @@ int main(int argc, char** argv) {
     return 1;
   }
 
+  config.http_listen = absl::GetFlag(FLAGS_http_listen);
+  config.http_ui_dir = absl::GetFlag(FLAGS_http_ui_dir);
+  if (config.http_ui_dir.empty() && std::filesystem::is_directory(ENGRAM_DEFAULT_UI_DIR)) {
+    config.http_ui_dir = ENGRAM_DEFAULT_UI_DIR;
+  }
+  config.http_threads = absl::GetFlag(FLAGS_http_threads);
+  if (config.http_threads < 1) {
+    std::cerr << "engramd: --http_threads must be >= 1" << std::endl;
+    return 1;
+  }
   config.restore_from = absl::GetFlag(FLAGS_restore_from);
   config.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
   config.tls_key_file = absl::GetFlag(FLAGS_tls_key);
@@ -197,6 +216,11 @@ int main(int argc, char** argv) {
   std::cout << "engramd: serving on " << config.listen << " (port " << (*server)->port()
             << "), data " << config.data_dir << " (" << banks << " banks), metrics "
             << (config.metrics_listen.empty() ? "off" : "http://" + config.metrics_listen + "/metrics")
+            << (config.http_listen.empty()
+                    ? ""
+                    : ", HTTP http://" + config.http_listen.substr(0, config.http_listen.rfind(':')) +
+                          ":" + std::to_string((*server)->http_port()) +
+                          (config.http_ui_dir.empty() ? "/v1/" : "/ui/"))
             << (config.tls_cert_file.empty() ? "" : ", TLS")
             << (config.auth_token.empty() ? "" : ", bearer-token authentication") << std::endl;
 

@@ -270,6 +270,16 @@ Metrics::Metrics()
                             .Name("engram_scheduler_executor_threads")
                             .Help("Executor threads of a pool (fixed at start).")
                             .Register(*registry_)),
+      http_requests_(prometheus::BuildCounter()
+                         .Name("engram_http_requests_total")
+                         .Help("JSON-over-HTTP requests, by route (RPC name) and HTTP status code. "
+                               "Each is also counted as the gRPC call it makes.")
+                         .Register(*registry_)),
+      http_seconds_(prometheus::BuildHistogram()
+                        .Name("engram_http_request_seconds")
+                        .Help("Latency of JSON-over-HTTP requests, by route, until the response "
+                              "(for SampleStream: until the first frame).")
+                        .Register(*registry_)),
       resident_bytes_(prometheus::BuildGauge()
                           .Name("engram_process_resident_bytes")
                           .Help("Resident memory of the engramd process (from /proc/self/statm, "
@@ -284,6 +294,11 @@ Metrics::Metrics()
                               {"threads", std::to_string(core::ComputeThreadsInUse())}})) {
   compute_info_.Set(1);
   RefreshProcessMemory();
+}
+
+void Metrics::RecordHttpRequest(const std::string& route, int http_status, double seconds) {
+  http_requests_.Add({{"route", route}, {"code", std::to_string(http_status)}}).Increment();
+  http_seconds_.Add({{"route", route}}, LatencyBuckets()).Observe(seconds);
 }
 
 SchedulerHooks Metrics::SchedulerHooks(const std::string& pool, int threads) {

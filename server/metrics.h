@@ -72,6 +72,9 @@ class Metrics : public std::enable_shared_from_this<Metrics> {
   // reason) and batches, labelled pool=`pool`; `threads` is its executor
   // count.
   server::SchedulerHooks SchedulerHooks(const std::string& pool, int threads);
+  // One JSON-over-HTTP request: `route` is the RPC name ("Retrieve") or
+  // "unknown"; `http_status` the status answered.
+  void RecordHttpRequest(const std::string& route, int http_status, double seconds);
   // Re-reads the process's resident memory (at most once a second).
   void RefreshProcessMemory();
 
@@ -103,6 +106,8 @@ class Metrics : public std::enable_shared_from_this<Metrics> {
   prometheus::Family<prometheus::Histogram>& queue_wait_;
   prometheus::Family<prometheus::Counter>& rejected_;
   prometheus::Family<prometheus::Gauge>& executor_threads_;
+  prometheus::Family<prometheus::Counter>& http_requests_;
+  prometheus::Family<prometheus::Histogram>& http_seconds_;
   prometheus::Gauge& resident_bytes_;
   prometheus::Gauge& compute_info_;
   std::atomic<int64_t> last_memory_refresh_{0};

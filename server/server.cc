@@ -127,11 +127,22 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
                           core::BankRegistry::Open(std::move(storage), ropts));
 
   s->service_->SetRegistry(s->registry_.get());
+  if (!config.http_listen.empty()) {
+    HttpGatewayOptions http;
+    http.listen = config.http_listen;
+    http.ui_dir = config.http_ui_dir;
+    http.threads = config.http_threads;
+    http.max_body_bytes = static_cast<size_t>(config.max_message_bytes);
+    ENGRAM_ASSIGN_OR_RETURN(s->gateway_,
+                            HttpGateway::Start(http, s->InProcessChannel(), s->metrics_));
+  }
   s->server_->GetHealthCheckService()->SetServingStatus(true);
   return s;
 }
 
 EngramServer::~EngramServer() {
+  // HTTP first: its running requests finish on the still-open gRPC server.
+  if (gateway_ != nullptr) gateway_->Stop();
   if (server_ != nullptr) {
     server_->Shutdown(std::chrono::system_clock::now());
     service_->Shutdown();  // queued compute calls: UNAVAILABLE
@@ -147,6 +158,7 @@ std::shared_ptr<grpc::Channel> EngramServer::InProcessChannel() {
 
 void EngramServer::Shutdown(absl::Duration grace) {
   server_->GetHealthCheckService()->SetServingStatus(false);
+  if (gateway_ != nullptr) gateway_->Stop();
   server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
   service_->Shutdown();
 }

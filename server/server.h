@@ -23,6 +23,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "engram/core/registry.h"
+#include "server/http_gateway.h"
 #include "server/metrics.h"
 #include "server/service_impl.h"
 
@@ -58,6 +59,13 @@ struct ServerConfig {
   // PEM files; both set enables TLS on the gRPC port.
   std::string tls_cert_file;
   std::string tls_key_file;
+  // host:port of the JSON-over-HTTP gateway and web page (HttpGateway);
+  // empty disables it. Port 0 picks a free one (http_port()).
+  std::string http_listen;
+  // Directory served under /ui/ by the gateway; empty serves no page.
+  std::string http_ui_dir;
+  // Threads serving HTTP connections.
+  int http_threads = 8;
   // A Backup snapshot to start from: copied to <data_dir>/engram.db when
   // the data directory holds no database yet (FAILED_PRECONDITION if it does).
   std::string restore_from;
@@ -71,6 +79,8 @@ class EngramServer {
   ~EngramServer();
 
   int port() const { return port_; }
+  // The HTTP gateway's port; 0 when it is off.
+  int http_port() const { return gateway_ == nullptr ? 0 : gateway_->port(); }
   std::shared_ptr<grpc::Channel> InProcessChannel();
   core::BankRegistry* registry() { return registry_.get(); }
   const std::shared_ptr<Metrics>& metrics() const { return metrics_; }
@@ -88,6 +98,7 @@ class EngramServer {
   std::unique_ptr<MemoryServiceImpl> service_;
   std::unique_ptr<prometheus::Exposer> exposer_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<HttpGateway> gateway_;
   int port_ = 0;
 };
 

@@ -426,6 +426,13 @@ def http_get(url, timeout=5):
         return r.read().decode()
 
 
+def http_post_json(url, body, timeout=10):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read().decode())
+
+
 def container_logs(daemon, name):
     p = daemon.run("logs", name, check=False)
     return (p.stdout or "") + (p.stderr or "")
@@ -437,7 +444,7 @@ def container_state(daemon, name):
 
 def image_test(daemon, args, image, work_dir):
     """Runs the image, calls it, restarts it on the same volume."""
-    grpc_port, metrics_port = free_port(), free_port()
+    grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
     volume = "engram-test-data"
     client = Client(args.engram, grpc_port)
     rng = np.random.default_rng(7)
@@ -449,6 +456,7 @@ def image_test(daemon, args, image, work_dir):
         daemon.run("run", "-d", "--name", name, "--network", "host",
                    "-e", "ENGRAM_LISTEN=127.0.0.1:%d" % grpc_port,
                    "-e", "ENGRAM_METRICS_LISTEN=127.0.0.1:%d" % metrics_port,
+                   "-e", "ENGRAM_HTTP_LISTEN=127.0.0.1:%d" % http_port,
                    "-v", volume + ":/data", image)
         try:
             wait_for("engramd in %s to serve on port %d" % (name, grpc_port), client.serving, 60)
@@ -478,6 +486,10 @@ def image_test(daemon, args, image, work_dir):
     metrics = http_get("http://127.0.0.1:%d/metrics" % metrics_port)
     check("engram_" in metrics and 'grpc_method="Store"' in metrics,
           "the metrics endpoint lacks engram_ or Store series:\n" + metrics[:2000])
+    page = http_get("http://127.0.0.1:%d/ui/" % http_port)
+    check("<html" in page.lower(), "the image serves no web page at /ui/:\n" + page[:500])
+    bank = http_post_json("http://127.0.0.1:%d/v1/GetBank" % http_port, {"name": "ops"})
+    check(bank.get("patterns") == "8", "POST /v1/GetBank answered %s" % bank)
     health = wait_for("the HEALTHCHECK of engram-a to report healthy",
                       lambda: container_state(daemon, "engram-a")["Health"]["Status"] == "healthy",
                       90, interval=2)
@@ -509,6 +521,7 @@ def compose_test(daemon, args, image, base_image, work_dir):
                ENGRAM_TEST_PROMETHEUS_IMAGE=IMAGE_PREFIX + "/prometheus:latest",
                ENGRAM_GRPC_PORT=str(grpc_port),
                ENGRAM_METRICS_PORT=str(metrics_port),
+               ENGRAM_HTTP_PORT=str(free_port()),
                PROMETHEUS_PORT=str(prom_port))
     compose = [args.compose,
                "-f", os.path.join(args.repo, "deploy", "docker-compose.yml"),
