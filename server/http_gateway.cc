@@ -70,37 +70,50 @@ std::string ResponseJson(const Message& message) {
 // A server-streaming call read one message at a time by the HTTP thread.
 // Reads are started only when the previous frame was taken, so a slow HTTP
 // reader slows the stream (gRPC flow control) instead of buffering it here.
+// A hold keeps gRPC's stream object alive between a frame's arrival and the
+// next StartRead; it is released once the reads are over (or on
+// destruction), after which OnDone ends the call.
 class StreamCall final : public grpc::ClientBidiReactor<Message, Message> {
  public:
-  StreamCall(MessageStub* stub, const std::string& path, std::unique_ptr<Message> request,
-             const Message* frame_prototype)
+  StreamCall(std::unique_ptr<Message> request, const Message* frame_prototype)
       : request_(std::move(request)), frame_prototype_(frame_prototype) {
     frame_.reset(frame_prototype_->New());
-    stub->PrepareBidiStreamingCall(&context_, path, grpc::StubOptions(), this);
   }
   // Cancels a call still running and waits until gRPC is done with it.
   ~StreamCall() override {
+    if (!started_) return;
     context_.TryCancel();
+    ReleaseHold();
     Finish();
   }
 
+  // Set deadline and metadata here before Begin.
   grpc::ClientContext* context() { return &context_; }
-  void Begin() {
+  void Begin(MessageStub* stub, const std::string& path) {
+    stub->PrepareBidiStreamingCall(&context_, path, grpc::StubOptions(), this);
+    started_ = true;
+    AddHold();
     StartWriteLast(request_.get(), grpc::WriteOptions());
     StartRead(frame_.get());
     StartCall();
   }
 
   // The next frame, or nullptr once the stream ended (then see Finish).
+  // Called from one thread at a time.
   std::unique_ptr<Message> Next() {
     std::unique_ptr<Message> out;
     {
       core::MutexLock lock(&mu_);
       while (!frame_ready_ && !reads_over_) cv_.Wait(&mu_);
-      if (!frame_ready_) return nullptr;
-      out = std::move(frame_);
-      frame_.reset(frame_prototype_->New());
-      frame_ready_ = false;
+      if (frame_ready_) {
+        out = std::move(frame_);
+        frame_.reset(frame_prototype_->New());
+        frame_ready_ = false;
+      }
+    }
+    if (out == nullptr) {
+      ReleaseHold();
+      return nullptr;
     }
     StartRead(frame_.get());
     return out;
@@ -108,6 +121,8 @@ class StreamCall final : public grpc::ClientBidiReactor<Message, Message> {
 
   void Cancel() { context_.TryCancel(); }
 
+  // Waits for the call's status; the reads must be over (Next returned
+  // nullptr) or the call cancelled.
   grpc::Status Finish() {
     core::MutexLock lock(&mu_);
     while (!done_) cv_.Wait(&mu_);
@@ -127,9 +142,18 @@ class StreamCall final : public grpc::ClientBidiReactor<Message, Message> {
   }
 
  private:
+  void ReleaseHold() {
+    if (held_ && started_) {
+      held_ = false;
+      RemoveHold();
+    }
+  }
+
   grpc::ClientContext context_;
   std::unique_ptr<Message> request_;
   const Message* frame_prototype_;
+  bool started_ = false;  // consumer thread only
+  bool held_ = true;      // consumer thread only
   core::Mutex mu_;
   core::CondVar cv_;
   std::unique_ptr<Message> frame_ ABSL_GUARDED_BY(mu_);
@@ -260,13 +284,12 @@ struct HttpGateway::Routes {
   void Stream(const httplib::Request& req, httplib::Response& res, const MethodDescriptor* method,
               std::unique_ptr<Message> request) {
     auto* factory = google::protobuf::MessageFactory::generated_factory();
-    auto call = std::make_shared<StreamCall>(stub.get(), Path(method), std::move(request),
+    auto call = std::make_shared<StreamCall>(std::move(request),
                                              factory->GetPrototype(method->output_type()));
     if (grpc::Status bad = Prepare(req, call->context()); !bad.ok()) {
-      call.reset();
       return Fail(res, bad.error_code(), bad.error_message());
     }
-    call->Begin();
+    call->Begin(stub.get(), Path(method));
     std::unique_ptr<Message> first = call->Next();
     if (first == nullptr) {
       grpc::Status status = call->Finish();
