@@ -233,6 +233,8 @@ void SummaryToProto(const core::BankSummary& s, v1::BankInfo* out) {
     case core::Precision::kBitPacked: out->set_precision(v1::PRECISION_BIT_PACKED); break;
     case core::Precision::kF32Screened: out->set_precision(v1::PRECISION_F32_SCREENED); break;
   }
+  out->set_value_dim(static_cast<uint32_t>(s.spec.value_dim));
+  out->set_ttl_seconds(static_cast<uint64_t>(s.spec.ttl_ms / 1000));
   out->set_patterns(s.patterns);
   out->set_bytes(s.bytes);
   out->set_load(s.load);
@@ -281,6 +283,69 @@ v1::SampleFrame LastSampleFrame(v1::SampleResponse result) {
     last.set_sigma(sig[std::min<int>(static_cast<int>(last.result().steps()), sig.size() - 1)]);
   }
   return last;
+}
+
+absl::StatusOr<int64_t> TtlFromProto(uint64_t seconds, const char* field) {
+  if (seconds > static_cast<uint64_t>(core::kMaxTtlMs / 1000)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, " is ", seconds, "; at most ", core::kMaxTtlMs / 1000, " seconds (100 years)"));
+  }
+  return static_cast<int64_t>(seconds) * 1000;
+}
+
+core::Labels LabelsFromProto(const v1::Labels& p) {
+  core::Labels l;
+  for (const auto& [k, v] : p.strings()) l.strings.emplace_back(k, v);
+  for (const auto& [k, v] : p.ints()) l.ints.emplace_back(k, v);
+  return l;
+}
+
+void LabelsToProto(const core::Labels& l, v1::Labels* out) {
+  for (const auto& [k, v] : l.strings) (*out->mutable_strings())[k] = v;
+  for (const auto& [k, v] : l.ints) (*out->mutable_ints())[k] = v;
+}
+
+absl::StatusOr<core::Filter> FilterFromProto(const v1::Filter& p) {
+  core::Filter f;
+  if (p.conditions_size() > core::kMaxConditions) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "filter has ", p.conditions_size(), " conditions; the limit is ", core::kMaxConditions));
+  }
+  for (int i = 0; i < p.conditions_size(); ++i) {
+    const v1::Condition& c = p.conditions(i);
+    core::Condition out;
+    out.key = c.key();
+    switch (c.test_case()) {
+      case v1::Condition::kEquals:
+        out.op = core::Condition::kEquals;
+        out.strings = {c.equals()};
+        break;
+      case v1::Condition::kAnyOf:
+        out.op = core::Condition::kAnyOf;
+        out.strings.assign(c.any_of().values().begin(), c.any_of().values().end());
+        break;
+      case v1::Condition::kIntEquals:
+        out.op = core::Condition::kIntEquals;
+        out.ints = {c.int_equals()};
+        break;
+      case v1::Condition::kIntAnyOf:
+        out.op = core::Condition::kIntAnyOf;
+        out.ints.assign(c.int_any_of().values().begin(), c.int_any_of().values().end());
+        break;
+      case v1::Condition::kIntRange:
+        out.op = core::Condition::kIntRange;
+        out.lo = c.int_range().min();
+        out.hi = c.int_range().max();
+        break;
+      case v1::Condition::TEST_NOT_SET:
+        return absl::InvalidArgumentError(absl::StrCat(
+            "filter condition ", i, " (key '", c.key(),
+            "') has no test: set equals, any_of, int_equals, int_any_of or int_range"));
+    }
+    f.conditions.push_back(std::move(out));
+  }
+  if (auto s = core::ValidateFilter(f); !s.ok()) return s;
+  return f;
 }
 
 }  // namespace engram::server

@@ -9,6 +9,7 @@
 
 #include "absl/status/statusor.h"
 #include "engram/core/dynamics.h"
+#include "engram/core/filter.h"
 #include "engram/core/registry.h"
 #include "engram/core/sampler.h"
 #include "engram/v1/engram.pb.h"
@@ -40,6 +41,18 @@ absl::StatusOr<core::SampleOptions> SampleOptionsFromProto(const v1::SampleReque
 void SampleBatchToProto(const core::SampleBatch& b, v1::SampleResponse* out);
 
 void SummaryToProto(const core::BankSummary& s, v1::BankInfo* out);
+
+// Seconds (as the proto carries them) to milliseconds; INVALID_ARGUMENT
+// above core::kMaxTtlMs, naming `field`.
+absl::StatusOr<int64_t> TtlFromProto(uint64_t seconds, const char* field);
+
+// A pattern's labels, not yet normalized (core checks them).
+core::Labels LabelsFromProto(const v1::Labels& p);
+void LabelsToProto(const core::Labels& l, v1::Labels* out);
+
+// A filter's conditions; INVALID_ARGUMENT for a condition without a test
+// or one core::ValidateFilter rejects.
+absl::StatusOr<core::Filter> FilterFromProto(const v1::Filter& p);
 
 // The nearest stored memory with its payload (row -1: left unset).
 void MemoryToProto(const core::NearestMemory& m, const std::string& payload, v1::Memory* out);

@@ -107,6 +107,9 @@ ABSL_FLAG(std::string, http_ui_dir, EnvOr("ENGRAM_HTTP_UI_DIR", ""),
           "tree engramd was built from, when it exists (env ENGRAM_HTTP_UI_DIR)");
 ABSL_FLAG(int32_t, http_threads, static_cast<int32_t>(EnvOrInt("ENGRAM_HTTP_THREADS", kDefaults.http_threads)),
           "threads serving HTTP connections (env ENGRAM_HTTP_THREADS)");
+ABSL_FLAG(int64_t, expire_interval_ms, EnvOrInt("ENGRAM_EXPIRE_INTERVAL_MS", 1000),
+          "how often patterns whose time to live ran out are deleted from memory and disk "
+          "(they leave every read at once); 0 = never delete them");
 ABSL_FLAG(std::string, restore_from, "",
           "start from this Backup snapshot (the data directory must hold no database)");
 ABSL_FLAG(int32_t, shutdown_grace_seconds, 10,
@@ -182,6 +185,11 @@ int main(int argc, char** argv) {
   if (config.http_ui_dir.empty() && std::filesystem::is_directory(ENGRAM_DEFAULT_UI_DIR)) {
     config.http_ui_dir = ENGRAM_DEFAULT_UI_DIR;
   }
+  if (absl::GetFlag(FLAGS_expire_interval_ms) < 0) {
+    std::cerr << "engramd: --expire_interval_ms must be >= 0" << std::endl;
+    return 1;
+  }
+  config.expire_interval = absl::Milliseconds(absl::GetFlag(FLAGS_expire_interval_ms));
   config.http_threads = absl::GetFlag(FLAGS_http_threads);
   if (config.http_threads < 1) {
     std::cerr << "engramd: --http_threads must be >= 1" << std::endl;

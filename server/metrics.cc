@@ -280,6 +280,12 @@ Metrics::Metrics()
                         .Help("Latency of JSON-over-HTTP requests, by route, until the response "
                               "(for SampleStream: until the first frame).")
                         .Register(*registry_)),
+      expired_(prometheus::BuildCounter()
+                   .Name("engram_patterns_expired_total")
+                   .Help("Patterns deleted (from memory and disk) because their time to live "
+                         "ran out.")
+                   .Register(*registry_)
+                   .Add({})),
       resident_bytes_(prometheus::BuildGauge()
                           .Name("engram_process_resident_bytes")
                           .Help("Resident memory of the engramd process (from /proc/self/statm, "

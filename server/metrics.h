@@ -75,6 +75,8 @@ class Metrics : public std::enable_shared_from_this<Metrics> {
   // One JSON-over-HTTP request: `route` is the RPC name ("Retrieve") or
   // "unknown"; `http_status` the status answered.
   void RecordHttpRequest(const std::string& route, int http_status, double seconds);
+  // Patterns deleted because their time to live ran out.
+  void RecordExpired(int64_t patterns) { expired_.Increment(static_cast<double>(patterns)); }
   // Re-reads the process's resident memory (at most once a second).
   void RefreshProcessMemory();
 
@@ -108,6 +110,7 @@ class Metrics : public std::enable_shared_from_this<Metrics> {
   prometheus::Family<prometheus::Gauge>& executor_threads_;
   prometheus::Family<prometheus::Counter>& http_requests_;
   prometheus::Family<prometheus::Histogram>& http_seconds_;
+  prometheus::Counter& expired_;
   prometheus::Gauge& resident_bytes_;
   prometheus::Gauge& compute_info_;
   std::atomic<int64_t> last_memory_refresh_{0};

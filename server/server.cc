@@ -1,5 +1,6 @@
 #include "server/server.h"
 
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 
@@ -123,6 +124,7 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
   ENGRAM_ASSIGN_OR_RETURN(auto storage, core::OpenSqliteStorage(db));
   core::RegistryOptions ropts;
   ropts.memory_budget_bytes = config.memory_budget_bytes;
+  ropts.clock_ms = config.clock_ms;
   ENGRAM_ASSIGN_OR_RETURN(s->registry_,
                           core::BankRegistry::Open(std::move(storage), ropts));
 
@@ -136,11 +138,41 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
     ENGRAM_ASSIGN_OR_RETURN(s->gateway_,
                             HttpGateway::Start(http, s->InProcessChannel(), s->metrics_));
   }
+  if (config.expire_interval > absl::ZeroDuration()) {
+    EngramServer* self = s.get();
+    s->expiry_ = std::thread([self, every = config.expire_interval] {
+      while (!self->stop_expiry_.WaitForNotificationWithTimeout(every)) {
+        absl::StatusOr<int64_t> n = self->ExpireNow();
+        if (!n.ok()) {
+          std::fprintf(stderr, "engramd: expiry sweep: %s (retried next interval)\n",
+                       n.status().ToString().c_str());
+        }
+      }
+    });
+  }
   s->server_->GetHealthCheckService()->SetServingStatus(true);
   return s;
 }
 
+absl::StatusOr<int64_t> EngramServer::ExpireNow() {
+  ENGRAM_ASSIGN_OR_RETURN(int64_t n, registry_->ExpireDue());
+  if (n > 0) {
+    metrics_->RecordExpired(n);
+    for (const core::BankSummary& b : registry_->ListBanks()) {
+      metrics_->SetBankSize(b.spec.name, b.patterns, b.bytes);
+    }
+  }
+  return n;
+}
+
+void EngramServer::StopExpiry() {
+  if (!expiry_.joinable()) return;
+  if (!stop_expiry_.HasBeenNotified()) stop_expiry_.Notify();
+  expiry_.join();
+}
+
 EngramServer::~EngramServer() {
+  StopExpiry();
   // HTTP first: its running requests finish on the still-open gRPC server.
   if (gateway_ != nullptr) gateway_->Stop();
   if (server_ != nullptr) {
@@ -159,6 +191,7 @@ std::shared_ptr<grpc::Channel> EngramServer::InProcessChannel() {
 void EngramServer::Shutdown(absl::Duration grace) {
   server_->GetHealthCheckService()->SetServingStatus(false);
   if (gateway_ != nullptr) gateway_->Stop();
+  StopExpiry();
   server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
   service_->Shutdown();
 }

@@ -14,13 +14,16 @@
 #ifndef ENGRAM_SERVER_SERVER_H_
 #define ENGRAM_SERVER_SERVER_H_
 
+#include <functional>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include <grpcpp/grpcpp.h>
 #include <prometheus/exposer.h>
 
 #include "absl/status/statusor.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "engram/core/registry.h"
 #include "server/http_gateway.h"
@@ -69,6 +72,11 @@ struct ServerConfig {
   // A Backup snapshot to start from: copied to <data_dir>/engram.db when
   // the data directory holds no database yet (FAILED_PRECONDITION if it does).
   std::string restore_from;
+  // How often expired patterns are deleted from memory and disk (they leave
+  // every read at once); zero turns the sweep off.
+  absl::Duration expire_interval = absl::Seconds(1);
+  // The Unix time in milliseconds for expiry; null means the system clock.
+  std::function<int64_t()> clock_ms;
 };
 
 class EngramServer {
@@ -90,8 +98,14 @@ class EngramServer {
   void Shutdown(absl::Duration grace);
   void Wait();
 
+  // Deletes the patterns expired by now and updates the bank gauges;
+  // returns how many went (the sweep thread calls it every
+  // expire_interval).
+  absl::StatusOr<int64_t> ExpireNow();
+
  private:
   EngramServer() = default;
+  void StopExpiry();
 
   std::unique_ptr<core::BankRegistry> registry_;
   std::shared_ptr<Metrics> metrics_;
@@ -100,6 +114,8 @@ class EngramServer {
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<HttpGateway> gateway_;
   int port_ = 0;
+  absl::Notification stop_expiry_;
+  std::thread expiry_;
 };
 
 }  // namespace engram::server

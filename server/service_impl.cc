@@ -13,6 +13,7 @@
 #include "absl/strings/str_format.h"
 #include "engram/core/energy.h"
 #include "engram/core/mutex.h"
+#include "engram/core/readout.h"
 #include "engram/core/status_macros.h"
 #include "server/convert.h"
 #include "server/status_mapping.h"
@@ -117,6 +118,13 @@ std::string EnergyKey(const core::EnergyConfig& c) {
                       static_cast<int>(c.separation));
 }
 
+// A read whose filter (or expiry) leaves no pattern of a non-empty bank.
+absl::Status NonePasses(const core::Bank& bank, const core::Filter& filter) {
+  return absl::FailedPreconditionError(absl::StrCat(
+      "no pattern of bank '", bank.spec().name, "' passes the filter",
+      filter.has_conditions() ? "" : " (every pattern has expired)"));
+}
+
 absl::Status BankReplaced(const std::string& bank) {
   return absl::AbortedError(
       absl::StrCat("bank '", bank, "' was replaced while the call waited; retry"));
@@ -150,12 +158,14 @@ struct MemoryServiceImpl::RetrieveWork {
   core::StateKind kind = core::StateKind::kContinuous;
   core::EnergyConfig cfg;
   core::RetrieveOptions opts;
+  core::Filter filter;
   std::vector<char> clamp;  // 0, dim or count * dim flags
   int64_t count = 0;
   // Per query, filled as queries finish; `ran` queries have run.
   std::vector<core::Trajectory> results;
   std::vector<core::NearestMemory> nearest;
   std::vector<std::string> payloads;
+  std::vector<std::vector<float>> values;  // readouts, banks with values
   int64_t ran = 0;
   int64_t remaining = 0;  // queries of a batch not finished yet
   absl::Status status;
@@ -173,6 +183,7 @@ struct MemoryServiceImpl::RetrieveWork {
     results.assign(count, {});
     nearest.assign(count, {});
     payloads.assign(count, {});
+    values.assign(count, {});
     ran = 0;
     remaining = count;
     status = absl::OkStatus();
@@ -185,6 +196,11 @@ struct MemoryServiceImpl::RetrieveWork {
     }
     nearest[q] = bank.NearestAt(r->nearest_row, r->state.data());
     payloads[q] = nearest[q].row >= 0 ? bank.payload(nearest[q].row) : std::string();
+    if (const int m = bank.spec().value_dim; m > 0) {
+      values[q].resize(m);
+      core::ValueReadout(core::EnergyFunction(cfg, bank.view()), bank.value(0), m,
+                         r->state.data(), values[q].data());
+    }
     results[q] = *std::move(r);
     ran = std::max(ran, q + 1);
   }
@@ -226,8 +242,10 @@ class MemoryServiceImpl::RetrieveTask : public Scheduler::Task {
   void Run(Scheduler::Batch& batch) override {
     if (!key_.empty()) return service_->RunRetrieveBatch(batch);
     Answer([&]() -> absl::Status {
+      core::BankRegistry* registry = service_->registry_.load();
+      ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot pinned, registry->Snapshot(work_->req->bank()));
       ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot bank,
-                              service_->registry_.load()->Snapshot(work_->req->bank()));
+                              Visible(registry, std::move(pinned), work_->filter, true));
       return service_->RunRetrieve(*bank, work_.get());
     });
   }
@@ -498,6 +516,12 @@ grpc::Status MemoryServiceImpl::CreateBankNow(grpc::ServerContextBase* ctx,
     ENGRAM_ASSIGN_OR_RETURN(spec.kind, KindFromProto(req->kind()));
     ENGRAM_ASSIGN_OR_RETURN(spec.energy, EnergyFromProto(req->energy(), spec.kind));
     ENGRAM_ASSIGN_OR_RETURN(spec.precision, PrecisionFromProto(req->precision()));
+    if (req->value_dim() > static_cast<uint32_t>(core::kMaxDim)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "value_dim must be in [0, ", core::kMaxDim, "], got ", req->value_dim()));
+    }
+    spec.value_dim = static_cast<int>(req->value_dim());
+    ENGRAM_ASSIGN_OR_RETURN(spec.ttl_ms, TtlFromProto(req->ttl_seconds(), "ttl_seconds"));
     ENGRAM_ASSIGN_OR_RETURN(core::BankSummary summary, registry->CreateBank(spec));
     SummaryToProto(summary, resp);
     metrics_->SetBankSize(spec.name, 0, summary.bytes);
@@ -544,12 +568,19 @@ grpc::Status MemoryServiceImpl::StoreNow(grpc::ServerContextBase* ctx, const v1:
                                       limits_.max_batch, info.spec.kind)
                                .status());
     std::vector<std::string> payloads(req->payloads().begin(), req->payloads().end());
+    std::vector<core::Labels> labels;
+    labels.reserve(req->labels_size());
+    for (const v1::Labels& l : req->labels()) labels.push_back(LabelsFromProto(l));
+    core::StoreExtras extras;
+    extras.values = absl::MakeConstSpan(req->values().data(), req->values().size());
+    extras.labels = labels;
+    ENGRAM_ASSIGN_OR_RETURN(extras.ttl_ms, TtlFromProto(req->ttl_seconds(), "ttl_seconds"));
     ENGRAM_ASSIGN_OR_RETURN(
         core::StoreResult r,
         registry->Store(req->bank(),
                         absl::MakeConstSpan(req->patterns().data(), req->patterns().size()),
                         absl::MakeConstSpan(req->ids().data(), req->ids().size()), payloads,
-                        CommitBefore(ctx, "nothing was stored")));
+                        extras, CommitBefore(ctx, "nothing was stored")));
     resp->mutable_ids()->Add(r.ids.begin(), r.ids.end());
     resp->set_bank_patterns(r.bank_patterns);
     UpdateBankGauges(registry, req->bank());
@@ -595,6 +626,10 @@ grpc::Status MemoryServiceImpl::GetPatternsNow(grpc::ServerContextBase* ctx,
       resp->add_ids(bank->id(row));
       resp->mutable_patterns()->Add(bank->pattern(row), bank->pattern(row) + n);
       resp->add_payloads(bank->payload(row));
+      const int m = bank->spec().value_dim;
+      resp->mutable_values()->Add(bank->value(row), bank->value(row) + m);
+      LabelsToProto(bank->labels(row), resp->add_labels());
+      resp->add_expires_unix_ms(bank->expires_ms(row));
     };
     const uint64_t size = static_cast<uint64_t>(bank->size());
     if (req->ids_size() > 0) {
@@ -666,6 +701,18 @@ absl::Time MemoryServiceImpl::QueueDeadline(const grpc::CallbackServerContext* c
   return deadline;
 }
 
+absl::StatusOr<core::BankSnapshot> MemoryServiceImpl::Visible(core::BankRegistry* registry,
+                                                              core::BankSnapshot pinned,
+                                                              core::Filter filter,
+                                                              bool need_patterns) {
+  filter.now_ms = registry->NowMs();
+  if (!core::FilterMayExclude(*pinned, filter)) return pinned;
+  std::vector<int64_t> rows = core::MatchingRows(*pinned, filter);
+  if (need_patterns && rows.empty() && pinned->size() > 0) return NonePasses(*pinned, filter);
+  if (static_cast<int64_t>(rows.size()) == pinned->size()) return pinned;
+  return std::make_shared<const core::Bank>(pinned->Subset(rows));
+}
+
 absl::StatusOr<std::unique_ptr<MemoryServiceImpl::RetrieveWork>>
 MemoryServiceImpl::PrepareRetrieve(grpc::ServerContextBase* ctx, const v1::RetrieveRequest* req) {
   ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->bank()));
@@ -674,6 +721,7 @@ MemoryServiceImpl::PrepareRetrieve(grpc::ServerContextBase* ctx, const v1::Retri
   work->ctx = ctx;
   ENGRAM_ASSIGN_OR_RETURN(work->opts, OptionsFromProto(req->options()));
   work->opts.should_stop = [ctx] { return DeadlinePassed(ctx); };
+  ENGRAM_ASSIGN_OR_RETURN(work->filter, FilterFromProto(req->filter()));
   ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot bank, registry->Snapshot(req->bank()));
   const int n = bank->dim();
   ENGRAM_ASSIGN_OR_RETURN(work->count, CheckBatch(req->queries(), n, "queries",
@@ -689,6 +737,13 @@ MemoryServiceImpl::PrepareRetrieve(grpc::ServerContextBase* ctx, const v1::Retri
   if (bank->size() == 0) {
     return absl::FailedPreconditionError(
         absl::StrCat("bank '", bank->spec().name, "' is empty; store patterns first"));
+  }
+  {
+    core::Filter now = work->filter;
+    now.now_ms = registry->NowMs();
+    if (core::FilterMayExclude(*bank, now) && core::MatchingRows(*bank, now).empty()) {
+      return NonePasses(*bank, now);
+    }
   }
   work->dim = n;
   work->kind = bank->spec().kind;
@@ -729,7 +784,9 @@ absl::Status MemoryServiceImpl::FinishRetrieve(RetrieveWork& w, v1::RetrieveResp
   for (int64_t q = 0; q < w.ran; ++q) {
     const core::Trajectory& t = w.results[q];
     metrics_->RecordRetrieval(bank, w.opts.dynamics, t);
-    RetrievalToProto(t, w.nearest[q], w.payloads[q], resp->add_results());
+    v1::RetrieveResult* out = resp->add_results();
+    RetrievalToProto(t, w.nearest[q], w.payloads[q], out);
+    out->mutable_value()->Add(w.values[q].begin(), w.values[q].end());
     if (t.stop_reason == core::StopReason::kDeadline && !w.req->options().partial_on_deadline()) {
       return absl::DeadlineExceededError(absl::StrCat(
           "deadline passed after ", t.steps, " steps of query ", q, " of ", w.count,
@@ -751,7 +808,10 @@ void MemoryServiceImpl::RunRetrieveBatch(Scheduler::Batch& batch) {
   };
   absl::StatusOr<core::BankSnapshot> pinned = registry->Snapshot(bank_name);
   if (!pinned.ok()) return fail_all(pinned.status());
-  const core::Bank& bank = **pinned;
+  absl::StatusOr<core::BankSnapshot> visible =
+      Visible(registry, *pinned, lead->work().filter, true);
+  if (!visible.ok()) return fail_all(visible.status());
+  const core::Bank& bank = **visible;
   // Copied: the lead task is released (freed) when its queries finish.
   const core::EnergyConfig cfg = lead->work().cfg;
   const core::StateKind kind = lead->work().kind;
@@ -818,13 +878,19 @@ grpc::ServerUnaryReactor* MemoryServiceImpl::Retrieve(grpc::CallbackServerContex
   if (Inline(registry_.load(), req->bank(), [&](int) { return double(work->count); })) {
     RetrieveTask task(this, ctx, reactor, resp, std::move(work), {});
     task.Answer([&]() -> absl::Status {
-      ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot bank, registry_.load()->Snapshot(req->bank()));
+      core::BankRegistry* registry = registry_.load();
+      ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot pinned, registry->Snapshot(req->bank()));
+      ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot bank,
+                              Visible(registry, std::move(pinned), task.work().filter, true));
       return RunRetrieve(*bank, &task.work());
     });
     return reactor;
   }
   std::string key;
-  if (sync && limits_.batching) key = absl::StrCat("retrieve|", req->bank(), "|", EnergyKey(work->cfg));
+  if (sync && limits_.batching) {
+    key = absl::StrCat("retrieve|", req->bank(), "|", EnergyKey(work->cfg), "|",
+                       core::FilterKey(work->filter));
+  }
   auto task = std::make_unique<RetrieveTask>(this, ctx, reactor, resp, std::move(work), key);
   task->queue_deadline = QueueDeadline(ctx, req->queue_timeout_ms());
   scheduler_->Submit(std::move(task));
@@ -836,7 +902,10 @@ grpc::Status MemoryServiceImpl::RetrieveNow(grpc::ServerContextBase* ctx,
                                             v1::RetrieveResponse* resp) {
   return Guarded(resp, [&]() -> absl::Status {
     ENGRAM_ASSIGN_OR_RETURN(std::unique_ptr<RetrieveWork> work, PrepareRetrieve(ctx, req));
-    ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot bank, registry_.load()->Snapshot(req->bank()));
+    core::BankRegistry* registry = registry_.load();
+    ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot pinned, registry->Snapshot(req->bank()));
+    ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot bank,
+                            Visible(registry, std::move(pinned), work->filter, true));
     ENGRAM_RETURN_IF_ERROR(RunRetrieve(*bank, work.get()));
     return FinishRetrieve(*work, resp);
   });
@@ -846,8 +915,13 @@ absl::Status MemoryServiceImpl::RunEnergy(grpc::ServerContextBase* ctx,
                                           const v1::EnergyRequest* req,
                                           v1::EnergyResponse* resp) {
   ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->bank()));
-  ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot bank, registry->Snapshot(req->bank()));
+  ENGRAM_ASSIGN_OR_RETURN(core::Filter filter, FilterFromProto(req->filter()));
+  ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot pinned, registry->Snapshot(req->bank()));
+  ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot bank,
+                          Visible(registry, std::move(pinned), std::move(filter), false));
   const int n = bank->dim();
+  const int m = bank->spec().value_dim;
+  std::vector<float> value(m);
   // States for Energy may be any finite vector, also on bipolar banks.
   ENGRAM_ASSIGN_OR_RETURN(int64_t b, CheckBatch(req->states(), n, "states", limits_.max_batch,
                                                 core::StateKind::kContinuous));
@@ -866,6 +940,10 @@ absl::Status MemoryServiceImpl::RunEnergy(grpc::ServerContextBase* ctx,
       resp->mutable_gradients()->Add(grad.begin(), grad.end());
     } else {
       resp->add_energies(energy.Value(x));
+    }
+    if (m > 0) {
+      core::ValueReadout(energy, bank->value(0), m, x, value.data());
+      resp->mutable_values()->Add(value.begin(), value.end());
     }
   }
   return absl::OkStatus();
@@ -905,7 +983,10 @@ absl::Status MemoryServiceImpl::RunSample(grpc::ServerContextBase* ctx,
     return absl::InvalidArgumentError(absl::StrCat(
         "count is ", count, "; the limit per call is ", limits_.max_batch));
   }
-  ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot bank, registry->Snapshot(req->bank()));
+  ENGRAM_ASSIGN_OR_RETURN(core::Filter filter, FilterFromProto(req->filter()));
+  ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot pinned, registry->Snapshot(req->bank()));
+  ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot bank,
+                          Visible(registry, std::move(pinned), std::move(filter), true));
   const int n = bank->dim();
   ENGRAM_ASSIGN_OR_RETURN(core::SampleOptions o, SampleOptionsFromProto(*req, bank->spec().kind));
   const std::string sampler_name = core::SamplerName(o.sampler);

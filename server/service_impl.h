@@ -28,6 +28,7 @@
 #include <memory>
 #include <string_view>
 
+#include "engram/core/filter.h"
 #include "engram/core/registry.h"
 #include "engram/v1/engram.grpc.pb.h"
 #include "server/metrics.h"
@@ -167,6 +168,13 @@ class MemoryServiceImpl final : public v1::MemoryService::CallbackService {
                                    grpc::Status (MemoryServiceImpl::*now)(
                                        grpc::ServerContextBase*, const Req*, Resp*),
                                    bool writes);
+  // The patterns a read sees: `pinned` when the filter passes all of it and
+  // nothing has expired, else a bank of the rows that pass (the filter's
+  // now_ms is set from the registry's clock). With `need_patterns`, an empty
+  // result is FAILED_PRECONDITION.
+  static absl::StatusOr<core::BankSnapshot> Visible(core::BankRegistry* registry,
+                                                    core::BankSnapshot pinned,
+                                                    core::Filter filter, bool need_patterns);
   // Validates a Retrieve call against the bank as it is now.
   absl::StatusOr<std::unique_ptr<RetrieveWork>> PrepareRetrieve(grpc::ServerContextBase* ctx,
                                                                 const v1::RetrieveRequest* req);

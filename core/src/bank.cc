@@ -1,5 +1,6 @@
 #include "engram/core/bank.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -42,11 +43,53 @@ absl::Status ValidateBankSpec(const BankSpec& spec) {
     return absl::InvalidArgumentError(absl::StrCat(
         "dim must be in [1, ", kMaxDim, "], got ", spec.dim));
   }
+  if (spec.value_dim < 0 || spec.value_dim > kMaxDim) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "value_dim must be in [0, ", kMaxDim, "], got ", spec.value_dim));
+  }
+  if (spec.ttl_ms < 0 || spec.ttl_ms > kMaxTtlMs) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ttl must be in [0, ", kMaxTtlMs / 1000, "] seconds, got ", spec.ttl_ms / 1000));
+  }
   if (spec.precision == Precision::kBitPacked && spec.kind != StateKind::kBipolar) {
     return absl::FailedPreconditionError(
         "precision bit_packed stores +-1 patterns; it needs a bipolar bank");
   }
   return ValidateEnergyConfig(spec.energy, spec.kind);
+}
+
+absl::Status Labels::Normalize() {
+  if (strings.size() + ints.size() > static_cast<size_t>(kMaxLabels)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a pattern has ", strings.size() + ints.size(), " labels; the limit is ", kMaxLabels));
+  }
+  auto by_key = [](const auto& a, const auto& b) { return a.first < b.first; };
+  std::sort(strings.begin(), strings.end(), by_key);
+  std::sort(ints.begin(), ints.end(), by_key);
+  absl::flat_hash_set<std::string_view> keys;
+  auto check_key = [&](const std::string& key) -> absl::Status {
+    if (key.empty() || key.size() > kMaxLabelBytes) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "a label key must have 1 to ", kMaxLabelBytes, " bytes, got ", key.size()));
+    }
+    if (!keys.insert(key).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("label key '", key, "' appears twice on one pattern"));
+    }
+    return absl::OkStatus();
+  };
+  for (const auto& [key, value] : strings) {
+    if (auto s = check_key(key); !s.ok()) return s;
+    if (value.size() > kMaxLabelBytes) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "label '", key, "' has a ", value.size(), "-byte value; the limit is ",
+          kMaxLabelBytes));
+    }
+  }
+  for (const auto& entry : ints) {
+    if (auto s = check_key(entry.first); !s.ok()) return s;
+  }
+  return absl::OkStatus();
 }
 
 Bank::Bank(BankSpec spec, uint64_t next_id)
@@ -59,6 +102,11 @@ uint64_t Bank::bytes() const {
                screen_sums_.size() * sizeof(int32_t) +
                bits_.size() * sizeof(uint64_t);
   for (const auto& p : payloads_) b += p.size();
+  b += values_.size() * sizeof(float) + expires_ms_.size() * sizeof(int64_t);
+  for (const Labels& l : labels_) {
+    for (const auto& [k, v] : l.strings) b += k.size() + v.size();
+    for (const auto& [k, v] : l.ints) b += k.size() + sizeof(v);
+  }
   return b;
 }
 
@@ -74,6 +122,21 @@ PatternView Bank::view() const {
   return v;
 }
 
+absl::Span<const int64_t> Bank::RowsWithString(const std::string& key,
+                                               const std::string& value) const {
+  auto k = string_index_.find(key);
+  if (k == string_index_.end()) return {};
+  auto v = k->second.find(value);
+  if (v == k->second.end()) return {};
+  return v->second;
+}
+
+absl::Span<const std::pair<int64_t, int64_t>> Bank::RowsWithInt(const std::string& key) const {
+  auto k = int_index_.find(key);
+  if (k == int_index_.end()) return {};
+  return k->second;
+}
+
 std::optional<int64_t> Bank::RowOf(uint64_t id) const {
   auto it = row_of_.find(id);
   if (it == row_of_.end()) return std::nullopt;
@@ -82,7 +145,7 @@ std::optional<int64_t> Bank::RowOf(uint64_t id) const {
 
 absl::Status Bank::ValidateNewPatterns(
     absl::Span<const float> data, absl::Span<const uint64_t> ids,
-    absl::Span<const std::string> payloads) const {
+    absl::Span<const std::string> payloads, const PatternExtras& extras) const {
   const int n = dim();
   if (data.empty()) {
     return absl::InvalidArgumentError("patterns must not be empty");
@@ -112,6 +175,39 @@ absl::Status Bank::ValidateNewPatterns(
           "bank is bipolar but pattern ", i / n, " coordinate ", i % n,
           " is ", v, " (expected +1 or -1)"));
     }
+  }
+  const size_t m = static_cast<size_t>(spec_.value_dim);
+  if (m == 0 && !extras.values.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "bank '", spec_.name, "' has no values (value_dim 0); values must be empty"));
+  }
+  if (m > 0 && extras.values.size() != k * m) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "values has ", extras.values.size(), " floats; bank '", spec_.name,
+        "' needs one value of ", m, " floats per pattern (", k * m, ")"));
+  }
+  for (size_t i = 0; i < extras.values.size(); ++i) {
+    if (!std::isfinite(extras.values[i])) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "value ", i / m, " coordinate ", i % m, " is not finite"));
+    }
+  }
+  if (!extras.labels.empty() && extras.labels.size() != k) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "labels has ", extras.labels.size(), " entries for ", k, " patterns"));
+  }
+  for (size_t i = 0; i < extras.labels.size(); ++i) {
+    Labels copy = extras.labels[i];
+    if (auto s = copy.Normalize(); !s.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("labels of pattern ", i, ": ", s.message()));
+    }
+  }
+  if (!extras.expires_ms.empty() && extras.expires_ms.size() != k) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "expiries has ", extras.expires_ms.size(), " entries for ", k, " patterns"));
+  }
+  for (int64_t e : extras.expires_ms) {
+    if (e < 0) return absl::InvalidArgumentError("an expiry time is negative");
   }
   for (size_t i = 0; i < payloads.size(); ++i) {
     if (payloads[i].size() > kMaxPayloadBytes) {
@@ -146,11 +242,27 @@ std::vector<uint64_t> Bank::AssignIds(int64_t count) const {
 }
 
 void Bank::Append(absl::Span<const float> data, absl::Span<const uint64_t> ids,
-                  absl::Span<const std::string> payloads) {
+                  absl::Span<const std::string> payloads, const PatternExtras& extras) {
   const int n = dim();
   const size_t k = ids.size();
   data_.insert(data_.end(), data.begin(), data.end());
   PackRows(data);
+  if (spec_.value_dim > 0) {
+    if (extras.values.empty()) {
+      values_.resize(values_.size() + k * spec_.value_dim, 0.f);
+    } else {
+      values_.insert(values_.end(), extras.values.begin(), extras.values.end());
+    }
+  }
+  for (size_t r = 0; r < k; ++r) {
+    labels_.push_back(extras.labels.empty() ? Labels() : extras.labels[r]);
+    const int64_t expires = extras.expires_ms.empty() ? 0 : extras.expires_ms[r];
+    expires_ms_.push_back(expires);
+    if (expires > 0 && (min_expires_ms_ == 0 || expires < min_expires_ms_)) {
+      min_expires_ms_ = expires;
+    }
+    IndexLabels(static_cast<int64_t>(ids_.size()) + static_cast<int64_t>(r));
+  }
   for (size_t r = 0; r < k; ++r) {
     Eigen::Map<const Eigen::VectorXf> row(data.data() + r * n, n);
     sq_norms_.push_back(static_cast<float>(row.cast<double>().squaredNorm()));
@@ -191,6 +303,11 @@ void Bank::Remove(absl::Span<const uint64_t> ids) {
       sq_norms_[out] = sq_norms_[r];
       ids_[out] = ids_[r];
       payloads_[out] = std::move(payloads_[r]);
+      const int64_t m = spec_.value_dim;
+      std::copy(values_.begin() + r * m, values_.begin() + (r + 1) * m,
+                values_.begin() + out * m);
+      labels_[out] = std::move(labels_[r]);
+      expires_ms_[out] = expires_ms_[r];
     }
     ++out;
   }
@@ -198,6 +315,9 @@ void Bank::Remove(absl::Span<const uint64_t> ids) {
   sq_norms_.resize(out);
   ids_.resize(out);
   payloads_.resize(out);
+  values_.resize(out * spec_.value_dim);
+  labels_.resize(out);
+  expires_ms_.resize(out);
   bf16_.clear();
   screen_.clear();
   screen_rows_.clear();
@@ -258,7 +378,45 @@ void Bank::PackRows(absl::Span<const float> data) {
 
 void Bank::RebuildIndex() {
   row_of_.clear();
-  for (int64_t r = 0; r < size(); ++r) row_of_[ids_[r]] = r;
+  string_index_.clear();
+  int_index_.clear();
+  min_expires_ms_ = 0;
+  for (int64_t r = 0; r < size(); ++r) {
+    row_of_[ids_[r]] = r;
+    IndexLabels(r);
+    const int64_t e = expires_ms_[r];
+    if (e > 0 && (min_expires_ms_ == 0 || e < min_expires_ms_)) min_expires_ms_ = e;
+  }
+}
+
+void Bank::IndexLabels(int64_t r) {
+  const Labels& l = labels_[r];
+  for (const auto& [key, value] : l.strings) string_index_[key][value].push_back(r);
+  for (const auto& [key, value] : l.ints) int_index_[key].emplace_back(r, value);
+}
+
+Bank Bank::Subset(absl::Span<const int64_t> rows) const {
+  Bank out(spec_, next_id_);
+  const int n = dim();
+  const int m = spec_.value_dim;
+  const size_t k = rows.size();
+  std::vector<float> data(k * n), values(k * m);
+  std::vector<uint64_t> ids(k);
+  std::vector<std::string> payloads(k);
+  std::vector<Labels> labels(k);
+  std::vector<int64_t> expires(k);
+  for (size_t i = 0; i < k; ++i) {
+    const int64_t r = rows[i];
+    std::copy(pattern(r), pattern(r) + n, data.begin() + i * n);
+    if (m > 0) std::copy(value(r), value(r) + m, values.begin() + i * m);
+    ids[i] = ids_[r];
+    payloads[i] = payloads_[r];
+    labels[i] = labels_[r];
+    expires[i] = expires_ms_[r];
+  }
+  out.Append(data, ids, payloads, PatternExtras{values, labels, expires});
+  out.next_id_ = next_id_;
+  return out;
 }
 
 NearestMemory Bank::Nearest(const float* x) const {

@@ -1,6 +1,8 @@
 #include "engram/core/registry.h"
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "engram/core/status_macros.h"
 
 namespace engram::core {
@@ -23,15 +25,18 @@ absl::StatusOr<std::unique_ptr<BankRegistry>> BankRegistry::Open(
         loaded.insert_or_assign(spec.name, Bank(spec));
         return absl::OkStatus();
       },
-      [&](std::string_view bank, uint64_t id, absl::Span<const float> data,
-          std::string_view payload) -> absl::Status {
+      [&](std::string_view bank, const BankStorage::StoredPattern& sp) -> absl::Status {
         auto it = loaded.find(std::string(bank));
         if (it == loaded.end()) {
           return absl::DataLossError(absl::StrCat("pattern of unknown bank ", std::string(bank)));
         }
-        std::string p(payload);
-        const uint64_t ids[1] = {id};
-        it->second.Append(data, ids, absl::MakeConstSpan(&p, 1));
+        std::string p(sp.payload);
+        const uint64_t ids[1] = {sp.id};
+        PatternExtras extras;
+        extras.values = sp.value;
+        extras.labels = absl::MakeConstSpan(sp.labels, 1);
+        extras.expires_ms = absl::MakeConstSpan(&sp.expires_ms, 1);
+        it->second.Append(sp.data, ids, absl::MakeConstSpan(&p, 1), extras);
         return absl::OkStatus();
       }));
   uint64_t total = 0;
@@ -162,10 +167,19 @@ std::vector<BankSummary> BankRegistry::ListBanks() const {
   return out;
 }
 
+int64_t BankRegistry::NowMs() const {
+  if (options_.clock_ms) return options_.clock_ms();
+  return absl::ToUnixMillis(absl::Now());
+}
+
 absl::StatusOr<StoreResult> BankRegistry::Store(
     const std::string& name, absl::Span<const float> data,
     absl::Span<const uint64_t> ids, absl::Span<const std::string> payloads,
-    const CommitCheck& may_commit) {
+    const StoreExtras& extras, const CommitCheck& may_commit) {
+  if (extras.ttl_ms < 0 || extras.ttl_ms > kMaxTtlMs) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ttl must be in [0, ", kMaxTtlMs / 1000, "] seconds, got ", extras.ttl_ms / 1000));
+  }
   std::shared_ptr<Entry> e = Find(name);
   if (e == nullptr) {
     return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
@@ -174,10 +188,22 @@ absl::StatusOr<StoreResult> BankRegistry::Store(
   // The writer's view: only write_mu's holder changes the current version.
   ENGRAM_ASSIGN_OR_RETURN(BankSnapshot current, Pin(name, *e));
   const Bank& bank = *current;
-  ENGRAM_RETURN_IF_ERROR(bank.ValidateNewPatterns(data, ids, payloads));
+  PatternExtras checked{extras.values, extras.labels, {}};
+  ENGRAM_RETURN_IF_ERROR(bank.ValidateNewPatterns(data, ids, payloads, checked));
   const int64_t k = static_cast<int64_t>(data.size()) / bank.dim();
-  uint64_t add = data.size() * sizeof(float) + k * (sizeof(float) + sizeof(uint64_t));
+  std::vector<Labels> labels(extras.labels.begin(), extras.labels.end());
+  for (Labels& l : labels) l.Normalize().IgnoreError();  // validated above
+  const int64_t ttl = extras.ttl_ms > 0 ? extras.ttl_ms : bank.spec().ttl_ms;
+  std::vector<int64_t> expires;
+  if (ttl > 0) expires.assign(k, NowMs() + ttl);
+  const PatternExtras stored{extras.values, labels, expires};
+  uint64_t add = data.size() * sizeof(float) + k * (sizeof(float) + sizeof(uint64_t)) +
+                 extras.values.size() * sizeof(float) + k * sizeof(int64_t);
   for (const auto& p : payloads) add += p.size();
+  for (const Labels& l : labels) {
+    for (const auto& [key, v] : l.strings) add += key.size() + v.size();
+    for (const auto& [key, v] : l.ints) add += key.size() + sizeof(v);
+  }
   if (options_.memory_budget_bytes > 0 &&
       total_bytes_.load() + add > options_.memory_budget_bytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -191,11 +217,11 @@ absl::StatusOr<StoreResult> BankRegistry::Store(
   result.ids = ids.empty() ? bank.AssignIds(k)
                            : std::vector<uint64_t>(ids.begin(), ids.end());
   if (may_commit) ENGRAM_RETURN_IF_ERROR(may_commit());
-  ENGRAM_RETURN_IF_ERROR(storage_->AppendPatterns(name, result.ids, data, payloads));
+  ENGRAM_RETURN_IF_ERROR(storage_->AppendPatterns(name, result.ids, data, payloads, stored));
   const uint64_t before = bank.bytes();
   current.reset();  // unpinned, so an unshared version grows in place
   Mutate(*e, [&](Bank& b) {
-    b.Append(data, result.ids, payloads);
+    b.Append(data, result.ids, payloads, stored);
     total_bytes_ += b.bytes() - before;
     result.bank_patterns = b.size();
   });
@@ -222,6 +248,37 @@ absl::StatusOr<DeleteResult> BankRegistry::DeletePatterns(
     result.bank_patterns = b.size();
   });
   return result;
+}
+
+absl::StatusOr<int64_t> BankRegistry::ExpireDue() {
+  std::vector<std::pair<std::string, std::shared_ptr<Entry>>> entries;
+  {
+    ReaderMutexLock lock(&mu_);
+    for (const auto& [name, e] : banks_) entries.emplace_back(name, e);
+  }
+  int64_t removed = 0;
+  for (const auto& [name, e] : entries) {
+    MutexLock write_lock(&e->write_mu);
+    absl::StatusOr<BankSnapshot> current = Pin(name, *e);
+    if (!current.ok()) continue;  // deleted meanwhile
+    const int64_t now = NowMs();
+    const int64_t first = (*current)->min_expires_ms();
+    if (first == 0 || first > now) continue;
+    std::vector<uint64_t> ids;
+    for (int64_t r = 0; r < (*current)->size(); ++r) {
+      const int64_t t = (*current)->expires_ms(r);
+      if (t > 0 && t <= now) ids.push_back((*current)->id(r));
+    }
+    ENGRAM_RETURN_IF_ERROR(storage_->DeletePatterns(name, ids));
+    const uint64_t before = (*current)->bytes();
+    current->reset();
+    Mutate(*e, [&](Bank& b) {
+      b.Remove(ids);
+      total_bytes_ -= before - b.bytes();
+    });
+    removed += static_cast<int64_t>(ids.size());
+  }
+  return removed;
 }
 
 absl::Status BankRegistry::WithBank(

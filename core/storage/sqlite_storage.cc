@@ -27,7 +27,9 @@ CREATE TABLE IF NOT EXISTS banks (
   rectified INTEGER NOT NULL,
   beta REAL NOT NULL,
   similarity INTEGER NOT NULL,
-  separation INTEGER NOT NULL
+  separation INTEGER NOT NULL,
+  value_dim INTEGER NOT NULL DEFAULT 0,
+  ttl_ms INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS patterns (
   seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -35,9 +37,85 @@ CREATE TABLE IF NOT EXISTS patterns (
   id INTEGER NOT NULL,
   vec BLOB NOT NULL,
   payload BLOB NOT NULL,
+  value BLOB NOT NULL DEFAULT x'',
+  labels BLOB NOT NULL DEFAULT x'',
+  expires_ms INTEGER NOT NULL DEFAULT 0,
   UNIQUE (bank, id)
 );
 )sql";
+
+// Columns added after the first schema: databases written before them get
+// them (with their defaults) when opened.
+struct AddedColumn {
+  const char* table;
+  const char* name;
+  const char* definition;
+};
+constexpr AddedColumn kAddedColumns[] = {
+    {"banks", "value_dim", "INTEGER NOT NULL DEFAULT 0"},
+    {"banks", "ttl_ms", "INTEGER NOT NULL DEFAULT 0"},
+    {"patterns", "value", "BLOB NOT NULL DEFAULT x''"},
+    {"patterns", "labels", "BLOB NOT NULL DEFAULT x''"},
+    {"patterns", "expires_ms", "INTEGER NOT NULL DEFAULT 0"},
+};
+
+// Labels as bytes: per entry a tag ('s' string, 'i' integer), the key's
+// length (4 bytes) and bytes, then the value (length and bytes, or 8
+// bytes), little-endian as the host writes them.
+void PutU32(std::string* out, uint32_t v) { out->append(reinterpret_cast<const char*>(&v), 4); }
+
+std::string EncodeLabels(const Labels& l) {
+  std::string out;
+  for (const auto& [k, v] : l.strings) {
+    out += 's';
+    PutU32(&out, static_cast<uint32_t>(k.size()));
+    out += k;
+    PutU32(&out, static_cast<uint32_t>(v.size()));
+    out += v;
+  }
+  for (const auto& [k, v] : l.ints) {
+    out += 'i';
+    PutU32(&out, static_cast<uint32_t>(k.size()));
+    out += k;
+    out.append(reinterpret_cast<const char*>(&v), 8);
+  }
+  return out;
+}
+
+bool DecodeLabels(std::string_view in, Labels* l) {
+  *l = Labels();
+  auto take = [&](size_t n, std::string_view* part) {
+    if (in.size() < n) return false;
+    *part = in.substr(0, n);
+    in.remove_prefix(n);
+    return true;
+  };
+  auto take_u32 = [&](uint32_t* v) {
+    std::string_view b;
+    if (!take(4, &b)) return false;
+    std::memcpy(v, b.data(), 4);
+    return true;
+  };
+  while (!in.empty()) {
+    const char tag = in[0];
+    in.remove_prefix(1);
+    uint32_t len = 0;
+    std::string_view key, value;
+    if (!take_u32(&len) || !take(len, &key)) return false;
+    if (tag == 's') {
+      if (!take_u32(&len) || !take(len, &value)) return false;
+      l->strings.emplace_back(std::string(key), std::string(value));
+    } else if (tag == 'i') {
+      if (!take(8, &value)) return false;
+      int64_t v;
+      std::memcpy(&v, value.data(), 8);
+      l->ints.emplace_back(std::string(key), v);
+    } else {
+      return false;
+    }
+  }
+  return true;
+}
 
 class Statement {
  public:
@@ -64,15 +142,23 @@ class SqliteStorage final : public BankStorage {
     ENGRAM_RETURN_IF_ERROR(Exec("PRAGMA journal_mode=WAL;"));
     ENGRAM_RETURN_IF_ERROR(Exec("PRAGMA synchronous=FULL;"));
     ENGRAM_RETURN_IF_ERROR(Exec("PRAGMA foreign_keys=ON;"));
-    return Exec(kSchema);
+    ENGRAM_RETURN_IF_ERROR(Exec(kSchema));
+    for (const AddedColumn& c : kAddedColumns) {
+      ENGRAM_ASSIGN_OR_RETURN(bool present, HasColumn(c.table, c.name));
+      if (present) continue;
+      const std::string sql =
+          absl::StrCat("ALTER TABLE ", c.table, " ADD COLUMN ", c.name, " ", c.definition, ";");
+      ENGRAM_RETURN_IF_ERROR(Exec(sql.c_str()));
+    }
+    return absl::OkStatus();
   }
 
   absl::Status CreateBank(const BankSpec& spec) override {
     std::lock_guard<std::mutex> lock(mu_);
     Statement st(db_,
                  "INSERT INTO banks (name, dim, kind, precision, family, degree,"
-                 " rectified, beta, similarity, separation)"
-                 " VALUES (?,?,?,?,?,?,?,?,?,?)");
+                 " rectified, beta, similarity, separation, value_dim, ttl_ms)"
+                 " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)");
     if (!st.ok()) return Error("prepare insert bank");
     sqlite3_bind_text(st.get(), 1, spec.name.data(), spec.name.size(),
                       SQLITE_TRANSIENT);
@@ -85,6 +171,8 @@ class SqliteStorage final : public BankStorage {
     sqlite3_bind_double(st.get(), 8, spec.energy.beta);
     sqlite3_bind_int(st.get(), 9, static_cast<int>(spec.energy.similarity));
     sqlite3_bind_int(st.get(), 10, static_cast<int>(spec.energy.separation));
+    sqlite3_bind_int(st.get(), 11, spec.value_dim);
+    sqlite3_bind_int64(st.get(), 12, spec.ttl_ms);
     if (sqlite3_step(st.get()) != SQLITE_DONE) return Error("insert bank");
     return absl::OkStatus();
   }
@@ -108,14 +196,17 @@ class SqliteStorage final : public BankStorage {
   absl::Status AppendPatterns(std::string_view bank,
                               absl::Span<const uint64_t> ids,
                               absl::Span<const float> data,
-                              absl::Span<const std::string> payloads) override {
+                              absl::Span<const std::string> payloads,
+                              const PatternExtras& extras) override {
     if (ids.empty()) return absl::OkStatus();
     const size_t dim = data.size() / ids.size();
+    const size_t value_dim = extras.values.size() / ids.size();
     std::lock_guard<std::mutex> lock(mu_);
     ENGRAM_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE;"));
     absl::Status s = [&]() -> absl::Status {
       Statement st(db_,
-                   "INSERT INTO patterns (bank, id, vec, payload) VALUES (?,?,?,?)");
+                   "INSERT INTO patterns (bank, id, vec, payload, value, labels, expires_ms)"
+                   " VALUES (?,?,?,?,?,?,?)");
       if (!st.ok()) return Error("prepare insert pattern");
       for (size_t r = 0; r < ids.size(); ++r) {
         sqlite3_reset(st.get());
@@ -129,6 +220,17 @@ class SqliteStorage final : public BankStorage {
           sqlite3_bind_blob(st.get(), 4, payloads[r].data(),
                             static_cast<int>(payloads[r].size()), SQLITE_STATIC);
         }
+        if (value_dim == 0) {
+          sqlite3_bind_zeroblob(st.get(), 5, 0);
+        } else {
+          sqlite3_bind_blob(st.get(), 5, extras.values.data() + r * value_dim,
+                            static_cast<int>(value_dim * sizeof(float)), SQLITE_STATIC);
+        }
+        const std::string labels =
+            extras.labels.empty() ? std::string() : EncodeLabels(extras.labels[r]);
+        sqlite3_bind_blob(st.get(), 6, labels.data(), static_cast<int>(labels.size()),
+                          SQLITE_TRANSIENT);
+        sqlite3_bind_int64(st.get(), 7, extras.expires_ms.empty() ? 0 : extras.expires_ms[r]);
         if (sqlite3_step(st.get()) != SQLITE_DONE) return Error("insert pattern");
       }
       return absl::OkStatus();
@@ -159,7 +261,7 @@ class SqliteStorage final : public BankStorage {
     std::lock_guard<std::mutex> lock(mu_);
     Statement banks(db_,
                     "SELECT name, dim, kind, precision, family, degree, rectified,"
-                    " beta, similarity, separation FROM banks ORDER BY name");
+                    " beta, similarity, separation, value_dim, ttl_ms FROM banks ORDER BY name");
     if (!banks.ok()) return Error("prepare load banks");
     int rc;
     while ((rc = sqlite3_step(banks.get())) == SQLITE_ROW) {
@@ -175,14 +277,18 @@ class SqliteStorage final : public BankStorage {
       spec.energy.beta = sqlite3_column_double(b, 7);
       spec.energy.similarity = static_cast<SimilarityKind>(sqlite3_column_int(b, 8));
       spec.energy.separation = static_cast<SeparationKind>(sqlite3_column_int(b, 9));
+      spec.value_dim = sqlite3_column_int(b, 10);
+      spec.ttl_ms = sqlite3_column_int64(b, 11);
       if (auto s = on_bank(spec); !s.ok()) return s;
       Statement pats(db_,
-                     "SELECT id, vec, payload FROM patterns WHERE bank = ?"
+                     "SELECT id, vec, payload, value, labels, expires_ms FROM patterns"
+                     " WHERE bank = ?"
                      " ORDER BY seq");
       if (!pats.ok()) return Error("prepare load patterns");
       sqlite3_bind_text(pats.get(), 1, spec.name.data(), spec.name.size(),
                         SQLITE_STATIC);
-      std::vector<float> row(spec.dim);
+      std::vector<float> row(spec.dim), value(spec.value_dim);
+      Labels labels;
       int prc;
       while ((prc = sqlite3_step(pats.get())) == SQLITE_ROW) {
         sqlite3_stmt* p = pats.get();
@@ -196,11 +302,28 @@ class SqliteStorage final : public BankStorage {
         std::memcpy(row.data(), sqlite3_column_blob(p, 1), bytes);
         const char* payload = static_cast<const char*>(sqlite3_column_blob(p, 2));
         const int payload_bytes = sqlite3_column_bytes(p, 2);
-        if (auto s = on_pattern(spec.name, id, row,
-                                std::string_view(payload ? payload : "", payload_bytes));
-            !s.ok()) {
-          return s;
+        const int value_bytes = sqlite3_column_bytes(p, 3);
+        if (value_bytes != static_cast<int>(spec.value_dim * sizeof(float))) {
+          return absl::DataLossError(absl::StrCat(
+              "bank '", spec.name, "' pattern ", id, " has a ", value_bytes,
+              "-byte value; expected ", spec.value_dim * sizeof(float)));
         }
+        if (value_bytes > 0) std::memcpy(value.data(), sqlite3_column_blob(p, 3), value_bytes);
+        const char* label_bytes = static_cast<const char*>(sqlite3_column_blob(p, 4));
+        if (!DecodeLabels(std::string_view(label_bytes ? label_bytes : "",
+                                           sqlite3_column_bytes(p, 4)),
+                          &labels)) {
+          return absl::DataLossError(absl::StrCat(
+              "bank '", spec.name, "' pattern ", id, " has unreadable labels"));
+        }
+        StoredPattern stored;
+        stored.id = id;
+        stored.data = row;
+        stored.payload = std::string_view(payload ? payload : "", payload_bytes);
+        stored.value = value;
+        stored.labels = &labels;
+        stored.expires_ms = sqlite3_column_int64(p, 5);
+        if (auto s = on_pattern(spec.name, stored); !s.ok()) return s;
       }
       if (prc != SQLITE_DONE) return Error("load patterns");
     }
@@ -263,6 +386,18 @@ class SqliteStorage final : public BankStorage {
       return s;
     }
     return absl::OkStatus();
+  }
+
+  absl::StatusOr<bool> HasColumn(const char* table, const char* column) {
+    Statement st(db_, absl::StrCat("PRAGMA table_info(", table, ")").c_str());
+    if (!st.ok()) return Error("prepare table_info");
+    int rc;
+    while ((rc = sqlite3_step(st.get())) == SQLITE_ROW) {
+      const char* name = reinterpret_cast<const char*>(sqlite3_column_text(st.get(), 1));
+      if (name != nullptr && std::strcmp(name, column) == 0) return true;
+    }
+    if (rc != SQLITE_DONE) return Error("table_info");
+    return false;
   }
 
   // Commits on success, rolls back on failure.

@@ -18,6 +18,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -43,6 +44,11 @@ enum class Precision { kF32, kBf16, kBitPacked, kF32Screened };
 // Largest accepted dimension and payload.
 inline constexpr int kMaxDim = 1 << 20;
 inline constexpr size_t kMaxPayloadBytes = 64 * 1024;
+// Limits of a pattern's labels: entries, and bytes of one key or value.
+inline constexpr int kMaxLabels = 64;
+inline constexpr size_t kMaxLabelBytes = 256;
+// Longest time to live: 100 years, in milliseconds.
+inline constexpr int64_t kMaxTtlMs = int64_t{100} * 366 * 24 * 3600 * 1000;
 
 struct BankSpec {
   std::string name;
@@ -50,6 +56,37 @@ struct BankSpec {
   StateKind kind = StateKind::kContinuous;
   EnergyConfig energy;
   Precision precision = Precision::kF32;
+  // Dimension M of the value each pattern carries (a hetero-associative,
+  // key -> value bank); 0 for none. At most kMaxDim.
+  int value_dim = 0;
+  // Time to live of a stored pattern unless its Store says otherwise, in
+  // milliseconds; 0: patterns live until deleted. At most kMaxTtlMs.
+  int64_t ttl_ms = 0;
+};
+
+// The labels of one pattern: string and integer entries, each list sorted by
+// key with distinct keys (a key is either a string or an integer label).
+struct Labels {
+  std::vector<std::pair<std::string, std::string>> strings;
+  std::vector<std::pair<std::string, int64_t>> ints;
+
+  bool empty() const { return strings.empty() && ints.empty(); }
+  friend bool operator==(const Labels& a, const Labels& b) {
+    return a.strings == b.strings && a.ints == b.ints;
+  }
+  // Sorts both lists by key; INVALID_ARGUMENT on a repeated or empty key,
+  // an oversize key or value, or more than kMaxLabels entries.
+  absl::Status Normalize();
+};
+
+// What a Store adds beside the rows. Each span is empty or holds one entry
+// per pattern (values: K * value_dim floats, required when the bank's
+// value_dim > 0). expires_ms is the Unix time in milliseconds at which the
+// pattern expires, 0 for never.
+struct PatternExtras {
+  absl::Span<const float> values;
+  absl::Span<const Labels> labels;
+  absl::Span<const int64_t> expires_ms;
 };
 
 // OK if `name` matches [a-z0-9][a-z0-9_.-]{0,63}; INVALID_ARGUMENT otherwise.
@@ -84,6 +121,17 @@ class Bank {
   const float* pattern(int64_t row) const { return data_.data() + row * dim(); }
   uint64_t id(int64_t row) const { return ids_[row]; }
   const std::string& payload(int64_t row) const { return payloads_[row]; }
+  // M = spec().value_dim floats: the value stored with row's pattern.
+  const float* value(int64_t row) const { return values_.data() + row * spec_.value_dim; }
+  const Labels& labels(int64_t row) const { return labels_[row]; }
+  // Unix time in milliseconds at which the row expires; 0 for never.
+  int64_t expires_ms(int64_t row) const { return expires_ms_[row]; }
+  // The earliest expiry of any row; 0 when no row expires.
+  int64_t min_expires_ms() const { return min_expires_ms_; }
+  // Rows in ascending order whose string label `key` is `value`.
+  absl::Span<const int64_t> RowsWithString(const std::string& key, const std::string& value) const;
+  // (row, value) for every row with integer label `key`, rows ascending.
+  absl::Span<const std::pair<int64_t, int64_t>> RowsWithInt(const std::string& key) const;
   // Row of `id`, or nullopt.
   std::optional<int64_t> RowOf(uint64_t id) const;
 
@@ -91,16 +139,25 @@ class Bank {
   // (exactly +-1 for a bipolar bank), `ids` is empty or K distinct ids not
   // in the bank, `payloads` is empty or K entries of at most
   // kMaxPayloadBytes. Returns INVALID_ARGUMENT or ALREADY_EXISTS.
+  // `extras` must match (see PatternExtras): values finite, labels valid
+  // (Labels::Normalize), expiries >= 0.
   absl::Status ValidateNewPatterns(absl::Span<const float> data,
                                    absl::Span<const uint64_t> ids,
-                                   absl::Span<const std::string> payloads) const;
+                                   absl::Span<const std::string> payloads,
+                                   const PatternExtras& extras = {}) const;
 
   // Ids to give a batch of `count` patterns that came without ids.
   std::vector<uint64_t> AssignIds(int64_t count) const;
 
   // Appends a validated batch (ids must be given, one per pattern).
+  // Labels must be normalized.
   void Append(absl::Span<const float> data, absl::Span<const uint64_t> ids,
-              absl::Span<const std::string> payloads);
+              absl::Span<const std::string> payloads, const PatternExtras& extras = {});
+
+  // A bank holding only `rows` (ascending, distinct) of this one, in order,
+  // with their ids, payloads, values, labels and expiries: every
+  // computation on it equals the one on a bank built from those patterns.
+  Bank Subset(absl::Span<const int64_t> rows) const;
 
   // Returns NOT_FOUND (and changes nothing) if any id is absent,
   // INVALID_ARGUMENT on a repeated id.
@@ -117,6 +174,8 @@ class Bank {
 
  private:
   void RebuildIndex();
+  // Adds row r's labels to the label indexes (rows are indexed in order).
+  void IndexLabels(int64_t r);
   // Appends the reduced-precision copy of `data` (whole rows) for bf16,
   // screened and bit-packed banks.
   void PackRows(absl::Span<const float> data);
@@ -132,7 +191,15 @@ class Bank {
   std::vector<uint64_t> bits_;   // kBitPacked: one bit per value (+1 set)
   std::vector<uint64_t> ids_;
   std::vector<std::string> payloads_;
+  std::vector<float> values_;         // size() x spec_.value_dim
+  std::vector<Labels> labels_;        // one per row
+  std::vector<int64_t> expires_ms_;   // one per row, 0 for never
+  int64_t min_expires_ms_ = 0;
   absl::flat_hash_map<uint64_t, int64_t> row_of_;
+  // key -> value -> rows (ascending); key -> (row, value), rows ascending.
+  absl::flat_hash_map<std::string, absl::flat_hash_map<std::string, std::vector<int64_t>>>
+      string_index_;
+  absl::flat_hash_map<std::string, std::vector<std::pair<int64_t, int64_t>>> int_index_;
 };
 
 }  // namespace engram::core

@@ -48,6 +48,20 @@ struct RegistryOptions {
   // Upper bound on the bytes of all banks; 0 means unlimited. A Store that
   // would exceed it fails with RESOURCE_EXHAUSTED before allocating.
   uint64_t memory_budget_bytes = 0;
+  // The current Unix time in milliseconds, which expiry times are set from
+  // and compared with; null means the system clock. Tests inject their own.
+  std::function<int64_t()> clock_ms;
+};
+
+// What a Store may add beside rows, ids and payloads.
+struct StoreExtras {
+  // K * value_dim floats; required for a bank with values.
+  absl::Span<const float> values;
+  // Empty or one per pattern (normalized by the registry).
+  absl::Span<const Labels> labels;
+  // Time to live of these patterns in milliseconds; 0 means the bank's
+  // ttl_ms (which may be 0: no expiry). At most kMaxTtlMs.
+  int64_t ttl_ms = 0;
 };
 
 struct BankSummary {
@@ -101,11 +115,28 @@ class BankRegistry {
                                     absl::Span<const float> data,
                                     absl::Span<const uint64_t> ids,
                                     absl::Span<const std::string> payloads,
+                                    const CommitCheck& may_commit = nullptr) {
+    return Store(name, data, ids, payloads, StoreExtras{}, may_commit);
+  }
+  // The same with values, labels and a time to live (see StoreExtras).
+  absl::StatusOr<StoreResult> Store(const std::string& name,
+                                    absl::Span<const float> data,
+                                    absl::Span<const uint64_t> ids,
+                                    absl::Span<const std::string> payloads,
+                                    const StoreExtras& extras,
                                     const CommitCheck& may_commit = nullptr);
   // Deletes ids atomically: NOT_FOUND (nothing deleted) if any is absent.
   absl::StatusOr<DeleteResult> DeletePatterns(const std::string& name,
                                               absl::Span<const uint64_t> ids,
                                               const CommitCheck& may_commit = nullptr);
+
+  // Deletes, durably, every pattern whose expiry time is at or before now
+  // (the clock), bank by bank; returns how many went, or the first storage
+  // error (banks before it are done; a later call retries the rest).
+  absl::StatusOr<int64_t> ExpireDue();
+
+  // The registry's clock: the current Unix time in milliseconds.
+  int64_t NowMs() const;
 
   // The bank's current version, pinned; NOT_FOUND.
   absl::StatusOr<BankSnapshot> Snapshot(const std::string& name) const;

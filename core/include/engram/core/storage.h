@@ -33,20 +33,29 @@ class BankStorage {
   virtual absl::Status CreateBank(const BankSpec& spec) = 0;
   virtual absl::Status DeleteBank(std::string_view name) = 0;
   // `data` holds ids.size() rows of the bank's dimension; `payloads` is empty
-  // or one per id.
+  // or one per id; `extras` as for Bank::Append (values of the bank's
+  // value_dim, normalized labels, expiry times), kept bit for bit.
   virtual absl::Status AppendPatterns(std::string_view bank,
                                       absl::Span<const uint64_t> ids,
                                       absl::Span<const float> data,
-                                      absl::Span<const std::string> payloads) = 0;
+                                      absl::Span<const std::string> payloads,
+                                      const PatternExtras& extras = {}) = 0;
   virtual absl::Status DeletePatterns(std::string_view bank,
                                       absl::Span<const uint64_t> ids) = 0;
 
   // Calls `on_bank` for every bank (ordered by name) followed by `on_pattern`
   // for each of its patterns in storage order.
   using BankVisitor = std::function<absl::Status(const BankSpec&)>;
-  using PatternVisitor = std::function<absl::Status(
-      std::string_view bank, uint64_t id, absl::Span<const float> data,
-      std::string_view payload)>;
+  struct StoredPattern {
+    uint64_t id = 0;
+    absl::Span<const float> data;    // dim floats
+    std::string_view payload;
+    absl::Span<const float> value;   // value_dim floats
+    const Labels* labels = nullptr;  // never null
+    int64_t expires_ms = 0;
+  };
+  using PatternVisitor =
+      std::function<absl::Status(std::string_view bank, const StoredPattern& pattern)>;
   virtual absl::Status LoadAll(const BankVisitor& on_bank,
                                const PatternVisitor& on_pattern) = 0;
 

@@ -1,0 +1,43 @@
+// The value readout of a hetero-associative (key -> value) bank: each
+// stored pattern xi_mu carries a value v_mu of its own dimension M, and a
+// state x reads out
+//
+//   r(x) = sum_mu p_mu(x) v_mu,
+//
+// with p the separation weights of the energy at x:
+//   - LSE, GAUSSIAN, EXPONENTIAL and GENERAL/SOFTMAX: p = softmax(beta S(xi, x)),
+//     attention with the patterns as keys (Ramsauer et al.'s pattern
+//     projection; Nadaraya-Watson kernel regression);
+//   - GENERAL/MAX: p is one-hot on the most similar pattern (first on ties);
+//   - CLASSICAL, POLYNOMIAL, GENERAL/IDENTITY and GENERAL/POLYNOMIAL: the
+//     unnormalised weights p_mu = F'(S(xi_mu, x)) (the linear associator /
+//     bidirectional associative memory readout).
+// After one step from a query this is one attention layer; at a fixed point
+// of a sharp softmax it is the value of the memory found.
+//
+//   std::vector<float> r(bank.spec().value_dim);
+//   ValueReadout(energy, bank.value(0), bank.spec().value_dim, x, r.data());
+//
+// Numerics: the similarities are computed first (f32 dot products, the
+// rest in double), so every thread's partial sum is relative to the same
+// maximum; the partials of contiguous row ranges are summed in range order.
+#ifndef ENGRAM_CORE_READOUT_H_
+#define ENGRAM_CORE_READOUT_H_
+
+#include "engram/core/energy.h"
+
+namespace engram::core {
+
+// `values` holds energy.patterns().rows x value_dim floats (row-major, the
+// value of pattern mu at values + mu * value_dim); `out` receives
+// value_dim floats (zeros for an empty bank). x has energy.dim() floats.
+void ValueReadout(const EnergyFunction& energy, const float* values, int value_dim,
+                  const float* x, float* out);
+
+// The normalised or unnormalised weights p_mu(x) described above;
+// `p` has energy.patterns().rows slots.
+void ReadoutWeights(const EnergyFunction& energy, const float* x, double* p);
+
+}  // namespace engram::core
+
+#endif  // ENGRAM_CORE_READOUT_H_

@@ -1,0 +1,94 @@
+#include "engram/core/readout.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "fused.h"
+#include "parallel.h"
+
+namespace engram::core {
+namespace {
+
+bool SoftmaxReadout(const EnergyConfig& c) {
+  switch (c.family) {
+    case EnergyFamily::kExponential:
+    case EnergyFamily::kLse:
+    case EnergyFamily::kGaussian:
+      return true;
+    case EnergyFamily::kGeneral:
+      return c.separation == SeparationKind::kSoftmax;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
+void ReadoutWeights(const EnergyFunction& energy, const float* x, double* p) {
+  const PatternView& view = energy.patterns();
+  const int64_t k = view.rows;
+  if (k == 0) return;
+  const EnergyConfig& c = energy.config();
+  const SimilarityKind sim = EffectiveSimilarity(c);
+  if (sim == SimilarityKind::kNegL1) {
+    energy.Similarities(x, p);
+  } else {
+    internal::FastSimilarities(view, sim, x, p);
+  }
+  if (SoftmaxReadout(c)) {
+    double top = -INFINITY;
+    for (int64_t mu = 0; mu < k; ++mu) top = std::max(top, c.beta * p[mu]);
+    double z = 0.0;
+    for (int64_t mu = 0; mu < k; ++mu) {
+      p[mu] = std::exp(c.beta * p[mu] - top);
+      z += p[mu];
+    }
+    for (int64_t mu = 0; mu < k; ++mu) p[mu] /= z;
+    return;
+  }
+  if (c.family == EnergyFamily::kGeneral && c.separation == SeparationKind::kMax) {
+    int64_t best = 0;
+    for (int64_t mu = 1; mu < k; ++mu) {
+      if (p[mu] > p[best]) best = mu;
+    }
+    std::fill(p, p + k, 0.0);
+    p[best] = 1.0;
+    return;
+  }
+  // F'(s): the weights the energy itself reports (-dE/dS).
+  std::vector<double> s(p, p + k);
+  energy.EnergyFromSimilarities(s.data(), 0.0, p);
+}
+
+void ValueReadout(const EnergyFunction& energy, const float* values, int value_dim,
+                  const float* x, float* out) {
+  const int64_t k = energy.patterns().rows;
+  const int m = value_dim;
+  std::fill(out, out + m, 0.f);
+  if (k == 0 || m == 0) return;
+  std::vector<double> p(k);
+  ReadoutWeights(energy, x, p.data());
+  // Each range's partial in its own slot, summed in range order.
+  const int max_ranges = 4 * internal::ComputeThreads();
+  std::vector<std::vector<double>> partial(max_ranges);
+  int used = 1;
+  internal::ParallelRows(k, int64_t{m} * 2, [&](int range, int64_t begin, int64_t end) {
+    std::vector<double>& acc = partial[range];
+    acc.assign(m, 0.0);
+    for (int64_t mu = begin; mu < end; ++mu) {
+      const double w = p[mu];
+      if (w == 0.0) continue;
+      const float* v = values + mu * m;
+      for (int j = 0; j < m; ++j) acc[j] += w * v[j];
+    }
+  }, &used);
+  std::vector<double> sum(m, 0.0);
+  for (int r = 0; r < used; ++r) {
+    if (partial[r].empty()) continue;
+    for (int j = 0; j < m; ++j) sum[j] += partial[r][j];
+  }
+  for (int j = 0; j < m; ++j) out[j] = static_cast<float>(sum[j]);
+}
+
+}  // namespace engram::core

@@ -1,0 +1,442 @@
+// Key -> value banks, labels with filters, and time to live: the value
+// readout against a plain double-precision attention computed here, a
+// filtered bank against a bank built from the subset, the label index
+// against a scan, expiry with an injected clock, and durability of values,
+// labels and expiry times (also for a database written before they existed).
+#include <sqlite3.h>
+
+#include <cmath>
+#include <filesystem>
+#include <random>
+
+#include <gtest/gtest.h>
+
+#include "engram/core/dynamics.h"
+#include "engram/core/filter.h"
+#include "engram/core/readout.h"
+#include "engram/core/registry.h"
+#include "testing/random_banks.h"
+#include "testing/status_matchers.h"
+
+namespace engram::core {
+namespace {
+
+using engram::testing::RandomBipolar;
+using engram::testing::RandomGaussian;
+using engram::testing::StatusIs;
+
+// sum_mu p_mu v_mu with p computed in double from the definitions.
+std::vector<double> ReferenceReadout(const std::vector<float>& xi, const std::vector<float>& v,
+                                     int n, int m, const std::vector<float>& x,
+                                     const EnergyConfig& c) {
+  const int64_t k = static_cast<int64_t>(xi.size()) / n;
+  std::vector<double> s(k), p(k);
+  for (int64_t mu = 0; mu < k; ++mu) {
+    double dot = 0, l2 = 0;
+    for (int i = 0; i < n; ++i) {
+      dot += double{xi[mu * n + i]} * x[i];
+      l2 += (double{xi[mu * n + i]} - x[i]) * (double{xi[mu * n + i]} - x[i]);
+    }
+    s[mu] = c.family == EnergyFamily::kGaussian ? -0.5 * l2 : dot;
+  }
+  if (c.family == EnergyFamily::kClassical) {
+    p = s;  // F(s) = s^2 / 2, F'(s) = s
+  } else if (c.family == EnergyFamily::kGeneral && c.separation == SeparationKind::kMax) {
+    int64_t best = 0;
+    for (int64_t mu = 1; mu < k; ++mu) best = s[mu] > s[best] ? mu : best;
+    p[best] = 1.0;
+  } else {
+    double top = -INFINITY, z = 0;
+    for (double t : s) top = std::max(top, c.beta * t);
+    for (int64_t mu = 0; mu < k; ++mu) z += p[mu] = std::exp(c.beta * s[mu] - top);
+    for (double& t : p) t /= z;
+  }
+  std::vector<double> out(m, 0.0);
+  for (int64_t mu = 0; mu < k; ++mu) {
+    for (int j = 0; j < m; ++j) out[j] += p[mu] * v[mu * m + j];
+  }
+  return out;
+}
+
+Bank ValueBank(int n, int m, const std::vector<float>& xi, const std::vector<float>& v,
+               EnergyConfig c, StateKind kind = StateKind::kContinuous,
+               Precision precision = Precision::kF32) {
+  BankSpec spec{"kv", n, kind, c, precision, m};
+  Bank bank(spec);
+  const int64_t k = static_cast<int64_t>(xi.size()) / n;
+  bank.Append(xi, bank.AssignIds(k), {}, PatternExtras{v, {}, {}});
+  return bank;
+}
+
+TEST(ValueReadoutTest, EqualsAttentionComputedInDouble) {
+  std::mt19937_64 rng(7);
+  const int n = 24, m = 5, k = 300;
+  auto xi = RandomGaussian(int64_t{k} * n, rng, 0.3f);
+  auto v = RandomGaussian(int64_t{k} * m, rng);
+  auto x = RandomGaussian(n, rng, 0.3f);
+  for (EnergyConfig c : {EnergyConfig{.family = EnergyFamily::kLse, .beta = 3.0},
+                         EnergyConfig{.family = EnergyFamily::kGaussian, .beta = 2.0},
+                         EnergyConfig{.family = EnergyFamily::kGeneral, .beta = 1.0,
+                                      .similarity = SimilarityKind::kDot,
+                                      .separation = SeparationKind::kMax}}) {
+    Bank bank = ValueBank(n, m, xi, v, c);
+    EnergyFunction energy(c, bank.view());
+    std::vector<float> got(m);
+    ValueReadout(energy, bank.value(0), m, x.data(), got.data());
+    std::vector<double> want = ReferenceReadout(xi, v, n, m, x, c);
+    for (int j = 0; j < m; ++j) {
+      EXPECT_NEAR(got[j], want[j], 1e-5 * (1 + std::fabs(want[j])))
+          << EnergyFamilyName(c.family) << " coordinate " << j;
+    }
+  }
+}
+
+TEST(ValueReadoutTest, LinearAssociatorOnABipolarBank) {
+  std::mt19937_64 rng(8);
+  const int n = 40, m = 3, k = 6;
+  auto xi = RandomBipolar(int64_t{k} * n, rng);
+  auto v = RandomGaussian(int64_t{k} * m, rng);
+  EnergyConfig c{.family = EnergyFamily::kClassical};
+  Bank bank = ValueBank(n, m, xi, v, c, StateKind::kBipolar, Precision::kBitPacked);
+  EnergyFunction energy(c, bank.view());
+  std::vector<float> x(xi.begin() + 2 * n, xi.begin() + 3 * n);
+  std::vector<float> got(m);
+  ValueReadout(energy, bank.value(0), m, x.data(), got.data());
+  std::vector<double> want = ReferenceReadout(xi, v, n, m, x, c);
+  for (int j = 0; j < m; ++j) EXPECT_NEAR(got[j], want[j], 1e-4 * (1 + std::fabs(want[j])));
+}
+
+// Rows split over the compute threads: the merged sum is the whole sum.
+TEST(ValueReadoutTest, ManyRowsMergeAcrossThreads) {
+  std::mt19937_64 rng(9);
+  const int n = 16, m = 4, k = 40000;
+  auto xi = RandomGaussian(int64_t{k} * n, rng, 0.25f);
+  auto v = RandomGaussian(int64_t{k} * m, rng);
+  auto x = RandomGaussian(n, rng, 0.25f);
+  EnergyConfig c{.family = EnergyFamily::kLse, .beta = 1.5};
+  Bank bank = ValueBank(n, m, xi, v, c);
+  EnergyFunction energy(c, bank.view());
+  std::vector<float> got(m);
+  ValueReadout(energy, bank.value(0), m, x.data(), got.data());
+  std::vector<double> want = ReferenceReadout(xi, v, n, m, x, c);
+  for (int j = 0; j < m; ++j) EXPECT_NEAR(got[j], want[j], 1e-5 * (1 + std::fabs(want[j])));
+}
+
+// At the fixed point of a sharp softmax the readout is the value of the
+// memory found.
+TEST(ValueReadoutTest, ConvergedRetrievalReadsTheFoundMemorysValue) {
+  std::mt19937_64 rng(10);
+  const int n = 64, m = 3, k = 20;
+  auto xi = RandomGaussian(int64_t{k} * n, rng);
+  auto v = RandomGaussian(int64_t{k} * m, rng);
+  EnergyConfig c{.family = EnergyFamily::kLse, .beta = 8.0};
+  Bank bank = ValueBank(n, m, xi, v, c);
+  EnergyFunction energy(c, bank.view());
+  std::vector<float> q(xi.begin() + 5 * n, xi.begin() + 6 * n);
+  for (int i = 0; i < n; i += 4) q[i] += 0.3f;
+  RetrieveOptions opts;
+  auto t = RunDynamics(energy, StateKind::kContinuous, q, {}, opts);
+  ASSERT_OK(t);
+  std::vector<float> got(m);
+  ValueReadout(energy, bank.value(0), m, t->state.data(), got.data());
+  for (int j = 0; j < m; ++j) EXPECT_NEAR(got[j], v[5 * m + j], 1e-4);
+}
+
+// Labels for row r: parity, a bucket, and a year.
+Labels RowLabels(int r) {
+  Labels l;
+  l.strings = {{"kind", r % 2 == 0 ? "even" : "odd"}, {"bucket", "b" + std::to_string(r % 5)}};
+  l.ints = {{"year", 1990 + r % 37}};
+  if (r % 7 == 0) l.ints.emplace_back("lucky", 1);
+  EXPECT_OK(l.Normalize());
+  return l;
+}
+
+bool Passes(int r, const Filter& f) {
+  const Labels l = RowLabels(r);
+  for (const Condition& c : f.conditions) {
+    bool ok = false;
+    for (const auto& [key, value] : l.strings) {
+      if (key != c.key) continue;
+      if (c.op == Condition::kEquals || c.op == Condition::kAnyOf) {
+        ok = std::find(c.strings.begin(), c.strings.end(), value) != c.strings.end();
+      }
+    }
+    for (const auto& [key, value] : l.ints) {
+      if (key != c.key) continue;
+      if (c.op == Condition::kIntEquals || c.op == Condition::kIntAnyOf) {
+        ok = std::find(c.ints.begin(), c.ints.end(), value) != c.ints.end();
+      } else if (c.op == Condition::kIntRange) {
+        ok = value >= c.lo && value <= c.hi;
+      }
+    }
+    if (!ok) return false;
+  }
+  return true;
+}
+
+TEST(FilterTest, IndexAnswersEqualAScanOfTheLabels) {
+  const int n = 4, k = 500;
+  std::mt19937_64 rng(11);
+  auto xi = RandomGaussian(int64_t{k} * n, rng);
+  Bank bank(BankSpec{"f", n, StateKind::kContinuous, {}, Precision::kF32});
+  std::vector<Labels> labels;
+  for (int r = 0; r < k; ++r) labels.push_back(RowLabels(r));
+  bank.Append(xi, bank.AssignIds(k), {}, PatternExtras{{}, labels, {}});
+  std::vector<Filter> filters = {
+      {{{.key = "kind", .op = Condition::kEquals, .strings = {"odd"}}}},
+      {{{.key = "bucket", .op = Condition::kAnyOf, .strings = {"b1", "b3", "b9", "b1"}}}},
+      {{{.key = "year", .op = Condition::kIntRange, .lo = 2000, .hi = 2005}}},
+      {{{.key = "year", .op = Condition::kIntAnyOf, .ints = {1990, 2026, 1}},
+        {.key = "kind", .op = Condition::kEquals, .strings = {"even"}}}},
+      {{{.key = "lucky", .op = Condition::kIntEquals, .ints = {1}},
+        {.key = "bucket", .op = Condition::kAnyOf, .strings = {"b0", "b2"}},
+        {.key = "year", .op = Condition::kIntRange, .lo = 1995, .hi = 2020}}},
+      {{{.key = "missing", .op = Condition::kEquals, .strings = {"x"}}}},
+      {{{.key = "year", .op = Condition::kEquals, .strings = {"1990"}}}},  // an int key
+  };
+  for (size_t i = 0; i < filters.size(); ++i) {
+    ASSERT_OK(ValidateFilter(filters[i]));
+    std::vector<int64_t> want;
+    for (int r = 0; r < k; ++r) {
+      if (Passes(r, filters[i])) want.push_back(r);
+    }
+    EXPECT_EQ(MatchingRows(bank, filters[i]), want) << "filter " << i;
+  }
+  // Removing rows renumbers them; the index follows.
+  std::vector<uint64_t> gone;
+  for (int r = 0; r < k; r += 3) gone.push_back(bank.id(r));
+  bank.Remove(gone);
+  Filter odd{{{.key = "kind", .op = Condition::kEquals, .strings = {"odd"}}}};
+  for (int64_t row : MatchingRows(bank, odd)) EXPECT_EQ(bank.labels(row).strings[1].second, "odd");
+  int odd_left = 0;
+  for (int r = 0; r < k; ++r) odd_left += (r % 3 != 0 && r % 2 == 1);
+  EXPECT_EQ(static_cast<int>(MatchingRows(bank, odd).size()), odd_left);
+}
+
+TEST(FilterTest, BadFiltersAreRejectedWithTheConditionNamed) {
+  EXPECT_THAT(ValidateFilter({{{.key = "", .op = Condition::kEquals, .strings = {"a"}}}}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ValidateFilter({{{.key = "a", .op = Condition::kAnyOf}}}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ValidateFilter({{{.key = "y", .op = Condition::kIntRange, .lo = 5, .hi = 4}}}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  Filter many;
+  for (int i = 0; i <= kMaxConditions; ++i) {
+    many.conditions.push_back({.key = "k", .op = Condition::kIntEquals, .ints = {i}});
+  }
+  EXPECT_THAT(ValidateFilter(many), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+// A filtered bank computes exactly as a bank that holds only those patterns,
+// at every precision.
+TEST(FilterTest, SubsetComputesAsABankOfThoseOnly) {
+  std::mt19937_64 rng(12);
+  const int n = 48, k = 400;
+  for (Precision precision : {Precision::kF32, Precision::kBf16, Precision::kF32Screened,
+                              Precision::kBitPacked}) {
+    const bool bipolar = precision == Precision::kBitPacked;
+    const StateKind kind = bipolar ? StateKind::kBipolar : StateKind::kContinuous;
+    EnergyConfig c = bipolar ? EnergyConfig{.family = EnergyFamily::kPolynomial, .degree = 3}
+                             : EnergyConfig{.family = EnergyFamily::kLse, .beta = 6.0};
+    auto xi = bipolar ? RandomBipolar(int64_t{k} * n, rng) : RandomGaussian(int64_t{k} * n, rng);
+    BankSpec spec{"s", n, kind, c, precision};
+    Bank whole(spec);
+    std::vector<Labels> labels;
+    for (int r = 0; r < k; ++r) labels.push_back(RowLabels(r));
+    whole.Append(xi, whole.AssignIds(k), {}, PatternExtras{{}, labels, {}});
+    Filter f{{{.key = "year", .op = Condition::kIntRange, .lo = 1995, .hi = 2010}}};
+    std::vector<int64_t> rows = MatchingRows(whole, f);
+    ASSERT_GT(rows.size(), 50u);
+    Bank sub = whole.Subset(rows);
+    Bank direct(spec);
+    std::vector<float> data;
+    std::vector<uint64_t> ids;
+    for (int64_t r : rows) {
+      data.insert(data.end(), whole.pattern(r), whole.pattern(r) + n);
+      ids.push_back(whole.id(r));
+    }
+    direct.Append(data, ids, {});
+    ASSERT_EQ(sub.size(), direct.size());
+    EnergyFunction e_sub(c, sub.view()), e_direct(c, direct.view());
+    for (int t = 0; t < 5; ++t) {
+      const int64_t pick = rows[t * 7];
+      std::vector<float> q(whole.pattern(pick), whole.pattern(pick) + n);
+      if (bipolar) {
+        q = engram::testing::FlipBits(q.data(), n, 6, rng);
+      } else {
+        for (float& z : q) z += 0.2f;
+      }
+      EXPECT_EQ(e_sub.Value(q.data()), e_direct.Value(q.data()));
+      auto a = RunDynamics(e_sub, kind, q, {}, {});
+      auto b = RunDynamics(e_direct, kind, q, {}, {});
+      ASSERT_OK(a);
+      ASSERT_OK(b);
+      EXPECT_EQ(a->state, b->state);
+      EXPECT_EQ(a->energy_end, b->energy_end);
+      EXPECT_EQ(sub.id(sub.Nearest(a->state.data()).row),
+                direct.id(direct.Nearest(b->state.data()).row));
+    }
+  }
+}
+
+class FeaturesRegistryTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("engram_features_test_" + std::to_string(::getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    std::filesystem::remove_all(dir_);
+    std::filesystem::create_directories(dir_);
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  std::unique_ptr<BankRegistry> Open() {
+    auto storage = OpenSqliteStorage((dir_ / "engram.db").string());
+    EXPECT_OK(storage);
+    RegistryOptions o;
+    o.clock_ms = [this] { return now_ms_; };
+    auto r = BankRegistry::Open(std::move(*storage), o);
+    EXPECT_OK(r);
+    return std::move(*r);
+  }
+
+  std::filesystem::path dir_;
+  int64_t now_ms_ = 1'700'000'000'000;
+};
+
+TEST_F(FeaturesRegistryTest, ValuesLabelsAndExpiriesSurviveReopenBitForBit) {
+  std::mt19937_64 rng(13);
+  const int n = 6, m = 3, k = 20;
+  auto xi = RandomGaussian(int64_t{k} * n, rng);
+  auto v = RandomGaussian(int64_t{k} * m, rng);
+  v[1] = -0.0f;
+  v[2] = 1e-45f;
+  std::vector<Labels> labels;
+  for (int r = 0; r < k; ++r) labels.push_back(RowLabels(r));
+  labels[4].strings.emplace_back(std::string("bin\0ary", 7), std::string("\xff\x00", 2));
+  std::sort(labels[4].strings.begin(), labels[4].strings.end());
+  BankSpec spec{"kv", n, StateKind::kContinuous, {}, Precision::kF32, m, 60'000};
+  {
+    auto r = Open();
+    ASSERT_OK(r->CreateBank(spec));
+    ASSERT_OK(r->Store("kv", xi, {}, {}, StoreExtras{v, labels, 0}));
+    now_ms_ += 10;
+    auto more = RandomGaussian(n, rng);
+    auto more_v = RandomGaussian(m, rng);
+    ASSERT_OK(r->Store("kv", more, {}, {}, StoreExtras{more_v, {}, 5'000}));
+  }
+  auto r = Open();
+  auto bank = r->Snapshot("kv");
+  ASSERT_OK(bank);
+  const Bank& b = **bank;
+  EXPECT_EQ(b.spec().value_dim, m);
+  EXPECT_EQ(b.spec().ttl_ms, 60'000);
+  ASSERT_EQ(b.size(), k + 1);
+  for (int row = 0; row < k; ++row) {
+    EXPECT_EQ(std::memcmp(b.value(row), v.data() + row * m, m * sizeof(float)), 0);
+    EXPECT_EQ(b.labels(row), labels[row]) << row;
+    EXPECT_EQ(b.expires_ms(row), 1'700'000'000'000 + 60'000);
+  }
+  EXPECT_EQ(b.expires_ms(k), 1'700'000'000'010 + 5'000);
+  EXPECT_EQ(b.min_expires_ms(), 1'700'000'000'010 + 5'000);
+}
+
+TEST_F(FeaturesRegistryTest, ExpiredPatternsLeaveMemoryAndDisk) {
+  std::mt19937_64 rng(14);
+  const int n = 5;
+  auto r = Open();
+  ASSERT_OK(r->CreateBank({"t", n, StateKind::kContinuous, {}, Precision::kF32}));
+  auto a = r->Store("t", RandomGaussian(3 * n, rng), {}, {}, StoreExtras{{}, {}, 1'000});
+  auto b = r->Store("t", RandomGaussian(2 * n, rng), {}, {}, StoreExtras{{}, {}, 0});
+  ASSERT_OK(a);
+  ASSERT_OK(b);
+  now_ms_ += 999;
+  EXPECT_EQ(*r->ExpireDue(), 0);
+  {
+    auto snap = *r->Snapshot("t");
+    Filter alive;
+    alive.now_ms = now_ms_ + 1;  // a reader one millisecond later no longer sees them
+    EXPECT_EQ(MatchingRows(*snap, alive), (std::vector<int64_t>{3, 4}));
+    EXPECT_TRUE(FilterMayExclude(*snap, alive));
+  }
+  now_ms_ += 1;
+  EXPECT_EQ(*r->ExpireDue(), 3);
+  EXPECT_EQ((*r->Snapshot("t"))->size(), 2);
+  EXPECT_EQ(*r->ExpireDue(), 0);
+  r.reset();
+  auto again = Open();
+  auto snap = again->Snapshot("t");
+  ASSERT_OK(snap);
+  ASSERT_EQ((*snap)->size(), 2);
+  EXPECT_EQ((*snap)->id(0), b->ids[0]);
+  EXPECT_EQ((*snap)->min_expires_ms(), 0);
+}
+
+TEST_F(FeaturesRegistryTest, BadValuesLabelsAndTtlChangeNothing) {
+  auto r = Open();
+  ASSERT_OK(r->CreateBank({"kv", 2, StateKind::kContinuous, {}, Precision::kF32, 2}));
+  ASSERT_OK(r->CreateBank({"plain", 2, StateKind::kContinuous, {}, Precision::kF32}));
+  std::vector<float> x = {1, 2, 3, 4};
+  std::vector<float> v3 = {1, 2, 3};
+  std::vector<float> vnan = {1, 2, NAN, 4};
+  EXPECT_THAT(r->Store("kv", x, {}, {}), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(r->Store("kv", x, {}, {}, StoreExtras{v3}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(r->Store("kv", x, {}, {}, StoreExtras{vnan}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(r->Store("plain", x, {}, {}, StoreExtras{x}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  Labels dup;
+  dup.strings = {{"a", "1"}};
+  dup.ints = {{"a", 1}};
+  std::vector<Labels> two = {dup, Labels()};
+  EXPECT_THAT(r->Store("plain", x, {}, {}, StoreExtras{{}, two}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(r->Store("plain", x, {}, {}, StoreExtras{{}, {}, kMaxTtlMs + 1}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(r->CreateBank({"neg", 2, StateKind::kContinuous, {}, Precision::kF32, -1}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_EQ((*r->Snapshot("kv"))->size(), 0);
+  EXPECT_EQ((*r->Snapshot("plain"))->size(), 0);
+}
+
+// A database written before values, labels and expiry existed opens, with
+// its patterns unchanged, and takes the new fields from then on.
+TEST_F(FeaturesRegistryTest, DatabaseWithTheFirstSchemaOpens) {
+  const std::string path = (dir_ / "engram.db").string();
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+  const char* old_schema = R"sql(
+    CREATE TABLE banks (name TEXT PRIMARY KEY, dim INTEGER NOT NULL, kind INTEGER NOT NULL,
+      precision INTEGER NOT NULL, family INTEGER NOT NULL, degree INTEGER NOT NULL,
+      rectified INTEGER NOT NULL, beta REAL NOT NULL, similarity INTEGER NOT NULL,
+      separation INTEGER NOT NULL);
+    CREATE TABLE patterns (seq INTEGER PRIMARY KEY AUTOINCREMENT,
+      bank TEXT NOT NULL REFERENCES banks(name) ON DELETE CASCADE, id INTEGER NOT NULL,
+      vec BLOB NOT NULL, payload BLOB NOT NULL, UNIQUE (bank, id));
+    INSERT INTO banks VALUES ('old', 2, 0, 0, 3, 3, 0, 1.0, 0, 3);
+    INSERT INTO patterns (bank, id, vec, payload) VALUES ('old', 9, x'0000803f00000040', x'7061');
+  )sql";
+  ASSERT_EQ(sqlite3_exec(db, old_schema, nullptr, nullptr, nullptr), SQLITE_OK);
+  sqlite3_close(db);
+  auto r = Open();
+  auto snap = r->Snapshot("old");
+  ASSERT_OK(snap);
+  ASSERT_EQ((*snap)->size(), 1);
+  EXPECT_EQ((*snap)->id(0), 9u);
+  EXPECT_EQ((*snap)->pattern(0)[0], 1.0f);
+  EXPECT_EQ((*snap)->pattern(0)[1], 2.0f);
+  EXPECT_EQ((*snap)->payload(0), "pa");
+  EXPECT_EQ((*snap)->spec().value_dim, 0);
+  EXPECT_TRUE((*snap)->labels(0).empty());
+  std::vector<Labels> l = {RowLabels(1)};
+  std::vector<float> x = {3, 4};
+  ASSERT_OK(r->Store("old", x, {}, {}, StoreExtras{{}, l, 0}));
+  r.reset();
+  auto again = Open();
+  EXPECT_EQ((*again->Snapshot("old"))->labels(1), RowLabels(1));
+}
+
+}  // namespace
+}  // namespace engram::core
