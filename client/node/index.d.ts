@@ -26,6 +26,53 @@ export type ClampMask = readonly boolean[] | readonly number[] | Uint8Array;
 /** A payload: raw bytes, or a string stored as UTF-8. */
 export type PayloadInput = Buffer | Uint8Array | string;
 
+/** An int64 in a request: a bigint or a safe integer number. */
+export type Int64 = bigint | number;
+
+/**
+ * The labels of one pattern as store() takes them: string values become
+ * string labels, integers (int64) integer labels.
+ */
+export type LabelsInput = Readonly<Record<string, string | Int64>>;
+
+/** The labels of one pattern as read back: integer labels as bigints. */
+export type Labels = Record<string, string | bigint>;
+
+/**
+ * The test of one label in a {@link Filter}: a string (equal to), an integer
+ * (equal to), a non-empty array of strings or of integers (any of), or an
+ * inclusive integer range whose missing bound is open.
+ */
+export type LabelTest =
+  | string
+  | Int64
+  | readonly string[]
+  | readonly Int64[]
+  | { readonly min: Int64; readonly max?: Int64 }
+  | { readonly min?: Int64; readonly max: Int64 };
+
+/**
+ * Restricts retrieve, energy, sample and sampleStream to the patterns whose
+ * labels pass every test (a pattern without the key fails), exactly as if the
+ * bank held only those:
+ *   { lang: 'en', year: { min: 2000, max: 2009 }, tag: ['a', 'b'], n: [1, 2], id: 7 }
+ */
+export type Filter = Readonly<Record<string, LabelTest>>;
+
+/** One engram.v1.Condition as sent (see {@link toFilter}); int64 as decimal strings. */
+export type FilterCondition = { key: string } & (
+  | { equals: string }
+  | { anyOf: { values: string[] } }
+  | { intEquals: string }
+  | { intAnyOf: { values: string[] } }
+  | { intRange: { min: string; max: string } }
+);
+
+/** The engram.v1.Filter message of a {@link Filter}; also its proto3 JSON form. */
+export interface FilterMessage {
+  conditions: FilterCondition[];
+}
+
 /** Enum values are given as lowercase short names; proto names and numbers are accepted too. */
 type EnumInput<Short extends string, Proto extends string> = Short | Uppercase<Short> | Proto | number;
 
@@ -98,6 +145,10 @@ export interface BankInfo {
   /** K / N. */
   load: number;
   capacity: Capacity | null;
+  /** Dimension M of each pattern's value; 0 for a bank without values. */
+  valueDim: number;
+  /** Default time to live of a stored pattern in seconds; 0: none. */
+  ttlSeconds: number;
 }
 
 /** A stored memory. */
@@ -142,6 +193,10 @@ export interface CreateBankOptions extends CallOptions {
   /** Default energy, or a family name; family defaults to lse (continuous) / classical (bipolar). */
   energy?: EnergyConfigInput | EnergyFamilyInput;
   precision?: PrecisionInput;
+  /** Dimension M of the value each pattern carries (a key -> value bank); default 0, none. */
+  valueDim?: number;
+  /** Default time to live of the bank's patterns in seconds; default 0, none. */
+  ttlSeconds?: Uint64;
 }
 
 export interface StoreOptions extends CallOptions {
@@ -151,6 +206,14 @@ export interface StoreOptions extends CallOptions {
   ids?: readonly Uint64[];
   /** One payload per pattern, each at most 64 KiB. */
   payloads?: readonly PayloadInput[];
+  /** K * M floats or K rows of M: required on a bank with valueDim M > 0, refused on others. */
+  values?: VectorBatch;
+  /** The bank's valueDim, checked against the values before sending. */
+  valueDim?: number;
+  /** One labels object per pattern (null: none); other value types throw TypeError. */
+  labels?: ReadonlyArray<LabelsInput | null | undefined>;
+  /** Time to live of these patterns in seconds; 0 or omitted: the bank's ttlSeconds. */
+  ttlSeconds?: Uint64;
 }
 
 export interface GetPatternsOptions extends CallOptions {
@@ -167,6 +230,12 @@ export interface Patterns {
   /** ids.length * dim floats, bit for bit as stored. */
   patterns: Float32Array;
   payloads: Buffer[];
+  /** ids.length * valueDim floats, bit for bit as stored; empty for a bank without values. */
+  values: Float32Array;
+  /** One per id. */
+  labels: Labels[];
+  /** Unix time in ms at which each pattern expires; 0: never. Expired patterns stay here until the server's sweep. */
+  expiresUnixMs: number[];
   /** Row to ask for next; the bank size after the last page. */
   nextPageStart: number;
 }
@@ -195,6 +264,8 @@ export interface RetrieveOptions extends CallOptions {
   partialOnDeadline?: boolean;
   clamp?: ClampMask;
   queueTimeoutMs?: number;
+  /** Recall among the passing patterns only; rejects FAILED_PRECONDITION when none passes. */
+  filter?: Filter;
 }
 
 export interface RetrieveResult {
@@ -210,6 +281,8 @@ export interface RetrieveResult {
   converged: boolean;
   stopReason: StopReason | 'unspecified';
   lyapunovViolations: number;
+  /** Banks with values: the M floats of the readout sum_mu p_mu v_mu at the final state; else null. */
+  value: Float32Array | null;
 }
 
 export interface EnergyOptions extends CallOptions {
@@ -218,6 +291,8 @@ export interface EnergyOptions extends CallOptions {
   gradient?: boolean;
   energy?: EnergyConfigInput | EnergyFamilyInput;
   queueTimeoutMs?: number;
+  /** The energy of the passing patterns only. */
+  filter?: Filter;
 }
 
 export interface EnergyResult {
@@ -225,6 +300,8 @@ export interface EnergyResult {
   energies: number[];
   /** B * N floats when gradient was requested, else null. */
   gradients: Float32Array | null;
+  /** Banks with values: B * M floats row-major, the readout at each state (one attention step); else null. */
+  values: Float32Array | null;
 }
 
 export interface ScheduleInput {
@@ -264,6 +341,8 @@ export interface SampleOptions extends CallOptions {
   /** Record every k-th state in each sample's trajectory (0: none). */
   trajectoryEvery?: number;
   queueTimeoutMs?: number;
+  /** Sample from the passing memories only; rejects FAILED_PRECONDITION when none passes. */
+  filter?: Filter;
 }
 
 export interface TrajectoryPoint {
@@ -394,5 +473,11 @@ export { status } from '@grpc/grpc-js';
 export function toProtoEnum(type: EnumType, value: string | number): string | number;
 /** The short name of a proto enum value: fromProtoEnum('SampleClass', 'SAMPLE_CLASS_NOVEL') === 'novel'. */
 export function fromProtoEnum(type: EnumType, value: string | number): string | number;
+/**
+ * The engram.v1.Filter message of a filter object, as the client sends it:
+ * toFilter({ lang: 'en' }) deep-equals { conditions: [{ key: 'lang', equals: 'en' }] }.
+ * Throws TypeError for a test of no accepted form, RangeError for an integer outside int64.
+ */
+export function toFilter(filter: Filter): FilterMessage;
 /** The directory engram/v1/engram.proto is loaded from. */
 export function protoDir(): string;

@@ -162,6 +162,10 @@ class Client {
    *   family defaults to "lse" (continuous) or "classical" (bipolar)
    * @param {string|number} [options.precision] "f32", "bf16", "bit_packed"
    *   or "f32_screened"
+   * @param {number} [options.valueDim=0] dimension M of the value each
+   *   pattern carries (a key -> value bank); 0 for none
+   * @param {number|bigint} [options.ttlSeconds=0] default time to live of the
+   *   bank's patterns; 0 for none
    * @param {number} [options.timeoutMs] deadline of this call
    * @returns {Promise<object>} the new bank's BankInfo; rejects ALREADY_EXISTS
    *   when the name is taken, INVALID_ARGUMENT on a bad name, dim, kind or
@@ -174,6 +178,8 @@ class Client {
       kind: c.enumIn('StateKind', options.kind === undefined ? 'continuous' : options.kind),
       energy: c.energyIn(options.energy),
       precision: c.enumIn('Precision', options.precision),
+      valueDim: options.valueDim,
+      ttlSeconds: c.optionalUint64In(options.ttlSeconds, 'ttlSeconds'),
     }, options);
     return c.bankOut(reply);
   }
@@ -223,11 +229,22 @@ class Client {
    *   (uint64); the server assigns fresh ids when omitted
    * @param {Array<Buffer|Uint8Array|string>} [options.payloads] one payload
    *   per pattern, each at most 64 KiB
+   * @param {Float32Array|number[]|number[][]} [options.values] K * M floats
+   *   or K rows of M: one value per pattern, required by (and only allowed
+   *   on) a bank with valueDim M > 0
+   * @param {number} [options.valueDim] the bank's valueDim, to check the
+   *   values' shape before sending
+   * @param {Array<object|null>} [options.labels] one plain object per pattern:
+   *   string values are string labels, integers (safe numbers or bigints)
+   *   int64 labels; throws TypeError for any other value
+   * @param {number|bigint} [options.ttlSeconds] time to live of these
+   *   patterns; 0 or omitted: the bank's ttlSeconds
    * @param {number} [options.timeoutMs] deadline of this call
    * @returns {Promise<bigint[]>} the ids of the stored patterns, in order;
    *   rejects NOT_FOUND for an unknown bank, INVALID_ARGUMENT for a batch
    *   that is not a whole number of N-vectors (or not +-1 on a bipolar bank),
-   *   ALREADY_EXISTS for an id already in the bank
+   *   values that are not K * M finite floats, bad labels; ALREADY_EXISTS
+   *   for an id already in the bank. Nothing is stored when it rejects.
    */
   async store(bank, patterns, options = {}) {
     const reply = await this._unary('Store', {
@@ -235,6 +252,9 @@ class Client {
       patterns: c.floatsIn(patterns, 'patterns', options.dim),
       ids: c.uint64ListIn(options.ids, 'ids'),
       payloads: c.bytesListIn(options.payloads, 'payloads'),
+      values: c.floatsIn(options.values, 'values', options.valueDim),
+      labels: c.labelsIn(options.labels),
+      ttlSeconds: c.optionalUint64In(options.ttlSeconds, 'ttlSeconds'),
     }, options);
     return reply.ids.map((id) => BigInt(id));
   }
@@ -249,8 +269,13 @@ class Client {
    * @param {number} [options.pageSize=1000] rows per page
    * @param {number} [options.timeoutMs] deadline of this call
    * @returns {Promise<{dim: number, ids: bigint[], patterns: Float32Array,
-   *   payloads: Buffer[], nextPageStart: number}>} patterns bit for bit as
-   *   stored; rejects NOT_FOUND if the bank or any id is absent
+   *   payloads: Buffer[], values: Float32Array, labels: object[],
+   *   expiresUnixMs: number[], nextPageStart: number}>} patterns and values
+   *   (ids.length * M floats, empty without values) bit for bit as stored;
+   *   one labels object per id (int labels as bigints); the Unix time in ms
+   *   at which each pattern expires, 0 for never (an expired pattern stays
+   *   here until the server's expiry sweep removes it). Rejects NOT_FOUND if
+   *   the bank or any id is absent
    */
   async getPatterns(bank, options = {}) {
     const reply = await this._unary('GetPatterns', {
@@ -264,6 +289,9 @@ class Client {
       ids: reply.ids.map((id) => BigInt(id)),
       patterns: c.floatsOut(reply.patterns),
       payloads: reply.payloads,
+      values: c.floatsOut(reply.values),
+      labels: reply.labels.map(c.labelsOut),
+      expiresUnixMs: reply.expiresUnixMs.map(Number),
       nextPageStart: Number(reply.nextPageStart),
     };
   }
@@ -308,10 +336,16 @@ class Client {
    * @param {ArrayLike<boolean|number>} [options.clamp] N or B * N flags of
    *   coordinates held at their query values
    * @param {number} [options.queueTimeoutMs] longest wait in the server queue
+   * @param {object} [options.filter] only the patterns whose labels pass
+   *   (see "Filters" in README.md): {key: "en" | 7 | ["a", "b"] | [1, 2] |
+   *   {min, max}}, ANDed; throws TypeError for a test of no such form
    * @param {number} [options.timeoutMs] deadline of this call
    * @returns {Promise<object[]>} one RetrieveResult per query, with `state`
-   *   a Float32Array; rejects NOT_FOUND for an unknown bank, INVALID_ARGUMENT
-   *   for queries that are not whole N-vectors
+   *   a Float32Array and, on a bank with values, `value` the M floats of the
+   *   readout sum_mu p_mu v_mu at the final state (null without values);
+   *   rejects NOT_FOUND for an unknown bank, INVALID_ARGUMENT for queries
+   *   that are not whole N-vectors or a malformed filter,
+   *   FAILED_PRECONDITION when no pattern passes the filter
    */
   async retrieve(bank, queries, options = {}) {
     const reply = await this._unary('Retrieve', {
@@ -332,6 +366,7 @@ class Client {
       },
       clamp: c.boolsIn(options.clamp, 'clamp'),
       queueTimeoutMs: options.queueTimeoutMs,
+      filter: c.filterIn(options.filter),
     }, options);
     return reply.results.map(c.retrieveResultOut);
   }
@@ -345,9 +380,14 @@ class Client {
    * @param {boolean} [options.gradient=false] also return grad E
    * @param {object|string} [options.energy] overrides the bank's energy
    * @param {number} [options.queueTimeoutMs] longest wait in the server queue
+   * @param {object} [options.filter] only the patterns whose labels pass
+   *   (see "Filters" in README.md): {key: "en" | 7 | ["a", "b"] | [1, 2] |
+   *   {min, max}}, ANDed; throws TypeError for a test of no such form
    * @param {number} [options.timeoutMs] deadline of this call
-   * @returns {Promise<{energies: number[], gradients: Float32Array|null}>}
-   *   one energy (double) per state; B * N gradient floats when requested
+   * @returns {Promise<{energies: number[], gradients: Float32Array|null,
+   *   values: Float32Array|null}>} one energy (double) per state; B * N
+   *   gradient floats when requested; on a bank with values, B * M floats
+   *   row-major: the readout at each state (one attention step), else null
    */
   async energy(bank, states, options = {}) {
     const reply = await this._unary('Energy', {
@@ -356,8 +396,13 @@ class Client {
       energy: c.energyIn(options.energy),
       returnGradient: Boolean(options.gradient),
       queueTimeoutMs: options.queueTimeoutMs,
+      filter: c.filterIn(options.filter),
     }, options);
-    return { energies: reply.energies, gradients: options.gradient ? c.floatsOut(reply.gradients) : null };
+    return {
+      energies: reply.energies,
+      gradients: options.gradient ? c.floatsOut(reply.gradients) : null,
+      values: c.optionalFloatsOut(reply.values),
+    };
   }
 
   /**
@@ -369,9 +414,11 @@ class Client {
    *   sigmaMax, sigmaMin, rho, steps, stopAtSigmaMin}, seed, query (N or
    *   count * N floats), sigmaStart, clamp, churn, sTmin, sTmax, sNoise,
    *   langevinSteps, langevinEta, amIterations, deltaMemorized,
-   *   deltaSpurious, trajectoryEvery, queueTimeoutMs; plus timeoutMs
+   *   deltaSpurious, trajectoryEvery, queueTimeoutMs, filter (as for
+   *   retrieve: sample from the passing memories only); plus timeoutMs
    * @returns {Promise<object>} the SampleResponse: {samples, sigmas, steps},
-   *   each sample's `state` a Float32Array
+   *   each sample's `state` a Float32Array; rejects FAILED_PRECONDITION
+   *   when no pattern passes the filter
    */
   async sample(bank, options = {}) {
     return c.sampleResponseOut(await this._unary('Sample', sampleRequest(bank, options), options));
@@ -536,6 +583,7 @@ function sampleRequest(bank, o) {
     deltaSpurious: o.deltaSpurious,
     trajectoryEvery: o.trajectoryEvery,
     queueTimeoutMs: o.queueTimeoutMs,
+    filter: c.filterIn(o.filter),
   };
 }
 

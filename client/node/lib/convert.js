@@ -7,6 +7,8 @@ const { load } = require('./proto');
 const { argumentError } = require('./errors');
 
 const UINT64_MAX = (1n << 64n) - 1n;
+const INT64_MIN = -(1n << 63n);
+const INT64_MAX = (1n << 63n) - 1n;
 
 /**
  * The prefix of every value name of an engram.v1 enum: "StateKind" →
@@ -172,6 +174,11 @@ function floatsOut(values) {
   return Float32Array.from(values || []);
 }
 
+/** Packed floats of a response as a Float32Array; null when there are none. */
+function optionalFloatsOut(values) {
+  return values && values.length > 0 ? Float32Array.from(values) : null;
+}
+
 /** A clamp mask for a request: any array-like of truthy / falsy values. */
 function boolsIn(mask, what) {
   if (mask === undefined || mask === null) return [];
@@ -188,6 +195,123 @@ function bytesListIn(payloads, what) {
     if (p instanceof Uint8Array) return Buffer.from(p.buffer, p.byteOffset, p.byteLength);
     throw argumentError(`${what}[${i}]: expected a Buffer, Uint8Array or string`);
   });
+}
+
+/** True for {...} literals and Object.create(null), not for arrays, Maps, Dates, ... */
+function isPlainObject(x) {
+  if (x === null || typeof x !== 'object') return false;
+  const proto = Object.getPrototypeOf(x);
+  return proto === Object.prototype || proto === null;
+}
+
+/** True for a bigint or a safe integer number. */
+function isInteger(x) {
+  return typeof x === 'bigint' || Number.isSafeInteger(x);
+}
+
+/** A value for an error message: strings quoted, bigints with their n. */
+function show(x) {
+  if (typeof x === 'bigint') return `${x}n`;
+  if (typeof x === 'string') return JSON.stringify(x);
+  if (Array.isArray(x)) return 'an array';
+  return x !== null && typeof x === 'object' ? 'an object' : String(x);
+}
+
+/**
+ * An int64 for a request, as a decimal string.
+ * @param {bigint|number} value a bigint or a safe integer
+ * @param {string} what the argument's name, for the error message
+ * @returns {string}
+ * @throws {TypeError} for anything else; {RangeError} outside int64
+ */
+function int64In(value, what) {
+  if (!isInteger(value)) {
+    throw new TypeError(`engram-client: ${what} must be an integer (a safe integer number or a bigint), got ${show(value)}`);
+  }
+  const big = BigInt(value);
+  if (big < INT64_MIN || big > INT64_MAX) throw new RangeError(`engram-client: ${what}: ${big} is outside int64`);
+  return big.toString();
+}
+
+/**
+ * The Labels messages of store(): one plain object per pattern (null or
+ * undefined for none), string values as string labels, integers (safe
+ * numbers or bigints) as int64 labels.
+ * @param {Array<object|null|undefined>|undefined} labels
+ * @returns {Array<{strings: object, ints: object}>}
+ * @throws {TypeError} for a value of any other type
+ */
+function labelsIn(labels) {
+  if (labels === undefined || labels === null) return [];
+  if (!Array.isArray(labels)) throw new TypeError('engram-client: labels must be an array of objects, one per pattern');
+  return labels.map((l, i) => {
+    if (l === undefined || l === null) return { strings: {}, ints: {} };
+    if (!isPlainObject(l)) throw new TypeError(`engram-client: labels[${i}] must be a plain object, got ${show(l)}`);
+    const strings = [];
+    const ints = [];
+    for (const [key, v] of Object.entries(l)) {
+      if (typeof v === 'string') strings.push([key, v]);
+      else if (typeof v === 'number' || typeof v === 'bigint') ints.push([key, int64In(v, `labels[${i}].${key}`)]);
+      else throw new TypeError(`engram-client: labels[${i}].${key} must be a string or an integer, got ${show(v)}`);
+    }
+    // fromEntries: a key such as "__proto__" stays an own property.
+    return { strings: Object.fromEntries(strings), ints: Object.fromEntries(ints) };
+  });
+}
+
+/** The labels of one pattern of a response: one object, int labels as bigints. */
+function labelsOut(l) {
+  return Object.fromEntries([
+    ...Object.entries((l && l.strings) || {}),
+    ...Object.entries((l && l.ints) || {}).map(([k, v]) => [k, BigInt(v)]),
+  ]);
+}
+
+/**
+ * The engram.v1.Filter message of a filter object: one condition per key,
+ * ANDed. Each key's test is
+ *   "en"                       equals (a string label)
+ *   7 or 7n                    int_equals (an integer label)
+ *   ["a", "b"]                 any_of (non-empty, all strings)
+ *   [1, 2n]                    int_any_of (non-empty, all integers)
+ *   {min: 2000, max: 2009}     int_range, inclusive; a missing bound is open
+ * Integers are safe numbers or bigints and travel as decimal strings, so the
+ * message is also the proto3 JSON of the HTTP gateway.
+ * @param {object|undefined} filter
+ * @returns {{conditions: object[]}|undefined}
+ * @throws {TypeError} for a test of no such form; {RangeError} for an integer outside int64
+ */
+function filterIn(filter) {
+  if (filter === undefined || filter === null) return undefined;
+  if (!isPlainObject(filter)) throw new TypeError('engram-client: filter must be a plain object {label: test, ...}');
+  return { conditions: Object.entries(filter).map(([key, test]) => conditionIn(key, test)) };
+}
+
+/** One Condition of filterIn(). */
+function conditionIn(key, test) {
+  const what = `filter.${key}`;
+  if (typeof test === 'string') return { key, equals: test };
+  if (typeof test === 'number' || typeof test === 'bigint') return { key, intEquals: int64In(test, what) };
+  if (Array.isArray(test) && test.length > 0) {
+    if (test.every((v) => typeof v === 'string')) return { key, anyOf: { values: test.slice() } };
+    if (test.every((v) => typeof v === 'number' || typeof v === 'bigint')) {
+      return { key, intAnyOf: { values: test.map((v, i) => int64In(v, `${what}[${i}]`)) } };
+    }
+  }
+  if (isPlainObject(test)) {
+    const keys = Object.keys(test).filter((k) => test[k] !== undefined);
+    if (keys.length > 0 && keys.every((k) => k === 'min' || k === 'max')) {
+      return {
+        key,
+        intRange: {
+          min: test.min === undefined ? INT64_MIN.toString() : int64In(test.min, `${what}.min`),
+          max: test.max === undefined ? INT64_MAX.toString() : int64In(test.max, `${what}.max`),
+        },
+      };
+    }
+  }
+  throw new TypeError(`engram-client: ${what} must be a string, an integer, a non-empty array of strings or of ` +
+    `integers, or {min, max}; got ${show(test)}`);
 }
 
 /**
@@ -230,6 +354,8 @@ function bankOut(b) {
     kind: fromProtoEnum('StateKind', b.kind),
     energy: energyOut(b.energy),
     precision: fromProtoEnum('Precision', b.precision),
+    valueDim: b.valueDim,
+    ttlSeconds: Number(b.ttlSeconds),
     patterns: Number(b.patterns),
     bytes: Number(b.bytes),
     load: b.load,
@@ -260,6 +386,7 @@ function retrieveResultOut(r) {
     converged: r.converged,
     stopReason: fromProtoEnum('StopReason', r.stopReason),
     lyapunovViolations: r.lyapunovViolations,
+    value: optionalFloatsOut(r.value),
   };
 }
 
@@ -291,6 +418,7 @@ function frameOut(f) {
 module.exports = {
   enumPrefix, toProtoEnum, fromProtoEnum, enumIn,
   uint64In, optionalUint64In, uint64ListIn,
-  floatsIn, floatsOut, boolsIn, bytesListIn,
+  floatsIn, floatsOut, optionalFloatsOut, boolsIn, bytesListIn,
+  int64In, labelsIn, labelsOut, filterIn,
   energyIn, energyOut, bankOut, memoryOut, retrieveResultOut, sampleResponseOut, frameOut,
 };

@@ -10,8 +10,8 @@
 
 const { Client, DEFAULTS } = require('./client');
 const { EngramError } = require('./errors');
-const { toProtoEnum, fromProtoEnum } = require('./convert');
+const { toProtoEnum, fromProtoEnum, filterIn: toFilter } = require('./convert');
 const { protoDir } = require('./proto');
 const { status } = require('@grpc/grpc-js');
 
-module.exports = { Client, EngramError, DEFAULTS, status, toProtoEnum, fromProtoEnum, protoDir };
+module.exports = { Client, EngramError, DEFAULTS, status, toProtoEnum, fromProtoEnum, toFilter, protoDir };

@@ -2,8 +2,8 @@
 // declared API the way a TypeScript program would, and asserts that wrong
 // uses do not compile.
 import {
-  BankInfo, Client, EngramError, EnergyResult, RetrieveResult, SampleFrame, SampleResponse,
-  fromProtoEnum, status, toProtoEnum,
+  BankInfo, Client, EngramError, EnergyResult, Filter, FilterMessage, Labels, RetrieveResult, SampleFrame,
+  SampleResponse, fromProtoEnum, status, toFilter, toProtoEnum,
 } from 'engram-client';
 
 type Equal<A, B> = (<T>() => T extends A ? 1 : 2) extends (<T>() => T extends B ? 1 : 2) ? true : false;
@@ -26,6 +26,10 @@ export async function usage(): Promise<number> {
     energy: { family: 'general', similarity: 'neg_half_sq_l2', separation: 'SEPARATION_SOFTMAX', beta: 2 },
   });
   assertType<Equal<typeof bank.kind, 'continuous' | 'bipolar'>>();
+  const kv: BankInfo = await client.createBank('kv', 4, { valueDim: 2, ttlSeconds: 3600 });
+  const valueDim: number = kv.valueDim;
+  const ttl: number = kv.ttlSeconds;
+  await client.createBank('kv2', 4, { ttlSeconds: 10n });
   const banks: BankInfo[] = await client.listBanks();
   const names: string[] = banks.map((b) => b.name);
 
@@ -33,6 +37,15 @@ export async function usage(): Promise<number> {
     dim: 4, ids: [2n ** 53n + 1n, '18446744073709551615'], payloads: [Buffer.from('a'), 'b'],
   });
   await client.store('demo', new Float32Array(8));
+  await client.store('kv', [[1, 0, 0, 0], [0, 1, 0, 0]], {
+    values: new Float32Array(4), valueDim: 2, labels: [{ lang: 'en', year: 2001, big: 2n ** 62n }, null], ttlSeconds: 60,
+  });
+  await client.store('kv', [[1, 0, 0, 0]], { values: [new Float32Array(2)], labels: [{}] });
+  const kvBack = await client.getPatterns('kv');
+  const values: Float32Array = kvBack.values;
+  const labels: Labels = kvBack.labels[0];
+  const label: string | bigint | undefined = labels.year;
+  const expires: number[] = kvBack.expiresUnixMs;
   const back = await client.getPatterns('demo', { ids });
   const first: bigint = back.ids[0];
   const floats: Float32Array = back.patterns;
@@ -50,6 +63,15 @@ export async function usage(): Promise<number> {
   const e: EnergyResult = await client.energy('demo', [[0.1, 0.2, 0.3, 0.4]], { gradient: true });
   const energies: number[] = e.energies;
   const grad: Float32Array | null = e.gradients;
+
+  const filter: Filter = { lang: 'en', year: { min: 2000, max: 2009 }, tag: ['a', 'b'], n: [1, 2n], id: 7, from: { min: 3 } };
+  const [hit] = await client.retrieve('kv', [1, 0, 0, 0], { filter, maxSteps: 10 });
+  const value: Float32Array | null = hit.value;
+  const readout: Float32Array | null = (await client.energy('kv', [[1, 0, 0, 0]], { filter: { lang: 'en' } })).values;
+  await client.sample('kv', { count: 1, filter: { year: { max: 2009 } } });
+  for await (const frame of client.sampleStream('kv', { filter: { tag: ['a'] } })) void frame;
+  const raw: FilterMessage = toFilter(filter);
+  assertType<Equal<typeof raw.conditions[0]['key'], string>>();
 
   const sampled: SampleResponse = await client.sample('demo', {
     count: 3, seed: 5n, sampler: 'heun', schedule: { kind: 'karras', sigmaMax: 20, steps: 32 }, churn: 0,
@@ -91,8 +113,24 @@ export async function usage(): Promise<number> {
   await client.retrieve('demo', [1, 2], { maxStep: 3 });
   // @ts-expect-error: unknown dynamics
   await client.retrieve('demo', [1, 2], { dynamics: 'fast' });
+  // @ts-expect-error: labels are strings or integers
+  await client.store('kv', [[1, 0, 0, 0]], { values: [[1, 2]], labels: [{ flag: true }] });
+  // @ts-expect-error: labels are one object per pattern
+  await client.store('kv', [[1, 0, 0, 0]], { values: [[1, 2]], labels: { lang: 'en' } });
+  // @ts-expect-error: a filter test is not a boolean
+  await client.retrieve('kv', [1, 0, 0, 0], { filter: { lang: true } });
+  // @ts-expect-error: ranges have min and max only
+  await client.energy('kv', [1, 0, 0, 0], { filter: { year: { min: 1, step: 2 } } });
+  // @ts-expect-error: an empty range
+  await client.sample('kv', { filter: { year: {} } });
+  // @ts-expect-error: arrays do not mix strings and integers
+  await client.retrieve('kv', [1, 0, 0, 0], { filter: { n: [1, 'a'] } });
+  // @ts-expect-error: value readouts may be absent
+  const always: Float32Array = hit.value;
 
   return names.length + floats.length + payload.length + page.nextPageStart + removed + state.length +
     Number(nearestId ?? 0n) + stop.length + energies.length + (grad ? grad.length : 0) + cls.length +
-    snap.bytes + String(proto).length + String(short).length;
+    snap.bytes + String(proto).length + String(short).length + valueDim + ttl + values.length +
+    String(label).length + expires.length + (value ? value.length : 0) + (readout ? readout.length : 0) +
+    raw.conditions.length + always.length;
 }
