@@ -14,7 +14,7 @@ void PrintBank(const v1::BankInfo& b) {
   const std::string kind = b.kind() == v1::STATE_KIND_BIPOLAR ? "bipolar" : "continuous";
   std::cout << absl::StrFormat(
       "%s: N=%d %s%s, energy %s, K=%d patterns, %d bytes, load K/N=%.4f\n"
-      "  capacity %s = %.6g patterns%s\n",
+      "  capacity %s = %.6g patterns%s\n%s",
       b.name(), b.dim(), kind,
       b.precision() == v1::PRECISION_BF16         ? " bf16"
       : b.precision() == v1::PRECISION_BIT_PACKED ? " bit_packed"
@@ -22,7 +22,11 @@ void PrintBank(const v1::BankInfo& b) {
                                                   : "",
       EnergyName(b.energy()), b.patterns(), b.bytes(), b.load(),
       b.capacity().formula(), b.capacity().patterns(),
-      b.capacity().over_capacity() ? "  ** OVER CAPACITY **" : "");
+      b.capacity().over_capacity() ? "  ** OVER CAPACITY **" : "",
+      b.value_dim() > 0 || b.ttl_seconds() > 0
+          ? absl::StrFormat("  values of dimension %d; time to live %s\n", b.value_dim(),
+                            b.ttl_seconds() > 0 ? absl::StrCat(b.ttl_seconds(), " s") : "none")
+          : "");
 }
 
 }  // namespace
@@ -69,6 +73,13 @@ absl::Status RunBank(const Args& args, Context& ctx) {
     }
     bool set = false;
     ENGRAM_RETURN_IF_ERROR(ParseEnergy(args, req.mutable_energy(), &set));
+    ENGRAM_ASSIGN_OR_RETURN(int64_t value_dim, args.GetInt("value-dim", 0));
+    ENGRAM_ASSIGN_OR_RETURN(int64_t ttl, args.GetInt("ttl", 0));
+    if (value_dim < 0 || value_dim > (1 << 20) || ttl < 0) {
+      return absl::InvalidArgumentError("--value-dim must be in [0, 1048576], --ttl >= 0");
+    }
+    req.set_value_dim(static_cast<uint32_t>(value_dim));
+    req.set_ttl_seconds(static_cast<uint64_t>(ttl));
     ENGRAM_ASSIGN_OR_RETURN(v1::BankInfo info, ctx.client->CreateBank(req));
     if (ctx.json) std::cout << ToJson(info) << "\n";
     else { std::cout << "created "; PrintBank(info); }

@@ -26,11 +26,17 @@ const OptionGroup kEnergy = {{"energy", "FAMILY"},
 
 const OptionGroup kNone = {};
 
+// Restricts a call to the patterns whose labels pass.
+const OptionGroup kFilter = {{"filter", "KEY=V[|V..],KEY#=N[|N..],KEY#=LO..HI"}};
+
 const OptionGroup kBankCreate = {{"dim", "N"},
                                  {"kind", "bipolar|continuous"},
-                                 {"precision", "f32|bf16|bit_packed|f32_screened"}};
+                                 {"precision", "f32|bf16|bit_packed|f32_screened"},
+                                 {"value-dim", "M"},
+                                 {"ttl", "SECONDS"}};
 const OptionGroup kBankImport = {{"name", "NEW"}};
-const OptionGroup kStore = {{"labels", "FILE"}, {"payloads", "FILE"}, {"ids-start", "ID"},
+const OptionGroup kStore = {{"labels", "FILE"}, {"label-key", "KEY"}, {"payloads", "FILE"},
+                            {"values", "FILE"}, {"ttl", "SECONDS"},  {"ids-start", "ID"},
                             {"batch", "N"}};
 const OptionGroup kGet = {{"out", "patterns.npy"}};
 const OptionGroup kRetrieve = {
@@ -148,10 +154,10 @@ const std::vector<Command>& Commands() {
       {"backup", "FILE", "consistent snapshot of every bank to <data_dir>/backups/FILE",
        {&kNone}, 1, 1, RunBackup},
       {"retrieve", "BANK FILE", "recall the memories that corrupted or partial rows fall into",
-       {&kRetrieve, &kData, &kEnergy}, 2, 2, RunRetrieve},
+       {&kRetrieve, &kFilter, &kData, &kEnergy}, 2, 2, RunRetrieve},
       {"energy", "BANK FILE", "energy (and gradient) of the states in a file",
-       {&kEnergyCmd, &kData, &kEnergy}, 2, 2, RunEnergy},
-      {"sample", "BANK", "diffusion-style sampling", {&kSample, &kData, &kEnergy}, 1, 1,
+       {&kEnergyCmd, &kFilter, &kData, &kEnergy}, 2, 2, RunEnergy},
+      {"sample", "BANK", "diffusion-style sampling", {&kSample, &kFilter, &kData, &kEnergy}, 1, 1,
        RunSample},
       {"health", "", "grpc.health.v1 check (exit 0 when SERVING)", {&kHealth}, 0, 0, RunHealth},
       {"load", "BANK", "load test (latency percentiles, calls/s)", {&kLoad, &kData}, 1, 1,
@@ -202,6 +208,9 @@ std::string HelpText() {
   }
   out +=
       "\nenergy families: classical polynomial exponential lse gaussian general\n"
+      "--filter: comma-separated conditions, all of which must hold: KEY=V (string label equal),\n"
+      "KEY=V1|V2 (one of), KEY#=N (integer label equal), KEY#=N1|N2, KEY#=LO..HI (inclusive).\n"
+      "store --labels FILE --label-key KEY keeps each row's class as integer label KEY.\n"
       "The server address comes from --target or ENGRAM_TARGET (default 127.0.0.1:50051), a\n"
       "bearer token from --token or ENGRAM_TOKEN. Exit status: 0 on success, 1 on a server or\n"
       "input error, 2 on a usage error.\n";

@@ -39,6 +39,9 @@ extern const std::set<std::string> kEnergyOptions;
 // Returns false in *set when no --energy was given.
 absl::Status ParseEnergy(const Args& args, v1::EnergyConfig* out, bool* set);
 absl::StatusOr<v1::StateKind> ParseKind(const std::string& s);
+// --filter's expression (see the help text) into `out`; INVALID_ARGUMENT
+// naming the condition it cannot read.
+absl::Status ParseFilter(const std::string& expr, v1::Filter* out);
 absl::StatusOr<v1::Dynamics> ParseDynamics(const std::string& s);
 
 // Loads a data file and applies --offset/--limit/--binarize/--normalize/

@@ -1,7 +1,9 @@
 #include <google/protobuf/util/json_util.h>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "client/cli/commands.h"
 #include "engram/core/status_macros.h"
 
@@ -9,6 +11,51 @@ namespace engram::cli {
 
 const std::set<std::string> kEnergyOptions = {"energy", "beta", "degree", "rectified",
                                               "similarity", "separation"};
+
+absl::Status ParseFilter(const std::string& expr, v1::Filter* out) {
+  for (absl::string_view cond : absl::StrSplit(expr, ',', absl::SkipWhitespace())) {
+    const size_t eq = cond.find('=');
+    if (eq == absl::string_view::npos || eq == 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--filter condition '", cond, "' is not KEY=V, KEY=V1|V2, KEY#=N, KEY#=N1|N2 or KEY#=LO..HI"));
+    }
+    const bool integer = cond[eq - 1] == '#';
+    v1::Condition* c = out->add_conditions();
+    c->set_key(std::string(absl::StripAsciiWhitespace(cond.substr(0, integer ? eq - 1 : eq))));
+    const absl::string_view rhs = cond.substr(eq + 1);
+    if (!integer) {
+      std::vector<std::string> values = absl::StrSplit(rhs, '|');
+      if (values.size() == 1) {
+        c->set_equals(values[0]);
+      } else {
+        for (auto& v : values) c->mutable_any_of()->add_values(v);
+      }
+      continue;
+    }
+    auto integer_of = [&](absl::string_view t, int64_t* v) -> absl::Status {
+      if (absl::SimpleAtoi(absl::StripAsciiWhitespace(t), v)) return absl::OkStatus();
+      return absl::InvalidArgumentError(
+          absl::StrCat("--filter condition '", cond, "': '", t, "' is not an integer"));
+    };
+    if (const size_t dots = rhs.find(".."); dots != absl::string_view::npos) {
+      int64_t lo = 0, hi = 0;
+      ENGRAM_RETURN_IF_ERROR(integer_of(rhs.substr(0, dots), &lo));
+      ENGRAM_RETURN_IF_ERROR(integer_of(rhs.substr(dots + 2), &hi));
+      c->mutable_int_range()->set_min(lo);
+      c->mutable_int_range()->set_max(hi);
+      continue;
+    }
+    std::vector<absl::string_view> values = absl::StrSplit(rhs, '|');
+    for (absl::string_view t : values) {
+      int64_t v = 0;
+      ENGRAM_RETURN_IF_ERROR(integer_of(t, &v));
+      if (values.size() == 1) c->set_int_equals(v);
+      else c->mutable_int_any_of()->add_values(v);
+    }
+  }
+  if (out->conditions_size() == 0) return absl::InvalidArgumentError("--filter is empty");
+  return absl::OkStatus();
+}
 
 absl::StatusOr<v1::StateKind> ParseKind(const std::string& s) {
   const std::string k = absl::AsciiStrToLower(s);

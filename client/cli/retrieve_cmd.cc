@@ -47,6 +47,7 @@ absl::Status RunRetrieve(const Args& args, Context& ctx) {
     for (float v : c.data) req.add_clamp(v != 0.f);
   }
   req.mutable_queries()->Add(queries.data.begin(), queries.data.end());
+  if (args.Has("filter")) ENGRAM_RETURN_IF_ERROR(ParseFilter(args.Get("filter"), req.mutable_filter()));
   bool energy_set = false;
   ENGRAM_RETURN_IF_ERROR(ParseEnergy(args, req.mutable_energy(), &energy_set));
   if (!energy_set) req.clear_energy();
@@ -106,6 +107,11 @@ absl::Status RunRetrieve(const Args& args, Context& ctx) {
         "distance to original %.4g%s\n",
         q, r.nearest().id(), r.nearest().payload(), r.nearest().distance(), reason, r.steps(),
         r.energy_start(), r.energy_end(), dist[q], dist[q] == 0 ? " (exact)" : "");
+    if (r.value_size() > 0) {
+      std::cout << "    value:";
+      for (int j = 0; j < std::min(r.value_size(), 8); ++j) std::cout << " " << absl::StrFormat("%.6g", r.value(j));
+      std::cout << (r.value_size() > 8 ? " ...\n" : "\n");
+    }
     if (args.Has("trace")) {
       std::cout << "    energy trace:";
       for (double e : r.energy_trace()) std::cout << " " << absl::StrFormat("%.6g", e);
@@ -127,6 +133,7 @@ absl::Status RunEnergy(const Args& args, Context& ctx) {
   ENGRAM_RETURN_IF_ERROR(ParseEnergy(args, req.mutable_energy(), &set));
   if (!set) req.clear_energy();
   req.set_return_gradient(args.Has("gradient"));
+  if (args.Has("filter")) ENGRAM_RETURN_IF_ERROR(ParseFilter(args.Get("filter"), req.mutable_filter()));
   ENGRAM_ASSIGN_OR_RETURN(v1::EnergyResponse resp, ctx.client->Energy(req));
   if (ctx.json) {
     std::cout << ToJson(resp) << "\n";
@@ -139,6 +146,11 @@ absl::Status RunEnergy(const Args& args, Context& ctx) {
       double g2 = 0;
       for (int i = 0; i < n; ++i) g2 += std::pow(double{resp.gradients(q * n + i)}, 2);
       std::cout << absl::StrFormat("  |grad E| = %.6g", std::sqrt(g2));
+    }
+    if (const int m = resp.values_size() / std::max(1, resp.energies_size()); m > 0) {
+      std::cout << "  value:";
+      for (int j = 0; j < std::min(m, 8); ++j) std::cout << " " << absl::StrFormat("%.6g", resp.values(q * m + j));
+      if (m > 8) std::cout << " ...";
     }
     std::cout << "\n";
   }

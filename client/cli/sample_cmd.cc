@@ -49,6 +49,7 @@ absl::Status RunSample(const Args& args, Context& ctx) {
   const int n = static_cast<int>(info.dim());
   v1::SampleRequest req;
   req.set_bank(bank);
+  if (args.Has("filter")) ENGRAM_RETURN_IF_ERROR(ParseFilter(args.Get("filter"), req.mutable_filter()));
   ENGRAM_ASSIGN_OR_RETURN(int64_t count, args.GetInt("count", 8));
   if (count < 1) return absl::InvalidArgumentError("--count must be >= 1");
   req.set_count(static_cast<uint32_t>(count));

@@ -14,6 +14,22 @@ absl::Status RunStore(const Args& args, Context& ctx) {
   const std::string& bank = pos[1];
   ENGRAM_ASSIGN_OR_RETURN(client::Matrix m, LoadData(pos[2], args));
   std::vector<std::string> payloads;
+  std::vector<int64_t> classes;  // --labels' values, for --label-key
+  client::Matrix values;
+  if (args.Has("values")) {
+    ENGRAM_ASSIGN_OR_RETURN(values, client::LoadMatrix(args.Get("values")));
+    ENGRAM_ASSIGN_OR_RETURN(int64_t offset, args.GetInt("offset", 0));
+    ENGRAM_RETURN_IF_ERROR(client::SliceRows(&values, offset, m.rows));
+    if (values.rows != m.rows) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--values has ", values.rows, " rows for ", m.rows, " patterns"));
+    }
+  }
+  if (args.Has("label-key") && !args.Has("labels")) {
+    return absl::InvalidArgumentError("--label-key names the label of --labels' classes; give --labels");
+  }
+  ENGRAM_ASSIGN_OR_RETURN(int64_t ttl, args.GetInt("ttl", 0));
+  if (ttl < 0) return absl::InvalidArgumentError("--ttl must be >= 0 seconds");
   if (args.Has("labels")) {
     Args label_args = args;  // same row range as the data
     ENGRAM_ASSIGN_OR_RETURN(client::Matrix labels, client::LoadMatrix(args.Get("labels")));
@@ -24,7 +40,8 @@ absl::Status RunStore(const Args& args, Context& ctx) {
           "--labels has ", labels.rows, " rows for ", m.rows, " patterns"));
     }
     for (int64_t r = 0; r < labels.rows; ++r) {
-      payloads.push_back(absl::StrCat(static_cast<int64_t>(labels.row(r)[0])));
+      classes.push_back(static_cast<int64_t>(labels.row(r)[0]));
+      payloads.push_back(absl::StrCat(classes.back()));
     }
   } else if (args.Has("payloads")) {
     std::ifstream in(args.Get("payloads"));
@@ -54,6 +71,15 @@ absl::Status RunStore(const Args& args, Context& ctx) {
     if (!payloads.empty()) {
       for (int64_t r = start; r < end; ++r) req.add_payloads(payloads[r]);
     }
+    if (values.rows > 0) {
+      req.mutable_values()->Add(values.row(start), values.row(start) + (end - start) * values.cols);
+    }
+    if (args.Has("label-key")) {
+      for (int64_t r = start; r < end; ++r) {
+        (*req.add_labels()->mutable_ints())[args.Get("label-key")] = classes[r];
+      }
+    }
+    req.set_ttl_seconds(static_cast<uint64_t>(ttl));
     auto resp = ctx.client->Store(req);
     if (!resp.ok()) {
       return absl::Status(resp.status().code(), absl::StrCat(

@@ -10,6 +10,7 @@ import pytest
 import engram_client
 import engram_harness
 from test_client import lse_energy
+from test_memory_features import readout
 
 
 class AsyncCountingInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
@@ -137,3 +138,53 @@ def test_async_invalid_argument_is_not_retried(server, bank_name):
         return counter.codes
 
     assert asyncio.run(scenario()) == [grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT]
+
+
+def test_async_values_labels_and_filters_match_numpy_and_the_sync_client(
+        server, client, bank_name):
+    rng = np.random.default_rng(22)
+    name = bank_name()
+    n, k, m, beta = 12, 10, 4, 0.4
+    xi = rng.standard_normal((k, n)).astype(np.float32)
+    v = rng.standard_normal((k, m)).astype(np.float32)
+    labels = [{"group": "ab"[i % 2], "rank": i} for i in range(k)]
+    states = rng.standard_normal((3, n)).astype(np.float32)
+    spec = {"group": "b", "rank": engram_client.Range(3, 9)}
+    mask = np.array([lab["group"] == "b" and 3 <= lab["rank"] <= 9 for lab in labels])
+
+    async def scenario():
+        async with engram_client.AsyncClient(server.target) as ac:
+            info = await ac.create_bank(name, n, energy="lse", beta=beta, value_dim=m,
+                                        ttl_seconds=600)
+            ids = await ac.store(name, xi, values=v, labels=labels)
+            got = await ac.get_patterns(name, ids)
+            whole = await ac.energy(name, states)
+            filtered = await ac.energy(name, states, filter=spec)
+            recalled = await ac.retrieve(name, states, filter=spec)
+            try:
+                await ac.retrieve(name, states, filter={"group": "c"})
+            except engram_client.EngramError as e:
+                missing = e
+            frames = [f async for f in ac.sample_stream(name, count=2, seed=3, steps=8,
+                                                        filter=spec)]
+            return info, ids, got, whole, filtered, recalled, missing, frames
+
+    info, ids, got, whole, filtered, recalled, missing, frames = asyncio.run(scenario())
+    assert (info.value_dim, info.ttl_seconds) == (m, 600)
+    assert np.array_equal(got.values, v)
+    assert got.labels == labels
+    assert np.all(got.expires_unix_ms > 0)
+    np.testing.assert_allclose(whole.values, readout(xi, v, states, beta), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(filtered.values, readout(xi[mask], v[mask], states, beta),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(filtered.energies, lse_energy(xi[mask], states, beta)[0],
+                               rtol=1e-5, atol=1e-5)
+    assert isinstance(missing, engram_client.FailedPrecondition)
+    sync = client.retrieve(name, states, filter=spec)
+    for a, s in zip(recalled, sync):
+        assert np.array_equal(a.state, s.state) and np.array_equal(a.value, s.value)
+        assert mask[ids.tolist().index(a.nearest.id)]
+    sync_frames = list(client.sample_stream(name, count=2, seed=3, steps=8, filter=spec))
+    assert np.array_equal(frames[-1].states, sync_frames[-1].states)
+    for sample in frames[-1].result.samples:
+        assert mask[ids.tolist().index(sample.nearest.id)]

@@ -7,14 +7,15 @@ banks over gRPC (proto/engram/v1/engram.proto).
 
 Client is synchronous, AsyncClient (engram_client.aio) is its asyncio twin.
 Failed calls raise EngramError subclasses (NotFound, InvalidArgument, ...).
+Range and label_filter build the `filter=` of retrieve / energy / sample.
 `pb` and `pb_grpc` are the generated engram.v1 modules, for requests the
 client methods do not cover; the *_request functions build the same
 messages the clients send.
 """
 from ._convert import (backup_request, create_bank_request, delete_bank_request,
                        delete_patterns_request, energy_config, energy_request, get_bank_request,
-                       get_patterns_request, list_banks_request, retrieve_request, sample_request,
-                       store_request)
+                       get_patterns_request, label_filter, labels_message, list_banks_request,
+                       retrieve_request, sample_request, store_request)
 from ._gen.engram.v1 import engram_pb2 as pb
 from ._gen.engram.v1 import engram_pb2_grpc as pb_grpc
 from .aio import AsyncClient
@@ -24,13 +25,13 @@ from .errors import (Aborted, AlreadyExists, Cancelled, DataLoss, DeadlineExceed
                      PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable,
                      Unimplemented, Unknown, error_from_rpc)
 from .types import (BackupResult, BankInfo, Capacity, EnergyResult, EnergySpec, Memory, Patterns,
-                    RetrieveResult, Sample, SampleFrame, SampleResponse, TrajectoryPoint)
+                    Range, RetrieveResult, Sample, SampleFrame, SampleResponse, TrajectoryPoint)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Client", "AsyncClient", "pb", "pb_grpc",
-    "EnergySpec", "Capacity", "BankInfo", "Patterns", "Memory", "RetrieveResult",
+    "EnergySpec", "Range", "Capacity", "BankInfo", "Patterns", "Memory", "RetrieveResult",
     "EnergyResult", "TrajectoryPoint", "Sample", "SampleResponse", "SampleFrame",
     "BackupResult",
     "EngramError", "Cancelled", "Unknown", "InvalidArgument", "DeadlineExceeded", "NotFound",
@@ -39,5 +40,6 @@ __all__ = [
     "error_from_rpc",
     "energy_config", "create_bank_request", "get_bank_request", "list_banks_request",
     "delete_bank_request", "store_request", "get_patterns_request", "delete_patterns_request",
-    "retrieve_request", "energy_request", "sample_request", "backup_request",
+    "retrieve_request", "energy_request", "sample_request", "backup_request", "label_filter",
+    "labels_message",
 ]

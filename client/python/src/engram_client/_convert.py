@@ -11,22 +11,31 @@ Encoding rules:
     the full proto name ("STATE_KIND_BIPOLAR"), or a pb enum value. None
     means UNSPECIFIED (the server's default).
   * Ids: Python ints or an integer array, each in [0, 2**64).
+  * Labels: a dict per pattern; str values are string labels, int values
+    (not bool) integer labels.
+  * Filters: a dict {key: test} (see label_filter) or a pb.Filter.
 """
 from __future__ import annotations
 
 import operator
-from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ._gen.engram.v1 import engram_pb2 as pb
 from .types import (BackupResult, BankInfo, Capacity, EnergyResult, EnergySpec, Memory,
-                    Patterns, RetrieveResult, Sample, SampleFrame, SampleResponse,
+                    Patterns, Range, RetrieveResult, Sample, SampleFrame, SampleResponse,
                     TrajectoryPoint)
 
 EnumLike = Union[str, int, None]
 EnergyLike = Union[str, int, EnergySpec, "pb.EnergyConfig", None]
 ArrayLike = Any
+LabelValue = Union[str, int]
+LabelsLike = Union[Mapping[str, LabelValue], "pb.Labels", None]
+
+
+FilterTest = Union[str, int, Range, range, Iterable[str], Iterable[int]]
+FilterLike = Union[Mapping[str, FilterTest], "pb.Filter", None]
 
 _PREFIX = {
     "StateKind": "STATE_KIND_",
@@ -155,6 +164,107 @@ def _floats(values: Sequence[float], dtype: Any = np.float32) -> np.ndarray:
     return np.fromiter(values, dtype=dtype, count=len(values))
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+# ---------------------------------------------------------------------------
+# Labels and filters
+
+def labels_message(labels: LabelsLike) -> "pb.Labels":
+    """Returns the pb.Labels of one pattern's labels.
+
+    `labels` is a dict {key: value}: str values become string labels, int
+    values (Python or numpy ints, not bool) integer labels; None means no
+    labels; a pb.Labels is copied. Raises TypeError for any other key or
+    value type.
+    """
+    out = pb.Labels()
+    if labels is None:
+        return out
+    if isinstance(labels, pb.Labels):
+        out.CopyFrom(labels)
+        return out
+    if not isinstance(labels, Mapping):
+        raise TypeError("labels must be a dict {str: str | int}, not %r" % (labels,))
+    for key, value in labels.items():
+        if not isinstance(key, str):
+            raise TypeError("label keys must be str, not %r" % (key,))
+        if isinstance(value, str):
+            out.strings[key] = value
+        elif _is_int(value):
+            out.ints[key] = int(value)
+        else:
+            raise TypeError("label %r must be a str or an int, not %r" % (key, value))
+    return out
+
+
+def labels_dict(m: "pb.Labels") -> Dict[str, LabelValue]:
+    """Returns a pb.Labels as one dict: string labels as str, integer ones as int."""
+    out: Dict[str, LabelValue] = dict(m.strings)
+    out.update(m.ints)
+    return out
+
+
+def _condition(key: str, test: Any) -> "pb.Condition":
+    if not isinstance(key, str):
+        raise TypeError("filter keys must be str, not %r" % (key,))
+    c = pb.Condition(key=key)
+    if isinstance(test, str):
+        c.equals = test
+    elif _is_int(test):
+        c.int_equals = int(test)
+    elif isinstance(test, Range):
+        c.int_range.min, c.int_range.max = operator.index(test.min), operator.index(test.max)
+    elif isinstance(test, range):
+        if test.step != 1:
+            raise ValueError("filter %r: only ranges of step 1 are supported, got %r"
+                             % (key, test))
+        c.int_range.min, c.int_range.max = test.start, test.stop - 1
+    elif isinstance(test, (list, tuple, set, frozenset, np.ndarray)):
+        values = list(test.tolist() if isinstance(test, np.ndarray) else test)
+        if all(isinstance(v, str) for v in values):
+            c.any_of.SetInParent()   # an empty list is sent, and refused by the server
+            c.any_of.values.extend(values)
+        elif all(_is_int(v) for v in values):
+            c.int_any_of.values.extend(int(v) for v in values)
+        else:
+            raise TypeError("filter %r: a list must hold only str or only int values, got %r"
+                            % (key, values))
+    else:
+        raise TypeError("filter %r: expected str, int, Range, range or a list of str or of "
+                        "int, not %r" % (key, test))
+    return c
+
+
+def label_filter(spec: FilterLike) -> Optional["pb.Filter"]:
+    """Returns the pb.Filter of a friendly filter, or None for None.
+
+    `spec` is a pb.Filter (copied) or a dict {key: test}, every test to pass
+    (AND), a pattern without the key failing it:
+      "en"                   string label equal to "en"          (equals)
+      ["en", "de"]           string label in the list (any list, tuple or set)  (any_of)
+      7                      integer label equal to 7            (int_equals)
+      [1, 2, 3]              integer label in the list           (int_any_of)
+      Range(2000, 2009)      integer label in [2000, 2009]       (int_range)
+      range(2000, 2010)      the same (step 1 only)
+    (a tuple is a list of values, not an interval: use Range for that).
+    Raises TypeError for other types (bool included) and ValueError for a
+    range of step != 1. Empty lists, empty keys and min > max are encoded as
+    given; the server answers them InvalidArgument.
+    """
+    if spec is None:
+        return None
+    out = pb.Filter()
+    if isinstance(spec, pb.Filter):
+        out.CopyFrom(spec)
+        return out
+    if not isinstance(spec, Mapping):
+        raise TypeError("filter must be a dict {key: test} or a pb.Filter, not %r" % (spec,))
+    out.conditions.extend(_condition(k, v) for k, v in spec.items())
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Energy configuration
 
@@ -198,14 +308,23 @@ def energy_spec(cfg: "pb.EnergyConfig") -> EnergySpec:
 # ---------------------------------------------------------------------------
 # Requests
 
+def _set_filter(req: Any, spec: FilterLike) -> None:
+    f = label_filter(spec)
+    if f is not None:
+        req.filter.CopyFrom(f)
+
+
 def create_bank_request(name: str, dim: int, kind: EnumLike = "continuous", *,
                         energy: EnergyLike = None, beta: Optional[float] = None,
-                        degree: Optional[int] = None,
-                        precision: EnumLike = None) -> "pb.CreateBankRequest":
-    """Returns the CreateBankRequest for a bank `name` of dimension `dim`."""
+                        degree: Optional[int] = None, precision: EnumLike = None,
+                        value_dim: int = 0, ttl_seconds: int = 0) -> "pb.CreateBankRequest":
+    """Returns the CreateBankRequest for a bank `name` of dimension `dim`
+    (value_dim M > 0: a key -> value bank; ttl_seconds: default time to live)."""
     req = pb.CreateBankRequest(name=name, dim=operator.index(dim),
                                kind=enum_value("StateKind", kind),
-                               precision=enum_value("Precision", precision))
+                               precision=enum_value("Precision", precision),
+                               value_dim=operator.index(value_dim),
+                               ttl_seconds=operator.index(ttl_seconds))
     cfg = energy_config(energy, beta, degree)
     if cfg is not None:
         req.energy.CopyFrom(cfg)
@@ -228,16 +347,30 @@ def delete_bank_request(name: str) -> "pb.DeleteBankRequest":
 
 
 def store_request(bank: str, patterns: ArrayLike, ids: Optional[Iterable[int]] = None,
-                  payloads: Optional[Iterable[Union[bytes, str]]] = None
-                  ) -> "pb.StoreRequest":
+                  payloads: Optional[Iterable[Union[bytes, str]]] = None,
+                  values: Optional[ArrayLike] = None,
+                  labels: Optional[Iterable[LabelsLike]] = None,
+                  ttl_seconds: int = 0) -> "pb.StoreRequest":
     """Returns the StoreRequest for a (K, N) or (N,) array of patterns.
 
-    `ids` (one per pattern, or None for server-assigned ids) and `payloads`
-    (bytes, or str stored as UTF-8) are passed through; the server checks
-    their counts.
+    `ids` (one per pattern, or None for server-assigned ids), `payloads`
+    (bytes, or str stored as UTF-8) and `labels` (one dict per pattern, see
+    labels_message) are passed through; the server checks their counts.
+    `values` is a (K, M) array (a (M,) vector when K is 1), one value per
+    pattern, for a bank with value_dim M; ValueError if it has not K rows.
+    `ttl_seconds` 0 means the bank's default time to live.
     """
-    req = pb.StoreRequest(bank=bank)
-    _append_floats(req, "patterns", as_batch(patterns, "patterns"))
+    req = pb.StoreRequest(bank=bank, ttl_seconds=operator.index(ttl_seconds))
+    batch = as_batch(patterns, "patterns")
+    _append_floats(req, "patterns", batch)
+    if values is not None:
+        v = as_batch(values, "values")
+        if v.shape[0] != batch.shape[0]:
+            raise ValueError("values has %d rows for %d patterns; pass a (K, M) array"
+                             % (v.shape[0], batch.shape[0]))
+        _append_floats(req, "values", v)
+    if labels is not None:
+        req.labels.extend(labels_message(item) for item in labels)
     if ids is not None:
         req.ids.extend(as_ids(ids))
     if payloads is not None:
@@ -267,7 +400,8 @@ def retrieve_request(bank: str, queries: ArrayLike, *, energy: EnergyLike = None
                      alpha: float = 0.0, dt: float = 0.0, tau_v: float = 0.0,
                      tau_h: float = 0.0, seed: int = 0, return_trace: bool = False,
                      partial_on_deadline: bool = False, clamp: Optional[ArrayLike] = None,
-                     queue_timeout_ms: int = 0) -> "pb.RetrieveRequest":
+                     queue_timeout_ms: int = 0,
+                     filter: FilterLike = None) -> "pb.RetrieveRequest":
     """Returns the RetrieveRequest for a (B, N) or (N,) array of queries.
 
     Args:
@@ -281,8 +415,11 @@ def retrieve_request(bank: str, queries: ArrayLike, *, energy: EnergyLike = None
       clamp: boolean mask (N,) for every query or (B, N); True holds the
         coordinate at its query value.
       queue_timeout_ms: longest wait in the server's queue (0 = default).
+      filter: recall only among the patterns whose labels pass (see
+        label_filter); FailedPrecondition when none does.
     """
     req = pb.RetrieveRequest(bank=bank, queue_timeout_ms=operator.index(queue_timeout_ms))
+    _set_filter(req, filter)
     _append_floats(req, "queries", as_batch(queries, "queries"))
     cfg = energy_config(energy, beta, degree)
     if cfg is not None:
@@ -299,12 +436,14 @@ def retrieve_request(bank: str, queries: ArrayLike, *, energy: EnergyLike = None
 
 def energy_request(bank: str, states: ArrayLike, *, gradient: bool = False,
                    energy: EnergyLike = None, beta: Optional[float] = None,
-                   degree: Optional[int] = None,
-                   queue_timeout_ms: int = 0) -> Tuple["pb.EnergyRequest", int]:
-    """Returns (EnergyRequest, B) for a (B, N) or (N,) array of states."""
+                   degree: Optional[int] = None, queue_timeout_ms: int = 0,
+                   filter: FilterLike = None) -> Tuple["pb.EnergyRequest", int]:
+    """Returns (EnergyRequest, B) for a (B, N) or (N,) array of states;
+    `filter` (see label_filter) keeps only the patterns that pass."""
     batch = as_batch(states, "states")
     req = pb.EnergyRequest(bank=bank, return_gradient=bool(gradient),
                            queue_timeout_ms=operator.index(queue_timeout_ms))
+    _set_filter(req, filter)
     _append_floats(req, "states", batch)
     cfg = energy_config(energy, beta, degree)
     if cfg is not None:
@@ -325,7 +464,8 @@ def sample_request(bank: str, count: int = 1, *, energy: EnergyLike = None,
                    langevin_eta: Optional[float] = None, am_iterations: int = 0,
                    delta_memorized: Optional[float] = None,
                    delta_spurious: Optional[float] = None, trajectory_every: int = 0,
-                   queue_timeout_ms: int = 0) -> "pb.SampleRequest":
+                   queue_timeout_ms: int = 0,
+                   filter: FilterLike = None) -> "pb.SampleRequest":
     """Returns the SampleRequest for `count` samples.
 
     Args:
@@ -345,6 +485,8 @@ def sample_request(bank: str, count: int = 1, *, energy: EnergyLike = None,
       delta_memorized, delta_spurious: classification thresholds.
       trajectory_every: record every k-th state (0: none).
       queue_timeout_ms: longest wait in the server's queue (0 = default).
+      filter: sample from the memories whose labels pass only (see
+        label_filter); FailedPrecondition when none does.
     """
     req = pb.SampleRequest(
         bank=bank, count=operator.index(count), sampler=enum_value("Sampler", sampler),
@@ -356,6 +498,7 @@ def sample_request(bank: str, count: int = 1, *, energy: EnergyLike = None,
     cfg = energy_config(energy, beta, degree)
     if cfg is not None:
         req.energy.CopyFrom(cfg)
+    _set_filter(req, filter)
     if isinstance(schedule, pb.Schedule):
         req.schedule.CopyFrom(schedule)
     else:
@@ -397,7 +540,7 @@ def decode_bank_info(m: "pb.BankInfo") -> BankInfo:
                           exact_patterns=m.capacity.exact_patterns,
                           formula=m.capacity.formula,
                           over_capacity=m.capacity.over_capacity),
-        raw=m)
+        value_dim=m.value_dim, ttl_seconds=m.ttl_seconds, raw=m)
 
 
 def decode_list_banks(m: "pb.ListBanksResponse") -> List[BankInfo]:
@@ -410,12 +553,19 @@ def decode_store(m: "pb.StoreResponse") -> np.ndarray:
     return np.array(list(m.ids), dtype=np.uint64)
 
 
+def _rows(values: Sequence[float], rows: int) -> Optional[np.ndarray]:
+    """Returns packed floats as a (rows, M) float32 array, None when empty."""
+    return _floats(values).reshape(rows, -1) if len(values) else None
+
+
 def decode_patterns(m: "pb.GetPatternsResponse") -> Patterns:
     """Returns the Patterns of a GetPatternsResponse: (K, N) float32 rows."""
     k = len(m.ids)
     rows = _floats(m.patterns).reshape(k, m.dim) if m.dim else np.zeros((k, 0), np.float32)
     return Patterns(ids=np.array(list(m.ids), dtype=np.uint64), patterns=rows,
-                    payloads=list(m.payloads), next_page_start=m.next_page_start, raw=m)
+                    payloads=list(m.payloads), next_page_start=m.next_page_start,
+                    values=_rows(m.values, k), labels=[labels_dict(x) for x in m.labels],
+                    expires_unix_ms=np.array(list(m.expires_unix_ms), dtype=np.int64), raw=m)
 
 
 def decode_delete_patterns(m: "pb.DeletePatternsResponse") -> int:
@@ -438,15 +588,14 @@ def decode_retrieve(m: "pb.RetrieveResponse") -> List[RetrieveResult]:
         energy_end=r.energy_end, energy_trace=_floats(r.energy_trace, np.float64),
         steps=r.steps, converged=r.converged,
         stop_reason=enum_name("StopReason", r.stop_reason),
-        lyapunov_violations=r.lyapunov_violations, raw=r) for r in m.results]
+        lyapunov_violations=r.lyapunov_violations,
+        value=_floats(r.value) if len(r.value) else None, raw=r) for r in m.results]
 
 
 def decode_energy(m: "pb.EnergyResponse", batch: int) -> EnergyResult:
-    """Returns (energies (B,), gradients (B, N) or None)."""
-    gradients = None
-    if len(m.gradients):
-        gradients = _floats(m.gradients).reshape(batch, -1)
-    return EnergyResult(energies=_floats(m.energies, np.float64), gradients=gradients)
+    """Returns (energies (B,), gradients (B, N) or None), with .values (B, M) or None."""
+    return EnergyResult(_floats(m.energies, np.float64), _rows(m.gradients, batch),
+                        _rows(m.values, batch))
 
 
 def decode_sample(m: "pb.SampleResponse") -> SampleResponse:

@@ -119,10 +119,12 @@ class AsyncClient:
     async def create_bank(self, name: str, dim: int, kind: _convert.EnumLike = "continuous", *,
                           energy: _convert.EnergyLike = None, beta: Optional[float] = None,
                           degree: Optional[int] = None, precision: _convert.EnumLike = None,
+                          value_dim: int = 0, ttl_seconds: int = 0,
                           timeout: Optional[float] = None) -> BankInfo:
         """Creates an empty bank and returns its description (see Client.create_bank)."""
         req = _convert.create_bank_request(name, dim, kind, energy=energy, beta=beta,
-                                           degree=degree, precision=precision)
+                                           degree=degree, precision=precision,
+                                           value_dim=value_dim, ttl_seconds=ttl_seconds)
         return _convert.decode_bank_info(await self._call(self._stub.CreateBank, req, timeout))
 
     async def get_bank(self, name: str, *, timeout: Optional[float] = None) -> BankInfo:
@@ -142,11 +144,13 @@ class AsyncClient:
     # -- patterns ------------------------------------------------------------
 
     async def store(self, bank: str, patterns: Any, ids: Optional[Iterable[int]] = None,
-                    payloads: Optional[Iterable[Union[bytes, str]]] = None, *,
+                    payloads: Optional[Iterable[Union[bytes, str]]] = None,
+                    values: Any = None, labels: Optional[Iterable[_convert.LabelsLike]] = None,
+                    ttl_seconds: int = 0, *,
                     timeout: Optional[float] = None) -> np.ndarray:
         """Stores patterns atomically and durably; returns their uint64 ids
         (see Client.store)."""
-        req = _convert.store_request(bank, patterns, ids, payloads)
+        req = _convert.store_request(bank, patterns, ids, payloads, values, labels, ttl_seconds)
         return _convert.decode_store(await self._call(self._stub.Store, req, timeout))
 
     async def get_patterns(self, bank: str, ids: Optional[Iterable[int]] = None, *,
@@ -175,11 +179,14 @@ class AsyncClient:
     async def energy(self, bank: str, states: Any, gradient: bool = False, *,
                      energy: _convert.EnergyLike = None, beta: Optional[float] = None,
                      degree: Optional[int] = None, queue_timeout_ms: int = 0,
+                     filter: _convert.FilterLike = None,
                      timeout: Optional[float] = None) -> EnergyResult:
-        """Evaluates E(x) (and grad E(x) when `gradient`) at each state."""
+        """Evaluates E(x) (and grad E(x) when `gradient`) at each state
+        (see Client.energy)."""
         req, batch = _convert.energy_request(bank, states, gradient=gradient, energy=energy,
                                              beta=beta, degree=degree,
-                                             queue_timeout_ms=queue_timeout_ms)
+                                             queue_timeout_ms=queue_timeout_ms,
+                                             filter=filter)
         return _convert.decode_energy(await self._call(self._stub.Energy, req, timeout), batch)
 
     async def sample(self, bank: str, count: int = 1, *, timeout: Optional[float] = None,

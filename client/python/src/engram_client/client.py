@@ -141,6 +141,7 @@ class Client:
     def create_bank(self, name: str, dim: int, kind: _convert.EnumLike = "continuous", *,
                     energy: _convert.EnergyLike = None, beta: Optional[float] = None,
                     degree: Optional[int] = None, precision: _convert.EnumLike = None,
+                    value_dim: int = 0, ttl_seconds: int = 0,
                     timeout: Optional[float] = None) -> BankInfo:
         """Creates an empty bank and returns its description.
 
@@ -153,6 +154,10 @@ class Client:
             None takes the kind's default (lse / classical).
           beta, degree: set on the energy (inverse temperature; degree n).
           precision: "f32" (default), "bf16", "bit_packed", "f32_screened".
+          value_dim: M > 0 makes a key -> value (hetero-associative) bank:
+            every pattern carries a value of M floats, and retrieve and
+            energy read out sum_mu p_mu v_mu. 0: no values.
+          ttl_seconds: default time to live of stored patterns (0: none).
 
         Raises:
           AlreadyExists if the name is taken; InvalidArgument for a bad name,
@@ -160,7 +165,8 @@ class Client:
           does not take.
         """
         req = _convert.create_bank_request(name, dim, kind, energy=energy, beta=beta,
-                                           degree=degree, precision=precision)
+                                           degree=degree, precision=precision,
+                                           value_dim=value_dim, ttl_seconds=ttl_seconds)
         return _convert.decode_bank_info(self._call(self._stub.CreateBank, req, timeout))
 
     def get_bank(self, name: str, *, timeout: Optional[float] = None) -> BankInfo:
@@ -180,7 +186,9 @@ class Client:
     # -- patterns ------------------------------------------------------------
 
     def store(self, bank: str, patterns: Any, ids: Optional[Iterable[int]] = None,
-              payloads: Optional[Iterable[Union[bytes, str]]] = None, *,
+              payloads: Optional[Iterable[Union[bytes, str]]] = None,
+              values: Any = None, labels: Optional[Iterable[_convert.LabelsLike]] = None,
+              ttl_seconds: int = 0, *,
               timeout: Optional[float] = None) -> np.ndarray:
         """Stores patterns atomically and durably; returns their uint64 ids.
 
@@ -190,16 +198,26 @@ class Client:
             accept only +1 / -1.
           ids: one id per pattern in [0, 2**64), or None for fresh ids.
           payloads: one bytes (or str, stored as UTF-8) per pattern, or None.
+          values: (K, M) array (cast to float32), one finite value per
+            pattern: required by a bank with value_dim M, refused by others.
+          labels: one dict per pattern, {key: str | int}: str values are
+            string labels, int values (not bool) integer labels, which
+            `filter=` selects on; None for no labels. TypeError for other
+            types.
+          ttl_seconds: time to live of these patterns; 0 takes the bank's.
+            An expired pattern leaves every read at once and is deleted
+            within the server's expiry interval.
 
         Raises:
-          NotFound for an unknown bank; InvalidArgument for a wrong dimension
-          or values; AlreadyExists for an id already in the bank.
+          NotFound for an unknown bank; InvalidArgument for a wrong dimension,
+          non-finite or misshaped values, or bad labels; AlreadyExists for an
+          id already in the bank. Nothing is stored when a call fails.
 
         A retry after UNAVAILABLE may store server-assigned ids twice if the
         first attempt landed; pass `ids` to make retries exact (a landed id
         then answers AlreadyExists).
         """
-        req = _convert.store_request(bank, patterns, ids, payloads)
+        req = _convert.store_request(bank, patterns, ids, payloads, values, labels, ttl_seconds)
         return _convert.decode_store(self._call(self._stub.Store, req, timeout))
 
     def get_patterns(self, bank: str, ids: Optional[Iterable[int]] = None, *,
@@ -210,6 +228,8 @@ class Client:
         With `ids`: those patterns, in that order (NotFound if any is absent).
         Without: rows [page_start, page_start + page_size) in storage order
         (page_size 0 means 1000); continue from `.next_page_start`.
+        The result also carries each pattern's value (`.values`, (K, M) or
+        None), labels (`.labels`, dicts) and expiry (`.expires_unix_ms`).
         """
         req = _convert.get_patterns_request(bank, ids, page_start, page_size)
         return _convert.decode_patterns(self._call(self._stub.GetPatterns, req, timeout))
@@ -235,11 +255,19 @@ class Client:
             energy, beta, degree (an energy override), dynamics ("sync",
             "async", "gradient", "tinybrain"), max_steps, tol, alpha, dt,
             tau_v, tau_h, seed, return_trace, partial_on_deadline, clamp,
-            queue_timeout_ms. An unknown option raises TypeError.
+            queue_timeout_ms, filter. An unknown option raises TypeError.
+            filter: recall only among the patterns whose labels pass, as if
+            the bank held only those: a dict such as
+            {"lang": ["en", "de"], "year": Range(2000, 2009)} or a pb.Filter
+            (see engram_client.label_filter).
+
+        Results of a bank with values carry the readout at the final state
+        in `.value` (M floats).
 
         Raises:
-          NotFound for an unknown bank; InvalidArgument for a wrong dimension
-          or option; ResourceExhausted when the server's queue is full.
+          NotFound for an unknown bank; InvalidArgument for a wrong dimension,
+          option or filter; FailedPrecondition when no pattern passes the
+          filter; ResourceExhausted when the server's queue is full.
         """
         req = _convert.retrieve_request(bank, queries, **options)
         return _convert.decode_retrieve(self._call(self._stub.Retrieve, req, timeout))
@@ -247,6 +275,7 @@ class Client:
     def energy(self, bank: str, states: Any, gradient: bool = False, *,
                energy: _convert.EnergyLike = None, beta: Optional[float] = None,
                degree: Optional[int] = None, queue_timeout_ms: int = 0,
+               filter: _convert.FilterLike = None,
                timeout: Optional[float] = None) -> EnergyResult:
         """Evaluates E(x) (and grad E(x) when `gradient`) at each state.
 
@@ -256,13 +285,18 @@ class Client:
           gradient: also return the gradients.
           energy, beta, degree: an energy override (the bank's default if None).
           queue_timeout_ms: longest wait in the server's queue (0 = default).
+          filter: the energy of the patterns whose labels pass only (see
+            retrieve); none passing gives the empty sum.
 
         Returns:
-          EnergyResult(energies float64 (B,), gradients float32 (B, N) or None).
+          EnergyResult(energies float64 (B,), gradients float32 (B, N) or None),
+          with `.values` float32 (B, M), the readout at each state, for a bank
+          with values (else None).
         """
         req, batch = _convert.energy_request(bank, states, gradient=gradient, energy=energy,
                                              beta=beta, degree=degree,
-                                             queue_timeout_ms=queue_timeout_ms)
+                                             queue_timeout_ms=queue_timeout_ms,
+                                             filter=filter)
         return _convert.decode_energy(self._call(self._stub.Energy, req, timeout), batch)
 
     def sample(self, bank: str, count: int = 1, *, timeout: Optional[float] = None,
@@ -274,7 +308,9 @@ class Client:
         steps, stop_at_sigma_min, seed, query, sigma_start, clamp, churn,
         s_tmin, s_tmax, s_noise, langevin_steps, langevin_eta,
         am_iterations, delta_memorized, delta_spurious, trajectory_every,
-        queue_timeout_ms. An unknown option raises TypeError.
+        queue_timeout_ms, filter (sample from the memories whose labels pass
+        only, see retrieve; FailedPrecondition when none does). An unknown
+        option raises TypeError.
         """
         req = _convert.sample_request(bank, count, **options)
         return _convert.decode_sample(self._call(self._stub.Sample, req, timeout))

@@ -1,4 +1,5 @@
-"""Plain result types returned by Client and AsyncClient.
+"""Plain result types returned by Client and AsyncClient, and the
+EnergySpec and Range arguments they take.
 
 Vectors are numpy arrays (states float32, energies float64, ids uint64);
 enum values are lowercase names without their prefix ("bipolar", "lse",
@@ -9,12 +10,12 @@ from in `raw`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, List, NamedTuple, Optional, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Union
 
 import numpy as np
 
 __all__ = [
-    "EnergySpec", "Capacity", "BankInfo", "Patterns", "Memory", "RetrieveResult",
+    "EnergySpec", "Range", "Capacity", "BankInfo", "Patterns", "Memory", "RetrieveResult",
     "EnergyResult", "TrajectoryPoint", "Sample", "SampleResponse", "SampleFrame",
     "BackupResult",
 ]
@@ -46,6 +47,17 @@ class EnergySpec:
     separation: Union[str, int] = "unspecified"
 
 
+class Range(NamedTuple):
+    """Integer label test of a filter: min <= label <= max, both inclusive.
+
+    `{"year": Range(2000, 2009)}`; a Python `range(2000, 2010)` (step 1)
+    means the same.
+    """
+
+    min: int
+    max: int
+
+
 @dataclasses.dataclass(frozen=True)
 class Capacity:
     """Theoretical capacity of a bank's default energy at its dimension."""
@@ -69,6 +81,8 @@ class BankInfo:
     bytes: int              # bytes of pattern data in memory
     load: float             # K / N
     capacity: Capacity
+    value_dim: int          # M of a key -> value bank; 0: no values
+    ttl_seconds: int        # default time to live of stored patterns; 0: none
     raw: Any = dataclasses.field(default=None, repr=False, compare=False)
 
 
@@ -81,12 +95,20 @@ class Patterns:
       patterns: float32 array (K, N), bit for bit as stored.
       payloads: K payloads.
       next_page_start: row to ask for next; the bank size after the last page.
+      values: float32 array (K, M), bit for bit as stored, for a bank with
+        values; None for a bank without values (or no patterns).
+      labels: K dicts {key: str | int}, as stored ({} without labels).
+      expires_unix_ms: int64 array (K,), Unix time in ms at which each
+        pattern expires; 0: never.
     """
 
     ids: np.ndarray
     patterns: np.ndarray
     payloads: List[bytes]
     next_page_start: int
+    values: Optional[np.ndarray]
+    labels: List[Dict[str, Union[str, int]]]
+    expires_unix_ms: np.ndarray
     raw: Any = dataclasses.field(default=None, repr=False)
 
 
@@ -114,6 +136,9 @@ class RetrieveResult:
       converged: stop_reason == "converged".
       stop_reason: "converged", "max_steps", "deadline" or "diverged".
       lyapunov_violations: energy rises seen under a descent guarantee.
+      value: float32 array (M,), the readout sum_mu p_mu v_mu at the final
+        state for a bank with values (p: the energy's separation weights,
+        softmax(beta xi_mu . x) for lse); None for a bank without values.
     """
 
     state: np.ndarray
@@ -125,18 +150,39 @@ class RetrieveResult:
     converged: bool
     stop_reason: str
     lyapunov_violations: int
+    value: Optional[np.ndarray]
     raw: Any = dataclasses.field(default=None, repr=False)
 
 
-class EnergyResult(NamedTuple):
-    """Energies of a batch of states: `energies, gradients = client.energy(...)`.
-
-    energies: float64 array (B,); gradients: float32 array (B, N) when asked
-    for, else None.
-    """
-
+class _EnergyPair(NamedTuple):
     energies: np.ndarray
     gradients: Optional[np.ndarray]
+
+
+class EnergyResult(_EnergyPair):
+    """Energies of a batch of states: `energies, gradients = client.energy(...)`.
+
+    A pair: energies, float64 array (B,); gradients, float32 array (B, N)
+    when asked for, else None. Also `values`, outside the pair (so that
+    two-name unpacking keeps working): float32 array (B, M) of the readout
+    at each state for a bank with values (one attention step,
+    softmax(beta Xi x) V for lse), else None.
+    """
+
+    values: Optional[np.ndarray] = None
+
+    def __new__(cls, energies: np.ndarray, gradients: Optional[np.ndarray] = None,
+                values: Optional[np.ndarray] = None) -> "EnergyResult":
+        self = super().__new__(cls, energies, gradients)
+        self.values = values
+        return self
+
+    def __getnewargs__(self) -> tuple:
+        return (self.energies, self.gradients, self.values)
+
+    def __repr__(self) -> str:
+        return "EnergyResult(energies=%r, gradients=%r, values=%r)" % (
+            self.energies, self.gradients, self.values)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
