@@ -110,6 +110,42 @@ class CliTest(unittest.TestCase):
         want = -(m[:, 0] + np.log(np.exp(a - m).sum(axis=1))) / beta
         np.testing.assert_allclose(np.array(e["energies"]), want, rtol=1e-5, atol=1e-5)
 
+    def test_values_labels_and_filters_match_numpy(self):
+        rng = np.random.default_rng(5)
+        n, k, m, beta = 12, 30, 4, 5.0
+        xi = (0.5 * rng.standard_normal((k, n))).astype(np.float32)
+        v = rng.standard_normal((k, m)).astype(np.float32)
+        cls = (np.arange(k) % 3).astype(np.float32).reshape(-1, 1)
+        for name, arr in (("kv_x", xi), ("kv_v", v), ("kv_c", cls)):
+            np.save(os.path.join(self.dir, name + ".npy"), arr)
+        info = self.json("bank", "create", "kv", "--dim", str(n), "--energy", "lse", "--beta",
+                         str(beta), "--value-dim", str(m), "--ttl", "3600")
+        self.assertEqual(info["value_dim"], m)
+        self.assertEqual(info["ttl_seconds"], "3600")
+        self.json("store", "kv", os.path.join(self.dir, "kv_x.npy"), "--values",
+                  os.path.join(self.dir, "kv_v.npy"), "--labels", os.path.join(self.dir, "kv_c.npy"),
+                  "--label-key", "digit")
+        x = (0.5 * rng.standard_normal((3, n))).astype(np.float32)
+        np.save(os.path.join(self.dir, "kv_q.npy"), x)
+        for expr, keep in (("digit#=1", cls[:, 0] == 1), ("digit#=0|2", cls[:, 0] != 1),
+                           ("digit#=1..2", cls[:, 0] >= 1)):
+            e = self.json("energy", "kv", os.path.join(self.dir, "kv_q.npy"), "--filter", expr)
+            s = beta * x.astype(np.float64) @ xi[keep].T.astype(np.float64)
+            p = np.exp(s - s.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            want = p @ v[keep].astype(np.float64)
+            np.testing.assert_allclose(np.array(e["values"]).reshape(3, m), want, rtol=1e-5,
+                                       atol=1e-6, err_msg=expr)
+            lse = s.max(axis=1) + np.log(np.exp(s - s.max(axis=1, keepdims=True)).sum(axis=1))
+            want_e = -lse / beta + 0.5 * (x.astype(np.float64) ** 2).sum(axis=1)
+            np.testing.assert_allclose(np.array(e["energies"]), want_e, rtol=1e-5, atol=1e-5)
+        p = self.engram("retrieve", "kv", os.path.join(self.dir, "kv_q.npy"), "--filter",
+                        "digit#=7", expect=1)
+        self.assertIn("FAILED_PRECONDITION", p.stderr)
+        p = self.engram("retrieve", "kv", os.path.join(self.dir, "kv_q.npy"), "--filter",
+                        "digit#=x", expect=1)
+        self.assertIn("not an integer", p.stderr)
+
     def test_sample_memorizes_and_writes_pngs(self):
         n, k = 64, 4
         xi = np.zeros((k, n), dtype=np.float32)
