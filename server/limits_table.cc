@@ -5,6 +5,7 @@
 #include "engram/core/bank.h"
 #include "engram/core/dynamics.h"
 #include "engram/core/energy.h"
+#include "engram/core/filter.h"
 #include "engram/core/limits.h"
 #include "engram/core/schedule.h"
 
@@ -49,6 +50,16 @@ std::string LimitsMarkdown(const ServerConfig& c) {
   row("dimension N", "CreateBank `dim`", absl::StrCat("1 .. ", core::kMaxDim),
       "`INVALID_ARGUMENT`");
   row("payload per pattern", "—", Bytes(core::kMaxPayloadBytes), "`INVALID_ARGUMENT`");
+  row("value dimension M", "CreateBank `value_dim`", absl::StrCat("0 .. ", core::kMaxDim),
+      "`INVALID_ARGUMENT`");
+  row("labels per pattern; bytes of a label key or string value", "—",
+      absl::StrCat(core::kMaxLabels, "; 1 .. ", core::kMaxLabelBytes, " (key), 0 .. ",
+                   core::kMaxLabelBytes, " (value)"),
+      "`INVALID_ARGUMENT`");
+  row("filter conditions; values listed in one condition", "`filter`",
+      absl::StrCat(core::kMaxConditions, "; 1 .. ", core::kMaxFilterValues), "`INVALID_ARGUMENT`");
+  row("time to live", "CreateBank / Store `ttl_seconds`",
+      absl::StrCat("0 .. ", core::kMaxTtlMs / 1000, " s (100 years)"), "`INVALID_ARGUMENT`");
   row("energy `beta`", "`energy.beta`",
       absl::StrFormat("%g .. %g (finite)", core::kMinBeta, core::kMaxBeta), "`INVALID_ARGUMENT`");
   row("energy `degree` (polynomial separations)", "`energy.degree`",
