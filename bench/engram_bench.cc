@@ -11,6 +11,8 @@
 #include <grpcpp/grpcpp.h>
 
 #include "engram/core/dynamics.h"
+#include "engram/core/filter.h"
+#include "engram/core/readout.h"
 #include "engram/core/sampler.h"
 #include "kernels/kernels.h"
 #include "engram/v1/engram.grpc.pb.h"
@@ -60,6 +62,50 @@ void BM_LseSyncStep(benchmark::State& state) {
 }
 BENCHMARK(BM_LseSyncStep)->Args({784, 10000})->Args({784, 1000})->Args({4096, 10000})
     ->Unit(benchmark::kMicrosecond)->UseRealTime();
+
+// The value readout of a key -> value bank (M = arg 2) at one state: the
+// scores pass plus the weighted sum of values, next to BM_LseSyncStep's
+// step on the same bank shape.
+void BM_ValueReadout(benchmark::State& state) {
+  const int n = state.range(0), k = state.range(1), m = state.range(2);
+  core::Bank keys = RandomBank(n, k, core::StateKind::kContinuous, 1);
+  std::mt19937_64 rng(3);
+  std::normal_distribution<float> g;
+  std::vector<float> data(keys.pattern(0), keys.pattern(0) + int64_t{k} * n), values(int64_t{k} * m);
+  for (float& v : values) v = g(rng);
+  core::Bank bank(core::BankSpec{"bench", n, core::StateKind::kContinuous, {},
+                                 core::Precision::kF32, m});
+  bank.Append(data, bank.AssignIds(k), {}, core::PatternExtras{values, {}, {}});
+  core::EnergyConfig cfg{.family = core::EnergyFamily::kLse, .beta = 0.05};
+  core::EnergyFunction energy(cfg, bank.view());
+  std::vector<float> x(bank.pattern(3), bank.pattern(3) + n), out(m);
+  for (auto _ : state) {
+    core::ValueReadout(energy, bank.value(0), m, x.data(), out.data());
+    benchmark::DoNotOptimize(out.data());
+  }
+}
+BENCHMARK(BM_ValueReadout)->Args({784, 10000, 16})->Args({784, 10000, 784})
+    ->Unit(benchmark::kMicrosecond)->UseRealTime();
+
+// What a filtered call adds before it computes: the rows that pass (label
+// index) and the bank of those rows, for a filter keeping 1 in arg 2 rows
+// of a 784 x 10^4 bank.
+void BM_FilteredBank(benchmark::State& state) {
+  const int n = 784, k = 10000, every = state.range(0);
+  core::Bank plain = RandomBank(n, k, core::StateKind::kContinuous, 1);
+  std::vector<float> data(plain.pattern(0), plain.pattern(0) + int64_t{k} * n);
+  std::vector<core::Labels> labels(k);
+  for (int r = 0; r < k; ++r) labels[r].ints = {{"group", r % every}};
+  core::Bank bank(core::BankSpec{"bench", n, core::StateKind::kContinuous, {},
+                                 core::Precision::kF32});
+  bank.Append(data, bank.AssignIds(k), {}, core::PatternExtras{{}, labels, {}});
+  core::Filter f{{{.key = "group", .op = core::Condition::kIntEquals, .ints = {0}}}};
+  for (auto _ : state) {
+    core::Bank sub = bank.Subset(core::MatchingRows(bank, f));
+    benchmark::DoNotOptimize(sub.size());
+  }
+}
+BENCHMARK(BM_FilteredBank)->Arg(100)->Arg(10)->Arg(2)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 // One sharp lse step (beta = 40) from a pattern plus noise of norm ~0.3 on
 // unit-norm rows, on an f32 bank (arg 2 = 0) and a screened one (1): the

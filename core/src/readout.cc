@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "fused.h"
+#include "kernels/kernels.h"
 #include "parallel.h"
 
 namespace engram::core {
@@ -69,18 +70,21 @@ void ValueReadout(const EnergyFunction& energy, const float* values, int value_d
   if (k == 0 || m == 0) return;
   std::vector<double> p(k);
   ReadoutWeights(energy, x, p.data());
-  // Each range's partial in its own slot, summed in range order.
+  // Each range's partial (f32, the axpy kernel over blocks of rows) in its
+  // own slot, summed in double in range order.
   const int max_ranges = 4 * internal::ComputeThreads();
-  std::vector<std::vector<double>> partial(max_ranges);
+  std::vector<std::vector<float>> partial(max_ranges);
+  const kernels::KernelTable& kt = kernels::Kernels();
   int used = 1;
   internal::ParallelRows(k, int64_t{m} * 2, [&](int range, int64_t begin, int64_t end) {
-    std::vector<double>& acc = partial[range];
-    acc.assign(m, 0.0);
-    for (int64_t mu = begin; mu < end; ++mu) {
-      const double w = p[mu];
-      if (w == 0.0) continue;
-      const float* v = values + mu * m;
-      for (int j = 0; j < m; ++j) acc[j] += w * v[j];
+    std::vector<float>& acc = partial[range];
+    acc.assign(m, 0.f);
+    constexpr int64_t kChunk = 256;
+    float w[kChunk];
+    for (int64_t b = begin; b < end; b += kChunk) {
+      const int64_t count = std::min(kChunk, end - b);
+      for (int64_t i = 0; i < count; ++i) w[i] = static_cast<float>(p[b + i]);
+      kt.axpy_rows(values + b * m, count, m, w, acc.data());
     }
   }, &used);
   std::vector<double> sum(m, 0.0);

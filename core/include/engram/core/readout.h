@@ -19,8 +19,9 @@
 //   ValueReadout(energy, bank.value(0), bank.spec().value_dim, x, r.data());
 //
 // Numerics: the similarities are computed first (f32 dot products, the
-// rest in double), so every thread's partial sum is relative to the same
-// maximum; the partials of contiguous row ranges are summed in range order.
+// weights in double), so every thread's partial sum is relative to the same
+// maximum and no rescaling is needed to merge them: the partials (f32 sums
+// over contiguous row ranges) are added in double in range order.
 #ifndef ENGRAM_CORE_READOUT_H_
 #define ENGRAM_CORE_READOUT_H_
 
