@@ -119,6 +119,25 @@ def seeds(pb):
         bank="cont", count=2, seed=3, schedule=pb.Schedule(steps=8), trajectory_every=1))]
     s["auth_headers"] = [record("Auth", b"Bearer fuzz-token"), record("Auth", b"Bearer fuzz-tokeX"),
                          record("Auth", b"bearer fuzz-token"), record("Auth", b"")]
+    kv = [0.5, 0.0, -1.0, 0.25, 1.0, 1.0, 0.0, -0.5]
+    fr = pb.Filter(conditions=[pb.Condition(key="lang", equals="fr")])
+    s["values_labels_filters_ttl"] = [
+        record("CreateBank", pb.CreateBankRequest(name="kv", dim=4, kind=pb.STATE_KIND_CONTINUOUS,
+                                                  value_dim=2, ttl_seconds=3600)),
+        record("Store", pb.StoreRequest(
+            bank="kv", patterns=kv, values=[1, 2, 3, 4], ttl_seconds=5,
+            labels=[pb.Labels(strings={"lang": "en"}, ints={"year": 1999}),
+                    pb.Labels(strings={"lang": "fr"}, ints={"year": 2001})])),
+        record("Retrieve", pb.RetrieveRequest(bank="kv", queries=kv[:4], filter=fr)),
+        record("Energy", pb.EnergyRequest(bank="kv", states=kv, filter=pb.Filter(conditions=[
+            pb.Condition(key="year", int_range=pb.Int64Range(min=2000, max=2010)),
+            pb.Condition(key="lang", any_of=pb.StringList(values=["fr", "de"]))]))),
+        record("Sample", pb.SampleRequest(bank="kv", count=1, schedule=pb.Schedule(steps=4),
+                                          filter=pb.Filter(conditions=[pb.Condition(
+                                              key="year", int_any_of=pb.Int64List(values=[1999]))]))),
+        record("Retrieve", pb.RetrieveRequest(bank="kv", queries=kv[:4], filter=pb.Filter(
+            conditions=[pb.Condition(key="lang", int_equals=3)]))),
+        record("GetPatterns", pb.GetPatternsRequest(bank="kv"))]
     s["backup"] = [record("Backup", pb.BackupRequest(file="snap.db")),
                    record("Backup", pb.BackupRequest(file="snap.db"))]
     return s

@@ -121,6 +121,7 @@ void Cap(uint32_t cap, uint32_t limit, uint32_t value, const std::function<void(
 
 void CapCost(v1::CreateBankRequest* r) {
   Cap(kDimCap, core::kMaxDim, r->dim(), [&](uint32_t v) { r->set_dim(v); });
+  Cap(kDimCap, core::kMaxDim, r->value_dim(), [&](uint32_t v) { r->set_value_dim(v); });
 }
 
 void CapCost(v1::RetrieveRequest* r) {
@@ -386,6 +387,28 @@ class Fixture {
                     sizeof(float) * req.patterns_size()) != 0) {
       std::fprintf(stderr, "stored batch reads back different bits\n");
       std::abort();
+    }
+    if (got.values_size() != req.values_size() ||
+        std::memcmp(got.values().data(), req.values().data(),
+                    sizeof(float) * req.values_size()) != 0) {
+      std::fprintf(stderr, "stored values read back different bits\n");
+      std::abort();
+    }
+    for (int i = 0; i < req.labels_size(); ++i) {
+      const v1::Labels &want = req.labels(i), &have = got.labels(i);
+      if (want.strings().size() != have.strings().size() ||
+          want.ints().size() != have.ints().size()) {
+        std::fprintf(stderr, "stored labels of pattern %d read back different\n", i);
+        std::abort();
+      }
+      for (const auto& [k, v] : want.strings()) {
+        auto it = have.strings().find(k);
+        if (it == have.strings().end() || it->second != v) std::abort();
+      }
+      for (const auto& [k, v] : want.ints()) {
+        auto it = have.ints().find(k);
+        if (it == have.ints().end() || it->second != v) std::abort();
+      }
     }
   }
 
