@@ -205,11 +205,8 @@ int main(int argc, char** argv) {
       std::cerr << "engramd: cannot read --auth_token_file " << path << std::endl;
       return 1;
     }
-    std::getline(in, config.auth_token);
-    while (!config.auth_token.empty() && std::isspace(static_cast<unsigned char>(config.auth_token.back()))) {
-      config.auth_token.pop_back();
-    }
-    if (config.auth_token.empty()) {
+    config.auth_tokens.assign(std::istreambuf_iterator<char>(in), {});
+    if (config.auth_tokens.find_first_not_of(" \t\r\n") == std::string::npos) {
       std::cerr << "engramd: --auth_token_file " << path << " is empty" << std::endl;
       return 1;
     }
@@ -230,7 +227,7 @@ int main(int argc, char** argv) {
                           ":" + std::to_string((*server)->http_port()) +
                           (config.http_ui_dir.empty() ? "/v1/" : "/ui/"))
             << (config.tls_cert_file.empty() ? "" : ", TLS")
-            << (config.auth_token.empty() ? "" : ", bearer-token authentication") << std::endl;
+            << (config.auth_token.empty() && config.auth_tokens.empty() ? "" : ", bearer-token authentication") << std::endl;
 
   std::thread waiter([&] {
     unsigned char sig = 0;

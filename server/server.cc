@@ -38,7 +38,11 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
   limits.stream_buffer_bytes = config.stream_buffer_bytes;
   limits.writer.threads = config.writer_threads;
   limits.writer.max_queue = config.max_queue;
-  limits.auth_token = config.auth_token;
+  if (!config.auth_tokens.empty()) {
+    ENGRAM_ASSIGN_OR_RETURN(limits.access, AccessPolicy::Parse(config.auth_tokens));
+  } else {
+    limits.access = AccessPolicy::SingleToken(config.auth_token);
+  }
   limits.backup_dir = (std::filesystem::path(config.data_dir) / "backups").string();
   s->service_ = std::make_unique<MemoryServiceImpl>(nullptr, s->metrics_, limits);
 

@@ -59,6 +59,9 @@ struct ServerConfig {
   // "authorization: Bearer <token>" (UNAUTHENTICATED otherwise). Health,
   // reflection and the metrics endpoint stay open for probes.
   std::string auth_token;
+  // A token file's text (see server/access.h): tokens scoped to banks and
+  // to read or read-write. Overrides auth_token when set.
+  std::string auth_tokens;
   // PEM files; both set enables TLS on the gRPC port.
   std::string tls_cert_file;
   std::string tls_key_file;

@@ -133,21 +133,7 @@ absl::Status BankReplaced(const std::string& bank) {
 }  // namespace
 
 absl::Status AuthorizeBearer(std::string_view want, std::string_view got) {
-  if (want.empty()) return absl::OkStatus();
-  constexpr std::string_view kBearer = "Bearer ";
-  const bool ok = got.size() == kBearer.size() + want.size() &&
-                  got.substr(0, kBearer.size()) == kBearer;
-  // Constant-time comparison of the token (its length is not secret).
-  unsigned char diff = ok ? 0 : 1;
-  const std::string_view token = ok ? got.substr(kBearer.size()) : want;
-  for (size_t i = 0; i < want.size(); ++i) {
-    diff |= static_cast<unsigned char>(token[i] ^ want[i]);
-  }
-  if (diff != 0) {
-    return absl::UnauthenticatedError(
-        "this server requires 'authorization: Bearer <token>' metadata");
-  }
-  return absl::OkStatus();
+  return AccessPolicy::SingleToken(std::string(want)).Check(got, nullptr, Access::kWrite);
 }
 
 // One Retrieve call's validated queries, and what they get back.
@@ -418,8 +404,8 @@ void MemoryServiceImpl::SetRegistry(core::BankRegistry* registry) {
   registry_.store(registry);
 }
 
-absl::StatusOr<core::BankRegistry*> MemoryServiceImpl::Begin(grpc::ServerContextBase* ctx,
-                                                             const std::string* bank) const {
+absl::StatusOr<const TokenScope*> MemoryServiceImpl::Authenticate(
+    grpc::ServerContextBase* ctx) const {
   std::string_view header;
   if (ctx != nullptr) {
     auto range = ctx->client_metadata().equal_range("authorization");
@@ -427,12 +413,24 @@ absl::StatusOr<core::BankRegistry*> MemoryServiceImpl::Begin(grpc::ServerContext
       header = std::string_view(range.first->second.data(), range.first->second.size());
     }
   }
-  ENGRAM_RETURN_IF_ERROR(AuthorizeBearer(limits_.auth_token, header));
+  return limits_.access.Authenticate(header);
+}
+
+absl::StatusOr<core::BankRegistry*> MemoryServiceImpl::Ready() const {
   core::BankRegistry* registry = registry_.load();
   if (registry == nullptr) {
     return absl::UnavailableError("engramd is still loading its banks; retry shortly");
   }
+  return registry;
+}
+
+absl::StatusOr<core::BankRegistry*> MemoryServiceImpl::Begin(grpc::ServerContextBase* ctx,
+                                                             const std::string* bank,
+                                                             Access access) const {
+  ENGRAM_ASSIGN_OR_RETURN(const TokenScope* scope, Authenticate(ctx));
+  ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Ready());
   if (bank != nullptr) ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(*bank));
+  ENGRAM_RETURN_IF_ERROR(AccessPolicy::Allows(scope, bank, access));
   return registry;
 }
 
@@ -505,7 +503,7 @@ grpc::Status MemoryServiceImpl::CreateBankNow(grpc::ServerContextBase* ctx,
                                            const v1::CreateBankRequest* req,
                                            v1::BankInfo* resp) {
   return Guarded(resp, [&]() -> absl::Status {
-    ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->name()));
+    ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->name(), Access::kWrite));
     if (req->dim() < 1 || req->dim() > static_cast<uint32_t>(core::kMaxDim)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "dim must be in [1, ", core::kMaxDim, "], got ", req->dim()));
@@ -532,7 +530,7 @@ grpc::Status MemoryServiceImpl::CreateBankNow(grpc::ServerContextBase* ctx,
 grpc::Status MemoryServiceImpl::GetBankNow(grpc::ServerContextBase* ctx,
                                         const v1::GetBankRequest* req, v1::BankInfo* resp) {
   return Guarded(resp, [&]() -> absl::Status {
-    ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->name()));
+    ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->name(), Access::kRead));
     ENGRAM_ASSIGN_OR_RETURN(core::BankSummary summary, registry->GetBank(req->name()));
     SummaryToProto(summary, resp);
     return absl::OkStatus();
@@ -542,8 +540,14 @@ grpc::Status MemoryServiceImpl::GetBankNow(grpc::ServerContextBase* ctx,
 grpc::Status MemoryServiceImpl::ListBanksNow(grpc::ServerContextBase* ctx, const v1::ListBanksRequest*,
                                           v1::ListBanksResponse* resp) {
   return Guarded(resp, [&]() -> absl::Status {
-    ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, nullptr));
-    for (const auto& summary : registry->ListBanks()) SummaryToProto(summary, resp->add_banks());
+    ENGRAM_ASSIGN_OR_RETURN(const TokenScope* scope, Authenticate(ctx));
+    ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Ready());
+    // A scoped token lists the banks it reaches.
+    for (const auto& summary : registry->ListBanks()) {
+      if (scope == nullptr || scope->Reaches(summary.spec.name)) {
+        SummaryToProto(summary, resp->add_banks());
+      }
+    }
     return absl::OkStatus();
   });
 }
@@ -552,7 +556,7 @@ grpc::Status MemoryServiceImpl::DeleteBankNow(grpc::ServerContextBase* ctx,
                                            const v1::DeleteBankRequest* req,
                                            v1::DeleteBankResponse* resp) {
   return Guarded(resp, [&]() -> absl::Status {
-    ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->name()));
+    ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->name(), Access::kWrite));
     ENGRAM_RETURN_IF_ERROR(registry->DeleteBank(req->name()));
     metrics_->RemoveBank(req->name());
     return absl::OkStatus();
@@ -562,7 +566,7 @@ grpc::Status MemoryServiceImpl::DeleteBankNow(grpc::ServerContextBase* ctx,
 grpc::Status MemoryServiceImpl::StoreNow(grpc::ServerContextBase* ctx, const v1::StoreRequest* req,
                                       v1::StoreResponse* resp) {
   return Guarded(resp, [&]() -> absl::Status {
-    ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->bank()));
+    ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->bank(), Access::kWrite));
     ENGRAM_ASSIGN_OR_RETURN(core::BankSummary info, registry->GetBank(req->bank()));
     ENGRAM_RETURN_IF_ERROR(CheckBatch(req->patterns(), info.spec.dim, "patterns",
                                       limits_.max_batch, info.spec.kind)
@@ -592,7 +596,7 @@ grpc::Status MemoryServiceImpl::DeletePatternsNow(grpc::ServerContextBase* ctx,
                                                const v1::DeletePatternsRequest* req,
                                                v1::DeletePatternsResponse* resp) {
   return Guarded(resp, [&]() -> absl::Status {
-    ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->bank()));
+    ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->bank(), Access::kWrite));
     if (req->ids_size() > limits_.max_batch) {
       return absl::InvalidArgumentError(absl::StrCat(
           "ids holds ", req->ids_size(), " entries; the limit per call is ", limits_.max_batch));
@@ -613,7 +617,7 @@ grpc::Status MemoryServiceImpl::GetPatternsNow(grpc::ServerContextBase* ctx,
                                             const v1::GetPatternsRequest* req,
                                             v1::GetPatternsResponse* resp) {
   return Guarded(resp, [&]() -> absl::Status {
-    ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->bank()));
+    ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->bank(), Access::kRead));
     if (req->ids_size() > limits_.max_batch ||
         req->page_size() > static_cast<uint64_t>(limits_.max_batch)) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -657,7 +661,7 @@ grpc::Status MemoryServiceImpl::GetPatternsNow(grpc::ServerContextBase* ctx,
 grpc::Status MemoryServiceImpl::BackupNow(grpc::ServerContextBase* ctx, const v1::BackupRequest* req,
                                        v1::BackupResponse* resp) {
   return Guarded(resp, [&]() -> absl::Status {
-    ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, nullptr));
+    ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, nullptr, Access::kWrite));
     // The bank-name grammar: no '/', no leading '.', so never outside backup_dir.
     if (auto v = core::ValidateBankName(req->file()); !v.ok()) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -715,7 +719,7 @@ absl::StatusOr<core::BankSnapshot> MemoryServiceImpl::Visible(core::BankRegistry
 
 absl::StatusOr<std::unique_ptr<MemoryServiceImpl::RetrieveWork>>
 MemoryServiceImpl::PrepareRetrieve(grpc::ServerContextBase* ctx, const v1::RetrieveRequest* req) {
-  ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->bank()));
+  ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->bank(), Access::kRead));
   auto work = std::make_unique<RetrieveWork>();
   work->req = req;
   work->ctx = ctx;
@@ -914,7 +918,7 @@ grpc::Status MemoryServiceImpl::RetrieveNow(grpc::ServerContextBase* ctx,
 absl::Status MemoryServiceImpl::RunEnergy(grpc::ServerContextBase* ctx,
                                           const v1::EnergyRequest* req,
                                           v1::EnergyResponse* resp) {
-  ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->bank()));
+  ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->bank(), Access::kRead));
   ENGRAM_ASSIGN_OR_RETURN(core::Filter filter, FilterFromProto(req->filter()));
   ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot pinned, registry->Snapshot(req->bank()));
   ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot bank,
@@ -976,7 +980,7 @@ grpc::ServerUnaryReactor* MemoryServiceImpl::Energy(grpc::CallbackServerContext*
 absl::Status MemoryServiceImpl::RunSample(grpc::ServerContextBase* ctx,
                                           const v1::SampleRequest* req, v1::SampleResponse* resp,
                                           const FrameSink& on_frame) {
-  ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->bank()));
+  ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->bank(), Access::kRead));
   const auto start = std::chrono::steady_clock::now();
   const int64_t count = req->count() == 0 ? 1 : req->count();
   if (count > limits_.max_batch) {

@@ -32,6 +32,7 @@
 #include "engram/core/registry.h"
 #include "engram/v1/engram.grpc.pb.h"
 #include "server/metrics.h"
+#include "server/access.h"
 #include "server/scheduler.h"
 
 namespace engram::server {
@@ -39,8 +40,8 @@ namespace engram::server {
 struct ServiceLimits {
   // Largest batch (patterns per Store, queries per Retrieve/Energy).
   int64_t max_batch = 65536;
-  // Bearer token required on every call; empty disables authentication.
-  std::string auth_token;
+  // Bearer tokens and what each may reach; none disables authentication.
+  AccessPolicy access;
   // Where Backup writes (<data_dir>/backups).
   std::string backup_dir;
   // Merge concurrent sync Retrieve calls on the same bank and energy into
@@ -156,10 +157,15 @@ class MemoryServiceImpl final : public v1::MemoryService::CallbackService {
   class StreamReactor;
   class StreamTask;
 
-  // The prelude of every handler: credentials, readiness and (when `bank`
-  // is set) the bank name. Returns the registry.
-  absl::StatusOr<core::BankRegistry*> Begin(grpc::ServerContextBase* ctx,
-                                            const std::string* bank) const;
+  // The prelude of every handler: credentials, readiness, the bank name
+  // and the token's scope (`bank` null: every bank). Returns the registry.
+  absl::StatusOr<core::BankRegistry*> Begin(grpc::ServerContextBase* ctx, const std::string* bank,
+                                            Access access) const;
+  // The call's token scope (null when no token is configured), or
+  // UNAUTHENTICATED.
+  absl::StatusOr<const TokenScope*> Authenticate(grpc::ServerContextBase* ctx) const;
+  // The registry, or UNAVAILABLE while banks load.
+  absl::StatusOr<core::BankRegistry*> Ready() const;
   void UpdateBankGauges(core::BankRegistry* registry, const std::string& name);
   // Answers a bank or pattern call: at once for reads, through the writer
   // pool for writes (`now` runs there).
