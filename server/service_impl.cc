@@ -13,6 +13,7 @@
 #include "absl/strings/str_format.h"
 #include "engram/core/energy.h"
 #include "engram/core/mutex.h"
+#include "engram/core/novelty.h"
 #include "engram/core/readout.h"
 #include "engram/core/status_macros.h"
 #include "server/convert.h"
@@ -717,6 +718,23 @@ absl::StatusOr<core::BankSnapshot> MemoryServiceImpl::Visible(core::BankRegistry
   return std::make_shared<const core::Bank>(pinned->Subset(rows));
 }
 
+std::shared_ptr<const core::StoredEnergies> MemoryServiceImpl::NoveltyReference(
+    const core::Bank& bank, const core::EnergyFunction& energy) {
+  const std::string key =
+      absl::StrCat(bank.spec().name, "|", bank.version(), "|", EnergyKey(energy.config()));
+  {
+    core::MutexLock lock(&novelty_mu_);
+    auto it = novelty_cache_.find(key);
+    if (it != novelty_cache_.end()) return it->second;
+  }
+  auto ref = std::make_shared<const core::StoredEnergies>(core::StoredPatternEnergies(energy));
+  core::MutexLock lock(&novelty_mu_);
+  // Versions only move forward: a full cache is simply started again.
+  if (novelty_cache_.size() >= kNoveltyCacheEntries) novelty_cache_.clear();
+  novelty_cache_[key] = ref;
+  return ref;
+}
+
 absl::StatusOr<std::unique_ptr<MemoryServiceImpl::RetrieveWork>>
 MemoryServiceImpl::PrepareRetrieve(grpc::ServerContextBase* ctx, const v1::RetrieveRequest* req) {
   ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->bank(), Access::kRead));
@@ -932,6 +950,8 @@ absl::Status MemoryServiceImpl::RunEnergy(grpc::ServerContextBase* ctx,
   ENGRAM_ASSIGN_OR_RETURN(core::EnergyConfig cfg,
                           ResolveEnergy(req->has_energy(), req->energy(), *bank));
   core::EnergyFunction energy(cfg, bank->view());
+  std::shared_ptr<const core::StoredEnergies> reference;
+  if (req->return_novelty()) reference = NoveltyReference(*bank, energy);
   std::vector<float> grad(n);
   for (int64_t q = 0; q < b; ++q) {
     if (q % 64 == 63 && DeadlinePassed(ctx)) {
@@ -948,6 +968,11 @@ absl::Status MemoryServiceImpl::RunEnergy(grpc::ServerContextBase* ctx,
     if (m > 0) {
       core::ValueReadout(energy, bank->value(0), m, x, value.data());
       resp->mutable_values()->Add(value.begin(), value.end());
+    }
+    if (reference != nullptr) {
+      const double e = resp->energies(static_cast<int>(q));
+      resp->add_novelty(core::Novelty(*reference, e));
+      resp->add_novelty_z(reference->ZScore(e));
     }
   }
   return absl::OkStatus();

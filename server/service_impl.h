@@ -28,7 +28,10 @@
 #include <memory>
 #include <string_view>
 
+#include "absl/container/flat_hash_map.h"
 #include "engram/core/filter.h"
+#include "engram/core/mutex.h"
+#include "engram/core/novelty.h"
 #include "engram/core/registry.h"
 #include "engram/v1/engram.grpc.pb.h"
 #include "server/metrics.h"
@@ -199,6 +202,15 @@ class MemoryServiceImpl final : public v1::MemoryService::CallbackService {
               const std::function<double(int dim)>& vectors) const;
   // The latest time a compute call may leave the queue.
   absl::Time QueueDeadline(const grpc::CallbackServerContext* ctx, uint32_t timeout_ms) const;
+
+  // The stored-pattern energies novelty is measured against, per bank
+  // version and energy (a filtered call's bank is a version of its own).
+  std::shared_ptr<const core::StoredEnergies> NoveltyReference(const core::Bank& bank,
+                                                               const core::EnergyFunction& energy);
+  static constexpr size_t kNoveltyCacheEntries = 64;
+  core::Mutex novelty_mu_;
+  absl::flat_hash_map<std::string, std::shared_ptr<const core::StoredEnergies>> novelty_cache_
+      ABSL_GUARDED_BY(novelty_mu_);
 
   std::atomic<core::BankRegistry*> registry_;
   std::shared_ptr<Metrics> metrics_;

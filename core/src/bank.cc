@@ -1,6 +1,7 @@
 #include "engram/core/bank.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 
@@ -92,8 +93,15 @@ absl::Status Labels::Normalize() {
   return absl::OkStatus();
 }
 
+namespace {
+uint64_t NextVersion() {
+  static std::atomic<uint64_t> counter{0};
+  return counter.fetch_add(1, std::memory_order_relaxed) + 1;
+}
+}  // namespace
+
 Bank::Bank(BankSpec spec, uint64_t next_id)
-    : spec_(std::move(spec)), next_id_(next_id == 0 ? 1 : next_id) {}
+    : spec_(std::move(spec)), next_id_(next_id == 0 ? 1 : next_id), version_(NextVersion()) {}
 
 uint64_t Bank::bytes() const {
   uint64_t b = data_.size() * sizeof(float) + sq_norms_.size() * sizeof(float) +
@@ -245,6 +253,7 @@ void Bank::Append(absl::Span<const float> data, absl::Span<const uint64_t> ids,
                   absl::Span<const std::string> payloads, const PatternExtras& extras) {
   const int n = dim();
   const size_t k = ids.size();
+  version_ = NextVersion();
   data_.insert(data_.end(), data.begin(), data.end());
   PackRows(data);
   if (spec_.value_dim > 0) {
@@ -293,6 +302,7 @@ absl::Status Bank::ValidateRemoval(absl::Span<const uint64_t> ids) const {
 
 void Bank::Remove(absl::Span<const uint64_t> ids) {
   absl::flat_hash_set<uint64_t> drop(ids.begin(), ids.end());
+  version_ = NextVersion();
   const int n = dim();
   int64_t out = 0;
   for (int64_t r = 0; r < size(); ++r) {

@@ -198,6 +198,70 @@ TEST_F(MemoryFeaturesTest, EnergyValuesAreAttentionOverTheStoredValues) {
   }
 }
 
+// LSE energy in double of state x against rows [0, k) of `xi`.
+double LseEnergy(const std::vector<float>& xi, int k, const float* x, double beta) {
+  double top = -INFINITY, sq = 0;
+  std::vector<double> s(k);
+  for (int r = 0; r < k; ++r) {
+    double dot = 0;
+    for (int i = 0; i < kDim; ++i) dot += double{xi[r * kDim + i]} * x[i];
+    s[r] = beta * dot;
+    top = std::max(top, s[r]);
+  }
+  double z = 0;
+  for (double t : s) z += std::exp(t - top);
+  for (int i = 0; i < kDim; ++i) sq += double{x[i]} * x[i];
+  return -(top + std::log(z)) / beta + 0.5 * sq;
+}
+
+TEST_F(MemoryFeaturesTest, NoveltyRanksAStateAmongTheStoredPatternsEnergies) {
+  const double beta = 4.0;
+  ASSERT_TRUE(Create("kv", kValueDim, beta).ok());
+  Fill("kv");
+  auto novelty = [&](const std::vector<float>& states, v1::EnergyResponse* resp) {
+    v1::EnergyRequest req;
+    req.set_bank("kv");
+    req.mutable_states()->Add(states.begin(), states.end());
+    req.set_return_novelty(true);
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(stub_->Energy(&ctx, req, resp).ok());
+  };
+  // Reference: every stored pattern's energy (K <= 256), in double here.
+  auto expect = [&](int k, const std::vector<float>& states, const v1::EnergyResponse& resp) {
+    std::vector<double> ref;
+    for (int r = 0; r < k; ++r) ref.push_back(LseEnergy(xi_, k, &xi_[r * kDim], beta));
+    double mean = 0, var = 0;
+    for (double e : ref) mean += e / k;
+    for (double e : ref) var += (e - mean) * (e - mean) / k;
+    ASSERT_EQ(resp.novelty_size(), static_cast<int>(states.size() / kDim));
+    for (int b = 0; b < resp.novelty_size(); ++b) {
+      const double e = LseEnergy(xi_, k, &states[b * kDim], beta);
+      double below = 0;
+      for (double t : ref) below += t < e ? 1.0 : (t == e ? 0.5 : 0.0);
+      // Float scores can swap a rank only between energies within rounding.
+      EXPECT_NEAR(resp.novelty(b), below / k, 1.0 / k) << "state " << b;
+      EXPECT_NEAR(resp.novelty_z(b), (e - mean) / std::sqrt(var), 1e-4) << "state " << b;
+    }
+  };
+  std::vector<float> states(xi_.begin() + 4 * kDim, xi_.begin() + 5 * kDim);
+  for (int i = 0; i < kDim; ++i) states.push_back(5.f * ((i % 2) ? 1.f : -1.f));  // far away
+  v1::EnergyResponse resp;
+  novelty(states, &resp);
+  expect(kPatterns, states, resp);
+  EXPECT_LT(resp.novelty(0), 1.0);
+  EXPECT_EQ(resp.novelty(1), 1.0);
+  // A Store changes the reference (no stale cache).
+  v1::StoreRequest more;
+  more.set_bank("kv");
+  std::vector<float> extra = engram::testing::RandomGaussian(20 * kDim, rng_, 0.5f);
+  more.mutable_patterns()->Add(extra.begin(), extra.end());
+  for (int j = 0; j < 20 * kValueDim; ++j) more.add_values(0.f);
+  ASSERT_TRUE(Store(more).ok());
+  xi_.insert(xi_.end(), extra.begin(), extra.end());
+  novelty(states, &resp);
+  expect(kPatterns + 20, states, resp);
+}
+
 TEST_F(MemoryFeaturesTest, RetrieveReadsTheValueOfTheMemoryFound) {
   ASSERT_TRUE(Create("kv", kValueDim, 20.0).ok());
   Fill("kv");

@@ -114,6 +114,9 @@ class Bank {
   int64_t size() const { return static_cast<int64_t>(ids_.size()); }
   // Bytes held for pattern data, norms, ids and payloads.
   uint64_t bytes() const;
+  // Identifies the bank's content: a number no other content of any bank in
+  // the process had, changed by every Append and Remove (a copy keeps it).
+  uint64_t version() const { return version_; }
   // The id the next server-assigned pattern receives.
   uint64_t next_id() const { return next_id_; }
 
@@ -182,6 +185,7 @@ class Bank {
 
   BankSpec spec_;
   uint64_t next_id_;
+  uint64_t version_;
   std::vector<float> data_;      // size() x dim(), row-major
   std::vector<float> sq_norms_;  // |xi_mu|^2
   std::vector<uint16_t> bf16_;   // kBf16: data_ rounded to bf16

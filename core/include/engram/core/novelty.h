@@ -1,0 +1,43 @@
+// Novelty of a state relative to a bank's own memories: where its energy
+// falls in the distribution of the stored patterns' energies under the same
+// energy function. Stored patterns sit at (or near) minima, so a state like
+// them has a novelty near the middle of [0, 1], and a state far from every
+// memory (out of distribution) a novelty near 1.
+//
+//   StoredEnergies ref = StoredPatternEnergies(energy);   // sorted, once per bank version
+//   double nov = Novelty(ref, energy.Value(x));            // in [0, 1]
+//   double z = ref.ZScore(energy.Value(x));
+#ifndef ENGRAM_CORE_NOVELTY_H_
+#define ENGRAM_CORE_NOVELTY_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "engram/core/energy.h"
+
+namespace engram::core {
+
+// Stored patterns whose energies form the reference (an even stride over
+// the bank when it holds more).
+inline constexpr int64_t kNoveltySamples = 256;
+
+struct StoredEnergies {
+  std::vector<double> sorted;  // ascending
+  double mean = 0.0;
+  double stddev = 0.0;
+  // (e - mean) / stddev; 0 when every stored energy is the same.
+  double ZScore(double e) const { return stddev > 0.0 ? (e - mean) / stddev : 0.0; }
+};
+
+// The energies of min(K, kNoveltySamples) stored patterns (rows 0, s, 2s, ...
+// with s = ceil(K / kNoveltySamples)) under `energy`, each computed as
+// Value(xi_mu).
+StoredEnergies StoredPatternEnergies(const EnergyFunction& energy);
+
+// The fraction of the reference energies below e, counting equal ones half
+// (the mid-rank percentile); 0.5 for an empty reference.
+double Novelty(const StoredEnergies& ref, double e);
+
+}  // namespace engram::core
+
+#endif  // ENGRAM_CORE_NOVELTY_H_
