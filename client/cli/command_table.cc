@@ -48,7 +48,7 @@ const OptionGroup kRetrieve = {
     {"tau-v", "T"},     {"tau-h", "T"},
     {"trace", ""},      {"out", "states.npy"},
     {"partial", ""}};
-const OptionGroup kEnergyCmd = {{"gradient", ""}};
+const OptionGroup kEnergyCmd = {{"gradient", ""}, {"novelty", ""}};
 const OptionGroup kSample = {{"count", "N"},
                              {"sampler", "heun|euler|stochastic|langevin|annealed_am"},
                              {"schedule", "karras|geometric|linear"},

@@ -133,6 +133,7 @@ absl::Status RunEnergy(const Args& args, Context& ctx) {
   ENGRAM_RETURN_IF_ERROR(ParseEnergy(args, req.mutable_energy(), &set));
   if (!set) req.clear_energy();
   req.set_return_gradient(args.Has("gradient"));
+  req.set_return_novelty(args.Has("novelty"));
   if (args.Has("filter")) ENGRAM_RETURN_IF_ERROR(ParseFilter(args.Get("filter"), req.mutable_filter()));
   ENGRAM_ASSIGN_OR_RETURN(v1::EnergyResponse resp, ctx.client->Energy(req));
   if (ctx.json) {
@@ -146,6 +147,9 @@ absl::Status RunEnergy(const Args& args, Context& ctx) {
       double g2 = 0;
       for (int i = 0; i < n; ++i) g2 += std::pow(double{resp.gradients(q * n + i)}, 2);
       std::cout << absl::StrFormat("  |grad E| = %.6g", std::sqrt(g2));
+    }
+    if (q < resp.novelty_size()) {
+      std::cout << absl::StrFormat("  novelty %.4f (z %.3g)", resp.novelty(q), resp.novelty_z(q));
     }
     if (const int m = resp.values_size() / std::max(1, resp.energies_size()); m > 0) {
       std::cout << "  value:";

@@ -139,6 +139,21 @@ class CliTest(unittest.TestCase):
             lse = s.max(axis=1) + np.log(np.exp(s - s.max(axis=1, keepdims=True)).sum(axis=1))
             want_e = -lse / beta + 0.5 * (x.astype(np.float64) ** 2).sum(axis=1)
             np.testing.assert_allclose(np.array(e["energies"]), want_e, rtol=1e-5, atol=1e-5)
+        # Novelty: the mid-rank of each state's energy among the stored patterns' energies.
+        far = np.full((1, n), 4.0, dtype=np.float32)
+        np.save(os.path.join(self.dir, "kv_far.npy"), np.concatenate([xi[:1], far]))
+        e = self.json("energy", "kv", os.path.join(self.dir, "kv_far.npy"), "--novelty")
+
+        def lse(states):
+            s = beta * states.astype(np.float64) @ xi.T.astype(np.float64)
+            top = s.max(axis=1)
+            return (-(top + np.log(np.exp(s - top[:, None]).sum(axis=1))) / beta
+                    + 0.5 * (states.astype(np.float64) ** 2).sum(axis=1))
+        ref = lse(xi)
+        for i, st in enumerate(np.concatenate([xi[:1], far])):
+            want = ((ref < lse(st[None])[0]).sum() + 0.5 * (ref == lse(st[None])[0]).sum()) / k
+            self.assertAlmostEqual(e["novelty"][i], want, delta=1.0 / k)
+        self.assertEqual(e["novelty"][1], 1.0)
         p = self.engram("retrieve", "kv", os.path.join(self.dir, "kv_q.npy"), "--filter",
                         "digit#=7", expect=1)
         self.assertIn("FAILED_PRECONDITION", p.stderr)
