@@ -71,6 +71,8 @@ absl::StatusOr<core::EnergyConfig> EnergyFromProto(const v1::EnergyConfig& p,
     case v1::SEPARATION_IDENTITY: c.separation = core::SeparationKind::kIdentity; break;
     case v1::SEPARATION_POLYNOMIAL: c.separation = core::SeparationKind::kPolynomial; break;
     case v1::SEPARATION_MAX: c.separation = core::SeparationKind::kMax; break;
+    case v1::SEPARATION_SPARSEMAX: c.separation = core::SeparationKind::kSparsemax; break;
+    case v1::SEPARATION_ENTMAX15: c.separation = core::SeparationKind::kEntmax15; break;
     default:
       return absl::InvalidArgumentError(
           absl::StrCat("unknown energy.separation ", p.separation()));
@@ -101,6 +103,8 @@ v1::EnergyConfig EnergyToProto(const core::EnergyConfig& c) {
     case core::SeparationKind::kPolynomial: p.set_separation(v1::SEPARATION_POLYNOMIAL); break;
     case core::SeparationKind::kSoftmax: p.set_separation(v1::SEPARATION_SOFTMAX); break;
     case core::SeparationKind::kMax: p.set_separation(v1::SEPARATION_MAX); break;
+    case core::SeparationKind::kSparsemax: p.set_separation(v1::SEPARATION_SPARSEMAX); break;
+    case core::SeparationKind::kEntmax15: p.set_separation(v1::SEPARATION_ENTMAX15); break;
   }
   return p;
 }

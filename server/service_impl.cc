@@ -719,7 +719,10 @@ absl::StatusOr<core::BankSnapshot> MemoryServiceImpl::Visible(core::BankRegistry
 }
 
 std::shared_ptr<const core::StoredEnergies> MemoryServiceImpl::NoveltyReference(
-    const core::Bank& bank, const core::EnergyFunction& energy) {
+    const core::Bank& bank, const core::EnergyFunction& energy, bool cache) {
+  if (!cache) {
+    return std::make_shared<const core::StoredEnergies>(core::StoredPatternEnergies(energy));
+  }
   const std::string key =
       absl::StrCat(bank.spec().name, "|", bank.version(), "|", EnergyKey(energy.config()));
   {
@@ -940,7 +943,9 @@ absl::Status MemoryServiceImpl::RunEnergy(grpc::ServerContextBase* ctx,
   ENGRAM_ASSIGN_OR_RETURN(core::Filter filter, FilterFromProto(req->filter()));
   ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot pinned, registry->Snapshot(req->bank()));
   ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot bank,
-                          Visible(registry, std::move(pinned), std::move(filter), false));
+                          Visible(registry, pinned, std::move(filter), false));
+  // A filtered call's bank is its own: its novelty reference is not kept.
+  const bool whole_bank = bank.get() == pinned.get();
   const int n = bank->dim();
   const int m = bank->spec().value_dim;
   std::vector<float> value(m);
@@ -951,7 +956,7 @@ absl::Status MemoryServiceImpl::RunEnergy(grpc::ServerContextBase* ctx,
                           ResolveEnergy(req->has_energy(), req->energy(), *bank));
   core::EnergyFunction energy(cfg, bank->view());
   std::shared_ptr<const core::StoredEnergies> reference;
-  if (req->return_novelty()) reference = NoveltyReference(*bank, energy);
+  if (req->return_novelty()) reference = NoveltyReference(*bank, energy, whole_bank);
   std::vector<float> grad(n);
   for (int64_t q = 0; q < b; ++q) {
     if (q % 64 == 63 && DeadlinePassed(ctx)) {

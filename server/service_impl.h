@@ -204,9 +204,11 @@ class MemoryServiceImpl final : public v1::MemoryService::CallbackService {
   absl::Time QueueDeadline(const grpc::CallbackServerContext* ctx, uint32_t timeout_ms) const;
 
   // The stored-pattern energies novelty is measured against, per bank
-  // version and energy (a filtered call's bank is a version of its own).
+  // version and energy, kept for reuse when `cache` (not for a filtered
+  // call's bank, which is a version of its own).
   std::shared_ptr<const core::StoredEnergies> NoveltyReference(const core::Bank& bank,
-                                                               const core::EnergyFunction& energy);
+                                                               const core::EnergyFunction& energy,
+                                                               bool cache);
   static constexpr size_t kNoveltyCacheEntries = 64;
   core::Mutex novelty_mu_;
   absl::flat_hash_map<std::string, std::shared_ptr<const core::StoredEnergies>> novelty_cache_

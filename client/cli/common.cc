@@ -117,8 +117,10 @@ absl::Status ParseEnergy(const Args& args, v1::EnergyConfig* out, bool* set) {
     else if (s == "polynomial") out->set_separation(v1::SEPARATION_POLYNOMIAL);
     else if (s == "softmax") out->set_separation(v1::SEPARATION_SOFTMAX);
     else if (s == "max") out->set_separation(v1::SEPARATION_MAX);
+    else if (s == "sparsemax") out->set_separation(v1::SEPARATION_SPARSEMAX);
+    else if (s == "entmax15") out->set_separation(v1::SEPARATION_ENTMAX15);
     else return absl::InvalidArgumentError(
-        "--separation must be identity, polynomial, softmax or max");
+        "--separation must be identity, polynomial, softmax, max, sparsemax or entmax15");
   }
   return absl::OkStatus();
 }

@@ -293,6 +293,8 @@ export interface EnergyOptions extends CallOptions {
   queueTimeoutMs?: number;
   /** The energy of the passing patterns only. */
   filter?: Filter;
+  /** Also return each state's novelty relative to the bank's own memories (novelty, noveltyZ). */
+  novelty?: boolean;
 }
 
 export interface EnergyResult {
@@ -302,6 +304,15 @@ export interface EnergyResult {
   gradients: Float32Array | null;
   /** Banks with values: B * M floats row-major, the readout at each state (one attention step); else null. */
   values: Float32Array | null;
+  /**
+   * With `novelty: true`, one double per state: the fraction of the stored patterns' own energies
+   * below the state's energy (equal ones counting half), over min(K, 256) stored patterns (rows
+   * 0, s, 2s, ... with s = ceil(K / 256)) under the same energy and filter. Stored patterns sit at
+   * minima: a state like them scores mid-range, one far from every memory near 1. Else null.
+   */
+  novelty: Float64Array | null;
+  /** With `novelty: true`, one double per state: (E(x) - mean) / population standard deviation of those stored energies (0 when all are equal); else null. */
+  noveltyZ: Float64Array | null;
 }
 
 export interface ScheduleInput {

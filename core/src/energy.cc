@@ -2,6 +2,7 @@
 #include "engram/core/limits.h"
 
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <limits>
 
@@ -59,6 +60,53 @@ double Softmax(const double* s, int64_t k, double beta, double* w) {
 }
 
 }  // namespace
+
+double Sparsemax(const double* z, int64_t k, double* p) {
+  if (k == 0) return 0.0;
+  std::vector<double> sorted(z, z + k);
+  std::sort(sorted.begin(), sorted.end(), std::greater<double>());
+  // The support is the largest r with 1 + r z_(r) > sum_{j<=r} z_(j).
+  double cum = 0.0, tau = sorted[0] - 1.0;
+  for (int64_t r = 1; r <= k; ++r) {
+    cum += sorted[r - 1];
+    if (1.0 + r * sorted[r - 1] > cum) tau = (cum - 1.0) / r;
+  }
+  double dot = 0.0, sq = 0.0;
+  for (int64_t i = 0; i < k; ++i) {
+    p[i] = std::max(z[i] - tau, 0.0);
+    dot += p[i] * z[i];
+    sq += p[i] * p[i];
+  }
+  return dot + 0.5 * (1.0 - sq);
+}
+
+double Entmax15(const double* z, int64_t k, double* p) {
+  if (k == 0) return 0.0;
+  // p_i = [z_i / 2 - tau]_+^2 with sum p = 1; on a support of the r largest
+  // u = z / 2, tau solves r tau^2 - 2 tau sum u + sum u^2 - 1 = 0.
+  const double top = *std::max_element(z, z + k) / 2;
+  std::vector<double> u(k);
+  for (int64_t i = 0; i < k; ++i) u[i] = z[i] / 2 - top;  // shifted: exact in tau
+  std::vector<double> sorted(u);
+  std::sort(sorted.begin(), sorted.end(), std::greater<double>());
+  double cum = 0.0, cum_sq = 0.0, tau = sorted[0] - 1.0;
+  for (int64_t r = 1; r <= k; ++r) {
+    cum += sorted[r - 1];
+    cum_sq += sorted[r - 1] * sorted[r - 1];
+    const double mean = cum / r;
+    const double delta = (1.0 - r * (cum_sq / r - mean * mean)) / r;
+    const double t = mean - std::sqrt(std::max(delta, 0.0));
+    if (t <= sorted[r - 1]) tau = t;
+  }
+  double dot = 0.0, pow15 = 0.0;
+  for (int64_t i = 0; i < k; ++i) {
+    const double d = std::max(u[i] - tau, 0.0);
+    p[i] = d * d;
+    dot += p[i] * z[i];
+    pow15 += p[i] * d;  // p^1.5 = d^3
+  }
+  return dot + (1.0 - pow15) / 0.75;
+}
 
 std::string EnergyFamilyName(EnergyFamily family) {
   switch (family) {
@@ -212,6 +260,16 @@ double EnergyFunction::EnergyFromSimilarities(const double* s,
         }
         case SeparationKind::kSoftmax:
           return -Softmax(s, k, beta, w) / beta;
+        case SeparationKind::kSparsemax:
+        case SeparationKind::kEntmax15: {
+          std::vector<double> z(k), p(k);
+          for (int64_t mu = 0; mu < k; ++mu) z[mu] = beta * s[mu];
+          const double psi = config_.separation == SeparationKind::kSparsemax
+                                 ? Sparsemax(z.data(), k, p.data())
+                                 : Entmax15(z.data(), k, p.data());
+          if (w != nullptr) std::copy(p.begin(), p.end(), w);
+          return -psi / beta;
+        }
         case SeparationKind::kMax: {
           int64_t best = 0;
           for (int64_t mu = 1; mu < k; ++mu) {

@@ -22,10 +22,20 @@ StoredEnergies StoredPatternEnergies(const EnergyFunction& energy) {
   return ref;
 }
 
+namespace {
+double Tie(double e) { return kEnergyTieTolerance * std::max(1.0, std::fabs(e)); }
+}  // namespace
+
+double StoredEnergies::ZScore(double e) const {
+  if (!(stddev > Tie(mean))) return 0.0;
+  return (e - mean) / stddev;
+}
+
 double Novelty(const StoredEnergies& ref, double e) {
   if (ref.sorted.empty()) return 0.5;
-  const auto lo = std::lower_bound(ref.sorted.begin(), ref.sorted.end(), e);
-  const auto hi = std::upper_bound(lo, ref.sorted.end(), e);
+  const double tie = Tie(e);
+  const auto lo = std::lower_bound(ref.sorted.begin(), ref.sorted.end(), e - tie);
+  const auto hi = std::upper_bound(lo, ref.sorted.end(), e + tie);
   const double below = static_cast<double>(lo - ref.sorted.begin());
   const double equal = static_cast<double>(hi - lo);
   return (below + 0.5 * equal) / static_cast<double>(ref.sorted.size());

@@ -69,6 +69,8 @@ std::unique_ptr<RowWeights> MakeRowWeights(const EnergyConfig& config) {
         case SeparationKind::kSoftmax:
           return std::make_unique<LogSoftmaxWeights>(config.beta);
         case SeparationKind::kMax:
+        case SeparationKind::kSparsemax:
+        case SeparationKind::kEntmax15:
           return nullptr;
       }
   }

@@ -20,7 +20,9 @@ using ConstVectorMap = Eigen::Map<const Eigen::VectorXf>;
 bool HasBeta(const EnergyConfig& c) {
   return c.family == EnergyFamily::kExponential || c.family == EnergyFamily::kLse ||
          c.family == EnergyFamily::kGaussian ||
-         (c.family == EnergyFamily::kGeneral && c.separation == SeparationKind::kSoftmax);
+         (c.family == EnergyFamily::kGeneral && (c.separation == SeparationKind::kSoftmax ||
+                                                 c.separation == SeparationKind::kSparsemax ||
+                                                 c.separation == SeparationKind::kEntmax15));
 }
 
 EnergyConfig AtSigma(EnergyConfig c, double sigma) {

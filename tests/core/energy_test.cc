@@ -2,6 +2,7 @@
 // against central finite differences, on seeded random inputs.
 #include "engram/core/energy.h"
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -22,6 +23,31 @@ struct Case {
   EnergyConfig config;
   StateKind kind;
 };
+
+// Psi(z) = max over the simplex of p.z + H(p), H the Tsallis alpha-entropy
+// (alpha = 2: sparsemax, 1.5: entmax), with p = [(alpha-1) z - tau]_+^(1/(alpha-1))
+// and tau found by bisection on sum p = 1 (not the sort-based thresholds).
+double TsallisPsi(const std::vector<double>& z, double alpha) {
+  const double a1 = alpha - 1;
+  auto mass = [&](double tau) {
+    double m = 0;
+    for (double v : z) m += std::pow(std::max(a1 * v - tau, 0.0), 1 / a1);
+    return m;
+  };
+  double hi = a1 * *std::max_element(z.begin(), z.end()), lo = hi - 1.0;
+  while (mass(lo) < 1) lo -= 1.0;
+  for (int it = 0; it < 200; ++it) {
+    const double mid = 0.5 * (lo + hi);
+    (mass(mid) > 1 ? lo : hi) = mid;
+  }
+  double psi = 0, ent = 0;
+  for (double v : z) {
+    const double p = std::pow(std::max(a1 * v - 0.5 * (lo + hi), 0.0), 1 / a1);
+    psi += p * v;
+    ent += p - std::pow(p, alpha);
+  }
+  return psi + ent / (alpha * a1);
+}
 
 // Direct, loop-by-loop evaluation in double of SPEC section 2's table.
 double DirectEnergy(const EnergyConfig& c, const std::vector<float>& xi, int n,
@@ -92,6 +118,13 @@ double DirectEnergy(const EnergyConfig& c, const std::vector<float>& xi, int n,
         }
         case SeparationKind::kMax:
           return -*std::max_element(s.begin(), s.end());
+        case SeparationKind::kSparsemax:
+        case SeparationKind::kEntmax15: {
+          std::vector<double> z(s);
+          for (double& v : z) v *= c.beta;
+          const double alpha = c.separation == SeparationKind::kSparsemax ? 2.0 : 1.5;
+          return -TsallisPsi(z, alpha) / c.beta;
+        }
       }
     }
   }
@@ -116,7 +149,8 @@ std::vector<Case> AllCases() {
   for (auto sim : {SimilarityKind::kDot, SimilarityKind::kNegHalfSqL2,
                    SimilarityKind::kNegL1}) {
     for (auto sep : {SeparationKind::kIdentity, SeparationKind::kPolynomial,
-                     SeparationKind::kSoftmax, SeparationKind::kMax}) {
+                     SeparationKind::kSoftmax, SeparationKind::kMax,
+                     SeparationKind::kSparsemax, SeparationKind::kEntmax15}) {
       EnergyConfig c{.family = EnergyFamily::kGeneral, .degree = 3, .beta = 1.5,
                      .similarity = sim, .separation = sep};
       add("general_" + std::to_string(static_cast<int>(sim)) + "_" +
@@ -198,6 +232,26 @@ TEST_P(EnergyFamilyTest, GradientMatchesCentralDifferences) {
           continue;
         }
       }
+      if (c.config.family == EnergyFamily::kGeneral &&
+          (c.config.separation == SeparationKind::kSparsemax ||
+           c.config.separation == SeparationKind::kEntmax15)) {
+        // Skip when the support changes inside the stencil: the weights are
+        // continuous there but not differentiable.
+        EnergyFunction probe(c.config, bank.view());
+        std::vector<double> zp(k), zm(k), pp(k), pm(k);
+        probe.Similarities(fp.data(), zp.data());
+        probe.Similarities(fm.data(), zm.data());
+        for (int mu = 0; mu < k; ++mu) {
+          zp[mu] *= c.config.beta;
+          zm[mu] *= c.config.beta;
+        }
+        const bool sparse = c.config.separation == SeparationKind::kSparsemax;
+        sparse ? Sparsemax(zp.data(), k, pp.data()) : Entmax15(zp.data(), k, pp.data());
+        sparse ? Sparsemax(zm.data(), k, pm.data()) : Entmax15(zm.data(), k, pm.data());
+        bool same = true;
+        for (int mu = 0; mu < k; ++mu) same &= (pp[mu] > 0) == (pm[mu] > 0);
+        if (!same) continue;
+      }
       if (c.config.rectified) {
         bool near_kink = false;
         for (double v : s) near_kink |= std::fabs(v) < 0.05;
@@ -213,6 +267,38 @@ TEST_P(EnergyFamilyTest, GradientMatchesCentralDifferences) {
 INSTANTIATE_TEST_SUITE_P(AllFamilies, EnergyFamilyTest,
                          ::testing::ValuesIn(AllCases()),
                          [](const auto& info) { return info.param.name; });
+
+// The sort-based thresholds against bisection: weights on the simplex, zero
+// outside a support, and Psi equal to the variational value.
+TEST(SparseSeparations, ThresholdsMatchBisection) {
+  std::mt19937_64 rng(5);
+  std::normal_distribution<double> g(0.0, 2.0);
+  for (int trial = 0; trial < 200; ++trial) {
+    const int k = 1 + static_cast<int>(rng() % 40);
+    std::vector<double> z(k), p(k);
+    for (double& v : z) v = g(rng);
+    if (trial % 7 == 0) z.assign(k, 1.5);  // all tied
+    for (double alpha : {2.0, 1.5}) {
+      const double psi = alpha == 2.0 ? Sparsemax(z.data(), k, p.data())
+                                      : Entmax15(z.data(), k, p.data());
+      double sum = 0;
+      for (double v : p) {
+        EXPECT_GE(v, 0.0);
+        sum += v;
+      }
+      EXPECT_NEAR(sum, 1.0, 1e-12);
+      EXPECT_NEAR(psi, TsallisPsi(z, alpha), 1e-9 * std::max(1.0, std::fabs(psi)));
+      // Zero exactly below the threshold: the largest score always weighs.
+      const int best = static_cast<int>(std::max_element(z.begin(), z.end()) - z.begin());
+      EXPECT_GT(p[best], 0.0);
+    }
+  }
+  // A margin of more than 1 (sparsemax) puts all the weight on the winner.
+  std::vector<double> z = {5.0, 3.9, 0.0}, p(3);
+  Sparsemax(z.data(), 3, p.data());
+  EXPECT_EQ(p[0], 1.0);
+  EXPECT_EQ(p[1], 0.0);
+}
 
 TEST(LogSumExp, StableForLargeArguments) {
   std::vector<double> v = {1000.0, 1000.0, -5.0};

@@ -383,11 +383,20 @@ class Client {
    * @param {object} [options.filter] only the patterns whose labels pass
    *   (see "Filters" in README.md): {key: "en" | 7 | ["a", "b"] | [1, 2] |
    *   {min, max}}, ANDed; throws TypeError for a test of no such form
+   * @param {boolean} [options.novelty=false] also return each state's
+   *   novelty relative to the bank's own memories (see "Novelty" in README.md)
    * @param {number} [options.timeoutMs] deadline of this call
    * @returns {Promise<{energies: number[], gradients: Float32Array|null,
-   *   values: Float32Array|null}>} one energy (double) per state; B * N
+   *   values: Float32Array|null, novelty: Float64Array|null,
+   *   noveltyZ: Float64Array|null}>} one energy (double) per state; B * N
    *   gradient floats when requested; on a bank with values, B * M floats
-   *   row-major: the readout at each state (one attention step), else null
+   *   row-major: the readout at each state (one attention step), else null;
+   *   with `novelty`, B doubles each: `novelty`, the fraction of the stored
+   *   patterns' own energies below the state's energy (equal ones counting
+   *   half) over min(K, 256) stored patterns (rows 0, s, 2s, ... with
+   *   s = ceil(K / 256)) under the same energy and filter, near 1 far from
+   *   every memory; `noveltyZ`, (E(x) - mean) / population standard
+   *   deviation of those energies (0 when all are equal); else both null
    */
   async energy(bank, states, options = {}) {
     const reply = await this._unary('Energy', {
@@ -397,11 +406,14 @@ class Client {
       returnGradient: Boolean(options.gradient),
       queueTimeoutMs: options.queueTimeoutMs,
       filter: c.filterIn(options.filter),
+      returnNovelty: Boolean(options.novelty),
     }, options);
     return {
       energies: reply.energies,
       gradients: options.gradient ? c.floatsOut(reply.gradients) : null,
       values: c.optionalFloatsOut(reply.values),
+      novelty: options.novelty ? c.optionalDoublesOut(reply.novelty) : null,
+      noveltyZ: options.novelty ? c.optionalDoublesOut(reply.noveltyZ) : null,
     };
   }
 

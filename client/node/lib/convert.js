@@ -179,6 +179,11 @@ function optionalFloatsOut(values) {
   return values && values.length > 0 ? Float32Array.from(values) : null;
 }
 
+/** Packed doubles of a response as a Float64Array; null when there are none. */
+function optionalDoublesOut(values) {
+  return values && values.length > 0 ? Float64Array.from(values) : null;
+}
+
 /** A clamp mask for a request: any array-like of truthy / falsy values. */
 function boolsIn(mask, what) {
   if (mask === undefined || mask === null) return [];
@@ -418,7 +423,7 @@ function frameOut(f) {
 module.exports = {
   enumPrefix, toProtoEnum, fromProtoEnum, enumIn,
   uint64In, optionalUint64In, uint64ListIn,
-  floatsIn, floatsOut, optionalFloatsOut, boolsIn, bytesListIn,
+  floatsIn, floatsOut, optionalFloatsOut, optionalDoublesOut, boolsIn, bytesListIn,
   int64In, labelsIn, labelsOut, filterIn,
   energyIn, energyOut, bankOut, memoryOut, retrieveResultOut, sampleResponseOut, frameOut,
 };

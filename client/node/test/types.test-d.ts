@@ -63,6 +63,11 @@ export async function usage(): Promise<number> {
   const e: EnergyResult = await client.energy('demo', [[0.1, 0.2, 0.3, 0.4]], { gradient: true });
   const energies: number[] = e.energies;
   const grad: Float32Array | null = e.gradients;
+  const scored = await client.energy('demo', [[0.1, 0.2, 0.3, 0.4]], { novelty: true, filter: { lang: 'en' } });
+  const novelty: Float64Array | null = scored.novelty;
+  const noveltyZ: Float64Array | null = scored.noveltyZ;
+  assertType<Equal<EnergyResult['novelty'], Float64Array | null>>();
+  assertType<Equal<EnergyResult['noveltyZ'], Float64Array | null>>();
 
   const filter: Filter = { lang: 'en', year: { min: 2000, max: 2009 }, tag: ['a', 'b'], n: [1, 2n], id: 7, from: { min: 3 } };
   const [hit] = await client.retrieve('kv', [1, 0, 0, 0], { filter, maxSteps: 10 });
@@ -127,10 +132,15 @@ export async function usage(): Promise<number> {
   await client.retrieve('kv', [1, 0, 0, 0], { filter: { n: [1, 'a'] } });
   // @ts-expect-error: value readouts may be absent
   const always: Float32Array = hit.value;
+  // @ts-expect-error: novelty is a flag
+  await client.energy('demo', [1, 0, 0, 0], { novelty: 'yes' });
+  // @ts-expect-error: novelty may be absent (not requested)
+  const rated: Float64Array = scored.novelty;
 
   return names.length + floats.length + payload.length + page.nextPageStart + removed + state.length +
     Number(nearestId ?? 0n) + stop.length + energies.length + (grad ? grad.length : 0) + cls.length +
     snap.bytes + String(proto).length + String(short).length + valueDim + ttl + values.length +
     String(label).length + expires.length + (value ? value.length : 0) + (readout ? readout.length : 0) +
-    raw.conditions.length + always.length;
+    raw.conditions.length + always.length + (novelty ? novelty.length : 0) +
+    (noveltyZ ? noveltyZ.length : 0) + rated.length;
 }

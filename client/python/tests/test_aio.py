@@ -188,3 +188,28 @@ def test_async_values_labels_and_filters_match_numpy_and_the_sync_client(
     assert np.array_equal(frames[-1].states, sync_frames[-1].states)
     for sample in frames[-1].result.samples:
         assert mask[ids.tolist().index(sample.nearest.id)]
+
+
+def test_async_energy_novelty_matches_the_sync_client(server, client, bank_name):
+    rng = np.random.default_rng(23)
+    name = bank_name()
+    n, k, beta = 10, 20, 4.0
+    client.create_bank(name, n, energy="lse", beta=beta)
+    xi = rng.standard_normal((k, n)).astype(np.float32)
+    client.store(name, xi)
+    states = np.vstack([xi[3] + 0.05 * rng.standard_normal(n),
+                        5.0 * rng.choice([-1.0, 1.0], size=n)]).astype(np.float32)
+
+    async def scenario():
+        async with engram_client.AsyncClient(server.target) as ac:
+            return (await ac.energy(name, states, novelty=True),
+                    await ac.energy(name, states, gradient=True))
+
+    got, plain = asyncio.run(scenario())
+    sync = client.energy(name, states, novelty=True)
+    assert np.array_equal(got.novelty, sync.novelty)
+    assert np.array_equal(got.novelty_z, sync.novelty_z)
+    assert got.novelty.dtype == np.float64 and got.novelty[1] == 1.0
+    assert plain.novelty is None and plain.novelty_z is None
+    energies, gradients = got
+    assert gradients is None and np.array_equal(energies, sync.energies)

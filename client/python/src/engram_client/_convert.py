@@ -437,12 +437,15 @@ def retrieve_request(bank: str, queries: ArrayLike, *, energy: EnergyLike = None
 def energy_request(bank: str, states: ArrayLike, *, gradient: bool = False,
                    energy: EnergyLike = None, beta: Optional[float] = None,
                    degree: Optional[int] = None, queue_timeout_ms: int = 0,
-                   filter: FilterLike = None) -> Tuple["pb.EnergyRequest", int]:
+                   filter: FilterLike = None,
+                   novelty: bool = False) -> Tuple["pb.EnergyRequest", int]:
     """Returns (EnergyRequest, B) for a (B, N) or (N,) array of states;
-    `filter` (see label_filter) keeps only the patterns that pass."""
+    `filter` (see label_filter) keeps only the patterns that pass, `novelty`
+    sets return_novelty."""
     batch = as_batch(states, "states")
     req = pb.EnergyRequest(bank=bank, return_gradient=bool(gradient),
-                           queue_timeout_ms=operator.index(queue_timeout_ms))
+                           queue_timeout_ms=operator.index(queue_timeout_ms),
+                           return_novelty=bool(novelty))
     _set_filter(req, filter)
     _append_floats(req, "states", batch)
     cfg = energy_config(energy, beta, degree)
@@ -592,10 +595,16 @@ def decode_retrieve(m: "pb.RetrieveResponse") -> List[RetrieveResult]:
         value=_floats(r.value) if len(r.value) else None, raw=r) for r in m.results]
 
 
+def _doubles(values: Sequence[float]) -> Optional[np.ndarray]:
+    """Returns packed doubles as a float64 array, None when empty."""
+    return _floats(values, np.float64) if len(values) else None
+
+
 def decode_energy(m: "pb.EnergyResponse", batch: int) -> EnergyResult:
-    """Returns (energies (B,), gradients (B, N) or None), with .values (B, M) or None."""
+    """Returns (energies (B,), gradients (B, N) or None), with .values (B, M),
+    .novelty (B,) and .novelty_z (B,), each None when the response has none."""
     return EnergyResult(_floats(m.energies, np.float64), _rows(m.gradients, batch),
-                        _rows(m.values, batch))
+                        _rows(m.values, batch), _doubles(m.novelty), _doubles(m.novelty_z))
 
 
 def decode_sample(m: "pb.SampleResponse") -> SampleResponse:

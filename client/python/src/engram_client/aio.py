@@ -179,14 +179,14 @@ class AsyncClient:
     async def energy(self, bank: str, states: Any, gradient: bool = False, *,
                      energy: _convert.EnergyLike = None, beta: Optional[float] = None,
                      degree: Optional[int] = None, queue_timeout_ms: int = 0,
-                     filter: _convert.FilterLike = None,
+                     filter: _convert.FilterLike = None, novelty: bool = False,
                      timeout: Optional[float] = None) -> EnergyResult:
         """Evaluates E(x) (and grad E(x) when `gradient`) at each state
         (see Client.energy)."""
         req, batch = _convert.energy_request(bank, states, gradient=gradient, energy=energy,
                                              beta=beta, degree=degree,
                                              queue_timeout_ms=queue_timeout_ms,
-                                             filter=filter)
+                                             filter=filter, novelty=novelty)
         return _convert.decode_energy(await self._call(self._stub.Energy, req, timeout), batch)
 
     async def sample(self, bank: str, count: int = 1, *, timeout: Optional[float] = None,

@@ -275,7 +275,7 @@ class Client:
     def energy(self, bank: str, states: Any, gradient: bool = False, *,
                energy: _convert.EnergyLike = None, beta: Optional[float] = None,
                degree: Optional[int] = None, queue_timeout_ms: int = 0,
-               filter: _convert.FilterLike = None,
+               filter: _convert.FilterLike = None, novelty: bool = False,
                timeout: Optional[float] = None) -> EnergyResult:
         """Evaluates E(x) (and grad E(x) when `gradient`) at each state.
 
@@ -287,16 +287,26 @@ class Client:
           queue_timeout_ms: longest wait in the server's queue (0 = default).
           filter: the energy of the patterns whose labels pass only (see
             retrieve); none passing gives the empty sum.
+          novelty: also return each state's novelty relative to the bank's
+            own memories (`.novelty`, `.novelty_z`).
 
         Returns:
           EnergyResult(energies float64 (B,), gradients float32 (B, N) or None),
           with `.values` float32 (B, M), the readout at each state, for a bank
-          with values (else None).
+          with values (else None). With `novelty`, `.novelty` float64 (B,):
+          the fraction of the stored patterns' own energies below each state's
+          energy, equal ones counting half, over min(K, 256) stored patterns
+          (rows 0, s, 2s, ... with s = ceil(K / 256)) under the same energy
+          and filter; stored patterns sit at minima, so a state like them
+          scores mid-range and one far from every memory near 1. And
+          `.novelty_z` float64 (B,): (E(x) - mean) / population standard
+          deviation of those stored energies (0 when all are equal). Both
+          None when not requested.
         """
         req, batch = _convert.energy_request(bank, states, gradient=gradient, energy=energy,
                                              beta=beta, degree=degree,
                                              queue_timeout_ms=queue_timeout_ms,
-                                             filter=filter)
+                                             filter=filter, novelty=novelty)
         return _convert.decode_energy(self._call(self._stub.Energy, req, timeout), batch)
 
     def sample(self, bank: str, count: int = 1, *, timeout: Optional[float] = None,

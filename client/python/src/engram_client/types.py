@@ -163,26 +163,41 @@ class EnergyResult(_EnergyPair):
     """Energies of a batch of states: `energies, gradients = client.energy(...)`.
 
     A pair: energies, float64 array (B,); gradients, float32 array (B, N)
-    when asked for, else None. Also `values`, outside the pair (so that
-    two-name unpacking keeps working): float32 array (B, M) of the readout
-    at each state for a bank with values (one attention step,
-    softmax(beta Xi x) V for lse), else None.
+    when asked for, else None. Outside the pair (so that two-name unpacking
+    keeps working):
+      values: float32 array (B, M) of the readout at each state for a bank
+        with values (one attention step, softmax(beta Xi x) V for lse),
+        else None.
+      novelty: float64 array (B,) when asked for (`novelty=True`), else
+        None: the fraction of the stored patterns' own energies below each
+        state's energy, equal ones counting half, over min(K, 256) stored
+        patterns (rows 0, s, 2s, ... with s = ceil(K / 256)) under the same
+        energy and filter. Stored patterns sit at minima: a state like them
+        scores mid-range, one far from every memory near 1.
+      novelty_z: float64 array (B,) alongside `novelty`, else None:
+        (E(x) - mean) / population standard deviation of those stored
+        energies (0 when they are all equal).
     """
 
     values: Optional[np.ndarray] = None
+    novelty: Optional[np.ndarray] = None
+    novelty_z: Optional[np.ndarray] = None
 
     def __new__(cls, energies: np.ndarray, gradients: Optional[np.ndarray] = None,
-                values: Optional[np.ndarray] = None) -> "EnergyResult":
+                values: Optional[np.ndarray] = None, novelty: Optional[np.ndarray] = None,
+                novelty_z: Optional[np.ndarray] = None) -> "EnergyResult":
         self = super().__new__(cls, energies, gradients)
         self.values = values
+        self.novelty = novelty
+        self.novelty_z = novelty_z
         return self
 
     def __getnewargs__(self) -> tuple:
-        return (self.energies, self.gradients, self.values)
+        return (self.energies, self.gradients, self.values, self.novelty, self.novelty_z)
 
     def __repr__(self) -> str:
-        return "EnergyResult(energies=%r, gradients=%r, values=%r)" % (
-            self.energies, self.gradients, self.values)
+        return ("EnergyResult(energies=%r, gradients=%r, values=%r, novelty=%r, novelty_z=%r)"
+                % (self.energies, self.gradients, self.values, self.novelty, self.novelty_z))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -43,7 +43,20 @@ enum class EnergyFamily {
 };
 
 enum class SimilarityKind { kDot, kNegHalfSqL2, kNegL1 };
-enum class SeparationKind { kIdentity, kPolynomial, kSoftmax, kMax };
+// kSparsemax and kEntmax15 are the sparse members of the softmax family
+// (Tsallis alpha = 2 and 1.5; Santos et al., sparse Hopfield networks): the
+// energy is -Psi(beta S)/beta with Psi(z) = max_{p in simplex} p.z + H(p), H
+// the Tsallis entropy, and the weights -dE/dS are sparsemax(beta S) or
+// 1.5-entmax(beta S) themselves: exactly zero outside a support, so a
+// pattern with enough margin is retrieved exactly.
+enum class SeparationKind { kIdentity, kPolynomial, kSoftmax, kMax, kSparsemax, kEntmax15 };
+
+// p = sparsemax(z) or 1.5-entmax(z) over k scores (exact sort-based
+// thresholds: Martins and Astudillo 2016; Peters et al. 2019). Returns
+// Psi(z) = p.z + H(p): (1 - |p|^2)/2 for sparsemax, (1 - sum p^1.5)/0.75 for
+// 1.5-entmax.
+double Sparsemax(const double* z, int64_t k, double* p);
+double Entmax15(const double* z, int64_t k, double* p);
 
 struct EnergyConfig {
   EnergyFamily family = EnergyFamily::kLse;

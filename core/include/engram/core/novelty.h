@@ -25,8 +25,9 @@ struct StoredEnergies {
   std::vector<double> sorted;  // ascending
   double mean = 0.0;
   double stddev = 0.0;
-  // (e - mean) / stddev; 0 when every stored energy is the same.
-  double ZScore(double e) const { return stddev > 0.0 ? (e - mean) / stddev : 0.0; }
+  // (e - mean) / stddev; 0 when the stored energies agree to within
+  // kEnergyTieTolerance.
+  double ZScore(double e) const;
 };
 
 // The energies of min(K, kNoveltySamples) stored patterns (rows 0, s, 2s, ...
@@ -34,8 +35,14 @@ struct StoredEnergies {
 // Value(xi_mu).
 StoredEnergies StoredPatternEnergies(const EnergyFunction& energy);
 
-// The fraction of the reference energies below e, counting equal ones half
-// (the mid-rank percentile); 0.5 for an empty reference.
+// Energies within this relative distance count as equal: the same state
+// evaluated by different passes (a query, a stored row) agrees only to
+// rounding.
+inline constexpr double kEnergyTieTolerance = 1e-9;
+
+// The fraction of the reference energies below e, counting equal ones (to
+// kEnergyTieTolerance) half: the mid-rank percentile; 0.5 for an empty
+// reference.
 double Novelty(const StoredEnergies& ref, double e);
 
 }  // namespace engram::core

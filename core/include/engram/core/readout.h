@@ -8,6 +8,8 @@
 //   - LSE, GAUSSIAN, EXPONENTIAL and GENERAL/SOFTMAX: p = softmax(beta S(xi, x)),
 //     attention with the patterns as keys (Ramsauer et al.'s pattern
 //     projection; Nadaraya-Watson kernel regression);
+//   - GENERAL/SPARSEMAX and GENERAL/ENTMAX15: p = sparsemax(beta S) or
+//     1.5-entmax(beta S), exactly zero outside a support;
 //   - GENERAL/MAX: p is one-hot on the most similar pattern (first on ties);
 //   - CLASSICAL, POLYNOMIAL, GENERAL/IDENTITY and GENERAL/POLYNOMIAL: the
 //     unnormalised weights p_mu = F'(S(xi_mu, x)) (the linear associator /
