@@ -73,6 +73,7 @@ absl::StatusOr<core::EnergyConfig> EnergyFromProto(const v1::EnergyConfig& p,
     case v1::SEPARATION_MAX: c.separation = core::SeparationKind::kMax; break;
     case v1::SEPARATION_SPARSEMAX: c.separation = core::SeparationKind::kSparsemax; break;
     case v1::SEPARATION_ENTMAX15: c.separation = core::SeparationKind::kEntmax15; break;
+    case v1::SEPARATION_LOG_SUM_RELU: c.separation = core::SeparationKind::kLogSumRelu; break;
     default:
       return absl::InvalidArgumentError(
           absl::StrCat("unknown energy.separation ", p.separation()));
@@ -105,6 +106,7 @@ v1::EnergyConfig EnergyToProto(const core::EnergyConfig& c) {
     case core::SeparationKind::kMax: p.set_separation(v1::SEPARATION_MAX); break;
     case core::SeparationKind::kSparsemax: p.set_separation(v1::SEPARATION_SPARSEMAX); break;
     case core::SeparationKind::kEntmax15: p.set_separation(v1::SEPARATION_ENTMAX15); break;
+    case core::SeparationKind::kLogSumRelu: p.set_separation(v1::SEPARATION_LOG_SUM_RELU); break;
   }
   return p;
 }

@@ -22,7 +22,7 @@ const OptionGroup kEnergy = {{"energy", "FAMILY"},
                              {"degree", "n"},
                              {"rectified", ""},
                              {"similarity", "dot|l2|l1"},
-                             {"separation", "identity|polynomial|softmax|max|sparsemax|entmax15"}};
+                             {"separation", "identity|polynomial|softmax|max|sparsemax|entmax15|log_sum_relu"}};
 
 const OptionGroup kNone = {};
 

@@ -119,8 +119,10 @@ absl::Status ParseEnergy(const Args& args, v1::EnergyConfig* out, bool* set) {
     else if (s == "max") out->set_separation(v1::SEPARATION_MAX);
     else if (s == "sparsemax") out->set_separation(v1::SEPARATION_SPARSEMAX);
     else if (s == "entmax15") out->set_separation(v1::SEPARATION_ENTMAX15);
+    else if (s == "log_sum_relu") out->set_separation(v1::SEPARATION_LOG_SUM_RELU);
     else return absl::InvalidArgumentError(
-        "--separation must be identity, polynomial, softmax, max, sparsemax or entmax15");
+        "--separation must be identity, polynomial, softmax, max, sparsemax, entmax15 or "
+        "log_sum_relu");
   }
   return absl::OkStatus();
 }

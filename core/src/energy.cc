@@ -270,6 +270,15 @@ double EnergyFunction::EnergyFromSimilarities(const double* s,
           if (w != nullptr) std::copy(p.begin(), p.end(), w);
           return -psi / beta;
         }
+        case SeparationKind::kLogSumRelu: {
+          double sum = 0.0;
+          for (int64_t mu = 0; mu < k; ++mu) sum += std::max(1.0 + beta * s[mu], 0.0);
+          const double z = kLogSumReluEpsilon + sum;
+          if (w != nullptr) {
+            for (int64_t mu = 0; mu < k; ++mu) w[mu] = 1.0 + beta * s[mu] > 0.0 ? 1.0 / z : 0.0;
+          }
+          return -std::log(z) / beta;
+        }
         case SeparationKind::kMax: {
           int64_t best = 0;
           for (int64_t mu = 1; mu < k; ++mu) {
@@ -373,6 +382,18 @@ double EnergyFunction::ReferenceUpdateTarget(const float* x, float* target) cons
       const double p2 = mant == 0.5 ? m : std::ldexp(1.0, ex);
       for (double& v : w) v /= p2;
     }
+  }
+  if (config_.family == EnergyFamily::kGeneral &&
+      config_.separation == SeparationKind::kLogSumRelu) {
+    // The mean shift: the weights normalised to sum to one (in double, so a
+    // single pattern in support gives weight exactly 1); no support: stay.
+    double wsum = 0.0;
+    for (double v : w) wsum += v;
+    if (!(wsum > 0.0)) {
+      t = xv;
+      return e;
+    }
+    for (double& v : w) v /= wsum;
   }
   ConstMatrixMap xi(patterns_.data, k, n);
   Eigen::VectorXf wf = Eigen::Map<Eigen::VectorXd>(w.data(), k).cast<float>();

@@ -60,6 +60,14 @@ void ReadoutWeights(const EnergyFunction& energy, const float* x, double* p) {
   // F'(s): the weights the energy itself reports (-dE/dS).
   std::vector<double> s(p, p + k);
   energy.EnergyFromSimilarities(s.data(), 0.0, p);
+  if (c.family == EnergyFamily::kGeneral && c.separation == SeparationKind::kLogSumRelu) {
+    // Epanechnikov kernel regression: the mean of the values in support.
+    double sum = 0.0;
+    for (int64_t mu = 0; mu < k; ++mu) sum += p[mu];
+    if (sum > 0.0) {
+      for (int64_t mu = 0; mu < k; ++mu) p[mu] /= sum;
+    }
+  }
 }
 
 void ValueReadout(const EnergyFunction& energy, const float* values, int value_dim,

@@ -71,6 +71,7 @@ std::unique_ptr<RowWeights> MakeRowWeights(const EnergyConfig& config) {
         case SeparationKind::kMax:
         case SeparationKind::kSparsemax:
         case SeparationKind::kEntmax15:
+        case SeparationKind::kLogSumRelu:
           return nullptr;
       }
   }

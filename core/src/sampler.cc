@@ -22,7 +22,8 @@ bool HasBeta(const EnergyConfig& c) {
          c.family == EnergyFamily::kGaussian ||
          (c.family == EnergyFamily::kGeneral && (c.separation == SeparationKind::kSoftmax ||
                                                  c.separation == SeparationKind::kSparsemax ||
-                                                 c.separation == SeparationKind::kEntmax15));
+                                                 c.separation == SeparationKind::kEntmax15 ||
+                                                 c.separation == SeparationKind::kLogSumRelu));
 }
 
 EnergyConfig AtSigma(EnergyConfig c, double sigma) {

@@ -184,6 +184,48 @@ TEST(SparseRetrievalTest, SyncDescendsAndRetrievesExactlyWithAMargin) {
   }
 }
 
+// The log-sum-ReLU energy's sync step is the mean shift over the patterns
+// whose support holds x: exact retrieval inside one support, a new minimum
+// at the mean where two supports overlap, descent throughout, and a state
+// in no support stays.
+TEST(LogSumReluTest, MeanShiftRetrievesExactlyAndFindsEmergentMinima) {
+  const int n = 4;
+  // Two patterns 1 apart and one far away; beta = 1: support radius sqrt(2).
+  std::vector<float> xi = {0, 0, 0, 0, 1, 0, 0, 0, 10, 10, 10, 10};
+  EnergyConfig c{.family = EnergyFamily::kGeneral, .beta = 1.0,
+                 .similarity = SimilarityKind::kNegHalfSqL2,
+                 .separation = SeparationKind::kLogSumRelu};
+  Bank bank = engram::testing::MakeBank(n, StateKind::kContinuous, xi, c);
+  EnergyFunction energy(c, bank.view());
+  RetrieveOptions opts;
+  opts.record_trace = true;
+  auto run = [&](std::vector<float> q) {
+    auto t = RunDynamics(energy, StateKind::kContinuous, q, {}, opts);
+    EXPECT_OK(t);
+    for (size_t i = 1; i < t->energy_trace.size(); ++i) {
+      EXPECT_LE(t->energy_trace[i], t->energy_trace[i - 1] + 1e-12);
+    }
+    return t->state;
+  };
+  // Inside the far pattern's support only: exactly that pattern.
+  EXPECT_EQ(run({10.3f, 9.8f, 10.2f, 10.1f}), (std::vector<float>{10, 10, 10, 10}));
+  // Inside both near supports: their mean, a minimum that is no stored pattern.
+  EXPECT_EQ(run({0.5f, 0.3f, -0.2f, 0.1f}), (std::vector<float>{0.5f, 0, 0, 0}));
+  // Far from every support: a fixed point where it is.
+  EXPECT_EQ(run({5, -5, 5, -5}), (std::vector<float>{5, -5, 5, -5}));
+  // Energies: -(1/beta) log(eps + sum max(0, 1 - beta |x - xi|^2 / 2)).
+  std::vector<float> mid = {0.5f, 0, 0, 0};
+  EXPECT_NEAR(energy.Value(mid.data()), -std::log(1e-12 + 2 * (1 - 0.125)), 1e-9);
+  // The value readout is the Epanechnikov kernel regression: the mean.
+  std::vector<float> v = {1, 3, 100};
+  Bank kv(BankSpec{"kv", n, StateKind::kContinuous, c, Precision::kF32, 1});
+  kv.Append(xi, kv.AssignIds(3), {}, PatternExtras{v, {}, {}});
+  EnergyFunction e2(c, kv.view());
+  float out = 0;
+  ValueReadout(e2, kv.value(0), 1, mid.data(), &out);
+  EXPECT_FLOAT_EQ(out, 2.0f);
+}
+
 // Labels for row r: parity, a bucket, and a year.
 Labels RowLabels(int r) {
   Labels l;

@@ -49,7 +49,27 @@ enum class SimilarityKind { kDot, kNegHalfSqL2, kNegL1 };
 // the Tsallis entropy, and the weights -dE/dS are sparsemax(beta S) or
 // 1.5-entmax(beta S) themselves: exactly zero outside a support, so a
 // pattern with enough margin is retrieved exactly.
-enum class SeparationKind { kIdentity, kPolynomial, kSoftmax, kMax, kSparsemax, kEntmax15 };
+//
+// kLogSumRelu is the log-sum-ReLU (Epanechnikov) energy of Hoover et al.
+// 2025: E = -(1/beta) log(eps + sum_mu [1 + beta S_mu]_+), eps =
+// kLogSumReluEpsilon; with the -|x - xi|^2/2 similarity each memory is a
+// kernel of compact support (radius sqrt(2 / beta)). Its sync step is the
+// mean shift: x <- the mean of the patterns whose support holds x (a state
+// inside no support stays where it is); exact retrieval without exponential
+// separation, and extra minima where supports overlap.
+enum class SeparationKind {
+  kIdentity,
+  kPolynomial,
+  kSoftmax,
+  kMax,
+  kSparsemax,
+  kEntmax15,
+  kLogSumRelu
+};
+
+// eps of the log-sum-ReLU energy: its value outside every support is
+// -(1/beta) log eps.
+inline constexpr double kLogSumReluEpsilon = 1e-12;
 
 // p = sparsemax(z) or 1.5-entmax(z) over k scores (exact sort-based
 // thresholds: Martins and Astudillo 2016; Peters et al. 2019). Returns

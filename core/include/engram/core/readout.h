@@ -10,6 +10,8 @@
 //     projection; Nadaraya-Watson kernel regression);
 //   - GENERAL/SPARSEMAX and GENERAL/ENTMAX15: p = sparsemax(beta S) or
 //     1.5-entmax(beta S), exactly zero outside a support;
+//   - GENERAL/LOG_SUM_RELU: p uniform over the patterns whose support
+//     holds x (Epanechnikov kernel regression; zeros outside every support);
 //   - GENERAL/MAX: p is one-hot on the most similar pattern (first on ties);
 //   - CLASSICAL, POLYNOMIAL, GENERAL/IDENTITY and GENERAL/POLYNOMIAL: the
 //     unnormalised weights p_mu = F'(S(xi_mu, x)) (the linear associator /
