@@ -1,7 +1,7 @@
 // Who may call what: bearer tokens, each scoped to some banks and to read
 // or read-write access, from a token file.
 //
-//   # token        banks            access
+//   # token        banks            access   (a word starting with # starts a comment)
 //   admin-secret                             (alone on its line: every bank, read-write)
 //   ingest-secret  digits,faces     rw
 //   viewer-secret  demo-*           r        (a trailing * matches a name prefix)

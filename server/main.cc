@@ -108,8 +108,8 @@ ABSL_FLAG(std::string, http_ui_dir, EnvOr("ENGRAM_HTTP_UI_DIR", ""),
 ABSL_FLAG(int32_t, http_threads, static_cast<int32_t>(EnvOrInt("ENGRAM_HTTP_THREADS", kDefaults.http_threads)),
           "threads serving HTTP connections (env ENGRAM_HTTP_THREADS)");
 ABSL_FLAG(int64_t, expire_interval_ms, EnvOrInt("ENGRAM_EXPIRE_INTERVAL_MS", 1000),
-          "how often patterns whose time to live ran out are deleted from memory and disk "
-          "(they leave every read at once); 0 = never delete them");
+          "how often patterns whose time to live ran out are deleted from memory and disk; 0 "
+          "turns the sweep off (a read still deletes its bank's expired patterns first)");
 ABSL_FLAG(std::string, restore_from, "",
           "start from this Backup snapshot (the data directory must hold no database)");
 ABSL_FLAG(int32_t, shutdown_grace_seconds, 10,

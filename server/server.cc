@@ -159,14 +159,14 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
 }
 
 absl::StatusOr<int64_t> EngramServer::ExpireNow() {
-  ENGRAM_ASSIGN_OR_RETURN(int64_t n, registry_->ExpireDue());
-  if (n > 0) {
-    metrics_->RecordExpired(n);
-    for (const core::BankSummary& b : registry_->ListBanks()) {
-      metrics_->SetBankSize(b.spec.name, b.patterns, b.bytes);
-    }
+  absl::Status error;
+  int64_t total = 0;
+  for (const auto& [name, n] : registry_->ExpireDue(&error)) {
+    total += n;
+    service_->RecordExpired(registry_.get(), name, n);
   }
-  return n;
+  if (!error.ok() && total == 0) return error;
+  return total;
 }
 
 void EngramServer::StopExpiry() {

@@ -75,8 +75,8 @@ struct ServerConfig {
   // A Backup snapshot to start from: copied to <data_dir>/engram.db when
   // the data directory holds no database yet (FAILED_PRECONDITION if it does).
   std::string restore_from;
-  // How often expired patterns are deleted from memory and disk (they leave
-  // every read at once); zero turns the sweep off.
+  // How often expired patterns are deleted from memory and disk; zero turns
+  // the sweep off (a read still deletes its bank's expired patterns first).
   absl::Duration expire_interval = absl::Seconds(1);
   // The Unix time in milliseconds for expiry; null means the system clock.
   std::function<int64_t()> clock_ms;
@@ -102,8 +102,8 @@ class EngramServer {
   void Wait();
 
   // Deletes the patterns expired by now and updates the bank gauges;
-  // returns how many went (the sweep thread calls it every
-  // expire_interval).
+  // returns how many went, or the first storage error (the other banks are
+  // still swept). The sweep thread calls it every expire_interval.
   absl::StatusOr<int64_t> ExpireNow();
 
  private:

@@ -232,7 +232,7 @@ class MemoryServiceImpl::RetrieveTask : public Scheduler::Task {
       core::BankRegistry* registry = service_->registry_.load();
       ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot pinned, registry->Snapshot(work_->req->bank()));
       ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot bank,
-                              Visible(registry, std::move(pinned), work_->filter, true));
+                              service_->Visible(registry, &pinned, work_->filter, true));
       return service_->RunRetrieve(*bank, work_.get());
     });
   }
@@ -706,16 +706,34 @@ absl::Time MemoryServiceImpl::QueueDeadline(const grpc::CallbackServerContext* c
   return deadline;
 }
 
+void MemoryServiceImpl::RecordExpired(core::BankRegistry* registry, const std::string& bank,
+                                      int64_t patterns) {
+  metrics_->RecordExpired(patterns);
+  UpdateBankGauges(registry, bank);
+}
+
 absl::StatusOr<core::BankSnapshot> MemoryServiceImpl::Visible(core::BankRegistry* registry,
-                                                              core::BankSnapshot pinned,
+                                                              core::BankSnapshot* pinned,
                                                               core::Filter filter,
                                                               bool need_patterns) {
   filter.now_ms = registry->NowMs();
-  if (!core::FilterMayExclude(*pinned, filter)) return pinned;
-  std::vector<int64_t> rows = core::MatchingRows(*pinned, filter);
-  if (need_patterns && rows.empty() && pinned->size() > 0) return NonePasses(*pinned, filter);
-  if (static_cast<int64_t>(rows.size()) == pinned->size()) return pinned;
-  return std::make_shared<const core::Bank>(pinned->Subset(rows));
+  const int64_t due = (*pinned)->min_expires_ms();
+  if (due > 0 && due <= filter.now_ms) {
+    // Expired patterns are deleted before the read rather than copied
+    // around; should storage fail, they are left out of a copy below.
+    const std::string name = (*pinned)->spec().name;
+    absl::StatusOr<int64_t> n = registry->ExpireBank(name);
+    if (n.ok()) {
+      if (*n > 0) RecordExpired(registry, name, *n);
+      ENGRAM_ASSIGN_OR_RETURN(*pinned, registry->Snapshot(name));
+    }
+  }
+  const core::BankSnapshot& bank = *pinned;
+  if (!core::FilterMayExclude(*bank, filter)) return bank;
+  std::vector<int64_t> rows = core::MatchingRows(*bank, filter);
+  if (need_patterns && rows.empty() && bank->size() > 0) return NonePasses(*bank, filter);
+  if (static_cast<int64_t>(rows.size()) == bank->size()) return bank;
+  return std::make_shared<const core::Bank>(bank->Subset(rows));
 }
 
 std::shared_ptr<const core::StoredEnergies> MemoryServiceImpl::NoveltyReference(
@@ -834,9 +852,12 @@ void MemoryServiceImpl::RunRetrieveBatch(Scheduler::Batch& batch) {
   absl::StatusOr<core::BankSnapshot> pinned = registry->Snapshot(bank_name);
   if (!pinned.ok()) return fail_all(pinned.status());
   absl::StatusOr<core::BankSnapshot> visible =
-      Visible(registry, *pinned, lead->work().filter, true);
+      Visible(registry, &*pinned, lead->work().filter, true);
   if (!visible.ok()) return fail_all(visible.status());
   const core::Bank& bank = **visible;
+  // The first expiry among the rows read: calls may join only before it,
+  // so none sees a pattern that expired after the batch began.
+  const int64_t valid_until = bank.min_expires_ms();
   // Copied: the lead task is released (freed) when its queries finish.
   const core::EnergyConfig cfg = lead->work().cfg;
   const core::StateKind kind = lead->work().kind;
@@ -879,7 +900,8 @@ void MemoryServiceImpl::RunRetrieveBatch(Scheduler::Batch& batch) {
     // Calls queued meanwhile join at the step boundary while the pinned
     // version is still current (later ones wait for a batch that sees the
     // newer version: a call never reads a bank older than when it came).
-    if (sync.size() < max_queries && registry->IsCurrent(bank_name, *pinned)) {
+    if (sync.size() < max_queries && registry->IsCurrent(bank_name, *pinned) &&
+        (valid_until == 0 || registry->NowMs() < valid_until)) {
       for (Scheduler::Task* t : batch.TakeMore(max_queries - sync.size())) admit(t);
     }
     sync.Step();
@@ -906,7 +928,7 @@ grpc::ServerUnaryReactor* MemoryServiceImpl::Retrieve(grpc::CallbackServerContex
       core::BankRegistry* registry = registry_.load();
       ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot pinned, registry->Snapshot(req->bank()));
       ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot bank,
-                              Visible(registry, std::move(pinned), task.work().filter, true));
+                              Visible(registry, &pinned, task.work().filter, true));
       return RunRetrieve(*bank, &task.work());
     });
     return reactor;
@@ -930,7 +952,7 @@ grpc::Status MemoryServiceImpl::RetrieveNow(grpc::ServerContextBase* ctx,
     core::BankRegistry* registry = registry_.load();
     ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot pinned, registry->Snapshot(req->bank()));
     ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot bank,
-                            Visible(registry, std::move(pinned), work->filter, true));
+                            Visible(registry, &pinned, work->filter, true));
     ENGRAM_RETURN_IF_ERROR(RunRetrieve(*bank, work.get()));
     return FinishRetrieve(*work, resp);
   });
@@ -943,7 +965,7 @@ absl::Status MemoryServiceImpl::RunEnergy(grpc::ServerContextBase* ctx,
   ENGRAM_ASSIGN_OR_RETURN(core::Filter filter, FilterFromProto(req->filter()));
   ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot pinned, registry->Snapshot(req->bank()));
   ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot bank,
-                          Visible(registry, pinned, std::move(filter), false));
+                          Visible(registry, &pinned, std::move(filter), false));
   // A filtered call's bank is its own: its novelty reference is not kept.
   const bool whole_bank = bank.get() == pinned.get();
   const int n = bank->dim();
@@ -994,7 +1016,9 @@ grpc::ServerUnaryReactor* MemoryServiceImpl::Energy(grpc::CallbackServerContext*
                                                     v1::EnergyResponse* resp) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   core::BankRegistry* registry = registry_.load();
-  if (registry == nullptr || Inline(registry, req->bank(), [&](int dim) {
+  // A call refused at the door (token, scope, loading) takes no queue slot.
+  if (!Begin(ctx, &req->bank(), Access::kRead).ok() ||
+      Inline(registry, req->bank(), [&](int dim) {
         return static_cast<double>(req->states_size()) / dim;
       })) {
     reactor->Finish(EnergyNow(ctx, req, resp));  // small, or failing at once
@@ -1020,7 +1044,7 @@ absl::Status MemoryServiceImpl::RunSample(grpc::ServerContextBase* ctx,
   ENGRAM_ASSIGN_OR_RETURN(core::Filter filter, FilterFromProto(req->filter()));
   ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot pinned, registry->Snapshot(req->bank()));
   ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot bank,
-                          Visible(registry, std::move(pinned), std::move(filter), true));
+                          Visible(registry, &pinned, std::move(filter), true));
   const int n = bank->dim();
   ENGRAM_ASSIGN_OR_RETURN(core::SampleOptions o, SampleOptionsFromProto(*req, bank->spec().kind));
   const std::string sampler_name = core::SamplerName(o.sampler);
@@ -1079,6 +1103,10 @@ grpc::ServerUnaryReactor* MemoryServiceImpl::Sample(grpc::CallbackServerContext*
                                                     const v1::SampleRequest* req,
                                                     v1::SampleResponse* resp) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (!Begin(ctx, &req->bank(), Access::kRead).ok()) {
+    reactor->Finish(SampleNow(ctx, req, resp));  // refused: its status, no queue slot
+    return reactor;
+  }
   auto task = std::make_unique<UnaryTask>(ctx, reactor, resp,
                                           [this, ctx, req, resp] { return SampleNow(ctx, req, resp); });
   task->queue_deadline = QueueDeadline(ctx, req->queue_timeout_ms());
@@ -1089,6 +1117,10 @@ grpc::ServerUnaryReactor* MemoryServiceImpl::Sample(grpc::CallbackServerContext*
 grpc::ServerWriteReactor<v1::SampleFrame>* MemoryServiceImpl::SampleStream(
     grpc::CallbackServerContext* ctx, const v1::SampleRequest* req) {
   auto* reactor = new StreamReactor(limits_.stream_buffer_bytes);
+  if (absl::StatusOr<core::BankRegistry*> b = Begin(ctx, &req->bank(), Access::kRead); !b.ok()) {
+    reactor->Close(ToGrpcStatus(b.status()));  // refused: no queue slot
+    return reactor;
+  }
   auto task = std::make_unique<StreamTask>(this, ctx, req, reactor);
   task->queue_deadline = QueueDeadline(ctx, req->queue_timeout_ms());
   scheduler_->Submit(std::move(task));

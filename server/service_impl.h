@@ -170,6 +170,10 @@ class MemoryServiceImpl final : public v1::MemoryService::CallbackService {
   // The registry, or UNAVAILABLE while banks load.
   absl::StatusOr<core::BankRegistry*> Ready() const;
   void UpdateBankGauges(core::BankRegistry* registry, const std::string& name);
+ public:
+  // Counts `patterns` expired from `bank` and refreshes its gauges.
+  void RecordExpired(core::BankRegistry* registry, const std::string& bank, int64_t patterns);
+ private:
   // Answers a bank or pattern call: at once for reads, through the writer
   // pool for writes (`now` runs there).
   template <typename Req, typename Resp>
@@ -177,13 +181,14 @@ class MemoryServiceImpl final : public v1::MemoryService::CallbackService {
                                    grpc::Status (MemoryServiceImpl::*now)(
                                        grpc::ServerContextBase*, const Req*, Resp*),
                                    bool writes);
-  // The patterns a read sees: `pinned` when the filter passes all of it and
-  // nothing has expired, else a bank of the rows that pass (the filter's
-  // now_ms is set from the registry's clock). With `need_patterns`, an empty
-  // result is FAILED_PRECONDITION.
-  static absl::StatusOr<core::BankSnapshot> Visible(core::BankRegistry* registry,
-                                                    core::BankSnapshot pinned,
-                                                    core::Filter filter, bool need_patterns);
+  // The patterns a read sees. A bank holding expired patterns is swept
+  // first (*pinned is then re-pinned); the result is *pinned when the
+  // filter passes all of it, else a bank of the rows that pass (the
+  // filter's now_ms is set from the registry's clock). With
+  // `need_patterns`, an empty result is FAILED_PRECONDITION.
+  absl::StatusOr<core::BankSnapshot> Visible(core::BankRegistry* registry,
+                                             core::BankSnapshot* pinned, core::Filter filter,
+                                             bool need_patterns);
   // Validates a Retrieve call against the bank as it is now.
   absl::StatusOr<std::unique_ptr<RetrieveWork>> PrepareRetrieve(grpc::ServerContextBase* ctx,
                                                                 const v1::RetrieveRequest* req);

@@ -111,10 +111,7 @@ uint64_t Bank::bytes() const {
                bits_.size() * sizeof(uint64_t);
   for (const auto& p : payloads_) b += p.size();
   b += values_.size() * sizeof(float) + expires_ms_.size() * sizeof(int64_t);
-  for (const Labels& l : labels_) {
-    for (const auto& [k, v] : l.strings) b += k.size() + v.size();
-    for (const auto& [k, v] : l.ints) b += k.size() + sizeof(v);
-  }
+  for (const Labels& l : labels_) b += l.bytes();
   return b;
 }
 

@@ -78,6 +78,17 @@ void ValueReadout(const EnergyFunction& energy, const float* values, int value_d
   if (k == 0 || m == 0) return;
   std::vector<double> p(k);
   ReadoutWeights(energy, x, p.data());
+  // Unnormalised weights (polynomial F') can pass the float range: the sums
+  // run on p / 2^e, 2^e >= max |p|, and are scaled back in double.
+  double top = 0.0;
+  for (int64_t mu = 0; mu < k; ++mu) top = std::max(top, std::fabs(p[mu]));
+  double scale = 1.0;
+  if (top > 0.0 && std::isfinite(top)) {
+    int e = 0;
+    std::frexp(top, &e);
+    scale = std::ldexp(1.0, e);
+    for (int64_t mu = 0; mu < k; ++mu) p[mu] /= scale;
+  }
   // Each range's partial (f32, the axpy kernel over blocks of rows) in its
   // own slot, summed in double in range order.
   const int max_ranges = 4 * internal::ComputeThreads();
@@ -100,7 +111,7 @@ void ValueReadout(const EnergyFunction& energy, const float* values, int value_d
     if (partial[r].empty()) continue;
     for (int j = 0; j < m; ++j) sum[j] += partial[r][j];
   }
-  for (int j = 0; j < m; ++j) out[j] = static_cast<float>(sum[j]);
+  for (int j = 0; j < m; ++j) out[j] = static_cast<float>(sum[j] * scale);
 }
 
 }  // namespace engram::core

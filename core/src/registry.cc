@@ -200,10 +200,7 @@ absl::StatusOr<StoreResult> BankRegistry::Store(
   uint64_t add = data.size() * sizeof(float) + k * (sizeof(float) + sizeof(uint64_t)) +
                  extras.values.size() * sizeof(float) + k * sizeof(int64_t);
   for (const auto& p : payloads) add += p.size();
-  for (const Labels& l : labels) {
-    for (const auto& [key, v] : l.strings) add += key.size() + v.size();
-    for (const auto& [key, v] : l.ints) add += key.size() + sizeof(v);
-  }
+  for (const Labels& l : labels) add += l.bytes();
   if (options_.memory_budget_bytes > 0 &&
       total_bytes_.load() + add > options_.memory_budget_bytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -250,35 +247,49 @@ absl::StatusOr<DeleteResult> BankRegistry::DeletePatterns(
   return result;
 }
 
-absl::StatusOr<int64_t> BankRegistry::ExpireDue() {
-  std::vector<std::pair<std::string, std::shared_ptr<Entry>>> entries;
+absl::StatusOr<int64_t> BankRegistry::ExpireBank(const std::string& name) {
+  std::shared_ptr<Entry> e = Find(name);
+  if (e == nullptr) return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
+  MutexLock write_lock(&e->write_mu);
+  ENGRAM_ASSIGN_OR_RETURN(BankSnapshot current, Pin(name, *e));
+  const int64_t now = NowMs();
+  const int64_t first = current->min_expires_ms();
+  if (first == 0 || first > now) return 0;
+  std::vector<uint64_t> ids;
+  for (int64_t r = 0; r < current->size(); ++r) {
+    const int64_t t = current->expires_ms(r);
+    if (t > 0 && t <= now) ids.push_back(current->id(r));
+  }
+  ENGRAM_RETURN_IF_ERROR(storage_->DeletePatterns(name, ids));
+  const uint64_t before = current->bytes();
+  current.reset();
+  Mutate(*e, [&](Bank& b) {
+    b.Remove(ids);
+    total_bytes_ -= before - b.bytes();
+  });
+  return static_cast<int64_t>(ids.size());
+}
+
+std::vector<std::pair<std::string, int64_t>> BankRegistry::ExpireDue(absl::Status* first_error) {
+  std::vector<std::string> names;
   {
     ReaderMutexLock lock(&mu_);
-    for (const auto& [name, e] : banks_) entries.emplace_back(name, e);
+    for (const auto& entry : banks_) names.push_back(entry.first);
   }
-  int64_t removed = 0;
-  for (const auto& [name, e] : entries) {
-    MutexLock write_lock(&e->write_mu);
-    absl::StatusOr<BankSnapshot> current = Pin(name, *e);
-    if (!current.ok()) continue;  // deleted meanwhile
-    const int64_t now = NowMs();
-    const int64_t first = (*current)->min_expires_ms();
-    if (first == 0 || first > now) continue;
-    std::vector<uint64_t> ids;
-    for (int64_t r = 0; r < (*current)->size(); ++r) {
-      const int64_t t = (*current)->expires_ms(r);
-      if (t > 0 && t <= now) ids.push_back((*current)->id(r));
+  std::vector<std::pair<std::string, int64_t>> swept;
+  for (const std::string& name : names) {
+    absl::StatusOr<int64_t> n = ExpireBank(name);
+    if (!n.ok()) {
+      // NOT_FOUND: deleted meanwhile, nothing to do.
+      if (n.status().code() != absl::StatusCode::kNotFound && first_error != nullptr &&
+          first_error->ok()) {
+        *first_error = n.status();
+      }
+      continue;
     }
-    ENGRAM_RETURN_IF_ERROR(storage_->DeletePatterns(name, ids));
-    const uint64_t before = (*current)->bytes();
-    current->reset();
-    Mutate(*e, [&](Bank& b) {
-      b.Remove(ids);
-      total_bytes_ -= before - b.bytes();
-    });
-    removed += static_cast<int64_t>(ids.size());
+    if (*n > 0) swept.emplace_back(name, *n);
   }
-  return removed;
+  return swept;
 }
 
 absl::Status BankRegistry::WithBank(

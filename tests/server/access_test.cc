@@ -20,9 +20,11 @@ TEST(AccessPolicyTest, ParsesScopesAndRejectsBadLines) {
       "admin\n"
       "ingest  digits,faces  rw\n"
       "\n"
-      "viewer  demo-*  r\n");
+      "viewer  demo-*  r   # read-only, a comment\n"
+      "tok#en  # a # inside a word is part of it\n");
   ASSERT_TRUE(p.ok()) << p.status();
-  EXPECT_EQ(p->size(), 3u);
+  EXPECT_EQ(p->size(), 4u);
+  EXPECT_TRUE(p->Check("Bearer tok#en", nullptr, Access::kWrite).ok());
   const std::string digits = "digits", demo = "demo-1", other = "other";
   EXPECT_TRUE(p->Check("Bearer admin", nullptr, Access::kWrite).ok());
   EXPECT_TRUE(p->Check("Bearer ingest", &digits, Access::kWrite).ok());

@@ -382,10 +382,11 @@ TEST_F(MemoryFeaturesTest, ExpiredPatternsLeaveReadsAtOnceAndTheDiskOnTheSweep) 
     EXPECT_EQ(got.expires_unix_ms(2), now_ms_.load() + 3'600'000);
   }
   now_ms_ += 60'000;
-  // Not swept yet, but no read sees the expired patterns.
+  // The sweep has not run: the read finds the expired patterns, deletes
+  // them and answers from what is left.
   ASSERT_TRUE(Retrieve(Query("t", 0), &resp).ok());
   EXPECT_EQ(resp.results(0).nearest().id(), 3u);
-  EXPECT_EQ(*server_->ExpireNow(), 2);
+  EXPECT_EQ(*server_->ExpireNow(), 0);
   grpc::ClientContext ctx;
   v1::GetBankRequest get;
   get.set_name("t");
@@ -398,6 +399,25 @@ TEST_F(MemoryFeaturesTest, ExpiredPatternsLeaveReadsAtOnceAndTheDiskOnTheSweep) 
   grpc::Status s = Retrieve(Query("t", 0), &none);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   EXPECT_THAT(s.error_message(), HasSubstr("expired"));
+}
+
+TEST_F(MemoryFeaturesTest, TheSweepDeletesExpiredPatternsNoReadTouched) {
+  ASSERT_TRUE(Create("t", 0, 4.0, /*ttl=*/1).ok());
+  ASSERT_TRUE(Create("u", 0, 4.0).ok());
+  v1::StoreRequest req;
+  req.set_bank("t");
+  req.mutable_patterns()->Add(xi_.begin(), xi_.begin() + 3 * kDim);
+  ASSERT_TRUE(Store(req).ok());
+  req.set_bank("u");
+  req.set_ttl_seconds(2);
+  ASSERT_TRUE(Store(req).ok());
+  now_ms_ += 1'000;
+  EXPECT_EQ(*server_->ExpireNow(), 3);  // t's patterns; u's live another second
+  now_ms_ += 1'000;
+  EXPECT_EQ(*server_->ExpireNow(), 3);
+  EXPECT_EQ(*server_->ExpireNow(), 0);
+  EXPECT_EQ((*server_->registry()->Snapshot("t"))->size(), 0);
+  EXPECT_EQ((*server_->registry()->Snapshot("u"))->size(), 0);
 }
 
 TEST_F(MemoryFeaturesTest, RestartKeepsValuesLabelsAndExpiries) {

@@ -74,6 +74,14 @@ struct Labels {
   friend bool operator==(const Labels& a, const Labels& b) {
     return a.strings == b.strings && a.ints == b.ints;
   }
+  // Bytes held for these labels in a bank: the entries and their places in
+  // the label indexes.
+  uint64_t bytes() const {
+    uint64_t b = 0;
+    for (const auto& [k, v] : strings) b += k.size() + v.size() + sizeof(int64_t);
+    for (const auto& [k, v] : ints) b += k.size() + sizeof(v) + 2 * sizeof(int64_t);
+    return b;
+  }
   // Sorts both lists by key; INVALID_ARGUMENT on a repeated or empty key,
   // an oversize key or value, or more than kMaxLabels entries.
   absl::Status Normalize();

@@ -130,10 +130,15 @@ class BankRegistry {
                                               absl::Span<const uint64_t> ids,
                                               const CommitCheck& may_commit = nullptr);
 
-  // Deletes, durably, every pattern whose expiry time is at or before now
-  // (the clock), bank by bank; returns how many went, or the first storage
-  // error (banks before it are done; a later call retries the rest).
-  absl::StatusOr<int64_t> ExpireDue();
+  // Deletes, durably, every pattern of bank `name` whose expiry time is at
+  // or before now (the clock); returns how many went (0 when none was due),
+  // NOT_FOUND or a storage error (nothing deleted).
+  absl::StatusOr<int64_t> ExpireBank(const std::string& name);
+
+  // ExpireBank for every bank: the banks that lost patterns, with how many.
+  // A bank whose storage fails is skipped (a later call retries it); the
+  // first such error goes to *first_error when given.
+  std::vector<std::pair<std::string, int64_t>> ExpireDue(absl::Status* first_error = nullptr);
 
   // The registry's clock: the current Unix time in milliseconds.
   int64_t NowMs() const;
