@@ -107,6 +107,10 @@ ABSL_FLAG(std::string, http_ui_dir, EnvOr("ENGRAM_HTTP_UI_DIR", ""),
           "tree engramd was built from, when it exists (env ENGRAM_HTTP_UI_DIR)");
 ABSL_FLAG(int32_t, http_threads, static_cast<int32_t>(EnvOrInt("ENGRAM_HTTP_THREADS", kDefaults.http_threads)),
           "threads serving HTTP connections (env ENGRAM_HTTP_THREADS)");
+ABSL_FLAG(int64_t, filter_cache_bytes,
+          EnvOrInt("ENGRAM_FILTER_CACHE_BYTES", static_cast<int64_t>(kDefaults.filter_cache_bytes)),
+          "bytes of filtered banks kept for later calls with the same filter on an unchanged bank "
+          "(0 keeps none)");
 ABSL_FLAG(int64_t, expire_interval_ms, EnvOrInt("ENGRAM_EXPIRE_INTERVAL_MS", 1000),
           "how often patterns whose time to live ran out are deleted from memory and disk; 0 "
           "turns the sweep off (a read still deletes its bank's expired patterns first)");
@@ -185,6 +189,11 @@ int main(int argc, char** argv) {
   if (config.http_ui_dir.empty() && std::filesystem::is_directory(ENGRAM_DEFAULT_UI_DIR)) {
     config.http_ui_dir = ENGRAM_DEFAULT_UI_DIR;
   }
+  if (absl::GetFlag(FLAGS_filter_cache_bytes) < 0) {
+    std::cerr << "engramd: --filter_cache_bytes must be >= 0" << std::endl;
+    return 1;
+  }
+  config.filter_cache_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_filter_cache_bytes));
   if (absl::GetFlag(FLAGS_expire_interval_ms) < 0) {
     std::cerr << "engramd: --expire_interval_ms must be >= 0" << std::endl;
     return 1;

@@ -36,6 +36,7 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
   limits.queue_timeout = config.queue_timeout;
   limits.inline_work = config.inline_work;
   limits.stream_buffer_bytes = config.stream_buffer_bytes;
+  limits.filter_cache_bytes = config.filter_cache_bytes;
   limits.writer.threads = config.writer_threads;
   limits.writer.max_queue = config.max_queue;
   if (!config.auth_tokens.empty()) {

@@ -52,6 +52,8 @@ struct ServerConfig {
   absl::Duration queue_timeout = absl::ZeroDuration();
   double inline_work = 1 << 20;
   size_t stream_buffer_bytes = 64 << 20;
+  // Bytes of filtered banks kept for repeated filters (ServiceLimits).
+  size_t filter_cache_bytes = 64 << 20;
   // Threads that run the writes (CreateBank, DeleteBank, Store,
   // DeletePatterns, Backup); their queue is bounded by max_queue too.
   int writer_threads = 2;

@@ -730,10 +730,31 @@ absl::StatusOr<core::BankSnapshot> MemoryServiceImpl::Visible(core::BankRegistry
   }
   const core::BankSnapshot& bank = *pinned;
   if (!core::FilterMayExclude(*bank, filter)) return bank;
+  const std::string key =
+      absl::StrCat(bank->spec().name, "|", bank->version(), "|", core::FilterKey(filter));
+  {
+    core::MutexLock lock(&filter_mu_);
+    auto it = filter_cache_.find(key);
+    if (it != filter_cache_.end()) {
+      const int64_t until = it->second->min_expires_ms();
+      if (until == 0 || filter.now_ms < until) return it->second;
+    }
+  }
   std::vector<int64_t> rows = core::MatchingRows(*bank, filter);
   if (need_patterns && rows.empty() && bank->size() > 0) return NonePasses(*bank, filter);
   if (static_cast<int64_t>(rows.size()) == bank->size()) return bank;
-  return std::make_shared<const core::Bank>(bank->Subset(rows));
+  auto subset = std::make_shared<const core::Bank>(bank->Subset(rows));
+  const size_t bytes = subset->bytes();
+  if (bytes <= limits_.filter_cache_bytes) {
+    core::MutexLock lock(&filter_mu_);
+    // Versions only move forward: a full cache is simply started again.
+    if (filter_cache_used_ + bytes > limits_.filter_cache_bytes) {
+      filter_cache_.clear();
+      filter_cache_used_ = 0;
+    }
+    if (filter_cache_.emplace(key, subset).second) filter_cache_used_ += bytes;
+  }
+  return subset;
 }
 
 std::shared_ptr<const core::StoredEnergies> MemoryServiceImpl::NoveltyReference(

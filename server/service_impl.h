@@ -65,6 +65,9 @@ struct ServiceLimits {
   // Frames a SampleStream may hold unsent for a client that reads slowly;
   // beyond it the call ends RESOURCE_EXHAUSTED.
   size_t stream_buffer_bytes = 64 << 20;
+  // Bytes of filtered banks (the rows a filter passes) kept for later calls
+  // with the same filter on the same bank version; 0 keeps none.
+  size_t filter_cache_bytes = 64 << 20;
 };
 
 // OK when `header` (the call's "authorization" metadata, empty if absent)
@@ -215,6 +218,12 @@ class MemoryServiceImpl final : public v1::MemoryService::CallbackService {
                                                                const core::EnergyFunction& energy,
                                                                bool cache);
   static constexpr size_t kNoveltyCacheEntries = 64;
+  // Filtered banks by bank name, version and filter; each is valid until
+  // its first expiry. Bounded by limits_.filter_cache_bytes.
+  core::Mutex filter_mu_;
+  absl::flat_hash_map<std::string, core::BankSnapshot> filter_cache_
+      ABSL_GUARDED_BY(filter_mu_);
+  size_t filter_cache_used_ ABSL_GUARDED_BY(filter_mu_) = 0;
   core::Mutex novelty_mu_;
   absl::flat_hash_map<std::string, std::shared_ptr<const core::StoredEnergies>> novelty_cache_
       ABSL_GUARDED_BY(novelty_mu_);

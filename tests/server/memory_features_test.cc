@@ -324,6 +324,35 @@ TEST_F(MemoryFeaturesTest, FilteredCallsEqualCallsOnABankOfTheSubset) {
   }
 }
 
+// A repeated filter reuses the filtered bank only while the bank is
+// unchanged: a pattern stored afterwards is found by the same filter.
+TEST_F(MemoryFeaturesTest, RepeatedFilterSeesPatternsStoredSince) {
+  ASSERT_TRUE(Create("all", kValueDim).ok());
+  Fill("all");
+  v1::Filter odd;
+  odd.add_conditions()->set_key("parity");
+  odd.mutable_conditions(0)->set_equals("odd");
+  // The Gaussian energy recalls the nearest pattern that passes.
+  v1::RetrieveRequest near10 = Query("all", 10, &odd);
+  near10.mutable_energy()->set_family(v1::ENERGY_FAMILY_GAUSSIAN);
+  near10.mutable_energy()->set_beta(20);
+  v1::RetrieveResponse first, again;
+  ASSERT_TRUE(Retrieve(near10, &first).ok());
+  ASSERT_TRUE(Retrieve(near10, &again).ok());
+  EXPECT_TRUE(google::protobuf::util::MessageDifferencer::Equals(first, again));
+  EXPECT_NE(first.results(0).nearest().id(), 11u);  // row 10 is even
+  v1::StoreRequest req;
+  req.set_bank("all");
+  req.mutable_patterns()->Add(xi_.begin() + 10 * kDim, xi_.begin() + 11 * kDim);
+  for (int j = 0; j < kValueDim; ++j) req.add_values(7.f);
+  req.add_ids(500);
+  (*req.add_labels()->mutable_strings())["parity"] = "odd";
+  ASSERT_TRUE(Store(req).ok());
+  v1::RetrieveResponse after;
+  ASSERT_TRUE(Retrieve(near10, &after).ok());
+  EXPECT_EQ(after.results(0).nearest().id(), 500u);
+}
+
 // Filtered and unfiltered calls in flight together (one batching queue)
 // answer as they do alone.
 TEST_F(MemoryFeaturesTest, FilteredAnswersDoNotDependOnOtherClients) {
