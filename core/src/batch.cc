@@ -370,33 +370,15 @@ void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const fl
   ParallelRows(rows, int64_t{n} * 4 * std::max<int64_t>(b / 4, 1), run, &used);
 
   // Exact merge per state: rescale every partial to the largest scale.
-  if (acc != nullptr) std::fill(acc, acc + b * n, 0.f);
   for (int64_t q = 0; q < b; ++q) {
     FusedSums& out = sums[q];
-    double top = -INFINITY, top_scale = 0.0;
-    for (int i = 0; i < used; ++i) {
-      top = std::max(top, partials[i].sums[q].LogScale(log_domain));
-      top_scale = std::max(top_scale, partials[i].sums[q].scale);
-    }
-    out.log_scale = top;
-    for (int i = 0; i < used; ++i) {
+    auto range_at = [&](int i) {
       const BatchPartial& p = partials[i];
-      out.energy_terms += p.energy[q];
-      if (track_nearest && p.nearest_key[q] > out.nearest_key) {  // ranges are in row order
-        out.nearest_key = p.nearest_key[q];
-        out.nearest_row = p.nearest_row[q];
-      }
-      if (!std::isfinite(p.sums[q].LogScale(log_domain))) continue;
-      const double f = MergeFactor(p.sums[q], log_domain, top, top_scale);
-      out.wsum += f * p.sums[q].wsum;
-      out.hsum += f * p.sums[q].hsum;
-      if (acc != nullptr) {
-        const float ff = static_cast<float>(f);
-        const float* pa = p.acc.data() + q * n;
-        float* a = acc + q * n;
-        for (int j = 0; j < n; ++j) a[j] += ff * pa[j];
-      }
-    }
+      return RangeSums{&p.sums[q], p.energy[q], p.nearest_row[q], p.nearest_key[q],
+                       p.acc.empty() ? nullptr : p.acc.data() + q * n};
+    };
+    MergeRanges(used, range_at, log_domain, track_nearest, n, &out,
+                acc != nullptr ? acc + q * n : nullptr);
     out.nearest_key -= 0.5 * sqx[q];
   }
 }

@@ -186,6 +186,50 @@ inline bool AddIntegerBitRows(const kernels::KernelTable& k, const uint64_t* bit
   return true;
 }
 
+// One range's share of one state's pass, as MergeRanges reads it.
+struct RangeSums {
+  const RunningSums* sums;
+  double energy;
+  int64_t nearest_row;
+  double nearest_key;
+  const float* acc;  // n floats; null when the pass forms no weighted sum
+};
+
+// Merges the ranges 0..ranges-1 of one state's pass (range_at(i) returns
+// range i's RangeSums; ranges are in row order, so the first of equal
+// nearest keys wins) into out's scale, sums, energy and nearest row, and
+// into acc (n floats, overwritten; may be null). Each range is rescaled to
+// the largest scale: exactly in the linear domain (powers of two), with one
+// rounding per value in the log domain.
+template <typename RangeAt>
+void MergeRanges(int ranges, const RangeAt& range_at, bool log_domain, bool track_nearest, int n,
+                 FusedSums* out, float* acc) {
+  double top = -INFINITY, top_scale = 0.0;
+  for (int i = 0; i < ranges; ++i) {
+    const RangeSums r = range_at(i);
+    top = std::max(top, r.sums->LogScale(log_domain));
+    top_scale = std::max(top_scale, r.sums->scale);
+  }
+  out->log_scale = top;
+  if (acc != nullptr) std::fill(acc, acc + n, 0.f);
+  for (int i = 0; i < ranges; ++i) {
+    const RangeSums r = range_at(i);
+    out->energy_terms += r.energy;
+    if (track_nearest && r.nearest_key > out->nearest_key) {
+      out->nearest_key = r.nearest_key;
+      out->nearest_row = r.nearest_row;
+    }
+    if (!std::isfinite(r.sums->LogScale(log_domain))) continue;
+    const double f = MergeFactor(*r.sums, log_domain, top, top_scale);
+    out->wsum += f * r.sums->wsum;
+    out->hsum += f * r.sums->hsum;
+    if (acc != nullptr) {
+      const float ff = static_cast<float>(f);
+      for (int j = 0; j < n; ++j) acc[j] += ff * r.acc[j];
+    }
+  }
+}
+
 // A thread's share of a FusedPass.
 struct Partial {
   RunningSums sums;
@@ -202,6 +246,10 @@ struct Partial {
   // power of two, and a bound on their magnitude (kept below 2^31).
   std::vector<int32_t> iacc32;
   int64_t ibound = 0;
+
+  RangeSums Range() const {
+    return {&sums, energy, nearest_row, nearest_key, acc.empty() ? nullptr : acc.data()};
+  }
 
   void FlushInt32(int shift) {
     const int64_t g = int64_t{1} << shift;

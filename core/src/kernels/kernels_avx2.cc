@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "kernels/kernels.h"
+#include "kernels/rows_simd.h"
 #include "kernels/scratch.h"
 
 namespace engram::core::kernels {
@@ -41,6 +42,19 @@ inline void SplitEvenOdd16(const float* src, float* dst) {
   _mm256_storeu_ps(dst + 8, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), _MM_SHUFFLE(3, 1, 2, 0))));
 }
 
+struct Avx2 {
+  using V = __m256;
+  static constexpr int kLanes = 8;
+  static V Zero() { return _mm256_setzero_ps(); }
+  static V Set1(float v) { return _mm256_set1_ps(v); }
+  static V Load(const float* p) { return _mm256_loadu_ps(p); }
+  static V LoadTail(const float* p, int rem) { return _mm256_maskload_ps(p, TailMask(rem)); }
+  static void Store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static void StoreTail(float* p, int rem, V v) { _mm256_maskstore_ps(p, TailMask(rem), v); }
+  static V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static float Sum(V v) { return HorizontalSum(v); }
+};
+
 // Loaders: 8 consecutive values of a row as f32, full or masked.
 struct F32 {
   using T = float;
@@ -62,102 +76,11 @@ struct Bf16 {
   }
 };
 
-template <typename L>
-void DotRowsT(const typename L::T* rows, int64_t count, int n, const float* x, float* out) {
-  const int full = n & ~7;
-  const int rem = n - full;
-  int64_t r = 0;
-  for (; r + 4 <= count; r += 4) {
-    const typename L::T* p0 = rows + r * n;
-    const typename L::T* p1 = p0 + n;
-    const typename L::T* p2 = p1 + n;
-    const typename L::T* p3 = p2 + n;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    for (int i = 0; i < full; i += 8) {
-      const __m256 xv = _mm256_loadu_ps(x + i);
-      a0 = _mm256_fmadd_ps(L::Load(p0 + i), xv, a0);
-      a1 = _mm256_fmadd_ps(L::Load(p1 + i), xv, a1);
-      a2 = _mm256_fmadd_ps(L::Load(p2 + i), xv, a2);
-      a3 = _mm256_fmadd_ps(L::Load(p3 + i), xv, a3);
-    }
-    if (rem) {
-      const __m256 xv = _mm256_maskload_ps(x + full, TailMask(rem));
-      a0 = _mm256_fmadd_ps(L::LoadTail(p0 + full, rem), xv, a0);
-      a1 = _mm256_fmadd_ps(L::LoadTail(p1 + full, rem), xv, a1);
-      a2 = _mm256_fmadd_ps(L::LoadTail(p2 + full, rem), xv, a2);
-      a3 = _mm256_fmadd_ps(L::LoadTail(p3 + full, rem), xv, a3);
-    }
-    out[r] = HorizontalSum(a0);
-    out[r + 1] = HorizontalSum(a1);
-    out[r + 2] = HorizontalSum(a2);
-    out[r + 3] = HorizontalSum(a3);
-  }
-  // Left-over rows sum in the same order as the rows above, so a row's
-  // score does not depend on where a block boundary falls.
-  for (; r < count; ++r) {
-    const typename L::T* p = rows + r * n;
-    __m256 a0 = _mm256_setzero_ps();
-    for (int i = 0; i < full; i += 8) a0 = _mm256_fmadd_ps(L::Load(p + i), _mm256_loadu_ps(x + i), a0);
-    if (rem) {
-      a0 = _mm256_fmadd_ps(L::LoadTail(p + full, rem),
-                           _mm256_maskload_ps(x + full, TailMask(rem)), a0);
-    }
-    out[r] = HorizontalSum(a0);
-  }
-}
-
-template <typename L>
-void AxpyRowsT(const typename L::T* rows, int64_t count, int n, const float* w, float* acc) {
-  const int full = n & ~7;
-  const int rem = n - full;
-  const __m256i tail = TailMask(rem);
-  int64_t r = 0;
-  for (; r + 4 <= count; r += 4) {
-    if (w[r] == 0.f && w[r + 1] == 0.f && w[r + 2] == 0.f && w[r + 3] == 0.f) continue;
-    const typename L::T* p0 = rows + r * n;
-    const typename L::T* p1 = p0 + n;
-    const typename L::T* p2 = p1 + n;
-    const typename L::T* p3 = p2 + n;
-    const __m256 w0 = _mm256_set1_ps(w[r]), w1 = _mm256_set1_ps(w[r + 1]);
-    const __m256 w2 = _mm256_set1_ps(w[r + 2]), w3 = _mm256_set1_ps(w[r + 3]);
-    for (int i = 0; i < full; i += 8) {
-      __m256 a = _mm256_loadu_ps(acc + i);
-      a = _mm256_fmadd_ps(w0, L::Load(p0 + i), a);
-      a = _mm256_fmadd_ps(w1, L::Load(p1 + i), a);
-      a = _mm256_fmadd_ps(w2, L::Load(p2 + i), a);
-      a = _mm256_fmadd_ps(w3, L::Load(p3 + i), a);
-      _mm256_storeu_ps(acc + i, a);
-    }
-    if (rem) {
-      __m256 a = _mm256_maskload_ps(acc + full, tail);
-      a = _mm256_fmadd_ps(w0, L::LoadTail(p0 + full, rem), a);
-      a = _mm256_fmadd_ps(w1, L::LoadTail(p1 + full, rem), a);
-      a = _mm256_fmadd_ps(w2, L::LoadTail(p2 + full, rem), a);
-      a = _mm256_fmadd_ps(w3, L::LoadTail(p3 + full, rem), a);
-      _mm256_maskstore_ps(acc + full, tail, a);
-    }
-  }
-  for (; r < count; ++r) {
-    if (w[r] == 0.f) continue;
-    const typename L::T* p = rows + r * n;
-    const __m256 wv = _mm256_set1_ps(w[r]);
-    for (int i = 0; i < full; i += 8) {
-      _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(wv, L::Load(p + i), _mm256_loadu_ps(acc + i)));
-    }
-    if (rem) {
-      __m256 a = _mm256_maskload_ps(acc + full, tail);
-      _mm256_maskstore_ps(acc + full, tail,
-                          _mm256_fmadd_ps(wv, L::LoadTail(p + full, rem), a));
-    }
-  }
-}
-
 void DotRows(const float* rows, int64_t count, int n, const float* x, float* out) {
-  DotRowsT<F32>(rows, count, n, x, out);
+  simd::DotRows<Avx2, F32>(rows, count, n, x, out);
 }
 void AxpyRows(const float* rows, int64_t count, int n, const float* w, float* acc) {
-  AxpyRowsT<F32>(rows, count, n, w, acc);
+  simd::AxpyRows<Avx2, F32>(rows, count, n, w, acc);
 }
 // bf16 rows without a widening shuffle: a 32-bit lane of a 16-value load
 // holds values 2l (low half) and 2l + 1 (high half); the high half masked
@@ -233,7 +156,7 @@ void DotRowsBf16(const uint16_t* rows, int64_t count, int n, const float* x, flo
   }
 }
 void AxpyRowsBf16(const uint16_t* rows, int64_t count, int n, const float* w, float* acc) {
-  AxpyRowsT<Bf16>(rows, count, n, w, acc);
+  simd::AxpyRows<Avx2, Bf16>(rows, count, n, w, acc);
 }
 
 // int8 rows: 16 values of a row and of x sign-extended to 16 bits, one

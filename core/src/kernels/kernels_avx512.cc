@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "kernels/kernels.h"
+#include "kernels/rows_simd.h"
 #include "kernels/scratch.h"
 
 namespace engram::core::kernels {
@@ -13,6 +14,19 @@ namespace {
 
 
 inline __mmask16 Tail(int rem) { return static_cast<__mmask16>((1u << rem) - 1u); }
+
+struct Avx512 {
+  using V = __m512;
+  static constexpr int kLanes = 16;
+  static V Zero() { return _mm512_setzero_ps(); }
+  static V Set1(float v) { return _mm512_set1_ps(v); }
+  static V Load(const float* p) { return _mm512_loadu_ps(p); }
+  static V LoadTail(const float* p, int rem) { return _mm512_maskz_loadu_ps(Tail(rem), p); }
+  static void Store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static void StoreTail(float* p, int rem, V v) { _mm512_mask_storeu_ps(p, Tail(rem), v); }
+  static V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static float Sum(V v) { return _mm512_reduce_add_ps(v); }
+};
 
 struct F32 {
   using T = float;
@@ -32,107 +46,17 @@ struct Bf16 {
   }
 };
 
-template <typename L>
-void DotRowsT(const typename L::T* rows, int64_t count, int n, const float* x, float* out) {
-  const int full = n & ~15;
-  const int rem = n - full;
-  int64_t r = 0;
-  for (; r + 4 <= count; r += 4) {
-    const typename L::T* p0 = rows + r * n;
-    const typename L::T* p1 = p0 + n;
-    const typename L::T* p2 = p1 + n;
-    const typename L::T* p3 = p2 + n;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (int i = 0; i < full; i += 16) {
-      const __m512 xv = _mm512_loadu_ps(x + i);
-      a0 = _mm512_fmadd_ps(L::Load(p0 + i), xv, a0);
-      a1 = _mm512_fmadd_ps(L::Load(p1 + i), xv, a1);
-      a2 = _mm512_fmadd_ps(L::Load(p2 + i), xv, a2);
-      a3 = _mm512_fmadd_ps(L::Load(p3 + i), xv, a3);
-    }
-    if (rem) {
-      const __m512 xv = _mm512_maskz_loadu_ps(Tail(rem), x + full);
-      a0 = _mm512_fmadd_ps(L::LoadTail(p0 + full, rem), xv, a0);
-      a1 = _mm512_fmadd_ps(L::LoadTail(p1 + full, rem), xv, a1);
-      a2 = _mm512_fmadd_ps(L::LoadTail(p2 + full, rem), xv, a2);
-      a3 = _mm512_fmadd_ps(L::LoadTail(p3 + full, rem), xv, a3);
-    }
-    out[r] = _mm512_reduce_add_ps(a0);
-    out[r + 1] = _mm512_reduce_add_ps(a1);
-    out[r + 2] = _mm512_reduce_add_ps(a2);
-    out[r + 3] = _mm512_reduce_add_ps(a3);
-  }
-  for (; r < count; ++r) {
-    const typename L::T* p = rows + r * n;
-    __m512 a0 = _mm512_setzero_ps();
-    for (int i = 0; i < full; i += 16) {
-      a0 = _mm512_fmadd_ps(L::Load(p + i), _mm512_loadu_ps(x + i), a0);
-    }
-    if (rem) {
-      a0 = _mm512_fmadd_ps(L::LoadTail(p + full, rem),
-                           _mm512_maskz_loadu_ps(Tail(rem), x + full), a0);
-    }
-    out[r] = _mm512_reduce_add_ps(a0);
-  }
-}
-
-template <typename L>
-void AxpyRowsT(const typename L::T* rows, int64_t count, int n, const float* w, float* acc) {
-  const int full = n & ~15;
-  const int rem = n - full;
-  const __mmask16 tail = Tail(rem);
-  int64_t r = 0;
-  for (; r + 4 <= count; r += 4) {
-    if (w[r] == 0.f && w[r + 1] == 0.f && w[r + 2] == 0.f && w[r + 3] == 0.f) continue;
-    const typename L::T* p0 = rows + r * n;
-    const typename L::T* p1 = p0 + n;
-    const typename L::T* p2 = p1 + n;
-    const typename L::T* p3 = p2 + n;
-    const __m512 w0 = _mm512_set1_ps(w[r]), w1 = _mm512_set1_ps(w[r + 1]);
-    const __m512 w2 = _mm512_set1_ps(w[r + 2]), w3 = _mm512_set1_ps(w[r + 3]);
-    for (int i = 0; i < full; i += 16) {
-      __m512 a = _mm512_loadu_ps(acc + i);
-      a = _mm512_fmadd_ps(w0, L::Load(p0 + i), a);
-      a = _mm512_fmadd_ps(w1, L::Load(p1 + i), a);
-      a = _mm512_fmadd_ps(w2, L::Load(p2 + i), a);
-      a = _mm512_fmadd_ps(w3, L::Load(p3 + i), a);
-      _mm512_storeu_ps(acc + i, a);
-    }
-    if (rem) {
-      __m512 a = _mm512_maskz_loadu_ps(tail, acc + full);
-      a = _mm512_fmadd_ps(w0, L::LoadTail(p0 + full, rem), a);
-      a = _mm512_fmadd_ps(w1, L::LoadTail(p1 + full, rem), a);
-      a = _mm512_fmadd_ps(w2, L::LoadTail(p2 + full, rem), a);
-      a = _mm512_fmadd_ps(w3, L::LoadTail(p3 + full, rem), a);
-      _mm512_mask_storeu_ps(acc + full, tail, a);
-    }
-  }
-  for (; r < count; ++r) {
-    if (w[r] == 0.f) continue;
-    const typename L::T* p = rows + r * n;
-    const __m512 wv = _mm512_set1_ps(w[r]);
-    for (int i = 0; i < full; i += 16) {
-      _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(wv, L::Load(p + i), _mm512_loadu_ps(acc + i)));
-    }
-    if (rem) {
-      const __m512 a = _mm512_maskz_loadu_ps(tail, acc + full);
-      _mm512_mask_storeu_ps(acc + full, tail, _mm512_fmadd_ps(wv, L::LoadTail(p + full, rem), a));
-    }
-  }
-}
-
 void DotRows(const float* rows, int64_t count, int n, const float* x, float* out) {
-  DotRowsT<F32>(rows, count, n, x, out);
+  simd::DotRows<Avx512, F32>(rows, count, n, x, out);
 }
 void AxpyRows(const float* rows, int64_t count, int n, const float* w, float* acc) {
-  AxpyRowsT<F32>(rows, count, n, w, acc);
+  simd::AxpyRows<Avx512, F32>(rows, count, n, w, acc);
 }
 void DotRowsBf16(const uint16_t* rows, int64_t count, int n, const float* x, float* out) {
-  DotRowsT<Bf16>(rows, count, n, x, out);
+  simd::DotRows<Avx512, Bf16>(rows, count, n, x, out);
 }
 void AxpyRowsBf16(const uint16_t* rows, int64_t count, int n, const float* w, float* acc) {
-  AxpyRowsT<Bf16>(rows, count, n, w, acc);
+  simd::AxpyRows<Avx512, Bf16>(rows, count, n, w, acc);
 }
 
 // int8 rows without VNNI: 32 values of a row and of x sign-extended to 16
