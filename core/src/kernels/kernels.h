@@ -137,12 +137,6 @@ int64_t ScalarIndicesAtLeast(const float* v, int64_t count, float t, int32_t* id
 void ScalarMaxNearestKey(const float* v, const float* sq_norms, int64_t count, double* key,
                          int64_t* row);
 
-// The AVX2 multi-state kernels, shared by the AVX-512 table.
-void Avx2DotRowsMulti(const float* rows, int64_t count, int n, const float* x, int64_t b,
-                      float* out);
-void Avx2AxpyRowsMulti(const float* rows, int64_t count, int n, const float* w, int64_t b,
-                       float* acc);
-
 // For the multi-state weighted sums: the rows any state of each group of
 // four (states 4g .. 4g + 3 of b) weights with a nonzero w[q * count + r],
 // in row order, in lists[g * count ..] (sizes[g] of them; lists has

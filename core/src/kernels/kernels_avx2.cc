@@ -42,15 +42,20 @@ inline void SplitEvenOdd16(const float* src, float* dst) {
   _mm256_storeu_ps(dst + 8, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), _MM_SHUFFLE(3, 1, 2, 0))));
 }
 
+// The ISA traits of kernels/rows_simd.h: 8 lanes, tails by mask vectors.
 struct Avx2 {
   using V = __m256;
+  using Mask = __m256i;
   static constexpr int kLanes = 8;
   static V Zero() { return _mm256_setzero_ps(); }
   static V Set1(float v) { return _mm256_set1_ps(v); }
   static V Load(const float* p) { return _mm256_loadu_ps(p); }
-  static V LoadTail(const float* p, int rem) { return _mm256_maskload_ps(p, TailMask(rem)); }
+  static Mask TailMask(int rem) { return kernels::TailMask(rem); }
+  static V LoadMasked(const float* p, Mask m) { return _mm256_maskload_ps(p, m); }
+  static void StoreMasked(float* p, Mask m, V v) { _mm256_maskstore_ps(p, m, v); }
+  static V LoadTail(const float* p, int rem) { return LoadMasked(p, TailMask(rem)); }
   static void Store(float* p, V v) { _mm256_storeu_ps(p, v); }
-  static void StoreTail(float* p, int rem, V v) { _mm256_maskstore_ps(p, TailMask(rem), v); }
+  static void StoreTail(float* p, int rem, V v) { StoreMasked(p, TailMask(rem), v); }
   static V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static float Sum(V v) { return HorizontalSum(v); }
 };
@@ -249,146 +254,6 @@ void AxpyRowsBits(const uint64_t* rows, int64_t count, int n, const float* w, fl
   }
 }
 
-// ---- Many states against the same rows ------------------------------------
-// Register tiles: R rows x Q states of dot products (R + Q + R*Q <= 16 ymm
-// registers), or Q states x C vectors of 8 columns of accumulators. Each
-// tile streams its operands once from L1/L2 and does R*Q (or Q*C) FMAs per
-// R + Q (or C + Q) loads, so the FMA units, not the loads, set the pace.
-
-template <int R, int Q>
-inline void DotTile(const float* rows, int n, const float* x, float* out, int64_t ld) {
-  const int full = n & ~7;
-  const int rem = n - full;
-  __m256 a[R][Q];
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int q = 0; q < Q; ++q) a[r][q] = _mm256_setzero_ps();
-  }
-  for (int i = 0; i < full; i += 8) {
-    __m256 v[R];
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) v[r] = _mm256_loadu_ps(rows + r * n + i);
-#pragma GCC unroll 4
-    for (int q = 0; q < Q; ++q) {
-      const __m256 xv = _mm256_loadu_ps(x + q * n + i);
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) a[r][q] = _mm256_fmadd_ps(v[r], xv, a[r][q]);
-    }
-  }
-  if (rem) {
-    const __m256i mask = TailMask(rem);
-    __m256 v[R];
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) v[r] = _mm256_maskload_ps(rows + r * n + full, mask);
-#pragma GCC unroll 4
-    for (int q = 0; q < Q; ++q) {
-      const __m256 xv = _mm256_maskload_ps(x + q * n + full, mask);
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) a[r][q] = _mm256_fmadd_ps(v[r], xv, a[r][q]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int q = 0; q < Q; ++q) out[q * ld + r] = HorizontalSum(a[r][q]);
-  }
-}
-
-template <int R>
-inline void DotRowsOfTile(const float* rows, int n, const float* x, int64_t b, float* out,
-                          int64_t ld) {
-  int64_t q = 0;
-  for (; q + 4 <= b; q += 4) DotTile<R, 4>(rows, n, x + q * n, out + q * ld, ld);
-  for (; q < b; ++q) DotTile<R, 1>(rows, n, x + q * n, out + q * ld, ld);
-}
-
-template <int C, int Q, bool kMasked>
-inline void AxpyTile(const float* rows, const int32_t* active, int64_t nactive, int n,
-                     const float* w, int64_t ld, float* acc, __m256i mask) {
-  __m256 a[Q][C];
-#pragma GCC unroll 4
-  for (int q = 0; q < Q; ++q) {
-#pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) {
-      a[q][c] = kMasked ? _mm256_maskload_ps(acc + q * n + 8 * c, mask)
-                        : _mm256_loadu_ps(acc + q * n + 8 * c);
-    }
-  }
-  for (int64_t k = 0; k < nactive; ++k) {
-    const int64_t r = active[k];
-    const float* p = rows + r * n;
-    __m256 v[C];
-#pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) {
-      v[c] = kMasked ? _mm256_maskload_ps(p + 8 * c, mask) : _mm256_loadu_ps(p + 8 * c);
-    }
-#pragma GCC unroll 4
-    for (int q = 0; q < Q; ++q) {
-      const __m256 wv = _mm256_broadcast_ss(w + q * ld + r);
-#pragma GCC unroll 4
-      for (int c = 0; c < C; ++c) a[q][c] = _mm256_fmadd_ps(v[c], wv, a[q][c]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int q = 0; q < Q; ++q) {
-#pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) {
-      if (kMasked) {
-        _mm256_maskstore_ps(acc + q * n + 8 * c, mask, a[q][c]);
-      } else {
-        _mm256_storeu_ps(acc + q * n + 8 * c, a[q][c]);
-      }
-    }
-  }
-}
-
-}  // namespace
-
-void Avx2DotRowsMulti(const float* rows, int64_t count, int n, const float* x, int64_t b,
-                      float* out) {
-  auto states = [&](int64_t q, auto tile3, auto tile1) {
-    int64_t r = 0;
-    for (; r + 3 <= count; r += 3) tile3(rows + r * n, n, x + q * n, out + q * count + r, count);
-    for (; r < count; ++r) tile1(rows + r * n, n, x + q * n, out + q * count + r, count);
-  };
-  int64_t q = 0;
-  for (; q + 4 <= b; q += 4) states(q, DotTile<3, 4>, DotTile<1, 4>);
-  for (; q < b; ++q) states(q, DotTile<3, 1>, DotTile<1, 1>);
-}
-
-void Avx2AxpyRowsMulti(const float* rows, int64_t count, int n, const float* w, int64_t b,
-                       float* acc) {
-  // Active rows of every group of states, then column blocks outer so a
-  // block's slab of rows stays in L1 for all groups.
-  const int64_t groups = (b + 3) / 4;
-  Scratch<int32_t> lists(groups * (count > 1 ? count : 1));
-  Scratch<int64_t> sizes_buf(groups);
-  int64_t* sizes = sizes_buf.get();
-  ActiveRowsOfStateGroups(w, count, b, lists.get(), sizes);
-  const __m256i none = _mm256_setzero_si256();
-  auto block = [&](int j, auto tile4, auto tile1, __m256i mask) {
-    for (int64_t g = 0; g < groups; ++g) {
-      if (sizes[g] == 0) continue;
-      const int64_t q = 4 * g;
-      const int32_t* list = lists.get() + g * count;
-      if (q + 4 <= b) {
-        tile4(rows + j, list, sizes[g], n, w + q * count, count, acc + q * n + j, mask);
-      } else {
-        for (int64_t s = q; s < b; ++s) {
-          tile1(rows + j, list, sizes[g], n, w + s * count, count, acc + s * n + j, mask);
-        }
-      }
-    }
-  };
-  int j = 0;
-  for (; j + 24 <= n; j += 24) block(j, AxpyTile<3, 4, false>, AxpyTile<3, 1, false>, none);
-  for (; j + 8 <= n; j += 8) block(j, AxpyTile<1, 4, false>, AxpyTile<1, 1, false>, none);
-  if (j < n) block(j, AxpyTile<1, 4, true>, AxpyTile<1, 1, true>, TailMask(n - j));
-}
-
-namespace {
-
 // exp(d) for 4 lanes of d in [-700, 0], to ~1 ulp: d = k ln2 + r with
 // |r| <= ln2 / 2 (ln2 split in two so k ln2 is exact), e^r by its Taylor
 // series to degree 12 (truncation below 2^-52), times 2^k built in the
@@ -432,11 +297,11 @@ double ExpWeights(const double* w, int64_t count, double shift, double cut, floa
 
 void DotRowsMulti(const float* rows, int64_t count, int n, const float* x, int64_t b,
                   float* out) {
-  Avx2DotRowsMulti(rows, count, n, x, b, out);
+  simd::DotRowsMulti<Avx2, 3>(rows, count, n, x, b, out);
 }
 void AxpyRowsMulti(const float* rows, int64_t count, int n, const float* w, int64_t b,
                    float* acc) {
-  Avx2AxpyRowsMulti(rows, count, n, w, b, acc);
+  simd::AxpyRowsMulti<Avx2, 3>(rows, count, n, w, b, acc, ActiveRowsOfStateGroups);
 }
 
 }  // namespace

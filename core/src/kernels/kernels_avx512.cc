@@ -15,15 +15,20 @@ namespace {
 
 inline __mmask16 Tail(int rem) { return static_cast<__mmask16>((1u << rem) - 1u); }
 
+// The ISA traits of kernels/rows_simd.h: 16 lanes, tails by lane masks.
 struct Avx512 {
   using V = __m512;
+  using Mask = __mmask16;
   static constexpr int kLanes = 16;
   static V Zero() { return _mm512_setzero_ps(); }
   static V Set1(float v) { return _mm512_set1_ps(v); }
   static V Load(const float* p) { return _mm512_loadu_ps(p); }
-  static V LoadTail(const float* p, int rem) { return _mm512_maskz_loadu_ps(Tail(rem), p); }
+  static Mask TailMask(int rem) { return Tail(rem); }
+  static V LoadMasked(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  static void StoreMasked(float* p, Mask m, V v) { _mm512_mask_storeu_ps(p, m, v); }
+  static V LoadTail(const float* p, int rem) { return LoadMasked(p, Tail(rem)); }
   static void Store(float* p, V v) { _mm512_storeu_ps(p, v); }
-  static void StoreTail(float* p, int rem, V v) { _mm512_mask_storeu_ps(p, Tail(rem), v); }
+  static void StoreTail(float* p, int rem, V v) { StoreMasked(p, Tail(rem), v); }
   static V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static float Sum(V v) { return _mm512_reduce_add_ps(v); }
 };
@@ -447,98 +452,6 @@ void OverlapWeights(const float* d, int64_t count, int32_t a, int32_t b, int shi
   *stats = st;
 }
 
-// ---- Many states against the same rows ------------------------------------
-// Register tiles of R rows x Q states of dot products (R * Q + R + 1 <= 32
-// zmm registers), or Q states x C vectors of 16 columns of accumulators: each
-// tile streams its operands once from L1/L2 and does R*Q (Q*C) FMAs per
-// R + Q (C + Q) loads. Tails use lane masks. Every accumulator sums in the
-// same order whatever tile it is in, so a row's score does not depend on R.
-
-template <int R, int Q>
-inline void DotTile(const float* rows, int n, const float* x, float* out, int64_t ld) {
-  const int full = n & ~15;
-  const int rem = n - full;
-  __m512 a[R][Q];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 8
-    for (int q = 0; q < Q; ++q) a[r][q] = _mm512_setzero_ps();
-  }
-  for (int i = 0; i < full; i += 16) {
-    __m512 v[R];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) v[r] = _mm512_loadu_ps(rows + r * n + i);
-#pragma GCC unroll 8
-    for (int q = 0; q < Q; ++q) {
-      const __m512 xv = _mm512_loadu_ps(x + q * n + i);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) a[r][q] = _mm512_fmadd_ps(v[r], xv, a[r][q]);
-    }
-  }
-  if (rem) {
-    const __mmask16 mask = Tail(rem);
-    __m512 v[R];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) v[r] = _mm512_maskz_loadu_ps(mask, rows + r * n + full);
-#pragma GCC unroll 8
-    for (int q = 0; q < Q; ++q) {
-      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + q * n + full);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) a[r][q] = _mm512_fmadd_ps(v[r], xv, a[r][q]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 8
-    for (int q = 0; q < Q; ++q) out[q * ld + r] = _mm512_reduce_add_ps(a[r][q]);
-  }
-}
-
-template <int C, int Q>
-inline void AxpyTile(const float* rows, const int32_t* active, int64_t nactive, int n,
-                     const float* w, int64_t ld, float* acc, __mmask16 last) {
-  __m512 a[Q][C];
-#pragma GCC unroll 8
-  for (int q = 0; q < Q; ++q) {
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) {
-      a[q][c] = _mm512_maskz_loadu_ps(c == C - 1 ? last : 0xFFFF, acc + q * n + 16 * c);
-    }
-  }
-  for (int64_t k = 0; k < nactive; ++k) {
-    const int64_t r = active[k];
-    const float* p = rows + r * n;
-    __m512 v[C];
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) v[c] = _mm512_maskz_loadu_ps(c == C - 1 ? last : 0xFFFF, p + 16 * c);
-#pragma GCC unroll 8
-    for (int q = 0; q < Q; ++q) {
-      const __m512 wv = _mm512_set1_ps(w[q * ld + r]);
-#pragma GCC unroll 8
-      for (int c = 0; c < C; ++c) a[q][c] = _mm512_fmadd_ps(v[c], wv, a[q][c]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int q = 0; q < Q; ++q) {
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) {
-      _mm512_mask_storeu_ps(acc + q * n + 16 * c, c == C - 1 ? last : 0xFFFF, a[q][c]);
-    }
-  }
-}
-
-void DotRowsMulti(const float* rows, int64_t count, int n, const float* x, int64_t b,
-                  float* out) {
-  auto states = [&](int64_t q, auto tile6, auto tile1) {
-    int64_t r = 0;
-    for (; r + 6 <= count; r += 6) tile6(rows + r * n, n, x + q * n, out + q * count + r, count);
-    for (; r < count; ++r) tile1(rows + r * n, n, x + q * n, out + q * count + r, count);
-  };
-  int64_t q = 0;
-  for (; q + 4 <= b; q += 4) states(q, DotTile<6, 4>, DotTile<1, 4>);
-  for (; q < b; ++q) states(q, DotTile<6, 1>, DotTile<1, 1>);
-}
-
 // ActiveRowsOfStateGroups, 16 rows at a time: per group of four states,
 // the rows any of them weights with a nonzero (or NaN) w, compressed into
 // the group's list.
@@ -571,33 +484,14 @@ void ActiveRowsOfGroups(const float* w, int64_t count, int64_t b, int32_t* lists
   }
 }
 
+void DotRowsMulti(const float* rows, int64_t count, int n, const float* x, int64_t b,
+                  float* out) {
+  simd::DotRowsMulti<Avx512, 6>(rows, count, n, x, b, out);
+}
+
 void AxpyRowsMulti(const float* rows, int64_t count, int n, const float* w, int64_t b,
                    float* acc) {
-  // The active rows of every group of four states, then column blocks outer
-  // so a block's slab of rows stays in L1 for every group.
-  const int64_t groups = (b + 3) / 4;
-  Scratch<int32_t> lists(groups * (count > 1 ? count : 1));
-  Scratch<int64_t> sizes_buf(groups);
-  int64_t* sizes = sizes_buf.get();
-  ActiveRowsOfGroups(w, count, b, lists.get(), sizes);
-  auto block = [&](int j, auto tile4, auto tile1, __mmask16 last) {
-    for (int64_t g = 0; g < groups; ++g) {
-      if (sizes[g] == 0) continue;
-      const int64_t q = 4 * g;
-      const int32_t* list = lists.get() + g * count;
-      if (q + 4 <= b) {
-        tile4(rows + j, list, sizes[g], n, w + q * count, count, acc + q * n + j, last);
-      } else {
-        for (int64_t s = q; s < b; ++s) {
-          tile1(rows + j, list, sizes[g], n, w + s * count, count, acc + s * n + j, last);
-        }
-      }
-    }
-  };
-  int j = 0;
-  for (; j + 96 <= n; j += 96) block(j, AxpyTile<6, 4>, AxpyTile<6, 1>, 0xFFFF);
-  for (; j + 16 <= n; j += 16) block(j, AxpyTile<1, 4>, AxpyTile<1, 1>, 0xFFFF);
-  if (j < n) block(j, AxpyTile<1, 4>, AxpyTile<1, 1>, Tail(n - j));
+  simd::AxpyRowsMulti<Avx512, 6>(rows, count, n, w, b, acc, ActiveRowsOfGroups);
 }
 
 // exp(d) for d <= 0 (or NaN) as the AVX2 Exp4: d = k ln 2 + r with |r| <=
