@@ -49,6 +49,7 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
       ScreenedPass(view, similarity, x, rule.log_weight_slope(), acc, track_nearest, &out)) {
     return out;
   }
+  out = FusedSums{};  // nothing of a screened attempt that gave up is kept
   const int n = view.dim;
   const int64_t rows = view.rows;
   const bool log_domain = rule.domain() == WeightDomain::kLog;
