@@ -1,19 +1,9 @@
 #include "fused.h"
 
 #include <algorithm>
-#include <atomic>
-#include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <deque>
 #include <memory>
-#include <mutex>
-#include <sched.h>
-#include <unistd.h>
-#include <thread>
 #include <vector>
 
 #include "engram/core/compute.h"
@@ -135,8 +125,6 @@ int64_t FoldStateTile(const PatternView& view, SimilarityKind similarity, const 
   return left;
 }
 
-}  // namespace
-
 // In a batched tile, a state whose weights left (not negligible) are at
 // most 1/8 of the tile's adds just those rows with the multi-state kernel,
 // which costs about what the sgemm costs per weight it adds; the other
@@ -147,6 +135,93 @@ constexpr int64_t kSparseTileFraction = 8;
 // at most.
 constexpr int64_t kScoresFirstBytes = int64_t{128} << 20;
 
+// Acc (b x n) += W (b x count) * Xi_tile (count x n), W's rows in `w`
+// (b x count, weights of the tile's rows, negligible ones zero; `left[q]`
+// of state q's are not zero). States whose weights left fill more than
+// 1/kSparseTileFraction of the tile go through one sgemm; the others add
+// just those rows with the multi-state kernel. `w` is clobbered.
+struct SgemmScratch {
+  std::vector<float> dense_w, dense_acc;  // the states that take the sgemm
+};
+
+void AddTileWeightedSums(const float* xi, int64_t count, int n, int64_t b, float* w,
+                         const int64_t* left, float* acc, SgemmScratch* scratch) {
+  std::vector<int64_t> dense;
+  int64_t sparse_pairs = 0;
+  for (int64_t q = 0; q < b; ++q) {
+    if (left[q] * kSparseTileFraction > count) {
+      dense.push_back(q);
+    } else {
+      sparse_pairs += left[q];
+    }
+  }
+  const int64_t m = static_cast<int64_t>(dense.size());
+  if (m == b) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(b), n,
+                static_cast<int>(count), 1.f, w, static_cast<int>(count), xi, n, 1.f, acc, n);
+    return;
+  }
+  if (m > 0) {
+    // The dense states' rows of W, gathered (and cleared for the sparse
+    // kernel below), times the tile, added back to their accumulators.
+    scratch->dense_w.resize(m * count);
+    scratch->dense_acc.assign(m * n, 0.f);
+    for (int64_t j = 0; j < m; ++j) {
+      float* wq = w + dense[j] * count;
+      std::copy(wq, wq + count, scratch->dense_w.begin() + j * count);
+      std::fill(wq, wq + count, 0.f);
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(m), n,
+                static_cast<int>(count), 1.f, scratch->dense_w.data(), static_cast<int>(count), xi,
+                n, 0.f, scratch->dense_acc.data(), n);
+    for (int64_t j = 0; j < m; ++j) {
+      float* a = acc + dense[j] * n;
+      const float* d = scratch->dense_acc.data() + j * n;
+      for (int i = 0; i < n; ++i) a[i] += d[i];
+    }
+  }
+  if (sparse_pairs == 0) return;
+  // A sharp softmax leaves a few rows per state: add just those (the
+  // multi-state kernel skips zero weights), four states to a group.
+  const kernels::KernelTable& k = kernels::Kernels();
+  int used = 1;
+  ParallelRows((b + 3) / 4, 4 * (sparse_pairs / b + 1) * n,
+               [&](int, int64_t g_begin, int64_t g_end) {
+    const int64_t q0 = 4 * g_begin, q1 = std::min(b, 4 * g_end);
+    k.axpy_rows_multi(xi, count, n, w + q0 * count, q1 - q0, acc + q0 * n);
+  }, &used);
+}
+
+// S (b x count) = X (b x n) * Xi_tile^T for every tile [t0, t0 + tile) of
+// rows [c0, c1); tile t0's scores at st + (t0 - c0) * b.
+void ScoreChunk(const PatternView& view, const float* x, int64_t b, int64_t c0, int64_t c1,
+                int64_t tile, float* st) {
+  const int n = view.dim;
+  for (int64_t t0 = c0; t0 < c1; t0 += tile) {
+    const int64_t count = std::min(tile, c1 - t0);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(b),
+                static_cast<int>(count), n, 1.f, x, n, view.data + t0 * n, n, 0.f,
+                st + (t0 - c0) * b, static_cast<int>(count));
+  }
+}
+
+// Raises each state's floor to beta times its largest score in a chunk of
+// `rows` rows scored by ScoreChunk (a NaN score gives no bound).
+void RaiseFloors(const float* st, int64_t b, int64_t rows, int64_t tile, double beta,
+                 std::vector<double>* floors) {
+  const kernels::KernelTable& k = kernels::Kernels();
+  int used = 1;
+  ParallelRows(b, rows * 4, [&](int, int64_t q_begin, int64_t q_end) {
+    for (int64_t q = q_begin; q < q_end; ++q) {
+      for (int64_t t0 = 0; t0 < rows; t0 += tile) {
+        const int64_t count = std::min(tile, rows - t0);
+        const float m = k.max_value(st + t0 * b + q * count, count);
+        (*floors)[q] = std::max((*floors)[q], beta * double{m});
+      }
+    }
+  }, &used);
+}
+
 // FusedPassBatch above kBatchMultiMaxStates states; sqx and floors as there.
 //
 // A softmax over dot products scores a chunk of tiles (up to
@@ -155,11 +230,10 @@ constexpr int64_t kScoresFirstBytes = int64_t{128} << 20;
 // does, so before a state's winner only the chunks ahead of it carry
 // weights that are not negligible. Without that, a sharp softmax leaves
 // every weight of the tiles before the winner, which takes the second sgemm.
-static void FusedPassBatchSgemm(const PatternView& view, SimilarityKind similarity, const float* x,
+void FusedPassBatchSgemm(const PatternView& view, SimilarityKind similarity, const float* x,
                                 int64_t b, const RowWeights& rule, float* acc, FusedSums* sums,
                                 bool track_nearest, const std::vector<double>& sqx,
                                 std::vector<double> floors) {
-  const kernels::KernelTable& k = kernels::Kernels();
   const int n = view.dim;
   const int64_t rows = view.rows;
   const bool log_domain = rule.domain() == WeightDomain::kLog;
@@ -172,7 +246,7 @@ static void FusedPassBatchSgemm(const PatternView& view, SimilarityKind similari
   // Written by the sgemms before it is read: no need to clear it.
   const std::unique_ptr<float[]> st_buf(new float[b * std::min(chunk, std::max<int64_t>(rows, 1))]);
   float* const st = st_buf.get();
-  std::vector<float> dense_w, dense_acc;  // the states that take the sgemm
+  SgemmScratch scratch;
   std::vector<RunningSums> running(b);
   const float negligible =
       static_cast<float>(kNegligibleWeightMass / static_cast<double>(std::max<int64_t>(rows, 1)));
@@ -180,26 +254,9 @@ static void FusedPassBatchSgemm(const PatternView& view, SimilarityKind similari
   if (acc != nullptr) std::fill(acc, acc + b * n, 0.f);
   for (int64_t c0 = 0; c0 < rows; c0 += chunk) {
     const int64_t c1 = std::min(rows, c0 + chunk);
-    // S (b x count) = X (b x n) * Xi_tile^T for every tile of the chunk;
-    // tile t0's scores at st + (t0 - c0) * b.
-    for (int64_t t0 = c0; t0 < c1; t0 += tile) {
-      const int64_t count = std::min(tile, c1 - t0);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(b),
-                  static_cast<int>(count), n, 1.f, x, n, view.data + t0 * n, n, 0.f,
-                  st + (t0 - c0) * b, static_cast<int>(count));
-    }
+    ScoreChunk(view, x, b, c0, c1, tile, st);
+    if (scores_first && c1 - c0 > tile) RaiseFloors(st, b, c1 - c0, tile, beta, &floors);
     int used = 1;
-    if (scores_first && c1 - c0 > tile) {
-      ParallelRows(b, (c1 - c0) * 4, [&](int, int64_t q_begin, int64_t q_end) {
-        for (int64_t q = q_begin; q < q_end; ++q) {
-          for (int64_t t0 = c0; t0 < c1; t0 += tile) {
-            const int64_t count = std::min(tile, c1 - t0);
-            const float m = k.max_value(st + (t0 - c0) * b + q * count, count);
-            floors[q] = std::max(floors[q], beta * double{m});  // NaN: no bound
-          }
-        }
-      }, &used);
-    }
     for (int64_t t0 = c0; t0 < c1; t0 += tile) {
       const int64_t count = std::min(tile, c1 - t0);
       const float* xi = view.data + t0 * n;
@@ -218,51 +275,7 @@ static void FusedPassBatchSgemm(const PatternView& view, SimilarityKind similari
                                   &p.nearest_key, &p.nearest_row);
         }
       }, &used);
-      if (acc == nullptr) continue;
-      std::vector<int64_t> dense;
-      int64_t sparse_pairs = 0;
-      for (int64_t q = 0; q < b; ++q) {
-        if (left[q] * kSparseTileFraction > count) {
-          dense.push_back(q);
-        } else {
-          sparse_pairs += left[q];
-        }
-      }
-      const int64_t m = static_cast<int64_t>(dense.size());
-      if (m == b) {
-        // Acc (b x n) += W (b x count) * Xi_tile (count x n)
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(b), n,
-                    static_cast<int>(count), 1.f, stt, static_cast<int>(count), xi, n, 1.f, acc,
-                    n);
-        continue;
-      }
-      if (m > 0) {
-        // The dense states' rows of W, gathered (and cleared for the sparse
-        // kernel below), times the tile, added back to their accumulators.
-        dense_w.resize(m * count);
-        dense_acc.assign(m * n, 0.f);
-        for (int64_t j = 0; j < m; ++j) {
-          float* wq = stt + dense[j] * count;
-          std::copy(wq, wq + count, dense_w.begin() + j * count);
-          std::fill(wq, wq + count, 0.f);
-        }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(m), n,
-                    static_cast<int>(count), 1.f, dense_w.data(), static_cast<int>(count), xi, n,
-                    0.f, dense_acc.data(), n);
-        for (int64_t j = 0; j < m; ++j) {
-          float* a = acc + dense[j] * n;
-          const float* d = dense_acc.data() + j * n;
-          for (int i = 0; i < n; ++i) a[i] += d[i];
-        }
-      }
-      if (sparse_pairs == 0) continue;
-      // A sharp softmax leaves a few rows per state: add just those (the
-      // multi-state kernel skips zero weights), four states to a group.
-      ParallelRows((b + 3) / 4, 4 * (sparse_pairs / b + 1) * n,
-                   [&](int, int64_t g_begin, int64_t g_end) {
-        const int64_t q0 = 4 * g_begin, q1 = std::min(b, 4 * g_end);
-        k.axpy_rows_multi(xi, count, n, stt + q0 * count, q1 - q0, acc + q0 * n);
-      }, &used);
+      if (acc != nullptr) AddTileWeightedSums(xi, count, n, b, stt, left.data(), acc, &scratch);
     }
   }
   for (int64_t q = 0; q < b; ++q) {
@@ -273,44 +286,53 @@ static void FusedPassBatchSgemm(const PatternView& view, SimilarityKind similari
   }
 }
 
-void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const float* x,
-                    int64_t b, const RowWeights& rule, float* acc, FusedSums* sums,
-                    bool track_nearest, const int64_t* hint_rows) {
+// Per state: |x|^2 into sqx (L2 similarity, nearest keys) and in the log
+// domain a lower bound on its largest log-weight into floors, the hint
+// row's (as in FusedPass); sums cleared. Split over states (256 states of
+// 4 096 values: ~3 % of a batched retrieval's samples on one core).
+void PrepareStates(const PatternView& view, SimilarityKind similarity, const float* x, int64_t b,
+                   const RowWeights& rule, FusedSums* sums, bool track_nearest,
+                   const int64_t* hint_rows, std::vector<double>* sqx,
+                   std::vector<double>* floors) {
   const kernels::KernelTable& k = kernels::Kernels();
   const int n = view.dim;
-  const int64_t rows = view.rows;
   const bool log_domain = rule.domain() == WeightDomain::kLog;
-  // Per state: |x|^2 (L2 similarity, nearest keys), and in the log domain a
-  // lower bound on its largest log-weight, the hint row's (as in FusedPass).
-  // Split over states (256 states of 4 096 values: ~3 % of a batched
-  // retrieval's samples on one core).
-  std::vector<double> sqx(b, 0.0), floors(b, -INFINITY);
+  sqx->assign(b, 0.0);
+  floors->assign(b, -INFINITY);
   int used_ranges = 1;
   ParallelRows(b, int64_t{n} * 8, [&](int, int64_t q_begin, int64_t q_end) {
     for (int64_t q = q_begin; q < q_end; ++q) {
       sums[q] = FusedSums{};
       const float* xq = x + q * n;
       if (similarity == SimilarityKind::kNegHalfSqL2 || track_nearest) {
-        sqx[q] = SquaredNorm(xq, n);
-        sums[q].sq_x = sqx[q];
+        (*sqx)[q] = SquaredNorm(xq, n);
+        sums[q].sq_x = (*sqx)[q];
       }
       const int64_t hint = hint_rows != nullptr ? hint_rows[q] : -1;
-      if (log_domain && hint >= 0 && hint < rows) {
+      if (log_domain && hint >= 0 && hint < view.rows) {
         float dot;
         k.dot_rows(view.data + hint * n, 1, n, xq, &dot);
         const double s1 = similarity == SimilarityKind::kNegHalfSqL2
-                              ? double{dot} - 0.5 * view.sq_norms[hint] - 0.5 * sqx[q]
+                              ? double{dot} - 0.5 * view.sq_norms[hint] - 0.5 * (*sqx)[q]
                               : double{dot};
         double w1 = -INFINITY, h1 = 0.0;
         rule.Block(&s1, 1, &w1, &h1);
-        if (!std::isnan(w1)) floors[q] = w1;
+        if (!std::isnan(w1)) (*floors)[q] = w1;
       }
     }
   }, &used_ranges);
-  if (b > kBatchMultiMaxStates) {
-    FusedPassBatchSgemm(view, similarity, x, b, rule, acc, sums, track_nearest, sqx, floors);
-    return;
-  }
+}
+
+// FusedPassBatch up to kBatchMultiMaxStates states, with the multi-state
+// kernels over L2-sized tiles; sqx and floors from PrepareStates.
+void FusedPassBatchMulti(const PatternView& view, SimilarityKind similarity, const float* x,
+                         int64_t b, const RowWeights& rule, float* acc, FusedSums* sums,
+                         bool track_nearest, const std::vector<double>& sqx,
+                         const std::vector<double>& floors) {
+  const kernels::KernelTable& k = kernels::Kernels();
+  const int n = view.dim;
+  const int64_t rows = view.rows;
+  const bool log_domain = rule.domain() == WeightDomain::kLog;
   // Rows per tile: the tile stays in L2 between its scores and its weighted sum.
   const int64_t tile = std::clamp<int64_t>((int64_t{256} << 10) / (int64_t{n} * 4), 16, 1024);
   const float negligible =
@@ -380,6 +402,21 @@ void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const fl
     MergeRanges(used, range_at, log_domain, track_nearest, n, &out,
                 acc != nullptr ? acc + q * n : nullptr);
     out.nearest_key -= 0.5 * sqx[q];
+  }
+}
+
+
+}  // namespace
+
+void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const float* x,
+                    int64_t b, const RowWeights& rule, float* acc, FusedSums* sums,
+                    bool track_nearest, const int64_t* hint_rows) {
+  std::vector<double> sqx, floors;
+  PrepareStates(view, similarity, x, b, rule, sums, track_nearest, hint_rows, &sqx, &floors);
+  if (b > kBatchMultiMaxStates) {
+    FusedPassBatchSgemm(view, similarity, x, b, rule, acc, sums, track_nearest, sqx, floors);
+  } else {
+    FusedPassBatchMulti(view, similarity, x, b, rule, acc, sums, track_nearest, sqx, floors);
   }
 }
 

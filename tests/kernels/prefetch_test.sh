@@ -18,7 +18,7 @@ checks=(
   "kernels_avx512.cc.o:::DotRowsBitsShort<"
   "kernels_avx512.cc.o:::AxpyBitsI8Block<"
   "kernels_avx512_bf16.cc.o:::DotRowsBf16("
-  "batch.cc.o:FusedPassBatch("
+  "batch.cc.o:FusedPassBatchMulti("
 )
 
 fail=0
