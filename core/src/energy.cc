@@ -9,6 +9,7 @@
 #include <Eigen/Core>
 
 #include "absl/strings/str_cat.h"
+#include "compact.h"
 #include "fused.h"
 #include "parallel.h"
 #include "state_loops.h"
@@ -404,6 +405,9 @@ double EnergyFunction::ReferenceUpdateTarget(const float* x, float* target) cons
 bool EnergyFunction::FusedEvaluate(const float* x, float* target, float* grad,
                                    double* energy, int64_t* nearest_row) const {
   if (patterns_.rows == 0) return false;
+  if (internal::HasCompactPass(config_)) {
+    return CompactEvaluate(x, target, grad, energy, nearest_row);
+  }
   const SimilarityKind sim = EffectiveSimilarity(config_);
   std::unique_ptr<internal::RowWeights> rule = internal::MakeRowWeights(config_);
   if (rule == nullptr || sim == SimilarityKind::kNegL1) return false;
@@ -412,6 +416,30 @@ bool EnergyFunction::FusedEvaluate(const float* x, float* target, float* grad,
                           nearest_row != nullptr, nearest_row != nullptr ? *nearest_row : -1);
   if (nearest_row != nullptr) *nearest_row = sums.nearest_row;
   FinishFused(sums, rule->domain() == internal::WeightDomain::kLog, x, target, grad, energy);
+  return true;
+}
+
+bool EnergyFunction::CompactEvaluate(const float* x, float* target, float* grad,
+                                     double* energy, int64_t* nearest_row) const {
+  internal::CompactSums sums;
+  if (!internal::CompactPass(patterns_, config_, x, target != nullptr ? target : grad, &sums)) {
+    return false;
+  }
+  const int n = patterns_.dim;
+  *energy = sums.energy;
+  if (nearest_row != nullptr) *nearest_row = sums.nearest_row;
+  if (target != nullptr && sums.wsum == 0.0) {
+    std::copy(x, x + n, target);  // no pattern in support: the state stays
+  }
+  if (grad != nullptr) {
+    // -sum_mu w_mu dS_mu/dx with dS/dx = xi (kDot) or xi - x (kNegHalfSqL2).
+    const float f = static_cast<float>(-sums.gradient_scale);
+    for (int i = 0; i < n; ++i) grad[i] *= f;
+    if (config_.similarity == SimilarityKind::kNegHalfSqL2) {
+      const float ws = static_cast<float>(sums.gradient_scale * sums.wsum);
+      for (int i = 0; i < n; ++i) grad[i] += ws * x[i];
+    }
+  }
   return true;
 }
 

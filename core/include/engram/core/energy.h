@@ -202,6 +202,10 @@ class EnergyFunction {
   // Fused single-pass evaluation; false when the config has no fused form.
   bool FusedEvaluate(const float* x, float* target, float* grad, double* energy,
                      int64_t* nearest_row = nullptr) const;
+  // The compact-support pass of the sparse and log-sum-ReLU separations
+  // (core/src/compact.h); false when the config has none.
+  bool CompactEvaluate(const float* x, float* target, float* grad, double* energy,
+                       int64_t* nearest_row) const;
   // Energy, target or gradient from the sums of a fused pass whose
   // accumulator is already in `target` or `grad`.
   void FinishFused(const internal::FusedSums& sums, bool log_domain, const float* x,
