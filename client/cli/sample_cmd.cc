@@ -39,25 +39,9 @@ std::string ClassName(v1::SampleClass c) {
   return absl::AsciiStrToLower(v1::SampleClass_Name(c).substr(std::string("SAMPLE_CLASS_").size()));
 }
 
-}  // namespace
-
-absl::Status RunSample(const Args& args, Context& ctx) {
-  const auto& pos = args.positional();
-  const std::string& bank = pos[1];
-  ENGRAM_ASSIGN_OR_RETURN(v1::BankInfo info, ctx.client->GetBank(bank));
-  const bool bipolar = info.kind() == v1::STATE_KIND_BIPOLAR;
-  const int n = static_cast<int>(info.dim());
-  v1::SampleRequest req;
-  req.set_bank(bank);
-  if (args.Has("filter")) ENGRAM_RETURN_IF_ERROR(ParseFilter(args.Get("filter"), req.mutable_filter()));
-  ENGRAM_ASSIGN_OR_RETURN(int64_t count, args.GetInt("count", 8));
-  if (count < 1) return absl::InvalidArgumentError("--count must be >= 1");
-  req.set_count(static_cast<uint32_t>(count));
-  if (args.Has("sampler")) {
-    ENGRAM_ASSIGN_OR_RETURN(v1::Sampler s, ParseSampler(args.Get("sampler")));
-    req.set_sampler(s);
-  }
-  auto* sch = req.mutable_schedule();
+// The schedule and seed options.
+absl::Status SetSchedule(const Args& args, v1::SampleRequest* req) {
+  auto* sch = req->mutable_schedule();
   if (args.Has("schedule")) {
     ENGRAM_ASSIGN_OR_RETURN(v1::ScheduleKind k, ParseSchedule(args.Get("schedule")));
     sch->set_kind(k);
@@ -73,10 +57,15 @@ absl::Status RunSample(const Args& args, Context& ctx) {
   sch->set_steps(static_cast<uint32_t>(steps));
   sch->set_stop_at_sigma_min(args.Has("stop-at-sigma-min"));
   ENGRAM_ASSIGN_OR_RETURN(int64_t seed, args.GetInt("seed", 0));
-  req.set_seed(static_cast<uint64_t>(seed));
-  bool energy_set = false;
-  ENGRAM_RETURN_IF_ERROR(ParseEnergy(args, req.mutable_energy(), &energy_set));
-  if (!energy_set) req.clear_energy();
+  req->set_seed(static_cast<uint64_t>(seed));
+  return absl::OkStatus();
+}
+
+// --query (1 or `count` rows of the bank's dimension `n`) with its clamp
+// (--mask-fraction drawn with the request's seed, or --clamp) and
+// --sigma-start; those three need --query.
+absl::Status SetQuery(const Args& args, int n, bool bipolar, int64_t count,
+                      v1::SampleRequest* req) {
   if (args.Has("query")) {
     ENGRAM_ASSIGN_OR_RETURN(client::Matrix q, LoadData(args.Get("query"), args));
     if (q.cols != n) {
@@ -89,19 +78,24 @@ absl::Status RunSample(const Args& args, Context& ctx) {
     }
     ENGRAM_ASSIGN_OR_RETURN(double mask, args.GetDouble("mask-fraction", 0));
     if (mask > 0) {
-      std::mt19937_64 rng(static_cast<uint64_t>(seed));
+      std::mt19937_64 rng(req->seed());
       std::vector<bool> known = client::MaskFraction(&q, mask, bipolar, rng);
-      for (bool k : known) req.add_clamp(k);
+      for (bool k : known) req->add_clamp(k);
     } else if (args.Has("clamp")) {
       ENGRAM_ASSIGN_OR_RETURN(client::Matrix c, client::LoadMatrix(args.Get("clamp")));
-      for (float v : c.data) req.add_clamp(v != 0.f);
+      for (float v : c.data) req->add_clamp(v != 0.f);
     }
-    req.mutable_query()->Add(q.data.begin(), q.data.end());
+    req->mutable_query()->Add(q.data.begin(), q.data.end());
     ENGRAM_ASSIGN_OR_RETURN(double ss, args.GetDouble("sigma-start", 0));
-    req.set_sigma_start(ss);
+    req->set_sigma_start(ss);
   } else if (args.Has("mask-fraction") || args.Has("clamp") || args.Has("sigma-start")) {
     return absl::InvalidArgumentError("--mask-fraction, --clamp and --sigma-start need --query");
   }
+  return absl::OkStatus();
+}
+
+// The sampler-specific options.
+absl::Status SetSamplerOptions(const Args& args, v1::SampleRequest* req) {
   struct OptD { const char* flag; void (v1::SampleRequest::*set)(double); };
   for (auto [flag, set] : {OptD{"churn", &v1::SampleRequest::set_churn},
                            OptD{"s-tmin", &v1::SampleRequest::set_s_tmin},
@@ -112,7 +106,7 @@ absl::Status RunSample(const Args& args, Context& ctx) {
                            OptD{"delta-spurious", &v1::SampleRequest::set_delta_spurious}}) {
     if (args.Has(flag)) {
       ENGRAM_ASSIGN_OR_RETURN(double v, args.GetDouble(flag, 0));
-      (req.*set)(v);
+      (req->*set)(v);
     }
   }
   ENGRAM_ASSIGN_OR_RETURN(int64_t lsteps, args.GetInt("langevin-steps", 0));
@@ -121,30 +115,36 @@ absl::Status RunSample(const Args& args, Context& ctx) {
   if (lsteps < 0 || am_it < 0 || every < 0) {
     return absl::InvalidArgumentError("--langevin-steps, --am-iterations, --trajectory-every >= 0");
   }
-  req.set_langevin_steps(static_cast<uint32_t>(lsteps));
-  req.set_am_iterations(static_cast<uint32_t>(am_it));
+  req->set_langevin_steps(static_cast<uint32_t>(lsteps));
+  req->set_am_iterations(static_cast<uint32_t>(am_it));
   if (args.Has("png-trajectory") && every == 0) every = 8;
-  req.set_trajectory_every(static_cast<uint32_t>(every));
+  req->set_trajectory_every(static_cast<uint32_t>(every));
+  return absl::OkStatus();
+}
 
+// Sample, or SampleStream with --stream (progress on stderr).
+absl::StatusOr<v1::SampleResponse> CallSample(const Args& args, Context& ctx,
+                                              const v1::SampleRequest& req) {
+  if (!args.Has("stream")) return ctx.client->Sample(req);
   v1::SampleResponse resp;
-  if (args.Has("stream")) {
-    grpc::ClientContext cctx;
-    ctx.client->Prepare(&cctx);
-    auto reader = ctx.client->stub()->SampleStream(&cctx, req);
-    v1::SampleFrame frame;
-    while (reader->Read(&frame)) {
-      if (frame.has_result()) {
-        resp = frame.result();
-      } else if (!ctx.json) {
-        std::cerr << absl::StrFormat("\rstep %d  sigma %.4g", frame.step(), frame.sigma());
-      }
+  grpc::ClientContext cctx;
+  ctx.client->Prepare(&cctx);
+  auto reader = ctx.client->stub()->SampleStream(&cctx, req);
+  v1::SampleFrame frame;
+  while (reader->Read(&frame)) {
+    if (frame.has_result()) {
+      resp = frame.result();
+    } else if (!ctx.json) {
+      std::cerr << absl::StrFormat("\rstep %d  sigma %.4g", frame.step(), frame.sigma());
     }
-    if (!ctx.json) std::cerr << "\n";
-    ENGRAM_RETURN_IF_ERROR(client::FromGrpc(reader->Finish()));
-  } else {
-    ENGRAM_ASSIGN_OR_RETURN(resp, ctx.client->Sample(req));
   }
+  if (!ctx.json) std::cerr << "\n";
+  ENGRAM_RETURN_IF_ERROR(client::FromGrpc(reader->Finish()));
+  return resp;
+}
 
+// --out (npy), --png (a grid of the samples) and --png-trajectory.
+absl::Status WriteSampleFiles(const Args& args, const v1::SampleResponse& resp, int n) {
   if (args.Has("out")) {
     client::Matrix m;
     m.rows = resp.samples_size();
@@ -174,6 +174,11 @@ absl::Status RunSample(const Args& args, Context& ctx) {
       ENGRAM_RETURN_IF_ERROR(client::WritePngGrid(args.Get("png-trajectory"), tiles, h, w, cols));
     }
   }
+  return absl::OkStatus();
+}
+
+// The samples' classes: one line each and a summary, or JSON.
+void PrintSamples(const v1::SampleResponse& resp, const Context& ctx) {
   std::map<std::string, int> classes;
   int spurious_fixed = 0;
   for (const auto& s : resp.samples()) {
@@ -186,7 +191,7 @@ absl::Status RunSample(const Args& args, Context& ctx) {
                               classes["spurious"], ",\"novel\":", classes["novel"],
                               ",\"spurious_fixed_points\":", spurious_fixed,
                               ",\"response\":", ToJson(resp), "}\n");
-    return absl::OkStatus();
+    return;
   }
   for (int i = 0; i < resp.samples_size(); ++i) {
     const auto& s = resp.samples(i);
@@ -200,6 +205,35 @@ absl::Status RunSample(const Args& args, Context& ctx) {
       "%d samples, %d steps: memorized %d, spurious %d, novel %d; fixed points near no memory %d\n",
       resp.samples_size(), resp.steps(), classes["memorized"], classes["spurious"],
       classes["novel"], spurious_fixed);
+}
+
+}  // namespace
+
+absl::Status RunSample(const Args& args, Context& ctx) {
+  const auto& pos = args.positional();
+  const std::string& bank = pos[1];
+  ENGRAM_ASSIGN_OR_RETURN(v1::BankInfo info, ctx.client->GetBank(bank));
+  const bool bipolar = info.kind() == v1::STATE_KIND_BIPOLAR;
+  const int n = static_cast<int>(info.dim());
+  v1::SampleRequest req;
+  req.set_bank(bank);
+  if (args.Has("filter")) ENGRAM_RETURN_IF_ERROR(ParseFilter(args.Get("filter"), req.mutable_filter()));
+  ENGRAM_ASSIGN_OR_RETURN(int64_t count, args.GetInt("count", 8));
+  if (count < 1) return absl::InvalidArgumentError("--count must be >= 1");
+  req.set_count(static_cast<uint32_t>(count));
+  if (args.Has("sampler")) {
+    ENGRAM_ASSIGN_OR_RETURN(v1::Sampler s, ParseSampler(args.Get("sampler")));
+    req.set_sampler(s);
+  }
+  ENGRAM_RETURN_IF_ERROR(SetSchedule(args, &req));
+  bool energy_set = false;
+  ENGRAM_RETURN_IF_ERROR(ParseEnergy(args, req.mutable_energy(), &energy_set));
+  if (!energy_set) req.clear_energy();
+  ENGRAM_RETURN_IF_ERROR(SetQuery(args, n, bipolar, count, &req));
+  ENGRAM_RETURN_IF_ERROR(SetSamplerOptions(args, &req));
+  ENGRAM_ASSIGN_OR_RETURN(v1::SampleResponse resp, CallSample(args, ctx, req));
+  ENGRAM_RETURN_IF_ERROR(WriteSampleFiles(args, resp, n));
+  PrintSamples(resp, ctx);
   return absl::OkStatus();
 }
 

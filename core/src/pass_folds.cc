@@ -11,16 +11,10 @@
 namespace engram::core::internal {
 
 double MaxScoreLogWeight(const RowWeights& rule, const float* sc, int64_t count, bool* nan) {
-  float fm = -INFINITY;
-  bool any_nan = false;
-  for (int64_t i = 0; i < count; ++i) {
-    fm = sc[i] > fm ? sc[i] : fm;
-    any_nan |= std::isnan(sc[i]);
-  }
-  const double s1 = fm;
+  const double s1 = kernels::Kernels().max_value(sc, count);  // NaN when a score is
+  *nan = std::isnan(s1);
   double w1 = -INFINITY, h1 = 0.0;
   rule.Block(&s1, 1, &w1, &h1);
-  *nan = any_nan;
   return w1;
 }
 

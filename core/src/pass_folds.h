@@ -46,8 +46,9 @@ class LogFloor {
   std::atomic<double> v_{-INFINITY};
 };
 
-// The log-weight of the block's largest score, for log-weights increasing
-// in the raw score (slope * dot product); *nan is set when a score is NaN.
+// The log-weight of the block's largest score (count > 0), for log-weights
+// increasing in the raw score (slope * dot product); *nan is set when a
+// score is NaN (the result is then NaN or meaningless).
 double MaxScoreLogWeight(const RowWeights& rule, const float* sc, int64_t count, bool* nan);
 
 // Keeps in p the block's nearest row (largest sc - |xi|^2 / 2, the first on
