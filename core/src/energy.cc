@@ -419,6 +419,56 @@ bool EnergyFunction::FusedEvaluate(const float* x, float* target, float* grad,
   return true;
 }
 
+absl::StatusOr<StepPartial> EnergyFunction::Partial(const float* x, bool with_sum,
+                                                     bool track_nearest,
+                                                     int64_t row_offset) const {
+  const SimilarityKind sim = EffectiveSimilarity(config_);
+  std::unique_ptr<internal::RowWeights> rule = internal::MakeRowWeights(config_);
+  if (rule == nullptr || sim == SimilarityKind::kNegL1 || internal::HasCompactPass(config_)) {
+    return absl::UnimplementedError(
+        "this energy has no partial form: its weights depend on every row at once (max, "
+        "sparsemax, entmax15, log_sum_relu) or it has no fused pass (L1 similarity)");
+  }
+  const int n = patterns_.dim;
+  StepPartial p;
+  p.log_domain = rule->domain() == internal::WeightDomain::kLog;
+  p.rows = patterns_.rows;
+  if (with_sum) p.sum.assign(n, 0.f);
+  if (patterns_.rows == 0) return p;
+  const internal::FusedSums s = internal::FusedPass(
+      patterns_, sim, x, *rule, with_sum ? p.sum.data() : nullptr, track_nearest);
+  p.log_scale = s.log_scale;
+  p.scale = s.scale;
+  p.wsum = s.wsum;
+  p.hsum = s.hsum;
+  p.energy_terms = s.energy_terms;
+  p.nearest_row = s.nearest_row >= 0 ? s.nearest_row + row_offset : -1;
+  p.nearest_key = s.nearest_key;
+  p.sq_x = s.sq_x;
+  return p;
+}
+
+absl::StatusOr<double> EnergyFunction::FinishPartial(const StepPartial& partial, const float* x,
+                                                     float* target, float* grad) const {
+  const int n = patterns_.dim;
+  float* out = target != nullptr ? target : grad;
+  if (out != nullptr && partial.sum.size() != static_cast<size_t>(n)) {
+    return absl::InvalidArgumentError(
+        "a target or gradient needs a partial with the weighted sum of its rows");
+  }
+  internal::FusedSums sums;
+  sums.log_scale = partial.log_scale;
+  sums.scale = partial.scale;
+  sums.wsum = partial.wsum;
+  sums.hsum = partial.hsum;
+  sums.energy_terms = partial.energy_terms;
+  sums.sq_x = partial.sq_x;
+  if (out != nullptr) std::copy(partial.sum.begin(), partial.sum.end(), out);
+  double energy = 0.0;
+  FinishFused(sums, partial.log_domain, x, target, target != nullptr ? nullptr : grad, &energy);
+  return energy;
+}
+
 bool EnergyFunction::CompactEvaluate(const float* x, float* target, float* grad,
                                      double* energy, int64_t* nearest_row) const {
   internal::CompactSums sums;

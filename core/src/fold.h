@@ -211,6 +211,7 @@ void MergeRanges(int ranges, const RangeAt& range_at, bool log_domain, bool trac
     top_scale = std::max(top_scale, r.sums->scale);
   }
   out->log_scale = top;
+  out->scale = top_scale;
   if (acc != nullptr) std::fill(acc, acc + n, 0.f);
   for (int i = 0; i < ranges; ++i) {
     const RangeSums r = range_at(i);

@@ -64,6 +64,7 @@ class RowWeights {
 // sum_mu w_mu xi_mu = exp(log_scale) * acc (acc as written by FusedPass).
 struct FusedSums {
   double log_scale = -INFINITY;  // log of the common scale of acc and the sums
+  double scale = 0.0;            // kLinear: that scale (a power of two)
   double wsum = 0.0;             // sum_mu w_mu / exp(log_scale)
   double hsum = 0.0;             // sum_mu h_mu / exp(log_scale) (kLinear)
   double energy_terms = 0.0;     // sum of Block() returns (kLinear)

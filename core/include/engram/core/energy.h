@@ -24,7 +24,9 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "engram/core/partials.h"
 
 namespace engram::core {
 namespace internal {
@@ -189,6 +191,21 @@ class EnergyFunction {
   // row as ValueAndNearest does (-1 where not available).
   void UpdateTargetBatch(const float* x, int64_t b, float* targets, double* energies,
                          int64_t* nearest_rows = nullptr) const;
+
+  // This bank's partial of one step at x (see partials.h): with `with_sum`
+  // the weighted sum of its rows, with `track_nearest` its nearest row
+  // (numbered from `row_offset`). UNIMPLEMENTED for configs with no partial
+  // form (max, sparsemax, 1.5-entmax, log-sum-ReLU separations, L1
+  // similarity).
+  absl::StatusOr<StepPartial> Partial(const float* x, bool with_sum, bool track_nearest,
+                                      int64_t row_offset = 0) const;
+  // The energy at x from a (merged) partial of this config, and the update
+  // target or the gradient (dim floats each, either may be null; they need
+  // the partial's sum) as Value, UpdateTarget and ValueAndGradient give
+  // them. INVALID_ARGUMENT when a target or gradient is asked of a partial
+  // without a sum of dim floats.
+  absl::StatusOr<double> FinishPartial(const StepPartial& partial, const float* x, float* target,
+                                       float* grad) const;
 
   // The plain reference implementations of Value, ValueAndGradient and
   // UpdateTarget (Eigen over the f32 patterns, two passes, one thread). The

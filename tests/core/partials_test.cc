@@ -1,0 +1,223 @@
+// A bank split into shards answers as the whole bank: each shard's step
+// partial (EnergyFunction::Partial on a bank of its rows), merged in row
+// order (MergeStepPartials) and finished (FinishPartial), gives the whole
+// bank's energy, update target, gradient and nearest row, up to float
+// reassociation (the shards' rounding of the rescaled sums), for random banks
+// cut into 1..8 shards at random, for every family with a partial form and
+// every precision. Retrieval follows: sync steps taken from merged partials
+// stay with the whole bank's and end on the same memory.
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "engram/core/bank.h"
+#include "engram/core/energy.h"
+#include "engram/core/partials.h"
+#include "testing/random_banks.h"
+
+namespace engram::core {
+namespace {
+
+struct Case {
+  std::string name;
+  StateKind kind;
+  EnergyConfig energy;
+  Precision precision;
+};
+
+Bank Build(const Case& c, int n, const std::vector<float>& data) {
+  Bank bank(BankSpec{"whole", n, c.kind, c.energy, c.precision});
+  bank.Append(data, bank.AssignIds(static_cast<int64_t>(data.size()) / n), {});
+  return bank;
+}
+
+// Cut points 0 = c_0 < c_1 < ... < c_S = k, S random in [1, 8].
+std::vector<int64_t> RandomCuts(int64_t k, std::mt19937_64& rng) {
+  const int shards = std::uniform_int_distribution<int>(1, 8)(rng);
+  std::vector<int64_t> cuts{0, k};
+  while (static_cast<int>(cuts.size()) < shards + 1) {
+    const int64_t c = std::uniform_int_distribution<int64_t>(1, k - 1)(rng);
+    if (std::find(cuts.begin(), cuts.end(), c) == cuts.end()) cuts.push_back(c);
+  }
+  std::sort(cuts.begin(), cuts.end());
+  return cuts;
+}
+
+// The shards' merged partial at x.
+StepPartial Sharded(const std::vector<Bank>& shards, const std::vector<int64_t>& cuts,
+                    const EnergyConfig& cfg, const float* x, bool with_sum) {
+  std::vector<StepPartial> parts;
+  for (size_t s = 0; s < shards.size(); ++s) {
+    auto p = EnergyFunction(cfg, shards[s].view()).Partial(x, with_sum, true, cuts[s]);
+    EXPECT_TRUE(p.ok()) << p.status();
+    parts.push_back(*p);
+  }
+  return MergeStepPartials(parts);
+}
+
+double Norm(const std::vector<float>& v) {
+  double s = 0.0;
+  for (float f : v) s += double{f} * f;
+  return std::sqrt(s);
+}
+
+class ShardTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(ShardTest, MergedShardPartialsAnswerAsTheWholeBank) {
+  const Case& c = GetParam();
+  std::mt19937_64 rng(std::hash<std::string>{}(c.name));
+  for (int trial = 0; trial < 4; ++trial) {
+    const int n = trial % 2 == 0 ? 48 : 100;
+    const int64_t k = std::uniform_int_distribution<int64_t>(20, 2500)(rng);
+    const bool bipolar = c.kind == StateKind::kBipolar;
+    std::vector<float> data = bipolar ? testing::RandomBipolar(k * n, rng)
+                                      : testing::RandomGaussian(k * n, rng, 1.f / std::sqrt(n));
+    const Bank whole = Build(c, n, data);
+    const std::vector<int64_t> cuts = RandomCuts(k, rng);
+    std::vector<Bank> shards;
+    for (size_t s = 0; s + 1 < cuts.size(); ++s) {
+      std::vector<int64_t> rows;
+      for (int64_t r = cuts[s]; r < cuts[s + 1]; ++r) rows.push_back(r);
+      shards.push_back(whole.Subset(rows));
+    }
+    const EnergyFunction f(c.energy, whole.view());
+    const int64_t src = std::uniform_int_distribution<int64_t>(0, k - 1)(rng);
+    std::vector<float> x = bipolar ? testing::FlipBits(whole.pattern(src), n, n / 10, rng)
+                                   : std::vector<float>(whole.pattern(src), whole.pattern(src) + n);
+    if (!bipolar) {
+      for (float& v : x) v += std::normal_distribution<float>(0.f, 0.3f / std::sqrt(n))(rng);
+    }
+    SCOPED_TRACE(c.name + " K=" + std::to_string(k) + " shards=" +
+                 std::to_string(cuts.size() - 1));
+
+    const StepPartial all = Sharded(shards, cuts, c.energy, x.data(), true);
+    EXPECT_EQ(all.rows, k);
+    std::vector<float> t(n), t_ref(n), g(n), g_ref(n);
+    const double e_ref = f.UpdateTarget(x.data(), t_ref.data());
+    auto e = f.FinishPartial(all, x.data(), t.data(), nullptr);
+    ASSERT_TRUE(e.ok()) << e.status();
+    const double tol_e = 1e-5 * std::max(1.0, std::fabs(e_ref));
+    EXPECT_NEAR(*e, e_ref, tol_e);
+    const double tol_t = 1e-5 * std::max(1.0, Norm(t_ref));
+    for (int i = 0; i < n; ++i) EXPECT_NEAR(t[i], t_ref[i], tol_t) << "target " << i;
+    if (!bipolar) {
+      f.ValueAndGradient(x.data(), g_ref.data());
+      ASSERT_TRUE(f.FinishPartial(all, x.data(), nullptr, g.data()).ok());
+      const double tol_g = 1e-5 * std::max(1.0, Norm(g_ref));
+      for (int i = 0; i < n; ++i) EXPECT_NEAR(g[i], g_ref[i], tol_g) << "gradient " << i;
+    }
+    // Scores only: the same energy, and the nearest row of the whole bank
+    // (not tracked on bf16 rows, whose scores are approximate).
+    const StepPartial scores = Sharded(shards, cuts, c.energy, x.data(), false);
+    int64_t nearest_ref = -2;
+    const double v_ref = f.ValueAndNearest(x.data(), &nearest_ref);
+    EXPECT_NEAR(*f.FinishPartial(scores, x.data(), nullptr, nullptr), v_ref, tol_e);
+    if (c.precision != Precision::kBf16) {
+      EXPECT_EQ(scores.nearest_row, whole.Nearest(x.data()).row);
+    }
+  }
+}
+
+TEST_P(ShardTest, SyncRetrievalFromMergedPartialsEndsOnTheSameMemory) {
+  const Case& c = GetParam();
+  if (c.kind == StateKind::kBipolar || c.energy.family != EnergyFamily::kLse) {
+    GTEST_SKIP() << "continuous fixed-point retrieval: the lse family";
+  }
+  std::mt19937_64 rng(99);
+  const int n = 64;
+  const int64_t k = 600;
+  const Bank whole = Build(c, n, testing::RandomGaussian(k * n, rng, 1.f / std::sqrt(n)));
+  const std::vector<int64_t> cuts = RandomCuts(k, rng);
+  std::vector<Bank> shards;
+  for (size_t s = 0; s + 1 < cuts.size(); ++s) {
+    std::vector<int64_t> rows;
+    for (int64_t r = cuts[s]; r < cuts[s + 1]; ++r) rows.push_back(r);
+    shards.push_back(whole.Subset(rows));
+  }
+  const EnergyFunction f(c.energy, whole.view());
+  for (int q = 0; q < 5; ++q) {
+    const int64_t src = std::uniform_int_distribution<int64_t>(0, k - 1)(rng);
+    std::vector<float> a(whole.pattern(src), whole.pattern(src) + n);
+    for (float& v : a) v += std::normal_distribution<float>(0.f, 0.3f / std::sqrt(n))(rng);
+    std::vector<float> b = a, next(n);
+    for (int step = 0; step < 8; ++step) {
+      f.UpdateTarget(a.data(), next.data());
+      a = next;
+      const StepPartial p = Sharded(shards, cuts, c.energy, b.data(), true);
+      ASSERT_TRUE(f.FinishPartial(p, b.data(), next.data(), nullptr).ok());
+      b = next;
+    }
+    for (int i = 0; i < n; ++i) EXPECT_NEAR(a[i], b[i], 1e-4) << "query " << q << " value " << i;
+    EXPECT_EQ(whole.Nearest(a.data()).row, whole.Nearest(b.data()).row);
+  }
+}
+
+std::vector<Case> Cases() {
+  auto general = [](SimilarityKind sim, SeparationKind sep, double beta) {
+    EnergyConfig e;
+    e.family = EnergyFamily::kGeneral;
+    e.similarity = sim;
+    e.separation = sep;
+    e.beta = beta;
+    e.degree = 3;
+    return e;
+  };
+  std::vector<Case> cases;
+  for (Precision p : {Precision::kF32, Precision::kBf16, Precision::kF32Screened}) {
+    const std::string suffix = p == Precision::kF32 ? "f32" : p == Precision::kBf16 ? "bf16" : "screened";
+    cases.push_back({"lse_b2_" + suffix, StateKind::kContinuous,
+                     EnergyConfig{.family = EnergyFamily::kLse, .beta = 2.0}, p});
+    cases.push_back({"lse_b40_" + suffix, StateKind::kContinuous,
+                     EnergyConfig{.family = EnergyFamily::kLse, .beta = 40.0}, p});
+    cases.push_back({"gaussian_" + suffix, StateKind::kContinuous,
+                     EnergyConfig{.family = EnergyFamily::kGaussian, .beta = 4.0}, p});
+    cases.push_back({"softmax_l2_" + suffix, StateKind::kContinuous,
+                     general(SimilarityKind::kNegHalfSqL2, SeparationKind::kSoftmax, 8.0), p});
+    cases.push_back({"poly3_dot_" + suffix, StateKind::kContinuous,
+                     general(SimilarityKind::kDot, SeparationKind::kPolynomial, 1.0), p});
+  }
+  for (Precision p : {Precision::kF32, Precision::kBitPacked}) {
+    const std::string suffix = p == Precision::kF32 ? "f32" : "bits";
+    cases.push_back({"classical_" + suffix, StateKind::kBipolar,
+                     EnergyConfig{.family = EnergyFamily::kClassical}, p});
+    cases.push_back({"poly4_" + suffix, StateKind::kBipolar,
+                     EnergyConfig{.family = EnergyFamily::kPolynomial, .degree = 4}, p});
+    cases.push_back({"exponential_" + suffix, StateKind::kBipolar,
+                     EnergyConfig{.family = EnergyFamily::kExponential, .beta = 0.1}, p});
+  }
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, ShardTest, ::testing::ValuesIn(Cases()),
+                         [](const auto& info) { return info.param.name; });
+
+TEST(StepPartial, ConfigsWithoutAPartialFormSayUnimplemented) {
+  std::mt19937_64 rng(1);
+  const Bank bank = testing::MakeBank(8, StateKind::kContinuous, testing::RandomGaussian(80, rng));
+  for (SeparationKind sep : {SeparationKind::kMax, SeparationKind::kSparsemax,
+                             SeparationKind::kEntmax15, SeparationKind::kLogSumRelu}) {
+    EnergyConfig e;
+    e.family = EnergyFamily::kGeneral;
+    e.separation = sep;
+    auto p = EnergyFunction(e, bank.view()).Partial(bank.pattern(0), true, true);
+    EXPECT_EQ(p.status().code(), absl::StatusCode::kUnimplemented);
+  }
+}
+
+TEST(StepPartial, ATargetNeedsTheWeightedSum) {
+  std::mt19937_64 rng(2);
+  const Bank bank = testing::MakeBank(8, StateKind::kContinuous, testing::RandomGaussian(80, rng));
+  const EnergyFunction f(EnergyConfig{}, bank.view());
+  auto p = f.Partial(bank.pattern(0), /*with_sum=*/false, true);
+  ASSERT_TRUE(p.ok());
+  std::vector<float> t(8);
+  EXPECT_EQ(f.FinishPartial(*p, bank.pattern(0), t.data(), nullptr).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace engram::core
