@@ -1,5 +1,6 @@
 #include "engram/core/partials.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -8,6 +9,37 @@
 #include "fused.h"
 
 namespace engram::core {
+namespace {
+
+// The readouts of the parts, merged: in the log domain each part's
+// normalised readout weighs exp(value_log_norm_i - L), L the log of the
+// merged normaliser; otherwise the readouts add.
+void MergeValues(absl::Span<const StepPartial> parts, bool log_domain, StepPartial* out) {
+  size_t m = 0;
+  double top = -INFINITY;
+  for (const StepPartial& p : parts) {
+    m = std::max(m, p.value.size());
+    if (!p.value.empty() && p.rows > 0) top = std::max(top, p.value_log_norm);
+  }
+  if (m == 0) return;
+  double z = 0.0;
+  if (log_domain && std::isfinite(top)) {
+    for (const StepPartial& p : parts) {
+      if (!p.value.empty() && p.rows > 0) z += std::exp(p.value_log_norm - top);
+    }
+  }
+  std::vector<double> acc(m, 0.0);
+  for (const StepPartial& p : parts) {
+    if (p.value.empty() || p.rows == 0) continue;
+    const double f = log_domain ? std::exp(p.value_log_norm - top) / z : 1.0;
+    for (size_t j = 0; j < m; ++j) acc[j] += f * p.value[j];
+  }
+  out->value.assign(m, 0.f);
+  for (size_t j = 0; j < m; ++j) out->value[j] = static_cast<float>(acc[j]);
+  out->value_log_norm = log_domain && z > 0.0 ? top + std::log(z) : 0.0;
+}
+
+}  // namespace
 
 StepPartial MergeStepPartials(absl::Span<const StepPartial> parts) {
   StepPartial out;
@@ -43,6 +75,7 @@ StepPartial MergeStepPartials(absl::Span<const StepPartial> parts) {
   out.energy_terms = merged.energy_terms;
   out.nearest_row = merged.nearest_row;
   out.nearest_key = merged.nearest_key;
+  MergeValues(parts, out.log_domain, &out);
   return out;
 }
 

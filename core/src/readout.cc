@@ -26,9 +26,10 @@ bool SoftmaxReadout(const EnergyConfig& c) {
 
 }  // namespace
 
-void ReadoutWeights(const EnergyFunction& energy, const float* x, double* p) {
+void ReadoutWeights(const EnergyFunction& energy, const float* x, double* p, double* log_norm) {
   const PatternView& view = energy.patterns();
   const int64_t k = view.rows;
+  if (log_norm != nullptr) *log_norm = 0.0;
   if (k == 0) return;
   const EnergyConfig& c = energy.config();
   const SimilarityKind sim = EffectiveSimilarity(c);
@@ -46,6 +47,7 @@ void ReadoutWeights(const EnergyFunction& energy, const float* x, double* p) {
       z += p[mu];
     }
     for (int64_t mu = 0; mu < k; ++mu) p[mu] /= z;
+    if (log_norm != nullptr) *log_norm = top + std::log(z);
     return;
   }
   if (c.family == EnergyFamily::kGeneral && c.separation == SeparationKind::kMax) {
@@ -71,13 +73,14 @@ void ReadoutWeights(const EnergyFunction& energy, const float* x, double* p) {
 }
 
 void ValueReadout(const EnergyFunction& energy, const float* values, int value_dim,
-                  const float* x, float* out) {
+                  const float* x, float* out, double* log_norm) {
   const int64_t k = energy.patterns().rows;
   const int m = value_dim;
   std::fill(out, out + m, 0.f);
+  if (log_norm != nullptr) *log_norm = 0.0;
   if (k == 0 || m == 0) return;
   std::vector<double> p(k);
-  ReadoutWeights(energy, x, p.data());
+  ReadoutWeights(energy, x, p.data(), log_norm);
   // Unnormalised weights (polynomial F') can pass the float range: the sums
   // run on p / 2^e, 2^e >= max |p|, and are scaled back in double.
   double top = 0.0;

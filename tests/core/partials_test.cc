@@ -1,11 +1,13 @@
 // A bank split into shards answers as the whole bank: each shard's step
 // partial (EnergyFunction::Partial on a bank of its rows), merged in row
 // order (MergeStepPartials) and finished (FinishPartial), gives the whole
-// bank's energy, update target, gradient and nearest row, up to float
-// reassociation (the shards' rounding of the rescaled sums), for random banks
-// cut into 1..8 shards at random, for every family with a partial form and
-// every precision. Retrieval follows: sync steps taken from merged partials
-// stay with the whole bank's and end on the same memory.
+// bank's energy, update target, gradient, nearest row and value readout, up
+// to float reassociation (the shards' rounding of the rescaled sums), for
+// random banks cut into 1..8 shards at random, for every family with a
+// partial form and every precision; filtered calls (each shard's rows that
+// pass) answer as the filtered whole bank. Retrieval follows: sync steps
+// taken from merged partials stay with the whole bank's and end on the same
+// memory.
 #include <algorithm>
 #include <cmath>
 #include <random>
@@ -16,7 +18,9 @@
 
 #include "engram/core/bank.h"
 #include "engram/core/energy.h"
+#include "engram/core/filter.h"
 #include "engram/core/partials.h"
+#include "engram/core/readout.h"
 #include "testing/random_banks.h"
 
 namespace engram::core {
@@ -29,9 +33,16 @@ struct Case {
   Precision precision;
 };
 
-Bank Build(const Case& c, int n, const std::vector<float>& data) {
-  Bank bank(BankSpec{"whole", n, c.kind, c.energy, c.precision});
-  bank.Append(data, bank.AssignIds(static_cast<int64_t>(data.size()) / n), {});
+constexpr int kValueDim = 5;
+
+// A key -> value bank of `data`'s rows, values and labels g = row % 3.
+Bank Build(const Case& c, int n, const std::vector<float>& data, std::mt19937_64& rng) {
+  const int64_t k = static_cast<int64_t>(data.size()) / n;
+  Bank bank(BankSpec{"whole", n, c.kind, c.energy, c.precision, kValueDim});
+  const std::vector<float> values = testing::RandomGaussian(k * kValueDim, rng);
+  std::vector<Labels> labels(k);
+  for (int64_t r = 0; r < k; ++r) labels[r].ints = {{"g", r % 3}};
+  bank.Append(data, bank.AssignIds(k), {}, PatternExtras{values, labels, {}});
   return bank;
 }
 
@@ -47,12 +58,15 @@ std::vector<int64_t> RandomCuts(int64_t k, std::mt19937_64& rng) {
   return cuts;
 }
 
-// The shards' merged partial at x.
+// The shards' merged partial at x (with their value readouts).
 StepPartial Sharded(const std::vector<Bank>& shards, const std::vector<int64_t>& cuts,
                     const EnergyConfig& cfg, const float* x, bool with_sum) {
   std::vector<StepPartial> parts;
   for (size_t s = 0; s < shards.size(); ++s) {
-    auto p = EnergyFunction(cfg, shards[s].view()).Partial(x, with_sum, true, cuts[s]);
+    const bool has_rows = shards[s].size() > 0;
+    auto p = EnergyFunction(cfg, shards[s].view())
+                 .Partial(x, with_sum, true, cuts[s], has_rows ? shards[s].value(0) : nullptr,
+                          kValueDim);
     EXPECT_TRUE(p.ok()) << p.status();
     parts.push_back(*p);
   }
@@ -76,7 +90,7 @@ TEST_P(ShardTest, MergedShardPartialsAnswerAsTheWholeBank) {
     const bool bipolar = c.kind == StateKind::kBipolar;
     std::vector<float> data = bipolar ? testing::RandomBipolar(k * n, rng)
                                       : testing::RandomGaussian(k * n, rng, 1.f / std::sqrt(n));
-    const Bank whole = Build(c, n, data);
+    const Bank whole = Build(c, n, data, rng);
     const std::vector<int64_t> cuts = RandomCuts(k, rng);
     std::vector<Bank> shards;
     for (size_t s = 0; s + 1 < cuts.size(); ++s) {
@@ -110,6 +124,35 @@ TEST_P(ShardTest, MergedShardPartialsAnswerAsTheWholeBank) {
       const double tol_g = 1e-5 * std::max(1.0, Norm(g_ref));
       for (int i = 0; i < n; ++i) EXPECT_NEAR(g[i], g_ref[i], tol_g) << "gradient " << i;
     }
+    // The value readout of a key -> value bank.
+    std::vector<float> r_ref(kValueDim);
+    ValueReadout(f, whole.value(0), kValueDim, x.data(), r_ref.data());
+    ASSERT_EQ(all.value.size(), static_cast<size_t>(kValueDim));
+    const double tol_r = 1e-5 * std::max(1.0, Norm(r_ref));
+    for (int j = 0; j < kValueDim; ++j) EXPECT_NEAR(all.value[j], r_ref[j], tol_r) << "value " << j;
+
+    // Filtered calls: each shard's rows that pass, merged, answer as the
+    // whole bank's rows that pass.
+    const Filter filter{{{.key = "g", .op = Condition::kIntEquals, .ints = {1}}}};
+    const Bank whole_f = whole.Subset(MatchingRows(whole, filter));
+    std::vector<Bank> shards_f;
+    std::vector<int64_t> offsets_f{0};
+    for (const Bank& shard : shards) {
+      shards_f.push_back(shard.Subset(MatchingRows(shard, filter)));
+      offsets_f.push_back(offsets_f.back() + shards_f.back().size());
+    }
+    if (whole_f.size() > 0) {
+      const EnergyFunction ff(c.energy, whole_f.view());
+      std::vector<float> tf(n), tf_ref(n);
+      const double ef_ref = ff.UpdateTarget(x.data(), tf_ref.data());
+      const StepPartial pf = Sharded(shards_f, offsets_f, c.energy, x.data(), true);
+      EXPECT_EQ(pf.rows, whole_f.size());
+      EXPECT_NEAR(*ff.FinishPartial(pf, x.data(), tf.data(), nullptr), ef_ref,
+                  1e-5 * std::max(1.0, std::fabs(ef_ref)));
+      const double tol_f = 1e-5 * std::max(1.0, Norm(tf_ref));
+      for (int i = 0; i < n; ++i) EXPECT_NEAR(tf[i], tf_ref[i], tol_f) << "filtered target " << i;
+    }
+
     // Scores only: the same energy, and the nearest row of the whole bank
     // (not tracked on bf16 rows, whose scores are approximate).
     const StepPartial scores = Sharded(shards, cuts, c.energy, x.data(), false);
@@ -130,7 +173,7 @@ TEST_P(ShardTest, SyncRetrievalFromMergedPartialsEndsOnTheSameMemory) {
   std::mt19937_64 rng(99);
   const int n = 64;
   const int64_t k = 600;
-  const Bank whole = Build(c, n, testing::RandomGaussian(k * n, rng, 1.f / std::sqrt(n)));
+  const Bank whole = Build(c, n, testing::RandomGaussian(k * n, rng, 1.f / std::sqrt(n)), rng);
   const std::vector<int64_t> cuts = RandomCuts(k, rng);
   std::vector<Bank> shards;
   for (size_t s = 0; s + 1 < cuts.size(); ++s) {

@@ -41,11 +41,17 @@ struct StepPartial {
   double nearest_key = -INFINITY;  // x.xi - |xi|^2 / 2 - |x|^2 / 2 of that row
   double sq_x = NAN;             // |x|^2 when the pass computed it
   std::vector<float> sum;        // sum_mu (w_mu / scale) xi_mu; empty when not formed
+  // Key -> value banks: the readout over these rows (ValueReadout: for the
+  // softmax families normalised over them, and value_log_norm the log of
+  // that normaliser, by which the merge reweighs the parts; for the others
+  // the plain sum). Empty when not formed.
+  std::vector<float> value;
+  double value_log_norm = 0.0;
 };
 
 // The merge of `parts`, given in row order (the first of equal nearest keys
-// wins, as in one pass). Parts must share their domain and the length of
-// `sum` (or have none); an empty span gives an empty partial.
+// wins, as in one pass). Parts must share their domain and the lengths of
+// `sum` and `value` (or have none); an empty span gives an empty partial.
 StepPartial MergeStepPartials(absl::Span<const StepPartial> parts);
 
 }  // namespace engram::core

@@ -36,12 +36,16 @@ namespace engram::core {
 // `values` holds energy.patterns().rows x value_dim floats (row-major, the
 // value of pattern mu at values + mu * value_dim); `out` receives
 // value_dim floats (zeros for an empty bank). x has energy.dim() floats.
+// With `log_norm`, a softmax readout also gives log sum_mu exp(beta S_mu),
+// the log of its normaliser (what merging readouts over parts of a bank
+// needs, see partials.h); the other readouts give 0.
 void ValueReadout(const EnergyFunction& energy, const float* values, int value_dim,
-                  const float* x, float* out);
+                  const float* x, float* out, double* log_norm = nullptr);
 
 // The normalised or unnormalised weights p_mu(x) described above;
 // `p` has energy.patterns().rows slots.
-void ReadoutWeights(const EnergyFunction& energy, const float* x, double* p);
+void ReadoutWeights(const EnergyFunction& energy, const float* x, double* p,
+                    double* log_norm = nullptr);
 
 }  // namespace engram::core
 
