@@ -1,6 +1,5 @@
 #include "engram/core/energy.h"
 #include "engram/core/limits.h"
-#include "engram/core/readout.h"
 
 #include <algorithm>
 #include <functional>
@@ -421,9 +420,8 @@ bool EnergyFunction::FusedEvaluate(const float* x, float* target, float* grad,
 }
 
 absl::StatusOr<StepPartial> EnergyFunction::Partial(const float* x, bool with_sum,
-                                                     bool track_nearest, int64_t row_offset,
-                                                     const float* values,
-                                                     int value_dim) const {
+                                                     bool track_nearest,
+                                                     int64_t row_offset) const {
   const SimilarityKind sim = EffectiveSimilarity(config_);
   std::unique_ptr<internal::RowWeights> rule = internal::MakeRowWeights(config_);
   if (rule == nullptr || sim == SimilarityKind::kNegL1 || internal::HasCompactPass(config_)) {
@@ -436,11 +434,7 @@ absl::StatusOr<StepPartial> EnergyFunction::Partial(const float* x, bool with_su
   p.log_domain = rule->domain() == internal::WeightDomain::kLog;
   p.rows = patterns_.rows;
   if (with_sum) p.sum.assign(n, 0.f);
-  if (values != nullptr && value_dim > 0) p.value.assign(value_dim, 0.f);
   if (patterns_.rows == 0) return p;
-  if (!p.value.empty()) {
-    ValueReadout(*this, values, value_dim, x, p.value.data(), &p.value_log_norm);
-  }
   const internal::FusedSums s = internal::FusedPass(
       patterns_, sim, x, *rule, with_sum ? p.sum.data() : nullptr, track_nearest);
   p.log_scale = s.log_scale;

@@ -117,4 +117,10 @@ void ValueReadout(const EnergyFunction& energy, const float* values, int value_d
   for (int j = 0; j < m; ++j) out[j] = static_cast<float>(sum[j] * scale);
 }
 
+void ValueReadoutPartial(const EnergyFunction& energy, const float* values, int value_dim,
+                         const float* x, StepPartial* partial) {
+  partial->value.assign(value_dim, 0.f);
+  ValueReadout(energy, values, value_dim, x, partial->value.data(), &partial->value_log_norm);
+}
+
 }  // namespace engram::core

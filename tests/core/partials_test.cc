@@ -63,11 +63,10 @@ StepPartial Sharded(const std::vector<Bank>& shards, const std::vector<int64_t>&
                     const EnergyConfig& cfg, const float* x, bool with_sum) {
   std::vector<StepPartial> parts;
   for (size_t s = 0; s < shards.size(); ++s) {
-    const bool has_rows = shards[s].size() > 0;
-    auto p = EnergyFunction(cfg, shards[s].view())
-                 .Partial(x, with_sum, true, cuts[s], has_rows ? shards[s].value(0) : nullptr,
-                          kValueDim);
+    const EnergyFunction f(cfg, shards[s].view());
+    auto p = f.Partial(x, with_sum, true, cuts[s]);
     EXPECT_TRUE(p.ok()) << p.status();
+    if (shards[s].size() > 0) ValueReadoutPartial(f, shards[s].value(0), kValueDim, x, &*p);
     parts.push_back(*p);
   }
   return MergeStepPartials(parts);

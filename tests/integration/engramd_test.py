@@ -224,9 +224,17 @@ class BadInputTest(ServerTest):
                     call(body, timeout=5)
                 self.assertEqual(ctx.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
                 self.assertIn("engram.v1.%sRequest" % method, ctx.exception.details())
-        after = self.handled_by_code()
-        for method, _ in cases:
-            key = (method, "InvalidArgument")
+        # A call is counted when the server finishes it, which may be just
+        # after the client has its status: wait (bounded) for the counts.
+        keys = [(method, "InvalidArgument") for method, _ in cases]
+        give_up = time.monotonic() + 10
+        while True:
+            after = self.handled_by_code()
+            if all(after.get(k, 0) - before.get(k, 0) >= 1 for k in keys) or \
+                    time.monotonic() > give_up:
+                break
+            time.sleep(0.05)
+        for key in keys:
             self.assertEqual(after.get(key, 0) - before.get(key, 0), 1, key)
         with self.assertRaises(grpc.RpcError) as ctx:
             self.channel.unary_unary("/engram.v1.MemoryService/Frobnicate")(b"", timeout=5)

@@ -194,12 +194,11 @@ class EnergyFunction {
 
   // This bank's partial of one step at x (see partials.h): with `with_sum`
   // the weighted sum of its rows, with `track_nearest` its nearest row
-  // (numbered from `row_offset`), with `values` (rows x value_dim floats)
-  // its value readout. UNIMPLEMENTED for configs with no partial form (max,
+  // (numbered from `row_offset`); ValueReadoutPartial (readout.h) adds the
+  // value readout. UNIMPLEMENTED for configs with no partial form (max,
   // sparsemax, 1.5-entmax, log-sum-ReLU separations, L1 similarity).
   absl::StatusOr<StepPartial> Partial(const float* x, bool with_sum, bool track_nearest,
-                                      int64_t row_offset = 0, const float* values = nullptr,
-                                      int value_dim = 0) const;
+                                      int64_t row_offset = 0) const;
   // The energy at x from a (merged) partial of this config, and the update
   // target or the gradient (dim floats each, either may be null; they need
   // the partial's sum) as Value, UpdateTarget and ValueAndGradient give

@@ -41,10 +41,10 @@ struct StepPartial {
   double nearest_key = -INFINITY;  // x.xi - |xi|^2 / 2 - |x|^2 / 2 of that row
   double sq_x = NAN;             // |x|^2 when the pass computed it
   std::vector<float> sum;        // sum_mu (w_mu / scale) xi_mu; empty when not formed
-  // Key -> value banks: the readout over these rows (ValueReadout: for the
-  // softmax families normalised over them, and value_log_norm the log of
-  // that normaliser, by which the merge reweighs the parts; for the others
-  // the plain sum). Empty when not formed.
+  // Key -> value banks: the readout over these rows (ValueReadoutPartial in
+  // readout.h: for the softmax families normalised over them, and
+  // value_log_norm the log of that normaliser, by which the merge reweighs
+  // the parts; for the others the plain sum). Empty when not formed.
   std::vector<float> value;
   double value_log_norm = 0.0;
 };

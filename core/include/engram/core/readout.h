@@ -42,6 +42,12 @@ namespace engram::core {
 void ValueReadout(const EnergyFunction& energy, const float* values, int value_dim,
                   const float* x, float* out, double* log_norm = nullptr);
 
+// A part of a bank's readout for merging (partials.h): the readout over
+// energy's rows into partial->value (value_dim floats) and, for the softmax
+// readouts, the log of its normaliser into partial->value_log_norm.
+void ValueReadoutPartial(const EnergyFunction& energy, const float* values, int value_dim,
+                         const float* x, StepPartial* partial);
+
 // The normalised or unnormalised weights p_mu(x) described above;
 // `p` has energy.patterns().rows slots.
 void ReadoutWeights(const EnergyFunction& energy, const float* x, double* p,
