@@ -280,6 +280,7 @@ void FusedPassBatchSgemm(const PatternView& view, SimilarityKind similarity, con
   }
   for (int64_t q = 0; q < b; ++q) {
     sums[q].log_scale = running[q].LogScale(log_domain);
+    sums[q].scale = running[q].scale;
     sums[q].wsum = running[q].wsum;
     sums[q].hsum = running[q].hsum;
     sums[q].nearest_key -= 0.5 * sqx[q];

@@ -451,10 +451,21 @@ absl::StatusOr<StepPartial> EnergyFunction::Partial(const float* x, bool with_su
 absl::StatusOr<double> EnergyFunction::FinishPartial(const StepPartial& partial, const float* x,
                                                      float* target, float* grad) const {
   const int n = patterns_.dim;
-  float* out = target != nullptr ? target : grad;
-  if (out != nullptr && partial.sum.size() != static_cast<size_t>(n)) {
+  if ((target != nullptr || grad != nullptr) && partial.sum.size() != static_cast<size_t>(n)) {
     return absl::InvalidArgumentError(
         "a target or gradient needs a partial with the weighted sum of its rows");
+  }
+  const bool lse = config_.family == EnergyFamily::kLse;
+  if (partial.rows == 0 || !(partial.wsum != 0.0 || partial.scale > 0.0 ||
+                             std::isfinite(partial.log_scale))) {
+    // No rows: the empty bank's answers (ReferenceUpdateTarget and
+    // ReferenceValueAndGradient with k = 0): the state stays, and only lse
+    // has a term, R(x) = |x|^2 / 2.
+    if (target != nullptr) std::copy(x, x + n, target);
+    if (grad != nullptr) {
+      for (int i = 0; i < n; ++i) grad[i] = lse ? x[i] : 0.f;
+    }
+    return lse ? 0.5 * internal::SquaredNorm(x, n) : 0.0;
   }
   internal::FusedSums sums;
   sums.log_scale = partial.log_scale;
@@ -463,9 +474,18 @@ absl::StatusOr<double> EnergyFunction::FinishPartial(const StepPartial& partial,
   sums.hsum = partial.hsum;
   sums.energy_terms = partial.energy_terms;
   sums.sq_x = partial.sq_x;
-  if (out != nullptr) std::copy(partial.sum.begin(), partial.sum.end(), out);
   double energy = 0.0;
-  FinishFused(sums, partial.log_domain, x, target, target != nullptr ? nullptr : grad, &energy);
+  if (target != nullptr) {
+    std::copy(partial.sum.begin(), partial.sum.end(), target);
+    FinishFused(sums, partial.log_domain, x, target, nullptr, &energy);
+  }
+  if (grad != nullptr) {
+    std::copy(partial.sum.begin(), partial.sum.end(), grad);
+    FinishFused(sums, partial.log_domain, x, nullptr, grad, &energy);
+  }
+  if (target == nullptr && grad == nullptr) {
+    FinishFused(sums, partial.log_domain, x, nullptr, nullptr, &energy);
+  }
   return energy;
 }
 

@@ -41,10 +41,28 @@ void MergeValues(absl::Span<const StepPartial> parts, bool log_domain, StepParti
 
 }  // namespace
 
-StepPartial MergeStepPartials(absl::Span<const StepPartial> parts) {
+absl::StatusOr<StepPartial> MergeStepPartials(absl::Span<const StepPartial> parts) {
   StepPartial out;
   if (parts.empty()) return out;
   out.log_domain = parts[0].log_domain;
+  // Every part of some rows carries a sum (and a value) of one length, or
+  // none does; a part of no rows may carry either.
+  size_t sum_len = 0, value_len = 0;
+  for (const StepPartial& p : parts) {
+    sum_len = std::max(sum_len, p.sum.size());
+    value_len = std::max(value_len, p.value.size());
+  }
+  for (const StepPartial& p : parts) {
+    if (p.log_domain != out.log_domain) {
+      return absl::InvalidArgumentError("partials of a softmax and of a linear energy");
+    }
+    const bool sum_ok = p.sum.size() == sum_len || (p.rows == 0 && p.sum.empty());
+    const bool value_ok = p.value.size() == value_len || (p.rows == 0 && p.value.empty());
+    if (!sum_ok || !value_ok) {
+      return absl::InvalidArgumentError(
+          "partials with weighted sums or value readouts of different lengths");
+    }
+  }
   size_t n = 0;
   std::vector<internal::RunningSums> running(parts.size());
   for (size_t i = 0; i < parts.size(); ++i) {
@@ -63,8 +81,9 @@ StepPartial MergeStepPartials(absl::Span<const StepPartial> parts) {
       static_cast<int>(parts.size()),
       [&](int i) {
         const StepPartial& p = parts[i];
+        // A part of no rows has no scale: MergeRanges skips it.
         return internal::RangeSums{&running[i], p.energy_terms, p.nearest_row, p.nearest_key,
-                                   p.sum.empty() ? nullptr : p.sum.data()};
+                                   p.sum.size() == n ? p.sum.data() : nullptr};
       },
       out.log_domain, /*track_nearest=*/true, static_cast<int>(n), &merged,
       n > 0 ? out.sum.data() : nullptr);

@@ -25,6 +25,7 @@ class Screen {
       : view_(view), n_(view.dim), xq_(view.dim),
         l2_(similarity == SimilarityKind::kNegHalfSqL2) {
     sqx_ = SquaredNorm(x, n_);
+    if (!std::isfinite(sqx_)) return;  // not screened: ScreenedPass gives up
     t_ = kernels::QuantizeToInt8(x, n_, xq_.data());
     double dx2_lanes[kLoopLanes] = {};
     int i = 0;

@@ -69,7 +69,9 @@ StepPartial Sharded(const std::vector<Bank>& shards, const std::vector<int64_t>&
     if (shards[s].size() > 0) ValueReadoutPartial(f, shards[s].value(0), kValueDim, x, &*p);
     parts.push_back(*p);
   }
-  return MergeStepPartials(parts);
+  absl::StatusOr<StepPartial> merged = MergeStepPartials(parts);
+  EXPECT_TRUE(merged.ok()) << merged.status();
+  return merged.ok() ? *merged : StepPartial{};
 }
 
 double Norm(const std::vector<float>& v) {
@@ -248,6 +250,63 @@ TEST(StepPartial, ConfigsWithoutAPartialFormSayUnimplemented) {
     auto p = EnergyFunction(e, bank.view()).Partial(bank.pattern(0), true, true);
     EXPECT_EQ(p.status().code(), absl::StatusCode::kUnimplemented);
   }
+}
+
+TEST(StepPartial, TargetAndGradientTogetherAsEachAlone) {
+  std::mt19937_64 rng(3);
+  const int n = 16;
+  const Bank bank = testing::MakeBank(n, StateKind::kContinuous, testing::RandomGaussian(40 * n, rng));
+  const EnergyFunction f(EnergyConfig{.family = EnergyFamily::kLse, .beta = 3.0}, bank.view());
+  const float* x = bank.pattern(4);
+  auto p = f.Partial(x, true, false);
+  ASSERT_TRUE(p.ok());
+  std::vector<float> t(n), g(n), t_ref(n), g_ref(n);
+  ASSERT_TRUE(f.FinishPartial(*p, x, t.data(), g.data()).ok());
+  f.UpdateTarget(x, t_ref.data());
+  f.ValueAndGradient(x, g_ref.data());
+  for (int i = 0; i < n; ++i) {
+    EXPECT_NEAR(t[i], t_ref[i], 1e-5f);
+    EXPECT_NEAR(g[i], g_ref[i], 1e-5f);
+  }
+}
+
+TEST(StepPartial, NoRowsGiveTheEmptyBanksAnswers) {
+  const int n = 6;
+  const std::vector<float> x = {0.5f, -1.f, 2.f, 0.f, 1.f, -0.25f};
+  double sq = 0.0;
+  for (float v : x) sq += double{v} * v;
+  const Bank empty = testing::MakeBank(n, StateKind::kContinuous, {});
+  for (EnergyFamily family : {EnergyFamily::kLse, EnergyFamily::kGaussian}) {
+    const EnergyFunction f(EnergyConfig{.family = family, .beta = 2.0}, empty.view());
+    auto p = f.Partial(x.data(), true, true);
+    ASSERT_TRUE(p.ok());
+    auto merged = MergeStepPartials({*p, *p});
+    ASSERT_TRUE(merged.ok());
+    std::vector<float> t(n), g(n);
+    auto e = f.FinishPartial(*merged, x.data(), t.data(), g.data());
+    ASSERT_TRUE(e.ok());
+    const bool lse = family == EnergyFamily::kLse;
+    EXPECT_DOUBLE_EQ(*e, lse ? 0.5 * sq : 0.0);  // R(x) for lse, nothing else
+    EXPECT_EQ(t, x);                             // the state stays
+    for (int i = 0; i < n; ++i) EXPECT_EQ(g[i], lse ? x[i] : 0.f);
+  }
+}
+
+TEST(StepPartial, MismatchedPartsAreInvalidArgument) {
+  StepPartial a, b;
+  a.rows = b.rows = 3;
+  a.log_scale = b.log_scale = 0.0;
+  a.wsum = b.wsum = 1.0;
+  a.sum.assign(4, 1.f);
+  b.sum.assign(5, 1.f);
+  EXPECT_EQ(MergeStepPartials({a, b}).status().code(), absl::StatusCode::kInvalidArgument);
+  b.sum.clear();  // a part of rows without the sum the other has
+  EXPECT_EQ(MergeStepPartials({a, b}).status().code(), absl::StatusCode::kInvalidArgument);
+  b.sum.assign(4, 1.f);
+  b.log_domain = false;
+  EXPECT_EQ(MergeStepPartials({a, b}).status().code(), absl::StatusCode::kInvalidArgument);
+  b.log_domain = true;
+  EXPECT_TRUE(MergeStepPartials({a, b}).ok());
 }
 
 TEST(StepPartial, ATargetNeedsTheWeightedSum) {

@@ -200,10 +200,11 @@ class EnergyFunction {
   absl::StatusOr<StepPartial> Partial(const float* x, bool with_sum, bool track_nearest,
                                       int64_t row_offset = 0) const;
   // The energy at x from a (merged) partial of this config, and the update
-  // target or the gradient (dim floats each, either may be null; they need
-  // the partial's sum) as Value, UpdateTarget and ValueAndGradient give
-  // them. INVALID_ARGUMENT when a target or gradient is asked of a partial
-  // without a sum of dim floats.
+  // target and the gradient (dim floats each, either or both may be null;
+  // they need the partial's sum) as Value, UpdateTarget and
+  // ValueAndGradient give them; a partial of no rows gives the empty
+  // bank's answers. INVALID_ARGUMENT when a target or gradient is asked of a
+  // partial without a sum of dim floats.
   absl::StatusOr<double> FinishPartial(const StepPartial& partial, const float* x, float* target,
                                        float* grad) const;
 

@@ -6,7 +6,7 @@
 //   // Shard s holds rows [first_s, first_s + K_s) of the bank, as a Bank.
 //   StepPartial a = *EnergyFunction(cfg, shard0.view()).Partial(x, true, true, 0);
 //   StepPartial b = *EnergyFunction(cfg, shard1.view()).Partial(x, true, true, k0);
-//   StepPartial all = MergeStepPartials({a, b});          // in row order
+//   StepPartial all = *MergeStepPartials({a, b});         // in row order
 //   double e = EnergyFunction(cfg, any_view).FinishPartial(all, x, target, nullptr);
 //
 // What a partial holds: the sums of the separation weights w_mu relative to
@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "absl/types/span.h"
 
 namespace engram::core {
@@ -50,9 +51,10 @@ struct StepPartial {
 };
 
 // The merge of `parts`, given in row order (the first of equal nearest keys
-// wins, as in one pass). Parts must share their domain and the lengths of
-// `sum` and `value` (or have none); an empty span gives an empty partial.
-StepPartial MergeStepPartials(absl::Span<const StepPartial> parts);
+// wins, as in one pass); an empty span gives an empty partial.
+// INVALID_ARGUMENT unless the parts share their domain and every part of
+// some rows has a `sum` (and a `value`) of one common length, or none has.
+absl::StatusOr<StepPartial> MergeStepPartials(absl::Span<const StepPartial> parts);
 
 }  // namespace engram::core
 
