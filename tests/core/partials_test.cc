@@ -58,6 +58,17 @@ std::vector<int64_t> RandomCuts(int64_t k, std::mt19937_64& rng) {
   return cuts;
 }
 
+// The banks of rows [cuts[s], cuts[s + 1]) of `whole`.
+std::vector<Bank> Shards(const Bank& whole, const std::vector<int64_t>& cuts) {
+  std::vector<Bank> shards;
+  for (size_t s = 0; s + 1 < cuts.size(); ++s) {
+    std::vector<int64_t> rows;
+    for (int64_t r = cuts[s]; r < cuts[s + 1]; ++r) rows.push_back(r);
+    shards.push_back(whole.Subset(rows));
+  }
+  return shards;
+}
+
 // The shards' merged partial at x (with their value readouts).
 StepPartial Sharded(const std::vector<Bank>& shards, const std::vector<int64_t>& cuts,
                     const EnergyConfig& cfg, const float* x, bool with_sum) {
@@ -93,12 +104,7 @@ TEST_P(ShardTest, MergedShardPartialsAnswerAsTheWholeBank) {
                                       : testing::RandomGaussian(k * n, rng, 1.f / std::sqrt(n));
     const Bank whole = Build(c, n, data, rng);
     const std::vector<int64_t> cuts = RandomCuts(k, rng);
-    std::vector<Bank> shards;
-    for (size_t s = 0; s + 1 < cuts.size(); ++s) {
-      std::vector<int64_t> rows;
-      for (int64_t r = cuts[s]; r < cuts[s + 1]; ++r) rows.push_back(r);
-      shards.push_back(whole.Subset(rows));
-    }
+    const std::vector<Bank> shards = Shards(whole, cuts);
     const EnergyFunction f(c.energy, whole.view());
     const int64_t src = std::uniform_int_distribution<int64_t>(0, k - 1)(rng);
     std::vector<float> x = bipolar ? testing::FlipBits(whole.pattern(src), n, n / 10, rng)
@@ -176,12 +182,7 @@ TEST_P(ShardTest, SyncRetrievalFromMergedPartialsEndsOnTheSameMemory) {
   const int64_t k = 600;
   const Bank whole = Build(c, n, testing::RandomGaussian(k * n, rng, 1.f / std::sqrt(n)), rng);
   const std::vector<int64_t> cuts = RandomCuts(k, rng);
-  std::vector<Bank> shards;
-  for (size_t s = 0; s + 1 < cuts.size(); ++s) {
-    std::vector<int64_t> rows;
-    for (int64_t r = cuts[s]; r < cuts[s + 1]; ++r) rows.push_back(r);
-    shards.push_back(whole.Subset(rows));
-  }
+  const std::vector<Bank> shards = Shards(whole, cuts);
   const EnergyFunction f(c.energy, whole.view());
   for (int q = 0; q < 5; ++q) {
     const int64_t src = std::uniform_int_distribution<int64_t>(0, k - 1)(rng);
