@@ -12,6 +12,7 @@ and ratios.
 
     /usr/bin/python3 bench/compare.py            # full sizes (~10 min)
     /usr/bin/python3 bench/compare.py --quick    # one small size
+    /usr/bin/python3 bench/compare.py --sampling-only   # the sampling table
     /usr/bin/python3 bench/compare.py --baseline OTHER/engram_compare
         # also an A/B table: every Engram figure of this build (A) against
         # another build's (B) on the same data, the two run in turn
@@ -77,6 +78,28 @@ def np_retrieve_batch(xi, q, beta, tol=1e-6, max_steps=100):
     return x
 
 
+def np_denoise(xi, half_sq, x, sigma):
+    """The ideal denoiser of a Gaussian bank: softmax(-|x - xi|^2 / 2 sigma^2) @ xi."""
+    s = (x @ xi.T - half_sq) * np.float32(1.0 / (sigma * sigma))
+    s -= s.max(axis=1, keepdims=True)
+    w = np.exp(s)
+    return (w @ xi) / w.sum(axis=1, keepdims=True)
+
+
+def np_heun(xi, half_sq, x0, sigmas):
+    """Heun's probability-flow sampler over `sigmas` (Karras et al. 2022,
+    Algorithm 1 without churn): Euler on the last step to sigma = 0."""
+    x = x0.copy()
+    for s0, s1 in zip(sigmas[:-1], sigmas[1:]):
+        d = (x - np_denoise(xi, half_sq, x, s0)) / np.float32(s0)
+        nxt = x + np.float32(s1 - s0) * d
+        if s1 > 0:
+            d2 = (nxt - np_denoise(xi, half_sq, nxt, s1)) / np.float32(s1)
+            nxt = x + np.float32(0.5 * (s1 - s0)) * (d + d2)
+        x = nxt
+    return x
+
+
 def engram(tool, args):
     out = subprocess.run([tool] + [str(a) for a in args], check=True, capture_output=True, text=True)
     return json.loads(out.stdout)
@@ -120,14 +143,19 @@ def main():
     ap.add_argument("--tool", default=os.path.join(ROOT, "build", "bench", "engram_compare"))
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--baseline", help="another build's engram_compare: adds an A/B table")
+    ap.add_argument("--sampling-only", action="store_true", help="only the diffusion-sampling table")
     args = ap.parse_args()
     import faiss  # python3-faiss
 
     faiss.omp_set_num_threads(os.cpu_count())
+    sample_sizes = [(784, 10_000, 64), (784, 100_000, 64)]
     if args.quick:
         sizes = [(784, 10_000, 64)]
         bipolar_sizes = [(784, 10_000)]
+        sample_sizes = [(784, 10_000, 64)]
         args.repeats = 3
+    elif args.sampling_only:
+        sizes, bipolar_sizes = [], []
     else:
         sizes = [(784, 1_000, 256), (784, 10_000, 256), (784, 100_000, 256), (784, 1_000_000, 0),
                  (4096, 1_000, 256), (4096, 10_000, 256), (4096, 100_000, 0)]
@@ -140,7 +168,7 @@ def main():
           f"{bw['threads']} compute threads, OpenBLAS {bw['blas']}; numpy {np.__version__} "
           f"(OpenBLAS {numpy_blas_kernel()}), faiss {faiss.__version__}; "
           f"read bandwidth {read_bw / 1e9:.1f} GB/s; {time.strftime('%Y-%m-%d')}")
-    rows, batch_rows, bip_rows, screen_rows = [], [], [], []
+    rows, batch_rows, bip_rows, screen_rows, sample_rows = [], [], [], [], []
     ab_rows = []  # (size label, figure, A seconds, B seconds)
 
     def run_engram(label, tool_args):
@@ -210,29 +238,59 @@ def main():
             bip_rows.append((n, k, e["bipolar_step_f32"], e["bipolar_step_bits"],
                              e["bipolar_exp_step_f32"], e["bipolar_exp_step_bits"]))
             del xi
+        for n, k, count in sample_sizes:
+            xi = rng.standard_normal((k, n), dtype=np.float32)
+            xi /= np.linalg.norm(xi, axis=1, keepdims=True)
+            pf = os.path.join(tmp, "xi.f32")
+            xi.tofile(pf)
+            e = run_engram(f"{n} x {k:,} sample", ["--sample", 1, "--patterns", pf, "--dim", n,
+                                                   "--count", count, "--steps", 64, "--out", tmp,
+                                                   "--repeats", max(1, args.repeats // 3)])
+            x0 = np.fromfile(os.path.join(tmp, "x0.f32"), dtype=np.float32).reshape(count, n)
+            final = np.fromfile(os.path.join(tmp, "final.f32"), dtype=np.float32).reshape(count, n)
+            sigmas = np.fromfile(os.path.join(tmp, "sigmas.f64"))
+            unit = np.fromfile(os.path.join(tmp, "unit.f32"), dtype=np.float32).reshape(count, n)
+            half_sq = 0.5 * (xi * xi).sum(axis=1)
+            ref = [None]
+
+            def np_sample():
+                ref[0] = np_heun(xi, half_sq, x0, sigmas)
+            t_np = median_time(np_sample, max(1, args.repeats // 3))
+            t_np_den = median_time(lambda: np_denoise(xi, half_sq, unit, 1.0), args.repeats)
+            t_gemm = median_time(lambda: unit @ xi.T, args.repeats)
+            sgemm_rate = 2.0 * count * k * n / t_gemm
+            nearest = lambda x: np.argmax(x @ xi.T - half_sq, axis=1)
+            same = float(np.mean(nearest(final) == nearest(ref[0])))
+            diff = float(np.abs(final - ref[0]).max())
+            flops = 4.0 * count * k * n
+            sample_rows.append((n, k, count, e["sample_heun"], t_np, e["sample_heun_one"],
+                                e["denoise_batch"], t_np_den, flops / e["denoise_batch"] / 1e9,
+                                sgemm_rate / 1e9, same, diff))
+            del xi
     finally:
         for f in os.listdir(tmp):
             os.remove(os.path.join(tmp, f))
         os.rmdir(tmp)
 
-    print()
-    print("Single query (B = 1), lse, beta = 40; times are medians in ms; ratio > 1 means Engram is faster.")
-    print()
-    print("| N | K | Engram step | numpy step | ratio | % of read bw | Engram top-1 | FAISS IP top-1 | FAISS L2 top-1 | ratio vs IP | Engram retrieve | numpy retrieve | ratio | steps (E/np) | bf16 step | bf16 speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for (n, k, es, ns, frac, en, fip, fl2, er, nr, est, nst, e16) in rows:
-        print(f"| {n} | {k:,} | {fmt_ms(es)} | {fmt_ms(ns)} | {ns / es:.2f} | {100 * frac:.0f} % | "
-              f"{fmt_ms(en)} | {fmt_ms(fip)} | {fmt_ms(fl2)} | {fip / en:.2f} | {fmt_ms(er)} | {fmt_ms(nr)} | "
-              f"{nr / er:.2f} | {est}/{nst} | {fmt_ms(e16)} | {es / e16:.2f} |")
-    print()
-    print("The same banks with precision f32_screened (f32 results; an int8 screen with per-row error "
-          "bounds decides which f32 rows a pass reads).")
-    print()
-    print("| N | K | f32 step | screened step | speed-up | screened retrieve | numpy retrieve | ratio | steps (E/np) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for (n, k, es, ss, sr, nr, sst, nst) in screen_rows:
-        print(f"| {n} | {k:,} | {fmt_ms(es)} | {fmt_ms(ss)} | {es / ss:.2f} | {fmt_ms(sr)} | {fmt_ms(nr)} | "
-              f"{nr / sr:.2f} | {sst}/{nst} |")
+    if rows:
+        print()
+        print("Single query (B = 1), lse, beta = 40; times are medians in ms; ratio > 1 means Engram is faster.")
+        print()
+        print("| N | K | Engram step | numpy step | ratio | % of read bw | Engram top-1 | FAISS IP top-1 | FAISS L2 top-1 | ratio vs IP | Engram retrieve | numpy retrieve | ratio | steps (E/np) | bf16 step | bf16 speed-up |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for (n, k, es, ns, frac, en, fip, fl2, er, nr, est, nst, e16) in rows:
+            print(f"| {n} | {k:,} | {fmt_ms(es)} | {fmt_ms(ns)} | {ns / es:.2f} | {100 * frac:.0f} % | "
+                  f"{fmt_ms(en)} | {fmt_ms(fip)} | {fmt_ms(fl2)} | {fip / en:.2f} | {fmt_ms(er)} | {fmt_ms(nr)} | "
+                  f"{nr / er:.2f} | {est}/{nst} | {fmt_ms(e16)} | {es / e16:.2f} |")
+        print()
+        print("The same banks with precision f32_screened (f32 results; an int8 screen with per-row error "
+              "bounds decides which f32 rows a pass reads).")
+        print()
+        print("| N | K | f32 step | screened step | speed-up | screened retrieve | numpy retrieve | ratio | steps (E/np) |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for (n, k, es, ss, sr, nr, sst, nst) in screen_rows:
+            print(f"| {n} | {k:,} | {fmt_ms(es)} | {fmt_ms(ss)} | {es / ss:.2f} | {fmt_ms(sr)} | {fmt_ms(nr)} | "
+                  f"{nr / sr:.2f} | {sst}/{nst} |")
     if batch_rows:
         print()
         print("Batched queries: one step for B queries (4·B·K·N flops) and retrieval of all B to convergence.")
@@ -242,16 +300,35 @@ def main():
         for (n, k, b, es, ns, gf, sg, frac, er, nr) in batch_rows:
             print(f"| {n} | {k:,} | {b} | {fmt_ms(es)} | {fmt_ms(ns)} | {ns / es:.2f} | {gf:.0f} | {sg:.0f} | "
                   f"{100 * frac:.0f} % | {fmt_ms(er)} | {fmt_ms(nr)} | {nr / er:.2f} |")
-    print()
-    print("Bipolar bank, one sync step (Krotov-Hopfield drive), f32 against bit-packed, for the "
-          "classical energy and the exponential energy (beta = 0.1).")
-    print()
-    print("| N | K | classical f32 | classical bit-packed | speed-up | exponential f32 | "
-          "exponential bit-packed | speed-up |")
-    print("|---|---|---|---|---|---|---|---|")
-    for (n, k, f, bts, fe, be) in bip_rows:
-        print(f"| {n} | {k:,} | {fmt_ms(f)} | {fmt_ms(bts)} | {f / bts:.2f} | {fmt_ms(fe)} | "
-              f"{fmt_ms(be)} | {fe / be:.2f} |")
+    if bip_rows:
+        print()
+        print("Bipolar bank, one sync step (Krotov-Hopfield drive), f32 against bit-packed, for the "
+              "classical energy and the exponential energy (beta = 0.1).")
+        print()
+        print("| N | K | classical f32 | classical bit-packed | speed-up | exponential f32 | "
+              "exponential bit-packed | speed-up |")
+        print("|---|---|---|---|---|---|---|---|")
+        for (n, k, f, bts, fe, be) in bip_rows:
+            print(f"| {n} | {k:,} | {fmt_ms(f)} | {fmt_ms(bts)} | {f / bts:.2f} | {fmt_ms(fe)} | "
+                  f"{fmt_ms(be)} | {fe / be:.2f} |")
+    if sample_rows:
+        print()
+        print("Diffusion sampling on a Gaussian bank (ideal denoiser): Heun over a Karras schedule "
+              "of 64 levels (sigma 80 -> 0.002, then 0; 127 denoiser evaluations per sample), "
+              "Engram's Sample against the same sampler in numpy from the same initial noise. "
+              "'one sample' is an Engram call of count 1; the denoiser columns are one "
+              "evaluation for the whole batch at sigma = 1, where every row carries weight "
+              "(4·B·K·N flops). 'same memory' is the share of samples whose final state has the "
+              "same nearest memory on both sides; 'max diff' the largest coordinate difference.")
+        print()
+        print("| N | K | samples | Engram sample | numpy sample | ratio | Engram one sample | "
+              "Engram denoiser | numpy denoiser | ratio | Engram GFLOP/s | sgemm GFLOP/s | "
+              "% of sgemm | same memory | max diff |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for (n, k, c, es, ns, e1, ed, nd, gf, sg, same, diff) in sample_rows:
+            print(f"| {n} | {k:,} | {c} | {fmt_ms(es)} | {fmt_ms(ns)} | {ns / es:.2f} | {fmt_ms(e1)} | "
+                  f"{fmt_ms(ed)} | {fmt_ms(nd)} | {nd / ed:.2f} | {gf:.0f} | {sg:.0f} | "
+                  f"{100 * gf / sg:.0f} % | {100 * same:.0f} % | {diff:.2g} |")
     if ab_rows:
         print()
         print(f"A/B: this build (A, {args.tool}) against the baseline (B, {args.baseline}), same "

@@ -5,6 +5,8 @@
 //
 //   engram_compare --patterns xi.f32 --queries q.f32 --dim 784 --batch 256 \
 //       --beta 0.05 --repeats 7
+//   engram_compare --sample 1 --patterns xi.f32 --dim 784 --count 64 \
+//       --steps 64 --out DIR          # diffusion sampling (see SampleWorkload)
 #include <immintrin.h>
 
 #include <algorithm>
@@ -23,6 +25,7 @@
 #include "engram/core/compute.h"
 #include "engram/core/dynamics.h"
 #include "engram/core/energy.h"
+#include "engram/core/sampler.h"
 
 namespace {
 
@@ -116,6 +119,65 @@ std::string Arg(int argc, char** argv, const char* name, const char* fallback) {
   return fallback;
 }
 
+void WriteFloats(const std::string& path, const void* data, size_t bytes) {
+  std::ofstream out(path, std::ios::binary);
+  out.write(static_cast<const char*>(data), static_cast<std::streamsize>(bytes));
+  if (!out) {
+    std::fprintf(stderr, "cannot write %s\n", path.c_str());
+    std::exit(2);
+  }
+}
+
+// Diffusion sampling on a Gaussian bank: `count` samples of a Heun sampler
+// over a Karras schedule of `steps` levels (sigma 80 -> 0.002, then 0), with
+// the ideal denoiser. Times the call, one sample alone, and one batched
+// denoiser evaluation at sigma = 1 (every row weighted); writes the initial
+// and final states (count x n float32) and the schedule (float64) under
+// `out` for the script to check against its own sampler.
+template <typename Emit>
+void SampleWorkload(const std::vector<float>& xi, int n, int count, int steps, int repeats,
+                    const std::string& out, Emit& emit) {
+  const int64_t k = static_cast<int64_t>(xi.size()) / n;
+  const core::EnergyConfig cfg{.family = core::EnergyFamily::kGaussian};
+  core::Bank bank(core::BankSpec{"g", n, core::StateKind::kContinuous, cfg, core::Precision::kF32});
+  bank.Append(xi, bank.AssignIds(k), {});
+  core::SampleOptions o;
+  o.sampler = core::SamplerKind::kHeun;
+  o.schedule = {.sigma_max = 80, .sigma_min = 0.002, .steps = steps};
+  o.seed = 1;
+  o.trajectory_every = 1 << 30;  // the initial state and the final one
+  absl::StatusOr<core::SampleBatch> batch;
+  emit("sample_heun", TimeMedian(repeats, [&] {
+         batch = core::Sample(bank, cfg, count, {}, {}, o);
+         if (!batch.ok()) std::abort();
+       }));
+  emit("sample_heun_one", TimeMedian(1, [&] {
+         if (!core::Sample(bank, cfg, 1, {}, {}, o).ok()) std::abort();
+       }));
+  std::vector<float> states(int64_t{count} * n), dens(states.size());
+  std::vector<double> energies(count);
+  for (int q = 0; q < count; ++q) {
+    std::copy(batch->samples[q].trajectory.front().begin(),
+              batch->samples[q].trajectory.front().end(), states.begin() + int64_t{q} * n);
+  }
+  const core::EnergyConfig at_one{.family = core::EnergyFamily::kGaussian, .beta = 1.0};
+  core::EnergyFunction energy(at_one, bank.view());
+  std::vector<float> unit(states.size());
+  for (size_t i = 0; i < unit.size(); ++i) unit[i] = states[i] / 80.f;  // noise at sigma 1
+  emit("denoise_batch", TimeMedian(repeats, [&] {
+         energy.UpdateTargetBatch(unit.data(), count, dens.data(), energies.data());
+       }));
+  if (out.empty()) return;
+  WriteFloats(out + "/x0.f32", states.data(), states.size() * 4);
+  for (int q = 0; q < count; ++q) {
+    std::copy(batch->samples[q].state.begin(), batch->samples[q].state.end(),
+              states.begin() + int64_t{q} * n);
+  }
+  WriteFloats(out + "/final.f32", states.data(), states.size() * 4);
+  WriteFloats(out + "/sigmas.f64", batch->sigmas.data(), batch->sigmas.size() * 8);
+  WriteFloats(out + "/unit.f32", unit.data(), unit.size() * 4);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -132,7 +194,6 @@ int main(int argc, char** argv) {
   const double beta = std::atof(Arg(argc, argv, "--beta", "0.05").c_str());
   const bool bipolar = Arg(argc, argv, "--bipolar", "0") == "1";
   const std::vector<float> xi = ReadFloats(Arg(argc, argv, "--patterns", ""));
-  const std::vector<float> q = ReadFloats(Arg(argc, argv, "--queries", ""));
   const int64_t k = static_cast<int64_t>(xi.size()) / n;
   std::printf("{");
   auto emit = [first = true](const char* name, double v) mutable {
@@ -140,6 +201,14 @@ int main(int argc, char** argv) {
     std::fflush(stdout);
     first = false;
   };
+  if (Arg(argc, argv, "--sample", "0") == "1") {
+    SampleWorkload(xi, n, std::atoi(Arg(argc, argv, "--count", "64").c_str()),
+                   std::atoi(Arg(argc, argv, "--steps", "64").c_str()), repeats,
+                   Arg(argc, argv, "--out", ""), emit);
+    std::printf("}\n");
+    return 0;
+  }
+  const std::vector<float> q = ReadFloats(Arg(argc, argv, "--queries", ""));
   std::vector<float> out(int64_t{b} * n);
   std::vector<double> energies(b);
   if (bipolar) {

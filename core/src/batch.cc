@@ -205,9 +205,13 @@ void ScoreChunk(const PatternView& view, const float* x, int64_t b, int64_t c0, 
   }
 }
 
-// Raises each state's floor to beta times its largest score in a chunk of
-// `rows` rows scored by ScoreChunk (a NaN score gives no bound).
+// Raises each state's floor to beta times its largest similarity in a
+// chunk of `rows` rows scored by ScoreChunk (a NaN score gives no bound).
+// With `sq_norms` (the chunk's |xi|^2) the similarity is -|x - xi|^2 / 2,
+// dot - |xi|^2 / 2 - |x|^2 / 2 (sqx: the states' |x|^2); else the dot
+// product.
 void RaiseFloors(const float* st, int64_t b, int64_t rows, int64_t tile, double beta,
+                 const float* sq_norms, const std::vector<double>& sqx,
                  std::vector<double>* floors) {
   const kernels::KernelTable& k = kernels::Kernels();
   int used = 1;
@@ -215,8 +219,17 @@ void RaiseFloors(const float* st, int64_t b, int64_t rows, int64_t tile, double 
     for (int64_t q = q_begin; q < q_end; ++q) {
       for (int64_t t0 = 0; t0 < rows; t0 += tile) {
         const int64_t count = std::min(tile, rows - t0);
-        const float m = k.max_value(st + t0 * b + q * count, count);
-        (*floors)[q] = std::max((*floors)[q], beta * double{m});
+        const float* v = st + t0 * b + q * count;
+        double m;
+        if (sq_norms == nullptr) {
+          m = k.max_value(v, count);
+        } else {
+          double key = -INFINITY;
+          int64_t row = -1;
+          k.max_nearest_key(v, sq_norms + t0, count, &key, &row);
+          m = key - 0.5 * sqx[q];
+        }
+        (*floors)[q] = std::max((*floors)[q], beta * m);
       }
     }
   }, &used);
@@ -224,7 +237,7 @@ void RaiseFloors(const float* st, int64_t b, int64_t rows, int64_t tile, double 
 
 // FusedPassBatch above kBatchMultiMaxStates states; sqx and floors as there.
 //
-// A softmax over dot products scores a chunk of tiles (up to
+// A softmax over dot products or -|x - xi|^2 / 2 scores a chunk of tiles (up to
 // kScoresFirstBytes of scores) before it folds any of them: each state's
 // largest score in the chunk bounds its scale from below, as a hint row
 // does, so before a state's winner only the chunks ahead of it carry
@@ -238,7 +251,8 @@ void FusedPassBatchSgemm(const PatternView& view, SimilarityKind similarity, con
   const int64_t rows = view.rows;
   const bool log_domain = rule.domain() == WeightDomain::kLog;
   const double beta = rule.log_weight_slope();
-  const bool scores_first = beta > 0.0 && similarity == SimilarityKind::kDot;
+  const bool l2 = similarity == SimilarityKind::kNegHalfSqL2;
+  const bool scores_first = beta > 0.0 && (similarity == SimilarityKind::kDot || l2);
   // Rows per tile: S and W tiles of b x tile floats stay near 16 MB.
   const int64_t tile = std::clamp<int64_t>((int64_t{4} << 20) / std::max<int64_t>(b, 1), 256, 65536);
   const int64_t chunk =
@@ -255,7 +269,9 @@ void FusedPassBatchSgemm(const PatternView& view, SimilarityKind similarity, con
   for (int64_t c0 = 0; c0 < rows; c0 += chunk) {
     const int64_t c1 = std::min(rows, c0 + chunk);
     ScoreChunk(view, x, b, c0, c1, tile, st);
-    if (scores_first && c1 - c0 > tile) RaiseFloors(st, b, c1 - c0, tile, beta, &floors);
+    if (scores_first && c1 - c0 > tile) {
+      RaiseFloors(st, b, c1 - c0, tile, beta, l2 ? view.sq_norms + c0 : nullptr, sqx, &floors);
+    }
     int used = 1;
     for (int64_t t0 = c0; t0 < c1; t0 += tile) {
       const int64_t count = std::min(tile, c1 - t0);

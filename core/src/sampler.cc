@@ -31,19 +31,38 @@ EnergyConfig AtSigma(EnergyConfig c, double sigma) {
   return c;
 }
 
+// Gaussian and lse: x - grad E_beta(x) is the softmax-weighted sum of the
+// patterns, the fixed-point update target.
+bool DenoiserIsUpdateTarget(const EnergyConfig& c) {
+  return c.family == EnergyFamily::kGaussian || c.family == EnergyFamily::kLse;
+}
+
 // Den(x; sigma) = x + sigma^2 score = x - grad E_beta(x), beta = 1/sigma^2.
-void Denoise(const PatternView& p, const EnergyConfig& energy, const float* x,
-             double sigma, float* out) {
+// Returns E_beta(x).
+double Denoise(const PatternView& p, const EnergyConfig& energy, const float* x,
+               double sigma, float* out) {
   const EnergyConfig c = AtSigma(energy, sigma);
-  if (c.family == EnergyFamily::kGaussian || c.family == EnergyFamily::kLse) {
-    // Both reduce to a softmax-weighted sum of patterns (x - grad E).
-    EnergyFunction f(c, p);
-    f.UpdateTarget(x, out);
+  EnergyFunction f(c, p);
+  if (DenoiserIsUpdateTarget(c)) return f.UpdateTarget(x, out);
+  const double e = f.ValueAndGradient(x, out);
+  for (int i = 0; i < p.dim; ++i) out[i] = x[i] - out[i];
+  return e;
+}
+
+// Denoise for `b` states at once (x and out are b x dim, row-major; energies
+// has b slots). Gaussian and lse banks take one batched pass over the rows
+// for all states (UpdateTargetBatch: equal to one pass per state up to float
+// reassociation); the other families one pass per state.
+void DenoiseBatch(const PatternView& p, const EnergyConfig& energy, const float* x, int64_t b,
+                  double sigma, float* out, double* energies) {
+  const EnergyConfig c = AtSigma(energy, sigma);
+  if (DenoiserIsUpdateTarget(c)) {
+    EnergyFunction(c, p).UpdateTargetBatch(x, b, out, energies);
     return;
   }
-  EnergyFunction f(c, p);
-  f.ValueAndGradient(x, out);
-  for (int i = 0; i < p.dim; ++i) out[i] = x[i] - out[i];
+  for (int64_t q = 0; q < b; ++q) {
+    energies[q] = Denoise(p, energy, x + q * p.dim, sigma, out + q * p.dim);
+  }
 }
 
 double Norm(const float* x, int n) {
@@ -228,14 +247,16 @@ absl::Status ValidateSampleInputs(const Bank& bank, int count, absl::Span<const 
 }
 
 // One Sample call's states and what every sampler's step needs. Samples
-// are stepped one after another in index order and share one normal
-// distribution, so a call's draws (and its answer) depend only on the seed.
+// draw noise one after another in index order and share one normal
+// distribution, so a call's draws depend only on the seed. The ODE samplers
+// (euler, heun) step all samples of a level together, one batched pass over
+// the bank per denoiser evaluation.
 class SampleRun {
  public:
   SampleRun(const Bank& bank, const EnergyConfig& energy, int count,
             absl::Span<const float> query, absl::Span<const bool> clamp, const SampleOptions& o)
       : p(bank.view()), energy(energy), o(o), n(bank.dim()), kind(bank.spec().kind),
-        count(count), query_(query), clamp_(clamp), d_(n), d2_(n), xp_(n), den(n) {}
+        count(count), query_(query), clamp_(clamp), den(n) {}
 
   // The sample's known values (its query row), or null.
   const float* Query(int b) const {
@@ -276,21 +297,25 @@ class SampleRun {
   }
 
   // One step of the probability-flow ODE dx/dsigma = (x - D)/sigma from
-  // s_from to s_to: Euler, plus Heun's correction unless s_to is 0.
+  // s_from to s_to for sample b (x: its state): Euler, plus Heun's
+  // correction unless s_to is 0.
   void OdeStep(int b, float* x, double s_from, double s_to, bool heun) {
-    Denoise(p, energy, x, s_from, den.data());
-    for (int k = 0; k < n; ++k) d_[k] = static_cast<float>((x[k] - double{den[k]}) / s_from);
-    const float h = static_cast<float>(s_to - s_from);
-    for (int k = 0; k < n; ++k) xp_[k] = x[k] + h * d_[k];
-    if (heun && s_to > 0) {
-      ApplyClamp(b, xp_.data());
-      Denoise(p, energy, xp_.data(), s_to, den.data());
-      for (int k = 0; k < n; ++k) {
-        d2_[k] = static_cast<float>((xp_[k] - double{den[k]}) / s_to);
-        xp_[k] = x[k] + h * 0.5f * (d_[k] + d2_[k]);
-      }
-    }
-    std::copy(xp_.begin(), xp_.end(), x);
+    Ode(b, 1, x, s_from, s_to, heun);
+  }
+  // The same step for every sample at once.
+  void OdeLevel(double s_from, double s_to, bool heun) {
+    Gather(flat_);
+    Ode(0, count, flat_.data(), s_from, s_to, heun);
+    Scatter(flat_);
+  }
+  // Every sample's state replaced by Den(x; sigma), clamped: one batched pass.
+  void DenoiseLevel(double sigma) {
+    Gather(flat_);
+    dens_.resize(flat_.size());
+    energies_.resize(count);
+    DenoiseBatch(p, energy, flat_.data(), count, sigma, dens_.data(), energies_.data());
+    Scatter(dens_);
+    for (int b = 0; b < count; ++b) ApplyClamp(b, xs[b].data());
   }
 
   const PatternView p;
@@ -306,26 +331,65 @@ class SampleRun {
  private:
   absl::Span<const float> query_;
   absl::Span<const bool> clamp_;
-  std::vector<float> d_, d2_, xp_;
+  // All states, consecutive (count x n), into `flat`, and back.
+  void Gather(std::vector<float>& flat) const {
+    const size_t per = static_cast<size_t>(n);
+    flat.resize(per * count);
+    for (int b = 0; b < count; ++b) std::copy(xs[b].begin(), xs[b].end(), flat.begin() + b * per);
+  }
+  void Scatter(const std::vector<float>& flat) {
+    const size_t per = static_cast<size_t>(n);
+    for (int b = 0; b < count; ++b) {
+      std::copy(flat.begin() + b * per, flat.begin() + (b + 1) * per, xs[b].begin());
+    }
+  }
+  // The ODE step for samples [first, first + states), whose states are
+  // consecutive in x.
+  void Ode(int first, int states, float* x, double s_from, double s_to, bool heun) {
+    const size_t total = static_cast<size_t>(n) * states;
+    dens_.resize(total);
+    slopes_.resize(total);
+    next_.resize(total);
+    energies_.resize(states);
+    DenoiseBatch(p, energy, x, states, s_from, dens_.data(), energies_.data());
+    const float h = static_cast<float>(s_to - s_from);
+    for (size_t k = 0; k < total; ++k) {
+      slopes_[k] = static_cast<float>((x[k] - double{dens_[k]}) / s_from);
+      next_[k] = x[k] + h * slopes_[k];
+    }
+    if (heun && s_to > 0) {
+      for (int q = 0; q < states; ++q) ApplyClamp(first + q, next_.data() + size_t{1} * q * n);
+      DenoiseBatch(p, energy, next_.data(), states, s_to, dens_.data(), energies_.data());
+      for (size_t k = 0; k < total; ++k) {
+        const float slope2 = static_cast<float>((next_[k] - double{dens_[k]}) / s_to);
+        next_[k] = x[k] + h * 0.5f * (slopes_[k] + slope2);
+      }
+    }
+    std::copy(next_.begin(), next_.end(), x);
+  }
+
+  std::vector<float> flat_, dens_, slopes_, next_;
+  std::vector<double> energies_;
 
  public:
   std::vector<float> den;  // the last denoiser output
 };
 
-// One level of a sampler for sample b: from s_cur towards s_next (levels:
-// the schedule's transitions; 0 when it has a single sigma).
+// One level of a sampler: from s_cur towards s_next (levels: the
+// schedule's transitions; 0 when it has a single sigma).
 struct Level {
   double s_cur, s_next;
   int levels;
 };
 using StepFn = void (*)(SampleRun& run, int b, const Level& at);
+using LevelFn = void (*)(SampleRun& run, const Level& at);
 
-void EulerStep(SampleRun& run, int b, const Level& at) {
-  if (at.levels > 0) run.OdeStep(b, run.xs[b].data(), at.s_cur, at.s_next, /*heun=*/false);
+void EulerLevel(SampleRun& run, const Level& at) {
+  if (at.levels > 0) run.OdeLevel(at.s_cur, at.s_next, /*heun=*/false);
 }
 
-void HeunStep(SampleRun& run, int b, const Level& at) {
-  if (at.levels > 0) run.OdeStep(b, run.xs[b].data(), at.s_cur, at.s_next, /*heun=*/true);
+void HeunLevel(SampleRun& run, const Level& at) {
+  if (at.levels > 0) run.OdeLevel(at.s_cur, at.s_next, /*heun=*/true);
 }
 
 // Karras et al.'s stochastic sampler: raise sigma by churn (noise added),
@@ -365,22 +429,13 @@ void LangevinStep(SampleRun& run, int b, const Level& at) {
   }
 }
 
-// Annealed associative memory at sigma_i: continuous states take
-// am_iterations denoising (retrieval) steps; bipolar states take
-// am_iterations sweeps of Glauber dynamics at beta_i = 1/sigma_i^2 on the
-// exact energy differences (a neuron flips with probability
-// 1 / (1 + exp(beta dE))), in a random order per sweep.
-void AnnealedAmStep(SampleRun& run, int b, const Level& at) {
+// Annealed associative memory at sigma_i on a bipolar bank: am_iterations
+// sweeps of Glauber dynamics at beta_i = 1/sigma_i^2 on the exact energy
+// differences (a neuron flips with probability 1 / (1 + exp(beta dE))), in
+// a random order per sweep.
+void GlauberStep(SampleRun& run, int b, const Level& at) {
   float* x = run.xs[b].data();
   const int n = run.n;
-  if (run.kind == StateKind::kContinuous) {
-    for (int it = 0; it < run.o.am_iterations; ++it) {
-      Denoise(run.p, run.energy, x, at.s_cur, run.den.data());
-      std::copy(run.den.begin(), run.den.end(), x);
-      run.ApplyClamp(b, x);
-    }
-    return;
-  }
   std::vector<float> xv(x, x + n);
   BipolarFlipper flipper(run.p, run.energy, xv);
   const double beta = 1.0 / (at.s_cur * at.s_cur);
@@ -402,8 +457,23 @@ void AnnealedAmStep(SampleRun& run, int b, const Level& at) {
   std::copy(xv.begin(), xv.end(), x);
 }
 
-// The step of each sampler, indexed by SamplerKind.
-constexpr StepFn kSteps[] = {EulerStep, HeunStep, StochasticStep, LangevinStep, AnnealedAmStep};
+// The samplers that draw noise within a level step one sample after
+// another, so that the draws keep their order.
+template <StepFn step>
+void EachSample(SampleRun& run, const Level& at) {
+  for (int b = 0; b < run.count; ++b) step(run, b, at);
+}
+
+// Annealed associative memory at sigma_i: continuous states take
+// am_iterations denoising (retrieval) steps, bipolar states Glauber sweeps.
+void AnnealedAmLevel(SampleRun& run, const Level& at) {
+  if (run.kind == StateKind::kBipolar) return EachSample<GlauberStep>(run, at);
+  for (int it = 0; it < run.o.am_iterations; ++it) run.DenoiseLevel(at.s_cur);
+}
+
+// The level of each sampler, indexed by SamplerKind.
+constexpr LevelFn kLevels[] = {EulerLevel, HeunLevel, EachSample<StochasticStep>,
+                               EachSample<LangevinStep>, AnnealedAmLevel};
 static_assert(static_cast<int>(SamplerKind::kEuler) == 0 &&
               static_cast<int>(SamplerKind::kHeun) == 1 &&
               static_cast<int>(SamplerKind::kStochastic) == 2 &&
@@ -436,8 +506,23 @@ void DescendToFixedPoints(SampleRun& run) {
 // fixed point there.
 void DescribeSamples(const Bank& bank, SampleRun& run, double sigma_last, SampleBatch* batch) {
   const int n = run.n;
-  const EnergyConfig final_cfg = AtSigma(run.energy, sigma_last);
-  EnergyFunction final_energy(final_cfg, run.p);
+  const size_t per = static_cast<size_t>(n);
+  // Energies (and, for continuous states, one more denoising step) at the
+  // last positive sigma, all samples in one batched pass.
+  std::vector<double> energies(run.count);
+  std::vector<float> states, dens;
+  if (run.kind == StateKind::kContinuous) {
+    states.resize(per * run.count);
+    dens.resize(states.size());
+    for (int b = 0; b < run.count; ++b) {
+      std::copy(run.xs[b].begin(), run.xs[b].end(), states.begin() + b * per);
+    }
+    DenoiseBatch(run.p, run.energy, states.data(), run.count, sigma_last, dens.data(),
+                 energies.data());
+  } else {
+    EnergyFunction final_energy(AtSigma(run.energy, sigma_last), run.p);
+    for (int b = 0; b < run.count; ++b) energies[b] = final_energy.Value(run.xs[b].data());
+  }
   for (int b = 0; b < run.count; ++b) {
     SampleResult& r = batch->samples[b];
     r.state = run.xs[b];
@@ -454,7 +539,7 @@ void DescribeSamples(const Bank& bank, SampleRun& run, double sigma_last, Sample
     }
     const double mem_norm = Norm(bank.pattern(r.nearest.row), n);
     r.relative_distance = mem_norm > 0 ? r.nearest.distance / mem_norm : r.nearest.distance;
-    r.energy = final_energy.Value(r.state.data());
+    r.energy = energies[b];
     const bool* c = run.Clamp(b);
     if (run.kind == StateKind::kBipolar) {
       std::vector<float> xv = r.state;
@@ -466,11 +551,11 @@ void DescribeSamples(const Bank& bank, SampleRun& run, double sigma_last, Sample
       }
       r.fixed_point = stable;
     } else {
-      Denoise(run.p, run.energy, r.state.data(), sigma_last, run.den.data());
+      const float* den = dens.data() + b * per;
       double moved = 0;
       for (int k = 0; k < n; ++k) {
         if (c != nullptr && c[k]) continue;
-        const double dd = double{run.den[k]} - r.state[k];
+        const double dd = double{den[k]} - r.state[k];
         moved += dd * dd;
       }
       r.fixed_point =
@@ -537,7 +622,7 @@ absl::StatusOr<SampleBatch> Sample(const Bank& bank, const EnergyConfig& energy,
   };
   record(0, sig[0], true);
 
-  const StepFn step_fn = kSteps[static_cast<int>(o.sampler)];
+  const LevelFn level_fn = kLevels[static_cast<int>(o.sampler)];
   const int levels = static_cast<int>(sig.size()) - 1;  // transitions i -> i+1
   const int positive_levels = sig.back() == 0.0 ? levels : levels + 1;
   const double sigma_last = sig[positive_levels - 1];
@@ -549,10 +634,8 @@ absl::StatusOr<SampleBatch> Sample(const Bank& bank, const EnergyConfig& energy,
       break;
     }
     const Level at{sig[i], levels == 0 ? sig[i] : sig[i + 1], levels};
-    for (int b = 0; b < count; ++b) {
-      step_fn(run, b, at);
-      run.ApplyClamp(b, run.xs[b].data());
-    }
+    level_fn(run, at);
+    for (int b = 0; b < count; ++b) run.ApplyClamp(b, run.xs[b].data());
     ++step;
     sigma_of_step = o.sampler == SamplerKind::kAnnealedAm ? at.s_cur : at.s_next;
     record(step, sigma_of_step, false);

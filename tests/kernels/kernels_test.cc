@@ -776,19 +776,9 @@ TEST(FusedPassBatch, SharpSoftmaxBatchAddsOnlyTheRowsLeft) {
   }
 }
 
-// A batch whose scores outgrow one scores-first chunk (34 states x 1.1M
-// rows: 983 040 rows to a chunk, then the rest): states whose winner is in
-// the second chunk carry weights in the first one (the multi-state kernel
-// for a few of them, the sgemm for the states gathered), and the hint rows
-// bound half of the states from the start. Every state against its
-// reference in double.
-TEST(FusedPassBatch, ScoresFirstChunksAndHintsMatchTheReference) {
-  std::mt19937_64 rng(29);
-  const int n = 12, k = 1'100'000, b = 34;
-  auto xi = RandomGaussian(int64_t{k} * n, rng, 1.f / std::sqrt(float(n)));
-  Bank bank(BankSpec{"b", n, StateKind::kContinuous, {}, Precision::kF32});
-  bank.Append(xi, bank.AssignIds(k), {});
-  const EnergyConfig config{.family = EnergyFamily::kLse, .beta = 60.0};
+void ScoresFirstCase(const Bank& bank, const std::vector<float>& xi, const EnergyConfig& config,
+                     std::mt19937_64& rng) {
+  const int n = 12, b = 34;
   EnergyFunction energy(config, bank.view());
   std::vector<float> x;
   std::vector<int64_t> nearest(b, -1);
@@ -801,6 +791,25 @@ TEST(FusedPassBatch, ScoresFirstChunksAndHintsMatchTheReference) {
     if (q % 4 < 2) nearest[q] = bank.Nearest(xq.data()).row;  // a hint for half the states
   }
   ExpectBatchedStepMatchesReference(energy, energy, bank, x, b, nearest, {});
+}
+
+// A batch whose scores outgrow one scores-first chunk (34 states x 1.1M
+// rows: 983 040 rows to a chunk, then the rest): states whose winner is in
+// the second chunk carry weights in the first one (the multi-state kernel
+// for a few of them, the sgemm for the states gathered), and the hint rows
+// bound half of the states from the start. Every state against its
+// reference in double, for dot products (lse) and -|x - xi|^2 / 2
+// (gaussian), whose floors also take each row's |xi|^2.
+TEST(FusedPassBatch, ScoresFirstChunksAndHintsMatchTheReference) {
+  std::mt19937_64 rng(29);
+  const int n = 12, k = 1'100'000, b = 34;
+  auto xi = RandomGaussian(int64_t{k} * n, rng, 1.f / std::sqrt(float(n)));
+  Bank bank(BankSpec{"b", n, StateKind::kContinuous, {}, Precision::kF32});
+  bank.Append(xi, bank.AssignIds(k), {});
+  for (EnergyFamily family : {EnergyFamily::kLse, EnergyFamily::kGaussian}) {
+    SCOPED_TRACE(EnergyFamilyName(family));
+    ScoresFirstCase(bank, xi, {.family = family, .beta = 60.0}, rng);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, FusedTest, ::testing::ValuesIn(FusedCases()),
