@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "engram/core/energy.h"
 #include "fused.h"
 #include "kernels/kernels.h"
 #include "state_loops.h"

@@ -21,7 +21,8 @@
 
 #include <cstdint>
 
-#include "engram/core/energy.h"
+#include "engram/core/energy_config.h"
+#include "engram/core/pattern_view.h"
 
 namespace engram::core::internal {
 

@@ -109,50 +109,6 @@ double Entmax15(const double* z, int64_t k, double* p) {
   return dot + (1.0 - pow15) / 0.75;
 }
 
-std::string EnergyFamilyName(EnergyFamily family) {
-  switch (family) {
-    case EnergyFamily::kClassical: return "classical";
-    case EnergyFamily::kPolynomial: return "polynomial";
-    case EnergyFamily::kExponential: return "exponential";
-    case EnergyFamily::kLse: return "lse";
-    case EnergyFamily::kGaussian: return "gaussian";
-    case EnergyFamily::kGeneral: return "general";
-  }
-  return "unknown";
-}
-
-absl::Status ValidateEnergyConfig(const EnergyConfig& config, StateKind kind) {
-  if (!std::isfinite(config.beta) || !(config.beta >= kMinBeta) || config.beta > kMaxBeta) {
-    return absl::InvalidArgumentError(absl::StrCat("energy.beta must be in [", kMinBeta, ", ",
-                                                   kMaxBeta, "], got ", config.beta));
-  }
-  const bool uses_degree =
-      config.family == EnergyFamily::kPolynomial ||
-      (config.family == EnergyFamily::kGeneral &&
-       config.separation == SeparationKind::kPolynomial);
-  if (uses_degree && (config.degree < kMinDegree || config.degree > kMaxDegree)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "energy.degree must be in [", kMinDegree, ", ", kMaxDegree, "], got ", config.degree));
-  }
-  const bool bipolar_only = config.family == EnergyFamily::kClassical ||
-                            config.family == EnergyFamily::kPolynomial ||
-                            config.family == EnergyFamily::kExponential;
-  if (bipolar_only && kind != StateKind::kBipolar) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "energy family ", EnergyFamilyName(config.family),
-        " is defined on bipolar states; this bank is continuous"));
-  }
-  return absl::OkStatus();
-}
-
-SimilarityKind EffectiveSimilarity(const EnergyConfig& config) {
-  switch (config.family) {
-    case EnergyFamily::kGaussian: return SimilarityKind::kNegHalfSqL2;
-    case EnergyFamily::kGeneral: return config.similarity;
-    default: return SimilarityKind::kDot;
-  }
-}
-
 double LogSumExp(absl::Span<const double> v) {
   double m = -std::numeric_limits<double>::infinity();
   for (double x : v) m = std::max(m, x);

@@ -26,7 +26,8 @@
 #include <cstdint>
 #include <functional>
 
-#include "engram/core/energy.h"
+#include "engram/core/energy_config.h"
+#include "engram/core/pattern_view.h"
 
 namespace engram::core::internal {
 

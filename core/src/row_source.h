@@ -17,7 +17,8 @@
 #include <vector>
 
 #include "engram/core/compute.h"
-#include "engram/core/energy.h"
+#include "engram/core/energy_config.h"
+#include "engram/core/pattern_view.h"
 #include "fold.h"
 #include "kernels/kernels.h"
 

@@ -24,7 +24,8 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/types/span.h"
-#include "engram/core/energy.h"
+#include "engram/core/energy_config.h"
+#include "engram/core/pattern_view.h"
 
 namespace engram::core {
 

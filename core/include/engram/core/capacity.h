@@ -9,7 +9,7 @@
 
 #include <string>
 
-#include "engram/core/energy.h"
+#include "engram/core/energy_config.h"
 
 namespace engram::core {
 

@@ -26,52 +26,14 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "engram/core/energy_config.h"
 #include "engram/core/partials.h"
+#include "engram/core/pattern_view.h"
 
 namespace engram::core {
 namespace internal {
 struct FusedSums;
 }  // namespace internal
-
-enum class StateKind { kContinuous, kBipolar };
-
-enum class EnergyFamily {
-  kClassical,    // -1/2 sum (xi.x)^2
-  kPolynomial,   // -sum F_n(xi.x), F_n = s^n or max(s,0)^n
-  kExponential,  // -sum exp(beta xi.x)
-  kLse,          // -1/beta log sum exp(beta xi.x) + |x|^2/2
-  kGaussian,     // -1/beta log sum exp(-beta |x-xi|^2/2)
-  kGeneral,      // Universal Hopfield Network: similarity x separation
-};
-
-enum class SimilarityKind { kDot, kNegHalfSqL2, kNegL1 };
-// kSparsemax and kEntmax15 are the sparse members of the softmax family
-// (Tsallis alpha = 2 and 1.5; Santos et al., sparse Hopfield networks): the
-// energy is -Psi(beta S)/beta with Psi(z) = max_{p in simplex} p.z + H(p), H
-// the Tsallis entropy, and the weights -dE/dS are sparsemax(beta S) or
-// 1.5-entmax(beta S) themselves: exactly zero outside a support, so a
-// pattern with enough margin is retrieved exactly.
-//
-// kLogSumRelu is the log-sum-ReLU (Epanechnikov) energy of Hoover et al.
-// 2025: E = -(1/beta) log(eps + sum_mu [1 + beta S_mu]_+), eps =
-// kLogSumReluEpsilon; with the -|x - xi|^2/2 similarity each memory is a
-// kernel of compact support (radius sqrt(2 / beta)). Its sync step is the
-// mean shift: x <- the mean of the patterns whose support holds x (a state
-// inside no support stays where it is); exact retrieval without exponential
-// separation, and extra minima where supports overlap.
-enum class SeparationKind {
-  kIdentity,
-  kPolynomial,
-  kSoftmax,
-  kMax,
-  kSparsemax,
-  kEntmax15,
-  kLogSumRelu
-};
-
-// eps of the log-sum-ReLU energy: its value outside every support is
-// -(1/beta) log eps.
-inline constexpr double kLogSumReluEpsilon = 1e-12;
 
 // p = sparsemax(z) or 1.5-entmax(z) over k scores (exact sort-based
 // thresholds: Martins and Astudillo 2016; Peters et al. 2019). Returns
@@ -80,64 +42,8 @@ inline constexpr double kLogSumReluEpsilon = 1e-12;
 double Sparsemax(const double* z, int64_t k, double* p);
 double Entmax15(const double* z, int64_t k, double* p);
 
-struct EnergyConfig {
-  EnergyFamily family = EnergyFamily::kLse;
-  int degree = 3;          // polynomial degree n
-  bool rectified = false;  // polynomial: max(s,0)^n
-  double beta = 1.0;       // inverse temperature
-  SimilarityKind similarity = SimilarityKind::kDot;   // kGeneral only
-  SeparationKind separation = SeparationKind::kSoftmax;  // kGeneral only
-};
-
-std::string EnergyFamilyName(EnergyFamily family);
-
-// Returns OK when `config` is usable on a bank of `kind`; INVALID_ARGUMENT
-// with a message naming the field otherwise.
-absl::Status ValidateEnergyConfig(const EnergyConfig& config, StateKind kind);
-
-// The similarity actually used by a config (kGeneral: its own; kGaussian:
-// kNegHalfSqL2; the rest: kDot).
-SimilarityKind EffectiveSimilarity(const EnergyConfig& config);
-
 // Numerically stable log(sum_i exp(v_i)); -inf for an empty span.
 double LogSumExp(absl::Span<const double> v);
-
-// One row of an int8 screen: the row xi is stored as q (int8, |q_i| <= 127)
-// with xi~ = scale q. For a state x stored the same way (x~ = t u), and
-// D = sum_i q_i u_i (exact in int32 for dims up to kMaxScreenDim),
-//   |f32 dot(xi, x) - scale t D| <= err |x| + norm |x - x~|,
-// where err >= |xi - xi~| + (n/4 + 8) 2^-24 |xi| also covers the f32 dot
-// kernels' accumulation error, and norm >= |xi~|.
-struct ScreenRow {
-  float scale = 0.f;
-  float err = 0.f;
-  float norm = 0.f;
-};
-
-// Largest dimension a bank screens (int8 dot products stay in int32).
-inline constexpr int kMaxScreenDim = 1 << 17;
-
-// Read-only view of a bank's patterns: `rows` x `dim` floats, row-major and
-// contiguous; `sq_norms` holds |xi_mu|^2 per row. A bank stored at reduced
-// precision also exposes the same rows as `bf16` (upper halves of the f32
-// values, rounded) or `bits` (bipolar rows, ceil(dim/64) words each, bit set
-// for +1); the fast paths read those instead of `data`. The view does not
-// own memory and is valid while the bank is not modified.
-struct PatternView {
-  const float* data = nullptr;
-  const float* sq_norms = nullptr;
-  int64_t rows = 0;
-  int dim = 0;
-  const uint16_t* bf16 = nullptr;
-  const uint64_t* bits = nullptr;
-  // A screen of f32 rows (Precision::kF32Screened): each row as int8
-  // (`dim` bytes a row, see ScreenRow), which bounds every row's f32 dot
-  // product from a single int8 dot product; screen_sums[r] = sum_i q_i.
-  const int8_t* screen = nullptr;
-  const ScreenRow* screen_rows = nullptr;
-  const int32_t* screen_sums = nullptr;
-  const float* row(int64_t mu) const { return data + mu * dim; }
-};
 
 // Energy of one configuration over one pattern set.
 // Thread-safety: const methods may be called concurrently (no shared
