@@ -121,6 +121,33 @@ BENCHMARK(BM_CompactStep)->ArgsProduct({{0, 1}, {10000}, {40}, {0, 1}})
     ->Args({0, 100000, 40, 0})->Args({0, 100000, 40, 1})
     ->Unit(benchmark::kMicrosecond)->UseRealTime();
 
+// One lse sync step (beta 0.05) on a 784 x 10^4 bank without decay (arg 0)
+// and on a bank whose weights decay with age (arg 1): the prior of the
+// call's time (Bank::LogPrior) and the two-pass reference evaluation that
+// reads it.
+void BM_DecayStep(benchmark::State& state) {
+  const int n = 784, k = 10000;
+  const bool decay = state.range(0) == 1;
+  core::Bank plain = RandomBank(n, k, core::StateKind::kContinuous, 1);
+  const core::EnergyConfig cfg{.family = core::EnergyFamily::kLse, .beta = 0.05};
+  core::BankSpec spec{"bench", n, core::StateKind::kContinuous, cfg, core::Precision::kF32};
+  spec.decay_half_life_ms = decay ? 3'600'000 : 0;
+  core::Bank bank(spec);
+  std::vector<int64_t> stored(k);
+  for (int r = 0; r < k; ++r) stored[r] = int64_t{1'700'000'000'000} + r * 1'000;
+  bank.Append(absl::MakeConstSpan(plain.pattern(0), int64_t{k} * n), bank.AssignIds(k), {},
+              core::PatternExtras{{}, {}, {}, stored});
+  std::vector<float> x(bank.pattern(3), bank.pattern(3) + n), out(n);
+  for (auto _ : state) {
+    const std::vector<double> prior = bank.LogPrior(int64_t{1'700'000'000'000} + k * 1'000);
+    core::PatternView view = bank.view();
+    if (!prior.empty()) view.log_prior = prior.data();
+    core::EnergyFunction energy(cfg, view);
+    benchmark::DoNotOptimize(energy.UpdateTarget(x.data(), out.data()));
+  }
+}
+BENCHMARK(BM_DecayStep)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond)->UseRealTime();
+
 // What a filtered call adds before it computes: the rows that pass (label
 // index) and the bank of those rows, for a filter keeping 1 in arg 2 rows
 // of a 784 x 10^4 bank.

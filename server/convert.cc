@@ -241,6 +241,7 @@ void SummaryToProto(const core::BankSummary& s, v1::BankInfo* out) {
   }
   out->set_value_dim(static_cast<uint32_t>(s.spec.value_dim));
   out->set_ttl_seconds(static_cast<uint64_t>(s.spec.ttl_ms / 1000));
+  out->set_decay_half_life_seconds(static_cast<uint64_t>(s.spec.decay_half_life_ms / 1000));
   out->set_patterns(s.patterns);
   out->set_bytes(s.bytes);
   out->set_load(s.load);

@@ -60,6 +60,8 @@ std::string LimitsMarkdown(const ServerConfig& c) {
       absl::StrCat(core::kMaxConditions, "; 1 .. ", core::kMaxFilterValues), "`INVALID_ARGUMENT`");
   row("time to live", "CreateBank / Store `ttl_seconds`",
       absl::StrCat("0 .. ", core::kMaxTtlMs / 1000, " s (100 years)"), "`INVALID_ARGUMENT`");
+  row("weight half-life (decay with age)", "CreateBank `decay_half_life_seconds`",
+      absl::StrCat("0 .. ", core::kMaxTtlMs / 1000, " s (100 years)"), "`INVALID_ARGUMENT`");
   row("energy `beta`", "`energy.beta`",
       absl::StrFormat("%g .. %g (finite)", core::kMinBeta, core::kMaxBeta), "`INVALID_ARGUMENT`");
   row("energy `degree` (polynomial separations)", "`energy.degree`",

@@ -93,7 +93,19 @@ absl::StatusOr<core::EnergyConfig> ResolveEnergy(bool has_override,
         "energy override sets parameters but no family; set energy.family");
   }
   ENGRAM_RETURN_IF_ERROR(core::ValidateEnergyConfig(cfg, bank.spec().kind));
+  ENGRAM_RETURN_IF_ERROR(
+      core::ValidateDecay(bank.spec().decay_half_life_ms, cfg, bank.spec().kind));
   return cfg;
+}
+
+// The bank's rows as a computation at `now_ms` reads them: with the log
+// weight prior of its decay with age, which `prior` holds (and must outlive
+// the view), when the bank decays.
+core::PatternView ViewAt(const core::Bank& bank, int64_t now_ms, std::vector<double>* prior) {
+  core::PatternView v = bank.view();
+  *prior = bank.LogPrior(now_ms);
+  if (!prior->empty()) v.log_prior = prior->data();
+  return v;
 }
 
 bool DeadlinePassed(grpc::ServerContextBase* ctx) {
@@ -175,8 +187,10 @@ struct MemoryServiceImpl::RetrieveWork {
     remaining = count;
     status = absl::OkStatus();
   }
-  // Records query q's result, read on `bank`.
-  void Record(const core::Bank& bank, int64_t q, absl::StatusOr<core::Trajectory> r) {
+  // Records query q's result, read on `bank` with `energy` (the work's
+  // energy over that bank).
+  void Record(const core::Bank& bank, const core::EnergyFunction& energy, int64_t q,
+              absl::StatusOr<core::Trajectory> r) {
     if (!r.ok()) {
       if (status.ok()) status = r.status();
       return;
@@ -185,8 +199,7 @@ struct MemoryServiceImpl::RetrieveWork {
     payloads[q] = nearest[q].row >= 0 ? bank.payload(nearest[q].row) : std::string();
     if (const int m = bank.spec().value_dim; m > 0) {
       values[q].resize(m);
-      core::ValueReadout(core::EnergyFunction(cfg, bank.view()), bank.value(0), m,
-                         r->state.data(), values[q].data());
+      core::ValueReadout(energy, bank.value(0), m, r->state.data(), values[q].data());
     }
     results[q] = *std::move(r);
     ran = std::max(ran, q + 1);
@@ -521,6 +534,8 @@ grpc::Status MemoryServiceImpl::CreateBankNow(grpc::ServerContextBase* ctx,
     }
     spec.value_dim = static_cast<int>(req->value_dim());
     ENGRAM_ASSIGN_OR_RETURN(spec.ttl_ms, TtlFromProto(req->ttl_seconds(), "ttl_seconds"));
+    ENGRAM_ASSIGN_OR_RETURN(spec.decay_half_life_ms,
+                            TtlFromProto(req->decay_half_life_seconds(), "decay_half_life_seconds"));
     ENGRAM_ASSIGN_OR_RETURN(core::BankSummary summary, registry->CreateBank(spec));
     SummaryToProto(summary, resp);
     metrics_->SetBankSize(spec.name, 0, summary.bytes);
@@ -635,6 +650,7 @@ grpc::Status MemoryServiceImpl::GetPatternsNow(grpc::ServerContextBase* ctx,
       resp->mutable_values()->Add(bank->value(row), bank->value(row) + m);
       LabelsToProto(bank->labels(row), resp->add_labels());
       resp->add_expires_unix_ms(bank->expires_ms(row));
+      resp->add_stored_unix_ms(bank->stored_ms(row));
     };
     const uint64_t size = static_cast<uint64_t>(bank->size());
     if (req->ids_size() > 0) {
@@ -822,10 +838,11 @@ absl::Status MemoryServiceImpl::RunRetrieve(const core::Bank& bank, RetrieveWork
         absl::StrCat("bank '", bank.spec().name, "' is empty; store patterns first"));
   }
   w->Reset();
-  core::EnergyFunction energy(w->cfg, bank.view());
+  std::vector<double> prior;
+  core::EnergyFunction energy(w->cfg, ViewAt(bank, registry_.load()->NowMs(), &prior));
   if (w->opts.dynamics == core::Dynamics::kSync) {
     core::SyncBatch batch(energy, w->kind, [&](uint64_t q, absl::StatusOr<core::Trajectory> r) {
-      w->Record(bank, static_cast<int64_t>(q), std::move(r));
+      w->Record(bank, energy, static_cast<int64_t>(q), std::move(r));
     });
     for (int64_t q = 0; q < w->count; ++q) batch.Admit(q, {w->Query(q), w->Clamp(q), &w->opts});
     while (!batch.empty()) batch.Step();
@@ -835,7 +852,7 @@ absl::Status MemoryServiceImpl::RunRetrieve(const core::Bank& bank, RetrieveWork
     absl::StatusOr<core::Trajectory> r =
         core::RunDynamics(energy, w->kind, w->Query(q), w->Clamp(q), w->opts);
     const bool deadline = r.ok() && r->stop_reason == core::StopReason::kDeadline;
-    w->Record(bank, q, std::move(r));
+    w->Record(bank, energy, q, std::move(r));
     // Remaining queries are not started once the deadline has passed.
     if (deadline || !w->status.ok()) break;
   }
@@ -886,7 +903,8 @@ void MemoryServiceImpl::RunRetrieveBatch(Scheduler::Batch& batch) {
     return fail_all(absl::FailedPreconditionError(
         absl::StrCat("bank '", bank_name, "' is empty; store patterns first")));
   }
-  core::EnergyFunction energy(cfg, bank.view());
+  std::vector<double> prior;
+  core::EnergyFunction energy(cfg, ViewAt(bank, registry->NowMs(), &prior));
   // Slot tag -> (task, query); entries leave as queries finish.
   absl::flat_hash_map<uint64_t, std::pair<RetrieveTask*, int64_t>> owner;
   uint64_t next_tag = 0;
@@ -895,7 +913,7 @@ void MemoryServiceImpl::RunRetrieveBatch(Scheduler::Batch& batch) {
     auto [task, q] = it->second;
     owner.erase(it);
     RetrieveWork& w = task->work();
-    w.Record(bank, q, std::move(r));
+    w.Record(bank, energy, q, std::move(r));
     if (--w.remaining == 0) {
       task->Answer([] { return absl::OkStatus(); });
       batch.Release(task);
@@ -997,9 +1015,13 @@ absl::Status MemoryServiceImpl::RunEnergy(grpc::ServerContextBase* ctx,
                                                 core::StateKind::kContinuous));
   ENGRAM_ASSIGN_OR_RETURN(core::EnergyConfig cfg,
                           ResolveEnergy(req->has_energy(), req->energy(), *bank));
-  core::EnergyFunction energy(cfg, bank->view());
+  std::vector<double> prior;
+  core::EnergyFunction energy(cfg, ViewAt(*bank, registry->NowMs(), &prior));
   std::shared_ptr<const core::StoredEnergies> reference;
-  if (req->return_novelty()) reference = NoveltyReference(*bank, energy, whole_bank);
+  // A decaying bank's energies change with time: its reference is not kept.
+  if (req->return_novelty()) {
+    reference = NoveltyReference(*bank, energy, whole_bank && !bank->decays());
+  }
   std::vector<float> grad(n);
   for (int64_t q = 0; q < b; ++q) {
     if (q % 64 == 63 && DeadlinePassed(ctx)) {
@@ -1075,6 +1097,8 @@ absl::Status MemoryServiceImpl::RunSample(grpc::ServerContextBase* ctx,
   }
   ENGRAM_ASSIGN_OR_RETURN(core::EnergyConfig cfg,
                           ResolveEnergy(req->has_energy(), req->energy(), *bank));
+  const std::vector<double> prior = bank->LogPrior(registry->NowMs());
+  o.log_prior = prior;
   bool sink_full = false;
   o.should_stop = [ctx, &sink_full] { return sink_full || DeadlinePassed(ctx); };
   const int every = std::max(1, o.trajectory_every);

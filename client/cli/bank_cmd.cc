@@ -23,9 +23,12 @@ void PrintBank(const v1::BankInfo& b) {
       EnergyName(b.energy()), b.patterns(), b.bytes(), b.load(),
       b.capacity().formula(), b.capacity().patterns(),
       b.capacity().over_capacity() ? "  ** OVER CAPACITY **" : "",
-      b.value_dim() > 0 || b.ttl_seconds() > 0
-          ? absl::StrFormat("  values of dimension %d; time to live %s\n", b.value_dim(),
-                            b.ttl_seconds() > 0 ? absl::StrCat(b.ttl_seconds(), " s") : "none")
+      b.value_dim() > 0 || b.ttl_seconds() > 0 || b.decay_half_life_seconds() > 0
+          ? absl::StrFormat(
+                "  values of dimension %d; time to live %s; weight half-life %s\n", b.value_dim(),
+                b.ttl_seconds() > 0 ? absl::StrCat(b.ttl_seconds(), " s") : "none",
+                b.decay_half_life_seconds() > 0 ? absl::StrCat(b.decay_half_life_seconds(), " s")
+                                                : "none")
           : "");
 }
 
@@ -75,11 +78,14 @@ absl::Status RunBank(const Args& args, Context& ctx) {
     ENGRAM_RETURN_IF_ERROR(ParseEnergy(args, req.mutable_energy(), &set));
     ENGRAM_ASSIGN_OR_RETURN(int64_t value_dim, args.GetInt("value-dim", 0));
     ENGRAM_ASSIGN_OR_RETURN(int64_t ttl, args.GetInt("ttl", 0));
-    if (value_dim < 0 || value_dim > (1 << 20) || ttl < 0) {
-      return absl::InvalidArgumentError("--value-dim must be in [0, 1048576], --ttl >= 0");
+    ENGRAM_ASSIGN_OR_RETURN(int64_t half_life, args.GetInt("decay-half-life", 0));
+    if (value_dim < 0 || value_dim > (1 << 20) || ttl < 0 || half_life < 0) {
+      return absl::InvalidArgumentError(
+          "--value-dim must be in [0, 1048576], --ttl and --decay-half-life >= 0");
     }
     req.set_value_dim(static_cast<uint32_t>(value_dim));
     req.set_ttl_seconds(static_cast<uint64_t>(ttl));
+    req.set_decay_half_life_seconds(static_cast<uint64_t>(half_life));
     ENGRAM_ASSIGN_OR_RETURN(v1::BankInfo info, ctx.client->CreateBank(req));
     if (ctx.json) std::cout << ToJson(info) << "\n";
     else { std::cout << "created "; PrintBank(info); }

@@ -33,7 +33,8 @@ const OptionGroup kBankCreate = {{"dim", "N"},
                                  {"kind", "bipolar|continuous"},
                                  {"precision", "f32|bf16|bit_packed|f32_screened"},
                                  {"value-dim", "M"},
-                                 {"ttl", "SECONDS"}};
+                                 {"ttl", "SECONDS"},
+                                 {"decay-half-life", "SECONDS"}};
 const OptionGroup kBankImport = {{"name", "NEW"}};
 const OptionGroup kStore = {{"labels", "FILE"}, {"label-key", "KEY"}, {"payloads", "FILE"},
                             {"values", "FILE"}, {"ttl", "SECONDS"},  {"ids-start", "ID"},

@@ -149,6 +149,8 @@ export interface BankInfo {
   valueDim: number;
   /** Default time to live of a stored pattern in seconds; 0: none. */
   ttlSeconds: number;
+  /** Half-life of a pattern's weight in seconds; 0: no decay. */
+  decayHalfLifeSeconds: number;
 }
 
 /** A stored memory. */
@@ -197,6 +199,8 @@ export interface CreateBankOptions extends CallOptions {
   valueDim?: number;
   /** Default time to live of the bank's patterns in seconds; default 0, none. */
   ttlSeconds?: Uint64;
+  /** Half-life of a pattern's weight in seconds (softmax energies, continuous banks); default 0, no decay. */
+  decayHalfLifeSeconds?: Uint64;
 }
 
 export interface StoreOptions extends CallOptions {
@@ -236,6 +240,8 @@ export interface Patterns {
   labels: Labels[];
   /** Unix time in ms at which each pattern expires; 0: never. Expired patterns stay here until the server's sweep. */
   expiresUnixMs: number[];
+  /** Unix time in ms at which each pattern was stored (its age for decay); 0: not recorded. */
+  storedUnixMs: number[];
   /** Row to ask for next; the bank size after the last page. */
   nextPageStart: number;
 }

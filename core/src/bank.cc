@@ -56,7 +56,43 @@ absl::Status ValidateBankSpec(const BankSpec& spec) {
     return absl::FailedPreconditionError(
         "precision bit_packed stores +-1 patterns; it needs a bipolar bank");
   }
-  return ValidateEnergyConfig(spec.energy, spec.kind);
+  if (auto s = ValidateEnergyConfig(spec.energy, spec.kind); !s.ok()) return s;
+  return ValidateDecay(spec.decay_half_life_ms, spec.energy, spec.kind);
+}
+
+absl::Status ValidateDecay(int64_t half_life_ms, const EnergyConfig& energy, StateKind kind) {
+  if (half_life_ms < 0 || half_life_ms > kMaxTtlMs) {
+    return absl::InvalidArgumentError(absl::StrCat("decay half-life must be in [0, ",
+                                                   kMaxTtlMs / 1000, "] seconds, got ",
+                                                   half_life_ms / 1000.0));
+  }
+  if (half_life_ms == 0) return absl::OkStatus();
+  if (kind != StateKind::kContinuous) {
+    return absl::FailedPreconditionError(
+        "decay with age weighs the softmax of a continuous bank; this bank is bipolar");
+  }
+  const bool softmax =
+      energy.family == EnergyFamily::kLse || energy.family == EnergyFamily::kGaussian ||
+      (energy.family == EnergyFamily::kGeneral && energy.separation == SeparationKind::kSoftmax &&
+       energy.similarity != SimilarityKind::kNegL1);
+  if (!softmax) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "this bank decays with age, which scales softmax weights; energy family ",
+        EnergyFamilyName(energy.family),
+        energy.family == EnergyFamily::kGeneral ? " with this separation and similarity" : "",
+        " has none (use lse, gaussian, or general with softmax over dot or l2)"));
+  }
+  return absl::OkStatus();
+}
+
+std::vector<double> Bank::LogPrior(int64_t now_ms) const {
+  if (!decays()) return {};
+  std::vector<double> prior(size());
+  const double per_ms = -std::log(2.0) / static_cast<double>(spec_.decay_half_life_ms);
+  for (int64_t r = 0; r < size(); ++r) {
+    prior[r] = per_ms * static_cast<double>(std::max<int64_t>(0, now_ms - stored_ms_[r]));
+  }
+  return prior;
 }
 
 absl::Status Labels::Normalize() {
@@ -110,7 +146,7 @@ uint64_t Bank::bytes() const {
                screen_sums_.size() * sizeof(int32_t) +
                bits_.size() * sizeof(uint64_t);
   for (const auto& p : payloads_) b += p.size();
-  b += values_.size() * sizeof(float) + expires_ms_.size() * sizeof(int64_t);
+  b += values_.size() * sizeof(float) + (expires_ms_.size() + stored_ms_.size()) * sizeof(int64_t);
   for (const Labels& l : labels_) b += l.bytes();
   return b;
 }
@@ -214,6 +250,13 @@ absl::Status Bank::ValidateNewPatterns(
   for (int64_t e : extras.expires_ms) {
     if (e < 0) return absl::InvalidArgumentError("an expiry time is negative");
   }
+  if (!extras.stored_ms.empty() && extras.stored_ms.size() != k) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "store times has ", extras.stored_ms.size(), " entries for ", k, " patterns"));
+  }
+  for (int64_t t : extras.stored_ms) {
+    if (t < 0) return absl::InvalidArgumentError("a store time is negative");
+  }
   for (size_t i = 0; i < payloads.size(); ++i) {
     if (payloads[i].size() > kMaxPayloadBytes) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -264,6 +307,7 @@ void Bank::Append(absl::Span<const float> data, absl::Span<const uint64_t> ids,
     labels_.push_back(extras.labels.empty() ? Labels() : extras.labels[r]);
     const int64_t expires = extras.expires_ms.empty() ? 0 : extras.expires_ms[r];
     expires_ms_.push_back(expires);
+    stored_ms_.push_back(extras.stored_ms.empty() ? 0 : extras.stored_ms[r]);
     if (expires > 0 && (min_expires_ms_ == 0 || expires < min_expires_ms_)) {
       min_expires_ms_ = expires;
     }
@@ -315,6 +359,7 @@ void Bank::Remove(absl::Span<const uint64_t> ids) {
                 values_.begin() + out * m);
       labels_[out] = std::move(labels_[r]);
       expires_ms_[out] = expires_ms_[r];
+      stored_ms_[out] = stored_ms_[r];
     }
     ++out;
   }
@@ -325,6 +370,7 @@ void Bank::Remove(absl::Span<const uint64_t> ids) {
   values_.resize(out * spec_.value_dim);
   labels_.resize(out);
   expires_ms_.resize(out);
+  stored_ms_.resize(out);
   bf16_.clear();
   screen_.clear();
   screen_rows_.clear();
@@ -411,7 +457,7 @@ Bank Bank::Subset(absl::Span<const int64_t> rows) const {
   std::vector<uint64_t> ids(k);
   std::vector<std::string> payloads(k);
   std::vector<Labels> labels(k);
-  std::vector<int64_t> expires(k);
+  std::vector<int64_t> expires(k), stored(k);
   for (size_t i = 0; i < k; ++i) {
     const int64_t r = rows[i];
     std::copy(pattern(r), pattern(r) + n, data.begin() + i * n);
@@ -420,8 +466,9 @@ Bank Bank::Subset(absl::Span<const int64_t> rows) const {
     payloads[i] = payloads_[r];
     labels[i] = labels_[r];
     expires[i] = expires_ms_[r];
+    stored[i] = stored_ms_[r];
   }
-  out.Append(data, ids, payloads, PatternExtras{values, labels, expires});
+  out.Append(data, ids, payloads, PatternExtras{values, labels, expires, stored});
   out.next_id_ = next_id_;
   return out;
 }

@@ -610,6 +610,11 @@ absl::StatusOr<Trajectory> RunDynamics(const EnergyFunction& energy,
                                        absl::Span<const bool> clamp,
                                        const RetrieveOptions& options) {
   if (auto s = ValidateRetrieveOptions(options, kind); !s.ok()) return s;
+  if (options.dynamics == Dynamics::kTinyBrain && energy.patterns().log_prior != nullptr) {
+    return absl::FailedPreconditionError(
+        "tinybrain dynamics do not weigh patterns by age; on a bank that decays retrieve with "
+        "sync or gradient dynamics");
+  }
   if (static_cast<int>(query.size()) != energy.dim()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "query has ", query.size(), " values; the bank's dimension is ",

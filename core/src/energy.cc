@@ -152,6 +152,12 @@ void EnergyFunction::Similarities(const float* x, double* s) const {
       break;
     }
   }
+  if (patterns_.log_prior != nullptr) {
+    // Weights exp(beta S + b) = exp(beta (S + b / beta)); only softmax
+    // energies take a prior (ValidateDecay).
+    const double inv_beta = 1.0 / config_.beta;
+    for (int64_t mu = 0; mu < k; ++mu) s[mu] += patterns_.log_prior[mu] * inv_beta;
+  }
 }
 
 double EnergyFunction::EnergyFromSimilarities(const double* s,
@@ -360,7 +366,8 @@ double EnergyFunction::ReferenceUpdateTarget(const float* x, float* target) cons
 
 bool EnergyFunction::FusedEvaluate(const float* x, float* target, float* grad,
                                    double* energy, int64_t* nearest_row) const {
-  if (patterns_.rows == 0) return false;
+  // A row prior is read by the reference evaluation only.
+  if (patterns_.rows == 0 || patterns_.log_prior != nullptr) return false;
   if (internal::HasCompactPass(config_)) {
     return CompactEvaluate(x, target, grad, energy, nearest_row);
   }
@@ -384,6 +391,9 @@ absl::StatusOr<StepPartial> EnergyFunction::Partial(const float* x, bool with_su
     return absl::UnimplementedError(
         "this energy has no partial form: its weights depend on every row at once (max, "
         "sparsemax, entmax15, log_sum_relu) or it has no fused pass (L1 similarity)");
+  }
+  if (patterns_.log_prior != nullptr) {
+    return absl::UnimplementedError("a bank that decays with age has no partial form yet");
   }
   const int n = patterns_.dim;
   StepPartial p;
@@ -530,7 +540,8 @@ void EnergyFunction::UpdateTargetBatch(const float* x, int64_t b, float* targets
   // query's answer does not depend on whether it was batched.
   // Few states: one streaming pass each is faster (BatchMinStates).
   if (patterns_.rows == 0 || rule == nullptr || sim == SimilarityKind::kNegL1 ||
-      b < internal::BatchMinStates(patterns_) || patterns_.bf16 != nullptr) {
+      b < internal::BatchMinStates(patterns_) || patterns_.bf16 != nullptr ||
+      patterns_.log_prior != nullptr) {
     for (int64_t q = 0; q < b; ++q) {
       double e;
       if (FusedEvaluate(x + q * n, targets != nullptr ? targets + q * n : nullptr, nullptr, &e,

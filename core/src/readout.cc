@@ -33,7 +33,7 @@ void ReadoutWeights(const EnergyFunction& energy, const float* x, double* p, dou
   if (k == 0) return;
   const EnergyConfig& c = energy.config();
   const SimilarityKind sim = EffectiveSimilarity(c);
-  if (sim == SimilarityKind::kNegL1) {
+  if (sim == SimilarityKind::kNegL1 || view.log_prior != nullptr) {
     energy.Similarities(x, p);
   } else {
     internal::FastSimilarities(view, sim, x, p);

@@ -36,6 +36,7 @@ absl::StatusOr<std::unique_ptr<BankRegistry>> BankRegistry::Open(
         extras.values = sp.value;
         extras.labels = absl::MakeConstSpan(sp.labels, 1);
         extras.expires_ms = absl::MakeConstSpan(&sp.expires_ms, 1);
+        extras.stored_ms = absl::MakeConstSpan(&sp.stored_ms, 1);
         it->second.Append(sp.data, ids, absl::MakeConstSpan(&p, 1), extras);
         return absl::OkStatus();
       }));
@@ -194,11 +195,13 @@ absl::StatusOr<StoreResult> BankRegistry::Store(
   std::vector<Labels> labels(extras.labels.begin(), extras.labels.end());
   for (Labels& l : labels) l.Normalize().IgnoreError();  // validated above
   const int64_t ttl = extras.ttl_ms > 0 ? extras.ttl_ms : bank.spec().ttl_ms;
+  const int64_t now = NowMs();
   std::vector<int64_t> expires;
-  if (ttl > 0) expires.assign(k, NowMs() + ttl);
-  const PatternExtras stored{extras.values, labels, expires};
+  if (ttl > 0) expires.assign(k, now + ttl);
+  const std::vector<int64_t> stored_at(k, now);
+  const PatternExtras stored{extras.values, labels, expires, stored_at};
   uint64_t add = data.size() * sizeof(float) + k * (sizeof(float) + sizeof(uint64_t)) +
-                 extras.values.size() * sizeof(float) + k * sizeof(int64_t);
+                 extras.values.size() * sizeof(float) + 2 * k * sizeof(int64_t);
   for (const auto& p : payloads) add += p.size();
   for (const Labels& l : labels) add += l.bytes();
   if (options_.memory_budget_bytes > 0 &&

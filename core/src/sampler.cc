@@ -246,6 +246,12 @@ absl::Status ValidateSampleInputs(const Bank& bank, int count, absl::Span<const 
   return absl::OkStatus();
 }
 
+PatternView ViewWithPrior(const Bank& bank, absl::Span<const double> log_prior) {
+  PatternView v = bank.view();
+  if (!log_prior.empty()) v.log_prior = log_prior.data();
+  return v;
+}
+
 // One Sample call's states and what every sampler's step needs. Samples
 // draw noise one after another in index order and share one normal
 // distribution, so a call's draws depend only on the seed. The ODE samplers
@@ -255,7 +261,8 @@ class SampleRun {
  public:
   SampleRun(const Bank& bank, const EnergyConfig& energy, int count,
             absl::Span<const float> query, absl::Span<const bool> clamp, const SampleOptions& o)
-      : p(bank.view()), energy(energy), o(o), n(bank.dim()), kind(bank.spec().kind),
+      : p(ViewWithPrior(bank, o.log_prior)), energy(energy), o(o), n(bank.dim()),
+        kind(bank.spec().kind),
         count(count), query_(query), clamp_(clamp), den(n) {}
 
   // The sample's known values (its query row), or null.
@@ -598,6 +605,10 @@ absl::StatusOr<SampleBatch> Sample(const Bank& bank, const EnergyConfig& energy,
   if (auto s = ValidateSampleOptions(o, kind); !s.ok()) return s;
   if (auto s = ValidateEnergyConfig(energy, kind); !s.ok()) return s;
   if (auto s = ValidateSampleInputs(bank, count, query, clamp); !s.ok()) return s;
+  if (!o.log_prior.empty() && o.log_prior.size() != static_cast<size_t>(bank.size())) {
+    return absl::InvalidArgumentError(absl::StrCat("log_prior has ", o.log_prior.size(),
+                                                   " entries for ", bank.size(), " rows"));
+  }
   ScheduleConfig sched = o.schedule;
   if (!query.empty() && o.sigma_start > 0) {
     sched.sigma_max = o.sigma_start;

@@ -29,7 +29,8 @@ CREATE TABLE IF NOT EXISTS banks (
   similarity INTEGER NOT NULL,
   separation INTEGER NOT NULL,
   value_dim INTEGER NOT NULL DEFAULT 0,
-  ttl_ms INTEGER NOT NULL DEFAULT 0
+  ttl_ms INTEGER NOT NULL DEFAULT 0,
+  decay_half_life_ms INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS patterns (
   seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -40,6 +41,7 @@ CREATE TABLE IF NOT EXISTS patterns (
   value BLOB NOT NULL DEFAULT x'',
   labels BLOB NOT NULL DEFAULT x'',
   expires_ms INTEGER NOT NULL DEFAULT 0,
+  stored_ms INTEGER NOT NULL DEFAULT 0,
   UNIQUE (bank, id)
 );
 )sql";
@@ -57,6 +59,8 @@ constexpr AddedColumn kAddedColumns[] = {
     {"patterns", "value", "BLOB NOT NULL DEFAULT x''"},
     {"patterns", "labels", "BLOB NOT NULL DEFAULT x''"},
     {"patterns", "expires_ms", "INTEGER NOT NULL DEFAULT 0"},
+    {"banks", "decay_half_life_ms", "INTEGER NOT NULL DEFAULT 0"},
+    {"patterns", "stored_ms", "INTEGER NOT NULL DEFAULT 0"},
 };
 
 // Labels as bytes: per entry a tag ('s' string, 'i' integer), the key's
@@ -157,8 +161,9 @@ class SqliteStorage final : public BankStorage {
     std::lock_guard<std::mutex> lock(mu_);
     Statement st(db_,
                  "INSERT INTO banks (name, dim, kind, precision, family, degree,"
-                 " rectified, beta, similarity, separation, value_dim, ttl_ms)"
-                 " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)");
+                 " rectified, beta, similarity, separation, value_dim, ttl_ms,"
+                 " decay_half_life_ms)"
+                 " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)");
     if (!st.ok()) return Error("prepare insert bank");
     sqlite3_bind_text(st.get(), 1, spec.name.data(), spec.name.size(),
                       SQLITE_TRANSIENT);
@@ -173,6 +178,7 @@ class SqliteStorage final : public BankStorage {
     sqlite3_bind_int(st.get(), 10, static_cast<int>(spec.energy.separation));
     sqlite3_bind_int(st.get(), 11, spec.value_dim);
     sqlite3_bind_int64(st.get(), 12, spec.ttl_ms);
+    sqlite3_bind_int64(st.get(), 13, spec.decay_half_life_ms);
     if (sqlite3_step(st.get()) != SQLITE_DONE) return Error("insert bank");
     return absl::OkStatus();
   }
@@ -205,8 +211,8 @@ class SqliteStorage final : public BankStorage {
     ENGRAM_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE;"));
     absl::Status s = [&]() -> absl::Status {
       Statement st(db_,
-                   "INSERT INTO patterns (bank, id, vec, payload, value, labels, expires_ms)"
-                   " VALUES (?,?,?,?,?,?,?)");
+                   "INSERT INTO patterns (bank, id, vec, payload, value, labels, expires_ms,"
+                   " stored_ms) VALUES (?,?,?,?,?,?,?,?)");
       if (!st.ok()) return Error("prepare insert pattern");
       for (size_t r = 0; r < ids.size(); ++r) {
         sqlite3_reset(st.get());
@@ -231,6 +237,7 @@ class SqliteStorage final : public BankStorage {
         sqlite3_bind_blob(st.get(), 6, labels.data(), static_cast<int>(labels.size()),
                           SQLITE_TRANSIENT);
         sqlite3_bind_int64(st.get(), 7, extras.expires_ms.empty() ? 0 : extras.expires_ms[r]);
+        sqlite3_bind_int64(st.get(), 8, extras.stored_ms.empty() ? 0 : extras.stored_ms[r]);
         if (sqlite3_step(st.get()) != SQLITE_DONE) return Error("insert pattern");
       }
       return absl::OkStatus();
@@ -261,7 +268,8 @@ class SqliteStorage final : public BankStorage {
     std::lock_guard<std::mutex> lock(mu_);
     Statement banks(db_,
                     "SELECT name, dim, kind, precision, family, degree, rectified,"
-                    " beta, similarity, separation, value_dim, ttl_ms FROM banks ORDER BY name");
+                    " beta, similarity, separation, value_dim, ttl_ms, decay_half_life_ms"
+                    " FROM banks ORDER BY name");
     if (!banks.ok()) return Error("prepare load banks");
     int rc;
     while ((rc = sqlite3_step(banks.get())) == SQLITE_ROW) {
@@ -279,9 +287,10 @@ class SqliteStorage final : public BankStorage {
       spec.energy.separation = static_cast<SeparationKind>(sqlite3_column_int(b, 9));
       spec.value_dim = sqlite3_column_int(b, 10);
       spec.ttl_ms = sqlite3_column_int64(b, 11);
+      spec.decay_half_life_ms = sqlite3_column_int64(b, 12);
       if (auto s = on_bank(spec); !s.ok()) return s;
       Statement pats(db_,
-                     "SELECT id, vec, payload, value, labels, expires_ms FROM patterns"
+                     "SELECT id, vec, payload, value, labels, expires_ms, stored_ms FROM patterns"
                      " WHERE bank = ?"
                      " ORDER BY seq");
       if (!pats.ok()) return Error("prepare load patterns");
@@ -323,6 +332,7 @@ class SqliteStorage final : public BankStorage {
         stored.value = value;
         stored.labels = &labels;
         stored.expires_ms = sqlite3_column_int64(p, 5);
+        stored.stored_ms = sqlite3_column_int64(p, 6);
         if (auto s = on_pattern(spec.name, stored); !s.ok()) return s;
       }
       if (prc != SQLITE_DONE) return Error("load patterns");

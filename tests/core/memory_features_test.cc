@@ -1,8 +1,10 @@
 // Key -> value banks, labels with filters, and time to live: the value
 // readout against a plain double-precision attention computed here, a
 // filtered bank against a bank built from the subset, the label index
-// against a scan, expiry with an injected clock, and durability of values,
-// labels and expiry times (also for a database written before they existed).
+// against a scan, expiry with an injected clock, decay with age against a
+// softmax weighted by 2^(-age / half-life) computed here, and durability of
+// values, labels, expiry and store times (also for a database written before
+// they existed).
 #include <sqlite3.h>
 
 #include <cmath>
@@ -15,6 +17,7 @@
 #include "engram/core/filter.h"
 #include "engram/core/readout.h"
 #include "engram/core/registry.h"
+#include "engram/core/sampler.h"
 #include "testing/random_banks.h"
 #include "testing/status_matchers.h"
 
@@ -392,6 +395,221 @@ TEST(FilterTest, SubsetComputesAsABankOfThoseOnly) {
   }
 }
 
+// Decay with age: a bank whose rows were stored at the given times, with
+// half-life h, and the prior of a computation at `now`.
+Bank DecayBank(int n, const std::vector<float>& xi, const std::vector<int64_t>& stored,
+               EnergyConfig c, int64_t h) {
+  BankSpec spec{"d", n, StateKind::kContinuous, c, Precision::kF32, 0, 0, h};
+  EXPECT_OK(ValidateBankSpec(spec));
+  Bank bank(spec);
+  const int64_t k = static_cast<int64_t>(xi.size()) / n;
+  bank.Append(xi, bank.AssignIds(k), {}, PatternExtras{{}, {}, {}, stored});
+  return bank;
+}
+
+// E, update target of a softmax energy whose rows weigh 2^(-age / h),
+// computed here in long double from the definitions.
+struct DecayReference {
+  long double energy = 0;
+  std::vector<long double> target;
+};
+DecayReference ReferenceDecay(const std::vector<float>& xi, int n, const std::vector<float>& x,
+                              const std::vector<double>& ages_in_half_lives,
+                              const EnergyConfig& c) {
+  const int64_t k = static_cast<int64_t>(xi.size()) / n;
+  const bool l2 = EffectiveSimilarity(c) == SimilarityKind::kNegHalfSqL2;
+  std::vector<long double> a(k);
+  long double top = -INFINITY;
+  for (int64_t mu = 0; mu < k; ++mu) {
+    long double dot = 0, sq = 0;
+    for (int i = 0; i < n; ++i) {
+      dot += static_cast<long double>(xi[mu * n + i]) * x[i];
+      sq += (static_cast<long double>(xi[mu * n + i]) - x[i]) *
+            (static_cast<long double>(xi[mu * n + i]) - x[i]);
+    }
+    const long double sim = l2 ? -0.5L * sq : dot;
+    a[mu] = c.beta * sim - ages_in_half_lives[mu] * std::log(2.0L);
+    top = std::max(top, a[mu]);
+  }
+  DecayReference r;
+  r.target.assign(n, 0.0L);
+  long double z = 0;
+  for (int64_t mu = 0; mu < k; ++mu) {
+    const long double w = std::exp(a[mu] - top);
+    z += w;
+    for (int i = 0; i < n; ++i) r.target[i] += w * xi[mu * n + i];
+  }
+  for (auto& t : r.target) t /= z;
+  r.energy = -(top + std::log(z)) / c.beta;
+  if (c.family == EnergyFamily::kLse) {
+    for (float v : x) r.energy += 0.5L * v * v;
+  }
+  return r;
+}
+
+TEST(DecayTest, EnergyGradientAndTargetWeighEachRowByItsAge) {
+  std::mt19937_64 rng(61);
+  const int n = 8, k = 40;
+  const int64_t h = 3'600'000, now = 1'700'000'000'000;
+  auto xi = RandomGaussian(int64_t{k} * n, rng, 0.5f);
+  std::vector<int64_t> stored(k);
+  std::vector<double> ages(k);
+  std::uniform_int_distribution<int64_t> age(0, 3 * h);
+  for (int mu = 0; mu < k; ++mu) {
+    stored[mu] = now - age(rng);
+    ages[mu] = static_cast<double>(now - stored[mu]) / static_cast<double>(h);
+  }
+  stored[3] = now + 5'000;  // stored after `now` (a clock step back): age 0
+  ages[3] = 0.0;
+  for (EnergyConfig c :
+       {EnergyConfig{.family = EnergyFamily::kLse, .beta = 3.0},
+        EnergyConfig{.family = EnergyFamily::kGaussian, .beta = 2.0},
+        EnergyConfig{.family = EnergyFamily::kGeneral, .beta = 1.5,
+                     .similarity = SimilarityKind::kNegHalfSqL2}}) {
+    SCOPED_TRACE(EnergyFamilyName(c.family));
+    Bank bank = DecayBank(n, xi, stored, c, h);
+    const std::vector<double> prior = bank.LogPrior(now);
+    ASSERT_EQ(prior.size(), static_cast<size_t>(k));
+    PatternView view = bank.view();
+    view.log_prior = prior.data();
+    EnergyFunction energy(c, view);
+    for (int trial = 0; trial < 4; ++trial) {
+      auto x = RandomGaussian(n, rng, 0.6f);
+      const DecayReference ref = ReferenceDecay(xi, n, x, ages, c);
+      std::vector<float> target(n), grad(n);
+      const double e = energy.UpdateTarget(x.data(), target.data());
+      EXPECT_NEAR(e, static_cast<double>(ref.energy), 1e-5 * (1 + std::fabs(e)));
+      EXPECT_NEAR(energy.Value(x.data()), e, 1e-12 * (1 + std::fabs(e)));
+      for (int i = 0; i < n; ++i) {
+        EXPECT_NEAR(target[i], static_cast<double>(ref.target[i]), 1e-5) << i;
+      }
+      // The gradient against central differences of the value.
+      energy.ValueAndGradient(x.data(), grad.data());
+      for (int i = 0; i < n; ++i) {
+        std::vector<float> up = x, down = x;
+        const float step = 1e-2f;
+        up[i] += step;
+        down[i] -= step;
+        const double fd = (energy.Value(up.data()) - energy.Value(down.data())) /
+                          (double{up[i]} - double{down[i]});
+        EXPECT_NEAR(grad[i], fd, 2e-3 * (1 + std::fabs(fd))) << i;
+      }
+    }
+    // Batched states take the same evaluation as single ones.
+    const int b = 9;
+    auto states = RandomGaussian(int64_t{b} * n, rng, 0.6f);
+    std::vector<float> targets(b * n), one(n);
+    std::vector<double> energies(b);
+    energy.UpdateTargetBatch(states.data(), b, targets.data(), energies.data());
+    for (int q = 0; q < b; ++q) {
+      EXPECT_EQ(energies[q], energy.UpdateTarget(states.data() + q * n, one.data()));
+      for (int i = 0; i < n; ++i) EXPECT_EQ(targets[q * n + i], one[i]);
+    }
+  }
+}
+
+// Two equally good matches, one stored a half-life before the other: the
+// older one has exactly half the weight, so one step gives (2 b + a) / 3,
+// and retrieval ends at the newer one.
+TEST(DecayTest, AnEqualMatchStoredOneHalfLifeEarlierWeighsHalf) {
+  const int n = 2;
+  const int64_t h = 60'000, t0 = 1'700'000'000'000;
+  const std::vector<float> xi = {1, 0, 0, 1};
+  const std::vector<float> x = {0.5f, 0.5f};
+  for (EnergyFamily f : {EnergyFamily::kLse, EnergyFamily::kGaussian}) {
+    SCOPED_TRACE(EnergyFamilyName(f));
+    const EnergyConfig c{.family = f, .beta = 5.0};
+    Bank bank = DecayBank(n, xi, {t0, t0 + h}, c, h);
+    const std::vector<double> prior = bank.LogPrior(t0 + h);
+    EXPECT_DOUBLE_EQ(prior[0], -std::log(2.0));
+    EXPECT_EQ(prior[1], 0.0);
+    PatternView view = bank.view();
+    view.log_prior = prior.data();
+    EnergyFunction energy(c, view);
+    std::vector<float> target(n);
+    energy.UpdateTarget(x.data(), target.data());
+    EXPECT_NEAR(target[0], 1.0 / 3, 1e-6);
+    EXPECT_NEAR(target[1], 2.0 / 3, 1e-6);
+    const EnergyFunction sharp({.family = f, .beta = 40.0}, view);
+    auto t = RunDynamics(sharp, StateKind::kContinuous, x, {}, RetrieveOptions{});
+    ASSERT_OK(t);
+    EXPECT_NEAR(t->state[1], 1.0, 1e-3);
+    EXPECT_NEAR(t->state[0], 0.0, 1e-3);
+    // Without the prior the two stay tied.
+    const EnergyFunction plain(c, bank.view());
+    plain.UpdateTarget(x.data(), target.data());
+    EXPECT_NEAR(target[0], target[1], 1e-7);
+  }
+}
+
+// Sampling with a prior: a memory many half-lives old has no weight left in
+// the denoiser, so every sample is the recent memory; without the prior
+// both memories are drawn.
+TEST(DecayTest, SamplesForgetAMemoryLongPast) {
+  const int n = 4;
+  const int64_t h = 1'000, now = 1'700'000'000'000;
+  const std::vector<float> xi = {1, 0, 0, 0, 0, 1, 0, 0};
+  const EnergyConfig c{.family = EnergyFamily::kGaussian};
+  Bank bank = DecayBank(n, xi, {now - 200 * h, now}, c, h);
+  const std::vector<double> prior = bank.LogPrior(now);
+  SampleOptions o;
+  o.schedule = {.sigma_max = 3, .sigma_min = 0.01, .steps = 24};
+  o.seed = 4;
+  auto plain = Sample(bank, c, 24, {}, {}, o);
+  ASSERT_OK(plain);
+  int old_found = 0;
+  for (const auto& r : plain->samples) old_found += r.nearest.row == 0;
+  EXPECT_GT(old_found, 0);
+  EXPECT_LT(old_found, 24);
+  o.log_prior = prior;
+  auto decayed = Sample(bank, c, 24, {}, {}, o);
+  ASSERT_OK(decayed);
+  for (const auto& r : decayed->samples) {
+    EXPECT_EQ(r.nearest.row, 1);
+    EXPECT_EQ(r.sample_class, SampleClass::kMemorized);
+  }
+  o.log_prior = absl::MakeConstSpan(prior.data(), 1);
+  EXPECT_THAT(Sample(bank, c, 2, {}, {}, o), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+TEST(DecayTest, OnlySoftmaxEnergiesOnContinuousBanksDecay) {
+  const int64_t h = 1'000;
+  EXPECT_OK(ValidateDecay(h, {.family = EnergyFamily::kLse}, StateKind::kContinuous));
+  EXPECT_OK(ValidateDecay(h, {.family = EnergyFamily::kGaussian}, StateKind::kContinuous));
+  EXPECT_OK(ValidateDecay(0, {.family = EnergyFamily::kClassical}, StateKind::kBipolar));
+  EXPECT_THAT(ValidateDecay(h, {.family = EnergyFamily::kExponential}, StateKind::kBipolar),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
+  EXPECT_THAT(ValidateDecay(h, {.family = EnergyFamily::kGeneral,
+                                .separation = SeparationKind::kSparsemax},
+                            StateKind::kContinuous),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
+  EXPECT_THAT(ValidateDecay(h, {.family = EnergyFamily::kGeneral,
+                                .similarity = SimilarityKind::kNegL1},
+                            StateKind::kContinuous),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
+  EXPECT_THAT(ValidateDecay(-1, {}, StateKind::kContinuous),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ValidateDecay(kMaxTtlMs + 1, {}, StateKind::kContinuous),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ValidateBankSpec({"b", 4, StateKind::kBipolar, {.family = EnergyFamily::kClassical},
+                                Precision::kF32, 0, 0, h}),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
+  // A computation that has no way to weigh rows by age says so.
+  Bank bank = DecayBank(2, {1, 0, 0, 1}, {0, 0}, {}, h);
+  const std::vector<double> prior = bank.LogPrior(5);
+  PatternView view = bank.view();
+  view.log_prior = prior.data();
+  EnergyFunction energy({}, view);
+  const std::vector<float> x = {1, 0};
+  RetrieveOptions tiny;
+  tiny.dynamics = Dynamics::kTinyBrain;
+  EXPECT_THAT(RunDynamics(energy, StateKind::kContinuous, x, {}, tiny),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
+  EXPECT_THAT(energy.Partial(x.data(), true, true, 0),
+              StatusIs(absl::StatusCode::kUnimplemented));
+  EXPECT_TRUE(Bank(BankSpec{"p", 2}).LogPrior(5).empty());
+}
+
 class FeaturesRegistryTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -428,7 +646,7 @@ TEST_F(FeaturesRegistryTest, ValuesLabelsAndExpiriesSurviveReopenBitForBit) {
   for (int r = 0; r < k; ++r) labels.push_back(RowLabels(r));
   labels[4].strings.emplace_back(std::string("bin\0ary", 7), std::string("\xff\x00", 2));
   std::sort(labels[4].strings.begin(), labels[4].strings.end());
-  BankSpec spec{"kv", n, StateKind::kContinuous, {}, Precision::kF32, m, 60'000};
+  BankSpec spec{"kv", n, StateKind::kContinuous, {}, Precision::kF32, m, 60'000, 7'200'000};
   {
     auto r = Open();
     ASSERT_OK(r->CreateBank(spec));
@@ -450,6 +668,13 @@ TEST_F(FeaturesRegistryTest, ValuesLabelsAndExpiriesSurviveReopenBitForBit) {
     EXPECT_EQ(b.labels(row), labels[row]) << row;
     EXPECT_EQ(b.expires_ms(row), 1'700'000'000'000 + 60'000);
   }
+  EXPECT_EQ(b.spec().decay_half_life_ms, 7'200'000);
+  for (int row = 0; row < k; ++row) EXPECT_EQ(b.stored_ms(row), 1'700'000'000'000);
+  EXPECT_EQ(b.stored_ms(k), 1'700'000'000'010);
+  // The prior of a read 2 h 10 ms later: the first rows one half-life old.
+  const std::vector<double> prior = b.LogPrior(1'700'000'000'010 + 7'200'000);
+  EXPECT_DOUBLE_EQ(prior[0], -std::log(2.0) * (7'200'010.0 / 7'200'000.0));
+  EXPECT_DOUBLE_EQ(prior[k], -std::log(2.0));
   EXPECT_EQ(b.expires_ms(k), 1'700'000'000'010 + 5'000);
   EXPECT_EQ(b.min_expires_ms(), 1'700'000'000'010 + 5'000);
 }
@@ -542,6 +767,8 @@ TEST_F(FeaturesRegistryTest, DatabaseWithTheFirstSchemaOpens) {
   EXPECT_EQ((*snap)->pattern(0)[1], 2.0f);
   EXPECT_EQ((*snap)->payload(0), "pa");
   EXPECT_EQ((*snap)->spec().value_dim, 0);
+  EXPECT_EQ((*snap)->spec().decay_half_life_ms, 0);
+  EXPECT_EQ((*snap)->stored_ms(0), 0);
   EXPECT_TRUE((*snap)->labels(0).empty());
   std::vector<Labels> l = {RowLabels(1)};
   std::vector<float> x = {3, 4};

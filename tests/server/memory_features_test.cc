@@ -55,7 +55,7 @@ class MemoryFeaturesTest : public ::testing::Test {
   }
 
   grpc::Status Create(const std::string& name, uint32_t value_dim, double beta = 4.0,
-                      uint64_t ttl = 0) {
+                      uint64_t ttl = 0, uint64_t half_life = 0) {
     grpc::ClientContext ctx;
     v1::CreateBankRequest req;
     req.set_name(name);
@@ -65,6 +65,7 @@ class MemoryFeaturesTest : public ::testing::Test {
     req.mutable_energy()->set_beta(beta);
     req.set_value_dim(value_dim);
     req.set_ttl_seconds(ttl);
+    req.set_decay_half_life_seconds(half_life);
     v1::BankInfo info;
     return stub_->CreateBank(&ctx, req, &info);
   }
@@ -151,6 +152,26 @@ class MemoryFeaturesTest : public ::testing::Test {
     for (int i = 0; i < kDim; ++i) req.add_queries(xi_[near * kDim + i] + 0.15f * ((i % 3) - 1));
     if (f != nullptr) *req.mutable_filter() = *f;
     return req;
+  }
+
+  // GetBank of `bank`.
+  v1::BankInfo Info(const std::string& bank) {
+    grpc::ClientContext ctx;
+    v1::GetBankRequest get;
+    get.set_name(bank);
+    v1::BankInfo info;
+    EXPECT_TRUE(stub_->GetBank(&ctx, get, &info).ok());
+    return info;
+  }
+
+  // Every pattern of `bank` (one page).
+  v1::GetPatternsResponse AllPatterns(const std::string& bank) {
+    grpc::ClientContext ctx;
+    v1::GetPatternsRequest get;
+    get.set_bank(bank);
+    v1::GetPatternsResponse got;
+    EXPECT_TRUE(stub_->GetPatterns(&ctx, get, &got).ok());
+    return got;
   }
 
   grpc::Status Retrieve(const v1::RetrieveRequest& req, v1::RetrieveResponse* resp) {
@@ -416,11 +437,7 @@ TEST_F(MemoryFeaturesTest, ExpiredPatternsLeaveReadsAtOnceAndTheDiskOnTheSweep) 
   ASSERT_TRUE(Retrieve(Query("t", 0), &resp).ok());
   EXPECT_EQ(resp.results(0).nearest().id(), 3u);
   EXPECT_EQ(*server_->ExpireNow(), 0);
-  grpc::ClientContext ctx;
-  v1::GetBankRequest get;
-  get.set_name("t");
-  v1::BankInfo info;
-  ASSERT_TRUE(stub_->GetBank(&ctx, get, &info).ok());
+  const v1::BankInfo info = Info("t");
   EXPECT_EQ(info.patterns(), 1u);
   EXPECT_EQ(info.ttl_seconds(), 60u);
   now_ms_ += 3'600'000;
@@ -452,42 +469,102 @@ TEST_F(MemoryFeaturesTest, TheSweepDeletesExpiredPatternsNoReadTouched) {
 TEST_F(MemoryFeaturesTest, RestartKeepsValuesLabelsAndExpiries) {
   ASSERT_TRUE(Create("kv", kValueDim, 4.0, 100).ok());
   Fill("kv");
-  auto read = [&] {
-    grpc::ClientContext ctx;
-    v1::GetPatternsRequest get;
-    get.set_bank("kv");
-    v1::GetPatternsResponse got;
-    EXPECT_TRUE(stub_->GetPatterns(&ctx, get, &got).ok());
-    return got;
-  };
-  v1::GetPatternsResponse before = read();
+  v1::GetPatternsResponse before = AllPatterns("kv");
   ASSERT_EQ(before.values_size(), kPatterns * kValueDim);
   for (int i = 0; i < before.values_size(); ++i) EXPECT_EQ(before.values(i), v_[i]);
   server_.reset();
   Start();
-  v1::GetPatternsResponse after = read();
+  v1::GetPatternsResponse after = AllPatterns("kv");
   EXPECT_TRUE(google::protobuf::util::MessageDifferencer::Equals(before, after));
-  grpc::ClientContext ctx;
-  v1::GetBankRequest get;
-  get.set_name("kv");
-  v1::BankInfo info;
-  ASSERT_TRUE(stub_->GetBank(&ctx, get, &info).ok());
+  const v1::BankInfo info = Info("kv");
   EXPECT_EQ(info.value_dim(), static_cast<uint32_t>(kValueDim));
   EXPECT_EQ(info.ttl_seconds(), 100u);
+}
+
+// A bank whose weights halve every 60 s: two equally good matches stored a
+// half-life apart weigh 1 : 2, so the energy at their midpoint is the
+// closed form below, measured at the call's time, and retrieval finds the
+// newer one. Energies that cannot decay are refused; a restart keeps the
+// half-life and every store time.
+TEST_F(MemoryFeaturesTest, DecayingBankWeighsPatternsByAge) {
+  ASSERT_TRUE(Create("d", 0, 4.0, 0, /*half_life=*/60).ok());
+  const int64_t t0 = now_ms_.load();
+  for (int r = 0; r < 2; ++r) {
+    v1::StoreRequest req;
+    req.set_bank("d");
+    for (int i = 0; i < kDim; ++i) req.add_patterns(i == r ? 1.f : 0.f);
+    req.add_ids(r + 1);
+    ASSERT_TRUE(Store(req).ok());
+    if (r == 0) now_ms_ += 60'000;
+  }
+  auto energy_at_midpoint = [&] {
+    grpc::ClientContext ctx;
+    v1::EnergyRequest req;
+    req.set_bank("d");
+    for (int i = 0; i < kDim; ++i) req.add_states(i < 2 ? 0.5f : 0.f);
+    v1::EnergyResponse resp;
+    EXPECT_TRUE(stub_->Energy(&ctx, req, &resp).ok());
+    return resp.energies(0);
+  };
+  // lse, beta 4: E = -(1/4) log sum_mu 2^(-age_mu / 60 s) e^(4 * 0.5) + |x|^2 / 2.
+  const double beta = 4.0;
+  auto closed_form = [&](double weights) {
+    return -(std::log(weights) + beta * 0.5) / beta + 0.25;
+  };
+  EXPECT_NEAR(energy_at_midpoint(), closed_form(0.5 + 1.0), 1e-6);
+  now_ms_ += 60'000;
+  EXPECT_NEAR(energy_at_midpoint(), closed_form(0.25 + 0.5), 1e-6);
+  v1::RetrieveRequest ret;
+  ret.set_bank("d");
+  for (int i = 0; i < kDim; ++i) ret.add_queries(i < 2 ? 0.5f : 0.f);
+  ret.mutable_energy()->set_family(v1::ENERGY_FAMILY_LSE);
+  ret.mutable_energy()->set_beta(40.0);
+  v1::RetrieveResponse resp;
+  ASSERT_TRUE(Retrieve(ret, &resp).ok());
+  EXPECT_EQ(resp.results(0).nearest().id(), 2u);
+  // Energies and dynamics with no weights to decay.
+  v1::RetrieveRequest sparse = ret;
+  sparse.mutable_energy()->set_family(v1::ENERGY_FAMILY_GENERAL);
+  sparse.mutable_energy()->set_separation(v1::SEPARATION_SPARSEMAX);
+  grpc::Status s = Retrieve(sparse, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(s.error_message(), HasSubstr("decays with age"));
+  v1::RetrieveRequest tiny = ret;
+  tiny.mutable_options()->set_dynamics(v1::DYNAMICS_TINYBRAIN);
+  EXPECT_EQ(Retrieve(tiny, &resp).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  {
+    grpc::ClientContext ctx;
+    v1::CreateBankRequest req;
+    req.set_name("bip");
+    req.set_dim(kDim);
+    req.set_kind(v1::STATE_KIND_BIPOLAR);
+    req.set_decay_half_life_seconds(60);
+    v1::BankInfo info;
+    EXPECT_EQ(stub_->CreateBank(&ctx, req, &info).error_code(),
+              grpc::StatusCode::FAILED_PRECONDITION);
+  }
+  EXPECT_EQ(Create("far", 0, 4.0, 0, uint64_t{1} << 40).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  const v1::GetPatternsResponse before = AllPatterns("d");
+  ASSERT_EQ(before.stored_unix_ms_size(), 2);
+  EXPECT_EQ(before.stored_unix_ms(0), t0);
+  EXPECT_EQ(before.stored_unix_ms(1), t0 + 60'000);
+  server_.reset();
+  Start();
+  EXPECT_TRUE(google::protobuf::util::MessageDifferencer::Equals(before, AllPatterns("d")));
+  EXPECT_EQ(Info("d").decay_half_life_seconds(), 60u);
+  v1::ListBanksResponse banks;
+  grpc::ClientContext list_ctx;
+  ASSERT_TRUE(stub_->ListBanks(&list_ctx, v1::ListBanksRequest(), &banks).ok());
+  EXPECT_EQ(banks.banks_size(), 1);  // the refused banks were not created
+  EXPECT_NEAR(energy_at_midpoint(), closed_form(0.25 + 0.5), 1e-6);
 }
 
 TEST_F(MemoryFeaturesTest, BadInputGetsItsCodeAndChangesNothing) {
   ASSERT_TRUE(Create("kv", kValueDim).ok());
   ASSERT_TRUE(Create("plain", 0).ok());
   Fill("kv");
-  auto count = [&](const std::string& bank) {
-    grpc::ClientContext ctx;
-    v1::GetBankRequest get;
-    get.set_name(bank);
-    v1::BankInfo info;
-    EXPECT_TRUE(stub_->GetBank(&ctx, get, &info).ok());
-    return info.patterns();
-  };
+  auto count = [&](const std::string& bank) { return Info(bank).patterns(); };
   struct Case {
     const char* what;
     v1::StoreRequest req;

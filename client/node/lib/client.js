@@ -166,6 +166,9 @@ class Client {
    *   pattern carries (a key -> value bank); 0 for none
    * @param {number|bigint} [options.ttlSeconds=0] default time to live of the
    *   bank's patterns; 0 for none
+   * @param {number|bigint} [options.decayHalfLifeSeconds=0] half-life of a
+   *   pattern's weight: one stored `age` ago weighs 2^(-age / half-life) in
+   *   the softmax (softmax energies on continuous banks); 0 for no decay
    * @param {number} [options.timeoutMs] deadline of this call
    * @returns {Promise<object>} the new bank's BankInfo; rejects ALREADY_EXISTS
    *   when the name is taken, INVALID_ARGUMENT on a bad name, dim, kind or
@@ -180,6 +183,8 @@ class Client {
       precision: c.enumIn('Precision', options.precision),
       valueDim: options.valueDim,
       ttlSeconds: c.optionalUint64In(options.ttlSeconds, 'ttlSeconds'),
+      decayHalfLifeSeconds: c.optionalUint64In(options.decayHalfLifeSeconds,
+                                               'decayHalfLifeSeconds'),
     }, options);
     return c.bankOut(reply);
   }
@@ -270,11 +275,13 @@ class Client {
    * @param {number} [options.timeoutMs] deadline of this call
    * @returns {Promise<{dim: number, ids: bigint[], patterns: Float32Array,
    *   payloads: Buffer[], values: Float32Array, labels: object[],
-   *   expiresUnixMs: number[], nextPageStart: number}>} patterns and values
+   *   expiresUnixMs: number[], storedUnixMs: number[], nextPageStart: number}>}
+   *   patterns and values
    *   (ids.length * M floats, empty without values) bit for bit as stored;
    *   one labels object per id (int labels as bigints); the Unix time in ms
    *   at which each pattern expires, 0 for never (an expired pattern stays
-   *   here until the server's expiry sweep removes it). Rejects NOT_FOUND if
+   *   here until the server's expiry sweep removes it), and at which it was
+   *   stored (its age for decay; 0: not recorded). Rejects NOT_FOUND if
    *   the bank or any id is absent
    */
   async getPatterns(bank, options = {}) {
@@ -292,6 +299,7 @@ class Client {
       values: c.floatsOut(reply.values),
       labels: reply.labels.map(c.labelsOut),
       expiresUnixMs: reply.expiresUnixMs.map(Number),
+      storedUnixMs: reply.storedUnixMs.map(Number),
       nextPageStart: Number(reply.nextPageStart),
     };
   }

@@ -361,6 +361,7 @@ function bankOut(b) {
     precision: fromProtoEnum('Precision', b.precision),
     valueDim: b.valueDim,
     ttlSeconds: Number(b.ttlSeconds),
+    decayHalfLifeSeconds: Number(b.decayHalfLifeSeconds),
     patterns: Number(b.patterns),
     bytes: Number(b.bytes),
     load: b.load,

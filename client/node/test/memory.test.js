@@ -82,6 +82,17 @@ describe('values, labels, filters and time to live against engramd', { skip }, (
       assert.deepEqual(listed.map((b) => [b.name, b.valueDim, b.ttlSeconds]),
         [['info-kv', 3, 3600], ['info-plain', 0, 0]]);
       assert.equal((await client.getBank('info-kv')).valueDim, 3);
+      const decaying = await client.createBank('info-decay', 4, { decayHalfLifeSeconds: 60 });
+      assert.equal(decaying.decayHalfLifeSeconds, 60);
+      assert.equal(plain.decayHalfLifeSeconds, 0);
+      const before = Date.now();
+      await client.store('info-decay', [[1, 0, 0, 0]]);
+      const [stored] = (await client.getPatterns('info-decay')).storedUnixMs;
+      assert.ok(stored >= before && stored <= Date.now(), `${stored}`);
+      await client.deleteBank('info-decay');
+      await assert.rejects(
+        client.createBank('info-bad', 4, { kind: 'bipolar', decayHalfLifeSeconds: 60 }),
+        { codeName: 'FAILED_PRECONDITION', attempts: 1 });
       // More than 100 years.
       await assert.rejects(client.createBank('info-bad', 4, { ttlSeconds: 2n ** 40n }),
         { codeName: 'INVALID_ARGUMENT', attempts: 1 });

@@ -45,6 +45,35 @@ def test_bank_info_echoes_value_dim_and_ttl(client, bank_name):
     assert (plain.value_dim, plain.ttl_seconds) == (0, 0)
 
 
+def test_decay_weighs_patterns_by_the_age_the_server_recorded(client, bank_name):
+    # Two equally good matches stored ~0.4 s apart on a bank whose weights
+    # halve every second: one step from their midpoint weighs the older one
+    # by 2^(-(t_b - t_a) / 1 s) relative to the newer, whatever the time of
+    # the call, with t_a, t_b the store times the server reports.
+    name = bank_name()
+    n, beta = 4, 2.0
+    info = client.create_bank(name, n, energy="lse", beta=beta, decay_half_life_seconds=1)
+    assert (info.decay_half_life_seconds, info.raw.decay_half_life_seconds) == (1, 1)
+    eye = np.eye(n, dtype=np.float32)
+    lo = now_ms()
+    client.store(name, eye[:1])
+    time.sleep(0.4)
+    client.store(name, eye[1:2])
+    hi = now_ms()
+    got = client.get_patterns(name)
+    assert got.stored_unix_ms.dtype == np.int64
+    t_a, t_b = got.stored_unix_ms.tolist()
+    assert lo <= t_a < t_b <= hi
+    [res] = client.retrieve(name, 0.5 * (eye[0] + eye[1]), max_steps=1)
+    older = 2.0 ** (-(t_b - t_a) / 1000.0)
+    np.testing.assert_allclose(res.state[:2], [older / (1 + older), 1 / (1 + older)], atol=1e-5)
+    with pytest.raises(engram_client.FailedPrecondition):
+        client.retrieve(name, eye[0], energy=pb.EnergyConfig(
+            family=pb.ENERGY_FAMILY_GENERAL, separation=pb.SEPARATION_SPARSEMAX))
+    with pytest.raises(engram_client.FailedPrecondition):
+        client.create_bank(bank_name(), n, "bipolar", decay_half_life_seconds=1)
+
+
 @pytest.mark.parametrize("family", ["lse", "gaussian"])
 def test_energy_values_are_the_numpy_attention_readout(client, bank_name, family):
     rng = np.random.default_rng(30)

@@ -317,14 +317,17 @@ def _set_filter(req: Any, spec: FilterLike) -> None:
 def create_bank_request(name: str, dim: int, kind: EnumLike = "continuous", *,
                         energy: EnergyLike = None, beta: Optional[float] = None,
                         degree: Optional[int] = None, precision: EnumLike = None,
-                        value_dim: int = 0, ttl_seconds: int = 0) -> "pb.CreateBankRequest":
+                        value_dim: int = 0, ttl_seconds: int = 0,
+                        decay_half_life_seconds: int = 0) -> "pb.CreateBankRequest":
     """Returns the CreateBankRequest for a bank `name` of dimension `dim`
-    (value_dim M > 0: a key -> value bank; ttl_seconds: default time to live)."""
+    (value_dim M > 0: a key -> value bank; ttl_seconds: default time to live;
+    decay_half_life_seconds: half-life of a pattern's weight, 0: none)."""
     req = pb.CreateBankRequest(name=name, dim=operator.index(dim),
                                kind=enum_value("StateKind", kind),
                                precision=enum_value("Precision", precision),
                                value_dim=operator.index(value_dim),
-                               ttl_seconds=operator.index(ttl_seconds))
+                               ttl_seconds=operator.index(ttl_seconds),
+                               decay_half_life_seconds=operator.index(decay_half_life_seconds))
     cfg = energy_config(energy, beta, degree)
     if cfg is not None:
         req.energy.CopyFrom(cfg)
@@ -543,7 +546,8 @@ def decode_bank_info(m: "pb.BankInfo") -> BankInfo:
                           exact_patterns=m.capacity.exact_patterns,
                           formula=m.capacity.formula,
                           over_capacity=m.capacity.over_capacity),
-        value_dim=m.value_dim, ttl_seconds=m.ttl_seconds, raw=m)
+        value_dim=m.value_dim, ttl_seconds=m.ttl_seconds,
+        decay_half_life_seconds=m.decay_half_life_seconds, raw=m)
 
 
 def decode_list_banks(m: "pb.ListBanksResponse") -> List[BankInfo]:
@@ -568,7 +572,8 @@ def decode_patterns(m: "pb.GetPatternsResponse") -> Patterns:
     return Patterns(ids=np.array(list(m.ids), dtype=np.uint64), patterns=rows,
                     payloads=list(m.payloads), next_page_start=m.next_page_start,
                     values=_rows(m.values, k), labels=[labels_dict(x) for x in m.labels],
-                    expires_unix_ms=np.array(list(m.expires_unix_ms), dtype=np.int64), raw=m)
+                    expires_unix_ms=np.array(list(m.expires_unix_ms), dtype=np.int64),
+                    stored_unix_ms=np.array(list(m.stored_unix_ms), dtype=np.int64), raw=m)
 
 
 def decode_delete_patterns(m: "pb.DeletePatternsResponse") -> int:

@@ -120,11 +120,13 @@ class AsyncClient:
                           energy: _convert.EnergyLike = None, beta: Optional[float] = None,
                           degree: Optional[int] = None, precision: _convert.EnumLike = None,
                           value_dim: int = 0, ttl_seconds: int = 0,
+                          decay_half_life_seconds: int = 0,
                           timeout: Optional[float] = None) -> BankInfo:
         """Creates an empty bank and returns its description (see Client.create_bank)."""
         req = _convert.create_bank_request(name, dim, kind, energy=energy, beta=beta,
                                            degree=degree, precision=precision,
-                                           value_dim=value_dim, ttl_seconds=ttl_seconds)
+                                           value_dim=value_dim, ttl_seconds=ttl_seconds,
+                                           decay_half_life_seconds=decay_half_life_seconds)
         return _convert.decode_bank_info(await self._call(self._stub.CreateBank, req, timeout))
 
     async def get_bank(self, name: str, *, timeout: Optional[float] = None) -> BankInfo:

@@ -142,6 +142,7 @@ class Client:
                     energy: _convert.EnergyLike = None, beta: Optional[float] = None,
                     degree: Optional[int] = None, precision: _convert.EnumLike = None,
                     value_dim: int = 0, ttl_seconds: int = 0,
+                    decay_half_life_seconds: int = 0,
                     timeout: Optional[float] = None) -> BankInfo:
         """Creates an empty bank and returns its description.
 
@@ -158,6 +159,9 @@ class Client:
             every pattern carries a value of M floats, and retrieve and
             energy read out sum_mu p_mu v_mu. 0: no values.
           ttl_seconds: default time to live of stored patterns (0: none).
+          decay_half_life_seconds: half-life of a pattern's weight (0: no
+            decay): a pattern stored `age` ago weighs 2^(-age / half-life)
+            in the softmax. Softmax energies on continuous banks only.
 
         Raises:
           AlreadyExists if the name is taken; InvalidArgument for a bad name,
@@ -166,7 +170,8 @@ class Client:
         """
         req = _convert.create_bank_request(name, dim, kind, energy=energy, beta=beta,
                                            degree=degree, precision=precision,
-                                           value_dim=value_dim, ttl_seconds=ttl_seconds)
+                                           value_dim=value_dim, ttl_seconds=ttl_seconds,
+                                           decay_half_life_seconds=decay_half_life_seconds)
         return _convert.decode_bank_info(self._call(self._stub.CreateBank, req, timeout))
 
     def get_bank(self, name: str, *, timeout: Optional[float] = None) -> BankInfo:
@@ -229,7 +234,8 @@ class Client:
         Without: rows [page_start, page_start + page_size) in storage order
         (page_size 0 means 1000); continue from `.next_page_start`.
         The result also carries each pattern's value (`.values`, (K, M) or
-        None), labels (`.labels`, dicts) and expiry (`.expires_unix_ms`).
+        None), labels (`.labels`, dicts), expiry (`.expires_unix_ms`) and
+        store time (`.stored_unix_ms`).
         """
         req = _convert.get_patterns_request(bank, ids, page_start, page_size)
         return _convert.decode_patterns(self._call(self._stub.GetPatterns, req, timeout))

@@ -83,6 +83,7 @@ class BankInfo:
     capacity: Capacity
     value_dim: int          # M of a key -> value bank; 0: no values
     ttl_seconds: int        # default time to live of stored patterns; 0: none
+    decay_half_life_seconds: int  # half-life of a pattern's weight; 0: no decay
     raw: Any = dataclasses.field(default=None, repr=False, compare=False)
 
 
@@ -100,6 +101,8 @@ class Patterns:
       labels: K dicts {key: str | int}, as stored ({} without labels).
       expires_unix_ms: int64 array (K,), Unix time in ms at which each
         pattern expires; 0: never.
+      stored_unix_ms: int64 array (K,), Unix time in ms at which each
+        pattern was stored (its age for decay); 0: not recorded.
     """
 
     ids: np.ndarray
@@ -109,6 +112,7 @@ class Patterns:
     values: Optional[np.ndarray]
     labels: List[Dict[str, Union[str, int]]]
     expires_unix_ms: np.ndarray
+    stored_unix_ms: np.ndarray
     raw: Any = dataclasses.field(default=None, repr=False)
 
 

@@ -63,7 +63,18 @@ struct BankSpec {
   // Time to live of a stored pattern unless its Store says otherwise, in
   // milliseconds; 0: patterns live until deleted. At most kMaxTtlMs.
   int64_t ttl_ms = 0;
+  // Half-life of a pattern's weight, in milliseconds; 0: no decay. With
+  // decay, a pattern stored `age` ago enters the softmax with its weight
+  // times 2^(-age / half-life) (Bank::LogPrior). Only for energies with
+  // softmax weights on continuous banks (ValidateDecay). At most kMaxTtlMs.
+  int64_t decay_half_life_ms = 0;
 };
+
+// OK when a bank that decays with half-life `half_life_ms` (0: none) can use
+// `energy`: lse, gaussian, or general with the softmax separation and a dot
+// or -|x - xi|^2/2 similarity, on a continuous bank. FAILED_PRECONDITION
+// otherwise; INVALID_ARGUMENT for a half-life outside [0, kMaxTtlMs].
+absl::Status ValidateDecay(int64_t half_life_ms, const EnergyConfig& energy, StateKind kind);
 
 // The labels of one pattern: string and integer entries, each list sorted by
 // key with distinct keys (a key is either a string or an integer label).
@@ -91,11 +102,13 @@ struct Labels {
 // What a Store adds beside the rows. Each span is empty or holds one entry
 // per pattern (values: K * value_dim floats, required when the bank's
 // value_dim > 0). expires_ms is the Unix time in milliseconds at which the
-// pattern expires, 0 for never.
+// pattern expires, 0 for never; stored_ms the Unix time in milliseconds at
+// which it was stored (its age for decay), 0 when unknown.
 struct PatternExtras {
   absl::Span<const float> values;
   absl::Span<const Labels> labels;
   absl::Span<const int64_t> expires_ms;
+  absl::Span<const int64_t> stored_ms;
 };
 
 // OK if `name` matches [a-z0-9][a-z0-9_.-]{0,63}; INVALID_ARGUMENT otherwise.
@@ -140,6 +153,15 @@ class Bank {
   int64_t expires_ms(int64_t row) const { return expires_ms_[row]; }
   // The earliest expiry of any row; 0 when no row expires.
   int64_t min_expires_ms() const { return min_expires_ms_; }
+  // Unix time in milliseconds at which the row was stored; 0 when unknown.
+  int64_t stored_ms(int64_t row) const { return stored_ms_[row]; }
+  // Whether the bank's weights decay with age (spec().decay_half_life_ms > 0).
+  bool decays() const { return spec_.decay_half_life_ms > 0; }
+  // The log weight prior of every row at `now_ms` for a decaying bank:
+  // b_mu = -ln 2 * max(0, now_ms - stored_ms(mu)) / half-life, set as
+  // PatternView::log_prior for a computation at that time. Empty when the
+  // bank does not decay.
+  std::vector<double> LogPrior(int64_t now_ms) const;
   // Rows in ascending order whose string label `key` is `value`.
   absl::Span<const int64_t> RowsWithString(const std::string& key, const std::string& value) const;
   // (row, value) for every row with integer label `key`, rows ascending.
@@ -207,6 +229,7 @@ class Bank {
   std::vector<float> values_;         // size() x spec_.value_dim
   std::vector<Labels> labels_;        // one per row
   std::vector<int64_t> expires_ms_;   // one per row, 0 for never
+  std::vector<int64_t> stored_ms_;    // one per row, 0 when unknown
   int64_t min_expires_ms_ = 0;
   absl::flat_hash_map<uint64_t, int64_t> row_of_;
   // key -> value -> rows (ascending); key -> (row, value), rows ascending.

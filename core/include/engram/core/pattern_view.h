@@ -45,6 +45,12 @@ struct PatternView {
   const int8_t* screen = nullptr;
   const ScreenRow* screen_rows = nullptr;
   const int32_t* screen_sums = nullptr;
+  // A log weight prior per row (b_mu <= 0; null for none): an energy with
+  // softmax weights over this view weighs row mu by exp(beta S_mu + b_mu),
+  // i.e. it sees the similarity S_mu + b_mu / beta. A bank's decay with age
+  // (Bank::LogPrior). Only the reference evaluation reads it; the fast
+  // passes decline a view that has one.
+  const double* log_prior = nullptr;
   const float* row(int64_t mu) const { return data + mu * dim; }
 };
 

@@ -65,6 +65,9 @@ struct SampleOptions {
   double fixed_point_tol = 1e-3;
   // Record the state every k steps (0: never).
   int trajectory_every = 0;
+  // The bank's log weight prior at the call's time (Bank::LogPrior: decay
+  // with age), one per row, or empty for none.
+  absl::Span<const double> log_prior;
   // Polled between steps; true stops the call with a deadline.
   std::function<bool()> should_stop;
   // Called after each step with (step, sigma, states of every sample), for

@@ -53,6 +53,7 @@ class BankStorage {
     absl::Span<const float> value;   // value_dim floats
     const Labels* labels = nullptr;  // never null
     int64_t expires_ms = 0;
+    int64_t stored_ms = 0;           // Unix ms at which it was stored; 0 unknown
   };
   using PatternVisitor =
       std::function<absl::Status(std::string_view bank, const StoredPattern& pattern)>;
