@@ -7,6 +7,8 @@
 //       --beta 0.05 --repeats 7
 //   engram_compare --sample 1 --patterns xi.f32 --dim 784 --count 64 \
 //       --steps 64 --out DIR          # diffusion sampling (see SampleWorkload)
+//   engram_compare --throughput 1 --patterns xi.f32 --queries q.f32 --dim 784 \
+//       --batch 32 --beta 20          # batched retrieval rate (RetrieveThroughput)
 #include <immintrin.h>
 
 #include <algorithm>
@@ -178,6 +180,38 @@ void SampleWorkload(const std::vector<float>& xi, int n, int count, int steps, i
   WriteFloats(out + "/unit.f32", unit.data(), unit.size() * 4);
 }
 
+// Sync retrieval of every query to convergence on an lse bank, in batches
+// of b queries (RunSyncBatch, default options): what the server's dynamic
+// batcher runs for b concurrent single-query Retrieve calls. Emits queries
+// per second (median over the repeats) and the mean steps per query.
+template <typename Emit>
+void RetrieveThroughput(const std::vector<float>& xi, const std::vector<float>& q, int n,
+                        int b, double beta, int repeats, Emit& emit) {
+  const int64_t k = static_cast<int64_t>(xi.size()) / n;
+  const int64_t nq = static_cast<int64_t>(q.size()) / n;
+  const core::EnergyConfig cfg{.family = core::EnergyFamily::kLse, .beta = beta};
+  core::Bank bank(core::BankSpec{"b", n, core::StateKind::kContinuous, cfg, core::Precision::kF32});
+  bank.Append(xi, bank.AssignIds(k), {});
+  core::EnergyFunction energy(cfg, bank.view());
+  const core::RetrieveOptions o;
+  int64_t steps = 0;
+  const double t = TimeMedian(repeats, [&] {
+    steps = 0;
+    for (int64_t q0 = 0; q0 < nq; q0 += b) {
+      std::vector<core::BatchQuery> batch;
+      for (int64_t i = q0; i < std::min<int64_t>(nq, q0 + b); ++i) {
+        batch.push_back({absl::MakeConstSpan(q.data() + i * n, n), {}, &o});
+      }
+      for (auto& r : core::RunSyncBatch(energy, core::StateKind::kContinuous, batch)) {
+        if (!r.ok()) std::abort();
+        steps += r->steps;
+      }
+    }
+  });
+  emit("queries_per_s", static_cast<double>(nq) / t);
+  emit("steps_per_query", static_cast<double>(steps) / static_cast<double>(nq));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -209,6 +243,11 @@ int main(int argc, char** argv) {
     return 0;
   }
   const std::vector<float> q = ReadFloats(Arg(argc, argv, "--queries", ""));
+  if (Arg(argc, argv, "--throughput", "0") == "1") {
+    RetrieveThroughput(xi, q, n, b, beta, repeats, emit);
+    std::printf("}\n");
+    return 0;
+  }
   std::vector<float> out(int64_t{b} * n);
   std::vector<double> energies(b);
   if (bipolar) {
