@@ -65,9 +65,11 @@ BENCHMARK(BM_LseSyncStep)->Args({784, 10000})->Args({784, 1000})->Args({4096, 10
 
 // The value readout of a key -> value bank (M = arg 2) at one state: the
 // scores pass plus the weighted sum of values, next to BM_LseSyncStep's
-// step on the same bank shape.
+// step on the same bank shape; arg 3 = 1 reads out a sparsemax bank
+// (beta 40), which sums the values of its support only.
 void BM_ValueReadout(benchmark::State& state) {
   const int n = state.range(0), k = state.range(1), m = state.range(2);
+  const bool sparse = state.range(3) == 1;
   core::Bank keys = RandomBank(n, k, core::StateKind::kContinuous, 1);
   std::mt19937_64 rng(3);
   std::normal_distribution<float> g;
@@ -76,7 +78,10 @@ void BM_ValueReadout(benchmark::State& state) {
   core::Bank bank(core::BankSpec{"bench", n, core::StateKind::kContinuous, {},
                                  core::Precision::kF32, m});
   bank.Append(data, bank.AssignIds(k), {}, core::PatternExtras{values, {}, {}});
-  core::EnergyConfig cfg{.family = core::EnergyFamily::kLse, .beta = 0.05};
+  const core::EnergyConfig cfg =
+      sparse ? core::EnergyConfig{.family = core::EnergyFamily::kGeneral, .beta = 40.0,
+                                  .separation = core::SeparationKind::kSparsemax}
+             : core::EnergyConfig{.family = core::EnergyFamily::kLse, .beta = 0.05};
   core::EnergyFunction energy(cfg, bank.view());
   std::vector<float> x(bank.pattern(3), bank.pattern(3) + n), out(m);
   for (auto _ : state) {
@@ -84,7 +89,8 @@ void BM_ValueReadout(benchmark::State& state) {
     benchmark::DoNotOptimize(out.data());
   }
 }
-BENCHMARK(BM_ValueReadout)->Args({784, 10000, 16})->Args({784, 10000, 784})
+BENCHMARK(BM_ValueReadout)->Args({784, 10000, 16, 0})->Args({784, 10000, 784, 0})
+    ->Args({784, 10000, 16, 1})->Args({784, 10000, 784, 1})
     ->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 // One step of a compact-support separation (arg 0: 0 sparsemax, 1 1.5-entmax,

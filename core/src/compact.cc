@@ -23,8 +23,8 @@ bool HasCompactPass(const EnergyConfig& config) {
          config.similarity == SimilarityKind::kNegHalfSqL2;
 }
 
-bool CompactPass(const PatternView& view, const EnergyConfig& config, const float* x, float* acc,
-                 CompactSums* out) {
+bool CompactWeights(const PatternView& view, const EnergyConfig& config, const float* x,
+                    CompactSupport* support_out) {
   const int64_t rows = view.rows;
   const int n = view.dim;
   if (rows == 0 || !HasCompactPass(config)) return false;
@@ -53,7 +53,8 @@ bool CompactPass(const PatternView& view, const EnergyConfig& config, const floa
   // (margin) any whose z only rounding separates from the bound: a row
   // outside the support changes neither the threshold nor a weight.
   const double margin = 0x1p-40 * (1.0 + std::fabs(zmax));
-  std::vector<int64_t> cand;
+  std::vector<int64_t>& cand = support_out->rows;
+  cand.clear();
   std::vector<double> z;
   const SeparationKind sep = config.separation;
   for (int64_t r = 0; r < rows; ++r) {
@@ -66,7 +67,10 @@ bool CompactPass(const PatternView& view, const EnergyConfig& config, const floa
     z.push_back(zr);
   }
   const int64_t m = static_cast<int64_t>(cand.size());
-  std::vector<double> w(m, 0.0);
+  std::vector<double>& w = support_out->weights;
+  w.assign(m, 0.0);
+  CompactSums* out = &support_out->sums;
+  *out = CompactSums{};
   double energy = 0.0, wsum = 0.0;
   if (sep == SeparationKind::kLogSumRelu) {
     // As EnergyFromSimilarities: z = eps + sum_mu [1 + beta s_mu]_+, the
@@ -86,21 +90,30 @@ bool CompactPass(const PatternView& view, const EnergyConfig& config, const floa
   }
 
   int64_t support = 0;
-  if (acc != nullptr) {
-    std::fill(acc, acc + n, 0.f);
-    const kernels::KernelTable& k = kernels::Kernels();
-    for (int64_t j = 0; j < m; ++j) {
-      if (w[j] == 0.0) continue;
-      const float wf = static_cast<float>(w[j]);
-      k.axpy_rows(view.data + cand[j] * n, 1, n, &wf, acc);
-    }
-  }
   for (int64_t j = 0; j < m; ++j) support += w[j] != 0.0;
   out->energy = energy;
   out->wsum = wsum;
   out->candidates = m;
   out->support = support;
   out->nearest_row = nearest;
+  return true;
+}
+
+bool CompactPass(const PatternView& view, const EnergyConfig& config, const float* x, float* acc,
+                 CompactSums* out) {
+  CompactSupport support;
+  if (!CompactWeights(view, config, x, &support)) return false;
+  if (acc != nullptr) {
+    const int n = view.dim;
+    std::fill(acc, acc + n, 0.f);
+    const kernels::KernelTable& k = kernels::Kernels();
+    for (size_t j = 0; j < support.rows.size(); ++j) {
+      if (support.weights[j] == 0.0) continue;
+      const float wf = static_cast<float>(support.weights[j]);
+      k.axpy_rows(view.data + support.rows[j] * n, 1, n, &wf, acc);
+    }
+  }
+  *out = support.sums;
   return true;
 }
 

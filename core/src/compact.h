@@ -20,6 +20,7 @@
 #define ENGRAM_CORE_SRC_COMPACT_H_
 
 #include <cstdint>
+#include <vector>
 
 #include "engram/core/energy_config.h"
 #include "engram/core/pattern_view.h"
@@ -38,6 +39,15 @@ struct CompactSums {
   int64_t nearest_row = -1;  // as Bank::Nearest (first on ties); -1 with no rows
 };
 
+// The rows a compact pass weighs and their weights: `rows` (ascending) are
+// the candidates the bound kept, `weights` theirs (0 outside the support);
+// the sums as in CompactSums, nothing accumulated.
+struct CompactSupport {
+  std::vector<int64_t> rows;
+  std::vector<double> weights;
+  CompactSums sums;
+};
+
 // True when `config` has a compact-support separation this pass evaluates
 // (general family; sparsemax, 1.5-entmax or log-sum-ReLU; kDot or
 // kNegHalfSqL2 similarity).
@@ -50,6 +60,11 @@ bool HasCompactPass(const EnergyConfig& config);
 // path then decides) or the bank is empty.
 bool CompactPass(const PatternView& view, const EnergyConfig& config, const float* x, float* acc,
                  CompactSums* out);
+
+// The first half of CompactPass: the support and weights at x, for sums over
+// other rows than the patterns' (a value readout). False as CompactPass.
+bool CompactWeights(const PatternView& view, const EnergyConfig& config, const float* x,
+                    CompactSupport* out);
 
 }  // namespace engram::core::internal
 

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <vector>
 
+#include "compact.h"
 #include "fused.h"
 #include "kernels/kernels.h"
 #include "parallel.h"
@@ -79,6 +80,21 @@ void ValueReadout(const EnergyFunction& energy, const float* values, int value_d
   std::fill(out, out + m, 0.f);
   if (log_norm != nullptr) *log_norm = 0.0;
   if (k == 0 || m == 0) return;
+  // A separation of compact support weighs only the rows its bound keeps:
+  // the readout sums the values of its support alone, in double.
+  internal::CompactSupport support;
+  if (internal::HasCompactPass(energy.config()) &&
+      internal::CompactWeights(energy.patterns(), energy.config(), x, &support)) {
+    std::vector<double> sum(m, 0.0);
+    for (size_t j = 0; j < support.rows.size(); ++j) {
+      const double w = support.weights[j];
+      if (w == 0.0) continue;
+      const float* v = values + support.rows[j] * m;
+      for (int i = 0; i < m; ++i) sum[i] += w * v[i];
+    }
+    for (int i = 0; i < m; ++i) out[i] = static_cast<float>(sum[i]);
+    return;
+  }
   std::vector<double> p(k);
   ReadoutWeights(energy, x, p.data(), log_norm);
   // Unnormalised weights (polynomial F') can pass the float range: the sums

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <filesystem>
 #include <random>
+#include <tuple>
 
 #include <gtest/gtest.h>
 
@@ -173,6 +174,82 @@ TEST(ValueReadoutTest, ConvergedRetrievalReadsTheFoundMemorysValue) {
 // Sparse separations with the L2 similarity: the sync step minimises
 // sum_mu p_mu |x - xi_mu|^2 / 2 - H(p) / beta alternately in x and p, so the
 // energy never rises; a query with a margin is retrieved exactly.
+// Weights of the compact separations from their definitions, by bisection
+// on the threshold: sparsemax p = [z - tau]_+ and 1.5-entmax
+// p = [z / 2 - tau]_+^2 with sum p = 1; log-sum-ReLU: the mean over the
+// rows with 1 + z > 0.
+std::vector<double> CompactReferenceWeights(const std::vector<double>& z, SeparationKind sep) {
+  const size_t k = z.size();
+  std::vector<double> p(k, 0.0);
+  if (sep == SeparationKind::kLogSumRelu) {
+    double in = 0;
+    for (double v : z) in += 1.0 + v > 0.0;
+    for (size_t i = 0; i < k; ++i) p[i] = 1.0 + z[i] > 0.0 ? 1.0 / in : 0.0;
+    return p;
+  }
+  const bool sparse = sep == SeparationKind::kSparsemax;
+  auto weight = [&](double zi, double tau) {
+    const double d = std::max((sparse ? zi : zi / 2) - tau, 0.0);
+    return sparse ? d : d * d;
+  };
+  const double top = *std::max_element(z.begin(), z.end());
+  double lo = (sparse ? top : top / 2) - 1.0, hi = sparse ? top : top / 2;
+  for (int it = 0; it < 200; ++it) {
+    const double mid = 0.5 * (lo + hi);
+    double sum = 0;
+    for (double v : z) sum += weight(v, mid);
+    (sum > 1.0 ? lo : hi) = mid;
+  }
+  for (size_t i = 0; i < k; ++i) p[i] = weight(z[i], 0.5 * (lo + hi));
+  return p;
+}
+
+// The value readout of sparsemax, 1.5-entmax and log-sum-ReLU banks (which
+// sums the values of the support alone) against sum_mu p_mu v_mu with p
+// from the definitions, near a pattern (a small support) and between
+// patterns (a larger one).
+TEST(ValueReadoutTest, CompactSeparationsReadTheirSupportsValues) {
+  std::mt19937_64 rng(71);
+  const int n = 8, m = 3, k = 300;
+  auto xi = RandomGaussian(int64_t{k} * n, rng, 0.4f);
+  auto v = RandomGaussian(int64_t{k} * m, rng);
+  for (auto [sep, sim, beta] :
+       {std::tuple{SeparationKind::kSparsemax, SimilarityKind::kDot, 6.0},
+        std::tuple{SeparationKind::kEntmax15, SimilarityKind::kDot, 6.0},
+        std::tuple{SeparationKind::kLogSumRelu, SimilarityKind::kNegHalfSqL2, 1.5}}) {
+    const EnergyConfig c{.family = EnergyFamily::kGeneral, .beta = beta, .similarity = sim,
+                         .separation = sep};
+    Bank bank = ValueBank(n, m, xi, v, c);
+    EnergyFunction energy(c, bank.view());
+    for (int trial = 0; trial < 4; ++trial) {
+      std::vector<float> x = RandomGaussian(n, rng, trial < 2 ? 0.05f : 0.4f);
+      if (trial < 2) {
+        for (int i = 0; i < n; ++i) x[i] += xi[(17 + trial) * n + i];
+      }
+      std::vector<double> z(k);
+      for (int mu = 0; mu < k; ++mu) {
+        double dot = 0, l2 = 0;
+        for (int i = 0; i < n; ++i) {
+          dot += double{xi[mu * n + i]} * x[i];
+          l2 += (double{xi[mu * n + i]} - x[i]) * (double{xi[mu * n + i]} - x[i]);
+        }
+        z[mu] = beta * (sim == SimilarityKind::kDot ? dot : -0.5 * l2);
+      }
+      const std::vector<double> p = CompactReferenceWeights(z, sep);
+      int support = 0;
+      for (double w : p) support += w > 0;
+      std::vector<float> got(m);
+      ValueReadout(energy, bank.value(0), m, x.data(), got.data());
+      for (int j = 0; j < m; ++j) {
+        double want = 0;
+        for (int mu = 0; mu < k; ++mu) want += p[mu] * v[mu * m + j];
+        EXPECT_NEAR(got[j], want, 1e-5) << static_cast<int>(sep) << " trial " << trial
+                                        << " support " << support;
+      }
+    }
+  }
+}
+
 TEST(SparseRetrievalTest, SyncDescendsAndRetrievesExactlyWithAMargin) {
   std::mt19937_64 rng(15);
   const int n = 64, k = 30;
