@@ -243,9 +243,10 @@ def main():
             xi /= np.linalg.norm(xi, axis=1, keepdims=True)
             pf = os.path.join(tmp, "xi.f32")
             xi.tofile(pf)
-            e = run_engram(f"{n} x {k:,} sample", ["--sample", 1, "--patterns", pf, "--dim", n,
-                                                   "--count", count, "--steps", 64, "--out", tmp,
-                                                   "--repeats", max(1, args.repeats // 3)])
+            # This build only: a baseline may predate the sampling workload.
+            e = engram(args.tool, ["--sample", 1, "--patterns", pf, "--dim", n, "--count", count,
+                                   "--steps", 64, "--out", tmp,
+                                   "--repeats", max(1, args.repeats // 3)])
             x0 = np.fromfile(os.path.join(tmp, "x0.f32"), dtype=np.float32).reshape(count, n)
             final = np.fromfile(os.path.join(tmp, "final.f32"), dtype=np.float32).reshape(count, n)
             sigmas = np.fromfile(os.path.join(tmp, "sigmas.f64"))
