@@ -98,6 +98,17 @@ absl::StatusOr<core::EnergyConfig> ResolveEnergy(bool has_override,
   return cfg;
 }
 
+// The latest store time of any row of `bank`; -1 when a row's store time
+// is unknown (0), whose prior then does not move with time.
+int64_t NewestStore(const core::Bank& bank) {
+  int64_t t = 0;
+  for (int64_t r = 0; r < bank.size(); ++r) {
+    if (bank.stored_ms(r) == 0) return -1;
+    t = std::max(t, bank.stored_ms(r));
+  }
+  return t;
+}
+
 // The bank's rows as a computation at `now_ms` reads them: with the log
 // weight prior of its decay with age, which `prior` holds (and must outlive
 // the view), when the bank decays.
@@ -1015,12 +1026,28 @@ absl::Status MemoryServiceImpl::RunEnergy(grpc::ServerContextBase* ctx,
                                                 core::StateKind::kContinuous));
   ENGRAM_ASSIGN_OR_RETURN(core::EnergyConfig cfg,
                           ResolveEnergy(req->has_energy(), req->energy(), *bank));
-  std::vector<double> prior;
-  core::EnergyFunction energy(cfg, ViewAt(*bank, registry->NowMs(), &prior));
+  const int64_t now = registry->NowMs();
+  std::vector<double> prior, newest_prior;
+  core::EnergyFunction energy(cfg, ViewAt(*bank, now, &prior));
   std::shared_ptr<const core::StoredEnergies> reference;
-  // A decaying bank's energies change with time: its reference is not kept.
+  // Energies minus `shift` are those the novelty reference was taken at.
+  double shift = 0.0;
   if (req->return_novelty()) {
-    reference = NoveltyReference(*bank, energy, whole_bank && !bank->decays());
+    const int64_t newest = NewestStore(*bank);
+    if (bank->decays() && newest >= 0 && now >= newest) {
+      // The reference of a decaying bank is taken at its newest store time
+      // t, and kept: at any later time every row's prior is lower by the
+      // same ln 2 (now - t) / h, so every energy is higher by that over beta
+      // and ranks and z-scores do not change.
+      const core::EnergyFunction at_newest(cfg, ViewAt(*bank, newest, &newest_prior));
+      reference = NoveltyReference(*bank, at_newest, whole_bank);
+      shift = std::log(2.0) * static_cast<double>(now - newest) /
+              (static_cast<double>(bank->spec().decay_half_life_ms) * cfg.beta);
+    } else {
+      // Rows stored after `now` (a clock step back) have age 0: no common
+      // shift, and the reference is not kept.
+      reference = NoveltyReference(*bank, energy, whole_bank && !bank->decays());
+    }
   }
   std::vector<float> grad(n);
   for (int64_t q = 0; q < b; ++q) {
@@ -1040,7 +1067,7 @@ absl::Status MemoryServiceImpl::RunEnergy(grpc::ServerContextBase* ctx,
       resp->mutable_values()->Add(value.begin(), value.end());
     }
     if (reference != nullptr) {
-      const double e = resp->energies(static_cast<int>(q));
+      const double e = resp->energies(static_cast<int>(q)) - shift;
       resp->add_novelty(core::Novelty(*reference, e));
       resp->add_novelty_z(reference->ZScore(e));
     }

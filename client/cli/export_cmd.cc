@@ -3,13 +3,18 @@
 // The export file is self-describing: the line "engram-bank-export 1\n",
 // then length-delimited engram.v1 messages (varint length + bytes, protobuf's
 // delimited format):
-//   1. BankInfo: name, dim, kind, energy, precision of the bank;
-//   2. GetPatternsResponse pages: ids, patterns (bit for bit) and payloads;
+//   1. BankInfo: name, dim, kind, energy, precision, value_dim, ttl_seconds
+//      and decay_half_life_seconds of the bank;
+//   2. GetPatternsResponse pages: ids, patterns (bit for bit), payloads,
+//      values and labels (and the expiries and store times, which import
+//      does not restore);
 //   3. a final GetPatternsResponse with no ids whose next_page_start is the
 //      number of patterns written (a file without it is truncated).
 // Import creates the bank (ALREADY_EXISTS if the name is taken) and stores
-// every page as one Store call with the ids and payloads of the file, so ids
-// are preserved. Export pages through the bank by row; it is exact for a bank
+// every page as one Store call with the ids, payloads, values and labels of
+// the file, so ids are preserved. The imported patterns are stored at import
+// time: their time to live is the bank's from then, and a decaying bank
+// counts their age from then. Export pages through the bank by row; it is exact for a bank
 // that is not being written meanwhile (Backup gives a point-in-time snapshot
 // of a bank under writes).
 #include <algorithm>
@@ -55,6 +60,9 @@ absl::Status RunBankExport(const Args& args, Context& ctx) {
     *header.mutable_energy() = info.energy();
     header.set_precision(info.precision());
     header.set_patterns(info.patterns());
+    header.set_value_dim(info.value_dim());
+    header.set_ttl_seconds(info.ttl_seconds());
+    header.set_decay_half_life_seconds(info.decay_half_life_seconds());
     bool ok = SerializeDelimitedToZeroCopyStream(header, &stream);
     v1::GetPatternsRequest req;
     req.set_bank(name);
@@ -109,6 +117,9 @@ absl::Status RunBankImport(const Args& args, Context& ctx) {
   create.set_kind(info.kind());
   *create.mutable_energy() = info.energy();
   create.set_precision(info.precision());
+  create.set_value_dim(info.value_dim());
+  create.set_ttl_seconds(info.ttl_seconds());
+  create.set_decay_half_life_seconds(info.decay_half_life_seconds());
   ENGRAM_RETURN_IF_ERROR(ctx.client->CreateBank(create).status());
   int64_t stored = 0;
   while (true) {
@@ -130,6 +141,8 @@ absl::Status RunBankImport(const Args& args, Context& ctx) {
     *store.mutable_ids() = page.ids();
     *store.mutable_patterns() = std::move(*page.mutable_patterns());
     *store.mutable_payloads() = std::move(*page.mutable_payloads());
+    *store.mutable_values() = std::move(*page.mutable_values());
+    *store.mutable_labels() = std::move(*page.mutable_labels());
     auto r = ctx.client->Store(store);
     if (!r.ok()) {
       return absl::Status(r.status().code(), absl::StrCat(

@@ -90,7 +90,8 @@ std::vector<double> Bank::LogPrior(int64_t now_ms) const {
   std::vector<double> prior(size());
   const double per_ms = -std::log(2.0) / static_cast<double>(spec_.decay_half_life_ms);
   for (int64_t r = 0; r < size(); ++r) {
-    prior[r] = per_ms * static_cast<double>(std::max<int64_t>(0, now_ms - stored_ms_[r]));
+    const int64_t t = stored_ms_[r];
+    prior[r] = t == 0 ? 0.0 : per_ms * static_cast<double>(std::max<int64_t>(0, now_ms - t));
   }
   return prior;
 }

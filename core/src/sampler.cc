@@ -605,9 +605,18 @@ absl::StatusOr<SampleBatch> Sample(const Bank& bank, const EnergyConfig& energy,
   if (auto s = ValidateSampleOptions(o, kind); !s.ok()) return s;
   if (auto s = ValidateEnergyConfig(energy, kind); !s.ok()) return s;
   if (auto s = ValidateSampleInputs(bank, count, query, clamp); !s.ok()) return s;
-  if (!o.log_prior.empty() && o.log_prior.size() != static_cast<size_t>(bank.size())) {
-    return absl::InvalidArgumentError(absl::StrCat("log_prior has ", o.log_prior.size(),
-                                                   " entries for ", bank.size(), " rows"));
+  if (!o.log_prior.empty()) {
+    if (o.log_prior.size() != static_cast<size_t>(bank.size())) {
+      return absl::InvalidArgumentError(absl::StrCat("log_prior has ", o.log_prior.size(),
+                                                     " entries for ", bank.size(), " rows"));
+    }
+    for (double b : o.log_prior) {
+      if (!(b <= 0.0) || !std::isfinite(b)) {
+        return absl::InvalidArgumentError("log_prior entries must be finite and <= 0");
+      }
+    }
+    // Only softmax energies on continuous states weigh rows by a prior.
+    if (auto s = ValidateDecay(1, energy, kind); !s.ok()) return s;
   }
   ScheduleConfig sched = o.schedule;
   if (!query.empty() && o.sigma_start > 0) {

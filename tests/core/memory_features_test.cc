@@ -647,6 +647,54 @@ TEST(DecayTest, SamplesForgetAMemoryLongPast) {
   }
   o.log_prior = absl::MakeConstSpan(prior.data(), 1);
   EXPECT_THAT(Sample(bank, c, 2, {}, {}, o), StatusIs(absl::StatusCode::kInvalidArgument));
+  const std::vector<double> positive = {0.5, 0.0};
+  o.log_prior = positive;
+  EXPECT_THAT(Sample(bank, c, 2, {}, {}, o), StatusIs(absl::StatusCode::kInvalidArgument));
+  // A prior needs softmax weights.
+  o.log_prior = prior;
+  const EnergyConfig sparse{.family = EnergyFamily::kGeneral,
+                            .separation = SeparationKind::kSparsemax};
+  EXPECT_THAT(Sample(bank, sparse, 2, {}, {}, o),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
+}
+
+// The value readout of a decaying key -> value bank: attention whose
+// weights carry 2^(-age / h), computed here in double. A row whose store
+// time is unknown (0) keeps its full weight.
+TEST(DecayTest, ValueReadoutWeighsValuesByAge) {
+  std::mt19937_64 rng(67);
+  const int n = 6, m = 2, k = 12;
+  const int64_t h = 10'000, now = 1'700'000'000'000;
+  auto xi = RandomGaussian(int64_t{k} * n, rng, 0.5f);
+  auto v = RandomGaussian(int64_t{k} * m, rng);
+  std::vector<int64_t> stored(k);
+  for (int mu = 0; mu < k; ++mu) stored[mu] = now - mu * 4'000;
+  stored[5] = 0;
+  const EnergyConfig c{.family = EnergyFamily::kLse, .beta = 2.0};
+  BankSpec spec{"kv", n, StateKind::kContinuous, c, Precision::kF32, m, 0, h};
+  Bank bank(spec);
+  bank.Append(xi, bank.AssignIds(k), {}, PatternExtras{v, {}, {}, stored});
+  const std::vector<double> prior = bank.LogPrior(now);
+  EXPECT_EQ(prior[5], 0.0);
+  PatternView view = bank.view();
+  view.log_prior = prior.data();
+  EnergyFunction energy(c, view);
+  auto x = RandomGaussian(n, rng, 0.5f);
+  std::vector<double> w(k);
+  double z = 0;
+  for (int mu = 0; mu < k; ++mu) {
+    double dot = 0;
+    for (int i = 0; i < n; ++i) dot += double{xi[mu * n + i]} * x[i];
+    const double age = mu == 5 ? 0.0 : mu * 4'000.0;
+    z += w[mu] = std::exp(c.beta * dot) * std::pow(2.0, -age / h);
+  }
+  std::vector<float> got(m);
+  ValueReadout(energy, bank.value(0), m, x.data(), got.data());
+  for (int j = 0; j < m; ++j) {
+    double want = 0;
+    for (int mu = 0; mu < k; ++mu) want += w[mu] / z * v[mu * m + j];
+    EXPECT_NEAR(got[j], want, 1e-5) << j;
+  }
 }
 
 TEST(DecayTest, OnlySoftmaxEnergiesOnContinuousBanksDecay) {

@@ -252,12 +252,17 @@ class CliTest(unittest.TestCase):
                 page = stub.GetPatterns(pb.GetPatternsRequest(
                     bank=bank, page_start=start, page_size=700), timeout=30)
                 x = np.array(page.patterns, dtype=np.float32).reshape(-1, info.dim)
+                v = np.array(page.values, dtype=np.float32).reshape(len(page.ids),
+                                                                    info.value_dim)
                 for i, pid in enumerate(page.ids):
-                    rows[pid] = (x[i].tobytes(), page.payloads[i])
+                    labels = (sorted(page.labels[i].strings.items()),
+                              sorted(page.labels[i].ints.items()))
+                    rows[pid] = (x[i].tobytes(), page.payloads[i], v[i].tobytes(), labels)
                 if not page.ids:
                     break
                 start = page.next_page_start
-            config = (info.dim, info.kind, info.energy.SerializeToString(), info.precision)
+            config = (info.dim, info.kind, info.energy.SerializeToString(), info.precision,
+                      info.value_dim, info.ttl_seconds, info.decay_half_life_seconds)
             return config, rows
 
         # Continuous: more rows than one export page, sparse ids, binary and
@@ -284,7 +289,18 @@ class CliTest(unittest.TestCase):
         stub.Store(pb.StoreRequest(bank="exp-bip", patterns=rng.choice(
             [-1.0, 1.0], size=(30, 64)).ravel().tolist()), timeout=10)
 
-        for src in ("exp-src", "exp-bip"):
+        # Key -> value with labels, a time to live and decay with age.
+        stub.CreateBank(pb.CreateBankRequest(
+            name="exp-kv", dim=8, kind=pb.STATE_KIND_CONTINUOUS, value_dim=3, ttl_seconds=3600,
+            decay_half_life_seconds=600), timeout=10)
+        labels = [pb.Labels(strings={"lang": ["en", "de"][r % 2]}, ints={"year": 2000 + r})
+                  for r in range(12)]
+        stub.Store(pb.StoreRequest(
+            bank="exp-kv", patterns=rng.standard_normal((12, 8)).astype(np.float32).ravel().tolist(),
+            values=rng.standard_normal((12, 3)).astype(np.float32).ravel().tolist(),
+            labels=labels), timeout=10)
+
+        for src in ("exp-src", "exp-bip", "exp-kv"):
             path = os.path.join(self.dir, src + ".engram")
             before = contents(src)
             report = self.json("bank", "export", src, path)

@@ -497,23 +497,38 @@ TEST_F(MemoryFeaturesTest, DecayingBankWeighsPatternsByAge) {
     ASSERT_TRUE(Store(req).ok());
     if (r == 0) now_ms_ += 60'000;
   }
-  auto energy_at_midpoint = [&] {
+  auto midpoint = [&] {
     grpc::ClientContext ctx;
     v1::EnergyRequest req;
     req.set_bank("d");
     for (int i = 0; i < kDim; ++i) req.add_states(i < 2 ? 0.5f : 0.f);
+    req.set_return_novelty(true);
     v1::EnergyResponse resp;
     EXPECT_TRUE(stub_->Energy(&ctx, req, &resp).ok());
-    return resp.energies(0);
+    return resp;
   };
+  auto energy_at_midpoint = [&] { return midpoint().energies(0); };
   // lse, beta 4: E = -(1/4) log sum_mu 2^(-age_mu / 60 s) e^(4 * 0.5) + |x|^2 / 2.
   const double beta = 4.0;
   auto closed_form = [&](double weights) {
     return -(std::log(weights) + beta * 0.5) / beta + 0.25;
   };
-  EXPECT_NEAR(energy_at_midpoint(), closed_form(0.5 + 1.0), 1e-6);
+  const v1::EnergyResponse first = midpoint();
+  EXPECT_NEAR(first.energies(0), closed_form(0.5 + 1.0), 1e-6);
+  // Novelty among the stored patterns' own energies, E(a) and E(b) in closed
+  // form: the midpoint lies between them, so half of them are below it.
+  const double e_a = -std::log(0.5 * std::exp(beta) + 1.0) / beta + 0.5;
+  const double e_b = -std::log(0.5 + std::exp(beta)) / beta + 0.5;
+  const double mean = 0.5 * (e_a + e_b), sd = 0.5 * std::fabs(e_a - e_b);
+  EXPECT_EQ(first.novelty(0), 0.5);
+  EXPECT_NEAR(first.novelty_z(0), (first.energies(0) - mean) / sd, 1e-6);
   now_ms_ += 60'000;
-  EXPECT_NEAR(energy_at_midpoint(), closed_form(0.25 + 0.5), 1e-6);
+  // A minute later every energy is higher by the same amount: the novelty
+  // and its z-score stay.
+  const v1::EnergyResponse later = midpoint();
+  EXPECT_NEAR(later.energies(0), closed_form(0.25 + 0.5), 1e-6);
+  EXPECT_EQ(later.novelty(0), 0.5);
+  EXPECT_NEAR(later.novelty_z(0), first.novelty_z(0), 1e-9);
   v1::RetrieveRequest ret;
   ret.set_bank("d");
   for (int i = 0; i < kDim; ++i) ret.add_queries(i < 2 ? 0.5f : 0.f);

@@ -158,9 +158,9 @@ class Bank {
   // Whether the bank's weights decay with age (spec().decay_half_life_ms > 0).
   bool decays() const { return spec_.decay_half_life_ms > 0; }
   // The log weight prior of every row at `now_ms` for a decaying bank:
-  // b_mu = -ln 2 * max(0, now_ms - stored_ms(mu)) / half-life, set as
-  // PatternView::log_prior for a computation at that time. Empty when the
-  // bank does not decay.
+  // b_mu = -ln 2 * max(0, now_ms - stored_ms(mu)) / half-life (0 for a row
+  // whose store time is unknown), set as PatternView::log_prior for a
+  // computation at that time. Empty when the bank does not decay.
   std::vector<double> LogPrior(int64_t now_ms) const;
   // Rows in ascending order whose string label `key` is `value`.
   absl::Span<const int64_t> RowsWithString(const std::string& key, const std::string& value) const;
