@@ -53,6 +53,12 @@ void OnShutdownSignal(int sig) {
 
 }  // namespace
 
+ABSL_FLAG(std::string, role, EnvOr("ENGRAM_ROLE", "node"),
+          "node (holds banks) or router (serves banks held by the --shards nodes) "
+          "(env ENGRAM_ROLE)");
+ABSL_FLAG(std::string, shards, EnvOr("ENGRAM_SHARDS", ""),
+          "a router's shards in order: host:port,host:port,... or the pods of a StatefulSet "
+          "behind a headless Service, e.g. engram-{0..3}.engram:50051 (env ENGRAM_SHARDS)");
 ABSL_FLAG(std::string, listen, EnvOr("ENGRAM_LISTEN", "127.0.0.1:50051"),
           "gRPC listen address host:port (env ENGRAM_LISTEN)");
 ABSL_FLAG(std::string, data_dir, EnvOr("ENGRAM_DATA_DIR", "data"),
@@ -155,6 +161,18 @@ int main(int argc, char** argv) {
   }
 
   engram::server::ServerConfig config;
+  config.role = absl::GetFlag(FLAGS_role);
+  if (config.role == "router") {
+    auto shards = engram::server::ParseShardList(absl::GetFlag(FLAGS_shards));
+    if (!shards.ok()) {
+      std::cerr << "engramd: " << shards.status().message() << std::endl;
+      return 1;
+    }
+    config.shards = *std::move(shards);
+  } else if (!absl::GetFlag(FLAGS_shards).empty()) {
+    std::cerr << "engramd: --shards is a router's flag; add --role=router" << std::endl;
+    return 1;
+  }
   config.listen = absl::GetFlag(FLAGS_listen);
   config.data_dir = absl::GetFlag(FLAGS_data_dir);
   config.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
@@ -226,7 +244,16 @@ int main(int argc, char** argv) {
     std::cerr << "engramd: " << server.status().ToString() << std::endl;
     return 1;
   }
-  size_t banks = (*server)->registry()->ListBanks().size();
+  if (config.role == "router") {
+    std::cout << "engramd: routing on " << config.listen << " (port " << (*server)->port()
+              << ") to " << config.shards.size() << " shards";
+    for (const std::string& shard : config.shards) std::cout << " " << shard;
+    std::cout << ", metrics "
+              << (config.metrics_listen.empty() ? "off"
+                                                : "http://" + config.metrics_listen + "/metrics")
+              << std::endl;
+  } else {
+    size_t banks = (*server)->registry()->ListBanks().size();
   std::cout << "engramd: serving on " << config.listen << " (port " << (*server)->port()
             << "), data " << config.data_dir << " (" << banks << " banks), metrics "
             << (config.metrics_listen.empty() ? "off" : "http://" + config.metrics_listen + "/metrics")
@@ -237,6 +264,7 @@ int main(int argc, char** argv) {
                           (config.http_ui_dir.empty() ? "/v1/" : "/ui/"))
             << (config.tls_cert_file.empty() ? "" : ", TLS")
             << (config.auth_token.empty() && config.auth_tokens.empty() ? "" : ", bearer-token authentication") << std::endl;
+  }
 
   std::thread waiter([&] {
     unsigned char sig = 0;

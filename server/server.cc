@@ -13,11 +13,59 @@
 
 namespace engram::server {
 namespace {
-constexpr int kMaxSyncThreads = 16;
+// gRPC's synchronous threads: reflection, the shard protocol's Steps
+// streams (one thread each while open) and a router's calls.
+constexpr int kMaxSyncThreads = 256;
 }  // namespace
+
+absl::Status EngramServer::ServeMetrics(const std::string& listen) {
+  if (listen.empty()) return absl::OkStatus();
+  try {
+    exposer_ = std::make_unique<prometheus::Exposer>(listen);
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", listen, ": ", e.what()));
+  }
+  exposer_->RegisterCollectable(metrics_->registry());
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::StartRouter(
+    const ServerConfig& config) {
+  std::unique_ptr<EngramServer> s(new EngramServer());
+  s->metrics_ = std::make_shared<Metrics>();
+  RouterOptions ro;
+  ro.shards = config.shards;
+  ro.max_message_bytes = config.max_message_bytes;
+  ENGRAM_ASSIGN_OR_RETURN(s->router_, RouterService::Create(ro));
+  ENGRAM_RETURN_IF_ERROR(s->ServeMetrics(config.metrics_listen));
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(config.listen, grpc::InsecureServerCredentials(), &s->port_);
+  builder.SetMaxReceiveMessageSize(config.max_message_bytes);
+  builder.SetMaxSendMessageSize(config.max_message_bytes);
+  grpc::ResourceQuota quota("engramd-router");
+  quota.SetMaxThreads(kMaxSyncThreads);
+  builder.SetResourceQuota(quota);
+  builder.RegisterService(s->router_.get());
+  builder.experimental().SetInterceptorCreators(s->metrics_->InterceptorFactories());
+  s->server_ = builder.BuildAndStart();
+  if (s->server_ == nullptr || s->port_ == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", config.listen));
+  }
+  s->server_->GetHealthCheckService()->SetServingStatus(v1::MemoryService::service_full_name(),
+                                                        true);
+  s->server_->GetHealthCheckService()->SetServingStatus(true);
+  return s;
+}
 
 absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
     const ServerConfig& config) {
+  if (config.role == "router") return StartRouter(config);
+  if (config.role != "node") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--role is '", config.role, "'; expected node or router"));
+  }
   std::unique_ptr<EngramServer> s(new EngramServer());
   std::error_code ec;
   std::filesystem::create_directories(config.data_dir, ec);
@@ -46,16 +94,9 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
   }
   limits.backup_dir = (std::filesystem::path(config.data_dir) / "backups").string();
   s->service_ = std::make_unique<MemoryServiceImpl>(nullptr, s->metrics_, limits);
+  s->shard_ = std::make_unique<ShardServiceImpl>(s->service_.get(), limits.max_batch);
 
-  if (!config.metrics_listen.empty()) {
-    try {
-      s->exposer_ = std::make_unique<prometheus::Exposer>(config.metrics_listen);
-    } catch (const std::exception& e) {
-      return absl::UnavailableError(absl::StrCat(
-          "cannot serve metrics on ", config.metrics_listen, ": ", e.what()));
-    }
-    s->exposer_->RegisterCollectable(s->metrics_->registry());
-  }
+  ENGRAM_RETURN_IF_ERROR(s->ServeMetrics(config.metrics_listen));
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -92,12 +133,13 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
   builder.AddListeningPort(config.listen, creds, &s->port_);
   builder.SetMaxReceiveMessageSize(config.max_message_bytes);
   builder.SetMaxSendMessageSize(config.max_message_bytes);
-  // MemoryService runs on the callback API and its own pools; only the
-  // reflection service uses gRPC's synchronous threads, bounded here.
+  // MemoryService runs on the callback API and its own pools; reflection
+  // and the shard protocol use gRPC's synchronous threads, bounded here.
   grpc::ResourceQuota quota("engramd");
   quota.SetMaxThreads(kMaxSyncThreads);
   builder.SetResourceQuota(quota);
   builder.RegisterService(s->service_.get());
+  builder.RegisterService(s->shard_.get());
   builder.experimental().SetInterceptorCreators(s->metrics_->InterceptorFactories());
   s->server_ = builder.BuildAndStart();
   if (s->server_ == nullptr || s->port_ == 0) {
@@ -160,6 +202,7 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
 }
 
 absl::StatusOr<int64_t> EngramServer::ExpireNow() {
+  if (registry_ == nullptr) return 0;  // a router holds no patterns
   absl::Status error;
   int64_t total = 0;
   for (const auto& [name, n] : registry_->ExpireDue(&error)) {
@@ -182,7 +225,7 @@ EngramServer::~EngramServer() {
   if (gateway_ != nullptr) gateway_->Stop();
   if (server_ != nullptr) {
     server_->Shutdown(std::chrono::system_clock::now());
-    service_->Shutdown();  // queued compute calls: UNAVAILABLE
+    if (service_ != nullptr) service_->Shutdown();  // queued compute calls: UNAVAILABLE
     server_->Wait();
   }
 }
@@ -198,7 +241,7 @@ void EngramServer::Shutdown(absl::Duration grace) {
   if (gateway_ != nullptr) gateway_->Stop();
   StopExpiry();
   server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
-  service_->Shutdown();
+  if (service_ != nullptr) service_->Shutdown();
 }
 
 void EngramServer::Wait() { server_->Wait(); }

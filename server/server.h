@@ -18,6 +18,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <grpcpp/grpcpp.h>
 #include <prometheus/exposer.h>
@@ -28,11 +29,20 @@
 #include "engram/core/registry.h"
 #include "server/http_gateway.h"
 #include "server/metrics.h"
+#include "server/router.h"
 #include "server/service_impl.h"
+#include "server/shard_service.h"
 
 namespace engram::server {
 
 struct ServerConfig {
+  // "node": holds banks in data_dir and serves MemoryService and the shard
+  // protocol. "router": holds nothing and serves MemoryService from the
+  // nodes in `shards` (server/router.h); data_dir, the compute and writer
+  // options, the HTTP gateway, TLS and expiry are a node's and unused.
+  std::string role = "node";
+  // The router's shards (host:port), in shard order.
+  std::vector<std::string> shards;
   std::string listen = "127.0.0.1:50051";
   std::string data_dir = "data";
   // host:port of the Prometheus endpoint (/metrics); empty disables it.
@@ -111,10 +121,15 @@ class EngramServer {
  private:
   EngramServer() = default;
   void StopExpiry();
+  static absl::StatusOr<std::unique_ptr<EngramServer>> StartRouter(const ServerConfig& config);
+  // The Prometheus endpoint on `listen` (none when empty).
+  absl::Status ServeMetrics(const std::string& listen);
 
   std::unique_ptr<core::BankRegistry> registry_;
   std::shared_ptr<Metrics> metrics_;
-  std::unique_ptr<MemoryServiceImpl> service_;
+  std::unique_ptr<MemoryServiceImpl> service_;  // null on a router
+  std::unique_ptr<ShardServiceImpl> shard_;
+  std::unique_ptr<RouterService> router_;       // a router's only service
   std::unique_ptr<prometheus::Exposer> exposer_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<HttpGateway> gateway_;

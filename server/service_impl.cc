@@ -1008,6 +1008,18 @@ grpc::Status MemoryServiceImpl::RetrieveNow(grpc::ServerContextBase* ctx,
   });
 }
 
+absl::StatusOr<MemoryServiceImpl::ShardRead> MemoryServiceImpl::OpenShardRead(
+    grpc::ServerContextBase* ctx, const std::string& bank_name, bool has_energy,
+    const v1::EnergyConfig& energy, const v1::Filter& filter_proto) {
+  ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &bank_name, Access::kRead));
+  ENGRAM_ASSIGN_OR_RETURN(core::Filter filter, FilterFromProto(filter_proto));
+  ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot pinned, registry->Snapshot(bank_name));
+  ShardRead read;
+  ENGRAM_ASSIGN_OR_RETURN(read.bank, Visible(registry, &pinned, std::move(filter), false));
+  ENGRAM_ASSIGN_OR_RETURN(read.energy, ResolveEnergy(has_energy, energy, *read.bank));
+  return read;
+}
+
 absl::Status MemoryServiceImpl::RunEnergy(grpc::ServerContextBase* ctx,
                                           const v1::EnergyRequest* req,
                                           v1::EnergyResponse* resp) {

@@ -125,6 +125,19 @@ class MemoryServiceImpl final : public v1::MemoryService::CallbackService {
   grpc::ServerWriteReactor<v1::SampleFrame>* SampleStream(
       grpc::CallbackServerContext* ctx, const v1::SampleRequest* req) override;
 
+  // A read of `bank` for the shard protocol (shard_service.h): credentials
+  // and read scope checked, expired rows swept, `filter` applied (rows that
+  // all fail give a bank of none, as an Energy call sees it), and the
+  // energy override or the bank's own energy resolved as the read methods
+  // do.
+  struct ShardRead {
+    core::BankSnapshot bank;
+    core::EnergyConfig energy;
+  };
+  absl::StatusOr<ShardRead> OpenShardRead(grpc::ServerContextBase* ctx, const std::string& bank,
+                                          bool has_energy, const v1::EnergyConfig& energy,
+                                          const v1::Filter& filter);
+
   // The bodies of the bank and pattern methods on the calling thread; `ctx`
   // may be null (no deadline, no credentials).
   grpc::Status CreateBankNow(grpc::ServerContextBase* ctx, const v1::CreateBankRequest* req,

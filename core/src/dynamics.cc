@@ -13,6 +13,7 @@
 #include <Eigen/Core>
 
 #include "absl/strings/str_cat.h"
+#include "engram/core/status_macros.h"
 #include "fused.h"
 #include "parallel.h"
 #include "state_loops.h"
@@ -666,6 +667,17 @@ SyncBatch::SyncBatch(const EnergyFunction& energy, StateKind kind, OnFinished on
       krotov_hopfield_(kind == StateKind::kBipolar &&
                        HasKrotovHopfieldDrive(energy.config(), energy.patterns())) {}
 
+SyncBatch::SyncBatch(const EnergyFunction& energy, StateKind kind, OnFinished on_finished,
+                     Evaluator evaluate)
+    : SyncBatch(energy, kind, std::move(on_finished)) {
+  evaluate_ = std::move(evaluate);
+  // `energy` may have no rows of its own: the drive is decided by the config.
+  PatternView some_rows;
+  some_rows.rows = 1;
+  krotov_hopfield_ =
+      kind == StateKind::kBipolar && HasKrotovHopfieldDrive(energy.config(), some_rows);
+}
+
 SyncBatch::~SyncBatch() = default;
 
 int64_t SyncBatch::size() const {
@@ -675,6 +687,11 @@ int64_t SyncBatch::size() const {
 void SyncBatch::Admit(uint64_t tag, const BatchQuery& q) {
   const int n = energy_.dim();
   absl::Status s = ValidateRetrieveOptions(*q.options, kind_);
+  if (s.ok() && evaluate_ && krotov_hopfield_) {
+    s = absl::UnimplementedError(
+        "the sync dynamics of a bipolar bank under a non-general energy family update each "
+        "neuron by its own drive, which has no merged form yet; use a general energy");
+  }
   if (s.ok() && q.options->dynamics != Dynamics::kSync) {
     s = absl::InvalidArgumentError("a SyncBatch runs the sync dynamics only");
   }
@@ -703,10 +720,10 @@ void SyncBatch::Admit(uint64_t tag, const BatchQuery& q) {
 
 // As RunSync: energies, targets (unless `with_targets` is false: states at
 // max_steps) and nearest rows of `states`, in one batched evaluation.
-void SyncBatch::Evaluate(const std::vector<Live*>& states, bool with_targets) {
+absl::Status SyncBatch::Evaluate(const std::vector<Live*>& states, bool with_targets) {
   const int n = energy_.dim();
   const int64_t b = static_cast<int64_t>(states.size());
-  if (b == 0) return;
+  if (b == 0) return absl::OkStatus();
   xs_.resize(b * n);
   // The copies in and out of the batch run on every compute thread.
   int used = 1;
@@ -719,7 +736,10 @@ void SyncBatch::Evaluate(const std::vector<Live*>& states, bool with_targets) {
   targets_.resize(b * n);
   nearest_.resize(b);  // hints: each state's previous nearest row
   for (int64_t j = 0; j < b; ++j) nearest_[j] = states[j]->t.nearest_row;
-  if (!with_targets) {
+  if (evaluate_) {
+    ENGRAM_RETURN_IF_ERROR(evaluate_(xs_.data(), b, with_targets ? targets_.data() : nullptr,
+                                     energies_.data(), nearest_.data()));
+  } else if (!with_targets) {
     energy_.UpdateTargetBatch(xs_.data(), b, nullptr, energies_.data(), nearest_.data());
   } else if (krotov_hopfield_) {
     BipolarDriveBatch(energy_, xs_.data(), b, targets_.data(), energies_.data(),
@@ -741,6 +761,7 @@ void SyncBatch::Evaluate(const std::vector<Live*>& states, bool with_targets) {
       }
     }
   }, &used);
+  return absl::OkStatus();
 }
 
 void SyncBatch::Finish(std::unique_ptr<Live> l, StopReason reason) {
@@ -789,8 +810,17 @@ void SyncBatch::Step() {
       (l->t.steps < l->q.options->max_steps ? going : ending).push_back(l.get());
     }
   }
-  Evaluate(going, true);
-  Evaluate(ending, false);
+  absl::Status evaluated = Evaluate(going, true);
+  if (evaluated.ok()) evaluated = Evaluate(ending, false);
+  if (!evaluated.ok()) {
+    // Every query of the batch was in one of the two evaluations.
+    for (auto* group : {&stepped, &joining_}) {
+      for (auto& l : *group) on_finished_(l->tag, evaluated);
+      group->clear();
+    }
+    running_.clear();
+    return;
+  }
   for (auto& l : stepped) l->rec->Step(l->energy);
   for (auto& l : joining_) l->rec->Start(l->energy);
   running_ = std::move(stepped);

@@ -362,6 +362,76 @@ TEST(TieRule, ZeroEnergyChangeKeepsTheBitOnBothPaths) {
   }
 }
 
+// A SyncBatch whose evaluations come from elsewhere (a bank's shards) runs
+// the same dynamics: with an evaluator that is the bank's own batched pass
+// over an energy of no rows, every trajectory is RunDynamics'; an
+// evaluator's error finishes every query with it; the per-neuron drive of a
+// bipolar non-general bank is refused.
+TEST(SyncBatchEvaluator, ExternalEvaluationsGiveTheSameTrajectories) {
+  std::mt19937_64 rng(31);
+  const int n = 20, k = 40;
+  auto xi = RandomGaussian(k * n, rng, 1.f / std::sqrt(20.f));
+  EnergyConfig cfg{.family = EnergyFamily::kLse, .beta = 6.0};
+  Bank bank = MakeBank(n, StateKind::kContinuous, xi, cfg);
+  EnergyFunction energy(cfg, bank.view());
+  PatternView none;
+  none.dim = n;
+  EnergyFunction rowless(cfg, none);
+  RetrieveOptions o;
+  o.max_steps = 40;
+  o.tol = 1e-6;
+  o.record_trace = true;
+  std::vector<std::vector<float>> queries;
+  for (int q = 0; q < 5; ++q) queries.push_back(RandomGaussian(n, rng, 0.3f));
+  int calls = 0;
+  std::vector<absl::StatusOr<Trajectory>> got(queries.size(), absl::UnknownError("not run"));
+  SyncBatch batch(
+      rowless, StateKind::kContinuous,
+      [&](uint64_t q, absl::StatusOr<Trajectory> t) { got[q] = std::move(t); },
+      [&](const float* x, int64_t b, float* targets, double* energies, int64_t* nearest) {
+        ++calls;
+        energy.UpdateTargetBatch(x, b, targets, energies, nearest);
+        return absl::OkStatus();
+      });
+  for (size_t q = 0; q < queries.size(); ++q) batch.Admit(q, {queries[q], {}, &o});
+  while (!batch.empty()) batch.Step();
+  EXPECT_GT(calls, 1);
+  for (size_t q = 0; q < queries.size(); ++q) {
+    ASSERT_OK(got[q]);
+    auto alone = RunDynamics(energy, StateKind::kContinuous, queries[q], {}, o);
+    ASSERT_OK(alone);
+    EXPECT_EQ(got[q]->steps, alone->steps);
+    EXPECT_EQ(got[q]->stop_reason, alone->stop_reason);
+    EXPECT_NEAR(got[q]->energy_end, alone->energy_end, 1e-5);
+    for (int i = 0; i < n; ++i) EXPECT_NEAR(got[q]->state[i], alone->state[i], 1e-5);
+  }
+
+  // An evaluation that fails on the third call ends every query with it.
+  calls = 0;
+  got.assign(queries.size(), absl::UnknownError("not run"));
+  SyncBatch failing(
+      rowless, StateKind::kContinuous,
+      [&](uint64_t q, absl::StatusOr<Trajectory> t) { got[q] = std::move(t); },
+      [&](const float* x, int64_t b, float* targets, double* energies, int64_t* nearest) {
+        if (++calls == 3) return absl::UnavailableError("shard 2 is down");
+        energy.UpdateTargetBatch(x, b, targets, energies, nearest);
+        return absl::OkStatus();
+      });
+  for (size_t q = 0; q < queries.size(); ++q) failing.Admit(q, {queries[q], {}, &o});
+  while (!failing.empty()) failing.Step();
+  for (const auto& t : got) EXPECT_EQ(t.status().code(), absl::StatusCode::kUnavailable);
+
+  // lse on a bipolar bank updates by the per-neuron drive.
+  absl::Status refused;
+  SyncBatch drive(
+      rowless, StateKind::kBipolar,
+      [&](uint64_t, absl::StatusOr<Trajectory> t) { refused = t.status(); },
+      [&](const float*, int64_t, float*, double*, int64_t*) { return absl::OkStatus(); });
+  std::vector<float> bipolar(n, 1.f);
+  drive.Admit(0, {bipolar, {}, &o});
+  EXPECT_EQ(refused.code(), absl::StatusCode::kUnimplemented);
+}
+
 TEST(Validation, AsyncOnContinuousIsFailedPrecondition) {
   RetrieveOptions o;
   o.dynamics = Dynamics::kAsync;

@@ -142,6 +142,69 @@ class K8sManifestTest(unittest.TestCase):
         self.assertEqual(sc["fsGroup"], uid, "the data volume must be writable by that user")
 
 
+class ShardedManifestTest(unittest.TestCase):
+    """deploy/k8s/sharded: shard StatefulSet + router Deployment + Services."""
+
+    @classmethod
+    def setUpClass(cls):
+        path = os.path.join(ARGS.repo, "deploy", "k8s", "sharded", "engram-sharded.yaml")
+        with open(path) as f:
+            cls.docs = [d for d in yaml.safe_load_all(f) if d]
+        cls.by_kind = {}
+        for d in cls.docs:
+            cls.by_kind.setdefault(d["kind"], []).append(d)
+        cls.sts = cls.by_kind["StatefulSet"][0]
+        cls.router = cls.by_kind["Deployment"][0]
+        cls.main_cc = open(os.path.join(ARGS.repo, "server", "main.cc")).read()
+
+    def config_of(self, workload):
+        container = workload["spec"]["template"]["spec"]["containers"][0]
+        config = {}
+        for src in container.get("envFrom", []):
+            name = src["configMapRef"]["name"]
+            cm = next(d for d in self.by_kind["ConfigMap"] if d["metadata"]["name"] == name)
+            config.update(cm["data"])
+        return container, config
+
+    def test_roles_and_keys_engramd_reads(self):
+        for workload, role in ((self.sts, "node"), (self.router, "router")):
+            _, config = self.config_of(workload)
+            self.assertEqual(config["ENGRAM_ROLE"], role)
+            for key in config:
+                self.assertIn('"%s"' % key, self.main_cc, "engramd reads no %s" % key)
+
+    def test_router_names_every_shard_pod_through_the_headless_service(self):
+        _, config = self.config_of(self.router)
+        m = re.fullmatch(r"([a-z0-9-]+)-\{0\.\.(\d+)\}\.([a-z0-9-]+):(\d+)",
+                         config["ENGRAM_SHARDS"])
+        self.assertIsNotNone(m, config["ENGRAM_SHARDS"])
+        self.assertEqual(m.group(1), self.sts["metadata"]["name"])
+        self.assertEqual(int(m.group(2)), self.sts["spec"]["replicas"] - 1,
+                         "the router must name exactly the StatefulSet's pods")
+        self.assertEqual(m.group(3), self.sts["spec"]["serviceName"])
+        headless = next(s for s in self.by_kind["Service"]
+                        if s["metadata"]["name"] == m.group(3))
+        self.assertEqual(headless["spec"].get("clusterIP"), "None")
+        shard_container, _ = self.config_of(self.sts)
+        ports = {p["name"]: p["containerPort"] for p in shard_container["ports"]}
+        self.assertEqual(int(m.group(4)), ports["grpc"])
+
+    def test_clients_reach_the_routers_and_every_pod_has_health_probes(self):
+        clients = [s for s in self.by_kind["Service"] if s["spec"].get("clusterIP") != "None"]
+        self.assertEqual(len(clients), 1)
+        router_labels = self.router["spec"]["template"]["metadata"]["labels"]
+        for k, v in clients[0]["spec"]["selector"].items():
+            self.assertEqual(router_labels.get(k), v)
+        for workload in (self.sts, self.router):
+            container, _ = self.config_of(workload)
+            ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+            for probe in ("readinessProbe", "livenessProbe"):
+                self.assertEqual(container[probe]["grpc"]["port"], ports["grpc"], probe)
+            self.assertEqual(container["readinessProbe"]["grpc"].get("service"),
+                             "engram.v1.MemoryService")
+        self.assertIn("volumeClaimTemplates", self.sts["spec"])
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--repo", required=True)

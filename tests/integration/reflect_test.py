@@ -67,7 +67,7 @@ class ReflectTest(unittest.TestCase):
 
     def test_list_shows_every_service(self):
         out = self.run_tool(self.server.target, "list").stdout.split()
-        self.assertEqual(out, [SERVICE, "grpc.health.v1.Health",
+        self.assertEqual(out, ["engram.shard.v1.Shard", SERVICE, "grpc.health.v1.Health",
                                "grpc.reflection.v1alpha.ServerReflection"])
 
     def test_list_service_shows_every_rpc_of_the_proto(self):

@@ -129,7 +129,22 @@ class SyncBatch {
   // it the query's memory may be released.
   using OnFinished = std::function<void(uint64_t tag, absl::StatusOr<Trajectory> result)>;
 
+  // Evaluates b states (b x dim, row-major) as
+  // EnergyFunction::UpdateTargetBatch does: energies (b), targets (b x dim;
+  // null when only energies are asked) and nearest rows (b; hints on entry,
+  // -1 when unknown). A non-OK status finishes every query of the batch
+  // with it.
+  using Evaluator = std::function<absl::Status(const float* x, int64_t b, float* targets,
+                                               double* energies, int64_t* nearest_rows)>;
+
   SyncBatch(const EnergyFunction& energy, StateKind kind, OnFinished on_finished);
+  // The same dynamics with the evaluations made by `evaluate` (e.g. merged
+  // from the shards of a bank, partials.h) instead of energy's pass over its
+  // patterns; `energy` gives the dimension and config. Not for bipolar
+  // banks under the non-general families (their update is a per-neuron
+  // drive): UNIMPLEMENTED is given to each query admitted.
+  SyncBatch(const EnergyFunction& energy, StateKind kind, OnFinished on_finished,
+            Evaluator evaluate);
   ~SyncBatch();
   SyncBatch(const SyncBatch&) = delete;
   SyncBatch& operator=(const SyncBatch&) = delete;
@@ -147,13 +162,14 @@ class SyncBatch {
 
  private:
   struct Live;
-  void Evaluate(const std::vector<Live*>& states, bool with_targets);
+  absl::Status Evaluate(const std::vector<Live*>& states, bool with_targets);
   void Finish(std::unique_ptr<Live> live, StopReason reason);
 
   const EnergyFunction& energy_;
   StateKind kind_;
   OnFinished on_finished_;
   bool krotov_hopfield_;
+  Evaluator evaluate_;
   std::vector<std::unique_ptr<Live>> running_;  // evaluated, deciding next Step
   std::vector<std::unique_ptr<Live>> joining_;  // admitted, evaluated next Step
   // Scratch of the batched evaluation, sized by the running queries.

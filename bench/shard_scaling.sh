@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# A bank in shards: Energy and sync Retrieve through `engramd --role=router`
+# over 1, 2 and 4 shard processes, against one node holding the whole bank,
+# in one run on loopback. Bank: 20 000 Fashion-MNIST training images (784
+# dims, normalised), lse beta 20; queries: 2 000 unseen test images. Load:
+# `engram load`, 8 clients, Energy (one state a call) and Retrieve (to
+# convergence) in separate runs. Prints calls/s, p50 latency, and the bytes
+# the router moves per step (states out, partials back; from the message
+# sizes, not measured on the wire).
+#
+# On a machine with fewer cores than processes every shard, the router and
+# the load generator share the same cores: the numbers then show the cost of
+# the router hop and the merge (the 1-shard row against the node), not the
+# bandwidth gained by splitting a pass, which needs one machine per shard.
+#
+#   bash bench/shard_scaling.sh [seconds per load run, default 10]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${1:-10}
+ENGRAMD=build/server/engramd
+E=build/client/engram
+PY=/usr/bin/python3
+D=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+Q=/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+BASE=${ENGRAM_BENCH_PORT:-50980}
+DATA=$(mktemp -d /tmp/engram_shards.XXXXXX)
+PIDS=()
+stop() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  PIDS=()
+}
+trap 'stop; rm -rf "$DATA"' EXIT
+
+wait_up() {
+  for _ in $(seq 100); do "$E" --target "$1" --timeout 1 health >/dev/null 2>&1 && return 0; sleep 0.2; done
+  echo "no server on $1" >&2; cat "$DATA"/*.log >&2; exit 1
+}
+
+# run <label> <target>: fills the bank through <target>, then the two loads.
+run() {
+  local label=$1 target=$2
+  "$E" --target "$target" bank create fashion --dim 784 --kind continuous --energy lse \
+      --beta 20 >/dev/null
+  "$E" --target "$target" store fashion "$D" --limit 20000 --normalize --batch 2000 >/dev/null
+  for rpc in energy retrieve; do
+    "$E" --target "$target" load fashion --concurrency 8 --duration "$SECS" --warmup 2 \
+        --mix "$rpc=1" --data "$Q" --limit 2000 --normalize --seed 3 --format json \
+        >"$DATA/$label.$rpc.json"
+  done
+}
+
+# One node with the whole bank.
+"$ENGRAMD" --listen "127.0.0.1:$BASE" --data_dir "$DATA/node" --metrics_listen "" \
+    >"$DATA/node.log" 2>&1 &
+PIDS+=($!)
+wait_up "127.0.0.1:$BASE"
+run node "127.0.0.1:$BASE"
+stop
+
+for shards in 1 2 4; do
+  list=""
+  for i in $(seq 0 $((shards - 1))); do
+    port=$((BASE + 1 + i))
+    "$ENGRAMD" --listen "127.0.0.1:$port" --data_dir "$DATA/s$shards.$i" --metrics_listen "" \
+        >"$DATA/s$shards.$i.log" 2>&1 &
+    PIDS+=($!)
+    list="$list${list:+,}127.0.0.1:$port"
+  done
+  for i in $(seq 0 $((shards - 1))); do wait_up "127.0.0.1:$((BASE + 1 + i))"; done
+  "$ENGRAMD" --role=router --shards="$list" --listen "127.0.0.1:$((BASE + 10))" \
+      --metrics_listen "" >"$DATA/router$shards.log" 2>&1 &
+  PIDS+=($!)
+  wait_up "127.0.0.1:$((BASE + 10))"
+  run "shards$shards" "127.0.0.1:$((BASE + 10))"
+  stop
+done
+
+"$PY" - "$DATA" <<'PY'
+import json, os, sys
+d = sys.argv[1]
+n = 784
+print(f"{os.cpu_count()} cores shared by every process; bank 20000 x {n}, lse beta 20, 8 clients")
+print()
+print("| bank held by | Energy calls/s | Energy p50 | Retrieve calls/s | Retrieve p50 | bytes per step per state |")
+print("|---|---|---|---|---|---|")
+for label, shards in (("node", 0), ("shards1", 1), ("shards2", 2), ("shards4", 4)):
+    e = json.load(open(f"{d}/{label}.energy.json"))
+    r = json.load(open(f"{d}/{label}.retrieve.json"))
+    # Each step: the state to every shard (4N) and a partial back (~90 B,
+    # plus the weighted sum 4N on Retrieve steps).
+    per_step = "-" if shards == 0 else f"{shards * (8 * n + 90)}"
+    name = "one node" if shards == 0 else f"router + {shards} shard{'s' if shards > 1 else ''}"
+    print(f"| {name} | {e['achieved_rate']:.0f} | {e['latency_seconds']['p50'] * 1e3:.2f} ms "
+          f"| {r['achieved_rate']:.0f} | {r['latency_seconds']['p50'] * 1e3:.2f} ms | {per_step} |")
+    errors = e["errors"] + r["errors"]
+    if errors:
+        print(f"  ({label}: {errors} failed calls)")
+PY

@@ -1,0 +1,764 @@
+#include "server/router.h"
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <random>
+#include <thread>
+#include <utility>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "engram/core/dynamics.h"
+#include "engram/core/energy.h"
+#include "engram/core/partials.h"
+#include "engram/core/status_macros.h"
+#include "server/convert.h"
+#include "server/status_mapping.h"
+
+namespace engram::server {
+namespace {
+
+grpc::Status Unimplemented(const std::string& what) {
+  return grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
+                      absl::StrCat(what, " is not routed to shards yet; call a single node"));
+}
+
+core::StepPartial PartialFromProto(const shard::v1::Partial& p) {
+  core::StepPartial out;
+  out.log_domain = p.log_domain();
+  out.log_scale = p.log_scale();
+  out.scale = p.scale();
+  out.wsum = p.wsum();
+  out.hsum = p.hsum();
+  out.energy_terms = p.energy_terms();
+  out.rows = p.rows();
+  out.sq_x = p.sq_x();
+  out.sum.assign(p.sum().begin(), p.sum().end());
+  out.value.assign(p.value().begin(), p.value().end());
+  out.value_log_norm = p.value_log_norm();
+  return out;
+}
+
+// Checks a packed batch of vectors against dimension `dim` as a node does;
+// returns B.
+absl::StatusOr<int64_t> CheckVectors(const google::protobuf::RepeatedField<float>& v, int dim,
+                                     const char* field, bool bipolar) {
+  if (v.empty()) return absl::InvalidArgumentError(absl::StrCat(field, " must not be empty"));
+  if (dim <= 0 || v.size() % dim != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, " has ", v.size(), " floats, not a multiple of the bank's dimension ", dim));
+  }
+  for (int i = 0; i < v.size(); ++i) {
+    if (!std::isfinite(v[i])) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, " vector ", i / dim, " coordinate ", i % dim, " is not finite"));
+    }
+    if (bipolar && v[i] != 1.f && v[i] != -1.f) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "bank is bipolar but ", field, " vector ", i / dim, " coordinate ", i % dim, " is ",
+          v[i], " (expected +1 or -1)"));
+    }
+  }
+  return v.size() / dim;
+}
+
+// splitmix64's finaliser: a fixed, well-mixed hash of an id.
+uint64_t Mix(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+bool DeadlinePassed(const grpc::ServerContext* ctx) {
+  return ctx->IsCancelled() || std::chrono::system_clock::now() > ctx->deadline();
+}
+
+}  // namespace
+
+int ShardOf(uint64_t id, int shards) {
+  return static_cast<int>(Mix(id) % static_cast<uint64_t>(shards));
+}
+
+absl::StatusOr<std::vector<std::string>> ParseShardList(const std::string& flag) {
+  std::vector<std::string> out;
+  const size_t open = flag.find("{0..");
+  if (open != std::string::npos) {
+    const size_t close = flag.find('}', open);
+    int last = -1;
+    if (close == std::string::npos ||
+        !absl::SimpleAtoi(flag.substr(open + 4, close - open - 4), &last) || last < 0 ||
+        last > 4095) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--shards '", flag, "': expected name-{0..N}.service:port with 0 <= N < 4096"));
+    }
+    for (int i = 0; i <= last; ++i) {
+      out.push_back(absl::StrCat(flag.substr(0, open), i, flag.substr(close + 1)));
+    }
+    return out;
+  }
+  for (absl::string_view s : absl::StrSplit(flag, ',', absl::SkipWhitespace())) {
+    out.emplace_back(absl::StripAsciiWhitespace(s));
+  }
+  if (out.empty()) return absl::InvalidArgumentError("--shards names no shard");
+  return out;
+}
+
+// One Steps stream to every shard for one call, opened on the first Step.
+class RouterService::StepStreams {
+ public:
+  StepStreams(RouterService* router, grpc::ServerContext* ctx, shard::v1::StepRequest first)
+      : router_(router), ctx_(ctx), first_(std::move(first)) {}
+  ~StepStreams() {
+    for (size_t i = 0; i < streams_.size(); ++i) {
+      if (streams_[i] == nullptr) continue;
+      streams_[i]->WritesDone();
+      contexts_[i]->TryCancel();
+      streams_[i]->Finish().IgnoreError();
+    }
+  }
+
+  // The merged partial of each of `b` states x (b x dim) over every shard,
+  // and with `with_nearest` each state's nearest memory (unset when no
+  // shard holds a passing row).
+  absl::Status Step(const float* x, int64_t b, int dim, bool with_sum, bool with_value,
+                    bool with_nearest, std::vector<core::StepPartial>* merged,
+                    std::vector<v1::Memory>* nearest) {
+    shard::v1::StepRequest req;
+    if (streams_.empty()) {
+      req = first_;
+      for (int i = 0; i < router_->shards(); ++i) {
+        contexts_.push_back(router_->Forward(ctx_));
+        streams_.push_back(router_->shards_[i].steps->Steps(contexts_.back().get()));
+      }
+    }
+    req.mutable_states()->Add(x, x + b * dim);
+    req.set_with_sum(with_sum);
+    req.set_with_value(with_value);
+    req.set_with_nearest(with_nearest);
+    const int s = router_->shards();
+    std::vector<shard::v1::StepReply> replies(s);
+    for (int i = 0; i < s; ++i) {
+      if (!streams_[i]->Write(req)) return Failed(i);
+    }
+    for (int i = 0; i < s; ++i) {
+      if (!streams_[i]->Read(&replies[i])) return Failed(i);
+      if (replies[i].partials_size() != b) {
+        return absl::InternalError(absl::StrCat("shard ", i, " (", router_->shards_[i].address,
+                                                ") answered ", replies[i].partials_size(),
+                                                " partials for ", b, " states"));
+      }
+    }
+    merged->resize(b);
+    if (nearest != nullptr) nearest->assign(b, v1::Memory());
+    std::vector<core::StepPartial> parts(s);
+    for (int64_t j = 0; j < b; ++j) {
+      double best = -INFINITY;
+      for (int i = 0; i < s; ++i) {
+        const shard::v1::Partial& p = replies[i].partials(static_cast<int>(j));
+        parts[i] = PartialFromProto(p);
+        if (nearest != nullptr && p.has_nearest() && p.nearest_key() > best) {
+          best = p.nearest_key();
+          (*nearest)[j] = p.nearest();
+        }
+      }
+      ENGRAM_ASSIGN_OR_RETURN((*merged)[j], core::MergeStepPartials(parts));
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  // The status that ended shard i's stream.
+  absl::Status Failed(int i) {
+    grpc::Status s = streams_[i]->Finish();
+    streams_[i].reset();
+    if (s.ok()) s = grpc::Status(grpc::StatusCode::UNAVAILABLE, "the stream ended early");
+    const grpc::Status named = router_->FromShard(i, s);
+    return absl::Status(static_cast<absl::StatusCode>(named.error_code()), named.error_message());
+  }
+
+  RouterService* router_;
+  grpc::ServerContext* ctx_;
+  shard::v1::StepRequest first_;
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts_;
+  std::vector<std::unique_ptr<grpc::ClientReaderWriter<shard::v1::StepRequest, shard::v1::StepReply>>>
+      streams_;
+};
+
+absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(RouterOptions options) {
+  if (options.shards.empty()) return absl::InvalidArgumentError("a router needs shards");
+  return std::unique_ptr<RouterService>(new RouterService(std::move(options)));
+}
+
+RouterService::RouterService(RouterOptions options) : options_(std::move(options)) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(options_.max_message_bytes);
+  args.SetMaxSendMessageSize(options_.max_message_bytes);
+  for (const std::string& address : options_.shards) {
+    auto channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+    shards_.push_back({address, v1::MemoryService::NewStub(channel),
+                       shard::v1::Shard::NewStub(channel)});
+  }
+  std::random_device rd;
+  rng_state_ = (uint64_t{rd()} << 32) ^ rd();
+}
+
+std::unique_ptr<grpc::ClientContext> RouterService::Forward(grpc::ServerContext* ctx) const {
+  std::unique_ptr<grpc::ClientContext> c = grpc::ClientContext::FromServerContext(*ctx);
+  const auto limit = std::chrono::system_clock::now() +
+                     absl::ToChronoMilliseconds(options_.default_timeout);
+  if (ctx->deadline() > limit) c->set_deadline(limit);
+  auto auth = ctx->client_metadata().equal_range("authorization");
+  if (auth.first != auth.second) {
+    c->AddMetadata("authorization",
+                   std::string(auth.first->second.data(), auth.first->second.size()));
+  }
+  return c;
+}
+
+grpc::Status RouterService::FromShard(int i, const grpc::Status& s) const {
+  if (s.ok()) return s;
+  return grpc::Status(s.error_code(), absl::StrCat("shard ", i, " (", shards_[i].address,
+                                                   "): ", s.error_message()));
+}
+
+std::vector<int> RouterService::AllShards() const {
+  std::vector<int> all(shards_.size());
+  for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int>(i);
+  return all;
+}
+
+std::vector<grpc::Status> RouterService::FanOut(
+    grpc::ServerContext* ctx, const std::vector<int>& which,
+    const std::function<grpc::Status(int, grpc::ClientContext*)>& call) {
+  std::vector<grpc::Status> out(shards_.size());
+  std::vector<std::thread> threads;
+  for (int i : which) {
+    threads.emplace_back([&, i] {
+      std::unique_ptr<grpc::ClientContext> c = Forward(ctx);
+      out[i] = FromShard(i, call(i, c.get()));
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  return out;
+}
+
+std::vector<uint64_t> RouterService::FreshIds(int64_t count) {
+  std::vector<uint64_t> ids(count);
+  absl::MutexLock lock(&rng_mu_);
+  for (uint64_t& id : ids) {
+    // Ids below 2^53 stay exact as JSON numbers; 0 is never used.
+    do {
+      rng_state_ += 0x9e3779b97f4a7c15ULL;
+      id = Mix(rng_state_) >> 11;
+    } while (id == 0);
+  }
+  return ids;
+}
+
+absl::StatusOr<v1::BankInfo> RouterService::Describe(grpc::ServerContext* ctx,
+                                                      const std::string& bank) {
+  v1::GetBankRequest req;
+  req.set_name(bank);
+  v1::BankInfo info;
+  std::unique_ptr<grpc::ClientContext> c = Forward(ctx);
+  const grpc::Status s = FromShard(0, shards_[0].memory->GetBank(c.get(), req, &info));
+  if (!s.ok()) return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+  return info;
+}
+
+// --- Banks ------------------------------------------------------------------
+
+grpc::Status RouterService::CreateBank(grpc::ServerContext* ctx, const v1::CreateBankRequest* req,
+                                       v1::BankInfo* resp) {
+  std::vector<v1::BankInfo> infos(shards_.size());
+  std::vector<grpc::Status> st = FanOut(ctx, AllShards(), [&](int i, grpc::ClientContext* c) {
+    return shards_[i].memory->CreateBank(c, *req, &infos[i]);
+  });
+  int existed = 0;
+  for (size_t i = 0; i < st.size(); ++i) {
+    if (st[i].error_code() == grpc::StatusCode::ALREADY_EXISTS) {
+      ++existed;
+    } else if (!st[i].ok()) {
+      return grpc::Status(st[i].error_code(),
+                          absl::StrCat(st[i].error_message(),
+                                       "; the bank may exist on other shards: repeat the call "
+                                       "to finish creating it, or DeleteBank to remove it"));
+    }
+  }
+  if (existed == static_cast<int>(st.size())) return st[0];
+  // A shard that had it (an earlier call's) counts as created when it holds
+  // the same bank.
+  absl::StatusOr<v1::BankInfo> info = Describe(ctx, req->name());
+  if (!info.ok()) return ToGrpcStatus(info.status());
+  *resp = *std::move(info);
+  for (size_t i = 0; i < st.size(); ++i) {
+    if (st[i].ok() && (infos[i].dim() != resp->dim() || infos[i].kind() != resp->kind())) {
+      return grpc::Status(grpc::StatusCode::ALREADY_EXISTS,
+                          absl::StrCat("bank '", req->name(), "' exists on some shards with "
+                                       "another dimension or kind; DeleteBank it first"));
+    }
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status RouterService::GetBank(grpc::ServerContext* ctx, const v1::GetBankRequest* req,
+                                    v1::BankInfo* resp) {
+  std::vector<v1::BankInfo> infos(shards_.size());
+  std::vector<grpc::Status> st = FanOut(ctx, AllShards(), [&](int i, grpc::ClientContext* c) {
+    return shards_[i].memory->GetBank(c, *req, &infos[i]);
+  });
+  for (const grpc::Status& s : st) {
+    if (!s.ok()) return s;
+  }
+  *resp = infos[0];
+  uint64_t patterns = 0, bytes = 0;
+  for (const v1::BankInfo& i : infos) {
+    patterns += i.patterns();
+    bytes += i.bytes();
+  }
+  resp->set_patterns(patterns);
+  resp->set_bytes(bytes);
+  resp->set_load(resp->dim() > 0 ? static_cast<double>(patterns) / resp->dim() : 0.0);
+  resp->mutable_capacity()->set_over_capacity(static_cast<double>(patterns) >
+                                              resp->capacity().patterns());
+  return grpc::Status::OK;
+}
+
+grpc::Status RouterService::ListBanks(grpc::ServerContext* ctx, const v1::ListBanksRequest* req,
+                                      v1::ListBanksResponse* resp) {
+  std::vector<v1::ListBanksResponse> lists(shards_.size());
+  std::vector<grpc::Status> st = FanOut(ctx, AllShards(), [&](int i, grpc::ClientContext* c) {
+    return shards_[i].memory->ListBanks(c, *req, &lists[i]);
+  });
+  for (const grpc::Status& s : st) {
+    if (!s.ok()) return s;
+  }
+  absl::flat_hash_map<std::string, std::pair<uint64_t, uint64_t>> sums;
+  for (const v1::ListBanksResponse& l : lists) {
+    for (const v1::BankInfo& b : l.banks()) {
+      sums[b.name()].first += b.patterns();
+      sums[b.name()].second += b.bytes();
+    }
+  }
+  for (const v1::BankInfo& b : lists[0].banks()) {
+    v1::BankInfo* out = resp->add_banks();
+    *out = b;
+    out->set_patterns(sums[b.name()].first);
+    out->set_bytes(sums[b.name()].second);
+    out->set_load(b.dim() > 0 ? static_cast<double>(out->patterns()) / b.dim() : 0.0);
+    out->mutable_capacity()->set_over_capacity(static_cast<double>(out->patterns()) >
+                                               b.capacity().patterns());
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status RouterService::DeleteBank(grpc::ServerContext* ctx, const v1::DeleteBankRequest* req,
+                                       v1::DeleteBankResponse*) {
+  std::vector<v1::DeleteBankResponse> unused(shards_.size());
+  std::vector<grpc::Status> st = FanOut(ctx, AllShards(), [&](int i, grpc::ClientContext* c) {
+    return shards_[i].memory->DeleteBank(c, *req, &unused[i]);
+  });
+  int missing = 0;
+  for (const grpc::Status& s : st) {
+    if (s.error_code() == grpc::StatusCode::NOT_FOUND) {
+      ++missing;
+    } else if (!s.ok()) {
+      return grpc::Status(s.error_code(),
+                          absl::StrCat(s.error_message(),
+                                       "; the other shards may have deleted the bank: repeat "
+                                       "the call to finish"));
+    }
+  }
+  return missing == static_cast<int>(st.size()) ? st[0] : grpc::Status::OK;
+}
+
+// --- Patterns ---------------------------------------------------------------
+
+grpc::Status RouterService::Store(grpc::ServerContext* ctx, const v1::StoreRequest* req,
+                                  v1::StoreResponse* resp) {
+  absl::StatusOr<v1::BankInfo> info = Describe(ctx, req->bank());
+  if (!info.ok()) return ToGrpcStatus(info.status());
+  const int n = static_cast<int>(info->dim());
+  const int m = static_cast<int>(info->value_dim());
+  absl::StatusOr<int64_t> k =
+      CheckVectors(req->patterns(), n, "patterns", info->kind() == v1::STATE_KIND_BIPOLAR);
+  if (!k.ok()) return ToGrpcStatus(k.status());
+  auto count_is = [&](int64_t got, int64_t per, const char* field) -> grpc::Status {
+    if (got != 0 && got != *k * per) {
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          absl::StrCat(field, " has ", got, " entries; expected 0 or ", *k * per));
+    }
+    return grpc::Status::OK;
+  };
+  for (const grpc::Status& s :
+       {count_is(req->ids_size(), 1, "ids"), count_is(req->payloads_size(), 1, "payloads"),
+        count_is(req->labels_size(), 1, "labels"), count_is(req->values_size(), m, "values")}) {
+    if (!s.ok()) return s;
+  }
+  std::vector<uint64_t> ids(req->ids().begin(), req->ids().end());
+  if (ids.empty()) ids = FreshIds(*k);
+  std::vector<v1::StoreRequest> parts(shards_.size());
+  std::vector<int> which;
+  for (int64_t r = 0; r < *k; ++r) {
+    const int i = ShardOf(ids[r], shards());
+    v1::StoreRequest& p = parts[i];
+    if (p.bank().empty()) {
+      p.set_bank(req->bank());
+      p.set_ttl_seconds(req->ttl_seconds());
+      which.push_back(i);
+    }
+    p.mutable_patterns()->Add(req->patterns().begin() + r * n, req->patterns().begin() + (r + 1) * n);
+    p.add_ids(ids[r]);
+    if (req->payloads_size() > 0) p.add_payloads(req->payloads(static_cast<int>(r)));
+    if (req->labels_size() > 0) *p.add_labels() = req->labels(static_cast<int>(r));
+    if (m > 0 && req->values_size() > 0) {
+      p.mutable_values()->Add(req->values().begin() + r * m, req->values().begin() + (r + 1) * m);
+    }
+  }
+  std::vector<v1::StoreResponse> answers(shards_.size());
+  std::vector<grpc::Status> st = FanOut(ctx, which, [&](int i, grpc::ClientContext* c) {
+    return shards_[i].memory->Store(c, parts[i], &answers[i]);
+  });
+  for (int i : which) {
+    if (st[i].ok()) continue;
+    // Undo the shards that stored their part, then report the failure.
+    std::vector<int> stored;
+    for (int j : which) {
+      if (st[j].ok()) stored.push_back(j);
+    }
+    std::vector<grpc::Status> undone = FanOut(ctx, stored, [&](int j, grpc::ClientContext* c) {
+      v1::DeletePatternsRequest del;
+      del.set_bank(req->bank());
+      *del.mutable_ids() = parts[j].ids();
+      v1::DeletePatternsResponse unused;
+      return shards_[j].memory->DeletePatterns(c, del, &unused);
+    });
+    for (int j : stored) {
+      if (!undone[j].ok()) {
+        return grpc::Status(st[i].error_code(),
+                            absl::StrCat(st[i].error_message(), "; undoing the part stored on ",
+                                         undone[j].error_message(), " failed: delete ids ",
+                                         parts[j].ids(0), "... there"));
+      }
+    }
+    return st[i];
+  }
+  resp->mutable_ids()->Add(ids.begin(), ids.end());
+  v1::GetBankRequest get;
+  get.set_name(req->bank());
+  v1::BankInfo total;
+  if (GetBank(ctx, &get, &total).ok()) resp->set_bank_patterns(total.patterns());
+  return grpc::Status::OK;
+}
+
+grpc::Status RouterService::DeletePatterns(grpc::ServerContext* ctx,
+                                           const v1::DeletePatternsRequest* req,
+                                           v1::DeletePatternsResponse* resp) {
+  std::vector<v1::DeletePatternsRequest> parts(shards_.size());
+  std::vector<int> which;
+  absl::flat_hash_set<uint64_t> seen;
+  for (uint64_t id : req->ids()) {
+    if (!seen.insert(id).second) {
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          absl::StrCat("id ", id, " appears twice; ids must be distinct"));
+    }
+    const int i = ShardOf(id, shards());
+    if (parts[i].bank().empty()) {
+      parts[i].set_bank(req->bank());
+      which.push_back(i);
+    }
+    parts[i].add_ids(id);
+  }
+  if (which.empty()) which.push_back(0);  // shard 0's own answer to no ids
+  parts[which[0]].set_bank(req->bank());
+  // Every id must be present before any shard deletes (a node deletes all
+  // or none of a call's ids).
+  std::vector<grpc::Status> st = FanOut(ctx, which, [&](int i, grpc::ClientContext* c) {
+    v1::GetPatternsRequest get;
+    get.set_bank(req->bank());
+    *get.mutable_ids() = parts[i].ids();
+    v1::GetPatternsResponse unused;
+    return parts[i].ids().empty() ? grpc::Status::OK
+                                  : shards_[i].memory->GetPatterns(c, get, &unused);
+  });
+  for (int i : which) {
+    if (!st[i].ok()) return st[i];
+  }
+  std::vector<v1::DeletePatternsResponse> answers(shards_.size());
+  st = FanOut(ctx, which, [&](int i, grpc::ClientContext* c) {
+    return shards_[i].memory->DeletePatterns(c, parts[i], &answers[i]);
+  });
+  uint64_t deleted = 0;
+  for (int i : which) {
+    if (!st[i].ok()) return st[i];
+    deleted += answers[i].deleted();
+  }
+  resp->set_deleted(deleted);
+  v1::GetBankRequest get;
+  get.set_name(req->bank());
+  v1::BankInfo total;
+  if (GetBank(ctx, &get, &total).ok()) resp->set_bank_patterns(total.patterns());
+  return grpc::Status::OK;
+}
+
+grpc::Status RouterService::GetPatterns(grpc::ServerContext* ctx,
+                                        const v1::GetPatternsRequest* req,
+                                        v1::GetPatternsResponse* resp) {
+  if (req->ids().empty()) {
+    // Rows are numbered shard after shard: the page comes from the shard
+    // holding row page_start, up to that shard's last row.
+    std::vector<v1::BankInfo> infos(shards_.size());
+    std::vector<grpc::Status> st = FanOut(ctx, AllShards(), [&](int i, grpc::ClientContext* c) {
+      v1::GetBankRequest get;
+      get.set_name(req->bank());
+      return shards_[i].memory->GetBank(c, get, &infos[i]);
+    });
+    for (const grpc::Status& s : st) {
+      if (!s.ok()) return s;
+    }
+    uint64_t first = 0;
+    int i = 0;
+    while (i + 1 < shards() && req->page_start() >= first + infos[i].patterns()) {
+      first += infos[i].patterns();
+      ++i;
+    }
+    v1::GetPatternsRequest local = *req;
+    local.set_page_start(req->page_start() - first);
+    std::unique_ptr<grpc::ClientContext> c = Forward(ctx);
+    grpc::Status s = FromShard(i, shards_[i].memory->GetPatterns(c.get(), local, resp));
+    if (!s.ok()) return s;
+    resp->set_next_page_start(first + resp->next_page_start());
+    return grpc::Status::OK;
+  }
+  std::vector<v1::GetPatternsRequest> parts(shards_.size());
+  std::vector<int> which;
+  for (uint64_t id : req->ids()) {
+    const int i = ShardOf(id, shards());
+    if (parts[i].bank().empty()) {
+      parts[i] = *req;
+      parts[i].clear_ids();
+      which.push_back(i);
+    }
+    parts[i].add_ids(id);
+  }
+  std::vector<v1::GetPatternsResponse> answers(shards_.size());
+  std::vector<grpc::Status> st = FanOut(ctx, which, [&](int i, grpc::ClientContext* c) {
+    return shards_[i].memory->GetPatterns(c, parts[i], &answers[i]);
+  });
+  for (int i : which) {
+    if (!st[i].ok()) return st[i];
+  }
+  // Each shard answers its ids in the order asked; the request's order is
+  // rebuilt from them.
+  std::vector<int> next(shards_.size(), 0);
+  for (uint64_t id : req->ids()) {
+    const int i = ShardOf(id, shards());
+    const v1::GetPatternsResponse& a = answers[i];
+    const int r = next[i]++;
+    const int n = static_cast<int>(a.dim());
+    const int m = a.ids_size() > 0 ? a.values_size() / a.ids_size() : 0;
+    resp->set_dim(a.dim());
+    resp->add_ids(a.ids(r));
+    resp->mutable_patterns()->Add(a.patterns().begin() + r * n,
+                                  a.patterns().begin() + (r + 1) * n);
+    if (r < a.payloads_size()) resp->add_payloads(a.payloads(r));
+    if (m > 0) {
+      resp->mutable_values()->Add(a.values().begin() + r * m, a.values().begin() + (r + 1) * m);
+    }
+    if (r < a.labels_size()) *resp->add_labels() = a.labels(r);
+    if (r < a.expires_unix_ms_size()) resp->add_expires_unix_ms(a.expires_unix_ms(r));
+    if (r < a.stored_unix_ms_size()) resp->add_stored_unix_ms(a.stored_unix_ms(r));
+  }
+  return grpc::Status::OK;
+}
+
+// --- Compute ----------------------------------------------------------------
+
+namespace {
+
+// The call's energy override, or the bank's own, for `kind`.
+absl::StatusOr<core::EnergyConfig> ResolveEnergy(bool has_override, const v1::EnergyConfig& p,
+                                                 const v1::BankInfo& info, core::StateKind kind) {
+  const v1::EnergyConfig& use =
+      has_override && p.family() != v1::ENERGY_FAMILY_UNSPECIFIED ? p : info.energy();
+  ENGRAM_ASSIGN_OR_RETURN(core::EnergyConfig cfg, EnergyFromProto(use, kind));
+  ENGRAM_RETURN_IF_ERROR(core::ValidateEnergyConfig(cfg, kind));
+  return cfg;
+}
+
+// An energy over no rows of dimension n: what finishes merged partials.
+core::EnergyFunction Finisher(const core::EnergyConfig& cfg, int n) {
+  core::PatternView none;
+  none.dim = n;
+  return core::EnergyFunction(cfg, none);
+}
+
+shard::v1::StepRequest FirstStep(const std::string& bank, bool has_energy,
+                                 const v1::EnergyConfig& energy, const v1::Filter& filter) {
+  shard::v1::StepRequest first;
+  first.set_bank(bank);
+  if (has_energy) *first.mutable_energy() = energy;
+  *first.mutable_filter() = filter;
+  return first;
+}
+
+}  // namespace
+
+grpc::Status RouterService::Energy(grpc::ServerContext* ctx, const v1::EnergyRequest* req,
+                                   v1::EnergyResponse* resp) {
+  if (req->return_novelty()) return Unimplemented("Energy's return_novelty");
+  absl::Status s = [&]() -> absl::Status {
+    ENGRAM_ASSIGN_OR_RETURN(v1::BankInfo info, Describe(ctx, req->bank()));
+    ENGRAM_ASSIGN_OR_RETURN(core::StateKind kind, KindFromProto(info.kind()));
+    const int n = static_cast<int>(info.dim());
+    const int m = static_cast<int>(info.value_dim());
+    ENGRAM_ASSIGN_OR_RETURN(int64_t b, CheckVectors(req->states(), n, "states", false));
+    ENGRAM_ASSIGN_OR_RETURN(core::EnergyConfig cfg,
+                            ResolveEnergy(req->has_energy(), req->energy(), info, kind));
+    StepStreams streams(this, ctx, FirstStep(req->bank(), req->has_energy(), req->energy(),
+                                             req->filter()));
+    std::vector<core::StepPartial> merged;
+    ENGRAM_RETURN_IF_ERROR(streams.Step(req->states().data(), b, n, req->return_gradient(),
+                                        m > 0, false, &merged, nullptr));
+    const core::EnergyFunction f = Finisher(cfg, n);
+    std::vector<float> grad(n);
+    for (int64_t j = 0; j < b; ++j) {
+      const float* x = req->states().data() + j * n;
+      ENGRAM_ASSIGN_OR_RETURN(
+          double e, f.FinishPartial(merged[j], x, nullptr,
+                                    req->return_gradient() ? grad.data() : nullptr));
+      resp->add_energies(e);
+      if (req->return_gradient()) resp->mutable_gradients()->Add(grad.begin(), grad.end());
+      if (m > 0) {
+        if (static_cast<int>(merged[j].value.size()) == m) {
+          resp->mutable_values()->Add(merged[j].value.begin(), merged[j].value.end());
+        } else {
+          for (int v = 0; v < m; ++v) resp->add_values(0.f);  // no rows: the empty readout
+        }
+      }
+    }
+    return absl::OkStatus();
+  }();
+  if (!s.ok()) resp->Clear();
+  return ToGrpcStatus(s);
+}
+
+grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::RetrieveRequest* req,
+                                     v1::RetrieveResponse* resp) {
+  absl::Status s = [&]() -> absl::Status {
+    ENGRAM_ASSIGN_OR_RETURN(core::RetrieveOptions opts, OptionsFromProto(req->options()));
+    if (opts.dynamics != core::Dynamics::kSync) {
+      return absl::UnimplementedError(absl::StrCat(
+          "the ", core::DynamicsName(opts.dynamics),
+          " dynamics are not routed to shards yet; use SYNC or call a single node"));
+    }
+    opts.should_stop = [ctx] { return DeadlinePassed(ctx); };
+    ENGRAM_ASSIGN_OR_RETURN(v1::BankInfo info, Describe(ctx, req->bank()));
+    ENGRAM_ASSIGN_OR_RETURN(core::StateKind kind, KindFromProto(info.kind()));
+    const int n = static_cast<int>(info.dim());
+    const int m = static_cast<int>(info.value_dim());
+    ENGRAM_ASSIGN_OR_RETURN(int64_t count, CheckVectors(req->queries(), n, "queries",
+                                                        kind == core::StateKind::kBipolar));
+    const int64_t mask = req->clamp_size();
+    if (mask != 0 && mask != n && mask != count * n) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "clamp has ", mask, " entries; expected 0, ", n, " (one mask for all queries) or ",
+          count * n, " (one per query)"));
+    }
+    ENGRAM_ASSIGN_OR_RETURN(core::EnergyConfig cfg,
+                            ResolveEnergy(req->has_energy(), req->energy(), info, kind));
+    ENGRAM_RETURN_IF_ERROR(core::ValidateRetrieveOptions(opts, kind));
+    StepStreams streams(this, ctx, FirstStep(req->bank(), req->has_energy(), req->energy(),
+                                             req->filter()));
+    const core::EnergyFunction f = Finisher(cfg, n);
+    std::vector<core::StepPartial> merged;
+    auto evaluate = [&](const float* x, int64_t b, float* targets, double* energies,
+                        int64_t* nearest_rows) -> absl::Status {
+      ENGRAM_RETURN_IF_ERROR(
+          streams.Step(x, b, n, targets != nullptr, false, false, &merged, nullptr));
+      if (b > 0 && merged[0].rows == 0) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "bank '", req->bank(), "' holds no pattern that passes the call's filter (or none "
+            "at all); store patterns first"));
+      }
+      for (int64_t j = 0; j < b; ++j) {
+        ENGRAM_ASSIGN_OR_RETURN(
+            energies[j], f.FinishPartial(merged[j], x + j * n,
+                                         targets != nullptr ? targets + j * n : nullptr, nullptr));
+        nearest_rows[j] = -1;
+      }
+      return absl::OkStatus();
+    };
+    std::vector<absl::StatusOr<core::Trajectory>> results(count, absl::UnknownError("not run"));
+    core::SyncBatch batch(
+        f, kind,
+        [&](uint64_t q, absl::StatusOr<core::Trajectory> r) { results[q] = std::move(r); },
+        evaluate);
+    const std::vector<char> clamp(req->clamp().begin(), req->clamp().end());
+    const bool* clamp_data = reinterpret_cast<const bool*>(clamp.data());
+    for (int64_t q = 0; q < count; ++q) {
+      absl::Span<const bool> c;
+      if (mask == n) {
+        c = absl::MakeConstSpan(clamp_data, n);
+      } else if (mask == count * n) {
+        c = absl::MakeConstSpan(clamp_data + q * n, n);
+      }
+      batch.Admit(static_cast<uint64_t>(q),
+                  {absl::MakeConstSpan(req->queries().data() + q * n, n), c, &opts});
+    }
+    while (!batch.empty()) batch.Step();
+    std::vector<float> finals;
+    for (const auto& r : results) {
+      ENGRAM_RETURN_IF_ERROR(r.status());
+      finals.insert(finals.end(), r->state.begin(), r->state.end());
+    }
+    // The final states' nearest memories and value readouts: one more step.
+    std::vector<v1::Memory> nearest;
+    ENGRAM_RETURN_IF_ERROR(
+        streams.Step(finals.data(), count, n, false, m > 0, true, &merged, &nearest));
+    for (int64_t q = 0; q < count; ++q) {
+      const core::Trajectory& t = *results[q];
+      v1::RetrieveResult* out = resp->add_results();
+      RetrievalToProto(t, core::NearestMemory{}, std::string(), out);
+      if (nearest[q].ByteSizeLong() > 0) *out->mutable_nearest() = nearest[q];
+      if (m > 0) {
+        if (static_cast<int>(merged[q].value.size()) == m) {
+          out->mutable_value()->Add(merged[q].value.begin(), merged[q].value.end());
+        } else {
+          for (int v = 0; v < m; ++v) out->add_value(0.f);
+        }
+      }
+      if (t.stop_reason == core::StopReason::kDeadline &&
+          !req->options().partial_on_deadline()) {
+        return absl::DeadlineExceededError(absl::StrCat(
+            "deadline passed after ", t.steps, " steps of query ", q, " of ", count,
+            "; set options.partial_on_deadline to receive partial states"));
+      }
+    }
+    return absl::OkStatus();
+  }();
+  if (!s.ok()) resp->Clear();
+  return ToGrpcStatus(s);
+}
+
+grpc::Status RouterService::Sample(grpc::ServerContext*, const v1::SampleRequest*,
+                                   v1::SampleResponse*) {
+  return Unimplemented("Sample");
+}
+
+grpc::Status RouterService::SampleStream(grpc::ServerContext*, const v1::SampleRequest*,
+                                         grpc::ServerWriter<v1::SampleFrame>*) {
+  return Unimplemented("SampleStream");
+}
+
+grpc::Status RouterService::Backup(grpc::ServerContext*, const v1::BackupRequest*,
+                                   v1::BackupResponse*) {
+  return Unimplemented("Backup (back up each shard)");
+}
+
+}  // namespace engram::server

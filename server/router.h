@@ -1,0 +1,134 @@
+// RouterService: engram.v1.MemoryService for banks held in shards on other
+// engramd nodes (engramd --role=router). The router holds no patterns and
+// no state of its own: every call is answered from the shards.
+//
+//   RouterOptions o;
+//   o.shards = {"engram-0:50051", "engram-1:50051", "engram-2:50051"};
+//   ENGRAM_ASSIGN_OR_RETURN(auto router, RouterService::Create(o));
+//   builder.RegisterService(router.get());
+//
+// What goes where:
+//  - CreateBank and DeleteBank go to every shard. A shard that already has
+//    (CreateBank) or no longer has (DeleteBank) the bank counts as done, so
+//    after a failure naming a shard, repeating the same call converges.
+//  - Store, GetPatterns (by id) and DeletePatterns go to the shard that owns
+//    each id: ShardOf(id), a fixed hash of the id modulo the shard count. A
+//    Store without ids gets fresh random ids from the router. A Store or
+//    DeletePatterns that fails on one shard is undone on the others before
+//    the error is returned.
+//  - Energy and sync Retrieve open one engram.shard.v1 Steps stream per
+//    shard per call, send every step's states to all shards, and merge
+//    their partials (core::MergeStepPartials, in shard order): the answer is
+//    the single-node answer up to float reassociation.
+//  - GetBank and ListBanks sum the shards' counts.
+// A shard that cannot be reached fails the call UNAVAILABLE naming it; an
+// answer is never made from some of the shards. The caller's deadline,
+// cancellation and authorization header go to the shards.
+//
+// Not routed yet (UNIMPLEMENTED, naming the call): Sample, SampleStream,
+// Backup, the GRADIENT / ASYNC / TINYBRAIN dynamics, Energy's novelty,
+// and the energies without a partial form (the shards' UNIMPLEMENTED).
+//
+// Thread-safety: gRPC's synchronous API; calls run concurrently.
+#ifndef ENGRAM_SERVER_ROUTER_H_
+#define ENGRAM_SERVER_ROUTER_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "engram/shard/v1/shard.grpc.pb.h"
+#include "engram/v1/engram.grpc.pb.h"
+
+namespace engram::server {
+
+struct RouterOptions {
+  // host:port of each shard, in shard order (the order partials merge in
+  // and ids hash over). Changing the count moves ids to other shards.
+  std::vector<std::string> shards;
+  // Deadline of the shard calls of a caller that sets none.
+  absl::Duration default_timeout = absl::Seconds(60);
+  // Largest message to and from a shard.
+  int max_message_bytes = 64 << 20;
+};
+
+// The shard (0 .. shards - 1) that owns `id`.
+int ShardOf(uint64_t id, int shards);
+
+// The shard list of a --shards flag: comma-separated host:port, or
+// "name-{0..N}.rest:port" for the N+1 pods of a Kubernetes StatefulSet
+// behind a headless Service (name-0.rest:port ... name-N.rest:port).
+absl::StatusOr<std::vector<std::string>> ParseShardList(const std::string& flag);
+
+class RouterService final : public v1::MemoryService::Service {
+ public:
+  // INVALID_ARGUMENT for an empty shard list.
+  static absl::StatusOr<std::unique_ptr<RouterService>> Create(RouterOptions options);
+
+  grpc::Status CreateBank(grpc::ServerContext* ctx, const v1::CreateBankRequest* req,
+                          v1::BankInfo* resp) override;
+  grpc::Status GetBank(grpc::ServerContext* ctx, const v1::GetBankRequest* req,
+                       v1::BankInfo* resp) override;
+  grpc::Status ListBanks(grpc::ServerContext* ctx, const v1::ListBanksRequest* req,
+                         v1::ListBanksResponse* resp) override;
+  grpc::Status DeleteBank(grpc::ServerContext* ctx, const v1::DeleteBankRequest* req,
+                          v1::DeleteBankResponse* resp) override;
+  grpc::Status Store(grpc::ServerContext* ctx, const v1::StoreRequest* req,
+                     v1::StoreResponse* resp) override;
+  grpc::Status DeletePatterns(grpc::ServerContext* ctx, const v1::DeletePatternsRequest* req,
+                              v1::DeletePatternsResponse* resp) override;
+  grpc::Status GetPatterns(grpc::ServerContext* ctx, const v1::GetPatternsRequest* req,
+                           v1::GetPatternsResponse* resp) override;
+  grpc::Status Retrieve(grpc::ServerContext* ctx, const v1::RetrieveRequest* req,
+                        v1::RetrieveResponse* resp) override;
+  grpc::Status Energy(grpc::ServerContext* ctx, const v1::EnergyRequest* req,
+                      v1::EnergyResponse* resp) override;
+  grpc::Status Sample(grpc::ServerContext* ctx, const v1::SampleRequest* req,
+                      v1::SampleResponse* resp) override;
+  grpc::Status SampleStream(grpc::ServerContext* ctx, const v1::SampleRequest* req,
+                            grpc::ServerWriter<v1::SampleFrame>* writer) override;
+  grpc::Status Backup(grpc::ServerContext* ctx, const v1::BackupRequest* req,
+                      v1::BackupResponse* resp) override;
+
+  int shards() const { return static_cast<int>(shards_.size()); }
+
+ private:
+  struct Shard {
+    std::string address;
+    std::unique_ptr<v1::MemoryService::Stub> memory;
+    std::unique_ptr<shard::v1::Shard::Stub> steps;
+  };
+  class StepStreams;
+
+  explicit RouterService(RouterOptions options);
+
+  // A client context for a call to a shard on behalf of `ctx`: its deadline
+  // (or the default timeout), cancellation and authorization header.
+  std::unique_ptr<grpc::ClientContext> Forward(grpc::ServerContext* ctx) const;
+  // `s` from shard `i`, its message prefixed with the shard's name.
+  grpc::Status FromShard(int i, const grpc::Status& s) const;
+  // The bank as shard 0 describes it (dimension, kind, energy, values).
+  absl::StatusOr<v1::BankInfo> Describe(grpc::ServerContext* ctx, const std::string& bank);
+  // `count` fresh random ids.
+  std::vector<uint64_t> FreshIds(int64_t count);
+  // Runs `call(i, context)` for every shard i at once and waits for all;
+  // returns each shard's status.
+  std::vector<grpc::Status> FanOut(grpc::ServerContext* ctx, const std::vector<int>& shards,
+                                   const std::function<grpc::Status(int, grpc::ClientContext*)>& call);
+  std::vector<int> AllShards() const;
+
+  RouterOptions options_;
+  std::vector<Shard> shards_;
+  absl::Mutex rng_mu_;
+  uint64_t rng_state_ ABSL_GUARDED_BY(rng_mu_);
+};
+
+}  // namespace engram::server
+
+#endif  // ENGRAM_SERVER_ROUTER_H_

@@ -1,0 +1,122 @@
+#include "server/shard_service.h"
+
+#include <cmath>
+#include <exception>
+#include <new>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "engram/core/energy.h"
+#include "engram/core/partials.h"
+#include "engram/core/readout.h"
+#include "engram/core/status_macros.h"
+#include "server/convert.h"
+#include "server/status_mapping.h"
+
+namespace engram::server {
+namespace {
+
+// The states of `req`: a whole number of `n`-vectors, finite, at most
+// `max_batch`.
+absl::StatusOr<int64_t> CountStates(const shard::v1::StepRequest& req, int n, int64_t max_batch) {
+  if (req.states_size() % n != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "states has ", req.states_size(), " floats, not a multiple of the bank's dimension ", n));
+  }
+  const int64_t b = req.states_size() / n;
+  if (b > max_batch) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("states holds ", b, " vectors; the limit per request is ", max_batch));
+  }
+  for (int i = 0; i < req.states_size(); ++i) {
+    if (!std::isfinite(req.states(i))) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "states vector ", i / n, " coordinate ", i % n, " is not finite"));
+    }
+  }
+  return b;
+}
+
+void PartialToProto(const core::StepPartial& p, shard::v1::Partial* out) {
+  out->set_log_domain(p.log_domain);
+  out->set_log_scale(p.log_scale);
+  out->set_scale(p.scale);
+  out->set_wsum(p.wsum);
+  out->set_hsum(p.hsum);
+  out->set_energy_terms(p.energy_terms);
+  out->set_rows(p.rows);
+  out->set_sq_x(p.sq_x);
+  out->mutable_sum()->Add(p.sum.begin(), p.sum.end());
+  out->mutable_value()->Add(p.value.begin(), p.value.end());
+  out->set_value_log_norm(p.value_log_norm);
+}
+
+// One request's reply from `bank` under `energy`.
+absl::Status Answer(const core::Bank& bank, const core::EnergyFunction& energy,
+                    const shard::v1::StepRequest& req, int64_t max_batch,
+                    shard::v1::StepReply* reply) {
+  const int n = bank.dim();
+  const int m = bank.spec().value_dim;
+  ENGRAM_ASSIGN_OR_RETURN(const int64_t b, CountStates(req, n, max_batch));
+  reply->set_dim(static_cast<uint32_t>(n));
+  for (int64_t q = 0; q < b; ++q) {
+    const float* x = req.states().data() + q * n;
+    ENGRAM_ASSIGN_OR_RETURN(core::StepPartial p, energy.Partial(x, req.with_sum(), false));
+    if (req.with_value() && m > 0 && bank.size() > 0) {
+      core::ValueReadoutPartial(energy, bank.value(0), m, x, &p);
+    }
+    shard::v1::Partial* out = reply->add_partials();
+    PartialToProto(p, out);
+    if (req.with_nearest()) {
+      const core::NearestMemory near = bank.Nearest(x);
+      if (near.row >= 0) {
+        MemoryToProto(near, bank.payload(near.row), out->mutable_nearest());
+        out->set_nearest_key(-0.5 * near.distance * near.distance);
+      } else {
+        out->set_nearest_key(-INFINITY);
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+grpc::Status ShardServiceImpl::Steps(
+    grpc::ServerContext* ctx,
+    grpc::ServerReaderWriter<shard::v1::StepReply, shard::v1::StepRequest>* stream) {
+  shard::v1::StepRequest req;
+  if (!stream->Read(&req)) return grpc::Status::OK;  // nothing asked
+  absl::Status s;
+  try {
+    s = Serve(ctx, stream, &req);
+  } catch (const std::bad_alloc&) {
+    s = absl::ResourceExhaustedError("engramd has no memory left for this step; send less");
+  } catch (const std::exception& e) {
+    s = absl::InternalError(absl::StrCat("unexpected error in engramd: ", e.what()));
+  }
+  return ToGrpcStatus(s);
+}
+
+absl::Status ShardServiceImpl::Serve(
+    grpc::ServerContext* ctx,
+    grpc::ServerReaderWriter<shard::v1::StepReply, shard::v1::StepRequest>* stream,
+    shard::v1::StepRequest* req) {
+  ENGRAM_ASSIGN_OR_RETURN(
+      MemoryServiceImpl::ShardRead read,
+      memory_->OpenShardRead(ctx, req->bank(), req->has_energy(), req->energy(), req->filter()));
+  const core::Bank& bank = *read.bank;
+  if (bank.decays()) {
+    return absl::UnimplementedError(absl::StrCat(
+        "bank '", req->bank(), "' decays with age; its shards do not serve partials yet"));
+  }
+  const core::EnergyFunction energy(read.energy, bank.view());
+  do {
+    shard::v1::StepReply reply;
+    ENGRAM_RETURN_IF_ERROR(Answer(bank, energy, *req, max_batch_, &reply));
+    if (!stream->Write(reply)) return absl::CancelledError("the router closed the stream");
+  } while (stream->Read(req));
+  return absl::OkStatus();
+}
+
+}  // namespace engram::server

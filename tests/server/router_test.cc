@@ -1,0 +1,547 @@
+// A bank held in shards behind a router answers as one node holding the
+// whole bank: three shard nodes and a router (engramd --role=router, in
+// process, on loopback ports) against a single node with the same patterns
+// and ids. Energies, gradients, value readouts and sync retrieval (final
+// state, energies, steps, stop reason, nearest memory) agree up to float
+// reassociation, for every family with a partial form and every precision,
+// with and without a filter. Writes route by id and fail clean; a shard
+// that is down fails the call UNAVAILABLE naming it.
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <grpcpp/grpcpp.h>
+#include <unistd.h>
+
+#include "engram/v1/engram.grpc.pb.h"
+#include "server/router.h"
+#include "server/server.h"
+
+namespace engram::server {
+namespace {
+
+constexpr int kShards = 3;
+constexpr int kDim = 24;
+constexpr int kValueDim = 3;
+constexpr int kPatterns = 150;
+
+struct Family {
+  std::string name;
+  v1::StateKind kind;
+  v1::Precision precision;
+  v1::EnergyConfig energy;
+};
+
+v1::EnergyConfig Energy(v1::EnergyFamily family, double beta, v1::Similarity sim = {},
+                        v1::Separation sep = {}, uint32_t degree = 0) {
+  v1::EnergyConfig e;
+  e.set_family(family);
+  e.set_beta(beta);
+  e.set_similarity(sim);
+  e.set_separation(sep);
+  e.set_degree(degree);
+  return e;
+}
+
+std::vector<Family> Families() {
+  std::vector<Family> f;
+  for (v1::Precision p : {v1::PRECISION_F32, v1::PRECISION_BF16, v1::PRECISION_F32_SCREENED}) {
+    const std::string suffix = p == v1::PRECISION_F32 ? "f32" : p == v1::PRECISION_BF16 ? "bf16"
+                                                                                      : "screened";
+    f.push_back({"lse_" + suffix, v1::STATE_KIND_CONTINUOUS, p,
+                 Energy(v1::ENERGY_FAMILY_LSE, 8.0)});
+    f.push_back({"gaussian_" + suffix, v1::STATE_KIND_CONTINUOUS, p,
+                 Energy(v1::ENERGY_FAMILY_GAUSSIAN, 6.0)});
+    f.push_back({"softmax_l2_" + suffix, v1::STATE_KIND_CONTINUOUS, p,
+                 Energy(v1::ENERGY_FAMILY_GENERAL, 5.0, v1::SIMILARITY_NEG_HALF_SQ_L2,
+                        v1::SEPARATION_SOFTMAX)});
+    f.push_back({"poly3_dot_" + suffix, v1::STATE_KIND_CONTINUOUS, p,
+                 Energy(v1::ENERGY_FAMILY_GENERAL, 1.0, v1::SIMILARITY_DOT,
+                        v1::SEPARATION_POLYNOMIAL, 3)});
+  }
+  for (v1::Precision p : {v1::PRECISION_F32, v1::PRECISION_BIT_PACKED}) {
+    const std::string suffix = p == v1::PRECISION_F32 ? "f32" : "bits";
+    f.push_back({"bipolar_softmax_" + suffix, v1::STATE_KIND_BIPOLAR, p,
+                 Energy(v1::ENERGY_FAMILY_GENERAL, 0.5, v1::SIMILARITY_DOT,
+                        v1::SEPARATION_SOFTMAX)});
+    f.push_back({"classical_" + suffix, v1::STATE_KIND_BIPOLAR, p,
+                 Energy(v1::ENERGY_FAMILY_CLASSICAL, 1.0)});
+  }
+  return f;
+}
+
+class RouterTest : public ::testing::Test {
+ public:
+  void SetUp() override {
+    root_ = std::filesystem::temp_directory_path() /
+            ("engram_router_test_" + std::to_string(::getpid()) + "_" +
+             ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    std::filesystem::remove_all(root_);
+    std::vector<std::string> addresses;
+    for (int i = 0; i <= kShards; ++i) {
+      ServerConfig c;
+      c.listen = "127.0.0.1:0";
+      c.data_dir = (root_ / ("node" + std::to_string(i))).string();
+      c.metrics_listen = "";
+      c.expire_interval = absl::ZeroDuration();
+      auto s = EngramServer::Start(c);
+      ASSERT_TRUE(s.ok()) << s.status();
+      nodes_.push_back(std::move(*s));
+      if (i < kShards) addresses.push_back("127.0.0.1:" + std::to_string(nodes_.back()->port()));
+    }
+    whole_ = v1::MemoryService::NewStub(nodes_[kShards]->InProcessChannel());
+    ServerConfig rc;
+    rc.role = "router";
+    rc.shards = addresses;
+    rc.listen = "127.0.0.1:0";
+    rc.metrics_listen = "";
+    auto r = EngramServer::Start(rc);
+    ASSERT_TRUE(r.ok()) << r.status();
+    router_server_ = std::move(*r);
+    router_ = v1::MemoryService::NewStub(grpc::CreateChannel(
+        "127.0.0.1:" + std::to_string(router_server_->port()), grpc::InsecureChannelCredentials()));
+    shard0_ = v1::MemoryService::NewStub(nodes_[0]->InProcessChannel());
+  }
+  void TearDown() override {
+    router_server_.reset();
+    nodes_.clear();
+    std::filesystem::remove_all(root_);
+  }
+
+  // The same bank on the router and on the whole node, with the same
+  // patterns, ids, values and labels (g = row % 3).
+  void Fill(const Family& f, std::mt19937_64& rng) {
+    v1::CreateBankRequest create;
+    create.set_name(f.name);
+    create.set_dim(kDim);
+    create.set_kind(f.kind);
+    create.set_precision(f.precision);
+    *create.mutable_energy() = f.energy;
+    create.set_value_dim(kValueDim);
+    v1::BankInfo info;
+    {
+      grpc::ClientContext c;
+      ASSERT_TRUE(router_->CreateBank(&c, create, &info).ok());
+    }
+    {
+      grpc::ClientContext c;
+      ASSERT_TRUE(whole_->CreateBank(&c, create, &info).ok());
+    }
+    v1::StoreRequest store;
+    store.set_bank(f.name);
+    std::normal_distribution<float> g(0.f, 1.f / std::sqrt(float{kDim}));
+    std::uniform_int_distribution<int> coin(0, 1);
+    for (int r = 0; r < kPatterns; ++r) {
+      for (int i = 0; i < kDim; ++i) {
+        store.add_patterns(f.kind == v1::STATE_KIND_BIPOLAR ? (coin(rng) ? 1.f : -1.f) : g(rng));
+      }
+      for (int v = 0; v < kValueDim; ++v) store.add_values(g(rng));
+      store.add_payloads("p" + std::to_string(r));
+      (*store.add_labels()->mutable_ints())["g"] = r % 3;
+    }
+    v1::StoreResponse stored;
+    {
+      grpc::ClientContext c;
+      grpc::Status s = router_->Store(&c, store, &stored);
+      ASSERT_TRUE(s.ok()) << s.error_message();
+    }
+    ASSERT_EQ(stored.ids_size(), kPatterns);
+    EXPECT_EQ(stored.bank_patterns(), uint64_t{kPatterns});
+    *store.mutable_ids() = stored.ids();
+    {
+      grpc::ClientContext c;
+      ASSERT_TRUE(whole_->Store(&c, store, &stored).ok());
+    }
+  }
+
+  // Queries near stored patterns (bipolar: a few flips).
+  std::vector<float> Queries(const Family& f, int count, std::mt19937_64& rng) {
+    v1::GetPatternsRequest get;
+    get.set_bank(f.name);
+    v1::GetPatternsResponse got;
+    grpc::ClientContext c;
+    EXPECT_TRUE(whole_->GetPatterns(&c, get, &got).ok());
+    std::vector<float> q;
+    std::uniform_int_distribution<int> row(0, got.ids_size() - 1), unit(0, kDim - 1);
+    std::normal_distribution<float> noise(0.f, 0.25f / std::sqrt(float{kDim}));
+    for (int j = 0; j < count; ++j) {
+      const int r = row(rng);
+      std::vector<float> x(got.patterns().begin() + r * kDim,
+                           got.patterns().begin() + (r + 1) * kDim);
+      if (f.kind == v1::STATE_KIND_BIPOLAR) {
+        for (int k = 0; k < 3; ++k) x[unit(rng)] *= -1.f;
+      } else {
+        for (float& v : x) v += noise(rng);
+      }
+      q.insert(q.end(), x.begin(), x.end());
+    }
+    return q;
+  }
+
+  std::filesystem::path root_;
+  std::vector<std::unique_ptr<EngramServer>> nodes_;  // shards 0..2, then the whole node
+  std::unique_ptr<EngramServer> router_server_;
+  std::unique_ptr<v1::MemoryService::Stub> router_, whole_, shard0_;
+};
+
+double Tol(double scale) { return 2e-4 * std::max(1.0, std::abs(scale)); }
+
+TEST_F(RouterTest, ShardedBanksAnswerEnergyAndRetrieveAsOneNode) {
+  std::mt19937_64 rng(7);
+  for (const Family& f : Families()) {
+    SCOPED_TRACE(f.name);
+    Fill(f, rng);
+    if (HasFailure()) return;
+    // The patterns split over every shard.
+    for (int i = 0; i < kShards; ++i) {
+      v1::GetBankRequest get;
+      get.set_name(f.name);
+      v1::BankInfo info;
+      grpc::ClientContext c;
+      auto stub = v1::MemoryService::NewStub(nodes_[i]->InProcessChannel());
+      ASSERT_TRUE(stub->GetBank(&c, get, &info).ok());
+      EXPECT_GT(info.patterns(), 0u) << "shard " << i;
+    }
+    const std::vector<float> queries = Queries(f, 6, rng);
+    for (bool filtered : {false, true}) {
+      SCOPED_TRACE(filtered ? "filter g in {0, 2}" : "no filter");
+      v1::Filter filter;
+      if (filtered) {
+        v1::Condition* cond = filter.add_conditions();
+        cond->set_key("g");
+        cond->mutable_int_any_of()->add_values(0);
+        cond->mutable_int_any_of()->add_values(2);
+      }
+      v1::EnergyRequest e;
+      e.set_bank(f.name);
+      e.mutable_states()->Add(queries.begin(), queries.end());
+      e.set_return_gradient(true);
+      *e.mutable_filter() = filter;
+      v1::EnergyResponse one, sharded;
+      {
+        grpc::ClientContext c;
+        grpc::Status s = whole_->Energy(&c, e, &one);
+        ASSERT_TRUE(s.ok()) << s.error_message();
+      }
+      {
+        grpc::ClientContext c;
+        grpc::Status s = router_->Energy(&c, e, &sharded);
+        ASSERT_TRUE(s.ok()) << s.error_message();
+      }
+      ASSERT_EQ(sharded.energies_size(), one.energies_size());
+      for (int j = 0; j < one.energies_size(); ++j) {
+        EXPECT_NEAR(sharded.energies(j), one.energies(j), Tol(one.energies(j))) << "state " << j;
+      }
+      ASSERT_EQ(sharded.gradients_size(), one.gradients_size());
+      for (int j = 0; j < one.gradients_size(); ++j) {
+        EXPECT_NEAR(sharded.gradients(j), one.gradients(j), Tol(one.gradients(j))) << j;
+      }
+      ASSERT_EQ(sharded.values_size(), one.values_size());
+      for (int j = 0; j < one.values_size(); ++j) {
+        EXPECT_NEAR(sharded.values(j), one.values(j), Tol(one.values(j))) << j;
+      }
+
+      v1::RetrieveRequest r;
+      r.set_bank(f.name);
+      r.mutable_queries()->Add(queries.begin(), queries.end());
+      r.mutable_options()->set_dynamics(v1::DYNAMICS_SYNC);
+      // The unnormalised polynomial dynamics grow without bound: one step.
+      const bool grows = f.energy.separation() == v1::SEPARATION_POLYNOMIAL;
+      r.mutable_options()->set_max_steps(grows ? 1 : 30);
+      r.mutable_options()->set_tol(1e-5);
+      r.mutable_options()->set_return_trace(true);
+      *r.mutable_filter() = filter;
+      v1::RetrieveResponse rone, rsharded;
+      grpc::Status sone, ssharded;
+      {
+        grpc::ClientContext c;
+        sone = whole_->Retrieve(&c, r, &rone);
+      }
+      {
+        grpc::ClientContext c;
+        ssharded = router_->Retrieve(&c, r, &rsharded);
+      }
+      const bool drive = f.kind == v1::STATE_KIND_BIPOLAR &&
+                         f.energy.family() != v1::ENERGY_FAMILY_GENERAL;
+      if (drive) {
+        // Neuron-wise drive updates have no merged form yet: refused, not
+        // answered differently.
+        EXPECT_TRUE(sone.ok());
+        EXPECT_EQ(ssharded.error_code(), grpc::StatusCode::UNIMPLEMENTED)
+            << ssharded.error_message();
+        continue;
+      }
+      ASSERT_TRUE(sone.ok()) << sone.error_message();
+      ASSERT_TRUE(ssharded.ok()) << ssharded.error_message();
+      ASSERT_EQ(rsharded.results_size(), rone.results_size());
+      for (int q = 0; q < rone.results_size(); ++q) {
+        const v1::RetrieveResult& a = rone.results(q);
+        const v1::RetrieveResult& b = rsharded.results(q);
+        SCOPED_TRACE("query " + std::to_string(q));
+        EXPECT_EQ(b.stop_reason(), a.stop_reason());
+        EXPECT_NEAR(b.steps(), a.steps(), 1);
+        ASSERT_EQ(b.state_size(), a.state_size());
+        for (int i = 0; i < a.state_size(); ++i) {
+          // Relative: the unnormalised polynomial dynamics grow without bound.
+          EXPECT_NEAR(b.state(i), a.state(i), 1e-3 * std::max(1.f, std::abs(a.state(i))))
+              << "coordinate " << i;
+        }
+        EXPECT_NEAR(b.energy_start(), a.energy_start(), Tol(a.energy_start()));
+        EXPECT_NEAR(b.energy_end(), a.energy_end(), Tol(a.energy_end()));
+        EXPECT_NE(a.nearest().id(), 0u);
+        EXPECT_NEAR(b.nearest().distance(), a.nearest().distance(),
+                    1e-5 * std::max(1.0, a.nearest().distance()));
+        if (b.nearest().id() != a.nearest().id()) {
+          // Only a tie within float reassociation may resolve either way.
+          EXPECT_NEAR(b.nearest().distance(), a.nearest().distance(),
+                      1e-6 * std::max(1.0, a.nearest().distance()))
+              << "nearest " << b.nearest().id() << " vs " << a.nearest().id();
+        } else {
+          EXPECT_EQ(b.nearest().payload(), a.nearest().payload());
+        }
+        ASSERT_EQ(b.value_size(), a.value_size());
+        for (int v = 0; v < a.value_size(); ++v) {
+          if (!std::isfinite(a.value(v))) {
+            // A readout past float range is not finite on either path.
+            EXPECT_FALSE(std::isfinite(b.value(v))) << v;
+            continue;
+          }
+          EXPECT_NEAR(b.value(v), a.value(v), Tol(a.value(v)));
+        }
+        EXPECT_EQ(b.lyapunov_violations(), 0u);
+      }
+    }
+  }
+}
+
+TEST_F(RouterTest, WritesRouteByIdAndFailClean) {
+  std::mt19937_64 rng(11);
+  const Family f{"writes", v1::STATE_KIND_CONTINUOUS, v1::PRECISION_F32,
+                 Energy(v1::ENERGY_FAMILY_LSE, 4.0)};
+  Fill(f, rng);
+  ASSERT_FALSE(HasFailure());
+  // GetPatterns by id returns them in the order asked, with their payloads.
+  v1::GetPatternsRequest all;
+  all.set_bank(f.name);
+  all.set_page_size(1000);
+  v1::GetPatternsResponse whole;
+  {
+    grpc::ClientContext c;
+    ASSERT_TRUE(whole_->GetPatterns(&c, all, &whole).ok());
+  }
+  v1::GetPatternsRequest some;
+  some.set_bank(f.name);
+  for (int r : {40, 3, 77, 12}) some.add_ids(whole.ids(r));
+  v1::GetPatternsResponse got;
+  {
+    grpc::ClientContext c;
+    grpc::Status s = router_->GetPatterns(&c, some, &got);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+  }
+  ASSERT_EQ(got.ids_size(), 4);
+  int k = 0;
+  for (int r : {40, 3, 77, 12}) {
+    EXPECT_EQ(got.ids(k), whole.ids(r));
+    EXPECT_EQ(got.payloads(k), whole.payloads(r));
+    for (int i = 0; i < kDim; ++i) EXPECT_EQ(got.patterns(k * kDim + i), whole.patterns(r * kDim + i));
+    ++k;
+  }
+  // Paging through the router visits every pattern once.
+  std::vector<uint64_t> paged;
+  for (uint64_t start = 0; start < uint64_t{kPatterns};) {
+    v1::GetPatternsRequest page;
+    page.set_bank(f.name);
+    page.set_page_start(start);
+    page.set_page_size(40);
+    v1::GetPatternsResponse p;
+    grpc::ClientContext c;
+    ASSERT_TRUE(router_->GetPatterns(&c, page, &p).ok());
+    ASSERT_GT(p.next_page_start(), start);
+    paged.insert(paged.end(), p.ids().begin(), p.ids().end());
+    start = p.next_page_start();
+  }
+  std::vector<uint64_t> expected(whole.ids().begin(), whole.ids().end());
+  std::sort(paged.begin(), paged.end());
+  std::sort(expected.begin(), expected.end());
+  EXPECT_EQ(paged, expected);
+
+  // A Store whose last id already exists (on its owning shard) changes
+  // nothing on any shard.
+  v1::StoreRequest bad;
+  bad.set_bank(f.name);
+  for (int r = 0; r < 20; ++r) {
+    for (int i = 0; i < kDim; ++i) bad.add_patterns(0.1f * static_cast<float>(r + i % 5));
+    bad.add_ids(r < 19 ? 1000000 + r : whole.ids(0));
+  }
+  v1::StoreResponse unused;
+  {
+    grpc::ClientContext c;
+    grpc::Status s = router_->Store(&c, bad, &unused);
+    EXPECT_FALSE(s.ok());
+    EXPECT_NE(s.error_message().find("shard"), std::string::npos) << s.error_message();
+  }
+  v1::GetBankRequest get;
+  get.set_name(f.name);
+  v1::BankInfo info;
+  {
+    grpc::ClientContext c;
+    ASSERT_TRUE(router_->GetBank(&c, get, &info).ok());
+  }
+  EXPECT_EQ(info.patterns(), uint64_t{kPatterns});
+  // A NaN is refused before any shard sees the call.
+  bad.set_patterns(5, NAN);
+  {
+    grpc::ClientContext c;
+    EXPECT_EQ(router_->Store(&c, bad, &unused).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  }
+
+  // Deleting ids of which one is absent deletes none.
+  v1::DeletePatternsRequest del;
+  del.set_bank(f.name);
+  del.add_ids(whole.ids(5));
+  del.add_ids(whole.ids(6));
+  del.add_ids(999999999);
+  v1::DeletePatternsResponse deleted;
+  {
+    grpc::ClientContext c;
+    EXPECT_EQ(router_->DeletePatterns(&c, del, &deleted).error_code(),
+              grpc::StatusCode::NOT_FOUND);
+  }
+  del.mutable_ids()->RemoveLast();
+  {
+    grpc::ClientContext c;
+    ASSERT_TRUE(router_->DeletePatterns(&c, del, &deleted).ok());
+  }
+  EXPECT_EQ(deleted.deleted(), 2u);
+  EXPECT_EQ(deleted.bank_patterns(), uint64_t{kPatterns - 2});
+
+  // CreateBank after a partial create converges; DeleteBank after a
+  // partial delete too.
+  v1::CreateBankRequest create;
+  create.set_name("partial");
+  create.set_dim(kDim);
+  create.set_kind(v1::STATE_KIND_CONTINUOUS);
+  {
+    grpc::ClientContext c;
+    ASSERT_TRUE(shard0_->CreateBank(&c, create, &info).ok());
+  }
+  {
+    grpc::ClientContext c;
+    grpc::Status s = router_->CreateBank(&c, create, &info);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+  }
+  {
+    grpc::ClientContext c;
+    EXPECT_EQ(router_->CreateBank(&c, create, &info).error_code(),
+              grpc::StatusCode::ALREADY_EXISTS);
+  }
+  v1::DeleteBankRequest drop;
+  drop.set_name("partial");
+  v1::DeleteBankResponse dropped;
+  {
+    grpc::ClientContext c;
+    ASSERT_TRUE(shard0_->DeleteBank(&c, drop, &dropped).ok());
+  }
+  {
+    grpc::ClientContext c;
+    EXPECT_TRUE(router_->DeleteBank(&c, drop, &dropped).ok());
+  }
+  {
+    grpc::ClientContext c;
+    EXPECT_EQ(router_->DeleteBank(&c, drop, &dropped).error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+}
+
+TEST_F(RouterTest, BadCallsAndAShardDownAreClearErrors) {
+  std::mt19937_64 rng(3);
+  const Family f{"faults", v1::STATE_KIND_CONTINUOUS, v1::PRECISION_F32,
+                 Energy(v1::ENERGY_FAMILY_LSE, 4.0)};
+  Fill(f, rng);
+  ASSERT_FALSE(HasFailure());
+  v1::EnergyRequest e;
+  e.set_bank("no_such_bank");
+  for (int i = 0; i < kDim; ++i) e.add_states(0.1f);
+  v1::EnergyResponse out;
+  {
+    grpc::ClientContext c;
+    EXPECT_EQ(router_->Energy(&c, e, &out).error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+  e.set_bank(f.name);
+  e.add_states(0.2f);  // not a multiple of the dimension
+  {
+    grpc::ClientContext c;
+    EXPECT_EQ(router_->Energy(&c, e, &out).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  }
+  e.mutable_states()->RemoveLast();
+  // An energy with no partial form is refused by the shards.
+  e.mutable_energy()->set_family(v1::ENERGY_FAMILY_GENERAL);
+  e.mutable_energy()->set_separation(v1::SEPARATION_SPARSEMAX);
+  e.mutable_energy()->set_beta(2.0);
+  {
+    grpc::ClientContext c;
+    grpc::Status s = router_->Energy(&c, e, &out);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED) << s.error_message();
+  }
+  e.clear_energy();
+  v1::RetrieveRequest r;
+  r.set_bank(f.name);
+  r.mutable_queries()->Add(e.states().begin(), e.states().end());
+  r.mutable_options()->set_dynamics(v1::DYNAMICS_GRADIENT);
+  v1::RetrieveResponse rout;
+  {
+    grpc::ClientContext c;
+    EXPECT_EQ(router_->Retrieve(&c, r, &rout).error_code(), grpc::StatusCode::UNIMPLEMENTED);
+  }
+  // Shard 1 down: every call that needs it is UNAVAILABLE and names it.
+  const std::string down = "127.0.0.1:" + std::to_string(nodes_[1]->port());
+  nodes_[1]->Shutdown(absl::ZeroDuration());
+  nodes_[1]->Wait();
+  for (int call = 0; call < 3; ++call) {
+    grpc::ClientContext c;
+    c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+    grpc::Status s;
+    if (call == 0) {
+      s = router_->Energy(&c, e, &out);
+    } else if (call == 1) {
+      r.mutable_options()->set_dynamics(v1::DYNAMICS_SYNC);
+      s = router_->Retrieve(&c, r, &rout);
+    } else {
+      v1::GetBankRequest get;
+      get.set_name(f.name);
+      v1::BankInfo info;
+      s = router_->GetBank(&c, get, &info);
+    }
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << "call " << call << ": "
+                                                             << s.error_message();
+    EXPECT_NE(s.error_message().find("shard 1 (" + down + ")"), std::string::npos)
+        << s.error_message();
+  }
+}
+
+TEST(ShardList, ParsesListsAndStatefulSetNames) {
+  auto list = ParseShardList("a:1, b:2,c:3");
+  ASSERT_TRUE(list.ok());
+  EXPECT_EQ(*list, (std::vector<std::string>{"a:1", "b:2", "c:3"}));
+  auto set = ParseShardList("engram-{0..2}.engram.default.svc:50051");
+  ASSERT_TRUE(set.ok());
+  EXPECT_EQ(*set, (std::vector<std::string>{"engram-0.engram.default.svc:50051",
+                                            "engram-1.engram.default.svc:50051",
+                                            "engram-2.engram.default.svc:50051"}));
+  EXPECT_FALSE(ParseShardList("").ok());
+  EXPECT_FALSE(ParseShardList("x-{0..}.y:1").ok());
+}
+
+TEST(ShardOf, SpreadsIdsEvenlyAndNeverMovesThem) {
+  std::vector<int> counts(4, 0);
+  for (uint64_t id = 1; id <= 40000; ++id) ++counts[ShardOf(id, 4)];
+  for (int c : counts) EXPECT_NEAR(c, 10000, 400);  // > 4 sigma of a fair split
+  EXPECT_EQ(ShardOf(12345, 4), ShardOf(12345, 4));
+}
+
+}  // namespace
+}  // namespace engram::server
