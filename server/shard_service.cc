@@ -59,9 +59,12 @@ absl::Status Answer(const core::Bank& bank, const core::EnergyFunction& energy,
   const int m = bank.spec().value_dim;
   ENGRAM_ASSIGN_OR_RETURN(const int64_t b, CountStates(req, n, max_batch));
   reply->set_dim(static_cast<uint32_t>(n));
+  std::vector<core::StepPartial> partials;
+  ENGRAM_RETURN_IF_ERROR(
+      energy.PartialBatch(req.states().data(), b, req.with_sum(), &partials));
   for (int64_t q = 0; q < b; ++q) {
     const float* x = req.states().data() + q * n;
-    ENGRAM_ASSIGN_OR_RETURN(core::StepPartial p, energy.Partial(x, req.with_sum(), false));
+    core::StepPartial& p = partials[q];
     if (req.with_value() && m > 0 && bank.size() > 0) {
       core::ValueReadoutPartial(energy, bank.value(0), m, x, &p);
     }

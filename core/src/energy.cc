@@ -9,6 +9,7 @@
 #include <Eigen/Core>
 
 #include "absl/strings/str_cat.h"
+#include "engram/core/status_macros.h"
 #include "compact.h"
 #include "fused.h"
 #include "parallel.h"
@@ -412,6 +413,46 @@ absl::StatusOr<StepPartial> EnergyFunction::Partial(const float* x, bool with_su
   p.nearest_key = s.nearest_key;
   p.sq_x = s.sq_x;
   return p;
+}
+
+absl::Status EnergyFunction::PartialBatch(const float* x, int64_t b, bool with_sum,
+                                          std::vector<StepPartial>* out) const {
+  const int n = patterns_.dim;
+  out->clear();
+  // The checks, and the one-state path where UpdateTargetBatch takes it.
+  if (b == 0) return Partial(x, with_sum, false).status();
+  if (patterns_.rows == 0 || b < internal::BatchMinStates(patterns_) ||
+      patterns_.bf16 != nullptr) {
+    out->reserve(b);
+    for (int64_t q = 0; q < b; ++q) {
+      ENGRAM_ASSIGN_OR_RETURN(StepPartial p, Partial(x + q * n, with_sum, false));
+      out->push_back(std::move(p));
+    }
+    return absl::OkStatus();
+  }
+  ENGRAM_RETURN_IF_ERROR(Partial(x, false, false).status());  // the same refusals
+  const SimilarityKind sim = EffectiveSimilarity(config_);
+  std::unique_ptr<internal::RowWeights> rule = internal::MakeRowWeights(config_);
+  std::vector<float> acc(with_sum ? b * n : 0);
+  std::vector<internal::FusedSums> sums(b);
+  internal::FusedPassBatch(patterns_, sim, x, b, *rule, with_sum ? acc.data() : nullptr,
+                           sums.data(), false, nullptr);
+  const bool log_domain = rule->domain() == internal::WeightDomain::kLog;
+  out->resize(b);
+  for (int64_t q = 0; q < b; ++q) {
+    StepPartial& p = (*out)[q];
+    const internal::FusedSums& s = sums[q];
+    p.log_domain = log_domain;
+    p.rows = patterns_.rows;
+    p.log_scale = s.log_scale;
+    p.scale = s.scale;
+    p.wsum = s.wsum;
+    p.hsum = s.hsum;
+    p.energy_terms = s.energy_terms;
+    p.sq_x = s.sq_x;
+    if (with_sum) p.sum.assign(acc.begin() + q * n, acc.begin() + (q + 1) * n);
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<double> EnergyFunction::FinishPartial(const StepPartial& partial, const float* x,

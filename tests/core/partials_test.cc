@@ -240,6 +240,38 @@ std::vector<Case> Cases() {
 INSTANTIATE_TEST_SUITE_P(Families, ShardTest, ::testing::ValuesIn(Cases()),
                          [](const auto& info) { return info.param.name; });
 
+// The batched partials (PartialBatch, the batched pass) are the one-state
+// partials up to float reassociation: finished, the same energies and
+// update targets.
+TEST_P(ShardTest, BatchedPartialsFinishAsOneStatePartials) {
+  const Case& c = GetParam();
+  std::mt19937_64 rng(5);
+  const int n = 48;
+  const int64_t k = 300;
+  const std::vector<float> data =
+      c.kind == StateKind::kBipolar ? testing::RandomBipolar(k * n, rng)
+                                    : testing::RandomGaussian(k * n, rng, 1.f / std::sqrt(n));
+  const Bank bank = Build(c, n, data, rng);
+  const EnergyFunction f(c.energy, bank.view());
+  const int b = 20;
+  const std::vector<float> x = c.kind == StateKind::kBipolar
+                                   ? testing::RandomBipolar(b * n, rng)
+                                   : testing::RandomGaussian(b * n, rng, 1.f / std::sqrt(n));
+  std::vector<StepPartial> batched;
+  ASSERT_TRUE(f.PartialBatch(x.data(), b, true, &batched).ok());
+  ASSERT_EQ(batched.size(), size_t{b});
+  std::vector<float> t1(n), t2(n);
+  for (int q = 0; q < b; ++q) {
+    auto one = f.Partial(x.data() + q * n, true, false);
+    ASSERT_TRUE(one.ok());
+    const double e1 = *f.FinishPartial(*one, x.data() + q * n, t1.data(), nullptr);
+    const double e2 = *f.FinishPartial(batched[q], x.data() + q * n, t2.data(), nullptr);
+    EXPECT_NEAR(e2, e1, 1e-4 * std::max(1.0, std::abs(e1))) << "state " << q;
+    const double scale = std::max(1.0, Norm(t1));
+    for (int i = 0; i < n; ++i) EXPECT_NEAR(t2[i], t1[i], 1e-4 * scale) << q << "," << i;
+  }
+}
+
 TEST(StepPartial, ConfigsWithoutAPartialFormSayUnimplemented) {
   std::mt19937_64 rng(1);
   const Bank bank = testing::MakeBank(8, StateKind::kContinuous, testing::RandomGaussian(80, rng));

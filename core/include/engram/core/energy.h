@@ -105,6 +105,12 @@ class EnergyFunction {
   // sparsemax, 1.5-entmax, log-sum-ReLU separations, L1 similarity).
   absl::StatusOr<StepPartial> Partial(const float* x, bool with_sum, bool track_nearest,
                                       int64_t row_offset = 0) const;
+  // Partial(x_q, with_sum, false) for b states at once (x is b x dim,
+  // row-major; `out` receives b partials): the batched pass of
+  // UpdateTargetBatch, so equal to the one-state partials up to float
+  // reassociation. The same UNIMPLEMENTED as Partial.
+  absl::Status PartialBatch(const float* x, int64_t b, bool with_sum,
+                            std::vector<StepPartial>* out) const;
   // The energy at x from a (merged) partial of this config, and the update
   // target and the gradient (dim floats each, either or both may be null;
   // they need the partial's sum) as Value, UpdateTarget and
