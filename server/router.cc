@@ -11,6 +11,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "engram/core/dynamics.h"
@@ -74,9 +75,19 @@ uint64_t Mix(uint64_t z) {
   return z ^ (z >> 31);
 }
 
-bool DeadlinePassed(const grpc::ServerContext* ctx) {
-  return ctx->IsCancelled() || std::chrono::system_clock::now() > ctx->deadline();
+// What makes two shards' banks of one name the same bank.
+std::string SpecOf(const v1::BankInfo& b) {
+  v1::BankInfo spec;
+  spec.set_dim(b.dim());
+  spec.set_kind(b.kind());
+  *spec.mutable_energy() = b.energy();
+  spec.set_precision(b.precision());
+  spec.set_value_dim(b.value_dim());
+  spec.set_ttl_seconds(b.ttl_seconds());
+  spec.set_decay_half_life_seconds(b.decay_half_life_seconds());
+  return spec.ShortDebugString();
 }
+
 
 }  // namespace
 
@@ -116,8 +127,10 @@ class RouterService::StepStreams {
   ~StepStreams() {
     for (size_t i = 0; i < streams_.size(); ++i) {
       if (streams_[i] == nullptr) continue;
+      // After a failure elsewhere the shard may be mid-step: cancel it.
+      // Otherwise its stream ends as the router's writes do.
+      if (failed_) contexts_[i]->TryCancel();
       streams_[i]->WritesDone();
-      contexts_[i]->TryCancel();
       streams_[i]->Finish().IgnoreError();
     }
   }
@@ -147,7 +160,15 @@ class RouterService::StepStreams {
     }
     for (int i = 0; i < s; ++i) {
       if (!streams_[i]->Read(&replies[i])) return Failed(i);
+      if (replies[i].dim() != static_cast<uint32_t>(dim)) {
+        failed_ = true;
+        return absl::FailedPreconditionError(absl::StrCat(
+            "shard ", i, " (", router_->shards_[i].address, ") holds bank '", first_.bank(),
+            "' with dimension ", replies[i].dim(), " and shard 0 with ", dim,
+            "; the shards disagree: DeleteBank it and create it again"));
+      }
       if (replies[i].partials_size() != b) {
+        failed_ = true;
         return absl::InternalError(absl::StrCat("shard ", i, " (", router_->shards_[i].address,
                                                 ") answered ", replies[i].partials_size(),
                                                 " partials for ", b, " states"));
@@ -174,6 +195,7 @@ class RouterService::StepStreams {
  private:
   // The status that ended shard i's stream.
   absl::Status Failed(int i) {
+    failed_ = true;
     grpc::Status s = streams_[i]->Finish();
     streams_[i].reset();
     if (s.ok()) s = grpc::Status(grpc::StatusCode::UNAVAILABLE, "the stream ended early");
@@ -184,6 +206,7 @@ class RouterService::StepStreams {
   RouterService* router_;
   grpc::ServerContext* ctx_;
   shard::v1::StepRequest first_;
+  bool failed_ = false;
   std::vector<std::unique_ptr<grpc::ClientContext>> contexts_;
   std::vector<std::unique_ptr<grpc::ClientReaderWriter<shard::v1::StepRequest, shard::v1::StepReply>>>
       streams_;
@@ -207,11 +230,19 @@ RouterService::RouterService(RouterOptions options) : options_(std::move(options
   rng_state_ = (uint64_t{rd()} << 32) ^ rd();
 }
 
-std::unique_ptr<grpc::ClientContext> RouterService::Forward(grpc::ServerContext* ctx) const {
-  std::unique_ptr<grpc::ClientContext> c = grpc::ClientContext::FromServerContext(*ctx);
-  const auto limit = std::chrono::system_clock::now() +
-                     absl::ToChronoMilliseconds(options_.default_timeout);
-  if (ctx->deadline() > limit) c->set_deadline(limit);
+std::unique_ptr<grpc::ClientContext> RouterService::Forward(grpc::ServerContext* ctx,
+                                                           bool detached) const {
+  const auto now = std::chrono::system_clock::now();
+  std::unique_ptr<grpc::ClientContext> c;
+  if (detached) {
+    c = std::make_unique<grpc::ClientContext>();
+    c->set_deadline(now + absl::ToChronoMilliseconds(options_.default_timeout));
+  } else {
+    c = grpc::ClientContext::FromServerContext(*ctx);
+    if (ctx->deadline() > now + std::chrono::hours(24 * 365)) {  // the caller set none
+      c->set_deadline(now + absl::ToChronoMilliseconds(options_.default_timeout));
+    }
+  }
   auto auth = ctx->client_metadata().equal_range("authorization");
   if (auth.first != auth.second) {
     c->AddMetadata("authorization",
@@ -234,14 +265,25 @@ std::vector<int> RouterService::AllShards() const {
 
 std::vector<grpc::Status> RouterService::FanOut(
     grpc::ServerContext* ctx, const std::vector<int>& which,
-    const std::function<grpc::Status(int, grpc::ClientContext*)>& call) {
+    const std::function<grpc::Status(int, grpc::ClientContext*)>& call, bool detached) {
   std::vector<grpc::Status> out(shards_.size());
   std::vector<std::thread> threads;
+  threads.reserve(which.size());
   for (int i : which) {
-    threads.emplace_back([&, i] {
-      std::unique_ptr<grpc::ClientContext> c = Forward(ctx);
-      out[i] = FromShard(i, call(i, c.get()));
-    });
+    auto run = [&, i] {
+      try {
+        std::unique_ptr<grpc::ClientContext> c = Forward(ctx, detached);
+        out[i] = FromShard(i, call(i, c.get()));
+      } catch (const std::exception& e) {
+        out[i] = grpc::Status(grpc::StatusCode::INTERNAL,
+                              absl::StrCat("calling shard ", i, ": ", e.what()));
+      }
+    };
+    try {
+      threads.emplace_back(run);
+    } catch (const std::exception&) {
+      run();  // no thread left: this shard's call on the handler's own
+    }
   }
   for (std::thread& t : threads) t.join();
   return out;
@@ -279,31 +321,43 @@ grpc::Status RouterService::CreateBank(grpc::ServerContext* ctx, const v1::Creat
   std::vector<grpc::Status> st = FanOut(ctx, AllShards(), [&](int i, grpc::ClientContext* c) {
     return shards_[i].memory->CreateBank(c, *req, &infos[i]);
   });
-  int existed = 0;
-  for (size_t i = 0; i < st.size(); ++i) {
-    if (st[i].error_code() == grpc::StatusCode::ALREADY_EXISTS) {
-      ++existed;
-    } else if (!st[i].ok()) {
-      return grpc::Status(st[i].error_code(),
-                          absl::StrCat(st[i].error_message(),
-                                       "; the bank may exist on other shards: repeat the call "
-                                       "to finish creating it, or DeleteBank to remove it"));
-    }
+  int existed = 0, created = 0;
+  for (const grpc::Status& s : st) {
+    if (s.ok()) ++created;
+    if (s.error_code() == grpc::StatusCode::ALREADY_EXISTS) ++existed;
+  }
+  for (const grpc::Status& s : st) {
+    if (s.ok() || s.error_code() == grpc::StatusCode::ALREADY_EXISTS) continue;
+    if (created + existed == 0) return s;  // refused everywhere: nothing changed
+    return grpc::Status(s.error_code(),
+                        absl::StrCat(s.error_message(), "; the bank exists on the other shards: "
+                                     "repeat the call to finish creating it, or DeleteBank it"));
   }
   if (existed == static_cast<int>(st.size())) return st[0];
-  // A shard that had it (an earlier call's) counts as created when it holds
-  // the same bank.
-  absl::StatusOr<v1::BankInfo> info = Describe(ctx, req->name());
-  if (!info.ok()) return ToGrpcStatus(info.status());
-  *resp = *std::move(info);
-  for (size_t i = 0; i < st.size(); ++i) {
-    if (st[i].ok() && (infos[i].dim() != resp->dim() || infos[i].kind() != resp->kind())) {
-      return grpc::Status(grpc::StatusCode::ALREADY_EXISTS,
-                          absl::StrCat("bank '", req->name(), "' exists on some shards with "
-                                       "another dimension or kind; DeleteBank it first"));
+  if (existed > 0) {
+    // Shards that had the bank (an earlier call's) count as created when
+    // they hold the same bank as the ones that created it now.
+    std::vector<grpc::Status> got = FanOut(ctx, AllShards(), [&](int i, grpc::ClientContext* c) {
+      v1::GetBankRequest get;
+      get.set_name(req->name());
+      return shards_[i].memory->GetBank(c, get, &infos[i]);
+    });
+    for (const grpc::Status& s : got) {
+      if (!s.ok()) return s;
+    }
+    for (int i = 1; i < shards(); ++i) {
+      if (SpecOf(infos[i]) != SpecOf(infos[0])) {
+        return grpc::Status(grpc::StatusCode::ALREADY_EXISTS,
+                            absl::StrCat("shard ", i, " (", shards_[i].address, ") holds another "
+                                         "bank named '", req->name(), "' than shard 0 (",
+                                         SpecOf(infos[i]), " vs ", SpecOf(infos[0]),
+                                         "); DeleteBank it and create it again"));
+      }
     }
   }
-  return grpc::Status::OK;
+  v1::GetBankRequest get;
+  get.set_name(req->name());
+  return GetBank(ctx, &get, resp);
 }
 
 grpc::Status RouterService::GetBank(grpc::ServerContext* ctx, const v1::GetBankRequest* req,
@@ -345,7 +399,17 @@ grpc::Status RouterService::ListBanks(grpc::ServerContext* ctx, const v1::ListBa
       sums[b.name()].second += b.bytes();
     }
   }
-  for (const v1::BankInfo& b : lists[0].banks()) {
+  // Every name any shard holds (a half-created or half-deleted bank shows).
+  absl::flat_hash_set<std::string> listed;
+  std::vector<v1::BankInfo> firsts;
+  for (const v1::ListBanksResponse& l : lists) {
+    for (const v1::BankInfo& b : l.banks()) {
+      if (listed.insert(b.name()).second) firsts.push_back(b);
+    }
+  }
+  std::sort(firsts.begin(), firsts.end(),
+            [](const v1::BankInfo& a, const v1::BankInfo& b) { return a.name() < b.name(); });
+  for (const v1::BankInfo& b : firsts) {
     v1::BankInfo* out = resp->add_banks();
     *out = b;
     out->set_patterns(sums[b.name()].first);
@@ -388,6 +452,11 @@ grpc::Status RouterService::Store(grpc::ServerContext* ctx, const v1::StoreReque
   absl::StatusOr<int64_t> k =
       CheckVectors(req->patterns(), n, "patterns", info->kind() == v1::STATE_KIND_BIPOLAR);
   if (!k.ok()) return ToGrpcStatus(k.status());
+  if (*k > options_.max_batch) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        absl::StrCat("patterns holds ", *k, " vectors; the limit per call is ",
+                                     options_.max_batch));
+  }
   auto count_is = [&](int64_t got, int64_t per, const char* field) -> grpc::Status {
     if (got != 0 && got != *k * per) {
       return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
@@ -426,25 +495,35 @@ grpc::Status RouterService::Store(grpc::ServerContext* ctx, const v1::StoreReque
   });
   for (int i : which) {
     if (st[i].ok()) continue;
-    // Undo the shards that stored their part, then report the failure.
-    std::vector<int> stored;
+    // Undo every shard's part: a node stores all of a call's rows or none,
+    // so a shard that failed either holds its part (it committed as the
+    // call's deadline passed) or none of it (NOT_FOUND here). The undo
+    // runs on contexts of its own: the caller's may be what ended.
+    std::vector<grpc::Status> undone = FanOut(
+        ctx, which,
+        [&](int j, grpc::ClientContext* c) {
+          v1::DeletePatternsRequest del;
+          del.set_bank(req->bank());
+          *del.mutable_ids() = parts[j].ids();
+          v1::DeletePatternsResponse unused;
+          return shards_[j].memory->DeletePatterns(c, del, &unused);
+        },
+        /*detached=*/true);
+    std::string left;
     for (int j : which) {
-      if (st[j].ok()) stored.push_back(j);
+      const bool none_there = !st[j].ok() && undone[j].error_code() == grpc::StatusCode::NOT_FOUND;
+      if (undone[j].ok() || none_there) continue;
+      absl::StrAppend(&left, left.empty() ? "" : "; ", "shard ", j, " (", shards_[j].address,
+                      ") may keep ", parts[j].ids_size(), " rows (ids ",
+                      absl::StrJoin(parts[j].ids().begin(),
+                                    parts[j].ids().begin() + std::min(parts[j].ids_size(), 8),
+                                    ", "),
+                      parts[j].ids_size() > 8 ? ", ..." : "", "): ", undone[j].error_message());
     }
-    std::vector<grpc::Status> undone = FanOut(ctx, stored, [&](int j, grpc::ClientContext* c) {
-      v1::DeletePatternsRequest del;
-      del.set_bank(req->bank());
-      *del.mutable_ids() = parts[j].ids();
-      v1::DeletePatternsResponse unused;
-      return shards_[j].memory->DeletePatterns(c, del, &unused);
-    });
-    for (int j : stored) {
-      if (!undone[j].ok()) {
-        return grpc::Status(st[i].error_code(),
-                            absl::StrCat(st[i].error_message(), "; undoing the part stored on ",
-                                         undone[j].error_message(), " failed: delete ids ",
-                                         parts[j].ids(0), "... there"));
-      }
+    if (!left.empty()) {
+      return grpc::Status(st[i].error_code(),
+                          absl::StrCat(st[i].error_message(), "; undoing the other parts failed: ",
+                                       left, "; delete them with DeletePatterns"));
     }
     return st[i];
   }
@@ -459,6 +538,11 @@ grpc::Status RouterService::Store(grpc::ServerContext* ctx, const v1::StoreReque
 grpc::Status RouterService::DeletePatterns(grpc::ServerContext* ctx,
                                            const v1::DeletePatternsRequest* req,
                                            v1::DeletePatternsResponse* resp) {
+  if (req->ids_size() > options_.max_batch) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        absl::StrCat("ids holds ", req->ids_size(), " ids; the limit per call is ",
+                                     options_.max_batch));
+  }
   std::vector<v1::DeletePatternsRequest> parts(shards_.size());
   std::vector<int> which;
   absl::flat_hash_set<uint64_t> seen;
@@ -494,9 +578,21 @@ grpc::Status RouterService::DeletePatterns(grpc::ServerContext* ctx,
     return shards_[i].memory->DeletePatterns(c, parts[i], &answers[i]);
   });
   uint64_t deleted = 0;
+  std::string done;
   for (int i : which) {
-    if (!st[i].ok()) return st[i];
-    deleted += answers[i].deleted();
+    if (st[i].ok()) absl::StrAppend(&done, done.empty() ? "" : ", ", i);
+  }
+  for (int i : which) {
+    if (st[i].ok()) {
+      deleted += answers[i].deleted();
+      continue;
+    }
+    return grpc::Status(st[i].error_code(),
+                        done.empty() ? st[i].error_message()
+                                     : absl::StrCat(st[i].error_message(),
+                                                    "; the ids on shards ", done,
+                                                    " were deleted: repeat the call with the "
+                                                    "ids of shard ", i, " only"));
   }
   resp->set_deleted(deleted);
   v1::GetBankRequest get;
@@ -509,9 +605,15 @@ grpc::Status RouterService::DeletePatterns(grpc::ServerContext* ctx,
 grpc::Status RouterService::GetPatterns(grpc::ServerContext* ctx,
                                         const v1::GetPatternsRequest* req,
                                         v1::GetPatternsResponse* resp) {
+  if (req->ids_size() > options_.max_batch || req->page_size() > options_.max_batch) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        absl::StrCat("ids or page_size exceed the limit per call of ",
+                                     options_.max_batch));
+  }
   if (req->ids().empty()) {
     // Rows are numbered shard after shard: the page comes from the shard
-    // holding row page_start, up to that shard's last row.
+    // holding row page_start, up to that shard's last row (or the next
+    // shard's rows, when rows deleted meanwhile left that page empty).
     std::vector<v1::BankInfo> infos(shards_.size());
     std::vector<grpc::Status> st = FanOut(ctx, AllShards(), [&](int i, grpc::ClientContext* c) {
       v1::GetBankRequest get;
@@ -527,13 +629,21 @@ grpc::Status RouterService::GetPatterns(grpc::ServerContext* ctx,
       first += infos[i].patterns();
       ++i;
     }
-    v1::GetPatternsRequest local = *req;
-    local.set_page_start(req->page_start() - first);
-    std::unique_ptr<grpc::ClientContext> c = Forward(ctx);
-    grpc::Status s = FromShard(i, shards_[i].memory->GetPatterns(c.get(), local, resp));
-    if (!s.ok()) return s;
-    resp->set_next_page_start(first + resp->next_page_start());
-    return grpc::Status::OK;
+    uint64_t start = req->page_start();
+    for (;; ++i) {
+      v1::GetPatternsRequest local = *req;
+      local.set_page_start(start - first);
+      resp->Clear();
+      std::unique_ptr<grpc::ClientContext> c = Forward(ctx);
+      grpc::Status s = FromShard(i, shards_[i].memory->GetPatterns(c.get(), local, resp));
+      if (!s.ok()) return s;
+      if (resp->ids_size() > 0 || i + 1 >= shards()) {
+        resp->set_next_page_start(first + resp->next_page_start());
+        return grpc::Status::OK;
+      }
+      first += infos[i].patterns();
+      start = std::max(start, first);
+    }
   }
   std::vector<v1::GetPatternsRequest> parts(shards_.size());
   std::vector<int> which;
@@ -598,13 +708,22 @@ core::EnergyFunction Finisher(const core::EnergyConfig& cfg, int n) {
   return core::EnergyFunction(cfg, none);
 }
 
-shard::v1::StepRequest FirstStep(const std::string& bank, bool has_energy,
-                                 const v1::EnergyConfig& energy, const v1::Filter& filter) {
+// The first request of a call's streams. The energy the router resolved
+// is sent explicitly, so every shard computes with the config the router
+// finishes with.
+shard::v1::StepRequest FirstStep(const std::string& bank, const core::EnergyConfig& energy,
+                                 const v1::Filter& filter) {
   shard::v1::StepRequest first;
   first.set_bank(bank);
-  if (has_energy) *first.mutable_energy() = energy;
+  *first.mutable_energy() = EnergyToProto(energy);
   *first.mutable_filter() = filter;
   return first;
+}
+
+absl::Status WithinBatch(int64_t count, int64_t max_batch, const char* field) {
+  if (count <= max_batch) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat(field, " holds ", count, " vectors; the limit per call is ", max_batch));
 }
 
 }  // namespace
@@ -612,16 +731,16 @@ shard::v1::StepRequest FirstStep(const std::string& bank, bool has_energy,
 grpc::Status RouterService::Energy(grpc::ServerContext* ctx, const v1::EnergyRequest* req,
                                    v1::EnergyResponse* resp) {
   if (req->return_novelty()) return Unimplemented("Energy's return_novelty");
-  absl::Status s = [&]() -> absl::Status {
+  return Guarded(resp, [&]() -> absl::Status {
     ENGRAM_ASSIGN_OR_RETURN(v1::BankInfo info, Describe(ctx, req->bank()));
     ENGRAM_ASSIGN_OR_RETURN(core::StateKind kind, KindFromProto(info.kind()));
     const int n = static_cast<int>(info.dim());
     const int m = static_cast<int>(info.value_dim());
     ENGRAM_ASSIGN_OR_RETURN(int64_t b, CheckVectors(req->states(), n, "states", false));
+    ENGRAM_RETURN_IF_ERROR(WithinBatch(b, options_.max_batch, "states"));
     ENGRAM_ASSIGN_OR_RETURN(core::EnergyConfig cfg,
                             ResolveEnergy(req->has_energy(), req->energy(), info, kind));
-    StepStreams streams(this, ctx, FirstStep(req->bank(), req->has_energy(), req->energy(),
-                                             req->filter()));
+    StepStreams streams(this, ctx, FirstStep(req->bank(), cfg, req->filter()));
     std::vector<core::StepPartial> merged;
     ENGRAM_RETURN_IF_ERROR(streams.Step(req->states().data(), b, n, req->return_gradient(),
                                         m > 0, false, &merged, nullptr));
@@ -643,27 +762,36 @@ grpc::Status RouterService::Energy(grpc::ServerContext* ctx, const v1::EnergyReq
       }
     }
     return absl::OkStatus();
-  }();
-  if (!s.ok()) resp->Clear();
-  return ToGrpcStatus(s);
+  });
 }
 
 grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::RetrieveRequest* req,
                                      v1::RetrieveResponse* resp) {
-  absl::Status s = [&]() -> absl::Status {
+  return Guarded(resp, [&]() -> absl::Status {
     ENGRAM_ASSIGN_OR_RETURN(core::RetrieveOptions opts, OptionsFromProto(req->options()));
     if (opts.dynamics != core::Dynamics::kSync) {
       return absl::UnimplementedError(absl::StrCat(
           "the ", core::DynamicsName(opts.dynamics),
           " dynamics are not routed to shards yet; use SYNC or call a single node"));
     }
-    opts.should_stop = [ctx] { return DeadlinePassed(ctx); };
+    // The dynamics stop a little before the caller's deadline, so the last
+    // step (nearest memories, readouts) can still reach the shards.
+    auto stop_at = ctx->deadline();
+    if (const auto now = std::chrono::system_clock::now();
+        stop_at < now + std::chrono::hours(24 * 365)) {
+      stop_at -= std::min<std::chrono::system_clock::duration>((stop_at - now) / 10,
+                                                               std::chrono::seconds(1));
+    }
+    opts.should_stop = [ctx, stop_at] {
+      return ctx->IsCancelled() || std::chrono::system_clock::now() > stop_at;
+    };
     ENGRAM_ASSIGN_OR_RETURN(v1::BankInfo info, Describe(ctx, req->bank()));
     ENGRAM_ASSIGN_OR_RETURN(core::StateKind kind, KindFromProto(info.kind()));
     const int n = static_cast<int>(info.dim());
     const int m = static_cast<int>(info.value_dim());
     ENGRAM_ASSIGN_OR_RETURN(int64_t count, CheckVectors(req->queries(), n, "queries",
                                                         kind == core::StateKind::kBipolar));
+    ENGRAM_RETURN_IF_ERROR(WithinBatch(count, options_.max_batch, "queries"));
     const int64_t mask = req->clamp_size();
     if (mask != 0 && mask != n && mask != count * n) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -673,8 +801,7 @@ grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::Retriev
     ENGRAM_ASSIGN_OR_RETURN(core::EnergyConfig cfg,
                             ResolveEnergy(req->has_energy(), req->energy(), info, kind));
     ENGRAM_RETURN_IF_ERROR(core::ValidateRetrieveOptions(opts, kind));
-    StepStreams streams(this, ctx, FirstStep(req->bank(), req->has_energy(), req->energy(),
-                                             req->filter()));
+    StepStreams streams(this, ctx, FirstStep(req->bank(), cfg, req->filter()));
     const core::EnergyFunction f = Finisher(cfg, n);
     std::vector<core::StepPartial> merged;
     auto evaluate = [&](const float* x, int64_t b, float* targets, double* energies,
@@ -741,9 +868,7 @@ grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::Retriev
       }
     }
     return absl::OkStatus();
-  }();
-  if (!s.ok()) resp->Clear();
-  return ToGrpcStatus(s);
+  });
 }
 
 grpc::Status RouterService::Sample(grpc::ServerContext*, const v1::SampleRequest*,

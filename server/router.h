@@ -9,21 +9,28 @@
 //
 // What goes where:
 //  - CreateBank and DeleteBank go to every shard. A shard that already has
-//    (CreateBank) or no longer has (DeleteBank) the bank counts as done, so
-//    after a failure naming a shard, repeating the same call converges.
+//    the same bank (create) or no longer has it (delete) counts as done, so
+//    after a failure naming a shard, repeating the same call converges; a
+//    shard holding another bank of that name is ALREADY_EXISTS.
 //  - Store, GetPatterns (by id) and DeletePatterns go to the shard that owns
 //    each id: ShardOf(id), a fixed hash of the id modulo the shard count. A
-//    Store without ids gets fresh random ids from the router. A Store or
-//    DeletePatterns that fails on one shard is undone on the others before
-//    the error is returned.
+//    Store without ids gets fresh random ids from the router. A Store that
+//    fails on one shard is undone on the others (on contexts of the
+//    router's own) before the error is returned; a DeletePatterns checks
+//    every id first, and one that still fails on a shard says which
+//    shards' deletes stand.
 //  - Energy and sync Retrieve open one engram.shard.v1 Steps stream per
-//    shard per call, send every step's states to all shards, and merge
-//    their partials (core::MergeStepPartials, in shard order): the answer is
-//    the single-node answer up to float reassociation.
-//  - GetBank and ListBanks sum the shards' counts.
+//    shard per call, send the resolved energy and every step's states to
+//    all shards, and merge their partials (core::MergeStepPartials, in shard
+//    order): the answer is the single-node answer up to float
+//    reassociation. The nearest memory is the closest of the shards'
+//    nearest (the first shard wins an exact tie).
+//  - GetBank and ListBanks sum the shards' counts; ListBanks lists a name
+//    any shard holds.
 // A shard that cannot be reached fails the call UNAVAILABLE naming it; an
-// answer is never made from some of the shards. The caller's deadline,
-// cancellation and authorization header go to the shards.
+// answer is never made from some of the shards. The caller's deadline (60 s
+// when it sets none), cancellation and authorization header go to the
+// shards. The router listens and dials without TLS.
 //
 // Not routed yet (UNIMPLEMENTED, naming the call): Sample, SampleStream,
 // Backup, the GRADIENT / ASYNC / TINYBRAIN dynamics, Energy's novelty,
@@ -56,6 +63,9 @@ struct RouterOptions {
   absl::Duration default_timeout = absl::Seconds(60);
   // Largest message to and from a shard.
   int max_message_bytes = 64 << 20;
+  // Largest batch of a call (patterns per Store, ids per GetPatterns and
+  // DeletePatterns, states per Energy and Retrieve), as on a node.
+  int64_t max_batch = 65536;
 };
 
 // The shard (0 .. shards - 1) that owns `id`.
@@ -110,7 +120,11 @@ class RouterService final : public v1::MemoryService::Service {
 
   // A client context for a call to a shard on behalf of `ctx`: its deadline
   // (or the default timeout), cancellation and authorization header.
-  std::unique_ptr<grpc::ClientContext> Forward(grpc::ServerContext* ctx) const;
+  // With `detached`, a context of the router's own (its default timeout,
+  // the caller's authorization header only), for work that must outlive a
+  // failed or cancelled call (undoing a Store).
+  std::unique_ptr<grpc::ClientContext> Forward(grpc::ServerContext* ctx,
+                                               bool detached = false) const;
   // `s` from shard `i`, its message prefixed with the shard's name.
   grpc::Status FromShard(int i, const grpc::Status& s) const;
   // The bank as shard 0 describes it (dimension, kind, energy, values).
@@ -120,7 +134,8 @@ class RouterService final : public v1::MemoryService::Service {
   // Runs `call(i, context)` for every shard i at once and waits for all;
   // returns each shard's status.
   std::vector<grpc::Status> FanOut(grpc::ServerContext* ctx, const std::vector<int>& shards,
-                                   const std::function<grpc::Status(int, grpc::ClientContext*)>& call);
+                                   const std::function<grpc::Status(int, grpc::ClientContext*)>& call,
+                                   bool detached = false);
   std::vector<int> AllShards() const;
 
   RouterOptions options_;

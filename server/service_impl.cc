@@ -30,23 +30,6 @@ std::string Quote(std::string_view s) {
   return absl::StrCat(std::string(s.substr(0, kQuoteBytes)), "... (", s.size(), " bytes)");
 }
 
-// Runs a handler body; an exception becomes a status (RESOURCE_EXHAUSTED
-// for memory, INTERNAL otherwise), a failed call leaves `resp` empty.
-template <typename F>
-grpc::Status Guarded(google::protobuf::Message* resp, F&& body) {
-  absl::Status s;
-  try {
-    s = body();
-  } catch (const std::bad_alloc&) {
-    s = absl::ResourceExhaustedError("engramd has no memory left for this call; send less");
-  } catch (const std::exception& e) {
-    s = absl::InternalError(absl::StrCat("unexpected error in engramd: ", e.what()));
-  } catch (...) {
-    s = absl::InternalError("unexpected error in engramd");
-  }
-  if (!s.ok() && resp != nullptr) resp->Clear();
-  return ToGrpcStatus(s);
-}
 
 // Checks a packed batch of vectors against dimension `dim`; returns B.
 absl::StatusOr<int64_t> CheckBatch(const google::protobuf::RepeatedField<float>& v,

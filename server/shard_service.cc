@@ -1,8 +1,6 @@
 #include "server/shard_service.h"
 
 #include <cmath>
-#include <exception>
-#include <new>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -90,15 +88,7 @@ grpc::Status ShardServiceImpl::Steps(
     grpc::ServerReaderWriter<shard::v1::StepReply, shard::v1::StepRequest>* stream) {
   shard::v1::StepRequest req;
   if (!stream->Read(&req)) return grpc::Status::OK;  // nothing asked
-  absl::Status s;
-  try {
-    s = Serve(ctx, stream, &req);
-  } catch (const std::bad_alloc&) {
-    s = absl::ResourceExhaustedError("engramd has no memory left for this step; send less");
-  } catch (const std::exception& e) {
-    s = absl::InternalError(absl::StrCat("unexpected error in engramd: ", e.what()));
-  }
-  return ToGrpcStatus(s);
+  return Guarded(nullptr, [&] { return Serve(ctx, stream, &req); });
 }
 
 absl::Status ShardServiceImpl::Serve(

@@ -455,6 +455,79 @@ TEST_F(RouterTest, WritesRouteByIdAndFailClean) {
     grpc::ClientContext c;
     EXPECT_EQ(router_->DeleteBank(&c, drop, &dropped).error_code(), grpc::StatusCode::NOT_FOUND);
   }
+
+  // A shard holding another bank of the name is never taken for created;
+  // the bank shows in ListBanks, and DeleteBank clears every shard.
+  v1::CreateBankRequest other = create;
+  other.set_name("mismatch");
+  other.set_dim(kDim + 1);
+  {
+    grpc::ClientContext c;
+    ASSERT_TRUE(shard0_->CreateBank(&c, other, &info).ok());
+  }
+  other.set_dim(kDim);
+  {
+    grpc::ClientContext c;
+    grpc::Status s = router_->CreateBank(&c, other, &info);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::ALREADY_EXISTS);
+    EXPECT_NE(s.error_message().find("holds another bank"), std::string::npos) << s.error_message();
+  }
+  v1::ListBanksResponse listed;
+  {
+    grpc::ClientContext c;
+    ASSERT_TRUE(router_->ListBanks(&c, v1::ListBanksRequest(), &listed).ok());
+  }
+  std::vector<std::string> names;
+  for (const auto& b : listed.banks()) names.push_back(b.name());
+  EXPECT_EQ(names, (std::vector<std::string>{"mismatch", "writes"}));
+  drop.set_name("mismatch");
+  {
+    grpc::ClientContext c;
+    EXPECT_TRUE(router_->DeleteBank(&c, drop, &dropped).ok());
+  }
+  for (int i = 0; i < kShards; ++i) {
+    auto stub = v1::MemoryService::NewStub(nodes_[i]->InProcessChannel());
+    v1::GetBankRequest g;
+    g.set_name("mismatch");
+    grpc::ClientContext c;
+    EXPECT_EQ(stub->GetBank(&c, g, &info).error_code(), grpc::StatusCode::NOT_FOUND) << i;
+  }
+}
+
+TEST_F(RouterTest, TheCallersDeadlineReachesTheShards) {
+  std::mt19937_64 rng(5);
+  const Family f{"deadline", v1::STATE_KIND_CONTINUOUS, v1::PRECISION_F32,
+                 Energy(v1::ENERGY_FAMILY_LSE, 4.0)};
+  Fill(f, rng);
+  ASSERT_FALSE(HasFailure());
+  v1::RetrieveRequest r;
+  r.set_bank(f.name);
+  const std::vector<float> q = Queries(f, 64, rng);
+  r.mutable_queries()->Add(q.begin(), q.end());
+  v1::RetrieveResponse out;
+  // A deadline that has passed on arrival: DEADLINE_EXCEEDED (whichever
+  // shard call notices it first), never UNAVAILABLE or a partial answer.
+  for (int call = 0; call < 2; ++call) {
+    grpc::ClientContext c;
+    c.set_deadline(std::chrono::system_clock::now() + std::chrono::microseconds(200));
+    grpc::Status s;
+    if (call == 0) {
+      s = router_->Retrieve(&c, r, &out);
+    } else {
+      v1::EnergyRequest e;
+      e.set_bank(f.name);
+      e.mutable_states()->Add(q.begin(), q.end());
+      v1::EnergyResponse eout;
+      s = router_->Energy(&c, e, &eout);
+    }
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << s.error_message();
+  }
+  // A roomy deadline: answered.
+  grpc::ClientContext c;
+  c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  grpc::Status s = router_->Retrieve(&c, r, &out);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(out.results_size(), 64);
 }
 
 TEST_F(RouterTest, BadCallsAndAShardDownAreClearErrors) {
