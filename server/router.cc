@@ -769,10 +769,10 @@ grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::Retriev
                                      v1::RetrieveResponse* resp) {
   return Guarded(resp, [&]() -> absl::Status {
     ENGRAM_ASSIGN_OR_RETURN(core::RetrieveOptions opts, OptionsFromProto(req->options()));
-    if (opts.dynamics != core::Dynamics::kSync) {
+    if (opts.dynamics != core::Dynamics::kSync && opts.dynamics != core::Dynamics::kGradient) {
       return absl::UnimplementedError(absl::StrCat(
           "the ", core::DynamicsName(opts.dynamics),
-          " dynamics are not routed to shards yet; use SYNC or call a single node"));
+          " dynamics are not routed to shards yet; use SYNC or GRADIENT, or call a single node"));
     }
     // The dynamics stop a little before the caller's deadline, so the last
     // step (nearest memories, readouts) can still reach the shards.
@@ -822,33 +822,57 @@ grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::Retriev
       return absl::OkStatus();
     };
     std::vector<absl::StatusOr<core::Trajectory>> results(count, absl::UnknownError("not run"));
-    core::SyncBatch batch(
-        f, kind,
-        [&](uint64_t q, absl::StatusOr<core::Trajectory> r) { results[q] = std::move(r); },
-        evaluate);
     const std::vector<char> clamp(req->clamp().begin(), req->clamp().end());
     const bool* clamp_data = reinterpret_cast<const bool*>(clamp.data());
-    for (int64_t q = 0; q < count; ++q) {
-      absl::Span<const bool> c;
-      if (mask == n) {
-        c = absl::MakeConstSpan(clamp_data, n);
-      } else if (mask == count * n) {
-        c = absl::MakeConstSpan(clamp_data + q * n, n);
+    auto clamp_of = [&](int64_t q) {
+      if (mask == n) return absl::MakeConstSpan(clamp_data, n);
+      if (mask == count * n) return absl::MakeConstSpan(clamp_data + q * n, n);
+      return absl::Span<const bool>();
+    };
+    int64_t ran = count;
+    if (opts.dynamics == core::Dynamics::kSync) {
+      core::SyncBatch batch(
+          f, kind,
+          [&](uint64_t q, absl::StatusOr<core::Trajectory> r) { results[q] = std::move(r); },
+          evaluate);
+      for (int64_t q = 0; q < count; ++q) {
+        batch.Admit(static_cast<uint64_t>(q),
+                    {absl::MakeConstSpan(req->queries().data() + q * n, n), clamp_of(q), &opts});
       }
-      batch.Admit(static_cast<uint64_t>(q),
-                  {absl::MakeConstSpan(req->queries().data() + q * n, n), c, &opts});
+      while (!batch.empty()) batch.Step();
+    } else {
+      // As on a node: one query after another, each step one evaluation
+      // (energy and gradient) merged from the shards; no query starts once
+      // the deadline has passed.
+      auto value_and_gradient = [&](const float* x, float* grad) -> absl::StatusOr<double> {
+        ENGRAM_RETURN_IF_ERROR(streams.Step(x, 1, n, true, false, false, &merged, nullptr));
+        if (merged[0].rows == 0) {
+          return absl::FailedPreconditionError(absl::StrCat(
+              "bank '", req->bank(), "' holds no pattern that passes the call's filter (or "
+              "none at all); store patterns first"));
+        }
+        return f.FinishPartial(merged[0], x, nullptr, grad);
+      };
+      for (int64_t q = 0; q < count; ++q) {
+        results[q] = core::RunGradientDynamics(
+            n, cfg, absl::MakeConstSpan(req->queries().data() + q * n, n), clamp_of(q), opts,
+            value_and_gradient);
+        if (!results[q].ok() || results[q]->stop_reason == core::StopReason::kDeadline) {
+          ran = q + 1;
+          break;
+        }
+      }
     }
-    while (!batch.empty()) batch.Step();
     std::vector<float> finals;
-    for (const auto& r : results) {
-      ENGRAM_RETURN_IF_ERROR(r.status());
-      finals.insert(finals.end(), r->state.begin(), r->state.end());
+    for (int64_t q = 0; q < ran; ++q) {
+      ENGRAM_RETURN_IF_ERROR(results[q].status());
+      finals.insert(finals.end(), results[q]->state.begin(), results[q]->state.end());
     }
     // The final states' nearest memories and value readouts: one more step.
     std::vector<v1::Memory> nearest;
     ENGRAM_RETURN_IF_ERROR(
-        streams.Step(finals.data(), count, n, false, m > 0, true, &merged, &nearest));
-    for (int64_t q = 0; q < count; ++q) {
+        streams.Step(finals.data(), ran, n, false, m > 0, true, &merged, &nearest));
+    for (int64_t q = 0; q < ran; ++q) {
       const core::Trajectory& t = *results[q];
       v1::RetrieveResult* out = resp->add_results();
       RetrievalToProto(t, core::NearestMemory{}, std::string(), out);

@@ -19,7 +19,7 @@
 //    router's own) before the error is returned; a DeletePatterns checks
 //    every id first, and one that still fails on a shard says which
 //    shards' deletes stand.
-//  - Energy and sync Retrieve open one engram.shard.v1 Steps stream per
+//  - Energy and Retrieve (SYNC and GRADIENT) open one engram.shard.v1 Steps stream per
 //    shard per call, send the resolved energy and every step's states to
 //    all shards, and merge their partials (core::MergeStepPartials, in shard
 //    order): the answer is the single-node answer up to float
@@ -33,7 +33,7 @@
 // shards. The router listens and dials without TLS.
 //
 // Not routed yet (UNIMPLEMENTED, naming the call): Sample, SampleStream,
-// Backup, the GRADIENT / ASYNC / TINYBRAIN dynamics, Energy's novelty,
+// Backup, the ASYNC and TINYBRAIN dynamics, Energy's novelty,
 // and the energies without a partial form (the shards' UNIMPLEMENTED).
 //
 // Thread-safety: gRPC's synchronous API; calls run concurrently.

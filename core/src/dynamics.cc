@@ -300,14 +300,15 @@ bool BipolarDriveBatch(const EnergyFunction& energy, const float* x, int64_t b, 
   return true;
 }
 
-void RunGradient(const EnergyFunction& energy, absl::Span<const float> query,
-                 absl::Span<const bool> clamp, const RetrieveOptions& o,
-                 Trajectory* t) {
-  const int n = energy.dim();
-  EnergyRecorder rec(t, o.record_trace,
-                     GuaranteesDescent(Dynamics::kGradient, energy.config()));
+// The gradient steps of RunGradientDynamics; a failed evaluation is
+// returned and ends the trajectory.
+absl::Status GradientSteps(int n, const EnergyConfig& config, absl::Span<const float> query,
+                           absl::Span<const bool> clamp, const RetrieveOptions& o,
+                           const GradientOracle& value_and_gradient, Trajectory* t) {
+  EnergyRecorder rec(t, o.record_trace, GuaranteesDescent(Dynamics::kGradient, config));
   std::vector<float> x(query.begin(), query.end()), grad(n);
-  rec.Start(energy.ValueAndGradient(x.data(), grad.data()));
+  ENGRAM_ASSIGN_OR_RETURN(const double e0, value_and_gradient(x.data(), grad.data()));
+  rec.Start(e0);
   const float alpha = static_cast<float>(o.alpha);
   while (true) {
     if (t->steps >= o.max_steps) { t->stop_reason = StopReason::kMaxSteps; break; }
@@ -321,7 +322,10 @@ void RunGradient(const EnergyFunction& energy, absl::Span<const float> query,
       delta = std::max(delta, static_cast<double>(std::fabs(step)));
     }
     std::vector<float> next_grad(n);
-    const double e_next = energy.ValueAndGradient(next.data(), next_grad.data());
+    double e_next = NAN;
+    if (AllFinite(next)) {
+      ENGRAM_ASSIGN_OR_RETURN(e_next, value_and_gradient(next.data(), next_grad.data()));
+    }
     if (!AllFinite(next) || !AllFinite(next_grad) || !std::isfinite(e_next)) {
       t->stop_reason = StopReason::kDiverged;
       break;
@@ -333,6 +337,18 @@ void RunGradient(const EnergyFunction& energy, absl::Span<const float> query,
     if (delta < o.tol) { t->stop_reason = StopReason::kConverged; break; }
   }
   t->state = std::move(x);
+  return absl::OkStatus();
+}
+
+void RunGradient(const EnergyFunction& energy, absl::Span<const float> query,
+                 absl::Span<const bool> clamp, const RetrieveOptions& o,
+                 Trajectory* t) {
+  GradientSteps(energy.dim(), energy.config(), query, clamp, o,
+                [&](const float* x, float* grad) -> absl::StatusOr<double> {
+                  return energy.ValueAndGradient(x, grad);
+                },
+                t)
+      .IgnoreError();  // this oracle cannot fail
 }
 
 // Exact energy-difference rule (Krotov-Hopfield 2016): visit unclamped
@@ -635,6 +651,27 @@ absl::StatusOr<Trajectory> RunDynamics(const EnergyFunction& energy,
       RunTinyBrain(energy, kind, query, clamp, options, &t);
       break;
   }
+  return t;
+}
+
+absl::StatusOr<Trajectory> RunGradientDynamics(int dim, const EnergyConfig& config,
+                                               absl::Span<const float> query,
+                                               absl::Span<const bool> clamp,
+                                               const RetrieveOptions& options,
+                                               const GradientOracle& value_and_gradient) {
+  RetrieveOptions o = options;
+  o.dynamics = Dynamics::kGradient;
+  ENGRAM_RETURN_IF_ERROR(ValidateRetrieveOptions(o, StateKind::kContinuous));
+  if (static_cast<int>(query.size()) != dim) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("query has ", query.size(), " values; the bank's dimension is ", dim));
+  }
+  if (!clamp.empty() && static_cast<int>(clamp.size()) != dim) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("clamp mask has ", clamp.size(), " values; expected 0 or ", dim));
+  }
+  Trajectory t;
+  ENGRAM_RETURN_IF_ERROR(GradientSteps(dim, config, query, clamp, o, value_and_gradient, &t));
   return t;
 }
 

@@ -91,6 +91,20 @@ absl::StatusOr<Trajectory> RunDynamics(const EnergyFunction& energy,
                                        absl::Span<const bool> clamp,
                                        const RetrieveOptions& options);
 
+// E(x) and grad E(x) (into `grad`, dim floats) from wherever they come
+// (e.g. merged from a bank's shards).
+using GradientOracle = std::function<absl::StatusOr<double>(const float* x, float* grad)>;
+
+// The GRADIENT dynamics of RunDynamics, x <- x - alpha grad E(x), with the
+// energies and gradients from `value_and_gradient` over a bank of dimension
+// `dim` whose energy is `config` (which decides whether descent is
+// guaranteed, for the Lyapunov count). A failed evaluation is returned.
+absl::StatusOr<Trajectory> RunGradientDynamics(int dim, const EnergyConfig& config,
+                                               absl::Span<const float> query,
+                                               absl::Span<const bool> clamp,
+                                               const RetrieveOptions& options,
+                                               const GradientOracle& value_and_gradient);
+
 // One query of a batch: its state, clamp mask (empty or dim flags) and
 // options (not owned; must outlive the call).
 struct BatchQuery {
