@@ -280,6 +280,11 @@ Metrics::Metrics()
                         .Help("Latency of JSON-over-HTTP requests, by route, until the response "
                               "(for SampleStream: until the first frame).")
                         .Register(*registry_)),
+      shard_calls_(prometheus::BuildCounter()
+                       .Name("engram_shard_calls_total")
+                       .Help("A router's calls to its shards (Steps streams and the bank and "
+                             "pattern calls), by shard address and gRPC code.")
+                       .Register(*registry_)),
       expired_(prometheus::BuildCounter()
                    .Name("engram_patterns_expired_total")
                    .Help("Patterns deleted (from memory and disk) because their time to live "
@@ -300,6 +305,10 @@ Metrics::Metrics()
                               {"threads", std::to_string(core::ComputeThreadsInUse())}})) {
   compute_info_.Set(1);
   RefreshProcessMemory();
+}
+
+void Metrics::RecordShardCall(const std::string& shard, int code) {
+  shard_calls_.Add({{"shard", shard}, {"grpc_code", CodeName(code)}}).Increment();
 }
 
 void Metrics::RecordHttpRequest(const std::string& route, int http_status, double seconds) {

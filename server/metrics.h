@@ -75,6 +75,8 @@ class Metrics : public std::enable_shared_from_this<Metrics> {
   // One JSON-over-HTTP request: `route` is the RPC name ("Retrieve") or
   // "unknown"; `http_status` the status answered.
   void RecordHttpRequest(const std::string& route, int http_status, double seconds);
+  // A router's call to shard `shard` (its address) ended with `code`.
+  void RecordShardCall(const std::string& shard, int code);
   // Patterns deleted because their time to live ran out.
   void RecordExpired(int64_t patterns) { expired_.Increment(static_cast<double>(patterns)); }
   // Re-reads the process's resident memory (at most once a second).
@@ -110,6 +112,7 @@ class Metrics : public std::enable_shared_from_this<Metrics> {
   prometheus::Family<prometheus::Gauge>& executor_threads_;
   prometheus::Family<prometheus::Counter>& http_requests_;
   prometheus::Family<prometheus::Histogram>& http_seconds_;
+  prometheus::Family<prometheus::Counter>& shard_calls_;
   prometheus::Counter& expired_;
   prometheus::Gauge& resident_bytes_;
   prometheus::Gauge& compute_info_;

@@ -131,7 +131,7 @@ class RouterService::StepStreams {
       // Otherwise its stream ends as the router's writes do.
       if (failed_) contexts_[i]->TryCancel();
       streams_[i]->WritesDone();
-      streams_[i]->Finish().IgnoreError();
+      (void)router_->FromShard(static_cast<int>(i), streams_[i]->Finish());
     }
   }
 
@@ -252,6 +252,9 @@ std::unique_ptr<grpc::ClientContext> RouterService::Forward(grpc::ServerContext*
 }
 
 grpc::Status RouterService::FromShard(int i, const grpc::Status& s) const {
+  if (options_.metrics != nullptr) {
+    options_.metrics->RecordShardCall(shards_[i].address, static_cast<int>(s.error_code()));
+  }
   if (s.ok()) return s;
   return grpc::Status(s.error_code(), absl::StrCat("shard ", i, " (", shards_[i].address,
                                                    "): ", s.error_message()));

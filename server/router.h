@@ -52,6 +52,7 @@
 #include "absl/time/time.h"
 #include "engram/shard/v1/shard.grpc.pb.h"
 #include "engram/v1/engram.grpc.pb.h"
+#include "server/metrics.h"
 
 namespace engram::server {
 
@@ -66,6 +67,9 @@ struct RouterOptions {
   // Largest batch of a call (patterns per Store, ids per GetPatterns and
   // DeletePatterns, states per Energy and Retrieve), as on a node.
   int64_t max_batch = 65536;
+  // Where shard call outcomes are counted (engram_shard_calls_total); may
+  // be null.
+  std::shared_ptr<Metrics> metrics;
 };
 
 // The shard (0 .. shards - 1) that owns `id`.
@@ -125,7 +129,8 @@ class RouterService final : public v1::MemoryService::Service {
   // failed or cancelled call (undoing a Store).
   std::unique_ptr<grpc::ClientContext> Forward(grpc::ServerContext* ctx,
                                                bool detached = false) const;
-  // `s` from shard `i`, its message prefixed with the shard's name.
+  // `s` from shard `i`, its message prefixed with the shard's name; the
+  // outcome is counted.
   grpc::Status FromShard(int i, const grpc::Status& s) const;
   // The bank as shard 0 describes it (dimension, kind, energy, values).
   absl::StatusOr<v1::BankInfo> Describe(grpc::ServerContext* ctx, const std::string& bank);

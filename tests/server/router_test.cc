@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <random>
 #include <string>
@@ -604,6 +605,21 @@ TEST_F(RouterTest, BadCallsAndAShardDownAreClearErrors) {
     EXPECT_NE(s.error_message().find("shard 1 (" + down + ")"), std::string::npos)
         << s.error_message();
   }
+  // The router counts its shard calls by shard and code.
+  double unavailable = 0, ok = 0;
+  for (const auto& family : router_server_->metrics()->registry()->Collect()) {
+    if (family.name != "engram_shard_calls_total") continue;
+    for (const auto& m : family.metric) {
+      std::map<std::string, std::string> labels;
+      for (const auto& l : m.label) labels[l.name] = l.value;
+      if (labels["shard"] == down && labels["grpc_code"] == "Unavailable") {
+        unavailable += m.counter.value;
+      }
+      if (labels["grpc_code"] == "OK") ok += m.counter.value;
+    }
+  }
+  EXPECT_GE(unavailable, 3);
+  EXPECT_GT(ok, 0);
 }
 
 TEST(ShardList, ParsesListsAndStatefulSetNames) {
