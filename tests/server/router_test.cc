@@ -8,6 +8,7 @@
 // that is down fails the call UNAVAILABLE naming it.
 #include <algorithm>
 #include <cmath>
+#include <atomic>
 #include <filesystem>
 #include <map>
 #include <memory>
@@ -90,6 +91,7 @@ class RouterTest : public ::testing::Test {
       c.data_dir = (root_ / ("node" + std::to_string(i))).string();
       c.metrics_listen = "";
       c.expire_interval = absl::ZeroDuration();
+      c.clock_ms = [this] { return now_ms_.load(); };
       auto s = EngramServer::Start(c);
       ASSERT_TRUE(s.ok()) << s.status();
       nodes_.push_back(std::move(*s));
@@ -188,6 +190,7 @@ class RouterTest : public ::testing::Test {
   std::vector<std::unique_ptr<EngramServer>> nodes_;  // shards 0..2, then the whole node
   std::unique_ptr<EngramServer> router_server_;
   std::unique_ptr<v1::MemoryService::Stub> router_, whole_, shard0_;
+  std::atomic<int64_t> now_ms_{1'700'000'000'000};  // every node's clock
 };
 
 double Tol(double scale) { return 2e-4 * std::max(1.0, std::abs(scale)); }
@@ -499,6 +502,61 @@ TEST_F(RouterTest, WritesRouteByIdAndFailClean) {
     grpc::ClientContext c;
     EXPECT_EQ(stub->GetBank(&c, g, &info).error_code(), grpc::StatusCode::NOT_FOUND) << i;
   }
+}
+
+// Patterns with a time to live leave every shard's reads as they leave a
+// node's: after expiry the router answers as the node does.
+TEST_F(RouterTest, ExpiredPatternsLeaveShardedReadsAsOnANode) {
+  std::mt19937_64 rng(13);
+  const Family f{"ttl", v1::STATE_KIND_CONTINUOUS, v1::PRECISION_F32,
+                 Energy(v1::ENERGY_FAMILY_LSE, 8.0)};
+  Fill(f, rng);  // no time to live
+  ASSERT_FALSE(HasFailure());
+  const std::vector<float> q = Queries(f, 5, rng);
+  // 40 more patterns that live 60 s, through the router and on the node.
+  v1::StoreRequest brief;
+  brief.set_bank(f.name);
+  brief.set_ttl_seconds(60);
+  std::normal_distribution<float> g(0.f, 1.f / std::sqrt(float{kDim}));
+  for (int r = 0; r < 40; ++r) {
+    for (int i = 0; i < kDim; ++i) brief.add_patterns(q[(r % 5) * kDim + i] + 0.05f * g(rng));
+    for (int v = 0; v < kValueDim; ++v) brief.add_values(g(rng));
+  }
+  v1::StoreResponse stored;
+  {
+    grpc::ClientContext c;
+    ASSERT_TRUE(router_->Store(&c, brief, &stored).ok());
+  }
+  *brief.mutable_ids() = stored.ids();
+  {
+    grpc::ClientContext c;
+    ASSERT_TRUE(whole_->Store(&c, brief, &stored).ok());
+  }
+  auto energies = [&](v1::MemoryService::Stub* stub) {
+    v1::EnergyRequest e;
+    e.set_bank(f.name);
+    e.mutable_states()->Add(q.begin(), q.end());
+    v1::EnergyResponse out;
+    grpc::ClientContext c;
+    EXPECT_TRUE(stub->Energy(&c, e, &out).ok());
+    return std::vector<double>(out.energies().begin(), out.energies().end());
+  };
+  const std::vector<double> before = energies(router_.get());
+  now_ms_ += 61'000;
+  const std::vector<double> after = energies(router_.get());
+  const std::vector<double> node = energies(whole_.get());
+  ASSERT_EQ(after.size(), node.size());
+  for (size_t j = 0; j < node.size(); ++j) {
+    EXPECT_NEAR(after[j], node[j], Tol(node[j])) << j;
+    // The brief patterns sat near the states: their going raises E.
+    EXPECT_GT(after[j], before[j] + 1e-3) << j;
+  }
+  v1::GetBankRequest get;
+  get.set_name(f.name);
+  v1::BankInfo info;
+  grpc::ClientContext c;
+  ASSERT_TRUE(router_->GetBank(&c, get, &info).ok());
+  EXPECT_EQ(info.patterns(), uint64_t{kPatterns});
 }
 
 TEST_F(RouterTest, TheCallersDeadlineReachesTheShards) {
