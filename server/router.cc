@@ -17,6 +17,7 @@
 #include "engram/core/dynamics.h"
 #include "engram/core/energy.h"
 #include "engram/core/partials.h"
+#include "engram/core/sampler.h"
 #include "engram/core/status_macros.h"
 #include "server/convert.h"
 #include "server/status_mapping.h"
@@ -140,7 +141,8 @@ class RouterService::StepStreams {
   // shard holds a passing row).
   absl::Status Step(const float* x, int64_t b, int dim, bool with_sum, bool with_value,
                     bool with_nearest, std::vector<core::StepPartial>* merged,
-                    std::vector<v1::Memory>* nearest) {
+                    std::vector<v1::Memory>* nearest, std::vector<double>* nearest_norms = nullptr,
+                    double level_beta = 0.0) {
     shard::v1::StepRequest req;
     if (streams_.empty()) {
       req = first_;
@@ -153,6 +155,7 @@ class RouterService::StepStreams {
     req.set_with_sum(with_sum);
     req.set_with_value(with_value);
     req.set_with_nearest(with_nearest);
+    req.set_level_beta(level_beta);
     const int s = router_->shards();
     std::vector<shard::v1::StepReply> replies(s);
     for (int i = 0; i < s; ++i) {
@@ -176,6 +179,7 @@ class RouterService::StepStreams {
     }
     merged->resize(b);
     if (nearest != nullptr) nearest->assign(b, v1::Memory());
+    if (nearest_norms != nullptr) nearest_norms->assign(b, 0.0);
     std::vector<core::StepPartial> parts(s);
     for (int64_t j = 0; j < b; ++j) {
       double best = -INFINITY;
@@ -185,6 +189,7 @@ class RouterService::StepStreams {
         if (nearest != nullptr && p.has_nearest() && p.nearest_key() > best) {
           best = p.nearest_key();
           (*nearest)[j] = p.nearest();
+          if (nearest_norms != nullptr) (*nearest_norms)[j] = p.nearest_norm();
         }
       }
       ENGRAM_ASSIGN_OR_RETURN((*merged)[j], core::MergeStepPartials(parts));
@@ -723,6 +728,19 @@ shard::v1::StepRequest FirstStep(const std::string& bank, const core::EnergyConf
   return first;
 }
 
+// A little before the caller's deadline: when dynamics and samplers stop,
+// so that their last step (nearest memories, readouts) still reaches the
+// shards in time.
+std::chrono::system_clock::time_point StopBefore(const grpc::ServerContext* ctx) {
+  auto stop_at = ctx->deadline();
+  if (const auto now = std::chrono::system_clock::now();
+      stop_at < now + std::chrono::hours(24 * 365)) {
+    stop_at -= std::min<std::chrono::system_clock::duration>((stop_at - now) / 10,
+                                                             std::chrono::seconds(1));
+  }
+  return stop_at;
+}
+
 absl::Status WithinBatch(int64_t count, int64_t max_batch, const char* field) {
   if (count <= max_batch) return absl::OkStatus();
   return absl::InvalidArgumentError(
@@ -777,14 +795,7 @@ grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::Retriev
           "the ", core::DynamicsName(opts.dynamics),
           " dynamics are not routed to shards yet; use SYNC or GRADIENT, or call a single node"));
     }
-    // The dynamics stop a little before the caller's deadline, so the last
-    // step (nearest memories, readouts) can still reach the shards.
-    auto stop_at = ctx->deadline();
-    if (const auto now = std::chrono::system_clock::now();
-        stop_at < now + std::chrono::hours(24 * 365)) {
-      stop_at -= std::min<std::chrono::system_clock::duration>((stop_at - now) / 10,
-                                                               std::chrono::seconds(1));
-    }
+    const auto stop_at = StopBefore(ctx);
     opts.should_stop = [ctx, stop_at] {
       return ctx->IsCancelled() || std::chrono::system_clock::now() > stop_at;
     };
@@ -898,14 +909,144 @@ grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::Retriev
   });
 }
 
-grpc::Status RouterService::Sample(grpc::ServerContext*, const v1::SampleRequest*,
-                                   v1::SampleResponse*) {
-  return Unimplemented("Sample");
+absl::StatusOr<core::SampleBatch> RouterService::RunSample(
+    grpc::ServerContext* ctx, const v1::SampleRequest* req, const FrameSink& on_frame,
+    absl::flat_hash_map<uint64_t, std::string>* payloads) {
+  ENGRAM_ASSIGN_OR_RETURN(v1::BankInfo info, Describe(ctx, req->bank()));
+  ENGRAM_ASSIGN_OR_RETURN(core::StateKind kind, KindFromProto(info.kind()));
+  if (kind != core::StateKind::kContinuous) {
+    return absl::UnimplementedError(
+        "sampling a bipolar bank is not routed to shards yet (its Glauber sweeps use each "
+        "neuron's exact energy change); call a single node");
+  }
+  const int n = static_cast<int>(info.dim());
+  const int64_t count = req->count() == 0 ? 1 : req->count();
+  ENGRAM_RETURN_IF_ERROR(WithinBatch(count, options_.max_batch, "count"));
+  if (!req->query().empty()) {
+    ENGRAM_ASSIGN_OR_RETURN(int64_t rows, CheckVectors(req->query(), n, "query", false));
+    (void)rows;
+  }
+  ENGRAM_ASSIGN_OR_RETURN(core::EnergyConfig cfg,
+                          ResolveEnergy(req->has_energy(), req->energy(), info, kind));
+  ENGRAM_ASSIGN_OR_RETURN(core::SampleOptions o, SampleOptionsFromProto(*req, kind));
+  const auto stop_at = StopBefore(ctx);
+  bool sink_full = false;
+  o.should_stop = [ctx, stop_at, &sink_full] {
+    return sink_full || ctx->IsCancelled() || std::chrono::system_clock::now() > stop_at;
+  };
+  const int every = std::max(1, o.trajectory_every);
+  if (on_frame) {
+    o.on_step = [&](int step, double sigma, const std::vector<std::vector<float>>& xs) {
+      if (step % every != 0 || sink_full) return;
+      sink_full = !on_frame(SampleFrameToProto(step, sigma, xs));
+    };
+  }
+  StepStreams streams(this, ctx, FirstStep(req->bank(), cfg, req->filter()));
+  std::vector<core::StepPartial> merged;
+  core::SampleEvaluator evaluator;
+  evaluator.evaluate = [&](const core::EnergyConfig& at, const float* x, int64_t b,
+                           float* targets, float* grads, double* energies) -> absl::Status {
+    ENGRAM_RETURN_IF_ERROR(
+        streams.Step(x, b, n, true, false, false, &merged, nullptr, nullptr, at.beta));
+    if (b > 0 && merged[0].rows == 0) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "no pattern of bank '", req->bank(), "' passes the filter"));
+    }
+    const core::EnergyFunction f = Finisher(at, n);
+    for (int64_t j = 0; j < b; ++j) {
+      ENGRAM_ASSIGN_OR_RETURN(
+          energies[j], f.FinishPartial(merged[j], x + j * n,
+                                       targets != nullptr ? targets + j * n : nullptr,
+                                       grads != nullptr ? grads + j * n : nullptr));
+    }
+    return absl::OkStatus();
+  };
+  evaluator.nearest = [&](const float* x, int64_t b, std::vector<core::NearestMemory>* nearest,
+                          std::vector<double>* norms) -> absl::Status {
+    std::vector<v1::Memory> found;
+    ENGRAM_RETURN_IF_ERROR(streams.Step(x, b, n, false, false, true, &merged, &found, norms));
+    nearest->assign(b, core::NearestMemory{});
+    for (int64_t j = 0; j < b; ++j) {
+      if (found[j].ByteSizeLong() == 0) continue;  // no row anywhere
+      core::NearestMemory& m = (*nearest)[j];
+      m.row = 0;  // some row of some shard: the id names it
+      m.id = found[j].id();
+      m.distance = found[j].distance();
+      m.similarity = found[j].similarity();
+      (*payloads)[m.id] = found[j].payload();
+    }
+    return absl::OkStatus();
+  };
+  core::BankSpec spec;
+  spec.name = req->bank();
+  spec.dim = n;
+  spec.kind = kind;
+  // The emptiness a node checks first: the bank's size here, a filter's
+  // passing rows at the first evaluation.
+  v1::GetBankRequest get;
+  get.set_name(req->bank());
+  v1::BankInfo total;
+  if (grpc::Status s = GetBank(ctx, &get, &total); !s.ok()) {
+    return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+  }
+  const std::vector<char> clamp(req->clamp().begin(), req->clamp().end());
+  ENGRAM_ASSIGN_OR_RETURN(
+      core::SampleBatch batch,
+      core::SampleWith(evaluator, spec, static_cast<int64_t>(total.patterns()), cfg,
+                       static_cast<int>(count),
+                       absl::MakeConstSpan(req->query().data(), req->query_size()),
+                       absl::MakeConstSpan(reinterpret_cast<const bool*>(clamp.data()),
+                                           clamp.size()),
+                       o));
+  if (sink_full) return absl::CancelledError("the client closed the stream");
+  if (batch.deadline) {
+    return absl::DeadlineExceededError(absl::StrCat(
+        "deadline passed after ", batch.steps, " of ", batch.sigmas.size() - 1,
+        " sampling steps"));
+  }
+  return batch;
 }
 
-grpc::Status RouterService::SampleStream(grpc::ServerContext*, const v1::SampleRequest*,
-                                         grpc::ServerWriter<v1::SampleFrame>*) {
-  return Unimplemented("SampleStream");
+void RouterService::SampleToProto(const core::SampleBatch& batch,
+                                  const absl::flat_hash_map<uint64_t, std::string>& payloads,
+                                  v1::SampleResponse* resp) {
+  SampleBatchToProto(batch, resp);
+  for (int i = 0; i < resp->samples_size(); ++i) {
+    const core::SampleResult& r = batch.samples[i];
+    if (r.nearest.row < 0) continue;
+    auto it = payloads.find(r.nearest.id);
+    MemoryToProto(r.nearest, it == payloads.end() ? std::string() : it->second,
+                  resp->mutable_samples(i)->mutable_nearest());
+  }
+}
+
+grpc::Status RouterService::Sample(grpc::ServerContext* ctx, const v1::SampleRequest* req,
+                                   v1::SampleResponse* resp) {
+  return Guarded(resp, [&]() -> absl::Status {
+    absl::flat_hash_map<uint64_t, std::string> payloads;
+    ENGRAM_ASSIGN_OR_RETURN(core::SampleBatch batch, RunSample(ctx, req, nullptr, &payloads));
+    SampleToProto(batch, payloads, resp);
+    return absl::OkStatus();
+  });
+}
+
+grpc::Status RouterService::SampleStream(grpc::ServerContext* ctx, const v1::SampleRequest* req,
+                                         grpc::ServerWriter<v1::SampleFrame>* writer) {
+  return Guarded(nullptr, [&]() -> absl::Status {
+    absl::flat_hash_map<uint64_t, std::string> payloads;
+    // Frames go out as the levels are taken; Write waits for the client
+    // (flow control), so a slow reader slows only its own call.
+    ENGRAM_ASSIGN_OR_RETURN(
+        core::SampleBatch batch,
+        RunSample(ctx, req, [&](const v1::SampleFrame& f) { return writer->Write(f); },
+                  &payloads));
+    v1::SampleResponse result;
+    SampleToProto(batch, payloads, &result);
+    if (!writer->Write(LastSampleFrame(std::move(result)))) {
+      return absl::CancelledError("the client closed the stream");
+    }
+    return absl::OkStatus();
+  });
 }
 
 grpc::Status RouterService::Backup(grpc::ServerContext*, const v1::BackupRequest*,

@@ -32,8 +32,12 @@
 // when it sets none), cancellation and authorization header go to the
 // shards. The router listens and dials without TLS.
 //
-// Not routed yet (UNIMPLEMENTED, naming the call): Sample, SampleStream,
-// Backup, the ASYNC and TINYBRAIN dynamics, Energy's novelty,
+//  - Sample and SampleStream (continuous banks) run the samplers at the
+//    router (core::SampleWith) with every denoiser evaluation merged from
+//    the shards, the same draws for the same seed.
+//
+// Not routed yet (UNIMPLEMENTED, naming the call): Backup, sampling a
+// bipolar bank, the ASYNC and TINYBRAIN dynamics, Energy's novelty,
 // and the energies without a partial form (the shards' UNIMPLEMENTED).
 //
 // Thread-safety: gRPC's synchronous API; calls run concurrently.
@@ -47,9 +51,11 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "engram/core/sampler.h"
 #include "engram/shard/v1/shard.grpc.pb.h"
 #include "engram/v1/engram.grpc.pb.h"
 #include "server/metrics.h"
@@ -121,6 +127,18 @@ class RouterService final : public v1::MemoryService::Service {
   class StepStreams;
 
   explicit RouterService(RouterOptions options);
+
+  // A frame for SampleStream; false when the client is gone.
+  using FrameSink = std::function<bool(const v1::SampleFrame&)>;
+  // A Sample call over the shards (core::SampleWith); the nearest
+  // memories' payloads by id into `payloads`.
+  absl::StatusOr<core::SampleBatch> RunSample(grpc::ServerContext* ctx,
+                                              const v1::SampleRequest* req,
+                                              const FrameSink& on_frame,
+                                              absl::flat_hash_map<uint64_t, std::string>* payloads);
+  static void SampleToProto(const core::SampleBatch& batch,
+                            const absl::flat_hash_map<uint64_t, std::string>& payloads,
+                            v1::SampleResponse* resp);
 
   // A client context for a call to a shard on behalf of `ctx`: its deadline
   // (or the default timeout), cancellation and authorization header.

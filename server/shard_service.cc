@@ -1,6 +1,7 @@
 #include "server/shard_service.h"
 
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -73,6 +74,10 @@ absl::Status Answer(const core::Bank& bank, const core::EnergyFunction& energy,
       if (near.row >= 0) {
         MemoryToProto(near, bank.payload(near.row), out->mutable_nearest());
         out->set_nearest_key(-0.5 * near.distance * near.distance);
+        const float* xi = bank.pattern(near.row);
+        double sq = 0.0;
+        for (int i = 0; i < n; ++i) sq += double{xi[i]} * xi[i];
+        out->set_nearest_norm(std::sqrt(sq));
       } else {
         out->set_nearest_key(-INFINITY);
       }
@@ -103,10 +108,18 @@ absl::Status ShardServiceImpl::Serve(
     return absl::UnimplementedError(absl::StrCat(
         "bank '", req->bank(), "' decays with age; its shards do not serve partials yet"));
   }
-  const core::EnergyFunction energy(read.energy, bank.view());
+  core::EnergyConfig cfg = read.energy;
+  auto energy = std::make_unique<core::EnergyFunction>(cfg, bank.view());
   do {
+    if (req->level_beta() > 0.0 && req->level_beta() != cfg.beta) {
+      if (!std::isfinite(req->level_beta())) {
+        return absl::InvalidArgumentError("level_beta is not finite");
+      }
+      cfg.beta = req->level_beta();
+      energy = std::make_unique<core::EnergyFunction>(cfg, bank.view());
+    }
     shard::v1::StepReply reply;
-    ENGRAM_RETURN_IF_ERROR(Answer(bank, energy, *req, max_batch_, &reply));
+    ENGRAM_RETURN_IF_ERROR(Answer(bank, *energy, *req, max_batch_, &reply));
     if (!stream->Write(reply)) return absl::CancelledError("the router closed the stream");
   } while (stream->Read(req));
   return absl::OkStatus();

@@ -4,12 +4,14 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <random>
 
 #include <Eigen/Core>
 
 #include "absl/strings/str_cat.h"
+#include "engram/core/status_macros.h"
 
 namespace engram::core {
 namespace {
@@ -216,13 +218,13 @@ absl::Status ValidateSampleOptions(const SampleOptions& o, StateKind kind) {
 namespace {
 
 // The shape and values of a Sample call's query and clamp mask.
-absl::Status ValidateSampleInputs(const Bank& bank, int count, absl::Span<const float> query,
-                                  absl::Span<const bool> clamp) {
-  const int n = bank.dim();
+absl::Status ValidateSampleInputs(const BankSpec& spec, int64_t rows, int count,
+                                  absl::Span<const float> query, absl::Span<const bool> clamp) {
+  const int n = spec.dim;
   if (count < 1) return absl::InvalidArgumentError("count must be >= 1");
-  if (bank.size() == 0) {
+  if (rows == 0) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "bank '", bank.spec().name, "' is empty; store patterns first"));
+        "bank '", spec.name, "' is empty; store patterns first"));
   }
   const size_t qn = query.size();
   if (qn != 0 && qn != static_cast<size_t>(n) && qn != static_cast<size_t>(count) * n) {
@@ -239,7 +241,7 @@ absl::Status ValidateSampleInputs(const Bank& bank, int count, absl::Span<const 
   }
   for (float v : query) {
     if (!std::isfinite(v)) return absl::InvalidArgumentError("query is not finite");
-    if (bank.spec().kind == StateKind::kBipolar && v != 1.f && v != -1.f) {
+    if (spec.kind == StateKind::kBipolar && v != 1.f && v != -1.f) {
       return absl::InvalidArgumentError("bank is bipolar but the query is not +-1");
     }
   }
@@ -264,6 +266,12 @@ class SampleRun {
       : p(ViewWithPrior(bank, o.log_prior)), energy(energy), o(o), n(bank.dim()),
         kind(bank.spec().kind),
         count(count), query_(query), clamp_(clamp), den(n) {}
+  // A run whose evaluations come from `remote` (continuous states).
+  SampleRun(const SampleEvaluator* remote, int dim, const EnergyConfig& energy, int count,
+            absl::Span<const float> query, absl::Span<const bool> clamp, const SampleOptions& o)
+      : p(PatternView{.dim = dim}), energy(energy), o(o), n(dim),
+        kind(StateKind::kContinuous), count(count), remote(remote), query_(query),
+        clamp_(clamp), den(n) {}
 
   // The sample's known values (its query row), or null.
   const float* Query(int b) const {
@@ -320,9 +328,38 @@ class SampleRun {
     Gather(flat_);
     dens_.resize(flat_.size());
     energies_.resize(count);
-    DenoiseBatch(p, energy, flat_.data(), count, sigma, dens_.data(), energies_.data());
+    DenoiseStates(flat_.data(), count, sigma, dens_.data(), energies_.data());
     Scatter(dens_);
     for (int b = 0; b < count; ++b) ApplyClamp(b, xs[b].data());
+  }
+
+  // DenoiseBatch over this run's bank, or from `remote`. After a remote
+  // failure (kept in `error`, which the caller checks after each level)
+  // the states are left as they are.
+  void DenoiseStates(const float* x, int64_t b, double sigma, float* out, double* energies) {
+    if (remote == nullptr) return DenoiseBatch(p, energy, x, b, sigma, out, energies);
+    const int64_t total = b * n;
+    if (error.ok()) {
+      const EnergyConfig c = AtSigma(energy, sigma);
+      if (DenoiserIsUpdateTarget(c)) {
+        error = remote->evaluate(c, x, b, out, nullptr, energies);
+      } else {
+        error = remote->evaluate(c, x, b, nullptr, out, energies);
+        if (error.ok()) {
+          for (int64_t k = 0; k < total; ++k) out[k] = x[k] - out[k];
+        }
+      }
+    }
+    if (!error.ok()) {
+      std::copy(x, x + total, out);
+      std::fill(energies, energies + b, 0.0);
+    }
+  }
+  // Den(x; sigma) of one state into `den`; returns E_beta(x).
+  double DenoiseOne(const float* x, double sigma) {
+    double e = 0.0;
+    DenoiseStates(x, 1, sigma, den.data(), &e);
+    return e;
   }
 
   const PatternView p;
@@ -331,6 +368,8 @@ class SampleRun {
   const int n;
   const StateKind kind;
   const int count;
+  const SampleEvaluator* const remote = nullptr;
+  absl::Status error;
   std::vector<std::vector<float>> xs;
   std::vector<std::mt19937_64> rngs;
   std::normal_distribution<float> gauss{0.f, 1.f};
@@ -358,7 +397,7 @@ class SampleRun {
     slopes_.resize(total);
     next_.resize(total);
     energies_.resize(states);
-    DenoiseBatch(p, energy, x, states, s_from, dens_.data(), energies_.data());
+    DenoiseStates(x, states, s_from, dens_.data(), energies_.data());
     const float h = static_cast<float>(s_to - s_from);
     for (size_t k = 0; k < total; ++k) {
       slopes_[k] = static_cast<float>((x[k] - double{dens_[k]}) / s_from);
@@ -366,7 +405,7 @@ class SampleRun {
     }
     if (heun && s_to > 0) {
       for (int q = 0; q < states; ++q) ApplyClamp(first + q, next_.data() + size_t{1} * q * n);
-      DenoiseBatch(p, energy, next_.data(), states, s_to, dens_.data(), energies_.data());
+      DenoiseStates(next_.data(), states, s_to, dens_.data(), energies_.data());
       for (size_t k = 0; k < total; ++k) {
         const float slope2 = static_cast<float>((next_[k] - double{dens_[k]}) / s_to);
         next_[k] = x[k] + h * 0.5f * (slopes_[k] + slope2);
@@ -421,14 +460,14 @@ void StochasticStep(SampleRun& run, int b, const Level& at) {
 void LangevinStep(SampleRun& run, int b, const Level& at) {
   float* x = run.xs[b].data();
   if (at.s_next == 0.0 || at.levels == 0) {
-    Denoise(run.p, run.energy, x, at.s_cur, run.den.data());
+    run.DenoiseOne(x, at.s_cur);
     std::copy(run.den.begin(), run.den.end(), x);
     return;
   }
   const float half = static_cast<float>(0.5 * run.o.langevin_eta);
   const float noise = static_cast<float>(std::sqrt(run.o.langevin_eta) * at.s_cur);
   for (int l = 0; l < run.o.langevin_steps; ++l) {
-    Denoise(run.p, run.energy, x, at.s_cur, run.den.data());
+    run.DenoiseOne(x, at.s_cur);
     for (int k = 0; k < run.n; ++k) {
       x[k] += half * (run.den[k] - x[k]) + noise * run.gauss(run.rngs[b]);
     }
@@ -511,7 +550,9 @@ void DescendToFixedPoints(SampleRun& run) {
 // Each sample's nearest memory (or its mirror image for an even energy),
 // relative distance, energy at the last positive sigma and whether it is a
 // fixed point there.
-void DescribeSamples(const Bank& bank, SampleRun& run, double sigma_last, SampleBatch* batch) {
+// The bank is `bank`, or (null) the run's remote evaluator's.
+absl::Status DescribeSamples(const Bank* bank, SampleRun& run, double sigma_last,
+                             SampleBatch* batch) {
   const int n = run.n;
   const size_t per = static_cast<size_t>(n);
   // Energies (and, for continuous states, one more denoising step) at the
@@ -524,27 +565,48 @@ void DescribeSamples(const Bank& bank, SampleRun& run, double sigma_last, Sample
     for (int b = 0; b < run.count; ++b) {
       std::copy(run.xs[b].begin(), run.xs[b].end(), states.begin() + b * per);
     }
-    DenoiseBatch(run.p, run.energy, states.data(), run.count, sigma_last, dens.data(),
-                 energies.data());
+    run.DenoiseStates(states.data(), run.count, sigma_last, dens.data(), energies.data());
+    ENGRAM_RETURN_IF_ERROR(run.error);
   } else {
     EnergyFunction final_energy(AtSigma(run.energy, sigma_last), run.p);
     for (int b = 0; b < run.count; ++b) energies[b] = final_energy.Value(run.xs[b].data());
   }
+  // Each sample's nearest memory and its norm (and for an even energy its
+  // mirror image's).
+  const bool even = EvenEnergy(run.energy);
+  std::vector<NearestMemory> nearest(run.count), mirrored;
+  std::vector<double> norms(run.count), mirrored_norms;
+  std::vector<float> xs(per * run.count);
+  for (int b = 0; b < run.count; ++b) {
+    std::copy(run.xs[b].begin(), run.xs[b].end(), xs.begin() + b * per);
+  }
+  auto find = [&](const std::vector<float>& x, std::vector<NearestMemory>* out,
+                  std::vector<double>* out_norms) -> absl::Status {
+    if (bank == nullptr) return run.remote->nearest(x.data(), run.count, out, out_norms);
+    out->resize(run.count);
+    out_norms->resize(run.count);
+    for (int b = 0; b < run.count; ++b) {
+      (*out)[b] = bank->Nearest(x.data() + b * per);
+      (*out_norms)[b] = Norm(bank->pattern((*out)[b].row), n);
+    }
+    return absl::OkStatus();
+  };
+  ENGRAM_RETURN_IF_ERROR(find(xs, &nearest, &norms));
+  if (even) {
+    for (float& v : xs) v = -v;
+    ENGRAM_RETURN_IF_ERROR(find(xs, &mirrored, &mirrored_norms));
+  }
   for (int b = 0; b < run.count; ++b) {
     SampleResult& r = batch->samples[b];
     r.state = run.xs[b];
-    r.nearest = bank.Nearest(r.state.data());
-    if (EvenEnergy(run.energy)) {
-      std::vector<float> neg(r.state);
-      for (float& v : neg) v = -v;
-      NearestMemory m = bank.Nearest(neg.data());
-      if (m.distance < r.nearest.distance) {
-        r.nearest = m;
-        r.nearest.similarity = -m.similarity;
-        r.mirrored = true;
-      }
+    r.nearest = nearest[b];
+    double mem_norm = norms[b];
+    if (even && mirrored[b].distance < r.nearest.distance) {
+      r.nearest = mirrored[b];
+      r.nearest.similarity = -mirrored[b].similarity;
+      r.mirrored = true;
+      mem_norm = mirrored_norms[b];
     }
-    const double mem_norm = Norm(bank.pattern(r.nearest.row), n);
     r.relative_distance = mem_norm > 0 ? r.nearest.distance / mem_norm : r.nearest.distance;
     r.energy = energies[b];
     const bool* c = run.Clamp(b);
@@ -569,6 +631,7 @@ void DescribeSamples(const Bank& bank, SampleRun& run, double sigma_last, Sample
           std::sqrt(moved) <= run.o.fixed_point_tol * std::max(Norm(r.state.data(), n), 1e-12);
     }
   }
+  return absl::OkStatus();
 }
 
 // Memorized: within delta_memorized (relative) of a stored pattern;
@@ -598,17 +661,22 @@ void ClassifySamples(const std::vector<std::vector<float>>& xs, const SampleOpti
 
 }  // namespace
 
-absl::StatusOr<SampleBatch> Sample(const Bank& bank, const EnergyConfig& energy, int count,
-                                   absl::Span<const float> query,
-                                   absl::Span<const bool> clamp, const SampleOptions& o) {
-  const StateKind kind = bank.spec().kind;
+namespace {
+
+// Sample over `bank`, or (bank null) over the rows behind `remote`.
+absl::StatusOr<SampleBatch> SampleImpl(const Bank* bank, const SampleEvaluator* remote,
+                                       const BankSpec& spec, int64_t rows,
+                                       const EnergyConfig& energy, int count,
+                                       absl::Span<const float> query,
+                                       absl::Span<const bool> clamp, const SampleOptions& o) {
+  const StateKind kind = spec.kind;
   if (auto s = ValidateSampleOptions(o, kind); !s.ok()) return s;
   if (auto s = ValidateEnergyConfig(energy, kind); !s.ok()) return s;
-  if (auto s = ValidateSampleInputs(bank, count, query, clamp); !s.ok()) return s;
+  if (auto s = ValidateSampleInputs(spec, rows, count, query, clamp); !s.ok()) return s;
   if (!o.log_prior.empty()) {
-    if (o.log_prior.size() != static_cast<size_t>(bank.size())) {
+    if (o.log_prior.size() != static_cast<size_t>(rows)) {
       return absl::InvalidArgumentError(absl::StrCat("log_prior has ", o.log_prior.size(),
-                                                     " entries for ", bank.size(), " rows"));
+                                                     " entries for ", rows, " rows"));
     }
     for (double b : o.log_prior) {
       if (!(b <= 0.0) || !std::isfinite(b)) {
@@ -630,7 +698,11 @@ absl::StatusOr<SampleBatch> Sample(const Bank& bank, const EnergyConfig& energy,
   const std::vector<double>& sig = batch.sigmas;
   batch.samples.resize(count);
 
-  SampleRun run(bank, energy, count, query, clamp, o);
+  std::unique_ptr<SampleRun> run_holder =
+      bank != nullptr
+          ? std::make_unique<SampleRun>(*bank, energy, count, query, clamp, o)
+          : std::make_unique<SampleRun>(remote, spec.dim, energy, count, query, clamp, o);
+  SampleRun& run = *run_holder;
   run.InitialStates(sig[0]);
   auto record = [&](int step, double sigma, bool force) {
     if (o.trajectory_every <= 0) return;
@@ -655,6 +727,7 @@ absl::StatusOr<SampleBatch> Sample(const Bank& bank, const EnergyConfig& energy,
     }
     const Level at{sig[i], levels == 0 ? sig[i] : sig[i + 1], levels};
     level_fn(run, at);
+    ENGRAM_RETURN_IF_ERROR(run.error);
     for (int b = 0; b < count; ++b) run.ApplyClamp(b, run.xs[b].data());
     ++step;
     sigma_of_step = o.sampler == SamplerKind::kAnnealedAm ? at.s_cur : at.s_next;
@@ -679,9 +752,32 @@ absl::StatusOr<SampleBatch> Sample(const Bank& bank, const EnergyConfig& energy,
       }
     }
   }
-  DescribeSamples(bank, run, sigma_last, &batch);
+  ENGRAM_RETURN_IF_ERROR(DescribeSamples(bank, run, sigma_last, &batch));
   ClassifySamples(run.xs, o, &batch.samples);
   return batch;
+}
+
+}  // namespace
+
+absl::StatusOr<SampleBatch> Sample(const Bank& bank, const EnergyConfig& energy, int count,
+                                   absl::Span<const float> query,
+                                   absl::Span<const bool> clamp, const SampleOptions& o) {
+  return SampleImpl(&bank, nullptr, bank.spec(), bank.size(), energy, count, query, clamp, o);
+}
+
+absl::StatusOr<SampleBatch> SampleWith(const SampleEvaluator& evaluator, const BankSpec& spec,
+                                       int64_t rows, const EnergyConfig& energy, int count,
+                                       absl::Span<const float> query,
+                                       absl::Span<const bool> clamp, const SampleOptions& o) {
+  if (spec.kind != StateKind::kContinuous) {
+    return absl::UnimplementedError(
+        "sampling a bipolar bank (Glauber sweeps over each neuron's exact energy change) has "
+        "no merged form yet");
+  }
+  if (!o.log_prior.empty()) {
+    return absl::UnimplementedError("a bank that decays with age has no partial form yet");
+  }
+  return SampleImpl(nullptr, &evaluator, spec, rows, energy, count, query, clamp, o);
 }
 
 }  // namespace engram::core

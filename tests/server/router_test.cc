@@ -329,6 +329,116 @@ TEST_F(RouterTest, ShardedBanksAnswerEnergyAndRetrieveAsOneNode) {
   }
 }
 
+// Sampling through the router runs the same samplers with the same draws
+// as a node, every denoiser evaluation merged from the shards: the samples
+// end where the node's do, on the same memories, with the same classes.
+TEST_F(RouterTest, ShardedSamplingEndsWhereANodesDoes) {
+  std::mt19937_64 rng(17);
+  for (const Family& f : Families()) {
+    if (f.kind != v1::STATE_KIND_CONTINUOUS || f.precision != v1::PRECISION_F32) continue;
+    // The unnormalised polynomial score overflows a node's sampler too.
+    if (f.energy.separation() == v1::SEPARATION_POLYNOMIAL) continue;
+    SCOPED_TRACE(f.name);
+    Fill(f, rng);
+    if (HasFailure()) return;
+    const std::vector<float> q = Queries(f, 1, rng);
+    for (v1::Sampler sampler : {v1::SAMPLER_EULER, v1::SAMPLER_HEUN, v1::SAMPLER_STOCHASTIC,
+                                v1::SAMPLER_LANGEVIN, v1::SAMPLER_ANNEALED_AM}) {
+      SCOPED_TRACE(v1::Sampler_Name(sampler));
+      v1::SampleRequest req;
+      req.set_bank(f.name);
+      req.set_count(6);
+      req.set_seed(99);
+      req.set_sampler(sampler);
+      req.mutable_schedule()->set_steps(24);
+      req.mutable_schedule()->set_sigma_min(0.05);
+      req.mutable_schedule()->set_sigma_max(1.0);
+      if (sampler == v1::SAMPLER_HEUN) {
+        // Pattern completion: the first half known, held.
+        req.mutable_query()->Add(q.begin(), q.end());
+        for (int i = 0; i < kDim; ++i) req.add_clamp(i < kDim / 2);
+        req.set_sigma_start(0.5);
+      }
+      v1::SampleResponse one, sharded;
+      {
+        grpc::ClientContext c;
+        grpc::Status s = whole_->Sample(&c, req, &one);
+        ASSERT_TRUE(s.ok()) << s.error_message();
+      }
+      {
+        grpc::ClientContext c;
+        grpc::Status s = router_->Sample(&c, req, &sharded);
+        ASSERT_TRUE(s.ok()) << s.error_message();
+      }
+      ASSERT_EQ(sharded.samples_size(), one.samples_size());
+      for (int b = 0; b < one.samples_size(); ++b) {
+        const v1::SampleResult& a = one.samples(b);
+        const v1::SampleResult& r = sharded.samples(b);
+        SCOPED_TRACE("sample " + std::to_string(b));
+        ASSERT_EQ(r.state_size(), a.state_size());
+        for (int i = 0; i < a.state_size(); ++i) {
+          EXPECT_NEAR(r.state(i), a.state(i), 2e-3 * std::max(1.f, std::abs(a.state(i)))) << i;
+        }
+        EXPECT_EQ(r.nearest().id(), a.nearest().id());
+        EXPECT_EQ(r.nearest().payload(), a.nearest().payload());
+        EXPECT_NEAR(r.relative_distance(), a.relative_distance(), 2e-3);
+        EXPECT_NEAR(r.energy(), a.energy(), 1e-3 * std::max(1.0, std::abs(a.energy())));
+        EXPECT_EQ(r.sample_class(), a.sample_class());
+      }
+    }
+  }
+  // A bipolar bank is refused, not sampled differently.
+  const Family bipolar = Families().back();
+  Fill(bipolar, rng);
+  v1::SampleRequest req;
+  req.set_bank(bipolar.name);
+  v1::SampleResponse out;
+  grpc::ClientContext c;
+  EXPECT_EQ(router_->Sample(&c, req, &out).error_code(), grpc::StatusCode::UNIMPLEMENTED);
+}
+
+// SampleStream through the router sends a node's frames: the same steps,
+// then the result.
+TEST_F(RouterTest, ShardedSampleStreamSendsANodesFrames) {
+  std::mt19937_64 rng(19);
+  const Family f{"stream", v1::STATE_KIND_CONTINUOUS, v1::PRECISION_F32,
+                 Energy(v1::ENERGY_FAMILY_GAUSSIAN, 6.0)};
+  Fill(f, rng);
+  ASSERT_FALSE(HasFailure());
+  v1::SampleRequest req;
+  req.set_bank(f.name);
+  req.set_count(3);
+  req.set_seed(5);
+  req.mutable_schedule()->set_steps(12);
+  req.set_trajectory_every(4);
+  auto frames = [&](v1::MemoryService::Stub* stub) {
+    grpc::ClientContext c;
+    auto reader = stub->SampleStream(&c, req);
+    std::vector<v1::SampleFrame> out;
+    v1::SampleFrame frame;
+    while (reader->Read(&frame)) out.push_back(frame);
+    EXPECT_TRUE(reader->Finish().ok());
+    return out;
+  };
+  const std::vector<v1::SampleFrame> one = frames(whole_.get());
+  const std::vector<v1::SampleFrame> sharded = frames(router_.get());
+  ASSERT_EQ(sharded.size(), one.size());
+  ASSERT_GE(one.size(), 3u);
+  for (size_t k = 0; k < one.size(); ++k) {
+    EXPECT_EQ(sharded[k].step(), one[k].step()) << k;
+    ASSERT_EQ(sharded[k].states_size(), one[k].states_size()) << k;
+    for (int i = 0; i < one[k].states_size(); ++i) {
+      EXPECT_NEAR(sharded[k].states(i), one[k].states(i), 2e-3) << k << "," << i;
+    }
+  }
+  ASSERT_TRUE(one.back().has_result());
+  ASSERT_TRUE(sharded.back().has_result());
+  for (int b = 0; b < one.back().result().samples_size(); ++b) {
+    EXPECT_EQ(sharded.back().result().samples(b).nearest().id(),
+              one.back().result().samples(b).nearest().id());
+  }
+}
+
 TEST_F(RouterTest, WritesRouteByIdAndFailClean) {
   std::mt19937_64 rng(11);
   const Family f{"writes", v1::STATE_KIND_CONTINUOUS, v1::PRECISION_F32,

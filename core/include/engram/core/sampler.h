@@ -114,6 +114,31 @@ absl::StatusOr<SampleBatch> Sample(const Bank& bank, const EnergyConfig& energy,
                                    absl::Span<const bool> clamp,
                                    const SampleOptions& options);
 
+// Where Sample's evaluations come from when a bank's rows are elsewhere (a
+// router over shards, server/router.h): `evaluate` gives the energies and
+// the update targets or the gradients (exactly one of targets and grads is
+// non-null; b x dim floats) of b states under `config` (the call's energy
+// at a level's sigma), as EnergyFunction would over the whole bank;
+// `nearest` gives each of b states' nearest stored memory (Bank::Nearest)
+// and that memory's norm |xi|. A failure ends the call with its status.
+struct SampleEvaluator {
+  std::function<absl::Status(const EnergyConfig& config, const float* x, int64_t b,
+                             float* targets, float* grads, double* energies)>
+      evaluate;
+  std::function<absl::Status(const float* x, int64_t b, std::vector<NearestMemory>* nearest,
+                             std::vector<double>* norms)>
+      nearest;
+};
+
+// Sample over a continuous bank described by `spec` holding `rows` rows,
+// whose evaluations come from `evaluator`: the same samplers, draws and
+// description as Sample, so the same samples for the same seed up to float
+// reassociation. UNIMPLEMENTED for bipolar banks and a log_prior.
+absl::StatusOr<SampleBatch> SampleWith(const SampleEvaluator& evaluator, const BankSpec& spec,
+                                       int64_t rows, const EnergyConfig& energy, int count,
+                                       absl::Span<const float> query,
+                                       absl::Span<const bool> clamp, const SampleOptions& options);
+
 // True when E(-x) = E(x) for every x (classical; polynomial of even degree,
 // not rectified).
 bool EvenEnergy(const EnergyConfig& energy);
