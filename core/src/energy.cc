@@ -383,6 +383,20 @@ bool EnergyFunction::FusedEvaluate(const float* x, float* target, float* grad,
   return true;
 }
 
+namespace {
+
+// A pass's sums as a partial's (all but the rows, domain, sum and nearest).
+void SumsToPartial(const internal::FusedSums& s, StepPartial* p) {
+  p->log_scale = s.log_scale;
+  p->scale = s.scale;
+  p->wsum = s.wsum;
+  p->hsum = s.hsum;
+  p->energy_terms = s.energy_terms;
+  p->sq_x = s.sq_x;
+}
+
+}  // namespace
+
 absl::StatusOr<StepPartial> EnergyFunction::Partial(const float* x, bool with_sum,
                                                      bool track_nearest,
                                                      int64_t row_offset) const {
@@ -404,14 +418,9 @@ absl::StatusOr<StepPartial> EnergyFunction::Partial(const float* x, bool with_su
   if (patterns_.rows == 0) return p;
   const internal::FusedSums s = internal::FusedPass(
       patterns_, sim, x, *rule, with_sum ? p.sum.data() : nullptr, track_nearest);
-  p.log_scale = s.log_scale;
-  p.scale = s.scale;
-  p.wsum = s.wsum;
-  p.hsum = s.hsum;
-  p.energy_terms = s.energy_terms;
+  SumsToPartial(s, &p);
   p.nearest_row = s.nearest_row >= 0 ? s.nearest_row + row_offset : -1;
   p.nearest_key = s.nearest_key;
-  p.sq_x = s.sq_x;
   return p;
 }
 
@@ -441,15 +450,9 @@ absl::Status EnergyFunction::PartialBatch(const float* x, int64_t b, bool with_s
   out->resize(b);
   for (int64_t q = 0; q < b; ++q) {
     StepPartial& p = (*out)[q];
-    const internal::FusedSums& s = sums[q];
     p.log_domain = log_domain;
     p.rows = patterns_.rows;
-    p.log_scale = s.log_scale;
-    p.scale = s.scale;
-    p.wsum = s.wsum;
-    p.hsum = s.hsum;
-    p.energy_terms = s.energy_terms;
-    p.sq_x = s.sq_x;
+    SumsToPartial(sums[q], &p);
     if (with_sum) p.sum.assign(acc.begin() + q * n, acc.begin() + (q + 1) * n);
   }
   return absl::OkStatus();
