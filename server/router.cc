@@ -132,7 +132,9 @@ class RouterService::StepStreams {
       // Otherwise its stream ends as the router's writes do.
       if (failed_) contexts_[i]->TryCancel();
       streams_[i]->WritesDone();
-      (void)router_->FromShard(static_cast<int>(i), streams_[i]->Finish());
+      const grpc::Status end = streams_[i]->Finish();
+      // A stream the router cancelled is not counted against its shard.
+      if (!failed_) (void)router_->FromShard(static_cast<int>(i), end);
     }
   }
 
@@ -165,6 +167,8 @@ class RouterService::StepStreams {
       if (!streams_[i]->Read(&replies[i])) return Failed(i);
       if (replies[i].dim() != static_cast<uint32_t>(dim)) {
         failed_ = true;
+        (void)router_->FromShard(
+            i, grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "another dimension"));
         return absl::FailedPreconditionError(absl::StrCat(
             "shard ", i, " (", router_->shards_[i].address, ") holds bank '", first_.bank(),
             "' with dimension ", replies[i].dim(), " and shard 0 with ", dim,
@@ -172,6 +176,7 @@ class RouterService::StepStreams {
       }
       if (replies[i].partials_size() != b) {
         failed_ = true;
+        (void)router_->FromShard(i, grpc::Status(grpc::StatusCode::INTERNAL, "partials"));
         return absl::InternalError(absl::StrCat("shard ", i, " (", router_->shards_[i].address,
                                                 ") answered ", replies[i].partials_size(),
                                                 " partials for ", b, " states"));
@@ -731,10 +736,16 @@ shard::v1::StepRequest FirstStep(const std::string& bank, const core::EnergyConf
 // A little before the caller's deadline: when dynamics and samplers stop,
 // so that their last step (nearest memories, readouts) still reaches the
 // shards in time.
-std::chrono::system_clock::time_point StopBefore(const grpc::ServerContext* ctx) {
+// `default_timeout` is the deadline of a caller that sets none (as the
+// shard calls get it).
+std::chrono::system_clock::time_point StopBefore(const grpc::ServerContext* ctx,
+                                                 absl::Duration default_timeout) {
+  const auto now = std::chrono::system_clock::now();
   auto stop_at = ctx->deadline();
-  if (const auto now = std::chrono::system_clock::now();
-      stop_at < now + std::chrono::hours(24 * 365)) {
+  if (stop_at > now + std::chrono::hours(24 * 365)) {
+    stop_at = now + absl::ToChronoMilliseconds(default_timeout);
+  }
+  if (stop_at > now) {
     stop_at -= std::min<std::chrono::system_clock::duration>((stop_at - now) / 10,
                                                              std::chrono::seconds(1));
   }
@@ -795,7 +806,7 @@ grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::Retriev
           "the ", core::DynamicsName(opts.dynamics),
           " dynamics are not routed to shards yet; use SYNC or GRADIENT, or call a single node"));
     }
-    const auto stop_at = StopBefore(ctx);
+    const auto stop_at = StopBefore(ctx, options_.default_timeout);
     opts.should_stop = [ctx, stop_at] {
       return ctx->IsCancelled() || std::chrono::system_clock::now() > stop_at;
     };
@@ -929,7 +940,7 @@ absl::StatusOr<core::SampleBatch> RouterService::RunSample(
   ENGRAM_ASSIGN_OR_RETURN(core::EnergyConfig cfg,
                           ResolveEnergy(req->has_energy(), req->energy(), info, kind));
   ENGRAM_ASSIGN_OR_RETURN(core::SampleOptions o, SampleOptionsFromProto(*req, kind));
-  const auto stop_at = StopBefore(ctx);
+  const auto stop_at = StopBefore(ctx, options_.default_timeout);
   bool sink_full = false;
   o.should_stop = [ctx, stop_at, &sink_full] {
     return sink_full || ctx->IsCancelled() || std::chrono::system_clock::now() > stop_at;

@@ -25,6 +25,9 @@
 //    order): the answer is the single-node answer up to float
 //    reassociation. The nearest memory is the closest of the shards'
 //    nearest (the first shard wins an exact tie).
+//  - Sample and SampleStream (continuous banks) run the samplers at the
+//    router (core::SampleWith) with every denoiser evaluation merged from
+//    the shards, the same draws for the same seed.
 //  - GetBank and ListBanks sum the shards' counts; ListBanks lists a name
 //    any shard holds.
 // A shard that cannot be reached fails the call UNAVAILABLE naming it; an
@@ -32,13 +35,12 @@
 // when it sets none), cancellation and authorization header go to the
 // shards. The router listens and dials without TLS.
 //
-//  - Sample and SampleStream (continuous banks) run the samplers at the
-//    router (core::SampleWith) with every denoiser evaluation merged from
-//    the shards, the same draws for the same seed.
 //
 // Not routed yet (UNIMPLEMENTED, naming the call): Backup, sampling a
-// bipolar bank, the ASYNC and TINYBRAIN dynamics, Energy's novelty,
-// and the energies without a partial form (the shards' UNIMPLEMENTED).
+// bipolar bank, the ASYNC and TINYBRAIN dynamics, SYNC on bipolar banks
+// under the non-general families, Energy's novelty, banks that decay with
+// age, and the energies without a partial form (the shards'
+// UNIMPLEMENTED).
 //
 // Thread-safety: gRPC's synchronous API; calls run concurrently.
 #ifndef ENGRAM_SERVER_ROUTER_H_
@@ -71,7 +73,8 @@ struct RouterOptions {
   // Largest message to and from a shard.
   int max_message_bytes = 64 << 20;
   // Largest batch of a call (patterns per Store, ids per GetPatterns and
-  // DeletePatterns, states per Energy and Retrieve), as on a node.
+  // DeletePatterns, states per Energy and Retrieve, samples per Sample), as
+  // on a node.
   int64_t max_batch = 65536;
   // Where shard call outcomes are counted (engram_shard_calls_total); may
   // be null.

@@ -59,8 +59,14 @@ absl::Status Answer(const core::Bank& bank, const core::EnergyFunction& energy,
   ENGRAM_ASSIGN_OR_RETURN(const int64_t b, CountStates(req, n, max_batch));
   reply->set_dim(static_cast<uint32_t>(n));
   std::vector<core::StepPartial> partials;
-  ENGRAM_RETURN_IF_ERROR(
-      energy.PartialBatch(req.states().data(), b, req.with_sum(), &partials));
+  if (req.with_nearest() && !req.with_sum() && !req.with_value()) {
+    // Nearest memories only: the partials carry just their rows.
+    partials.resize(b);
+    for (core::StepPartial& p : partials) p.rows = bank.size();
+  } else {
+    ENGRAM_RETURN_IF_ERROR(
+        energy.PartialBatch(req.states().data(), b, req.with_sum(), &partials));
+  }
   for (int64_t q = 0; q < b; ++q) {
     const float* x = req.states().data() + q * n;
     core::StepPartial& p = partials[q];

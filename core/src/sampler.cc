@@ -339,8 +339,15 @@ class SampleRun {
   void DenoiseStates(const float* x, int64_t b, double sigma, float* out, double* energies) {
     if (remote == nullptr) return DenoiseBatch(p, energy, x, b, sigma, out, energies);
     const int64_t total = b * n;
+    const EnergyConfig c = AtSigma(energy, sigma);
+    if (!std::isfinite(c.beta) || !std::all_of(x, x + total, [](float v) { return std::isfinite(v); })) {
+      // What a node's pass gives past float range: the overflow check after
+      // the levels reports it, as for a node.
+      std::fill(out, out + total, NAN);
+      std::fill(energies, energies + b, NAN);
+      return;
+    }
     if (error.ok()) {
-      const EnergyConfig c = AtSigma(energy, sigma);
       if (DenoiserIsUpdateTarget(c)) {
         error = remote->evaluate(c, x, b, out, nullptr, energies);
       } else {
@@ -752,6 +759,9 @@ absl::StatusOr<SampleBatch> SampleImpl(const Bank* bank, const SampleEvaluator* 
       }
     }
   }
+  // A remote run that stopped at its deadline is not described: its caller
+  // answers DEADLINE_EXCEEDED, and describing takes more remote steps.
+  if (remote != nullptr && batch.deadline) return batch;
   ENGRAM_RETURN_IF_ERROR(DescribeSamples(bank, run, sigma_last, &batch));
   ClassifySamples(run.xs, o, &batch.samples);
   return batch;
