@@ -1060,9 +1060,39 @@ grpc::Status RouterService::SampleStream(grpc::ServerContext* ctx, const v1::Sam
   });
 }
 
-grpc::Status RouterService::Backup(grpc::ServerContext*, const v1::BackupRequest*,
-                                   v1::BackupResponse*) {
-  return Unimplemented("Backup (back up each shard)");
+grpc::Status RouterService::Backup(grpc::ServerContext* ctx, const v1::BackupRequest* req,
+                                   v1::BackupResponse* resp) {
+  // Each shard writes its own snapshot under its data directory; each is
+  // consistent alone, and together they hold every write acknowledged
+  // before the call (writes during it may be in some and not others).
+  std::vector<v1::BackupResponse> parts(shards_.size());
+  std::vector<grpc::Status> st = FanOut(ctx, AllShards(), [&](int i, grpc::ClientContext* c) {
+    return shards_[i].memory->Backup(c, *req, &parts[i]);
+  });
+  std::string written;
+  for (int i = 0; i < shards(); ++i) {
+    if (st[i].ok()) absl::StrAppend(&written, written.empty() ? "" : ", ", i);
+  }
+  for (int i = 0; i < shards(); ++i) {
+    if (st[i].ok()) continue;
+    return grpc::Status(st[i].error_code(),
+                        written.empty()
+                            ? st[i].error_message()
+                            : absl::StrCat(st[i].error_message(), "; shards ", written,
+                                           " wrote their snapshot: back up again under a new "
+                                           "file name"));
+  }
+  uint64_t bytes = 0;
+  std::string paths;
+  for (int i = 0; i < shards(); ++i) {
+    bytes += parts[i].bytes();
+    absl::StrAppend(&paths, i == 0 ? "" : "; ", "shard ", i, " (", shards_[i].address,
+                    "): ", parts[i].path());
+  }
+  resp->set_path(paths);
+  resp->set_bytes(bytes);
+  resp->set_banks(parts[0].banks());
+  return grpc::Status::OK;
 }
 
 }  // namespace engram::server

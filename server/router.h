@@ -30,14 +30,15 @@
 //    the shards, the same draws for the same seed.
 //  - GetBank and ListBanks sum the shards' counts; ListBanks lists a name
 //    any shard holds.
+//  - Backup writes each shard's snapshot on that shard (restore each shard
+//    from its own, --restore_from).
 // A shard that cannot be reached fails the call UNAVAILABLE naming it; an
 // answer is never made from some of the shards. The caller's deadline (60 s
 // when it sets none), cancellation and authorization header go to the
 // shards. The router listens and dials without TLS.
 //
 //
-// Not routed yet (UNIMPLEMENTED, naming the call): Backup, sampling a
-// bipolar bank, the ASYNC and TINYBRAIN dynamics, SYNC on bipolar banks
+// Not routed yet (UNIMPLEMENTED, naming the call): sampling a bipolar bank, the ASYNC and TINYBRAIN dynamics, SYNC on bipolar banks
 // under the non-general families, Energy's novelty, banks that decay with
 // age, and the energies without a partial form (the shards'
 // UNIMPLEMENTED).

@@ -669,6 +669,59 @@ TEST_F(RouterTest, ExpiredPatternsLeaveShardedReadsAsOnANode) {
   EXPECT_EQ(info.patterns(), uint64_t{kPatterns});
 }
 
+// Backup through a router writes every shard's snapshot on that shard; a
+// shard restored from its own snapshot holds what it held.
+TEST_F(RouterTest, BackupSnapshotsEveryShard) {
+  std::mt19937_64 rng(23);
+  const Family f{"backed", v1::STATE_KIND_CONTINUOUS, v1::PRECISION_F32,
+                 Energy(v1::ENERGY_FAMILY_LSE, 4.0)};
+  Fill(f, rng);
+  ASSERT_FALSE(HasFailure());
+  v1::BackupRequest req;
+  req.set_file("snap1");
+  v1::BackupResponse out;
+  {
+    grpc::ClientContext c;
+    grpc::Status s = router_->Backup(&c, req, &out);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+  }
+  EXPECT_EQ(out.banks(), 1u);
+  EXPECT_GT(out.bytes(), 0u);
+  for (int i = 0; i < kShards; ++i) {
+    EXPECT_NE(out.path().find("shard " + std::to_string(i)), std::string::npos) << out.path();
+    EXPECT_TRUE(std::filesystem::exists(root_ / ("node" + std::to_string(i)) / "backups" / "snap1"))
+        << i;
+  }
+  // The same name again: ALREADY_EXISTS, from the shards.
+  {
+    grpc::ClientContext c;
+    EXPECT_EQ(router_->Backup(&c, req, &out).error_code(), grpc::StatusCode::ALREADY_EXISTS);
+  }
+  // Shard 1 restored from its snapshot into a new node holds shard 1's rows.
+  v1::GetBankRequest get;
+  get.set_name(f.name);
+  v1::BankInfo held;
+  {
+    auto stub = v1::MemoryService::NewStub(nodes_[1]->InProcessChannel());
+    grpc::ClientContext c;
+    ASSERT_TRUE(stub->GetBank(&c, get, &held).ok());
+  }
+  ServerConfig rc;
+  rc.listen = "127.0.0.1:0";
+  rc.metrics_listen = "";
+  rc.data_dir = (root_ / "restored").string();
+  rc.restore_from = (root_ / "node1" / "backups" / "snap1").string();
+  rc.expire_interval = absl::ZeroDuration();
+  auto restored = EngramServer::Start(rc);
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  auto stub = v1::MemoryService::NewStub((*restored)->InProcessChannel());
+  v1::BankInfo back;
+  grpc::ClientContext c;
+  ASSERT_TRUE(stub->GetBank(&c, get, &back).ok());
+  EXPECT_EQ(back.patterns(), held.patterns());
+  EXPECT_GT(back.patterns(), 0u);
+}
+
 TEST_F(RouterTest, TheCallersDeadlineReachesTheShards) {
   std::mt19937_64 rng(5);
   const Family f{"deadline", v1::STATE_KIND_CONTINUOUS, v1::PRECISION_F32,
