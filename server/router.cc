@@ -826,6 +826,20 @@ grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::Retriev
     ENGRAM_ASSIGN_OR_RETURN(core::EnergyConfig cfg,
                             ResolveEnergy(req->has_energy(), req->energy(), info, kind));
     ENGRAM_RETURN_IF_ERROR(core::ValidateRetrieveOptions(opts, kind));
+    {
+      // An empty bank is FAILED_PRECONDITION before anything else, as on a
+      // node (the dynamics would otherwise refuse first).
+      v1::GetBankRequest get;
+      get.set_name(req->bank());
+      v1::BankInfo total;
+      if (grpc::Status s = GetBank(ctx, &get, &total); !s.ok()) {
+        return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+      }
+      if (total.patterns() == 0) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("bank '", req->bank(), "' is empty; store patterns first"));
+      }
+    }
     StepStreams streams(this, ctx, FirstStep(req->bank(), cfg, req->filter()));
     const core::EnergyFunction f = Finisher(cfg, n);
     std::vector<core::StepPartial> merged;

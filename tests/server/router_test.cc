@@ -802,6 +802,30 @@ TEST_F(RouterTest, BadCallsAndAShardDownAreClearErrors) {
     grpc::ClientContext c;
     EXPECT_EQ(router_->Retrieve(&c, r, &rout).error_code(), grpc::StatusCode::UNIMPLEMENTED);
   }
+  // An empty bank: FAILED_PRECONDITION, as on a node, whatever the family.
+  for (const Family& empty : {Family{"empty_lse", v1::STATE_KIND_CONTINUOUS, v1::PRECISION_F32,
+                                     Energy(v1::ENERGY_FAMILY_LSE, 4.0)},
+                              Family{"empty_classical", v1::STATE_KIND_BIPOLAR,
+                                     v1::PRECISION_F32, Energy(v1::ENERGY_FAMILY_CLASSICAL, 1.0)}}) {
+    v1::CreateBankRequest create;
+    create.set_name(empty.name);
+    create.set_dim(kDim);
+    create.set_kind(empty.kind);
+    *create.mutable_energy() = empty.energy;
+    v1::BankInfo info;
+    {
+      grpc::ClientContext c;
+      ASSERT_TRUE(router_->CreateBank(&c, create, &info).ok());
+    }
+    v1::RetrieveRequest er;
+    er.set_bank(empty.name);
+    for (int i = 0; i < kDim; ++i) er.add_queries(1.f);
+    v1::RetrieveResponse eout;
+    grpc::ClientContext c;
+    grpc::Status s = router_->Retrieve(&c, er, &eout);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << empty.name << ": "
+                                                                     << s.error_message();
+  }
   // Shard 1 down: every call that needs it is UNAVAILABLE and names it.
   const std::string down = "127.0.0.1:" + std::to_string(nodes_[1]->port());
   nodes_[1]->Shutdown(absl::ZeroDuration());
