@@ -25,7 +25,7 @@ const ui = {
   bank: null,            // the selected BankInfo
   shape: null,           // {w, h}: how a vector of the bank's dim is laid out as an image
   range: [-1, 1],        // display range of the bank's values
-  page: { start: 0, size: 48, ids: [], payloads: [], data: [], next: 0, history: [] },
+  page: { bank: '', start: 0, size: 48, ids: [], payloads: [], data: [], next: 0, history: [] },
   original: null,        // {id, payload, pattern: Float32Array}
   masks: [],             // rectangles in cell coordinates {x0, y0, x1, y1}, end exclusive
   query: null,           // Float32Array: the corrupted query
@@ -410,9 +410,22 @@ function clearBankView() {
   for (const id of ['original-canvas', 'query-canvas', 'state-canvas']) clearCanvas($(id));
 }
 
+// Only the latest selection writes the view: a slower answer for a bank the user
+// has since left is dropped.
+let bankGen = 0;
+
 async function selectBank(name) {
+  const gen = ++bankGen;
   const info = await api('GetBank', { name });
+  if (gen !== bankGen) return;
   const changed = !ui.bank || ui.bank.name !== name;
+  if (changed) {
+    // The previous bank's thumbnails, original and run must not stay clickable
+    // while this bank's first page loads.
+    stopRetrieve();
+    ui.retrieve = null;
+    clearBankView();
+  }
   ui.bank = info;
   localStorage.setItem(BANK_KEY, name);
   ui.shape = shapeFor(num(info.dim));
@@ -428,6 +441,7 @@ async function selectBank(name) {
   }
   renderBanks();
   await loadPage(changed ? 0 : ui.page.start);
+  if (gen !== bankGen) return;
   if (changed || !ui.original) {
     if (ui.page.ids.length) selectPattern(0); else clearBankView();
     $('bank-name').textContent = `— ${name}`;
@@ -438,13 +452,15 @@ async function selectBank(name) {
 // Patterns
 
 async function loadPage(start) {
-  const dim = num(ui.bank.dim);
+  const bank = ui.bank;
+  const dim = num(bank.dim);
   const size = Math.max(1, Math.min(48, Math.floor(2e6 / dim)));
-  const res = await api('GetPatterns', { bank: ui.bank.name, pageStart: String(start), pageSize: size });
+  const res = await api('GetPatterns', { bank: bank.name, pageStart: String(start), pageSize: size });
+  if (ui.bank !== bank) return;
   const data = floats(res.patterns);
   const ids = res.ids || [];
   ui.page = {
-    ...ui.page, start, size, ids, payloads: (res.payloads || []).map(payloadText),
+    ...ui.page, bank: bank.name, start, size, ids, payloads: (res.payloads || []).map(payloadText),
     data, next: num(res.nextPageStart),
   };
   if (ui.bank.kind === 'STATE_KIND_CONTINUOUS') {

@@ -422,10 +422,16 @@ test('a call the server rejects shows its code and message', async () => {
 
 test('a continuous demo bank recalls a noisy pattern with the energy falling', async () => {
   await page.selectOption('#demo-kind', 'continuous');
+  // The new bank's first page arrives late: until it does, the previous bank's
+  // thumbnails must be gone, so that nothing picked meanwhile is overwritten.
+  const slowPage = async (route) => { await new Promise((r) => setTimeout(r, 600)); await route.continue(); };
+  await page.route('**/v1/GetPatterns', slowPage);
   await page.click('#demo-create');
   await page.waitForSelector('#banks tbody tr[data-bank="demo-continuous"].selected');
+  assert.equal(await page.locator('#patterns .thumb').count(), 0, 'the previous bank\'s thumbnails are still shown');
   await page.waitForFunction(() => window.engramUi.bank.name === 'demo-continuous'
-    && document.querySelectorAll('#patterns .thumb').length >= 10);
+    && window.engramUi.page.bank === 'demo-continuous' && document.querySelectorAll('#patterns .thumb').length >= 10);
+  await page.unroute('**/v1/GetPatterns', slowPage);
   await page.locator('#patterns .thumb', { hasText: 'disk' }).click();
   await page.waitForFunction(() => window.engramUi.original && window.engramUi.original.payload === 'disk');
   await page.click('#clear-mask');
