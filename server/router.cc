@@ -7,6 +7,8 @@
 #include <thread>
 #include <utility>
 
+#include <grpc/grpc.h>
+
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/numbers.h"
@@ -231,6 +233,12 @@ RouterService::RouterService(RouterOptions options) : options_(std::move(options
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(options_.max_message_bytes);
   args.SetMaxSendMessageSize(options_.max_message_bytes);
+  // A shard that restarts is dialled again within a second, not after
+  // gRPC's default backoff of up to two minutes; until then its calls fail
+  // fast as UNAVAILABLE naming it.
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
   for (const std::string& address : options_.shards) {
     auto channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
     shards_.push_back({address, v1::MemoryService::NewStub(channel),
