@@ -141,12 +141,13 @@ class RouterService::StepStreams {
   }
 
   // The merged partial of each of `b` states x (b x dim) over every shard,
-  // and with `with_nearest` each state's nearest memory (unset when no
-  // shard holds a passing row).
+  // with `with_nearest` each state's nearest memory (unset when no shard
+  // holds a passing row), and with `drives` each state's merged bipolar
+  // drive partial.
   absl::Status Step(const float* x, int64_t b, int dim, bool with_sum, bool with_value,
                     bool with_nearest, std::vector<core::StepPartial>* merged,
                     std::vector<v1::Memory>* nearest, std::vector<double>* nearest_norms = nullptr,
-                    double level_beta = 0.0) {
+                    double level_beta = 0.0, std::vector<core::StepPartial>* drives = nullptr) {
     shard::v1::StepRequest req;
     if (streams_.empty()) {
       req = first_;
@@ -160,6 +161,7 @@ class RouterService::StepStreams {
     req.set_with_value(with_value);
     req.set_with_nearest(with_nearest);
     req.set_level_beta(level_beta);
+    req.set_with_drive(drives != nullptr);
     const int s = router_->shards();
     std::vector<shard::v1::StepReply> replies(s);
     for (int i = 0; i < s; ++i) {
@@ -176,7 +178,8 @@ class RouterService::StepStreams {
             "' with dimension ", replies[i].dim(), " and shard 0 with ", dim,
             "; the shards disagree: DeleteBank it and create it again"));
       }
-      if (replies[i].partials_size() != b) {
+      if (replies[i].partials_size() != b ||
+          (drives != nullptr && replies[i].drives_size() != b)) {
         failed_ = true;
         (void)router_->FromShard(i, grpc::Status(grpc::StatusCode::INTERNAL, "partials"));
         return absl::InternalError(absl::StrCat("shard ", i, " (", router_->shards_[i].address,
@@ -200,6 +203,15 @@ class RouterService::StepStreams {
         }
       }
       ENGRAM_ASSIGN_OR_RETURN((*merged)[j], core::MergeStepPartials(parts));
+    }
+    if (drives != nullptr) {
+      drives->resize(b);
+      for (int64_t j = 0; j < b; ++j) {
+        for (int i = 0; i < s; ++i) {
+          parts[i] = PartialFromProto(replies[i].drives(static_cast<int>(j)));
+        }
+        ENGRAM_ASSIGN_OR_RETURN((*drives)[j], core::MergeStepPartials(parts));
+      }
     }
     return absl::OkStatus();
   }
@@ -850,11 +862,17 @@ grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::Retriev
     }
     StepStreams streams(this, ctx, FirstStep(req->bank(), cfg, req->filter()));
     const core::EnergyFunction f = Finisher(cfg, n);
-    std::vector<core::StepPartial> merged;
+    std::vector<core::StepPartial> merged, drives;
+    // A bipolar bank under a non-general family steps on each neuron's
+    // drive (merged from the shards' drive partials); the others on the
+    // update target of the merged partial.
+    const bool drive = core::UsesBipolarDrive(cfg, kind);
     auto evaluate = [&](const float* x, int64_t b, float* targets, double* energies,
                         int64_t* nearest_rows) -> absl::Status {
-      ENGRAM_RETURN_IF_ERROR(
-          streams.Step(x, b, n, targets != nullptr, false, false, &merged, nullptr));
+      const bool target_from_sum = targets != nullptr && !drive;
+      ENGRAM_RETURN_IF_ERROR(streams.Step(x, b, n, target_from_sum, false, false, &merged,
+                                          nullptr, nullptr, 0.0,
+                                          targets != nullptr && drive ? &drives : nullptr));
       if (b > 0 && merged[0].rows == 0) {
         return absl::FailedPreconditionError(absl::StrCat(
             "bank '", req->bank(), "' holds no pattern that passes the call's filter (or none "
@@ -863,7 +881,10 @@ grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::Retriev
       for (int64_t j = 0; j < b; ++j) {
         ENGRAM_ASSIGN_OR_RETURN(
             energies[j], f.FinishPartial(merged[j], x + j * n,
-                                         targets != nullptr ? targets + j * n : nullptr, nullptr));
+                                         target_from_sum ? targets + j * n : nullptr, nullptr));
+        if (targets != nullptr && drive) {
+          core::FinishDrive(cfg, drives[j], x + j * n, targets + j * n);
+        }
         nearest_rows[j] = -1;
       }
       return absl::OkStatus();

@@ -38,8 +38,11 @@
 // shards. The router listens and dials without TLS.
 //
 //
-// Not routed yet (UNIMPLEMENTED, naming the call): sampling a bipolar bank, the ASYNC and TINYBRAIN dynamics, SYNC on bipolar banks
-// under the non-general families, Energy's novelty, banks that decay with
+// SYNC on a bipolar bank under a non-general family merges the shards'
+// drive partials (core::DrivePartialBatch) and steps on the drive.
+//
+// Not routed yet (UNIMPLEMENTED, naming the call): sampling a bipolar bank,
+// the ASYNC and TINYBRAIN dynamics, Energy's novelty, banks that decay with
 // age, and the energies without a partial form (the shards'
 // UNIMPLEMENTED).
 //

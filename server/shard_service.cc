@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "engram/core/dynamics.h"
 #include "engram/core/energy.h"
 #include "engram/core/partials.h"
 #include "engram/core/readout.h"
@@ -66,6 +67,11 @@ absl::Status Answer(const core::Bank& bank, const core::EnergyFunction& energy,
   } else {
     ENGRAM_RETURN_IF_ERROR(
         energy.PartialBatch(req.states().data(), b, req.with_sum(), &partials));
+  }
+  if (req.with_drive()) {
+    std::vector<core::StepPartial> drives;
+    ENGRAM_RETURN_IF_ERROR(core::DrivePartialBatch(energy, req.states().data(), b, &drives));
+    for (const core::StepPartial& d : drives) PartialToProto(d, reply->add_drives());
   }
   for (int64_t q = 0; q < b; ++q) {
     const float* x = req.states().data() + q * n;

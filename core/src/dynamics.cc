@@ -558,6 +558,76 @@ void RunTinyBrain(const EnergyFunction& energy, StateKind kind,
 
 }  // namespace
 
+bool UsesBipolarDrive(const EnergyConfig& config, StateKind kind) {
+  PatternView some_rows;
+  some_rows.rows = 1;
+  return kind == StateKind::kBipolar && HasKrotovHopfieldDrive(config, some_rows);
+}
+
+absl::Status DrivePartialBatch(const EnergyFunction& energy, const float* x, int64_t b,
+                               std::vector<StepPartial>* out) {
+  const EnergyConfig& cfg = energy.config();
+  const PatternView& p = energy.patterns();
+  const int n = p.dim;
+  if (!UsesBipolarDrive(cfg, StateKind::kBipolar)) {
+    return absl::UnimplementedError(
+        "this energy has no bipolar drive (general families and L1 similarity step to an "
+        "update target)");
+  }
+  const bool polynomial = cfg.family == EnergyFamily::kClassical ||
+                          cfg.family == EnergyFamily::kPolynomial;
+  out->assign(b, StepPartial{});
+  for (StepPartial& part : *out) {
+    part.log_domain = !polynomial;
+    part.rows = p.rows;
+    part.sum.assign(n, 0.f);
+  }
+  if (p.rows == 0 || b == 0) return absl::OkStatus();
+  // The rules and passes of BipolarDrive / BipolarDriveBatch, keeping the
+  // sums the drive is finished from.
+  std::unique_ptr<internal::RowWeights> rule;
+  if (polynomial) {
+    rule = std::make_unique<KrotovHopfieldWeights>(cfg);
+  } else {
+    rule = std::make_unique<internal::LogSoftmaxWeights>(cfg.beta);
+  }
+  if (p.bf16 != nullptr || b < internal::BatchMinStates(p)) {
+    for (int64_t q = 0; q < b; ++q) {
+      StepPartial& part = (*out)[q];
+      internal::SumsToPartial(
+          internal::FusedPass(p, SimilarityKind::kDot, x + q * n, *rule, part.sum.data(), false),
+          &part);
+    }
+    return absl::OkStatus();
+  }
+  std::vector<float> acc(b * n);
+  std::vector<internal::FusedSums> sums(b);
+  internal::FusedPassBatch(p, SimilarityKind::kDot, x, b, *rule, acc.data(), sums.data(), false);
+  for (int64_t q = 0; q < b; ++q) {
+    StepPartial& part = (*out)[q];
+    internal::SumsToPartial(sums[q], &part);
+    std::copy(acc.begin() + q * n, acc.begin() + (q + 1) * n, part.sum.begin());
+  }
+  return absl::OkStatus();
+}
+
+void FinishDrive(const EnergyConfig& config, const StepPartial& merged, const float* x,
+                 float* drive) {
+  const int n = static_cast<int>(merged.sum.size());
+  if (merged.rows == 0) {
+    std::fill(drive, drive + n, 0.f);
+    return;
+  }
+  // As BipolarDrive: drive = acc + hs x, with hs the rule's second sum
+  // (polynomial) or sum w (e2 - 1) / (e2 + 1) (exp(beta d) weights).
+  const bool polynomial = config.family == EnergyFamily::kClassical ||
+                          config.family == EnergyFamily::kPolynomial;
+  const double e2 = std::exp(-2.0 * config.beta);
+  const float hs = static_cast<float>(polynomial ? merged.hsum
+                                                 : merged.wsum * (e2 - 1.0) / (e2 + 1.0));
+  for (int i = 0; i < n; ++i) drive[i] = merged.sum[i] + hs * x[i];
+}
+
 std::string DynamicsName(Dynamics d) {
   switch (d) {
     case Dynamics::kSync: return "sync";
@@ -709,10 +779,7 @@ SyncBatch::SyncBatch(const EnergyFunction& energy, StateKind kind, OnFinished on
     : SyncBatch(energy, kind, std::move(on_finished)) {
   evaluate_ = std::move(evaluate);
   // `energy` may have no rows of its own: the drive is decided by the config.
-  PatternView some_rows;
-  some_rows.rows = 1;
-  krotov_hopfield_ =
-      kind == StateKind::kBipolar && HasKrotovHopfieldDrive(energy.config(), some_rows);
+  krotov_hopfield_ = UsesBipolarDrive(energy.config(), kind);
 }
 
 SyncBatch::~SyncBatch() = default;
@@ -724,11 +791,6 @@ int64_t SyncBatch::size() const {
 void SyncBatch::Admit(uint64_t tag, const BatchQuery& q) {
   const int n = energy_.dim();
   absl::Status s = ValidateRetrieveOptions(*q.options, kind_);
-  if (s.ok() && evaluate_ && krotov_hopfield_) {
-    s = absl::UnimplementedError(
-        "the sync dynamics of a bipolar bank under a non-general energy family update each "
-        "neuron by its own drive, which has no merged form yet; use a general energy");
-  }
   if (s.ok() && q.options->dynamics != Dynamics::kSync) {
     s = absl::InvalidArgumentError("a SyncBatch runs the sync dynamics only");
   }

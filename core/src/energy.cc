@@ -383,10 +383,7 @@ bool EnergyFunction::FusedEvaluate(const float* x, float* target, float* grad,
   return true;
 }
 
-namespace {
-
-// A pass's sums as a partial's (all but the rows, domain, sum and nearest).
-void SumsToPartial(const internal::FusedSums& s, StepPartial* p) {
+void internal::SumsToPartial(const internal::FusedSums& s, StepPartial* p) {
   p->log_scale = s.log_scale;
   p->scale = s.scale;
   p->wsum = s.wsum;
@@ -394,8 +391,6 @@ void SumsToPartial(const internal::FusedSums& s, StepPartial* p) {
   p->energy_terms = s.energy_terms;
   p->sq_x = s.sq_x;
 }
-
-}  // namespace
 
 absl::StatusOr<StepPartial> EnergyFunction::Partial(const float* x, bool with_sum,
                                                      bool track_nearest,
@@ -418,7 +413,7 @@ absl::StatusOr<StepPartial> EnergyFunction::Partial(const float* x, bool with_su
   if (patterns_.rows == 0) return p;
   const internal::FusedSums s = internal::FusedPass(
       patterns_, sim, x, *rule, with_sum ? p.sum.data() : nullptr, track_nearest);
-  SumsToPartial(s, &p);
+  internal::SumsToPartial(s, &p);
   p.nearest_row = s.nearest_row >= 0 ? s.nearest_row + row_offset : -1;
   p.nearest_key = s.nearest_key;
   return p;
@@ -452,7 +447,7 @@ absl::Status EnergyFunction::PartialBatch(const float* x, int64_t b, bool with_s
     StepPartial& p = (*out)[q];
     p.log_domain = log_domain;
     p.rows = patterns_.rows;
-    SumsToPartial(sums[q], &p);
+    internal::SumsToPartial(sums[q], &p);
     if (with_sum) p.sum.assign(acc.begin() + q * n, acc.begin() + (q + 1) * n);
   }
   return absl::OkStatus();

@@ -27,6 +27,7 @@
 #include <functional>
 
 #include "engram/core/energy_config.h"
+#include "engram/core/partials.h"
 #include "engram/core/pattern_view.h"
 
 namespace engram::core::internal {
@@ -186,6 +187,9 @@ class PolynomialWeights : public RowWeights {
 // The rule for an energy config, or nullptr when the config has no fused
 // form (kMax separation, L1 similarity).
 std::unique_ptr<RowWeights> MakeRowWeights(const EnergyConfig& config);
+
+// A pass's sums as a partial's (all but the rows, domain, sum and nearest).
+void SumsToPartial(const FusedSums& s, StepPartial* p);
 
 }  // namespace engram::core::internal
 

@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include "engram/core/bank.h"
+#include "engram/core/status_macros.h"
 #include "testing/random_banks.h"
 #include "testing/status_matchers.h"
 
@@ -365,8 +366,8 @@ TEST(TieRule, ZeroEnergyChangeKeepsTheBitOnBothPaths) {
 // A SyncBatch whose evaluations come from elsewhere (a bank's shards) runs
 // the same dynamics: with an evaluator that is the bank's own batched pass
 // over an energy of no rows, every trajectory is RunDynamics'; an
-// evaluator's error finishes every query with it; the per-neuron drive of a
-// bipolar non-general bank is refused.
+// evaluator's error finishes every query with it; a bipolar non-general
+// bank steps on the drive the evaluator finishes from drive partials.
 TEST(SyncBatchEvaluator, ExternalEvaluationsGiveTheSameTrajectories) {
   std::mt19937_64 rng(31);
   const int n = 20, k = 40;
@@ -421,15 +422,51 @@ TEST(SyncBatchEvaluator, ExternalEvaluationsGiveTheSameTrajectories) {
   while (!failing.empty()) failing.Step();
   for (const auto& t : got) EXPECT_EQ(t.status().code(), absl::StatusCode::kUnavailable);
 
-  // lse on a bipolar bank updates by the per-neuron drive.
-  absl::Status refused;
-  SyncBatch drive(
-      rowless, StateKind::kBipolar,
-      [&](uint64_t, absl::StatusOr<Trajectory> t) { refused = t.status(); },
-      [&](const float*, int64_t, float*, double*, int64_t*) { return absl::OkStatus(); });
-  std::vector<float> bipolar(n, 1.f);
-  drive.Admit(0, {bipolar, {}, &o});
-  EXPECT_EQ(refused.code(), absl::StatusCode::kUnimplemented);
+  // lse on a bipolar bank steps on each neuron's drive: an evaluator that
+  // finishes the drive partials (and takes the energies from a scores
+  // pass) gives RunDynamics' trajectories, flip for flip.
+  for (EnergyConfig bcfg : {EnergyConfig{.family = EnergyFamily::kLse, .beta = 0.5},
+                            EnergyConfig{.family = EnergyFamily::kClassical}}) {
+    SCOPED_TRACE(static_cast<int>(bcfg.family));
+    const int bn = 48;
+    Bank bits = MakeBank(bn, StateKind::kBipolar, RandomBipolar(30 * bn, rng), bcfg);
+    EnergyFunction benergy(bcfg, bits.view());
+    PatternView bnone;
+    bnone.dim = bn;
+    EnergyFunction browless(bcfg, bnone);
+    std::vector<std::vector<float>> bq;
+    for (int q = 0; q < 6; ++q) {
+      std::vector<float> x(bits.pattern(q), bits.pattern(q) + bn);
+      for (int i = 0; i < 12; ++i) x[(q * 7 + i * 5) % bn] *= -1.f;
+      bq.push_back(x);
+    }
+    got.assign(bq.size(), absl::UnknownError("not run"));
+    SyncBatch drive(
+        browless, StateKind::kBipolar,
+        [&](uint64_t q, absl::StatusOr<Trajectory> t) { got[q] = std::move(t); },
+        [&](const float* x, int64_t b, float* targets, double* energies, int64_t* nearest) {
+          benergy.UpdateTargetBatch(x, b, nullptr, energies, nearest);
+          if (targets == nullptr) return absl::OkStatus();
+          std::vector<StepPartial> parts;
+          ENGRAM_RETURN_IF_ERROR(DrivePartialBatch(benergy, x, b, &parts));
+          for (int64_t j = 0; j < b; ++j) FinishDrive(bcfg, parts[j], x + j * bn, targets + j * bn);
+          return absl::OkStatus();
+        });
+    for (size_t q = 0; q < bq.size(); ++q) drive.Admit(q, {bq[q], {}, &o});
+    while (!drive.empty()) drive.Step();
+    int moved = 0;
+    for (size_t q = 0; q < bq.size(); ++q) {
+      ASSERT_OK(got[q]);
+      auto alone = RunDynamics(benergy, StateKind::kBipolar, bq[q], {}, o);
+      ASSERT_OK(alone);
+      EXPECT_EQ(got[q]->steps, alone->steps);
+      EXPECT_EQ(got[q]->stop_reason, alone->stop_reason);
+      EXPECT_EQ(got[q]->state, alone->state);
+      EXPECT_NEAR(got[q]->energy_end, alone->energy_end, 1e-6 * std::abs(alone->energy_end));
+      moved += got[q]->steps > 0;
+    }
+    EXPECT_GT(moved, 0);
+  }
 }
 
 TEST(Validation, AsyncOnContinuousIsFailedPrecondition) {

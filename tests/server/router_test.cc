@@ -73,6 +73,17 @@ std::vector<Family> Families() {
                         v1::SEPARATION_SOFTMAX)});
     f.push_back({"classical_" + suffix, v1::STATE_KIND_BIPOLAR, p,
                  Energy(v1::ENERGY_FAMILY_CLASSICAL, 1.0)});
+    // Sync steps on each neuron's Krotov-Hopfield drive.
+    f.push_back({"bipolar_poly3_" + suffix, v1::STATE_KIND_BIPOLAR, p,
+                 Energy(v1::ENERGY_FAMILY_POLYNOMIAL, 1.0, {}, {}, 3)});
+    f.push_back({"bipolar_poly4_" + suffix, v1::STATE_KIND_BIPOLAR, p,
+                 Energy(v1::ENERGY_FAMILY_POLYNOMIAL, 1.0, {}, {}, 4)});
+    f.push_back({"bipolar_exponential_" + suffix, v1::STATE_KIND_BIPOLAR, p,
+                 Energy(v1::ENERGY_FAMILY_EXPONENTIAL, 0.1)});
+    f.push_back({"bipolar_lse_" + suffix, v1::STATE_KIND_BIPOLAR, p,
+                 Energy(v1::ENERGY_FAMILY_LSE, 0.5)});
+    f.push_back({"bipolar_gaussian_" + suffix, v1::STATE_KIND_BIPOLAR, p,
+                 Energy(v1::ENERGY_FAMILY_GAUSSIAN, 0.5)});
   }
   return f;
 }
@@ -275,16 +286,6 @@ TEST_F(RouterTest, ShardedBanksAnswerEnergyAndRetrieveAsOneNode) {
           grpc::ClientContext c;
           ssharded = router_->Retrieve(&c, r, &rsharded);
         }
-        const bool drive = f.kind == v1::STATE_KIND_BIPOLAR &&
-                           f.energy.family() != v1::ENERGY_FAMILY_GENERAL;
-        if (drive) {
-          // Neuron-wise drive updates have no merged form yet: refused, not
-          // answered differently.
-          EXPECT_TRUE(sone.ok());
-          EXPECT_EQ(ssharded.error_code(), grpc::StatusCode::UNIMPLEMENTED)
-              << ssharded.error_message();
-          continue;
-        }
         ASSERT_TRUE(sone.ok()) << sone.error_message();
         ASSERT_TRUE(ssharded.ok()) << ssharded.error_message();
         ASSERT_EQ(rsharded.results_size(), rone.results_size());
@@ -322,7 +323,9 @@ TEST_F(RouterTest, ShardedBanksAnswerEnergyAndRetrieveAsOneNode) {
             }
             EXPECT_NEAR(b.value(v), a.value(v), Tol(a.value(v)));
           }
-          EXPECT_EQ(b.lyapunov_violations(), 0u);
+          // Parallel sign updates need not descend (a bank this far past
+          // its capacity can cycle): the same count as on the node.
+          EXPECT_EQ(b.lyapunov_violations(), a.lyapunov_violations());
         }
       }
     }

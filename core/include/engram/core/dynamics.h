@@ -105,6 +105,28 @@ absl::StatusOr<Trajectory> RunGradientDynamics(int dim, const EnergyConfig& conf
                                                const RetrieveOptions& options,
                                                const GradientOracle& value_and_gradient);
 
+// The sync step of a bipolar bank under a non-general family (classical,
+// polynomial, exponential, lse, gaussian; dot or L2 similarity) gives each
+// neuron the sign of its Krotov-Hopfield drive, the lower energy with every
+// other neuron fixed (a zero drive keeps the neuron's sign); other banks step
+// to an update target.
+bool UsesBipolarDrive(const EnergyConfig& config, StateKind kind);
+
+// That drive as a mergeable partial (partials.h): the partial of each of `b`
+// states x (b x dim, bipolar) over `energy`'s rows, in `out` (no nearest
+// row). Partials of a bank's shards merged with MergeStepPartials, then
+// FinishDrive, give the whole bank's drive up to a positive factor and float
+// reassociation, so its signs and zeros are those of the sync step on one
+// node. UNIMPLEMENTED when !UsesBipolarDrive(energy.config(), kBipolar).
+absl::Status DrivePartialBatch(const EnergyFunction& energy, const float* x, int64_t b,
+                               std::vector<StepPartial>* out);
+
+// The drive (dim floats, dim = merged.sum.size()) at bipolar state x from
+// the merge of every shard's DrivePartialBatch; all zero (every neuron keeps
+// its sign) when the partial covers no row.
+void FinishDrive(const EnergyConfig& config, const StepPartial& merged, const float* x,
+                 float* drive);
+
 // One query of a batch: its state, clamp mask (empty or dim flags) and
 // options (not owned; must outlive the call).
 struct BatchQuery {
@@ -154,9 +176,9 @@ class SyncBatch {
   SyncBatch(const EnergyFunction& energy, StateKind kind, OnFinished on_finished);
   // The same dynamics with the evaluations made by `evaluate` (e.g. merged
   // from the shards of a bank, partials.h) instead of energy's pass over its
-  // patterns; `energy` gives the dimension and config. Not for bipolar
-  // banks under the non-general families (their update is a per-neuron
-  // drive): UNIMPLEMENTED is given to each query admitted.
+  // patterns; `energy` gives the dimension and config. Where the step is a
+  // bipolar drive (UsesBipolarDrive), `evaluate` writes each state's drive
+  // (FinishDrive) as its target.
   SyncBatch(const EnergyFunction& energy, StateKind kind, OnFinished on_finished,
             Evaluator evaluate);
   ~SyncBatch();
