@@ -58,18 +58,23 @@ wait_up "127.0.0.1:$BASE"
 run node "127.0.0.1:$BASE"
 stop
 
-for shards in 1 2 4; do
+# Shards behind a router; "1nb": one shard, the router's batching of
+# concurrent sync Retrieves off (--batching=false), for the A/B.
+for shards in 1 2 4 1nb; do
+  extra=""
+  if [ "$shards" = 1nb ]; then extra="--batching=false"; fi
+  count=${shards%nb}
   list=""
-  for i in $(seq 0 $((shards - 1))); do
+  for i in $(seq 0 $((count - 1))); do
     port=$((BASE + 1 + i))
     "$ENGRAMD" --listen "127.0.0.1:$port" --data_dir "$DATA/s$shards.$i" --metrics_listen "" \
         >"$DATA/s$shards.$i.log" 2>&1 &
     PIDS+=($!)
     list="$list${list:+,}127.0.0.1:$port"
   done
-  for i in $(seq 0 $((shards - 1))); do wait_up "127.0.0.1:$((BASE + 1 + i))"; done
+  for i in $(seq 0 $((count - 1))); do wait_up "127.0.0.1:$((BASE + 1 + i))"; done
   "$ENGRAMD" --role=router --shards="$list" --listen "127.0.0.1:$((BASE + 10))" \
-      --metrics_listen "" >"$DATA/router$shards.log" 2>&1 &
+      --metrics_listen "" $extra >"$DATA/router$shards.log" 2>&1 &
   PIDS+=($!)
   wait_up "127.0.0.1:$((BASE + 10))"
   run "shards$shards" "127.0.0.1:$((BASE + 10))"
@@ -84,13 +89,16 @@ print(f"{os.cpu_count()} cores shared by every process; bank 20000 x {n}, lse be
 print()
 print("| bank held by | Energy calls/s | Energy p50 | Retrieve calls/s | Retrieve p50 | bytes per step per state |")
 print("|---|---|---|---|---|---|")
-for label, shards in (("node", 0), ("shards1", 1), ("shards2", 2), ("shards4", 4)):
+for label, shards in (("node", 0), ("shards1", 1), ("shards2", 2), ("shards4", 4),
+                      ("shards1nb", 1)):
     e = json.load(open(f"{d}/{label}.energy.json"))
     r = json.load(open(f"{d}/{label}.retrieve.json"))
     # Each step: the state to every shard (4N) and a partial back (~90 B,
     # plus the weighted sum 4N on Retrieve steps).
     per_step = "-" if shards == 0 else f"{shards * (8 * n + 90)}"
     name = "one node" if shards == 0 else f"router + {shards} shard{'s' if shards > 1 else ''}"
+    if label.endswith("nb"):
+        name += ", router batching off"
     print(f"| {name} | {e['achieved_rate']:.0f} | {e['latency_seconds']['p50'] * 1e3:.2f} ms "
           f"| {r['achieved_rate']:.0f} | {r['latency_seconds']['p50'] * 1e3:.2f} ms | {per_step} |")
     errors = e["errors"] + r["errors"]

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <optional>
 #include <random>
 #include <thread>
 #include <utility>
@@ -125,8 +126,12 @@ absl::StatusOr<std::vector<std::string>> ParseShardList(const std::string& flag)
 // One Steps stream to every shard for one call, opened on the first Step.
 class RouterService::StepStreams {
  public:
-  StepStreams(RouterService* router, grpc::ServerContext* ctx, shard::v1::StepRequest first)
-      : router_(router), ctx_(ctx), first_(std::move(first)) {}
+  // The streams carry `ctx`'s deadline, cancellation and authorization;
+  // with `detached_until`, only its authorization, and that deadline (for a
+  // batch of several calls, which no one caller may cancel).
+  StepStreams(RouterService* router, grpc::ServerContext* ctx, shard::v1::StepRequest first,
+              std::optional<std::chrono::system_clock::time_point> detached_until = std::nullopt)
+      : router_(router), ctx_(ctx), first_(std::move(first)), detached_until_(detached_until) {}
   ~StepStreams() {
     for (size_t i = 0; i < streams_.size(); ++i) {
       if (streams_[i] == nullptr) continue;
@@ -148,11 +153,14 @@ class RouterService::StepStreams {
                     bool with_nearest, std::vector<core::StepPartial>* merged,
                     std::vector<v1::Memory>* nearest, std::vector<double>* nearest_norms = nullptr,
                     double level_beta = 0.0, std::vector<core::StepPartial>* drives = nullptr) {
+    // A failed stream stays failed: later steps get the same error.
+    if (!failure_.ok()) return failure_;
     shard::v1::StepRequest req;
     if (streams_.empty()) {
       req = first_;
       for (int i = 0; i < router_->shards(); ++i) {
-        contexts_.push_back(router_->Forward(ctx_));
+        contexts_.push_back(router_->Forward(ctx_, detached_until_.has_value()));
+        if (detached_until_) contexts_.back()->set_deadline(*detached_until_);
         streams_.push_back(router_->shards_[i].steps->Steps(contexts_.back().get()));
       }
     }
@@ -173,7 +181,7 @@ class RouterService::StepStreams {
         failed_ = true;
         (void)router_->FromShard(
             i, grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "another dimension"));
-        return absl::FailedPreconditionError(absl::StrCat(
+        return failure_ = absl::FailedPreconditionError(absl::StrCat(
             "shard ", i, " (", router_->shards_[i].address, ") holds bank '", first_.bank(),
             "' with dimension ", replies[i].dim(), " and shard 0 with ", dim,
             "; the shards disagree: DeleteBank it and create it again"));
@@ -182,7 +190,7 @@ class RouterService::StepStreams {
           (drives != nullptr && replies[i].drives_size() != b)) {
         failed_ = true;
         (void)router_->FromShard(i, grpc::Status(grpc::StatusCode::INTERNAL, "partials"));
-        return absl::InternalError(absl::StrCat("shard ", i, " (", router_->shards_[i].address,
+        return failure_ = absl::InternalError(absl::StrCat("shard ", i, " (", router_->shards_[i].address,
                                                 ") answered ", replies[i].partials_size(),
                                                 " partials for ", b, " states"));
       }
@@ -224,13 +232,16 @@ class RouterService::StepStreams {
     streams_[i].reset();
     if (s.ok()) s = grpc::Status(grpc::StatusCode::UNAVAILABLE, "the stream ended early");
     const grpc::Status named = router_->FromShard(i, s);
-    return absl::Status(static_cast<absl::StatusCode>(named.error_code()), named.error_message());
+    return failure_ = absl::Status(static_cast<absl::StatusCode>(named.error_code()),
+                                   named.error_message());
   }
 
   RouterService* router_;
   grpc::ServerContext* ctx_;
   shard::v1::StepRequest first_;
+  std::optional<std::chrono::system_clock::time_point> detached_until_;
   bool failed_ = false;
+  absl::Status failure_;
   std::vector<std::unique_ptr<grpc::ClientContext>> contexts_;
   std::vector<std::unique_ptr<grpc::ClientReaderWriter<shard::v1::StepRequest, shard::v1::StepReply>>>
       streams_;
@@ -817,6 +828,28 @@ grpc::Status RouterService::Energy(grpc::ServerContext* ctx, const v1::EnergyReq
   });
 }
 
+struct RouterService::SyncCall {
+  grpc::ServerContext* ctx = nullptr;       // whose authorization the streams carry
+  const shard::v1::StepRequest* first = nullptr;  // the streams' first request
+  core::EnergyConfig cfg;
+  core::StateKind kind = core::StateKind::kContinuous;
+  int n = 0;  // the bank's dimension
+  int m = 0;  // its value dimension
+  int64_t count = 0;
+  const float* queries = nullptr;  // count x n
+  std::function<absl::Span<const bool>(int64_t)> clamp_of;
+  const core::RetrieveOptions* opts = nullptr;
+  std::chrono::system_clock::time_point stop_at;  // when its dynamics stop
+  // Filled by the batch: each query's trajectory (or error), nearest
+  // memory and value readout; `status` is the final step's error.
+  std::vector<absl::StatusOr<core::Trajectory>> results;
+  std::vector<v1::Memory> nearest;
+  std::vector<std::vector<float>> values;
+  absl::Status status;
+  int64_t left = 0;   // queries not yet answered
+  bool done = false;  // guarded by batch_mu_
+};
+
 grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::RetrieveRequest* req,
                                      v1::RetrieveResponse* resp) {
   return Guarded(resp, [&]() -> absl::Status {
@@ -860,36 +893,7 @@ grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::Retriev
             absl::StrCat("bank '", req->bank(), "' is empty; store patterns first"));
       }
     }
-    StepStreams streams(this, ctx, FirstStep(req->bank(), cfg, req->filter()));
-    const core::EnergyFunction f = Finisher(cfg, n);
-    std::vector<core::StepPartial> merged, drives;
-    // A bipolar bank under a non-general family steps on each neuron's
-    // drive (merged from the shards' drive partials); the others on the
-    // update target of the merged partial.
-    const bool drive = core::UsesBipolarDrive(cfg, kind);
-    auto evaluate = [&](const float* x, int64_t b, float* targets, double* energies,
-                        int64_t* nearest_rows) -> absl::Status {
-      const bool target_from_sum = targets != nullptr && !drive;
-      ENGRAM_RETURN_IF_ERROR(streams.Step(x, b, n, target_from_sum, false, false, &merged,
-                                          nullptr, nullptr, 0.0,
-                                          targets != nullptr && drive ? &drives : nullptr));
-      if (b > 0 && merged[0].rows == 0) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "bank '", req->bank(), "' holds no pattern that passes the call's filter (or none "
-            "at all); store patterns first"));
-      }
-      for (int64_t j = 0; j < b; ++j) {
-        ENGRAM_ASSIGN_OR_RETURN(
-            energies[j], f.FinishPartial(merged[j], x + j * n,
-                                         target_from_sum ? targets + j * n : nullptr, nullptr));
-        if (targets != nullptr && drive) {
-          core::FinishDrive(cfg, drives[j], x + j * n, targets + j * n);
-        }
-        nearest_rows[j] = -1;
-      }
-      return absl::OkStatus();
-    };
-    std::vector<absl::StatusOr<core::Trajectory>> results(count, absl::UnknownError("not run"));
+    const shard::v1::StepRequest first = FirstStep(req->bank(), cfg, req->filter());
     const std::vector<char> clamp(req->clamp().begin(), req->clamp().end());
     const bool* clamp_data = reinterpret_cast<const bool*>(clamp.data());
     auto clamp_of = [&](int64_t q) {
@@ -897,38 +901,86 @@ grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::Retriev
       if (mask == count * n) return absl::MakeConstSpan(clamp_data + q * n, n);
       return absl::Span<const bool>();
     };
-    int64_t ran = count;
-    if (opts.dynamics == core::Dynamics::kSync) {
-      core::SyncBatch batch(
-          f, kind,
-          [&](uint64_t q, absl::StatusOr<core::Trajectory> r) { results[q] = std::move(r); },
-          evaluate);
-      for (int64_t q = 0; q < count; ++q) {
-        batch.Admit(static_cast<uint64_t>(q),
-                    {absl::MakeConstSpan(req->queries().data() + q * n, n), clamp_of(q), &opts});
+    // One query's result, with its nearest memory and value readout (m
+    // floats, or none: the empty readout).
+    auto emit = [&](int64_t q, const core::Trajectory& t, const v1::Memory& nearest,
+                    const std::vector<float>& value) -> absl::Status {
+      v1::RetrieveResult* out = resp->add_results();
+      RetrievalToProto(t, core::NearestMemory{}, std::string(), out);
+      if (nearest.ByteSizeLong() > 0) *out->mutable_nearest() = nearest;
+      if (m > 0) {
+        if (static_cast<int>(value.size()) == m) {
+          out->mutable_value()->Add(value.begin(), value.end());
+        } else {
+          for (int v = 0; v < m; ++v) out->add_value(0.f);
+        }
       }
-      while (!batch.empty()) batch.Step();
-    } else {
-      // As on a node: one query after another, each step one evaluation
-      // (energy and gradient) merged from the shards; no query starts once
-      // the deadline has passed.
-      auto value_and_gradient = [&](const float* x, float* grad) -> absl::StatusOr<double> {
-        ENGRAM_RETURN_IF_ERROR(streams.Step(x, 1, n, true, false, false, &merged, nullptr));
-        if (merged[0].rows == 0) {
-          return absl::FailedPreconditionError(absl::StrCat(
-              "bank '", req->bank(), "' holds no pattern that passes the call's filter (or "
-              "none at all); store patterns first"));
-        }
-        return f.FinishPartial(merged[0], x, nullptr, grad);
-      };
+      if (t.stop_reason == core::StopReason::kDeadline &&
+          !req->options().partial_on_deadline()) {
+        return absl::DeadlineExceededError(absl::StrCat(
+            "deadline passed after ", t.steps, " steps of query ", q, " of ", count,
+            "; set options.partial_on_deadline to receive partial states"));
+      }
+      return absl::OkStatus();
+    };
+    if (opts.dynamics == core::Dynamics::kSync) {
+      SyncCall call;
+      call.ctx = ctx;
+      call.first = &first;
+      call.cfg = cfg;
+      call.kind = kind;
+      call.n = n;
+      call.m = m;
+      call.count = count;
+      call.queries = req->queries().data();
+      call.clamp_of = clamp_of;
+      call.opts = &opts;
+      call.stop_at = stop_at;
+      if (options_.batching && count <= options_.max_batch_queries) {
+        auto auth = ctx->client_metadata().equal_range("authorization");
+        const std::string key = absl::StrCat(
+            first.SerializeAsString(), "\x1f", n, "\x1f", static_cast<int>(kind), "\x1f",
+            auth.first != auth.second
+                ? absl::string_view(auth.first->second.data(), auth.first->second.size())
+                : absl::string_view());
+        RunSyncGrouped(key, &call);
+      } else {
+        SyncGroup alone;
+        alone.calls = {&call};
+        alone.queries = count;
+        RunSyncGroup(alone);
+      }
+      for (int64_t q = 0; q < count; ++q) ENGRAM_RETURN_IF_ERROR(call.results[q].status());
+      ENGRAM_RETURN_IF_ERROR(call.status);
       for (int64_t q = 0; q < count; ++q) {
-        results[q] = core::RunGradientDynamics(
-            n, cfg, absl::MakeConstSpan(req->queries().data() + q * n, n), clamp_of(q), opts,
-            value_and_gradient);
-        if (!results[q].ok() || results[q]->stop_reason == core::StopReason::kDeadline) {
-          ran = q + 1;
-          break;
-        }
+        ENGRAM_RETURN_IF_ERROR(emit(q, *call.results[q], call.nearest[q], call.values[q]));
+      }
+      return absl::OkStatus();
+    }
+    // GRADIENT, as on a node: one query after another, each step one
+    // evaluation (energy and gradient) merged from the shards; no query
+    // starts once the deadline has passed.
+    StepStreams streams(this, ctx, first);
+    const core::EnergyFunction f = Finisher(cfg, n);
+    std::vector<core::StepPartial> merged;
+    std::vector<absl::StatusOr<core::Trajectory>> results(count, absl::UnknownError("not run"));
+    auto value_and_gradient = [&](const float* x, float* grad) -> absl::StatusOr<double> {
+      ENGRAM_RETURN_IF_ERROR(streams.Step(x, 1, n, true, false, false, &merged, nullptr));
+      if (merged[0].rows == 0) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "bank '", req->bank(), "' holds no pattern that passes the call's filter (or "
+            "none at all); store patterns first"));
+      }
+      return f.FinishPartial(merged[0], x, nullptr, grad);
+    };
+    int64_t ran = count;
+    for (int64_t q = 0; q < count; ++q) {
+      results[q] = core::RunGradientDynamics(
+          n, cfg, absl::MakeConstSpan(req->queries().data() + q * n, n), clamp_of(q), opts,
+          value_and_gradient);
+      if (!results[q].ok() || results[q]->stop_reason == core::StopReason::kDeadline) {
+        ran = q + 1;
+        break;
       }
     }
     std::vector<float> finals;
@@ -941,26 +993,173 @@ grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::Retriev
     ENGRAM_RETURN_IF_ERROR(
         streams.Step(finals.data(), ran, n, false, m > 0, true, &merged, &nearest));
     for (int64_t q = 0; q < ran; ++q) {
-      const core::Trajectory& t = *results[q];
-      v1::RetrieveResult* out = resp->add_results();
-      RetrievalToProto(t, core::NearestMemory{}, std::string(), out);
-      if (nearest[q].ByteSizeLong() > 0) *out->mutable_nearest() = nearest[q];
-      if (m > 0) {
-        if (static_cast<int>(merged[q].value.size()) == m) {
-          out->mutable_value()->Add(merged[q].value.begin(), merged[q].value.end());
-        } else {
-          for (int v = 0; v < m; ++v) out->add_value(0.f);
-        }
-      }
-      if (t.stop_reason == core::StopReason::kDeadline &&
-          !req->options().partial_on_deadline()) {
-        return absl::DeadlineExceededError(absl::StrCat(
-            "deadline passed after ", t.steps, " steps of query ", q, " of ", count,
-            "; set options.partial_on_deadline to receive partial states"));
-      }
+      ENGRAM_RETURN_IF_ERROR(emit(q, *results[q], nearest[q], merged[q].value));
     }
     return absl::OkStatus();
   });
+}
+
+
+void RouterService::RunSyncGrouped(const std::string& key, SyncCall* call) {
+  std::shared_ptr<SyncGroup> group;
+  bool counted = true;  // the group counts as one of the key's running ones
+  {
+    core::MutexLock lock(&batch_mu_);
+    KeyGroups& k = sync_groups_[key];
+    if (k.running < kSyncGroupsPerKey) {
+      ++k.running;
+      group = std::make_shared<SyncGroup>();
+    } else if (k.forming == nullptr ||
+               k.forming->queries + call->count <= options_.max_batch_queries) {
+      if (k.forming == nullptr) k.forming = std::make_shared<SyncGroup>();
+      group = k.forming;
+    } else {
+      // The next batch is full: this call runs alone, beside the others.
+      group = std::make_shared<SyncGroup>();
+      counted = false;
+    }
+    group->calls.push_back(call);
+    group->queries += call->count;
+    if (group == k.forming) {
+      // Wait for a running batch of this key to end and hand the forming one
+      // to its first call (this thread, or another that answers this call).
+      while (!call->done && group->leader == nullptr) batch_cv_.Wait(&batch_mu_);
+      if (group->leader != call) {
+        while (!call->done) batch_cv_.Wait(&batch_mu_);
+        return;
+      }
+    }
+  }
+  try {
+    RunSyncGroup(*group);
+  } catch (...) {
+    // Every call of the batch is answered, never left waiting.
+    core::MutexLock lock(&batch_mu_);
+    for (SyncCall* c : group->calls) {
+      if (c->status.ok()) c->status = absl::InternalError("the Retrieve batch failed");
+      c->done = true;
+    }
+    batch_cv_.SignalAll();
+  }
+  if (options_.metrics != nullptr) {
+    options_.metrics->RecordBatch(group->queries, static_cast<int64_t>(group->calls.size()));
+  }
+  if (!counted) return;
+  core::MutexLock lock(&batch_mu_);
+  KeyGroups& k = sync_groups_[key];
+  if (k.forming != nullptr) {
+    // The waiting calls run next, led by the first of them, in this slot.
+    k.forming->leader = k.forming->calls.front();
+    k.forming = nullptr;
+    batch_cv_.SignalAll();
+  } else if (--k.running == 0) {
+    sync_groups_.erase(key);
+  }
+}
+
+void RouterService::RunSyncGroup(const SyncGroup& group) {
+  const SyncCall& lead = *group.calls.front();
+  const int n = lead.n;
+  const int m = lead.m;
+  // The streams outlive any one call's cancellation: they end with the
+  // batch, by the latest deadline of its calls.
+  auto until = lead.stop_at;
+  for (const SyncCall* c : group.calls) until = std::max(until, c->stop_at);
+  StepStreams streams(this, lead.ctx, *lead.first, until + std::chrono::seconds(1));
+  const core::EnergyFunction f = Finisher(lead.cfg, n);
+  // A bipolar bank under a non-general family steps on each neuron's
+  // drive (merged from the shards' drive partials); the others on the
+  // update target of the merged partial.
+  const bool drive = core::UsesBipolarDrive(lead.cfg, lead.kind);
+  std::vector<core::StepPartial> merged, drives;
+  auto evaluate = [&](const float* x, int64_t b, float* targets, double* energies,
+                      int64_t* nearest_rows) -> absl::Status {
+    const bool target_from_sum = targets != nullptr && !drive;
+    ENGRAM_RETURN_IF_ERROR(streams.Step(x, b, n, target_from_sum, false, false, &merged, nullptr,
+                                        nullptr, 0.0,
+                                        targets != nullptr && drive ? &drives : nullptr));
+    if (b > 0 && merged[0].rows == 0) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "bank '", lead.first->bank(), "' holds no pattern that passes the call's filter (or "
+          "none at all); store patterns first"));
+    }
+    for (int64_t j = 0; j < b; ++j) {
+      ENGRAM_ASSIGN_OR_RETURN(
+          energies[j], f.FinishPartial(merged[j], x + j * n,
+                                       target_from_sum ? targets + j * n : nullptr, nullptr));
+      if (targets != nullptr && drive) {
+        core::FinishDrive(lead.cfg, drives[j], x + j * n, targets + j * n);
+      }
+      nearest_rows[j] = -1;
+    }
+    return absl::OkStatus();
+  };
+  std::vector<std::pair<SyncCall*, int64_t>> owner;  // by tag
+  std::vector<uint64_t> finished;                    // tags since the last settle
+  core::SyncBatch sync(
+      f, lead.kind,
+      [&](uint64_t tag, absl::StatusOr<core::Trajectory> r) {
+        owner[tag].first->results[owner[tag].second] = std::move(r);
+        finished.push_back(tag);
+      },
+      evaluate);
+  for (SyncCall* c : group.calls) {
+    c->results.assign(c->count, absl::UnknownError("not run"));
+    c->nearest.assign(c->count, v1::Memory());
+    c->values.assign(c->count, {});
+    c->left = c->count;
+    for (int64_t q = 0; q < c->count; ++q) owner.push_back({c, q});
+    if (c->count == 0) {
+      core::MutexLock lock(&batch_mu_);
+      c->done = true;
+      batch_cv_.SignalAll();
+    }
+  }
+  // The finished queries' nearest memories and value readouts (one more
+  // request), then their calls are told once all of their queries are in.
+  auto settle = [&] {
+    if (finished.empty()) return;
+    std::vector<float> finals;
+    std::vector<uint64_t> moved;
+    for (uint64_t tag : finished) {
+      const auto& r = owner[tag].first->results[owner[tag].second];
+      if (!r.ok()) continue;
+      finals.insert(finals.end(), r->state.begin(), r->state.end());
+      moved.push_back(tag);
+    }
+    absl::Status s;
+    std::vector<v1::Memory> nearest;
+    if (!moved.empty()) {
+      s = streams.Step(finals.data(), static_cast<int64_t>(moved.size()), n, false, m > 0, true,
+                       &merged, &nearest);
+    }
+    for (size_t j = 0; s.ok() && j < moved.size(); ++j) {
+      auto [c, q] = owner[moved[j]];
+      c->nearest[q] = nearest[j];
+      c->values[q] = merged[j].value;
+    }
+    for (uint64_t tag : finished) {
+      SyncCall* c = owner[tag].first;
+      if (!s.ok() && c->status.ok()) c->status = s;
+      if (--c->left == 0) {
+        core::MutexLock lock(&batch_mu_);
+        c->done = true;
+        batch_cv_.SignalAll();
+      }
+    }
+    finished.clear();
+  };
+  uint64_t tag = 0;
+  for (SyncCall* c : group.calls) {
+    for (int64_t q = 0; q < c->count; ++q) {
+      sync.Admit(tag++, {absl::MakeConstSpan(c->queries + q * n, n), c->clamp_of(q), c->opts});
+    }
+  }
+  settle();
+  while (!sync.empty()) {
+    sync.Step();
+    settle();
+  }
 }
 
 absl::StatusOr<core::SampleBatch> RouterService::RunSample(

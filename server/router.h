@@ -61,6 +61,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "engram/core/mutex.h"
 #include "engram/core/sampler.h"
 #include "engram/shard/v1/shard.grpc.pb.h"
 #include "engram/v1/engram.grpc.pb.h"
@@ -80,9 +81,17 @@ struct RouterOptions {
   // DeletePatterns, states per Energy and Retrieve, samples per Sample), as
   // on a node.
   int64_t max_batch = 65536;
-  // Where shard call outcomes are counted (engram_shard_calls_total); may
-  // be null.
+  // Where shard call outcomes (engram_shard_calls_total) and batches
+  // (engram_batch_queries / engram_batch_calls) are counted; may be null.
   std::shared_ptr<Metrics> metrics;
+  // SYNC Retrieves of one bank, energy, filter and authorization header
+  // run as one batch: one stream per shard and one request per step for all
+  // their queries. At most two batches of one such key run at once; calls
+  // that come meanwhile wait and form the next one (up to max_batch_queries
+  // queries), which opens its shard streams after they came, so a call
+  // sees every write acknowledged before it. Off: every call runs alone.
+  bool batching = true;
+  int64_t max_batch_queries = 256;
 };
 
 // The shard (0 .. shards - 1) that owns `id`.
@@ -168,8 +177,31 @@ class RouterService final : public v1::MemoryService::Service {
                                    bool detached = false);
   std::vector<int> AllShards() const;
 
+  // One SYNC Retrieve's queries and results in a batch (router.cc).
+  struct SyncCall;
+  // Calls whose queries run as one core::SyncBatch over one set of streams.
+  struct SyncGroup {
+    std::vector<SyncCall*> calls;
+    int64_t queries = 0;
+    SyncCall* leader = nullptr;  // set when a waiting group may start
+  };
+  // The batches of one key: how many run, and the one forming.
+  struct KeyGroups {
+    int running = 0;
+    std::shared_ptr<SyncGroup> forming;
+  };
+  static constexpr int kSyncGroupsPerKey = 2;
+  // Runs `call` in a batch of `key` (or alone); returns when its results
+  // are in.
+  void RunSyncGrouped(const std::string& key, SyncCall* call);
+  // Runs every call of `group` to its end on this thread.
+  void RunSyncGroup(const SyncGroup& group);
+
   RouterOptions options_;
   std::vector<Shard> shards_;
+  core::Mutex batch_mu_;
+  core::CondVar batch_cv_;
+  absl::flat_hash_map<std::string, KeyGroups> sync_groups_ ABSL_GUARDED_BY(batch_mu_);
   absl::Mutex rng_mu_;
   uint64_t rng_state_ ABSL_GUARDED_BY(rng_mu_);
 };

@@ -37,6 +37,8 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::StartRouter(
   ro.shards = config.shards;
   ro.max_message_bytes = config.max_message_bytes;
   ro.max_batch = config.max_batch;
+  ro.batching = config.batching;
+  ro.max_batch_queries = config.max_batch_queries;
   ro.metrics = s->metrics_;
   ENGRAM_ASSIGN_OR_RETURN(s->router_, RouterService::Create(ro));
   ENGRAM_RETURN_IF_ERROR(s->ServeMetrics(config.metrics_listen));

@@ -14,6 +14,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -335,6 +336,154 @@ TEST_F(RouterTest, ShardedBanksAnswerEnergyAndRetrieveAsOneNode) {
 // Sampling through the router runs the same samplers with the same draws
 // as a node, every denoiser evaluation merged from the shards: the samples
 // end where the node's do, on the same memories, with the same classes.
+// Concurrent SYNC Retrieves through the router run in shared batches (one
+// stream per shard, one request per step for all their queries), and each
+// answers as it does alone: the same steps, stop reasons and nearest
+// memories, states equal up to float reassociation (1e-5; bipolar states
+// exactly), whatever else is in the batch. A call made after a Store sees
+// it, however busy the batches are.
+TEST_F(RouterTest, ConcurrentSyncRetrievesShareBatchesAndAnswerAsAlone) {
+  std::mt19937_64 rng(23);
+  std::vector<Family> families;
+  for (const Family& f : Families()) {
+    if (f.name == "lse_f32" || f.name == "bipolar_lse_bits" || f.name == "classical_f32") {
+      families.push_back(f);
+    }
+  }
+  ASSERT_EQ(families.size(), 3u);
+  for (const Family& f : families) {
+    Fill(f, rng);
+    if (HasFailure()) return;
+  }
+  // Each call: 1-3 queries of one bank, its own max_steps.
+  struct Call {
+    const Family* f;
+    v1::RetrieveRequest req;
+    v1::RetrieveResponse alone;
+  };
+  std::vector<Call> calls;
+  for (int i = 0; i < 48; ++i) {
+    Call c;
+    c.f = &families[i % families.size()];
+    const int count = 1 + i % 3;
+    const std::vector<float> q = Queries(*c.f, count, rng);
+    c.req.set_bank(c.f->name);
+    c.req.mutable_queries()->Add(q.begin(), q.end());
+    c.req.mutable_options()->set_dynamics(v1::DYNAMICS_SYNC);
+    c.req.mutable_options()->set_max_steps(3 + i % 20);
+    c.req.mutable_options()->set_tol(1e-5);
+    c.req.mutable_options()->set_return_trace(true);
+    grpc::ClientContext ctx;
+    grpc::Status s = router_->Retrieve(&ctx, c.req, &c.alone);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+    calls.push_back(std::move(c));
+  }
+  auto batch_counts = [&] {
+    double batches = 0, in_batches = 0;
+    for (const auto& family : router_server_->metrics()->registry()->Collect()) {
+      if (family.name != "engram_batch_calls") continue;
+      for (const auto& m : family.metric) {
+        batches += static_cast<double>(m.histogram.sample_count);
+        in_batches += m.histogram.sample_sum;
+      }
+    }
+    return std::make_pair(batches, in_batches);
+  };
+  const auto before = batch_counts();
+  constexpr int kThreads = 8;
+  std::vector<std::vector<v1::RetrieveResponse>> got(kThreads);
+  std::vector<std::string> errors(kThreads);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (size_t i = t; i < calls.size(); i += kThreads) {
+        v1::RetrieveResponse out;
+        grpc::ClientContext ctx;
+        grpc::Status s = router_->Retrieve(&ctx, calls[i].req, &out);
+        if (!s.ok()) errors[t] += s.error_message() + "; ";
+        got[t].push_back(std::move(out));
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (int t = 0; t < kThreads; ++t) {
+    ASSERT_EQ(errors[t], "");
+    for (size_t j = 0; j < got[t].size(); ++j) {
+      const Call& c = calls[t + j * kThreads];
+      SCOPED_TRACE(c.f->name + " call " + std::to_string(t + j * kThreads));
+      const v1::RetrieveResponse& b = got[t][j];
+      ASSERT_EQ(b.results_size(), c.alone.results_size());
+      for (int q = 0; q < b.results_size(); ++q) {
+        const v1::RetrieveResult& x = c.alone.results(q);
+        const v1::RetrieveResult& y = b.results(q);
+        EXPECT_EQ(y.steps(), x.steps()) << "query " << q;
+        EXPECT_EQ(y.stop_reason(), x.stop_reason()) << "query " << q;
+        EXPECT_EQ(y.nearest().id(), x.nearest().id()) << "query " << q;
+        ASSERT_EQ(y.state_size(), x.state_size());
+        for (int i = 0; i < x.state_size(); ++i) {
+          if (c.f->kind == v1::STATE_KIND_BIPOLAR) {
+            EXPECT_EQ(y.state(i), x.state(i)) << "query " << q << " neuron " << i;
+          } else {
+            EXPECT_NEAR(y.state(i), x.state(i), 1e-5) << "query " << q << " coordinate " << i;
+          }
+        }
+        ASSERT_EQ(y.value_size(), x.value_size());
+        for (int v = 0; v < x.value_size(); ++v) EXPECT_NEAR(y.value(v), x.value(v), 1e-5);
+      }
+    }
+  }
+  const auto after = batch_counts();
+  const double batches = after.first - before.first;
+  const double in_batches = after.second - before.second;
+  EXPECT_EQ(in_batches, static_cast<double>(calls.size()));
+  EXPECT_LT(batches, in_batches) << "no two calls shared a batch";
+
+  // Read-your-writes: while other callers keep the batches of this bank
+  // busy, a pattern stored just before a Retrieve is what it finds.
+  const Family& lse = families[0];
+  std::atomic<bool> stop{false};
+  std::thread busy([&] {
+    const std::vector<float> q = calls[0].req.queries().empty()
+                                     ? std::vector<float>()
+                                     : std::vector<float>(calls[0].req.queries().begin(),
+                                                          calls[0].req.queries().begin() + kDim);
+    while (!stop) {
+      v1::RetrieveRequest r;
+      r.set_bank(lse.name);
+      r.mutable_queries()->Add(q.begin(), q.end());
+      r.mutable_options()->set_max_steps(30);
+      v1::RetrieveResponse out;
+      grpc::ClientContext ctx;
+      (void)router_->Retrieve(&ctx, r, &out);
+    }
+  });
+  std::normal_distribution<float> g(0.f, 1.f);
+  for (int round = 0; round < 6; ++round) {
+    std::vector<float> x(kDim);
+    for (float& v : x) v = 3.f * g(rng);  // far from every stored pattern
+    v1::StoreRequest store;
+    store.set_bank(lse.name);
+    store.mutable_patterns()->Add(x.begin(), x.end());
+    for (int v = 0; v < kValueDim; ++v) store.add_values(0.f);
+    v1::StoreResponse stored;
+    {
+      grpc::ClientContext ctx;
+      ASSERT_TRUE(router_->Store(&ctx, store, &stored).ok());
+    }
+    v1::RetrieveRequest r;
+    r.set_bank(lse.name);
+    r.mutable_queries()->Add(x.begin(), x.end());
+    r.mutable_options()->set_max_steps(5);
+    v1::RetrieveResponse out;
+    grpc::ClientContext ctx;
+    grpc::Status s = router_->Retrieve(&ctx, r, &out);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+    EXPECT_EQ(out.results(0).nearest().id(), stored.ids(0)) << "round " << round;
+  }
+  stop = true;
+  busy.join();
+}
+
 TEST_F(RouterTest, ShardedSamplingEndsWhereANodesDoes) {
   std::mt19937_64 rng(17);
   for (const Family& f : Families()) {
