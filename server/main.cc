@@ -59,6 +59,9 @@ ABSL_FLAG(std::string, role, EnvOr("ENGRAM_ROLE", "node"),
 ABSL_FLAG(std::string, shards, EnvOr("ENGRAM_SHARDS", ""),
           "a router's shards in order: host:port,host:port,... or the pods of a StatefulSet "
           "behind a headless Service, e.g. engram-{0..3}.engram:50051 (env ENGRAM_SHARDS)");
+ABSL_FLAG(std::string, shard_tls_ca, EnvOr("ENGRAM_SHARD_TLS_CA", ""),
+          "a router's: PEM CA certificate(s) the shards' TLS certificates are checked against; "
+          "set, the router dials its shards with TLS (env ENGRAM_SHARD_TLS_CA)");
 ABSL_FLAG(std::string, listen, EnvOr("ENGRAM_LISTEN", "127.0.0.1:50051"),
           "gRPC listen address host:port (env ENGRAM_LISTEN)");
 ABSL_FLAG(std::string, data_dir, EnvOr("ENGRAM_DATA_DIR", "data"),
@@ -169,8 +172,10 @@ int main(int argc, char** argv) {
       return 1;
     }
     config.shards = *std::move(shards);
-  } else if (!absl::GetFlag(FLAGS_shards).empty()) {
-    std::cerr << "engramd: --shards is a router's flag; add --role=router" << std::endl;
+    config.shard_tls_ca_file = absl::GetFlag(FLAGS_shard_tls_ca);
+  } else if (!absl::GetFlag(FLAGS_shards).empty() || !absl::GetFlag(FLAGS_shard_tls_ca).empty()) {
+    std::cerr << "engramd: --shards and --shard_tls_ca are a router's flags; add --role=router"
+              << std::endl;
     return 1;
   }
   config.listen = absl::GetFlag(FLAGS_listen);
@@ -248,6 +253,8 @@ int main(int argc, char** argv) {
     std::cout << "engramd: routing on " << config.listen << " (port " << (*server)->port()
               << ") to " << config.shards.size() << " shards";
     for (const std::string& shard : config.shards) std::cout << " " << shard;
+    std::cout << (config.shard_tls_ca_file.empty() ? "" : " over TLS")
+              << (config.tls_cert_file.empty() ? "" : ", listening with TLS");
     std::cout << ", metrics "
               << (config.metrics_listen.empty() ? "off"
                                                 : "http://" + config.metrics_listen + "/metrics")

@@ -262,8 +262,14 @@ RouterService::RouterService(RouterOptions options) : options_(std::move(options
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
+  if (!options_.shard_tls_ca_pem.empty()) {
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = options_.shard_tls_ca_pem;
+    creds = grpc::SslCredentials(ssl);
+  }
   for (const std::string& address : options_.shards) {
-    auto channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+    auto channel = grpc::CreateCustomChannel(address, creds, args);
     shards_.push_back({address, v1::MemoryService::NewStub(channel),
                        shard::v1::Shard::NewStub(channel)});
   }

@@ -35,7 +35,8 @@
 // A shard that cannot be reached fails the call UNAVAILABLE naming it; an
 // answer is never made from some of the shards. The caller's deadline (60 s
 // when it sets none), cancellation and authorization header go to the
-// shards. The router listens and dials without TLS.
+// shards. The router listens with TLS when given a certificate, and dials
+// the shards with TLS when given their CA (RouterOptions::shard_tls_ca_pem).
 //
 //
 // SYNC on a bipolar bank under a non-general family merges the shards'
@@ -73,6 +74,10 @@ struct RouterOptions {
   // host:port of each shard, in shard order (the order partials merge in
   // and ids hash over). Changing the count moves ids to other shards.
   std::vector<std::string> shards;
+  // PEM CA certificates the shards' TLS certificates are checked against;
+  // set, the shards are dialled with TLS (their names in `shards` must match
+  // their certificates); empty, in plaintext.
+  std::string shard_tls_ca_pem;
   // Deadline of the shard calls of a caller that sets none.
   absl::Duration default_timeout = absl::Seconds(60);
   // Largest message to and from a shard.

@@ -29,6 +29,47 @@ absl::Status EngramServer::ServeMetrics(const std::string& listen) {
   return absl::OkStatus();
 }
 
+namespace {
+
+// The whole of a file, or UNAVAILABLE naming it.
+absl::StatusOr<std::string> ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::UnavailableError(absl::StrCat("cannot read '", path, "'"));
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// The gRPC port's credentials: TLS with --tls_cert / --tls_key, else
+// plaintext; the common mistakes in the files are named with the file.
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ListenCredentials(
+    const ServerConfig& config) {
+  if (!config.tls_cert_file.empty() || !config.tls_key_file.empty()) {
+    if (config.tls_cert_file.empty() || config.tls_key_file.empty()) {
+      return absl::InvalidArgumentError("TLS needs both a certificate and a key file");
+    }
+    ENGRAM_ASSIGN_OR_RETURN(std::string cert, ReadFile(config.tls_cert_file));
+    ENGRAM_ASSIGN_OR_RETURN(std::string key, ReadFile(config.tls_key_file));
+    // The TLS library's own refusal comes only as a failed listen; the
+    // common mistakes are named here, with the file.
+    if (cert.find("-----BEGIN CERTIFICATE-----") == std::string::npos) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--tls_cert '", config.tls_cert_file, "' holds no PEM certificate "
+          "(-----BEGIN CERTIFICATE-----)"));
+    }
+    if (key.find("-----BEGIN") == std::string::npos ||
+        key.find("PRIVATE KEY-----") == std::string::npos) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--tls_key '", config.tls_key_file, "' holds no PEM private key "
+          "(-----BEGIN ... PRIVATE KEY-----)"));
+    }
+    grpc::SslServerCredentialsOptions ssl;
+    ssl.pem_key_cert_pairs.push_back({key, cert});
+    return grpc::SslServerCredentials(ssl);
+  }
+  return grpc::InsecureServerCredentials();
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::StartRouter(
     const ServerConfig& config) {
   std::unique_ptr<EngramServer> s(new EngramServer());
@@ -40,12 +81,22 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::StartRouter(
   ro.batching = config.batching;
   ro.max_batch_queries = config.max_batch_queries;
   ro.metrics = s->metrics_;
+  if (!config.shard_tls_ca_file.empty()) {
+    ENGRAM_ASSIGN_OR_RETURN(ro.shard_tls_ca_pem, ReadFile(config.shard_tls_ca_file));
+    if (ro.shard_tls_ca_pem.find("-----BEGIN CERTIFICATE-----") == std::string::npos) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--shard_tls_ca '", config.shard_tls_ca_file, "' holds no PEM certificate "
+          "(-----BEGIN CERTIFICATE-----)"));
+    }
+  }
   ENGRAM_ASSIGN_OR_RETURN(s->router_, RouterService::Create(ro));
+  ENGRAM_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> creds,
+                          ListenCredentials(config));
   ENGRAM_RETURN_IF_ERROR(s->ServeMetrics(config.metrics_listen));
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(config.listen, grpc::InsecureServerCredentials(), &s->port_);
+  builder.AddListeningPort(config.listen, creds, &s->port_);
   builder.SetMaxReceiveMessageSize(config.max_message_bytes);
   builder.SetMaxSendMessageSize(config.max_message_bytes);
   grpc::ResourceQuota quota("engramd-router");
@@ -105,35 +156,8 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
-  if (!config.tls_cert_file.empty() || !config.tls_key_file.empty()) {
-    auto read = [](const std::string& path) -> absl::StatusOr<std::string> {
-      std::ifstream in(path, std::ios::binary);
-      if (!in) return absl::UnavailableError(absl::StrCat("cannot read '", path, "'"));
-      return std::string(std::istreambuf_iterator<char>(in), {});
-    };
-    if (config.tls_cert_file.empty() || config.tls_key_file.empty()) {
-      return absl::InvalidArgumentError("TLS needs both a certificate and a key file");
-    }
-    ENGRAM_ASSIGN_OR_RETURN(std::string cert, read(config.tls_cert_file));
-    ENGRAM_ASSIGN_OR_RETURN(std::string key, read(config.tls_key_file));
-    // The TLS library's own refusal comes only as a failed listen; the
-    // common mistakes are named here, with the file.
-    if (cert.find("-----BEGIN CERTIFICATE-----") == std::string::npos) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "--tls_cert '", config.tls_cert_file, "' holds no PEM certificate "
-          "(-----BEGIN CERTIFICATE-----)"));
-    }
-    if (key.find("-----BEGIN") == std::string::npos ||
-        key.find("PRIVATE KEY-----") == std::string::npos) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "--tls_key '", config.tls_key_file, "' holds no PEM private key "
-          "(-----BEGIN ... PRIVATE KEY-----)"));
-    }
-    grpc::SslServerCredentialsOptions ssl;
-    ssl.pem_key_cert_pairs.push_back({key, cert});
-    creds = grpc::SslServerCredentials(ssl);
-  }
+  ENGRAM_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> creds,
+                          ListenCredentials(config));
   builder.AddListeningPort(config.listen, creds, &s->port_);
   builder.SetMaxReceiveMessageSize(config.max_message_bytes);
   builder.SetMaxSendMessageSize(config.max_message_bytes);

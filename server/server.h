@@ -39,10 +39,14 @@ struct ServerConfig {
   // "node": holds banks in data_dir and serves MemoryService and the shard
   // protocol. "router": holds nothing and serves MemoryService from the
   // nodes in `shards` (server/router.h); data_dir, the compute and writer
-  // options, the HTTP gateway, TLS and expiry are a node's and unused.
+  // options, the HTTP gateway, the tokens and expiry are a node's and
+  // unused (a router passes the caller's authorization on to the shards).
   std::string role = "node";
   // The router's shards (host:port), in shard order.
   std::vector<std::string> shards;
+  // A router's: PEM CA certificates that the shards' TLS certificates are
+  // checked against; set, the router dials its shards with TLS.
+  std::string shard_tls_ca_file;
   std::string listen = "127.0.0.1:50051";
   std::string data_dir = "data";
   // host:port of the Prometheus endpoint (/metrics); empty disables it.
@@ -74,7 +78,8 @@ struct ServerConfig {
   // A token file's text (see server/access.h): tokens scoped to banks and
   // to read or read-write. Overrides auth_token when set.
   std::string auth_tokens;
-  // PEM files; both set enables TLS on the gRPC port.
+  // PEM files; both set enables TLS on the gRPC port (a node's or a
+  // router's).
   std::string tls_cert_file;
   std::string tls_key_file;
   // host:port of the JSON-over-HTTP gateway and web page (HttpGateway);

@@ -17,6 +17,7 @@ holding the same patterns as the reference.
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -230,6 +231,79 @@ class ShardedBankTest(unittest.TestCase):
         self.assert_answers_as_single("w", np.random.default_rng(11), recall=False)
         print("\nshard kill -9: acknowledged patterns=%d, held=%d, refused Stores=%d"
               % (len(acked), len(held), len(named)), file=sys.stderr)
+
+
+class RouterTlsTest(unittest.TestCase):
+    def test_tls_from_client_to_router_and_from_router_to_shards(self):
+        """Client -> router and router -> shards over TLS (--tls_cert /
+        --tls_key on every process, --shard_tls_ca on the router); a router
+        dialling TLS shards in plaintext is refused by them and names the
+        shard; a CA file that is not PEM stops the router at start."""
+        pb = M["pb"]
+        d = tempfile.mkdtemp(prefix="engram_shards_tls_")
+        procs = []
+        try:
+            cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+            subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                 "-out", cert, "-days", "1", "-subj", "/CN=localhost",
+                 "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                check=True, capture_output=True)
+            pem = open(cert, "rb").read()
+            tls = ["--tls_cert", cert, "--tls_key", key]
+            shards = []
+            for i in range(2):
+                shards.append(engram_harness.Engramd(
+                    ARGS.engramd, os.path.join(d, "shard%d" % i), extra_args=tls,
+                    root_pem=pem).start())
+                procs.append(shards[-1])
+            addresses = ",".join(s.target for s in shards)
+            router = engram_harness.Engramd(
+                ARGS.engramd, os.path.join(d, "router"),
+                extra_args=["--role=router", "--shards=" + addresses, "--shard_tls_ca", cert] + tls,
+                root_pem=pem).start()
+            procs.append(router)
+            ch = router.channel()
+            stub = M["rpc"].MemoryServiceStub(ch)
+            stub.CreateBank(pb.CreateBankRequest(
+                name="t", dim=DIM, kind=pb.STATE_KIND_CONTINUOUS,
+                energy=pb.EnergyConfig(family=pb.ENERGY_FAMILY_LSE, beta=BETA)), timeout=20)
+            x = np.random.default_rng(5).standard_normal((40, DIM)).astype(np.float32)
+            ids = list(stub.Store(pb.StoreRequest(bank="t", patterns=x.ravel().tolist()),
+                                  timeout=20).ids)
+            counts = [M["rpc"].MemoryServiceStub(s.channel()).GetBank(
+                pb.GetBankRequest(name="t"), timeout=10).patterns for s in shards]
+            self.assertEqual(sum(counts), 40)
+            self.assertTrue(all(c > 0 for c in counts), counts)
+            r = stub.Retrieve(pb.RetrieveRequest(bank="t", queries=(x[7] + 0.05).tolist()),
+                              timeout=20)
+            self.assertEqual(r.results[0].nearest.id, ids[7])
+            ch.close()
+
+            plain = engram_harness.Engramd(
+                ARGS.engramd, os.path.join(d, "plain"),
+                extra_args=["--role=router", "--shards=" + addresses]).start()
+            procs.append(plain)
+            pch = plain.channel()
+            with self.assertRaises(grpc.RpcError) as ctx:
+                M["rpc"].MemoryServiceStub(pch).GetBank(pb.GetBankRequest(name="t"), timeout=10)
+            self.assertEqual(ctx.exception.code(), grpc.StatusCode.UNAVAILABLE)
+            self.assertIn("shard 0 (%s)" % shards[0].target, ctx.exception.details())
+            pch.close()
+
+            bad = os.path.join(d, "bad.pem")
+            with open(bad, "w") as f:
+                f.write("not a certificate\n")
+            p = subprocess.run(
+                [ARGS.engramd, "--role=router", "--shards=" + addresses, "--shard_tls_ca", bad,
+                 "--listen", "127.0.0.1:0", "--metrics_listen", ""],
+                capture_output=True, text=True, timeout=30)
+            self.assertNotEqual(p.returncode, 0)
+            self.assertIn("--shard_tls_ca '%s'" % bad, p.stderr)
+        finally:
+            for proc in procs:
+                proc.kill()
+            shutil.rmtree(d, ignore_errors=True)
 
 
 if __name__ == "__main__":
