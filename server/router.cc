@@ -155,6 +155,7 @@ class RouterService::StepStreams {
                     double level_beta = 0.0, std::vector<core::StepPartial>* drives = nullptr) {
     // A failed stream stays failed: later steps get the same error.
     if (!failure_.ok()) return failure_;
+    ++requests_;
     shard::v1::StepRequest req;
     if (streams_.empty()) {
       req = first_;
@@ -195,6 +196,8 @@ class RouterService::StepStreams {
                                                 " partials for ", b, " states"));
       }
     }
+    all_current_ = true;
+    for (int i = 0; i < s; ++i) all_current_ = all_current_ && replies[i].current();
     merged->resize(b);
     if (nearest != nullptr) nearest->assign(b, v1::Memory());
     if (nearest_norms != nullptr) nearest_norms->assign(b, 0.0);
@@ -224,6 +227,12 @@ class RouterService::StepStreams {
     return absl::OkStatus();
   }
 
+  // Requests sent so far (one per Step).
+  int64_t requests() const { return requests_; }
+  // Whether every shard answered the last Step with its bank as the stream
+  // pinned it (StepReply.current).
+  bool all_current() const { return all_current_; }
+
  private:
   // The status that ended shard i's stream.
   absl::Status Failed(int i) {
@@ -242,6 +251,8 @@ class RouterService::StepStreams {
   std::optional<std::chrono::system_clock::time_point> detached_until_;
   bool failed_ = false;
   absl::Status failure_;
+  int64_t requests_ = 0;
+  bool all_current_ = false;
   std::vector<std::unique_ptr<grpc::ClientContext>> contexts_;
   std::vector<std::unique_ptr<grpc::ClientReaderWriter<shard::v1::StepRequest, shard::v1::StepReply>>>
       streams_;
@@ -853,7 +864,11 @@ struct RouterService::SyncCall {
   std::vector<std::vector<float>> values;
   absl::Status status;
   int64_t left = 0;   // queries not yet answered
-  bool done = false;  // guarded by batch_mu_
+  // Guarded by batch_mu_: answered; a batch this call's thread must run;
+  // the step count of the batch it joined when it came.
+  bool done = false;
+  std::shared_ptr<SyncGroup> leads;
+  int64_t seen = 0;
 };
 
 grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::RetrieveRequest* req,
@@ -954,6 +969,7 @@ grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::Retriev
         SyncGroup alone;
         alone.calls = {&call};
         alone.queries = count;
+        alone.until = stop_at + std::chrono::seconds(2);
         RunSyncGroup(alone);
       }
       for (int64_t q = 0; q < count; ++q) ENGRAM_RETURN_IF_ERROR(call.results[q].status());
@@ -1007,71 +1023,115 @@ grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::Retriev
 
 
 void RouterService::RunSyncGrouped(const std::string& key, SyncCall* call) {
+  // Margin of a batch's stream deadline past its calls' own.
+  constexpr auto kMargin = std::chrono::seconds(2);
   std::shared_ptr<SyncGroup> group;
-  bool counted = true;  // the group counts as one of the key's running ones
+  bool counted = true;  // the batch is one of the key's running ones
   {
     core::MutexLock lock(&batch_mu_);
     KeyGroups& k = sync_groups_[key];
-    if (k.running < kSyncGroupsPerKey) {
-      ++k.running;
+    bool waits = false;
+    for (const std::shared_ptr<SyncGroup>& g : k.running) {
+      // A running batch takes a call that fits in it and its deadline; the
+      // call starts once a step sent after it came finds every shard's bank
+      // unchanged (RunSyncGroup).
+      if (g->open && g->queries + call->count <= options_.max_batch_queries &&
+          call->stop_at + kMargin / 2 <= g->until) {
+        call->seen = g->step_seq;
+        g->joining.push_back(call);
+        g->queries += call->count;
+        waits = true;
+        break;
+      }
+    }
+    if (!waits && static_cast<int>(k.running.size()) < kSyncGroupsPerKey) {
       group = std::make_shared<SyncGroup>();
-    } else if (k.forming == nullptr ||
-               k.forming->queries + call->count <= options_.max_batch_queries) {
+      k.running.push_back(group);
+    } else if (!waits && (k.forming == nullptr ||
+                          k.forming->queries + call->count <= options_.max_batch_queries)) {
       if (k.forming == nullptr) k.forming = std::make_shared<SyncGroup>();
-      group = k.forming;
-    } else {
+      k.forming->calls.push_back(call);
+      k.forming->queries += call->count;
+      waits = true;
+    } else if (!waits) {
       // The next batch is full: this call runs alone, beside the others.
       group = std::make_shared<SyncGroup>();
       counted = false;
     }
-    group->calls.push_back(call);
-    group->queries += call->count;
-    if (group == k.forming) {
-      // Wait for a running batch of this key to end and hand the forming one
-      // to its first call (this thread, or another that answers this call).
-      while (!call->done && group->leader == nullptr) batch_cv_.Wait(&batch_mu_);
-      if (group->leader != call) {
-        while (!call->done) batch_cv_.Wait(&batch_mu_);
-        return;
-      }
+    if (waits) {
+      // Answered by a running batch, or handed a batch to run.
+      while (!call->done && call->leads == nullptr) batch_cv_.Wait(&batch_mu_);
+      if (call->done) return;
+      group = std::move(call->leads);
+    } else {
+      group->calls.push_back(call);
+      group->queries += call->count;
     }
+    group->until = call->stop_at;
+    for (const SyncCall* c : group->calls) group->until = std::max(group->until, c->stop_at);
+    group->until += kMargin;
+    group->open = counted;
   }
-  try {
-    RunSyncGroup(*group);
-  } catch (...) {
-    // Every call of the batch is answered, never left waiting.
-    core::MutexLock lock(&batch_mu_);
-    for (SyncCall* c : group->calls) {
-      if (c->status.ok()) c->status = absl::InternalError("the Retrieve batch failed");
-      c->done = true;
-    }
-    batch_cv_.SignalAll();
-  }
+  RunSyncGroup(*group);
   if (options_.metrics != nullptr) {
-    options_.metrics->RecordBatch(group->queries, static_cast<int64_t>(group->calls.size()));
+    options_.metrics->RecordBatch(group->queries, group->calls_taken);
   }
   if (!counted) return;
   core::MutexLock lock(&batch_mu_);
   KeyGroups& k = sync_groups_[key];
+  k.running.erase(std::find(k.running.begin(), k.running.end(), group));
+  if (!group->joining.empty()) {
+    // Calls that came too late to join go first in the next batch.
+    if (k.forming == nullptr) k.forming = std::make_shared<SyncGroup>();
+    for (SyncCall* c : group->joining) k.forming->queries += c->count;
+    k.forming->calls.insert(k.forming->calls.begin(), group->joining.begin(),
+                            group->joining.end());
+    group->joining.clear();
+  }
   if (k.forming != nullptr) {
     // The waiting calls run next, led by the first of them, in this slot.
-    k.forming->leader = k.forming->calls.front();
-    k.forming = nullptr;
+    std::shared_ptr<SyncGroup> next = std::move(k.forming);
+    k.running.push_back(next);
+    next->calls.front()->leads = next;
     batch_cv_.SignalAll();
-  } else if (--k.running == 0) {
+  } else if (k.running.empty()) {
     sync_groups_.erase(key);
   }
 }
 
-void RouterService::RunSyncGroup(const SyncGroup& group) {
+void RouterService::RunSyncGroup(SyncGroup& group) {
+  // Its calls not yet answered (joiners are added as they are admitted).
+  std::vector<SyncCall*> taken = group.calls;
+  try {
+    RunSyncGroupSteps(group, &taken);
+  } catch (...) {
+    // Every call of the batch is answered, never left waiting (those in
+    // `taken` and `joining` are not answered yet, so alive).
+    core::MutexLock lock(&batch_mu_);
+    group.open = false;
+    for (auto* calls : {&taken, &group.joining}) {
+      for (SyncCall* c : *calls) {
+        c->status = absl::InternalError("the Retrieve batch failed");
+        c->done = true;
+      }
+    }
+    group.joining.clear();
+    batch_cv_.SignalAll();
+  }
+}
+
+void RouterService::RunSyncGroupSteps(SyncGroup& group, std::vector<SyncCall*>* taken) {
   const SyncCall& lead = *group.calls.front();
   const int n = lead.n;
   const int m = lead.m;
+  std::chrono::system_clock::time_point until;
+  {
+    core::MutexLock lock(&batch_mu_);
+    until = group.until;
+  }
   // The streams outlive any one call's cancellation: they end with the
   // batch, by the latest deadline of its calls.
-  auto until = lead.stop_at;
-  for (const SyncCall* c : group.calls) until = std::max(until, c->stop_at);
-  StepStreams streams(this, lead.ctx, *lead.first, until + std::chrono::seconds(1));
+  StepStreams streams(this, lead.ctx, *lead.first, until);
   const core::EnergyFunction f = Finisher(lead.cfg, n);
   // A bipolar bank under a non-general family steps on each neuron's
   // drive (merged from the shards' drive partials); the others on the
@@ -1109,20 +1169,33 @@ void RouterService::RunSyncGroup(const SyncGroup& group) {
         finished.push_back(tag);
       },
       evaluate);
-  for (SyncCall* c : group.calls) {
+  // After this the call's thread may return: nothing touches `c` again.
+  auto answered = [&](SyncCall* c) {
+    taken->erase(std::find(taken->begin(), taken->end(), c));
+    core::MutexLock lock(&batch_mu_);
+    c->done = true;
+    batch_cv_.SignalAll();
+  };
+  auto admit = [&](SyncCall* c) {
     c->results.assign(c->count, absl::UnknownError("not run"));
     c->nearest.assign(c->count, v1::Memory());
     c->values.assign(c->count, {});
     c->left = c->count;
-    for (int64_t q = 0; q < c->count; ++q) owner.push_back({c, q});
-    if (c->count == 0) {
-      core::MutexLock lock(&batch_mu_);
-      c->done = true;
-      batch_cv_.SignalAll();
+    ++group.calls_taken;
+    if (std::find(taken->begin(), taken->end(), c) == taken->end()) taken->push_back(c);
+    const int64_t count = c->count;
+    const uint64_t first_tag = owner.size();
+    for (int64_t q = 0; q < count; ++q) owner.push_back({c, q});
+    if (count == 0) return answered(c);
+    // An invalid query finishes at once (on_finished); the call stays
+    // unanswered until settle.
+    for (int64_t q = 0; q < count; ++q) {
+      sync.Admit(first_tag + q, {absl::MakeConstSpan(c->queries + q * n, n), c->clamp_of(q),
+                                 c->opts});
     }
-  }
+  };
   // The finished queries' nearest memories and value readouts (one more
-  // request), then their calls are told once all of their queries are in.
+  // request), then their calls are answered once all of their queries are.
   auto settle = [&] {
     if (finished.empty()) return;
     std::vector<float> finals;
@@ -1147,23 +1220,47 @@ void RouterService::RunSyncGroup(const SyncGroup& group) {
     for (uint64_t tag : finished) {
       SyncCall* c = owner[tag].first;
       if (!s.ok() && c->status.ok()) c->status = s;
-      if (--c->left == 0) {
-        core::MutexLock lock(&batch_mu_);
-        c->done = true;
-        batch_cv_.SignalAll();
-      }
+      if (--c->left == 0) answered(c);
     }
     finished.clear();
   };
-  uint64_t tag = 0;
-  for (SyncCall* c : group.calls) {
-    for (int64_t q = 0; q < c->count; ++q) {
-      sync.Admit(tag++, {absl::MakeConstSpan(c->queries + q * n, n), c->clamp_of(q), c->opts});
-    }
-  }
+  for (SyncCall* c : group.calls) admit(c);
   settle();
-  while (!sync.empty()) {
+  // The last step whose requests every shard answered with its bank
+  // unchanged since the streams pinned it (0: none yet).
+  int64_t confirmed = 0;
+  while (true) {
+    std::vector<SyncCall*> take;
+    int64_t seq = 0;
+    {
+      core::MutexLock lock(&batch_mu_);
+      if (group.open && confirmed > 0) {
+        // A call that came before step `confirmed` was sent sees every
+        // write acknowledged before it: it may run on these streams.
+        auto keep = std::stable_partition(group.joining.begin(), group.joining.end(),
+                                          [&](SyncCall* c) { return c->seen >= confirmed; });
+        take.assign(keep, group.joining.end());
+        group.joining.erase(keep, group.joining.end());
+      }
+      if (sync.empty() && take.empty()) {
+        group.open = false;  // calls still joining run in the next batch
+        break;
+      }
+      seq = ++group.step_seq;
+    }
+    for (SyncCall* c : take) admit(c);
+    settle();
+    if (sync.empty()) continue;
+    const int64_t sent = streams.requests();
     sync.Step();
+    if (streams.requests() > sent) {
+      if (streams.all_current()) {
+        confirmed = seq;
+      } else {
+        core::MutexLock lock(&batch_mu_);
+        group.open = false;  // a write came: later calls need a new pin
+      }
+    }
     settle();
   }
 }

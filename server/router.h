@@ -91,10 +91,12 @@ struct RouterOptions {
   std::shared_ptr<Metrics> metrics;
   // SYNC Retrieves of one bank, energy, filter and authorization header
   // run as one batch: one stream per shard and one request per step for all
-  // their queries. At most two batches of one such key run at once; calls
-  // that come meanwhile wait and form the next one (up to max_batch_queries
-  // queries), which opens its shard streams after they came, so a call
-  // sees every write acknowledged before it. Off: every call runs alone.
+  // their queries (at most max_batch_queries). A call joins a running batch
+  // at a step boundary once a step sent after it came finds every shard's
+  // bank unchanged since the batch pinned it (StepReply.current), so a call
+  // sees every write acknowledged before it; otherwise it waits for the next
+  // batch. At most two batches of one key run at once. Off: every call runs
+  // alone.
   bool batching = true;
   int64_t max_batch_queries = 256;
 };
@@ -184,23 +186,31 @@ class RouterService final : public v1::MemoryService::Service {
 
   // One SYNC Retrieve's queries and results in a batch (router.cc).
   struct SyncCall;
-  // Calls whose queries run as one core::SyncBatch over one set of streams.
+  // Calls whose queries run as one core::SyncBatch over one set of shard
+  // streams. Fields after `calls` are guarded by batch_mu_.
   struct SyncGroup {
-    std::vector<SyncCall*> calls;
-    int64_t queries = 0;
-    SyncCall* leader = nullptr;  // set when a waiting group may start
+    std::vector<SyncCall*> calls;  // the calls it starts with
+    int64_t queries = 0;           // queries of every call it took
+    int64_t calls_taken = 0;       // calls it ran, joiners included
+    bool open = false;             // takes joiners (its shards still current)
+    std::chrono::system_clock::time_point until;  // its streams' deadline
+    int64_t step_seq = 0;          // steps begun
+    std::vector<SyncCall*> joining;  // came while it ran, not yet admitted
   };
-  // The batches of one key: how many run, and the one forming.
+  // The batches of one key: those running, and the one forming.
   struct KeyGroups {
-    int running = 0;
+    std::vector<std::shared_ptr<SyncGroup>> running;
     std::shared_ptr<SyncGroup> forming;
   };
   static constexpr int kSyncGroupsPerKey = 2;
   // Runs `call` in a batch of `key` (or alone); returns when its results
   // are in.
   void RunSyncGrouped(const std::string& key, SyncCall* call);
-  // Runs every call of `group` to its end on this thread.
-  void RunSyncGroup(const SyncGroup& group);
+  // Runs the calls of `group`, and those that join it, to their end on this
+  // thread.
+  void RunSyncGroup(SyncGroup& group);
+  // Its body; `taken` holds the calls not yet answered.
+  void RunSyncGroupSteps(SyncGroup& group, std::vector<SyncCall*>* taken);
 
   RouterOptions options_;
   std::vector<Shard> shards_;

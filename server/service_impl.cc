@@ -1000,6 +1000,11 @@ absl::StatusOr<MemoryServiceImpl::ShardRead> MemoryServiceImpl::OpenShardRead(
   ShardRead read;
   ENGRAM_ASSIGN_OR_RETURN(read.bank, Visible(registry, &pinned, std::move(filter), false));
   ENGRAM_ASSIGN_OR_RETURN(read.energy, ResolveEnergy(has_energy, energy, *read.bank));
+  const int64_t valid_until = pinned->min_expires_ms();
+  read.current = [registry, bank_name, pinned, valid_until] {
+    return registry->IsCurrent(bank_name, pinned) &&
+           (valid_until == 0 || registry->NowMs() < valid_until);
+  };
   return read;
 }
 

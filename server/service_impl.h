@@ -131,8 +131,10 @@ class MemoryServiceImpl final : public v1::MemoryService::CallbackService {
   // energy override or the bank's own energy resolved as the read methods
   // do.
   struct ShardRead {
-    core::BankSnapshot bank;
+    core::BankSnapshot bank;  // the pinned bank, filtered
     core::EnergyConfig energy;
+    // True while no write or expiry changed the bank since it was pinned.
+    std::function<bool()> current;
   };
   absl::StatusOr<ShardRead> OpenShardRead(grpc::ServerContextBase* ctx, const std::string& bank,
                                           bool has_energy, const v1::EnergyConfig& energy,

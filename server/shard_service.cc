@@ -68,6 +68,15 @@ absl::Status Answer(const core::Bank& bank, const core::EnergyFunction& energy,
     ENGRAM_RETURN_IF_ERROR(
         energy.PartialBatch(req.states().data(), b, req.with_sum(), &partials));
   }
+  // The states' nearest rows from one batched scores pass (a scan per
+  // state otherwise); -1 where the pass does not give it exactly (then
+  // NearestAt scans).
+  std::vector<int64_t> nearest_rows(req.with_nearest() ? b : 0, -1);
+  if (req.with_nearest() && b > 1 && bank.size() > 0) {
+    std::vector<double> energies(b);
+    energy.UpdateTargetBatch(req.states().data(), b, nullptr, energies.data(),
+                             nearest_rows.data());
+  }
   if (req.with_drive()) {
     std::vector<core::StepPartial> drives;
     ENGRAM_RETURN_IF_ERROR(core::DrivePartialBatch(energy, req.states().data(), b, &drives));
@@ -82,7 +91,7 @@ absl::Status Answer(const core::Bank& bank, const core::EnergyFunction& energy,
     shard::v1::Partial* out = reply->add_partials();
     PartialToProto(p, out);
     if (req.with_nearest()) {
-      const core::NearestMemory near = bank.Nearest(x);
+      const core::NearestMemory near = bank.NearestAt(nearest_rows[q], x);
       if (near.row >= 0) {
         MemoryToProto(near, bank.payload(near.row), out->mutable_nearest());
         out->set_nearest_key(-0.5 * near.distance * near.distance);
@@ -132,6 +141,7 @@ absl::Status ShardServiceImpl::Serve(
     }
     shard::v1::StepReply reply;
     ENGRAM_RETURN_IF_ERROR(Answer(bank, *energy, *req, max_batch_, &reply));
+    reply.set_current(read.current());
     if (!stream->Write(reply)) return absl::CancelledError("the router closed the stream");
   } while (stream->Read(req));
   return absl::OkStatus();

@@ -440,25 +440,30 @@ TEST_F(RouterTest, ConcurrentSyncRetrievesShareBatchesAndAnswerAsAlone) {
 
   // Read-your-writes: while other callers keep the batches of this bank
   // busy, a pattern stored just before a Retrieve is what it finds.
+  // Three busy callers keep both batches of the key running, so the call
+  // after a Store finds them open and asks to join (it may only once the
+  // shards say their banks are unchanged since the batch pinned them).
   const Family& lse = families[0];
   std::atomic<bool> stop{false};
-  std::thread busy([&] {
-    const std::vector<float> q = calls[0].req.queries().empty()
-                                     ? std::vector<float>()
-                                     : std::vector<float>(calls[0].req.queries().begin(),
-                                                          calls[0].req.queries().begin() + kDim);
-    while (!stop) {
-      v1::RetrieveRequest r;
-      r.set_bank(lse.name);
-      r.mutable_queries()->Add(q.begin(), q.end());
-      r.mutable_options()->set_max_steps(30);
-      v1::RetrieveResponse out;
-      grpc::ClientContext ctx;
-      (void)router_->Retrieve(&ctx, r, &out);
-    }
-  });
+  std::vector<std::thread> busy;
+  for (int t = 0; t < 3; ++t) {
+    busy.emplace_back([&, t] {
+      std::mt19937_64 brng(100 + t);
+      const std::vector<float> q = Queries(lse, 2, brng);
+      while (!stop) {
+        v1::RetrieveRequest r;
+        r.set_bank(lse.name);
+        r.mutable_queries()->Add(q.begin(), q.end());
+        r.mutable_options()->set_max_steps(400);
+        r.mutable_options()->set_tol(1e-30);
+        v1::RetrieveResponse out;
+        grpc::ClientContext ctx;
+        (void)router_->Retrieve(&ctx, r, &out);
+      }
+    });
+  }
   std::normal_distribution<float> g(0.f, 1.f);
-  for (int round = 0; round < 6; ++round) {
+  for (int round = 0; round < 12; ++round) {
     std::vector<float> x(kDim);
     for (float& v : x) v = 3.f * g(rng);  // far from every stored pattern
     v1::StoreRequest store;
@@ -481,7 +486,7 @@ TEST_F(RouterTest, ConcurrentSyncRetrievesShareBatchesAndAnswerAsAlone) {
     EXPECT_EQ(out.results(0).nearest().id(), stored.ids(0)) << "round " << round;
   }
   stop = true;
-  busy.join();
+  for (std::thread& t : busy) t.join();
 }
 
 TEST_F(RouterTest, ShardedSamplingEndsWhereANodesDoes) {
