@@ -328,6 +328,9 @@ std::vector<grpc::Status> RouterService::FanOut(
     grpc::ServerContext* ctx, const std::vector<int>& which,
     const std::function<grpc::Status(int, grpc::ClientContext*)>& call, bool detached) {
   std::vector<grpc::Status> out(shards_.size());
+  // The caller's metadata map is filled on first use: fill it here, once,
+  // before the threads read it (Forward) at the same time.
+  (void)ctx->client_metadata();
   std::vector<std::thread> threads;
   threads.reserve(which.size());
   for (int i : which) {
