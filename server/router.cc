@@ -5,7 +5,6 @@
 #include <functional>
 #include <optional>
 #include <random>
-#include <thread>
 #include <utility>
 
 #include <grpc/grpc.h>
@@ -324,32 +323,45 @@ std::vector<int> RouterService::AllShards() const {
   return all;
 }
 
-std::vector<grpc::Status> RouterService::FanOut(
-    grpc::ServerContext* ctx, const std::vector<int>& which,
-    const std::function<grpc::Status(int, grpc::ClientContext*)>& call, bool detached) {
-  std::vector<grpc::Status> out(shards_.size());
+std::vector<grpc::Status> RouterService::FanOut(grpc::ServerContext* ctx,
+                                                const std::vector<int>& which,
+                                                const ShardCall& start, bool detached) {
+  // What the calls' callbacks (on gRPC's threads) report, shared with them:
+  // it outlives this function if a callback is still returning.
+  struct Pending {
+    core::Mutex mu;
+    core::CondVar cv;
+    int left = 0;
+    std::vector<grpc::Status> out;
+  };
+  auto pending = std::make_shared<Pending>();
+  pending->out.resize(shards_.size());
+  pending->left = static_cast<int>(which.size());
   // The caller's metadata map is filled on first use: fill it here, once,
-  // before the threads read it (Forward) at the same time.
+  // before the contexts below copy from it.
   (void)ctx->client_metadata();
-  std::vector<std::thread> threads;
-  threads.reserve(which.size());
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts(shards_.size());
+  for (int i : which) contexts[i] = Forward(ctx, detached);
   for (int i : which) {
-    auto run = [&, i] {
-      try {
-        std::unique_ptr<grpc::ClientContext> c = Forward(ctx, detached);
-        out[i] = FromShard(i, call(i, c.get()));
-      } catch (const std::exception& e) {
-        out[i] = grpc::Status(grpc::StatusCode::INTERNAL,
-                              absl::StrCat("calling shard ", i, ": ", e.what()));
-      }
+    auto done = [pending, i](grpc::Status s) {
+      core::MutexLock lock(&pending->mu);
+      pending->out[i] = std::move(s);
+      if (--pending->left == 0) pending->cv.SignalAll();
     };
     try {
-      threads.emplace_back(run);
-    } catch (const std::exception&) {
-      run();  // no thread left: this shard's call on the handler's own
+      start(i, contexts[i].get(), done);
+    } catch (const std::exception& e) {
+      done(grpc::Status(grpc::StatusCode::INTERNAL,
+                        absl::StrCat("calling shard ", i, ": ", e.what())));
     }
   }
-  for (std::thread& t : threads) t.join();
+  std::vector<grpc::Status> out;
+  {
+    core::MutexLock lock(&pending->mu);
+    while (pending->left > 0) pending->cv.Wait(&pending->mu);
+    out = std::move(pending->out);
+  }
+  for (int i : which) out[i] = FromShard(i, out[i]);
   return out;
 }
 
@@ -382,8 +394,8 @@ absl::StatusOr<v1::BankInfo> RouterService::Describe(grpc::ServerContext* ctx,
 grpc::Status RouterService::CreateBank(grpc::ServerContext* ctx, const v1::CreateBankRequest* req,
                                        v1::BankInfo* resp) {
   std::vector<v1::BankInfo> infos(shards_.size());
-  std::vector<grpc::Status> st = FanOut(ctx, AllShards(), [&](int i, grpc::ClientContext* c) {
-    return shards_[i].memory->CreateBank(c, *req, &infos[i]);
+  std::vector<grpc::Status> st = FanOut(ctx, AllShards(), [&](int i, grpc::ClientContext* c, ShardDone done) {
+    shards_[i].memory->async()->CreateBank(c, req, &infos[i], std::move(done));
   });
   int existed = 0, created = 0;
   for (const grpc::Status& s : st) {
@@ -401,11 +413,12 @@ grpc::Status RouterService::CreateBank(grpc::ServerContext* ctx, const v1::Creat
   if (existed > 0) {
     // Shards that had the bank (an earlier call's) count as created when
     // they hold the same bank as the ones that created it now.
-    std::vector<grpc::Status> got = FanOut(ctx, AllShards(), [&](int i, grpc::ClientContext* c) {
-      v1::GetBankRequest get;
-      get.set_name(req->name());
-      return shards_[i].memory->GetBank(c, get, &infos[i]);
-    });
+    v1::GetBankRequest get;
+    get.set_name(req->name());
+    std::vector<grpc::Status> got =
+        FanOut(ctx, AllShards(), [&](int i, grpc::ClientContext* c, ShardDone done) {
+          shards_[i].memory->async()->GetBank(c, &get, &infos[i], std::move(done));
+        });
     for (const grpc::Status& s : got) {
       if (!s.ok()) return s;
     }
@@ -427,8 +440,8 @@ grpc::Status RouterService::CreateBank(grpc::ServerContext* ctx, const v1::Creat
 grpc::Status RouterService::GetBank(grpc::ServerContext* ctx, const v1::GetBankRequest* req,
                                     v1::BankInfo* resp) {
   std::vector<v1::BankInfo> infos(shards_.size());
-  std::vector<grpc::Status> st = FanOut(ctx, AllShards(), [&](int i, grpc::ClientContext* c) {
-    return shards_[i].memory->GetBank(c, *req, &infos[i]);
+  std::vector<grpc::Status> st = FanOut(ctx, AllShards(), [&](int i, grpc::ClientContext* c, ShardDone done) {
+    shards_[i].memory->async()->GetBank(c, req, &infos[i], std::move(done));
   });
   for (const grpc::Status& s : st) {
     if (!s.ok()) return s;
@@ -450,8 +463,8 @@ grpc::Status RouterService::GetBank(grpc::ServerContext* ctx, const v1::GetBankR
 grpc::Status RouterService::ListBanks(grpc::ServerContext* ctx, const v1::ListBanksRequest* req,
                                       v1::ListBanksResponse* resp) {
   std::vector<v1::ListBanksResponse> lists(shards_.size());
-  std::vector<grpc::Status> st = FanOut(ctx, AllShards(), [&](int i, grpc::ClientContext* c) {
-    return shards_[i].memory->ListBanks(c, *req, &lists[i]);
+  std::vector<grpc::Status> st = FanOut(ctx, AllShards(), [&](int i, grpc::ClientContext* c, ShardDone done) {
+    shards_[i].memory->async()->ListBanks(c, req, &lists[i], std::move(done));
   });
   for (const grpc::Status& s : st) {
     if (!s.ok()) return s;
@@ -488,8 +501,8 @@ grpc::Status RouterService::ListBanks(grpc::ServerContext* ctx, const v1::ListBa
 grpc::Status RouterService::DeleteBank(grpc::ServerContext* ctx, const v1::DeleteBankRequest* req,
                                        v1::DeleteBankResponse*) {
   std::vector<v1::DeleteBankResponse> unused(shards_.size());
-  std::vector<grpc::Status> st = FanOut(ctx, AllShards(), [&](int i, grpc::ClientContext* c) {
-    return shards_[i].memory->DeleteBank(c, *req, &unused[i]);
+  std::vector<grpc::Status> st = FanOut(ctx, AllShards(), [&](int i, grpc::ClientContext* c, ShardDone done) {
+    shards_[i].memory->async()->DeleteBank(c, req, &unused[i], std::move(done));
   });
   int missing = 0;
   for (const grpc::Status& s : st) {
@@ -554,8 +567,8 @@ grpc::Status RouterService::Store(grpc::ServerContext* ctx, const v1::StoreReque
     }
   }
   std::vector<v1::StoreResponse> answers(shards_.size());
-  std::vector<grpc::Status> st = FanOut(ctx, which, [&](int i, grpc::ClientContext* c) {
-    return shards_[i].memory->Store(c, parts[i], &answers[i]);
+  std::vector<grpc::Status> st = FanOut(ctx, which, [&](int i, grpc::ClientContext* c, ShardDone done) {
+    shards_[i].memory->async()->Store(c, &parts[i], &answers[i], std::move(done));
   });
   for (int i : which) {
     if (st[i].ok()) continue;
@@ -563,14 +576,16 @@ grpc::Status RouterService::Store(grpc::ServerContext* ctx, const v1::StoreReque
     // so a shard that failed either holds its part (it committed as the
     // call's deadline passed) or none of it (NOT_FOUND here). The undo
     // runs on contexts of its own: the caller's may be what ended.
+    std::vector<v1::DeletePatternsRequest> dels(shards_.size());
+    std::vector<v1::DeletePatternsResponse> deleted(shards_.size());
+    for (int j : which) {
+      dels[j].set_bank(req->bank());
+      *dels[j].mutable_ids() = parts[j].ids();
+    }
     std::vector<grpc::Status> undone = FanOut(
         ctx, which,
-        [&](int j, grpc::ClientContext* c) {
-          v1::DeletePatternsRequest del;
-          del.set_bank(req->bank());
-          *del.mutable_ids() = parts[j].ids();
-          v1::DeletePatternsResponse unused;
-          return shards_[j].memory->DeletePatterns(c, del, &unused);
+        [&](int j, grpc::ClientContext* c, ShardDone done) {
+          shards_[j].memory->async()->DeletePatterns(c, &dels[j], &deleted[j], std::move(done));
         },
         /*detached=*/true);
     std::string left;
@@ -626,20 +641,23 @@ grpc::Status RouterService::DeletePatterns(grpc::ServerContext* ctx,
   parts[which[0]].set_bank(req->bank());
   // Every id must be present before any shard deletes (a node deletes all
   // or none of a call's ids).
-  std::vector<grpc::Status> st = FanOut(ctx, which, [&](int i, grpc::ClientContext* c) {
-    v1::GetPatternsRequest get;
-    get.set_bank(req->bank());
-    *get.mutable_ids() = parts[i].ids();
-    v1::GetPatternsResponse unused;
-    return parts[i].ids().empty() ? grpc::Status::OK
-                                  : shards_[i].memory->GetPatterns(c, get, &unused);
+  std::vector<v1::GetPatternsRequest> gets(shards_.size());
+  std::vector<v1::GetPatternsResponse> got(shards_.size());
+  for (int i : which) {
+    gets[i].set_bank(req->bank());
+    *gets[i].mutable_ids() = parts[i].ids();
+  }
+  std::vector<grpc::Status> st = FanOut(ctx, which, [&](int i, grpc::ClientContext* c,
+                                                        ShardDone done) {
+    if (parts[i].ids().empty()) return done(grpc::Status::OK);
+    shards_[i].memory->async()->GetPatterns(c, &gets[i], &got[i], std::move(done));
   });
   for (int i : which) {
     if (!st[i].ok()) return st[i];
   }
   std::vector<v1::DeletePatternsResponse> answers(shards_.size());
-  st = FanOut(ctx, which, [&](int i, grpc::ClientContext* c) {
-    return shards_[i].memory->DeletePatterns(c, parts[i], &answers[i]);
+  st = FanOut(ctx, which, [&](int i, grpc::ClientContext* c, ShardDone done) {
+    shards_[i].memory->async()->DeletePatterns(c, &parts[i], &answers[i], std::move(done));
   });
   uint64_t deleted = 0;
   std::string done;
@@ -679,11 +697,12 @@ grpc::Status RouterService::GetPatterns(grpc::ServerContext* ctx,
     // holding row page_start, up to that shard's last row (or the next
     // shard's rows, when rows deleted meanwhile left that page empty).
     std::vector<v1::BankInfo> infos(shards_.size());
-    std::vector<grpc::Status> st = FanOut(ctx, AllShards(), [&](int i, grpc::ClientContext* c) {
-      v1::GetBankRequest get;
-      get.set_name(req->bank());
-      return shards_[i].memory->GetBank(c, get, &infos[i]);
-    });
+    v1::GetBankRequest get;
+    get.set_name(req->bank());
+    std::vector<grpc::Status> st =
+        FanOut(ctx, AllShards(), [&](int i, grpc::ClientContext* c, ShardDone done) {
+          shards_[i].memory->async()->GetBank(c, &get, &infos[i], std::move(done));
+        });
     for (const grpc::Status& s : st) {
       if (!s.ok()) return s;
     }
@@ -721,8 +740,8 @@ grpc::Status RouterService::GetPatterns(grpc::ServerContext* ctx,
     parts[i].add_ids(id);
   }
   std::vector<v1::GetPatternsResponse> answers(shards_.size());
-  std::vector<grpc::Status> st = FanOut(ctx, which, [&](int i, grpc::ClientContext* c) {
-    return shards_[i].memory->GetPatterns(c, parts[i], &answers[i]);
+  std::vector<grpc::Status> st = FanOut(ctx, which, [&](int i, grpc::ClientContext* c, ShardDone done) {
+    shards_[i].memory->async()->GetPatterns(c, &parts[i], &answers[i], std::move(done));
   });
   for (int i : which) {
     if (!st[i].ok()) return st[i];
@@ -1414,8 +1433,8 @@ grpc::Status RouterService::Backup(grpc::ServerContext* ctx, const v1::BackupReq
   // consistent alone, and together they hold every write acknowledged
   // before the call (writes during it may be in some and not others).
   std::vector<v1::BackupResponse> parts(shards_.size());
-  std::vector<grpc::Status> st = FanOut(ctx, AllShards(), [&](int i, grpc::ClientContext* c) {
-    return shards_[i].memory->Backup(c, *req, &parts[i]);
+  std::vector<grpc::Status> st = FanOut(ctx, AllShards(), [&](int i, grpc::ClientContext* c, ShardDone done) {
+    shards_[i].memory->async()->Backup(c, req, &parts[i], std::move(done));
   });
   std::string written;
   for (int i = 0; i < shards(); ++i) {

@@ -177,11 +177,15 @@ class RouterService final : public v1::MemoryService::Service {
   absl::StatusOr<v1::BankInfo> Describe(grpc::ServerContext* ctx, const std::string& bank);
   // `count` fresh random ids.
   std::vector<uint64_t> FreshIds(int64_t count);
-  // Runs `call(i, context)` for every shard i at once and waits for all;
-  // returns each shard's status.
+  // One shard call on the callback API: starts it with `context` and ends
+  // by calling `done` with its status (once, from any thread).
+  using ShardDone = std::function<void(grpc::Status)>;
+  using ShardCall = std::function<void(int shard, grpc::ClientContext* context, ShardDone done)>;
+  // Starts `start` for every shard in `shards` at once (no thread is
+  // created: the calls run on gRPC's callback API) and waits for all;
+  // returns each shard's status, named (FromShard).
   std::vector<grpc::Status> FanOut(grpc::ServerContext* ctx, const std::vector<int>& shards,
-                                   const std::function<grpc::Status(int, grpc::ClientContext*)>& call,
-                                   bool detached = false);
+                                   const ShardCall& start, bool detached = false);
   std::vector<int> AllShards() const;
 
   // One SYNC Retrieve's queries and results in a batch (router.cc).
