@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <deque>
 #include <functional>
 #include <optional>
 #include <random>
+#include <thread>
 #include <utility>
 
 #include <grpc/grpc.h>
@@ -126,11 +128,17 @@ absl::StatusOr<std::vector<std::string>> ParseShardList(const std::string& flag)
 class RouterService::StepStreams {
  public:
   // The streams carry `ctx`'s deadline, cancellation and authorization;
-  // with `detached_until`, only its authorization, and that deadline (for a
-  // batch of several calls, which no one caller may cancel).
+  // with a null `ctx`, the deadline `detached_until` and the authorization
+  // header `authorization` (for a batch of several calls, which no one
+  // caller may cancel).
   StepStreams(RouterService* router, grpc::ServerContext* ctx, shard::v1::StepRequest first,
-              std::optional<std::chrono::system_clock::time_point> detached_until = std::nullopt)
-      : router_(router), ctx_(ctx), first_(std::move(first)), detached_until_(detached_until) {}
+              std::chrono::system_clock::time_point detached_until = {},
+              std::string authorization = {})
+      : router_(router),
+        ctx_(ctx),
+        first_(std::move(first)),
+        detached_until_(detached_until),
+        authorization_(std::move(authorization)) {}
   ~StepStreams() {
     for (size_t i = 0; i < streams_.size(); ++i) {
       if (streams_[i] == nullptr) continue;
@@ -153,14 +161,22 @@ class RouterService::StepStreams {
                     std::vector<v1::Memory>* nearest, std::vector<double>* nearest_norms = nullptr,
                     double level_beta = 0.0, std::vector<core::StepPartial>* drives = nullptr) {
     // A failed stream stays failed: later steps get the same error.
+    all_current_ = false;
     if (!failure_.ok()) return failure_;
     ++requests_;
     shard::v1::StepRequest req;
     if (streams_.empty()) {
       req = first_;
       for (int i = 0; i < router_->shards(); ++i) {
-        contexts_.push_back(router_->Forward(ctx_, detached_until_.has_value()));
-        if (detached_until_) contexts_.back()->set_deadline(*detached_until_);
+        if (ctx_ != nullptr) {
+          contexts_.push_back(router_->Forward(ctx_));
+        } else {
+          contexts_.push_back(std::make_unique<grpc::ClientContext>());
+          contexts_.back()->set_deadline(detached_until_);
+          if (!authorization_.empty()) {
+            contexts_.back()->AddMetadata("authorization", authorization_);
+          }
+        }
         streams_.push_back(router_->shards_[i].steps->Steps(contexts_.back().get()));
       }
     }
@@ -195,8 +211,8 @@ class RouterService::StepStreams {
                                                 " partials for ", b, " states"));
       }
     }
-    all_current_ = true;
-    for (int i = 0; i < s; ++i) all_current_ = all_current_ && replies[i].current();
+    bool current = true;
+    for (int i = 0; i < s; ++i) current = current && replies[i].current();
     merged->resize(b);
     if (nearest != nullptr) nearest->assign(b, v1::Memory());
     if (nearest_norms != nullptr) nearest_norms->assign(b, 0.0);
@@ -223,14 +239,15 @@ class RouterService::StepStreams {
         ENGRAM_ASSIGN_OR_RETURN((*drives)[j], core::MergeStepPartials(parts));
       }
     }
+    all_current_ = current;  // only for a step that succeeded
     return absl::OkStatus();
   }
 
   // Requests sent so far (one per Step).
   int64_t requests() const { return requests_; }
-  // Whether every shard answered the last Step with its bank as the stream
-  // pinned it (StepReply.current).
-  bool all_current() const { return all_current_; }
+  // Whether the last Step succeeded and every shard answered it with its
+  // bank as the stream pinned it (StepReply.current).
+  bool all_current() const { return all_current_ && failure_.ok(); }
 
  private:
   // The status that ended shard i's stream.
@@ -247,7 +264,8 @@ class RouterService::StepStreams {
   RouterService* router_;
   grpc::ServerContext* ctx_;
   shard::v1::StepRequest first_;
-  std::optional<std::chrono::system_clock::time_point> detached_until_;
+  std::chrono::system_clock::time_point detached_until_;
+  std::string authorization_;
   bool failed_ = false;
   absl::Status failure_;
   int64_t requests_ = 0;
@@ -256,6 +274,8 @@ class RouterService::StepStreams {
   std::vector<std::unique_ptr<grpc::ClientReaderWriter<shard::v1::StepRequest, shard::v1::StepReply>>>
       streams_;
 };
+
+RouterService::~RouterService() = default;
 
 absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(RouterOptions options) {
   if (options.shards.empty()) return absl::InvalidArgumentError("a router needs shards");
@@ -285,6 +305,7 @@ RouterService::RouterService(RouterOptions options) : options_(std::move(options
   }
   std::random_device rd;
   rng_state_ = (uint64_t{rd()} << 32) ^ rd();
+  runners_ = std::make_unique<Runners>(kRunnerThreads);
 }
 
 std::unique_ptr<grpc::ClientContext> RouterService::Forward(grpc::ServerContext* ctx,
@@ -868,30 +889,71 @@ grpc::Status RouterService::Energy(grpc::ServerContext* ctx, const v1::EnergyReq
 }
 
 struct RouterService::SyncCall {
-  grpc::ServerContext* ctx = nullptr;       // whose authorization the streams carry
-  const shard::v1::StepRequest* first = nullptr;  // the streams' first request
-  core::EnergyConfig cfg;
-  core::StateKind kind = core::StateKind::kContinuous;
-  int n = 0;  // the bank's dimension
-  int m = 0;  // its value dimension
+  grpc::ServerContext* ctx = nullptr;
   int64_t count = 0;
   const float* queries = nullptr;  // count x n
   std::function<absl::Span<const bool>(int64_t)> clamp_of;
   const core::RetrieveOptions* opts = nullptr;
   std::chrono::system_clock::time_point stop_at;  // when its dynamics stop
   // Filled by the batch: each query's trajectory (or error), nearest
-  // memory and value readout; `status` is the final step's error.
+  // memory and value readout; `status` is an error of the whole call (the
+  // final step's, or why it never ran), checked before `results`.
   std::vector<absl::StatusOr<core::Trajectory>> results;
   std::vector<v1::Memory> nearest;
   std::vector<std::vector<float>> values;
   absl::Status status;
-  int64_t left = 0;   // queries not yet answered
-  // Guarded by batch_mu_: answered; a batch this call's thread must run;
-  // the step count of the batch it joined when it came.
+  int64_t left = 0;  // queries not yet answered
+  // Guarded by batch_mu_: answered (after which nothing touches the call);
+  // taken by a running batch (it can no longer leave); the step count of
+  // the batch it joined when it came.
   bool done = false;
-  std::shared_ptr<SyncGroup> leads;
+  bool admitted = false;
   int64_t seen = 0;
 };
+
+// A fixed set of threads that run Retrieve batches, so that no caller's
+// thread runs other callers' queries (each call waits for its own answer).
+class RouterService::Runners {
+ public:
+  explicit Runners(int threads) {
+    for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { Loop(); });
+  }
+  ~Runners() {
+    {
+      core::MutexLock lock(&mu_);
+      stop_ = true;
+      cv_.SignalAll();
+    }
+    for (std::thread& t : threads_) t.join();
+  }
+  void Run(std::function<void()> task) {
+    core::MutexLock lock(&mu_);
+    tasks_.push_back(std::move(task));
+    cv_.SignalAll();
+  }
+
+ private:
+  void Loop() {
+    while (true) {
+      std::function<void()> task;
+      {
+        core::MutexLock lock(&mu_);
+        while (tasks_.empty() && !stop_) cv_.Wait(&mu_);
+        if (tasks_.empty()) return;
+        task = std::move(tasks_.front());
+        tasks_.pop_front();
+      }
+      task();
+    }
+  }
+
+  core::Mutex mu_;
+  core::CondVar cv_;
+  std::deque<std::function<void()>> tasks_ ABSL_GUARDED_BY(mu_);
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::vector<std::thread> threads_;
+};
+
 
 grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::RetrieveRequest* req,
                                      v1::RetrieveResponse* resp) {
@@ -969,33 +1031,40 @@ grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::Retriev
     if (opts.dynamics == core::Dynamics::kSync) {
       SyncCall call;
       call.ctx = ctx;
-      call.first = &first;
-      call.cfg = cfg;
-      call.kind = kind;
-      call.n = n;
-      call.m = m;
       call.count = count;
       call.queries = req->queries().data();
       call.clamp_of = clamp_of;
       call.opts = &opts;
       call.stop_at = stop_at;
-      if (options_.batching && count <= options_.max_batch_queries) {
-        auto auth = ctx->client_metadata().equal_range("authorization");
-        const std::string key = absl::StrCat(
-            first.SerializeAsString(), "\x1f", n, "\x1f", static_cast<int>(kind), "\x1f",
-            auth.first != auth.second
-                ? absl::string_view(auth.first->second.data(), auth.first->second.size())
-                : absl::string_view());
-        RunSyncGrouped(key, &call);
+      auto auth = ctx->client_metadata().equal_range("authorization");
+      const std::string authorization =
+          auth.first != auth.second ? std::string(auth.first->second.data(),
+                                                  auth.first->second.size())
+                                    : std::string();
+      // What a batch of this call's key computes with.
+      SyncGroup shape;
+      shape.first = first;
+      shape.cfg = cfg;
+      shape.kind = kind;
+      shape.n = n;
+      shape.m = m;
+      shape.authorization = authorization;
+      if (options_.batching && count <= options_.max_batch_queries &&
+          count * n * int64_t{4} <= options_.max_message_bytes / 4) {
+        // The key: everything the batch's streams and finish depend on.
+        const std::string key = absl::StrCat(first.SerializeAsString(), "\x1f", n, "\x1f", m,
+                                             "\x1f", static_cast<int>(kind), "\x1f",
+                                             authorization);
+        RunSyncGrouped(key, shape, &call);
       } else {
-        SyncGroup alone;
-        alone.calls = {&call};
-        alone.queries = count;
-        alone.until = stop_at + std::chrono::seconds(2);
-        RunSyncGroup(alone);
+        // Alone, on this thread, with the call's own deadline and
+        // cancellation on its streams.
+        shape.calls = {&call};
+        shape.queries = count;
+        RunSyncGroup(shape, ctx);
       }
-      for (int64_t q = 0; q < count; ++q) ENGRAM_RETURN_IF_ERROR(call.results[q].status());
       ENGRAM_RETURN_IF_ERROR(call.status);
+      for (int64_t q = 0; q < count; ++q) ENGRAM_RETURN_IF_ERROR(call.results[q].status());
       for (int64_t q = 0; q < count; ++q) {
         ENGRAM_RETURN_IF_ERROR(emit(q, *call.results[q], call.nearest[q], call.values[q]));
       }
@@ -1044,131 +1113,208 @@ grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::Retriev
 }
 
 
-void RouterService::RunSyncGrouped(const std::string& key, SyncCall* call) {
-  // Margin of a batch's stream deadline past its calls' own.
-  constexpr auto kMargin = std::chrono::seconds(2);
-  std::shared_ptr<SyncGroup> group;
-  bool counted = true;  // the batch is one of the key's running ones
+namespace {
+
+// Margin of a batch's stream deadline past its calls' own.
+constexpr auto kBatchMargin = std::chrono::seconds(2);
+
+}  // namespace
+
+void RouterService::RunSyncGrouped(const std::string& key, const SyncGroup& shape,
+                                   SyncCall* call) {
+  const int64_t row_bytes = int64_t{4} * shape.n;
+  auto fits = [&](const SyncGroup& g) {
+    const int64_t q = g.queries + call->count;
+    return q <= options_.max_batch_queries && q * row_bytes <= options_.max_message_bytes / 4;
+  };
+  auto fresh = [&] {
+    auto g = std::make_shared<SyncGroup>();
+    g->key = key;
+    g->first = shape.first;
+    g->cfg = shape.cfg;
+    g->kind = shape.kind;
+    g->n = shape.n;
+    g->m = shape.m;
+    g->authorization = shape.authorization;
+    return g;
+  };
+  bool alone = false;
   {
     core::MutexLock lock(&batch_mu_);
     KeyGroups& k = sync_groups_[key];
-    bool waits = false;
+    bool placed = false;
     for (const std::shared_ptr<SyncGroup>& g : k.running) {
       // A running batch takes a call that fits in it and its deadline; the
       // call starts once a step sent after it came finds every shard's bank
-      // unchanged (RunSyncGroup).
-      if (g->open && g->queries + call->count <= options_.max_batch_queries &&
-          call->stop_at + kMargin / 2 <= g->until) {
+      // unchanged (RunSyncGroupSteps).
+      if (g->open && fits(*g) && call->stop_at + kBatchMargin / 2 <= g->until) {
         call->seen = g->step_seq;
         g->joining.push_back(call);
         g->queries += call->count;
-        waits = true;
+        placed = true;
         break;
       }
     }
-    if (!waits && static_cast<int>(k.running.size()) < kSyncGroupsPerKey) {
-      group = std::make_shared<SyncGroup>();
-      k.running.push_back(group);
-    } else if (!waits && (k.forming == nullptr ||
-                          k.forming->queries + call->count <= options_.max_batch_queries)) {
-      if (k.forming == nullptr) k.forming = std::make_shared<SyncGroup>();
+    if (!placed && static_cast<int>(k.running.size()) < kSyncGroupsPerKey) {
+      std::shared_ptr<SyncGroup> g = fresh();
+      g->calls.push_back(call);
+      g->queries = call->count;
+      k.running.push_back(g);
+      StartGroup(key, std::move(g));
+    } else if (!placed && (k.forming == nullptr || fits(*k.forming))) {
+      if (k.forming == nullptr) k.forming = fresh();
       k.forming->calls.push_back(call);
       k.forming->queries += call->count;
-      waits = true;
-    } else if (!waits) {
-      // The next batch is full: this call runs alone, beside the others.
-      group = std::make_shared<SyncGroup>();
-      counted = false;
+    } else if (!placed) {
+      alone = true;  // the next batch is full: this call runs by itself
     }
-    if (waits) {
-      // Answered by a running batch, or handed a batch to run.
-      while (!call->done && call->leads == nullptr) batch_cv_.Wait(&batch_mu_);
-      if (call->done) return;
-      group = std::move(call->leads);
-    } else {
-      group->calls.push_back(call);
-      group->queries += call->count;
+    // Wait to be answered; a call not yet taken by a batch leaves when its
+    // deadline passes or it is cancelled.
+    while (!alone && !call->done) {
+      const auto now = std::chrono::system_clock::now();
+      if (!call->admitted && (now >= call->stop_at || call->ctx->IsCancelled())) {
+        auto drop = [&](std::vector<SyncCall*>& v, SyncGroup& g) {
+          auto it = std::find(v.begin(), v.end(), call);
+          if (it == v.end()) return false;
+          v.erase(it);
+          g.queries -= call->count;
+          return true;
+        };
+        KeyGroups& kk = sync_groups_[key];
+        bool dropped = kk.forming != nullptr && drop(kk.forming->calls, *kk.forming);
+        for (const std::shared_ptr<SyncGroup>& g : kk.running) {
+          dropped = dropped || drop(g->joining, *g);
+        }
+        if (kk.forming != nullptr && kk.forming->calls.empty()) kk.forming = nullptr;
+        if (kk.running.empty() && kk.forming == nullptr) sync_groups_.erase(key);
+        call->status = call->ctx->IsCancelled()
+                           ? absl::CancelledError("the call was cancelled before it ran")
+                           : absl::DeadlineExceededError(
+                                 "deadline passed while the call waited for a Retrieve batch");
+        return;
+      }
+      batch_cv_.WaitWithDeadline(
+          &batch_mu_, absl::FromChrono(std::min(call->stop_at,
+                                                now + std::chrono::milliseconds(100))));
     }
-    group->until = call->stop_at;
-    for (const SyncCall* c : group->calls) group->until = std::max(group->until, c->stop_at);
-    group->until += kMargin;
-    group->open = counted;
   }
-  RunSyncGroup(*group);
-  if (options_.metrics != nullptr) {
-    options_.metrics->RecordBatch(group->queries, group->calls_taken);
-  }
-  if (!counted) return;
-  core::MutexLock lock(&batch_mu_);
-  KeyGroups& k = sync_groups_[key];
-  k.running.erase(std::find(k.running.begin(), k.running.end(), group));
-  if (!group->joining.empty()) {
-    // Calls that came too late to join go first in the next batch.
-    if (k.forming == nullptr) k.forming = std::make_shared<SyncGroup>();
-    for (SyncCall* c : group->joining) k.forming->queries += c->count;
-    k.forming->calls.insert(k.forming->calls.begin(), group->joining.begin(),
-                            group->joining.end());
-    group->joining.clear();
-  }
-  if (k.forming != nullptr) {
-    // The waiting calls run next, led by the first of them, in this slot.
-    std::shared_ptr<SyncGroup> next = std::move(k.forming);
-    k.running.push_back(next);
-    next->calls.front()->leads = next;
-    batch_cv_.SignalAll();
-  } else if (k.running.empty()) {
-    sync_groups_.erase(key);
+  if (alone) {
+    SyncGroup g = *fresh();
+    g.key.clear();
+    g.calls = {call};
+    g.queries = call->count;
+    RunSyncGroup(g, call->ctx);
   }
 }
 
-void RouterService::RunSyncGroup(SyncGroup& group) {
+void RouterService::StartGroup(const std::string& key, std::shared_ptr<SyncGroup> group) {
+  group->until = group->calls.front()->stop_at;
+  for (SyncCall* c : group->calls) {
+    group->until = std::max(group->until, c->stop_at);
+    c->admitted = true;
+  }
+  group->until += kBatchMargin;
+  group->open = true;
+  runners_->Run([this, key, group] {
+    RunSyncGroup(*group);
+    if (options_.metrics != nullptr) {
+      options_.metrics->RecordBatch(group->queries_run, group->calls_run);
+    }
+    core::MutexLock lock(&batch_mu_);
+    KeyGroups& k = sync_groups_[key];
+    k.running.erase(std::find(k.running.begin(), k.running.end(), group));
+    CloseGroup(*group);
+    if (k.forming != nullptr && static_cast<int>(k.running.size()) < kSyncGroupsPerKey) {
+      std::shared_ptr<SyncGroup> next = std::move(k.forming);
+      k.running.push_back(next);
+      StartGroup(key, std::move(next));
+    }
+    if (k.running.empty() && k.forming == nullptr) sync_groups_.erase(key);
+    batch_cv_.SignalAll();
+  });
+}
+
+void RouterService::CloseGroup(SyncGroup& group) {
+  group.open = false;
+  if (group.joining.empty() || group.key.empty()) return;
+  // Calls that had not joined yet go first in the key's next batch, which
+  // starts at once if a slot is free.
+  KeyGroups& k = sync_groups_[group.key];
+  if (k.forming == nullptr) {
+    k.forming = std::make_shared<SyncGroup>();
+    k.forming->key = group.key;
+    k.forming->first = group.first;
+    k.forming->cfg = group.cfg;
+    k.forming->kind = group.kind;
+    k.forming->n = group.n;
+    k.forming->m = group.m;
+    k.forming->authorization = group.authorization;
+  }
+  for (SyncCall* c : group.joining) {
+    group.queries -= c->count;
+    k.forming->queries += c->count;
+  }
+  k.forming->calls.insert(k.forming->calls.begin(), group.joining.begin(), group.joining.end());
+  group.joining.clear();
+  if (static_cast<int>(k.running.size()) < kSyncGroupsPerKey) {
+    std::shared_ptr<SyncGroup> next = std::move(k.forming);
+    k.running.push_back(next);
+    StartGroup(group.key, std::move(next));
+  }
+  batch_cv_.SignalAll();
+}
+
+void RouterService::RunSyncGroup(SyncGroup& group, grpc::ServerContext* attached) {
   // Its calls not yet answered (joiners are added as they are admitted).
   std::vector<SyncCall*> taken = group.calls;
   try {
-    RunSyncGroupSteps(group, &taken);
+    RunSyncGroupSteps(group, attached, &taken);
   } catch (...) {
     // Every call of the batch is answered, never left waiting (those in
-    // `taken` and `joining` are not answered yet, so alive).
+    // `taken` are not answered yet, so alive).
     core::MutexLock lock(&batch_mu_);
-    group.open = false;
-    for (auto* calls : {&taken, &group.joining}) {
-      for (SyncCall* c : *calls) {
-        c->status = absl::InternalError("the Retrieve batch failed");
-        c->done = true;
-      }
+    for (SyncCall* c : taken) {
+      c->status = absl::InternalError("the Retrieve batch failed");
+      c->done = true;
     }
-    group.joining.clear();
+    CloseGroup(group);
     batch_cv_.SignalAll();
   }
 }
 
-void RouterService::RunSyncGroupSteps(SyncGroup& group, std::vector<SyncCall*>* taken) {
-  const SyncCall& lead = *group.calls.front();
-  const int n = lead.n;
-  const int m = lead.m;
+void RouterService::RunSyncGroupSteps(SyncGroup& group, grpc::ServerContext* attached,
+                                      std::vector<SyncCall*>* taken) {
+  const int n = group.n;
+  const int m = group.m;
   std::chrono::system_clock::time_point until;
   {
     core::MutexLock lock(&batch_mu_);
     until = group.until;
   }
-  // The streams outlive any one call's cancellation: they end with the
-  // batch, by the latest deadline of its calls.
-  StepStreams streams(this, lead.ctx, *lead.first, until);
-  const core::EnergyFunction f = Finisher(lead.cfg, n);
+  // A batch's streams outlive any one call's cancellation: they end by the
+  // latest deadline of its calls (plus a margin). A call alone on its own
+  // thread gives its streams its deadline and cancellation.
+  std::optional<StepStreams> streams;
+  if (attached != nullptr) {
+    streams.emplace(this, attached, group.first);
+  } else {
+    streams.emplace(this, nullptr, group.first, until, group.authorization);
+  }
+  const core::EnergyFunction f = Finisher(group.cfg, n);
   // A bipolar bank under a non-general family steps on each neuron's
   // drive (merged from the shards' drive partials); the others on the
   // update target of the merged partial.
-  const bool drive = core::UsesBipolarDrive(lead.cfg, lead.kind);
+  const bool drive = core::UsesBipolarDrive(group.cfg, group.kind);
   std::vector<core::StepPartial> merged, drives;
   auto evaluate = [&](const float* x, int64_t b, float* targets, double* energies,
                       int64_t* nearest_rows) -> absl::Status {
     const bool target_from_sum = targets != nullptr && !drive;
-    ENGRAM_RETURN_IF_ERROR(streams.Step(x, b, n, target_from_sum, false, false, &merged, nullptr,
-                                        nullptr, 0.0,
-                                        targets != nullptr && drive ? &drives : nullptr));
+    ENGRAM_RETURN_IF_ERROR(streams->Step(x, b, n, target_from_sum, false, false, &merged,
+                                         nullptr, nullptr, 0.0,
+                                         targets != nullptr && drive ? &drives : nullptr));
     if (b > 0 && merged[0].rows == 0) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "bank '", lead.first->bank(), "' holds no pattern that passes the call's filter (or "
+          "bank '", group.first.bank(), "' holds no pattern that passes the call's filter (or "
           "none at all); store patterns first"));
     }
     for (int64_t j = 0; j < b; ++j) {
@@ -1176,7 +1322,7 @@ void RouterService::RunSyncGroupSteps(SyncGroup& group, std::vector<SyncCall*>* 
           energies[j], f.FinishPartial(merged[j], x + j * n,
                                        target_from_sum ? targets + j * n : nullptr, nullptr));
       if (targets != nullptr && drive) {
-        core::FinishDrive(lead.cfg, drives[j], x + j * n, targets + j * n);
+        core::FinishDrive(group.cfg, drives[j], x + j * n, targets + j * n);
       }
       nearest_rows[j] = -1;
     }
@@ -1185,7 +1331,7 @@ void RouterService::RunSyncGroupSteps(SyncGroup& group, std::vector<SyncCall*>* 
   std::vector<std::pair<SyncCall*, int64_t>> owner;  // by tag
   std::vector<uint64_t> finished;                    // tags since the last settle
   core::SyncBatch sync(
-      f, lead.kind,
+      f, group.kind,
       [&](uint64_t tag, absl::StatusOr<core::Trajectory> r) {
         owner[tag].first->results[owner[tag].second] = std::move(r);
         finished.push_back(tag);
@@ -1203,8 +1349,8 @@ void RouterService::RunSyncGroupSteps(SyncGroup& group, std::vector<SyncCall*>* 
     c->nearest.assign(c->count, v1::Memory());
     c->values.assign(c->count, {});
     c->left = c->count;
-    ++group.calls_taken;
-    if (std::find(taken->begin(), taken->end(), c) == taken->end()) taken->push_back(c);
+    ++group.calls_run;
+    group.queries_run += c->count;
     const int64_t count = c->count;
     const uint64_t first_tag = owner.size();
     for (int64_t q = 0; q < count; ++q) owner.push_back({c, q});
@@ -1231,8 +1377,8 @@ void RouterService::RunSyncGroupSteps(SyncGroup& group, std::vector<SyncCall*>* 
     absl::Status s;
     std::vector<v1::Memory> nearest;
     if (!moved.empty()) {
-      s = streams.Step(finals.data(), static_cast<int64_t>(moved.size()), n, false, m > 0, true,
-                       &merged, &nearest);
+      s = streams->Step(finals.data(), static_cast<int64_t>(moved.size()), n, false, m > 0, true,
+                        &merged, &nearest);
     }
     for (size_t j = 0; s.ok() && j < moved.size(); ++j) {
       auto [c, q] = owner[moved[j]];
@@ -1246,7 +1392,7 @@ void RouterService::RunSyncGroupSteps(SyncGroup& group, std::vector<SyncCall*>* 
     }
     finished.clear();
   };
-  for (SyncCall* c : group.calls) admit(c);
+  for (SyncCall* c : std::vector<SyncCall*>(group.calls)) admit(c);
   settle();
   // The last step whose requests every shard answered with its bank
   // unchanged since the streams pinned it (0: none yet).
@@ -1263,9 +1409,13 @@ void RouterService::RunSyncGroupSteps(SyncGroup& group, std::vector<SyncCall*>* 
                                           [&](SyncCall* c) { return c->seen >= confirmed; });
         take.assign(keep, group.joining.end());
         group.joining.erase(keep, group.joining.end());
+        for (SyncCall* c : take) {
+          c->admitted = true;
+          taken->push_back(c);
+        }
       }
       if (sync.empty() && take.empty()) {
-        group.open = false;  // calls still joining run in the next batch
+        CloseGroup(group);  // calls still joining run in the next batch
         break;
       }
       seq = ++group.step_seq;
@@ -1273,14 +1423,15 @@ void RouterService::RunSyncGroupSteps(SyncGroup& group, std::vector<SyncCall*>* 
     for (SyncCall* c : take) admit(c);
     settle();
     if (sync.empty()) continue;
-    const int64_t sent = streams.requests();
+    const int64_t sent = streams->requests();
     sync.Step();
-    if (streams.requests() > sent) {
-      if (streams.all_current()) {
+    if (streams->requests() > sent) {
+      if (streams->all_current()) {
         confirmed = seq;
       } else {
+        // A write came (or a step failed): later calls need a new pin.
         core::MutexLock lock(&batch_mu_);
-        group.open = false;  // a write came: later calls need a new pin
+        CloseGroup(group);
       }
     }
     settle();

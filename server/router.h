@@ -113,6 +113,7 @@ class RouterService final : public v1::MemoryService::Service {
  public:
   // INVALID_ARGUMENT for an empty shard list.
   static absl::StatusOr<std::unique_ptr<RouterService>> Create(RouterOptions options);
+  ~RouterService() override;
 
   grpc::Status CreateBank(grpc::ServerContext* ctx, const v1::CreateBankRequest* req,
                           v1::BankInfo* resp) override;
@@ -191,15 +192,26 @@ class RouterService final : public v1::MemoryService::Service {
   // One SYNC Retrieve's queries and results in a batch (router.cc).
   struct SyncCall;
   // Calls whose queries run as one core::SyncBatch over one set of shard
-  // streams. Fields after `calls` are guarded by batch_mu_.
+  // streams, on a runner thread of the router's (a call's own thread only
+  // waits). The first block is set before the batch runs and read-only
+  // after; fields after `calls` are guarded by batch_mu_.
   struct SyncGroup {
+    shard::v1::StepRequest first;  // the streams' first request
+    core::EnergyConfig cfg;
+    core::StateKind kind = core::StateKind::kContinuous;
+    int n = 0;  // the bank's dimension
+    int m = 0;  // its value dimension
+    std::string authorization;  // the calls' authorization header
     std::vector<SyncCall*> calls;  // the calls it starts with
-    int64_t queries = 0;           // queries of every call it took
-    int64_t calls_taken = 0;       // calls it ran, joiners included
+    int64_t queries = 0;           // queries of the calls it holds or admits
     bool open = false;             // takes joiners (its shards still current)
     std::chrono::system_clock::time_point until;  // its streams' deadline
     int64_t step_seq = 0;          // steps begun
     std::vector<SyncCall*> joining;  // came while it ran, not yet admitted
+    std::string key;  // its key (empty: a call alone)
+    // Counted by the thread running it: calls and queries it ran.
+    int64_t calls_run = 0;
+    int64_t queries_run = 0;
   };
   // The batches of one key: those running, and the one forming.
   struct KeyGroups {
@@ -207,20 +219,34 @@ class RouterService final : public v1::MemoryService::Service {
     std::shared_ptr<SyncGroup> forming;
   };
   static constexpr int kSyncGroupsPerKey = 2;
-  // Runs `call` in a batch of `key` (or alone); returns when its results
-  // are in.
-  void RunSyncGrouped(const std::string& key, SyncCall* call);
+  // Threads that run Retrieve batches (each mostly waits on the shards).
+  static constexpr int kRunnerThreads = 8;
+  class Runners;
+  // Runs `call` in a batch of `key` (computing as `shape`, whose first block
+  // is set); returns when it is answered (its results in, or its status
+  // set).
+  void RunSyncGrouped(const std::string& key, const SyncGroup& shape, SyncCall* call);
+  // Starts `group` (one of `key`'s running ones) on a runner. Requires
+  // batch_mu_.
+  void StartGroup(const std::string& key, std::shared_ptr<SyncGroup> group)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(batch_mu_);
   // Runs the calls of `group`, and those that join it, to their end on this
-  // thread.
-  void RunSyncGroup(SyncGroup& group);
-  // Its body; `taken` holds the calls not yet answered.
-  void RunSyncGroupSteps(SyncGroup& group, std::vector<SyncCall*>* taken);
+  // thread, with the streams' context detached from every call (`attached`:
+  // that of the group's only call, running on its own thread).
+  void RunSyncGroup(SyncGroup& group, grpc::ServerContext* attached = nullptr);
+  // Takes no more joiners into `group`: those waiting go first in its key's
+  // next batch, started at once when a slot is free. Requires batch_mu_.
+  void CloseGroup(SyncGroup& group) ABSL_EXCLUSIVE_LOCKS_REQUIRED(batch_mu_);
+  // Its body; `taken` holds the calls admitted and not yet answered.
+  void RunSyncGroupSteps(SyncGroup& group, grpc::ServerContext* attached,
+                         std::vector<SyncCall*>* taken);
 
   RouterOptions options_;
   std::vector<Shard> shards_;
   core::Mutex batch_mu_;
   core::CondVar batch_cv_;
   absl::flat_hash_map<std::string, KeyGroups> sync_groups_ ABSL_GUARDED_BY(batch_mu_);
+  std::unique_ptr<Runners> runners_;
   absl::Mutex rng_mu_;
   uint64_t rng_state_ ABSL_GUARDED_BY(rng_mu_);
 };
