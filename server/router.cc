@@ -245,6 +245,8 @@ class RouterService::StepStreams {
 
   // Requests sent so far (one per Step).
   int64_t requests() const { return requests_; }
+  // No stream has failed.
+  bool ok() const { return failure_.ok(); }
   // Whether the last Step succeeded and every shard answered it with its
   // bank as the stream pinned it (StepReply.current).
   bool all_current() const { return all_current_ && failure_.ok(); }
@@ -943,7 +945,11 @@ class RouterService::Runners {
         task = std::move(tasks_.front());
         tasks_.pop_front();
       }
-      task();
+      try {
+        task();
+      } catch (...) {
+        // A task answers its calls on its own errors; a runner outlives it.
+      }
     }
   }
 
@@ -1180,10 +1186,13 @@ void RouterService::RunSyncGrouped(const std::string& key, const SyncGroup& shap
           g.queries -= call->count;
           return true;
         };
+        // It waits in the forming batch, in a running one's joiners, or in
+        // a batch queued for a runner and not yet begun.
         KeyGroups& kk = sync_groups_[key];
-        bool dropped = kk.forming != nullptr && drop(kk.forming->calls, *kk.forming);
-        for (const std::shared_ptr<SyncGroup>& g : kk.running) {
-          dropped = dropped || drop(g->joining, *g);
+        if (kk.forming == nullptr || !drop(kk.forming->calls, *kk.forming)) {
+          for (const std::shared_ptr<SyncGroup>& g : kk.running) {
+            if (drop(g->joining, *g) || (!g->started && drop(g->calls, *g))) break;
+          }
         }
         if (kk.forming != nullptr && kk.forming->calls.empty()) kk.forming = nullptr;
         if (kk.running.empty() && kk.forming == nullptr) sync_groups_.erase(key);
@@ -1193,9 +1202,9 @@ void RouterService::RunSyncGrouped(const std::string& key, const SyncGroup& shap
                                  "deadline passed while the call waited for a Retrieve batch");
         return;
       }
-      batch_cv_.WaitWithDeadline(
-          &batch_mu_, absl::FromChrono(std::min(call->stop_at,
-                                                now + std::chrono::milliseconds(100))));
+      auto wake = now + std::chrono::milliseconds(100);
+      if (!call->admitted) wake = std::min(wake, call->stop_at);
+      batch_cv_.WaitWithDeadline(&batch_mu_, absl::FromChrono(wake));
     }
   }
   if (alone) {
@@ -1208,16 +1217,24 @@ void RouterService::RunSyncGrouped(const std::string& key, const SyncGroup& shap
 }
 
 void RouterService::StartGroup(const std::string& key, std::shared_ptr<SyncGroup> group) {
-  group->until = group->calls.front()->stop_at;
-  for (SyncCall* c : group->calls) {
-    group->until = std::max(group->until, c->stop_at);
-    c->admitted = true;
-  }
-  group->until += kBatchMargin;
-  group->open = true;
   runners_->Run([this, key, group] {
-    RunSyncGroup(*group);
-    if (options_.metrics != nullptr) {
+    bool any = false;
+    {
+      // Its calls are those still waiting when a runner takes it (a call
+      // may leave while it is queued); from here they run.
+      core::MutexLock lock(&batch_mu_);
+      group->started = true;
+      any = !group->calls.empty();
+      group->until = any ? group->calls.front()->stop_at : std::chrono::system_clock::now();
+      for (SyncCall* c : group->calls) {
+        group->until = std::max(group->until, c->stop_at);
+        c->admitted = true;
+      }
+      group->until += kBatchMargin;
+      group->open = any;
+    }
+    if (any) RunSyncGroup(*group);
+    if (options_.metrics != nullptr && group->calls_run > 0) {
       options_.metrics->RecordBatch(group->queries_run, group->calls_run);
     }
     core::MutexLock lock(&batch_mu_);
@@ -1341,6 +1358,7 @@ void RouterService::RunSyncGroupSteps(SyncGroup& group, grpc::ServerContext* att
   auto answered = [&](SyncCall* c) {
     taken->erase(std::find(taken->begin(), taken->end(), c));
     core::MutexLock lock(&batch_mu_);
+    group.queries -= c->count;  // room for joiners
     c->done = true;
     batch_cv_.SignalAll();
   };
@@ -1385,6 +1403,10 @@ void RouterService::RunSyncGroupSteps(SyncGroup& group, grpc::ServerContext* att
       c->nearest[q] = nearest[j];
       c->values[q] = merged[j].value;
     }
+    if (!s.ok()) {
+      core::MutexLock lock(&batch_mu_);
+      CloseGroup(group);  // no one joins failed streams
+    }
     for (uint64_t tag : finished) {
       SyncCall* c = owner[tag].first;
       if (!s.ok() && c->status.ok()) c->status = s;
@@ -1402,7 +1424,7 @@ void RouterService::RunSyncGroupSteps(SyncGroup& group, grpc::ServerContext* att
     int64_t seq = 0;
     {
       core::MutexLock lock(&batch_mu_);
-      if (group.open && confirmed > 0) {
+      if (group.open && confirmed > 0 && streams->ok()) {
         // A call that came before step `confirmed` was sent sees every
         // write acknowledged before it: it may run on these streams.
         auto keep = std::stable_partition(group.joining.begin(), group.joining.end(),

@@ -203,7 +203,8 @@ class RouterService final : public v1::MemoryService::Service {
     int m = 0;  // its value dimension
     std::string authorization;  // the calls' authorization header
     std::vector<SyncCall*> calls;  // the calls it starts with
-    int64_t queries = 0;           // queries of the calls it holds or admits
+    int64_t queries = 0;           // queries of its calls not yet answered
+    bool started = false;          // a runner took it (its calls are fixed)
     bool open = false;             // takes joiners (its shards still current)
     std::chrono::system_clock::time_point until;  // its streams' deadline
     int64_t step_seq = 0;          // steps begun
