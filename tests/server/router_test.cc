@@ -7,6 +7,7 @@
 // with and without a filter. Writes route by id and fail clean; a shard
 // that is down fails the call UNAVAILABLE naming it.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <atomic>
 #include <filesystem>
@@ -389,7 +390,16 @@ TEST_F(RouterTest, ConcurrentSyncRetrievesShareBatchesAndAnswerAsAlone) {
     }
     return std::make_pair(batches, in_batches);
   };
-  const auto before = batch_counts();
+  // A batch is counted once it ends, which may be just after its last call
+  // was answered: wait (bounded) until the calls so far are all counted.
+  auto settled = [&](double calls_counted) {
+    for (int i = 0; i < 500 && batch_counts().second < calls_counted; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return batch_counts();
+  };
+  const auto before = settled(static_cast<double>(calls.size()));
+  ASSERT_EQ(before.second, static_cast<double>(calls.size()));
   constexpr int kThreads = 8;
   std::vector<std::vector<v1::RetrieveResponse>> got(kThreads);
   std::vector<std::string> errors(kThreads);
@@ -432,7 +442,7 @@ TEST_F(RouterTest, ConcurrentSyncRetrievesShareBatchesAndAnswerAsAlone) {
       }
     }
   }
-  const auto after = batch_counts();
+  const auto after = settled(before.second + static_cast<double>(calls.size()));
   const double batches = after.first - before.first;
   const double in_batches = after.second - before.second;
   EXPECT_EQ(in_batches, static_cast<double>(calls.size()));
