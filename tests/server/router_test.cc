@@ -212,6 +212,11 @@ TEST_F(RouterTest, ShardedBanksAnswerEnergyAndRetrieveAsOneNode) {
   std::mt19937_64 rng(7);
   for (const Family& f : Families()) {
     SCOPED_TRACE(f.name);
+    // Float reassociation, relative: 2e-4; the polynomial families' plain
+    // sums of d^3 and d^4 terms of both signs cancel, so their rounding
+    // is a larger part of the result: 2e-3.
+    const double rel = f.energy.family() == v1::ENERGY_FAMILY_POLYNOMIAL ? 2e-3 : 2e-4;
+    auto Tol = [rel](double scale) { return rel * std::max(1.0, std::abs(scale)); };
     Fill(f, rng);
     if (HasFailure()) return;
     // The patterns split over every shard.
