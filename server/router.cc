@@ -1126,6 +1126,19 @@ constexpr auto kBatchMargin = std::chrono::seconds(2);
 
 }  // namespace
 
+std::shared_ptr<RouterService::SyncGroup> RouterService::EmptyLike(const SyncGroup& shape,
+                                                                  const std::string& key) {
+  auto g = std::make_shared<SyncGroup>();
+  g->key = key;
+  g->first = shape.first;
+  g->cfg = shape.cfg;
+  g->kind = shape.kind;
+  g->n = shape.n;
+  g->m = shape.m;
+  g->authorization = shape.authorization;
+  return g;
+}
+
 void RouterService::RunSyncGrouped(const std::string& key, const SyncGroup& shape,
                                    SyncCall* call) {
   const int64_t row_bytes = int64_t{4} * shape.n;
@@ -1133,17 +1146,7 @@ void RouterService::RunSyncGrouped(const std::string& key, const SyncGroup& shap
     const int64_t q = g.queries + call->count;
     return q <= options_.max_batch_queries && q * row_bytes <= options_.max_message_bytes / 4;
   };
-  auto fresh = [&] {
-    auto g = std::make_shared<SyncGroup>();
-    g->key = key;
-    g->first = shape.first;
-    g->cfg = shape.cfg;
-    g->kind = shape.kind;
-    g->n = shape.n;
-    g->m = shape.m;
-    g->authorization = shape.authorization;
-    return g;
-  };
+  auto fresh = [&] { return EmptyLike(shape, key); };
   bool alone = false;
   {
     core::MutexLock lock(&batch_mu_);
@@ -1257,16 +1260,7 @@ void RouterService::CloseGroup(SyncGroup& group) {
   // Calls that had not joined yet go first in the key's next batch, which
   // starts at once if a slot is free.
   KeyGroups& k = sync_groups_[group.key];
-  if (k.forming == nullptr) {
-    k.forming = std::make_shared<SyncGroup>();
-    k.forming->key = group.key;
-    k.forming->first = group.first;
-    k.forming->cfg = group.cfg;
-    k.forming->kind = group.kind;
-    k.forming->n = group.n;
-    k.forming->m = group.m;
-    k.forming->authorization = group.authorization;
-  }
+  if (k.forming == nullptr) k.forming = EmptyLike(group, group.key);
   for (SyncCall* c : group.joining) {
     group.queries -= c->count;
     k.forming->queries += c->count;

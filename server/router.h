@@ -223,6 +223,8 @@ class RouterService final : public v1::MemoryService::Service {
   // Threads that run Retrieve batches (each mostly waits on the shards).
   static constexpr int kRunnerThreads = 8;
   class Runners;
+  // A batch of `key` with no calls, computing as `shape` (its first block).
+  static std::shared_ptr<SyncGroup> EmptyLike(const SyncGroup& shape, const std::string& key);
   // Runs `call` in a batch of `key` (computing as `shape`, whose first block
   // is set); returns when it is answered (its results in, or its status
   // set).

@@ -146,5 +146,17 @@ class Engramd:
         return grpc.insecure_channel(self.target, options=options)
 
 
+def make_cert(directory):
+    """A self-signed certificate for localhost / 127.0.0.1 and its key, as
+    files in `directory`; returns (cert path, key path)."""
+    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+         "-out", cert, "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True)
+    return cert, key
+
+
 def make_tempdir(prefix):
     return tempfile.mkdtemp(prefix=prefix)

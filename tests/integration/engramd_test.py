@@ -557,12 +557,7 @@ class SecurityTest(unittest.TestCase):
     def test_tls_and_token(self):
         d = tempfile.mkdtemp(prefix="engram_sec_")
         try:
-            cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
-            subprocess.run(
-                ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
-                 "-out", cert, "-days", "1", "-subj", "/CN=localhost",
-                 "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-                check=True, capture_output=True)
+            cert, key = engram_harness.make_cert(d)
             token_file = os.path.join(d, "token")
             with open(token_file, "w") as f:
                 f.write("tok-%d\n" % os.getpid())

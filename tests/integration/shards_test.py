@@ -243,12 +243,7 @@ class RouterTlsTest(unittest.TestCase):
         d = tempfile.mkdtemp(prefix="engram_shards_tls_")
         procs = []
         try:
-            cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
-            subprocess.run(
-                ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
-                 "-out", cert, "-days", "1", "-subj", "/CN=localhost",
-                 "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-                check=True, capture_output=True)
+            cert, key = engram_harness.make_cert(d)
             pem = open(cert, "rb").read()
             tls = ["--tls_cert", cert, "--tls_key", key]
             shards = []
