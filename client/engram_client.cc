@@ -14,6 +14,9 @@ absl::StatusOr<std::unique_ptr<EngramClient>> EngramClient::Connect(
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(options.max_message_bytes);
   args.SetMaxSendMessageSize(options.max_message_bytes);
+  // Calls spread over every address the target names or resolves to
+  // (replicas: "ipv4:h1:p,h2:p" or a headless Service's DNS name).
+  args.SetLoadBalancingPolicyName("round_robin");
   std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
   if (!options.tls_root_pem.empty()) {
     grpc::SslCredentialsOptions ssl;

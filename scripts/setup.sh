@@ -11,7 +11,7 @@ BUILD_PKGS=(
   build-essential cmake ninja-build ccache pkg-config git
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   libabsl-dev libeigen3-dev prometheus-cpp-dev libsqlite3-dev zlib1g-dev libpng-dev
-  libgtest-dev libgmock-dev libbenchmark-dev libopenblas-dev libcpp-httplib-dev
+  libgtest-dev libgmock-dev libbenchmark-dev libopenblas-dev libcpp-httplib-dev libnats-dev
 )
 # Tests, benchmarks, fuzzing, the science suite, the container tests and the
 # kernel test on emulated older CPUs (qemu-user).
@@ -21,11 +21,11 @@ TEST_PKGS=(
   python3-pytest python3-venv python3-pip python3-setuptools python3-wheel
   chromium chromium-driver
   clang libclang-rt-14-dev llvm
-  docker.io docker-compose debootstrap qemu-user
+  docker.io docker-compose debootstrap qemu-user nats-server
 )
 RUNTIME_PKGS=(
   libgrpc++1.51 libprotobuf32 libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0
-  libsqlite3-0 zlib1g libpng16-16 libopenblas0-pthread libcpp-httplib0.11 ca-certificates
+  libsqlite3-0 zlib1g libpng16-16 libopenblas0-pthread libcpp-httplib0.11 libnats3.4 ca-certificates
 )
 
 case "${1:-}" in

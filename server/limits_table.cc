@@ -46,6 +46,9 @@ std::string LimitsMarkdown(const ServerConfig& c) {
       "none", "`DEADLINE_EXCEEDED`, not run");
   row("SampleStream frames held for a slow reader", "`--stream_buffer_bytes`",
       Bytes(static_cast<double>(c.stream_buffer_bytes)), "`RESOURCE_EXHAUSTED` (the stream ends)");
+  row("one write as a log entry (replicated mode)", "nats-server `max_payload`",
+      "1 MiB unless the NATS servers raise it (at most 64 MiB)",
+      "`INVALID_ARGUMENT`; nothing written");
   row("bank name, Backup file name", "—", "`[a-z0-9][a-z0-9_.-]{0,63}`", "`INVALID_ARGUMENT`");
   row("dimension N", "CreateBank `dim`", absl::StrCat("1 .. ", core::kMaxDim),
       "`INVALID_ARGUMENT`");

@@ -123,6 +123,23 @@ ABSL_FLAG(int64_t, filter_cache_bytes,
 ABSL_FLAG(int64_t, expire_interval_ms, EnvOrInt("ENGRAM_EXPIRE_INTERVAL_MS", 1000),
           "how often patterns whose time to live ran out are deleted from memory and disk; 0 "
           "turns the sweep off (a read still deletes its bank's expired patterns first)");
+ABSL_FLAG(std::string, log, EnvOr("ENGRAM_LOG", ""),
+          "replicated mode: NATS URLs of the JetStream cluster holding this replica group's "
+          "write log, e.g. nats://n1:4222,nats://n2:4222; every write is acknowledged once a "
+          "quorum of the log holds it and this replica applied it; empty: local writes only "
+          "(env ENGRAM_LOG)");
+ABSL_FLAG(std::string, log_stream, EnvOr("ENGRAM_LOG_STREAM", "ENGRAM"),
+          "the replica group's JetStream stream; the same on every replica of the group "
+          "(env ENGRAM_LOG_STREAM)");
+ABSL_FLAG(int32_t, log_replicas, static_cast<int32_t>(EnvOrInt("ENGRAM_LOG_REPLICAS", 3)),
+          "copies of the stream on the NATS servers, used when this replica creates it "
+          "(env ENGRAM_LOG_REPLICAS)");
+ABSL_FLAG(int64_t, log_publish_timeout_ms, EnvOrInt("ENGRAM_LOG_PUBLISH_TIMEOUT_MS", 5000),
+          "longest wait of a write for the log's quorum ack; then UNAVAILABLE "
+          "(env ENGRAM_LOG_PUBLISH_TIMEOUT_MS)");
+ABSL_FLAG(int64_t, min_sequence_wait_ms, EnvOrInt("ENGRAM_MIN_SEQUENCE_WAIT_MS", 5000),
+          "longest wait of a read for its min_sequence; then UNAVAILABLE "
+          "(env ENGRAM_MIN_SEQUENCE_WAIT_MS)");
 ABSL_FLAG(std::string, restore_from, "",
           "start from this Backup snapshot (the data directory must hold no database)");
 ABSL_FLAG(int32_t, shutdown_grace_seconds, 10,
@@ -228,6 +245,17 @@ int main(int argc, char** argv) {
     return 1;
   }
   config.restore_from = absl::GetFlag(FLAGS_restore_from);
+  config.log_servers = absl::GetFlag(FLAGS_log);
+  config.log_stream = absl::GetFlag(FLAGS_log_stream);
+  config.log_replicas = absl::GetFlag(FLAGS_log_replicas);
+  if (absl::GetFlag(FLAGS_log_publish_timeout_ms) < 1 ||
+      absl::GetFlag(FLAGS_min_sequence_wait_ms) < 0) {
+    std::cerr << "engramd: --log_publish_timeout_ms must be >= 1 and --min_sequence_wait_ms "
+                 ">= 0\n";
+    return 2;
+  }
+  config.log_publish_timeout = absl::Milliseconds(absl::GetFlag(FLAGS_log_publish_timeout_ms));
+  config.min_sequence_wait = absl::Milliseconds(absl::GetFlag(FLAGS_min_sequence_wait_ms));
   config.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
   config.tls_key_file = absl::GetFlag(FLAGS_tls_key);
   config.auth_token = EnvOr("ENGRAM_AUTH_TOKEN", "");

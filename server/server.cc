@@ -137,6 +137,7 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
   limits.scheduler.max_batch_queries = config.max_batch_queries;
   limits.scheduler.max_batch_delay = config.max_batch_delay;
   limits.queue_timeout = config.queue_timeout;
+  limits.min_sequence_wait = config.min_sequence_wait;
   limits.inline_work = config.inline_work;
   limits.stream_buffer_bytes = config.stream_buffer_bytes;
   limits.filter_cache_bytes = config.filter_cache_bytes;
@@ -203,6 +204,24 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
   ENGRAM_ASSIGN_OR_RETURN(s->registry_,
                           core::BankRegistry::Open(std::move(storage), ropts));
 
+  if (!config.log_servers.empty()) {
+    WriteLogOptions lo;
+    lo.servers = config.log_servers;
+    lo.stream = config.log_stream;
+    lo.replicas = config.log_replicas;
+    lo.publish_timeout = config.log_publish_timeout;
+    ENGRAM_ASSIGN_OR_RETURN(uint64_t applied, s->registry_->LogSequence());
+    MemoryServiceImpl* service = s->service_.get();
+    core::BankRegistry* registry = s->registry_.get();
+    ENGRAM_ASSIGN_OR_RETURN(
+        s->write_log_,
+        WriteLog::Open(lo, applied,
+                       [service, registry](const replication::v1::LogEntry& entry, uint64_t seq,
+                                           std::string* response) {
+                         return service->ApplyLogEntry(registry, entry, seq, response);
+                       }));
+    s->service_->SetWriteLog(s->write_log_.get());
+  }
   s->service_->SetRegistry(s->registry_.get());
   if (!config.http_listen.empty()) {
     HttpGatewayOptions http;
@@ -231,6 +250,7 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
 
 absl::StatusOr<int64_t> EngramServer::ExpireNow() {
   if (registry_ == nullptr) return 0;  // a router holds no patterns
+  if (write_log_ != nullptr) return service_->PublishExpiry();
   absl::Status error;
   int64_t total = 0;
   for (const auto& [name, n] : registry_->ExpireDue(&error)) {
@@ -256,6 +276,7 @@ EngramServer::~EngramServer() {
     if (service_ != nullptr) service_->Shutdown();  // queued compute calls: UNAVAILABLE
     server_->Wait();
   }
+  write_log_.reset();  // its applier calls into service_
 }
 
 std::shared_ptr<grpc::Channel> EngramServer::InProcessChannel() {

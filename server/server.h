@@ -95,6 +95,18 @@ struct ServerConfig {
   // How often expired patterns are deleted from memory and disk; zero turns
   // the sweep off (a read still deletes its bank's expired patterns first).
   absl::Duration expire_interval = absl::Seconds(1);
+  // Replicated mode (server/write_log.h): comma-separated NATS URLs of the
+  // JetStream cluster holding this replica group's write log; empty: writes
+  // go to the local database only.
+  std::string log_servers;
+  // The group's stream; every replica of the group names the same one.
+  std::string log_stream = "ENGRAM";
+  // Copies of the stream on the NATS servers (when this replica creates it).
+  int log_replicas = 3;
+  // Longest wait of a write for the log's quorum ack.
+  absl::Duration log_publish_timeout = absl::Seconds(5);
+  // Longest wait of a read for its min_sequence.
+  absl::Duration min_sequence_wait = absl::Seconds(5);
   // The Unix time in milliseconds for expiry; null means the system clock.
   std::function<int64_t()> clock_ms;
 };
@@ -131,6 +143,8 @@ class EngramServer {
   absl::Status ServeMetrics(const std::string& listen);
 
   std::unique_ptr<core::BankRegistry> registry_;
+  // Replicated mode's write log; it applies entries through service_.
+  std::unique_ptr<WriteLog> write_log_;
   std::shared_ptr<Metrics> metrics_;
   std::unique_ptr<MemoryServiceImpl> service_;  // null on a router
   std::unique_ptr<ShardServiceImpl> shard_;

@@ -429,6 +429,9 @@ absl::StatusOr<core::BankRegistry*> MemoryServiceImpl::Ready() const {
   if (registry == nullptr) {
     return absl::UnavailableError("engramd is still loading its banks; retry shortly");
   }
+  if (WriteLog* log = write_log_.load(); log != nullptr) {
+    if (absl::Status h = log->health(); !h.ok()) return h;
+  }
   return registry;
 }
 
@@ -456,7 +459,11 @@ grpc::ServerUnaryReactor* MemoryServiceImpl::Answer(
     bool writes) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   if (!writes) {
-    reactor->Finish((this->*now)(ctx, req, resp));
+    uint64_t min_sequence = 0;
+    if constexpr (requires { req->min_sequence(); }) min_sequence = req->min_sequence();
+    AtSequence(
+        ctx, min_sequence, [=, this] { reactor->Finish((this->*now)(ctx, req, resp)); },
+        [reactor](const grpc::Status& s) { reactor->Finish(s); });
     return reactor;
   }
   auto task = std::make_unique<UnaryTask>(ctx, reactor, resp,
@@ -507,32 +514,50 @@ grpc::ServerUnaryReactor* MemoryServiceImpl::Backup(grpc::CallbackServerContext*
   return Answer(ctx, req, resp, &MemoryServiceImpl::BackupNow, /*writes=*/true);
 }
 
+static absl::StatusOr<core::BankSpec> SpecFromRequest(const v1::CreateBankRequest& req) {
+  if (req.dim() < 1 || req.dim() > static_cast<uint32_t>(core::kMaxDim)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("dim must be in [1, ", core::kMaxDim, "], got ", req.dim()));
+  }
+  core::BankSpec spec;
+  spec.name = req.name();
+  spec.dim = static_cast<int>(req.dim());
+  ENGRAM_ASSIGN_OR_RETURN(spec.kind, KindFromProto(req.kind()));
+  ENGRAM_ASSIGN_OR_RETURN(spec.energy, EnergyFromProto(req.energy(), spec.kind));
+  ENGRAM_ASSIGN_OR_RETURN(spec.precision, PrecisionFromProto(req.precision()));
+  if (req.value_dim() > static_cast<uint32_t>(core::kMaxDim)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "value_dim must be in [0, ", core::kMaxDim, "], got ", req.value_dim()));
+  }
+  spec.value_dim = static_cast<int>(req.value_dim());
+  ENGRAM_ASSIGN_OR_RETURN(spec.ttl_ms, TtlFromProto(req.ttl_seconds(), "ttl_seconds"));
+  ENGRAM_ASSIGN_OR_RETURN(spec.decay_half_life_ms,
+                          TtlFromProto(req.decay_half_life_seconds(), "decay_half_life_seconds"));
+  return spec;
+}
+
+absl::Status MemoryServiceImpl::ApplyCreateBank(core::BankRegistry* registry,
+                                                const v1::CreateBankRequest& req,
+                                                const core::LogPosition& at, v1::BankInfo* resp) {
+  ENGRAM_ASSIGN_OR_RETURN(core::BankSpec spec, SpecFromRequest(req));
+  ENGRAM_ASSIGN_OR_RETURN(core::BankSummary summary, registry->CreateBank(spec, at));
+  SummaryToProto(summary, resp);
+  metrics_->SetBankSize(spec.name, 0, summary.bytes);
+  return absl::OkStatus();
+}
+
 grpc::Status MemoryServiceImpl::CreateBankNow(grpc::ServerContextBase* ctx,
                                            const v1::CreateBankRequest* req,
                                            v1::BankInfo* resp) {
   return Guarded(resp, [&]() -> absl::Status {
     ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->name(), Access::kWrite));
-    if (req->dim() < 1 || req->dim() > static_cast<uint32_t>(core::kMaxDim)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "dim must be in [1, ", core::kMaxDim, "], got ", req->dim()));
-    }
-    core::BankSpec spec;
-    spec.name = req->name();
-    spec.dim = static_cast<int>(req->dim());
-    ENGRAM_ASSIGN_OR_RETURN(spec.kind, KindFromProto(req->kind()));
-    ENGRAM_ASSIGN_OR_RETURN(spec.energy, EnergyFromProto(req->energy(), spec.kind));
-    ENGRAM_ASSIGN_OR_RETURN(spec.precision, PrecisionFromProto(req->precision()));
-    if (req->value_dim() > static_cast<uint32_t>(core::kMaxDim)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "value_dim must be in [0, ", core::kMaxDim, "], got ", req->value_dim()));
-    }
-    spec.value_dim = static_cast<int>(req->value_dim());
-    ENGRAM_ASSIGN_OR_RETURN(spec.ttl_ms, TtlFromProto(req->ttl_seconds(), "ttl_seconds"));
-    ENGRAM_ASSIGN_OR_RETURN(spec.decay_half_life_ms,
-                            TtlFromProto(req->decay_half_life_seconds(), "decay_half_life_seconds"));
-    ENGRAM_ASSIGN_OR_RETURN(core::BankSummary summary, registry->CreateBank(spec));
-    SummaryToProto(summary, resp);
-    metrics_->SetBankSize(spec.name, 0, summary.bytes);
+    if (write_log_.load() == nullptr) return ApplyCreateBank(registry, *req, {}, resp);
+    ENGRAM_ASSIGN_OR_RETURN(core::BankSpec spec, SpecFromRequest(*req));
+    ENGRAM_RETURN_IF_ERROR(core::ValidateBankSpec(spec));  // refused before it is published
+    replication::v1::LogEntry entry;
+    *entry.mutable_create_bank() = *req;
+    ENGRAM_ASSIGN_OR_RETURN(uint64_t seq, Replicate(ctx, registry, std::move(entry), resp));
+    resp->set_sequence(seq);
     return absl::OkStatus();
   });
 }
@@ -543,6 +568,7 @@ grpc::Status MemoryServiceImpl::GetBankNow(grpc::ServerContextBase* ctx,
     ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->name(), Access::kRead));
     ENGRAM_ASSIGN_OR_RETURN(core::BankSummary summary, registry->GetBank(req->name()));
     SummaryToProto(summary, resp);
+    if (WriteLog* log = write_log_.load()) resp->set_sequence(log->applied());
     return absl::OkStatus();
   });
 }
@@ -562,44 +588,99 @@ grpc::Status MemoryServiceImpl::ListBanksNow(grpc::ServerContextBase* ctx, const
   });
 }
 
+absl::Status MemoryServiceImpl::ApplyDeleteBank(core::BankRegistry* registry,
+                                                const v1::DeleteBankRequest& req,
+                                                const core::LogPosition& at) {
+  ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req.name()));
+  ENGRAM_RETURN_IF_ERROR(registry->DeleteBank(req.name(), at));
+  metrics_->RemoveBank(req.name());
+  return absl::OkStatus();
+}
+
 grpc::Status MemoryServiceImpl::DeleteBankNow(grpc::ServerContextBase* ctx,
                                            const v1::DeleteBankRequest* req,
                                            v1::DeleteBankResponse* resp) {
   return Guarded(resp, [&]() -> absl::Status {
     ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->name(), Access::kWrite));
-    ENGRAM_RETURN_IF_ERROR(registry->DeleteBank(req->name()));
-    metrics_->RemoveBank(req->name());
+    if (write_log_.load() == nullptr) return ApplyDeleteBank(registry, *req, {});
+    replication::v1::LogEntry entry;
+    *entry.mutable_delete_bank() = *req;
+    ENGRAM_ASSIGN_OR_RETURN(uint64_t seq, Replicate(ctx, registry, std::move(entry), resp));
+    resp->set_sequence(seq);
     return absl::OkStatus();
   });
+}
+
+absl::Status MemoryServiceImpl::ApplyStore(core::BankRegistry* registry,
+                                           const v1::StoreRequest& req,
+                                           const core::LogPosition& at,
+                                           const core::BankRegistry::CommitCheck& commit,
+                                           v1::StoreResponse* resp) {
+  ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req.bank()));
+  ENGRAM_ASSIGN_OR_RETURN(core::BankSummary info, registry->GetBank(req.bank()));
+  ENGRAM_RETURN_IF_ERROR(CheckBatch(req.patterns(), info.spec.dim, "patterns",
+                                    limits_.max_batch, info.spec.kind)
+                             .status());
+  std::vector<std::string> payloads(req.payloads().begin(), req.payloads().end());
+  std::vector<core::Labels> labels;
+  labels.reserve(req.labels_size());
+  for (const v1::Labels& l : req.labels()) labels.push_back(LabelsFromProto(l));
+  core::StoreExtras extras;
+  extras.values = absl::MakeConstSpan(req.values().data(), req.values().size());
+  extras.labels = labels;
+  ENGRAM_ASSIGN_OR_RETURN(extras.ttl_ms, TtlFromProto(req.ttl_seconds(), "ttl_seconds"));
+  ENGRAM_ASSIGN_OR_RETURN(
+      core::StoreResult r,
+      registry->Store(req.bank(), absl::MakeConstSpan(req.patterns().data(), req.patterns().size()),
+                      absl::MakeConstSpan(req.ids().data(), req.ids().size()), payloads, extras,
+                      commit, at));
+  resp->mutable_ids()->Add(r.ids.begin(), r.ids.end());
+  resp->set_bank_patterns(r.bank_patterns);
+  UpdateBankGauges(registry, req.bank());
+  return absl::OkStatus();
 }
 
 grpc::Status MemoryServiceImpl::StoreNow(grpc::ServerContextBase* ctx, const v1::StoreRequest* req,
                                       v1::StoreResponse* resp) {
   return Guarded(resp, [&]() -> absl::Status {
     ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->bank(), Access::kWrite));
-    ENGRAM_ASSIGN_OR_RETURN(core::BankSummary info, registry->GetBank(req->bank()));
-    ENGRAM_RETURN_IF_ERROR(CheckBatch(req->patterns(), info.spec.dim, "patterns",
-                                      limits_.max_batch, info.spec.kind)
-                               .status());
-    std::vector<std::string> payloads(req->payloads().begin(), req->payloads().end());
-    std::vector<core::Labels> labels;
-    labels.reserve(req->labels_size());
-    for (const v1::Labels& l : req->labels()) labels.push_back(LabelsFromProto(l));
-    core::StoreExtras extras;
-    extras.values = absl::MakeConstSpan(req->values().data(), req->values().size());
-    extras.labels = labels;
-    ENGRAM_ASSIGN_OR_RETURN(extras.ttl_ms, TtlFromProto(req->ttl_seconds(), "ttl_seconds"));
-    ENGRAM_ASSIGN_OR_RETURN(
-        core::StoreResult r,
-        registry->Store(req->bank(),
-                        absl::MakeConstSpan(req->patterns().data(), req->patterns().size()),
-                        absl::MakeConstSpan(req->ids().data(), req->ids().size()), payloads,
-                        extras, CommitBefore(ctx, "nothing was stored")));
-    resp->mutable_ids()->Add(r.ids.begin(), r.ids.end());
-    resp->set_bank_patterns(r.bank_patterns);
-    UpdateBankGauges(registry, req->bank());
+    if (write_log_.load() == nullptr) {
+      return ApplyStore(registry, *req, {}, CommitBefore(ctx, "nothing was stored"), resp);
+    }
+    // Refused before it is published when this replica already knows the
+    // bank (one it has not applied yet is left to the entry's apply).
+    if (absl::StatusOr<core::BankSummary> info = registry->GetBank(req->bank()); info.ok()) {
+      ENGRAM_RETURN_IF_ERROR(CheckBatch(req->patterns(), info->spec.dim, "patterns",
+                                        limits_.max_batch, info->spec.kind)
+                                 .status());
+      ENGRAM_RETURN_IF_ERROR(TtlFromProto(req->ttl_seconds(), "ttl_seconds").status());
+    }
+    replication::v1::LogEntry entry;
+    *entry.mutable_store() = *req;
+    ENGRAM_ASSIGN_OR_RETURN(uint64_t seq, Replicate(ctx, registry, std::move(entry), resp));
+    resp->set_sequence(seq);
     return absl::OkStatus();
   });
+}
+
+absl::Status MemoryServiceImpl::ApplyDeletePatterns(core::BankRegistry* registry,
+                                                    const v1::DeletePatternsRequest& req,
+                                                    const core::LogPosition& at,
+                                                    const core::BankRegistry::CommitCheck& commit,
+                                                    v1::DeletePatternsResponse* resp) {
+  ENGRAM_RETURN_IF_ERROR(core::ValidateBankName(req.bank()));
+  if (req.ids_size() > limits_.max_batch) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ids holds ", req.ids_size(), " entries; the limit per call is ", limits_.max_batch));
+  }
+  ENGRAM_ASSIGN_OR_RETURN(
+      core::DeleteResult r,
+      registry->DeletePatterns(req.bank(), absl::MakeConstSpan(req.ids().data(), req.ids().size()),
+                               commit, at));
+  resp->set_deleted(r.deleted);
+  resp->set_bank_patterns(r.bank_patterns);
+  UpdateBankGauges(registry, req.bank());
+  return absl::OkStatus();
 }
 
 grpc::Status MemoryServiceImpl::DeletePatternsNow(grpc::ServerContextBase* ctx,
@@ -607,20 +688,152 @@ grpc::Status MemoryServiceImpl::DeletePatternsNow(grpc::ServerContextBase* ctx,
                                                v1::DeletePatternsResponse* resp) {
   return Guarded(resp, [&]() -> absl::Status {
     ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &req->bank(), Access::kWrite));
+    if (write_log_.load() == nullptr) {
+      return ApplyDeletePatterns(registry, *req, {}, CommitBefore(ctx, "nothing was deleted"),
+                                 resp);
+    }
     if (req->ids_size() > limits_.max_batch) {
       return absl::InvalidArgumentError(absl::StrCat(
           "ids holds ", req->ids_size(), " entries; the limit per call is ", limits_.max_batch));
     }
-    ENGRAM_ASSIGN_OR_RETURN(
-        core::DeleteResult r,
-        registry->DeletePatterns(req->bank(),
-                                 absl::MakeConstSpan(req->ids().data(), req->ids().size()),
-                                 CommitBefore(ctx, "nothing was deleted")));
-    resp->set_deleted(r.deleted);
-    resp->set_bank_patterns(r.bank_patterns);
-    UpdateBankGauges(registry, req->bank());
+    replication::v1::LogEntry entry;
+    *entry.mutable_delete_patterns() = *req;
+    ENGRAM_ASSIGN_OR_RETURN(uint64_t seq, Replicate(ctx, registry, std::move(entry), resp));
+    resp->set_sequence(seq);
     return absl::OkStatus();
   });
+}
+
+// --- The replicated write log ----------------------------------------------
+
+absl::StatusOr<uint64_t> MemoryServiceImpl::Replicate(grpc::ServerContextBase* ctx,
+                                                      core::BankRegistry* registry,
+                                                      replication::v1::LogEntry entry,
+                                                      google::protobuf::Message* resp) {
+  WriteLog* log = write_log_.load();
+  entry.set_now_unix_ms(registry->NowMs());
+  absl::Time deadline = absl::InfiniteFuture();
+  if (ctx != nullptr && ctx->deadline() != std::chrono::system_clock::time_point::max()) {
+    deadline = absl::FromChrono(ctx->deadline());
+  }
+  ENGRAM_ASSIGN_OR_RETURN(WriteLog::Outcome out, log->Write(std::move(entry), deadline));
+  ENGRAM_RETURN_IF_ERROR(out.status);
+  if (!resp->ParseFromString(out.response)) {
+    return absl::InternalError("cannot decode the applied write's response");
+  }
+  return out.seq;
+}
+
+absl::Status MemoryServiceImpl::ApplyLogEntry(core::BankRegistry* registry,
+                                              const replication::v1::LogEntry& entry,
+                                              uint64_t seq, std::string* response) {
+  using Entry = replication::v1::LogEntry;
+  const core::LogPosition at{.seq = seq, .now_ms = entry.now_unix_ms()};
+  // Patterns due by the entry's time go first, on every replica alike.
+  auto expire = [&](const std::string& bank) -> absl::Status {
+    absl::StatusOr<int64_t> n = registry->ExpireBank(bank, at);
+    if (n.ok()) {
+      if (*n > 0) RecordExpired(registry, bank, *n);
+      return absl::OkStatus();
+    }
+    if (n.status().code() == absl::StatusCode::kNotFound) return absl::OkStatus();
+    return n.status();
+  };
+  auto encode = [&](const google::protobuf::Message& m) -> absl::Status {
+    if (!m.SerializeToString(response)) return absl::InternalError("cannot encode a response");
+    return absl::OkStatus();
+  };
+  try {
+    switch (entry.op_case()) {
+      case Entry::kCreateBank: {
+        v1::BankInfo r;
+        ENGRAM_RETURN_IF_ERROR(ApplyCreateBank(registry, entry.create_bank(), at, &r));
+        return encode(r);
+      }
+      case Entry::kDeleteBank: {
+        ENGRAM_RETURN_IF_ERROR(ApplyDeleteBank(registry, entry.delete_bank(), at));
+        return encode(v1::DeleteBankResponse());
+      }
+      case Entry::kStore: {
+        if (core::ValidateBankName(entry.store().bank()).ok()) {
+          ENGRAM_RETURN_IF_ERROR(expire(entry.store().bank()));
+        }
+        v1::StoreResponse r;
+        ENGRAM_RETURN_IF_ERROR(ApplyStore(registry, entry.store(), at, nullptr, &r));
+        return encode(r);
+      }
+      case Entry::kDeletePatterns: {
+        if (core::ValidateBankName(entry.delete_patterns().bank()).ok()) {
+          ENGRAM_RETURN_IF_ERROR(expire(entry.delete_patterns().bank()));
+        }
+        v1::DeletePatternsResponse r;
+        ENGRAM_RETURN_IF_ERROR(
+            ApplyDeletePatterns(registry, entry.delete_patterns(), at, nullptr, &r));
+        return encode(r);
+      }
+      case Entry::kExpire:
+        return expire(entry.expire().bank());
+      case Entry::OP_NOT_SET:
+        break;
+    }
+    return absl::InvalidArgumentError(
+        absl::StrCat("write-log entry ", seq, " holds no operation this engramd knows"));
+  } catch (const std::bad_alloc&) {
+    return absl::InternalError(absl::StrCat("out of memory applying write-log entry ", seq));
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("applying write-log entry ", seq, ": ", e.what()));
+  }
+}
+
+absl::StatusOr<int64_t> MemoryServiceImpl::PublishExpiry() {
+  WriteLog* log = write_log_.load();
+  core::BankRegistry* registry = registry_.load();
+  if (log == nullptr || registry == nullptr) return 0;
+  const int64_t now = registry->NowMs();
+  int64_t published = 0;
+  absl::Status first;
+  for (const core::BankSummary& summary : registry->ListBanks()) {
+    absl::StatusOr<core::BankSnapshot> bank = registry->Snapshot(summary.spec.name);
+    if (!bank.ok()) continue;
+    const int64_t due = (*bank)->min_expires_ms();
+    if (due == 0 || due > now) continue;
+    replication::v1::LogEntry entry;
+    entry.set_now_unix_ms(now);
+    entry.mutable_expire()->set_bank(summary.spec.name);
+    // Every replica sees the same first expiry time: one entry among them.
+    const std::string id = absl::StrCat("expire/", summary.spec.name, "/", due);
+    absl::StatusOr<WriteLog::Outcome> out =
+        log->Write(std::move(entry), absl::Now() + absl::Seconds(5), id);
+    if (out.ok()) {
+      ++published;
+    } else if (first.ok()) {
+      first = out.status();
+    }
+  }
+  if (!first.ok() && published == 0) return first;
+  return published;
+}
+
+void MemoryServiceImpl::AtSequence(grpc::ServerContextBase* ctx, uint64_t min_sequence,
+                                   std::function<void()> start,
+                                   std::function<void(const grpc::Status&)> fail) {
+  WriteLog* log = write_log_.load();
+  if (log == nullptr || min_sequence == 0 || log->applied() >= min_sequence) {
+    start();
+    return;
+  }
+  absl::Time deadline = absl::Now() + limits_.min_sequence_wait;
+  if (ctx->deadline() != std::chrono::system_clock::time_point::max()) {
+    deadline = std::min(deadline, absl::FromChrono(ctx->deadline()));
+  }
+  log->WhenApplied(min_sequence, deadline,
+                   [start = std::move(start), fail = std::move(fail)](absl::Status s) {
+                     if (s.ok()) {
+                       start();
+                     } else {
+                       fail(ToGrpcStatus(s));
+                     }
+                   });
 }
 
 grpc::Status MemoryServiceImpl::GetPatternsNow(grpc::ServerContextBase* ctx,
@@ -728,7 +941,9 @@ absl::StatusOr<core::BankSnapshot> MemoryServiceImpl::Visible(core::BankRegistry
                                                               bool need_patterns) {
   filter.now_ms = registry->NowMs();
   const int64_t due = (*pinned)->min_expires_ms();
-  if (due > 0 && due <= filter.now_ms) {
+  // A replica deletes only by its write log's entries; its reads leave the
+  // expired rows out instead.
+  if (due > 0 && due <= filter.now_ms && write_log_.load() == nullptr) {
     // Expired patterns are deleted before the read rather than copied
     // around; should storage fail, they are left out of a copy below.
     const std::string name = (*pinned)->spec().name;
@@ -945,6 +1160,15 @@ grpc::ServerUnaryReactor* MemoryServiceImpl::Retrieve(grpc::CallbackServerContex
                                                       const v1::RetrieveRequest* req,
                                                       v1::RetrieveResponse* resp) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  AtSequence(
+      ctx, req->min_sequence(), [=, this] { StartRetrieve(ctx, req, resp, reactor); },
+      [reactor](const grpc::Status& s) { reactor->Finish(s); });
+  return reactor;
+}
+
+void MemoryServiceImpl::StartRetrieve(grpc::CallbackServerContext* ctx,
+                                      const v1::RetrieveRequest* req, v1::RetrieveResponse* resp,
+                                      grpc::ServerUnaryReactor* reactor) {
   std::unique_ptr<RetrieveWork> work;
   grpc::Status prepared = Guarded(resp, [&]() -> absl::Status {
     ENGRAM_ASSIGN_OR_RETURN(work, PrepareRetrieve(ctx, req));
@@ -952,7 +1176,7 @@ grpc::ServerUnaryReactor* MemoryServiceImpl::Retrieve(grpc::CallbackServerContex
   });
   if (!prepared.ok()) {
     reactor->Finish(prepared);
-    return reactor;
+    return;
   }
   const bool sync = work->opts.dynamics == core::Dynamics::kSync;
   if (Inline(registry_.load(), req->bank(), [&](int) { return double(work->count); })) {
@@ -964,7 +1188,7 @@ grpc::ServerUnaryReactor* MemoryServiceImpl::Retrieve(grpc::CallbackServerContex
                               Visible(registry, &pinned, task.work().filter, true));
       return RunRetrieve(*bank, &task.work());
     });
-    return reactor;
+    return;
   }
   std::string key;
   if (sync && limits_.batching) {
@@ -974,7 +1198,6 @@ grpc::ServerUnaryReactor* MemoryServiceImpl::Retrieve(grpc::CallbackServerContex
   auto task = std::make_unique<RetrieveTask>(this, ctx, reactor, resp, std::move(work), key);
   task->queue_deadline = QueueDeadline(ctx, req->queue_timeout_ms());
   scheduler_->Submit(std::move(task));
-  return reactor;
 }
 
 grpc::Status MemoryServiceImpl::RetrieveNow(grpc::ServerContextBase* ctx,
@@ -1085,6 +1308,14 @@ grpc::ServerUnaryReactor* MemoryServiceImpl::Energy(grpc::CallbackServerContext*
                                                     const v1::EnergyRequest* req,
                                                     v1::EnergyResponse* resp) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  AtSequence(
+      ctx, req->min_sequence(), [=, this] { StartEnergy(ctx, req, resp, reactor); },
+      [reactor](const grpc::Status& s) { reactor->Finish(s); });
+  return reactor;
+}
+
+void MemoryServiceImpl::StartEnergy(grpc::CallbackServerContext* ctx, const v1::EnergyRequest* req,
+                                    v1::EnergyResponse* resp, grpc::ServerUnaryReactor* reactor) {
   core::BankRegistry* registry = registry_.load();
   // A call refused at the door (token, scope, loading) takes no queue slot.
   if (!Begin(ctx, &req->bank(), Access::kRead).ok() ||
@@ -1092,13 +1323,12 @@ grpc::ServerUnaryReactor* MemoryServiceImpl::Energy(grpc::CallbackServerContext*
         return static_cast<double>(req->states_size()) / dim;
       })) {
     reactor->Finish(EnergyNow(ctx, req, resp));  // small, or failing at once
-    return reactor;
+    return;
   }
   auto task = std::make_unique<UnaryTask>(ctx, reactor, resp,
                                           [this, ctx, req, resp] { return EnergyNow(ctx, req, resp); });
   task->queue_deadline = QueueDeadline(ctx, req->queue_timeout_ms());
   scheduler_->Submit(std::move(task));
-  return reactor;
 }
 
 absl::Status MemoryServiceImpl::RunSample(grpc::ServerContextBase* ctx,
@@ -1175,28 +1405,42 @@ grpc::ServerUnaryReactor* MemoryServiceImpl::Sample(grpc::CallbackServerContext*
                                                     const v1::SampleRequest* req,
                                                     v1::SampleResponse* resp) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  AtSequence(
+      ctx, req->min_sequence(), [=, this] { StartSample(ctx, req, resp, reactor); },
+      [reactor](const grpc::Status& s) { reactor->Finish(s); });
+  return reactor;
+}
+
+void MemoryServiceImpl::StartSample(grpc::CallbackServerContext* ctx, const v1::SampleRequest* req,
+                                    v1::SampleResponse* resp, grpc::ServerUnaryReactor* reactor) {
   if (!Begin(ctx, &req->bank(), Access::kRead).ok()) {
     reactor->Finish(SampleNow(ctx, req, resp));  // refused: its status, no queue slot
-    return reactor;
+    return;
   }
   auto task = std::make_unique<UnaryTask>(ctx, reactor, resp,
                                           [this, ctx, req, resp] { return SampleNow(ctx, req, resp); });
   task->queue_deadline = QueueDeadline(ctx, req->queue_timeout_ms());
   scheduler_->Submit(std::move(task));
-  return reactor;
 }
 
 grpc::ServerWriteReactor<v1::SampleFrame>* MemoryServiceImpl::SampleStream(
     grpc::CallbackServerContext* ctx, const v1::SampleRequest* req) {
   auto* reactor = new StreamReactor(limits_.stream_buffer_bytes);
+  AtSequence(
+      ctx, req->min_sequence(), [=, this] { StartSampleStream(ctx, req, reactor); },
+      [reactor](const grpc::Status& s) { reactor->Close(s); });
+  return reactor;
+}
+
+void MemoryServiceImpl::StartSampleStream(grpc::CallbackServerContext* ctx,
+                                          const v1::SampleRequest* req, StreamReactor* reactor) {
   if (absl::StatusOr<core::BankRegistry*> b = Begin(ctx, &req->bank(), Access::kRead); !b.ok()) {
     reactor->Close(ToGrpcStatus(b.status()));  // refused: no queue slot
-    return reactor;
+    return;
   }
   auto task = std::make_unique<StreamTask>(this, ctx, req, reactor);
   task->queue_deadline = QueueDeadline(ctx, req->queue_timeout_ms());
   scheduler_->Submit(std::move(task));
-  return reactor;
 }
 
 }  // namespace engram::server

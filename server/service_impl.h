@@ -37,6 +37,7 @@
 #include "server/metrics.h"
 #include "server/access.h"
 #include "server/scheduler.h"
+#include "server/write_log.h"
 
 namespace engram::server {
 
@@ -58,6 +59,9 @@ struct ServiceLimits {
   // Queue timeout of calls that do not set queue_timeout_ms; zero: none
   // (the call's own deadline still applies).
   absl::Duration queue_timeout = absl::ZeroDuration();
+  // Replicated mode: the longest a read waits for its min_sequence (within
+  // its deadline) before UNAVAILABLE.
+  absl::Duration min_sequence_wait = absl::Seconds(5);
   // Compute calls whose work is at most this many multiply-adds per pass
   // over the bank (queries x patterns x dimension) are answered on the
   // thread that read them, without the hop to an executor; 0 queues all.
@@ -84,6 +88,18 @@ class MemoryServiceImpl final : public v1::MemoryService::CallbackService {
   // Rejects queued calls and waits for the running ones.
   ~MemoryServiceImpl() override;
   void SetRegistry(core::BankRegistry* registry);
+  // Replicated mode: writes go through `log` (published, then applied by
+  // ApplyLogEntry on every replica, this one included) and reads honour
+  // min_sequence. Set before SetRegistry; `log` outlives the calls.
+  void SetWriteLog(WriteLog* log) { write_log_.store(log); }
+  // Applies one write-log entry to `registry` at sequence `seq` and encodes
+  // its call's response into *response (WriteLog::Apply).
+  absl::Status ApplyLogEntry(core::BankRegistry* registry, const replication::v1::LogEntry& entry,
+                             uint64_t seq, std::string* response);
+  // Replicated mode: publishes an expiry entry for every bank holding
+  // patterns due by now (deduplicated across replicas); returns how many
+  // entries were published, or the first error.
+  absl::StatusOr<int64_t> PublishExpiry();
   // Stops taking compute calls (UNAVAILABLE) and ends the executors once
   // the running calls are answered.
   void Shutdown();
@@ -185,8 +201,45 @@ class MemoryServiceImpl final : public v1::MemoryService::CallbackService {
   // The call's token scope (null when no token is configured), or
   // UNAUTHENTICATED.
   absl::StatusOr<const TokenScope*> Authenticate(grpc::ServerContextBase* ctx) const;
-  // The registry, or UNAVAILABLE while banks load.
+  // The registry, or UNAVAILABLE while banks load or when this replica
+  // stopped applying its write log.
   absl::StatusOr<core::BankRegistry*> Ready() const;
+  // Writes: the change a call asks for, applied to `registry` (at `at` when
+  // it comes from the write log; `commit` is asked just before a local
+  // write commits). Validation is part of it, so every replica refuses an
+  // entry alike.
+  absl::Status ApplyCreateBank(core::BankRegistry* registry, const v1::CreateBankRequest& req,
+                               const core::LogPosition& at, v1::BankInfo* resp);
+  absl::Status ApplyDeleteBank(core::BankRegistry* registry, const v1::DeleteBankRequest& req,
+                               const core::LogPosition& at);
+  absl::Status ApplyStore(core::BankRegistry* registry, const v1::StoreRequest& req,
+                          const core::LogPosition& at,
+                          const core::BankRegistry::CommitCheck& commit, v1::StoreResponse* resp);
+  absl::Status ApplyDeletePatterns(core::BankRegistry* registry,
+                                   const v1::DeletePatternsRequest& req,
+                                   const core::LogPosition& at,
+                                   const core::BankRegistry::CommitCheck& commit,
+                                   v1::DeletePatternsResponse* resp);
+  // Publishes `entry` for the call and decodes its outcome into *resp;
+  // returns the entry's sequence.
+  absl::StatusOr<uint64_t> Replicate(grpc::ServerContextBase* ctx, core::BankRegistry* registry,
+                                     replication::v1::LogEntry entry,
+                                     google::protobuf::Message* resp);
+  // Runs `start` at once, or, in replicated mode for a read asking for a
+  // min_sequence this replica has not applied yet, once it has (on the
+  // log's applier thread); `fail` gets UNAVAILABLE instead when the read's
+  // deadline or --min_sequence_wait_ms passes first.
+  void AtSequence(grpc::ServerContextBase* ctx, uint64_t min_sequence,
+                  std::function<void()> start, std::function<void(const grpc::Status&)> fail);
+  // The compute handlers' bodies, once min_sequence is met.
+  void StartRetrieve(grpc::CallbackServerContext* ctx, const v1::RetrieveRequest* req,
+                     v1::RetrieveResponse* resp, grpc::ServerUnaryReactor* reactor);
+  void StartEnergy(grpc::CallbackServerContext* ctx, const v1::EnergyRequest* req,
+                   v1::EnergyResponse* resp, grpc::ServerUnaryReactor* reactor);
+  void StartSample(grpc::CallbackServerContext* ctx, const v1::SampleRequest* req,
+                   v1::SampleResponse* resp, grpc::ServerUnaryReactor* reactor);
+  void StartSampleStream(grpc::CallbackServerContext* ctx, const v1::SampleRequest* req,
+                         StreamReactor* reactor);
   void UpdateBankGauges(core::BankRegistry* registry, const std::string& name);
  public:
   // Counts `patterns` expired from `bank` and refreshes its gauges.
@@ -244,6 +297,7 @@ class MemoryServiceImpl final : public v1::MemoryService::CallbackService {
       ABSL_GUARDED_BY(novelty_mu_);
 
   std::atomic<core::BankRegistry*> registry_;
+  std::atomic<WriteLog*> write_log_{nullptr};
   std::shared_ptr<Metrics> metrics_;
   ServiceLimits limits_;
   std::unique_ptr<Scheduler> scheduler_;

@@ -136,6 +136,7 @@ std::vector<std::unique_ptr<client::EngramClient>> ExtraConnections(const Args& 
     client::ClientOptions o = ctx.client->options();
     grpc::ChannelArguments a;
     a.SetInt("grpc.channel_id", static_cast<int>(c));  // a connection of its own
+    a.SetLoadBalancingPolicyName("round_robin");        // as EngramClient::Connect
     std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
     if (!o.tls_root_pem.empty()) {
       grpc::SslCredentialsOptions ssl;

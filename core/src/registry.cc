@@ -1,5 +1,7 @@
 #include "engram/core/registry.h"
 
+#include <limits>
+
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
@@ -17,12 +19,12 @@ absl::StatusOr<std::unique_ptr<BankRegistry>> BankRegistry::Open(
   // Nothing else sees the registry while it loads: banks are built directly.
   std::map<std::string, Bank> loaded;
   ENGRAM_RETURN_IF_ERROR(r->storage_->LoadAll(
-      [&](const BankSpec& spec) -> absl::Status {
+      [&](const BankSpec& spec, uint64_t next_id) -> absl::Status {
         if (auto s = ValidateBankSpec(spec); !s.ok()) {
           return absl::DataLossError(absl::StrCat(
               "stored bank '", spec.name, "' is invalid: ", s.message()));
         }
-        loaded.insert_or_assign(spec.name, Bank(spec));
+        loaded.insert_or_assign(spec.name, Bank(spec, next_id));
         return absl::OkStatus();
       },
       [&](std::string_view bank, const BankStorage::StoredPattern& sp) -> absl::Status {
@@ -104,21 +106,22 @@ void BankRegistry::Mutate(Entry& e, const std::function<void(Bank&)>& mutate) {
   e.current = std::move(next);
 }
 
-absl::StatusOr<BankSummary> BankRegistry::CreateBank(const BankSpec& spec) {
+absl::StatusOr<BankSummary> BankRegistry::CreateBank(const BankSpec& spec,
+                                                     const LogPosition& at) {
   ENGRAM_RETURN_IF_ERROR(ValidateBankSpec(spec));
   MutexLock lock(&mu_);
   if (banks_.contains(spec.name)) {
     return absl::AlreadyExistsError(
         absl::StrCat("bank '", spec.name, "' already exists"));
   }
-  ENGRAM_RETURN_IF_ERROR(storage_->CreateBank(spec));
+  ENGRAM_RETURN_IF_ERROR(storage_->CreateBank(spec, WriteMeta{.log_seq = at.seq}));
   Bank bank(spec);
   BankSummary summary = Summarize(bank);
   banks_[spec.name] = std::make_shared<Entry>(std::move(bank));
   return summary;
 }
 
-absl::Status BankRegistry::DeleteBank(const std::string& name) {
+absl::Status BankRegistry::DeleteBank(const std::string& name, const LogPosition& at) {
   MutexLock lock(&mu_);
   auto it = banks_.find(name);
   if (it == banks_.end()) {
@@ -126,7 +129,7 @@ absl::Status BankRegistry::DeleteBank(const std::string& name) {
   }
   std::shared_ptr<Entry> entry = it->second;
   MutexLock write_lock(&entry->write_mu);
-  ENGRAM_RETURN_IF_ERROR(storage_->DeleteBank(name));
+  ENGRAM_RETURN_IF_ERROR(storage_->DeleteBank(name, WriteMeta{.log_seq = at.seq}));
   {
     MutexLock entry_lock(&entry->mu);
     entry->deleted = true;
@@ -176,7 +179,7 @@ int64_t BankRegistry::NowMs() const {
 absl::StatusOr<StoreResult> BankRegistry::Store(
     const std::string& name, absl::Span<const float> data,
     absl::Span<const uint64_t> ids, absl::Span<const std::string> payloads,
-    const StoreExtras& extras, const CommitCheck& may_commit) {
+    const StoreExtras& extras, const CommitCheck& may_commit, const LogPosition& at) {
   if (extras.ttl_ms < 0 || extras.ttl_ms > kMaxTtlMs) {
     return absl::InvalidArgumentError(absl::StrCat(
         "ttl must be in [0, ", kMaxTtlMs / 1000, "] seconds, got ", extras.ttl_ms / 1000));
@@ -195,7 +198,7 @@ absl::StatusOr<StoreResult> BankRegistry::Store(
   std::vector<Labels> labels(extras.labels.begin(), extras.labels.end());
   for (Labels& l : labels) l.Normalize().IgnoreError();  // validated above
   const int64_t ttl = extras.ttl_ms > 0 ? extras.ttl_ms : bank.spec().ttl_ms;
-  const int64_t now = NowMs();
+  const int64_t now = at.now_ms != 0 ? at.now_ms : NowMs();
   std::vector<int64_t> expires;
   if (ttl > 0) expires.assign(k, now + ttl);
   const std::vector<int64_t> stored_at(k, now);
@@ -216,8 +219,15 @@ absl::StatusOr<StoreResult> BankRegistry::Store(
   StoreResult result;
   result.ids = ids.empty() ? bank.AssignIds(k)
                            : std::vector<uint64_t>(ids.begin(), ids.end());
+  // Bank::Append's rule for the next automatic id, kept durable so that ids
+  // are never handed out twice, across restarts too.
+  uint64_t next_id = bank.next_id();
+  for (uint64_t id : result.ids) {
+    if (id >= next_id && id != std::numeric_limits<uint64_t>::max()) next_id = id + 1;
+  }
   if (may_commit) ENGRAM_RETURN_IF_ERROR(may_commit());
-  ENGRAM_RETURN_IF_ERROR(storage_->AppendPatterns(name, result.ids, data, payloads, stored));
+  ENGRAM_RETURN_IF_ERROR(storage_->AppendPatterns(
+      name, result.ids, data, payloads, stored, WriteMeta{.log_seq = at.seq, .next_id = next_id}));
   const uint64_t before = bank.bytes();
   current.reset();  // unpinned, so an unshared version grows in place
   Mutate(*e, [&](Bank& b) {
@@ -229,7 +239,8 @@ absl::StatusOr<StoreResult> BankRegistry::Store(
 }
 
 absl::StatusOr<DeleteResult> BankRegistry::DeletePatterns(
-    const std::string& name, absl::Span<const uint64_t> ids, const CommitCheck& may_commit) {
+    const std::string& name, absl::Span<const uint64_t> ids, const CommitCheck& may_commit,
+    const LogPosition& at) {
   std::shared_ptr<Entry> e = Find(name);
   if (e == nullptr) {
     return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
@@ -238,7 +249,7 @@ absl::StatusOr<DeleteResult> BankRegistry::DeletePatterns(
   ENGRAM_ASSIGN_OR_RETURN(BankSnapshot current, Pin(name, *e));
   ENGRAM_RETURN_IF_ERROR(current->ValidateRemoval(ids));
   if (may_commit) ENGRAM_RETURN_IF_ERROR(may_commit());
-  ENGRAM_RETURN_IF_ERROR(storage_->DeletePatterns(name, ids));
+  ENGRAM_RETURN_IF_ERROR(storage_->DeletePatterns(name, ids, WriteMeta{.log_seq = at.seq}));
   const uint64_t before = current->bytes();
   current.reset();
   DeleteResult result{static_cast<int64_t>(ids.size()), 0};
@@ -250,12 +261,13 @@ absl::StatusOr<DeleteResult> BankRegistry::DeletePatterns(
   return result;
 }
 
-absl::StatusOr<int64_t> BankRegistry::ExpireBank(const std::string& name) {
+absl::StatusOr<int64_t> BankRegistry::ExpireBank(const std::string& name,
+                                                 const LogPosition& at) {
   std::shared_ptr<Entry> e = Find(name);
   if (e == nullptr) return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
   MutexLock write_lock(&e->write_mu);
   ENGRAM_ASSIGN_OR_RETURN(BankSnapshot current, Pin(name, *e));
-  const int64_t now = NowMs();
+  const int64_t now = at.now_ms != 0 ? at.now_ms : NowMs();
   const int64_t first = current->min_expires_ms();
   if (first == 0 || first > now) return 0;
   std::vector<uint64_t> ids;
@@ -263,7 +275,7 @@ absl::StatusOr<int64_t> BankRegistry::ExpireBank(const std::string& name) {
     const int64_t t = current->expires_ms(r);
     if (t > 0 && t <= now) ids.push_back(current->id(r));
   }
-  ENGRAM_RETURN_IF_ERROR(storage_->DeletePatterns(name, ids));
+  ENGRAM_RETURN_IF_ERROR(storage_->DeletePatterns(name, ids, WriteMeta{.log_seq = at.seq}));
   const uint64_t before = current->bytes();
   current.reset();
   Mutate(*e, [&](Bank& b) {

@@ -44,6 +44,10 @@ CREATE TABLE IF NOT EXISTS patterns (
   stored_ms INTEGER NOT NULL DEFAULT 0,
   UNIQUE (bank, id)
 );
+CREATE TABLE IF NOT EXISTS meta (
+  key TEXT PRIMARY KEY,
+  value INTEGER NOT NULL
+);
 )sql";
 
 // Columns added after the first schema: databases written before them get
@@ -56,6 +60,7 @@ struct AddedColumn {
 constexpr AddedColumn kAddedColumns[] = {
     {"banks", "value_dim", "INTEGER NOT NULL DEFAULT 0"},
     {"banks", "ttl_ms", "INTEGER NOT NULL DEFAULT 0"},
+    {"banks", "next_id", "INTEGER NOT NULL DEFAULT 0"},
     {"patterns", "value", "BLOB NOT NULL DEFAULT x''"},
     {"patterns", "labels", "BLOB NOT NULL DEFAULT x''"},
     {"patterns", "expires_ms", "INTEGER NOT NULL DEFAULT 0"},
@@ -157,8 +162,10 @@ class SqliteStorage final : public BankStorage {
     return absl::OkStatus();
   }
 
-  absl::Status CreateBank(const BankSpec& spec) override {
+  absl::Status CreateBank(const BankSpec& spec, const WriteMeta& meta) override {
     std::lock_guard<std::mutex> lock(mu_);
+    ENGRAM_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE;"));
+    return Finish([&]() -> absl::Status {
     Statement st(db_,
                  "INSERT INTO banks (name, dim, kind, precision, family, degree,"
                  " rectified, beta, similarity, separation, value_dim, ttl_ms,"
@@ -180,10 +187,11 @@ class SqliteStorage final : public BankStorage {
     sqlite3_bind_int64(st.get(), 12, spec.ttl_ms);
     sqlite3_bind_int64(st.get(), 13, spec.decay_half_life_ms);
     if (sqlite3_step(st.get()) != SQLITE_DONE) return Error("insert bank");
-    return absl::OkStatus();
+    return WriteMetaRows(spec.name, meta);
+    }());
   }
 
-  absl::Status DeleteBank(std::string_view name) override {
+  absl::Status DeleteBank(std::string_view name, const WriteMeta& meta) override {
     std::lock_guard<std::mutex> lock(mu_);
     ENGRAM_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE;"));
     absl::Status s = [&]() -> absl::Status {
@@ -194,7 +202,7 @@ class SqliteStorage final : public BankStorage {
         sqlite3_bind_text(st.get(), 1, name.data(), name.size(), SQLITE_TRANSIENT);
         if (sqlite3_step(st.get()) != SQLITE_DONE) return Error("delete bank");
       }
-      return absl::OkStatus();
+      return WriteMetaRows(name, meta);
     }();
     return Finish(s);
   }
@@ -203,8 +211,13 @@ class SqliteStorage final : public BankStorage {
                               absl::Span<const uint64_t> ids,
                               absl::Span<const float> data,
                               absl::Span<const std::string> payloads,
-                              const PatternExtras& extras) override {
-    if (ids.empty()) return absl::OkStatus();
+                              const PatternExtras& extras, const WriteMeta& meta) override {
+    if (ids.empty()) {
+      if (meta.log_seq == 0) return absl::OkStatus();
+      std::lock_guard<std::mutex> lock(mu_);
+      ENGRAM_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE;"));
+      return Finish(WriteMetaRows(bank, meta));
+    }
     const size_t dim = data.size() / ids.size();
     const size_t value_dim = extras.values.size() / ids.size();
     std::lock_guard<std::mutex> lock(mu_);
@@ -240,13 +253,13 @@ class SqliteStorage final : public BankStorage {
         sqlite3_bind_int64(st.get(), 8, extras.stored_ms.empty() ? 0 : extras.stored_ms[r]);
         if (sqlite3_step(st.get()) != SQLITE_DONE) return Error("insert pattern");
       }
-      return absl::OkStatus();
+      return WriteMetaRows(bank, meta);
     }();
     return Finish(s);
   }
 
-  absl::Status DeletePatterns(std::string_view bank,
-                              absl::Span<const uint64_t> ids) override {
+  absl::Status DeletePatterns(std::string_view bank, absl::Span<const uint64_t> ids,
+                              const WriteMeta& meta) override {
     std::lock_guard<std::mutex> lock(mu_);
     ENGRAM_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE;"));
     absl::Status s = [&]() -> absl::Status {
@@ -258,6 +271,7 @@ class SqliteStorage final : public BankStorage {
         sqlite3_bind_int64(st.get(), 2, static_cast<sqlite3_int64>(id));
         if (sqlite3_step(st.get()) != SQLITE_DONE) return Error("delete pattern");
       }
+      ENGRAM_RETURN_IF_ERROR(WriteMetaRows(bank, meta));
       return absl::OkStatus();
     }();
     return Finish(s);
@@ -268,7 +282,7 @@ class SqliteStorage final : public BankStorage {
     std::lock_guard<std::mutex> lock(mu_);
     Statement banks(db_,
                     "SELECT name, dim, kind, precision, family, degree, rectified,"
-                    " beta, similarity, separation, value_dim, ttl_ms, decay_half_life_ms"
+                    " beta, similarity, separation, value_dim, ttl_ms, decay_half_life_ms, next_id"
                     " FROM banks ORDER BY name");
     if (!banks.ok()) return Error("prepare load banks");
     int rc;
@@ -288,7 +302,8 @@ class SqliteStorage final : public BankStorage {
       spec.value_dim = sqlite3_column_int(b, 10);
       spec.ttl_ms = sqlite3_column_int64(b, 11);
       spec.decay_half_life_ms = sqlite3_column_int64(b, 12);
-      if (auto s = on_bank(spec); !s.ok()) return s;
+      const uint64_t next_id = static_cast<uint64_t>(sqlite3_column_int64(b, 13));
+      if (auto s = on_bank(spec, next_id); !s.ok()) return s;
       Statement pats(db_,
                      "SELECT id, vec, payload, value, labels, expires_ms, stored_ms FROM patterns"
                      " WHERE bank = ?"
@@ -394,6 +409,34 @@ class SqliteStorage final : public BankStorage {
       absl::Status s = Error(err ? err : sql);
       sqlite3_free(err);
       return s;
+    }
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<uint64_t> LogSequence() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    Statement st(db_, "SELECT value FROM meta WHERE key = 'log_seq'");
+    if (!st.ok()) return Error("prepare read log sequence");
+    const int rc = sqlite3_step(st.get());
+    if (rc == SQLITE_ROW) return static_cast<uint64_t>(sqlite3_column_int64(st.get(), 0));
+    if (rc != SQLITE_DONE) return Error("read log sequence");
+    return 0;
+  }
+
+  // Writes `meta` inside the caller's transaction (mu_ held).
+  absl::Status WriteMetaRows(std::string_view bank, const WriteMeta& meta) {
+    if (meta.log_seq != 0) {
+      Statement st(db_, "INSERT OR REPLACE INTO meta (key, value) VALUES ('log_seq', ?)");
+      if (!st.ok()) return Error("prepare write log sequence");
+      sqlite3_bind_int64(st.get(), 1, static_cast<sqlite3_int64>(meta.log_seq));
+      if (sqlite3_step(st.get()) != SQLITE_DONE) return Error("write log sequence");
+    }
+    if (meta.next_id != 0) {
+      Statement st(db_, "UPDATE banks SET next_id = ? WHERE name = ?");
+      if (!st.ok()) return Error("prepare write next id");
+      sqlite3_bind_int64(st.get(), 1, static_cast<sqlite3_int64>(meta.next_id));
+      sqlite3_bind_text(st.get(), 2, bank.data(), bank.size(), SQLITE_STATIC);
+      if (sqlite3_step(st.get()) != SQLITE_DONE) return Error("write next id");
     }
     return absl::OkStatus();
   }

@@ -83,6 +83,69 @@ TEST_F(RegistryTest, ReopenRestoresBitForBit) {
   }));
 }
 
+TEST_F(RegistryTest, AutomaticIdsAreNeverHandedOutTwiceAcrossReopen) {
+  std::mt19937_64 rng(5);
+  const int n = 4;
+  {
+    auto r = Open();
+    ASSERT_OK(r->CreateBank({"b", n, StateKind::kContinuous, {}, Precision::kF32}));
+    auto st = r->Store("b", RandomGaussian(3 * n, rng), {}, {});
+    ASSERT_OK(st);
+    EXPECT_EQ(st->ids, (std::vector<uint64_t>{1, 2, 3}));
+    ASSERT_OK(r->DeletePatterns("b", std::vector<uint64_t>{2, 3}));
+  }
+  // The highest ids are gone from the data; the next automatic id is not
+  // theirs, here or after another reopen.
+  auto r = Open();
+  auto st = r->Store("b", RandomGaussian(n, rng), {}, {});
+  ASSERT_OK(st);
+  EXPECT_EQ(st->ids, (std::vector<uint64_t>{4}));
+  ASSERT_OK(r->Store("b", RandomGaussian(n, rng), std::vector<uint64_t>{100}, {}));
+  ASSERT_OK(r->DeletePatterns("b", std::vector<uint64_t>{4, 100}));
+  r.reset();
+  r = Open();
+  st = r->Store("b", RandomGaussian(n, rng), {}, {});
+  ASSERT_OK(st);
+  EXPECT_EQ(st->ids, (std::vector<uint64_t>{101}));
+}
+
+TEST_F(RegistryTest, LogPositionIsRecordedWithTheWriteAndItsTimeUsed) {
+  std::mt19937_64 rng(6);
+  const int n = 4;
+  {
+    auto r = Open({.clock_ms = [] { return int64_t{1'000'000}; }});
+    EXPECT_EQ(*r->LogSequence(), 0u);
+    ASSERT_OK(r->CreateBank({"b", n, StateKind::kContinuous, {}, Precision::kF32},
+                            LogPosition{.seq = 7, .now_ms = 0}));
+    EXPECT_EQ(*r->LogSequence(), 7u);
+    StoreExtras extras;
+    extras.ttl_ms = 500;
+    auto st = r->Store("b", RandomGaussian(2 * n, rng), {}, {}, extras, nullptr,
+                       LogPosition{.seq = 9, .now_ms = 2'000});
+    ASSERT_OK(st);
+    EXPECT_EQ(*r->LogSequence(), 9u);
+    // Stored and expiry times come from the entry, not the clock.
+    ASSERT_OK(r->WithBank("b", [&](const Bank& bank) {
+      EXPECT_EQ(bank.stored_ms(0), 2'000);
+      EXPECT_EQ(bank.expires_ms(1), 2'500);
+      return absl::OkStatus();
+    }));
+    // A refused write records nothing.
+    EXPECT_THAT(r->Store("b", RandomGaussian(n, rng), std::vector<uint64_t>{1}, {}, {}, nullptr,
+                         LogPosition{.seq = 10, .now_ms = 2'000}),
+                StatusIs(absl::StatusCode::kAlreadyExists));
+    EXPECT_EQ(*r->LogSequence(), 9u);
+    // Expiry at the entry's time: nothing is due at 2'499, both at 2'500.
+    EXPECT_EQ(*r->ExpireBank("b", LogPosition{.seq = 11, .now_ms = 2'499}), 0);
+    EXPECT_EQ(*r->ExpireBank("b", LogPosition{.seq = 12, .now_ms = 2'500}), 2);
+  }
+  auto r = Open();
+  EXPECT_EQ(*r->LogSequence(), 12u);
+  EXPECT_EQ(r->GetBank("b")->patterns, 0);
+  ASSERT_OK(r->DeleteBank("b", LogPosition{.seq = 13}));
+  EXPECT_EQ(*r->LogSequence(), 13u);
+}
+
 TEST_F(RegistryTest, RejectedBatchChangesNothing) {
   auto r = Open();
   ASSERT_OK(r->CreateBank({"b", 2, StateKind::kContinuous, {}, Precision::kF32}));

@@ -205,6 +205,53 @@ class ShardedManifestTest(unittest.TestCase):
         self.assertIn("volumeClaimTemplates", self.sts["spec"])
 
 
+class ReplicasManifestTest(unittest.TestCase):
+    """deploy/k8s/replicas: NATS JetStream StatefulSet + engramd replicas."""
+
+    @classmethod
+    def setUpClass(cls):
+        path = os.path.join(ARGS.repo, "deploy", "k8s", "replicas", "engram-replicas.yaml")
+        with open(path) as f:
+            cls.docs = [d for d in yaml.safe_load_all(f) if d]
+        cls.by_name = {(d["kind"], d["metadata"]["name"]): d for d in cls.docs}
+        cls.nats = cls.by_name[("StatefulSet", "nats")]
+        cls.engram = cls.by_name[("StatefulSet", "engram-replica")]
+        cls.main_cc = open(os.path.join(ARGS.repo, "server", "main.cc")).read()
+
+    def engram_config(self):
+        container = self.engram["spec"]["template"]["spec"]["containers"][0]
+        name = container["envFrom"][0]["configMapRef"]["name"]
+        return container, self.by_name[("ConfigMap", name)]["data"]
+
+    def test_replicas_name_every_nats_pod_and_keys_engramd_reads(self):
+        _, config = self.engram_config()
+        for key in config:
+            self.assertIn('"%s"' % key, self.main_cc, "engramd reads no %s" % key)
+        n = self.nats["spec"]["replicas"]
+        service = self.nats["spec"]["serviceName"]
+        self.assertEqual(self.by_name[("Service", service)]["spec"].get("clusterIP"), "None")
+        want = ["nats://nats-%d.%s:4222" % (i, service) for i in range(n)]
+        self.assertEqual(config["ENGRAM_LOG"].split(","), want)
+        self.assertLessEqual(int(config["ENGRAM_LOG_REPLICAS"]), n)
+        conf = self.by_name[("ConfigMap", "nats-config")]["data"]["nats.conf"]
+        self.assertIn("jetstream", conf)
+        for i in range(n):
+            self.assertIn("nats://nats-%d.%s:6222" % (i, service), conf)
+
+    def test_clients_round_robin_over_a_headless_service_and_probes_use_health(self):
+        container, _ = self.engram_config()
+        service = self.by_name[("Service", self.engram["spec"]["serviceName"])]
+        self.assertEqual(service["spec"].get("clusterIP"), "None",
+                         "round_robin over DNS needs every replica's address")
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            self.assertEqual(container[probe]["grpc"]["port"], ports["grpc"], probe)
+        self.assertEqual(container["readinessProbe"]["grpc"].get("service"),
+                         "engram.v1.MemoryService")
+        self.assertIn("volumeClaimTemplates", self.engram["spec"])
+        self.assertIn("volumeClaimTemplates", self.nats["spec"])
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--repo", required=True)

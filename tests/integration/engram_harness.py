@@ -160,3 +160,59 @@ def make_cert(directory):
 
 def make_tempdir(prefix):
     return tempfile.mkdtemp(prefix=prefix)
+
+
+class NatsCluster:
+    """A JetStream cluster of `size` nats-server processes on loopback, each
+    with its own store directory; nodes can be killed (-9) and restarted on
+    the same ports and data."""
+
+    def __init__(self, directory, size=3, binary=None):
+        self.binary = binary or shutil.which("nats-server") or "/usr/bin/nats-server"
+        self.directory = directory
+        self.client_ports = [free_port() for _ in range(size)]
+        self.route_ports = [free_port() for _ in range(size)]
+        self.procs = [None] * size
+
+    @property
+    def urls(self):
+        return ",".join("nats://127.0.0.1:%d" % p for p in self.client_ports)
+
+    def start_node(self, i):
+        routes = ",".join("nats://127.0.0.1:%d" % p
+                          for j, p in enumerate(self.route_ports) if j != i)
+        store = os.path.join(self.directory, "nats%d" % i)
+        os.makedirs(store, exist_ok=True)
+        log = open(os.path.join(self.directory, "nats%d.log" % i), "ab")
+        self.procs[i] = subprocess.Popen(
+            [self.binary, "-a", "127.0.0.1", "-p", str(self.client_ports[i]), "-js",
+             "-sd", store, "-n", "n%d" % i, "--cluster_name", "engram",
+             "--cluster", "nats://127.0.0.1:%d" % self.route_ports[i], "--routes", routes],
+            stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.client_ports[i]), timeout=1):
+                    return
+            except OSError:
+                if self.procs[i].poll() is not None:
+                    raise RuntimeError("nats-server %d exited" % i)
+                time.sleep(0.05)
+        raise RuntimeError("nats-server %d did not listen" % i)
+
+    def start(self):
+        for i in range(len(self.procs)):
+            self.start_node(i)
+        return self
+
+    def kill_node(self, i):
+        p = self.procs[i]
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            p.wait(timeout=10)
+        self.procs[i] = None
+
+    def stop(self):
+        for i in range(len(self.procs)):
+            self.kill_node(i)

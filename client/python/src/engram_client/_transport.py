@@ -95,6 +95,9 @@ def make_settings(target: str, *, token: Optional[str], tls: bool,
         "grpc.initial_reconnect_backoff_ms": backoff_ms,
         "grpc.min_reconnect_backoff_ms": backoff_ms,
         "grpc.max_reconnect_backoff_ms": max(backoff_ms, int(max_backoff * 1000)),
+        # Calls spread over every address the target names or resolves to
+        # (replicas: "ipv4:h1:p,h2:p" or a headless Service's DNS name).
+        "grpc.lb_policy_name": "round_robin",
     }
     for key, value in options or ():
         merged[key] = value

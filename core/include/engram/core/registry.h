@@ -73,6 +73,15 @@ struct BankSummary {
   bool over_capacity = false;
 };
 
+// Where a mutation comes from when it applies an entry of a replicated log:
+// the entry's sequence, recorded durably with the change (LogSequence), and
+// the time the entry carries, used instead of the clock so that every
+// replica computes the same expiry times. Zero values: a local write.
+struct LogPosition {
+  uint64_t seq = 0;
+  int64_t now_ms = 0;
+};
+
 struct StoreResult {
   std::vector<uint64_t> ids;
   int64_t bank_patterns = 0;
@@ -96,9 +105,9 @@ class BankRegistry {
 
   // INVALID_ARGUMENT / FAILED_PRECONDITION / UNIMPLEMENTED from
   // ValidateBankSpec, ALREADY_EXISTS, or a storage error.
-  absl::StatusOr<BankSummary> CreateBank(const BankSpec& spec);
+  absl::StatusOr<BankSummary> CreateBank(const BankSpec& spec, const LogPosition& at = {});
   // NOT_FOUND or a storage error.
-  absl::Status DeleteBank(const std::string& name);
+  absl::Status DeleteBank(const std::string& name, const LogPosition& at = {});
   // NOT_FOUND.
   absl::StatusOr<BankSummary> GetBank(const std::string& name) const;
   // Every bank, ordered by name.
@@ -124,16 +133,22 @@ class BankRegistry {
                                     absl::Span<const uint64_t> ids,
                                     absl::Span<const std::string> payloads,
                                     const StoreExtras& extras,
-                                    const CommitCheck& may_commit = nullptr);
+                                    const CommitCheck& may_commit = nullptr,
+                                    const LogPosition& at = {});
   // Deletes ids atomically: NOT_FOUND (nothing deleted) if any is absent.
   absl::StatusOr<DeleteResult> DeletePatterns(const std::string& name,
                                               absl::Span<const uint64_t> ids,
-                                              const CommitCheck& may_commit = nullptr);
+                                              const CommitCheck& may_commit = nullptr,
+                                              const LogPosition& at = {});
 
   // Deletes, durably, every pattern of bank `name` whose expiry time is at
-  // or before now (the clock); returns how many went (0 when none was due),
-  // NOT_FOUND or a storage error (nothing deleted).
-  absl::StatusOr<int64_t> ExpireBank(const std::string& name);
+  // or before now (the clock, or at.now_ms); returns how many went (0 when
+  // none was due), NOT_FOUND or a storage error (nothing deleted).
+  absl::StatusOr<int64_t> ExpireBank(const std::string& name, const LogPosition& at = {});
+
+  // The last replicated-log sequence a write recorded (0: none), or a
+  // storage error.
+  absl::StatusOr<uint64_t> LogSequence() { return storage_->LogSequence(); }
 
   // ExpireBank for every bank: the banks that lost patterns, with how many.
   // A bank whose storage fails is skipped (a later call retries it); the

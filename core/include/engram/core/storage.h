@@ -23,15 +23,24 @@
 
 namespace engram::core {
 
+// Bookkeeping a mutation writes in its own transaction.
+struct WriteMeta {
+  // Nonzero: the sequence of the replicated-log entry this write applies,
+  // recorded as the last applied one (LogSequence).
+  uint64_t log_seq = 0;
+  // Nonzero: the bank's next automatic id after this write (AppendPatterns).
+  uint64_t next_id = 0;
+};
+
 class BankStorage {
  public:
   virtual ~BankStorage() = default;
 
-  // Each returns OK once the change is durable; INTERNAL (with the storage
-  // engine's message) or RESOURCE_EXHAUSTED (disk full) otherwise, in which
-  // case nothing changed.
-  virtual absl::Status CreateBank(const BankSpec& spec) = 0;
-  virtual absl::Status DeleteBank(std::string_view name) = 0;
+  // Each returns OK once the change (with `meta`) is durable; INTERNAL (with
+  // the storage engine's message) or RESOURCE_EXHAUSTED (disk full)
+  // otherwise, in which case nothing changed.
+  virtual absl::Status CreateBank(const BankSpec& spec, const WriteMeta& meta = {}) = 0;
+  virtual absl::Status DeleteBank(std::string_view name, const WriteMeta& meta = {}) = 0;
   // `data` holds ids.size() rows of the bank's dimension; `payloads` is empty
   // or one per id; `extras` as for Bank::Append (values of the bank's
   // value_dim, normalized labels, expiry times), kept bit for bit.
@@ -39,13 +48,19 @@ class BankStorage {
                                       absl::Span<const uint64_t> ids,
                                       absl::Span<const float> data,
                                       absl::Span<const std::string> payloads,
-                                      const PatternExtras& extras = {}) = 0;
+                                      const PatternExtras& extras = {},
+                                      const WriteMeta& meta = {}) = 0;
   virtual absl::Status DeletePatterns(std::string_view bank,
-                                      absl::Span<const uint64_t> ids) = 0;
+                                      absl::Span<const uint64_t> ids,
+                                      const WriteMeta& meta = {}) = 0;
 
-  // Calls `on_bank` for every bank (ordered by name) followed by `on_pattern`
-  // for each of its patterns in storage order.
-  using BankVisitor = std::function<absl::Status(const BankSpec&)>;
+  // The last replicated-log sequence recorded by a write (0: none).
+  virtual absl::StatusOr<uint64_t> LogSequence() = 0;
+
+  // Calls `on_bank` for every bank (ordered by name) with its next automatic
+  // id (0 when never recorded), followed by `on_pattern` for each of its
+  // patterns in storage order.
+  using BankVisitor = std::function<absl::Status(const BankSpec&, uint64_t next_id)>;
   struct StoredPattern {
     uint64_t id = 0;
     absl::Span<const float> data;    // dim floats
