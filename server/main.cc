@@ -58,7 +58,8 @@ ABSL_FLAG(std::string, role, EnvOr("ENGRAM_ROLE", "node"),
           "(env ENGRAM_ROLE)");
 ABSL_FLAG(std::string, shards, EnvOr("ENGRAM_SHARDS", ""),
           "a router's shards in order: host:port,host:port,... or the pods of a StatefulSet "
-          "behind a headless Service, e.g. engram-{0..3}.engram:50051 (env ENGRAM_SHARDS)");
+          "behind a headless Service, e.g. engram-{0..3}.engram:50051; a shard that is a replica "
+          "group: ip:port|ip:port or dns:///name:port (env ENGRAM_SHARDS)");
 ABSL_FLAG(std::string, shard_tls_ca, EnvOr("ENGRAM_SHARD_TLS_CA", ""),
           "a router's: PEM CA certificate(s) the shards' TLS certificates are checked against; "
           "set, the router dials its shards with TLS (env ENGRAM_SHARD_TLS_CA)");

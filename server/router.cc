@@ -1,5 +1,7 @@
 #include "server/router.h"
 
+#include "server/write_log.h"
+
 #include <algorithm>
 #include <cmath>
 #include <deque>
@@ -25,6 +27,7 @@
 #include "engram/core/status_macros.h"
 #include "server/convert.h"
 #include "server/status_mapping.h"
+#include "server/write_log.h"
 
 namespace engram::server {
 namespace {
@@ -118,7 +121,12 @@ absl::StatusOr<std::vector<std::string>> ParseShardList(const std::string& flag)
     return out;
   }
   for (absl::string_view s : absl::StrSplit(flag, ',', absl::SkipWhitespace())) {
-    out.emplace_back(absl::StripAsciiWhitespace(s));
+    std::string shard(absl::StripAsciiWhitespace(s));
+    // "ip:port|ip:port|...": the replicas of one shard, as one target.
+    if (shard.find('|') != std::string::npos) {
+      shard = absl::StrCat("ipv4:", absl::StrJoin(absl::StrSplit(shard, '|'), ","));
+    }
+    out.push_back(std::move(shard));
   }
   if (out.empty()) return absl::InvalidArgumentError("--shards names no shard");
   return out;
@@ -169,12 +177,15 @@ class RouterService::StepStreams {
       req = first_;
       for (int i = 0; i < router_->shards(); ++i) {
         if (ctx_ != nullptr) {
-          contexts_.push_back(router_->Forward(ctx_));
+          contexts_.push_back(router_->Forward(ctx_, false, i));
         } else {
           contexts_.push_back(std::make_unique<grpc::ClientContext>());
           contexts_.back()->set_deadline(detached_until_);
           if (!authorization_.empty()) {
             contexts_.back()->AddMetadata("authorization", authorization_);
+          }
+          if (router_->Seen(i) > 0) {
+            contexts_.back()->AddMetadata(kMinSequenceHeader, absl::StrCat(router_->Seen(i)));
           }
         }
         streams_.push_back(router_->shards_[i].steps->Steps(contexts_.back().get()));
@@ -300,6 +311,10 @@ RouterService::RouterService(RouterOptions options) : options_(std::move(options
     ssl.pem_root_certs = options_.shard_tls_ca_pem;
     creds = grpc::SslCredentials(ssl);
   }
+  // A shard may be a replica group (engramd --log): calls spread over every
+  // address its target names or resolves to.
+  args.SetLoadBalancingPolicyName("round_robin");
+  seen_ = std::make_unique<std::atomic<uint64_t>[]>(options_.shards.size());
   for (const std::string& address : options_.shards) {
     auto channel = grpc::CreateCustomChannel(address, creds, args);
     shards_.push_back({address, v1::MemoryService::NewStub(channel),
@@ -311,7 +326,7 @@ RouterService::RouterService(RouterOptions options) : options_(std::move(options
 }
 
 std::unique_ptr<grpc::ClientContext> RouterService::Forward(grpc::ServerContext* ctx,
-                                                           bool detached) const {
+                                                           bool detached, int shard) const {
   const auto now = std::chrono::system_clock::now();
   std::unique_ptr<grpc::ClientContext> c;
   if (detached) {
@@ -328,7 +343,27 @@ std::unique_ptr<grpc::ClientContext> RouterService::Forward(grpc::ServerContext*
     c->AddMetadata("authorization",
                    std::string(auth.first->second.data(), auth.first->second.size()));
   }
+  if (shard >= 0 && Seen(shard) > 0) c->AddMetadata(kMinSequenceHeader, absl::StrCat(Seen(shard)));
   return c;
+}
+
+void RouterService::Saw(int i, const grpc::ClientContext& c) {
+  const auto& trailers = c.GetServerTrailingMetadata();
+  auto it = trailers.find(kSequenceTrailer);
+  uint64_t seq = 0;
+  if (it == trailers.end() ||
+      !absl::SimpleAtoi(absl::string_view(it->second.data(), it->second.size()), &seq)) {
+    return;
+  }
+  uint64_t prev = seen_[i].load();
+  while (prev < seq && !seen_[i].compare_exchange_weak(prev, seq)) {
+  }
+}
+
+std::string RouterService::SeenKey() const {
+  std::string key;
+  for (int i = 0; i < shards(); ++i) absl::StrAppend(&key, Seen(i), ",");
+  return key;
 }
 
 grpc::Status RouterService::FromShard(int i, const grpc::Status& s) const {
@@ -364,7 +399,7 @@ std::vector<grpc::Status> RouterService::FanOut(grpc::ServerContext* ctx,
   // before the contexts below copy from it.
   (void)ctx->client_metadata();
   std::vector<std::unique_ptr<grpc::ClientContext>> contexts(shards_.size());
-  for (int i : which) contexts[i] = Forward(ctx, detached);
+  for (int i : which) contexts[i] = Forward(ctx, detached, i);
   for (int i : which) {
     auto done = [pending, i](grpc::Status s) {
       core::MutexLock lock(&pending->mu);
@@ -384,7 +419,10 @@ std::vector<grpc::Status> RouterService::FanOut(grpc::ServerContext* ctx,
     while (pending->left > 0) pending->cv.Wait(&pending->mu);
     out = std::move(pending->out);
   }
-  for (int i : which) out[i] = FromShard(i, out[i]);
+  for (int i : which) {
+    if (out[i].ok()) Saw(i, *contexts[i]);
+    out[i] = FromShard(i, out[i]);
+  }
   return out;
 }
 
@@ -406,7 +444,7 @@ absl::StatusOr<v1::BankInfo> RouterService::Describe(grpc::ServerContext* ctx,
   v1::GetBankRequest req;
   req.set_name(bank);
   v1::BankInfo info;
-  std::unique_ptr<grpc::ClientContext> c = Forward(ctx);
+  std::unique_ptr<grpc::ClientContext> c = Forward(ctx, false, 0);
   const grpc::Status s = FromShard(0, shards_[0].memory->GetBank(c.get(), req, &info));
   if (!s.ok()) return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
   return info;
@@ -740,7 +778,7 @@ grpc::Status RouterService::GetPatterns(grpc::ServerContext* ctx,
       v1::GetPatternsRequest local = *req;
       local.set_page_start(start - first);
       resp->Clear();
-      std::unique_ptr<grpc::ClientContext> c = Forward(ctx);
+      std::unique_ptr<grpc::ClientContext> c = Forward(ctx, false, i);
       grpc::Status s = FromShard(i, shards_[i].memory->GetPatterns(c.get(), local, resp));
       if (!s.ok()) return s;
       if (resp->ids_size() > 0 || i + 1 >= shards()) {
@@ -1060,7 +1098,7 @@ grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::Retriev
         // The key: everything the batch's streams and finish depend on.
         const std::string key = absl::StrCat(first.SerializeAsString(), "\x1f", n, "\x1f", m,
                                              "\x1f", static_cast<int>(kind), "\x1f",
-                                             authorization);
+                                             authorization, "\x1f", SeenKey());
         RunSyncGrouped(key, shape, &call);
       } else {
         // Alone, on this thread, with the call's own deadline and

@@ -42,6 +42,12 @@
 // SYNC on a bipolar bank under a non-general family merges the shards'
 // drive partials (core::DrivePartialBatch) and steps on the drive.
 //
+// A shard may be a replica group (engramd --log): its target names every
+// replica ("ipv4:a:p,b:p" from "a:p|b:p", or a DNS name) and calls spread
+// over them (round_robin). The router keeps each shard's highest
+// acknowledged write-log sequence (Seen) and sends it with every call to
+// that shard (kMinSequenceHeader), so its reads see its writes.
+//
 // Not routed yet (UNIMPLEMENTED, naming the call): sampling a bipolar bank,
 // the ASYNC and TINYBRAIN dynamics, Energy's novelty, banks that decay with
 // age, and the energies without a partial form (the shards'
@@ -51,6 +57,7 @@
 #ifndef ENGRAM_SERVER_ROUTER_H_
 #define ENGRAM_SERVER_ROUTER_H_
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -106,7 +113,9 @@ int ShardOf(uint64_t id, int shards);
 
 // The shard list of a --shards flag: comma-separated host:port, or
 // "name-{0..N}.rest:port" for the N+1 pods of a Kubernetes StatefulSet
-// behind a headless Service (name-0.rest:port ... name-N.rest:port).
+// behind a headless Service (name-0.rest:port ... name-N.rest:port). A
+// shard written "ip:port|ip:port|..." (a replica group) becomes the target
+// "ipv4:ip:port,ip:port,..."; any other gRPC target (dns:///...) is kept.
 absl::StatusOr<std::vector<std::string>> ParseShardList(const std::string& flag);
 
 class RouterService final : public v1::MemoryService::Service {
@@ -169,8 +178,22 @@ class RouterService final : public v1::MemoryService::Service {
   // With `detached`, a context of the router's own (its default timeout,
   // the caller's authorization header only), for work that must outlive a
   // failed or cancelled call (undoing a Store).
-  std::unique_ptr<grpc::ClientContext> Forward(grpc::ServerContext* ctx,
-                                               bool detached = false) const;
+  // With `shard` >= 0, the context asks that shard for reads at least as
+  // fresh as every write this router saw it acknowledge (replicated shards,
+  // see Seen).
+  std::unique_ptr<grpc::ClientContext> Forward(grpc::ServerContext* ctx, bool detached = false,
+                                               int shard = -1) const;
+  // Replicated shards (engramd --log): the highest write-log sequence shard
+  // `i` acknowledged to this router (0: none, or not replicated). Every
+  // call to shard i asks for it as the least sequence to read at, so a read
+  // through this router sees every write acknowledged through it, whichever
+  // replica of the shard answers.
+  uint64_t Seen(int i) const { return seen_[i].load(); }
+  // Records the sequence a call to shard i returned (its trailing metadata).
+  void Saw(int i, const grpc::ClientContext& c);
+  // Seen() of every shard, as part of a batching key: a call joins only a
+  // batch whose streams read at least as fresh.
+  std::string SeenKey() const;
   // `s` from shard `i`, its message prefixed with the shard's name; the
   // outcome is counted.
   grpc::Status FromShard(int i, const grpc::Status& s) const;
@@ -246,6 +269,7 @@ class RouterService final : public v1::MemoryService::Service {
 
   RouterOptions options_;
   std::vector<Shard> shards_;
+  std::unique_ptr<std::atomic<uint64_t>[]> seen_;
   core::Mutex batch_mu_;
   core::CondVar batch_cv_;
   absl::flat_hash_map<std::string, KeyGroups> sync_groups_ ABSL_GUARDED_BY(batch_mu_);

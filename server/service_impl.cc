@@ -9,6 +9,7 @@
 #include <system_error>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "engram/core/energy.h"
@@ -105,6 +106,19 @@ core::PatternView ViewAt(const core::Bank& bank, int64_t now_ms, std::vector<dou
 bool DeadlinePassed(grpc::ServerContextBase* ctx) {
   if (ctx == nullptr) return false;
   return ctx->IsCancelled() || std::chrono::system_clock::now() > ctx->deadline();
+}
+
+// The least write-log sequence a call asks to read at in its metadata
+// (kMinSequenceHeader, set by routers); 0 when absent or malformed.
+uint64_t HeaderMinSequence(grpc::ServerContextBase* ctx) {
+  if (ctx == nullptr) return 0;
+  auto it = ctx->client_metadata().find(kMinSequenceHeader);
+  uint64_t seq = 0;
+  if (it == ctx->client_metadata().end() ||
+      !absl::SimpleAtoi(absl::string_view(it->second.data(), it->second.size()), &seq)) {
+    return 0;
+  }
+  return seq;
 }
 
 // A write commits only while its call is live: a deadline that passed (or
@@ -718,6 +732,7 @@ absl::StatusOr<uint64_t> MemoryServiceImpl::Replicate(grpc::ServerContextBase* c
   }
   ENGRAM_ASSIGN_OR_RETURN(WriteLog::Outcome out, log->Write(std::move(entry), deadline));
   ENGRAM_RETURN_IF_ERROR(out.status);
+  if (ctx != nullptr) ctx->AddTrailingMetadata(kSequenceTrailer, absl::StrCat(out.seq));
   if (!resp->ParseFromString(out.response)) {
     return absl::InternalError("cannot decode the applied write's response");
   }
@@ -818,6 +833,7 @@ void MemoryServiceImpl::AtSequence(grpc::ServerContextBase* ctx, uint64_t min_se
                                    std::function<void()> start,
                                    std::function<void(const grpc::Status&)> fail) {
   WriteLog* log = write_log_.load();
+  if (log != nullptr) min_sequence = std::max(min_sequence, HeaderMinSequence(ctx));
   if (log == nullptr || min_sequence == 0 || log->applied() >= min_sequence) {
     start();
     return;
@@ -1218,6 +1234,14 @@ absl::StatusOr<MemoryServiceImpl::ShardRead> MemoryServiceImpl::OpenShardRead(
     grpc::ServerContextBase* ctx, const std::string& bank_name, bool has_energy,
     const v1::EnergyConfig& energy, const v1::Filter& filter_proto) {
   ENGRAM_ASSIGN_OR_RETURN(core::BankRegistry * registry, Begin(ctx, &bank_name, Access::kRead));
+  const uint64_t min_sequence = HeaderMinSequence(ctx);
+  if (WriteLog* log = write_log_.load(); log != nullptr && min_sequence > log->applied()) {
+    absl::Time deadline = absl::Now() + limits_.min_sequence_wait;
+    if (ctx->deadline() != std::chrono::system_clock::time_point::max()) {
+      deadline = std::min(deadline, absl::FromChrono(ctx->deadline()));
+    }
+    ENGRAM_RETURN_IF_ERROR(log->WaitApplied(min_sequence, deadline));
+  }
   ENGRAM_ASSIGN_OR_RETURN(core::Filter filter, FilterFromProto(filter_proto));
   ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot pinned, registry->Snapshot(bank_name));
   ShardRead read;

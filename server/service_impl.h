@@ -152,6 +152,9 @@ class MemoryServiceImpl final : public v1::MemoryService::CallbackService {
     // True while no write or expiry changed the bank since it was pinned.
     std::function<bool()> current;
   };
+  // On a replica, a call carrying kMinSequenceHeader first waits (blocking,
+  // up to its deadline or --min_sequence_wait_ms) until the write log is
+  // applied that far, else UNAVAILABLE.
   absl::StatusOr<ShardRead> OpenShardRead(grpc::ServerContextBase* ctx, const std::string& bank,
                                           bool has_energy, const v1::EnergyConfig& energy,
                                           const v1::Filter& filter);

@@ -44,6 +44,12 @@
 
 namespace engram::server {
 
+// Metadata between a router and replicated nodes: a call may carry the
+// least write-log sequence to read at (as a request's min_sequence), and a
+// write's answer carries its sequence as trailing metadata.
+inline constexpr char kMinSequenceHeader[] = "engram-min-sequence";
+inline constexpr char kSequenceTrailer[] = "engram-sequence";
+
 struct WriteLogOptions {
   // Comma-separated NATS server URLs (nats://host:port); the client fails
   // over between them.

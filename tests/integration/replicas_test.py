@@ -403,6 +403,120 @@ class ReplicaGroupTest(unittest.TestCase):
                             "replica %s served none of the reads" % r.target)
 
 
+class RoutedReplicaGroupsTest(unittest.TestCase):
+    """The router of part 1 over two shards, each a replica group of two on
+    its own stream: reads through the router see every write acknowledged
+    through it, whichever replica answers, and a replica's death is
+    survived by its group."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="engram_routed_replicas_")
+        self.pb = M["pb"]
+        self.channels = []
+        self.nats = engram_harness.NatsCluster(self.dir).start()
+        self.groups = []
+        for g in range(2):
+            group = []
+            for r in range(2):
+                e = engram_harness.Engramd(
+                    ARGS.engramd, os.path.join(self.dir, "g%dr%d" % (g, r)),
+                    extra_args=["--log=" + self.nats.urls, "--log_stream=SHARD%d" % g,
+                                "--log_publish_timeout_ms=2000", "--writer_threads=4",
+                                "--min_sequence_wait_ms=%d" % MIN_SEQUENCE_WAIT_MS])
+                group.append(e.start(timeout=60))
+            self.groups.append(group)
+        shards = ",".join("|".join(r.target for r in group) for group in self.groups)
+        self.router = engram_harness.Engramd(
+            ARGS.engramd, os.path.join(self.dir, "router"),
+            extra_args=["--role=router", "--shards=" + shards]).start(timeout=60)
+        self.via_router = self.stub(self.router)
+        deadline = time.time() + 60
+        while True:
+            try:
+                for group in self.groups:
+                    for r in group:
+                        self.stub(r).ListBanks(self.pb.ListBanksRequest(), timeout=5)
+                break
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or time.time() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def tearDown(self):
+        for c in self.channels:
+            c.close()
+        self.router.kill()
+        for group in self.groups:
+            for r in group:
+                r.kill()
+        self.nats.stop()
+        if not os.environ.get("ENGRAM_KEEP_TEST_DIRS"):
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def stub(self, replica):
+        ch = replica.channel()
+        self.channels.append(ch)
+        return M["rpc"].MemoryServiceStub(ch)
+
+    def served(self, replica, method):
+        text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % replica.metrics_port,
+                                      timeout=10).read().decode()
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith("grpc_server_handled_total")
+                   and 'grpc_method="%s"' % method in line)
+
+    def round_trip(self, k):
+        """Store two patterns through the router, then read and recall them
+        through it at once."""
+        pb = self.pb
+        x = np.random.default_rng(k).standard_normal((2, DIM)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        r = self.via_router.Store(pb.StoreRequest(bank="mem", patterns=x.ravel().tolist()),
+                                  timeout=30)
+        got = self.via_router.GetPatterns(pb.GetPatternsRequest(bank="mem", ids=list(r.ids)),
+                                          timeout=30)
+        self.assertEqual(list(got.ids), list(r.ids))
+        self.assertEqual(np.asarray(got.patterns, np.float32).tobytes(), x.tobytes())
+        rec = self.via_router.Retrieve(pb.RetrieveRequest(bank="mem", queries=x.ravel().tolist()),
+                                       timeout=30)
+        self.assertEqual([q.nearest.id for q in rec.results], list(r.ids))
+        return r
+
+    def test_reads_through_the_router_see_its_writes_on_any_replica(self):
+        pb = self.pb
+        self.via_router.CreateBank(pb.CreateBankRequest(
+            name="mem", dim=DIM, kind=pb.STATE_KIND_CONTINUOUS,
+            energy=pb.EnergyConfig(family=pb.ENERGY_FAMILY_LSE, beta=50.0)), timeout=30)
+        for k in range(20):
+            self.round_trip(k)
+        for group in self.groups:
+            for r in group:
+                self.assertGreater(self.served(r, "Steps") + self.served(r, "GetPatterns"), 0,
+                                   "replica %s served none of the router's reads" % r.target)
+        # A node honours the router's least sequence in the call's metadata.
+        with self.assertRaises(grpc.RpcError) as e:
+            self.stub(self.groups[0][0]).GetBank(
+                pb.GetBankRequest(name="mem"), timeout=60,
+                metadata=(("engram-min-sequence", str(10**9)),))
+        self.assertEqual(e.exception.code(), grpc.StatusCode.UNAVAILABLE)
+
+        # One replica of shard 0 dies: its group goes on through the other.
+        self.groups[0][0].kill()
+        deadline = time.time() + 30
+        ok = 0
+        k = 100
+        while ok < 10:
+            k += 1
+            try:
+                self.round_trip(k)
+                ok += 1
+            except grpc.RpcError as e:
+                self.assertEqual(e.code(), grpc.StatusCode.UNAVAILABLE, e.details())
+                self.assertEqual(ok, 0, "once calls went on without the dead replica, they keep going")
+                self.assertLess(time.time(), deadline, "shard 0 did not go on with one replica")
+                time.sleep(0.2)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--engramd", required=True)

@@ -1050,6 +1050,11 @@ TEST(ShardList, ParsesListsAndStatefulSetNames) {
                                             "engram-2.engram.default.svc:50051"}));
   EXPECT_FALSE(ParseShardList("").ok());
   EXPECT_FALSE(ParseShardList("x-{0..}.y:1").ok());
+  // Replica groups: one target naming every replica, or a DNS target kept.
+  auto groups = ParseShardList("10.0.0.1:5|10.0.0.2:5,dns:///g1.engram:5");
+  ASSERT_TRUE(groups.ok());
+  EXPECT_EQ(*groups, (std::vector<std::string>{"ipv4:10.0.0.1:5,10.0.0.2:5",
+                                               "dns:///g1.engram:5"}));
 }
 
 TEST(ShardOf, SpreadsIdsEvenlyAndNeverMovesThem) {
