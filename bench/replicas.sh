@@ -87,7 +87,14 @@ load log.store8 "${targets[0]}" store 8
 "$E" --target "${targets[0]}" bank create fashion --dim 784 --kind continuous --energy lse \
     --beta 20 >/dev/null
 "$E" --target "${targets[0]}" store fashion "$D" --limit 5000 --normalize --batch 200 >/dev/null
-sleep 1
+# Reads start once every replica has applied the whole log (the write
+# runs above leave the others some thousands of entries behind).
+for t in "${targets[@]}"; do
+  for _ in $(seq 600); do
+    "$E" --target "$t" bank get fashion 2>/dev/null | grep -q "K=5000 " && break
+    sleep 0.5
+  done
+done
 load read1 "ipv4:${targets[0]}" retrieve 8
 load read2 "ipv4:${targets[0]},${targets[1]}" retrieve 8
 load read3 "ipv4:${targets[0]},${targets[1]},${targets[2]}" retrieve 8

@@ -153,8 +153,18 @@ bool BankRegistry::IsCurrent(const std::string& name, const BankSnapshot& snapsh
 }
 
 absl::StatusOr<BankSummary> BankRegistry::GetBank(const std::string& name) const {
-  ENGRAM_ASSIGN_OR_RETURN(BankSnapshot bank, Snapshot(name));
-  return Summarize(*bank);
+  std::shared_ptr<Entry> e = Find(name);
+  if (e == nullptr) return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
+  return SummarizeCurrent(name, *e);
+}
+
+absl::StatusOr<BankSummary> BankRegistry::SummarizeCurrent(const std::string& name,
+                                                           const Entry& e) {
+  // Read under e.mu, not pinned: a pin taken only to read the counts would
+  // make a concurrent write copy the whole bank.
+  MutexLock lock(&e.mu);
+  if (e.deleted) return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
+  return Summarize(e.current->bank);
 }
 
 std::vector<BankSummary> BankRegistry::ListBanks() const {
@@ -165,8 +175,8 @@ std::vector<BankSummary> BankRegistry::ListBanks() const {
   }
   std::vector<BankSummary> out;
   for (const auto& [name, e] : entries) {
-    absl::StatusOr<BankSnapshot> bank = Pin(name, *e);
-    if (bank.ok()) out.push_back(Summarize(**bank));
+    absl::StatusOr<BankSummary> summary = SummarizeCurrent(name, *e);
+    if (summary.ok()) out.push_back(*std::move(summary));
   }
   return out;
 }

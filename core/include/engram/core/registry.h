@@ -197,6 +197,9 @@ class BankRegistry {
   BankRegistry(std::unique_ptr<BankStorage> storage, RegistryOptions options);
   std::shared_ptr<Entry> Find(const std::string& name) const;
   static BankSummary Summarize(const Bank& bank);
+  // The summary of e's current version, read under e.mu without pinning
+  // it; NOT_FOUND once the bank is deleted.
+  static absl::StatusOr<BankSummary> SummarizeCurrent(const std::string& name, const Entry& e);
   // Pins e's current version; NOT_FOUND once the bank is deleted.
   static absl::StatusOr<BankSnapshot> Pin(const std::string& name, const Entry& e);
   // Applies `mutate` to e's current version, in place when no snapshot pins
