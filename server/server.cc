@@ -210,6 +210,7 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
     lo.stream = config.log_stream;
     lo.replicas = config.log_replicas;
     lo.publish_timeout = config.log_publish_timeout;
+    lo.metrics = s->metrics_->registry();
     ENGRAM_ASSIGN_OR_RETURN(uint64_t applied, s->registry_->LogSequence());
     MemoryServiceImpl* service = s->service_.get();
     core::BankRegistry* registry = s->registry_.get();

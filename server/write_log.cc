@@ -81,6 +81,37 @@ WriteLog::WriteLog(WriteLogOptions options, uint64_t applied, Apply apply)
     std::random_device rd;
     options_.replica_id = absl::StrCat(absl::Hex(rd()), absl::Hex(rd()));
   }
+  if (options_.metrics != nullptr) {
+    prometheus::Registry& r = *options_.metrics;
+    applied_gauge_ = &prometheus::BuildGauge()
+                          .Name("engram_write_log_applied_sequence")
+                          .Help("Sequence of the last write-log entry this replica applied.")
+                          .Register(r)
+                          .Add({{"stream", options_.stream}});
+    pending_gauge_ = &prometheus::BuildGauge()
+                          .Name("engram_write_log_pending_entries")
+                          .Help("Entries in the write log after the last one this replica "
+                                "applied, as last seen (its lag).")
+                          .Register(r)
+                          .Add({{"stream", options_.stream}});
+    up_gauge_ = &prometheus::BuildGauge()
+                     .Name("engram_write_log_up")
+                     .Help("1 while this replica applies its write log; 0 once it stopped on "
+                           "an error of its own (it then answers UNAVAILABLE).")
+                     .Register(r)
+                     .Add({{"stream", options_.stream}});
+    commit_seconds_ = &prometheus::BuildHistogram()
+                           .Name("engram_write_log_commit_seconds")
+                           .Help("Time from publishing a write to the log to having applied it "
+                                 "here (quorum ack included).")
+                           .Register(r)
+                           .Add({{"stream", options_.stream}},
+                                prometheus::Histogram::BucketBoundaries{
+                                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2,
+                                    0.5, 1, 2, 5});
+    applied_gauge_->Set(static_cast<double>(applied));
+    up_gauge_->Set(1);
+  }
 }
 
 absl::StatusOr<std::unique_ptr<WriteLog>> WriteLog::Open(const WriteLogOptions& options,
@@ -208,6 +239,7 @@ absl::StatusOr<WriteLog::Outcome> WriteLog::Write(replication::v1::LogEntry entr
   }
   const absl::Time now = absl::Now();
   if (deadline <= now) return absl::DeadlineExceededError("deadline passed before the write");
+  const absl::Time published = now;
   const absl::Duration ack_wait = std::min(options_.publish_timeout, deadline - now);
   jsPubOptions po;
   jsPubOptions_Init(&po);
@@ -243,6 +275,9 @@ absl::StatusOr<WriteLog::Outcome> WriteLog::Write(replication::v1::LogEntry entr
   if (p.applied) {
     out.status = p.status;
     out.response = std::move(p.response);
+    if (commit_seconds_ != nullptr) {
+      commit_seconds_->Observe(absl::ToDoubleSeconds(absl::Now() - published));
+    }
     return out;
   }
   const std::string where =
@@ -320,9 +355,11 @@ bool WriteLog::ApplyOne(uint64_t seq, const char* data, int size) {
         absl::StrCat("applying write-log entry ", seq, ": ", status.message()));
     std::fprintf(stderr, "engramd: %s; this replica stops applying until restarted\n",
                  std::string(health_.message()).c_str());
+    if (up_gauge_ != nullptr) up_gauge_->Set(0);
     return false;
   }
   applied_ = seq;
+  if (applied_gauge_ != nullptr) applied_gauge_->Set(static_cast<double>(seq));
   if (entry.origin() == options_.replica_id) {
     auto it = pending_.find(entry.call());
     if (it != pending_.end()) {
@@ -377,6 +414,7 @@ void WriteLog::RunApplier() {
       jsMsgMetaData* meta = nullptr;
       if (natsMsg_GetMetaData(&meta, msg) == NATS_OK) {
         const uint64_t seq = meta->Sequence.Stream;
+        if (pending_gauge_ != nullptr) pending_gauge_->Set(static_cast<double>(meta->NumPending));
         jsMsgMetaData_Destroy(meta);
         const uint64_t next = applied() + 1;
         if (seq == next) {
@@ -397,6 +435,11 @@ void WriteLog::RunApplier() {
         jsStreamInfo* si = nullptr;
         jsErrCode jerr = static_cast<jsErrCode>(0);
         if (js_GetStreamInfo(&si, n.js, options_.stream.c_str(), nullptr, &jerr) == NATS_OK) {
+          if (pending_gauge_ != nullptr) {
+            const uint64_t at = applied();
+            pending_gauge_->Set(
+                static_cast<double>(si->State.LastSeq > at ? si->State.LastSeq - at : 0));
+          }
           if (si->State.LastSeq > applied()) {
             resubscribe = "the stream is ahead and silent";
             idle_check = std::min(kMaxIdleCheck, 2 * idle_check);

@@ -41,6 +41,10 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "engram/replication/v1/log.pb.h"
+#include "prometheus/counter.h"
+#include "prometheus/gauge.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
 
 namespace engram::server {
 
@@ -68,6 +72,8 @@ struct WriteLogOptions {
   absl::Duration open_timeout = absl::Seconds(30);
   // This replica's id in the entries it publishes; empty: a random one.
   std::string replica_id;
+  // Where the log's metrics go (engram_write_log_*); null: none.
+  std::shared_ptr<prometheus::Registry> metrics;
 };
 
 class WriteLog {
@@ -154,6 +160,13 @@ class WriteLog {
     std::function<void(absl::Status)> done;
   };
   std::multimap<uint64_t, Waiter> waiters_ ABSL_GUARDED_BY(mu_);
+  // Metrics (null without a registry): the last applied sequence, the
+  // entries in the stream after it, 1 while the applier runs, and the time
+  // from publish to applied of this replica's writes.
+  prometheus::Gauge* applied_gauge_ = nullptr;
+  prometheus::Gauge* pending_gauge_ = nullptr;
+  prometheus::Gauge* up_gauge_ = nullptr;
+  prometheus::Histogram* commit_seconds_ = nullptr;
   std::thread applier_;
 };
 

@@ -387,13 +387,16 @@ class ReplicaGroupTest(unittest.TestCase):
         self.channels.append(ch)
         grpc.channel_ready_future(ch).result(timeout=30)
         stub = M["rpc"].MemoryServiceStub(ch)
+        last_seq = 0
         for k in range(30):
             x = self.rows(1, k)
             r = stub.Store(pb.StoreRequest(bank="mem", patterns=x.ravel().tolist()), timeout=30)
             got = stub.GetPatterns(pb.GetPatternsRequest(bank="mem", ids=list(r.ids),
                                                          min_sequence=r.sequence), timeout=30)
             self.assertEqual(np.asarray(got.patterns, np.float32).tobytes(), x.tobytes())
+            last_seq = r.sequence
         for r in self.replicas:
+            self.wait_applied(self.stub(r), last_seq)
             text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % r.metrics_port,
                                           timeout=10).read().decode()
             served = [line for line in text.splitlines()
@@ -401,6 +404,11 @@ class ReplicaGroupTest(unittest.TestCase):
                       and 'grpc_method="GetPatterns"' in line]
             self.assertTrue(served and any(float(s.split()[-1]) > 0 for s in served),
                             "replica %s served none of the reads" % r.target)
+            series = {line.split("{")[0]: float(line.split()[-1]) for line in text.splitlines()
+                      if line.startswith("engram_write_log_") and "{" in line
+                      and "_bucket" not in line}
+            self.assertEqual(series.get("engram_write_log_up"), 1.0)
+            self.assertGreaterEqual(series.get("engram_write_log_applied_sequence", 0), last_seq)
 
 
 class RoutedReplicaGroupsTest(unittest.TestCase):
