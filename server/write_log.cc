@@ -372,6 +372,26 @@ bool WriteLog::ApplyOne(uint64_t seq, const char* data, int size) {
   return true;
 }
 
+bool WriteLog::StillHeld(uint64_t next) {
+  jsStreamInfo* si = nullptr;
+  jsErrCode jerr = static_cast<jsErrCode>(0);
+  if (js_GetStreamInfo(&si, nats_->js, options_.stream.c_str(), nullptr, &jerr) != NATS_OK) {
+    return true;  // cannot tell now; read again
+  }
+  const uint64_t first = si->State.FirstSeq;
+  const bool held = si->State.Msgs == 0 ? si->State.LastSeq < next : first <= next;
+  jsStreamInfo_Destroy(si);
+  if (held) return true;
+  absl::MutexLock lock(&mu_);
+  health_ = absl::UnavailableError(absl::StrCat(
+      "the write log no longer holds entry ", next, " (its first entry is ", first,
+      "): this replica cannot catch up from the log; start it again from a Backup of another "
+      "replica (--restore_from)"));
+  std::fprintf(stderr, "engramd: %s\n", std::string(health_.message()).c_str());
+  if (up_gauge_ != nullptr) up_gauge_->Set(0);
+  return false;
+}
+
 void WriteLog::Report(const std::string& message) {
   // At most one line a second: a cluster that is down for long is one
   // retry line per second, not ten.
@@ -425,6 +445,10 @@ void WriteLog::RunApplier() {
           idle_since = absl::Now();
           idle_check = kIdleCheck;
         } else if (seq > next) {
+          if (!StillHeld(next)) {
+            natsMsg_Destroy(msg);
+            break;
+          }
           resubscribe = "a gap in the entries received";
         }
       }
@@ -440,11 +464,15 @@ void WriteLog::RunApplier() {
             pending_gauge_->Set(
                 static_cast<double>(si->State.LastSeq > at ? si->State.LastSeq - at : 0));
           }
-          if (si->State.LastSeq > applied()) {
+          if (si->State.FirstSeq > applied() + 1) {
+            jsStreamInfo_Destroy(si);
+            if (!StillHeld(applied() + 1)) break;
+            si = nullptr;
+          } else if (si->State.LastSeq > applied()) {
             resubscribe = "the stream is ahead and silent";
             idle_check = std::min(kMaxIdleCheck, 2 * idle_check);
           }
-          jsStreamInfo_Destroy(si);
+          if (si != nullptr) jsStreamInfo_Destroy(si);
         }
         idle_since = absl::Now();
       }

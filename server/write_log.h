@@ -128,6 +128,10 @@ class WriteLog {
   void RunApplier();
   // Applies one received entry; false when the applier must stop.
   bool ApplyOne(uint64_t seq, const char* data, int size);
+  // False, with the applier's health set, when the stream no longer holds
+  // entry `next` (trimmed by limits or a purge): this replica cannot catch
+  // up from the log. True when it does, or when the stream cannot be asked.
+  bool StillHeld(uint64_t next);
   // Answers the waiters whose sequence is applied or whose deadline passed.
   void Notify();
   // A line on stderr about the applier's reading, at most one a second

@@ -216,3 +216,29 @@ class NatsCluster:
     def stop(self):
         for i in range(len(self.procs)):
             self.kill_node(i)
+
+    def request(self, subject, payload=b"{}", node=None, timeout=10.0):
+        """One NATS request (e.g. a JetStream API call, "$JS.API.STREAM.PURGE.<stream>")
+        over the plain NATS protocol to a live node; returns the reply's payload."""
+        if node is None:
+            node = next(i for i, p in enumerate(self.procs) if p is not None and p.poll() is None)
+        with socket.create_connection(("127.0.0.1", self.client_ports[node]), timeout=timeout) as s:
+            f = s.makefile("rb")
+            f.readline()  # INFO
+            inbox = "_INBOX.engram_harness"
+            s.sendall(b'CONNECT {"verbose":false,"pedantic":false}\r\n')
+            s.sendall(("SUB %s 1\r\n" % inbox).encode())
+            s.sendall(("PUB %s %s %d\r\n" % (subject, inbox, len(payload))).encode() + payload + b"\r\n")
+            s.sendall(b"PING\r\n")
+            while True:
+                line = f.readline()
+                if not line:
+                    raise RuntimeError("NATS closed the connection")
+                if line.startswith(b"MSG "):
+                    size = int(line.split()[-1])
+                    data = f.read(size + 2)[:size]
+                    return data
+                if line.startswith(b"PING"):
+                    s.sendall(b"PONG\r\n")
+                if line.startswith(b"-ERR"):
+                    raise RuntimeError(line.decode().strip())

@@ -19,6 +19,7 @@ processes on loopback.
   /usr/bin/python3 replicas_test.py --engramd build/server/engramd --proto-dir proto
 """
 import argparse
+import json
 import os
 import shutil
 import sqlite3
@@ -378,6 +379,40 @@ class ReplicaGroupTest(unittest.TestCase):
         self.assertEqual(self.contents(stub, min_sequence=top),
                          self.contents(self.stubs[0], min_sequence=top))
         self.assertNotIn(2, self.contents(stub))
+
+    def test_a_replica_behind_a_trimmed_log_stops_with_a_clear_error(self):
+        pb = self.pb
+        self.create_bank(self.stubs[0])
+        self.replicas[2].kill()
+        last = None
+        for k in range(5):
+            last = self.stubs[k % 2].Store(pb.StoreRequest(
+                bank="mem", patterns=self.rows(1, k).ravel().tolist()), timeout=30)
+        # The log drops the entries the dead replica has not applied.
+        reply = json.loads(self.nats.request("$JS.API.STREAM.PURGE.GROUP", b"{}"))
+        self.assertTrue(reply.get("success"), reply)
+        restarted = engram_harness.Engramd(ARGS.engramd, self.replicas[2].data_dir,
+                                           extra_args=self.replicas[2].extra_args)
+        restarted.start(timeout=60)
+        self.replicas[2] = restarted
+        stub = self.stub(restarted)
+        deadline = time.time() + 60
+        while True:
+            try:
+                stub.ListBanks(pb.ListBanksRequest(), timeout=5)
+                details = ""
+            except grpc.RpcError as e:
+                self.assertEqual(e.code(), grpc.StatusCode.UNAVAILABLE)
+                details = e.details()
+            if "no longer holds entry" in details:
+                break
+            self.assertLess(time.time(), deadline, "the replica did not notice the trimmed log")
+            time.sleep(0.2)
+        self.assertIn("--restore_from", details)
+        # The replicas that applied everything go on.
+        r = self.stubs[0].Store(pb.StoreRequest(bank="mem", patterns=self.rows(1, 9).ravel().tolist()),
+                                timeout=30)
+        self.assertGreater(r.sequence, last.sequence)
 
     def test_round_robin_client_reads_its_writes_through_every_replica(self):
         pb = self.pb
