@@ -20,6 +20,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "absl/time/clock.h"
 #include "engram/core/dynamics.h"
 #include "engram/core/energy.h"
 #include "engram/core/partials.h"
@@ -175,6 +176,10 @@ class RouterService::StepStreams {
     shard::v1::StepRequest req;
     if (streams_.empty()) {
       req = first_;
+      // One time for every shard of the call (decay with age); a batch's
+      // calls share its streams' time, as the calls of a node's batch
+      // share its pinned bank.
+      req.set_now_unix_ms(router_->NowMs());
       for (int i = 0; i < router_->shards(); ++i) {
         if (ctx_ != nullptr) {
           contexts_.push_back(router_->Forward(ctx_, false, i));
@@ -358,6 +363,11 @@ void RouterService::Saw(int i, const grpc::ClientContext& c) {
   uint64_t prev = seen_[i].load();
   while (prev < seq && !seen_[i].compare_exchange_weak(prev, seq)) {
   }
+}
+
+int64_t RouterService::NowMs() const {
+  if (options_.clock_ms) return options_.clock_ms();
+  return absl::ToUnixMillis(absl::Now());
 }
 
 std::string RouterService::SeenKey() const {
@@ -1501,6 +1511,10 @@ absl::StatusOr<core::SampleBatch> RouterService::RunSample(
     return absl::UnimplementedError(
         "sampling a bipolar bank is not routed to shards yet (its Glauber sweeps use each "
         "neuron's exact energy change); call a single node");
+  }
+  if (info.decay_half_life_seconds() > 0) {
+    return absl::UnimplementedError(
+        "sampling a bank that decays with age is not routed to shards yet; call a single node");
   }
   const int n = static_cast<int>(info.dim());
   const int64_t count = req->count() == 0 ? 1 : req->count();

@@ -48,9 +48,12 @@
 // acknowledged write-log sequence (Seen) and sends it with every call to
 // that shard (kMinSequenceHeader), so its reads see its writes.
 //
-// Not routed yet (UNIMPLEMENTED, naming the call): sampling a bipolar bank,
-// the ASYNC and TINYBRAIN dynamics, Energy's novelty, banks that decay with
-// age, and the energies without a partial form (the shards'
+// Banks that decay with age: every shard weighs its rows at the time the
+// router sends with the call's streams (RouterOptions::clock_ms).
+//
+// Not routed yet (UNIMPLEMENTED, naming the call): sampling a bipolar bank
+// or a bank that decays with age, the ASYNC and TINYBRAIN dynamics,
+// Energy's novelty, and the energies without a partial form (the shards'
 // UNIMPLEMENTED).
 //
 // Thread-safety: gRPC's synchronous API; calls run concurrently.
@@ -59,6 +62,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -85,6 +89,9 @@ struct RouterOptions {
   // set, the shards are dialled with TLS (their names in `shards` must match
   // their certificates); empty, in plaintext.
   std::string shard_tls_ca_pem;
+  // The Unix time in milliseconds sent to the shards of a call, at which
+  // banks that decay with age are weighed; null: the system clock.
+  std::function<int64_t()> clock_ms;
   // Deadline of the shard calls of a caller that sets none.
   absl::Duration default_timeout = absl::Seconds(60);
   // Largest message to and from a shard.
@@ -150,6 +157,8 @@ class RouterService final : public v1::MemoryService::Service {
                       v1::BackupResponse* resp) override;
 
   int shards() const { return static_cast<int>(shards_.size()); }
+  // RouterOptions::clock_ms, or the system clock.
+  int64_t NowMs() const;
 
  private:
   struct Shard {

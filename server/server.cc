@@ -78,6 +78,7 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::StartRouter(
   ro.shards = config.shards;
   ro.max_message_bytes = config.max_message_bytes;
   ro.max_batch = config.max_batch;
+  ro.clock_ms = config.clock_ms;
   ro.batching = config.batching;
   ro.max_batch_queries = config.max_batch_queries;
   ro.metrics = s->metrics_;

@@ -1245,6 +1245,7 @@ absl::StatusOr<MemoryServiceImpl::ShardRead> MemoryServiceImpl::OpenShardRead(
   ENGRAM_ASSIGN_OR_RETURN(core::Filter filter, FilterFromProto(filter_proto));
   ENGRAM_ASSIGN_OR_RETURN(core::BankSnapshot pinned, registry->Snapshot(bank_name));
   ShardRead read;
+  read.now_ms = registry->NowMs();
   ENGRAM_ASSIGN_OR_RETURN(read.bank, Visible(registry, &pinned, std::move(filter), false));
   ENGRAM_ASSIGN_OR_RETURN(read.energy, ResolveEnergy(has_energy, energy, *read.bank));
   const int64_t valid_until = pinned->min_expires_ms();

@@ -151,6 +151,7 @@ class MemoryServiceImpl final : public v1::MemoryService::CallbackService {
     core::EnergyConfig energy;
     // True while no write or expiry changed the bank since it was pinned.
     std::function<bool()> current;
+    int64_t now_ms = 0;  // the registry's clock when it was pinned
   };
   // On a replica, a call carrying kMinSequenceHeader first waits (blocking,
   // up to its deadline or --min_sequence_wait_ms) until the write log is

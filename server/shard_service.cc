@@ -125,19 +125,21 @@ absl::Status ShardServiceImpl::Serve(
       MemoryServiceImpl::ShardRead read,
       memory_->OpenShardRead(ctx, req->bank(), req->has_energy(), req->energy(), req->filter()));
   const core::Bank& bank = *read.bank;
-  if (bank.decays()) {
-    return absl::UnimplementedError(absl::StrCat(
-        "bank '", req->bank(), "' decays with age; its shards do not serve partials yet"));
-  }
+  // A bank that decays with age weighs its rows at the call's time (the
+  // router's, so every shard's the same).
+  const std::vector<double> prior =
+      bank.LogPrior(req->now_unix_ms() > 0 ? req->now_unix_ms() : read.now_ms);
+  core::PatternView view = bank.view();
+  if (!prior.empty()) view.log_prior = prior.data();
   core::EnergyConfig cfg = read.energy;
-  auto energy = std::make_unique<core::EnergyFunction>(cfg, bank.view());
+  auto energy = std::make_unique<core::EnergyFunction>(cfg, view);
   do {
     if (req->level_beta() > 0.0 && req->level_beta() != cfg.beta) {
       if (!std::isfinite(req->level_beta())) {
         return absl::InvalidArgumentError("level_beta is not finite");
       }
       cfg.beta = req->level_beta();
-      energy = std::make_unique<core::EnergyFunction>(cfg, bank.view());
+      energy = std::make_unique<core::EnergyFunction>(cfg, view);
     }
     shard::v1::StepReply reply;
     ENGRAM_RETURN_IF_ERROR(Answer(bank, *energy, *req, max_batch_, &reply));

@@ -402,9 +402,7 @@ absl::StatusOr<StepPartial> EnergyFunction::Partial(const float* x, bool with_su
         "this energy has no partial form: its weights depend on every row at once (max, "
         "sparsemax, entmax15, log_sum_relu) or it has no fused pass (L1 similarity)");
   }
-  if (patterns_.log_prior != nullptr) {
-    return absl::UnimplementedError("a bank that decays with age has no partial form yet");
-  }
+  if (patterns_.log_prior != nullptr) return PriorPartial(x, with_sum, *rule);
   const int n = patterns_.dim;
   StepPartial p;
   p.log_domain = rule->domain() == internal::WeightDomain::kLog;
@@ -419,6 +417,38 @@ absl::StatusOr<StepPartial> EnergyFunction::Partial(const float* x, bool with_su
   return p;
 }
 
+absl::StatusOr<StepPartial> EnergyFunction::PriorPartial(const float* x, bool with_sum,
+                                                          const internal::RowWeights& rule) const {
+  if (rule.domain() != internal::WeightDomain::kLog) {
+    return absl::UnimplementedError(
+        "a row prior (decay with age) weighs softmax energies only; this energy has none");
+  }
+  const int n = patterns_.dim;
+  const int64_t k = patterns_.rows;
+  StepPartial p;
+  p.log_domain = true;
+  p.rows = k;
+  p.sq_x = internal::SquaredNorm(x, n);
+  if (with_sum) p.sum.assign(n, 0.f);
+  if (k == 0) return p;
+  // The reference evaluation's similarities (the prior folded in as
+  // S + b / beta) and the rule's log-weights of them, in double.
+  std::vector<double> s(k), w(k), h(k);
+  Similarities(x, s.data());
+  rule.Block(s.data(), k, w.data(), h.data());
+  p.log_scale = *std::max_element(w.begin(), w.end());
+  std::vector<double> acc(with_sum ? n : 0, 0.0);
+  for (int64_t mu = 0; mu < k; ++mu) {
+    const double e = std::exp(w[mu] - p.log_scale);
+    p.wsum += e;
+    if (!with_sum || e == 0.0) continue;
+    const float* row = patterns_.row(mu);
+    for (int i = 0; i < n; ++i) acc[i] += e * row[i];
+  }
+  for (int i = 0; i < static_cast<int>(acc.size()); ++i) p.sum[i] = static_cast<float>(acc[i]);
+  return p;
+}
+
 absl::Status EnergyFunction::PartialBatch(const float* x, int64_t b, bool with_sum,
                                           std::vector<StepPartial>* out) const {
   const int n = patterns_.dim;
@@ -426,7 +456,7 @@ absl::Status EnergyFunction::PartialBatch(const float* x, int64_t b, bool with_s
   // The checks, and the one-state path where UpdateTargetBatch takes it.
   if (b == 0) return Partial(x, with_sum, false).status();
   if (patterns_.rows == 0 || b < internal::BatchMinStates(patterns_) ||
-      patterns_.bf16 != nullptr) {
+      patterns_.bf16 != nullptr || patterns_.log_prior != nullptr) {
     out->reserve(b);
     for (int64_t q = 0; q < b; ++q) {
       ENGRAM_ASSIGN_OR_RETURN(StepPartial p, Partial(x + q * n, with_sum, false));

@@ -23,6 +23,7 @@
 #include "engram/core/filter.h"
 #include "engram/core/partials.h"
 #include "engram/core/readout.h"
+#include "testing/decay_reference.h"
 #include "testing/random_banks.h"
 
 namespace engram::core {
@@ -427,6 +428,77 @@ TEST(DrivePartial, MergedShardDrivesGiveEachNeuronTheLowerEnergySign) {
             absl::StatusCode::kUnimplemented);
   std::printf("drive signs checked %lld, exact classical ties %lld\n",
               static_cast<long long>(checked), static_cast<long long>(zeros));
+}
+
+// A bank that decays with age, cut into shards: each shard's partial over
+// its rows with their priors (Bank::LogPrior at one time), merged, gives
+// the energy and update target of the definitions (2^(-age / h) weights,
+// long double) and of the whole bank's reference evaluation.
+TEST(StepPartial, DecayingBankShardsMergeAsTheDefinitions) {
+  std::mt19937_64 rng(83);
+  const int n = 24;
+  const int64_t h = 3'600'000, now = 1'700'000'000'000;
+  for (EnergyConfig c :
+       {EnergyConfig{.family = EnergyFamily::kLse, .beta = 4.0},
+        EnergyConfig{.family = EnergyFamily::kGaussian, .beta = 2.0},
+        EnergyConfig{.family = EnergyFamily::kGeneral, .beta = 1.5,
+                     .similarity = SimilarityKind::kNegHalfSqL2}}) {
+    for (int trial = 0; trial < 3; ++trial) {
+      const int64_t k = std::uniform_int_distribution<int64_t>(20, 900)(rng);
+      const std::vector<float> xi = testing::RandomGaussian(k * n, rng, 0.4f);
+      std::vector<int64_t> stored(k);
+      std::vector<double> ages(k);
+      for (int64_t mu = 0; mu < k; ++mu) {
+        stored[mu] = now - std::uniform_int_distribution<int64_t>(0, 4 * h)(rng);
+        ages[mu] = static_cast<double>(now - stored[mu]) / static_cast<double>(h);
+      }
+      Bank whole(BankSpec{"d", n, StateKind::kContinuous, c, Precision::kF32, 0, 0, h});
+      whole.Append(xi, whole.AssignIds(k), {}, PatternExtras{{}, {}, {}, stored});
+      const std::vector<int64_t> cuts = RandomCuts(k, rng);
+      const std::vector<Bank> shards = Shards(whole, cuts);
+      SCOPED_TRACE(std::string(EnergyFamilyName(c.family)) + " K=" + std::to_string(k) +
+                   " shards=" + std::to_string(shards.size()));
+      std::vector<float> x(whole.pattern(k / 2), whole.pattern(k / 2) + n);
+      for (float& v : x) v += std::normal_distribution<float>(0.f, 0.2f)(rng);
+
+      std::vector<StepPartial> parts;
+      std::vector<std::vector<double>> priors;
+      for (const Bank& shard : shards) {
+        priors.push_back(shard.LogPrior(now));
+        PatternView view = shard.view();
+        view.log_prior = priors.back().data();
+        auto p = EnergyFunction(c, view).Partial(x.data(), true, false);
+        ASSERT_TRUE(p.ok()) << p.status();
+        parts.push_back(*std::move(p));
+      }
+      auto merged = MergeStepPartials(parts);
+      ASSERT_TRUE(merged.ok()) << merged.status();
+      const std::vector<double> prior = whole.LogPrior(now);
+      PatternView view = whole.view();
+      view.log_prior = prior.data();
+      const EnergyFunction f(c, view);
+      std::vector<float> t(n), t_whole(n);
+      auto e = f.FinishPartial(*merged, x.data(), t.data(), nullptr);
+      ASSERT_TRUE(e.ok()) << e.status();
+      const testing::DecayReference ref = testing::ReferenceDecay(xi, n, x, ages, c);
+      EXPECT_NEAR(*e, static_cast<double>(ref.energy), 1e-5 * (1 + std::fabs(*e)));
+      const double e_whole = f.UpdateTarget(x.data(), t_whole.data());
+      EXPECT_NEAR(*e, e_whole, 1e-6 * (1 + std::fabs(e_whole)));
+      for (int i = 0; i < n; ++i) {
+        EXPECT_NEAR(t[i], static_cast<double>(ref.target[i]), 1e-5) << i;
+        EXPECT_NEAR(t[i], t_whole[i], 1e-5) << i;
+      }
+      // The batched partials are the one-state ones.
+      std::vector<StepPartial> batch;
+      PatternView v0 = shards[0].view();
+      v0.log_prior = priors[0].data();
+      std::vector<float> xs = x;
+      xs.insert(xs.end(), x.begin(), x.end());
+      ASSERT_TRUE(EnergyFunction(c, v0).PartialBatch(xs.data(), 2, true, &batch).ok());
+      EXPECT_EQ(batch[1].wsum, parts[0].wsum);
+      EXPECT_EQ(batch[1].sum, parts[0].sum);
+    }
+  }
 }
 
 TEST(StepPartial, ConfigsWithoutAPartialFormSayUnimplemented) {

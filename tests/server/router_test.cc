@@ -116,6 +116,7 @@ class RouterTest : public ::testing::Test {
     rc.shards = addresses;
     rc.listen = "127.0.0.1:0";
     rc.metrics_listen = "";
+    rc.clock_ms = [this] { return now_ms_.load(); };
     auto r = EngramServer::Start(rc);
     ASSERT_TRUE(r.ok()) << r.status();
     router_server_ = std::move(*r);
@@ -839,6 +840,111 @@ TEST_F(RouterTest, ExpiredPatternsLeaveShardedReadsAsOnANode) {
   grpc::ClientContext c;
   ASSERT_TRUE(router_->GetBank(&c, get, &info).ok());
   EXPECT_EQ(info.patterns(), uint64_t{kPatterns});
+}
+
+// A bank that decays with age: patterns stored at different times weigh
+// 2^(-age / half-life) on every shard at the router's time, so Energy and
+// sync Retrieve through the router answer as the node holding them all, and
+// aging moves both alike.
+TEST_F(RouterTest, DecayingBanksAnswerAsOneNode) {
+  std::mt19937_64 rng(29);
+  v1::CreateBankRequest create;
+  create.set_name("decay");
+  create.set_dim(kDim);
+  create.set_kind(v1::STATE_KIND_CONTINUOUS);
+  *create.mutable_energy() = Energy(v1::ENERGY_FAMILY_LSE, 8.0);
+  create.set_decay_half_life_seconds(3600);
+  for (auto* stub : {router_.get(), whole_.get()}) {
+    v1::BankInfo info;
+    grpc::ClientContext c;
+    ASSERT_TRUE(stub->CreateBank(&c, create, &info).ok());
+  }
+  // Four batches an hour apart: the oldest weigh 1/8 of the newest.
+  std::normal_distribution<float> g(0.f, 1.f / std::sqrt(float{kDim}));
+  std::vector<float> rows;
+  for (int batch = 0; batch < 4; ++batch) {
+    v1::StoreRequest store;
+    store.set_bank("decay");
+    for (int r = 0; r < 60; ++r) {
+      for (int i = 0; i < kDim; ++i) store.add_patterns(g(rng));
+    }
+    rows.insert(rows.end(), store.patterns().begin(), store.patterns().end());
+    v1::StoreResponse stored;
+    {
+      grpc::ClientContext c;
+      ASSERT_TRUE(router_->Store(&c, store, &stored).ok());
+    }
+    *store.mutable_ids() = stored.ids();
+    {
+      grpc::ClientContext c;
+      ASSERT_TRUE(whole_->Store(&c, store, &stored).ok());
+    }
+    now_ms_ += 3'600'000;
+  }
+  // Queries near rows of each batch.
+  std::vector<float> q;
+  for (int j = 0; j < 8; ++j) {
+    const int r = (j % 4) * 60 + j;
+    for (int i = 0; i < kDim; ++i) q.push_back(rows[r * kDim + i] + 0.3f * g(rng));
+  }
+  auto energies = [&](v1::MemoryService::Stub* stub) {
+    v1::EnergyRequest e;
+    e.set_bank("decay");
+    e.mutable_states()->Add(q.begin(), q.end());
+    e.set_return_gradient(true);
+    v1::EnergyResponse out;
+    grpc::ClientContext c;
+    grpc::Status s = stub->Energy(&c, e, &out);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    return out;
+  };
+  auto retrieve = [&](v1::MemoryService::Stub* stub) {
+    v1::RetrieveRequest r;
+    r.set_bank("decay");
+    r.mutable_queries()->Add(q.begin(), q.end());
+    v1::RetrieveResponse out;
+    grpc::ClientContext c;
+    grpc::Status s = stub->Retrieve(&c, r, &out);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    return out;
+  };
+  const v1::EnergyResponse young = energies(router_.get());
+  for (int round = 0; round < 2; ++round) {
+    SCOPED_TRACE(round == 0 ? "now" : "two half-lives later");
+    const v1::EnergyResponse e_router = energies(router_.get()), e_node = energies(whole_.get());
+    ASSERT_EQ(e_router.energies_size(), e_node.energies_size());
+    for (int j = 0; j < e_node.energies_size(); ++j) {
+      EXPECT_NEAR(e_router.energies(j), e_node.energies(j), Tol(e_node.energies(j))) << j;
+    }
+    ASSERT_EQ(e_router.gradients_size(), e_node.gradients_size());
+    for (int i = 0; i < e_node.gradients_size(); ++i) {
+      EXPECT_NEAR(e_router.gradients(i), e_node.gradients(i), 2e-4) << i;
+    }
+    const v1::RetrieveResponse r_router = retrieve(router_.get()), r_node = retrieve(whole_.get());
+    ASSERT_EQ(r_router.results_size(), r_node.results_size());
+    for (int j = 0; j < r_node.results_size(); ++j) {
+      EXPECT_EQ(r_router.results(j).nearest().id(), r_node.results(j).nearest().id()) << j;
+      EXPECT_EQ(r_router.results(j).stop_reason(), r_node.results(j).stop_reason()) << j;
+      for (int i = 0; i < kDim; ++i) {
+        EXPECT_NEAR(r_router.results(j).state(i), r_node.results(j).state(i), 1e-4) << j;
+      }
+    }
+    if (round == 0) now_ms_ += 2 * 3'600'000;
+  }
+  // Aging changed the energies (the weights are not a constant factor: the
+  // log-sum-exp over rows of different ages moves unevenly).
+  const v1::EnergyResponse old = energies(router_.get());
+  int moved = 0;
+  for (int j = 0; j < old.energies_size(); ++j) {
+    moved += std::fabs(old.energies(j) - young.energies(j)) > 1e-3;
+  }
+  EXPECT_GT(moved, 0);
+  // Sampling one is not routed yet, and says so.
+  v1::SampleRequest sample;
+  sample.set_bank("decay");
+  v1::SampleResponse out;
+  grpc::ClientContext c;
+  EXPECT_EQ(router_->Sample(&c, sample, &out).error_code(), grpc::StatusCode::UNIMPLEMENTED);
 }
 
 // Backup through a router writes every shard's snapshot on that shard; a

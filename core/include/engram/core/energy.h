@@ -33,6 +33,7 @@
 namespace engram::core {
 namespace internal {
 struct FusedSums;
+class RowWeights;
 }  // namespace internal
 
 // p = sparsemax(z) or 1.5-entmax(z) over k scores (exact sort-based
@@ -102,7 +103,10 @@ class EnergyFunction {
   // the weighted sum of its rows, with `track_nearest` its nearest row
   // (numbered from `row_offset`); ValueReadoutPartial (readout.h) adds the
   // value readout. UNIMPLEMENTED for configs with no partial form (max,
-  // sparsemax, 1.5-entmax, log-sum-ReLU separations, L1 similarity).
+  // sparsemax, 1.5-entmax, log-sum-ReLU separations, L1 similarity). Over a
+  // view with a row prior (decay with age: softmax energies) the partial is
+  // formed in double from the reference similarities and tracks no nearest
+  // row.
   absl::StatusOr<StepPartial> Partial(const float* x, bool with_sum, bool track_nearest,
                                       int64_t row_offset = 0) const;
   // Partial(x_q, with_sum, false) for b states at once (x is b x dim,
@@ -140,6 +144,11 @@ class EnergyFunction {
   // accumulator is already in `target` or `grad`.
   void FinishFused(const internal::FusedSums& sums, bool log_domain, const float* x,
                    float* target, float* grad, double* energy) const;
+  // Partial over a view with a row prior (a bank's decay with age): the
+  // reference evaluation's similarities and `rule`'s log-weights in double,
+  // no nearest row; UNIMPLEMENTED for a linear-domain rule.
+  absl::StatusOr<StepPartial> PriorPartial(const float* x, bool with_sum,
+                                           const internal::RowWeights& rule) const;
 
   EnergyConfig config_;
   PatternView patterns_;
