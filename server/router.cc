@@ -1512,10 +1512,6 @@ absl::StatusOr<core::SampleBatch> RouterService::RunSample(
         "sampling a bipolar bank is not routed to shards yet (its Glauber sweeps use each "
         "neuron's exact energy change); call a single node");
   }
-  if (info.decay_half_life_seconds() > 0) {
-    return absl::UnimplementedError(
-        "sampling a bank that decays with age is not routed to shards yet; call a single node");
-  }
   const int n = static_cast<int>(info.dim());
   const int64_t count = req->count() == 0 ? 1 : req->count();
   ENGRAM_RETURN_IF_ERROR(WithinBatch(count, options_.max_batch, "count"));

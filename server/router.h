@@ -51,8 +51,8 @@
 // Banks that decay with age: every shard weighs its rows at the time the
 // router sends with the call's streams (RouterOptions::clock_ms).
 //
-// Not routed yet (UNIMPLEMENTED, naming the call): sampling a bipolar bank
-// or a bank that decays with age, the ASYNC and TINYBRAIN dynamics,
+// Not routed yet (UNIMPLEMENTED, naming the call): sampling a bipolar bank,
+// the ASYNC and TINYBRAIN dynamics,
 // Energy's novelty, and the energies without a partial form (the shards'
 // UNIMPLEMENTED).
 //

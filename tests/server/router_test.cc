@@ -843,9 +843,9 @@ TEST_F(RouterTest, ExpiredPatternsLeaveShardedReadsAsOnANode) {
 }
 
 // A bank that decays with age: patterns stored at different times weigh
-// 2^(-age / half-life) on every shard at the router's time, so Energy and
-// sync Retrieve through the router answer as the node holding them all, and
-// aging moves both alike.
+// 2^(-age / half-life) on every shard at the router's time, so Energy, sync
+// Retrieve and Sample through the router answer as the node holding them
+// all, and aging moves them alike.
 TEST_F(RouterTest, DecayingBanksAnswerAsOneNode) {
   std::mt19937_64 rng(29);
   v1::CreateBankRequest create;
@@ -939,12 +939,34 @@ TEST_F(RouterTest, DecayingBanksAnswerAsOneNode) {
     moved += std::fabs(old.energies(j) - young.energies(j)) > 1e-3;
   }
   EXPECT_GT(moved, 0);
-  // Sampling one is not routed yet, and says so.
-  v1::SampleRequest sample;
-  sample.set_bank("decay");
-  v1::SampleResponse out;
-  grpc::ClientContext c;
-  EXPECT_EQ(router_->Sample(&c, sample, &out).error_code(), grpc::StatusCode::UNIMPLEMENTED);
+  // Sampling weighs the rows alike: the same samples for the same seed.
+  for (v1::Sampler sampler : {v1::SAMPLER_EULER, v1::SAMPLER_HEUN}) {
+    SCOPED_TRACE(v1::Sampler_Name(sampler));
+    v1::SampleRequest req;
+    req.set_bank("decay");
+    req.set_count(4);
+    req.set_seed(5);
+    req.set_sampler(sampler);
+    req.mutable_schedule()->set_steps(16);
+    req.mutable_schedule()->set_sigma_min(0.05);
+    req.mutable_schedule()->set_sigma_max(1.0);
+    v1::SampleResponse one, sharded;
+    for (auto [stub, out] : {std::pair{whole_.get(), &one}, std::pair{router_.get(), &sharded}}) {
+      grpc::ClientContext c;
+      grpc::Status s = stub->Sample(&c, req, out);
+      ASSERT_TRUE(s.ok()) << s.error_message();
+    }
+    ASSERT_EQ(sharded.samples_size(), one.samples_size());
+    for (int b = 0; b < one.samples_size(); ++b) {
+      const v1::SampleResult& a = one.samples(b);
+      const v1::SampleResult& r = sharded.samples(b);
+      for (int i = 0; i < a.state_size(); ++i) {
+        EXPECT_NEAR(r.state(i), a.state(i), 2e-3 * std::max(1.f, std::abs(a.state(i)))) << i;
+      }
+      EXPECT_EQ(r.nearest().id(), a.nearest().id());
+      EXPECT_NEAR(r.energy(), a.energy(), 1e-3 * std::max(1.0, std::abs(a.energy())));
+    }
+  }
 }
 
 // Backup through a router writes every shard's snapshot on that shard; a
