@@ -186,22 +186,23 @@ absl::Status WriteLog::Connect() {
 
 WriteLog::~WriteLog() {
   {
-    absl::MutexLock lock(&mu_);
+    core::MutexLock lock(&mu_);
     stop_ = true;
+    cv_.SignalAll();
   }
   if (applier_.joinable()) applier_.join();
-  absl::MutexLock lock(&mu_);
+  core::MutexLock lock(&mu_);
   for (auto& [seq, w] : waiters_) w.done(absl::UnavailableError("the server is shutting down"));
   waiters_.clear();
 }
 
 uint64_t WriteLog::applied() const {
-  absl::MutexLock lock(&mu_);
+  core::MutexLock lock(&mu_);
   return applied_;
 }
 
 absl::Status WriteLog::health() const {
-  absl::MutexLock lock(&mu_);
+  core::MutexLock lock(&mu_);
   return health_;
 }
 
@@ -209,7 +210,7 @@ absl::StatusOr<WriteLog::Outcome> WriteLog::Write(replication::v1::LogEntry entr
                                                   absl::Time deadline, const std::string& msg_id) {
   uint64_t call;
   {
-    absl::MutexLock lock(&mu_);
+    core::MutexLock lock(&mu_);
     if (!health_.ok()) {
       return absl::UnavailableError(
           absl::StrCat("this replica stopped applying its write log: ", health_.message()));
@@ -221,7 +222,7 @@ absl::StatusOr<WriteLog::Outcome> WriteLog::Write(replication::v1::LogEntry entr
     WriteLog* log;
     uint64_t call;
     ~Forget() {
-      absl::MutexLock lock(&log->mu_);
+      core::MutexLock lock(&log->mu_);
       log->pending_.erase(call);
     }
   } forget{this, call};
@@ -265,13 +266,12 @@ absl::StatusOr<WriteLog::Outcome> WriteLog::Write(replication::v1::LogEntry entr
   jsPubAck_Destroy(ack);
   if (duplicate) return out;
 
-  absl::MutexLock lock(&mu_);
+  core::MutexLock lock(&mu_);
   const absl::Time until = std::min(deadline, absl::Now() + options_.apply_timeout);
-  auto done = [this, call]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return pending_[call].applied || !health_.ok() || stop_;
-  };
-  mu_.AwaitWithDeadline(absl::Condition(&done), until);
   Pending& p = pending_[call];
+  while (!p.applied && health_.ok() && !stop_) {
+    if (!cv_.WaitWithDeadline(&mu_, until) && absl::Now() >= until) break;
+  }
   if (p.applied) {
     out.status = p.status;
     out.response = std::move(p.response);
@@ -291,11 +291,10 @@ absl::StatusOr<WriteLog::Outcome> WriteLog::Write(replication::v1::LogEntry entr
 }
 
 absl::Status WriteLog::WaitApplied(uint64_t seq, absl::Time deadline) const {
-  absl::MutexLock lock(&mu_);
-  auto reached = [this, seq]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return applied_ >= seq || !health_.ok() || stop_;
-  };
-  mu_.AwaitWithDeadline(absl::Condition(&reached), deadline);
+  core::MutexLock lock(&mu_);
+  while (applied_ < seq && health_.ok() && !stop_ && absl::Now() < deadline) {
+    cv_.WaitWithDeadline(&mu_, deadline);
+  }
   if (applied_ >= seq) return absl::OkStatus();
   return absl::UnavailableError(absl::StrCat(
       "this replica has applied the write log up to sequence ", applied_, ", not yet ", seq,
@@ -305,7 +304,7 @@ absl::Status WriteLog::WaitApplied(uint64_t seq, absl::Time deadline) const {
 void WriteLog::WhenApplied(uint64_t seq, absl::Time deadline,
                            std::function<void(absl::Status)> done) {
   {
-    absl::MutexLock lock(&mu_);
+    core::MutexLock lock(&mu_);
     if (applied_ < seq && health_.ok() && !stop_ && deadline > absl::Now()) {
       waiters_.emplace(seq, Waiter{seq, deadline, std::move(done)});
       return;
@@ -317,7 +316,7 @@ void WriteLog::WhenApplied(uint64_t seq, absl::Time deadline,
 void WriteLog::Notify() {
   std::vector<std::pair<std::function<void(absl::Status)>, absl::Status>> ready;
   {
-    absl::MutexLock lock(&mu_);
+    core::MutexLock lock(&mu_);
     const absl::Time now = absl::Now();
     for (auto it = waiters_.begin(); it != waiters_.end();) {
       Waiter& w = it->second;
@@ -349,13 +348,14 @@ bool WriteLog::ApplyOne(uint64_t seq, const char* data, int size) {
   } else {
     status = apply_(entry, seq, &response);
   }
-  absl::MutexLock lock(&mu_);
+  core::MutexLock lock(&mu_);
   if (ReplicaFault(status)) {
     health_ = absl::UnavailableError(
         absl::StrCat("applying write-log entry ", seq, ": ", status.message()));
     std::fprintf(stderr, "engramd: %s; this replica stops applying until restarted\n",
                  std::string(health_.message()).c_str());
     if (up_gauge_ != nullptr) up_gauge_->Set(0);
+    cv_.SignalAll();
     return false;
   }
   applied_ = seq;
@@ -369,6 +369,7 @@ bool WriteLog::ApplyOne(uint64_t seq, const char* data, int size) {
       it->second.response = std::move(response);
     }
   }
+  cv_.SignalAll();
   return true;
 }
 
@@ -382,13 +383,14 @@ bool WriteLog::StillHeld(uint64_t next) {
   const bool held = si->State.Msgs == 0 ? si->State.LastSeq < next : first <= next;
   jsStreamInfo_Destroy(si);
   if (held) return true;
-  absl::MutexLock lock(&mu_);
+  core::MutexLock lock(&mu_);
   health_ = absl::UnavailableError(absl::StrCat(
       "the write log no longer holds entry ", next, " (its first entry is ", first,
       "): this replica cannot catch up from the log; start it again from a Backup of another "
       "replica (--restore_from)"));
   std::fprintf(stderr, "engramd: %s\n", std::string(health_.message()).c_str());
   if (up_gauge_ != nullptr) up_gauge_->Set(0);
+  cv_.SignalAll();
   return false;
 }
 
@@ -407,7 +409,7 @@ void WriteLog::RunApplier() {
   absl::Duration idle_check = kIdleCheck;
   for (;;) {
     {
-      absl::MutexLock lock(&mu_);
+      core::MutexLock lock(&mu_);
       if (stop_ || !health_.ok()) break;
     }
     Notify();

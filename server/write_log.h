@@ -38,8 +38,8 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "engram/core/mutex.h"
 #include "engram/replication/v1/log.pb.h"
 #include "prometheus/counter.h"
 #include "prometheus/gauge.h"
@@ -144,7 +144,10 @@ class WriteLog {
   std::string subject_;
   std::unique_ptr<Nats> nats_;
 
-  mutable absl::Mutex mu_;
+  // Engram's own lock (POSIX, which ThreadSanitizer sees); cv_ is signalled
+  // whenever applied_, health_, stop_ or an entry of pending_ changes.
+  mutable core::Mutex mu_;
+  mutable core::CondVar cv_;
   uint64_t applied_ ABSL_GUARDED_BY(mu_);
   absl::Status health_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
