@@ -1,6 +1,6 @@
 #include "server/write_log.h"
 
-#include <nats.h>
+#include <nats/nats.h>
 
 #include <algorithm>
 #include <cstdio>

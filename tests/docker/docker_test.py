@@ -20,7 +20,11 @@ No image registry is reachable, so the test brings its own:
      tests/docker/compose.test.yml (free host ports, Prometheus from Debian's
      package built locally, Grafana left out), checks through Prometheus'
      HTTP API that it scrapes engramd:9464 as deploy/prometheus.yml says, the
-     target is up and engram_ series are stored, then docker-compose down -v.
+     target is up and engram_ series are stored, then docker-compose down -v;
+  5. docker-compose up with deploy/replicas/docker-compose.yml plus
+     tests/docker/replicas.test.yml (NATS from Debian's nats-server built
+     locally, free host ports): three NATS nodes and three replicas; a Store
+     through one replica is read on all three; then docker-compose down -v.
 Every wait is bounded; containers, volumes, images, the daemon (stopped by its
 pid) and the temporary directory are removed at the end, also on failure.
 
@@ -580,6 +584,59 @@ def compose_test(daemon, args, image, base_image, work_dir):
     log("compose: down -v left no containers or volumes")
 
 
+def replicas_compose_test(daemon, args, image, base_image, work_dir):
+    """deploy/replicas/docker-compose.yml: three NATS nodes and three replicas;
+    a write through one replica is read on another."""
+    ports = [free_port() for _ in range(3)]
+    env = dict(daemon.env,
+               COMPOSE_PROJECT_NAME="engramreplicas",
+               ENGRAM_TEST_IMAGE=image,
+               ENGRAM_TEST_BASE_IMAGE=base_image,
+               ENGRAM_TEST_NATS_IMAGE=IMAGE_PREFIX + "/nats:latest",
+               ENGRAM_REPLICA1_PORT=str(ports[0]),
+               ENGRAM_REPLICA2_PORT=str(ports[1]),
+               ENGRAM_REPLICA3_PORT=str(ports[2]))
+    compose = [args.compose,
+               "-f", os.path.join(args.repo, "deploy", "replicas", "docker-compose.yml"),
+               "-f", os.path.join(args.repo, "tests", "docker", "replicas.test.yml")]
+    out = os.path.join(work_dir, "replicas.log")
+    run_cmd(compose + ["config", "-q"], env, timeout=60, out=out)
+    log("replicas: build the NATS image (Debian's nats-server package)")
+    run_cmd(compose + ["build", "nats1"], env, timeout=900, out=out)
+    log("replicas: up (host ports %s)" % ports)
+    try:
+        run_cmd(compose + ["up", "-d", "--no-build"], env, timeout=180, out=out)
+        clients = [Client(args.engram, p) for p in ports]
+        for i, c in enumerate(clients):
+            wait_for("replica %d to serve on published port %d" % (i + 1, ports[i]),
+                     lambda c=c: c.serving() and c("bank", "list", check=False).returncode == 0,
+                     120, 2)
+        clients[0].json("bank", "create", "replicated", "--dim", "4", "--kind", "continuous")
+        rows = os.path.join(work_dir, "rows.csv")
+        with open(rows, "w") as f:
+            f.write("1,0,0,0\n0,1,0,0\n0,0,1,0\n")
+        clients[1]("store", "replicated", rows)
+
+        def held_everywhere():
+            return all(c("bank", "get", "replicated", check=False).returncode == 0
+                       and c.json("bank", "get", "replicated").get("patterns") in (3, "3")
+                       for c in clients)
+        wait_for("every replica to hold the 3 patterns stored through replica 2",
+                 held_everywhere, 60, 1)
+        log("replicas: a Store through replica 2 is on replicas 1, 2 and 3")
+    except TestFailure:
+        run_cmd(compose + ["logs", "--no-color"], env, check=False, timeout=60, out=out)
+        print(tail(out, 80))
+        raise
+    finally:
+        run_cmd(compose + ["down", "-v"], env, check=False, timeout=180, out=out)
+    left = daemon.run("ps", "-aq").stdout.split()
+    vols = [v for v in daemon.run("volume", "ls", "-q").stdout.split() if "engramreplicas" in v]
+    check(not left and not vols, "docker-compose down -v left containers %s volumes %s"
+          % (left, vols))
+    log("replicas: down -v left no containers or volumes")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -624,6 +681,7 @@ def main():
             % (time.monotonic() - t, image, int(size) / 1e6))
         image_test(daemon, args, image, work_dir)
         compose_test(daemon, args, image, base, work_dir)
+        replicas_compose_test(daemon, args, image, base, work_dir)
         ok = True
     except TestFailure as e:
         log("FAIL: %s" % e)

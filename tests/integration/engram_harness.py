@@ -168,7 +168,7 @@ class NatsCluster:
     the same ports and data."""
 
     def __init__(self, directory, size=3, binary=None):
-        self.binary = binary or shutil.which("nats-server") or "/usr/bin/nats-server"
+        self.binary = binary or shutil.which("nats-server") or "/usr/sbin/nats-server"
         self.directory = directory
         self.client_ports = [free_port() for _ in range(size)]
         self.route_ports = [free_port() for _ in range(size)]
