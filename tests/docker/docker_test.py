@@ -34,6 +34,7 @@ Needs root, docker.io, docker-compose, debootstrap and python3-numpy (scripts/se
       --repo . --cache-dir build/docker-cache
 """
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -515,6 +516,27 @@ def image_test(daemon, args, image, work_dir):
     log("image: bank and patterns found again bit for bit; volume removed")
 
 
+@contextlib.contextmanager
+def compose_running(daemon, compose, env, out, project, label):
+    """docker-compose up -d (images already built) for the body; on a failure
+    in it, the services' logs; always down -v, and then nothing of `project`
+    may be left."""
+    try:
+        run_cmd(compose + ["up", "-d", "--no-build"], env, timeout=180, out=out)
+        yield
+    except TestFailure:
+        run_cmd(compose + ["logs", "--no-color"], env, check=False, timeout=60, out=out)
+        print(tail(out, 80))
+        raise
+    finally:
+        run_cmd(compose + ["down", "-v"], env, check=False, timeout=180, out=out)
+    left = daemon.run("ps", "-aq").stdout.split()
+    vols = [v for v in daemon.run("volume", "ls", "-q").stdout.split() if project in v]
+    check(not left and not vols, "docker-compose down -v left containers %s volumes %s"
+          % (left, vols))
+    log("%s: down -v left no containers or volumes" % label)
+
+
 def compose_test(daemon, args, image, base_image, work_dir):
     """docker-compose up with Prometheus; Prometheus scrapes engramd."""
     grpc_port, metrics_port, prom_port = free_port(), free_port(), free_port()
@@ -536,8 +558,7 @@ def compose_test(daemon, args, image, base_image, work_dir):
     run_cmd(compose + ["build", "prometheus"], env, timeout=900, out=out)
     log("compose: up (host ports: gRPC %d, metrics %d, Prometheus %d)"
         % (grpc_port, metrics_port, prom_port))
-    try:
-        run_cmd(compose + ["up", "-d", "--no-build"], env, timeout=180, out=out)
+    with compose_running(daemon, compose, env, out, "engramtest", "compose"):
         services = run_cmd(compose + ["ps", "--services", "--filter", "status=running"], env,
                            timeout=60).stdout.split()
         check(sorted(services) == ["engramd", "prometheus"],
@@ -571,17 +592,6 @@ def compose_test(daemon, args, image, base_image, work_dir):
         wait_for("the HEALTHCHECK of the compose engramd to report healthy",
                  lambda: container_state(daemon, engramd)["Health"]["Status"] == "healthy",
                  90, interval=2)
-    except TestFailure:
-        run_cmd(compose + ["logs", "--no-color"], env, check=False, timeout=60, out=out)
-        print(tail(out, 80))
-        raise
-    finally:
-        run_cmd(compose + ["down", "-v"], env, check=False, timeout=180, out=out)
-    left = daemon.run("ps", "-aq").stdout.split()
-    vols = [v for v in daemon.run("volume", "ls", "-q").stdout.split() if "engramtest" in v]
-    check(not left and not vols, "docker-compose down -v left containers %s volumes %s"
-          % (left, vols))
-    log("compose: down -v left no containers or volumes")
 
 
 def replicas_compose_test(daemon, args, image, base_image, work_dir):
@@ -604,8 +614,7 @@ def replicas_compose_test(daemon, args, image, base_image, work_dir):
     log("replicas: build the NATS image (Debian's nats-server package)")
     run_cmd(compose + ["build", "nats1"], env, timeout=900, out=out)
     log("replicas: up (host ports %s)" % ports)
-    try:
-        run_cmd(compose + ["up", "-d", "--no-build"], env, timeout=180, out=out)
+    with compose_running(daemon, compose, env, out, "engramreplicas", "replicas"):
         clients = [Client(args.engram, p) for p in ports]
         for i, c in enumerate(clients):
             wait_for("replica %d to serve on published port %d" % (i + 1, ports[i]),
@@ -624,17 +633,6 @@ def replicas_compose_test(daemon, args, image, base_image, work_dir):
         wait_for("every replica to hold the 3 patterns stored through replica 2",
                  held_everywhere, 60, 1)
         log("replicas: a Store through replica 2 is on replicas 1, 2 and 3")
-    except TestFailure:
-        run_cmd(compose + ["logs", "--no-color"], env, check=False, timeout=60, out=out)
-        print(tail(out, 80))
-        raise
-    finally:
-        run_cmd(compose + ["down", "-v"], env, check=False, timeout=180, out=out)
-    left = daemon.run("ps", "-aq").stdout.split()
-    vols = [v for v in daemon.run("volume", "ls", "-q").stdout.split() if "engramreplicas" in v]
-    check(not left and not vols, "docker-compose down -v left containers %s volumes %s"
-          % (left, vols))
-    log("replicas: down -v left no containers or volumes")
 
 
 def main():
