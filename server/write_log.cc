@@ -83,23 +83,19 @@ WriteLog::WriteLog(WriteLogOptions options, uint64_t applied, Apply apply)
   }
   if (options_.metrics != nullptr) {
     prometheus::Registry& r = *options_.metrics;
-    applied_gauge_ = &prometheus::BuildGauge()
-                          .Name("engram_write_log_applied_sequence")
-                          .Help("Sequence of the last write-log entry this replica applied.")
-                          .Register(r)
-                          .Add({{"stream", options_.stream}});
-    pending_gauge_ = &prometheus::BuildGauge()
-                          .Name("engram_write_log_pending_entries")
-                          .Help("Entries in the write log after the last one this replica "
-                                "applied, as last seen (its lag).")
-                          .Register(r)
-                          .Add({{"stream", options_.stream}});
-    up_gauge_ = &prometheus::BuildGauge()
-                     .Name("engram_write_log_up")
-                     .Help("1 while this replica applies its write log; 0 once it stopped on "
-                           "an error of its own (it then answers UNAVAILABLE).")
-                     .Register(r)
-                     .Add({{"stream", options_.stream}});
+    // One series per metric, labelled with the stream.
+    auto gauge = [&](const char* name, const char* help) {
+      return &prometheus::BuildGauge().Name(name).Help(help).Register(r).Add(
+          {{"stream", options_.stream}});
+    };
+    applied_gauge_ = gauge("engram_write_log_applied_sequence",
+                           "Sequence of the last write-log entry this replica applied.");
+    pending_gauge_ = gauge("engram_write_log_pending_entries",
+                           "Entries in the write log after the last one this replica applied, "
+                           "as last seen (its lag).");
+    up_gauge_ = gauge("engram_write_log_up",
+                      "1 while this replica applies its write log; 0 once it stopped on an "
+                      "error of its own (it then answers UNAVAILABLE).");
     commit_seconds_ = &prometheus::BuildHistogram()
                            .Name("engram_write_log_commit_seconds")
                            .Help("Time from publishing a write to the log to having applied it "
