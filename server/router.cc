@@ -51,6 +51,13 @@ core::StepPartial PartialFromProto(const shard::v1::Partial& p) {
   out.sum.assign(p.sum().begin(), p.sum().end());
   out.value.assign(p.value().begin(), p.value().end());
   out.value_log_norm = p.value_log_norm();
+  // An unknown form (a newer shard) merges as no other: MergeStepPartials
+  // refuses partials of different forms.
+  out.form = p.form() >= 0 && p.form() <= static_cast<int>(core::PartialForm::kEntmax15)
+                 ? static_cast<core::PartialForm>(p.form())
+                 : core::PartialForm::kSums;
+  out.top = p.top();
+  out.candidates.assign(p.candidates().begin(), p.candidates().end());
   return out;
 }
 
@@ -202,37 +209,16 @@ class RouterService::StepStreams {
     req.set_with_nearest(with_nearest);
     req.set_level_beta(level_beta);
     req.set_with_drive(drives != nullptr);
-    const int s = router_->shards();
-    std::vector<shard::v1::StepReply> replies(s);
-    for (int i = 0; i < s; ++i) {
-      if (!streams_[i]->Write(req)) return Failed(i);
-    }
-    for (int i = 0; i < s; ++i) {
-      if (!streams_[i]->Read(&replies[i])) return Failed(i);
-      if (replies[i].dim() != static_cast<uint32_t>(dim)) {
-        failed_ = true;
-        (void)router_->FromShard(
-            i, grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "another dimension"));
-        return failure_ = absl::FailedPreconditionError(absl::StrCat(
-            "shard ", i, " (", router_->shards_[i].address, ") holds bank '", first_.bank(),
-            "' with dimension ", replies[i].dim(), " and shard 0 with ", dim,
-            "; the shards disagree: DeleteBank it and create it again"));
-      }
-      if (replies[i].partials_size() != b ||
-          (drives != nullptr && replies[i].drives_size() != b)) {
-        failed_ = true;
-        (void)router_->FromShard(i, grpc::Status(grpc::StatusCode::INTERNAL, "partials"));
-        return failure_ = absl::InternalError(absl::StrCat("shard ", i, " (", router_->shards_[i].address,
-                                                ") answered ", replies[i].partials_size(),
-                                                " partials for ", b, " states"));
-      }
-    }
+    std::vector<shard::v1::StepReply> replies;
+    ENGRAM_RETURN_IF_ERROR(Exchange(req, b, dim, drives != nullptr, &replies));
     bool current = true;
-    for (int i = 0; i < s; ++i) current = current && replies[i].current();
+    for (const shard::v1::StepReply& r : replies) current = current && r.current();
+    const int s = router_->shards();
     merged->resize(b);
     if (nearest != nullptr) nearest->assign(b, v1::Memory());
     if (nearest_norms != nullptr) nearest_norms->assign(b, 0.0);
     std::vector<core::StepPartial> parts(s);
+    bool candidates = false;
     for (int64_t j = 0; j < b; ++j) {
       double best = -INFINITY;
       for (int i = 0; i < s; ++i) {
@@ -245,6 +231,33 @@ class RouterService::StepStreams {
         }
       }
       ENGRAM_ASSIGN_OR_RETURN((*merged)[j], core::MergeStepPartials(parts));
+      const core::PartialForm form = (*merged)[j].form;
+      candidates |= form == core::PartialForm::kSparsemax || form == core::PartialForm::kEntmax15;
+    }
+    if (candidates) {
+      // Sparsemax / 1.5-entmax: the whole bank's threshold of each state,
+      // then every shard's sums at it (the same Step: one request counted).
+      std::vector<core::SparseThreshold> thresholds(b);
+      shard::v1::StepRequest second;
+      second.mutable_states()->Add(x, x + b * dim);
+      second.set_with_sum(with_sum);
+      second.set_with_value(with_value);
+      second.set_level_beta(level_beta);
+      for (int64_t j = 0; j < b; ++j) {
+        ENGRAM_ASSIGN_OR_RETURN(thresholds[j], core::ThresholdOf((*merged)[j]));
+        shard::v1::Threshold* t = second.add_thresholds();
+        t->set_tau(thresholds[j].tau);
+        t->set_shift(thresholds[j].shift);
+      }
+      ENGRAM_RETURN_IF_ERROR(Exchange(second, b, dim, false, &replies));
+      for (const shard::v1::StepReply& r : replies) current = current && r.current();
+      for (int64_t j = 0; j < b; ++j) {
+        for (int i = 0; i < s; ++i) {
+          parts[i] = PartialFromProto(replies[i].partials(static_cast<int>(j)));
+        }
+        ENGRAM_ASSIGN_OR_RETURN((*merged)[j], core::MergeStepPartials(parts));
+        (*merged)[j].psi = thresholds[j].psi;
+      }
     }
     if (drives != nullptr) {
       drives->resize(b);
@@ -256,6 +269,39 @@ class RouterService::StepStreams {
       }
     }
     all_current_ = current;  // only for a step that succeeded
+    return absl::OkStatus();
+  }
+
+  // Sends `req` (b states) to every shard and reads each one's reply into
+  // `replies`, checked: the bank's dimension, b partials (and b drives
+  // with `drives`).
+  absl::Status Exchange(const shard::v1::StepRequest& req, int64_t b, int dim, bool drives,
+                        std::vector<shard::v1::StepReply>* replies) {
+    const int s = router_->shards();
+    replies->assign(s, shard::v1::StepReply());
+    for (int i = 0; i < s; ++i) {
+      if (!streams_[i]->Write(req)) return Failed(i);
+    }
+    for (int i = 0; i < s; ++i) {
+      shard::v1::StepReply& r = (*replies)[i];
+      if (!streams_[i]->Read(&r)) return Failed(i);
+      if (r.dim() != static_cast<uint32_t>(dim)) {
+        failed_ = true;
+        (void)router_->FromShard(
+            i, grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "another dimension"));
+        return failure_ = absl::FailedPreconditionError(absl::StrCat(
+            "shard ", i, " (", router_->shards_[i].address, ") holds bank '", first_.bank(),
+            "' with dimension ", r.dim(), " and shard 0 with ", dim,
+            "; the shards disagree: DeleteBank it and create it again"));
+      }
+      if (r.partials_size() != b || (drives && r.drives_size() != b)) {
+        failed_ = true;
+        (void)router_->FromShard(i, grpc::Status(grpc::StatusCode::INTERNAL, "partials"));
+        return failure_ = absl::InternalError(absl::StrCat("shard ", i, " (", router_->shards_[i].address,
+                                                ") answered ", r.partials_size(),
+                                                " partials for ", b, " states"));
+      }
+    }
     return absl::OkStatus();
   }
 

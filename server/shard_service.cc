@@ -49,6 +49,36 @@ void PartialToProto(const core::StepPartial& p, shard::v1::Partial* out) {
   out->mutable_sum()->Add(p.sum.begin(), p.sum.end());
   out->mutable_value()->Add(p.value.begin(), p.value.end());
   out->set_value_log_norm(p.value_log_norm);
+  out->set_form(static_cast<int32_t>(p.form));
+  out->set_top(p.top);
+  out->mutable_candidates()->Add(p.candidates.begin(), p.candidates.end());
+}
+
+// A sparse separation's second round: each state's sums at the whole
+// bank's threshold.
+absl::Status AnswerThresholds(const core::Bank& bank, const core::EnergyFunction& energy,
+                              const shard::v1::StepRequest& req, int64_t b,
+                              shard::v1::StepReply* reply) {
+  const int n = bank.dim();
+  const int m = bank.spec().value_dim;
+  if (req.thresholds_size() != b) {
+    return absl::InvalidArgumentError(absl::StrCat("thresholds has ", req.thresholds_size(),
+                                                   " entries for ", b, " states"));
+  }
+  const bool values = req.with_value() && m > 0 && bank.size() > 0;
+  for (int64_t q = 0; q < b; ++q) {
+    const shard::v1::Threshold& t = req.thresholds(static_cast<int>(q));
+    if (!std::isfinite(t.tau()) || !std::isfinite(t.shift())) {
+      return absl::InvalidArgumentError("a threshold is not finite");
+    }
+    ENGRAM_ASSIGN_OR_RETURN(
+        core::StepPartial p,
+        energy.ThresholdPartial(req.states().data() + q * n,
+                                core::SparseThreshold{.tau = t.tau(), .shift = t.shift()},
+                                req.with_sum(), values ? bank.value(0) : nullptr, m));
+    PartialToProto(p, reply->add_partials());
+  }
+  return absl::OkStatus();
 }
 
 // One request's reply from `bank` under `energy`.
@@ -59,6 +89,7 @@ absl::Status Answer(const core::Bank& bank, const core::EnergyFunction& energy,
   const int m = bank.spec().value_dim;
   ENGRAM_ASSIGN_OR_RETURN(const int64_t b, CountStates(req, n, max_batch));
   reply->set_dim(static_cast<uint32_t>(n));
+  if (req.thresholds_size() > 0) return AnswerThresholds(bank, energy, req, b, reply);
   std::vector<core::StepPartial> partials;
   if (req.with_nearest() && !req.with_sum() && !req.with_value()) {
     // Nearest memories only: the partials carry just their rows.
@@ -85,7 +116,9 @@ absl::Status Answer(const core::Bank& bank, const core::EnergyFunction& energy,
   for (int64_t q = 0; q < b; ++q) {
     const float* x = req.states().data() + q * n;
     core::StepPartial& p = partials[q];
-    if (req.with_value() && m > 0 && bank.size() > 0) {
+    const bool candidates =
+        p.form == core::PartialForm::kSparsemax || p.form == core::PartialForm::kEntmax15;
+    if (req.with_value() && m > 0 && bank.size() > 0 && !candidates) {
       core::ValueReadoutPartial(energy, bank.value(0), m, x, &p);
     }
     shard::v1::Partial* out = reply->add_partials();

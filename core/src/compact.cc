@@ -52,16 +52,14 @@ bool CompactWeights(const PatternView& view, const EnergyConfig& config, const f
   // Candidates, in row order: every row the bound cannot rule out, and
   // (margin) any whose z only rounding separates from the bound: a row
   // outside the support changes neither the threshold nor a weight.
-  const double margin = 0x1p-40 * (1.0 + std::fabs(zmax));
   std::vector<int64_t>& cand = support_out->rows;
   cand.clear();
   std::vector<double> z;
   const SeparationKind sep = config.separation;
+  const double floor = SparseCandidateFloor(sep == SeparationKind::kSparsemax, zmax);
   for (int64_t r = 0; r < rows; ++r) {
     const double zr = beta * s[r];
-    const bool keep = sep == SeparationKind::kSparsemax ? zr >= zmax - 1.0 - margin
-                      : sep == SeparationKind::kEntmax15 ? zr >= zmax - 2.0 - margin
-                                                         : 1.0 + zr > 0.0;
+    const bool keep = sep == SeparationKind::kLogSumRelu ? 1.0 + zr > 0.0 : zr >= floor;
     if (!keep) continue;
     cand.push_back(r);
     z.push_back(zr);

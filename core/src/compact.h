@@ -48,6 +48,15 @@ struct CompactSupport {
   CompactSums sums;
 };
 
+// The least z = beta s a row may have and still be in a sparse
+// separation's support when the largest over the rows is zmax (sparsemax:
+// zmax - 1; 1.5-entmax: zmax - 2), less a margin for rows only rounding
+// separates from the bound. Monotone in zmax, so over a subset of the rows
+// it keeps a superset of the rows it keeps over all of them.
+inline double SparseCandidateFloor(bool sparsemax, double zmax) {
+  return zmax - (sparsemax ? 1.0 : 2.0) - 0x1p-40 * (1.0 + (zmax < 0 ? -zmax : zmax));
+}
+
 // True when `config` has a compact-support separation this pass evaluates
 // (general family; sparsemax, 1.5-entmax or log-sum-ReLU; kDot or
 // kNegHalfSqL2 similarity).

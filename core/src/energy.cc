@@ -12,6 +12,7 @@
 #include "engram/core/status_macros.h"
 #include "compact.h"
 #include "fused.h"
+#include "kernels/kernels.h"
 #include "parallel.h"
 #include "state_loops.h"
 
@@ -63,7 +64,8 @@ double Softmax(const double* s, int64_t k, double beta, double* w) {
 
 }  // namespace
 
-double Sparsemax(const double* z, int64_t k, double* p) {
+double Sparsemax(const double* z, int64_t k, double* p, double* tau_out) {
+  if (tau_out != nullptr) *tau_out = 0.0;
   if (k == 0) return 0.0;
   std::vector<double> sorted(z, z + k);
   std::sort(sorted.begin(), sorted.end(), std::greater<double>());
@@ -73,6 +75,7 @@ double Sparsemax(const double* z, int64_t k, double* p) {
     cum += sorted[r - 1];
     if (1.0 + r * sorted[r - 1] > cum) tau = (cum - 1.0) / r;
   }
+  if (tau_out != nullptr) *tau_out = tau;
   double dot = 0.0, sq = 0.0;
   for (int64_t i = 0; i < k; ++i) {
     p[i] = std::max(z[i] - tau, 0.0);
@@ -82,7 +85,8 @@ double Sparsemax(const double* z, int64_t k, double* p) {
   return dot + 0.5 * (1.0 - sq);
 }
 
-double Entmax15(const double* z, int64_t k, double* p) {
+double Entmax15(const double* z, int64_t k, double* p, double* tau_out) {
+  if (tau_out != nullptr) *tau_out = 0.0;
   if (k == 0) return 0.0;
   // p_i = [z_i / 2 - tau]_+^2 with sum p = 1; on a support of the r largest
   // u = z / 2, tau solves r tau^2 - 2 tau sum u + sum u^2 - 1 = 0.
@@ -100,6 +104,7 @@ double Entmax15(const double* z, int64_t k, double* p) {
     const double t = mean - std::sqrt(std::max(delta, 0.0));
     if (t <= sorted[r - 1]) tau = t;
   }
+  if (tau_out != nullptr) *tau_out = tau;
   double dot = 0.0, pow15 = 0.0;
   for (int64_t i = 0; i < k; ++i) {
     const double d = std::max(u[i] - tau, 0.0);
@@ -383,6 +388,217 @@ bool EnergyFunction::FusedEvaluate(const float* x, float* target, float* grad,
   return true;
 }
 
+namespace {
+
+// The energy, target and gradient of a whole-row form's merged partial (of
+// some rows), as the node's own evaluation gives them: max, the row of the
+// largest similarity; log-sum-ReLU, the mean shift over the support; the
+// sparse separations, the weighted sum at the whole bank's threshold.
+absl::StatusOr<double> FinishWholeRow(const EnergyConfig& c, const StepPartial& p, const float* x,
+                                      float* target, float* grad) {
+  const int n = static_cast<int>(p.sum.size());
+  const bool l2 = c.similarity == SimilarityKind::kNegHalfSqL2;
+  double energy = 0.0;
+  // The sum's factor into -dE/dx (before the x term), and the x term's.
+  double g_sum = -1.0, g_x = 0.0;
+  double t_sum = 1.0;
+  bool stay = false, matched = false;
+  switch (c.separation) {
+    case SeparationKind::kMax:
+      matched = p.form == PartialForm::kTop;
+      energy = -p.top;
+      g_x = l2 ? 1.0 : 0.0;
+      break;
+    case SeparationKind::kLogSumRelu: {
+      matched = p.form == PartialForm::kLogSumRelu;
+      // wsum rows in support, hsum = sum of 1 + beta s over them.
+      const double zsum = kLogSumReluEpsilon + p.hsum;
+      energy = -std::log(zsum) / c.beta;
+      stay = !(p.wsum > 0.0);
+      t_sum = stay ? 0.0 : 1.0 / p.wsum;
+      g_sum = -1.0 / zsum;
+      g_x = l2 ? p.wsum / zsum : 0.0;
+      break;
+    }
+    case SeparationKind::kSparsemax:
+    case SeparationKind::kEntmax15:
+      matched = p.form == PartialForm::kSums && !std::isnan(p.psi);
+      energy = -p.psi / c.beta;
+      g_x = l2 ? p.wsum : 0.0;
+      break;
+    default:
+      break;
+  }
+  if (!matched) {
+    return absl::InvalidArgumentError(
+        "a partial of another form than this energy's (a sparse separation's merged second "
+        "round needs psi)");
+  }
+  if (target != nullptr) {
+    if (stay) {
+      std::copy(x, x + n, target);
+    } else {
+      const float f = static_cast<float>(t_sum);
+      for (int i = 0; i < n; ++i) target[i] = f == 1.f ? p.sum[i] : f * p.sum[i];
+    }
+  }
+  if (grad != nullptr) {
+    const float a = static_cast<float>(g_sum), b = static_cast<float>(g_x);
+    for (int i = 0; i < n; ++i) grad[i] = a * p.sum[i] + b * x[i];
+  }
+  return energy;
+}
+
+}  // namespace
+
+bool HasWholeRowForm(const EnergyConfig& c) {
+  if (c.family != EnergyFamily::kGeneral) return false;
+  switch (c.separation) {
+    case SeparationKind::kMax:
+    case SeparationKind::kLogSumRelu:
+    case SeparationKind::kSparsemax:
+    case SeparationKind::kEntmax15:
+      return true;
+    default:
+      return false;
+  }
+}
+
+void EnergyFunction::PassSimilarities(const float* x, double* s) const {
+  if (internal::HasCompactPass(config_)) {
+    internal::FastSimilarities(patterns_, config_.similarity, x, s);
+  } else {
+    Similarities(x, s);
+  }
+}
+
+StepPartial EnergyFunction::WholeRowPartial(const float* x, bool with_sum, bool track_nearest,
+                                            int64_t row_offset) const {
+  const int n = patterns_.dim;
+  const int64_t k = patterns_.rows;
+  const SeparationKind sep = config_.separation;
+  StepPartial p;
+  p.form = sep == SeparationKind::kMax          ? PartialForm::kTop
+           : sep == SeparationKind::kLogSumRelu ? PartialForm::kLogSumRelu
+           : sep == SeparationKind::kSparsemax  ? PartialForm::kSparsemax
+                                                : PartialForm::kEntmax15;
+  p.log_domain = false;
+  p.scale = 1.0;
+  p.log_scale = 0.0;
+  p.rows = k;
+  const bool candidates =
+      p.form == PartialForm::kSparsemax || p.form == PartialForm::kEntmax15;
+  if (with_sum && !candidates) p.sum.assign(n, 0.f);
+  if (k == 0) return p;
+  std::vector<double> s(k);
+  PassSimilarities(x, s.data());
+  const double beta = config_.beta;
+  if (track_nearest) {
+    // Bank::Nearest's key, x.xi - |xi|^2 / 2 - |x|^2 / 2 (s itself for L2).
+    const bool l2 = config_.similarity == SimilarityKind::kNegHalfSqL2;
+    const double sqx = l2 ? 0.0 : internal::SquaredNorm(x, n);
+    for (int64_t r = 0; r < k; ++r) {
+      const double key =
+          l2 ? s[r] : s[r] - 0.5 * patterns_.sq_norms[r] - 0.5 * sqx;
+      if (key > p.nearest_key) {
+        p.nearest_key = key;
+        p.nearest_row = r + row_offset;
+      }
+    }
+  }
+  const kernels::KernelTable& kt = kernels::Kernels();
+  switch (p.form) {
+    case PartialForm::kTop: {
+      int64_t best = 0;
+      for (int64_t r = 1; r < k; ++r) {
+        if (s[r] > s[best]) best = r;
+      }
+      p.top = s[best];
+      p.wsum = 1.0;
+      if (with_sum) std::copy(patterns_.row(best), patterns_.row(best) + n, p.sum.begin());
+      break;
+    }
+    case PartialForm::kLogSumRelu: {
+      const float one = 1.f;
+      for (int64_t r = 0; r < k; ++r) {
+        const double z = beta * s[r];
+        if (!(1.0 + z > 0.0)) continue;
+        p.wsum += 1.0;
+        p.hsum += 1.0 + z;
+        if (with_sum) kt.axpy_rows(patterns_.row(r), 1, n, &one, p.sum.data());
+      }
+      break;
+    }
+    default: {
+      // The rows CompactWeights keeps over these rows: a superset of those
+      // it keeps over the whole bank, whose max z is at least this one.
+      double zmax = -INFINITY;
+      for (int64_t r = 0; r < k; ++r) zmax = std::max(zmax, beta * s[r]);
+      p.top = zmax;
+      const double floor =
+          internal::SparseCandidateFloor(p.form == PartialForm::kSparsemax, zmax);
+      for (int64_t r = 0; r < k; ++r) {
+        const double z = beta * s[r];
+        if (z >= floor) p.candidates.push_back(z);
+      }
+      break;
+    }
+  }
+  return p;
+}
+
+absl::StatusOr<StepPartial> EnergyFunction::ThresholdPartial(const float* x,
+                                                             const SparseThreshold& t,
+                                                             bool with_sum, const float* values,
+                                                             int value_dim) const {
+  const SeparationKind sep = config_.separation;
+  if (config_.family != EnergyFamily::kGeneral ||
+      (sep != SeparationKind::kSparsemax && sep != SeparationKind::kEntmax15)) {
+    return absl::InvalidArgumentError("a threshold partial is for sparsemax and 1.5-entmax");
+  }
+  if (EffectiveSimilarity(config_) == SimilarityKind::kNegL1) {
+    return absl::UnimplementedError(
+        "the L1 similarity has no partial form: its gradient is not a weighted sum of the rows");
+  }
+  const int n = patterns_.dim;
+  const int64_t k = patterns_.rows;
+  StepPartial p;
+  p.form = PartialForm::kSums;
+  p.log_domain = false;
+  p.scale = 1.0;
+  p.log_scale = 0.0;
+  p.rows = k;
+  if (with_sum) p.sum.assign(n, 0.f);
+  std::vector<double> vsum(values != nullptr ? value_dim : 0, 0.0);
+  if (k > 0) {
+    std::vector<double> s(k);
+    PassSimilarities(x, s.data());
+    const kernels::KernelTable& kt = kernels::Kernels();
+    for (int64_t r = 0; r < k; ++r) {
+      // As Sparsemax / Entmax15 weigh z over every row.
+      const double z = config_.beta * s[r];
+      double w;
+      if (sep == SeparationKind::kSparsemax) {
+        w = std::max(z - t.tau, 0.0);
+      } else {
+        const double d = std::max((z / 2 - t.shift) - t.tau, 0.0);
+        w = d * d;
+      }
+      if (w == 0.0) continue;
+      p.wsum += w;
+      if (with_sum) {
+        const float wf = static_cast<float>(w);
+        kt.axpy_rows(patterns_.row(r), 1, n, &wf, p.sum.data());
+      }
+      for (int j = 0; j < static_cast<int>(vsum.size()); ++j) {
+        vsum[j] += w * values[r * value_dim + j];
+      }
+    }
+  }
+  if (values != nullptr) p.value.assign(vsum.begin(), vsum.end());
+  return p;
+}
+
 void internal::SumsToPartial(const internal::FusedSums& s, StepPartial* p) {
   p->log_scale = s.log_scale;
   p->scale = s.scale;
@@ -396,11 +612,20 @@ absl::StatusOr<StepPartial> EnergyFunction::Partial(const float* x, bool with_su
                                                      bool track_nearest,
                                                      int64_t row_offset) const {
   const SimilarityKind sim = EffectiveSimilarity(config_);
-  std::unique_ptr<internal::RowWeights> rule = internal::MakeRowWeights(config_);
-  if (rule == nullptr || sim == SimilarityKind::kNegL1 || internal::HasCompactPass(config_)) {
+  if (sim == SimilarityKind::kNegL1) {
     return absl::UnimplementedError(
-        "this energy has no partial form: its weights depend on every row at once (max, "
-        "sparsemax, entmax15, log_sum_relu) or it has no fused pass (L1 similarity)");
+        "the L1 similarity has no partial form: its gradient is not a weighted sum of the rows");
+  }
+  if (HasWholeRowForm(config_)) {
+    if (patterns_.log_prior != nullptr) {
+      return absl::UnimplementedError(
+          "a row prior (decay with age) weighs softmax energies only; this energy has none");
+    }
+    return WholeRowPartial(x, with_sum, track_nearest, row_offset);
+  }
+  std::unique_ptr<internal::RowWeights> rule = internal::MakeRowWeights(config_);
+  if (rule == nullptr) {
+    return absl::UnimplementedError("this energy has no partial form");
   }
   if (patterns_.log_prior != nullptr) return PriorPartial(x, with_sum, *rule);
   const int n = patterns_.dim;
@@ -456,7 +681,7 @@ absl::Status EnergyFunction::PartialBatch(const float* x, int64_t b, bool with_s
   // The checks, and the one-state path where UpdateTargetBatch takes it.
   if (b == 0) return Partial(x, with_sum, false).status();
   if (patterns_.rows == 0 || b < internal::BatchMinStates(patterns_) ||
-      patterns_.bf16 != nullptr || patterns_.log_prior != nullptr) {
+      patterns_.bf16 != nullptr || patterns_.log_prior != nullptr || HasWholeRowForm(config_)) {
     out->reserve(b);
     for (int64_t q = 0; q < b; ++q) {
       ENGRAM_ASSIGN_OR_RETURN(StepPartial p, Partial(x + q * n, with_sum, false));
@@ -489,6 +714,13 @@ absl::StatusOr<double> EnergyFunction::FinishPartial(const StepPartial& partial,
   if ((target != nullptr || grad != nullptr) && partial.sum.size() != static_cast<size_t>(n)) {
     return absl::InvalidArgumentError(
         "a target or gradient needs a partial with the weighted sum of its rows");
+  }
+  if (partial.form == PartialForm::kSparsemax || partial.form == PartialForm::kEntmax15) {
+    return absl::InvalidArgumentError(
+        "a sparse separation's candidates finish only after their threshold (ThresholdPartial)");
+  }
+  if (partial.rows > 0 && HasWholeRowForm(config_)) {
+    return FinishWholeRow(config_, partial, x, target, grad);
   }
   const bool lse = config_.family == EnergyFamily::kLse;
   if (partial.rows == 0 || !(partial.wsum != 0.0 || partial.scale > 0.0 ||

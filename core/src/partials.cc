@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "compact.h"
+#include "engram/core/energy.h"
 #include "fold.h"
 #include "fused.h"
 
@@ -22,6 +24,12 @@ void MergeValues(absl::Span<const StepPartial> parts, bool log_domain, StepParti
     if (!p.value.empty() && p.rows > 0) top = std::max(top, p.value_log_norm);
   }
   if (m == 0) return;
+  if (log_domain && !std::isfinite(top)) {
+    // No part weighs a row (a log-sum-ReLU state outside every support).
+    out->value.assign(m, 0.f);
+    out->value_log_norm = top;
+    return;
+  }
   double z = 0.0;
   if (log_domain && std::isfinite(top)) {
     for (const StepPartial& p : parts) {
@@ -39,11 +47,88 @@ void MergeValues(absl::Span<const StepPartial> parts, bool log_domain, StepParti
   out->value_log_norm = log_domain && z > 0.0 ? top + std::log(z) : 0.0;
 }
 
+// The max separation's merge: the part of the largest similarity (the first
+// on ties, as one pass in row order), over all the parts' rows.
+StepPartial MergeTops(absl::Span<const StepPartial> parts) {
+  StepPartial out = parts[0];
+  int64_t rows = 0;
+  const StepPartial* best = nullptr;
+  for (const StepPartial& p : parts) {
+    rows += p.rows;
+    if (p.rows > 0 && (best == nullptr || p.top > best->top)) best = &p;
+    if (p.nearest_key > out.nearest_key) {
+      out.nearest_key = p.nearest_key;
+      out.nearest_row = p.nearest_row;
+    }
+  }
+  const int64_t nearest_row = out.nearest_row;
+  const double nearest_key = out.nearest_key;
+  if (best != nullptr) out = *best;
+  out.rows = rows;
+  out.nearest_row = nearest_row;
+  out.nearest_key = nearest_key;
+  return out;
+}
+
 }  // namespace
+
+absl::StatusOr<SparseThreshold> ThresholdOf(const StepPartial& merged) {
+  if (merged.form != PartialForm::kSparsemax && merged.form != PartialForm::kEntmax15) {
+    return absl::InvalidArgumentError("a threshold needs a sparse separation's candidates");
+  }
+  SparseThreshold t;
+  if (merged.candidates.empty()) return t;
+  // The rows CompactWeights keeps over the whole bank (a part's bound kept
+  // a superset); the others have weight zero and change no sum.
+  double zmax = -INFINITY;
+  for (double z : merged.candidates) zmax = std::max(zmax, z);
+  const bool sparsemax = merged.form == PartialForm::kSparsemax;
+  const double floor = internal::SparseCandidateFloor(sparsemax, zmax);
+  std::vector<double> z;
+  for (double v : merged.candidates) {
+    if (v >= floor) z.push_back(v);
+  }
+  std::vector<double> p(z.size());
+  const int64_t m = static_cast<int64_t>(z.size());
+  t.psi = sparsemax ? Sparsemax(z.data(), m, p.data(), &t.tau)
+                    : Entmax15(z.data(), m, p.data(), &t.tau);
+  t.shift = sparsemax ? 0.0 : zmax / 2;
+  return t;
+}
 
 absl::StatusOr<StepPartial> MergeStepPartials(absl::Span<const StepPartial> parts) {
   StepPartial out;
   if (parts.empty()) return out;
+  // The parts of some rows share one form.
+  PartialForm form = parts[0].form;
+  for (const StepPartial& p : parts) {
+    if (p.rows > 0) {
+      form = p.form;
+      break;
+    }
+  }
+  for (const StepPartial& p : parts) {
+    if (p.rows > 0 && p.form != form) {
+      return absl::InvalidArgumentError("partials of different forms (separations)");
+    }
+  }
+  if (form == PartialForm::kTop) return MergeTops(parts);
+  if (form == PartialForm::kSparsemax || form == PartialForm::kEntmax15) {
+    out.form = form;
+    out.log_domain = false;
+    for (const StepPartial& p : parts) {
+      out.rows += p.rows;
+      if (p.rows == 0) continue;
+      out.top = std::max(out.top, p.top);
+      if (p.nearest_key > out.nearest_key) {
+        out.nearest_key = p.nearest_key;
+        out.nearest_row = p.nearest_row;
+      }
+      out.candidates.insert(out.candidates.end(), p.candidates.begin(), p.candidates.end());
+    }
+    return out;
+  }
+  out.form = form;
   out.log_domain = parts[0].log_domain;
   // Every part of some rows carries a sum (and a value) of one length, or
   // none does; a part of no rows may carry either.
@@ -94,7 +179,9 @@ absl::StatusOr<StepPartial> MergeStepPartials(absl::Span<const StepPartial> part
   out.energy_terms = merged.energy_terms;
   out.nearest_row = merged.nearest_row;
   out.nearest_key = merged.nearest_key;
-  MergeValues(parts, out.log_domain, &out);
+  // Log-sum-ReLU readouts are means over each part's support, weighed by
+  // its size (value_log_norm = log of it), as the softmax readouts are.
+  MergeValues(parts, out.log_domain || form == PartialForm::kLogSumRelu, &out);
   return out;
 }
 

@@ -137,6 +137,10 @@ void ValueReadoutPartial(const EnergyFunction& energy, const float* values, int 
                          const float* x, StepPartial* partial) {
   partial->value.assign(value_dim, 0.f);
   ValueReadout(energy, values, value_dim, x, partial->value.data(), &partial->value_log_norm);
+  if (partial->form == PartialForm::kLogSumRelu) {
+    // The mean over this part's support weighs by the support's size.
+    partial->value_log_norm = partial->wsum > 0.0 ? std::log(partial->wsum) : -INFINITY;
+  }
 }
 
 }  // namespace engram::core

@@ -72,7 +72,9 @@ std::vector<Bank> Shards(const Bank& whole, const std::vector<int64_t>& cuts) {
   return shards;
 }
 
-// The shards' merged partial at x (with their value readouts).
+// The shards' merged partial at x (with their value readouts). A sparse
+// separation takes its second round: the candidates merged, the whole
+// bank's threshold, each shard's sums at it, merged.
 StepPartial Sharded(const std::vector<Bank>& shards, const std::vector<int64_t>& cuts,
                     const EnergyConfig& cfg, const float* x, bool with_sum) {
   std::vector<StepPartial> parts;
@@ -80,12 +82,35 @@ StepPartial Sharded(const std::vector<Bank>& shards, const std::vector<int64_t>&
     const EnergyFunction f(cfg, shards[s].view());
     auto p = f.Partial(x, with_sum, true, cuts[s]);
     EXPECT_TRUE(p.ok()) << p.status();
-    if (shards[s].size() > 0) ValueReadoutPartial(f, shards[s].value(0), kValueDim, x, &*p);
+    if (!p.ok()) return StepPartial{};
+    const bool candidates = p->form == PartialForm::kSparsemax || p->form == PartialForm::kEntmax15;
+    if (shards[s].size() > 0 && !candidates) {
+      ValueReadoutPartial(f, shards[s].value(0), kValueDim, x, &*p);
+    }
     parts.push_back(*p);
   }
   absl::StatusOr<StepPartial> merged = MergeStepPartials(parts);
   EXPECT_TRUE(merged.ok()) << merged.status();
-  return merged.ok() ? *merged : StepPartial{};
+  if (!merged.ok()) return StepPartial{};
+  if (merged->form != PartialForm::kSparsemax && merged->form != PartialForm::kEntmax15) {
+    return *merged;
+  }
+  const absl::StatusOr<SparseThreshold> t = ThresholdOf(*merged);
+  EXPECT_TRUE(t.ok()) << t.status();
+  const int64_t nearest_row = merged->nearest_row;
+  parts.clear();
+  for (const Bank& shard : shards) {
+    const EnergyFunction f(cfg, shard.view());
+    auto p = f.ThresholdPartial(x, *t, with_sum, shard.size() > 0 ? shard.value(0) : nullptr,
+                                kValueDim);
+    EXPECT_TRUE(p.ok()) << p.status();
+    parts.push_back(*p);
+  }
+  merged = MergeStepPartials(parts);
+  EXPECT_TRUE(merged.ok()) << merged.status();
+  merged->psi = t->psi;
+  merged->nearest_row = nearest_row;
+  return *merged;
 }
 
 double Norm(const std::vector<float>& v) {
@@ -227,6 +252,23 @@ std::vector<Case> Cases() {
                      general(SimilarityKind::kNegHalfSqL2, SeparationKind::kSoftmax, 8.0), p});
     cases.push_back({"poly3_dot_" + suffix, StateKind::kContinuous,
                      general(SimilarityKind::kDot, SeparationKind::kPolynomial, 1.0), p});
+    // The separations whose weights need every row (their own forms).
+    cases.push_back({"max_l2_" + suffix, StateKind::kContinuous,
+                     general(SimilarityKind::kNegHalfSqL2, SeparationKind::kMax, 1.0), p});
+    cases.push_back({"max_dot_" + suffix, StateKind::kContinuous,
+                     general(SimilarityKind::kDot, SeparationKind::kMax, 1.0), p});
+    cases.push_back({"sparsemax_dot_" + suffix, StateKind::kContinuous,
+                     general(SimilarityKind::kDot, SeparationKind::kSparsemax, 8.0), p});
+    cases.push_back({"sparsemax_l2_" + suffix, StateKind::kContinuous,
+                     general(SimilarityKind::kNegHalfSqL2, SeparationKind::kSparsemax, 3.0), p});
+    cases.push_back({"entmax15_l2_" + suffix, StateKind::kContinuous,
+                     general(SimilarityKind::kNegHalfSqL2, SeparationKind::kEntmax15, 6.0), p});
+    cases.push_back({"entmax15_dot_" + suffix, StateKind::kContinuous,
+                     general(SimilarityKind::kDot, SeparationKind::kEntmax15, 4.0), p});
+    cases.push_back({"lsr_l2_" + suffix, StateKind::kContinuous,
+                     general(SimilarityKind::kNegHalfSqL2, SeparationKind::kLogSumRelu, 1.5), p});
+    cases.push_back({"lsr_dot_" + suffix, StateKind::kContinuous,
+                     general(SimilarityKind::kDot, SeparationKind::kLogSumRelu, 2.0), p});
   }
   for (Precision p : {Precision::kF32, Precision::kBitPacked}) {
     const std::string suffix = p == Precision::kF32 ? "f32" : "bits";
@@ -267,6 +309,15 @@ TEST_P(ShardTest, BatchedPartialsFinishAsOneStatePartials) {
   for (int q = 0; q < b; ++q) {
     auto one = f.Partial(x.data() + q * n, true, false);
     ASSERT_TRUE(one.ok());
+    if (one->form == PartialForm::kSparsemax || one->form == PartialForm::kEntmax15) {
+      // One part: its candidates give the bank's threshold; the same as the batch's.
+      ASSERT_EQ(batched[q].candidates, one->candidates) << "state " << q;
+      const SparseThreshold t = *ThresholdOf(*one);
+      one = f.ThresholdPartial(x.data() + q * n, t, true);
+      ASSERT_TRUE(one.ok());
+      one->psi = t.psi;
+      batched[q] = *one;
+    }
     const double e1 = *f.FinishPartial(*one, x.data() + q * n, t1.data(), nullptr);
     const double e2 = *f.FinishPartial(batched[q], x.data() + q * n, t2.data(), nullptr);
     EXPECT_NEAR(e2, e1, 1e-4 * std::max(1.0, std::abs(e1))) << "state " << q;
@@ -504,14 +555,65 @@ TEST(StepPartial, DecayingBankShardsMergeAsTheDefinitions) {
 TEST(StepPartial, ConfigsWithoutAPartialFormSayUnimplemented) {
   std::mt19937_64 rng(1);
   const Bank bank = testing::MakeBank(8, StateKind::kContinuous, testing::RandomGaussian(80, rng));
-  for (SeparationKind sep : {SeparationKind::kMax, SeparationKind::kSparsemax,
-                             SeparationKind::kEntmax15, SeparationKind::kLogSumRelu}) {
+  for (SeparationKind sep : {SeparationKind::kSoftmax, SeparationKind::kMax,
+                             SeparationKind::kSparsemax, SeparationKind::kLogSumRelu}) {
     EnergyConfig e;
     e.family = EnergyFamily::kGeneral;
+    e.similarity = SimilarityKind::kNegL1;
     e.separation = sep;
     auto p = EnergyFunction(e, bank.view()).Partial(bank.pattern(0), true, true);
     EXPECT_EQ(p.status().code(), absl::StatusCode::kUnimplemented);
   }
+}
+
+// A sparse separation's candidates finish only through their threshold; a
+// partial of one form does not finish as another's.
+TEST(StepPartial, SparseCandidatesNeedTheirThreshold) {
+  std::mt19937_64 rng(2);
+  const int n = 8;
+  const Bank bank = testing::MakeBank(n, StateKind::kContinuous, testing::RandomGaussian(80, rng));
+  EnergyConfig e;
+  e.family = EnergyFamily::kGeneral;
+  e.separation = SeparationKind::kSparsemax;
+  e.beta = 4.0;
+  const EnergyFunction f(e, bank.view());
+  const float* x = bank.pattern(3);
+  auto c = f.Partial(x, true, false);
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->form, PartialForm::kSparsemax);
+  std::vector<float> t(n);
+  EXPECT_EQ(f.FinishPartial(*c, x, t.data(), nullptr).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  // Without psi the second round does not finish either.
+  auto sums = f.ThresholdPartial(x, *ThresholdOf(*c), true);
+  ASSERT_TRUE(sums.ok());
+  EXPECT_EQ(f.FinishPartial(*sums, x, t.data(), nullptr).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  // Merging a max partial with a sparse one is refused.
+  EnergyConfig m = e;
+  m.separation = SeparationKind::kMax;
+  auto top = EnergyFunction(m, bank.view()).Partial(x, true, false);
+  ASSERT_TRUE(top.ok());
+  EXPECT_EQ(MergeStepPartials({*top, *c}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ThresholdOf(*top).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Sparsemax's threshold from the closed form on a small case: z = (1, 0.5,
+// -2) has support {0, 1}, tau = (1 + 0.5 - 1) / 2 = 0.25, p = (0.75, 0.25, 0);
+// two parts' candidates merged give that threshold and those weights.
+TEST(StepPartial, SparsemaxThresholdOfMergedCandidatesIsTheClosedForm) {
+  StepPartial a, b;
+  a.form = b.form = PartialForm::kSparsemax;
+  a.rows = 2;
+  a.candidates = {1.0, -2.0};
+  b.rows = 1;
+  b.candidates = {0.5};
+  const StepPartial merged = *MergeStepPartials({a, b});
+  EXPECT_EQ(merged.rows, 3);
+  const SparseThreshold t = *ThresholdOf(merged);
+  EXPECT_DOUBLE_EQ(t.tau, 0.25);
+  // Psi = p.z + (1 - |p|^2) / 2 = 0.875 + (1 - 0.625) / 2.
+  EXPECT_DOUBLE_EQ(t.psi, 0.75 * 1.0 + 0.25 * 0.5 + 0.5 * (1.0 - 0.625));
 }
 
 TEST(StepPartial, TargetAndGradientTogetherAsEachAlone) {

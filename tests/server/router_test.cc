@@ -67,6 +67,20 @@ std::vector<Family> Families() {
     f.push_back({"poly3_dot_" + suffix, v1::STATE_KIND_CONTINUOUS, p,
                  Energy(v1::ENERGY_FAMILY_GENERAL, 1.0, v1::SIMILARITY_DOT,
                         v1::SEPARATION_POLYNOMIAL, 3)});
+    // Weights that depend on every row: max, log-sum-ReLU, and the sparse
+    // separations' two rounds (candidates, then the whole bank's threshold).
+    f.push_back({"max_l2_" + suffix, v1::STATE_KIND_CONTINUOUS, p,
+                 Energy(v1::ENERGY_FAMILY_GENERAL, 1.0, v1::SIMILARITY_NEG_HALF_SQ_L2,
+                        v1::SEPARATION_MAX)});
+    f.push_back({"sparsemax_dot_" + suffix, v1::STATE_KIND_CONTINUOUS, p,
+                 Energy(v1::ENERGY_FAMILY_GENERAL, 8.0, v1::SIMILARITY_DOT,
+                        v1::SEPARATION_SPARSEMAX)});
+    f.push_back({"entmax15_l2_" + suffix, v1::STATE_KIND_CONTINUOUS, p,
+                 Energy(v1::ENERGY_FAMILY_GENERAL, 6.0, v1::SIMILARITY_NEG_HALF_SQ_L2,
+                        v1::SEPARATION_ENTMAX15)});
+    f.push_back({"lsr_l2_" + suffix, v1::STATE_KIND_CONTINUOUS, p,
+                 Energy(v1::ENERGY_FAMILY_GENERAL, 1.5, v1::SIMILARITY_NEG_HALF_SQ_L2,
+                        v1::SEPARATION_LOG_SUM_RELU)});
   }
   for (v1::Precision p : {v1::PRECISION_F32, v1::PRECISION_BIT_PACKED}) {
     const std::string suffix = p == v1::PRECISION_F32 ? "f32" : "bits";
@@ -1085,7 +1099,8 @@ TEST_F(RouterTest, BadCallsAndAShardDownAreClearErrors) {
   e.mutable_states()->RemoveLast();
   // An energy with no partial form is refused by the shards.
   e.mutable_energy()->set_family(v1::ENERGY_FAMILY_GENERAL);
-  e.mutable_energy()->set_separation(v1::SEPARATION_SPARSEMAX);
+  e.mutable_energy()->set_similarity(v1::SIMILARITY_NEG_L1);
+  e.mutable_energy()->set_separation(v1::SEPARATION_SOFTMAX);
   e.mutable_energy()->set_beta(2.0);
   {
     grpc::ClientContext c;

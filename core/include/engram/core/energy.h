@@ -39,9 +39,15 @@ class RowWeights;
 // p = sparsemax(z) or 1.5-entmax(z) over k scores (exact sort-based
 // thresholds: Martins and Astudillo 2016; Peters et al. 2019). Returns
 // Psi(z) = p.z + H(p): (1 - |p|^2)/2 for sparsemax, (1 - sum p^1.5)/0.75 for
-// 1.5-entmax.
-double Sparsemax(const double* z, int64_t k, double* p);
-double Entmax15(const double* z, int64_t k, double* p);
+// 1.5-entmax. With `tau`, also the threshold (SparseThreshold in
+// partials.h: for 1.5-entmax relative to max z / 2).
+double Sparsemax(const double* z, int64_t k, double* p, double* tau = nullptr);
+double Entmax15(const double* z, int64_t k, double* p, double* tau = nullptr);
+
+// True for the general family's separations whose weights depend on every
+// row at once (max, log-sum-ReLU, sparsemax, 1.5-entmax): their partials
+// take the forms of their own described in partials.h.
+bool HasWholeRowForm(const EnergyConfig& config);
 
 // Numerically stable log(sum_i exp(v_i)); -inf for an empty span.
 double LogSumExp(absl::Span<const double> v);
@@ -102,8 +108,10 @@ class EnergyFunction {
   // This bank's partial of one step at x (see partials.h): with `with_sum`
   // the weighted sum of its rows, with `track_nearest` its nearest row
   // (numbered from `row_offset`); ValueReadoutPartial (readout.h) adds the
-  // value readout. UNIMPLEMENTED for configs with no partial form (max,
-  // sparsemax, 1.5-entmax, log-sum-ReLU separations, L1 similarity). Over a
+  // value readout. The max, log-sum-ReLU, sparsemax and 1.5-entmax
+  // separations give their own forms (partials.h; sparsemax and 1.5-entmax
+  // their candidates, for ThresholdPartial). UNIMPLEMENTED for the L1
+  // similarity, which has no partial form. Over a
   // view with a row prior (decay with age: softmax energies) the partial is
   // formed in double from the reference similarities and tracks no nearest
   // row.
@@ -115,6 +123,15 @@ class EnergyFunction {
   // reassociation. The same UNIMPLEMENTED as Partial.
   absl::Status PartialBatch(const float* x, int64_t b, bool with_sum,
                             std::vector<StepPartial>* out) const;
+  // A sparsemax or 1.5-entmax energy's second round over this bank's rows:
+  // the weights at the whole bank's threshold `t` (ThresholdOf) as a kSums
+  // partial (linear, scale 1: wsum = sum p, sum = sum p xi with `with_sum`),
+  // and with `values` (rows x value_dim) the readout sum p v. The merge of
+  // every part's, with psi = t.psi, finishes as the whole bank.
+  // INVALID_ARGUMENT for another config.
+  absl::StatusOr<StepPartial> ThresholdPartial(const float* x, const SparseThreshold& t,
+                                               bool with_sum, const float* values = nullptr,
+                                               int value_dim = 0) const;
   // The energy at x from a (merged) partial of this config, and the update
   // target and the gradient (dim floats each, either or both may be null;
   // they need the partial's sum) as Value, UpdateTarget and
@@ -149,6 +166,14 @@ class EnergyFunction {
   // no nearest row; UNIMPLEMENTED for a linear-domain rule.
   absl::StatusOr<StepPartial> PriorPartial(const float* x, bool with_sum,
                                            const internal::RowWeights& rule) const;
+  // Partial for the separations whose weights depend on every row (max,
+  // log-sum-ReLU; sparsemax and 1.5-entmax candidates).
+  StepPartial WholeRowPartial(const float* x, bool with_sum, bool track_nearest,
+                              int64_t row_offset) const;
+  // This bank's similarities at x as the node's own evaluation computes
+  // them for this config (the compact pass's fast kernels, or the
+  // reference's), k doubles.
+  void PassSimilarities(const float* x, double* s) const;
 
   EnergyConfig config_;
   PatternView patterns_;

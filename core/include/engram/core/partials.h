@@ -14,10 +14,28 @@
 // families, a power of two for the others), the weighted sum of the rows at
 // that scale, the energy terms of the linear families, and the nearest row.
 // Merging rescales every partial to the largest scale: exactly in the
-// linear domain, one rounding per value in the log domain. Configs whose
-// weights depend on every row at once (max, sparsemax, 1.5-entmax,
-// log-sum-ReLU) or that have no fused pass (L1 similarity) have no partial
-// form.
+// linear domain, one rounding per value in the log domain.
+//
+// The separations whose weights depend on every row at once (general
+// family) have forms of their own:
+//   - max: the largest similarity of the part (`top`) and that row as the
+//     sum; the merge keeps the part with the largest (the first on ties);
+//   - log-sum-ReLU: plain sums over the rows in support (their count, the
+//     sum of 1 + beta s, the sum of the rows), which add;
+//   - sparsemax and 1.5-entmax: two rounds. A part's first partial holds
+//     its candidates (z = beta s of the rows its bound cannot rule out);
+//     merged, ThresholdOf gives the whole bank's threshold, which no part
+//     can know alone, and EnergyFunction::ThresholdPartial the weighted sums
+//     at it, which add.
+//
+//   StepPartial c = *MergeStepPartials({fa.Partial(x, false, false), fb.Partial(...)});
+//   SparseThreshold t = *ThresholdOf(c);
+//   StepPartial all = *MergeStepPartials({*fa.ThresholdPartial(x, t, true), ...});
+//   all.psi = t.psi;
+//   double e = f.FinishPartial(all, x, target, nullptr);
+//
+// The L1 similarity has no partial form (its gradient is not a weighted
+// sum of the rows).
 #ifndef ENGRAM_CORE_PARTIALS_H_
 #define ENGRAM_CORE_PARTIALS_H_
 
@@ -30,7 +48,17 @@
 
 namespace engram::core {
 
+// What a StepPartial holds (see above).
+enum class PartialForm {
+  kSums,       // scaled sums (the fused passes; a sparse separation's second round)
+  kTop,        // max separation: the best row
+  kLogSumRelu, // log-sum-ReLU: sums over the support
+  kSparsemax,  // first round: candidates
+  kEntmax15,   // first round: candidates
+};
+
 struct StepPartial {
+  PartialForm form = PartialForm::kSums;
   bool log_domain = true;        // softmax families: log-sum-exp sums
   double log_scale = -INFINITY;  // log of the common scale
   double scale = 0.0;            // linear domain: the scale (a power of two)
@@ -48,11 +76,34 @@ struct StepPartial {
   // the parts; for the others the plain sum). Empty when not formed.
   std::vector<float> value;
   double value_log_norm = 0.0;
+  // kTop: the largest similarity of these rows (-inf with none); kSparsemax
+  // and kEntmax15: the largest z = beta s.
+  double top = -INFINITY;
+  // kSparsemax / kEntmax15: the z = beta s of the rows the bound keeps
+  // (z >= max z - 1, resp. - 2, over these rows), in row order.
+  std::vector<double> candidates;
+  // A sparse separation's second round, merged: Psi(z) over the whole bank
+  // (SparseThreshold::psi, set by the caller); the energy is -psi / beta.
+  double psi = NAN;
 };
+
+// The threshold of a sparse separation over a whole bank, from the merge of
+// its parts' candidates: the weights are p = [z - tau]_+ (sparsemax) or
+// p = [z / 2 - shift - tau]_+^2 (1.5-entmax), exactly as Sparsemax and
+// Entmax15 give them over all rows.
+struct SparseThreshold {
+  double tau = 0.0;
+  double shift = 0.0;  // 1.5-entmax: max z / 2
+  double psi = 0.0;    // Psi(z): the energy is -psi / beta
+};
+
+// INVALID_ARGUMENT unless `merged` is a kSparsemax or kEntmax15 partial.
+absl::StatusOr<SparseThreshold> ThresholdOf(const StepPartial& merged);
 
 // The merge of `parts`, given in row order (the first of equal nearest keys
 // wins, as in one pass); an empty span gives an empty partial.
-// INVALID_ARGUMENT unless the parts share their domain and every part of
+// INVALID_ARGUMENT unless the parts of some rows share their form, the parts
+// share their domain and every part of
 // some rows has a `sum` (and a `value`) of one common length, or none has.
 absl::StatusOr<StepPartial> MergeStepPartials(absl::Span<const StepPartial> parts);
 

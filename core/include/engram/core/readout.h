@@ -44,7 +44,10 @@ void ValueReadout(const EnergyFunction& energy, const float* values, int value_d
 
 // A part of a bank's readout for merging (partials.h): the readout over
 // energy's rows into partial->value (value_dim floats) and, for the softmax
-// readouts, the log of its normaliser into partial->value_log_norm.
+// readouts, the log of its normaliser into partial->value_log_norm; for a
+// log-sum-ReLU partial (EnergyFunction::Partial's, at the same x) the log
+// of its support's size. Not for a sparse separation's candidates: their
+// readout comes with EnergyFunction::ThresholdPartial.
 void ValueReadoutPartial(const EnergyFunction& energy, const float* values, int value_dim,
                          const float* x, StepPartial* partial);
 
