@@ -23,6 +23,7 @@
 #include "absl/time/clock.h"
 #include "engram/core/dynamics.h"
 #include "engram/core/energy.h"
+#include "engram/core/novelty.h"
 #include "engram/core/partials.h"
 #include "engram/core/sampler.h"
 #include "engram/core/status_macros.h"
@@ -269,6 +270,31 @@ class RouterService::StepStreams {
       }
     }
     all_current_ = current;  // only for a step that succeeded
+    return absl::OkStatus();
+  }
+
+  // The rows of the novelty reference over every shard (after a Step has
+  // opened the streams): the kNoveltySamples passing rows of the smallest
+  // NoveltyKey, as a node takes them from the whole bank, `dim` floats each.
+  absl::Status ReferenceRows(int dim, std::vector<float>* rows) {
+    if (!failure_.ok()) return failure_;
+    shard::v1::StepRequest req;
+    req.set_reference_rows(static_cast<uint32_t>(core::kNoveltySamples));
+    std::vector<shard::v1::StepReply> replies;
+    ENGRAM_RETURN_IF_ERROR(Exchange(req, 0, dim, false, &replies));
+    std::vector<std::pair<uint64_t, const float*>> keyed;
+    for (const shard::v1::StepReply& r : replies) {
+      if (r.reference_rows_size() != r.reference_keys_size() * dim) {
+        return absl::InternalError("a shard answered reference rows of another length");
+      }
+      for (int i = 0; i < r.reference_keys_size(); ++i) {
+        keyed.emplace_back(r.reference_keys(i), r.reference_rows().data() + int64_t{i} * dim);
+      }
+    }
+    const size_t take = std::min<size_t>(keyed.size(), core::kNoveltySamples);
+    std::partial_sort(keyed.begin(), keyed.begin() + take, keyed.end());
+    rows->clear();
+    for (size_t i = 0; i < take; ++i) rows->insert(rows->end(), keyed[i].second, keyed[i].second + dim);
     return absl::OkStatus();
   }
 
@@ -949,7 +975,6 @@ absl::Status WithinBatch(int64_t count, int64_t max_batch, const char* field) {
 
 grpc::Status RouterService::Energy(grpc::ServerContext* ctx, const v1::EnergyRequest* req,
                                    v1::EnergyResponse* resp) {
-  if (req->return_novelty()) return Unimplemented("Energy's return_novelty");
   return Guarded(resp, [&]() -> absl::Status {
     ENGRAM_ASSIGN_OR_RETURN(v1::BankInfo info, Describe(ctx, req->bank()));
     ENGRAM_ASSIGN_OR_RETURN(core::StateKind kind, KindFromProto(info.kind()));
@@ -964,6 +989,27 @@ grpc::Status RouterService::Energy(grpc::ServerContext* ctx, const v1::EnergyReq
     ENGRAM_RETURN_IF_ERROR(streams.Step(req->states().data(), b, n, req->return_gradient(),
                                         m > 0, false, &merged, nullptr));
     const core::EnergyFunction f = Finisher(cfg, n);
+    // Novelty: the reference patterns' energies on the same streams, so at
+    // the same time and pins as the states' (a decaying bank's every energy
+    // moves by the same amount with time: ranks and z-scores are those of a
+    // node's reference taken at its newest store).
+    std::optional<core::StoredEnergies> reference;
+    if (req->return_novelty()) {
+      std::vector<float> rows;
+      ENGRAM_RETURN_IF_ERROR(streams.ReferenceRows(n, &rows));
+      const int64_t k = static_cast<int64_t>(rows.size()) / n;
+      std::vector<double> energies(k);
+      if (k > 0) {
+        std::vector<core::StepPartial> parts;
+        ENGRAM_RETURN_IF_ERROR(streams.Step(rows.data(), k, n, false, false, false, &parts,
+                                            nullptr));
+        for (int64_t r = 0; r < k; ++r) {
+          ENGRAM_ASSIGN_OR_RETURN(energies[r],
+                                  f.FinishPartial(parts[r], rows.data() + r * n, nullptr, nullptr));
+        }
+      }
+      reference = core::StoredEnergiesOf(std::move(energies));
+    }
     std::vector<float> grad(n);
     for (int64_t j = 0; j < b; ++j) {
       const float* x = req->states().data() + j * n;
@@ -971,6 +1017,10 @@ grpc::Status RouterService::Energy(grpc::ServerContext* ctx, const v1::EnergyReq
           double e, f.FinishPartial(merged[j], x, nullptr,
                                     req->return_gradient() ? grad.data() : nullptr));
       resp->add_energies(e);
+      if (reference.has_value()) {
+        resp->add_novelty(core::Novelty(*reference, e));
+        resp->add_novelty_z(reference->ZScore(e));
+      }
       if (req->return_gradient()) resp->mutable_gradients()->Add(grad.begin(), grad.end());
       if (m > 0) {
         if (static_cast<int>(merged[j].value.size()) == m) {

@@ -1001,7 +1001,8 @@ absl::StatusOr<core::BankSnapshot> MemoryServiceImpl::Visible(core::BankRegistry
 std::shared_ptr<const core::StoredEnergies> MemoryServiceImpl::NoveltyReference(
     const core::Bank& bank, const core::EnergyFunction& energy, bool cache) {
   if (!cache) {
-    return std::make_shared<const core::StoredEnergies>(core::StoredPatternEnergies(energy));
+    return std::make_shared<const core::StoredEnergies>(
+        core::StoredPatternEnergies(energy, bank.ids()));
   }
   const std::string key =
       absl::StrCat(bank.spec().name, "|", bank.version(), "|", EnergyKey(energy.config()));
@@ -1010,7 +1011,8 @@ std::shared_ptr<const core::StoredEnergies> MemoryServiceImpl::NoveltyReference(
     auto it = novelty_cache_.find(key);
     if (it != novelty_cache_.end()) return it->second;
   }
-  auto ref = std::make_shared<const core::StoredEnergies>(core::StoredPatternEnergies(energy));
+  auto ref = std::make_shared<const core::StoredEnergies>(
+      core::StoredPatternEnergies(energy, bank.ids()));
   core::MutexLock lock(&novelty_mu_);
   // Versions only move forward: a full cache is simply started again.
   if (novelty_cache_.size() >= kNoveltyCacheEntries) novelty_cache_.clear();

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "engram/core/dynamics.h"
 #include "engram/core/energy.h"
+#include "engram/core/novelty.h"
 #include "engram/core/partials.h"
 #include "engram/core/readout.h"
 #include "engram/core/status_macros.h"
@@ -89,6 +90,17 @@ absl::Status Answer(const core::Bank& bank, const core::EnergyFunction& energy,
   const int m = bank.spec().value_dim;
   ENGRAM_ASSIGN_OR_RETURN(const int64_t b, CountStates(req, n, max_batch));
   reply->set_dim(static_cast<uint32_t>(n));
+  if (req.reference_rows() > 0) {
+    if (b > 0) return absl::InvalidArgumentError("reference_rows takes no states");
+    std::vector<int64_t> rows = core::NoveltyRows(bank.ids());
+    if (rows.size() > req.reference_rows()) rows.resize(req.reference_rows());
+    for (int64_t r : rows) {
+      reply->add_reference_keys(core::NoveltyKey(bank.id(r)));
+      reply->mutable_reference_rows()->Add(bank.pattern(r), bank.pattern(r) + n);
+    }
+    return absl::OkStatus();
+  }
+  if (b == 0) return absl::OkStatus();  // nothing asked: no partials
   if (req.thresholds_size() > 0) return AnswerThresholds(bank, energy, req, b, reply);
   std::vector<core::StepPartial> partials;
   if (req.with_nearest() && !req.with_sum() && !req.with_value()) {

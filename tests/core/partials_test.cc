@@ -21,6 +21,7 @@
 #include "engram/core/dynamics.h"
 #include "engram/core/energy.h"
 #include "engram/core/filter.h"
+#include "engram/core/novelty.h"
 #include "engram/core/partials.h"
 #include "engram/core/readout.h"
 #include "testing/decay_reference.h"
@@ -614,6 +615,59 @@ TEST(StepPartial, SparsemaxThresholdOfMergedCandidatesIsTheClosedForm) {
   EXPECT_DOUBLE_EQ(t.tau, 0.25);
   // Psi = p.z + (1 - |p|^2) / 2 = 0.875 + (1 - 0.625) / 2.
   EXPECT_DOUBLE_EQ(t.psi, 0.75 * 1.0 + 0.25 * 0.5 + 0.5 * (1.0 - 0.625));
+}
+
+// The novelty reference is chosen by id, not by row order: a bank's rows in
+// another order, or cut into shards whose chosen rows are pooled, give the
+// same sample of kNoveltySamples patterns (the smallest keys, ascending)
+// and the same reference energies.
+TEST(Novelty, ReferenceSampleIsChosenByIdNotRowOrder) {
+  std::mt19937_64 rng(23);
+  const int n = 16;
+  const int64_t k = 900;
+  const Bank bank = testing::MakeBank(n, StateKind::kContinuous,
+                                      testing::RandomGaussian(k * n, rng, 0.25f));
+  std::vector<int64_t> order(k);
+  for (int64_t r = 0; r < k; ++r) order[r] = r;
+  std::shuffle(order.begin(), order.end(), rng);
+  const Bank shuffled = bank.Subset(order);
+  auto chosen_ids = [](const Bank& b, const std::vector<int64_t>& rows) {
+    std::vector<uint64_t> ids;
+    for (int64_t r : rows) ids.push_back(b.id(r));
+    return ids;
+  };
+  const std::vector<int64_t> rows = NoveltyRows(bank.ids());
+  ASSERT_EQ(rows.size(), static_cast<size_t>(kNoveltySamples));
+  const std::vector<uint64_t> ids = chosen_ids(bank, rows);
+  EXPECT_EQ(chosen_ids(shuffled, NoveltyRows(shuffled.ids())), ids);
+  // Ascending keys, and no row left out has a smaller key than the largest taken.
+  for (size_t i = 1; i < ids.size(); ++i) EXPECT_LT(NoveltyKey(ids[i - 1]), NoveltyKey(ids[i]));
+  for (int64_t r = 0; r < k; ++r) {
+    if (std::find(ids.begin(), ids.end(), bank.id(r)) == ids.end()) {
+      EXPECT_GT(NoveltyKey(bank.id(r)), NoveltyKey(ids.back())) << "row " << r;
+    }
+  }
+  // Shards' own samples, pooled, hold the whole bank's.
+  const std::vector<Bank> shards = Shards(bank, {0, 300, 610, k});
+  std::vector<std::pair<uint64_t, uint64_t>> pooled;
+  for (const Bank& shard : shards) {
+    for (uint64_t id : chosen_ids(shard, NoveltyRows(shard.ids()))) {
+      pooled.emplace_back(NoveltyKey(id), id);
+    }
+  }
+  std::sort(pooled.begin(), pooled.end());
+  pooled.resize(kNoveltySamples);
+  for (size_t i = 0; i < ids.size(); ++i) EXPECT_EQ(pooled[i].second, ids[i]);
+  // The same energies (each row's Value over the whole bank, summed in
+  // another row order: float reassociation).
+  EnergyConfig e{.family = EnergyFamily::kLse, .beta = 4.0};
+  const StoredEnergies a = StoredPatternEnergies(EnergyFunction(e, bank.view()), bank.ids());
+  const StoredEnergies b =
+      StoredPatternEnergies(EnergyFunction(e, shuffled.view()), shuffled.ids());
+  ASSERT_EQ(a.sorted.size(), b.sorted.size());
+  for (size_t i = 0; i < a.sorted.size(); ++i) {
+    EXPECT_NEAR(a.sorted[i], b.sorted[i], 1e-6 * std::max(1.0, std::abs(a.sorted[i])));
+  }
 }
 
 TEST(StepPartial, TargetAndGradientTogetherAsEachAlone) {

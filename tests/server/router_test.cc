@@ -191,6 +191,16 @@ class RouterTest : public ::testing::Test {
   }
 
   // Queries near stored patterns (bipolar: a few flips).
+  // The same Energy call on the single node and through the router, both OK.
+  void EnergyBoth(const v1::EnergyRequest& e, v1::EnergyResponse* one,
+                  v1::EnergyResponse* sharded) {
+    for (auto [stub, out] : {std::pair{whole_.get(), one}, std::pair{router_.get(), sharded}}) {
+      grpc::ClientContext c;
+      grpc::Status s = stub->Energy(&c, e, out);
+      ASSERT_TRUE(s.ok()) << s.error_message();
+    }
+  }
+
   std::vector<float> Queries(const Family& f, int count, std::mt19937_64& rng) {
     v1::GetPatternsRequest get;
     get.set_bank(f.name);
@@ -260,16 +270,7 @@ TEST_F(RouterTest, ShardedBanksAnswerEnergyAndRetrieveAsOneNode) {
       e.set_return_gradient(true);
       *e.mutable_filter() = filter;
       v1::EnergyResponse one, sharded;
-      {
-        grpc::ClientContext c;
-        grpc::Status s = whole_->Energy(&c, e, &one);
-        ASSERT_TRUE(s.ok()) << s.error_message();
-      }
-      {
-        grpc::ClientContext c;
-        grpc::Status s = router_->Energy(&c, e, &sharded);
-        ASSERT_TRUE(s.ok()) << s.error_message();
-      }
+      ASSERT_NO_FATAL_FAILURE(EnergyBoth(e, &one, &sharded));
       ASSERT_EQ(sharded.energies_size(), one.energies_size());
       for (int j = 0; j < one.energies_size(); ++j) {
         EXPECT_NEAR(sharded.energies(j), one.energies(j), Tol(one.energies(j))) << "state " << j;
@@ -854,6 +855,91 @@ TEST_F(RouterTest, ExpiredPatternsLeaveShardedReadsAsOnANode) {
   grpc::ClientContext c;
   ASSERT_TRUE(router_->GetBank(&c, get, &info).ok());
   EXPECT_EQ(info.patterns(), uint64_t{kPatterns});
+}
+
+// Energy's novelty through the router ranks each state among the same
+// stored patterns' energies as a node: the reference sample is chosen by id
+// (the smallest NoveltyKey), not by row order, so on a bank of more rows
+// than the sample the shards' rows give the node's sample. Novelty agrees to
+// one rank of the 256 (energies from differently merged sums agree only to
+// float reassociation), the z-score to 1e-4; filtered calls too.
+TEST_F(RouterTest, NoveltyRanksAmongTheNodesReferenceSample) {
+  std::mt19937_64 rng(31);
+  // More rows than the sample on every shard (each holds about a third).
+  constexpr int kRows = 1200;
+  for (const Family& f :
+       {Family{"novel_lse", v1::STATE_KIND_CONTINUOUS, v1::PRECISION_F32,
+               Energy(v1::ENERGY_FAMILY_LSE, 8.0)},
+        Family{"novel_sparsemax", v1::STATE_KIND_CONTINUOUS, v1::PRECISION_F32,
+               Energy(v1::ENERGY_FAMILY_GENERAL, 8.0, v1::SIMILARITY_DOT,
+                      v1::SEPARATION_SPARSEMAX)},
+        Family{"novel_classical", v1::STATE_KIND_BIPOLAR, v1::PRECISION_BIT_PACKED,
+               Energy(v1::ENERGY_FAMILY_CLASSICAL, 1.0)}}) {
+    SCOPED_TRACE(f.name);
+    v1::CreateBankRequest create;
+    create.set_name(f.name);
+    create.set_dim(kDim);
+    create.set_kind(f.kind);
+    create.set_precision(f.precision);
+    *create.mutable_energy() = f.energy;
+    v1::BankInfo info;
+    for (v1::MemoryService::Stub* stub : {router_.get(), whole_.get()}) {
+      grpc::ClientContext c;
+      ASSERT_TRUE(stub->CreateBank(&c, create, &info).ok());
+    }
+    v1::StoreRequest store;
+    store.set_bank(f.name);
+    std::normal_distribution<float> g(0.f, 1.f / std::sqrt(float{kDim}));
+    std::uniform_int_distribution<int> coin(0, 1);
+    for (int r = 0; r < kRows; ++r) {
+      for (int i = 0; i < kDim; ++i) {
+        store.add_patterns(f.kind == v1::STATE_KIND_BIPOLAR ? (coin(rng) ? 1.f : -1.f) : g(rng));
+      }
+      (*store.add_labels()->mutable_ints())["g"] = r % 3;
+    }
+    v1::StoreResponse stored;
+    {
+      grpc::ClientContext c;
+      ASSERT_TRUE(router_->Store(&c, store, &stored).ok());
+    }
+    *store.mutable_ids() = stored.ids();
+    {
+      grpc::ClientContext c;
+      ASSERT_TRUE(whole_->Store(&c, store, &stored).ok());
+    }
+    // Stored patterns, noisy ones and far ones.
+    std::vector<float> states = Queries(f, 8, rng);
+    states.insert(states.end(), store.patterns().begin(), store.patterns().begin() + 4 * kDim);
+    for (int i = 0; i < 2 * kDim; ++i) {
+      states.push_back(f.kind == v1::STATE_KIND_BIPOLAR ? (coin(rng) ? 1.f : -1.f) : 3.f * g(rng));
+    }
+    for (bool filtered : {false, true}) {
+      SCOPED_TRACE(filtered ? "filter g = 1" : "no filter");
+      v1::EnergyRequest e;
+      e.set_bank(f.name);
+      e.mutable_states()->Add(states.begin(), states.end());
+      e.set_return_novelty(true);
+      if (filtered) {
+        v1::Condition* cond = e.mutable_filter()->add_conditions();
+        cond->set_key("g");
+        cond->mutable_int_any_of()->add_values(1);
+      }
+      v1::EnergyResponse one, sharded;
+      ASSERT_NO_FATAL_FAILURE(EnergyBoth(e, &one, &sharded));
+      ASSERT_EQ(sharded.novelty_size(), one.novelty_size());
+      ASSERT_EQ(one.novelty_size(), static_cast<int>(states.size() / kDim));
+      bool spread = false;
+      for (int j = 0; j < one.novelty_size(); ++j) {
+        EXPECT_NEAR(sharded.novelty(j), one.novelty(j), 1.0 / 256 + 1e-12) << "state " << j;
+        EXPECT_NEAR(sharded.novelty_z(j), one.novelty_z(j),
+                    1e-4 * std::max(1.0, std::abs(one.novelty_z(j))))
+            << "state " << j;
+        spread |= one.novelty(j) > 0.05 && one.novelty(j) < 0.95;
+      }
+      // The states rank inside the reference, not only at its ends.
+      EXPECT_TRUE(spread);
+    }
+  }
 }
 
 // A bank that decays with age: patterns stored at different times weigh

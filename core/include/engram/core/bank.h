@@ -145,6 +145,8 @@ class Bank {
   PatternView view() const;
   const float* pattern(int64_t row) const { return data_.data() + row * dim(); }
   uint64_t id(int64_t row) const { return ids_[row]; }
+  // Every row's id, in row order.
+  absl::Span<const uint64_t> ids() const { return ids_; }
   const std::string& payload(int64_t row) const { return payloads_[row]; }
   // M = spec().value_dim floats: the value stored with row's pattern.
   const float* value(int64_t row) const { return values_.data() + row * spec_.value_dim; }

@@ -4,7 +4,7 @@
 // them has a novelty near the middle of [0, 1], and a state far from every
 // memory (out of distribution) a novelty near 1.
 //
-//   StoredEnergies ref = StoredPatternEnergies(energy);   // sorted, once per bank version
+//   StoredEnergies ref = StoredPatternEnergies(energy, ids);  // sorted, once per bank version
 //   double nov = Novelty(ref, energy.Value(x));            // in [0, 1]
 //   double z = ref.ZScore(energy.Value(x));
 #ifndef ENGRAM_CORE_NOVELTY_H_
@@ -13,12 +13,14 @@
 #include <cstdint>
 #include <vector>
 
+#include "absl/types/span.h"
+
 #include "engram/core/energy.h"
 
 namespace engram::core {
 
-// Stored patterns whose energies form the reference (an even stride over
-// the bank when it holds more).
+// Stored patterns whose energies form the reference (a sample of the bank
+// when it holds more).
 inline constexpr int64_t kNoveltySamples = 256;
 
 struct StoredEnergies {
@@ -30,10 +32,24 @@ struct StoredEnergies {
   double ZScore(double e) const;
 };
 
-// The energies of min(K, kNoveltySamples) stored patterns (rows 0, s, 2s, ...
-// with s = ceil(K / kNoveltySamples)) under `energy`, each computed as
+// The order in which the reference takes a bank's rows: a bijective mix of
+// the pattern id (the splitmix64 finaliser), so the sample depends on the
+// ids alone, not on the rows' order; a bank split into shards by id
+// samples the same patterns as the whole.
+uint64_t NoveltyKey(uint64_t id);
+
+// The rows of the reference among rows with these ids: those of the
+// min(K, kNoveltySamples) smallest NoveltyKey, in ascending key order.
+std::vector<int64_t> NoveltyRows(absl::Span<const uint64_t> ids);
+
+// The energies of the NoveltyRows of a bank whose rows have ids `ids`
+// (energy.patterns().rows of them) under `energy`, each computed as
 // Value(xi_mu).
-StoredEnergies StoredPatternEnergies(const EnergyFunction& energy);
+StoredEnergies StoredPatternEnergies(const EnergyFunction& energy,
+                                     absl::Span<const uint64_t> ids);
+
+// The reference of these energies (any order).
+StoredEnergies StoredEnergiesOf(std::vector<double> energies);
 
 // Energies within this relative distance count as equal: the same state
 // evaluated by different passes (a query, a stored row) agrees only to
