@@ -59,6 +59,7 @@ core::StepPartial PartialFromProto(const shard::v1::Partial& p) {
                  : core::PartialForm::kSums;
   out.top = p.top();
   out.candidates.assign(p.candidates().begin(), p.candidates().end());
+  out.sign_sum.assign(p.sign_sum().begin(), p.sign_sum().end());
   return out;
 }
 

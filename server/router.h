@@ -51,10 +51,11 @@
 // Banks that decay with age: every shard weighs its rows at the time the
 // router sends with the call's streams (RouterOptions::clock_ms).
 //
-// Not routed yet (UNIMPLEMENTED, naming the call): sampling a bipolar bank,
-// the ASYNC and TINYBRAIN dynamics,
-// Energy's novelty, and the energies without a partial form (the shards'
-// UNIMPLEMENTED).
+// Every energy routes (partials.h: the softmax and linear families' sums,
+// the whole-row separations' forms, sparsemax and 1.5-entmax in two
+// requests per step), and so does Energy's novelty (the reference sample is
+// chosen by id). Not routed yet (UNIMPLEMENTED, naming the call): sampling a
+// bipolar bank, the ASYNC and TINYBRAIN dynamics.
 //
 // Thread-safety: gRPC's synchronous API; calls run concurrently.
 #ifndef ENGRAM_SERVER_ROUTER_H_

@@ -53,6 +53,7 @@ void PartialToProto(const core::StepPartial& p, shard::v1::Partial* out) {
   out->set_form(static_cast<int32_t>(p.form));
   out->set_top(p.top);
   out->mutable_candidates()->Add(p.candidates.begin(), p.candidates.end());
+  out->mutable_sign_sum()->Add(p.sign_sum.begin(), p.sign_sum.end());
 }
 
 // A sparse separation's second round: each state's sums at the whole

@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "engram/core/status_macros.h"
 #include "compact.h"
+#include "fold.h"
 #include "fused.h"
 #include "kernels/kernels.h"
 #include "parallel.h"
@@ -390,6 +391,15 @@ bool EnergyFunction::FusedEvaluate(const float* x, float* target, float* grad,
 
 namespace {
 
+// acc += w sign(row - x) (n floats): an L1 similarity's dS/dx, weighed.
+void AddSigns(const float* row, const float* x, int n, double w, std::vector<float>* acc) {
+  const float wf = static_cast<float>(w);
+  for (int i = 0; i < n; ++i) {
+    const float d = row[i] - x[i];
+    (*acc)[i] += wf * static_cast<float>((d > 0) - (d < 0));
+  }
+}
+
 // The energy, target and gradient of a whole-row form's merged partial (of
 // some rows), as the node's own evaluation gives them: max, the row of the
 // largest similarity; log-sum-ReLU, the mean shift over the support; the
@@ -444,7 +454,17 @@ absl::StatusOr<double> FinishWholeRow(const EnergyConfig& c, const StepPartial& 
   }
   if (grad != nullptr) {
     const float a = static_cast<float>(g_sum), b = static_cast<float>(g_x);
-    for (int i = 0; i < n; ++i) grad[i] = a * p.sum[i] + b * x[i];
+    if (c.similarity != SimilarityKind::kNegL1) {
+      for (int i = 0; i < n; ++i) grad[i] = a * p.sum[i] + b * x[i];
+    } else if (p.form == PartialForm::kTop) {
+      // dS/dx_i = sign(xi_i - x_i) of the best row.
+      for (int i = 0; i < n; ++i) {
+        const double d = double{p.sum[i]} - x[i];
+        grad[i] = -static_cast<float>((d > 0) - (d < 0));
+      }
+    } else {
+      for (int i = 0; i < n; ++i) grad[i] = a * p.sign_sum[i];
+    }
   }
   return energy;
 }
@@ -489,23 +509,15 @@ StepPartial EnergyFunction::WholeRowPartial(const float* x, bool with_sum, bool 
   const bool candidates =
       p.form == PartialForm::kSparsemax || p.form == PartialForm::kEntmax15;
   if (with_sum && !candidates) p.sum.assign(n, 0.f);
+  // L1: the gradient's signs (the max form's come from its row).
+  const bool l1 = with_sum && p.form == PartialForm::kLogSumRelu &&
+                  config_.similarity == SimilarityKind::kNegL1;
+  if (l1) p.sign_sum.assign(n, 0.f);
   if (k == 0) return p;
   std::vector<double> s(k);
   PassSimilarities(x, s.data());
   const double beta = config_.beta;
-  if (track_nearest) {
-    // Bank::Nearest's key, x.xi - |xi|^2 / 2 - |x|^2 / 2 (s itself for L2).
-    const bool l2 = config_.similarity == SimilarityKind::kNegHalfSqL2;
-    const double sqx = l2 ? 0.0 : internal::SquaredNorm(x, n);
-    for (int64_t r = 0; r < k; ++r) {
-      const double key =
-          l2 ? s[r] : s[r] - 0.5 * patterns_.sq_norms[r] - 0.5 * sqx;
-      if (key > p.nearest_key) {
-        p.nearest_key = key;
-        p.nearest_row = r + row_offset;
-      }
-    }
-  }
+  if (track_nearest) TrackNearest(x, s.data(), row_offset, &p);
   const kernels::KernelTable& kt = kernels::Kernels();
   switch (p.form) {
     case PartialForm::kTop: {
@@ -526,6 +538,7 @@ StepPartial EnergyFunction::WholeRowPartial(const float* x, bool with_sum, bool 
         p.wsum += 1.0;
         p.hsum += 1.0 + z;
         if (with_sum) kt.axpy_rows(patterns_.row(r), 1, n, &one, p.sum.data());
+        if (l1) AddSigns(patterns_.row(r), x, n, 1.0, &p.sign_sum);
       }
       break;
     }
@@ -556,11 +569,8 @@ absl::StatusOr<StepPartial> EnergyFunction::ThresholdPartial(const float* x,
       (sep != SeparationKind::kSparsemax && sep != SeparationKind::kEntmax15)) {
     return absl::InvalidArgumentError("a threshold partial is for sparsemax and 1.5-entmax");
   }
-  if (EffectiveSimilarity(config_) == SimilarityKind::kNegL1) {
-    return absl::UnimplementedError(
-        "the L1 similarity has no partial form: its gradient is not a weighted sum of the rows");
-  }
   const int n = patterns_.dim;
+  const bool l1 = with_sum && config_.similarity == SimilarityKind::kNegL1;
   const int64_t k = patterns_.rows;
   StepPartial p;
   p.form = PartialForm::kSums;
@@ -569,6 +579,7 @@ absl::StatusOr<StepPartial> EnergyFunction::ThresholdPartial(const float* x,
   p.log_scale = 0.0;
   p.rows = k;
   if (with_sum) p.sum.assign(n, 0.f);
+  if (l1) p.sign_sum.assign(n, 0.f);
   std::vector<double> vsum(values != nullptr ? value_dim : 0, 0.0);
   if (k > 0) {
     std::vector<double> s(k);
@@ -590,6 +601,7 @@ absl::StatusOr<StepPartial> EnergyFunction::ThresholdPartial(const float* x,
         const float wf = static_cast<float>(w);
         kt.axpy_rows(patterns_.row(r), 1, n, &wf, p.sum.data());
       }
+      if (l1) AddSigns(patterns_.row(r), x, n, w, &p.sign_sum);
       for (int j = 0; j < static_cast<int>(vsum.size()); ++j) {
         vsum[j] += w * values[r * value_dim + j];
       }
@@ -612,10 +624,6 @@ absl::StatusOr<StepPartial> EnergyFunction::Partial(const float* x, bool with_su
                                                      bool track_nearest,
                                                      int64_t row_offset) const {
   const SimilarityKind sim = EffectiveSimilarity(config_);
-  if (sim == SimilarityKind::kNegL1) {
-    return absl::UnimplementedError(
-        "the L1 similarity has no partial form: its gradient is not a weighted sum of the rows");
-  }
   if (HasWholeRowForm(config_)) {
     if (patterns_.log_prior != nullptr) {
       return absl::UnimplementedError(
@@ -623,11 +631,17 @@ absl::StatusOr<StepPartial> EnergyFunction::Partial(const float* x, bool with_su
     }
     return WholeRowPartial(x, with_sum, track_nearest, row_offset);
   }
-  std::unique_ptr<internal::RowWeights> rule = internal::MakeRowWeights(config_);
+  // The weights' rule depends on the family and separation alone (for L1
+  // too, which the fused passes do not take).
+  EnergyConfig rule_config = config_;
+  if (sim == SimilarityKind::kNegL1) rule_config.similarity = SimilarityKind::kDot;
+  std::unique_ptr<internal::RowWeights> rule = internal::MakeRowWeights(rule_config);
   if (rule == nullptr) {
     return absl::UnimplementedError("this energy has no partial form");
   }
-  if (patterns_.log_prior != nullptr) return PriorPartial(x, with_sum, *rule);
+  if (patterns_.log_prior != nullptr || sim == SimilarityKind::kNegL1) {
+    return ReferencePartial(x, with_sum, *rule, track_nearest, row_offset);
+  }
   const int n = patterns_.dim;
   StepPartial p;
   p.log_domain = rule->domain() == internal::WeightDomain::kLog;
@@ -642,35 +656,86 @@ absl::StatusOr<StepPartial> EnergyFunction::Partial(const float* x, bool with_su
   return p;
 }
 
-absl::StatusOr<StepPartial> EnergyFunction::PriorPartial(const float* x, bool with_sum,
-                                                          const internal::RowWeights& rule) const {
-  if (rule.domain() != internal::WeightDomain::kLog) {
+void EnergyFunction::TrackNearest(const float* x, const double* s, int64_t row_offset,
+                                  StepPartial* p) const {
+  const int n = patterns_.dim;
+  const SimilarityKind sim = EffectiveSimilarity(config_);
+  const double sqx = sim == SimilarityKind::kDot ? internal::SquaredNorm(x, n) : 0.0;
+  for (int64_t r = 0; r < patterns_.rows; ++r) {
+    double key;
+    if (sim == SimilarityKind::kNegHalfSqL2) {
+      key = s[r];
+    } else if (sim == SimilarityKind::kDot) {
+      key = s[r] - 0.5 * patterns_.sq_norms[r] - 0.5 * sqx;
+    } else {
+      const float* row = patterns_.row(r);
+      double sq = 0.0;
+      for (int i = 0; i < n; ++i) sq += (double{row[i]} - x[i]) * (double{row[i]} - x[i]);
+      key = -0.5 * sq;
+    }
+    if (key > p->nearest_key) {
+      p->nearest_key = key;
+      p->nearest_row = r + row_offset;
+    }
+  }
+}
+
+absl::StatusOr<StepPartial> EnergyFunction::ReferencePartial(
+    const float* x, bool with_sum, const internal::RowWeights& rule, bool track_nearest,
+    int64_t row_offset) const {
+  const bool log_domain = rule.domain() == internal::WeightDomain::kLog;
+  if (patterns_.log_prior != nullptr && !log_domain) {
     return absl::UnimplementedError(
         "a row prior (decay with age) weighs softmax energies only; this energy has none");
   }
   const int n = patterns_.dim;
   const int64_t k = patterns_.rows;
+  const bool l1 = EffectiveSimilarity(config_) == SimilarityKind::kNegL1;
   StepPartial p;
-  p.log_domain = true;
+  p.log_domain = log_domain;
   p.rows = k;
   p.sq_x = internal::SquaredNorm(x, n);
   if (with_sum) p.sum.assign(n, 0.f);
+  if (with_sum && l1) p.sign_sum.assign(n, 0.f);
   if (k == 0) return p;
-  // The reference evaluation's similarities (the prior folded in as
-  // S + b / beta) and the rule's log-weights of them, in double.
+  // The reference evaluation's similarities (a prior folded in as
+  // S + b / beta) and the rule's weights of them, in double: log-weights
+  // relative to their max, or linear weights over the least power of two
+  // at least their largest magnitude (the fused passes' scales).
   std::vector<double> s(k), w(k), h(k);
   Similarities(x, s.data());
-  rule.Block(s.data(), k, w.data(), h.data());
-  p.log_scale = *std::max_element(w.begin(), w.end());
-  std::vector<double> acc(with_sum ? n : 0, 0.0);
+  // A prior's S + b / beta are no distances: the nearest row only for L1.
+  if (track_nearest && l1 && patterns_.log_prior == nullptr) TrackNearest(x, s.data(), row_offset, &p);
+  p.energy_terms = rule.Block(s.data(), k, w.data(), h.data());
+  std::vector<double> wr(k);
+  if (log_domain) {
+    p.log_scale = *std::max_element(w.begin(), w.end());
+    for (int64_t mu = 0; mu < k; ++mu) wr[mu] = std::exp(w[mu] - p.log_scale);
+  } else {
+    double m = 0.0;
+    for (int64_t mu = 0; mu < k; ++mu) m = std::max({m, std::fabs(w[mu]), std::fabs(h[mu])});
+    p.scale = m > 0.0 ? internal::PowerOfTwoCeil(m) : 1.0;
+    p.log_scale = std::log(p.scale);
+    for (int64_t mu = 0; mu < k; ++mu) {
+      wr[mu] = w[mu] / p.scale;
+      p.hsum += h[mu] / p.scale;
+    }
+  }
+  std::vector<double> acc(with_sum ? n : 0, 0.0), sacc(with_sum && l1 ? n : 0, 0.0);
   for (int64_t mu = 0; mu < k; ++mu) {
-    const double e = std::exp(w[mu] - p.log_scale);
+    const double e = wr[mu];
     p.wsum += e;
     if (!with_sum || e == 0.0) continue;
     const float* row = patterns_.row(mu);
     for (int i = 0; i < n; ++i) acc[i] += e * row[i];
+    if (!l1) continue;
+    for (int i = 0; i < n; ++i) {
+      const double d = double{row[i]} - x[i];  // dS/dx_i = sign(xi_i - x_i)
+      sacc[i] += e * ((d > 0) - (d < 0));
+    }
   }
-  for (int i = 0; i < static_cast<int>(acc.size()); ++i) p.sum[i] = static_cast<float>(acc[i]);
+  for (size_t i = 0; i < acc.size(); ++i) p.sum[i] = static_cast<float>(acc[i]);
+  for (size_t i = 0; i < sacc.size(); ++i) p.sign_sum[i] = static_cast<float>(sacc[i]);
   return p;
 }
 
@@ -681,7 +746,8 @@ absl::Status EnergyFunction::PartialBatch(const float* x, int64_t b, bool with_s
   // The checks, and the one-state path where UpdateTargetBatch takes it.
   if (b == 0) return Partial(x, with_sum, false).status();
   if (patterns_.rows == 0 || b < internal::BatchMinStates(patterns_) ||
-      patterns_.bf16 != nullptr || patterns_.log_prior != nullptr || HasWholeRowForm(config_)) {
+      patterns_.bf16 != nullptr || patterns_.log_prior != nullptr || HasWholeRowForm(config_) ||
+      EffectiveSimilarity(config_) == SimilarityKind::kNegL1) {
     out->reserve(b);
     for (int64_t q = 0; q < b; ++q) {
       ENGRAM_ASSIGN_OR_RETURN(StepPartial p, Partial(x + q * n, with_sum, false));
@@ -719,6 +785,12 @@ absl::StatusOr<double> EnergyFunction::FinishPartial(const StepPartial& partial,
     return absl::InvalidArgumentError(
         "a sparse separation's candidates finish only after their threshold (ThresholdPartial)");
   }
+  const bool l1 = EffectiveSimilarity(config_) == SimilarityKind::kNegL1;
+  if (grad != nullptr && l1 && partial.rows > 0 && partial.form != PartialForm::kTop &&
+      partial.sign_sum.size() != static_cast<size_t>(n)) {
+    return absl::InvalidArgumentError(
+        "an L1 gradient needs a partial with the weighted sum of its rows' signs");
+  }
   if (partial.rows > 0 && HasWholeRowForm(config_)) {
     return FinishWholeRow(config_, partial, x, target, grad);
   }
@@ -747,7 +819,9 @@ absl::StatusOr<double> EnergyFunction::FinishPartial(const StepPartial& partial,
     FinishFused(sums, partial.log_domain, x, target, nullptr, &energy);
   }
   if (grad != nullptr) {
-    std::copy(partial.sum.begin(), partial.sum.end(), grad);
+    // L1: dS/dx = sign(xi - x), so the gradient sums the signs (no x term).
+    const std::vector<float>& g = l1 ? partial.sign_sum : partial.sum;
+    std::copy(g.begin(), g.end(), grad);
     FinishFused(sums, partial.log_domain, x, nullptr, grad, &energy);
   }
   if (target == nullptr && grad == nullptr) {

@@ -172,6 +172,23 @@ absl::StatusOr<StepPartial> MergeStepPartials(absl::Span<const StepPartial> part
       },
       out.log_domain, /*track_nearest=*/true, static_cast<int>(n), &merged,
       n > 0 ? out.sum.data() : nullptr);
+  // The L1 gradient's signs, brought to the merged scale as the sums are.
+  size_t signs = 0;
+  for (const StepPartial& p : parts) signs = std::max(signs, p.sign_sum.size());
+  if (signs > 0) {
+    out.sign_sum.assign(signs, 0.f);
+    for (size_t i = 0; i < parts.size(); ++i) {
+      const StepPartial& p = parts[i];
+      if (p.sign_sum.size() != signs) {
+        if (p.rows == 0) continue;
+        return absl::InvalidArgumentError("partials with sign sums of different lengths");
+      }
+      if (!std::isfinite(running[i].LogScale(out.log_domain))) continue;
+      const float f = static_cast<float>(
+          internal::MergeFactor(running[i], out.log_domain, merged.log_scale, merged.scale));
+      for (size_t j = 0; j < signs; ++j) out.sign_sum[j] += f * p.sign_sum[j];
+    }
+  }
   out.log_scale = merged.log_scale;
   out.scale = merged.scale;
   out.wsum = merged.wsum;

@@ -270,6 +270,17 @@ std::vector<Case> Cases() {
                      general(SimilarityKind::kNegHalfSqL2, SeparationKind::kLogSumRelu, 1.5), p});
     cases.push_back({"lsr_dot_" + suffix, StateKind::kContinuous,
                      general(SimilarityKind::kDot, SeparationKind::kLogSumRelu, 2.0), p});
+    // The L1 similarity: the gradient sums the rows' signs relative to x.
+    cases.push_back({"softmax_l1_" + suffix, StateKind::kContinuous,
+                     general(SimilarityKind::kNegL1, SeparationKind::kSoftmax, 1.0), p});
+    cases.push_back({"poly3_l1_" + suffix, StateKind::kContinuous,
+                     general(SimilarityKind::kNegL1, SeparationKind::kPolynomial, 1.0), p});
+    cases.push_back({"max_l1_" + suffix, StateKind::kContinuous,
+                     general(SimilarityKind::kNegL1, SeparationKind::kMax, 1.0), p});
+    cases.push_back({"sparsemax_l1_" + suffix, StateKind::kContinuous,
+                     general(SimilarityKind::kNegL1, SeparationKind::kSparsemax, 0.5), p});
+    cases.push_back({"lsr_l1_" + suffix, StateKind::kContinuous,
+                     general(SimilarityKind::kNegL1, SeparationKind::kLogSumRelu, 0.3), p});
   }
   for (Precision p : {Precision::kF32, Precision::kBitPacked}) {
     const std::string suffix = p == Precision::kF32 ? "f32" : "bits";
@@ -550,20 +561,6 @@ TEST(StepPartial, DecayingBankShardsMergeAsTheDefinitions) {
       EXPECT_EQ(batch[1].wsum, parts[0].wsum);
       EXPECT_EQ(batch[1].sum, parts[0].sum);
     }
-  }
-}
-
-TEST(StepPartial, ConfigsWithoutAPartialFormSayUnimplemented) {
-  std::mt19937_64 rng(1);
-  const Bank bank = testing::MakeBank(8, StateKind::kContinuous, testing::RandomGaussian(80, rng));
-  for (SeparationKind sep : {SeparationKind::kSoftmax, SeparationKind::kMax,
-                             SeparationKind::kSparsemax, SeparationKind::kLogSumRelu}) {
-    EnergyConfig e;
-    e.family = EnergyFamily::kGeneral;
-    e.similarity = SimilarityKind::kNegL1;
-    e.separation = sep;
-    auto p = EnergyFunction(e, bank.view()).Partial(bank.pattern(0), true, true);
-    EXPECT_EQ(p.status().code(), absl::StatusCode::kUnimplemented);
   }
 }
 

@@ -81,6 +81,13 @@ std::vector<Family> Families() {
     f.push_back({"lsr_l2_" + suffix, v1::STATE_KIND_CONTINUOUS, p,
                  Energy(v1::ENERGY_FAMILY_GENERAL, 1.5, v1::SIMILARITY_NEG_HALF_SQ_L2,
                         v1::SEPARATION_LOG_SUM_RELU)});
+    // The L1 similarity: gradients from the rows' signs.
+    f.push_back({"softmax_l1_" + suffix, v1::STATE_KIND_CONTINUOUS, p,
+                 Energy(v1::ENERGY_FAMILY_GENERAL, 1.0, v1::SIMILARITY_NEG_L1,
+                        v1::SEPARATION_SOFTMAX)});
+    f.push_back({"sparsemax_l1_" + suffix, v1::STATE_KIND_CONTINUOUS, p,
+                 Energy(v1::ENERGY_FAMILY_GENERAL, 0.5, v1::SIMILARITY_NEG_L1,
+                        v1::SEPARATION_SPARSEMAX)});
   }
   for (v1::Precision p : {v1::PRECISION_F32, v1::PRECISION_BIT_PACKED}) {
     const std::string suffix = p == v1::PRECISION_F32 ? "f32" : "bits";
@@ -288,6 +295,14 @@ TEST_F(RouterTest, ShardedBanksAnswerEnergyAndRetrieveAsOneNode) {
       SCOPED_TRACE(v1::Dynamics_Name(dynamics));
       // Gradient steps leave the hypercube: continuous banks only.
       if (dynamics == v1::DYNAMICS_GRADIENT && f.kind == v1::STATE_KIND_BIPOLAR) continue;
+      // The L1 gradient is a sum of signs: descent ends stepping across the
+      // kinks at pattern coordinates, where a rounding-level difference
+      // flips a sign and moves a coordinate by a whole step (on one node as
+      // through a router). Its gradients are compared at the states above.
+      if (dynamics == v1::DYNAMICS_GRADIENT &&
+          f.energy.similarity() == v1::SIMILARITY_NEG_L1) {
+        continue;
+      }
         v1::RetrieveRequest r;
         r.set_bank(f.name);
         r.mutable_queries()->Add(queries.begin(), queries.end());
@@ -526,6 +541,12 @@ TEST_F(RouterTest, ShardedSamplingEndsWhereANodesDoes) {
     if (f.kind != v1::STATE_KIND_CONTINUOUS || f.precision != v1::PRECISION_F32) continue;
     // The unnormalised polynomial score overflows a node's sampler too.
     if (f.energy.separation() == v1::SEPARATION_POLYNOMIAL) continue;
+    // The L1 score is a weighted sum of signs, discontinuous wherever a
+    // coordinate meets a pattern's: near a memory every step moves each
+    // coordinate by about dsigma / sigma, so a rounding-level difference
+    // parts two trajectories (on one node as through a router). Its
+    // energies, gradients and retrievals are compared above.
+    if (f.energy.similarity() == v1::SIMILARITY_NEG_L1) continue;
     SCOPED_TRACE(f.name);
     Fill(f, rng);
     if (HasFailure()) return;
@@ -1183,17 +1204,6 @@ TEST_F(RouterTest, BadCallsAndAShardDownAreClearErrors) {
     EXPECT_EQ(router_->Energy(&c, e, &out).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   }
   e.mutable_states()->RemoveLast();
-  // An energy with no partial form is refused by the shards.
-  e.mutable_energy()->set_family(v1::ENERGY_FAMILY_GENERAL);
-  e.mutable_energy()->set_similarity(v1::SIMILARITY_NEG_L1);
-  e.mutable_energy()->set_separation(v1::SEPARATION_SOFTMAX);
-  e.mutable_energy()->set_beta(2.0);
-  {
-    grpc::ClientContext c;
-    grpc::Status s = router_->Energy(&c, e, &out);
-    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED) << s.error_message();
-  }
-  e.clear_energy();
   v1::RetrieveRequest r;
   r.set_bank(f.name);
   r.mutable_queries()->Add(e.states().begin(), e.states().end());

@@ -110,17 +110,18 @@ class EnergyFunction {
   // (numbered from `row_offset`); ValueReadoutPartial (readout.h) adds the
   // value readout. The max, log-sum-ReLU, sparsemax and 1.5-entmax
   // separations give their own forms (partials.h; sparsemax and 1.5-entmax
-  // their candidates, for ThresholdPartial). UNIMPLEMENTED for the L1
-  // similarity, which has no partial form. Over a
-  // view with a row prior (decay with age: softmax energies) the partial is
-  // formed in double from the reference similarities and tracks no nearest
-  // row.
+  // their candidates, for ThresholdPartial); with the L1 similarity the
+  // partial also carries the gradient's sign_sum. Over a view with a row
+  // prior (decay with age: softmax energies) the partial is formed in
+  // double from the reference similarities and tracks no nearest row;
+  // UNIMPLEMENTED for a prior under another energy.
   absl::StatusOr<StepPartial> Partial(const float* x, bool with_sum, bool track_nearest,
                                       int64_t row_offset = 0) const;
   // Partial(x_q, with_sum, false) for b states at once (x is b x dim,
   // row-major; `out` receives b partials): the batched pass of
   // UpdateTargetBatch, so equal to the one-state partials up to float
-  // reassociation. The same UNIMPLEMENTED as Partial.
+  // reassociation (the separations' own forms and L1: one state at a
+  // time). The same UNIMPLEMENTED as Partial.
   absl::Status PartialBatch(const float* x, int64_t b, bool with_sum,
                             std::vector<StepPartial>* out) const;
   // A sparsemax or 1.5-entmax energy's second round over this bank's rows:
@@ -161,11 +162,17 @@ class EnergyFunction {
   // accumulator is already in `target` or `grad`.
   void FinishFused(const internal::FusedSums& sums, bool log_domain, const float* x,
                    float* target, float* grad, double* energy) const;
-  // Partial over a view with a row prior (a bank's decay with age): the
-  // reference evaluation's similarities and `rule`'s log-weights in double,
-  // no nearest row; UNIMPLEMENTED for a linear-domain rule.
-  absl::StatusOr<StepPartial> PriorPartial(const float* x, bool with_sum,
-                                           const internal::RowWeights& rule) const;
+  // Partial from the reference evaluation's similarities and `rule`'s
+  // weights in double, no nearest row: over a view with a row prior (a
+  // bank's decay with age; UNIMPLEMENTED for a linear-domain rule), and for
+  // the L1 similarity (with its sign_sum, and its nearest row when
+  // tracked).
+  absl::StatusOr<StepPartial> ReferencePartial(const float* x, bool with_sum,
+                                               const internal::RowWeights& rule,
+                                               bool track_nearest, int64_t row_offset) const;
+  // Tracks the nearest row by Bank::Nearest's key (-|x - xi|^2 / 2) into p,
+  // from this config's similarities s at x where they give it.
+  void TrackNearest(const float* x, const double* s, int64_t row_offset, StepPartial* p) const;
   // Partial for the separations whose weights depend on every row (max,
   // log-sum-ReLU; sparsemax and 1.5-entmax candidates).
   StepPartial WholeRowPartial(const float* x, bool with_sum, bool track_nearest,

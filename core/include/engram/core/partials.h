@@ -34,8 +34,8 @@
 //   all.psi = t.psi;
 //   double e = f.FinishPartial(all, x, target, nullptr);
 //
-// The L1 similarity has no partial form (its gradient is not a weighted
-// sum of the rows).
+// The L1 similarity's gradient is not a weighted sum of the rows but of
+// their signs relative to x: its partials carry that sum too (sign_sum).
 #ifndef ENGRAM_CORE_PARTIALS_H_
 #define ENGRAM_CORE_PARTIALS_H_
 
@@ -70,6 +70,9 @@ struct StepPartial {
   double nearest_key = -INFINITY;  // x.xi - |xi|^2 / 2 - |x|^2 / 2 of that row
   double sq_x = NAN;             // |x|^2 when the pass computed it
   std::vector<float> sum;        // sum_mu (w_mu / scale) xi_mu; empty when not formed
+  // L1 similarity: sum_mu (w_mu / scale) sign(xi_mu - x), the gradient's
+  // sum (dS/dx = sign(xi - x)); formed with `sum`, empty otherwise.
+  std::vector<float> sign_sum;
   // Key -> value banks: the readout over these rows (ValueReadoutPartial in
   // readout.h: for the softmax families normalised over them, and
   // value_log_norm the log of that normaliser, by which the merge reweighs
