@@ -1110,10 +1110,10 @@ grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::Retriev
                                      v1::RetrieveResponse* resp) {
   return Guarded(resp, [&]() -> absl::Status {
     ENGRAM_ASSIGN_OR_RETURN(core::RetrieveOptions opts, OptionsFromProto(req->options()));
-    if (opts.dynamics != core::Dynamics::kSync && opts.dynamics != core::Dynamics::kGradient) {
-      return absl::UnimplementedError(absl::StrCat(
-          "the ", core::DynamicsName(opts.dynamics),
-          " dynamics are not routed to shards yet; use SYNC or GRADIENT, or call a single node"));
+    if (opts.dynamics == core::Dynamics::kTinyBrain) {
+      return absl::UnimplementedError(
+          "the tinybrain dynamics are not routed to shards yet (their memory layer holds a state "
+          "per stored pattern); use SYNC, ASYNC or GRADIENT, or call a single node");
     }
     const auto stop_at = StopBefore(ctx, options_.default_timeout);
     opts.should_stop = [ctx, stop_at] {
@@ -1221,27 +1221,60 @@ grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::Retriev
       }
       return absl::OkStatus();
     }
-    // GRADIENT, as on a node: one query after another, each step one
-    // evaluation (energy and gradient) merged from the shards; no query
-    // starts once the deadline has passed.
+    // GRADIENT and ASYNC, as on a node: one query after another, each
+    // evaluation (GRADIENT: energy and gradient per step; ASYNC: the energy
+    // of each neuron's flip) merged from the shards; no query starts once
+    // the deadline has passed.
     StepStreams streams(this, ctx, first);
     const core::EnergyFunction f = Finisher(cfg, n);
     std::vector<core::StepPartial> merged;
     std::vector<absl::StatusOr<core::Trajectory>> results(count, absl::UnknownError("not run"));
-    auto value_and_gradient = [&](const float* x, float* grad) -> absl::StatusOr<double> {
-      ENGRAM_RETURN_IF_ERROR(streams.Step(x, 1, n, true, false, false, &merged, nullptr));
+    // The merged partial at x, of some rows.
+    auto evaluate = [&](const float* x, bool with_sum) -> absl::Status {
+      ENGRAM_RETURN_IF_ERROR(streams.Step(x, 1, n, with_sum, false, false, &merged, nullptr));
       if (merged[0].rows == 0) {
         return absl::FailedPreconditionError(absl::StrCat(
             "bank '", req->bank(), "' holds no pattern that passes the call's filter (or "
             "none at all); store patterns first"));
       }
+      return absl::OkStatus();
+    };
+    auto value_and_gradient = [&](const float* x, float* grad) -> absl::StatusOr<double> {
+      ENGRAM_RETURN_IF_ERROR(evaluate(x, true));
       return f.FinishPartial(merged[0], x, nullptr, grad);
     };
+    // ASYNC: every flip's energy from the shards (a request per neuron).
+    class ShardFlips : public core::FlipOracle {
+     public:
+      ShardFlips(const decltype(evaluate)& eval, const core::EnergyFunction& f,
+                 const std::vector<core::StepPartial>& merged)
+          : eval_(eval), f_(f), merged_(merged) {}
+      absl::StatusOr<core::KeyedEnergy> Evaluate(const float* x, int) override {
+        ENGRAM_RETURN_IF_ERROR(eval_(x, false));
+        core::KeyedEnergy out;
+        ENGRAM_ASSIGN_OR_RETURN(out.energy, f_.FinishPartial(merged_[0], x, nullptr, nullptr));
+        out.key = out.energy;
+        if (f_.config().family == core::EnergyFamily::kExponential) {
+          // -lse(beta S), which never overflows (E = -exp(lse)).
+          out.key = -(merged_[0].log_scale + std::log(merged_[0].wsum));
+        }
+        return out;
+      }
+      void Accept(int) override {}
+
+     private:
+      const decltype(evaluate)& eval_;
+      const core::EnergyFunction& f_;
+      const std::vector<core::StepPartial>& merged_;
+    };
+    ShardFlips flips(evaluate, f, merged);
     int64_t ran = count;
     for (int64_t q = 0; q < count; ++q) {
-      results[q] = core::RunGradientDynamics(
-          n, cfg, absl::MakeConstSpan(req->queries().data() + q * n, n), clamp_of(q), opts,
-          value_and_gradient);
+      const auto query = absl::MakeConstSpan(req->queries().data() + q * n, n);
+      results[q] = opts.dynamics == core::Dynamics::kAsync
+                       ? core::RunAsyncDynamics(n, query, clamp_of(q), opts, flips)
+                       : core::RunGradientDynamics(n, cfg, query, clamp_of(q), opts,
+                                                   value_and_gradient);
       if (!results[q].ok() || results[q]->stop_reason == core::StopReason::kDeadline) {
         ran = q + 1;
         break;
@@ -1604,16 +1637,12 @@ absl::StatusOr<core::SampleBatch> RouterService::RunSample(
     absl::flat_hash_map<uint64_t, std::string>* payloads) {
   ENGRAM_ASSIGN_OR_RETURN(v1::BankInfo info, Describe(ctx, req->bank()));
   ENGRAM_ASSIGN_OR_RETURN(core::StateKind kind, KindFromProto(info.kind()));
-  if (kind != core::StateKind::kContinuous) {
-    return absl::UnimplementedError(
-        "sampling a bipolar bank is not routed to shards yet (its Glauber sweeps use each "
-        "neuron's exact energy change); call a single node");
-  }
   const int n = static_cast<int>(info.dim());
   const int64_t count = req->count() == 0 ? 1 : req->count();
   ENGRAM_RETURN_IF_ERROR(WithinBatch(count, options_.max_batch, "count"));
   if (!req->query().empty()) {
-    ENGRAM_ASSIGN_OR_RETURN(int64_t rows, CheckVectors(req->query(), n, "query", false));
+    ENGRAM_ASSIGN_OR_RETURN(int64_t rows, CheckVectors(req->query(), n, "query",
+                                                       kind == core::StateKind::kBipolar));
     (void)rows;
   }
   ENGRAM_ASSIGN_OR_RETURN(core::EnergyConfig cfg,
@@ -1666,6 +1695,20 @@ absl::StatusOr<core::SampleBatch> RouterService::RunSample(
       (*payloads)[m.id] = found[j].payload();
     }
     return absl::OkStatus();
+  };
+  // Bipolar banks: each Glauber flip's energy key at the call's own beta
+  // (a level's beta set on the streams stays until another is sent).
+  evaluator.key = [&](const float* x) -> absl::StatusOr<double> {
+    ENGRAM_RETURN_IF_ERROR(
+        streams.Step(x, 1, n, false, false, false, &merged, nullptr, nullptr, cfg.beta));
+    if (merged[0].rows == 0) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "no pattern of bank '", req->bank(), "' passes the filter"));
+    }
+    const core::EnergyFunction f = Finisher(cfg, n);
+    ENGRAM_ASSIGN_OR_RETURN(double e, f.FinishPartial(merged[0], x, nullptr, nullptr));
+    if (cfg.family != core::EnergyFamily::kExponential) return e;
+    return -(merged[0].log_scale + std::log(merged[0].wsum));  // -lse(beta S)
   };
   core::BankSpec spec;
   spec.name = req->bank();

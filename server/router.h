@@ -54,8 +54,9 @@
 // Every energy routes (partials.h: the softmax and linear families' sums,
 // the whole-row separations' forms, sparsemax and 1.5-entmax in two
 // requests per step), and so does Energy's novelty (the reference sample is
-// chosen by id). Not routed yet (UNIMPLEMENTED, naming the call): sampling a
-// bipolar bank, the ASYNC and TINYBRAIN dynamics.
+// chosen by id), ASYNC retrieval and bipolar sampling (each flip's energy
+// merged from the shards). Not routed yet (UNIMPLEMENTED, naming the call):
+// the TINYBRAIN dynamics.
 //
 // Thread-safety: gRPC's synchronous API; calls run concurrently.
 #ifndef ENGRAM_SERVER_ROUTER_H_

@@ -1,5 +1,6 @@
 #include "server/scheduler.h"
 
+#include <pthread.h>
 #include <sched.h>
 
 #include <algorithm>
@@ -64,8 +65,16 @@ Scheduler::Scheduler(SchedulerOptions options, SchedulerHooks hooks)
   if (options_.threads <= 0) options_.threads = AvailableCpus();
   options_.max_queue = std::max<int64_t>(options_.max_queue, 0);
   options_.max_batch_queries = std::max<int64_t>(options_.max_batch_queries, 1);
-  for (int i = 0; i < options_.threads; ++i) executors_.emplace_back([this] { ExecutorLoop(); });
+  // Named for ps / top -H (at most 15 characters): the pool's executors by
+  // its name, its timer "<name>-timer".
+  const std::string timer_name = (options_.name + "-timer").substr(0, 15);
+  const std::string executor_name = options_.name.substr(0, 15);
+  for (int i = 0; i < options_.threads; ++i) {
+    executors_.emplace_back([this] { ExecutorLoop(); });
+    pthread_setname_np(executors_.back().native_handle(), executor_name.c_str());
+  }
   timer_thread_ = std::thread([this] { TimerLoop(); });
+  pthread_setname_np(timer_thread_.native_handle(), timer_name.c_str());
 }
 
 Scheduler::~Scheduler() { Shutdown(); }

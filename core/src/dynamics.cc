@@ -351,81 +351,70 @@ void RunGradient(const EnergyFunction& energy, absl::Span<const float> query,
       .IgnoreError();  // this oracle cannot fail
 }
 
-// Exact energy-difference rule (Krotov-Hopfield 2016): visit unclamped
-// neurons in a seeded random order, flip when the flip strictly lowers E.
-// Overlaps d_mu = xi_mu . sigma are integers kept exactly in double.
+// The async dynamics' evaluations over one bank: overlaps d_mu = xi_mu .
+// sigma are integers kept exactly in double, and a flip changes each by
+// -2 sigma_i xi_mu,i (O(K) per neuron).
+class OverlapFlips : public FlipOracle {
+ public:
+  OverlapFlips(const EnergyFunction& energy, absl::Span<const float> x)
+      : energy_(energy), p_(energy.patterns()), d_(p_.rows, 0.0), d_flip_(p_.rows),
+        s_(p_.rows) {
+    for (int64_t mu = 0; mu < p_.rows; ++mu) {
+      const float* r = p_.row(mu);
+      double acc = 0.0;
+      for (int i = 0; i < p_.dim; ++i) acc += double{r[i]} * x[i];
+      d_[mu] = acc;
+    }
+  }
+
+  absl::StatusOr<KeyedEnergy> Evaluate(const float* x, int flipped) override {
+    if (flipped < 0) return Keyed(d_);
+    // x holds the flipped value: the old sign was -x[flipped].
+    const double two_sigma = -2.0 * x[flipped];
+    for (int64_t mu = 0; mu < p_.rows; ++mu) {
+      d_flip_[mu] = d_[mu] - two_sigma * p_.row(mu)[flipped];
+    }
+    return Keyed(d_flip_);
+  }
+  void Accept(int) override { d_.swap(d_flip_); }
+
+ private:
+  // Energy and a strictly monotone key of it that never overflows.
+  KeyedEnergy Keyed(const std::vector<double>& dd) {
+    const EnergyConfig& cfg = energy_.config();
+    const int n = p_.dim;
+    const int64_t k = p_.rows;
+    const SimilarityKind sim = EffectiveSimilarity(cfg);
+    // Similarity from the exact overlap (patterns and state are +-1).
+    for (int64_t mu = 0; mu < k; ++mu) {
+      switch (sim) {
+        case SimilarityKind::kDot: s_[mu] = dd[mu]; break;
+        case SimilarityKind::kNegHalfSqL2:
+          s_[mu] = dd[mu] - 0.5 * p_.sq_norms[mu] - 0.5 * n; break;
+        case SimilarityKind::kNegL1: s_[mu] = -(n - dd[mu]); break;
+      }
+    }
+    KeyedEnergy out;
+    out.energy = energy_.EnergyFromSimilarities(s_.data(), n, nullptr);
+    out.key = out.energy;
+    if (cfg.family == EnergyFamily::kExponential) {
+      for (int64_t mu = 0; mu < k; ++mu) s_[mu] *= cfg.beta;
+      out.key = -LogSumExp(s_);
+    }
+    return out;
+  }
+
+  const EnergyFunction& energy_;
+  const PatternView& p_;
+  std::vector<double> d_, d_flip_, s_;
+};
+
 void RunAsync(const EnergyFunction& energy, absl::Span<const float> query,
               absl::Span<const bool> clamp, const RetrieveOptions& o,
               Trajectory* t) {
-  const PatternView& p = energy.patterns();
-  const int n = p.dim;
-  const int64_t k = p.rows;
-  const EnergyConfig& cfg = energy.config();
-  const SimilarityKind sim = EffectiveSimilarity(cfg);
-  const bool exponential = cfg.family == EnergyFamily::kExponential;
-  EnergyRecorder rec(t, o.record_trace, true);
-
-  std::vector<float> x(query.begin(), query.end());
-  std::vector<double> d(k, 0.0), s(k), d_flip(k);
-  for (int64_t mu = 0; mu < k; ++mu) {
-    const float* r = p.row(mu);
-    double acc = 0.0;
-    for (int i = 0; i < n; ++i) acc += double{r[i]} * x[i];
-    d[mu] = acc;
-  }
-  // Similarity from the exact overlap (patterns and state are +-1).
-  auto to_similarity = [&](const std::vector<double>& dd) {
-    for (int64_t mu = 0; mu < k; ++mu) {
-      switch (sim) {
-        case SimilarityKind::kDot: s[mu] = dd[mu]; break;
-        case SimilarityKind::kNegHalfSqL2:
-          s[mu] = dd[mu] - 0.5 * p.sq_norms[mu] - 0.5 * n; break;
-        case SimilarityKind::kNegL1: s[mu] = -(n - dd[mu]); break;
-      }
-    }
-  };
-  // Energy and a strictly monotone key of it that never overflows.
-  auto evaluate = [&](const std::vector<double>& dd, double* e) {
-    to_similarity(dd);
-    *e = energy.EnergyFromSimilarities(s.data(), n, nullptr);
-    if (!exponential) return *e;
-    for (int64_t mu = 0; mu < k; ++mu) s[mu] *= cfg.beta;
-    return -LogSumExp(s);
-  };
-
-  double e = 0.0;
-  double key = evaluate(d, &e);
-  rec.Start(e);
-  std::vector<int> order;
-  for (int i = 0; i < n; ++i) {
-    if (!Clamped(clamp, i)) order.push_back(i);
-  }
-  std::mt19937_64 rng(o.seed);
-  while (true) {
-    if (t->steps >= o.max_steps) { t->stop_reason = StopReason::kMaxSteps; break; }
-    if (StopRequested(o)) { t->stop_reason = StopReason::kDeadline; break; }
-    std::shuffle(order.begin(), order.end(), rng);
-    int flips = 0;
-    for (int i : order) {
-      const double two_sigma = 2.0 * x[i];
-      for (int64_t mu = 0; mu < k; ++mu) {
-        d_flip[mu] = d[mu] - two_sigma * p.row(mu)[i];
-      }
-      double e_flip = 0.0;
-      const double key_flip = evaluate(d_flip, &e_flip);
-      if (key_flip < key) {
-        x[i] = -x[i];
-        d.swap(d_flip);
-        key = key_flip;
-        e = e_flip;
-        ++flips;
-      }
-    }
-    ++t->steps;
-    rec.Step(e);
-    if (flips == 0) { t->stop_reason = StopReason::kConverged; break; }
-  }
-  t->state = std::move(x);
+  OverlapFlips flips(energy, query);
+  absl::StatusOr<Trajectory> r = RunAsyncDynamics(energy.dim(), query, clamp, o, flips);
+  *t = *std::move(r);  // this oracle cannot fail
 }
 
 // TinyBrain (survey Eq. 12-16): visible v (Lagrangian |v|^2/2, or
@@ -721,6 +710,43 @@ absl::StatusOr<Trajectory> RunDynamics(const EnergyFunction& energy,
       RunTinyBrain(energy, kind, query, clamp, options, &t);
       break;
   }
+  return t;
+}
+
+absl::StatusOr<Trajectory> RunAsyncDynamics(int dim, absl::Span<const float> query,
+                                            absl::Span<const bool> clamp,
+                                            const RetrieveOptions& o, FlipOracle& oracle) {
+  Trajectory t;
+  EnergyRecorder rec(&t, o.record_trace, true);
+  std::vector<float> x(query.begin(), query.end());
+  ENGRAM_ASSIGN_OR_RETURN(KeyedEnergy now, oracle.Evaluate(x.data(), -1));
+  rec.Start(now.energy);
+  std::vector<int> order;
+  for (int i = 0; i < dim; ++i) {
+    if (!Clamped(clamp, i)) order.push_back(i);
+  }
+  std::mt19937_64 rng(o.seed);
+  while (true) {
+    if (t.steps >= o.max_steps) { t.stop_reason = StopReason::kMaxSteps; break; }
+    if (StopRequested(o)) { t.stop_reason = StopReason::kDeadline; break; }
+    std::shuffle(order.begin(), order.end(), rng);
+    int flips = 0;
+    for (int i : order) {
+      x[i] = -x[i];
+      ENGRAM_ASSIGN_OR_RETURN(const KeyedEnergy flipped, oracle.Evaluate(x.data(), i));
+      if (flipped.key < now.key) {
+        oracle.Accept(i);
+        now = flipped;
+        ++flips;
+      } else {
+        x[i] = -x[i];
+      }
+    }
+    ++t.steps;
+    rec.Step(now.energy);
+    if (flips == 0) { t.stop_reason = StopReason::kConverged; break; }
+  }
+  t.state = std::move(x);
   return t;
 }
 

@@ -87,9 +87,21 @@ uint64_t SplitMix(uint64_t x) {
   return x ^ (x >> 31);
 }
 
+// Single flips of a bipolar state and their change of the energy's key
+// (E itself, or -log(-E) for the exponential family), as the async
+// dynamics compare them.
+class Flipper {
+ public:
+  virtual ~Flipper() = default;
+  // Key change if neuron i of x flips.
+  virtual double FlipDelta(const std::vector<float>& x, int i) = 0;
+  // Flips neuron i of x (the last FlipDelta's).
+  virtual void AcceptFlip(std::vector<float>& x, int i) = 0;
+};
+
 // Exact energy differences of single flips on a bipolar bank (as in the
 // async dynamics): keeps overlaps d_mu = xi_mu . sigma in double.
-class BipolarFlipper {
+class BipolarFlipper : public Flipper {
  public:
   BipolarFlipper(const PatternView& p, const EnergyConfig& c, const std::vector<float>& x)
       : p_(p), c_(c), energy_(c, p), d_(p.rows), d_flip_(p.rows), s_(p.rows) {
@@ -118,13 +130,13 @@ class BipolarFlipper {
     return energy_.EnergyFromSimilarities(s_.data(), n, nullptr);
   }
   // Key change if neuron i flips (computes the flipped overlaps).
-  double FlipDelta(const std::vector<float>& x, int i) {
+  double FlipDelta(const std::vector<float>& x, int i) override {
     const double two = 2.0 * x[i];
     for (int64_t mu = 0; mu < p_.rows; ++mu) d_flip_[mu] = d_[mu] - two * p_.row(mu)[i];
     key_flip_ = Key(d_flip_);
     return key_flip_ - key_;
   }
-  void AcceptFlip(std::vector<float>& x, int i) {
+  void AcceptFlip(std::vector<float>& x, int i) override {
     x[i] = -x[i];
     d_.swap(d_flip_);
     key_ = key_flip_;
@@ -135,6 +147,42 @@ class BipolarFlipper {
   EnergyConfig c_;
   EnergyFunction energy_;
   std::vector<double> d_, d_flip_, s_;
+  double key_ = 0, key_flip_ = 0;
+};
+
+// Flips whose keys come from a SampleEvaluator (a bank's shards): each
+// evaluation is the whole state's key. After a failure (kept in *error)
+// no flip is taken (the change is +inf).
+class RemoteFlipper : public Flipper {
+ public:
+  RemoteFlipper(const SampleEvaluator& remote, const std::vector<float>& x, absl::Status* error)
+      : remote_(remote), error_(error) {
+    key_ = Key(x);
+  }
+  double FlipDelta(const std::vector<float>& x, int i) override {
+    std::vector<float> flipped = x;
+    flipped[i] = -flipped[i];
+    key_flip_ = Key(flipped);
+    return key_flip_ - key_;
+  }
+  void AcceptFlip(std::vector<float>& x, int i) override {
+    x[i] = -x[i];
+    key_ = key_flip_;
+  }
+
+ private:
+  double Key(const std::vector<float>& x) {
+    if (!error_->ok()) return INFINITY;
+    absl::StatusOr<double> k = remote_.key(x.data());
+    if (!k.ok()) {
+      *error_ = k.status();
+      return INFINITY;
+    }
+    return *k;
+  }
+
+  const SampleEvaluator& remote_;
+  absl::Status* error_;
   double key_ = 0, key_flip_ = 0;
 };
 
@@ -267,11 +315,17 @@ class SampleRun {
         kind(bank.spec().kind),
         count(count), query_(query), clamp_(clamp), den(n) {}
   // A run whose evaluations come from `remote` (continuous states).
-  SampleRun(const SampleEvaluator* remote, int dim, const EnergyConfig& energy, int count,
-            absl::Span<const float> query, absl::Span<const bool> clamp, const SampleOptions& o)
-      : p(PatternView{.dim = dim}), energy(energy), o(o), n(dim),
-        kind(StateKind::kContinuous), count(count), remote(remote), query_(query),
-        clamp_(clamp), den(n) {}
+  SampleRun(const SampleEvaluator* remote, int dim, StateKind kind, const EnergyConfig& energy,
+            int count, absl::Span<const float> query, absl::Span<const bool> clamp,
+            const SampleOptions& o)
+      : p(PatternView{.dim = dim}), energy(energy), o(o), n(dim), kind(kind), count(count),
+        remote(remote), query_(query), clamp_(clamp), den(n) {}
+
+  // Flips of bipolar state x over this run's bank, or from `remote`.
+  std::unique_ptr<Flipper> Flips(const std::vector<float>& x) {
+    if (remote != nullptr) return std::make_unique<RemoteFlipper>(*remote, x, &error);
+    return std::make_unique<BipolarFlipper>(p, energy, x);
+  }
 
   // The sample's known values (its query row), or null.
   const float* Query(int b) const {
@@ -490,7 +544,8 @@ void GlauberStep(SampleRun& run, int b, const Level& at) {
   float* x = run.xs[b].data();
   const int n = run.n;
   std::vector<float> xv(x, x + n);
-  BipolarFlipper flipper(run.p, run.energy, xv);
+  std::unique_ptr<Flipper> flips = run.Flips(xv);
+  Flipper& flipper = *flips;
   const double beta = 1.0 / (at.s_cur * at.s_cur);
   std::vector<int> order;
   const bool* c = run.Clamp(b);
@@ -538,7 +593,8 @@ static_assert(static_cast<int>(SamplerKind::kEuler) == 0 &&
 void DescendToFixedPoints(SampleRun& run) {
   for (int b = 0; b < run.count; ++b) {
     std::vector<float>& xv = run.xs[b];
-    BipolarFlipper flipper(run.p, run.energy, xv);
+    std::unique_ptr<Flipper> flips = run.Flips(xv);
+  Flipper& flipper = *flips;
     const bool* c = run.Clamp(b);
     for (int sweep = 0; sweep < 1000; ++sweep) {
       int flips = 0;
@@ -574,6 +630,15 @@ absl::Status DescribeSamples(const Bank* bank, SampleRun& run, double sigma_last
     }
     run.DenoiseStates(states.data(), run.count, sigma_last, dens.data(), energies.data());
     ENGRAM_RETURN_IF_ERROR(run.error);
+  } else if (bank == nullptr) {
+    states.resize(per * run.count);
+    dens.resize(states.size());  // the update targets: not used
+    for (int b = 0; b < run.count; ++b) {
+      std::copy(run.xs[b].begin(), run.xs[b].end(), states.begin() + b * per);
+    }
+    ENGRAM_RETURN_IF_ERROR(run.remote->evaluate(AtSigma(run.energy, sigma_last), states.data(),
+                                                run.count, dens.data(), nullptr,
+                                                energies.data()));
   } else {
     EnergyFunction final_energy(AtSigma(run.energy, sigma_last), run.p);
     for (int b = 0; b < run.count; ++b) energies[b] = final_energy.Value(run.xs[b].data());
@@ -619,7 +684,8 @@ absl::Status DescribeSamples(const Bank* bank, SampleRun& run, double sigma_last
     const bool* c = run.Clamp(b);
     if (run.kind == StateKind::kBipolar) {
       std::vector<float> xv = r.state;
-      BipolarFlipper flipper(run.p, run.energy, xv);
+      std::unique_ptr<Flipper> flips = run.Flips(xv);
+  Flipper& flipper = *flips;
       bool stable = true;
       for (int k = 0; k < n && stable; ++k) {
         if (c != nullptr && c[k]) continue;
@@ -708,7 +774,7 @@ absl::StatusOr<SampleBatch> SampleImpl(const Bank* bank, const SampleEvaluator* 
   std::unique_ptr<SampleRun> run_holder =
       bank != nullptr
           ? std::make_unique<SampleRun>(*bank, energy, count, query, clamp, o)
-          : std::make_unique<SampleRun>(remote, spec.dim, energy, count, query, clamp, o);
+          : std::make_unique<SampleRun>(remote, spec.dim, kind, energy, count, query, clamp, o);
   SampleRun& run = *run_holder;
   run.InitialStates(sig[0]);
   auto record = [&](int step, double sigma, bool force) {
@@ -779,10 +845,9 @@ absl::StatusOr<SampleBatch> SampleWith(const SampleEvaluator& evaluator, const B
                                        int64_t rows, const EnergyConfig& energy, int count,
                                        absl::Span<const float> query,
                                        absl::Span<const bool> clamp, const SampleOptions& o) {
-  if (spec.kind != StateKind::kContinuous) {
+  if (spec.kind == StateKind::kBipolar && !evaluator.key) {
     return absl::UnimplementedError(
-        "sampling a bipolar bank (Glauber sweeps over each neuron's exact energy change) has "
-        "no merged form yet");
+        "sampling a bipolar bank needs each state's energy key from the evaluator");
   }
   if (!o.log_prior.empty()) {
     return absl::UnimplementedError("a bank that decays with age has no partial form yet");

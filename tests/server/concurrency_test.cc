@@ -4,6 +4,7 @@
 // bounded queue, queue deadlines, fixed threads and keyed batches.
 #include <atomic>
 #include <filesystem>
+#include <fstream>
 #include <random>
 #include <thread>
 
@@ -141,9 +142,28 @@ TEST(Concurrency, MixedTrafficOnOneBankSeesWholeBatchesOnly) {
 }
 
 // Threads of this process, from /proc/self/task.
-int ProcessThreads() {
+// Threads of this process named `name` or `name`-timer (a scheduler's pool
+// and timer). Counted by name: a sanitizer's runtime starts threads of its
+// own at times of its choosing.
+int PoolThreads(const std::string& name) {
   int n = 0;
-  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator("/proc/self/task")) ++n;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream comm(e.path() / "comm");
+    std::string line;
+    std::getline(comm, line);
+    n += line == name || line == name + "-timer";
+  }
+  return n;
+}
+
+// PoolThreads once it reaches `want`, waiting up to 5 s: a joined thread's
+// /proc entry may outlive the join by a moment.
+int PoolThreadsSettled(const std::string& name, int want) {
+  int n = PoolThreads(name);
+  for (int spin = 0; n != want && spin < 500; ++spin) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    n = PoolThreads(name);
+  }
   return n;
 }
 
@@ -188,11 +208,11 @@ class ProbeTask : public Scheduler::Task {
 // P + 1 (the timer) whatever the load, none per call.
 TEST(Scheduler, FullQueueRejectsTheExcessAtOnceWithFixedThreads) {
   constexpr int kPool = 3, kQueue = 5, kExcess = 40;
-  const int before = ProcessThreads();
+  EXPECT_EQ(PoolThreads("probe"), 0);
   Probe probe;
   {
-    Scheduler scheduler({.threads = kPool, .max_queue = kQueue});
-    EXPECT_EQ(ProcessThreads(), before + kPool + 1);
+    Scheduler scheduler({.name = "probe", .threads = kPool, .max_queue = kQueue});
+    EXPECT_EQ(PoolThreads("probe"), kPool + 1);
     for (int i = 0; i < kPool; ++i) scheduler.Submit(std::make_unique<ProbeTask>(&probe, true));
     for (int spin = 0; probe.running.load() < kPool && spin < 20000; ++spin) {
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
@@ -203,7 +223,7 @@ TEST(Scheduler, FullQueueRejectsTheExcessAtOnceWithFixedThreads) {
     for (int i = 0; i < kExcess; ++i) scheduler.Submit(std::make_unique<ProbeTask>(&probe, false));
     // Rejected inside Submit: no waiting needed.
     EXPECT_EQ(probe.rejected.load(), kExcess);
-    EXPECT_EQ(ProcessThreads(), before + kPool + 1);
+    EXPECT_EQ(PoolThreads("probe"), kPool + 1);
     probe.Open();
     for (int spin = 0; probe.ran.load() < kPool + kQueue && spin < 20000; ++spin) {
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
@@ -212,7 +232,7 @@ TEST(Scheduler, FullQueueRejectsTheExcessAtOnceWithFixedThreads) {
     core::MutexLock lock(&probe.mu);
     for (absl::StatusCode c : probe.codes) EXPECT_EQ(c, absl::StatusCode::kResourceExhausted);
   }
-  EXPECT_EQ(ProcessThreads(), before);
+  EXPECT_EQ(PoolThreadsSettled("probe", 0), 0);
 }
 
 // A call whose queue deadline passes while every executor is busy is

@@ -198,12 +198,14 @@ class RouterTest : public ::testing::Test {
   }
 
   // Queries near stored patterns (bipolar: a few flips).
-  // The same Energy call on the single node and through the router, both OK.
-  void EnergyBoth(const v1::EnergyRequest& e, v1::EnergyResponse* one,
-                  v1::EnergyResponse* sharded) {
+  // The same call on the single node and through the router, both OK.
+  template <typename Req, typename Resp>
+  void Both(grpc::Status (v1::MemoryService::Stub::*call)(grpc::ClientContext*, const Req&,
+                                                         Resp*),
+            const Req& req, Resp* one, Resp* sharded) {
     for (auto [stub, out] : {std::pair{whole_.get(), one}, std::pair{router_.get(), sharded}}) {
       grpc::ClientContext c;
-      grpc::Status s = stub->Energy(&c, e, out);
+      grpc::Status s = (stub->*call)(&c, req, out);
       ASSERT_TRUE(s.ok()) << s.error_message();
     }
   }
@@ -277,7 +279,7 @@ TEST_F(RouterTest, ShardedBanksAnswerEnergyAndRetrieveAsOneNode) {
       e.set_return_gradient(true);
       *e.mutable_filter() = filter;
       v1::EnergyResponse one, sharded;
-      ASSERT_NO_FATAL_FAILURE(EnergyBoth(e, &one, &sharded));
+      ASSERT_NO_FATAL_FAILURE(Both(&v1::MemoryService::Stub::Energy, e, &one, &sharded));
       ASSERT_EQ(sharded.energies_size(), one.energies_size());
       for (int j = 0; j < one.energies_size(); ++j) {
         EXPECT_NEAR(sharded.energies(j), one.energies(j), Tol(one.energies(j))) << "state " << j;
@@ -291,10 +293,13 @@ TEST_F(RouterTest, ShardedBanksAnswerEnergyAndRetrieveAsOneNode) {
         EXPECT_NEAR(sharded.values(j), one.values(j), Tol(one.values(j))) << j;
       }
 
-      for (v1::Dynamics dynamics : {v1::DYNAMICS_SYNC, v1::DYNAMICS_GRADIENT}) {
+      for (v1::Dynamics dynamics :
+           {v1::DYNAMICS_SYNC, v1::DYNAMICS_GRADIENT, v1::DYNAMICS_ASYNC}) {
       SCOPED_TRACE(v1::Dynamics_Name(dynamics));
-      // Gradient steps leave the hypercube: continuous banks only.
+      // Gradient steps leave the hypercube: continuous banks only; async
+      // flips are for bipolar banks only.
       if (dynamics == v1::DYNAMICS_GRADIENT && f.kind == v1::STATE_KIND_BIPOLAR) continue;
+      if (dynamics == v1::DYNAMICS_ASYNC && f.kind != v1::STATE_KIND_BIPOLAR) continue;
       // The L1 gradient is a sum of signs: descent ends stepping across the
       // kinks at pattern coordinates, where a rounding-level difference
       // flips a sign and moves a coordinate by a whole step (on one node as
@@ -569,16 +574,7 @@ TEST_F(RouterTest, ShardedSamplingEndsWhereANodesDoes) {
         req.set_sigma_start(0.5);
       }
       v1::SampleResponse one, sharded;
-      {
-        grpc::ClientContext c;
-        grpc::Status s = whole_->Sample(&c, req, &one);
-        ASSERT_TRUE(s.ok()) << s.error_message();
-      }
-      {
-        grpc::ClientContext c;
-        grpc::Status s = router_->Sample(&c, req, &sharded);
-        ASSERT_TRUE(s.ok()) << s.error_message();
-      }
+      ASSERT_NO_FATAL_FAILURE(Both(&v1::MemoryService::Stub::Sample, req, &one, &sharded));
       ASSERT_EQ(sharded.samples_size(), one.samples_size());
       for (int b = 0; b < one.samples_size(); ++b) {
         const v1::SampleResult& a = one.samples(b);
@@ -596,14 +592,58 @@ TEST_F(RouterTest, ShardedSamplingEndsWhereANodesDoes) {
       }
     }
   }
-  // A bipolar bank is refused, not sampled differently.
-  const Family bipolar = Families().back();
-  Fill(bipolar, rng);
-  v1::SampleRequest req;
-  req.set_bank(bipolar.name);
-  v1::SampleResponse out;
-  grpc::ClientContext c;
-  EXPECT_EQ(router_->Sample(&c, req, &out).error_code(), grpc::StatusCode::UNIMPLEMENTED);
+}
+
+// Sampling a bipolar bank through the router (annealed associative memory:
+// Glauber sweeps, then descent to a fixed point) takes every flip's energy
+// from the shards, with the node's draws: the same samples, bit for bit, on
+// the same memories with the same classes, for families whose energies are
+// exact integers (classical) and not (lse, exponential, softmax).
+TEST_F(RouterTest, ShardedBipolarSamplingFlipsAsANodeDoes) {
+  std::mt19937_64 rng(41);
+  for (const Family& f : Families()) {
+    if (f.kind != v1::STATE_KIND_BIPOLAR) continue;
+    if (f.energy.family() == v1::ENERGY_FAMILY_POLYNOMIAL) continue;  // as classical
+    SCOPED_TRACE(f.name);
+    Fill(f, rng);
+    if (HasFailure()) return;
+    const std::vector<float> q = Queries(f, 1, rng);
+    for (bool completion : {false, true}) {
+      SCOPED_TRACE(completion ? "completion" : "from noise");
+      v1::SampleRequest req;
+      req.set_bank(f.name);
+      req.set_count(3);
+      req.set_seed(7);
+      req.set_sampler(v1::SAMPLER_ANNEALED_AM);
+      req.mutable_schedule()->set_steps(5);
+      req.mutable_schedule()->set_sigma_min(0.3);
+      req.mutable_schedule()->set_sigma_max(3.0);
+      if (completion) {
+        // The first half known, held.
+        req.mutable_query()->Add(q.begin(), q.end());
+        for (int i = 0; i < kDim; ++i) req.add_clamp(i < kDim / 2);
+      }
+      v1::SampleResponse one, sharded;
+      ASSERT_NO_FATAL_FAILURE(Both(&v1::MemoryService::Stub::Sample, req, &one, &sharded));
+      ASSERT_EQ(sharded.samples_size(), one.samples_size());
+      for (int b = 0; b < one.samples_size(); ++b) {
+        const v1::SampleResult& a = one.samples(b);
+        const v1::SampleResult& r = sharded.samples(b);
+        SCOPED_TRACE("sample " + std::to_string(b));
+        ASSERT_EQ(r.state_size(), a.state_size());
+        for (int i = 0; i < a.state_size(); ++i) EXPECT_EQ(r.state(i), a.state(i)) << i;
+        // Hamming distances tie often: a node takes the first tied row in
+        // its order, a router the first shard's; either is at the distance.
+        EXPECT_EQ(r.nearest().distance(), a.nearest().distance());
+        if (r.nearest().id() == a.nearest().id()) {
+          EXPECT_EQ(r.nearest().payload(), a.nearest().payload());
+        }
+        EXPECT_NEAR(r.energy(), a.energy(), 1e-6 * std::max(1.0, std::abs(a.energy())));
+        EXPECT_EQ(r.sample_class(), a.sample_class());
+        EXPECT_EQ(r.fixed_point(), a.fixed_point());
+      }
+    }
+  }
 }
 
 // SampleStream through the router sends a node's frames: the same steps,
@@ -946,7 +986,7 @@ TEST_F(RouterTest, NoveltyRanksAmongTheNodesReferenceSample) {
         cond->mutable_int_any_of()->add_values(1);
       }
       v1::EnergyResponse one, sharded;
-      ASSERT_NO_FATAL_FAILURE(EnergyBoth(e, &one, &sharded));
+      ASSERT_NO_FATAL_FAILURE(Both(&v1::MemoryService::Stub::Energy, e, &one, &sharded));
       ASSERT_EQ(sharded.novelty_size(), one.novelty_size());
       ASSERT_EQ(one.novelty_size(), static_cast<int>(states.size() / kDim));
       bool spread = false;

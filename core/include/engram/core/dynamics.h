@@ -105,6 +105,34 @@ absl::StatusOr<Trajectory> RunGradientDynamics(int dim, const EnergyConfig& conf
                                                const RetrieveOptions& options,
                                                const GradientOracle& value_and_gradient);
 
+// A bipolar state's energy for the async dynamics, and a strictly monotone
+// key of it that never overflows (the energy itself, but -lse(beta S) for
+// the exponential family).
+struct KeyedEnergy {
+  double key = 0.0;
+  double energy = 0.0;
+};
+
+// Where the async dynamics' evaluations come from: one bank's overlaps, or
+// a bank's shards merged.
+class FlipOracle {
+ public:
+  virtual ~FlipOracle() = default;
+  // The energy at x, which is the current state (flipped = -1) or the
+  // current state with neuron `flipped` flipped.
+  virtual absl::StatusOr<KeyedEnergy> Evaluate(const float* x, int flipped) = 0;
+  // The last evaluated flip is kept: x is the current state from now on.
+  virtual void Accept(int flipped) = 0;
+};
+
+// The ASYNC dynamics of RunDynamics (the exact energy-difference rule:
+// unclamped neurons in a seeded random order each sweep, a flip kept when
+// it strictly lowers the key) from `query` (dim values +-1), with its
+// evaluations from `oracle`. A failed evaluation is returned.
+absl::StatusOr<Trajectory> RunAsyncDynamics(int dim, absl::Span<const float> query,
+                                            absl::Span<const bool> clamp,
+                                            const RetrieveOptions& options, FlipOracle& oracle);
+
 // The sync step of a bipolar bank under a non-general family (classical,
 // polynomial, exponential, lse, gaussian; dot or L2 similarity) gives each
 // neuron the sign of its Krotov-Hopfield drive, the lower energy with every

@@ -120,7 +120,10 @@ absl::StatusOr<SampleBatch> Sample(const Bank& bank, const EnergyConfig& energy,
 // non-null; b x dim floats) of b states under `config` (the call's energy
 // at a level's sigma), as EnergyFunction would over the whole bank;
 // `nearest` gives each of b states' nearest stored memory (Bank::Nearest)
-// and that memory's norm |xi|. A failure ends the call with its status.
+// and that memory's norm |xi|; on bipolar banks `key` gives a state's
+// energy under the call's energy, or -lse(beta S) for the exponential
+// family (a monotone key of it), which the Glauber sweeps and the descent
+// to a fixed point compare. A failure ends the call with its status.
 struct SampleEvaluator {
   std::function<absl::Status(const EnergyConfig& config, const float* x, int64_t b,
                              float* targets, float* grads, double* energies)>
@@ -128,12 +131,14 @@ struct SampleEvaluator {
   std::function<absl::Status(const float* x, int64_t b, std::vector<NearestMemory>* nearest,
                              std::vector<double>* norms)>
       nearest;
+  std::function<absl::StatusOr<double>(const float* x)> key;
 };
 
-// Sample over a continuous bank described by `spec` holding `rows` rows,
-// whose evaluations come from `evaluator`: the same samplers, draws and
+// Sample over a bank described by `spec` holding `rows` rows, whose
+// evaluations come from `evaluator`: the same samplers, draws and
 // description as Sample, so the same samples for the same seed up to float
-// reassociation. UNIMPLEMENTED for bipolar banks and a log_prior.
+// reassociation (a bipolar bank's every flip evaluated remotely).
+// UNIMPLEMENTED for a log_prior, and for a bipolar bank without `key`.
 absl::StatusOr<SampleBatch> SampleWith(const SampleEvaluator& evaluator, const BankSpec& spec,
                                        int64_t rows, const EnergyConfig& energy, int count,
                                        absl::Span<const float> query,
