@@ -34,10 +34,6 @@
 namespace engram::server {
 namespace {
 
-grpc::Status Unimplemented(const std::string& what) {
-  return grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
-                      absl::StrCat(what, " is not routed to shards yet; call a single node"));
-}
 
 core::StepPartial PartialFromProto(const shard::v1::Partial& p) {
   core::StepPartial out;
@@ -182,6 +178,44 @@ class RouterService::StepStreams {
     all_current_ = false;
     if (!failure_.ok()) return failure_;
     ++requests_;
+    return StepFrom(Open(), x, b, dim, with_sum, with_value, with_nearest, merged, nearest,
+                    nearest_norms, level_beta, drives);
+  }
+
+  // The TINYBRAIN memory layer's merged partial at each of b visible states
+  // (b x dim), started (`start`) or moved on, and each state's largest
+  // memory step from there over every shard.
+  absl::Status TinyBrainStep(const float* x, int64_t b, int dim, bool start, double rh,
+                             std::vector<core::StepPartial>* merged,
+                             std::vector<double>* step_max) {
+    if (!failure_.ok()) return failure_;
+    shard::v1::StepRequest req = Open();
+    req.mutable_states()->Add(x, x + b * dim);
+    req.mutable_tinybrain()->set_start(start);
+    req.mutable_tinybrain()->set_rh(rh);
+    std::vector<shard::v1::StepReply> replies;
+    ENGRAM_RETURN_IF_ERROR(Exchange(req, b, dim, false, &replies));
+    const int s = router_->shards();
+    merged->resize(b);
+    step_max->assign(b, 0.0);
+    std::vector<core::StepPartial> parts(s);
+    for (int64_t j = 0; j < b; ++j) {
+      for (int i = 0; i < s; ++i) {
+        if (replies[i].memory_step_max_size() != b) {
+          return absl::InternalError(absl::StrCat("shard ", i, " answered no memory steps"));
+        }
+        parts[i] = PartialFromProto(replies[i].partials(static_cast<int>(j)));
+        const double m = replies[i].memory_step_max(static_cast<int>(j));
+        (*step_max)[j] = std::isnan(m) ? INFINITY : std::max((*step_max)[j], m);
+      }
+      ENGRAM_ASSIGN_OR_RETURN((*merged)[j], core::MergeStepPartials(parts));
+    }
+    return absl::OkStatus();
+  }
+
+  // Steps' plumbing: the streams opened on the first request, which
+  // carries the call's first fields (bank, energy, filter, time).
+  shard::v1::StepRequest Open() {
     shard::v1::StepRequest req;
     if (streams_.empty()) {
       req = first_;
@@ -205,6 +239,15 @@ class RouterService::StepStreams {
         streams_.push_back(router_->shards_[i].steps->Steps(contexts_.back().get()));
       }
     }
+    return req;
+  }
+
+  // Step's request after Open: the states and what to answer.
+  absl::Status StepFrom(shard::v1::StepRequest req, const float* x, int64_t b, int dim,
+                        bool with_sum, bool with_value, bool with_nearest,
+                        std::vector<core::StepPartial>* merged, std::vector<v1::Memory>* nearest,
+                        std::vector<double>* nearest_norms, double level_beta,
+                        std::vector<core::StepPartial>* drives) {
     req.mutable_states()->Add(x, x + b * dim);
     req.set_with_sum(with_sum);
     req.set_with_value(with_value);
@@ -1110,11 +1153,6 @@ grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::Retriev
                                      v1::RetrieveResponse* resp) {
   return Guarded(resp, [&]() -> absl::Status {
     ENGRAM_ASSIGN_OR_RETURN(core::RetrieveOptions opts, OptionsFromProto(req->options()));
-    if (opts.dynamics == core::Dynamics::kTinyBrain) {
-      return absl::UnimplementedError(
-          "the tinybrain dynamics are not routed to shards yet (their memory layer holds a state "
-          "per stored pattern); use SYNC, ASYNC or GRADIENT, or call a single node");
-    }
     const auto stop_at = StopBefore(ctx, options_.default_timeout);
     opts.should_stop = [ctx, stop_at] {
       return ctx->IsCancelled() || std::chrono::system_clock::now() > stop_at;
@@ -1221,9 +1259,10 @@ grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::Retriev
       }
       return absl::OkStatus();
     }
-    // GRADIENT and ASYNC, as on a node: one query after another, each
-    // evaluation (GRADIENT: energy and gradient per step; ASYNC: the energy
-    // of each neuron's flip) merged from the shards; no query starts once
+    // GRADIENT, ASYNC and TINYBRAIN, as on a node: one query after
+    // another, each evaluation (GRADIENT: energy and gradient per step;
+    // ASYNC: the energy of each neuron's flip; TINYBRAIN: the memory
+    // layer's sums per step) merged from the shards; no query starts once
     // the deadline has passed.
     StepStreams streams(this, ctx, first);
     const core::EnergyFunction f = Finisher(cfg, n);
@@ -1268,13 +1307,37 @@ grpc::Status RouterService::Retrieve(grpc::ServerContext* ctx, const v1::Retriev
       const std::vector<core::StepPartial>& merged_;
     };
     ShardFlips flips(evaluate, f, merged);
+    // TINYBRAIN: each shard keeps its rows' memory layer on its stream.
+    std::vector<double> step_max;
+    auto memory = [&](const float* v, bool start, core::StepPartial* out,
+                      double* max) -> absl::Status {
+      ENGRAM_RETURN_IF_ERROR(
+          streams.TinyBrainStep(v, 1, n, start, opts.dt / opts.tau_h, &merged, &step_max));
+      if (merged[0].rows == 0) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "bank '", req->bank(), "' holds no pattern that passes the call's filter (or "
+            "none at all); store patterns first"));
+      }
+      *out = merged[0];
+      *max = step_max[0];
+      return absl::OkStatus();
+    };
     int64_t ran = count;
     for (int64_t q = 0; q < count; ++q) {
       const auto query = absl::MakeConstSpan(req->queries().data() + q * n, n);
-      results[q] = opts.dynamics == core::Dynamics::kAsync
-                       ? core::RunAsyncDynamics(n, query, clamp_of(q), opts, flips)
-                       : core::RunGradientDynamics(n, cfg, query, clamp_of(q), opts,
-                                                   value_and_gradient);
+      switch (opts.dynamics) {
+        case core::Dynamics::kAsync:
+          results[q] = core::RunAsyncDynamics(n, query, clamp_of(q), opts, flips);
+          break;
+        case core::Dynamics::kTinyBrain:
+          results[q] =
+              core::RunTinyBrainDynamics(n, kind, cfg, query, clamp_of(q), opts, memory);
+          break;
+        default:
+          results[q] = core::RunGradientDynamics(n, cfg, query, clamp_of(q), opts,
+                                                 value_and_gradient);
+          break;
+      }
       if (!results[q].ok() || results[q]->stop_reason == core::StopReason::kDeadline) {
         ran = q + 1;
         break;

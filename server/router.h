@@ -55,8 +55,8 @@
 // the whole-row separations' forms, sparsemax and 1.5-entmax in two
 // requests per step), and so does Energy's novelty (the reference sample is
 // chosen by id), ASYNC retrieval and bipolar sampling (each flip's energy
-// merged from the shards). Not routed yet (UNIMPLEMENTED, naming the call):
-// the TINYBRAIN dynamics.
+// merged from the shards) and TINYBRAIN (each shard keeps its rows' memory
+// layer on the call's stream).
 //
 // Thread-safety: gRPC's synchronous API; calls run concurrently.
 #ifndef ENGRAM_SERVER_ROUTER_H_

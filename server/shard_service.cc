@@ -83,6 +83,38 @@ absl::Status AnswerThresholds(const core::Bank& bank, const core::EnergyFunction
   return absl::OkStatus();
 }
 
+// A TINYBRAIN request: each state's memory layer partial at its visible
+// state, the memories started on `start` and moved on otherwise.
+absl::Status AnswerTinyBrain(const core::Bank& bank, const core::EnergyFunction& energy,
+                             const shard::v1::StepRequest& req, int64_t max_batch,
+                             std::vector<std::unique_ptr<core::TinyBrainMemory>>* memories,
+                             shard::v1::StepReply* reply) {
+  const int n = bank.dim();
+  ENGRAM_ASSIGN_OR_RETURN(const int64_t b, CountStates(req, n, max_batch));
+  reply->set_dim(static_cast<uint32_t>(n));
+  const double rh = req.tinybrain().rh();
+  if (req.tinybrain().start()) {
+    if (!(rh > 0.0) || !std::isfinite(rh)) {
+      return absl::InvalidArgumentError("tinybrain.rh must be positive and finite");
+    }
+    memories->clear();
+    for (int64_t q = 0; q < b; ++q) {
+      memories->push_back(
+          std::make_unique<core::TinyBrainMemory>(energy, bank.spec().kind, rh));
+    }
+  } else if (static_cast<int64_t>(memories->size()) != b) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tinybrain continues ", memories->size(), " memories with ", b, " states"));
+  }
+  for (int64_t q = 0; q < b; ++q) {
+    double step_max = 0.0;
+    const core::StepPartial p = (*memories)[q]->At(req.states().data() + q * n, &step_max);
+    PartialToProto(p, reply->add_partials());
+    reply->add_memory_step_max(step_max);
+  }
+  return absl::OkStatus();
+}
+
 // One request's reply from `bank` under `energy`.
 absl::Status Answer(const core::Bank& bank, const core::EnergyFunction& energy,
                     const shard::v1::StepRequest& req, int64_t max_batch,
@@ -179,16 +211,24 @@ absl::Status ShardServiceImpl::Serve(
   if (!prior.empty()) view.log_prior = prior.data();
   core::EnergyConfig cfg = read.energy;
   auto energy = std::make_unique<core::EnergyFunction>(cfg, view);
+  // TINYBRAIN: each state's memory layer, kept between the stream's requests.
+  std::vector<std::unique_ptr<core::TinyBrainMemory>> memories;
   do {
     if (req->level_beta() > 0.0 && req->level_beta() != cfg.beta) {
       if (!std::isfinite(req->level_beta())) {
         return absl::InvalidArgumentError("level_beta is not finite");
       }
       cfg.beta = req->level_beta();
+      memories.clear();  // they refer to the energy replaced here
       energy = std::make_unique<core::EnergyFunction>(cfg, view);
     }
     shard::v1::StepReply reply;
-    ENGRAM_RETURN_IF_ERROR(Answer(bank, *energy, *req, max_batch_, &reply));
+    if (req->has_tinybrain()) {
+      ENGRAM_RETURN_IF_ERROR(
+          AnswerTinyBrain(bank, *energy, *req, max_batch_, &memories, &reply));
+    } else {
+      ENGRAM_RETURN_IF_ERROR(Answer(bank, *energy, *req, max_batch_, &reply));
+    }
     reply.set_current(read.current());
     if (!stream->Write(reply)) return absl::CancelledError("the router closed the stream");
   } while (stream->Read(req));

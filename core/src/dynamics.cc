@@ -417,132 +417,16 @@ void RunAsync(const EnergyFunction& energy, absl::Span<const float> query,
   *t = *std::move(r);  // this oracle cannot fail
 }
 
-// TinyBrain (survey Eq. 12-16): visible v (Lagrangian |v|^2/2, or
-// sum log cosh v for bipolar banks), memory h with a convex Lagrangian
-// chosen by the energy family, synapse W = Xi.
-class TinyBrain {
- public:
-  TinyBrain(const EnergyFunction& energy, StateKind kind)
-      : p_(energy.patterns()), cfg_(energy.config()), kind_(kind),
-        xi_(p_.data, p_.rows, p_.dim) {}
-
-  void VisibleActivation(const Eigen::VectorXf& v, Eigen::VectorXf* vh) const {
-    if (kind_ == StateKind::kBipolar) {
-      *vh = v.array().tanh();
-    } else {
-      *vh = v;
-    }
-  }
-  // Writes h_hat; returns the memory layer energy h_hat.h - L_h(h).
-  double MemoryActivation(const Eigen::VectorXf& h, Eigen::VectorXf* hh) const {
-    const int64_t k = h.size();
-    hh->resize(k);
-    switch (cfg_.family) {
-      case EnergyFamily::kClassical:
-        *hh = h;
-        return 0.5 * h.cast<double>().squaredNorm();
-      case EnergyFamily::kPolynomial: {
-        const int n = cfg_.degree;
-        double layer = 0.0;
-        for (int64_t mu = 0; mu < k; ++mu) {
-          const double r = std::max(0.0, double{h[mu]});
-          (*hh)[mu] = static_cast<float>(std::pow(r, n - 1));
-          layer += (1.0 - 1.0 / n) * std::pow(r, n);
-        }
-        return layer;
-      }
-      default: {
-        std::vector<double> bh(k), w(k);
-        for (int64_t mu = 0; mu < k; ++mu) bh[mu] = cfg_.beta * h[mu];
-        const double lse = LogSumExp(bh);
-        double dot = 0.0;
-        for (int64_t mu = 0; mu < k; ++mu) {
-          w[mu] = std::exp(bh[mu] - lse);
-          (*hh)[mu] = static_cast<float>(w[mu]);
-          dot += w[mu] * h[mu];
-        }
-        return dot - lse / cfg_.beta;
-      }
-    }
-  }
-  double VisibleLayerEnergy(const Eigen::VectorXf& v) const {
-    if (kind_ == StateKind::kBipolar) {
-      double e = 0.0;
-      for (int i = 0; i < v.size(); ++i) {
-        const double a = v[i];
-        // v tanh v - log cosh v, with a stable log cosh.
-        const double logcosh = std::fabs(a) + std::log1p(std::exp(-2 * std::fabs(a))) - std::log(2.0);
-        e += a * std::tanh(a) - logcosh;
-      }
-      return e;
-    }
-    return 0.5 * v.cast<double>().squaredNorm();
-  }
-  // Eq. 14 system energy; also returns activations.
-  double Energy(const Eigen::VectorXf& v, const Eigen::VectorXf& h,
-                Eigen::VectorXf* vh, Eigen::VectorXf* hh) const {
-    VisibleActivation(v, vh);
-    const double em = MemoryActivation(h, hh);
-    const double synapse = -double{hh->dot(xi_ * *vh)};
-    return VisibleLayerEnergy(v) + em + synapse;
-  }
-
-  const Eigen::Map<const RowMajorMatrix>& xi() const { return xi_; }
-
- private:
-  PatternView p_;
-  EnergyConfig cfg_;
-  StateKind kind_;
-  Eigen::Map<const RowMajorMatrix> xi_;
-};
-
 void RunTinyBrain(const EnergyFunction& energy, StateKind kind,
                   absl::Span<const float> query, absl::Span<const bool> clamp,
                   const RetrieveOptions& o, Trajectory* t) {
-  const int n = energy.dim();
-  TinyBrain brain(energy, kind);
-  EnergyRecorder rec(t, o.record_trace,
-                     GuaranteesDescent(Dynamics::kTinyBrain, energy.config()));
-  Eigen::VectorXf v = Eigen::Map<const Eigen::VectorXf>(query.data(), n);
-  Eigen::VectorXf vh, hh;
-  brain.VisibleActivation(v, &vh);
-  Eigen::VectorXf h = brain.xi() * vh;  // memory starts at equilibrium with v
-  rec.Start(brain.Energy(v, h, &vh, &hh));
-  const float rv = static_cast<float>(o.dt / o.tau_v);
-  const float rh = static_cast<float>(o.dt / o.tau_h);
-  while (true) {
-    if (t->steps >= o.max_steps) { t->stop_reason = StopReason::kMaxSteps; break; }
-    if (StopRequested(o)) { t->stop_reason = StopReason::kDeadline; break; }
-    Eigen::VectorXf dv = rv * (brain.xi().transpose() * hh - v);
-    Eigen::VectorXf dh = rh * (brain.xi() * vh - h);
-    for (int i = 0; i < n; ++i) {
-      if (Clamped(clamp, i)) dv[i] = 0.f;
-    }
-    Eigen::VectorXf v_next = v + dv, h_next = h + dh;
-    Eigen::VectorXf vh_next, hh_next;
-    const double e_next = brain.Energy(v_next, h_next, &vh_next, &hh_next);
-    if (!v_next.allFinite() || !h_next.allFinite() || !std::isfinite(e_next)) {
-      t->stop_reason = StopReason::kDiverged;
-      break;
-    }
-    v.swap(v_next);
-    h.swap(h_next);
-    vh.swap(vh_next);
-    hh.swap(hh_next);
-    ++t->steps;
-    rec.Step(e_next);
-    const double delta = std::max(dv.size() ? dv.cwiseAbs().maxCoeff() : 0.f,
-                                  dh.size() ? dh.cwiseAbs().maxCoeff() : 0.f);
-    if (delta < o.tol) { t->stop_reason = StopReason::kConverged; break; }
-  }
-  t->state.resize(n);
-  for (int i = 0; i < n; ++i) {
-    if (kind == StateKind::kBipolar) {
-      t->state[i] = v[i] > 0 ? 1.f : (v[i] < 0 ? -1.f : query[i]);
-    } else {
-      t->state[i] = v[i];
-    }
-  }
+  TinyBrainMemory memory(energy, kind, o.dt / o.tau_h);
+  auto oracle = [&](const float* v, bool, StepPartial* merged, double* step_max) {
+    *merged = memory.At(v, step_max);
+    return absl::OkStatus();
+  };
+  *t = *RunTinyBrainDynamics(energy.dim(), kind, energy.config(), query, clamp, o,
+                             oracle);  // this oracle cannot fail
 }
 
 }  // namespace
@@ -709,6 +593,168 @@ absl::StatusOr<Trajectory> RunDynamics(const EnergyFunction& energy,
     case Dynamics::kTinyBrain:
       RunTinyBrain(energy, kind, query, clamp, options, &t);
       break;
+  }
+  return t;
+}
+
+namespace {
+
+// TinyBrain's memory activation: identity (classical), [h]_+^(n-1)
+// (polynomial), softmax(beta h) for the others.
+bool SoftmaxMemory(const EnergyConfig& c) {
+  return c.family != EnergyFamily::kClassical && c.family != EnergyFamily::kPolynomial;
+}
+
+// The visible layer's energy: |v|^2 / 2, or sum v tanh v - log cosh v for
+// bipolar banks (tanh visible units).
+double VisibleLayerEnergy(StateKind kind, const float* v, int n) {
+  double e = 0.0;
+  for (int i = 0; i < n; ++i) {
+    const double a = v[i];
+    if (kind != StateKind::kBipolar) {
+      e += 0.5 * a * a;
+      continue;
+    }
+    // A stable log cosh.
+    const double logcosh = std::fabs(a) + std::log1p(std::exp(-2 * std::fabs(a))) - std::log(2.0);
+    e += a * std::tanh(a) - logcosh;
+  }
+  return e;
+}
+
+}  // namespace
+
+TinyBrainMemory::TinyBrainMemory(const EnergyFunction& energy, StateKind kind, double rh)
+    : energy_(energy), kind_(kind), rh_(static_cast<float>(rh)) {}
+
+StepPartial TinyBrainMemory::At(const float* v, double* step_max) {
+  const PatternView& p = energy_.patterns();
+  const EnergyConfig& c = energy_.config();
+  const int n = p.dim;
+  const int64_t k = p.rows;
+  const bool softmax = SoftmaxMemory(c);
+  StepPartial out;
+  out.log_domain = softmax;
+  out.rows = k;
+  out.sum.assign(n, 0.f);
+  if (!softmax) {
+    out.scale = 1.0;
+    out.log_scale = 0.0;
+  }
+  *step_max = 0.0;
+  if (k == 0) return out;
+  Eigen::Map<const RowMajorMatrix> xi(p.data, k, n);
+  Eigen::VectorXf vh = Eigen::Map<const Eigen::VectorXf>(v, n);
+  if (kind_ == StateKind::kBipolar) vh = vh.array().tanh();
+  const Eigen::VectorXf xv = xi * vh;
+  if (!started_) {
+    h_.assign(xv.data(), xv.data() + k);  // memory starts at equilibrium with v
+    started_ = true;
+  } else {
+    for (int64_t mu = 0; mu < k; ++mu) h_[mu] += dh_[mu];
+  }
+  Eigen::VectorXf hh(k);
+  if (softmax) {
+    double m = -INFINITY;
+    for (int64_t mu = 0; mu < k; ++mu) m = std::max(m, c.beta * h_[mu]);
+    out.log_scale = m;
+    for (int64_t mu = 0; mu < k; ++mu) {
+      const double e = std::exp(c.beta * h_[mu] - m);
+      hh[mu] = static_cast<float>(e);
+      out.wsum += e;
+      out.hsum += e * (double{h_[mu]} - xv[mu]);
+    }
+  } else {
+    double terms = 0.0;
+    for (int64_t mu = 0; mu < k; ++mu) {
+      const double h = h_[mu];
+      double a = h, layer = 0.5 * h * h;
+      if (c.family == EnergyFamily::kPolynomial) {
+        const double r = std::max(0.0, h);
+        a = std::pow(r, c.degree - 1);
+        layer = (1.0 - 1.0 / c.degree) * std::pow(r, c.degree);
+      }
+      hh[mu] = static_cast<float>(a);
+      terms += layer - double{hh[mu]} * xv[mu];
+    }
+    out.energy_terms = terms;
+  }
+  Eigen::Map<Eigen::VectorXf>(out.sum.data(), n).noalias() = xi.transpose() * hh;
+  // The memory step from here, rh (Xi vh - h).
+  dh_.resize(k);
+  double top = 0.0;
+  for (int64_t mu = 0; mu < k; ++mu) {
+    dh_[mu] = rh_ * (xv[mu] - h_[mu]);
+    top = std::max(top, static_cast<double>(std::fabs(dh_[mu])));
+    if (!std::isfinite(h_[mu] + dh_[mu])) top = INFINITY;
+  }
+  *step_max = top;
+  return out;
+}
+
+double FinishTinyBrain(const EnergyConfig& config, StateKind kind, const StepPartial& merged,
+                       const float* v, float* pull) {
+  const int n = static_cast<int>(merged.sum.size());
+  double memory = merged.energy_terms;
+  float f = 1.f;
+  if (SoftmaxMemory(config)) {
+    // sum w (h - xi.vh) - lse / beta, w = softmax(beta h).
+    const double lse = merged.log_scale + std::log(merged.wsum);
+    memory = merged.hsum / merged.wsum - lse / config.beta;
+    f = static_cast<float>(1.0 / merged.wsum);
+  }
+  for (int i = 0; i < n; ++i) pull[i] = f * merged.sum[i];
+  return VisibleLayerEnergy(kind, v, n) + memory;
+}
+
+absl::StatusOr<Trajectory> RunTinyBrainDynamics(int dim, StateKind kind,
+                                                const EnergyConfig& config,
+                                                absl::Span<const float> query,
+                                                absl::Span<const bool> clamp,
+                                                const RetrieveOptions& o,
+                                                const TinyBrainOracle& oracle) {
+  const int n = dim;
+  Trajectory t;
+  EnergyRecorder rec(&t, o.record_trace, GuaranteesDescent(Dynamics::kTinyBrain, config));
+  std::vector<float> v(query.begin(), query.end()), pull(n), v_next(n), pull_next(n);
+  StepPartial merged;
+  double dh_max = 0.0, dh_next = 0.0;
+  ENGRAM_RETURN_IF_ERROR(oracle(v.data(), true, &merged, &dh_max));
+  rec.Start(FinishTinyBrain(config, kind, merged, v.data(), pull.data()));
+  const float rv = static_cast<float>(o.dt / o.tau_v);
+  while (true) {
+    if (t.steps >= o.max_steps) { t.stop_reason = StopReason::kMaxSteps; break; }
+    if (StopRequested(o)) { t.stop_reason = StopReason::kDeadline; break; }
+    double dv_max = 0.0;
+    for (int i = 0; i < n; ++i) {
+      const float dv = Clamped(clamp, i) ? 0.f : rv * (pull[i] - v[i]);
+      v_next[i] = v[i] + dv;
+      dv_max = std::max(dv_max, static_cast<double>(std::fabs(dv)));
+    }
+    double e_next = NAN;
+    if (AllFinite(v_next) && std::isfinite(dh_max)) {
+      ENGRAM_RETURN_IF_ERROR(oracle(v_next.data(), false, &merged, &dh_next));
+      e_next = FinishTinyBrain(config, kind, merged, v_next.data(), pull_next.data());
+    }
+    if (!std::isfinite(e_next) || !AllFinite(pull_next)) {
+      t.stop_reason = StopReason::kDiverged;
+      break;
+    }
+    v.swap(v_next);
+    pull.swap(pull_next);
+    ++t.steps;
+    rec.Step(e_next);
+    const double delta = std::max(dv_max, dh_max);
+    dh_max = dh_next;
+    if (delta < o.tol) { t.stop_reason = StopReason::kConverged; break; }
+  }
+  t.state.resize(n);
+  for (int i = 0; i < n; ++i) {
+    if (kind == StateKind::kBipolar) {
+      t.state[i] = v[i] > 0 ? 1.f : (v[i] < 0 ? -1.f : query[i]);
+    } else {
+      t.state[i] = v[i];
+    }
   }
   return t;
 }

@@ -293,8 +293,8 @@ TEST_F(RouterTest, ShardedBanksAnswerEnergyAndRetrieveAsOneNode) {
         EXPECT_NEAR(sharded.values(j), one.values(j), Tol(one.values(j))) << j;
       }
 
-      for (v1::Dynamics dynamics :
-           {v1::DYNAMICS_SYNC, v1::DYNAMICS_GRADIENT, v1::DYNAMICS_ASYNC}) {
+      for (v1::Dynamics dynamics : {v1::DYNAMICS_SYNC, v1::DYNAMICS_GRADIENT,
+                                    v1::DYNAMICS_ASYNC, v1::DYNAMICS_TINYBRAIN}) {
       SCOPED_TRACE(v1::Dynamics_Name(dynamics));
       // Gradient steps leave the hypercube: continuous banks only; async
       // flips are for bipolar banks only.
@@ -315,7 +315,8 @@ TEST_F(RouterTest, ShardedBanksAnswerEnergyAndRetrieveAsOneNode) {
         r.mutable_options()->set_alpha(0.05);
         // The unnormalised polynomial dynamics grow without bound: one step.
         const bool grows = f.energy.separation() == v1::SEPARATION_POLYNOMIAL;
-        r.mutable_options()->set_max_steps(grows ? 1 : dynamics == v1::DYNAMICS_GRADIENT ? 12 : 30);
+        r.mutable_options()->set_max_steps(
+            grows ? 1 : dynamics == v1::DYNAMICS_GRADIENT || dynamics == v1::DYNAMICS_TINYBRAIN ? 12 : 30);
         r.mutable_options()->set_tol(1e-5);
         r.mutable_options()->set_return_trace(true);
         *r.mutable_filter() = filter;
@@ -1247,11 +1248,13 @@ TEST_F(RouterTest, BadCallsAndAShardDownAreClearErrors) {
   v1::RetrieveRequest r;
   r.set_bank(f.name);
   r.mutable_queries()->Add(e.states().begin(), e.states().end());
-  r.mutable_options()->set_dynamics(v1::DYNAMICS_TINYBRAIN);
+  // Async flips need a bipolar bank: FAILED_PRECONDITION, as on a node.
+  r.mutable_options()->set_dynamics(v1::DYNAMICS_ASYNC);
   v1::RetrieveResponse rout;
   {
     grpc::ClientContext c;
-    EXPECT_EQ(router_->Retrieve(&c, r, &rout).error_code(), grpc::StatusCode::UNIMPLEMENTED);
+    EXPECT_EQ(router_->Retrieve(&c, r, &rout).error_code(),
+              grpc::StatusCode::FAILED_PRECONDITION);
   }
   // An empty bank: FAILED_PRECONDITION, as on a node, whatever the family.
   for (const Family& empty : {Family{"empty_lse", v1::STATE_KIND_CONTINUOUS, v1::PRECISION_F32,

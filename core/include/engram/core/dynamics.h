@@ -133,6 +133,55 @@ absl::StatusOr<Trajectory> RunAsyncDynamics(int dim, absl::Span<const float> que
                                             absl::Span<const bool> clamp,
                                             const RetrieveOptions& options, FlipOracle& oracle);
 
+// TinyBrain's memory layer (survey Eq. 12-16) over some of a bank's rows
+// (a whole bank, or a shard's part): its state h, one value per row, and at
+// a visible state v the layer's part of the system energy and of the
+// visible update Xi^T hh, as a StepPartial that merges over parts:
+//   - softmax memories (every family but classical and polynomial): log
+//     domain over beta h, wsum = sum e_mu, hsum = sum e_mu (h_mu - xi_mu.vh),
+//     sum = sum e_mu xi_mu, with e_mu = exp(beta h_mu - log_scale);
+//   - classical and polynomial: linear (scale 1), energy_terms = the layer's
+//     energy minus sum hh_mu (xi_mu.vh), sum = sum hh_mu xi_mu.
+class TinyBrainMemory {
+ public:
+  // rh = dt / tau_h. The energy's patterns must outlive this object.
+  TinyBrainMemory(const EnergyFunction& energy, StateKind kind, double rh);
+
+  // The partial at visible state v (dim floats). The first call starts h
+  // at equilibrium with v (h = Xi vh); each later call first moves h by the
+  // step the previous call computed. `step_max` receives max |dh| of the
+  // step from here, dh = rh (Xi vh - h) (+inf when h + dh is not finite).
+  StepPartial At(const float* v, double* step_max);
+
+ private:
+  const EnergyFunction& energy_;
+  StateKind kind_;
+  float rh_;
+  bool started_ = false;
+  std::vector<float> h_, dh_;
+};
+
+// The system energy (Eq. 14) at v from the merge of every part's
+// TinyBrainMemory::At(v), and the visible pull Xi^T hh (dim floats).
+double FinishTinyBrain(const EnergyConfig& config, StateKind kind, const StepPartial& merged,
+                       const float* v, float* pull);
+
+// The memory layer's merged partial at v, and the largest memory step from
+// there (`start`: the first call, memory at equilibrium with v).
+using TinyBrainOracle = std::function<absl::Status(const float* v, bool start,
+                                                   StepPartial* merged, double* step_max)>;
+
+// The TINYBRAIN dynamics of RunDynamics (Euler steps of the visible and
+// memory layers) from `query`, with the memory layer's evaluations from
+// `oracle` (over a bank of `dim` columns under `config`). A failed
+// evaluation is returned.
+absl::StatusOr<Trajectory> RunTinyBrainDynamics(int dim, StateKind kind,
+                                                const EnergyConfig& config,
+                                                absl::Span<const float> query,
+                                                absl::Span<const bool> clamp,
+                                                const RetrieveOptions& options,
+                                                const TinyBrainOracle& oracle);
+
 // The sync step of a bipolar bank under a non-general family (classical,
 // polynomial, exponential, lse, gaussian; dot or L2 similarity) gives each
 // neuron the sign of its Krotov-Hopfield drive, the lower energy with every
