@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -24,6 +25,7 @@
 #include "engram/core/novelty.h"
 #include "engram/core/partials.h"
 #include "engram/core/readout.h"
+#include "engram/core/status_macros.h"
 #include "testing/decay_reference.h"
 #include "testing/random_banks.h"
 
@@ -561,6 +563,81 @@ TEST(StepPartial, DecayingBankShardsMergeAsTheDefinitions) {
       EXPECT_EQ(batch[1].wsum, parts[0].wsum);
       EXPECT_EQ(batch[1].sum, parts[0].sum);
     }
+  }
+}
+
+// TINYBRAIN's memory layer split over random shards (each keeping its
+// rows' memory state) runs the whole bank's trajectory: the merged layer
+// sums give the same system energies and states, step by step, for
+// softmax memories (lse), polynomial and classical ones, continuous and
+// bipolar.
+TEST(TinyBrain, ShardedMemoryLayersRunTheWholeBanksTrajectory) {
+  std::mt19937_64 rng(29);
+  const int n = 32;
+  const int64_t k = 300;
+  struct TinyCase {
+    StateKind kind;
+    EnergyConfig energy;
+  };
+  for (const TinyCase& c :
+       {TinyCase{StateKind::kContinuous, {.family = EnergyFamily::kLse, .beta = 4.0}},
+        TinyCase{StateKind::kBipolar, {.family = EnergyFamily::kLse, .beta = 0.3}},
+        TinyCase{StateKind::kBipolar, {.family = EnergyFamily::kPolynomial, .degree = 3}},
+        TinyCase{StateKind::kContinuous, {.family = EnergyFamily::kClassical}}}) {
+    SCOPED_TRACE(EnergyFamilyName(c.energy.family));
+    const bool bipolar = c.kind == StateKind::kBipolar;
+    const std::vector<float> data = bipolar ? testing::RandomBipolar(k * n, rng)
+                                            : testing::RandomGaussian(k * n, rng, 0.18f);
+    const Bank whole = testing::MakeBank(n, c.kind, data);
+    const std::vector<int64_t> cuts = RandomCuts(k, rng);
+    const std::vector<Bank> shards = Shards(whole, cuts);
+    std::vector<float> query(whole.pattern(5), whole.pattern(5) + n);
+    if (bipolar) {
+      query = testing::FlipBits(query.data(), n, 4, rng);
+    } else {
+      for (float& v : query) v += std::normal_distribution<float>(0.f, 0.05f)(rng);
+    }
+    RetrieveOptions o;
+    o.dynamics = Dynamics::kTinyBrain;
+    o.max_steps = 25;
+    o.dt = 0.2;
+    o.record_trace = true;
+    const EnergyFunction f(c.energy, whole.view());
+    const absl::StatusOr<Trajectory> ref = RunDynamics(f, c.kind, query, {}, o);
+    ASSERT_TRUE(ref.ok()) << ref.status();
+    std::vector<EnergyFunction> parts_f;
+    for (const Bank& shard : shards) parts_f.emplace_back(c.energy, shard.view());
+    std::vector<std::unique_ptr<TinyBrainMemory>> memories;
+    for (const EnergyFunction& pf : parts_f) {
+      memories.push_back(std::make_unique<TinyBrainMemory>(pf, c.kind, o.dt / o.tau_h));
+    }
+    auto oracle = [&](const float* v, bool, StepPartial* merged, double* step_max) {
+      std::vector<StepPartial> parts;
+      *step_max = 0.0;
+      for (auto& m : memories) {
+        double s = 0.0;
+        parts.push_back(m->At(v, &s));
+        *step_max = std::max(*step_max, s);
+      }
+      ENGRAM_ASSIGN_OR_RETURN(*merged, MergeStepPartials(parts));
+      return absl::OkStatus();
+    };
+    const absl::StatusOr<Trajectory> got =
+        RunTinyBrainDynamics(n, c.kind, c.energy, query, {}, o, oracle);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->steps, ref->steps);
+    EXPECT_EQ(got->stop_reason, ref->stop_reason);
+    ASSERT_EQ(got->energy_trace.size(), ref->energy_trace.size());
+    for (size_t i = 0; i < ref->energy_trace.size(); ++i) {
+      EXPECT_NEAR(got->energy_trace[i], ref->energy_trace[i],
+                  1e-4 * std::max(1.0, std::abs(ref->energy_trace[i])))
+          << "step " << i;
+    }
+    for (int i = 0; i < n; ++i) {
+      EXPECT_NEAR(got->state[i], ref->state[i], 1e-4 * std::max(1.f, std::abs(ref->state[i])));
+    }
+    // The layer moved: the trajectory is not its start.
+    EXPECT_GT(ref->steps, 1);
   }
 }
 
