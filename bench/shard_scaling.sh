@@ -13,10 +13,21 @@
 # the router hop and the merge (the 1-shard row against the node), not the
 # bandwidth gained by splitting a pass, which needs one machine per shard.
 #
-#   bash bench/shard_scaling.sh [seconds per load run, default 10]
+# With a separation (sparsemax, entmax15, max, log_sum_relu) the bank's
+# energy is the general family with the dot similarity and that separation
+# at the same beta: sparsemax and 1.5-entmax take two requests per step
+# through a router (candidates, then the sums at the whole bank's
+# threshold).
+#
+#   bash bench/shard_scaling.sh [seconds per load run, default 10] [separation]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-10}
+SEPARATION=${2:-}
+ENERGY_ARGS=(--energy lse)
+if [ -n "$SEPARATION" ]; then
+  ENERGY_ARGS=(--energy general --similarity dot --separation "$SEPARATION")
+fi
 ENGRAMD=build/server/engramd
 E=build/client/engram
 PY=/usr/bin/python3
@@ -40,7 +51,7 @@ wait_up() {
 # run <label> <target>: fills the bank through <target>, then the two loads.
 run() {
   local label=$1 target=$2
-  "$E" --target "$target" bank create fashion --dim 784 --kind continuous --energy lse \
+  "$E" --target "$target" bank create fashion --dim 784 --kind continuous "${ENERGY_ARGS[@]}" \
       --beta 20 >/dev/null
   "$E" --target "$target" store fashion "$D" --limit 20000 --normalize --batch 2000 >/dev/null
   for rpc in energy retrieve; do
@@ -81,11 +92,13 @@ for shards in 1 2 4 1nb; do
   stop
 done
 
-"$PY" - "$DATA" <<'PY'
+"$PY" - "$DATA" "${SEPARATION:-}" <<'PY'
 import json, os, sys
 d = sys.argv[1]
+sep = sys.argv[2]
 n = 784
-print(f"{os.cpu_count()} cores shared by every process; bank 20000 x {n}, lse beta 20, 8 clients")
+energy = f"general dot {sep}" if sep else "lse"
+print(f"{os.cpu_count()} cores shared by every process; bank 20000 x {n}, {energy} beta 20, 8 clients")
 print()
 print("| bank held by | Energy calls/s | Energy p50 | Retrieve calls/s | Retrieve p50 | bytes per step per state |")
 print("|---|---|---|---|---|---|")
@@ -95,7 +108,10 @@ for label, shards in (("node", 0), ("shards1", 1), ("shards2", 2), ("shards4", 4
     r = json.load(open(f"{d}/{label}.retrieve.json"))
     # Each step: the state to every shard (4N) and a partial back (~90 B,
     # plus the weighted sum 4N on Retrieve steps).
-    per_step = "-" if shards == 0 else f"{shards * (8 * n + 90)}"
+    # Sparsemax / 1.5-entmax: a second request per step (the state again,
+    # the sums back) and 8 bytes per candidate row in the first reply.
+    rounds = 2 if sep in ("sparsemax", "entmax15") else 1
+    per_step = "-" if shards == 0 else f"{rounds * shards * (8 * n + 90)}"
     name = "one node" if shards == 0 else f"router + {shards} shard{'s' if shards > 1 else ''}"
     if label.endswith("nb"):
         name += ", router batching off"

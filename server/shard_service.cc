@@ -91,6 +91,11 @@ absl::Status AnswerTinyBrain(const core::Bank& bank, const core::EnergyFunction&
                              shard::v1::StepReply* reply) {
   const int n = bank.dim();
   ENGRAM_ASSIGN_OR_RETURN(const int64_t b, CountStates(req, n, max_batch));
+  if (b != 1) {
+    // A memory layer is one float per row: one per stream bounds it.
+    return absl::InvalidArgumentError(
+        absl::StrCat("a tinybrain request takes one state, not ", b));
+  }
   reply->set_dim(static_cast<uint32_t>(n));
   const double rh = req.tinybrain().rh();
   if (req.tinybrain().start()) {

@@ -22,6 +22,7 @@
 #include <grpcpp/grpcpp.h>
 #include <unistd.h>
 
+#include "engram/shard/v1/shard.grpc.pb.h"
 #include "engram/v1/engram.grpc.pb.h"
 #include "server/router.h"
 #include "server/server.h"
@@ -1248,6 +1249,25 @@ TEST_F(RouterTest, BadCallsAndAShardDownAreClearErrors) {
   v1::RetrieveRequest r;
   r.set_bank(f.name);
   r.mutable_queries()->Add(e.states().begin(), e.states().end());
+  // A shard's TINYBRAIN stream holds one memory layer (a float per row):
+  // more states, or a layer continued before it started, are refused.
+  {
+    auto shard = shard::v1::Shard::NewStub(nodes_[0]->InProcessChannel());
+    for (int states : {2, 1}) {
+      grpc::ClientContext c;
+      auto stream = shard->Steps(&c);
+      shard::v1::StepRequest step;
+      step.set_bank(f.name);
+      for (int i = 0; i < states * kDim; ++i) step.add_states(0.1f);
+      step.mutable_tinybrain()->set_start(states == 2);
+      step.mutable_tinybrain()->set_rh(0.1);
+      ASSERT_TRUE(stream->Write(step));
+      shard::v1::StepReply reply;
+      EXPECT_FALSE(stream->Read(&reply));
+      stream->WritesDone();
+      EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::INVALID_ARGUMENT) << states;
+    }
+  }
   // Async flips need a bipolar bank: FAILED_PRECONDITION, as on a node.
   r.mutable_options()->set_dynamics(v1::DYNAMICS_ASYNC);
   v1::RetrieveResponse rout;
