@@ -312,8 +312,9 @@ export interface EnergyResult {
   values: Float32Array | null;
   /**
    * With `novelty: true`, one double per state: the fraction of the stored patterns' own energies
-   * below the state's energy (equal ones counting half), over min(K, 256) stored patterns (rows
-   * 0, s, 2s, ... with s = ceil(K / 256)) under the same energy and filter. Stored patterns sit at
+   * below the state's energy (equal ones counting half), over min(K, 256) stored patterns (those
+   * whose ids hash smallest, so the same on a node and through a router) under the same energy
+   * and filter. Stored patterns sit at
    * minima: a state like them scores mid-range, one far from every memory near 1. Else null.
    */
   novelty: Float64Array | null;

@@ -401,8 +401,8 @@ class Client {
    *   row-major: the readout at each state (one attention step), else null;
    *   with `novelty`, B doubles each: `novelty`, the fraction of the stored
    *   patterns' own energies below the state's energy (equal ones counting
-   *   half) over min(K, 256) stored patterns (rows 0, s, 2s, ... with
-   *   s = ceil(K / 256)) under the same energy and filter, near 1 far from
+   *   half) over min(K, 256) stored patterns (those whose ids hash
+   *   smallest) under the same energy and filter, near 1 far from
    *   every memory; `noveltyZ`, (E(x) - mean) / population standard
    *   deviation of those energies (0 when all are equal); else both null
    */

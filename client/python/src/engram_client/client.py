@@ -302,8 +302,8 @@ class Client:
           with values (else None). With `novelty`, `.novelty` float64 (B,):
           the fraction of the stored patterns' own energies below each state's
           energy, equal ones counting half, over min(K, 256) stored patterns
-          (rows 0, s, 2s, ... with s = ceil(K / 256)) under the same energy
-          and filter; stored patterns sit at minima, so a state like them
+          (those whose ids hash smallest) under the same energy and
+          filter; stored patterns sit at minima, so a state like them
           scores mid-range and one far from every memory near 1. And
           `.novelty_z` float64 (B,): (E(x) - mean) / population standard
           deviation of those stored energies (0 when all are equal). Both

@@ -175,8 +175,8 @@ class EnergyResult(_EnergyPair):
       novelty: float64 array (B,) when asked for (`novelty=True`), else
         None: the fraction of the stored patterns' own energies below each
         state's energy, equal ones counting half, over min(K, 256) stored
-        patterns (rows 0, s, 2s, ... with s = ceil(K / 256)) under the same
-        energy and filter. Stored patterns sit at minima: a state like them
+        patterns (those whose ids hash smallest, so the same on a node and
+        through a router) under the same energy and filter. Stored patterns sit at minima: a state like them
         scores mid-range, one far from every memory near 1.
       novelty_z: float64 array (B,) alongside `novelty`, else None:
         (E(x) - mean) / population standard deviation of those stored
