@@ -2,7 +2,9 @@
 # Tiny-bank Retrieve latency through gRPC on loopback, answered on the
 # handler's thread (inline, the default below --inline_work) against the
 # hop to an executor (--inline_work 0), in one run: two engramd processes,
-# one client at a time, the two measured in turn ROUNDS times.
+# one client at a time, the two measured in turn ROUNDS times. Each round
+# also times GetBank (`--mix info`) on the inline server: no computation,
+# the floor this host's gRPC round trip sets for any call.
 #
 #   bash bench/inline_ab.sh [seconds per run, default 10] [rounds, default 3]
 set -euo pipefail
@@ -36,9 +38,12 @@ done
 
 echo "round mode   calls/s   p50_us   p99_us"
 for r in $(seq "$ROUNDS"); do
-  for mode in inline pool; do
-    "$E" --target "${TARGET[$mode]}" load tiny --concurrency 1 --duration "$SECS" --warmup 1 \
-        --mix retrieve=1 --data "$DATA/tiny.npy" --seed 1 --format csv | tail -1 |
+  for mode in floor inline pool; do
+    target=${TARGET[$mode]:-${TARGET[inline]}}
+    rpc=retrieve
+    [[ $mode == floor ]] && rpc=info
+    "$E" --target "$target" load tiny --concurrency 1 --duration "$SECS" --warmup 1 \
+        --mix "$rpc=1" --data "$DATA/tiny.npy" --seed 1 --format csv | tail -1 |
       awk -F, -v r="$r" -v m="$mode" '{printf "%5d %-6s %9.0f %8.1f %8.1f\n", r, m, $5, $7 * 1e6, $9 * 1e6}'
   done
 done

@@ -27,8 +27,10 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-enum Rpc { kRetrieve, kSample, kEnergy, kStore, kNumRpcs };
-const char* kRpcNames[] = {"retrieve", "sample", "energy", "store"};
+// `info` is GetBank: no computation, the floor a call pays for transport,
+// authorization and the handler's prelude.
+enum Rpc { kRetrieve, kSample, kEnergy, kStore, kInfo, kNumRpcs };
+const char* kRpcNames[] = {"retrieve", "sample", "energy", "store", "info"};
 
 struct Record {
   double seconds_since_start;
@@ -49,7 +51,7 @@ absl::StatusOr<std::vector<double>> ParseMix(const std::string& spec) {
     auto it = std::find(std::begin(kRpcNames), std::end(kRpcNames), name);
     if (it == std::end(kRpcNames)) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "--mix: unknown RPC '", name, "' (retrieve, sample, energy, store)"));
+          "--mix: unknown RPC '", name, "' (retrieve, sample, energy, store, info)"));
     }
     w[it - std::begin(kRpcNames)] = weight;
   }
@@ -233,6 +235,12 @@ class LoadWorker {
         Fill(req.mutable_states(), plan_.batch);
         v1::EnergyResponse resp;
         return client_->stub()->Energy(&cctx, req, &resp);
+      }
+      case kInfo: {
+        v1::GetBankRequest req;
+        req.set_name(plan_.bank);
+        v1::BankInfo resp;
+        return client_->stub()->GetBank(&cctx, req, &resp);
       }
       default: {
         v1::StoreRequest req;
