@@ -13,8 +13,7 @@
 
 namespace engram::server {
 namespace {
-// gRPC's synchronous threads: reflection, the shard protocol's Steps
-// streams (one thread each while open) and a router's calls.
+// gRPC's synchronous threads: reflection and a router's calls.
 constexpr int kMaxSyncThreads = 256;
 }  // namespace
 
@@ -163,8 +162,9 @@ absl::StatusOr<std::unique_ptr<EngramServer>> EngramServer::Start(
   builder.AddListeningPort(config.listen, creds, &s->port_);
   builder.SetMaxReceiveMessageSize(config.max_message_bytes);
   builder.SetMaxSendMessageSize(config.max_message_bytes);
-  // MemoryService runs on the callback API and its own pools; reflection
-  // and the shard protocol use gRPC's synchronous threads, bounded here.
+  // MemoryService and the shard protocol run on the callback API and the
+  // node's own pools; reflection uses gRPC's synchronous threads, bounded
+  // here.
   grpc::ResourceQuota quota("engramd");
   quota.SetMaxThreads(kMaxSyncThreads);
   builder.SetResourceQuota(quota);

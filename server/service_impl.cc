@@ -945,6 +945,12 @@ absl::Time MemoryServiceImpl::QueueDeadline(const grpc::CallbackServerContext* c
   return deadline;
 }
 
+void MemoryServiceImpl::SubmitCompute(const grpc::CallbackServerContext* ctx,
+                                      std::unique_ptr<Scheduler::Task> task) {
+  task->queue_deadline = QueueDeadline(ctx, 0);
+  scheduler_->Submit(std::move(task));
+}
+
 void MemoryServiceImpl::RecordExpired(core::BankRegistry* registry, const std::string& bank,
                                       int64_t patterns) {
   metrics_->RecordExpired(patterns);

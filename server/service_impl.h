@@ -104,6 +104,14 @@ class MemoryServiceImpl final : public v1::MemoryService::CallbackService {
   // the running calls are answered.
   void Shutdown();
   const Scheduler& scheduler() const { return *scheduler_; }
+  // Queues `task` (a step of a shard stream, shard_service.h) on the compute
+  // scheduler; it may wait until the call's deadline or --queue_timeout_ms.
+  void SubmitCompute(const grpc::CallbackServerContext* ctx, std::unique_ptr<Scheduler::Task> task);
+  // Work (multiply-adds per pass) small enough to answer on the thread that
+  // read the call (--inline_work).
+  bool InlineWork(double multiply_adds) const {
+    return limits_.inline_work > 0 && multiply_adds <= limits_.inline_work;
+  }
   const Scheduler& writer() const { return *writer_; }
 
   grpc::ServerUnaryReactor* CreateBank(grpc::CallbackServerContext* ctx,

@@ -190,54 +190,144 @@ absl::Status Answer(const core::Bank& bank, const core::EnergyFunction& energy,
   return absl::OkStatus();
 }
 
-}  // namespace
+// What a stream keeps between its steps: the bank pinned by its first
+// request, the energy (replaced when a request changes level_beta) and the
+// TINYBRAIN memory layer.
+class StreamState {
+ public:
+  StreamState(MemoryServiceImpl* memory, int64_t max_batch)
+      : memory_(memory), max_batch_(max_batch) {}
 
-grpc::Status ShardServiceImpl::Steps(
-    grpc::ServerContext* ctx,
-    grpc::ServerReaderWriter<shard::v1::StepReply, shard::v1::StepRequest>* stream) {
-  shard::v1::StepRequest req;
-  if (!stream->Read(&req)) return grpc::Status::OK;  // nothing asked
-  return Guarded(nullptr, [&] { return Serve(ctx, stream, &req); });
-}
+  bool open() const { return energy_ != nullptr; }
+  // Multiply-adds of one pass for `req` over the open bank.
+  double Work(const shard::v1::StepRequest& req) const {
+    return static_cast<double>(req.states_size()) * static_cast<double>(read_.bank->size());
+  }
 
-absl::Status ShardServiceImpl::Serve(
-    grpc::ServerContext* ctx,
-    grpc::ServerReaderWriter<shard::v1::StepReply, shard::v1::StepRequest>* stream,
-    shard::v1::StepRequest* req) {
-  ENGRAM_ASSIGN_OR_RETURN(
-      MemoryServiceImpl::ShardRead read,
-      memory_->OpenShardRead(ctx, req->bank(), req->has_energy(), req->energy(), req->filter()));
-  const core::Bank& bank = *read.bank;
-  // A bank that decays with age weighs its rows at the call's time (the
-  // router's, so every shard's the same).
-  const std::vector<double> prior =
-      bank.LogPrior(req->now_unix_ms() > 0 ? req->now_unix_ms() : read.now_ms);
-  core::PatternView view = bank.view();
-  if (!prior.empty()) view.log_prior = prior.data();
-  core::EnergyConfig cfg = read.energy;
-  auto energy = std::make_unique<core::EnergyFunction>(cfg, view);
-  // TINYBRAIN: each state's memory layer, kept between the stream's requests.
-  std::vector<std::unique_ptr<core::TinyBrainMemory>> memories;
-  do {
-    if (req->level_beta() > 0.0 && req->level_beta() != cfg.beta) {
-      if (!std::isfinite(req->level_beta())) {
+  // Answers `req` into *reply; the first request opens the bank.
+  absl::Status Step(grpc::ServerContextBase* ctx, const shard::v1::StepRequest& req,
+                    shard::v1::StepReply* reply) {
+    if (energy_ == nullptr) ENGRAM_RETURN_IF_ERROR(Open(ctx, req));
+    if (req.level_beta() > 0.0 && req.level_beta() != cfg_.beta) {
+      if (!std::isfinite(req.level_beta())) {
         return absl::InvalidArgumentError("level_beta is not finite");
       }
-      cfg.beta = req->level_beta();
-      memories.clear();  // they refer to the energy replaced here
-      energy = std::make_unique<core::EnergyFunction>(cfg, view);
+      cfg_.beta = req.level_beta();
+      memories_.clear();  // they refer to the energy replaced here
+      energy_ = std::make_unique<core::EnergyFunction>(cfg_, view_);
     }
-    shard::v1::StepReply reply;
-    if (req->has_tinybrain()) {
-      ENGRAM_RETURN_IF_ERROR(
-          AnswerTinyBrain(bank, *energy, *req, max_batch_, &memories, &reply));
+    const core::Bank& bank = *read_.bank;
+    if (req.has_tinybrain()) {
+      ENGRAM_RETURN_IF_ERROR(AnswerTinyBrain(bank, *energy_, req, max_batch_, &memories_, reply));
     } else {
-      ENGRAM_RETURN_IF_ERROR(Answer(bank, *energy, *req, max_batch_, &reply));
+      ENGRAM_RETURN_IF_ERROR(Answer(bank, *energy_, req, max_batch_, reply));
     }
-    reply.set_current(read.current());
-    if (!stream->Write(reply)) return absl::CancelledError("the router closed the stream");
-  } while (stream->Read(req));
-  return absl::OkStatus();
+    reply->set_current(read_.current());
+    return absl::OkStatus();
+  }
+
+ private:
+  absl::Status Open(grpc::ServerContextBase* ctx, const shard::v1::StepRequest& req) {
+    ENGRAM_ASSIGN_OR_RETURN(read_, memory_->OpenShardRead(ctx, req.bank(), req.has_energy(),
+                                                          req.energy(), req.filter()));
+    const core::Bank& bank = *read_.bank;
+    // A bank that decays with age weighs its rows at the call's time (the
+    // router's, so every shard's the same).
+    prior_ = bank.LogPrior(req.now_unix_ms() > 0 ? req.now_unix_ms() : read_.now_ms);
+    view_ = bank.view();
+    if (!prior_.empty()) view_.log_prior = prior_.data();
+    cfg_ = read_.energy;
+    energy_ = std::make_unique<core::EnergyFunction>(cfg_, view_);
+    return absl::OkStatus();
+  }
+
+  MemoryServiceImpl* memory_;
+  int64_t max_batch_;
+  MemoryServiceImpl::ShardRead read_;
+  std::vector<double> prior_;
+  core::PatternView view_;
+  core::EnergyConfig cfg_;
+  std::unique_ptr<core::EnergyFunction> energy_;  // null until the first request
+  std::vector<std::unique_ptr<core::TinyBrainMemory>> memories_;
+};
+
+}  // namespace
+
+// One Steps stream: read a request, run its step on the compute scheduler
+// (or here, when small), write the reply, read the next. At most one of those is outstanding at a
+// time, so the state is touched by one thread at a time, and OnDone (after
+// Finish) comes when none is.
+class ShardServiceImpl::StepsReactor final
+    : public grpc::ServerBidiReactor<shard::v1::StepRequest, shard::v1::StepReply> {
+ public:
+  StepsReactor(ShardServiceImpl* service, grpc::CallbackServerContext* ctx)
+      : service_(service), ctx_(ctx), state_(service->memory_, service->max_batch_) {
+    StartRead(&req_);
+  }
+
+  const grpc::CallbackServerContext* ctx() const { return ctx_; }
+
+  // Runs on an executor: answers req_, then writes, or ends the call.
+  void RunStep() {
+    reply_.Clear();
+    const grpc::Status s = Guarded(nullptr, [&] { return state_.Step(ctx_, req_, &reply_); });
+    if (!s.ok()) {
+      Finish(s);
+      return;
+    }
+    StartWrite(&reply_);
+  }
+
+  void OnReadDone(bool ok) override;
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) {
+      Finish(ToGrpcStatus(absl::CancelledError("the router closed the stream")));
+      return;
+    }
+    StartRead(&req_);
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  ShardServiceImpl* service_;
+  grpc::CallbackServerContext* ctx_;
+  StreamState state_;
+  shard::v1::StepRequest req_;
+  shard::v1::StepReply reply_;
+};
+
+// A stream's step in the compute queue.
+class ShardServiceImpl::StepTask final : public Scheduler::Task {
+ public:
+  explicit StepTask(StepsReactor* reactor) : reactor_(reactor) {}
+  bool Cancelled() const override { return reactor_->ctx()->IsCancelled(); }
+  void Run(Scheduler::Batch&) override { reactor_->RunStep(); }
+  void Reject(const absl::Status& s) override { reactor_->Finish(ToGrpcStatus(s)); }
+
+ private:
+  StepsReactor* reactor_;
+};
+
+void ShardServiceImpl::StepsReactor::OnReadDone(bool ok) {
+  if (!ok) {
+    Finish(grpc::Status::OK);  // the router closed its side: nothing more asked
+    return;
+  }
+  // A step of an open stream small enough (--inline_work) is answered here,
+  // as a node answers a small call; the first step (which opens the bank)
+  // and larger ones queue.
+  if (state_.open() && service_->memory_->InlineWork(state_.Work(req_))) {
+    RunStep();
+    return;
+  }
+  service_->memory_->SubmitCompute(ctx_, std::make_unique<StepTask>(this));
+}
+
+grpc::ServerBidiReactor<shard::v1::StepRequest, shard::v1::StepReply>* ShardServiceImpl::Steps(
+    grpc::CallbackServerContext* ctx) {
+  return new StepsReactor(this, ctx);
 }
 
 }  // namespace engram::server

@@ -6,8 +6,13 @@
 //   ShardServiceImpl shard(memory_service.get(), limits.max_batch);
 //   builder.RegisterService(&shard);
 //
-// Threads: gRPC's synchronous API; a stream holds one of its threads while
-// open. Thread-safety: streams run concurrently; each pins its own snapshot.
+// Threads: a stream is a callback reactor; its first step, and every step
+// above --inline_work, is a task on the node's compute scheduler
+// (server/scheduler.h), queued behind the node's own calls, bounded by its
+// queue (RESOURCE_EXHAUSTED when full) and by the call's deadline or
+// --queue_timeout_ms per step. No thread waits on an open stream.
+// Thread-safety: streams run concurrently; each pins its own snapshot, and
+// a stream's steps run one at a time, in order.
 #ifndef ENGRAM_SERVER_SHARD_SERVICE_H_
 #define ENGRAM_SERVER_SHARD_SERVICE_H_
 
@@ -22,23 +27,19 @@
 
 namespace engram::server {
 
-class ShardServiceImpl final : public shard::v1::Shard::Service {
+class ShardServiceImpl final : public shard::v1::Shard::CallbackService {
  public:
-  // `memory` (not owned) opens the banks; `max_batch` bounds the states per
-  // request.
+  // `memory` (not owned) opens the banks and runs the steps; `max_batch`
+  // bounds the states per request.
   ShardServiceImpl(MemoryServiceImpl* memory, int64_t max_batch)
       : memory_(memory), max_batch_(max_batch) {}
 
-  grpc::Status Steps(
-      grpc::ServerContext* ctx,
-      grpc::ServerReaderWriter<shard::v1::StepReply, shard::v1::StepRequest>* stream) override;
+  grpc::ServerBidiReactor<shard::v1::StepRequest, shard::v1::StepReply>* Steps(
+      grpc::CallbackServerContext* ctx) override;
 
  private:
-  // Answers `req` (the stream's first request) and every later one.
-  absl::Status Serve(
-      grpc::ServerContext* ctx,
-      grpc::ServerReaderWriter<shard::v1::StepReply, shard::v1::StepRequest>* stream,
-      shard::v1::StepRequest* req);
+  class StepsReactor;
+  class StepTask;
 
   MemoryServiceImpl* memory_;
   int64_t max_batch_;

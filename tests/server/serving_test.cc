@@ -1,8 +1,11 @@
 // engramd under load, through a real grpc::Server: one behaviour whatever
 // the batching and the company, a stalled SampleStream reader that delays
-// nobody, and a full admission queue that rejects the excess while the
-// server's threads stay fixed.
+// nobody, a full admission queue that rejects the excess while the
+// server's threads stay fixed, and shard streams that hold no thread and
+// queue their steps with everything else.
+#include <condition_variable>
 #include <filesystem>
+#include <mutex>
 #include <random>
 #include <thread>
 
@@ -10,6 +13,7 @@
 #include <gtest/gtest.h>
 #include <prometheus/text_serializer.h>
 
+#include "engram/shard/v1/shard.grpc.pb.h"
 #include "engram/v1/engram.grpc.pb.h"
 #include "server/server.h"
 #include "testing/random_banks.h"
@@ -364,6 +368,132 @@ TEST(Admission, ExcessCallsGetResourceExhaustedAndThreadsStayFixed) {
   EXPECT_NE(text.find("engram_scheduler_rejected_total{pool=\"compute\",reason=\"queue_full\"} " +
                       std::to_string(exhausted)),
             std::string::npos);
+}
+
+// The value of the sample `series` (name and labels, as exposed) in the
+// server's metrics; NaN when absent.
+double MetricValue(Serving& s, const std::string& series) {
+  prometheus::TextSerializer ser;
+  const std::string text = ser.Serialize(s.server().metrics()->registry()->Collect());
+  const size_t at = text.find("\n" + series + " ");
+  if (at == std::string::npos) return std::nan("");
+  return std::stod(text.substr(at + series.size() + 2));
+}
+
+// Sample calls long enough to keep an executor busy for the test's length,
+// on the callback client API (no completion queue to poll); cancelled and
+// waited for by the destructor.
+class LongSamples {
+ public:
+  LongSamples(Serving& s, int calls) : calls_(calls), ctxs_(calls), resps_(calls) {
+    for (int c = 0; c < calls; ++c) {
+      v1::SampleRequest req;
+      req.set_bank("g");
+      req.set_count(64);
+      req.set_seed(c);
+      req.mutable_schedule()->set_steps(4000);
+      s.stub().async()->Sample(&ctxs_[c], &req, &resps_[c], [this](grpc::Status) {
+        std::lock_guard<std::mutex> lock(mu_);
+        ++done_;
+        cv_.notify_all();
+      });
+    }
+  }
+  ~LongSamples() {
+    for (auto& c : ctxs_) c.TryCancel();
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return done_ == calls_; });
+  }
+
+ private:
+  const int calls_;
+  std::vector<grpc::ClientContext> ctxs_;
+  std::vector<v1::SampleResponse> resps_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int done_ = 0;
+};
+
+TEST(ShardStreams, HoldNoThreadAndQueueTheirStepsWithTheNodesCalls) {
+  constexpr int kQueue = 3, kStreams = 48;
+  ServerConfig config;
+  config.executor_threads = 1;
+  config.max_queue = kQueue;
+  Serving s(config, "shard_streams");
+  const int n = 64, k = 4000;
+  std::mt19937_64 rng(9);
+  auto xi = testing::RandomGaussian(int64_t{k} * n, rng, 1.f / std::sqrt(float(n)));
+  s.CreateAndStore("g", n, v1::STATE_KIND_CONTINUOUS, v1::ENERGY_FAMILY_GAUSSIAN, 0, xi);
+  auto shard = shard::v1::Shard::NewStub(s.channel());
+  shard::v1::StepRequest step;
+  step.set_bank("g");
+  step.set_with_sum(true);
+  for (int i = 0; i < n; ++i) step.add_states(xi[i]);  // the first pattern
+  const std::string waits = "engram_scheduler_queue_wait_seconds_count{pool=\"compute\"}";
+
+  struct Open {
+    grpc::ClientContext ctx;
+    std::unique_ptr<grpc::ClientReaderWriter<shard::v1::StepRequest, shard::v1::StepReply>> rw;
+  };
+  auto open_one = [&](Open* o) {
+    o->rw = shard->Steps(&o->ctx);
+    shard::v1::StepReply reply;
+    ASSERT_TRUE(o->rw->Write(step));
+    ASSERT_TRUE(o->rw->Read(&reply));
+    ASSERT_EQ(reply.partials_size(), 1);
+    EXPECT_EQ(reply.partials(0).rows(), k);
+  };
+  {
+    Open warm;  // gRPC starts its own threads lazily on first use
+    open_one(&warm);
+    warm.rw->WritesDone();
+    EXPECT_TRUE(warm.rw->Finish().ok());
+  }
+  // Open streams, each having answered a step, take no thread of the
+  // server's while they wait for the next (a synchronous handler would hold
+  // one each), and every step went through the compute queue.
+  const double waits_before = MetricValue(s, waits);
+  const int before = ProcessThreads();
+  std::vector<std::unique_ptr<Open>> open;
+  for (int i = 0; i < kStreams; ++i) {
+    open.push_back(std::make_unique<Open>());
+    open_one(open.back().get());
+    ASSERT_FALSE(HasFailure());
+  }
+  const int with_streams = ProcessThreads();
+  EXPECT_LT(with_streams - before, 8) << "threads before " << before << ", with " << kStreams
+                                      << " open streams " << with_streams;
+  EXPECT_EQ(MetricValue(s, waits) - waits_before, kStreams);
+  for (auto& o : open) {
+    o->rw->WritesDone();
+    EXPECT_TRUE(o->rw->Finish().ok());
+  }
+
+  // The executor busy and the queue full of the node's own calls: a step
+  // is refused at once, RESOURCE_EXHAUSTED, as any call would be. (One
+  // sample first, taken by the executor, then the queue's worth; each runs
+  // for seconds, until cancelled.)
+  auto wait_for = [&](const std::string& series, double value) {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (MetricValue(s, series) < value && std::chrono::steady_clock::now() < until) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    return MetricValue(s, series);
+  };
+  const double waits_now = MetricValue(s, waits);
+  LongSamples running(s, 1);
+  ASSERT_EQ(wait_for(waits, waits_now + 1), waits_now + 1);
+  const std::string depth = "engram_scheduler_queue_depth{pool=\"compute\"}";
+  LongSamples queued(s, kQueue);
+  ASSERT_EQ(wait_for(depth, kQueue), kQueue);
+  Open refused;
+  refused.rw = shard->Steps(&refused.ctx);
+  ASSERT_TRUE(refused.rw->Write(step));
+  shard::v1::StepReply reply;
+  EXPECT_FALSE(refused.rw->Read(&reply));
+  const grpc::Status st = refused.rw->Finish();
+  EXPECT_EQ(st.error_code(), grpc::RESOURCE_EXHAUSTED) << st.error_message();
+  EXPECT_NE(st.error_message().find("queue is full"), std::string::npos) << st.error_message();
 }
 
 }  // namespace
