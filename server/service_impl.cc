@@ -951,6 +951,16 @@ void MemoryServiceImpl::SubmitCompute(const grpc::CallbackServerContext* ctx,
   scheduler_->Submit(std::move(task));
 }
 
+bool MemoryServiceImpl::InlineShardOpen(grpc::ServerContextBase* ctx, const std::string& bank,
+                                        int64_t floats) const {
+  if (WriteLog* log = write_log_.load(); log != nullptr && HeaderMinSequence(ctx) > log->applied()) {
+    return false;  // OpenShardRead waits for the log
+  }
+  core::BankRegistry* registry = registry_.load();
+  if (registry == nullptr) return true;  // UNAVAILABLE at once
+  return Inline(registry, bank, [floats](int dim) { return static_cast<double>(floats) / dim; });
+}
+
 void MemoryServiceImpl::RecordExpired(core::BankRegistry* registry, const std::string& bank,
                                       int64_t patterns) {
   metrics_->RecordExpired(patterns);

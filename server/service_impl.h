@@ -112,6 +112,11 @@ class MemoryServiceImpl final : public v1::MemoryService::CallbackService {
   bool InlineWork(double multiply_adds) const {
     return limits_.inline_work > 0 && multiply_adds <= limits_.inline_work;
   }
+  // True when a shard stream's first step on `bank`, `floats` state values,
+  // may run on the thread that read it, as a small call does: its pass is
+  // within --inline_work and it need not wait for the write log.
+  bool InlineShardOpen(grpc::ServerContextBase* ctx, const std::string& bank,
+                       int64_t floats) const;
   const Scheduler& writer() const { return *writer_; }
 
   grpc::ServerUnaryReactor* CreateBank(grpc::CallbackServerContext* ctx,

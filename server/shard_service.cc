@@ -315,10 +315,12 @@ void ShardServiceImpl::StepsReactor::OnReadDone(bool ok) {
     Finish(grpc::Status::OK);  // the router closed its side: nothing more asked
     return;
   }
-  // A step of an open stream small enough (--inline_work) is answered here,
-  // as a node answers a small call; the first step (which opens the bank)
-  // and larger ones queue.
-  if (state_.open() && service_->memory_->InlineWork(state_.Work(req_))) {
+  // A step small enough (--inline_work) is answered here, as a node answers
+  // a small call; larger ones, and a first step that must wait for the
+  // write log, queue.
+  MemoryServiceImpl* memory = service_->memory_;
+  if (state_.open() ? memory->InlineWork(state_.Work(req_))
+                    : memory->InlineShardOpen(ctx_, req_.bank(), req_.states_size())) {
     RunStep();
     return;
   }

@@ -6,11 +6,13 @@
 //   ShardServiceImpl shard(memory_service.get(), limits.max_batch);
 //   builder.RegisterService(&shard);
 //
-// Threads: a stream is a callback reactor; its first step, and every step
-// above --inline_work, is a task on the node's compute scheduler
-// (server/scheduler.h), queued behind the node's own calls, bounded by its
-// queue (RESOURCE_EXHAUSTED when full) and by the call's deadline or
-// --queue_timeout_ms per step. No thread waits on an open stream.
+// Threads: a stream is a callback reactor. A step whose pass is within
+// --inline_work runs on the thread that read it, as a small call does;
+// every other step (and a first step that waits for the write log) is a
+// task on the node's compute scheduler (server/scheduler.h), queued behind
+// the node's own calls, bounded by its queue (RESOURCE_EXHAUSTED when full)
+// and by the call's deadline or --queue_timeout_ms per step. No thread
+// waits on an open stream.
 // Thread-safety: streams run concurrently; each pins its own snapshot, and
 // a stream's steps run one at a time, in order.
 #ifndef ENGRAM_SERVER_SHARD_SERVICE_H_

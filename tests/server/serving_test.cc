@@ -419,6 +419,7 @@ TEST(ShardStreams, HoldNoThreadAndQueueTheirStepsWithTheNodesCalls) {
   ServerConfig config;
   config.executor_threads = 1;
   config.max_queue = kQueue;
+  config.inline_work = 0;  // every step queues (small ones are answered inline otherwise)
   Serving s(config, "shard_streams");
   const int n = 64, k = 4000;
   std::mt19937_64 rng(9);
@@ -467,6 +468,40 @@ TEST(ShardStreams, HoldNoThreadAndQueueTheirStepsWithTheNodesCalls) {
   for (auto& o : open) {
     o->rw->WritesDone();
     EXPECT_TRUE(o->rw->Finish().ok());
+  }
+
+  // With --inline_work at its default, the same small step is answered on
+  // the thread that read it (no queue wait recorded), with the same
+  // partial, bit for bit, as the queued one.
+  {
+    shard::v1::StepReply queued;
+    {
+      Open o;
+      o.rw = shard->Steps(&o.ctx);
+      ASSERT_TRUE(o.rw->Write(step));
+      ASSERT_TRUE(o.rw->Read(&queued));
+      o.rw->WritesDone();
+      ASSERT_TRUE(o.rw->Finish().ok());
+    }
+    Serving small(ServerConfig{}, "shard_streams_inline");
+    small.CreateAndStore("g", n, v1::STATE_KIND_CONTINUOUS, v1::ENERGY_FAMILY_GAUSSIAN, 0, xi);
+    auto inline_shard = shard::v1::Shard::NewStub(small.channel());
+    const double small_waits = MetricValue(small, waits);
+    for (int i = 0; i < 3; ++i) {
+      Open o;
+      o.rw = inline_shard->Steps(&o.ctx);
+      shard::v1::StepReply reply;
+      ASSERT_TRUE(o.rw->Write(step));
+      ASSERT_TRUE(o.rw->Read(&reply));
+      ASSERT_TRUE(o.rw->Write(step));  // a later step of the open stream
+      ASSERT_TRUE(o.rw->Read(&reply));
+      o.rw->WritesDone();
+      ASSERT_TRUE(o.rw->Finish().ok());
+      EXPECT_EQ(reply.partials(0).SerializeAsString(), queued.partials(0).SerializeAsString());
+    }
+    const double after = MetricValue(small, waits);
+    EXPECT_TRUE(after == small_waits || (std::isnan(after) && std::isnan(small_waits)))
+        << small_waits << " -> " << after;
   }
 
   // The executor busy and the queue full of the node's own calls: a step
