@@ -254,9 +254,9 @@ class StreamState {
 }  // namespace
 
 // One Steps stream: read a request, run its step on the compute scheduler
-// (or here, when small), write the reply, read the next. At most one of those is outstanding at a
-// time, so the state is touched by one thread at a time, and OnDone (after
-// Finish) comes when none is.
+// (or here, when small), write the reply, read the next. At most one of
+// those is outstanding at a time, so the state is touched by one thread at
+// a time, and OnDone (after Finish) comes when none is.
 class ShardServiceImpl::StepsReactor final
     : public grpc::ServerBidiReactor<shard::v1::StepRequest, shard::v1::StepReply> {
  public:
@@ -267,7 +267,8 @@ class ShardServiceImpl::StepsReactor final
 
   const grpc::CallbackServerContext* ctx() const { return ctx_; }
 
-  // Runs on an executor: answers req_, then writes, or ends the call.
+  // Answers req_ (on an executor, or in OnReadDone when small), then
+  // writes, or ends the call.
   void RunStep() {
     reply_.Clear();
     const grpc::Status s = Guarded(nullptr, [&] { return state_.Step(ctx_, req_, &reply_); });
