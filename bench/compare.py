@@ -243,30 +243,43 @@ def main():
             xi /= np.linalg.norm(xi, axis=1, keepdims=True)
             pf = os.path.join(tmp, "xi.f32")
             xi.tofile(pf)
-            # This build only: a baseline may predate the sampling workload.
-            e = engram(args.tool, ["--sample", 1, "--patterns", pf, "--dim", n, "--count", count,
-                                   "--steps", 64, "--out", tmp,
-                                   "--repeats", max(1, args.repeats // 3)])
-            x0 = np.fromfile(os.path.join(tmp, "x0.f32"), dtype=np.float32).reshape(count, n)
-            final = np.fromfile(os.path.join(tmp, "final.f32"), dtype=np.float32).reshape(count, n)
-            sigmas = np.fromfile(os.path.join(tmp, "sigmas.f64"))
-            unit = np.fromfile(os.path.join(tmp, "unit.f32"), dtype=np.float32).reshape(count, n)
             half_sq = 0.5 * (xi * xi).sum(axis=1)
-            ref = [None]
-
-            def np_sample():
-                ref[0] = np_heun(xi, half_sq, x0, sigmas)
-            t_np = median_time(np_sample, max(1, args.repeats // 3))
-            t_np_den = median_time(lambda: np_denoise(xi, half_sq, unit, 1.0), args.repeats)
-            t_gemm = median_time(lambda: unit @ xi.T, args.repeats)
-            sgemm_rate = 2.0 * count * k * n / t_gemm
             nearest = lambda x: np.argmax(x @ xi.T - half_sq, axis=1)
-            same = float(np.mean(nearest(final) == nearest(ref[0])))
-            diff = float(np.abs(final - ref[0]).max())
-            flops = 4.0 * count * k * n
-            sample_rows.append((n, k, count, e["sample_heun"], t_np, e["sample_heun_one"],
-                                e["denoise_batch"], t_np_den, flops / e["denoise_batch"] / 1e9,
-                                sgemm_rate / 1e9, same, diff))
+            timed = None
+            # The same bank stored in f32 and in bf16 (rows rounded to 8
+            # significant bits); numpy samples the f32 rows from the initial
+            # states each Engram run drew (the same seed: the same states).
+            for precision in ("f32", "bf16"):
+                # This build only: a baseline may predate the sampling workload.
+                e = engram(args.tool, ["--sample", 1, "--patterns", pf, "--dim", n,
+                                       "--count", count, "--steps", 64, "--out", tmp,
+                                       "--precision", precision,
+                                       "--repeats", max(1, args.repeats // 3)])
+                final = np.fromfile(os.path.join(tmp, "final.f32"),
+                                    dtype=np.float32).reshape(count, n)
+                drawn = np.fromfile(os.path.join(tmp, "x0.f32"), dtype=np.float32).reshape(count, n)
+                if timed is not None and not np.array_equal(drawn, x0):
+                    sys.exit(f"the {precision} run drew other initial states than the f32 run")
+                if timed is None:
+                    x0 = drawn
+                    sigmas = np.fromfile(os.path.join(tmp, "sigmas.f64"))
+                    unit = np.fromfile(os.path.join(tmp, "unit.f32"),
+                                       dtype=np.float32).reshape(count, n)
+                    ref = [None]
+
+                    def np_sample():
+                        ref[0] = np_heun(xi, half_sq, x0, sigmas)
+                    t_np = median_time(np_sample, max(1, args.repeats // 3))
+                    t_np_den = median_time(lambda: np_denoise(xi, half_sq, unit, 1.0), args.repeats)
+                    t_gemm = median_time(lambda: unit @ xi.T, args.repeats)
+                    timed = (ref[0], t_np, t_np_den, 2.0 * count * k * n / t_gemm)
+                ref_final, t_np, t_np_den, sgemm_rate = timed
+                same = float(np.mean(nearest(final) == nearest(ref_final)))
+                diff = float(np.abs(final - ref_final).max())
+                flops = 4.0 * count * k * n
+                sample_rows.append((n, k, precision, count, e["sample_heun"], t_np,
+                                    e["sample_heun_one"], e["denoise_batch"], t_np_den,
+                                    flops / e["denoise_batch"] / 1e9, sgemm_rate / 1e9, same, diff))
             del xi
     finally:
         for f in os.listdir(tmp):
@@ -316,18 +329,20 @@ def main():
         print()
         print("Diffusion sampling on a Gaussian bank (ideal denoiser): Heun over a Karras schedule "
               "of 64 levels (sigma 80 -> 0.002, then 0; 127 denoiser evaluations per sample), "
-              "Engram's Sample against the same sampler in numpy from the same initial noise. "
+              "Engram's Sample against the same sampler in numpy (f32 rows) from the same initial "
+              "noise, for the bank stored in f32 and in bf16. "
               "'one sample' is an Engram call of count 1; the denoiser columns are one "
               "evaluation for the whole batch at sigma = 1, where every row carries weight "
               "(4·B·K·N flops). 'same memory' is the share of samples whose final state has the "
               "same nearest memory on both sides; 'max diff' the largest coordinate difference.")
         print()
-        print("| N | K | samples | Engram sample | numpy sample | ratio | Engram one sample | "
+        print("| N | K | bank | samples | Engram sample | numpy sample | ratio | Engram one sample | "
               "Engram denoiser | numpy denoiser | ratio | Engram GFLOP/s | sgemm GFLOP/s | "
               "% of sgemm | same memory | max diff |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for (n, k, c, es, ns, e1, ed, nd, gf, sg, same, diff) in sample_rows:
-            print(f"| {n} | {k:,} | {c} | {fmt_ms(es)} | {fmt_ms(ns)} | {ns / es:.2f} | {fmt_ms(e1)} | "
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for (n, k, prec, c, es, ns, e1, ed, nd, gf, sg, same, diff) in sample_rows:
+            print(f"| {n} | {k:,} | {prec} | {c} | {fmt_ms(es)} | {fmt_ms(ns)} | {ns / es:.2f} | "
+                  f"{fmt_ms(e1)} | "
                   f"{fmt_ms(ed)} | {fmt_ms(nd)} | {nd / ed:.2f} | {gf:.0f} | {sg:.0f} | "
                   f"{100 * gf / sg:.0f} % | {100 * same:.0f} % | {diff:.2g} |")
     if ab_rows:

@@ -13,6 +13,7 @@
 #include "engram/core/dynamics.h"
 #include "engram/core/filter.h"
 #include "engram/core/readout.h"
+#include "engram/core/registry.h"
 #include "engram/core/sampler.h"
 #include "kernels/kernels.h"
 #include "engram/v1/engram.grpc.pb.h"
@@ -153,6 +154,37 @@ void BM_DecayStep(benchmark::State& state) {
   }
 }
 BENCHMARK(BM_DecayStep)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond)->UseRealTime();
+
+// A Store of one row into a 784 x 20 000 bank (SQLite storage on the temp
+// directory), with (arg 1) or without (arg 0) a reader pinning the bank's
+// current version across the Store: the pinned case publishes a new version
+// that shares the pinned one's rows.
+void BM_StoreUnderReader(benchmark::State& state) {
+  const int n = 784, k = 20000;
+  const bool pin = state.range(0) != 0;
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("engram_bench_store_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  {
+    auto registry = core::BankRegistry::Open(
+        std::move(*core::OpenSqliteStorage((dir / "engram.db").string())), {});
+    core::BankRegistry& r = **registry;
+    (void)r.CreateBank(core::BankSpec{"bench", n, core::StateKind::kContinuous, {},
+                                      core::Precision::kF32});
+    core::Bank seed = RandomBank(n, k, core::StateKind::kContinuous, 3);
+    (void)r.Store("bench", absl::MakeConstSpan(seed.pattern(0), int64_t{k} * n), {}, {});
+    const std::vector<float> row(seed.pattern(7), seed.pattern(7) + n);
+    for (auto _ : state) {
+      core::BankSnapshot reader;
+      if (pin) reader = *r.Snapshot("bench");
+      auto st = r.Store("bench", row, {}, {});
+      if (!st.ok()) state.SkipWithError(std::string(st.status().message()).c_str());
+    }
+  }
+  std::filesystem::remove_all(dir);
+}
+BENCHMARK(BM_StoreUnderReader)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 // What a filtered call adds before it computes: the rows that pass (label
 // index) and the bank of those rows, for a filter keeping 1 in arg 2 rows

@@ -5,7 +5,7 @@
 //
 //   engram_compare --patterns xi.f32 --queries q.f32 --dim 784 --batch 256 \
 //       --beta 0.05 --repeats 7
-//   engram_compare --sample 1 --patterns xi.f32 --dim 784 --count 64 \
+//   engram_compare --sample 1 --patterns xi.f32 --dim 784 --count 64 [--precision bf16] \
 //       --steps 64 --out DIR          # diffusion sampling (see SampleWorkload)
 //   engram_compare --throughput 1 --patterns xi.f32 --queries q.f32 --dim 784 \
 //       --batch 32 --beta 20          # batched retrieval rate (RetrieveThroughput)
@@ -138,10 +138,10 @@ void WriteFloats(const std::string& path, const void* data, size_t bytes) {
 // `out` for the script to check against its own sampler.
 template <typename Emit>
 void SampleWorkload(const std::vector<float>& xi, int n, int count, int steps, int repeats,
-                    const std::string& out, Emit& emit) {
+                    core::Precision precision, const std::string& out, Emit& emit) {
   const int64_t k = static_cast<int64_t>(xi.size()) / n;
   const core::EnergyConfig cfg{.family = core::EnergyFamily::kGaussian};
-  core::Bank bank(core::BankSpec{"g", n, core::StateKind::kContinuous, cfg, core::Precision::kF32});
+  core::Bank bank(core::BankSpec{"g", n, core::StateKind::kContinuous, cfg, precision});
   bank.Append(xi, bank.AssignIds(k), {});
   core::SampleOptions o;
   o.sampler = core::SamplerKind::kHeun;
@@ -238,6 +238,8 @@ int main(int argc, char** argv) {
   if (Arg(argc, argv, "--sample", "0") == "1") {
     SampleWorkload(xi, n, std::atoi(Arg(argc, argv, "--count", "64").c_str()),
                    std::atoi(Arg(argc, argv, "--steps", "64").c_str()), repeats,
+                   Arg(argc, argv, "--precision", "f32") == "bf16" ? core::Precision::kBf16
+                                                                   : core::Precision::kF32,
                    Arg(argc, argv, "--out", ""), emit);
     std::printf("}\n");
     return 0;

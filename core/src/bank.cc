@@ -146,9 +146,8 @@ uint64_t Bank::bytes() const {
                screen_.size() + screen_rows_.size() * sizeof(ScreenRow) +
                screen_sums_.size() * sizeof(int32_t) +
                bits_.size() * sizeof(uint64_t);
-  for (const auto& p : payloads_) b += p.size();
+  b += payload_bytes_ + label_bytes_;
   b += values_.size() * sizeof(float) + (expires_ms_.size() + stored_ms_.size()) * sizeof(int64_t);
-  for (const Labels& l : labels_) b += l.bytes();
   return b;
 }
 
@@ -166,23 +165,21 @@ PatternView Bank::view() const {
 
 absl::Span<const int64_t> Bank::RowsWithString(const std::string& key,
                                                const std::string& value) const {
-  auto k = string_index_.find(key);
-  if (k == string_index_.end()) return {};
+  auto k = labels_index_->strings.find(key);
+  if (k == labels_index_->strings.end()) return {};
   auto v = k->second.find(value);
   if (v == k->second.end()) return {};
   return v->second;
 }
 
 absl::Span<const std::pair<int64_t, int64_t>> Bank::RowsWithInt(const std::string& key) const {
-  auto k = int_index_.find(key);
-  if (k == int_index_.end()) return {};
+  auto k = labels_index_->ints.find(key);
+  if (k == labels_index_->ints.end()) return {};
   return k->second;
 }
 
 std::optional<int64_t> Bank::RowOf(uint64_t id) const {
-  auto it = row_of_.find(id);
-  if (it == row_of_.end()) return std::nullopt;
-  return it->second;
+  return row_of_.Find(id);
 }
 
 absl::Status Bank::ValidateNewPatterns(
@@ -294,32 +291,39 @@ void Bank::Append(absl::Span<const float> data, absl::Span<const uint64_t> ids,
                   absl::Span<const std::string> payloads, const PatternExtras& extras) {
   const int n = dim();
   const size_t k = ids.size();
+  const int64_t first = size();
   version_ = NextVersion();
-  data_.insert(data_.end(), data.begin(), data.end());
+  data_.Append(data.data(), data.size());
   PackRows(data);
   if (spec_.value_dim > 0) {
-    if (extras.values.empty()) {
-      values_.resize(values_.size() + k * spec_.value_dim, 0.f);
-    } else {
-      values_.insert(values_.end(), extras.values.begin(), extras.values.end());
-    }
+    float* v = values_.Grow(k * spec_.value_dim);  // zeros when none are given
+    std::copy(extras.values.begin(), extras.values.end(), v);
   }
+  Labels* labels = labels_.Grow(k);
+  int64_t* expires = expires_ms_.Grow(k);
+  int64_t* stored = stored_ms_.Grow(k);
+  float* sq_norms = sq_norms_.Grow(k);
+  uint64_t* row_ids = ids_.Grow(k);
+  std::string* row_payloads = payloads_.Grow(k);
   for (size_t r = 0; r < k; ++r) {
-    labels_.push_back(extras.labels.empty() ? Labels() : extras.labels[r]);
-    const int64_t expires = extras.expires_ms.empty() ? 0 : extras.expires_ms[r];
-    expires_ms_.push_back(expires);
-    stored_ms_.push_back(extras.stored_ms.empty() ? 0 : extras.stored_ms[r]);
-    if (expires > 0 && (min_expires_ms_ == 0 || expires < min_expires_ms_)) {
-      min_expires_ms_ = expires;
+    if (!extras.labels.empty()) {
+      labels[r] = extras.labels[r];
+      label_bytes_ += labels[r].bytes();
+      IndexLabels(first + static_cast<int64_t>(r));
     }
-    IndexLabels(static_cast<int64_t>(ids_.size()) + static_cast<int64_t>(r));
-  }
-  for (size_t r = 0; r < k; ++r) {
+    expires[r] = extras.expires_ms.empty() ? 0 : extras.expires_ms[r];
+    stored[r] = extras.stored_ms.empty() ? 0 : extras.stored_ms[r];
+    if (expires[r] > 0 && (min_expires_ms_ == 0 || expires[r] < min_expires_ms_)) {
+      min_expires_ms_ = expires[r];
+    }
     Eigen::Map<const Eigen::VectorXf> row(data.data() + r * n, n);
-    sq_norms_.push_back(static_cast<float>(row.cast<double>().squaredNorm()));
-    row_of_[ids[r]] = static_cast<int64_t>(ids_.size());
-    ids_.push_back(ids[r]);
-    payloads_.push_back(payloads.empty() ? std::string() : payloads[r]);
+    sq_norms[r] = static_cast<float>(row.cast<double>().squaredNorm());
+    row_of_.Insert(ids[r], first + static_cast<int64_t>(r));
+    row_ids[r] = ids[r];
+    if (!payloads.empty()) {
+      row_payloads[r] = payloads[r];
+      payload_bytes_ += payloads[r].size();
+    }
     if (ids[r] >= next_id_ && ids[r] != std::numeric_limits<uint64_t>::max()) {
       next_id_ = ids[r] + 1;
     }
@@ -344,48 +348,20 @@ absl::Status Bank::ValidateRemoval(absl::Span<const uint64_t> ids) const {
 
 void Bank::Remove(absl::Span<const uint64_t> ids) {
   absl::flat_hash_set<uint64_t> drop(ids.begin(), ids.end());
-  version_ = NextVersion();
-  const int n = dim();
-  int64_t out = 0;
+  std::vector<int64_t> kept;
+  kept.reserve(size());
   for (int64_t r = 0; r < size(); ++r) {
-    if (drop.contains(ids_[r])) continue;
-    if (out != r) {
-      std::copy(data_.begin() + r * n, data_.begin() + (r + 1) * n,
-                data_.begin() + out * n);
-      sq_norms_[out] = sq_norms_[r];
-      ids_[out] = ids_[r];
-      payloads_[out] = std::move(payloads_[r]);
-      const int64_t m = spec_.value_dim;
-      std::copy(values_.begin() + r * m, values_.begin() + (r + 1) * m,
-                values_.begin() + out * m);
-      labels_[out] = std::move(labels_[r]);
-      expires_ms_[out] = expires_ms_[r];
-      stored_ms_[out] = stored_ms_[r];
-    }
-    ++out;
+    if (!drop.contains(ids_[r])) kept.push_back(r);
   }
-  data_.resize(out * n);
-  sq_norms_.resize(out);
-  ids_.resize(out);
-  payloads_.resize(out);
-  values_.resize(out * spec_.value_dim);
-  labels_.resize(out);
-  expires_ms_.resize(out);
-  stored_ms_.resize(out);
-  bf16_.clear();
-  screen_.clear();
-  screen_rows_.clear();
-  screen_sums_.clear();
-  bits_.clear();
-  PackRows(data_);
-  RebuildIndex();
+  // Fresh arrays: other copies of this bank keep reading the old ones.
+  *this = Subset(kept);
 }
 
 void Bank::PackRows(absl::Span<const float> data) {
   const int n = dim();
   if (spec_.precision == Precision::kBf16) {
-    bf16_.reserve(bf16_.size() + data.size());
-    for (float v : data) bf16_.push_back(kernels::FloatToBf16(v));
+    uint16_t* out = bf16_.Grow(data.size());
+    for (size_t i = 0; i < data.size(); ++i) out[i] = kernels::FloatToBf16(data[i]);
   } else if (spec_.precision == Precision::kF32Screened && n <= kMaxScreenDim) {
     // The f32 dot kernels sum with at most n/4 + 8 sequential roundings per
     // lane and reduction, so they are within (n/4 + 8) 2^-24 |xi| |x| of the
@@ -393,13 +369,12 @@ void Bank::PackRows(absl::Span<const float> data) {
     // (ScreenRow). The bounds are computed in double and rounded up.
     const size_t k = data.size() / n;
     const double acc_rel = (n / 4.0 + 8.0) * 0x1p-24;
-    size_t at = screen_.size();
-    screen_.resize(at + data.size());
-    screen_rows_.reserve(screen_rows_.size() + k);
-    screen_sums_.reserve(screen_sums_.size() + k);
-    for (size_t r = 0; r < k; ++r, at += n) {
+    int8_t* screen = screen_.Grow(data.size());
+    ScreenRow* rows = screen_rows_.Grow(k);
+    int32_t* sums = screen_sums_.Grow(k);
+    for (size_t r = 0; r < k; ++r) {
       const float* v = data.data() + r * n;
-      int8_t* q = screen_.data() + at;
+      int8_t* q = screen + r * n;
       ScreenRow row;
       row.scale = kernels::QuantizeToInt8(v, n, q);
       int32_t sum = 0;
@@ -414,39 +389,28 @@ void Bank::PackRows(absl::Span<const float> data) {
       const double up = 1.0 + 0x1p-20;
       row.err = static_cast<float>((std::sqrt(d2) + acc_rel * std::sqrt(v2)) * up + 0x1p-100);
       row.norm = static_cast<float>(std::sqrt(q2) * up + 0x1p-100);
-      screen_rows_.push_back(row);
-      screen_sums_.push_back(sum);
+      rows[r] = row;
+      sums[r] = sum;
     }
   } else if (spec_.precision == Precision::kBitPacked) {
     const int words = kernels::BitWords(n);
     const size_t k = data.size() / n;
-    size_t at = bits_.size();
-    bits_.resize(at + k * words, 0);
-    for (size_t r = 0; r < k; ++r, at += words) {
+    uint64_t* bits = bits_.Grow(k * words);  // zeros
+    for (size_t r = 0; r < k; ++r) {
       for (int i = 0; i < n; ++i) {
-        if (data[r * n + i] > 0.f) bits_[at + (i >> 6)] |= uint64_t{1} << (i & 63);
+        if (data[r * n + i] > 0.f) bits[r * words + (i >> 6)] |= uint64_t{1} << (i & 63);
       }
     }
   }
 }
 
-void Bank::RebuildIndex() {
-  row_of_.clear();
-  string_index_.clear();
-  int_index_.clear();
-  min_expires_ms_ = 0;
-  for (int64_t r = 0; r < size(); ++r) {
-    row_of_[ids_[r]] = r;
-    IndexLabels(r);
-    const int64_t e = expires_ms_[r];
-    if (e > 0 && (min_expires_ms_ == 0 || e < min_expires_ms_)) min_expires_ms_ = e;
-  }
-}
-
 void Bank::IndexLabels(int64_t r) {
   const Labels& l = labels_[r];
-  for (const auto& [key, value] : l.strings) string_index_[key][value].push_back(r);
-  for (const auto& [key, value] : l.ints) int_index_[key].emplace_back(r, value);
+  if (l.empty()) return;
+  if (labels_index_.use_count() > 1) labels_index_ = std::make_shared<LabelIndex>(*labels_index_);
+  LabelIndex& index = *labels_index_;  // only this bank holds it now
+  for (const auto& [key, value] : l.strings) index.strings[key][value].push_back(r);
+  for (const auto& [key, value] : l.ints) index.ints[key].emplace_back(r, value);
 }
 
 Bank Bank::Subset(absl::Span<const int64_t> rows) const {

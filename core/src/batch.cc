@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -135,6 +136,38 @@ constexpr int64_t kSparseTileFraction = 8;
 // at most.
 constexpr int64_t kScoresFirstBytes = int64_t{128} << 20;
 
+// A bf16 bank's batched pass multiplies its bf16 rows, widened to f32 a
+// block of this many at a time (exactly: a bf16 value is the upper half of
+// its f32), so that the products are the per-state bf16 kernels' (up to
+// the summation order and their split state, within 2^-16 sum |xi_i x_i|);
+// a block stays in L2 between the widening and the sgemm.
+constexpr int64_t kWidenRows = 256;
+
+// Rows of a bank for the batched products: f32 rows, or bf16 rows (when
+// not null) that are widened into `wide` (kWidenRows x n floats).
+struct TileRows {
+  const float* f32;
+  const uint16_t* bf16;
+  int n;
+  std::vector<float>* wide;
+
+  // Rows [first, first + count) as f32 (count <= kWidenRows for bf16),
+  // valid until the next call.
+  const float* Rows(int64_t first, int64_t count) const {
+    if (bf16 == nullptr) return f32 + first * n;
+    const uint16_t* in = bf16 + first * n;
+    float* out = wide->data();
+    const int64_t values = count * n;
+    for (int64_t i = 0; i < values; ++i) {
+      const uint32_t u = uint32_t{in[i]} << 16;
+      std::memcpy(out + i, &u, sizeof(u));
+    }
+    return out;
+  }
+  // Rows per sgemm: all of a tile for f32, kWidenRows blocks for bf16.
+  int64_t Block(int64_t count) const { return bf16 == nullptr ? count : kWidenRows; }
+};
+
 // Acc (b x n) += W (b x count) * Xi_tile (count x n), W's rows in `w`
 // (b x count, weights of the tile's rows, negligible ones zero; `left[q]`
 // of state q's are not zero). States whose weights left fill more than
@@ -144,8 +177,18 @@ struct SgemmScratch {
   std::vector<float> dense_w, dense_acc;  // the states that take the sgemm
 };
 
-void AddTileWeightedSums(const float* xi, int64_t count, int n, int64_t b, float* w,
-                         const int64_t* left, float* acc, SgemmScratch* scratch) {
+void AddTileWeightedSums(const TileRows& src, int64_t t0, int64_t count, int n, int64_t b,
+                         float* w, const int64_t* left, float* acc, SgemmScratch* scratch) {
+  const int64_t block = src.Block(count);
+  // C (m x n) += A (m x count, row stride lda) * the tile's rows.
+  auto multiply = [&](int64_t m, const float* a, int64_t lda, float beta_first, float* c) {
+    for (int64_t j0 = 0; j0 < count; j0 += block) {
+      const int64_t rows = std::min(block, count - j0);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(m), n,
+                  static_cast<int>(rows), 1.f, a + j0, static_cast<int>(lda),
+                  src.Rows(t0 + j0, rows), n, j0 == 0 ? beta_first : 1.f, c, n);
+    }
+  };
   std::vector<int64_t> dense;
   int64_t sparse_pairs = 0;
   for (int64_t q = 0; q < b; ++q) {
@@ -157,8 +200,7 @@ void AddTileWeightedSums(const float* xi, int64_t count, int n, int64_t b, float
   }
   const int64_t m = static_cast<int64_t>(dense.size());
   if (m == b) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(b), n,
-                static_cast<int>(count), 1.f, w, static_cast<int>(count), xi, n, 1.f, acc, n);
+    multiply(b, w, count, 1.f, acc);
     return;
   }
   if (m > 0) {
@@ -171,9 +213,7 @@ void AddTileWeightedSums(const float* xi, int64_t count, int n, int64_t b, float
       std::copy(wq, wq + count, scratch->dense_w.begin() + j * count);
       std::fill(wq, wq + count, 0.f);
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(m), n,
-                static_cast<int>(count), 1.f, scratch->dense_w.data(), static_cast<int>(count), xi,
-                n, 0.f, scratch->dense_acc.data(), n);
+    multiply(m, scratch->dense_w.data(), count, 0.f, scratch->dense_acc.data());
     for (int64_t j = 0; j < m; ++j) {
       float* a = acc + dense[j] * n;
       const float* d = scratch->dense_acc.data() + j * n;
@@ -185,6 +225,18 @@ void AddTileWeightedSums(const float* xi, int64_t count, int n, int64_t b, float
   // multi-state kernel skips zero weights), four states to a group.
   const kernels::KernelTable& k = kernels::Kernels();
   int used = 1;
+  if (src.bf16 != nullptr) {  // per state, each kept row (the per-state kernel's products)
+    ParallelRows(b, (sparse_pairs / b + 1) * n, [&](int, int64_t q_begin, int64_t q_end) {
+      for (int64_t q = q_begin; q < q_end; ++q) {
+        const float* wq = w + q * count;
+        for (int64_t r = 0; r < count; ++r) {
+          if (wq[r] != 0.f) k.axpy_rows_bf16(src.bf16 + (t0 + r) * n, 1, n, wq + r, acc + q * n);
+        }
+      }
+    }, &used);
+    return;
+  }
+  const float* xi = src.f32 + t0 * n;
   ParallelRows((b + 3) / 4, 4 * (sparse_pairs / b + 1) * n,
                [&](int, int64_t g_begin, int64_t g_end) {
     const int64_t q0 = 4 * g_begin, q1 = std::min(b, 4 * g_end);
@@ -194,14 +246,19 @@ void AddTileWeightedSums(const float* xi, int64_t count, int n, int64_t b, float
 
 // S (b x count) = X (b x n) * Xi_tile^T for every tile [t0, t0 + tile) of
 // rows [c0, c1); tile t0's scores at st + (t0 - c0) * b.
-void ScoreChunk(const PatternView& view, const float* x, int64_t b, int64_t c0, int64_t c1,
+void ScoreChunk(const TileRows& src, const float* x, int64_t b, int64_t c0, int64_t c1,
                 int64_t tile, float* st) {
-  const int n = view.dim;
+  const int n = src.n;
   for (int64_t t0 = c0; t0 < c1; t0 += tile) {
     const int64_t count = std::min(tile, c1 - t0);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(b),
-                static_cast<int>(count), n, 1.f, x, n, view.data + t0 * n, n, 0.f,
-                st + (t0 - c0) * b, static_cast<int>(count));
+    const int64_t block = src.Block(count);
+    float* stt = st + (t0 - c0) * b;
+    for (int64_t j0 = 0; j0 < count; j0 += block) {
+      const int64_t rows = std::min(block, count - j0);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(b),
+                  static_cast<int>(rows), n, 1.f, x, n, src.Rows(t0 + j0, rows), n, 0.f, stt + j0,
+                  static_cast<int>(count));
+    }
   }
 }
 
@@ -261,6 +318,8 @@ void FusedPassBatchSgemm(const PatternView& view, SimilarityKind similarity, con
   const std::unique_ptr<float[]> st_buf(new float[b * std::min(chunk, std::max<int64_t>(rows, 1))]);
   float* const st = st_buf.get();
   SgemmScratch scratch;
+  std::vector<float> wide(view.bf16 != nullptr ? kWidenRows * n : 0);
+  const TileRows src{view.data, view.bf16, n, &wide};
   std::vector<RunningSums> running(b);
   const float negligible =
       static_cast<float>(kNegligibleWeightMass / static_cast<double>(std::max<int64_t>(rows, 1)));
@@ -268,14 +327,13 @@ void FusedPassBatchSgemm(const PatternView& view, SimilarityKind similarity, con
   if (acc != nullptr) std::fill(acc, acc + b * n, 0.f);
   for (int64_t c0 = 0; c0 < rows; c0 += chunk) {
     const int64_t c1 = std::min(rows, c0 + chunk);
-    ScoreChunk(view, x, b, c0, c1, tile, st);
+    ScoreChunk(src, x, b, c0, c1, tile, st);
     if (scores_first && c1 - c0 > tile) {
       RaiseFloors(st, b, c1 - c0, tile, beta, l2 ? view.sq_norms + c0 : nullptr, sqx, &floors);
     }
     int used = 1;
     for (int64_t t0 = c0; t0 < c1; t0 += tile) {
       const int64_t count = std::min(tile, c1 - t0);
-      const float* xi = view.data + t0 * n;
       float* stt = st + (t0 - c0) * b;
       // Per state: weights in place of the scores (states split over
       // threads), negligible ones zeroed, and the weights left counted.
@@ -291,7 +349,9 @@ void FusedPassBatchSgemm(const PatternView& view, SimilarityKind similarity, con
                                   &p.nearest_key, &p.nearest_row);
         }
       }, &used);
-      if (acc != nullptr) AddTileWeightedSums(xi, count, n, b, stt, left.data(), acc, &scratch);
+      if (acc != nullptr) {
+        AddTileWeightedSums(src, t0, count, n, b, stt, left.data(), acc, &scratch);
+      }
     }
   }
   for (int64_t q = 0; q < b; ++q) {
@@ -327,8 +387,12 @@ void PrepareStates(const PatternView& view, SimilarityKind similarity, const flo
       }
       const int64_t hint = hint_rows != nullptr ? hint_rows[q] : -1;
       if (log_domain && hint >= 0 && hint < view.rows) {
-        float dot;
-        k.dot_rows(view.data + hint * n, 1, n, xq, &dot);
+        float dot;  // as the pass scores the row
+        if (view.bf16 != nullptr) {
+          k.dot_rows_bf16(view.bf16 + hint * n, 1, n, xq, &dot);
+        } else {
+          k.dot_rows(view.data + hint * n, 1, n, xq, &dot);
+        }
         const double s1 = similarity == SimilarityKind::kNegHalfSqL2
                               ? double{dot} - 0.5 * view.sq_norms[hint] - 0.5 * (*sqx)[q]
                               : double{dot};
@@ -428,9 +492,11 @@ void FusedPassBatchMulti(const PatternView& view, SimilarityKind similarity, con
 void FusedPassBatch(const PatternView& view, SimilarityKind similarity, const float* x,
                     int64_t b, const RowWeights& rule, float* acc, FusedSums* sums,
                     bool track_nearest, const int64_t* hint_rows) {
+  // As FusedPass: bf16 scores are not exact, so no nearest row from them.
+  if (view.bf16 != nullptr) track_nearest = false;
   std::vector<double> sqx, floors;
   PrepareStates(view, similarity, x, b, rule, sums, track_nearest, hint_rows, &sqx, &floors);
-  if (b > kBatchMultiMaxStates) {
+  if (b > kBatchMultiMaxStates || view.bf16 != nullptr) {
     FusedPassBatchSgemm(view, similarity, x, b, rule, acc, sums, track_nearest, sqx, floors);
   } else {
     FusedPassBatchMulti(view, similarity, x, b, rule, acc, sums, track_nearest, sqx, floors);

@@ -269,7 +269,7 @@ bool BipolarDriveBatch(const EnergyFunction& energy, const float* x, int64_t b, 
   const PatternView& p = energy.patterns();
   const int n = p.dim;
   if (!HasKrotovHopfieldDrive(cfg, p)) return false;
-  if (p.bf16 != nullptr || b < internal::BatchMinStates(p)) {  // as UpdateTargetBatch
+  if (b < internal::BatchMinStates(p)) {  // as UpdateTargetBatch
     for (int64_t q = 0; q < b; ++q) {
       BipolarDrive(energy, x + q * n, drive + q * n, energies ? energies + q : nullptr,
                    nearest_rows ? nearest_rows + q : nullptr);
@@ -464,7 +464,7 @@ absl::Status DrivePartialBatch(const EnergyFunction& energy, const float* x, int
   } else {
     rule = std::make_unique<internal::LogSoftmaxWeights>(cfg.beta);
   }
-  if (p.bf16 != nullptr || b < internal::BatchMinStates(p)) {
+  if (b < internal::BatchMinStates(p)) {
     for (int64_t q = 0; q < b; ++q) {
       StepPartial& part = (*out)[q];
       internal::SumsToPartial(

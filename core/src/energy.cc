@@ -746,7 +746,7 @@ absl::Status EnergyFunction::PartialBatch(const float* x, int64_t b, bool with_s
   // The checks, and the one-state path where UpdateTargetBatch takes it.
   if (b == 0) return Partial(x, with_sum, false).status();
   if (patterns_.rows == 0 || b < internal::BatchMinStates(patterns_) ||
-      patterns_.bf16 != nullptr || patterns_.log_prior != nullptr || HasWholeRowForm(config_) ||
+      patterns_.log_prior != nullptr || HasWholeRowForm(config_) ||
       EffectiveSimilarity(config_) == SimilarityKind::kNegL1) {
     out->reserve(b);
     for (int64_t q = 0; q < b; ++q) {
@@ -911,12 +911,9 @@ void EnergyFunction::UpdateTargetBatch(const float* x, int64_t b, float* targets
   const int n = patterns_.dim;
   const SimilarityKind sim = EffectiveSimilarity(config_);
   std::unique_ptr<internal::RowWeights> rule = internal::MakeRowWeights(config_);
-  // A bf16 bank is evaluated one state at a time over its bf16 rows, so a
-  // query's answer does not depend on whether it was batched.
   // Few states: one streaming pass each is faster (BatchMinStates).
   if (patterns_.rows == 0 || rule == nullptr || sim == SimilarityKind::kNegL1 ||
-      b < internal::BatchMinStates(patterns_) || patterns_.bf16 != nullptr ||
-      patterns_.log_prior != nullptr) {
+      b < internal::BatchMinStates(patterns_) || patterns_.log_prior != nullptr) {
     for (int64_t q = 0; q < b; ++q) {
       double e;
       if (FusedEvaluate(x + q * n, targets != nullptr ? targets + q * n : nullptr, nullptr, &e,

@@ -129,14 +129,22 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
 // the start. The weighted sum then takes a second sgemm (Acc += W Xi) only
 // for the states whose weights left (negligible ones zeroed, as above) fill
 // more than 1/8 of the tile; the multi-state kernel adds the few rows the
-// others keep. `acc` is b x view.dim (or null); `sums` has b entries.
+// others keep. A bf16 bank always takes the sgemm form, over its bf16 rows
+// widened to f32 a block at a time (the products of its per-state kernels,
+// so a batched state's weights and sums agree with FusedPass's to within
+// 2^-16 sum |xi_i x_i| of each score, plus f32 reassociation), and like
+// FusedPass tracks no nearest row. `acc` is b x view.dim (or null); `sums`
+// has b entries.
 inline constexpr int64_t kBatchMultiMaxStates = 32;
 
 // Batches smaller than this run as one FusedPass per state: on f32 rows a
 // pass per state streams at memory speed, which the multi-state kernels beat
 // from 4 states on; on bit-packed rows (a bipolar bank) the per-state passes
-// read 1/32 of the bytes, so batching starts at 8.
-inline int64_t BatchMinStates(const PatternView& view) { return view.bits != nullptr ? 8 : 4; }
+// read 1/32 of the bytes, so batching starts at 8; on bf16 rows they read
+// half the bytes and the batch runs as sgemms, which pay from 16 states.
+inline int64_t BatchMinStates(const PatternView& view) {
+  return view.bits != nullptr ? 8 : view.bf16 != nullptr ? 16 : 4;
+}
 
 // With `track_nearest`, sums[q].nearest_row is set as in FusedPass (from
 // the sgemm scores, which may round differently from Bank::Nearest's dot

@@ -16,6 +16,14 @@ namespace {
 using engram::testing::RandomGaussian;
 using engram::testing::StatusIs;
 
+// v rounded to bf16, to nearest even (v finite).
+uint16_t Bf16Of(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
 Bank Continuous(int dim) {
   return Bank(BankSpec{"b", dim, StateKind::kContinuous, {}, Precision::kF32});
 }
@@ -112,6 +120,72 @@ TEST(Bank, AssignsFreshIdsAndRemovesInOrder) {
   EXPECT_FALSE(bank.RowOf(4).has_value());
   // Removed ids are not handed out again while higher ids exist.
   EXPECT_EQ(bank.AssignIds(1), (std::vector<uint64_t>{7}));
+}
+
+// Copies of a bank share their rows: appending to a copy writes only the new
+// rows (the original's memory is read by both), the original sees nothing
+// of it, and two copies growing from the same bank do not write over each
+// other (the second moves to its own buffer).
+TEST(Bank, CopiesShareRowsAndGrowWithoutTouchingEachOther) {
+  const int n = 3;
+  Bank a(BankSpec{"b", n, StateKind::kContinuous, {}, Precision::kBf16});
+  std::vector<uint64_t> ids(40);
+  std::vector<float> rows(40 * n);
+  std::vector<std::string> payloads(40);
+  std::vector<Labels> labels(40);
+  for (int r = 0; r < 40; ++r) {
+    ids[r] = 100 + r;
+    payloads[r] = "p" + std::to_string(r);
+    labels[r].ints = {{"r", r}};
+    for (int i = 0; i < n; ++i) rows[r * n + i] = static_cast<float>(r * 10 + i);
+  }
+  auto append = [&](Bank& bank, int from, int to) {
+    bank.Append(absl::MakeConstSpan(rows).subspan(from * n, (to - from) * n),
+                absl::MakeConstSpan(ids).subspan(from, to - from),
+                absl::MakeConstSpan(payloads).subspan(from, to - from),
+                PatternExtras{.labels = absl::MakeConstSpan(labels).subspan(from, to - from)});
+  };
+  // Row r of a bank holding rows [0, k) of the batch above.
+  auto expect_rows = [&](const Bank& bank, int k) {
+    ASSERT_EQ(bank.size(), k);
+    for (int r = 0; r < k; ++r) {
+      EXPECT_EQ(bank.id(r), ids[r]);
+      EXPECT_EQ(bank.payload(r), payloads[r]);
+      EXPECT_EQ(bank.pattern(r)[n - 1], rows[r * n + n - 1]);
+      EXPECT_EQ(bank.view().bf16[r * n + 1], Bf16Of(rows[r * n + 1]));
+      EXPECT_EQ(bank.view().sq_norms[r],
+                static_cast<float>(double{rows[r * n]} * rows[r * n] +
+                                   double{rows[r * n + 1]} * rows[r * n + 1] +
+                                   double{rows[r * n + 2]} * rows[r * n + 2]));
+      EXPECT_EQ(bank.RowOf(ids[r]), r);
+      ASSERT_EQ(bank.RowsWithInt("r").size(), static_cast<size_t>(k));
+      EXPECT_EQ(bank.RowsWithInt("r")[r], (std::pair<int64_t, int64_t>{r, r}));
+    }
+    for (int r = k; r < 40; ++r) EXPECT_FALSE(bank.RowOf(ids[r]).has_value()) << r;
+  };
+  append(a, 0, 20);  // a's buffers hold 20 rows with room for more
+  append(a, 20, 21);
+  Bank b = a;
+  append(b, 21, 25);
+  EXPECT_TRUE(b.SharesRowsWith(a));
+  expect_rows(a, 21);
+  expect_rows(b, 25);
+  // a's next rows would land where b's are: a moves to a buffer of its own.
+  Bank c = a;
+  append(c, 21, 23);
+  EXPECT_FALSE(c.SharesRowsWith(a));
+  expect_rows(b, 25);
+  expect_rows(c, 23);
+  expect_rows(a, 21);
+  EXPECT_NE(a.version(), b.version());
+  EXPECT_NE(b.version(), c.version());
+  // Removing from a copy leaves the others as they were.
+  Bank d = b;
+  d.Remove(std::vector<uint64_t>{ids[24], ids[23]});
+  EXPECT_FALSE(d.SharesRowsWith(b));
+  expect_rows(d, 23);
+  expect_rows(b, 25);
+  EXPECT_EQ(d.bytes(), c.bytes());  // the same 23 rows, whatever the path
 }
 
 // A screened bank keeps an int8 copy and per-row scales, bounds and sums

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -318,6 +319,93 @@ TEST(SparseSeparations, ThresholdsMatchBisection) {
   Sparsemax(z.data(), 3, p.data());
   EXPECT_EQ(p[0], 1.0);
   EXPECT_EQ(p[1], 0.0);
+}
+
+// v rounded to bf16, to nearest even (v finite).
+float Bf16Rounded(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  u &= 0xffff0000u;
+  float r;
+  std::memcpy(&r, &u, 4);
+  return r;
+}
+
+// A bf16 bank's batched pass (40 states: the sgemm form over widened bf16
+// rows) gives each state the per-state pass's target and energy, and both
+// are the softmax average of the bank's bf16 rows computed here in double.
+// Tolerances: the per-state kernel keeps the state to 2^-16 (hi + lo), the
+// batched one exactly; each score may differ by 2^-16 sum |xi_i x_i| plus
+// f32 summation, so a weight by beta times that, relatively. Diffuse (beta
+// 0.5), sharp (beta 60: few rows left per state, added row by row) and L2
+// (gaussian) cases, over 1 000 rows (several widened blocks, the last
+// partial).
+TEST(Bf16Bank, BatchedPassAgreesWithOneStateAtATimeAndTheReference) {
+  std::mt19937_64 rng(12);
+  const int n = 48, k = 1000, b = 40;
+  const auto xi = RandomGaussian(k * n, rng, 1.f / std::sqrt(48.f));
+  for (EnergyConfig cfg : {EnergyConfig{.family = EnergyFamily::kLse, .beta = 0.5},
+                           EnergyConfig{.family = EnergyFamily::kLse, .beta = 60.0},
+                           EnergyConfig{.family = EnergyFamily::kGaussian, .beta = 4.0}}) {
+    SCOPED_TRACE(cfg.beta);
+    Bank bank(BankSpec{"b", n, StateKind::kContinuous, cfg, Precision::kBf16});
+    bank.Append(xi, bank.AssignIds(k), {});
+    EnergyFunction energy(cfg, bank.view());
+    std::vector<float> x(b * n);
+    for (int q = 0; q < b; ++q) {  // near a stored row, so the sharp case is sharp
+      for (int i = 0; i < n; ++i) x[q * n + i] = xi[(q * 17) * n + i] + 0.05f * (rng() % 7 - 3.f);
+    }
+    std::vector<float> batched(b * n);
+    std::vector<double> batched_e(b);
+    energy.UpdateTargetBatch(x.data(), b, batched.data(), batched_e.data());
+    for (int q = 0; q < b; ++q) {
+      const float* xq = x.data() + q * n;
+      std::vector<float> one(n);
+      int64_t nearest = -1;
+      const double e = energy.UpdateTarget(xq, one.data(), &nearest);
+      EXPECT_NEAR(batched_e[q], e, 4e-5 * (1.0 + std::abs(e))) << q;
+      // The reference: softmax over s_mu = <xi~_mu, x> (lse) or
+      // -|x - xi|^2 / 2 with |xi|^2 of the f32 row (gaussian), of the
+      // bf16 rows xi~.
+      std::vector<double> s(k);
+      double sqx = 0.0;
+      for (int i = 0; i < n; ++i) sqx += double{xq[i]} * xq[i];
+      for (int r = 0; r < k; ++r) {
+        double dot = 0.0, sq = 0.0;
+        for (int i = 0; i < n; ++i) {
+          dot += double{Bf16Rounded(xi[r * n + i])} * xq[i];
+          sq += double{xi[r * n + i]} * xi[r * n + i];
+        }
+        s[r] = cfg.family == EnergyFamily::kGaussian ? dot - 0.5 * sq - 0.5 * sqx : dot;
+      }
+      const double m = *std::max_element(s.begin(), s.end());
+      // The paths' score difference delta, and what it can move a weighted
+      // average of rows whose entries are at most max_abs.
+      double largest = 0.0, max_abs = 0.0;
+      for (int r = 0; r < k; ++r) {
+        double a = 0.0;
+        for (int i = 0; i < n; ++i) {
+          a += std::abs(double{xi[r * n + i]} * xq[i]);
+          max_abs = std::max(max_abs, double{std::abs(xi[r * n + i])});
+        }
+        largest = std::max(largest, a);
+      }
+      const double delta = 0x1p-15 * largest;
+      const double tol = 4.0 * cfg.beta * delta * max_abs + 2e-6;
+      std::vector<double> ref(n, 0.0);
+      double z = 0.0;
+      for (int r = 0; r < k; ++r) {
+        const double w = std::exp(cfg.beta * (s[r] - m));
+        z += w;
+        for (int i = 0; i < n; ++i) ref[i] += w * Bf16Rounded(xi[r * n + i]);
+      }
+      for (int i = 0; i < n; ++i) {
+        EXPECT_NEAR(batched[q * n + i], one[i], tol) << q << " " << i;
+        EXPECT_NEAR(batched[q * n + i], ref[i] / z, 1e-4) << q << " " << i;
+      }
+    }
+  }
 }
 
 TEST(LogSumExp, StableForLargeArguments) {

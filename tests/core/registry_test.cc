@@ -197,6 +197,51 @@ TEST_F(RegistryTest, FailedCommitCheckChangesNothing) {
   }));
 }
 
+// A Store while readers pin the bank writes only the new rows: each new
+// version reads its predecessor's rows in place, except when the shared
+// buffer runs out of room (it doubles, so a few times in 200 Stores; a
+// copy-on-write bank would copy at every one), and every pinned version
+// keeps exactly the rows it had. The memory count follows the rows, not
+// the buffers.
+TEST_F(RegistryTest, StoreUnderPinnedReadersWritesOnlyTheNewRows) {
+  auto r = Open();
+  const int n = 16;
+  ASSERT_OK(r->CreateBank({"b", n, StateKind::kContinuous, {}, Precision::kF32Screened}));
+  std::mt19937_64 rng(7);
+  const auto first = RandomGaussian(64 * n, rng);
+  ASSERT_OK(r->Store("b", first, {}, {}));
+  std::vector<BankSnapshot> pinned;
+  std::vector<std::vector<float>> stored;
+  int copies = 0;
+  const uint64_t bytes_before = r->total_bytes();
+  for (int i = 0; i < 200; ++i) {
+    pinned.push_back(*r->Snapshot("b"));
+    stored.push_back(RandomGaussian(n, rng));
+    ASSERT_OK(r->Store("b", stored.back(), {}, {}));
+    const BankSnapshot now = *r->Snapshot("b");
+    copies += !now->SharesRowsWith(*pinned.back());
+  }
+  EXPECT_LE(copies, 4);
+  const uint64_t row_bytes = r->total_bytes() - bytes_before;
+  EXPECT_EQ(row_bytes % 200, 0u);
+  EXPECT_GT(row_bytes / 200, uint64_t{n} * 5);  // f32 + int8 rows at least
+  for (int i = 0; i < 200; ++i) {
+    const Bank& v = *pinned[i];
+    ASSERT_EQ(v.size(), 64 + i);
+    EXPECT_EQ(std::memcmp(v.pattern(0), first.data(), sizeof(float) * n), 0);
+    if (i > 0) {
+      EXPECT_EQ(std::memcmp(v.pattern(63 + i), stored[i - 1].data(), sizeof(float) * n), 0);
+    }
+    EXPECT_FALSE(v.RowOf(v.id(v.size() - 1) + 1).has_value());
+  }
+  // Deleting under readers rebuilds the arrays; the pinned versions stay.
+  const uint64_t first_id = pinned[0]->id(0);
+  ASSERT_OK(r->DeletePatterns("b", std::vector<uint64_t>{first_id}));
+  EXPECT_EQ(r->GetBank("b")->patterns, 263);
+  EXPECT_EQ(pinned[5]->RowOf(first_id), 0);
+  EXPECT_EQ(std::memcmp(pinned[5]->pattern(0), first.data(), sizeof(float) * n), 0);
+}
+
 TEST_F(RegistryTest, DuplicateCreateIsAlreadyExists) {
   auto r = Open();
   ASSERT_OK(r->CreateBank({"b", 2, StateKind::kContinuous, {}, Precision::kF32}));

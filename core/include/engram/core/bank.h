@@ -1,6 +1,12 @@
 // A Bank: one named set of K stored patterns of dimension N, kept contiguous
 // in memory (row-major K x N floats) with their ids and payloads.
 //
+// Copies share rows: a copy of a bank costs O(1) for its rows and O(recent
+// ids) for its id map (AppendArray, IdRowMap), and appending to a copy
+// writes only the new rows (amortised), never the ones the original reads.
+// Remove builds fresh arrays (O(K)). Label indexes are shared until a copy
+// appends labelled rows, which copies them once.
+//
 //   BankSpec spec{.name = "digits", .dim = 784, .kind = StateKind::kBipolar};
 //   ENGRAM_RETURN_IF_ERROR(ValidateBankSpec(spec));
 //   Bank bank(spec);
@@ -9,12 +15,14 @@
 //   EnergyFunction energy(spec.energy, bank.view());
 //
 // Thread-safety: a Bank is not synchronised. Concurrent const calls are
-// safe; anything that mutates needs exclusive access (BankRegistry holds a
-// reader/writer lock per bank).
+// safe, as are calls on distinct copies; anything that mutates one object
+// needs exclusive access to it (BankRegistry mutates only versions no
+// reader pins).
 #ifndef ENGRAM_CORE_BANK_H_
 #define ENGRAM_CORE_BANK_H_
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -24,6 +32,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/types/span.h"
+#include "engram/core/append_array.h"
 #include "engram/core/energy_config.h"
 #include "engram/core/pattern_view.h"
 
@@ -144,6 +153,9 @@ class Bank {
 
   PatternView view() const;
   const float* pattern(int64_t row) const { return data_.data() + row * dim(); }
+  // Whether this bank's pattern rows are `other`'s own memory, not a copy
+  // (a version and the one it was appended from).
+  bool SharesRowsWith(const Bank& other) const { return data_.SharesBufferWith(other.data_); }
   uint64_t id(int64_t row) const { return ids_[row]; }
   // Every row's id, in row order.
   absl::Span<const uint64_t> ids() const { return ids_; }
@@ -209,8 +221,16 @@ class Bank {
   NearestMemory NearestAt(int64_t row, const float* x) const;
 
  private:
-  void RebuildIndex();
-  // Adds row r's labels to the label indexes (rows are indexed in order).
+  // The label indexes: key -> value -> rows (ascending); key -> (row,
+  // value), rows ascending.
+  struct LabelIndex {
+    absl::flat_hash_map<std::string, absl::flat_hash_map<std::string, std::vector<int64_t>>>
+        strings;
+    absl::flat_hash_map<std::string, std::vector<std::pair<int64_t, int64_t>>> ints;
+  };
+
+  // Adds row r's labels to the label indexes (rows are indexed in order),
+  // copying them first when another copy of the bank shares them.
   void IndexLabels(int64_t r);
   // Appends the reduced-precision copy of `data` (whole rows) for bf16,
   // screened and bit-packed banks.
@@ -219,25 +239,24 @@ class Bank {
   BankSpec spec_;
   uint64_t next_id_;
   uint64_t version_;
-  std::vector<float> data_;      // size() x dim(), row-major
-  std::vector<float> sq_norms_;  // |xi_mu|^2
-  std::vector<uint16_t> bf16_;   // kBf16: data_ rounded to bf16
-  std::vector<int8_t> screen_;   // kF32Screened: PatternView::screen
-  std::vector<ScreenRow> screen_rows_;
-  std::vector<int32_t> screen_sums_;
-  std::vector<uint64_t> bits_;   // kBitPacked: one bit per value (+1 set)
-  std::vector<uint64_t> ids_;
-  std::vector<std::string> payloads_;
-  std::vector<float> values_;         // size() x spec_.value_dim
-  std::vector<Labels> labels_;        // one per row
-  std::vector<int64_t> expires_ms_;   // one per row, 0 for never
-  std::vector<int64_t> stored_ms_;    // one per row, 0 when unknown
+  AppendArray<float> data_;      // size() x dim(), row-major
+  AppendArray<float> sq_norms_;  // |xi_mu|^2
+  AppendArray<uint16_t> bf16_;   // kBf16: data_ rounded to bf16
+  AppendArray<int8_t> screen_;   // kF32Screened: PatternView::screen
+  AppendArray<ScreenRow> screen_rows_;
+  AppendArray<int32_t> screen_sums_;
+  AppendArray<uint64_t> bits_;   // kBitPacked: one bit per value (+1 set)
+  AppendArray<uint64_t> ids_;
+  AppendArray<std::string> payloads_;
+  AppendArray<float> values_;         // size() x spec_.value_dim
+  AppendArray<Labels> labels_;        // one per row
+  AppendArray<int64_t> expires_ms_;   // one per row, 0 for never
+  AppendArray<int64_t> stored_ms_;    // one per row, 0 when unknown
   int64_t min_expires_ms_ = 0;
-  absl::flat_hash_map<uint64_t, int64_t> row_of_;
-  // key -> value -> rows (ascending); key -> (row, value), rows ascending.
-  absl::flat_hash_map<std::string, absl::flat_hash_map<std::string, std::vector<int64_t>>>
-      string_index_;
-  absl::flat_hash_map<std::string, std::vector<std::pair<int64_t, int64_t>>> int_index_;
+  uint64_t payload_bytes_ = 0;  // sum of the payloads' sizes
+  uint64_t label_bytes_ = 0;    // sum of Labels::bytes()
+  IdRowMap row_of_;
+  std::shared_ptr<LabelIndex> labels_index_ = std::make_shared<LabelIndex>();
 };
 
 }  // namespace engram::core

@@ -16,11 +16,12 @@
 // reader pins the current one (Snapshot) and reads it without any lock for
 // as long as it likes, never seeing half of a batch. A mutation of a bank
 // that no reader pins is applied in place; a mutation of a pinned version
-// copies it (copy-on-write) and publishes the copy, so a Store or Delete
-// never waits for a reader, and a reader waits for a writer only for the
-// instant of swapping (or appending to) an unpinned version. The kernels
-// keep reading one contiguous array per precision, which append-only
-// segments would have split.
+// applies to a copy that is then published, so a Store or Delete never
+// waits for a reader, and a reader waits for a writer only for the instant
+// of swapping (or appending to) an unpinned version. Versions share their
+// rows (Bank, AppendArray): a Store under pinned readers writes only the
+// new rows (amortised O(batch)), and the kernels still read one contiguous
+// array per precision. A Delete or expiry rebuilds the bank's arrays (O(K)).
 //
 // Thread-safety: all methods are safe to call concurrently. Mutations of one
 // bank are serialised.
