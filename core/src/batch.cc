@@ -136,37 +136,30 @@ constexpr int64_t kSparseTileFraction = 8;
 // at most.
 constexpr int64_t kScoresFirstBytes = int64_t{128} << 20;
 
-// A bf16 bank's batched pass multiplies its bf16 rows, widened to f32 a
-// block of this many at a time (exactly: a bf16 value is the upper half of
-// its f32), so that the products are the per-state bf16 kernels' (up to
-// the summation order and their split state, within 2^-16 sum |xi_i x_i|);
-// a block stays in L2 between the widening and the sgemm.
-constexpr int64_t kWidenRows = 256;
+// A bf16 bank's batched pass widens a tile of its bf16 rows to f32 (exactly:
+// a bf16 value is the upper half of its f32) and runs the f32 products on
+// it, so that they are the per-state bf16 kernels' products (up to the
+// summation order and their split state, within 2^-16 sum |xi_i x_i|).
+// Tiles are at most this many bytes of f32 rows (and 4 096 rows).
+constexpr int64_t kWideTileBytes = int64_t{16} << 20;
 
-// Rows of a bank for the batched products: f32 rows, or bf16 rows (when
-// not null) that are widened into `wide` (kWidenRows x n floats).
-struct TileRows {
-  const float* f32;
-  const uint16_t* bf16;
-  int n;
-  std::vector<float>* wide;
-
-  // Rows [first, first + count) as f32 (count <= kWidenRows for bf16),
-  // valid until the next call.
-  const float* Rows(int64_t first, int64_t count) const {
-    if (bf16 == nullptr) return f32 + first * n;
-    const uint16_t* in = bf16 + first * n;
-    float* out = wide->data();
-    const int64_t values = count * n;
-    for (int64_t i = 0; i < values; ++i) {
-      const uint32_t u = uint32_t{in[i]} << 16;
-      std::memcpy(out + i, &u, sizeof(u));
-    }
-    return out;
+// count bf16 values to f32, vectorised for the widest ISA this CPU has
+// (the loader picks the clone).
+__attribute__((target_clones("avx512f", "avx2", "default"))) void Widen(const uint16_t* in,
+                                                                       int64_t count, float* out) {
+  for (int64_t i = 0; i < count; ++i) {
+    const uint32_t u = uint32_t{in[i]} << 16;
+    std::memcpy(out + i, &u, sizeof(u));
   }
-  // Rows per sgemm: all of a tile for f32, kWidenRows blocks for bf16.
-  int64_t Block(int64_t count) const { return bf16 == nullptr ? count : kWidenRows; }
-};
+}
+
+// rows x n bf16 values to f32 in `out`, split over threads.
+void WidenRows(const uint16_t* bf16, int64_t rows, int n, float* out) {
+  int used = 1;
+  ParallelRows(rows, int64_t{n} * 6, [&](int, int64_t begin, int64_t end) {
+    Widen(bf16 + begin * n, (end - begin) * n, out + begin * n);
+  }, &used);
+}
 
 // Acc (b x n) += W (b x count) * Xi_tile (count x n), W's rows in `w`
 // (b x count, weights of the tile's rows, negligible ones zero; `left[q]`
@@ -177,18 +170,8 @@ struct SgemmScratch {
   std::vector<float> dense_w, dense_acc;  // the states that take the sgemm
 };
 
-void AddTileWeightedSums(const TileRows& src, int64_t t0, int64_t count, int n, int64_t b,
-                         float* w, const int64_t* left, float* acc, SgemmScratch* scratch) {
-  const int64_t block = src.Block(count);
-  // C (m x n) += A (m x count, row stride lda) * the tile's rows.
-  auto multiply = [&](int64_t m, const float* a, int64_t lda, float beta_first, float* c) {
-    for (int64_t j0 = 0; j0 < count; j0 += block) {
-      const int64_t rows = std::min(block, count - j0);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(m), n,
-                  static_cast<int>(rows), 1.f, a + j0, static_cast<int>(lda),
-                  src.Rows(t0 + j0, rows), n, j0 == 0 ? beta_first : 1.f, c, n);
-    }
-  };
+void AddTileWeightedSums(const float* xi, int64_t count, int n, int64_t b, float* w,
+                         const int64_t* left, float* acc, SgemmScratch* scratch) {
   std::vector<int64_t> dense;
   int64_t sparse_pairs = 0;
   for (int64_t q = 0; q < b; ++q) {
@@ -200,7 +183,8 @@ void AddTileWeightedSums(const TileRows& src, int64_t t0, int64_t count, int n, 
   }
   const int64_t m = static_cast<int64_t>(dense.size());
   if (m == b) {
-    multiply(b, w, count, 1.f, acc);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(b), n,
+                static_cast<int>(count), 1.f, w, static_cast<int>(count), xi, n, 1.f, acc, n);
     return;
   }
   if (m > 0) {
@@ -213,7 +197,9 @@ void AddTileWeightedSums(const TileRows& src, int64_t t0, int64_t count, int n, 
       std::copy(wq, wq + count, scratch->dense_w.begin() + j * count);
       std::fill(wq, wq + count, 0.f);
     }
-    multiply(m, scratch->dense_w.data(), count, 0.f, scratch->dense_acc.data());
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(m), n,
+                static_cast<int>(count), 1.f, scratch->dense_w.data(), static_cast<int>(count), xi,
+                n, 0.f, scratch->dense_acc.data(), n);
     for (int64_t j = 0; j < m; ++j) {
       float* a = acc + dense[j] * n;
       const float* d = scratch->dense_acc.data() + j * n;
@@ -225,18 +211,6 @@ void AddTileWeightedSums(const TileRows& src, int64_t t0, int64_t count, int n, 
   // multi-state kernel skips zero weights), four states to a group.
   const kernels::KernelTable& k = kernels::Kernels();
   int used = 1;
-  if (src.bf16 != nullptr) {  // per state, each kept row (the per-state kernel's products)
-    ParallelRows(b, (sparse_pairs / b + 1) * n, [&](int, int64_t q_begin, int64_t q_end) {
-      for (int64_t q = q_begin; q < q_end; ++q) {
-        const float* wq = w + q * count;
-        for (int64_t r = 0; r < count; ++r) {
-          if (wq[r] != 0.f) k.axpy_rows_bf16(src.bf16 + (t0 + r) * n, 1, n, wq + r, acc + q * n);
-        }
-      }
-    }, &used);
-    return;
-  }
-  const float* xi = src.f32 + t0 * n;
   ParallelRows((b + 3) / 4, 4 * (sparse_pairs / b + 1) * n,
                [&](int, int64_t g_begin, int64_t g_end) {
     const int64_t q0 = 4 * g_begin, q1 = std::min(b, 4 * g_end);
@@ -245,20 +219,15 @@ void AddTileWeightedSums(const TileRows& src, int64_t t0, int64_t count, int n, 
 }
 
 // S (b x count) = X (b x n) * Xi_tile^T for every tile [t0, t0 + tile) of
-// rows [c0, c1); tile t0's scores at st + (t0 - c0) * b.
-void ScoreChunk(const TileRows& src, const float* x, int64_t b, int64_t c0, int64_t c1,
+// rows [c0, c1), whose f32 rows start at `rows` (row c0); tile t0's scores
+// at st + (t0 - c0) * b.
+void ScoreChunk(const float* rows, int n, const float* x, int64_t b, int64_t c0, int64_t c1,
                 int64_t tile, float* st) {
-  const int n = src.n;
   for (int64_t t0 = c0; t0 < c1; t0 += tile) {
     const int64_t count = std::min(tile, c1 - t0);
-    const int64_t block = src.Block(count);
-    float* stt = st + (t0 - c0) * b;
-    for (int64_t j0 = 0; j0 < count; j0 += block) {
-      const int64_t rows = std::min(block, count - j0);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(b),
-                  static_cast<int>(rows), n, 1.f, x, n, src.Rows(t0 + j0, rows), n, 0.f, stt + j0,
-                  static_cast<int>(count));
-    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(b),
+                static_cast<int>(count), n, 1.f, x, n, rows + (t0 - c0) * n, n, 0.f,
+                st + (t0 - c0) * b, static_cast<int>(count));
   }
 }
 
@@ -310,16 +279,19 @@ void FusedPassBatchSgemm(const PatternView& view, SimilarityKind similarity, con
   const double beta = rule.log_weight_slope();
   const bool l2 = similarity == SimilarityKind::kNegHalfSqL2;
   const bool scores_first = beta > 0.0 && (similarity == SimilarityKind::kDot || l2);
-  // Rows per tile: S and W tiles of b x tile floats stay near 16 MB.
-  const int64_t tile = std::clamp<int64_t>((int64_t{4} << 20) / std::max<int64_t>(b, 1), 256, 65536);
-  const int64_t chunk =
-      scores_first ? std::max<int64_t>(1, kScoresFirstBytes / (4 * b * tile)) * tile : tile;
+  // Rows per tile: S and W tiles of b x tile floats stay near 16 MB. A bf16
+  // bank's tile is also its widened rows (kWideTileBytes), one tile a chunk.
+  const bool bf16 = view.bf16 != nullptr;
+  int64_t tile = std::clamp<int64_t>((int64_t{4} << 20) / std::max<int64_t>(b, 1), 256, 65536);
+  if (bf16) tile = std::min(tile, std::clamp<int64_t>(kWideTileBytes / (int64_t{4} * n), 16, 4096));
+  const int64_t chunk = scores_first && !bf16
+                            ? std::max<int64_t>(1, kScoresFirstBytes / (4 * b * tile)) * tile
+                            : tile;
+  std::vector<float> wide(bf16 ? std::min(tile, rows) * n : 0);
   // Written by the sgemms before it is read: no need to clear it.
   const std::unique_ptr<float[]> st_buf(new float[b * std::min(chunk, std::max<int64_t>(rows, 1))]);
   float* const st = st_buf.get();
   SgemmScratch scratch;
-  std::vector<float> wide(view.bf16 != nullptr ? kWidenRows * n : 0);
-  const TileRows src{view.data, view.bf16, n, &wide};
   std::vector<RunningSums> running(b);
   const float negligible =
       static_cast<float>(kNegligibleWeightMass / static_cast<double>(std::max<int64_t>(rows, 1)));
@@ -327,13 +299,16 @@ void FusedPassBatchSgemm(const PatternView& view, SimilarityKind similarity, con
   if (acc != nullptr) std::fill(acc, acc + b * n, 0.f);
   for (int64_t c0 = 0; c0 < rows; c0 += chunk) {
     const int64_t c1 = std::min(rows, c0 + chunk);
-    ScoreChunk(src, x, b, c0, c1, tile, st);
+    if (bf16) WidenRows(view.bf16 + c0 * n, c1 - c0, n, wide.data());
+    const float* chunk_rows = bf16 ? wide.data() : view.data + c0 * n;
+    ScoreChunk(chunk_rows, n, x, b, c0, c1, tile, st);
     if (scores_first && c1 - c0 > tile) {
       RaiseFloors(st, b, c1 - c0, tile, beta, l2 ? view.sq_norms + c0 : nullptr, sqx, &floors);
     }
     int used = 1;
     for (int64_t t0 = c0; t0 < c1; t0 += tile) {
       const int64_t count = std::min(tile, c1 - t0);
+      const float* xi = chunk_rows + (t0 - c0) * n;
       float* stt = st + (t0 - c0) * b;
       // Per state: weights in place of the scores (states split over
       // threads), negligible ones zeroed, and the weights left counted.
@@ -349,9 +324,7 @@ void FusedPassBatchSgemm(const PatternView& view, SimilarityKind similarity, con
                                   &p.nearest_key, &p.nearest_row);
         }
       }, &used);
-      if (acc != nullptr) {
-        AddTileWeightedSums(src, t0, count, n, b, stt, left.data(), acc, &scratch);
-      }
+      if (acc != nullptr) AddTileWeightedSums(xi, count, n, b, stt, left.data(), acc, &scratch);
     }
   }
   for (int64_t q = 0; q < b; ++q) {

@@ -130,7 +130,7 @@ FusedSums FusedPass(const PatternView& view, SimilarityKind similarity, const fl
 // for the states whose weights left (negligible ones zeroed, as above) fill
 // more than 1/8 of the tile; the multi-state kernel adds the few rows the
 // others keep. A bf16 bank always takes the sgemm form, over its bf16 rows
-// widened to f32 a block at a time (the products of its per-state kernels,
+// widened to f32 a tile at a time (the products of its per-state kernels,
 // so a batched state's weights and sums agree with FusedPass's to within
 // 2^-16 sum |xi_i x_i| of each score, plus f32 reassociation), and like
 // FusedPass tracks no nearest row. `acc` is b x view.dim (or null); `sums`
