@@ -33,7 +33,8 @@ if [[ "${ENGRAM_SKIP_SANITIZERS:-0}" != "1" ]]; then
   echo "== ThreadSanitizer: concurrency stress tests"
   cmake -S . -B build-tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
         -DENGRAM_SANITIZER=thread >/dev/null
-  cmake --build build-tsan --target concurrency_test parallel_test kernels_test write_log_test
+  cmake --build build-tsan --target concurrency_test parallel_test kernels_test write_log_test \
+    versions_test
   export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$PWD/tests/sanitizers/tsan.supp"
   (cd build-tsan && ctest --output-on-failure --timeout 900 -L stress)
 fi
