@@ -186,6 +186,26 @@ void BM_StoreUnderReader(benchmark::State& state) {
 }
 BENCHMARK(BM_StoreUnderReader)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
+// Loading a bank as BankRegistry::Open does: one Append per stored row
+// (arg: rows; dimension 16, so the per-row bookkeeping shows).
+void BM_LoadRowByRow(benchmark::State& state) {
+  const int n = 16;
+  const int64_t k = state.range(0);
+  std::vector<float> row(n, 0.5f);
+  const std::string payload;
+  for (auto _ : state) {
+    core::Bank bank(core::BankSpec{"bench", n, core::StateKind::kContinuous, {},
+                                   core::Precision::kF32});
+    for (int64_t r = 0; r < k; ++r) {
+      const uint64_t id = static_cast<uint64_t>(r) * 2654435761u + 1;
+      bank.Append(row, absl::MakeConstSpan(&id, 1), absl::MakeConstSpan(&payload, 1));
+    }
+    benchmark::DoNotOptimize(bank.size());
+  }
+  state.SetItemsProcessed(state.iterations() * k);
+}
+BENCHMARK(BM_LoadRowByRow)->Arg(100000)->Arg(1000000)->Unit(benchmark::kMillisecond)->UseRealTime();
+
 // What a filtered call adds before it computes: the rows that pass (label
 // index) and the bank of those rows, for a filter keeping 1 in arg 2 rows
 // of a 784 x 10^4 bank.

@@ -122,6 +122,31 @@ TEST(Bank, AssignsFreshIdsAndRemovesInOrder) {
   EXPECT_EQ(bank.AssignIds(1), (std::vector<uint64_t>{7}));
 }
 
+// An id map copied along the way answers for the ids inserted before its
+// copy and none after, whatever the merges of the original since.
+TEST(IdRowMap, CopiesSeeExactlyTheIdsInsertedBeforeThem) {
+  IdRowMap map;
+  std::vector<std::pair<int64_t, IdRowMap>> copies;
+  const int64_t total = 70000;
+  auto id_of = [](int64_t row) { return static_cast<uint64_t>(row) * 7919 + 3; };
+  for (int64_t row = 0; row < total; ++row) {
+    map.Insert(id_of(row), row);
+    if (row == 999 || row == 1023 || row == 5000 || row == 40000) copies.emplace_back(row + 1, map);
+  }
+  for (int64_t row = 0; row < total; row += 13) EXPECT_EQ(map.Find(id_of(row)), row);
+  EXPECT_FALSE(map.contains(id_of(total)));
+  EXPECT_FALSE(map.contains(4));
+  for (const auto& [size, copy] : copies) {
+    for (int64_t row = 0; row < total; row += 11) {
+      if (row < size) {
+        EXPECT_EQ(copy.Find(id_of(row)), row) << size;
+      } else {
+        EXPECT_FALSE(copy.contains(id_of(row))) << size << " " << row;
+      }
+    }
+  }
+}
+
 // Copies of a bank share their rows: appending to a copy writes only the new
 // rows (the original's memory is read by both), the original sees nothing
 // of it, and two copies growing from the same bank do not write over each

@@ -96,10 +96,15 @@ class AppendArray {
     std::atomic<size_t> used{0};
   };
 
-  // A new buffer of `capacity` slots holding this array's elements.
+  // A new buffer of `capacity` slots holding this array's elements (moved
+  // when no other copy reads the old buffer).
   void Reallocate(size_t capacity) {
     auto fresh = std::make_shared<Buffer>(capacity);
-    if (size_ > 0) std::copy(begin(), end(), fresh->items.get());
+    if (size_ > 0 && buf_.use_count() == 1) {
+      std::move(buf_->items.get(), buf_->items.get() + size_, fresh->items.get());
+    } else if (size_ > 0) {
+      std::copy(begin(), end(), fresh->items.get());
+    }
     buf_ = std::move(fresh);
   }
 
@@ -107,44 +112,49 @@ class AppendArray {
   size_t size_ = 0;
 };
 
-// id -> row for rows that are only appended: a shared, immutable base and
-// this copy's recent entries. A copy costs O(recent); the recent entries
-// fold into a new base once they outnumber max(kMinRecent, sqrt(size)), so
-// inserting is amortised O(sqrt(size)) at worst and a copy stays small.
+// id -> row for rows that are only appended: this copy's recent entries
+// and a stack of shared, immutable levels, each more than twice the size of
+// the one above it (a new level merges into those not that much larger, as
+// a binary counter carries). A copy costs O(kRecent + levels); an insert
+// is amortised O(log size); a lookup tries the recent entries and at most
+// log2(size / kRecent) + 1 levels.
 class IdRowMap {
  public:
   std::optional<int64_t> Find(uint64_t id) const {
     if (auto it = recent_.find(id); it != recent_.end()) return it->second;
-    if (base_ != nullptr) {
-      if (auto it = base_->find(id); it != base_->end()) return it->second;
+    for (auto level = levels_.rbegin(); level != levels_.rend(); ++level) {
+      if (auto it = (*level)->find(id); it != (*level)->end()) return it->second;
     }
     return std::nullopt;
   }
   bool contains(uint64_t id) const { return Find(id).has_value(); }
-  size_t size() const { return recent_.size() + (base_ ? base_->size() : 0); }
 
   // Maps a new id (not present) to `row`.
   void Insert(uint64_t id, int64_t row) {
     recent_.emplace(id, row);
-    const size_t total = size();
-    size_t limit = kMinRecent;
-    while (limit * limit < total) limit *= 2;
-    if (recent_.size() > limit) Fold();
+    if (recent_.size() >= kRecent) Spill();
   }
 
  private:
-  static constexpr size_t kMinRecent = 1024;
+  static constexpr size_t kRecent = 1024;
+  using Map = absl::flat_hash_map<uint64_t, int64_t>;
 
-  void Fold() {
-    auto merged = base_ ? std::make_shared<Map>(*base_) : std::make_shared<Map>();
-    merged->reserve(merged->size() + recent_.size());
-    merged->insert(recent_.begin(), recent_.end());
-    base_ = std::move(merged);
-    recent_.clear();
+  void Spill() {
+    auto level = std::make_shared<Map>(std::move(recent_));
+    recent_ = Map();
+    while (!levels_.empty() && levels_.back()->size() <= 2 * level->size()) {
+      // A level no other copy holds is merged into in place.
+      auto merged = levels_.back().use_count() == 1
+                        ? std::const_pointer_cast<Map>(levels_.back())
+                        : std::make_shared<Map>(*levels_.back());
+      merged->insert(level->begin(), level->end());
+      levels_.pop_back();
+      level = std::move(merged);
+    }
+    levels_.push_back(std::move(level));
   }
 
-  using Map = absl::flat_hash_map<uint64_t, int64_t>;
-  std::shared_ptr<const Map> base_;
+  std::vector<std::shared_ptr<const Map>> levels_;  // oldest (largest) first
   Map recent_;
 };
 
