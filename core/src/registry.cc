@@ -71,36 +71,22 @@ std::shared_ptr<BankRegistry::Entry> BankRegistry::Find(
 }
 
 absl::StatusOr<BankSnapshot> BankRegistry::Pin(const std::string& name, const Entry& e) {
-  std::shared_ptr<Version> v;
-  {
-    MutexLock lock(&e.mu);
-    if (e.deleted) return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
-    v = e.current;
-    // Pins are taken only under e.mu, so a writer holding it that reads 0
-    // knows none can appear until it lets go.
-    v->pins.fetch_add(1, std::memory_order_relaxed);
-  }
-  const Bank* bank = &v->bank;
-  // The release pairs with the writer's acquire load: every read of the
-  // version happens before a writer may change it in place.
-  return BankSnapshot(bank, [v = std::move(v)](const Bank*) {
-    v->pins.fetch_sub(1, std::memory_order_release);
-  });
+  MutexLock lock(&e.mu);
+  if (e.deleted) return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
+  // Shares ownership of the version, pointing at its bank.
+  return BankSnapshot(e.current, &e.current->bank);
 }
 
 void BankRegistry::Mutate(Entry& e, const std::function<void(Bank&)>& mutate) {
-  const Version* shared = nullptr;
+  std::shared_ptr<const Version> base;
   {
     MutexLock lock(&e.mu);
-    if (e.current->pins.load(std::memory_order_acquire) == 0) {
-      mutate(e.current->bank);
-      return;
-    }
-    shared = e.current.get();
+    base = e.current;
   }
-  // Only the holder of write_mu replaces or changes `current`, so `shared`
-  // stays current (and, being pinned or not, unchanged) while it is copied.
-  auto next = std::make_shared<Version>(shared->bank);
+  // Only the holder of write_mu replaces `current`, so `base` stays current
+  // while the next version is built from it; the copy shares its rows, and
+  // what mutate appends lies beyond every row `base` reads.
+  auto next = std::make_shared<Version>(base->bank);
   mutate(next->bank);
   MutexLock lock(&e.mu);
   e.current = std::move(next);
@@ -239,7 +225,7 @@ absl::StatusOr<StoreResult> BankRegistry::Store(
   ENGRAM_RETURN_IF_ERROR(storage_->AppendPatterns(
       name, result.ids, data, payloads, stored, WriteMeta{.log_seq = at.seq, .next_id = next_id}));
   const uint64_t before = bank.bytes();
-  current.reset();  // unpinned, so an unshared version grows in place
+  current.reset();
   Mutate(*e, [&](Bank& b) {
     b.Append(data, result.ids, payloads, stored);
     total_bytes_ += b.bytes() - before;
