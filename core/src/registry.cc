@@ -71,22 +71,38 @@ std::shared_ptr<BankRegistry::Entry> BankRegistry::Find(
 }
 
 absl::StatusOr<BankSnapshot> BankRegistry::Pin(const std::string& name, const Entry& e) {
-  MutexLock lock(&e.mu);
-  if (e.deleted) return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
-  // Shares ownership of the version, pointing at its bank.
-  return BankSnapshot(e.current, &e.current->bank);
+  std::shared_ptr<Version> v;
+  {
+    MutexLock lock(&e.mu);
+    if (e.deleted) return absl::NotFoundError(absl::StrCat("bank '", name, "' not found"));
+    v = e.current;
+    // Pins are taken only under e.mu, so a writer holding it that reads 0
+    // knows none can appear until it lets go.
+    v->pins.fetch_add(1, std::memory_order_relaxed);
+  }
+  const Bank* bank = &v->bank;
+  // The release pairs with the writer's acquire load: every read of the
+  // version happens before a writer may change it in place.
+  return BankSnapshot(bank, [v = std::move(v)](const Bank*) {
+    v->pins.fetch_sub(1, std::memory_order_release);
+  });
 }
 
 void BankRegistry::Mutate(Entry& e, const std::function<void(Bank&)>& mutate) {
-  std::shared_ptr<const Version> base;
+  const Version* shared = nullptr;
   {
     MutexLock lock(&e.mu);
-    base = e.current;
+    if (e.current->pins.load(std::memory_order_acquire) == 0) {
+      mutate(e.current->bank);
+      return;
+    }
+    shared = e.current.get();
   }
-  // Only the holder of write_mu replaces `current`, so `base` stays current
-  // while the next version is built from it; the copy shares its rows, and
-  // what mutate appends lies beyond every row `base` reads.
-  auto next = std::make_shared<Version>(base->bank);
+  // Only the holder of write_mu replaces or changes `current`, so `shared`
+  // stays current (and, being pinned, unchanged) while the next version is
+  // built from it: the copy shares its rows, and what mutate appends lies
+  // beyond every row `shared` reads.
+  auto next = std::make_shared<Version>(shared->bank);
   mutate(next->bank);
   MutexLock lock(&e.mu);
   e.current = std::move(next);
@@ -225,7 +241,7 @@ absl::StatusOr<StoreResult> BankRegistry::Store(
   ENGRAM_RETURN_IF_ERROR(storage_->AppendPatterns(
       name, result.ids, data, payloads, stored, WriteMeta{.log_seq = at.seq, .next_id = next_id}));
   const uint64_t before = bank.bytes();
-  current.reset();
+  current.reset();  // unpinned, so an unshared version grows in place
   Mutate(*e, [&](Bank& b) {
     b.Append(data, result.ids, payloads, stored);
     total_bytes_ += b.bytes() - before;

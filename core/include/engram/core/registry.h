@@ -14,13 +14,15 @@
 //
 // Readers pin versions. A bank is a sequence of immutable versions; a
 // reader pins the current one (Snapshot) and reads it without any lock for
-// as long as it likes, never seeing half of a batch. A mutation builds the
-// next version from a copy of the current one, outside any lock readers
-// take, and publishes it: a Store or Delete never waits for a reader, and a
-// reader waits for a writer only for the instant of swapping the pointer.
-// Versions share their rows (Bank, AppendArray): a Store writes only the
-// new rows (amortised O(batch)), and the kernels still read one contiguous
-// array per precision. A Delete or expiry rebuilds the bank's arrays (O(K)).
+// as long as it likes, never seeing half of a batch. A mutation of a bank
+// that no reader pins is applied in place; a mutation of a pinned version
+// applies to a copy that is then published, so a Store or Delete never
+// waits for a reader, and a reader waits for a writer only for the instant
+// of swapping (or changing) an unpinned version. Versions share their rows
+// (Bank, AppendArray): a Store under pinned readers writes only the new
+// rows (amortised O(batch)), and the kernels still read one contiguous array
+// per precision. A Delete or expiry builds the remaining rows into new
+// arrays (O(K)).
 //
 // Thread-safety: all methods are safe to call concurrently. Mutations of one
 // bank are serialised.
@@ -177,17 +179,18 @@ class BankRegistry {
   uint64_t total_bytes() const { return total_bytes_.load(); }
 
  private:
-  // One version of a bank; snapshots share its ownership.
+  // One version of a bank and the number of snapshots pinning it.
   struct Version {
     explicit Version(Bank b) : bank(std::move(b)) {}
     Bank bank;
+    std::atomic<int64_t> pins{0};
   };
   struct Entry {
     explicit Entry(Bank b) : current(std::make_shared<Version>(std::move(b))) {}
     // Serialises the mutations of this bank (held across the storage write).
     Mutex write_mu;
-    // Guards `current` and `deleted`: held to pin and to swap in a new
-    // version.
+    // Guards `current` and `deleted`: held to pin, to swap in a new version,
+    // or to mutate an unpinned version in place.
     mutable Mutex mu;
     std::shared_ptr<Version> current ABSL_GUARDED_BY(mu);
     bool deleted ABSL_GUARDED_BY(mu) = false;
@@ -201,8 +204,9 @@ class BankRegistry {
   static absl::StatusOr<BankSummary> SummarizeCurrent(const std::string& name, const Entry& e);
   // Pins e's current version; NOT_FOUND once the bank is deleted.
   static absl::StatusOr<BankSnapshot> Pin(const std::string& name, const Entry& e);
-  // Applies `mutate` to a copy of e's current version (sharing its rows),
-  // which then becomes current. Needs e.write_mu.
+  // Applies `mutate` to e's current version, in place when no snapshot pins
+  // it, else to a copy (sharing its rows) that then becomes current. Needs
+  // e.write_mu.
   static void Mutate(Entry& e, const std::function<void(Bank&)>& mutate);
 
   std::unique_ptr<BankStorage> storage_;
