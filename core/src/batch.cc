@@ -143,10 +143,18 @@ constexpr int64_t kScoresFirstBytes = int64_t{128} << 20;
 // Tiles are at most this many bytes of f32 rows (and 4 096 rows).
 constexpr int64_t kWideTileBytes = int64_t{16} << 20;
 
-// count bf16 values to f32, vectorised for the widest ISA this CPU has
-// (the loader picks the clone).
-__attribute__((target_clones("avx512f", "avx2", "default"))) void Widen(const uint16_t* in,
-                                                                       int64_t count, float* out) {
+// Release builds with GCC clone Widen for the widest ISA this CPU has (the
+// loader picks the clone). Sanitizer builds do not: their runtimes are not
+// up yet when the loader runs the clones' resolver.
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_THREAD__) && \
+    !defined(__SANITIZE_ADDRESS__)
+#define ENGRAM_WIDEN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define ENGRAM_WIDEN_CLONES
+#endif
+
+// count bf16 values to f32.
+ENGRAM_WIDEN_CLONES void Widen(const uint16_t* in, int64_t count, float* out) {
   for (int64_t i = 0; i < count; ++i) {
     const uint32_t u = uint32_t{in[i]} << 16;
     std::memcpy(out + i, &u, sizeof(u));
